@@ -1,0 +1,43 @@
+# lfm: the usual targets. `make demo` and `make test` each set everything up on a fresh machine.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPT ?= The Eiffel Tower is located in the city of
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml tools/install_extras.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[assets,dev]'
+	$(BIN)/python tools/install_extras.py
+	touch $(STAMP)
+
+# The main job on the default model.
+demo: install
+	$(BIN)/lfm info smollm2-135m
+	$(BIN)/lfm generate "$(PROMPT)" --model smollm2-135m --max-new-tokens 16
+
+# Every test, including those on the real offline models (marked `slow`).
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests bench tools examples
+	$(BIN)/ruff format --check src tests bench tools examples
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff check --fix src tests bench tools examples
+	$(BIN)/ruff format src tests bench tools examples
+
+bench: install
+	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

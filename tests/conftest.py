@@ -1,0 +1,130 @@
+"""Tiny models built in code, so unit tests need no downloaded or packaged assets.
+
+Real-asset tests are marked `slow`; they run in CI too (CI installs the assets).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+torch.set_num_threads(int(os.environ.get("LFM_TEST_THREADS", "2")))
+
+CORPUS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The capital of Italy is Rome, and the capital of Spain is Madrid.",
+    "Paris is the capital of France. Berlin is the capital of Germany.",
+    "A small model learns from a large model through its interface.",
+    "Tokyo is a large city in Japan; Kyoto is an old city.",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on a few sentences (vocab ~320), as a fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 0)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def _tiny_config(kind: str, vocab: int):
+    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        )
+    if kind == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+            bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        )
+    if kind == "gemma3":
+        return Gemma3TextConfig(
+            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+            sliding_window=16, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        )
+    raise ValueError(kind)
+
+
+def make_lm(kind: str = "llama", seed: int = 0):
+    """A 2-layer, 32-wide causal LM of the given architecture and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tok)), dtype=torch.float32)
+    return model.eval(), tok
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 8, hidden: int = 16, n_out: int = 3):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyCNN(nn.Module):
+    """Conv-BN-ReLU x2 and a linear head, for 1x28x28 (or 1x8x8) images."""
+
+    def __init__(self, n_out: int = 10, width: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.fixture(params=["llama", "gpt2", "gemma3"])
+def tiny_lm(request):
+    """(model, tokenizer) for each supported architecture."""
+    return make_lm(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_lm("llama")
+
+
+@pytest.fixture
+def tiny_mlp():
+    torch.manual_seed(0)
+    return TinyMLP()
+
+
+@pytest.fixture
+def tiny_cnn():
+    torch.manual_seed(0)
+    return TinyCNN()
