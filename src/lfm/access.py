@@ -261,8 +261,14 @@ class LocalModel:
 
 
 @contextmanager
-def capture(model: nn.Module, modules: Sequence[str]):
-    """Record the outputs of named modules during forward passes; unknown names are an error."""
+def capture(model: nn.Module, modules: Sequence[str], detach: bool = True):
+    """Record the outputs of named modules during forward passes; unknown names are an error.
+
+    Args:
+        model: the module to watch (it is not changed; the hooks are removed on exit).
+        modules: names as in `model.named_modules()`.
+        detach: drop the autograd graph (keep it to train through the features).
+    """
     table = dict(model.named_modules())
     missing = [m for m in modules if m not in table]
     if missing:
@@ -271,7 +277,8 @@ def capture(model: nn.Module, modules: Sequence[str]):
 
     def hook(name: str):
         def fn(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            acts[name] = (out[0] if isinstance(out, tuple) else out).detach()
+            out = out[0] if isinstance(out, tuple) else out
+            acts[name] = out.detach() if detach else out
 
         return fn
 

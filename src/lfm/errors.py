@@ -6,7 +6,10 @@ wrong and what to do. The CLI prints that line alone; library users catch the cl
 
 
 class LfmError(Exception):
-    """Base class: a one-line, actionable message."""
+    """Base class: a one-line, actionable message (whitespace and line breaks are collapsed)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 class AssetError(LfmError):

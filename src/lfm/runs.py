@@ -9,6 +9,7 @@ so that a run can be reproduced, compared and resumed.
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 from lfm.config import Config
 from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.errors import LfmError
 
 PACKAGES = ("lfm", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy")
 
@@ -41,7 +43,8 @@ class Run:
         config: the resolved config (a `Config` or a plain mapping).
         inputs: files the run reads; their SHA-256 goes into the manifest.
         root: where run directories live (default `runs/`).
-        path: reuse this directory (to resume) instead of creating a new one.
+        path: reuse this directory (to resume) instead of creating a new one; its manifest's
+            metrics and outputs are kept, and its config must equal `config`.
     """
 
     def __init__(
@@ -56,6 +59,15 @@ class Run:
         self.path = Path(path) if path else _unique(Path(root) / f"{stamp}-{name}")
         self.path.mkdir(parents=True, exist_ok=True)
         cfg = config.to_dict() if isinstance(config, Config) else dict(config or {})
+        previous = self._previous()
+        if previous is not None:  # resuming: keep what earlier attempts recorded
+            if previous.get("config") != cfg:
+                raise LfmError(f"cannot resume {self.path}: its manifest holds another config")
+            self.manifest = previous
+            self.manifest["status"] = "running"
+            self.manifest.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            self.save()
+            return
         self.manifest: dict[str, Any] = {
             "name": name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -74,6 +86,12 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r})"
+
+    def _previous(self) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads((self.path / "manifest.json").read_text()))
+        except (OSError, ValueError):
+            return None
 
     def save(self) -> None:
         write_json(self.path / "manifest.json", self.manifest)

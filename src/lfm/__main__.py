@@ -1,0 +1,5 @@
+"""`python -m lfm` runs the CLI."""
+
+from lfm.cli import main
+
+main()

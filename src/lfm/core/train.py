@@ -1,0 +1,234 @@
+"""A small shared training loop on Hugging Face Accelerate.
+
+    history = train(model, loss_fn, batches, TrainConfig(steps=500, lr=1e-3), run=Run("kd"))
+
+The same code runs on a CPU, one GPU or many (`accelerate launch script.py`): AdamW, gradient
+accumulation (the loss of each micro-batch is divided by the number of micro-batches, so that
+accumulating `a` batches of size `b` equals one batch of size `a·b` for mean losses), gradient
+clipping, an evaluation callback every N steps and checkpoints every N steps into a run directory.
+
+A checkpoint holds the weights (safetensors), the optimizer state, the step, the loss history and
+the RNG states (torch, CUDA, Python, NumPy), all as plain tensors and numbers loaded with
+`weights_only=True`. Passing a run whose directory holds a checkpoint resumes from it: the batch
+stream is fast-forwarded past the micro-batches already used, so for batches that do not depend on
+the global RNG (a list, or `shuffled_batches`) a resumed run ends with the same weights as an
+uninterrupted one. Under several processes, micro-batch i goes to process `i mod world_size`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from pydantic import Field
+from safetensors.torch import load_model, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from lfm.config import Config
+from lfm.runs import Run
+
+LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
+CHECKPOINT = "checkpoint"
+
+
+class TrainConfig(Config):
+    steps: int = Field(100, ge=1)  # optimizer steps in all (a resumed run counts the earlier ones)
+    lr: float = Field(1e-3, gt=0)  # AdamW learning rate
+    weight_decay: float = Field(0.01, ge=0)  # AdamW decoupled weight decay (torch's default)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    max_grad_norm: float = Field(0.0, ge=0)  # clip the gradient norm to this; 0 turns it off
+    eval_every: int = Field(
+        0, ge=0
+    )  # run the evaluation callback every N steps; 0: at the end only
+    ckpt_every: int = Field(0, ge=0)  # checkpoint into the run directory every N steps; 0: never
+    log_every: int = Field(10, ge=1)  # write the latest metrics to the run manifest every N steps
+    seed: int = 0  # seeds torch, NumPy and Python before the first step
+    progress: bool = True  # show a progress bar on the main process
+    cpu: bool = False  # stay on the CPU even when an accelerator is present
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (Accelerate)
+
+
+@dataclass
+class History:
+    """What a training run returns: the loss per step and the evaluations."""
+
+    losses: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    start_step: int = 0  # the step a resumed run started from
+
+
+def shuffled_batches(*tensors: torch.Tensor, batch_size: int, seed: int = 0) -> Iterator[tuple]:
+    """Endless mini-batches of `tensors` (split on dim 0), reshuffled each epoch by its own seed."""
+    n = len(tensors[0])
+    for epoch in itertools.count():
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for i in range(0, n - batch_size + 1, batch_size):
+            idx = order[i : i + batch_size]
+            yield tuple(t[idx] for t in tensors)
+
+
+def _stream(batches: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
+    """Cycle `batches` forever, keeping the micro-batches of this process."""
+    index = 0
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            if index % world == rank:
+                yield batch
+            index += 1
+        if empty:
+            raise ValueError(
+                "batches ran out: pass a re-iterable (list, DataLoader) or an endless one"
+            )
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, list | tuple):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+def _split(out: torch.Tensor | dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss to minimise and the parts to log, from a tensor or a dict with a "loss" key."""
+    if isinstance(out, torch.Tensor):
+        return out, {}
+    return out["loss"], {k: float(v) for k, v in out.items() if k != "loss"}
+
+
+def _step(model, opt, loss_fn: LossFn, stream, acc: Accelerator, cfg: TrainConfig) -> dict:
+    """One optimizer step over `grad_accum` micro-batches; returns the mean loss and parts."""
+    model.train()
+    logged: dict[str, float] = {}
+    for i in range(cfg.grad_accum):
+        sync = i == cfg.grad_accum - 1
+        with nullcontext() if sync else acc.no_sync(model):
+            loss, parts = _split(loss_fn(model, _to(next(stream), acc.device)))
+            acc.backward(loss / cfg.grad_accum)
+        for k, v in {"loss": float(loss.detach()), **parts}.items():
+            logged[k] = logged.get(k, 0.0) + v / cfg.grad_accum
+    if cfg.max_grad_norm:
+        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return logged
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": [list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate((3, tuple(state["python"][0]), state["python"][1]))
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+def save_checkpoint(run: Run, acc: Accelerator, model, opt, step: int, hist: History) -> None:
+    """Write weights, optimizer, step, losses and RNG into `run/checkpoint`, atomically."""
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with run.output(CHECKPOINT) as tmp:
+            tmp.mkdir()
+            save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            meta = {"step": step, "losses": hist.losses, "rng": _rng_state()}
+            torch.save(meta, tmp / "state.pt")
+    acc.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, acc: Accelerator, model, opt, hist: History) -> int:
+    """Restore weights, optimizer, losses and RNG from a checkpoint folder; return its step."""
+    load_model(acc.unwrap_model(model), str(path / "model.safetensors"), device=str(acc.device))
+    opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    meta = torch.load(path / "state.pt", weights_only=True)
+    hist.losses[:] = [float(x) for x in meta["losses"]]
+    hist.start_step = int(meta["step"])
+    _set_rng_state(meta["rng"])
+    return hist.start_step
+
+
+@torch.no_grad()
+def _evaluate(evaluate: Callable[[nn.Module], dict], acc: Accelerator, model, step: int) -> dict:
+    model.eval()
+    out = {k: float(v) for k, v in evaluate(acc.unwrap_model(model)).items()}
+    return {"step": step, **out}
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Any],
+    cfg: TrainConfig = TrainConfig(),
+    run: Run | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> History:
+    """Train `model` in place with AdamW on `loss_fn(model, batch)`.
+
+    Args:
+        model: the module whose trainable parameters are optimised.
+        loss_fn: returns the loss of one micro-batch, or a dict with "loss" and parts to log.
+        batches: an iterable of micro-batches (tensors, tuples or dicts of tensors), cycled.
+        cfg: steps, learning rate, accumulation, evaluation and checkpoint intervals.
+        run: a run directory for metrics and checkpoints; one holding a checkpoint is resumed.
+        evaluate: `evaluate(model) -> {name: value}`, called in eval mode without gradients.
+    """
+    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    stream, hist = _stream(batches, acc.process_index, acc.num_processes), History()
+    if run is not None and (run.path / CHECKPOINT).is_dir():
+        for _ in range(
+            load_checkpoint(run.path / CHECKPOINT, acc, model, opt, hist) * cfg.grad_accum
+        ):
+            next(stream)
+    bar = tqdm(
+        range(hist.start_step, cfg.steps), initial=hist.start_step, total=cfg.steps,
+        disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True,
+    )  # fmt: skip
+    for step in bar:
+        logged = _step(model, opt, loss_fn, stream, acc, cfg)
+        hist.losses.append(logged["loss"])
+        bar.set_postfix(loss=f"{logged['loss']:.4f}")
+        _after_step(step + 1, logged, model, opt, acc, cfg, run, evaluate, hist)
+    return hist
+
+
+def _after_step(step, logged, model, opt, acc, cfg, run, evaluate, hist) -> None:
+    """Evaluate, log and checkpoint at their intervals (evaluation also at the last step)."""
+    last = step == cfg.steps
+    evaluated = evaluate is not None and (
+        last or bool(cfg.eval_every and step % cfg.eval_every == 0)
+    )
+    if evaluated:
+        hist.evals.append(_evaluate(evaluate, acc, model, step))
+        logged = {**logged, **hist.evals[-1]}
+    if run is not None and acc.is_main_process and (last or evaluated or step % cfg.log_every == 0):
+        run.log(**{**logged, "step": step})
+    if run is not None and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
+        save_checkpoint(run, acc, model, opt, step, hist)

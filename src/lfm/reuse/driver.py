@@ -1,0 +1,298 @@
+"""The one per-tensor driver behind every merge, in memory or streamed from safetensors.
+
+A merge maps a per-tensor kernel over the parameter names of a template model (the base model,
+or the first model when the method needs no base): for each name it reads that tensor from every
+input, merges, and hands the result to a sink (a dict, or the shard writer of `engine.py`).
+Inputs are `Reader`s, so a state dict in memory and a sharded folder on disk share this code.
+
+Before anything is merged the driver checks every input against the template: a tensor missing
+from a model, a shape that differs (for embeddings: vocabularies that differ) is a `MergeError`
+naming the tensors. A missing output embedding of a model with tied embeddings is read from its
+input embedding instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from torch import Tensor
+
+from lfm.access import Access
+from lfm.config import Config
+from lfm.errors import LfmError
+from lfm.registry import register
+
+OnMissing = Literal["error", "skip"]
+# Output embedding -> the input embeddings it may be tied to (Llama/Gemma/Mistral, GPT-2, T5-like).
+TIED_ALIASES: dict[str, tuple[str, ...]] = {
+    "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight"),
+}
+EMBEDDING_HINTS = ("embed", "wte", "lm_head", "shared.weight")
+
+
+class MergeError(LfmError):
+    """The models cannot be merged as given."""
+
+
+class MissingTensorError(MergeError):
+    """A tensor of the template model is absent from another model (or the reverse)."""
+
+
+class ShapeMismatchError(MergeError):
+    """A tensor has different shapes in different models (e.g. different vocabularies)."""
+
+
+class Reader(Protocol):
+    """Lazy access to the tensors of one model."""
+
+    tied: bool  # the model ties its output embedding to its input embedding
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def get(self, name: str) -> Tensor: ...
+
+
+@dataclass
+class DictReader:
+    """A `Reader` over a state dict held in memory."""
+
+    sd: Mapping[str, Tensor]
+    tied: bool = False
+
+    def keys(self) -> list[str]:
+        return list(self.sd)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sd[name].shape)
+
+    def get(self, name: str) -> Tensor:
+        return self.sd[name]
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """What a kernel may know besides the tensors: the parameter name and model-level stats."""
+
+    name: str
+    stats: Mapping[str, Any] = field(default_factory=dict)
+    models: tuple[int, ...] = ()  # the model index of each tensor given to the kernel
+
+
+Kernel = Callable[[Tensor | None, list[Tensor], list[float], Any, Ctx], Tensor]
+Prepare = Callable[["Inputs", Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """How the driver runs one registered merge method."""
+
+    name: str
+    kernel: Kernel
+    config: type[Config]
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    prepare: Prepare | None = None  # a pass over all tensors before merging (model-level stats)
+
+
+METHODS: dict[str, MergeSpec] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    config: type[Config],
+    paper: str,
+    smoke: Callable[[Any, int], Any] | None = None,
+    **spec: Any,
+) -> Callable[[Kernel], Kernel]:
+    """Register a per-tensor kernel in the lfm registry (`reuse/<name>`) and for the driver."""
+
+    def deco(fn: Kernel) -> Kernel:
+        register(
+            "reuse", name, branch="weight interpolation", access=Access.WEIGHTS,
+            config=config, paper=paper, smoke=smoke,
+        )(fn)  # fmt: skip
+        METHODS[name] = MergeSpec(name, fn, config, **spec)
+        return fn
+
+    return deco
+
+
+def method_spec(name: str) -> MergeSpec:
+    """The driver spec of a merge method (`ties` or `reuse/ties`)."""
+    importlib.import_module("lfm.reuse")
+    key = name.removeprefix("reuse/")
+    if key not in METHODS:
+        raise MergeError(f"no merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
+    return METHODS[key]
+
+
+def resolve_config(spec: MergeSpec, cfg: Config | Mapping[str, Any] | None) -> Config:
+    """A validated config of the method's class from a config, a mapping or None (defaults)."""
+    if isinstance(cfg, spec.config):
+        return cfg
+    if isinstance(cfg, Config):
+        raise MergeError(f"{spec.name} takes a {spec.config.__name__}, not {type(cfg).__name__}")
+    return spec.config.build(dict(cfg or {}))
+
+
+@dataclass
+class Inputs:
+    """The readers of one merge and the source name of each output tensor in each model."""
+
+    base: Reader | None
+    models: list[Reader]
+    names: list[str] = field(default_factory=list)  # output names, in template order
+    sources: dict[str, list[str | None]] = field(default_factory=dict)  # name -> per-model key
+
+    @property
+    def template(self) -> Reader:
+        return self.base if self.base is not None else self.models[0]
+
+    def tensors(self, name: str) -> tuple[Tensor | None, list[Tensor], list[int]]:
+        """Base tensor, the models' tensors and their model indices (models lacking it skipped)."""
+        base = self.base.get(name) if self.base is not None else None
+        idx = [i for i, key in enumerate(self.sources[name]) if key is not None]
+        return base, [self.models[i].get(self.sources[name][i]) for i in idx], idx  # type: ignore[arg-type]
+
+
+def _source_key(reader: Reader, keys: set[str], name: str) -> str | None:
+    if name in keys:
+        return name
+    if reader.tied:
+        return next((a for a in TIED_ALIASES.get(name, ()) if a in keys), None)
+    return None
+
+
+def _untied_extras(template: Reader, extra: Iterable[str]) -> list[str]:
+    """Extra keys of a model, less output embeddings the (tied) template does not store."""
+    return [k for k in extra if not (k in TIED_ALIASES and template.tied)]
+
+
+def plan(base: Reader | None, models: Sequence[Reader], on_missing: OnMissing = "error") -> Inputs:
+    """Check every model against the template and map each output name to its source keys."""
+    inputs = Inputs(base, list(models))
+    tmpl = inputs.template
+    inputs.names = tmpl.keys()
+    problems: list[str] = []
+    for i, reader in enumerate(models):
+        keys = set(reader.keys())
+        for name in inputs.names:
+            inputs.sources.setdefault(name, []).append(_source_key(reader, keys, name))
+        missing = [n for n in inputs.names if inputs.sources[n][i] is None]
+        extra = _untied_extras(tmpl, keys - set(inputs.names))
+        problems += [f"{n} missing from model {i}" for n in missing]
+        problems += [f"{n} in model {i} but not in the template" for n in sorted(extra)]
+    if problems and on_missing == "error":
+        shown = "; ".join(problems[:5]) + (
+            f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        )
+        raise MissingTensorError(
+            f"tensors differ between models: {shown}; pass on_missing='skip' to merge over the models that have them"
+        )
+    _check_shapes(inputs)
+    return inputs
+
+
+def _check_shapes(inputs: Inputs) -> None:
+    tmpl = inputs.template
+    bad: list[str] = []
+    for name in inputs.names:
+        want = tmpl.shape(name)
+        for i, key in enumerate(inputs.sources[name]):
+            got = inputs.models[i].shape(key) if key is not None else want
+            if got != want:
+                bad.append(f"{name}: {list(want)} in the template vs {list(got)} in model {i}")
+    if bad:
+        vocab = any(h in b.split(":")[0] for b in bad for h in EMBEDDING_HINTS)
+        hint = " (the vocabularies differ)" if vocab else ""
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ShapeMismatchError(f"shapes differ{hint}: {'; '.join(bad[:3])}{more}")
+
+
+def merge_one(
+    spec: MergeSpec, inputs: Inputs, name: str, weights: Sequence[float], cfg: Any, stats: dict
+) -> Tensor:
+    """Merge one tensor; non-float tensors and tensors only the template has are copied."""
+    base, tensors, idx = inputs.tensors(name)
+    template = inputs.template.get(name)
+    if not template.is_floating_point() or not tensors:
+        return template
+    ws = [float(weights[i]) for i in idx]
+    out = spec.kernel(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx)))
+    return out.to(template.dtype)
+
+
+def run_merge(
+    method: str,
+    inputs: Inputs,
+    cfg: Config | Mapping[str, Any] | None,
+    sink: Callable[[str, Tensor], None],
+    weights: Sequence[float] | None = None,
+    progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+) -> Config:
+    """Merge every tensor of `inputs` with `method` and give each result to `sink`.
+
+    Args:
+        method: a registered merge method (`ties`, `reuse/ties`, ...).
+        inputs: readers checked by `plan`.
+        cfg: the method's config (a `Config`, a mapping, or None for the paper defaults).
+        sink: called once per tensor, in template order.
+        weights: one weight per model (default 1.0 each).
+        progress: wraps the iteration over names (a progress bar).
+
+    Returns:
+        The resolved config.
+    """
+    spec = method_spec(method)
+    config = resolve_config(spec, cfg)
+    check_arity(spec, inputs)
+    ws = list(weights) if weights is not None else [1.0] * len(inputs.models)
+    if len(ws) != len(inputs.models):
+        raise MergeError(f"{len(ws)} weights for {len(inputs.models)} models")
+    stats = spec.prepare(inputs, config) if spec.prepare else {}
+    for name in (progress or iter)(inputs.names):
+        sink(name, merge_one(spec, inputs, name, ws, config, stats))
+    return config
+
+
+def check_arity(spec: MergeSpec, inputs: Inputs) -> None:
+    """A one-line error when the method needs a base model or another number of models."""
+    n = len(inputs.models)
+    if spec.needs_base and inputs.base is None:
+        raise MergeError(f"{spec.name} needs a base model")
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        most = spec.max_models if spec.max_models is not None else "any number of"
+        raise MergeError(f"{spec.name} merges {spec.min_models} to {most} models, got {n}")
+
+
+def merge_state_dicts(
+    method: str,
+    base_sd: Mapping[str, Tensor] | None,
+    sds: Sequence[Mapping[str, Tensor]],
+    cfg: Config | Mapping[str, Any] | None = None,
+    *,
+    weights: Sequence[float] | None = None,
+    on_missing: OnMissing = "error",
+) -> dict[str, Tensor]:
+    """Merge state dicts held in memory with the same driver the streaming engine uses.
+
+    Args:
+        method: a registered merge method.
+        base_sd: the base model's state dict (None for methods that need none: linear, slerp).
+        sds: the state dicts to merge.
+        cfg: the method's config, a mapping of its fields, or None for the paper defaults.
+        weights: one weight per model (default 1.0 each).
+        on_missing: "error" (default) or "skip": merge a tensor over the models that have it.
+    """
+    base = DictReader(base_sd) if base_sd is not None else None
+    inputs = plan(base, [DictReader(sd) for sd in sds], on_missing)
+    out: dict[str, Tensor] = {}
+    run_merge(method, inputs, cfg, out.__setitem__, weights)
+    return out

@@ -1,0 +1,183 @@
+"""Per-tensor merging kernels: pure functions of tensors, no I/O, no registry.
+
+Every kernel takes the tensors that one parameter has in each model (and in the base model where
+the method needs one) and returns the merged tensor. Maths in float32; callers cast back.
+
+- linear / model soups (Wortsman et al. 2022, arXiv 2203.05482):  θ = Σ w_i θ_i / Σ w_i
+- task arithmetic (Ilharco et al. 2022, arXiv 2212.04089):  τ_i = θ_i − θ_b,  θ = θ_b + λ Σ w_i τ_i
+- TIES (Yadav et al. 2023, arXiv 2306.01708): trim τ_i to its top-k magnitudes, elect
+  γ = sgn(Σ_i τ̂_i), disjoint mean over A = {i : sgn(τ̂_i) = γ}:  θ = θ_b + λ Σ_{i∈A} τ̂_i / |A|
+- DARE (Yu et al. 2023, arXiv 2311.03099): τ̃_i = m ⊙ τ_i / (1 − p),  m ~ Bernoulli(1 − p)
+- SLERP (Shoemake 1985): θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1,  cos Ω = θ̂_0·θ̂_1
+- Model Stock (Jang et al. 2024, arXiv 2403.19522): t = k cos φ / (1 + (k−1) cos φ),
+  θ = t · mean(θ_i) + (1 − t) · θ_b,  φ the mean angle between fine-tuned task vectors
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def weighted_sum(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Σ w_i x_i in float32."""
+    out = torch.zeros_like(tensors[0], dtype=torch.float32)
+    for x, w in zip(tensors, weights, strict=True):
+        out.add_(x.float(), alpha=float(w))
+    return out
+
+
+def linear(tensors: Sequence[Tensor], weights: Sequence[float], normalize: bool = True) -> Tensor:
+    """Weighted average (a uniform soup when all weights are equal).
+
+    Args:
+        tensors: one tensor per model, same shape.
+        weights: one weight per model.
+        normalize: divide by Σ w_i (an average) instead of returning the weighted sum.
+    """
+    out = weighted_sum(tensors, weights)
+    total = float(sum(weights))
+    if normalize and total != 0:
+        out /= total
+    return out
+
+
+def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """τ_i = θ_i − θ_base, in float32."""
+    b = base.float()
+    return [x.float() - b for x in tensors]
+
+
+def kth_largest(values: Tensor, k: int) -> float:
+    """The k-th largest entry of a flat tensor (k ≥ 1)."""
+    return float(torch.topk(values.flatten(), k, sorted=False).values.min())
+
+
+def keep_count(n: int, density: float) -> int:
+    """How many of n entries a density keeps (rounded, at least 0, at most n)."""
+    return min(n, max(0, round(density * n)))
+
+
+def magnitude_threshold(tau: Tensor, density: float) -> float:
+    """The magnitude at and above which `density` of the entries of `tau` lie (per tensor)."""
+    k = keep_count(tau.numel(), density)
+    if k == 0:
+        return math.inf
+    return kth_largest(tau.abs(), k)
+
+
+def trim(tau: Tensor, threshold: float) -> Tensor:
+    """Zero the entries whose magnitude is below `threshold` (ties at the threshold are kept)."""
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def tensor_seed(seed: int, name: str, index: int) -> int:
+    """A deterministic 63-bit seed for one tensor of one model (independent of the order of keys)."""
+    digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def dare(tau: Tensor, drop_rate: float, seed: int) -> Tensor:
+    """Drop each entry with probability p and rescale the kept ones by exactly 1/(1 − p)."""
+    if drop_rate <= 0:
+        return tau
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(tau.shape, generator=gen) >= drop_rate
+    return torch.where(keep, tau / (1.0 - drop_rate), torch.zeros_like(tau))
+
+
+def elect_sign(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """γ = sgn(Σ_i w_i τ_i): the sign with the larger total mass per coordinate."""
+    return torch.sign(weighted_sum(taus, weights))
+
+
+def disjoint_merge(
+    taus: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool = True
+) -> Tensor:
+    """Σ_{i∈A} w_i τ_i (/ Σ_{i∈A} w_i when `normalize`) over the models that agree with `sign`."""
+    total = torch.zeros_like(sign)
+    mass = torch.zeros_like(sign)
+    for tau, w in zip(taus, weights, strict=True):
+        agree = (torch.sign(tau) == sign) & (sign != 0)
+        total += torch.where(agree, tau * w, 0.0)
+        mass += agree.float() * w
+    if not normalize:
+        return total
+    return torch.where(mass != 0, total / mass.where(mass != 0, torch.ones_like(mass)), 0.0)
+
+
+def task_merge(
+    base: Tensor,
+    taus: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    scale: float = 1.0,
+    consensus: bool = False,
+    normalize: bool = True,
+) -> Tensor:
+    """θ_b + λ · combine(τ): a plain weighted sum, or TIES sign election + disjoint mean.
+
+    Args:
+        base: the base tensor θ_b.
+        taus: task vectors, already trimmed or dropped as the method asks.
+        weights: one weight per model.
+        scale: λ.
+        consensus: elect a sign per coordinate and average only the agreeing entries (TIES).
+        normalize: with `consensus`, divide by the agreeing weights (the disjoint mean).
+    """
+    if consensus:
+        delta = disjoint_merge(taus, weights, elect_sign(taus, weights), normalize)
+    else:
+        delta = weighted_sum(taus, weights)
+    return base.float() + scale * delta
+
+
+def slerp(a: Tensor, b: Tensor, t: float, eps: float = 5e-4) -> Tensor:
+    """Spherical interpolation from `a` (t=0) to `b` (t=1), linear when nearly (anti)parallel.
+
+    Args:
+        a: the tensor at t=0.
+        b: the tensor at t=1.
+        t: the interpolation factor.
+        eps: fall back to linear interpolation when 1 − |cos Ω| < eps (or a norm is below eps).
+    """
+    a32, b32 = a.float(), b.float()
+    na, nb = a32.norm(), b32.norm()
+    if na < eps or nb < eps:
+        return torch.lerp(a32, b32, t)
+    cos = float((a32.flatten() @ b32.flatten()) / (na * nb))
+    cos = max(-1.0, min(1.0, cos))
+    if 1.0 - abs(cos) < eps:
+        return torch.lerp(a32, b32, t)
+    omega = math.acos(cos)
+    s = math.sin(omega)
+    return (math.sin((1 - t) * omega) / s) * a32 + (math.sin(t * omega) / s) * b32
+
+
+def mean_pairwise_cosine(taus: Sequence[Tensor], eps: float = 1e-8) -> float:
+    """The mean of cos(τ_i, τ_j) over all pairs i < j."""
+    flat = [t.flatten().float() for t in taus]
+    norms = [max(float(f.norm()), eps) for f in flat]
+    cos = [
+        float(flat[i] @ flat[j]) / (norms[i] * norms[j])
+        for i in range(len(flat))
+        for j in range(i + 1, len(flat))
+    ]
+    return sum(cos) / len(cos)
+
+
+def model_stock_ratio(cos: float, k: int) -> float:
+    """t = k cos φ / (1 + (k − 1) cos φ), with cos φ clamped to [0, 1] so that t ∈ [0, 1]."""
+    c = max(0.0, min(1.0, cos))
+    return k * c / (1 + (k - 1) * c)
+
+
+def model_stock(base: Tensor, tensors: Sequence[Tensor], eps: float = 1e-8) -> Tensor:
+    """θ = t · mean(θ_i) + (1 − t) · θ_b, t from the mean angle between the task vectors."""
+    t = model_stock_ratio(mean_pairwise_cosine(task_vectors(base, tensors), eps), len(tensors))
+    mean = linear(tensors, [1.0] * len(tensors))
+    return t * mean + (1 - t) * base.float()

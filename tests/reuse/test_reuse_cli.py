@@ -1,0 +1,107 @@
+"""`lfm reuse merge` and merge plans in lfm's and mergekit's YAML."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from lfm.cli.reuse import app
+from lfm.reuse import merge_state_dicts
+from lfm.reuse.driver import MergeError
+from lfm.reuse.plan import from_mergekit, load_plan
+
+
+@pytest.fixture
+def files(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    sds = [
+        {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+        for _ in range(3)
+    ]
+    for name, sd in zip(("base", "a", "b"), sds, strict=True):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    return tmp_path, sds
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_cli_merge_lfm_plan(files):
+    root, (base, a, b) = files
+    plan = {
+        "method": "ties", "base": "base.safetensors",
+        "models": [{"path": "a.safetensors", "weight": 2.0}, "b.safetensors"],
+        "parameters": {"density": "5e-1"},  # YAML reads 5e-1 as a string: coerced
+    }  # fmt: skip
+    result = CliRunner().invoke(
+        app, [str(_write(root / "plan.yaml", plan)), "--out", str(root / "m"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    got = load_file(root / "m" / "model.safetensors")
+    want = merge_state_dicts("ties", base, [a, b], {"density": 0.5}, weights=[2.0, 1.0])
+    for k in want:
+        torch.testing.assert_close(got[k], want[k])
+
+
+def test_cli_reports_errors_in_one_line(files):
+    root, _ = files
+    plan = {
+        "method": "ties",
+        "base": "base.safetensors",
+        "models": ["a.safetensors"],
+        "parameters": {"bogus": 1},
+    }
+    result = CliRunner().invoke(app, [str(_write(root / "p.yaml", plan)), "--out", str(root / "m")])
+    assert result.exit_code == 1 and "bogus" in result.output and not (root / "m").exists()
+
+
+def test_mergekit_ties_file_as_is(files):
+    root, (base, a, b) = files
+    mk = {
+        "merge_method": "ties", "base_model": "base.safetensors",
+        "models": [
+            {"model": "base.safetensors"},
+            {"model": "a.safetensors", "parameters": {"weight": 0.7, "density": 0.5}},
+            {"model": "b.safetensors", "parameters": {"weight": 0.3, "density": 0.5}},
+        ],
+        "parameters": {"normalize": True, "int8_mask": True}, "dtype": "float32",
+    }  # fmt: skip
+    plan = load_plan(_write(root / "mk.yaml", mk))
+    assert (
+        plan.method == "ties"
+        and plan.weights == [0.7, 0.3]
+        and plan.base.endswith("base.safetensors")
+    )
+    assert plan.parameters == {"density": 0.5, "normalize": True}
+    out = plan.run(root / "m", progress=False)
+    want = merge_state_dicts("ties", base, [a, b], {"density": 0.5}, weights=[0.7, 0.3])
+    torch.testing.assert_close(load_file(out / "model.safetensors")["w"], want["w"])
+
+
+def test_mergekit_translations():
+    dare = from_mergekit(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "x",
+            "models": [{"model": "y", "parameters": {"density": 0.3, "weight": 1}}],
+        }
+    )
+    assert dare.parameters == {"drop_rate": pytest.approx(0.7)}
+    ties = from_mergekit(
+        {"merge_method": "ties", "base_model": "x", "models": ["y"], "parameters": {"lambda": 0.5}}
+    )
+    assert ties.parameters == {"density": 1.0, "scale": 0.5}  # mergekit's default density keeps all
+    slerp = from_mergekit(
+        {"merge_method": "slerp", "base_model": "x", "models": ["x", "y"], "parameters": {"t": 0.4}}
+    )
+    assert slerp.models == ["x", "y"] and slerp.base is None and slerp.parameters == {"t": 0.4}
+    with pytest.raises(MergeError, match="density differ"):
+        from_mergekit({"merge_method": "ties", "base_model": "x", "models": [
+            {"model": "y", "parameters": {"density": 0.1}}, {"model": "z", "parameters": {"density": 0.2}}]})  # fmt: skip
+    with pytest.raises(MergeError, match="not supported"):
+        from_mergekit({"merge_method": "della", "models": ["y"]})

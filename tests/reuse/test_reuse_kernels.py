@@ -1,0 +1,159 @@
+"""Parity of the merge kernels with hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lfm.config import Config
+from lfm.errors import ConfigError
+from lfm.registry import methods
+from lfm.reuse import kernels as K
+from lfm.reuse import merge_state_dicts
+from lfm.reuse.driver import MergeError
+from lfm.reuse.topk import model_threshold
+
+BASE = torch.ones(4)
+TAUS = [
+    torch.tensor([1.0, -2.0, 0.5, 3.0]),
+    torch.tensor([-1.5, 1.0, 0.1, 2.0]),
+    torch.tensor([0.2, -3.0, -1.0, -0.5]),
+]
+
+
+def _sds(taus, base=BASE):
+    return {"x": base}, [{"x": base + t} for t in taus]
+
+
+def test_ties_by_hand():
+    # density 0.5 keeps 2 of 4 per vector: [0,-2,0,3], [-1.5,0,0,2], [0,-3,-1,0]
+    # elected signs of the sum [-1.5,-5,-1,5]: [-,-,-,+]; disjoint means: -1.5, -2.5, -1, 2.5
+    base, sds = _sds(TAUS)
+    out = merge_state_dicts("ties", base, sds, {"density": 0.5})["x"]
+    torch.testing.assert_close(out, BASE + torch.tensor([-1.5, -2.5, -1.0, 2.5]))
+
+
+def test_ties_scale_and_sum():
+    base, sds = _sds(TAUS)
+    out = merge_state_dicts("ties", base, sds, {"density": 0.5, "scale": 0.5, "normalize": False})
+    torch.testing.assert_close(out["x"], BASE + 0.5 * torch.tensor([-1.5, -5.0, -1.0, 5.0]))
+
+
+def test_ties_model_scope_uses_one_threshold_over_all_tensors():
+    # over both tensors of model 0, |τ| = [4,3,2,1] and [0.5,0.25]: density 0.5 keeps 4,3,2
+    base = {"a": torch.zeros(4), "b": torch.zeros(2)}
+    sd = {"a": torch.tensor([4.0, -3.0, 2.0, 1.0]), "b": torch.tensor([0.5, -0.25])}
+    cfg = {"density": 0.5, "trim_scope": "model"}
+    out = merge_state_dicts("ties", base, [sd], cfg)
+    torch.testing.assert_close(out["a"], torch.tensor([4.0, -3.0, 2.0, 0.0]))
+    torch.testing.assert_close(out["b"], torch.zeros(2))
+    per_tensor = merge_state_dicts("ties", base, [sd], {"density": 0.5})
+    torch.testing.assert_close(per_tensor["b"], torch.tensor([0.5, 0.0]))
+
+
+@pytest.mark.parametrize("density", [0.013, 0.2, 0.5, 0.97])
+def test_model_threshold_is_exact(density):
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(n, generator=gen).abs() ** 3 for n in (1000, 37, 5000)]
+    parts[1][:5] = 0.0
+    whole = torch.cat(parts)
+    k = K.keep_count(whole.numel(), density)
+    assert model_threshold(lambda: iter(parts), density) == pytest.approx(
+        K.kth_largest(whole, k), rel=0
+    )
+
+
+def test_task_arithmetic_by_hand():
+    base, sds = _sds(TAUS[:2])
+    out = merge_state_dicts("task_arithmetic", base, sds, {"scale": 0.5}, weights=[1.0, 2.0])
+    torch.testing.assert_close(out["x"], BASE + 0.5 * (TAUS[0] + 2 * TAUS[1]))
+
+
+def test_linear_weights_and_normalize():
+    sds = [{"x": torch.tensor([0.0])}, {"x": torch.tensor([4.0])}]
+    assert merge_state_dicts("linear", None, sds, weights=[1, 3])["x"].item() == 3.0
+    raw = merge_state_dicts("linear", None, sds, {"normalize": False}, weights=[1, 3])
+    assert raw["x"].item() == 12.0
+
+
+def test_dare_rescales_exactly_and_is_seeded():
+    tau = torch.ones(2000)
+    out = K.dare(tau, 0.75, seed=K.tensor_seed(0, "x", 0))
+    kept = out[out != 0]
+    assert torch.all(kept == 4.0)  # exactly 1 / (1 - 0.75)
+    assert 0.2 < kept.numel() / 2000 < 0.3
+    assert torch.equal(out, K.dare(tau, 0.75, seed=K.tensor_seed(0, "x", 0)))
+    assert not torch.equal(out, K.dare(tau, 0.75, seed=K.tensor_seed(0, "y", 0)))
+    assert K.tensor_seed(0, "x", 0) != K.tensor_seed(0, "x", 1)
+
+
+def test_dare_linear_through_driver_is_reproducible():
+    base, sds = _sds([torch.full((4,), 2.0)] * 2)
+    cfg = {"drop_rate": 0.5, "seed": 3}
+    a = merge_state_dicts("dare_linear", base, sds, cfg)["x"]
+    assert torch.equal(a, merge_state_dicts("dare_linear", base, sds, cfg)["x"])
+    assert set((a - BASE).tolist()) <= {0.0, 4.0, 8.0}  # each kept 2.0 becomes exactly 4.0
+
+
+def test_dare_ties_without_drop_is_ties_at_full_density():
+    base, sds = _sds(TAUS)
+    a = merge_state_dicts("dare_ties", base, sds, {"drop_rate": 0.0})["x"]
+    b = merge_state_dicts("ties", base, sds, {"density": 1.0})["x"]
+    torch.testing.assert_close(a, b)
+
+
+def test_slerp_endpoints_orthogonal_and_parallel_fallback():
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    torch.testing.assert_close(K.slerp(a, b, 0.0), a)
+    torch.testing.assert_close(K.slerp(a, b, 1.0), b)
+    h = math.sqrt(0.5)
+    torch.testing.assert_close(K.slerp(a, b, 0.5), torch.tensor([h, h]))
+    c = torch.tensor([3.0, 4.0])
+    torch.testing.assert_close(K.slerp(c, 2 * c, 0.25), torch.lerp(c, 2 * c, 0.25))
+    out = merge_state_dicts("slerp", None, [{"x": a}, {"x": b}], {"t": 0.5})["x"]
+    torch.testing.assert_close(out, torch.tensor([h, h]))
+
+
+def test_model_stock_ratio_and_kernel():
+    assert K.model_stock_ratio(0.5, 2) == pytest.approx(2 / 3)
+    assert K.model_stock_ratio(0.2, 5) == pytest.approx(1.0 / 1.8)
+    assert K.model_stock_ratio(-0.3, 3) == 0.0
+    base = {"x": torch.zeros(2)}
+    sds = [{"x": torch.tensor([1.0, 0.0])}, {"x": torch.tensor([1.0, 1.0])}]
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    out = merge_state_dicts("model_stock", base, sds)["x"]
+    torch.testing.assert_close(out, t * torch.tensor([1.0, 0.5]))
+
+
+def test_dtype_is_kept_and_ints_are_copied():
+    base = {"x": torch.ones(3, dtype=torch.bfloat16), "n": torch.tensor([7])}
+    sds = [{"x": torch.full((3,), 2.0, dtype=torch.bfloat16), "n": torch.tensor([9])}]
+    out = merge_state_dicts("task_arithmetic", base, sds)
+    assert out["x"].dtype == torch.bfloat16 and out["n"].item() == 7
+
+
+def test_arity_and_unknown_method_errors():
+    base, sds = _sds(TAUS)
+    with pytest.raises(MergeError, match="needs a base model"):
+        merge_state_dicts("ties", None, sds)
+    with pytest.raises(MergeError, match="2 to 2"):
+        merge_state_dicts("slerp", None, sds)
+    with pytest.raises(MergeError, match="no merge method"):
+        merge_state_dicts("nope", base, sds)
+    with pytest.raises(ConfigError, match="density"):
+        merge_state_dicts("ties", base, sds, {"density": 2})
+
+
+@pytest.mark.parametrize("spec", methods("reuse"), ids=lambda s: s.name)
+def test_registry_contract(spec):
+    cfg = spec.config.build()
+    assert isinstance(cfg, Config)
+    assert spec.config.build(__import__("json").loads(cfg.to_json())) == cfg
+    with pytest.raises(ConfigError):
+        spec.config.build({"no_such_knob": 1})
+    a, b = spec.smoke(cfg, 0), spec.smoke(cfg, 0)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], spec.smoke(cfg, 1)[k]) for k in a)

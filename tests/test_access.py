@@ -1,0 +1,161 @@
+"""Access levels, the white-box handle and narrowed handles."""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from lfm.access import (
+    Access,
+    ClassScoresHandle,
+    HiddenHandle,
+    LabelsHandle,
+    LocalClassifier,
+    LocalModel,
+    ScoresHandle,
+    TextHandle,
+    _BACKENDS,
+    narrow,
+    require,
+)
+from lfm.errors import AccessError
+
+
+def test_levels_are_ordered_and_parse():
+    assert Access.TEXT < Access.SCORES < Access.EMBEDDINGS < Access.HIDDEN < Access.WEIGHTS
+    assert Access.parse("Scores") is Access.SCORES
+    assert Access.parse(5) is Access.WEIGHTS
+    with pytest.raises(AccessError, match="unknown access level 'logits'"):
+        Access.parse("logits")
+
+
+def test_score_matches_a_hand_computation(tiny_lm):
+    model, tok = tiny_lm
+    h = LocalModel(model, tok)
+    prompt, cont = "Paris is the capital of", " France"
+    ids = tok(prompt + cont)["input_ids"]
+    n_ctx = len(tok(prompt)["input_ids"])
+    logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    want = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
+    got = h.score([prompt, "x"], [cont, " y"])  # batched with a shorter pair: padding must not matter
+    assert got.shape == (2,)
+    assert got[0].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_next_token_logprobs_ignore_left_padding(tiny_llama):
+    h = LocalModel(*tiny_llama)
+    alone = h.next_token_logprobs(["Rome"])
+    batched = h.next_token_logprobs(["Rome", "The capital of Italy is Rome and"])
+    assert torch.allclose(alone[0], batched[0], atol=1e-4)
+    assert torch.allclose(batched.exp().sum(-1), torch.ones(2), atol=1e-4)
+
+
+def test_embeddings_level_reproduces_scores(tiny_llama):
+    model, tok = tiny_llama
+    h = LocalModel(model, tok)
+    emb, mask = h.embed(["Tokyo is a large city"])
+    logits = h.logits_from_embeds(emb, mask)
+    ids = tok(["Tokyo is a large city"], return_tensors="pt")["input_ids"]
+    assert torch.allclose(logits, model(ids).logits, atol=1e-5)
+
+
+def test_hidden_returns_named_activations(tiny_lm):
+    h = LocalModel(*tiny_lm)
+    name = h.module_names()[5]
+    acts = h.hidden(["Paris is"], [name])
+    assert set(acts) == {name} and acts[name].shape[0] == 1
+    with pytest.raises(AccessError, match="no module named nope"):
+        h.hidden(["Paris is"], ["nope"])
+
+
+@pytest.mark.parametrize(
+    ("level", "cls", "absent"),
+    [
+        ("text", TextHandle, ["score", "next_token_logprobs", "embed", "hidden", "model"]),
+        ("scores", ScoresHandle, ["embed", "logits_from_embeds", "hidden", "model", "tokenizer"]),
+        ("hidden", HiddenHandle, ["model", "tokenizer", "parameters"]),
+    ],
+)
+def test_narrowed_handle_exposes_only_its_level(tiny_llama, level, cls, absent):
+    h = LocalModel(*tiny_llama)
+    n = narrow(h, level)
+    assert type(n) is cls and n.access == Access.parse(level)
+    for attr in absent:
+        assert not hasattr(n, attr), attr
+
+
+def _reachable_state(obj, depth=6):
+    """Everything reachable through instance state (slots, __dict__, containers), not code."""
+    seen, todo, found = set(), [(obj, 0)], []
+    while todo:
+        o, d = todo.pop()
+        if id(o) in seen or d > depth or isinstance(o, type):
+            continue
+        seen.add(id(o))
+        found.append(o)
+        children = []
+        for slot in getattr(type(o), "__slots__", ()):
+            for klass in type(o).__mro__:
+                if slot in getattr(klass, "__slots__", ()) and hasattr(o, slot):
+                    children.append(getattr(o, slot))
+        children += list(getattr(o, "__dict__", {}).values())
+        if isinstance(o, dict):
+            children += list(o.values())
+        if isinstance(o, list | tuple | set):
+            children += list(o)
+        todo += [(c, d + 1) for c in children]
+    return found
+
+
+def test_narrowed_handle_holds_no_reference_to_weights(tiny_llama):
+    h = LocalModel(*tiny_llama)
+    for level in ("text", "scores", "embeddings", "hidden"):
+        state = _reachable_state(narrow(h, level))
+        assert not any(isinstance(o, nn.Module | torch.Tensor | LocalModel) for o in state), level
+    # while the white-box handle, by contrast, does reach them
+    assert any(isinstance(o, nn.Module) for o in _reachable_state(h))
+
+
+def test_narrowed_handle_gives_the_same_answers(tiny_llama):
+    h = LocalModel(*tiny_llama)
+    n = narrow(h, "scores")
+    assert torch.equal(n.score(["Paris is"], [" the"]), h.score(["Paris is"], [" the"]))
+    assert n.generate(["Paris is"], max_new_tokens=3) == h.generate(["Paris is"], max_new_tokens=3)
+    assert narrow(n, "text").generate(["Paris"], max_new_tokens=2) == h.generate(["Paris"], max_new_tokens=2)
+
+
+def test_narrowing_cannot_widen_and_require_names_both_levels(tiny_llama):
+    n = narrow(LocalModel(*tiny_llama), "scores")
+    with pytest.raises(AccessError, match="cannot widen a SCORES handle to HIDDEN"):
+        narrow(n, "hidden")
+    with pytest.raises(AccessError, match="edit/rome needs WEIGHTS access, but the handle gives only SCORES"):
+        require(n, Access.WEIGHTS, "edit/rome")
+    require(n, Access.SCORES, "ok")  # enough access: no error
+    with pytest.raises(AccessError, match="not a model handle"):
+        require(object(), Access.TEXT, "x")
+
+
+def test_backend_table_forgets_dead_handles(tiny_llama):
+    h = LocalModel(*tiny_llama)
+    before = len(_BACKENDS)
+    n = narrow(h, "text")
+    assert len(_BACKENDS) == before + 1
+    del n
+    gc.collect()
+    assert len(_BACKENDS) == before
+
+
+def test_classifier_narrows_to_scores_and_labels(tiny_mlp):
+    c = LocalClassifier(tiny_mlp)
+    x = torch.randn(4, 8)
+    s = narrow(c, "scores")
+    assert isinstance(s, ClassScoresHandle)
+    assert torch.allclose(s.scores(x), tiny_mlp(x).log_softmax(-1))
+    t = narrow(c, Access.TEXT)
+    assert isinstance(t, LabelsHandle) and not hasattr(t, "scores")
+    assert torch.equal(t.predict(x), tiny_mlp(x).argmax(-1))
+    with pytest.raises(AccessError, match="narrows only to TEXT, SCORES, not HIDDEN"):
+        narrow(c, "hidden")

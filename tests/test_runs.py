@@ -1,0 +1,91 @@
+"""Run directories and atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from lfm.config import Config
+from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.runs import Run
+
+
+class Cfg(Config):
+    alpha: float = 0.5
+
+
+def test_manifest_records_config_versions_inputs_and_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "in.txt"
+    data.write_bytes(b"hello")
+    with Run("demo", Cfg(), inputs={"data": data}, root=tmp_path / "runs") as run:
+        run.log(accuracy=0.75)
+        with run.output("result.txt") as tmp:
+            tmp.write_text("ok")
+    m = json.loads((run.path / "manifest.json").read_text())
+    assert run.path.name.endswith("-demo") and run.path.parent == tmp_path / "runs"
+    assert m["config"] == {"alpha": 0.5} and m["config_class"] == "Cfg"
+    assert m["inputs"]["data"]["sha256"] == hashlib.sha256(b"hello").hexdigest()
+    assert m["metrics"] == {"accuracy": 0.75} and m["status"] == "done"
+    assert m["outputs"] == ["result.txt"] and (run.path / "result.txt").read_text() == "ok"
+    assert {"torch", "transformers", "python"} <= set(m["versions"])
+
+
+def test_failed_run_is_marked_and_leaves_no_partial_output(tmp_path):
+    with pytest.raises(RuntimeError), Run("boom", {"a": 1}, root=tmp_path) as run:
+        with run.output("model") as tmp:
+            tmp.mkdir()
+            (tmp / "weights.bin").write_bytes(b"half")
+            raise RuntimeError("crash mid-write")
+    assert not (run.path / "model").exists()
+    assert [p.name for p in run.path.iterdir()] == ["manifest.json"]
+    assert json.loads((run.path / "manifest.json").read_text())["status"].startswith("failed: RuntimeError")
+
+
+def test_atomic_path_replaces_existing_folder_only_on_success(tmp_path):
+    target = tmp_path / "out"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("1")
+    with pytest.raises(ValueError), atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "a").write_text("2")
+        raise ValueError
+    assert (target / "a").read_text() == "1"
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
+        (tmp / "b").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_same_name_runs_get_distinct_folders(tmp_path):
+    a = Run("x", root=tmp_path)
+    b = Run("x", root=tmp_path)
+    assert a.path != b.path
+
+
+def test_file_hash_is_remembered_and_refreshed(tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "f"
+    f.write_bytes(b"a")
+    assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
+    assert (tmp_path / "cache" / "sha256-index.json").exists()
+    f.write_bytes(b"bb")  # size changes, so the remembered hash must not be reused
+    assert file_sha256(f) == hashlib.sha256(b"bb").hexdigest()
+    write_json(tmp_path / "j.json", {"k": 1})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"k": 1}
+
+
+def test_resuming_keeps_the_manifest_and_checks_the_config(tmp_path):
+    from lfm.errors import LfmError
+
+    with Run("r", Cfg(), root=tmp_path) as first:
+        first.log(step=3)
+    again = Run("r", Cfg(), path=first.path)
+    m = json.loads((again.path / "manifest.json").read_text())
+    assert m["metrics"] == {"step": 3} and m["status"] == "running" and len(m["resumed"]) == 1
+    with pytest.raises(LfmError, match="holds another config"):
+        Run("r", Cfg(alpha=0.1), path=first.path)
