@@ -52,7 +52,9 @@ def main() -> None:
         med = statistics.median(w["load_s"] for w in warm)
         imp = statistics.median(w["imports_s"] for w in warm)
         print(f"{model:<14} {first:>15.2f} {med:>17.3f} {first / med:>6.0f}x {imp:>28.2f}")
-    print(f"(second+ load: median of {args.repeats} fresh processes with a warm cache; load_model() alone)")
+    print(
+        f"(second+ load: median of {args.repeats} fresh processes with a warm cache; load_model() alone)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,20 +52,43 @@ def _tiny_config(kind: str, vocab: int):
 
     if kind == "llama":
         return LlamaConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-            tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
         )
     if kind == "gpt2":
         return GPT2Config(
-            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-            bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
         )
     if kind == "gemma3":
         return Gemma3TextConfig(
-            vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-            sliding_window=16, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=2,
         )
     raise ValueError(kind)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lfm.access import (
+    _BACKENDS,
     Access,
     ClassScoresHandle,
     HiddenHandle,
@@ -17,7 +18,6 @@ from lfm.access import (
     LocalModel,
     ScoresHandle,
     TextHandle,
-    _BACKENDS,
     narrow,
     require,
 )
@@ -40,7 +40,9 @@ def test_score_matches_a_hand_computation(tiny_lm):
     n_ctx = len(tok(prompt)["input_ids"])
     logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
     want = sum(logp[i - 1, ids[i]].item() for i in range(n_ctx, len(ids)))
-    got = h.score([prompt, "x"], [cont, " y"])  # batched with a shorter pair: padding must not matter
+    got = h.score(
+        [prompt, "x"], [cont, " y"]
+    )  # batched with a shorter pair: padding must not matter
     assert got.shape == (2,)
     assert got[0].item() == pytest.approx(want, abs=1e-4)
 
@@ -124,14 +126,18 @@ def test_narrowed_handle_gives_the_same_answers(tiny_llama):
     n = narrow(h, "scores")
     assert torch.equal(n.score(["Paris is"], [" the"]), h.score(["Paris is"], [" the"]))
     assert n.generate(["Paris is"], max_new_tokens=3) == h.generate(["Paris is"], max_new_tokens=3)
-    assert narrow(n, "text").generate(["Paris"], max_new_tokens=2) == h.generate(["Paris"], max_new_tokens=2)
+    assert narrow(n, "text").generate(["Paris"], max_new_tokens=2) == h.generate(
+        ["Paris"], max_new_tokens=2
+    )
 
 
 def test_narrowing_cannot_widen_and_require_names_both_levels(tiny_llama):
     n = narrow(LocalModel(*tiny_llama), "scores")
     with pytest.raises(AccessError, match="cannot widen a SCORES handle to HIDDEN"):
         narrow(n, "hidden")
-    with pytest.raises(AccessError, match="edit/rome needs WEIGHTS access, but the handle gives only SCORES"):
+    with pytest.raises(
+        AccessError, match="edit/rome needs WEIGHTS access, but the handle gives only SCORES"
+    ):
         require(n, Access.WEIGHTS, "edit/rome")
     require(n, Access.SCORES, "ok")  # enough access: no error
     with pytest.raises(AccessError, match="not a model handle"):

@@ -6,10 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_lm
 from typer.testing import CliRunner
 
 from lfm.cli import app
+
+from conftest import make_lm
 
 runner = CliRunner()
 
@@ -47,8 +48,13 @@ def test_info_and_generate_on_a_local_folder(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "m")
     res = runner.invoke(app, ["info", str(tmp_path / "m")])
     assert res.exit_code == 0, res.output
-    assert f"{sum(p.numel() for p in model.parameters()):,}" in res.output and "transformer.h" in res.output
-    res = runner.invoke(app, ["generate", "Paris is", "--model", str(tmp_path / "m"), "--max-new-tokens", "3"])
+    assert (
+        f"{sum(p.numel() for p in model.parameters()):,}" in res.output
+        and "transformer.h" in res.output
+    )
+    res = runner.invoke(
+        app, ["generate", "Paris is", "--model", str(tmp_path / "m"), "--max-new-tokens", "3"]
+    )
     assert res.exit_code == 0 and res.output.startswith("Paris is")
 
 

@@ -57,15 +57,19 @@ def test_register_validates_its_arguments():
         registry.register("cooking", "x", branch="b", access=Access.TEXT, config=C, paper="p")
     with pytest.raises(LfmError, match="unknown branch 'magic' for area reuse"):
         registry.register("reuse", "x", branch="magic", access=Access.TEXT, config=C, paper="p")
-    with pytest.raises(LfmError, match="subclass of lfm.config.Config"):
-        registry.register("reuse", "x", branch="ensemble", access=Access.TEXT, config=dict, paper="p")  # type: ignore[arg-type]
+    with pytest.raises(LfmError, match=r"subclass of lfm\.config\.Config"):
+        registry.register(
+            "reuse", "x", branch="ensemble", access=Access.TEXT, config=dict, paper="p"
+        )  # type: ignore[arg-type]
 
 
 def test_duplicate_names_are_refused_and_lookup_works():
     class C(Config):
         pass
 
-    deco = registry.register("reuse", "_test_dup", branch="ensemble", access="scores", config=C, paper="p")
+    deco = registry.register(
+        "reuse", "_test_dup", branch="ensemble", access="scores", config=C, paper="p"
+    )
 
     def first():
         return 1

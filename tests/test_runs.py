@@ -34,14 +34,19 @@ def test_manifest_records_config_versions_inputs_and_metrics(tmp_path, monkeypat
 
 
 def test_failed_run_is_marked_and_leaves_no_partial_output(tmp_path):
-    with pytest.raises(RuntimeError), Run("boom", {"a": 1}, root=tmp_path) as run:
-        with run.output("model") as tmp:
-            tmp.mkdir()
-            (tmp / "weights.bin").write_bytes(b"half")
-            raise RuntimeError("crash mid-write")
+    with (
+        pytest.raises(RuntimeError),
+        Run("boom", {"a": 1}, root=tmp_path) as run,
+        run.output("model") as tmp,
+    ):
+        tmp.mkdir()
+        (tmp / "weights.bin").write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
     assert not (run.path / "model").exists()
     assert [p.name for p in run.path.iterdir()] == ["manifest.json"]
-    assert json.loads((run.path / "manifest.json").read_text())["status"].startswith("failed: RuntimeError")
+    assert json.loads((run.path / "manifest.json").read_text())["status"].startswith(
+        "failed: RuntimeError"
+    )
 
 
 def test_atomic_path_replaces_existing_folder_only_on_success(tmp_path):

@@ -25,11 +25,18 @@ def main() -> int:
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["lfm"]
     if run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *cfg["no-deps-assets"]]):
         return 1
-    missing = [p for p in cfg["debian-assets"] if subprocess.call(["dpkg", "-s", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    missing = [
+        p
+        for p in cfg["debian-assets"]
+        if subprocess.call(["dpkg", "-s", p], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ]
     if not missing:
         return 0
     if not shutil.which("apt-get"):
-        print(f"note: no apt-get here; install {' '.join(missing)} by hand for fashion-mnist", file=sys.stderr)
+        print(
+            f"note: no apt-get here; install {' '.join(missing)} by hand for fashion-mnist",
+            file=sys.stderr,
+        )
         return 0
     sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
     apt = [*sudo, "apt-get", "install", "-y", "-q", *missing]

@@ -119,7 +119,7 @@ class LocalModel:
     access: ClassVar[Access] = Access.WEIGHTS
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str = "model", batch_size: int = 16):
-        self.model = model
+        self.model: Any = model  # a transformers model; typed loosely for its many helpers
         self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size

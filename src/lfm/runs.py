@@ -13,6 +13,7 @@ import json
 import platform
 import sys
 import time
+from contextlib import AbstractContextManager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Run:
         self.path = Path(path) if path else _unique(Path(root) / f"{stamp}-{name}")
         self.path.mkdir(parents=True, exist_ok=True)
         cfg = config.to_dict() if isinstance(config, Config) else dict(config or {})
+        self.manifest: dict[str, Any]
         previous = self._previous()
         if previous is not None:  # resuming: keep what earlier attempts recorded
             if previous.get("config") != cfg:
@@ -68,7 +70,7 @@ class Run:
             self.manifest.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             self.save()
             return
-        self.manifest: dict[str, Any] = {
+        self.manifest = {
             "name": name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "command": sys.argv,
@@ -101,7 +103,7 @@ class Run:
         self.manifest["metrics"].update(metrics)
         self.save()
 
-    def output(self, relpath: str) -> atomic_path:  # type: ignore[valid-type]
+    def output(self, relpath: str) -> AbstractContextManager[Path]:
         """`with run.output("model") as tmp:` write to `tmp`; it appears at the path on success."""
         if relpath not in self.manifest["outputs"]:
             self.manifest["outputs"].append(relpath)

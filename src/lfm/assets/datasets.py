@@ -74,7 +74,7 @@ def _read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-        _zero, dtype, ndim = struct.unpack(">HBB", data[:4])
+        _zero, _dtype, ndim = struct.unpack(">HBB", data[:4])
         dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
         arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
         return arr.reshape(dims)

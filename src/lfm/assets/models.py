@@ -206,7 +206,9 @@ def _read_config(folder: Path) -> Any:
 def _check_kind(what: str, got: str, want: str | None) -> None:
     if want is not None and got != want:
         a = "an" if want[0] in "aeiou" else "a"
-        raise AssetError(f"{what} is a {got} model, not {a} {want}; pick {a} {want} (see `lfm models`)")
+        raise AssetError(
+            f"{what} is a {got} model, not {a} {want}; pick {a} {want} (see `lfm models`)"
+        )
 
 
 def _load_folder(folder: Path, name: str, kind: str | None, device: str) -> LocalModel:

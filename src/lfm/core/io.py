@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,8 +72,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     index[key] = h.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         write_json(index_path, index)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
     return h.hexdigest()

@@ -55,7 +55,8 @@ def get_layout(model: nn.Module) -> Layout:
 
 
 def num_layers(model: nn.Module) -> int:
-    return len(model.get_submodule(get_layout(model).layers))
+    blocks = model.get_submodule(get_layout(model).layers)
+    return len(blocks) if isinstance(blocks, nn.ModuleList) else sum(1 for _ in blocks.children())
 
 
 def module_name(model: nn.Module, part: str, layer: int) -> str:

@@ -1,7 +1,12 @@
 """Small networks for meta-learning benchmarks.
 
 `MLP` is the regressor of MAML (Finn et al. 2017, arXiv 1703.03400, Sec. 5.1): two hidden layers
-of 40 ReLU units. Its last layer is named `head`, the subset ANIL adapts.
+of 40 ReLU units. `ConvNet` is the few-shot classifier of MAML Sec. 5.2 (after Vinyals et al.
+2016, arXiv 1606.04080): four blocks of 3×3 convolution, BatchNorm, ReLU and 2×2 max-pooling.
+BatchNorm always normalises by the statistics of the batch it is given (no running statistics),
+as the MAML code does at train and test time: an episode is normalised transductively, and the
+network holds no buffers, so a meta-batch runs under `vmap`. The last layer of both is named
+`head`, the subset ANIL adapts.
 """
 
 from __future__ import annotations
@@ -37,3 +42,42 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=-3) if self.image else x  # (B, C, H, W) -> (B, C·H·W)
         return self.head(self.body(x))
+
+
+def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
+    """3×3 conv, batch-statistics BatchNorm, ReLU and (if `pool`) 2×2 max-pool."""
+    layers: list[nn.Module] = [
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        nn.BatchNorm2d(c_out, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
+
+
+class ConvNet(nn.Module):
+    """The 4-block convolutional learner of MAML Sec. 5.2, sized for small images.
+
+    A block pools only while the feature map is at least 2×2, so 8×8 digits go 8→4→2→1→1 and
+    28×28 images 28→14→7→3→1; the head sees `width` features either way.
+
+    Args:
+        n_out: outputs (N ways, or an embedding size for ProtoNets).
+        width: filters per block (MAML: 64 on Omniglot, 32 on MiniImagenet).
+        blocks: number of conv blocks.
+        size: input height (= width) in pixels.
+        channels: input channels.
+    """
+
+    def __init__(
+        self, n_out: int = 5, width: int = 32, blocks: int = 4, size: int = 28, channels: int = 1
+    ):
+        super().__init__()
+        layers, c = [], channels
+        for _ in range(blocks):
+            layers.append(conv_block(c, width, pool=size >= 2))
+            size, c = (size // 2 if size >= 2 else size), width
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.head = nn.Linear(width * size * size, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))  # (B, C, H, W) -> (B, n_out)

@@ -45,10 +45,18 @@ def bbc_verbalizer(classes: Sequence[str]) -> Verbalizer:
 
 
 def class_scores(handle: object, texts: Sequence[str], verb: Verbalizer) -> torch.Tensor:
-    """Log-probabilities (N, C) of each label word after each prompt (SCORES access)."""
+    """Log-probabilities (N, C) of each label word after each prompt (SCORES access).
+
+    When every label word is one token, one forward pass per prompt gives all C scores;
+    otherwise each (prompt, word) pair is scored on its own.
+    """
     require(handle, Access.SCORES, "prompt-based classification")
     prompts = [verb.prompt(t) for t in texts]
     n, c = len(prompts), len(verb.label_words)
+    ids = [handle.encode(f" {w}") for w in verb.label_words]  # type: ignore[attr-defined]
+    if all(len(i) == 1 for i in ids):
+        logp = handle.next_token_logprobs(prompts)  # type: ignore[attr-defined]
+        return logp[:, [i[0] for i in ids]]
     flat_p = [p for p in prompts for _ in range(c)]
     flat_w = [f" {w}" for _ in prompts for w in verb.label_words]
     return handle.score(flat_p, flat_w).view(n, c)  # type: ignore[attr-defined]
@@ -65,6 +73,8 @@ def few_shot(data: TextDataset, k: int, seed: int) -> tuple[list[str], torch.Ten
     for c in range(len(data.classes)):
         pool = (data.y_train == c).nonzero().flatten()
         if len(pool) < k:
-            raise ValueError(f"class {data.classes[c]!r} has only {len(pool)} training examples, fewer than k={k}")
+            raise ValueError(
+                f"class {data.classes[c]!r} has only {len(pool)} training examples, fewer than k={k}"
+            )
         idx += pool[torch.randperm(len(pool), generator=g)[:k]].tolist()
     return [data.train_texts[i] for i in idx], data.y_train[idx]

@@ -1,0 +1,187 @@
+"""Keys and values for locate-and-edit methods (ROME arXiv 2202.05262, MEMIT arXiv 2210.07229).
+
+One implementation shared by ROME, MEMIT and AlphaEdit:
+
+  k* = mean_j k(prefix_j + prompt)   at the subject's last token, input of the MLP output proj.
+  δ  = argmin  mean_j NLL(target | prefix_j + prompt; h_L[s] += δ)
+             + kl · KL(p(· | "{subject} is a") ‖ p_δ(· | "{subject} is a"))
+             + wd · ‖δ‖ / ‖h_L[s]‖²,     with ‖δ‖ ≤ clamp · ‖h_L[s]‖
+  v* = W k* + δ                      (the MLP output the edited weight must produce for k*)
+
+The prefixes are a *fixed* list (`PREFIXES`) rather than text the model generates: the key is
+then reproducible and model-independent, and the r-ROME fix (Gupta et al. 2024) holds by
+construction — the same averaged k* is used for v*, for C⁻¹k* and in the denominator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfm.core.layouts import module_name
+from lfm.edit.requests import Batch, Request, build_batch
+
+# Short, neutral contexts; "" is the bare prompt. ROME samples 20 model-written prefixes; a fixed
+# list keeps keys deterministic and identical across methods and runs.
+PREFIXES: tuple[str, ...] = (
+    "",
+    "The following is true.",
+    "Here is a fact.",
+    "I read this in a book.",
+    "Note:",
+    "As everyone knows,",
+    "In other news,",
+    "Today we learned that",
+    "It is said that",
+    "Question answered:",
+    "From the encyclopedia:",
+)
+
+
+def prefixes(n: int) -> tuple[str, ...]:
+    """The bare prompt plus the first n − 1 fixed prefixes."""
+    return PREFIXES[: max(1, min(n, len(PREFIXES)))]
+
+
+def _mod(model: nn.Module, layer: int) -> nn.Module:
+    return model.get_submodule(module_name(model, "mlp_out", layer))
+
+
+@torch.no_grad()
+def mean_key(model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int) -> torch.Tensor:
+    """k*: the subject's last-token key at `layer`, averaged over the prefixes. (D_in,)"""
+    keys, _ = keys_and_outputs(model, tokenizer, req, layer, n)
+    return keys.mean(0)
+
+
+@torch.no_grad()
+def keys_and_outputs(
+    model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prefix keys (P, D_in) and MLP outputs (P, D_out) at the subject's last token."""
+    batch = build_batch(tokenizer, req, prefixes(n), with_target=False)
+    got: dict[str, torch.Tensor] = {}
+    rows = torch.arange(len(batch.subject_pos))
+
+    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        got["k"] = args[0][rows, batch.subject_pos].float()
+        got["v"] = out[rows, batch.subject_pos].float()
+
+    handle = _mod(model, layer).register_forward_hook(hook)
+    try:
+        model(**_inputs(model, batch), logits_to_keep=1)
+    finally:
+        handle.remove()
+    return got["k"].cpu(), got["v"].cpu()
+
+
+def _inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    dev = next(model.parameters()).device
+    return {"input_ids": batch.input_ids.to(dev), "attention_mask": batch.attention_mask.to(dev)}
+
+
+@contextmanager
+def _add_at(mod: nn.Module, rows: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor):
+    """Add `delta` to the module's output at (rows, pos) during forward passes."""
+
+    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone()
+        out[rows, pos] = out[rows, pos] + delta.to(out.dtype)
+        return out
+
+    handle = mod.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _target_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean over rows of the mean NLL of each row's target tokens."""
+    keep = sorted({p for row in batch.target_pos for p in row})
+    col = {p: i for i, p in enumerate(keep)}
+    logits = model(**_inputs(model, batch), logits_to_keep=torch.tensor(keep)).logits
+    logp = logits.float().log_softmax(-1)  # (B, K, V)
+    losses = []
+    for i, (pos, ids) in enumerate(zip(batch.target_pos, batch.target_ids, strict=True)):
+        cols = torch.tensor([col[p] for p in pos])
+        losses.append(-logp[i, cols, torch.tensor(ids, device=logp.device)].mean())
+    return torch.stack(losses).mean()
+
+
+def _last_logp(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Log-probs of the next token after the last real token of each row. (B, V)"""
+    out = model(**_inputs(model, batch)).logits.float().log_softmax(-1)
+    last = batch.attention_mask.sum(1) - 1
+    return out[torch.arange(out.shape[0]), last.to(out.device)]
+
+
+def essence_request(req: Request) -> Request:
+    """ROME's essence prompt "{subject} is a", for the KL drift term."""
+    return Request(f"{req.subject} is a", req.subject, req.target)
+
+
+def optimise_delta(
+    model: nn.Module, tokenizer: Any, req: Request, layer: int, cfg: Any
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """δ for the MLP output of `layer` at the subject's last token (see module docstring).
+
+    `cfg` provides: n_prefixes, v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm,
+    stop_nll. Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
+    """
+    mod = _mod(model, layer)
+    batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
+    kl_batch = build_batch(tokenizer, essence_request(req), [""], with_target=False)
+    _, outs = keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)
+    ref = outs.mean(0).norm()
+    with torch.no_grad():
+        kl_ref = _last_logp(model, kl_batch)
+    delta = torch.zeros(outs.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    trace: dict[str, float] = {}
+    for step in range(cfg.v_steps):
+        nll, kl = _losses(model, mod, batch, kl_batch, kl_ref, delta)
+        trace.setdefault("nll_start", float(nll))
+        trace.update(nll_end=float(nll), steps=step)
+        if float(nll) < cfg.stop_nll:
+            break
+        loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / ref**2
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        _clamp(delta, cfg.clamp_norm * ref)
+    return delta.detach(), trace
+
+
+def _losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref, delta) -> tuple[torch.Tensor, ...]:
+    rows = torch.arange(len(batch.subject_pos))
+    with _add_at(mod, rows, batch.subject_pos, delta):
+        nll = _target_nll(model, batch)
+    with _add_at(mod, torch.zeros(1, dtype=torch.long), kl_batch.subject_pos, delta):
+        logp = _last_logp(model, kl_batch)
+    kl = torch.nn.functional.kl_div(logp, kl_ref, log_target=True, reduction="batchmean")
+    return nll, kl
+
+
+@torch.no_grad()
+def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
+    norm = delta.norm()
+    if norm > max_norm:
+        delta.mul_(max_norm / norm)
+
+
+def frozen(model: nn.Module) -> Sequence[bool]:
+    """Turn off gradients of every parameter; return the old flags (for `restore_grad`)."""
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return flags
+
+
+def restore_grad(model: nn.Module, flags: Sequence[bool]) -> None:
+    for p, f in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(f)

@@ -1,0 +1,187 @@
+"""Edits as values: a `Patch` holds per-module weight deltas and can be saved, applied, reverted.
+
+Every editing method computes a patch without changing the model; `patch.apply(model)` writes
+W ← W + ΔW and returns an `Undo` holding the original tensors, so `undo.revert(model)` restores
+them bit for bit (W + ΔW − ΔW is not exact in floating point). A delta is low-rank, ΔW = U Vᵀ
+(ROME's rank-one update, Meng et al. 2022, arXiv 2202.05262), or dense (MEMIT, FT-L).
+
+Deltas are stored in `nn.Linear` orientation, (out, in). GPT-2's `Conv1D` stores its weight as
+(in, out); the orientation is decided by the module's type, never by its shape (a square
+projection would pass a shape test either way).
+
+A patch carries a fingerprint of the weights it was computed from (SHA-256 of the touched
+tensors, with the model type and shapes) and refuses to apply to any other weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lfm.core.io import atomic_path
+from lfm.edit.requests import Request
+from lfm.errors import LfmError
+
+FORMAT = "lfm-edit-patch/1"
+
+
+@dataclass(frozen=True)
+class Delta:
+    """ΔW of one module's weight, (out, in): `u @ v.T` when low-rank, else `dense`."""
+
+    module: str
+    u: torch.Tensor | None = None  # (out, r)
+    v: torch.Tensor | None = None  # (in, r)
+    dense: torch.Tensor | None = None  # (out, in)
+
+    def matrix(self) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense
+        if self.u is None or self.v is None:
+            raise LfmError(f"delta for {self.module} has neither factors nor a dense matrix")
+        return self.u @ self.v.T
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        parts = {"u": self.u, "v": self.v, "dense": self.dense}
+        return {f"{self.module}::{k}": t.contiguous() for k, t in parts.items() if t is not None}
+
+
+def is_conv1d(mod: nn.Module) -> bool:
+    """GPT-2's Conv1D keeps its weight as (in, out)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(mod, Conv1D)
+
+
+def linear_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """The weight of module `name` in (out, in) orientation (a view, not a copy)."""
+    mod = model.get_submodule(name)
+    return mod.weight.T if is_conv1d(mod) else mod.weight
+
+
+def fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
+    """SHA-256 of the model type and the named modules' weights (shape, dtype, bytes)."""
+    h = hashlib.sha256(str(getattr(model.config, "model_type", type(model).__name__)).encode())
+    for name in sorted(modules):
+        w = model.get_submodule(name).weight.detach()
+        h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
+        h.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Undo:
+    """The original tensors a patch replaced; `revert` writes them back exactly."""
+
+    originals: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def revert(self, model: nn.Module) -> None:
+        for name, w in self.originals.items():
+            model.get_submodule(name).weight.copy_(w)
+
+
+@dataclass
+class Patch:
+    """Weight deltas, the requests they implement, and where they came from."""
+
+    deltas: list[Delta]
+    requests: list[Request]
+    method: str
+    config: dict[str, Any]
+    base: str  # fingerprint of the weights the deltas were computed from
+    info: dict[str, Any] = field(default_factory=dict)  # model type, shapes, timings
+
+    @property
+    def modules(self) -> list[str]:
+        return [d.module for d in self.deltas]
+
+    def check(self, model: nn.Module) -> None:
+        """Raise a one-line `LfmError` unless `model` holds the weights this patch was made for."""
+        missing = [m for m in self.modules if not _has(model, m)]
+        if missing:
+            raise LfmError(f"patch ({self.method}) edits {missing[0]}, which this model lacks")
+        if fingerprint(model, self.modules) != self.base:
+            raise LfmError(
+                f"patch ({self.method}) was made for other weights (base {self.base[:12]}); "
+                "refusing to apply it to this model"
+            )
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> Undo:
+        """W ← W + ΔW in place; returns the `Undo` that restores the originals bit for bit."""
+        self.check(model)
+        undo = Undo({m: model.get_submodule(m).weight.detach().clone() for m in self.modules})
+        for d in self.deltas:
+            w = linear_weight(model, d.module)
+            w.add_(d.matrix().to(w.device, w.dtype))
+        return undo
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (deltas + JSON metadata), atomically."""
+        meta = {
+            "format": FORMAT,
+            "method": self.method,
+            "base": self.base,
+            "config": json.dumps(self.config, sort_keys=True),
+            "requests": json.dumps([r.to_dict() for r in self.requests]),
+            "modules": json.dumps(self.modules),
+            "info": json.dumps(self.info, sort_keys=True, default=str),
+        }
+        tensors = {k: v for d in self.deltas for k, v in d.tensors().items()}
+        with atomic_path(path) as tmp:
+            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Patch:
+        """Read a patch written by `save`."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except (OSError, Exception) as e:
+            raise LfmError(f"cannot read patch {path}: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise LfmError(f"{path} is not an lfm edit patch (format {meta.get('format')!r})")
+        deltas = [_delta(m, tensors) for m in json.loads(meta["modules"])]
+        reqs = [Request.from_dict(r) for r in json.loads(meta["requests"])]
+        return cls(
+            deltas, reqs, meta["method"], json.loads(meta["config"]), meta["base"],
+            json.loads(meta["info"]),
+        )  # fmt: skip
+
+
+def _delta(module: str, tensors: dict[str, torch.Tensor]) -> Delta:
+    get = tensors.get
+    return Delta(module, get(f"{module}::u"), get(f"{module}::v"), get(f"{module}::dense"))
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def make_patch(
+    model: nn.Module, deltas: list[Delta], requests: Sequence[Request], method: str, cfg: Any
+) -> Patch:
+    """A patch for `deltas` computed from the current weights of `model`."""
+    modules = [d.module for d in deltas]
+    info = {
+        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "shapes": {m: list(model.get_submodule(m).weight.shape) for m in modules},
+    }
+    cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return Patch(list(deltas), list(requests), method, cfg_dict, fingerprint(model, modules), info)

@@ -1,0 +1,106 @@
+"""What the server runs: batched operations over a model narrowed to the served access level.
+
+Every operation goes through `narrow(model, level)`, so an endpoint cannot give more than the level
+the server was started with. The one exception is `token_logprobs` (per-token log-probabilities
+of given text, for `echo` + `logprobs`): the SCORES handle protocol has no per-token method yet, so
+it is computed here from the model, and only when the level is SCORES or more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+
+from lfm.access import Access, LocalModel, narrow, require
+
+
+@torch.no_grad()
+def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> list[dict[str, Any]]:
+    """OpenAI-style `logprobs` of each text's own tokens (the first token gets None).
+
+    Args:
+        model: the white-box model (its tokenizer must be a fast one, for character offsets).
+        texts: texts to score, tokenised with special tokens as `LocalModel.score` does.
+        top: how many top alternatives to return per position.
+    """
+    tok = model.tokenizer
+    encs = [tok(t, return_offsets_mapping=True) for t in texts]
+    width = max(len(e["input_ids"]) for e in encs)
+    ids = torch.full((len(encs), width), int(tok.pad_token_id), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, e in enumerate(encs):  # right padding, as in `LocalModel._score_ids`
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    logp = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+    logp = logp.logits.float().log_softmax(-1).cpu()  # (B, T, V)
+    return [_one(tok, text, e, logp[i], top) for i, (text, e) in enumerate(zip(texts, encs, strict=True))]
+
+
+def _one(tok: Any, text: str, enc: Any, logp: torch.Tensor, top: int) -> dict[str, Any]:
+    ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    lps: list[float | None] = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    tops: list[dict[str, float] | None] = [None]
+    for t in range(1, len(ids)):
+        v, k = logp[t - 1].topk(top) if top else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+        tops.append({tok.decode([int(j)]): float(x) for x, j in zip(v, k, strict=True)})
+    return {
+        "tokens": [text[s:e] if e > s else tok.convert_ids_to_tokens(i) for i, (s, e) in zip(ids, offs, strict=True)],
+        "token_logprobs": lps,
+        "top_logprobs": tops if top else None,
+        "text_offset": [s for s, _ in offs],
+        "text_end": [e for _, e in offs],  # lfm extension: where each token's text ends
+    }
+
+
+class Backend:
+    """The batched operations a server offers at one access level.
+
+    Args:
+        model: a white-box `LocalModel`; the backend keeps it only for `token_logprobs`.
+        level: the access level served; operations above it are refused.
+    """
+
+    def __init__(self, model: LocalModel, level: Access | str):
+        self.level = Access.parse(level)
+        self.handle = narrow(model, self.level)
+        self.name = model.name
+        self.tokenizer = model.tokenizer  # a tokenizer holds no weights
+        self._model = model if self.level >= Access.SCORES else None
+        self.dim = int(model.model.get_input_embeddings().embedding_dim)  # a size, not weights
+
+    def ops(self) -> dict[str, Any]:
+        return {"generate": self.generate, "tokens": self.tokens, "next": self.next_token,
+                "embed": self.embed, "lfe": self.logits_from_embeds}  # fmt: skip
+
+    def n_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text)["input_ids"])
+
+    def generate(self, prompts: list[str], key: Hashable) -> list[str]:
+        max_new, temperature, seed = key  # type: ignore[misc]
+        return self.handle.generate(prompts, max_new_tokens=max_new, temperature=temperature, seed=seed)
+
+    def tokens(self, texts: list[str], key: Hashable) -> list[dict[str, Any]]:
+        require(self.handle, Access.SCORES, "echo with logprobs")
+        return token_logprobs(self._model, texts, top=int(key or 0))  # type: ignore[arg-type]
+
+    def next_token(self, prompts: list[str], key: Hashable) -> list[torch.Tensor]:
+        require(self.handle, Access.SCORES, "next-token log-probabilities")
+        return list(self.handle.next_token_logprobs(prompts))
+
+    def embed(self, texts: list[str], key: Hashable) -> list[torch.Tensor]:
+        require(self.handle, Access.EMBEDDINGS, "input embeddings")
+        emb, mask = self.handle.embed(texts)  # (B, T, D), right padded
+        return [emb[i, : int(mask[i].sum())] for i in range(len(texts))]
+
+    def logits_from_embeds(self, rows: list[tuple], key: Hashable) -> list[torch.Tensor]:
+        """Rows (embeds (T_i, D), mask (T_i,), position or None), right-padded into one batch."""
+        require(self.handle, Access.EMBEDDINGS, "logits from embeddings")
+        width, dim = max(r[0].shape[0] for r in rows), rows[0][0].shape[1]
+        emb, mask = torch.zeros(len(rows), width, dim), torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (e, m, _) in enumerate(rows):  # padding on the right leaves a causal LM's logits as they are
+            emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, m
+        logits = self.handle.logits_from_embeds(emb, mask)  # (B, T, V)
+        return [logits[i, p] if p is not None else logits[i, : e.shape[0]]
+                for i, (e, _, p) in enumerate(rows)]  # fmt: skip

@@ -1,0 +1,74 @@
+"""`lfm serve MODEL --access LEVEL`: serve a model over HTTP at one access level.
+
+Binding to anything but a loopback address needs an API key: a served model is a resource others
+can spend, and a SCORES or EMBEDDINGS endpoint leaks more of the model than text does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from typing import Annotated
+
+import typer
+
+from lfm.errors import LfmError
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and `localhost`."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Refuse a non-loopback host without an API key (before anything binds)."""
+    if not is_loopback(host) and not api_key:
+        raise LfmError(f"refusing to serve on {host} without an API key; pass --api-key KEY "
+                       "(or LFM_API_KEY), or bind to 127.0.0.1")  # fmt: skip
+
+
+def make_server(model: str, access: str, host: str, port: int, api_key: str | None,
+                max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256):  # fmt: skip
+    """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`."""
+    import uvicorn
+
+    from lfm.access import LocalModel
+    from lfm.assets import load_model
+    from lfm.serve.app import ServeSettings, build_app
+    from lfm.serve.backend import Backend
+
+    check_bind(host, api_key)
+    local = model if isinstance(model, LocalModel) else load_model(model, kind="causal-lm")
+    settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                             max_queue=max_queue)  # fmt: skip
+    app = build_app(Backend(local, access), settings)
+    cfg = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    return uvicorn.Server(cfg)
+
+
+def serve(
+    model: Annotated[str, typer.Argument(help="model asset name (`lfm models`) or folder")] = "smollm2-135m",
+    access: Annotated[str, typer.Option(help="level served: text, scores or embeddings")] = "scores",
+    host: Annotated[str, typer.Option(help="address to bind; non-loopback needs --api-key")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="key clients must send (default: $LFM_API_KEY)")] = None,
+    max_batch: Annotated[int, typer.Option(help="items per forward pass")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(help="batching window in ms")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="queued requests before 429")] = 256,
+) -> None:
+    """Serve a model through an OpenAI-compatible API at one access level (docs/serve.md)."""
+    key = api_key or os.environ.get("LFM_API_KEY") or None
+    try:
+        if access.strip().lower() not in ("text", "scores", "embeddings"):
+            raise LfmError(f"--access must be text, scores or embeddings, not {access!r}")
+        server = make_server(model, access, host, port, key, max_batch, max_wait_ms, max_queue)
+    except LfmError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"serving {model} at {access.upper()} access on http://{host}:{port} (OpenAPI: /docs)")
+    server.run()
