@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import TinyCNN, TinyMLP
 from lfm.access import LocalClassifier, narrow
 from lfm.core.train import TrainConfig, shuffled_batches
 from lfm.distill import distill
 from lfm.distill.losses import KDConfig, kd_loss
 from lfm.errors import AccessError
+
+from conftest import TinyCNN, TinyMLP
 
 CFG = TrainConfig(steps=40, lr=1e-2, progress=False)
 

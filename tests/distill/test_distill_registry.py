@@ -34,3 +34,18 @@ def test_config_round_trips_and_rejects_unknown_keys(spec):
     assert spec.config.model_validate_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError):
         spec.config.build({"no_such_knob": 1})
+
+
+def test_methods_sit_in_their_survey_branches_at_the_least_access():
+    by_name = {s.name: s for s in SPECS}
+    want = {
+        "lm_student": ("with data", Access.WEIGHTS),
+        "seq_kd": ("with data", Access.TEXT),
+        "step_by_step": ("with data", Access.TEXT),
+        "deep_inversion": ("noise optimisation", Access.WEIGHTS),
+        "dafl": ("generative reconstruction", Access.WEIGHTS),
+        "dfad": ("adversarial exploration", Access.WEIGHTS),
+        "dfme": ("adversarial exploration", Access.SCORES),
+    }
+    assert {k: (by_name[k].branch, by_name[k].access) for k in want} == want
+    assert all("arXiv" in by_name[k].paper for k in want)

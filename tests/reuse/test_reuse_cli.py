@@ -39,7 +39,7 @@ def test_cli_merge_lfm_plan(files):
         "parameters": {"density": "5e-1"},  # YAML reads 5e-1 as a string: coerced
     }  # fmt: skip
     result = CliRunner().invoke(
-        app, [str(_write(root / "plan.yaml", plan)), "--out", str(root / "m"), "-q"]
+        app, ["merge", str(_write(root / "plan.yaml", plan)), "--out", str(root / "m"), "-q"]
     )
     assert result.exit_code == 0, result.output
     got = load_file(root / "m" / "model.safetensors")
@@ -56,7 +56,9 @@ def test_cli_reports_errors_in_one_line(files):
         "models": ["a.safetensors"],
         "parameters": {"bogus": 1},
     }
-    result = CliRunner().invoke(app, [str(_write(root / "p.yaml", plan)), "--out", str(root / "m")])
+    result = CliRunner().invoke(
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+    )
     assert result.exit_code == 1 and "bogus" in result.output and not (root / "m").exists()
 
 

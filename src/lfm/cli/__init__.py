@@ -137,7 +137,9 @@ def cache(
 
 def _mount_areas() -> None:
     from lfm.registry import AREAS
+    from lfm.serve.cli import serve
 
+    app.command("serve")(serve)
     for area in AREAS:
         try:
             module = importlib.import_module(f"lfm.cli.{area}")

@@ -149,3 +149,27 @@ def subsample(data: Data, n_train: int, n_test: int, seed: int = 0) -> Data:
     tr = torch.randperm(len(data.x_train), generator=g)[:n_train]
     te = torch.randperm(len(data.x_test), generator=g)[:n_test]
     return Data(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te])
+
+
+DATAFREE = ("dafl", "dfad", "dfme")
+
+
+def train_datafree(
+    method: str, teacher: nn.Module, iterations: int, batch_size: int, seed: int = 0
+) -> tuple[CNN, int]:
+    """A fresh student trained without data by DAFL, DFAD or DFME; returns it and the queries.
+
+    Each method gets a handle narrowed to its registered access level: DAFL and DFAD see the
+    teacher's weights (gradients flow through it), DFME only its log-probabilities. Each game
+    alternates one generator update with the method's student updates (DAFL: 1, DFAD and DFME: 5).
+    """
+    from lfm.access import narrow
+    from lfm.registry import get
+
+    spec = get(f"distill/{method}")
+    torch.manual_seed(seed)
+    student = student_cnn()
+    handle = narrow(LocalClassifier(teacher, "teacher"), spec.access)  # the least it needs
+    cfg = spec.config.build(iterations=iterations, batch_size=batch_size)
+    res = spec.fn(handle, student, cfg, seed=seed)
+    return res.student, res.queries

@@ -67,9 +67,20 @@ def covariance(model: nn.Module, tokenizer: Any, layer: int, cfg: Any, given: An
         return torch.eye(linear_weight(model, _mlp_out(model, layer)).shape[1], dtype=torch.float64)
     from lfm.edit.stats import second_moment
 
-    return second_moment(
-        model, tokenizer, layer, cfg.stats_corpus, cfg.stats_tokens, cfg.stats_max_len
-    )
+    return second_moment(model, tokenizer, layer, *stats_args(cfg))
+
+
+def stats_args(cfg: Any) -> tuple[str, int, int]:
+    return cfg.stats_corpus, cfg.stats_tokens, cfg.stats_max_len
+
+
+def prefetch_covariances(model: nn.Module, tokenizer: Any, layers, cfg: Any, given: Any) -> Any:
+    """{layer: C}: the given statistics, else all cached/computed in one pass (if C is used)."""
+    if given is not None or not cfg.use_cov:
+        return given
+    from lfm.edit.stats import second_moments
+
+    return second_moments(model, tokenizer, list(layers), *stats_args(cfg))
 
 
 def _mlp_out(model: nn.Module, layer: int) -> str:
@@ -111,7 +122,8 @@ SMOKE_TEXTS = (
 
 
 def tiny_lm(seed: int = 0, kind: str = "llama") -> tuple[nn.Module, Any]:
-    """A 2-block, 32-wide causal LM and a byte-level BPE tokenizer trained on `SMOKE_TEXTS`."""
+    """A 2-block, 32-wide causal LM and a byte-level BPE tokenizer trained on `SMOKE_TEXTS`
+    (vocabulary large enough that every word with its leading space is one token)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedTokenizerFast
 
@@ -119,7 +131,7 @@ def tiny_lm(seed: int = 0, kind: str = "llama") -> tuple[nn.Module, Any]:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>"], initial_alphabet=alphabet, show_progress=False
+        vocab_size=2000, special_tokens=["<pad>"], initial_alphabet=alphabet, show_progress=False
     )
     tok.train_from_iterator(SMOKE_TEXTS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<pad>")
@@ -134,10 +146,12 @@ def tiny_lm(seed: int = 0, kind: str = "llama") -> tuple[nn.Module, Any]:
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), fast
 
 
-SMOKE_REQUEST = Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome")
+# The subject ends the prompt: in a random 2-block model only the residual at the subject's own
+# position reaches the next-token logits strongly (attention there is near uniform and small).
+SMOKE_REQUEST = Request("The city of the Eiffel Tower", "Eiffel Tower", "Rome")
 
 
 def smoke_cov(model: nn.Module, tokenizer: Any, layer: int) -> torch.Tensor:
-    from lfm.edit.stats import compute_second_moment
+    from lfm.edit.stats import compute_second_moments
 
-    return compute_second_moment(model, tokenizer, layer, SMOKE_TEXTS * 8, 10_000, 64)
+    return compute_second_moments(model, tokenizer, [layer], SMOKE_TEXTS * 8, 10_000, 64)[layer]

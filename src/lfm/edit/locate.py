@@ -145,9 +145,9 @@ def optimise_delta(
     trace: dict[str, float] = {}
     for step in range(cfg.v_steps):
         nll, kl = _losses(model, mod, batch, kl_batch, kl_ref, delta)
-        trace.setdefault("nll_start", float(nll))
-        trace.update(nll_end=float(nll), steps=step)
-        if float(nll) < cfg.stop_nll:
+        trace.setdefault("nll_start", nll.item())
+        trace.update(nll_end=nll.item(), steps=step)
+        if nll.item() < cfg.stop_nll:
             break
         loss = nll + cfg.kl_factor * kl + cfg.v_weight_decay * delta.norm() / ref**2
         opt.zero_grad()

@@ -185,3 +185,33 @@ def make_patch(
     }
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     return Patch(list(deltas), list(requests), method, cfg_dict, fingerprint(model, modules), info)
+
+
+UNDO_FILE = "edit-undo.safetensors"
+
+
+def save_edited(handle: Any, undo: Undo, out: str | Path) -> Path:
+    """Write an edited `LocalModel` as a Hugging Face folder, with the originals for `revert`."""
+    with atomic_path(out) as tmp:
+        handle.model.save_pretrained(tmp)
+        handle.tokenizer.save_pretrained(tmp)
+        originals = {k: v.contiguous().cpu() for k, v in undo.originals.items()}
+        save_file(originals, str(tmp / UNDO_FILE))
+    return Path(out)
+
+
+def revert_folder(folder: str | Path, out: str | Path) -> Path:
+    """Load a folder written by `save_edited`, restore its original weights, write it to `out`."""
+    from safetensors.torch import load_file
+
+    from lfm.assets import load_model
+
+    undo_path = Path(folder) / UNDO_FILE
+    if not undo_path.exists():
+        raise LfmError(f"{folder} has no {UNDO_FILE}; it was not written by `lfm edit patch-apply`")
+    handle = load_model(str(folder))
+    Undo(load_file(str(undo_path))).revert(handle.model)
+    with atomic_path(out) as tmp:
+        handle.model.save_pretrained(tmp)
+        handle.tokenizer.save_pretrained(tmp)
+    return Path(out)

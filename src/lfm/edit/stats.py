@@ -11,6 +11,7 @@ and blocks 0..layer), the layer, the corpus and the budget. A cached file is nev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,7 +36,7 @@ class _Stop(Exception):
 def key_fingerprint(model: nn.Module, layer: int) -> str:
     """SHA-256 of the weights that determine the keys at `layer` (embeddings, blocks ≤ layer)."""
     lay = get_layout(model)
-    keep = (lay.embed + ".",) + tuple(f"{lay.layers}.{i}." for i in range(layer + 1))
+    keep = (lay.embed + ".", *tuple(f"{lay.layers}.{i}." for i in range(layer + 1)))
     h = hashlib.sha256(str(model.config.model_type).encode())
     for name, p in model.named_parameters():
         if name.startswith(keep):
@@ -46,7 +47,9 @@ def key_fingerprint(model: nn.Module, layer: int) -> str:
 
 def stats_path(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> Path:
     fp = key_fingerprint(model, layer)[:16]
-    return cache_dir() / "edit-stats" / f"{fp}-L{layer}-{corpus}-{tokens}tok-{max_len}len.safetensors"
+    return (
+        cache_dir() / "edit-stats" / f"{fp}-L{layer}-{corpus}-{tokens}tok-{max_len}len.safetensors"
+    )
 
 
 def corpus_texts(corpus: str) -> Sequence[str]:
@@ -57,61 +60,81 @@ def corpus_texts(corpus: str) -> Sequence[str]:
 
 
 @torch.no_grad()
-def compute_second_moment(
-    model: nn.Module, tokenizer: Any, layer: int, texts: Iterable[str], tokens: int, max_len: int
-) -> torch.Tensor:
-    """E[k kᵀ] over up to `tokens` tokens of `texts`, each cut to `max_len` tokens. (D, D) fp64."""
-    mod = model.get_submodule(module_name(model, "mlp_out", layer))
-    acc: dict[str, Any] = {"sum": None, "n": 0}
+def compute_second_moments(
+    model: nn.Module,
+    tokenizer: Any,
+    layers: Sequence[int],
+    texts: Iterable[str],
+    tokens: int,
+    max_len: int,
+) -> dict[int, torch.Tensor]:
+    """E[k kᵀ] at each layer over up to `tokens` tokens of `texts` (articles cut to `max_len`),
+    in one pass that stops after the deepest layer. {layer: (D, D) float64}."""
+    sums: dict[int, torch.Tensor] = {}
+    seen = {"n": 0}
+    last = max(layers)
 
-    def hook(_m: nn.Module, args: tuple) -> None:
-        k = args[0].reshape(-1, args[0].shape[-1]).double()  # (T, D), batch of one: no padding
-        acc["sum"] = k.T @ k if acc["sum"] is None else acc["sum"] + k.T @ k
-        acc["n"] += k.shape[0]
-        raise _Stop
+    def hook(layer: int):
+        def fn(_m: nn.Module, args: tuple) -> None:
+            k = args[0].reshape(-1, args[0].shape[-1]).double()  # (T, D); batch of one, no padding
+            sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
+            if layer == last:
+                seen["n"] += k.shape[0]
+                raise _Stop
 
-    handle = mod.register_forward_pre_hook(hook)
+        return fn
+
+    mods = {layer: model.get_submodule(module_name(model, "mlp_out", layer)) for layer in layers}
+    handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in mods.items()]
     device = next(model.parameters()).device
     try:
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_len)
-            try:
-                model(input_ids=ids["input_ids"][:, : tokens - acc["n"]].to(device))
-            except _Stop:
-                pass
-            if acc["n"] >= tokens:
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids["input_ids"][:, : tokens - seen["n"]].to(device))
+            if seen["n"] >= tokens:
                 break
     finally:
-        handle.remove()
-    return acc["sum"] / max(acc["n"], 1)
+        for h in handles:
+            h.remove()
+    return {layer: sums[layer] / max(seen["n"], 1) for layer in layers}
 
 
-def second_moment(
+def second_moments(
     model: nn.Module,
     tokenizer: Any,
-    layer: int,
+    layers: Sequence[int],
     corpus: str = "bbc-news",
     tokens: int = 100_000,
     max_len: int = 256,
-    compute: Callable[..., torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """C = E[k kᵀ] at `layer`, from the cache or computed once and cached (float64, (D, D)).
+    compute: Callable[..., dict[int, torch.Tensor]] | None = None,
+) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] per layer, from the cache or computed once (one pass for all missing layers).
 
     Args:
         model: the causal LM (not changed).
         tokenizer: its tokenizer.
-        layer: the block whose MLP output projection is edited.
+        layers: the blocks whose MLP output projections are edited.
         corpus: a text corpus name (`bbc-news`).
         tokens: token budget.
         max_len: longest sequence read from one article.
-        compute: the estimator (tests substitute one); defaults to `compute_second_moment`.
+        compute: the estimator (tests substitute one); defaults to `compute_second_moments`.
     """
-    path = stats_path(model, layer, corpus, tokens, max_len)
-    if path.exists():
-        return load_file(str(path))["mom2"]
-    compute = compute or compute_second_moment
-    with _console.status(f"edit statistics: E[kkᵀ] at layer {layer} over {tokens:,} tokens"):
-        mom2 = compute(model, tokenizer, layer, corpus_texts(corpus), tokens, max_len)
-    with atomic_path(path) as tmp:
-        save_file({"mom2": mom2.contiguous()}, str(tmp), metadata={"layer": str(layer)})
-    return mom2
+    paths = {layer: stats_path(model, layer, corpus, tokens, max_len) for layer in layers}
+    out = {layer: load_file(str(p))["mom2"] for layer, p in paths.items() if p.exists()}
+    missing = sorted(set(layers) - set(out))
+    if not missing:
+        return out
+    compute = compute or compute_second_moments
+    what = f"edit statistics: E[kkᵀ] at layers {missing} over {tokens:,} tokens of {corpus}"
+    with _console.status(what):
+        new = compute(model, tokenizer, missing, corpus_texts(corpus), tokens, max_len)
+    for layer, mom2 in new.items():
+        with atomic_path(paths[layer]) as tmp:
+            save_file({"mom2": mom2.contiguous()}, str(tmp), metadata={"layer": str(layer)})
+    return {**out, **new}
+
+
+def second_moment(model: nn.Module, tokenizer: Any, layer: int, *args: Any, **kw: Any):
+    """C at one layer (see `second_moments`)."""
+    return second_moments(model, tokenizer, [layer], *args, **kw)[layer]

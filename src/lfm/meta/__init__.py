@@ -1,10 +1,12 @@
 """Meta learning: learn, from many tasks, how to learn a new one from few examples.
 
 Functional MAML family (MAML, FOMAML, ANIL, Meta-SGD), Reptile, prototypical networks, episode
-samplers and the meta-train / meta-test loops. Importing this package registers the methods.
+samplers and the meta-train / meta-test loops; data-free meta-learning from a pool of models
+(white-box and black-box). Importing this package registers the methods.
 """
 
-from lfm.meta import maml, protonets, reptile
+from lfm.meta import datafree, maml, protonets, reptile
+from lfm.meta.datafree import BlackBoxConfig, DataFreeConfig
 from lfm.meta.functional import (
     MetaConfig,
     OuterConfig,
@@ -15,7 +17,7 @@ from lfm.meta.functional import (
     params_of,
 )
 from lfm.meta.maml import PRESETS, ANILConfig, FOMAMLConfig, MAMLConfig, MetaSGDConfig
-from lfm.meta.models import MLP
+from lfm.meta.models import MLP, ConvNet
 from lfm.meta.protonets import ProtoNetsConfig
 from lfm.meta.reptile import PretrainConfig, ReptileConfig
 from lfm.meta.tasks import EpisodeTasks, SinusoidTasks, rotate, rotated_digit_splits, split_classes
@@ -25,6 +27,9 @@ __all__ = [
     "MLP",
     "PRESETS",
     "ANILConfig",
+    "BlackBoxConfig",
+    "ConvNet",
+    "DataFreeConfig",
     "EpisodeTasks",
     "FOMAMLConfig",
     "History",
@@ -38,6 +43,7 @@ __all__ = [
     "ReptileConfig",
     "SinusoidTasks",
     "Task",
+    "datafree",
     "inner_adapt",
     "maml",
     "meta_test",

@@ -155,10 +155,13 @@ def inner_adapt(
 
 
 def can_vectorize(model: nn.Module, setting: str) -> bool:
-    """Whether to vmap over tasks: BatchNorm in train mode mutates buffers, so it runs a loop."""
+    """Whether to vmap over tasks: BatchNorm with running statistics mutates buffers in train
+    mode, so it runs a loop; batch-statistics BatchNorm (`track_running_stats=False`) vmaps."""
     if setting != "auto":
         return setting == "always"
-    return not any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
+    return not any(
+        isinstance(m, _BatchNorm) and m.training and m.track_running_stats for m in model.modules()
+    )
 
 
 def _stack(outs: list[Any]) -> Any:

@@ -44,11 +44,11 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
-def conv_block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
-    """3×3 conv, batch-statistics BatchNorm, ReLU and (if `pool`) 2×2 max-pool."""
+def conv_block(c_in: int, c_out: int, pool: bool, running: bool = False) -> nn.Sequential:
+    """3×3 conv, BatchNorm (batch statistics unless `running`), ReLU, 2×2 max-pool if `pool`."""
     layers: list[nn.Module] = [
         nn.Conv2d(c_in, c_out, 3, padding=1),
-        nn.BatchNorm2d(c_out, track_running_stats=False),
+        nn.BatchNorm2d(c_out, track_running_stats=running),
         nn.ReLU(),
     ]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
@@ -66,15 +66,23 @@ class ConvNet(nn.Module):
         blocks: number of conv blocks.
         size: input height (= width) in pixels.
         channels: input channels.
+        running: keep BatchNorm running statistics (a conventionally trained classifier, such as
+            the pool models of data-free meta-learning, whose statistics model inversion matches).
     """
 
     def __init__(
-        self, n_out: int = 5, width: int = 32, blocks: int = 4, size: int = 28, channels: int = 1
+        self,
+        n_out: int = 5,
+        width: int = 32,
+        blocks: int = 4,
+        size: int = 28,
+        channels: int = 1,
+        running: bool = False,
     ):
         super().__init__()
         layers, c = [], channels
         for _ in range(blocks):
-            layers.append(conv_block(c, width, pool=size >= 2))
+            layers.append(conv_block(c, width, pool=size >= 2, running=running))
             size, c = (size // 2 if size >= 2 else size), width
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.head = nn.Linear(width * size * size, n_out)

@@ -174,11 +174,30 @@ def load_images(name: str = "digits") -> tuple[Tensor, Tensor, int]:
     return x.float(), y.long(), int(y.max()) + 1
 
 
+def first_per_class(x: Tensor, y: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """The first `n` examples of every class (keeps 4 rotations of a large set in memory)."""
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:n] for c in y.unique()])
+    return x[keep], y[keep]
+
+
 def rotated_digit_splits(
-    name: str = "digits", sizes: tuple[int, int, int] = (6, 2, 2), seed: int = 0, **episode
+    name: str = "digits",
+    sizes: tuple[int, int, int] = (6, 2, 2),
+    seed: int = 0,
+    per_class: int | None = None,
+    **episode,
 ) -> tuple[EpisodeTasks, EpisodeTasks, EpisodeTasks]:
-    """Meta-train/-val/-test samplers over rotated classes, base classes split before rotating."""
+    """Meta-train/-val/-test samplers over rotated classes, base classes split before rotating.
+
+    Args:
+        name: `digits` (8×8) or `fashion-mnist` (28×28).
+        sizes: base classes in the meta-train / -val / -test splits.
+        seed: seeds the class split.
+        per_class: keep only the first examples of each base class (None: all).
+        **episode: `ways`, `shots`, `queries` of `EpisodeTasks`.
+    """
     x, y, n = load_images(name)
+    x, y = first_per_class(x, y, per_class) if per_class else (x, y)
     xr, yr = rotate(x, y, n)
     splits = split_classes(list(range(n)), sizes, seed)
     return tuple(EpisodeTasks(xr, yr, rotated_classes(s, n), **episode) for s in splits)  # type: ignore[return-value]

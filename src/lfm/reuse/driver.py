@@ -109,13 +109,14 @@ def merge_method(
     config: type[Config],
     paper: str,
     smoke: Callable[[Any, int], Any] | None = None,
+    branch: str = "weight interpolation",
     **spec: Any,
 ) -> Callable[[Kernel], Kernel]:
     """Register a per-tensor kernel in the lfm registry (`reuse/<name>`) and for the driver."""
 
     def deco(fn: Kernel) -> Kernel:
         register(
-            "reuse", name, branch="weight interpolation", access=Access.WEIGHTS,
+            "reuse", name, branch=branch, access=Access.WEIGHTS,
             config=config, paper=paper, smoke=smoke,
         )(fn)  # fmt: skip
         METHODS[name] = MergeSpec(name, fn, config, **spec)
@@ -170,11 +171,6 @@ def _source_key(reader: Reader, keys: set[str], name: str) -> str | None:
     return None
 
 
-def _untied_extras(template: Reader, extra: Iterable[str]) -> list[str]:
-    """Extra keys of a model, less output embeddings the (tied) template does not store."""
-    return [k for k in extra if not (k in TIED_ALIASES and template.tied)]
-
-
 def plan(base: Reader | None, models: Sequence[Reader], on_missing: OnMissing = "error") -> Inputs:
     """Check every model against the template and map each output name to its source keys."""
     inputs = Inputs(base, list(models))
@@ -186,13 +182,13 @@ def plan(base: Reader | None, models: Sequence[Reader], on_missing: OnMissing = 
         for name in inputs.names:
             inputs.sources.setdefault(name, []).append(_source_key(reader, keys, name))
         missing = [n for n in inputs.names if inputs.sources[n][i] is None]
-        extra = _untied_extras(tmpl, keys - set(inputs.names))
+        # extra keys, less output embeddings that a tied template does not store
+        extra = [k for k in keys - set(inputs.names) if not (k in TIED_ALIASES and tmpl.tied)]
         problems += [f"{n} missing from model {i}" for n in missing]
         problems += [f"{n} in model {i} but not in the template" for n in sorted(extra)]
     if problems and on_missing == "error":
-        shown = "; ".join(problems[:5]) + (
-            f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
-        )
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        shown = "; ".join(problems[:5]) + more
         raise MissingTensorError(
             f"tensors differ between models: {shown}; pass on_missing='skip' to merge over the models that have them"
         )
@@ -225,8 +221,7 @@ def merge_one(
     if not template.is_floating_point() or not tensors:
         return template
     ws = [float(weights[i]) for i in idx]
-    out = spec.kernel(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx)))
-    return out.to(template.dtype)
+    return spec.kernel(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
 
 
 def run_merge(
@@ -236,6 +231,7 @@ def run_merge(
     sink: Callable[[str, Tensor], None],
     weights: Sequence[float] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
+    stats: Mapping[str, Any] | None = None,
 ) -> Config:
     """Merge every tensor of `inputs` with `method` and give each result to `sink`.
 
@@ -246,6 +242,7 @@ def run_merge(
         sink: called once per tensor, in template order.
         weights: one weight per model (default 1.0 each).
         progress: wraps the iteration over names (a progress bar).
+        stats: model-level statistics given to the kernels (`ctx.stats`), over `prepare`'s.
 
     Returns:
         The resolved config.
@@ -256,7 +253,7 @@ def run_merge(
     ws = list(weights) if weights is not None else [1.0] * len(inputs.models)
     if len(ws) != len(inputs.models):
         raise MergeError(f"{len(ws)} weights for {len(inputs.models)} models")
-    stats = spec.prepare(inputs, config) if spec.prepare else {}
+    stats = {**(spec.prepare(inputs, config) if spec.prepare else {}), **(stats or {})}
     for name in (progress or iter)(inputs.names):
         sink(name, merge_one(spec, inputs, name, ws, config, stats))
     return config
@@ -280,6 +277,7 @@ def merge_state_dicts(
     *,
     weights: Sequence[float] | None = None,
     on_missing: OnMissing = "error",
+    stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Merge state dicts held in memory with the same driver the streaming engine uses.
 
@@ -290,9 +288,10 @@ def merge_state_dicts(
         cfg: the method's config, a mapping of its fields, or None for the paper defaults.
         weights: one weight per model (default 1.0 each).
         on_missing: "error" (default) or "skip": merge a tensor over the models that have it.
+        stats: statistics held in memory for data-aware methods (e.g. `{"per_model": [...]}`).
     """
     base = DictReader(base_sd) if base_sd is not None else None
     inputs = plan(base, [DictReader(sd) for sd in sds], on_missing)
     out: dict[str, Tensor] = {}
-    run_merge(method, inputs, cfg, out.__setitem__, weights)
+    run_merge(method, inputs, cfg, out.__setitem__, weights, stats=stats)
     return out

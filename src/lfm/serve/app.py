@@ -62,7 +62,9 @@ def _install_guards(app: FastAPI, settings: ServeSettings) -> None:
     async def limit_body(request: Request, call_next: Any) -> Any:
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            return JSONResponse({"detail": f"body of {size} bytes exceeds {settings.max_body_bytes}"}, 413)
+            return JSONResponse(
+                {"detail": f"body of {size} bytes exceeds {settings.max_body_bytes}"}, 413
+            )
         return await call_next(request)
 
     @app.exception_handler(LfmError)
@@ -88,15 +90,21 @@ def _auth(settings: ServeSettings) -> Any:
 
 def _need(backend: Backend, level: Access, what: str) -> None:
     if backend.level < level:
-        raise HTTPException(403, f"{what} needs {level.name} access; this server gives only {backend.level.name}")
+        raise HTTPException(
+            403, f"{what} needs {level.name} access; this server gives only {backend.level.name}"
+        )
 
 
 def _check_texts(backend: Backend, settings: ServeSettings, texts: list[str]) -> list[int]:
     if len(texts) > settings.max_items:
         raise HTTPException(413, f"{len(texts)} texts exceed the limit of {settings.max_items}")
     counts = [backend.n_tokens(t) for t in texts]
+    if counts and min(counts) == 0:
+        raise HTTPException(422, "a text has no tokens; send at least one character")
     if counts and max(counts) > settings.max_input_tokens:
-        raise HTTPException(413, f"a text of {max(counts)} tokens exceeds {settings.max_input_tokens}")
+        raise HTTPException(
+            413, f"a text of {max(counts)} tokens exceeds {settings.max_input_tokens}"
+        )
     return counts
 
 
@@ -112,16 +120,29 @@ async def _run(app: FastAPI, op: str, items: list[Any], key: Any = None) -> list
 
 def _add_routes(app: FastAPI, b: Backend, s: ServeSettings) -> None:
     auth = _auth(s)
+    _info_routes(app, b, auth)
+    _text_routes(app, b, s, auth)
+    _tensor_routes(app, b, s, auth)
 
+
+def _info_routes(app: FastAPI, b: Backend, auth: Any) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "access": b.level.name.lower()}
 
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict[str, Any]:
-        card = {"id": b.name, "object": "model", "owned_by": "lfm", "lfm_access": b.level.name.lower()}
+        card = {
+            "id": b.name,
+            "object": "model",
+            "owned_by": "lfm",
+            "lfm_access": b.level.name.lower(),
+            "lfm_vocab_size": b.vocab_size,
+        }
         return {"object": "list", "data": [card]}
 
+
+def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: S.CompletionRequest) -> dict[str, Any]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
@@ -143,9 +164,15 @@ def _add_routes(app: FastAPI, b: Backend, s: ServeSettings) -> None:
         prompt = _chat_prompt(b, req.messages)
         counts = _check_texts(b, s, [prompt])
         outs = await _generate(app, [prompt], req.max_tokens, req.temperature, req.seed)
-        msg = {"index": 0, "message": {"role": "assistant", "content": outs[0]}, "finish_reason": "length"}
+        msg = {
+            "index": 0,
+            "message": {"role": "assistant", "content": outs[0]},
+            "finish_reason": "length",
+        }
         return _envelope("chat.completion", b.name, [msg], counts, outs, b)
 
+
+def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/lfm/next_token_logprobs", dependencies=[auth])
     async def next_token(req: S.NextTokenRequest) -> dict[str, Any]:
         _need(b, Access.SCORES, "next_token_logprobs")
@@ -175,7 +202,9 @@ async def _generate(app: FastAPI, prompts: list[str], n: int, temp: float, seed:
     return await _run(app, "generate", prompts, (n, temp, seed))
 
 
-async def _logprobs(app: FastAPI, req: S.CompletionRequest, prompts: list[str], outs: list[str]) -> list[dict]:
+async def _logprobs(
+    app: FastAPI, req: S.CompletionRequest, prompts: list[str], outs: list[str]
+) -> list[dict]:
     top = int(req.logprobs or 0)
     if top > 20:
         raise HTTPException(400, f"logprobs {top} exceeds 20 alternatives per token")
@@ -199,7 +228,9 @@ def _usage(prompt_counts: list[int], completion: int) -> dict[str, int]:
     return {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}
 
 
-def _envelope(obj: str, name: str, choices: list, counts: list[int], outs: list[str], b: Backend) -> dict:
+def _envelope(
+    obj: str, name: str, choices: list, counts: list[int], outs: list[str], b: Backend
+) -> dict:
     done = sum(b.n_tokens(o) - b.n_tokens("") for o in outs if o)
     return {"id": f"lfm-{time.time_ns()}", "object": obj, "created": int(time.time()),
             "model": name, "choices": choices, "usage": _usage(counts, done)}  # fmt: skip
@@ -209,16 +240,25 @@ def _chat_prompt(b: Backend, messages: list[S.ChatMessage]) -> str:
     """The model's chat template when its tokenizer has one; plain `role: content` lines otherwise."""
     msgs = [m.model_dump() for m in messages]
     if getattr(b.tokenizer, "chat_template", None):
-        return str(b.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+        return str(
+            b.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        )
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
 def _embed_rows(req: S.LogitsFromEmbedsRequest, s: ServeSettings, dim: int) -> list[tuple]:
     emb = unpack(req.embeds.model_dump())
     if emb.dim() != 3 or emb.shape[0] != len(req.attention_mask) or emb.shape[2] != dim:
-        raise HTTPException(422, f"embeds must be (B, T, {dim}) with B = {len(req.attention_mask)} mask rows")
+        raise HTTPException(
+            422, f"embeds must be (B, T, {dim}) with B = {len(req.attention_mask)} mask rows"
+        )
+    if emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise HTTPException(422, "embeds must have at least one row and one position")
     if emb.shape[0] > s.max_items or emb.shape[1] > s.max_input_tokens:
-        raise HTTPException(413, f"embeds {list(emb.shape)} exceed the limits ({s.max_items} rows, {s.max_input_tokens} tokens)")
+        raise HTTPException(
+            413,
+            f"embeds {list(emb.shape)} exceed the limits ({s.max_items} rows, {s.max_input_tokens} tokens)",
+        )
     if any(len(m) != emb.shape[1] for m in req.attention_mask):
         raise HTTPException(422, "every attention_mask row must have T entries")
     pos = req.positions or [None] * emb.shape[0]

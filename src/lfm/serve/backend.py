@@ -35,7 +35,10 @@ def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> lis
         mask[i, : len(e["input_ids"])] = 1
     logp = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
     logp = logp.logits.float().log_softmax(-1).cpu()  # (B, T, V)
-    return [_one(tok, text, e, logp[i], top) for i, (text, e) in enumerate(zip(texts, encs, strict=True))]
+    return [
+        _one(tok, text, e, logp[i], top)
+        for i, (text, e) in enumerate(zip(texts, encs, strict=True))
+    ]
 
 
 def _one(tok: Any, text: str, enc: Any, logp: torch.Tensor, top: int) -> dict[str, Any]:
@@ -46,10 +49,14 @@ def _one(tok: Any, text: str, enc: Any, logp: torch.Tensor, top: int) -> dict[st
         v, k = logp[t - 1].topk(top) if top else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
         tops.append({tok.decode([int(j)]): float(x) for x, j in zip(v, k, strict=True)})
     return {
-        "tokens": [text[s:e] if e > s else tok.convert_ids_to_tokens(i) for i, (s, e) in zip(ids, offs, strict=True)],
+        "tokens": [
+            text[s:e] if e > s else tok.convert_ids_to_tokens(i)
+            for i, (s, e) in zip(ids, offs, strict=True)
+        ],
         "token_logprobs": lps,
         "top_logprobs": tops if top else None,
         "text_offset": [s for s, _ in offs],
+        "token_ids": ids,  # lfm extension: the token ids (lets a client tokenise remotely)
         "text_end": [e for _, e in offs],  # lfm extension: where each token's text ends
     }
 
@@ -68,6 +75,7 @@ class Backend:
         self.name = model.name
         self.tokenizer = model.tokenizer  # a tokenizer holds no weights
         self._model = model if self.level >= Access.SCORES else None
+        self.vocab_size = int(model.vocab_size) if self.level >= Access.SCORES else None
         self.dim = int(model.model.get_input_embeddings().embedding_dim)  # a size, not weights
 
     def ops(self) -> dict[str, Any]:
@@ -79,7 +87,9 @@ class Backend:
 
     def generate(self, prompts: list[str], key: Hashable) -> list[str]:
         max_new, temperature, seed = key  # type: ignore[misc]
-        return self.handle.generate(prompts, max_new_tokens=max_new, temperature=temperature, seed=seed)
+        return self.handle.generate(
+            prompts, max_new_tokens=max_new, temperature=temperature, seed=seed
+        )
 
     def tokens(self, texts: list[str], key: Hashable) -> list[dict[str, Any]]:
         require(self.handle, Access.SCORES, "echo with logprobs")
@@ -98,8 +108,13 @@ class Backend:
         """Rows (embeds (T_i, D), mask (T_i,), position or None), right-padded into one batch."""
         require(self.handle, Access.EMBEDDINGS, "logits from embeddings")
         width, dim = max(r[0].shape[0] for r in rows), rows[0][0].shape[1]
-        emb, mask = torch.zeros(len(rows), width, dim), torch.zeros(len(rows), width, dtype=torch.long)
-        for i, (e, m, _) in enumerate(rows):  # padding on the right leaves a causal LM's logits as they are
+        emb, mask = (
+            torch.zeros(len(rows), width, dim),
+            torch.zeros(len(rows), width, dtype=torch.long),
+        )
+        for i, (e, m, _) in enumerate(
+            rows
+        ):  # padding on the right leaves a causal LM's logits as they are
             emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, m
         logits = self.handle.logits_from_embeds(emb, mask)  # (B, T, V)
         return [logits[i, p] if p is not None else logits[i, : e.shape[0]]

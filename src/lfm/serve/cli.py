@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -32,7 +32,7 @@ def check_bind(host: str, api_key: str | None) -> None:
                        "(or LFM_API_KEY), or bind to 127.0.0.1")  # fmt: skip
 
 
-def make_server(model: str, access: str, host: str, port: int, api_key: str | None,
+def make_server(model: Any, access: str, host: str, port: int, api_key: str | None,
                 max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256):  # fmt: skip
     """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`."""
     import uvicorn
@@ -52,11 +52,19 @@ def make_server(model: str, access: str, host: str, port: int, api_key: str | No
 
 
 def serve(
-    model: Annotated[str, typer.Argument(help="model asset name (`lfm models`) or folder")] = "smollm2-135m",
-    access: Annotated[str, typer.Option(help="level served: text, scores or embeddings")] = "scores",
-    host: Annotated[str, typer.Option(help="address to bind; non-loopback needs --api-key")] = "127.0.0.1",
+    model: Annotated[
+        str, typer.Argument(help="model asset name (`lfm models`) or folder")
+    ] = "smollm2-135m",
+    access: Annotated[
+        str, typer.Option(help="level served: text, scores or embeddings")
+    ] = "scores",
+    host: Annotated[
+        str, typer.Option(help="address to bind; non-loopback needs --api-key")
+    ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    api_key: Annotated[str | None, typer.Option(help="key clients must send (default: $LFM_API_KEY)")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="key clients must send (default: $LFM_API_KEY)")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="items per forward pass")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="batching window in ms")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="queued requests before 429")] = 256,
@@ -70,5 +78,7 @@ def serve(
     except LfmError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"serving {model} at {access.upper()} access on http://{host}:{port} (OpenAPI: /docs)")
+    typer.echo(
+        f"serving {model} at {access.upper()} access on http://{host}:{port} (OpenAPI: /docs)"
+    )
     server.run()

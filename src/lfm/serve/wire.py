@@ -29,6 +29,8 @@ def unpack(obj: dict[str, object]) -> torch.Tensor:
     except ValueError as e:
         raise LfmError(f"tensor data is not valid base64: {e}") from None
     if len(raw) != 4 * math.prod(shape):
-        raise LfmError(f"tensor data holds {len(raw) // 4} floats but shape {shape} needs {math.prod(shape)}")
+        raise LfmError(
+            f"tensor data holds {len(raw) // 4} floats but shape {shape} needs {math.prod(shape)}"
+        )
     arr = np.frombuffer(raw, dtype="<f4").reshape(shape)
     return torch.from_numpy(arr.copy())

@@ -73,7 +73,9 @@ class HeadClassifier(nn.Module):
         return [(p, None) for p in self.head.parameters()]
 
 
-def encode(tokenizer: Any, texts: Sequence[str], max_length: int = 512, side: str = "left") -> Batch:
+def encode(
+    tokenizer: Any, texts: Sequence[str], max_length: int = 512, side: str = "left"
+) -> Batch:
     """Token ids and attention mask of `texts`, padded on `side`."""
     tokenizer.padding_side = side
     enc = tokenizer(
@@ -109,7 +111,9 @@ def predict(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    out = [model(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu() for b in batches]
+    out = [
+        model(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu() for b in batches
+    ]
     model.train(was)
     return torch.cat(out)
 

@@ -95,7 +95,9 @@ def wise_ft(
     """θ_α = (1 − α)·θ_0 + α·θ_1 for every floating tensor (others are taken from `tuned`)."""
     if zero_shot.keys() != tuned.keys():
         diff = sorted(set(zero_shot) ^ set(tuned))[:3]
-        raise ConfigError(f"WiSE-FT needs two state dicts with the same keys; they differ in {diff}")
+        raise ConfigError(
+            f"WiSE-FT needs two state dicts with the same keys; they differ in {diff}"
+        )
     a = cfg.alpha
     return {
         k: torch.lerp(zero_shot[k], t, a) if t.is_floating_point() else t.clone()

@@ -75,7 +75,10 @@ class IA3Cfg(Config):
         return IA3Config(task_type=task, **opt)
 
     def _targets(self) -> dict[str, tuple[str, ...] | None]:
-        return {"target_modules": self.target_modules, "feedforward_modules": self.feedforward_modules}
+        return {
+            "target_modules": self.target_modules,
+            "feedforward_modules": self.feedforward_modules,
+        }
 
 
 class PromptTuningCfg(Config):
@@ -84,8 +87,14 @@ class PromptTuningCfg(Config):
     lr: float = Field(3e-2, gt=0)  # paper: 0.3 with Adafactor; 3e-2 with AdamW here
 
     def to_peft(self, task: TaskType | None) -> PeftConfig:
-        init = PromptTuningInit.SAMPLE_VOCAB if self.init == "sample_vocab" else PromptTuningInit.RANDOM
-        return PromptTuningConfig(task_type=task, num_virtual_tokens=self.num_virtual_tokens, prompt_tuning_init=init)
+        init = (
+            PromptTuningInit.SAMPLE_VOCAB
+            if self.init == "sample_vocab"
+            else PromptTuningInit.RANDOM
+        )
+        return PromptTuningConfig(
+            task_type=task, num_virtual_tokens=self.num_virtual_tokens, prompt_tuning_init=init
+        )
 
 
 class PrefixTuningCfg(Config):
@@ -101,10 +110,6 @@ class PrefixTuningCfg(Config):
 
 
 PeftCfg = LoraCfg | IA3Cfg | PromptTuningCfg | PrefixTuningCfg
-
-_DEFAULT_TARGETS = {
-    "target_modules": (C.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, "LoRA"),
-}
 
 
 def _is_causal(model: nn.Module) -> bool:
@@ -137,7 +142,9 @@ def _resolved_targets(model: nn.Module, cfg: PeftCfg) -> list[tuple[str, ...]]:
         mapping = C.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
         return [cfg.target_modules or default_targets(model, mapping, "LoRA")]
     if isinstance(cfg, IA3Cfg):
-        tm = cfg.target_modules or default_targets(model, C.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, "IA3")
+        tm = cfg.target_modules or default_targets(
+            model, C.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, "IA3"
+        )
         ff = cfg.feedforward_modules or default_targets(
             model, C.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING, "IA3"
         )
@@ -161,7 +168,9 @@ def inject(model: nn.Module, cfg: PeftCfg) -> PeftModel:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors PEFT would save for `model`'s adapter."""
     if not isinstance(model, PeftModel):
-        raise LfmError(f"{type(model).__name__} holds no PEFT adapter; save it with save_pretrained")
+        raise LfmError(
+            f"{type(model).__name__} holds no PEFT adapter; save it with save_pretrained"
+        )
     return get_peft_model_state_dict(model)
 
 
@@ -174,7 +183,9 @@ def check_adapter_dir(path: str | Path) -> int:
         keys = list(f.keys())
         empty = not keys or any(f.get_slice(k).get_shape() in ([], [0]) for k in keys)
     if empty:
-        raise LfmError(f"the adapter saved in {path} is empty; check target_modules and the adapter name")
+        raise LfmError(
+            f"the adapter saved in {path} is empty; check target_modules and the adapter name"
+        )
     return len(keys)
 
 
@@ -204,4 +215,12 @@ PAPERS = {
 }
 
 for _name, (_cfg, _branch, _paper) in PAPERS.items():
-    register("tuning", _name, branch=_branch, access=Access.WEIGHTS, config=_cfg, paper=_paper, smoke=_smoke)(inject)
+    register(
+        "tuning",
+        _name,
+        branch=_branch,
+        access=Access.WEIGHTS,
+        config=_cfg,
+        paper=_paper,
+        smoke=_smoke,
+    )(inject)

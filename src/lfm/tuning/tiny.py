@@ -31,8 +31,12 @@ def tiny_bert(seed: int = 0) -> nn.Module:
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
     )
     torch.manual_seed(seed)
     return BertModel(cfg, add_pooling_layer=False).eval()

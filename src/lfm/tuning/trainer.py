@@ -44,7 +44,9 @@ def method_config(method: str, cfg: Config | dict | None = None) -> Config:
 def apply_method(backbone: nn.Module, method: str, cfg: Config | None = None) -> nn.Module:
     """Prepare `backbone` for training with `method`: returns the module to wrap and train."""
     if method in NOT_TRAINABLE:
-        raise ConfigError(f"{method} combines trained models; use lfm.tuning.methods.{method.replace('-', '_')}")
+        raise ConfigError(
+            f"{method} combines trained models; use lfm.tuning.methods.{method.replace('-', '_')}"
+        )
     return get(f"tuning/{method}").fn(backbone, method_config(method, cfg))
 
 
@@ -53,7 +55,11 @@ def classifier(
     label_words: Sequence[str] | None = None, n_classes: int | None = None, seed: int = 0,
 ) -> nn.Module:  # fmt: skip
     """A trainable classifier: label words on a causal LM, or a new head on an encoder."""
-    is_lm = handle.model.get_output_embeddings() is not None if hasattr(handle.model, "get_output_embeddings") else False
+    is_lm = (
+        handle.model.get_output_embeddings() is not None
+        if hasattr(handle.model, "get_output_embeddings")
+        else False
+    )
     if is_lm:
         if label_words is None:
             raise ConfigError("a causal LM classifies through label words; pass label_words")
@@ -72,7 +78,9 @@ def _sub(run: Run | None, name: str) -> Run | None:
     return None if run is None else Run(name, path=run.path / name)
 
 
-def _probe(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: LPFTConfig, tcfg: TrainConfig, run) -> History:
+def _probe(
+    model: nn.Module, loss_fn: LossFn, batches: Any, cfg: LPFTConfig, tcfg: TrainConfig, run
+) -> History:
     """LP-FT's first stage: train only the head (masked rows for a verbaliser), no weight decay."""
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     set_trainable(model, lambda _n, _p: False)
@@ -83,7 +91,13 @@ def _probe(model: nn.Module, loss_fn: LossFn, batches: Any, cfg: LPFTConfig, tcf
             hooks.append(p.register_hook(lambda g, m=mask: g * m))
     steps = max(1, round(tcfg.steps * cfg.lp_fraction))
     try:
-        return train(model, loss_fn, batches, tcfg.replace(steps=steps, lr=cfg.lp_lr, weight_decay=0.0), _sub(run, "lp"))
+        return train(
+            model,
+            loss_fn,
+            batches,
+            tcfg.replace(steps=steps, lr=cfg.lp_lr, weight_decay=0.0),
+            _sub(run, "lp"),
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -108,13 +122,17 @@ def tune(
 def save_tuned(model: nn.Module, path: str | Path) -> Path:
     """Save a tuned classifier or LM: a PEFT adapter (checked non-empty) or the full weights."""
     path = Path(path)
-    backbone = getattr(model, "lm", None) or getattr(model, "encoder", None) or model
+    backbone = model.lm if isinstance(model, VerbalizerLM) else model
+    backbone = backbone.encoder if isinstance(backbone, HeadClassifier) else backbone
     if isinstance(backbone, PeftModel):
         save_adapter(backbone, path / "adapter")
     else:
         backbone.save_pretrained(str(path / "model"))
     if isinstance(model, HeadClassifier):
-        save_file({k: v.contiguous() for k, v in model.head.state_dict().items()}, str(path / "head.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in model.head.state_dict().items()},
+            str(path / "head.safetensors"),
+        )
     return path
 
 

@@ -1,0 +1,172 @@
+"""Benchmark: gradient-based tuning methods on BBC News, 16 examples per class.
+
+    python bench/tune.py                       # defaults sized for a 2-core CPU (about 10 minutes)
+    python bench/tune.py --seeds 3 --steps 40 --eval-per-class 40 --max-chars 1200
+
+`smollm2-135m` classifies through label words (prompt "Article: ...\\nTopic:", words business /
+entertainment / politics / sport / technology); `minilm-l6` through a new linear head on mean-pooled
+states. Accuracy is on a fixed held-out subset (the first `--eval-per-class` test articles of each
+class), articles cut to `--max-chars` characters. Each method trains with its config's learning rate
+(`lfm.tuning` paper defaults) for `--steps` AdamW steps of `--batch-size` examples. Peak memory is
+the growth of the process's resident set over the run (CPU) or the CUDA peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import threading
+import time
+
+import torch
+
+from lfm.assets import load_dataset, load_model
+from lfm.core.train import TrainConfig
+from lfm.tuning.classify import accuracy_fn, class_batches
+from lfm.tuning.methods import WiseFTConfig, snapshot, wise_curve
+from lfm.tuning.tasks import bbc_verbalizer, few_shot
+from lfm.tuning.trainer import classifier, method_config, trainable_parameters, tune
+
+METHODS = [
+    "zero-shot",
+    "full-ft",
+    "bitfit",
+    "lora",
+    "dora",
+    "ia3",
+    "prompt-tuning",
+    "prefix-tuning",
+    "lp-ft",
+]
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident-set growth (sampled every 20 ms) or the CUDA peak, in MiB."""
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.peak = _rss()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._watch, daemon=True)
+        self._t.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+        self.mib = (self.peak - self.base) / 2**20
+
+
+def _texts(args, data, model: str, texts):
+    if model == "smollm2-135m":
+        verb = bbc_verbalizer(data.classes)
+        verb = type(verb)(verb.template, verb.label_words, args.max_chars)
+        return [verb.prompt(t) for t in texts], verb.label_words
+    return [t[: args.max_chars] for t in texts], None
+
+
+def _eval_subset(data, per_class: int):
+    idx = [
+        i
+        for c in range(len(data.classes))
+        for i in (data.y_test == c).nonzero().flatten()[:per_class].tolist()
+    ]
+    return [data.test_texts[i] for i in idx], data.y_test[idx]
+
+
+def run_one(args, data, model: str, method: str, seed: int) -> dict:
+    handle = load_model(model)
+    tok = handle.tokenizer
+    ev_texts, ev_y = _eval_subset(data, args.eval_per_class)
+    ev_prompts, words = _texts(args, data, model, ev_texts)
+    ev = class_batches(tok, ev_prompts, ev_y, 8, max_length=args.max_tokens)
+    steps = args.steps * (args.encoder_step_factor if words is None else 1)
+    t0 = time.perf_counter()
+    with PeakMemory() as mem:
+        m = "full-ft" if method == "zero-shot" else method
+        clf = classifier(handle, m, label_words=words, n_classes=len(data.classes), seed=seed)
+        n_train = 0 if method == "zero-shot" else trainable_parameters(clf)
+        extra = {}
+        if method != "zero-shot":
+            texts, y = few_shot(data, args.shots, seed)
+            prompts, _ = _texts(args, data, model, texts)
+            batches = class_batches(tok, prompts, y, args.batch_size, seed, args.max_tokens)
+            cfg = method_config(method)
+            theta0 = snapshot(clf) if (args.wise and method == "full-ft") else None
+            tune(clf, batches, cfg, TrainConfig(steps=steps, lr=cfg.lr, seed=seed, progress=False))
+            if theta0 is not None:
+                acc = accuracy_fn(ev)
+                extra["wise"] = wise_curve(
+                    clf, theta0, snapshot(clf), acc, WiseFTConfig().alphas[1:-1]
+                )
+        acc = accuracy_fn(ev)(clf)
+    return {
+        "acc": acc,
+        "params": n_train,
+        "mem": mem.mib,
+        "time": time.perf_counter() - t0,
+        **extra,
+    }
+
+
+def _fmt(xs: list[float]) -> str:
+    return (
+        f"{statistics.mean(xs):.3f} ± {statistics.pstdev(xs):.3f}"
+        if len(xs) > 1
+        else f"{xs[0]:.3f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm-l6"])
+    p.add_argument("--methods", nargs="+", default=METHODS)
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--shots", type=int, default=16)
+    p.add_argument(
+        "--steps", type=int, default=20, help="optimizer steps (the encoder gets x factor)"
+    )
+    p.add_argument("--encoder-step-factor", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-per-class", type=int, default=10)
+    p.add_argument("--max-chars", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--wise", action="store_true", help="WiSE-FT curve (α = .25, .5, .75) after full FT"
+    )
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_dataset("bbc-news")
+    print(f"BBC News: {args.shots}/class train, {args.eval_per_class}/class held-out, {args.steps} steps, "
+          f"{args.seeds} seed(s), articles cut to {args.max_chars} chars", flush=True)  # fmt: skip
+    print("| model | method | accuracy | trainable params | peak mem (MiB) | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        for method in args.methods:
+            if method == "zero-shot" and model != "smollm2-135m":
+                continue  # an encoder's new head has no zero-shot prediction
+            rs = [run_one(args, data, model, method, s) for s in range(args.seeds)]
+            print(f"| {model} | {method} | {_fmt([r['acc'] for r in rs])} | {rs[0]['params']:,} | "
+                  f"{max(r['mem'] for r in rs):.0f} | {statistics.mean(r['time'] for r in rs):.1f} |", flush=True)  # fmt: skip
+            for r in rs:
+                if "wise" in r:
+                    print(
+                        f"|  | wise-ft α curve | {', '.join(f'α={a}: {v:.3f}' for a, v in r['wise'])} | | | |",
+                        flush=True,
+                    )
+
+
+if __name__ == "__main__":
+    main()

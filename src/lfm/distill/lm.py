@@ -1,0 +1,222 @@
+"""Layer-dropped language-model students (Sanh et al. 2019, DistilBERT, arXiv 1910.01108).
+
+The student is the teacher with fewer blocks: it keeps the embeddings, the final norm, the LM head
+and every k-th block (blocks `offset, offset + k, ...`), copied exactly; where the blocks live comes
+from `lfm.core.layouts`, so no code branches on the model type. A student may also be built from a
+config. It is trained on fixed-length token blocks of offline text with
+
+    L = α_kd · T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)) + α_lm · CE(z_s[:, :-1], x[:, 1:])
+
+where the KD term covers every token position (`lfm.distill.losses.kd_loss`) and CE is the causal
+LM loss. DistilBERT weighs its soft-target loss 5 and its (masked) LM loss 2 and uses T = 2; those
+are the defaults here. Held-out perplexity is `exp` of the mean next-token NLL over test blocks.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from lfm.access import Access, require
+from lfm.config import Config
+from lfm.core.layouts import get_layout, num_layers
+from lfm.core.train import History, TrainConfig, shuffled_batches, train
+from lfm.distill.losses import KDConfig, kd_loss
+from lfm.errors import ConfigError
+from lfm.registry import register
+from lfm.runs import Run
+
+
+class LMStudentConfig(Config):
+    every: int = Field(2, ge=1)  # keep one block in `every` (DistilBERT: 2, i.e. half the layers)
+    offset: int = Field(0, ge=0)  # index of the first kept block
+    temperature: float = Field(2.0, gt=0)  # KD temperature T (DistilBERT: 2)
+    kd_weight: float = Field(5.0, ge=0)  # α_kd, weight of the soft-target loss (DistilBERT: 5)
+    lm_weight: float = Field(2.0, ge=0)  # α_lm, weight of the LM loss (DistilBERT: 2, on MLM)
+    block_size: int = Field(128, ge=2)  # tokens per training block
+    batch_size: int = Field(8, ge=1)  # blocks per micro-batch
+
+
+def kept_blocks(n_layers: int, every: int, offset: int = 0) -> list[int]:
+    """Indices of the teacher blocks the student keeps: `offset, offset + every, ...`."""
+    keep = list(range(offset, n_layers, every))
+    if not keep:
+        raise ConfigError(f"offset {offset} leaves no block of a {n_layers}-layer teacher")
+    return keep
+
+
+def student_config(teacher: nn.Module, keep: Sequence[int]) -> Any:
+    """The teacher's config with only the kept blocks (per-layer lists are subset too)."""
+    cfg = copy.deepcopy(teacher.config)
+    layer_types = getattr(cfg, "layer_types", None)
+    cfg.num_hidden_layers = len(keep)
+    if isinstance(layer_types, list | tuple):
+        cfg.layer_types = [layer_types[i] for i in keep]
+    return cfg
+
+
+def map_state_dict(state: dict[str, torch.Tensor], layers: str, keep: Sequence[int]) -> dict:
+    """Rename block `keep[j]` to block `j`; drop the other blocks; keep every other tensor."""
+    new_index = {old: new for new, old in enumerate(keep)}
+    prefix = layers + "."
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix):
+            out[key] = value.clone()
+            continue
+        index, rest = key[len(prefix) :].split(".", 1)
+        if int(index) in new_index:
+            out[f"{prefix}{new_index[int(index)]}.{rest}"] = value.clone()
+    return out
+
+
+def student_from_teacher(teacher: nn.Module, every: int = 2, offset: int = 0) -> nn.Module:
+    """A student holding exact copies of the teacher's embeddings, head, norm and every k-th block.
+
+    Args:
+        teacher: a causal LM with a known layout (`lfm.core.layouts`); it is not changed.
+        every: keep one block in `every`.
+        offset: the first kept block.
+    """
+    from transformers import AutoModelForCausalLM
+
+    keep = kept_blocks(num_layers(teacher), every, offset)
+    param = next(teacher.parameters())
+    student = AutoModelForCausalLM.from_config(student_config(teacher, keep), dtype=param.dtype)
+    state = map_state_dict(teacher.state_dict(), get_layout(teacher).layers, keep)
+    student.load_state_dict(state, strict=True)
+    return student.to(param.device)
+
+
+def student_from_config(config: Any, seed: int = 0) -> nn.Module:
+    """A randomly initialised causal LM from a transformers config (seeded)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def token_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, max_blocks: int = 0):
+    """Texts joined with EOS between them and cut into (N, block_size) token blocks.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (its EOS token separates the texts).
+        texts: the documents, in order.
+        block_size: tokens per block; the remainder at the end is dropped.
+        max_blocks: stop once this many blocks exist (0: no limit).
+    """
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += [*tokenizer(text, add_special_tokens=False)["input_ids"], eos]
+        if max_blocks and len(ids) >= max_blocks * block_size:
+            break
+    n = len(ids) // block_size
+    n = min(n, max_blocks) if max_blocks else n
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Causal LM loss: mean NLL of token t+1 given tokens ≤ t; logits (B, T, V), ids (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def lm_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    ids: torch.Tensor,
+    cfg: LMStudentConfig,
+) -> dict[str, torch.Tensor]:
+    """`{"loss", "kd", "lm"}`: KD on every position plus the LM loss, weighted as in `cfg`."""
+    parts = {"lm": lm_loss(student_logits, ids)}
+    total = cfg.lm_weight * parts["lm"]
+    if teacher_logits is not None and cfg.kd_weight:
+        parts["kd"] = kd_loss(student_logits, teacher_logits, KDConfig(temperature=cfg.temperature))
+        total = total + cfg.kd_weight * parts["kd"]
+    return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
+
+
+def make_loss_fn(teacher: nn.Module | None, cfg: LMStudentConfig):
+    """`loss_fn(student, (ids,))` for the shared loop; `teacher` None trains with LM loss only."""
+
+    def loss_fn(student: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        ids = batch[0]  # (B, T)
+        t_logits = None
+        if teacher is not None and cfg.kd_weight:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=ids).logits
+        return lm_kd_loss(student(input_ids=ids).logits, t_logits, ids, cfg)
+
+    return loss_fn
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean next-token NLL) over (N, T) token blocks, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = blocks[i : i + batch_size].to(device)
+        n = ids[:, 1:].numel()
+        nll += float(lm_loss(model(input_ids=ids).logits, ids)) * n
+        count += n
+    return math.exp(nll / max(count, 1))
+
+
+def _smoke(cfg: LMStudentConfig, seed: int) -> torch.Tensor:
+    """Three KD + LM steps of a 2-block student of a 4-block tiny Llama on random tokens."""
+    from transformers import LlamaConfig
+
+    tiny = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
+    teacher = student_from_config(tiny, seed).eval()
+    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(seed))
+    cfg = cfg.replace(block_size=12, batch_size=4)
+    _, hist = distill_lm(
+        teacher, ids, cfg, TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)
+    )
+    return torch.tensor(hist.losses)
+
+
+@register(
+    "distill", "lm_student", branch="with data", access=Access.WEIGHTS, config=LMStudentConfig,
+    paper="Sanh et al. 2019 (DistilBERT), arXiv 1910.01108", smoke=_smoke,
+)  # fmt: skip
+def distill_lm(
+    teacher: Any,
+    blocks: torch.Tensor,
+    cfg: LMStudentConfig = LMStudentConfig(),
+    train_cfg: TrainConfig = TrainConfig(),
+    student: nn.Module | None = None,
+    run: Run | None = None,
+    evaluate: Any = None,
+) -> tuple[nn.Module, History]:
+    """Build (unless given) and train a layer-dropped student; returns it and the loss history.
+
+    Args:
+        teacher: a `LocalModel` (WEIGHTS: its blocks are copied and its logits read at every
+            position) or a bare causal-LM module.
+        blocks: (N, block_size) training token blocks (`token_blocks`).
+        cfg: block selection, temperature and loss weights.
+        train_cfg: the shared loop's steps, learning rate and seed.
+        student: train this module instead of a layer-dropped copy (e.g. `student_from_config`).
+        run: a run directory for metrics and checkpoints.
+        evaluate: `evaluate(student) -> {name: value}` at the loop's evaluation steps.
+    """
+    if not isinstance(teacher, nn.Module):
+        require(teacher, Access.WEIGHTS, "distill/lm_student")
+        teacher = teacher.model
+    teacher.eval()
+    if student is None:
+        student = student_from_teacher(teacher, cfg.every, cfg.offset)
+    batches = shuffled_batches(blocks, batch_size=cfg.batch_size, seed=train_cfg.seed)
+    hist = train(student, make_loss_fn(teacher, cfg), batches, train_cfg, run, evaluate)
+    return student.eval(), hist

@@ -1,0 +1,131 @@
+"""CounterFact-style facts and the metrics of ROME's evaluation (Meng et al. 2022, arXiv 2202.05262).
+
+`data/facts.jsonl` holds 316 real-world facts written for this project (landmark → city,
+city → country, country → continent, country → language, company → country). Each record has a
+prompt ending where the object comes, the true object, a counterfactual new object (another
+object of the same relation), 2 paraphrase prompts and 5 neighbourhood prompts (other subjects
+with the same relation and true object).
+
+Metrics, on the edited model, with the CounterFact protocol (probabilities of whole objects,
+compared pairwise; each a percentage over records):
+  efficacy       P(new) > P(true) on the edited prompt
+  paraphrase     the same on the paraphrase prompts (mean per record)
+  neighbourhood  P(true) > P(new) on the neighbourhood prompts (mean per record)
+  score          harmonic mean of the three
+  generation     greedy continuation of the generation prompt mentions the new object
+  fluency        ROME's n-gram entropy of the generated text: (2/3)·H₂ + (4/3)·H₃, bits
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lfm.edit.requests import Request
+
+
+@dataclass(frozen=True)
+class Fact:
+    id: int
+    relation: str
+    subject: str
+    prompt: str
+    true: str
+    new: str
+    paraphrases: tuple[str, ...]
+    neighbourhood: tuple[str, ...]
+    generation: tuple[str, ...] = field(default=())
+
+    @property
+    def request(self) -> Request:
+        """The counterfactual edit: `prompt` → `new`."""
+        return Request(self.prompt, self.subject, self.new)
+
+
+def load_facts(path: str | Path | None = None) -> list[Fact]:
+    """The packaged facts (or a JSON-lines file of the same shape)."""
+    text = (
+        Path(path).read_text()
+        if path
+        else resources.files("lfm.edit").joinpath("data/facts.jsonl").read_text()
+    )
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [_fact(r) for r in rows]
+
+
+def _fact(r: dict[str, Any]) -> Fact:
+    seqs = {k: tuple(r.get(k, ())) for k in ("paraphrases", "neighbourhood", "generation")}
+    return Fact(int(r["id"]), r["relation"], r["subject"], r["prompt"], r["true"], r["new"], **seqs)
+
+
+@torch.no_grad()
+def known_facts(handle: Any, facts: Sequence[Fact]) -> list[Fact]:
+    """The facts whose true object's first token is the model's top-1 next token."""
+    logp = handle.next_token_logprobs([f.prompt for f in facts])
+    keep = []
+    for f, row in zip(facts, logp, strict=True):
+        first = _first_token(handle, f.prompt, f.true)
+        if int(row.argmax()) == first:
+            keep.append(f)
+    return keep
+
+
+def _first_token(handle: Any, prompt: str, obj: str) -> int:
+    from lfm.edit.requests import target_ids
+
+    return target_ids(handle.tokenizer, prompt, obj)[0]
+
+
+def _wins(handle: Any, prompts: Sequence[str], a: str, b: str) -> float:
+    """Fraction of prompts where log P(a) > log P(b) (whole objects, with a leading space)."""
+    if not prompts:
+        return float("nan")
+    n = len(prompts)
+    s = handle.score(list(prompts) * 2, [f" {a}"] * n + [f" {b}"] * n)
+    return float((s[:n] > s[n:]).float().mean())
+
+
+def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """ROME's fluency: weighted mean of n-gram entropies (bits) of the text's words."""
+    words = text.split()
+    parts = []
+    for n, w in zip(ns, weights, strict=True):
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        h = -sum(c / total * math.log2(c / total) for c in grams.values()) if total else 0.0
+        parts.append(w * h)
+    return sum(parts) / len(parts)
+
+
+def evaluate_fact(handle: Any, fact: Fact, gen_tokens: int = 0) -> dict[str, float]:
+    """CounterFact metrics (fractions in [0, 1]) of one fact on the (edited) model of `handle`."""
+    out = {
+        "efficacy": _wins(handle, [fact.prompt], fact.new, fact.true),
+        "paraphrase": _wins(handle, fact.paraphrases, fact.new, fact.true),
+        "neighbourhood": _wins(handle, fact.neighbourhood, fact.true, fact.new),
+    }
+    if gen_tokens and fact.generation:
+        texts = handle.generate(list(fact.generation), max_new_tokens=gen_tokens)
+        out["generation"] = sum(fact.new in t for t in texts) / len(texts)
+        out["fluency"] = sum(
+            ngram_entropy(p + t) for p, t in zip(fact.generation, texts, strict=True)
+        ) / len(texts)
+    return out
+
+
+def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Means in percent (fluency in bits) and the harmonic-mean Score of ES, PS, NS."""
+    keys = rows[0].keys() if rows else ()
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    out = {k: (v if k == "fluency" else 100 * v) for k, v in mean.items()}
+    parts = [out.get(k, 0.0) for k in ("efficacy", "paraphrase", "neighbourhood")]
+    out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+    return out

@@ -1,0 +1,99 @@
+"""FT-L: constrained fine-tuning of one MLP layer (Zhu et al. 2020, arXiv 2012.00363).
+
+Fine-tune the weight W of one MLP output projection on the edit's target NLL, keeping it in an
+L∞ ball around the original: after every step ‖W − W₀‖_∞ ≤ ε. The baseline of the ROME paper
+(arXiv 2202.05262, "FT+L"): Adam, 25 steps, lr 5e-4, ε = 5e-4, the bare prompt only. The model is
+run through `torch.func.functional_call` with W₀ + Δ, so it is never changed; Δ is the patch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lfm.access import Access
+from lfm.config import Config
+from lfm.core.layouts import module_name
+from lfm.edit import common, locate
+from lfm.edit.patch import Delta, Patch, is_conv1d, make_patch
+from lfm.edit.requests import Request, build_batch
+from lfm.registry import register
+
+
+class FTLConfig(Config):
+    layer: int | None = None  # tuned block; None = architecture default (as ROME)
+    steps: int = 25  # Adam steps (ROME paper's FT-L baseline: 25)
+    lr: float = 5e-4  # Adam learning rate (paper: 5e-4)
+    norm_constraint: float = 5e-4  # ε in ‖W − W₀‖_∞ ≤ ε (paper: 5e-4)
+    stop_nll: float = 0.01  # stop early once the mean target NLL is below this
+
+
+def ftl_delta(model: nn.Module, tok: Any, reqs: Sequence[Request], cfg: FTLConfig) -> Delta:
+    """Dense ΔW (out, in) of the tuned projection (the model is not changed)."""
+    name = module_name(model, "mlp_out", common.layer_of(model, cfg.layer))
+    mod = model.get_submodule(name)
+    w0 = mod.weight.detach()
+    batches = [build_batch(tok, r, [""]) for r in reqs]
+    delta = torch.zeros_like(w0, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=cfg.lr)
+    for _ in range(cfg.steps):
+        params = {f"{name}.weight": w0 + delta}
+        loss = torch.stack([_nll(model, params, b) for b in batches]).mean()
+        if loss.item() < cfg.stop_nll:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            delta.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
+    d = delta.detach()
+    return Delta(name, dense=d.T.contiguous() if is_conv1d(mod) else d)
+
+
+def _nll(model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    inputs = locate._inputs(model, batch)
+    logits = functional_call(model, params, args=(), kwargs=inputs, strict=False).logits
+    logp = logits[0].float().log_softmax(-1)
+    pos, ids = torch.tensor(batch.target_pos[0]), torch.tensor(batch.target_ids[0])
+    return -logp[pos, ids].mean()
+
+
+def ftl(
+    target: Any,
+    requests: Request | Sequence[Request],
+    cfg: FTLConfig | None = None,
+    *,
+    tokenizer: Any = None,
+) -> Patch:
+    """An FT-L patch: constrained fine-tuning of one MLP projection on all requests together.
+
+    Args:
+        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        requests: the edits.
+        cfg: the configuration (the ROME paper's FT-L baseline).
+        tokenizer: the tokenizer, when `target` is a bare model.
+    """
+    model, tok = common.resolve(target, tokenizer, "edit/ft-l")
+    cfg, reqs = cfg or FTLConfig(), common.as_requests(requests)
+    flags = locate.frozen(model)
+    try:
+        delta = ftl_delta(model, tok, reqs, cfg)
+    finally:
+        locate.restore_grad(model, flags)
+    return make_patch(model, [delta], reqs, "ft-l", cfg)
+
+
+def _smoke(cfg: FTLConfig, seed: int) -> torch.Tensor:
+    model, tok = common.tiny_lm(seed)
+    patch = ftl(model, common.SMOKE_REQUEST, cfg.replace(steps=5), tokenizer=tok)
+    return patch.deltas[0].matrix()
+
+
+register(
+    "edit", "ft-l", branch="constrained tuning", access=Access.WEIGHTS, config=FTLConfig,
+    paper="Zhu et al. 2020, arXiv 2012.00363 (FT-L, as the ROME paper's baseline)", smoke=_smoke,
+)(ftl)  # fmt: skip

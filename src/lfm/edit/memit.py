@@ -1,0 +1,194 @@
+"""MEMIT (Meng et al. 2023, arXiv 2210.07229) and AlphaEdit (Fang et al. 2025, arXiv 2410.02355).
+
+MEMIT edits many facts at once, spreading each update over several MLP output projections.
+For request i it finds a target residual z_i = h_i + δ_i at the last edited layer L (δ_i as in
+ROME, `lfm.edit.locate`). Then, layer by layer (l = l₁ … L, each seeing the earlier updates):
+
+    R  = (z − h_cur) / (number of layers left)          (D_out, n)  residual share
+    K  = keys of the n subjects at l (prefix-averaged)    (D_in, n)
+    ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹                              solved in float64
+
+λ = `mom2_update_weight` weighs the preserved keys' second moment C (paper, GPT-J: 15,000 for
+16,384-wide keys; the default here scales it by D_in / 16,384 so that λ·tr(C)/D_in keeps the
+paper's balance against a single key's ‖k‖² on narrower MLPs).
+
+AlphaEdit replaces the λC term by a projection onto the null space of C: with P = Û Ûᵀ, Û the
+eigenvectors of C whose eigenvalues are below `null_threshold` (paper: 1e-2),
+
+    ΔW = R [(P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K]ᵀ
+
+so that ΔW k ≈ 0 for the preserved keys k (K_p: keys of earlier sequential edits; not carried
+across calls yet). α is `alpha_l2`·tr(C)/D, relative to this model's key scale (paper: absolute 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lfm.access import Access
+from lfm.config import Config
+from lfm.core.layouts import get_layout, module_name, num_layers
+from lfm.edit import common, locate
+from lfm.edit.patch import Delta, Patch, make_patch
+from lfm.edit.requests import Request, build_batch
+from lfm.registry import register
+
+
+class MemitConfig(Config):
+    layers: tuple[int, ...] | None = None  # edited blocks; None = default_layer−2 … default_layer+2
+    n_prefixes: int = 11  # bare prompt + fixed prefixes, for keys and the target NLL
+    v_steps: int = 20  # Adam steps on each δ_i (paper: 20–25)
+    v_lr: float = 0.5  # Adam learning rate on δ_i (paper: 5e-1)
+    v_weight_decay: float = 0.5  # weight on ‖δ‖ / ‖v‖² (paper)
+    kl_factor: float = 0.0625  # essence-drift KL weight (paper)
+    clamp_norm: float = 0.75  # ‖δ‖ ≤ clamp_norm · ‖h‖ (paper, GPT-J: 0.75 of the residual)
+    stop_nll: float = 0.05  # early stop on the target NLL
+    # λ in (λC + KKᵀ); None = 15,000 · D_in / 16,384 (the paper's GPT-J value per key dimension)
+    mom2_update_weight: float | None = None
+    use_cov: bool = True  # False = C = I (for ablation)
+    cov_ridge: float = 1e-6  # relative ridge on C (guards a rank-deficient C)
+    null_space: bool = False  # AlphaEdit: project the update onto C's null space
+    null_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C below this span the null space
+    alpha_l2: float = 1.0  # AlphaEdit: α·tr(C)/D·I in the solve (paper: absolute "L2" = 10)
+    stats_corpus: str = "bbc-news"  # text for C
+    stats_tokens: int = 100_000  # token budget for C
+    stats_max_len: int = 256  # tokens read from one article at most
+
+
+def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
+    """The edited blocks in order; the default is five around `default_layer`."""
+    if layers:
+        return [common.layer_of(model, layer) for layer in layers]
+    mid, n = common.default_layer(model), num_layers(model)
+    return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, mid + 3)})
+
+
+@torch.no_grad()
+def block_outputs(model: nn.Module, tok: Any, reqs: Sequence[Request], layer: int, n: int):
+    """Residual stream after block `layer` at each subject's last token, prefix-averaged. (D, n)"""
+    block = model.get_submodule(f"{get_layout(model).layers}.{layer}")
+    cols = []
+    for req in reqs:
+        batch = build_batch(tok, req, locate.prefixes(n), with_target=False)
+        got: dict[str, torch.Tensor] = {}
+
+        def hook(_m, _a, out, batch=batch, got=got):
+            h = out[0] if isinstance(out, tuple) else out
+            got["h"] = h[torch.arange(h.shape[0]), batch.subject_pos].float().mean(0)
+
+        handle = block.register_forward_hook(hook)
+        try:
+            model(**locate._inputs(model, batch), logits_to_keep=1)
+        finally:
+            handle.remove()
+        cols.append(got["h"].cpu())
+    return torch.stack(cols, 1)
+
+
+def layer_update(r: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, cfg: MemitConfig):
+    """Right factor V with ΔW = R Vᵀ: (λC + KKᵀ)⁻¹K (MEMIT) or AlphaEdit's projected solve."""
+    k, d = k.double(), k.shape[0]
+    if not cfg.null_space:
+        lam = cfg.mom2_update_weight or 15_000.0 * d / 16_384
+        return common.solve_cov(lam * cov + k @ k.T, k, cfg.cov_ridge).float()
+    p = null_projector(cov, cfg.null_threshold)
+    alpha = cfg.alpha_l2 * cov.diagonal().mean()  # relative to the key scale of this model
+    a = p @ (k @ k.T) + alpha * torch.eye(d, dtype=torch.float64)
+    return torch.linalg.solve(a, p @ k).float()
+
+
+def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = Û Ûᵀ over the eigenvectors of C with eigenvalues below `threshold`."""
+    vals, vecs = torch.linalg.eigh(cov.double())
+    u = vecs[:, vals < threshold]
+    return u @ u.T
+
+
+def memit_deltas(model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConfig, cov: Any):
+    layers = edit_layers(model, cfg.layers)
+    last, n = layers[-1], cfg.n_prefixes
+    cov = common.prefetch_covariances(model, tok, layers, cfg, cov)
+    h0 = block_outputs(model, tok, reqs, last, n)
+    z = h0 + torch.stack(
+        [_delta(model, tok, r, last, cfg, h0[:, i]) for i, r in enumerate(reqs)], 1
+    )
+    deltas: list[Delta] = []
+    for j, layer in enumerate(layers):
+        with common.temporarily(model, deltas):
+            resid = (z - block_outputs(model, tok, reqs, last, n)) / (len(layers) - j)
+            keys = torch.stack([locate.mean_key(model, tok, r, layer, n) for r in reqs], 1)
+        c = common.covariance(model, tok, layer, cfg, cov)
+        name = module_name(model, "mlp_out", layer)
+        deltas.append(Delta(name, resid.float(), layer_update(resid, keys, c, cfg)))
+    return deltas
+
+
+def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):
+    # MEMIT clamps δ relative to the residual norm ‖h‖, not the MLP output's
+    scale = (
+        h.norm() / locate.keys_and_outputs(model, tok, req, layer, cfg.n_prefixes)[1].mean(0).norm()
+    )
+    return locate.optimise_delta(
+        model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * float(scale))
+    )[0]
+
+
+def memit(
+    target: Any,
+    requests: Request | Sequence[Request],
+    cfg: MemitConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    cov: Any = None,
+) -> Patch:
+    """A MEMIT patch for a batch of requests (model unchanged).
+
+    Args:
+        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        requests: the edits, made together.
+        cfg: the configuration (paper defaults; `null_space=True` is AlphaEdit).
+        tokenizer: the tokenizer, when `target` is a bare model.
+        cov: precomputed C per layer ({layer: tensor}); default: cached statistics.
+    """
+    cfg = cfg or MemitConfig()
+    name = "alphaedit" if cfg.null_space else "memit"
+    model, tok = common.resolve(target, tokenizer, f"edit/{name}")
+    reqs = common.as_requests(requests)
+    flags = locate.frozen(model)
+    try:
+        deltas = memit_deltas(model, tok, reqs, cfg, cov)
+    finally:
+        locate.restore_grad(model, flags)
+    return make_patch(model, deltas, reqs, name, cfg)
+
+
+def alphaedit(target: Any, requests: Any, cfg: MemitConfig | None = None, **kw: Any) -> Patch:
+    """AlphaEdit: MEMIT with the update projected onto the null space of C."""
+    return memit(target, requests, (cfg or AlphaEditConfig()).replace(null_space=True), **kw)
+
+
+class AlphaEditConfig(MemitConfig):
+    null_space: bool = True  # project onto C's null space (the point of AlphaEdit)
+
+
+def _smoke(cfg: MemitConfig, seed: int) -> dict[str, torch.Tensor]:
+    model, tok = common.tiny_lm(seed)
+    cfg = cfg.replace(v_steps=5, n_prefixes=2)
+    layers = edit_layers(model, cfg.layers)
+    cov = {layer: common.smoke_cov(model, tok, layer) for layer in layers}
+    patch = memit(model, common.SMOKE_REQUEST, cfg, tokenizer=tok, cov=cov)
+    return {d.module: d.matrix() for d in patch.deltas}
+
+
+register(
+    "edit", "memit", branch="locate-and-edit", access=Access.WEIGHTS, config=MemitConfig,
+    paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", smoke=_smoke,
+)(memit)  # fmt: skip
+register(
+    "edit", "alphaedit", branch="locate-and-edit", access=Access.WEIGHTS, config=AlphaEditConfig,
+    paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)", smoke=_smoke,
+)(alphaedit)  # fmt: skip

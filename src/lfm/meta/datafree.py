@@ -1,0 +1,266 @@
+"""Data-free meta-learning: meta-learn from a pool of pretrained classifiers, without their data.
+
+Each pool model m_i classifies its own few classes. A pseudo task is recovered from m_i by model
+inversion: inputs x = sigmoid(z) are optimised so that m_i assigns them chosen labels y,
+
+    min_z  CE(m_i(x), y) + λ_bn R_bn(x) + λ_tv TV(x) − λ_adv L_meta(x),
+
+and the meta-learner (a prototypical network, Snell et al. 2017, arXiv 1703.05175) is trained on
+the episodes cut from these inputs (support: the first K per class, query: the rest).
+
+- `datafree-whitebox` (after PURER, Hu et al. 2023, "Architecture, Dataset and Model-Scale
+  Agnostic Data-free Meta-Learning", arXiv 2303.11183): gradients flow through the pool model;
+  R_bn matches the batch statistics at each BatchNorm input to its running statistics
+  (DeepInversion, Yin et al. 2020, arXiv 1912.08795); the −λ_adv term makes the episodes harder
+  for the current meta-learner (PURER's episode curriculum); episodes persist in a memory bank
+  per model and are refined a few steps at a time.
+- `datafree-blackbox` (after BiDf-MKD, Hu et al. 2023, "Learning to Learn from APIs: Black-Box
+  Data-Free Meta-Learning", arXiv 2305.18413): the pool model answers only log-probabilities
+  (a SCORES handle). The gradient of its loss is estimated by random-direction finite
+  differences, ĝ = (1/q) Σ_j [(f(z + μu_j) − f(z)) / μ] u_j with u_j ~ N(0, I), and its soft
+  outputs on the queries are distilled into the meta-learner, KL(p_m(·|x) ‖ p_θ(·|x, S)).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lfm.access import Access, require
+from lfm.meta.functional import OuterConfig, Params, forward, params_of
+from lfm.meta.inversion import CountedScores, bn_prior, total_variation
+from lfm.meta.protonets import proto_logits, prototypes
+from lfm.meta.train import History
+from lfm.registry import register
+
+Oracle = Callable[[Any, Tensor, Tensor], Tensor]  # (handle, z, y) -> ∂ model loss / ∂z
+
+
+class DataFreeConfig(OuterConfig):
+    """White-box data-free meta-learning (PURER-like)."""
+
+    meta_batch: int = 1  # pseudo episodes per meta-update (ProtoNets: one)
+    steps: int = 200  # meta-updates (PURER runs many thousands; short for CPUs)
+    ways: int = 5  # N: classes per pseudo episode (= each pool model's classes)
+    shots: int = 1  # K: pseudo support examples per class
+    queries: int = 5  # pseudo query examples per class
+    inv_steps: int = 10  # inversion steps each time a memory-bank episode is drawn
+    inv_lr: float = 0.1  # Adam step size on the inversion variables z
+    bn: float = 1.0  # λ_bn: BatchNorm-statistics prior (needs WEIGHTS)
+    tv: float = 1e-3  # λ_tv: total-variation prior on images
+    adv: float = 0.1  # λ_adv: push episodes toward what the meta-learner gets wrong
+    kd: float = 0.0  # weight of distilling the pool model's soft query outputs
+    temperature: float = 1.0  # distillation temperature
+
+
+class BlackBoxConfig(DataFreeConfig):
+    """Black-box data-free meta-learning (BiDf-MKD-like): zeroth-order inversion plus KD."""
+
+    bn: float = 0.0  # no BatchNorm prior: the statistics are behind the API
+    kd: float = 1.0  # BiDf-MKD distils the API's outputs into the meta-learner
+    directions: int = 20  # q: random directions per gradient estimate
+    mu: float = 0.05  # finite-difference step in z-space
+
+
+def whitebox_grad(cfg: DataFreeConfig) -> Oracle:
+    """∂/∂z of CE + λ_bn R_bn through the pool model's weights (WEIGHTS access)."""
+
+    def grad(handle: Any, z: Tensor, y: Tensor) -> Tensor:
+        z = z.detach().requires_grad_()
+        logits, prior = bn_prior(handle.model, torch.sigmoid(z))
+        return torch.autograd.grad(F.cross_entropy(logits, y) + cfg.bn * prior, z)[0]
+
+    return grad
+
+
+def zeroth_order_grad(cfg: BlackBoxConfig, gen: torch.Generator) -> Oracle:
+    """Random-direction finite-difference estimate of ∂ CE(scores(sigmoid z), y) / ∂z."""
+
+    def grad(handle: Any, z: Tensor, y: Tensor) -> Tensor:
+        q, b = cfg.directions, z.shape[0]
+        u = torch.randn((q, *z.shape), generator=gen)
+        zs = torch.cat([z[None], z[None] + cfg.mu * u]).flatten(0, 1)  # ((q+1)·B, ...)
+        logp = handle.scores(torch.sigmoid(zs)).view(q + 1, b, -1)
+        f = -logp.gather(-1, y.expand(q + 1, b)[..., None]).squeeze(-1)  # per-sample CE (q+1, B)
+        slope = (f[1:] - f[:1]) / cfg.mu  # (q, B)
+        return (slope.view(q, b, *[1] * (z.dim() - 1)) * u).mean(0) / b
+
+    return grad
+
+
+def episode_split(cfg: DataFreeConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Labels of a bank (class-major) and the indices of its support and query rows."""
+    per = cfg.shots + cfg.queries
+    y = torch.arange(cfg.ways).repeat_interleave(per)
+    pos = torch.arange(len(y)) % per
+    return y, torch.nonzero(pos < cfg.shots).flatten(), torch.nonzero(pos >= cfg.shots).flatten()
+
+
+def learner_logits(
+    learner: nn.Module, params: Params, x: Tensor, cfg: DataFreeConfig
+) -> tuple[Tensor, Tensor]:
+    """ProtoNet query logits (Q, N) of a bank episode, and its query labels."""
+    y, s, q = episode_split(cfg)
+    emb = forward(learner, params, x)
+    return proto_logits(emb[q], prototypes(emb[s], y[s], cfg.ways)), y[q]
+
+
+def invert(
+    oracle: Oracle, handle: Any, z: Tensor, learner: nn.Module, params: Params, cfg: DataFreeConfig
+) -> Tensor:
+    """Refine one memory-bank episode z by `inv_steps` Adam steps on the inversion objective."""
+    y = episode_split(cfg)[0]
+    z = z.clone().requires_grad_()
+    opt = torch.optim.Adam([z], lr=cfg.inv_lr)
+    frozen = {n: p.detach() for n, p in params.items()}
+    for _ in range(cfg.inv_steps):
+        x = torch.sigmoid(z)
+        logits, yq = learner_logits(learner, frozen, x, cfg)
+        local = cfg.tv * total_variation(x) - cfg.adv * F.cross_entropy(logits, yq)
+        (g_local,) = torch.autograd.grad(local, z)
+        z.grad = oracle(handle, z.detach(), y) + g_local
+        opt.step()
+    return z.detach()
+
+
+def episode_loss(
+    handle: Any, learner: nn.Module, params: Params, x: Tensor, cfg: DataFreeConfig
+) -> Tensor:
+    """Query cross-entropy of the meta-learner, plus distillation of the pool model's outputs."""
+    logits, yq = learner_logits(learner, params, x, cfg)
+    loss = F.cross_entropy(logits, yq)
+    if cfg.kd > 0:
+        t = cfg.temperature
+        teacher = (handle.scores(x[episode_split(cfg)[2]]) / t).log_softmax(-1)
+        kl = F.kl_div((logits / t).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
+        loss = loss + cfg.kd * t * t * kl
+    return loss
+
+
+def datafree_train(
+    pool: Sequence[Any],
+    learner: nn.Module,
+    input_shape: Sequence[int],
+    cfg: DataFreeConfig,
+    oracle: Oracle,
+    gen: torch.Generator,
+) -> tuple[nn.Module, History]:
+    """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models."""
+    learner = copy.deepcopy(learner)
+    params = params_of(learner)
+    opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
+    n = cfg.ways * (cfg.shots + cfg.queries)
+    banks = [torch.randn((n, *input_shape), generator=gen) for _ in pool]
+    history = History()
+    for _ in range(cfg.steps):
+        losses = []
+        for _ in range(cfg.meta_batch):
+            i = int(torch.randint(len(pool), (1,), generator=gen))
+            banks[i] = invert(oracle, pool[i], banks[i], learner, params, cfg)
+            losses.append(episode_loss(pool[i], learner, params, torch.sigmoid(banks[i]), cfg))
+        loss = torch.stack(losses).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.loss.append(float(loss.detach()))
+    return learner, history
+
+
+def whitebox(
+    pool: Sequence[Any],
+    learner: nn.Module,
+    input_shape: Sequence[int],
+    cfg: DataFreeConfig,
+    seed: int = 0,
+) -> tuple[nn.Module, History]:
+    """PURER-like data-free meta-learning through the pool models' weights.
+
+    Args:
+        pool: WEIGHTS handles (`LocalClassifier`) of `cfg.ways`-way classifiers in eval mode.
+        learner: the embedding network meta-learned as a prototypical network.
+        input_shape: shape of one input, e.g. (1, 8, 8).
+        cfg: the method's config.
+        seed: seeds the memory banks and the episode order.
+    """
+    for h in pool:
+        require(h, Access.WEIGHTS, "meta/datafree-whitebox")
+    gen = torch.Generator().manual_seed(seed)
+    return datafree_train(pool, learner, input_shape, cfg, whitebox_grad(cfg), gen)
+
+
+def blackbox(
+    pool: Sequence[Any],
+    learner: nn.Module,
+    input_shape: Sequence[int],
+    cfg: BlackBoxConfig,
+    seed: int = 0,
+) -> tuple[nn.Module, History]:
+    """BiDf-MKD-like data-free meta-learning from SCORES handles only (no weights touched).
+
+    Args: as `whitebox`, with `pool` handles that give at least SCORES. The returned history
+    gains `queries`: how many inputs were sent to the pool models.
+    """
+    for h in pool:
+        require(h, Access.SCORES, "meta/datafree-blackbox")
+    counted = [CountedScores(h) for h in pool]
+    gen = torch.Generator().manual_seed(seed)
+    oracle = zeroth_order_grad(cfg, gen)
+    learner, history = datafree_train(counted, learner, input_shape, cfg, oracle, gen)
+    history.queries = sum(c.queries for c in counted)  # type: ignore[attr-defined]
+    return learner, history
+
+
+def smoke_run(cfg: DataFreeConfig, seed: int, black: bool) -> dict[str, Any]:
+    """A pool of two 3-way MLPs on Gaussian blobs; 3 meta-updates; meta-test on 4 episodes."""
+    from lfm.access import LocalClassifier, narrow
+    from lfm.meta.baseline import train_pool
+    from lfm.meta.models import MLP
+    from lfm.meta.protonets import ProtoNetsConfig
+    from lfm.meta.tasks import EpisodeTasks
+    from lfm.meta.train import meta_test
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    means = torch.rand(9, 4, generator=gen)
+    y = torch.arange(9).repeat_interleave(6)
+    x = (means[y] + 0.05 * torch.randn(54, 4, generator=gen)).clamp(0, 1)
+    train = EpisodeTasks(x, y, range(6), ways=3, shots=1, queries=2)
+    pool = train_pool(train, lambda: MLP(4, 3, (8,)), n_models=2, ways=3, steps=20, seed=seed)
+    handles = [LocalClassifier(m) for m in pool]
+    handles = [narrow(h, "scores") for h in handles] if black else handles
+    cfg = cfg.replace(steps=3, ways=3, shots=1, queries=2, inv_steps=2)
+    cfg = cfg.replace(directions=4) if black else cfg
+    learner = MLP(4, 8, (8,))
+    trained, hist = (blackbox if black else whitebox)(handles, learner, (4,), cfg, seed)
+    test = EpisodeTasks(x, y, range(3, 9), ways=3, shots=1, queries=2)
+    score = meta_test(trained, test, ProtoNetsConfig(), n_tasks=4, seed=seed)
+    return {
+        "loss": torch.tensor(hist.loss),
+        "head": trained.head.weight.detach(),
+        "score": score["mean"],
+    }
+
+
+register(
+    "meta",
+    "datafree-whitebox",
+    branch="white-box data-free",
+    access=Access.WEIGHTS,
+    config=DataFreeConfig,
+    paper="Hu et al. 2023 (PURER), arXiv 2303.11183",
+    smoke=lambda cfg, seed: smoke_run(cfg, seed, black=False),
+)(whitebox)
+register(
+    "meta",
+    "datafree-blackbox",
+    branch="black-box data-free",
+    access=Access.SCORES,
+    config=BlackBoxConfig,
+    paper="Hu et al. 2023 (BiDf-MKD), arXiv 2305.18413",
+    smoke=lambda cfg, seed: smoke_run(cfg, seed, black=True),
+)(blackbox)

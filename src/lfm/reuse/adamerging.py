@@ -1,0 +1,157 @@
+"""AdaMerging (Yang et al. 2023, arXiv 2310.02575): merging coefficients learned without labels.
+
+Task arithmetic with one coefficient per task (task-wise) or per task and layer (layer-wise):
+
+    θ_l(λ) = θ_b,l + Σ_k λ_{k,l} τ_{k,l},      τ_k = θ_k − θ_b
+
+λ is learned by minimising the Shannon entropy H(softmax(f(x; θ(λ)))) of the merged model's
+predictions on unlabelled test inputs of every task (the paper's surrogate for the loss), with
+Adam from λ = 0.3. Each parameter tensor is one "layer". When tasks have their own heads (which
+are not merged), `heads[k]` maps the merged model's output to task k's logits.
+
+Learning needs the model and data (`learn_coefficients`); the merge itself is a per-tensor kernel
+(`adamerging`) that reads the learned coefficients from a file or from memory and streams through
+the one driver like any other method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lfm.config import Config
+from lfm.reuse import kernels as K
+from lfm.reuse.driver import Ctx, Inputs, merge_method, merge_state_dicts
+from lfm.reuse.stats import save_stats
+
+
+class AdaMergingConfig(Config):
+    granularity: Literal["layer", "task"] = "layer"  # λ per (task, tensor) or per task
+    init: float = 0.3  # initial λ, and λ for tensors without learned coefficients (paper: 0.3)
+    lr: float = Field(1e-3, gt=0)  # Adam learning rate (paper: 1e-3)
+    steps: int = Field(500, ge=0)  # optimisation steps, one batch per task each (paper: 500)
+    clamp: bool = True  # keep λ in [0, 1]
+    coefficients: str | None = None  # a learned-coefficients file for the merge (or in memory)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """Mean Shannon entropy of the softmax of logits (B, C)."""
+    logp = logits.float().log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def _floats(sd: Mapping[str, Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if v.is_floating_point()]
+
+
+def merged_params(
+    base: Mapping[str, Tensor], taus: list[dict[str, Tensor]], lam: Tensor, names: list[str]
+) -> dict[str, Tensor]:
+    """θ_b + Σ_k λ_{k,l} τ_k for each name l (λ (L, K), or (1, K) shared by every name)."""
+    out = dict(base)
+    for row, name in enumerate(names):
+        coef = lam[row if lam.shape[0] > 1 else 0]
+        out[name] = base[name] + sum(c * t[name] for c, t in zip(coef, taus, strict=True))
+    return out
+
+
+def learn_coefficients(
+    model: nn.Module,
+    base: Mapping[str, Tensor],
+    models: Sequence[Mapping[str, Tensor]],
+    batches: Sequence[Sequence[Tensor]],
+    cfg: AdaMergingConfig | None = None,
+    heads: Sequence[Callable[[Tensor], Tensor]] | None = None,
+) -> tuple[dict[str, Tensor], list[float]]:
+    """Learn merging coefficients by entropy minimisation on unlabelled inputs.
+
+    Args:
+        model: a module of the merged architecture (its own weights are not used or changed).
+        base: the base (pretrained) state dict.
+        models: the fine-tuned state dicts, one per task.
+        batches: per task, a list of unlabelled input batches (cycled over the steps).
+        cfg: steps, learning rate, granularity (paper defaults).
+        heads: per task, a function from the model's output to that task's logits.
+
+    Returns:
+        Name -> λ (K,) for each float tensor, and the summed entropy at each step (before its
+        update).
+    """
+    cfg = cfg or AdaMergingConfig()
+    names = _floats(base)
+    base = {k: v.detach().float() if k in names else v for k, v in base.items()}
+    taus = [{n: m[n].detach().float() - base[n] for n in names} for m in models]
+    rows = len(names) if cfg.granularity == "layer" else 1
+    lam = torch.full((rows, len(models)), cfg.init, requires_grad=True)
+    opt = torch.optim.Adam([lam], lr=cfg.lr)
+    history: list[float] = []
+    for step in range(cfg.steps):
+        params = merged_params(base, taus, lam, names)
+        tasks = range(len(models))
+        loss = sum(_task_entropy(model, params, batches, heads, k, step) for k in tasks)
+        history.append(_update(opt, lam, loss, cfg.clamp))  # type: ignore[arg-type]
+    lam = lam.detach()
+    return {n: lam[i if rows > 1 else 0].clone() for i, n in enumerate(names)}, history
+
+
+def _update(opt: torch.optim.Optimizer, lam: Tensor, loss: Tensor, clamp: bool) -> float:
+    """One Adam step on λ (kept in [0, 1] when `clamp`); returns the loss before the step."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    if clamp:
+        with torch.no_grad():
+            lam.clamp_(0.0, 1.0)
+    return float(loss.detach())
+
+
+def _task_entropy(model, params, batches, heads, k: int, step: int) -> Tensor:
+    x = batches[k][step % len(batches[k])]
+    out = functional_call(model, params, (x,))
+    return entropy(heads[k](out) if heads is not None else out)
+
+
+def save_coefficients(path: str | Path, coefficients: Mapping[str, Tensor]) -> Path:
+    """Write learned coefficients (name -> λ (K,)) atomically as a safetensors file."""
+    return save_stats(path, coefficients, "adamerging")
+
+
+def _open_coefficients(inputs: Inputs, cfg: Any) -> dict[str, Any]:
+    if cfg.coefficients is None:
+        return {}
+    from lfm.reuse.engine import SafetensorsReader
+
+    reader = SafetensorsReader(cfg.coefficients)
+    return {"coefficients": {k: reader.get(k) for k in reader.keys()}}  # noqa: SIM118 (a Reader, not a dict)
+
+
+def _smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(4, 3)
+    base = {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    sds = [{k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+           for _ in range(2)]  # fmt: skip
+    data = [[torch.randn(8, 4, generator=gen)] for _ in range(2)]
+    coef, _ = learn_coefficients(model, base, sds, data, cfg.replace(steps=3, lr=0.05))  # type: ignore[attr-defined]
+    return merge_state_dicts("adamerging", base, sds, cfg, stats={"coefficients": coef})
+
+
+@merge_method(
+    "adamerging", config=AdaMergingConfig, paper="Yang et al. 2023, arXiv 2310.02575",
+    smoke=_smoke, branch="straightforward optimisation", prepare=_open_coefficients,
+)  # fmt: skip
+def adamerging(
+    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """θ_b + Σ_k w_k λ_k τ_k with this tensor's learned λ (cfg.init where none was learned)."""
+    assert base is not None
+    coef = ctx.stats.get("coefficients", {}).get(ctx.name)
+    lam = [cfg.init] * (max(ctx.models) + 1) if coef is None else coef.tolist()
+    scaled = [w * lam[i] for w, i in zip(ws, ctx.models, strict=True)]
+    return K.task_merge(base, K.task_vectors(base, ts), scaled, scale=1.0)

@@ -1,0 +1,156 @@
+"""Data-aware merging from saved statistics: Fisher merging and RegMean, through the one driver.
+
+- Fisher merging (Matena & Raffel 2021, arXiv 2111.09832), per parameter entry:
+      θ = Σ_i w_i F_i θ_i / Σ_i w_i F_i       (F_i floored at `eps`, so zero Fisher gives an average)
+- RegMean (Jin et al. 2022, arXiv 2212.09849), per linear layer y = x Wᵀ, the minimiser of
+  Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² in closed form:
+      Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,   G̃_i = α G_i + (1 − α) diag(G_i),   G_i = X_iᵀ X_i
+  with α the shrink of the off-diagonal entries (paper default 0.9); every other tensor is averaged.
+
+Statistics come from files written by `stats.py` (one per model, in model order, named by the
+config's `stats`, so merge plans and the streaming engine use them), or from tensors held in memory
+(`merge_state_dicts(..., stats={"per_model": [...]})`). Either way a kernel reads one statistic
+tensor per model and parameter, so memory stays bounded by the driver's streaming.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from lfm.config import Config
+from lfm.reuse import kernels as K
+from lfm.reuse.driver import Ctx, Inputs, MergeError, merge_method, merge_state_dicts
+from lfm.reuse.stats import stats_meta
+
+
+class FisherConfig(Config):
+    stats: tuple[str, ...] = ()  # one Fisher file per model (empty: given in memory)
+    eps: float = Field(1e-8, ge=0)  # floor on each Fisher entry (the paper's ε)
+
+
+class RegMeanConfig(Config):
+    stats: tuple[str, ...] = ()  # one Gram file per model (empty: given in memory)
+    alpha: float = Field(0.9, ge=0, le=1)  # scale of the off-diagonal Gram entries (paper: 0.9)
+    ridge: float = Field(0.0, ge=0)  # added to the diagonal of Σ G̃_i (0: plain least squares)
+
+
+class _FileStats:
+    """Lazy tensors of one statistics file, read one name at a time."""
+
+    def __init__(self, path: str):
+        from lfm.reuse.engine import SafetensorsReader
+
+        self.reader, self.meta = SafetensorsReader(path), stats_meta(path)
+        self.names = set(self.reader.keys())
+
+    def get(self, name: str) -> Tensor | None:
+        return self.reader.get(name) if name in self.names else None
+
+
+class _MemStats:
+    """Statistics held in memory: a name -> tensor mapping and optional orientations."""
+
+    def __init__(self, table: Mapping[str, Tensor], orientation: Mapping[str, str] | None = None):
+        self.table, self.meta = table, {"orientation": dict(orientation or {})}
+
+    def get(self, name: str) -> Tensor | None:
+        return self.table.get(name)
+
+
+def _open_stats(inputs: Inputs, cfg: Any) -> dict[str, Any]:
+    if not cfg.stats:
+        return {}
+    if len(cfg.stats) != len(inputs.models):
+        raise MergeError(f"{len(cfg.stats)} statistics files for {len(inputs.models)} models")
+    return {"per_model": [_FileStats(p) for p in cfg.stats]}
+
+
+def _per_model(ctx: Ctx) -> list[Any]:
+    stats = ctx.stats.get("per_model")
+    if stats is None:
+        raise MergeError("this merge needs statistics: give `stats` files in the config")
+    return [s if hasattr(s, "get") and hasattr(s, "meta") else _MemStats(s) for s in stats]
+
+
+def fisher_merge(ts: list[Tensor], fs: list[Tensor], ws: list[float], eps: float) -> Tensor:
+    """Σ w_i F_i θ_i / Σ w_i F_i with F_i ≥ eps (a weighted average where no model has Fisher)."""
+    num = torch.zeros_like(ts[0], dtype=torch.float32)
+    den = torch.zeros_like(num)
+    for t, f, w in zip(ts, fs, ws, strict=True):
+        f = f.float().clamp_min(eps) * w
+        num += f * t.float()
+        den += f
+    return num / den
+
+
+def regmean(
+    ts: list[Tensor], grams: list[Tensor], ws: list[float], alpha: float, in_out: bool, ridge=0.0
+) -> Tensor:
+    """Closed-form RegMean of one linear weight (out, in), or (in, out) when `in_out`.
+
+    Solved in float64 by least squares as the average plus a minimum-norm correction, so input
+    directions that no model's data reaches (a singular Σ G̃_i) keep the average weights.
+    """
+    shrunk = [w * (alpha * g.double() + (1 - alpha) * torch.diag(torch.diag(g.double())))
+              for g, w in zip(grams, ws, strict=True)]  # fmt: skip
+    lhs = sum(shrunk[1:], shrunk[0]) + ridge * torch.eye(len(shrunk[0]), dtype=torch.float64)
+    wt = [t.double() if in_out else t.double().T for t in ts]  # each Wᵀ: (in, out)
+    mean = K.linear(wt, ws).double()
+    rhs = sum((g @ (w - mean) for g, w in zip(shrunk, wt, strict=True)), torch.zeros_like(mean))
+    out = mean + torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+    return (out if in_out else out.T).float()
+
+
+def _smoke_data(seed: int) -> tuple[dict, list[dict], list[dict]]:
+    gen = torch.Generator().manual_seed(seed)
+    base = {"fc.weight": torch.randn(3, 4, generator=gen), "fc.bias": torch.randn(3, generator=gen)}
+    sds = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+           for _ in range(2)]  # fmt: skip
+    xs = [torch.randn(16, 4, generator=gen) for _ in range(2)]
+    return base, sds, [{"fc.weight": x.T @ x} for x in xs]
+
+
+def _fisher_smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
+    _, sds, _ = _smoke_data(seed)
+    fs = [{k: v.abs() for k, v in sd.items()} for sd in sds]
+    return merge_state_dicts("fisher", None, sds, cfg, stats={"per_model": fs})
+
+
+def _regmean_smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
+    _, sds, grams = _smoke_data(seed)
+    return merge_state_dicts("regmean", None, sds, cfg, stats={"per_model": grams})
+
+
+@merge_method(
+    "fisher", config=FisherConfig, paper="Matena & Raffel 2021, arXiv 2111.09832",
+    smoke=_fisher_smoke, needs_base=False, prepare=_open_stats,
+)  # fmt: skip
+def fisher(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+    """Fisher-weighted average; tensors without a Fisher (buffers) get the weighted average."""
+    stats = _per_model(ctx)
+    fs = [stats[i].get(ctx.name) for i in ctx.models]
+    if any(f is None for f in fs):
+        return K.linear(ts, ws)
+    return fisher_merge(ts, fs, ws, cfg.eps)  # type: ignore[arg-type]
+
+
+@merge_method(
+    "regmean", config=RegMeanConfig, paper="Jin et al. 2022, arXiv 2212.09849",
+    smoke=_regmean_smoke, needs_base=False, prepare=_open_stats,
+)  # fmt: skip
+def regmean_kernel(
+    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """RegMean for linear weights that have Gram matrices; weighted average for the rest."""
+    stats = _per_model(ctx)
+    grams = [stats[i].get(ctx.name) for i in ctx.models]
+    if any(g is None for g in grams) or ts[0].dim() != 2:
+        return K.linear(ts, ws)
+    given = ctx.stats.get("orientation") or stats[ctx.models[0]].meta.get("orientation", {})
+    orient = given.get(ctx.name, "out_in")  # in memory: stats={"orientation": {...}, ...}
+    return regmean(ts, grams, ws, cfg.alpha, orient == "in_out", cfg.ridge)  # type: ignore[arg-type]

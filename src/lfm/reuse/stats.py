@@ -1,0 +1,168 @@
+"""Statistics for data-aware merging, computed once per model and saved as safetensors files.
+
+- Diagonal Fisher (Matena & Raffel 2021, arXiv 2111.09832):
+  F_i = E_x E_{y~p_θ(y|x)} [(∇_θ log p_θ(y|x))²], estimated from per-example squared gradients of
+  the log-likelihood of a sampled output (`fisher="sample"`), of the true label (`"label"`, the
+  empirical Fisher), or the exact expectation over the classes (`"exact"`).
+- Input Gram matrices (Jin et al. 2022, arXiv 2212.09849): G = Xᵀ X per linear layer, X the
+  layer's inputs stacked over all examples (and positions). `nn.Linear` stores W as (out, in);
+  GPT-2's `Conv1D` stores it as (in, out): the file records which, by module type.
+
+A statistics file maps parameter names to tensors (the Fisher of `fc1.weight`, or the Gram matrix
+of the layer whose weight is `fc1.weight`); its metadata says the kind, the number of examples and,
+for Gram files, the weight orientation of each layer. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from lfm.core.io import atomic_path
+
+FisherKind = Literal["sample", "label", "exact"]
+Batch = Tensor | tuple[Tensor, Tensor]  # inputs, or (inputs, labels)
+
+
+def _logits(model: nn.Module, x: Tensor) -> Tensor:
+    out = model(x)
+    out = getattr(out, "logits", out)
+    return out[:, -1] if out.dim() == 3 else out  # a sequence model: the next-token distribution
+
+
+def _split(batch: Batch) -> tuple[Tensor, Tensor | None]:
+    return (batch[0], batch[1]) if isinstance(batch, tuple | list) else (batch, None)
+
+
+def _target(logp: Tensor, y: Tensor | None, kind: FisherKind, gen: torch.Generator) -> int:
+    """The output whose log-likelihood is differentiated: the label, or a sample y ~ p_θ."""
+    if kind == "label":
+        if y is None:
+            raise ValueError("fisher kind 'label' needs (inputs, labels) batches")
+        return int(y)
+    return int(torch.multinomial(logp.detach().exp(), 1, generator=gen))
+
+
+def _example_terms(logp: Tensor, y: Tensor | None, kind: FisherKind, gen) -> list[Tensor]:
+    """Scalars whose squared gradients, summed, give one example's Fisher estimate."""
+    if kind != "exact":
+        return [logp[_target(logp, y, kind, gen)]]
+    p = logp.detach().exp()
+    return [p[c].sqrt() * logp[c] for c in range(len(logp))]  # Σ_c p_c (∇ log p_c)²
+
+
+def fisher(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    kind: FisherKind = "sample",
+    seed: int = 0,
+) -> tuple[dict[str, Tensor], int]:
+    """Diagonal Fisher of every trainable parameter, averaged over the examples seen.
+
+    Args:
+        model: a classifier (logits (B, C)) or a causal LM (`.logits` (B, T, V), last position).
+        batches: input tensors, or (inputs, labels) pairs for `kind="label"`.
+        kind: "sample" (y ~ p_θ, the paper's default), "label" (empirical) or "exact".
+        seed: seeds the sampled outputs.
+
+    Returns:
+        Parameter name -> Fisher (same shape), and the number of examples.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
+    gen, count = torch.Generator().manual_seed(seed), 0
+    was = model.training
+    model.eval()  # per-example gradients: batch statistics must not mix the examples
+    for batch in batches:
+        x, y = _split(batch)
+        for i in range(len(x)):
+            logp = _logits(model, x[i : i + 1]).float().log_softmax(-1)[0]
+            for term in _example_terms(logp, None if y is None else y[i], kind, gen):
+                grads = torch.autograd.grad(term, list(params.values()), retain_graph=True)
+                for n, g in zip(params, grads, strict=True):
+                    total[n] += g.float() ** 2
+            count += 1
+    model.train(was)
+    return {n: t / max(count, 1) for n, t in total.items()}, count
+
+
+def linear_layers(model: nn.Module) -> dict[str, str]:
+    """Module name -> weight orientation ("out_in" for `nn.Linear`, "in_out" for `Conv1D`)."""
+    found = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            found[name] = "out_in"
+        elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
+            found[name] = "in_out"  # transformers' GPT-2 Conv1D: y = x W + b, W (in, out)
+    return found
+
+
+def gram(
+    model: nn.Module, batches: Iterable[Batch], modules: Iterable[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, str], int]:
+    """Input Gram matrices Xᵀ X of linear layers (all of them unless `modules` names some).
+
+    Returns:
+        Weight name -> Gram (in, in), weight name -> orientation, and the number of examples.
+    """
+    layers = linear_layers(model)
+    names = list(modules) if modules is not None else list(layers)
+    if unknown := [n for n in names if n not in layers]:
+        raise ValueError(f"not linear layers of {type(model).__name__}: {', '.join(unknown)}")
+    table = dict(model.named_modules())
+    grams: dict[str, Tensor] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def fn(_mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])  # (B*T, in)
+            grams[name] = grams.get(name, 0) + x.T @ x
+
+        return fn
+
+    handles = [table[n].register_forward_pre_hook(hook(n)) for n in names]
+    count = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x, _ = _split(batch)
+                model(x)
+                count += len(x)
+    finally:
+        for h in handles:
+            h.remove()
+    key = {n: f"{n}.weight" if n else "weight" for n in names}
+    return {key[n]: g for n, g in grams.items()}, {key[n]: layers[n] for n in names}, count
+
+
+def save_stats(path: str | Path, tensors: Mapping[str, Tensor], kind: str, **meta: Any) -> Path:
+    """Write a statistics file atomically (safetensors, metadata as JSON strings)."""
+    info = {"kind": kind, **{k: json.dumps(v) for k, v in meta.items()}}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), info)
+    return Path(path)
+
+
+def stats_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a statistics file (kind, count, orientation ...)."""
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    return {k: v if k == "kind" else json.loads(v) for k, v in raw.items()}
+
+
+def save_fisher(path: str | Path, model: nn.Module, batches: Iterable[Batch], **kw: Any) -> Path:
+    """Compute the diagonal Fisher of `model` (see `fisher`) and save it."""
+    table, count = fisher(model, batches, **kw)
+    return save_stats(path, table, "fisher", count=count, estimator=kw.get("kind", "sample"))
+
+
+def save_gram(path: str | Path, model: nn.Module, batches: Iterable[Batch], **kw: Any) -> Path:
+    """Compute the input Gram matrices of `model`'s linear layers (see `gram`) and save them."""
+    table, orient, count = gram(model, batches, **kw)
+    return save_stats(path, table, "gram", count=count, orientation=orient)

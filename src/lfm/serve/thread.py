@@ -1,0 +1,53 @@
+"""Run a served app on loopback in a background thread (tests, benchmarks, examples)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from fastapi import FastAPI
+
+from lfm.errors import LfmError
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` at the time of asking."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
+            startup_s: float = 10.0) -> Iterator[str]:  # fmt: skip
+    """Serve `app` with uvicorn in a thread; yields its URL and stops it on exit.
+
+    Args:
+        app: the FastAPI app (`build_app`).
+        host: a loopback address (this helper is for local use; `lfm serve` binds elsewhere).
+        port: a port, or a free one.
+        startup_s: how long to wait for the server to accept connections.
+    """
+    import uvicorn
+
+    from lfm.serve.cli import is_loopback
+
+    if not is_loopback(host):
+        raise LfmError(f"running() serves on loopback only, not {host}")
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_s
+    while not server.started and time.monotonic() < deadline and thread.is_alive():
+        time.sleep(0.02)
+    if not server.started:
+        raise LfmError(f"server on {host}:{port} did not start within {startup_s} s")
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

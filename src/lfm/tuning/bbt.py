@@ -1,0 +1,187 @@
+"""Black-Box Tuning (BBT; Sun et al. 2022, arXiv 2201.03514): derivative-free soft-prompt search.
+
+A soft prompt of n tokens is never optimised directly; CMA-ES searches a low-dimensional z ∈ R^d
+that a fixed random projection A maps into prompt space,
+
+    p = A z,  A ∈ R^{(n·D) × d},  A_ij ~ N(0, σ̂ / (√d · σ_z)),
+    z* = argmin_z  L(f([p; E(x)]), y),
+
+where E(x) are the input embeddings of the templated text, f the served model's logits at the last
+position, L the cross-entropy over the label words, σ̂ the std of the model's input embeddings and
+σ_z the CMA-ES step size. One objective value is one API call on the whole few-shot train set. It
+needs only EMBEDDINGS access (`embed` + `logits_from_embeds`). BBTv2 (deep prompts at every layer)
+needs hidden-state writes that no served level gives, so it is left out.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cma
+import numpy as np
+import torch
+from pydantic import Field
+
+from lfm.access import Access, require
+from lfm.config import Config
+from lfm.registry import register
+from lfm.serve.client import BudgetExceeded
+from lfm.tuning.tasks import Verbalizer
+
+
+class BBTConfig(Config):
+    n_tokens: int = Field(50, ge=1)  # soft-prompt length n (paper: 50)
+    intrinsic_dim: int = Field(500, ge=1)  # d, the dimension CMA-ES searches (paper: 500)
+    popsize: int = Field(20, ge=2)  # CMA-ES population (paper: 20)
+    budget: int = Field(8000, ge=1)  # objective evaluations = API calls (paper: 8,000)
+    sigma0: float = Field(1.0, gt=0)  # σ_z, CMA-ES initial step size (paper: 1)
+    bound: float = Field(0.0, ge=0)  # box bound on z (0: none; the paper uses none for CMA-ES)
+
+
+@dataclass
+class BBTResult:
+    """The best soft prompt found and the run's record."""
+
+    prompt: torch.Tensor  # (n, D)
+    z: np.ndarray  # (d,)
+    start_loss: float  # loss of the starting prompt (z = 0)
+    best_loss: float
+    history: list[float] = field(default_factory=list)  # best loss after each generation
+    evaluations: int = 0
+    stopped: str = "budget"  # "budget" (evaluations), "api-budget" (client budget) or "cma"
+
+
+def projection(d: int, n: int, dim: int, emb_std: float, sigma0: float, seed: int) -> torch.Tensor:
+    """The fixed random A (n·D, d) with entries N(0, σ̂ / (√d σ_z)), so that p = A z has std ≈ σ̂."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n * dim, d, generator=g) * (emb_std / (math.sqrt(d) * sigma0))
+
+
+def soft_prompt(z: np.ndarray, a: torch.Tensor, n: int) -> torch.Tensor:
+    """p = A z reshaped to (n, D)."""
+    return (a @ torch.as_tensor(z, dtype=torch.float32)).view(n, -1)
+
+
+def prepend(
+    prompt: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """[p; E(x)] for right-padded inputs: embeds (B, n+T, D), mask (B, n+T), last positions (B,)."""
+    b, n = embeds.shape[0], prompt.shape[0]
+    full = torch.cat([prompt.unsqueeze(0).expand(b, -1, -1), embeds], dim=1)
+    full_mask = torch.cat([torch.ones(b, n, dtype=mask.dtype), mask], dim=1)
+    return full, full_mask, full_mask.sum(1) - 1
+
+
+def last_logits(
+    handle: Any, embeds: torch.Tensor, mask: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """Logits (B, V) at the given positions; a remote handle returns only those rows over the wire."""
+    if "positions" in inspect.signature(handle.logits_from_embeds).parameters:
+        return handle.logits_from_embeds(embeds, mask, positions=last)
+    return handle.logits_from_embeds(embeds, mask)[torch.arange(len(last)), last]
+
+
+def label_loss(logits: torch.Tensor, label_ids: torch.Tensor, y: torch.Tensor) -> float:
+    """Cross-entropy of the gold label word among the label words (the paper's CE loss)."""
+    return float(torch.nn.functional.cross_entropy(logits[:, label_ids], y))
+
+
+def label_ids(handle: Any, verb: Verbalizer) -> torch.Tensor:
+    """The first token id of each label word, scored with a leading space."""
+    return torch.tensor([handle.encode(f" {w}")[0] for w in verb.label_words])
+
+
+def make_objective(handle: Any, texts: Sequence[str], y: torch.Tensor, verb: Verbalizer,
+                   a: torch.Tensor, n: int) -> Callable[[np.ndarray], float]:  # fmt: skip
+    """z -> loss on the train set: one `logits_from_embeds` call per evaluation."""
+    embeds, mask = handle.embed([verb.prompt(t) for t in texts])
+    ids = label_ids(handle, verb)
+
+    def f(z: np.ndarray) -> float:
+        full, full_mask, last = prepend(soft_prompt(z, a, n), embeds, mask)
+        return label_loss(last_logits(handle, full, full_mask, last), ids, y)
+
+    return f
+
+
+def class_scores_bbt(
+    handle: Any, prompt: torch.Tensor, texts: Sequence[str], verb: Verbalizer
+) -> torch.Tensor:
+    """Label-word logits (N, C) with the soft prompt prepended: the BBT classifier."""
+    require(handle, Access.EMBEDDINGS, "tuning/bbt")
+    embeds, mask = handle.embed([verb.prompt(t) for t in texts])
+    full, full_mask, last = prepend(prompt, embeds, mask)
+    return last_logits(handle, full, full_mask, last)[:, label_ids(handle, verb)]
+
+
+@register("tuning", "bbt", branch="input engineering", access=Access.EMBEDDINGS, config=BBTConfig,
+          paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
+          smoke=lambda cfg, seed: _smoke(cfg, seed))  # fmt: skip
+def bbt(handle: Any, texts: Sequence[str], y: torch.Tensor, verb: Verbalizer,
+        cfg: BBTConfig = BBTConfig(), seed: int = 0) -> BBTResult:  # fmt: skip
+    """Search a soft prompt with CMA-ES through an EMBEDDINGS handle (local, narrowed or remote).
+
+    Args:
+        handle: gives `embed` and `logits_from_embeds`.
+        texts, y: the few-shot train set (labels index `verb.label_words`).
+        verb: template and label words.
+        cfg: BBT settings; `budget` bounds the evaluations, a client `Budget` the HTTP calls.
+        seed: seeds the projection and CMA-ES.
+    """
+    require(handle, Access.EMBEDDINGS, "tuning/bbt")
+    embeds, mask = handle.embed([verb.prompt(t) for t in texts[:8]])
+    emb_std = float(embeds[mask.bool()].std())
+    a = projection(cfg.intrinsic_dim, cfg.n_tokens, embeds.shape[-1], emb_std, cfg.sigma0, seed)
+    f = make_objective(handle, texts, y, verb, a, cfg.n_tokens)
+    z0 = np.zeros(cfg.intrinsic_dim)
+    res = BBTResult(soft_prompt(z0, a, cfg.n_tokens), z0, f(z0), 0.0, evaluations=1)
+    res.best_loss = res.start_loss
+    _search(f, cfg, seed, res, a)
+    return res
+
+
+def _search(
+    f: Callable[[np.ndarray], float], cfg: BBTConfig, seed: int, res: BBTResult, a: torch.Tensor
+) -> None:
+    opts = {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9, "maxfevals": cfg.budget}
+    if cfg.bound > 0:
+        opts["bounds"] = [-cfg.bound, cfg.bound]
+    es = cma.CMAEvolutionStrategy(res.z, cfg.sigma0, opts)
+    while res.evaluations < cfg.budget and not es.stop():
+        xs = es.ask()[: cfg.budget - res.evaluations]
+        try:
+            losses = [f(x) for x in xs]
+        except BudgetExceeded:
+            res.stopped = "api-budget"
+            return
+        res.evaluations += len(xs)
+        _keep_best(res, xs, losses, a, cfg.n_tokens)
+        if len(xs) < cfg.popsize:
+            break
+        es.tell(xs, losses)
+    res.stopped = "budget" if res.evaluations >= cfg.budget else "cma"
+
+
+def _keep_best(
+    res: BBTResult, xs: list[np.ndarray], losses: list[float], a: torch.Tensor, n: int
+) -> None:
+    i = int(np.argmin(losses))
+    if losses[i] < res.best_loss:
+        res.best_loss, res.z = losses[i], np.asarray(xs[i])
+        res.prompt = soft_prompt(res.z, a, n)
+    res.history.append(res.best_loss)
+
+
+def _smoke(cfg: BBTConfig, seed: int) -> dict[str, float]:
+    from lfm.access import narrow
+    from lfm.tuning.blackbox_tiny import WORDS, tiny_lm, tiny_task
+
+    texts, y = tiny_task()
+    verb = Verbalizer("Article: {text}\nTopic:", WORDS)
+    small = cfg.replace(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13)
+    res = bbt(narrow(tiny_lm(0), "embeddings"), texts, y, verb, small, seed)
+    return {"start": res.start_loss, "best": res.best_loss, "evaluations": float(res.evaluations)}

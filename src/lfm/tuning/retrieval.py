@@ -1,0 +1,167 @@
+"""Retrieval augmentation: kNN-LM (HIDDEN access) and REPLUG-style ensembling (SCORES access).
+
+kNN-LM (Khandelwal et al. 2020, arXiv 1911.00172) keeps a datastore of (final hidden state h_t,
+next token w_{t+1}) pairs; a query's hidden state q retrieves its k nearest keys and
+
+    p_kNN(w) ∝ Σ_{(h, w') ∈ N(q)} 1[w' = w] exp(−‖q − h‖² / T),
+    p(w) = λ p_kNN(w) + (1 − λ) p_LM(w).
+
+REPLUG (Shi et al. 2023, arXiv 2301.12652) retrieves the k documents most similar to the input
+(cosine of mean-pooled encoder embeddings, e.g. `minilm-l6`), prepends each to the input, and
+ensembles the LM's next-token distributions weighted by the retrieval scores:
+
+    p(w | x) = Σ_{d ∈ top-k} λ_d p_LM(w | d ∘ x),   λ = softmax(s(d, x) / τ).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from lfm.access import Access, require
+from lfm.config import Config
+from lfm.registry import register
+
+Embedder = Callable[[Sequence[str]], torch.Tensor]
+
+
+class KnnLMConfig(Config):
+    k: int = Field(1024, ge=1)  # neighbours (paper: 1024)
+    lam: float = Field(0.25, ge=0, le=1)  # λ interpolation weight (paper: 0.25 on WikiText-103)
+    temperature: float = Field(1.0, gt=0)  # T in exp(−d / T) (paper: 1)
+    module: str = "model.norm"  # the module whose output is the key (Llama: the final norm)
+
+
+class ReplugConfig(Config):
+    k: int = Field(10, ge=1)  # retrieved documents (paper: 10)
+    temperature: float = Field(1.0, gt=0)  # τ on the retrieval scores
+    doc_chars: int = Field(600, ge=1)  # each document is cut to this many characters
+    separator: str = "\n\n"  # between a document and the input
+
+
+@dataclass(frozen=True)
+class Datastore:
+    keys: torch.Tensor  # (N, D) hidden states
+    values: torch.Tensor  # (N,) next-token ids
+    module: str
+
+
+def build_datastore(handle: Any, texts: Sequence[str], module: str = "model.norm") -> Datastore:
+    """(h_t, w_{t+1}) for every position of every text (one text per call: no padding)."""
+    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    keys, values = [], []
+    for text in texts:
+        h = handle.hidden([text], [module])[module][0]  # (T, D)
+        ids = torch.tensor(handle.encode(text))[-(h.shape[0] - 1) :]  # targets of positions 0..T-2
+        keys.append(h[-len(ids) - 1 : -1])
+        values.append(ids)
+    return Datastore(torch.cat(keys), torch.cat(values), module)
+
+
+def knn_distribution(
+    q: torch.Tensor, store: Datastore, vocab: int, k: int, temperature: float
+) -> torch.Tensor:
+    """p_kNN (V,) for one query q (D,): softmax(−‖q − h‖² / T) over the k nearest, summed per token."""
+    d2 = ((store.keys - q) ** 2).sum(-1)
+    dist, idx = d2.topk(min(k, len(d2)), largest=False)
+    w = torch.softmax(-dist / temperature, 0)
+    return torch.zeros(vocab).index_add_(0, store.values[idx], w)
+
+
+@register("tuning", "knn-lm", branch="database augmentation", access=Access.HIDDEN, config=KnnLMConfig,
+          paper="Khandelwal et al. 2020, kNN-LM, arXiv 1911.00172", smoke=lambda c, s: _knn_smoke(c, s))  # fmt: skip
+def knn_lm(
+    handle: Any, prompts: Sequence[str], store: Datastore, cfg: KnnLMConfig = KnnLMConfig()
+) -> torch.Tensor:
+    """log p(next token) (B, V) interpolating the LM with the datastore's neighbours."""
+    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    lm = handle.next_token_logprobs(prompts).exp()
+    rows = []
+    for i, p in enumerate(prompts):
+        q = handle.hidden([p], [store.module])[store.module][0, -1]
+        knn = knn_distribution(q, store, lm.shape[1], cfg.k, cfg.temperature)
+        rows.append((cfg.lam * knn + (1 - cfg.lam) * lm[i]).clamp_min(1e-30).log())
+    return torch.stack(rows)
+
+
+def retrieve(
+    query_emb: torch.Tensor, doc_embs: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine scores and indices of the k documents nearest each query: (B, k), (B, k)."""
+    q = torch.nn.functional.normalize(query_emb, dim=-1)
+    d = torch.nn.functional.normalize(doc_embs, dim=-1)
+    return (q @ d.T).topk(min(k, d.shape[0]), dim=-1)
+
+
+@register("tuning", "replug", branch="database augmentation", access=Access.SCORES, config=ReplugConfig,
+          paper="Shi et al. 2023, REPLUG, arXiv 2301.12652", smoke=lambda c, s: _replug_smoke(c, s))  # fmt: skip
+def replug(handle: Any, prompts: Sequence[str], docs: Sequence[str], embed: Embedder,
+           cfg: ReplugConfig = ReplugConfig(), doc_embs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """log p(next token | prompt) (B, V): the retrieval-weighted ensemble over the top-k documents.
+
+    Args:
+        handle: a SCORES handle (its `next_token_logprobs` is all that is called).
+        prompts: inputs; docs: the corpus; embed: texts -> (N, E) retrieval embeddings.
+        cfg: k, temperature, document cut; doc_embs: precomputed `embed(docs)`.
+    """
+    require(handle, Access.SCORES, "tuning/replug")
+    doc_embs = embed(docs) if doc_embs is None else doc_embs
+    scores, idx = retrieve(embed(prompts), doc_embs, cfg.k)
+    weights = torch.softmax(scores / cfg.temperature, -1)  # (B, k)
+    flat = [
+        docs[j][: cfg.doc_chars] + cfg.separator + p
+        for p, row in zip(prompts, idx.tolist(), strict=True)
+        for j in row
+    ]
+    logp = handle.next_token_logprobs(flat).view(len(prompts), idx.shape[1], -1)  # (B, k, V)
+    return torch.logsumexp(logp + weights.log().unsqueeze(-1), dim=1)
+
+
+def minilm_embedder() -> Embedder:
+    """Mean-pooled last hidden states of `minilm-l6` (all-MiniLM-L6-v2), as sentence-transformers does."""
+    from lfm.assets import load_model
+
+    enc = load_model("minilm-l6", kind="encoder")
+
+    @torch.no_grad()
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        batch = enc._batch(list(texts), side="right")
+        h = enc.model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        return ((h * m).sum(1) / m.sum(1)).cpu()
+
+    return embed
+
+
+def char_embedder(texts: Sequence[str]) -> torch.Tensor:
+    """A bag-of-characters embedding (smoke runs and tests: no asset)."""
+    out = torch.zeros(len(texts), 128)
+    for i, t in enumerate(texts):
+        for ch in t.lower():
+            out[i, ord(ch) % 128] += 1
+    return out
+
+
+def _knn_smoke(cfg: KnnLMConfig, seed: int) -> torch.Tensor:
+    from lfm.access import narrow
+    from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
+
+    h = narrow(tiny_lm(seed), "hidden")
+    return knn_lm(h, ["Article: The team won"], build_datastore(h, CORPUS[:2], cfg.module), cfg)
+
+
+def _replug_smoke(cfg: ReplugConfig, seed: int) -> torch.Tensor:
+    from lfm.access import narrow
+    from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
+
+    return replug(
+        narrow(tiny_lm(seed), "scores"),
+        ["The team won the"],
+        CORPUS,
+        char_embedder,
+        cfg.replace(k=2),
+    )

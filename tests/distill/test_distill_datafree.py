@@ -1,0 +1,155 @@
+"""Data-free distillation: DeepInversion, DAFL, DFAD and DFME on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lfm.access import LocalClassifier, narrow
+from lfm.distill.adversarial import (
+    DFADConfig,
+    DFMEConfig,
+    dfad,
+    dfme,
+    discrepancy,
+    forward_difference_grad,
+    logits_from_logprobs,
+)
+from lfm.distill.datafree import (
+    DAFLConfig,
+    DeepInversionConfig,
+    dafl,
+    dafl_generator_loss,
+    deep_inversion,
+    total_variation,
+)
+from lfm.distill.game import Generator
+from lfm.errors import AccessError
+
+from conftest import TinyCNN
+
+
+def bn_teacher(seed: int = 0) -> TinyCNN:
+    """A TinyCNN whose BatchNorm layers hold running statistics of shifted, scaled data."""
+    torch.manual_seed(seed)
+    model = TinyCNN(width=8).train()
+    with torch.no_grad():
+        for _ in range(20):
+            model(0.3 + 0.5 * torch.rand(32, 1, 8, 8))
+    return model.eval()
+
+
+def _snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, before) -> bool:
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items()) and all(
+        p.grad is None for p in model.parameters()
+    )
+
+
+def _mean(history, key, part) -> float:
+    rows = history[:5] if part == "first" else history[-5:]
+    return sum(h[key] for h in rows) / len(rows)
+
+
+def test_total_variation_by_hand():
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+    assert total_variation(x).item() == pytest.approx((4 + 9) / 2 + (1 + 4) / 2)
+
+
+def test_deep_inversion_lowers_the_bn_statistics_loss_and_keeps_the_teacher():
+    teacher = LocalClassifier(bn_teacher())
+    before = _snapshot(teacher.model)
+    cfg = DeepInversionConfig(steps=30, lr=0.1, bn_weight=1.0, batch_size=16)
+    images, targets, hist = deep_inversion(teacher, (1, 8, 8), 10, cfg)
+    assert hist[-1]["bn"] < 0.5 * hist[0]["bn"] and hist[-1]["ce"] < hist[0]["ce"]
+    assert images.shape == (16, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert targets.tolist() == [i % 10 for i in range(16)]
+    assert _unchanged(teacher.model, before)
+    with pytest.raises(AccessError, match=r"WEIGHTS access.*only SCORES"):
+        deep_inversion(narrow(teacher, "scores"), (1, 8, 8), 10, cfg)
+
+
+def test_dafl_generator_loss_terms_by_hand():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    feats = torch.tensor([[1.0, -3.0], [0.0, 2.0]])
+    out = dafl_generator_loss(logits, feats, DAFLConfig(activation_weight=0.1, entropy_weight=5.0))
+    oh = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert out["oh"].item() == pytest.approx(oh, rel=1e-5)
+    assert out["a"].item() == pytest.approx(-1.5)
+    assert out["ie"].item() == pytest.approx(-math.log(2), rel=1e-5)  # balanced: −H = −log C
+    assert out["loss"].item() == pytest.approx(oh - 0.15 - 5 * math.log(2), rel=1e-5)
+
+
+def test_dafl_generator_and_student_losses_fall():
+    teacher = bn_teacher()
+    before = _snapshot(teacher)
+    torch.manual_seed(0)
+    cfg = DAFLConfig(iterations=20, batch_size=16, nz=8, lr_g=1e-2, lr_s=1e-2, feature_module="bn2")
+    res = dafl(teacher, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
+    assert _mean(res.history, "g_loss", "last") < _mean(res.history, "g_loss", "first")
+    assert _mean(res.history, "s_kd", "last") < _mean(res.history, "s_kd", "first")
+    assert _unchanged(teacher, before) and res.queries == 20 * 16 * 2
+
+
+def test_dfad_generator_raises_and_student_lowers_the_discrepancy():
+    teacher = bn_teacher()
+    gen = Generator(nz=8, size=8, width=8)
+    cfg = DFADConfig(iterations=20, student_steps=1, batch_size=16, nz=8, lr_g=1e-2)
+    frozen_student = dfad(teacher, TinyCNN(width=4), cfg.replace(lr_s=1e-12), generator=gen)
+    assert _mean(frozen_student.history, "g_disc", "last") > _mean(
+        frozen_student.history, "g_disc", "first"
+    )
+    torch.manual_seed(0)
+    cfg = cfg.replace(lr_g=1e-12, student_steps=2, lr_s=0.05)
+    res = dfad(teacher, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
+    assert _mean(res.history, "s_disc", "last") < 0.7 * _mean(res.history, "s_disc", "first")
+
+
+def test_forward_difference_gradient_correlates_with_the_true_gradient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 4, 4, generator=g)
+    w = torch.randn(1, 4, 4, generator=g)
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return (torch.sin(v) * w).flatten(1).sum(1)
+
+    true = torch.cos(x) * w
+    est = forward_difference_grad(f, x, m=400, eps=1e-3, g=g)
+    cos = torch.nn.functional.cosine_similarity(est.flatten(1), true.flatten(1), dim=1)
+    assert (cos > 0.8).all(), cos
+    one = forward_difference_grad(
+        f, x, m=1, eps=1e-3, g=g
+    )  # m = 1, as in the paper: unbiased, noisy
+    assert one.shape == x.shape and one.isfinite().all()
+
+
+def test_logit_recovery_and_discrepancy():
+    z = torch.tensor([[1.0, 2.0, 6.0]])
+    torch.testing.assert_close(logits_from_logprobs(z.log_softmax(-1)), z - z.mean())
+    assert discrepancy(z, z + torch.tensor([[1.0, -2.0, 0.0]])).tolist() == [1.0]
+
+
+def test_dfme_runs_through_a_scores_handle_and_never_touches_the_teacher():
+    teacher = LocalClassifier(bn_teacher())
+    before = _snapshot(teacher.model)
+    api = narrow(teacher, "scores")
+    cfg = DFMEConfig(iterations=25, student_steps=2, batch_size=8, nz=8, directions=2, lr_s=0.05)
+    torch.manual_seed(0)
+    res = dfme(api, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
+    assert res.queries == 25 * (8 * (2 + 1) + 2 * 8)
+    assert _unchanged(teacher.model, before)
+    assert _mean(res.history, "s_disc", "last") < _mean(res.history, "s_disc", "first")
+    budget = dfme(
+        api,
+        TinyCNN(width=4),
+        cfg.replace(query_budget=100),
+        generator=Generator(nz=8, size=8, width=8),
+    )
+    assert 100 <= budget.queries < 100 + 8 * 3 + 2 * 8 and len(budget.history) == 3
+    with pytest.raises(AccessError, match=r"SCORES access.*only TEXT"):
+        dfme(narrow(teacher, "text"), TinyCNN(width=4), cfg)

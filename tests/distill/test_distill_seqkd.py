@@ -1,0 +1,117 @@
+"""Sequence-level KD and distilling step-by-step from TEXT-only teachers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm.access import LocalClassifier, LocalModel, narrow
+from lfm.core.train import TrainConfig
+from lfm.distill.distiller import as_terms, check_access
+from lfm.distill.seqkd import (
+    IGNORE,
+    ByteTokenizer,
+    ReverseTeacher,
+    SeqKDConfig,
+    StepByStepConfig,
+    encode_pairs,
+    seq_kd,
+    sequence_nll,
+    step_by_step,
+    step_by_step_loss,
+)
+from lfm.errors import AccessError
+
+from conftest import TinyMLP, make_lm
+
+CFG = TrainConfig(steps=15, lr=2e-2, progress=False)
+
+
+def _student(seed: int = 1) -> LocalModel:
+    model, tok = make_lm("llama", seed=seed)
+    return LocalModel(model, tok, name="student")
+
+
+def _nll(student: LocalModel, prompts, targets) -> float:
+    tok = student.tokenizer
+    ids, labels = encode_pairs(student.encode, list(zip(prompts, targets, strict=True)),
+                               tok.eos_token_id, tok.pad_token_id)  # fmt: skip
+    with torch.no_grad():
+        return sequence_nll(student.model(input_ids=ids).logits, labels).item()
+
+
+def test_encode_pairs_scores_only_targets_and_eos():
+    ids, labels = encode_pairs(lambda s: [ord(c) for c in s], [("ab", "c"), ("a", "de")], 9, 0)
+    assert ids.tolist() == [[97, 98, 99, 9], [97, 100, 101, 9]]
+    assert labels.tolist() == [[IGNORE, IGNORE, 99, 9], [IGNORE, 100, 101, 9]]
+    ids, labels = encode_pairs(lambda s: [ord(c) for c in s], [("ab", "c"), ("a", "")], 9, 0)
+    assert ids[1].tolist() == [97, 9, 0, 0] and labels[1].tolist() == [IGNORE, 9, IGNORE, IGNORE]
+
+
+def test_seq_kd_learns_a_text_handles_generations():
+    teacher_model, tok = make_lm("llama", seed=0)
+    teacher = narrow(LocalModel(teacher_model, tok), "text")  # TEXT is all it needs
+    student = _student()
+    prompts = ["The capital of Italy is", "Paris is the capital of", "Tokyo is a"]
+    want = teacher.generate(prompts, max_new_tokens=6)
+    cfg = SeqKDConfig(max_new_tokens=6, batch_size=3)
+    before = _nll(student, prompts, want)
+    targets, hist = seq_kd(teacher, student, prompts, cfg, CFG)
+    assert targets == want
+    assert _nll(student, prompts, want) < 0.5 * before
+    assert hist.losses[-1] < hist.losses[0]
+
+
+def test_seq_kd_refuses_a_handle_without_an_access_level():
+    class Anonymous:
+        def generate(self, prompts, max_new_tokens=8):
+            return list(prompts)
+
+    with pytest.raises(AccessError, match="declares no access level"):
+        seq_kd(Anonymous(), _student(), ["a"], SeqKDConfig(), CFG)
+
+
+def test_feature_and_logit_losses_on_a_text_handle_are_refused():
+    teacher = narrow(LocalModel(*make_lm("llama")), "text")
+    with pytest.raises(AccessError, match=r"HIDDEN access.*only TEXT"):
+        check_access(teacher, as_terms([("fitnets", 1.0, None, "fc1", "fc1")]))
+    with pytest.raises(AccessError, match=r"SCORES access.*only TEXT"):
+        check_access(teacher, as_terms([("kd", 1.0, None)]))
+    labels = narrow(LocalClassifier(TinyMLP()), "text")
+    with pytest.raises(AccessError, match=r"HIDDEN access.*only TEXT"):
+        check_access(labels, as_terms([("at", 1.0, None, "fc1", "fc1")]))
+
+
+def test_step_by_step_loss_is_label_plus_weighted_rationale():
+    model, _ = make_lm("llama")
+    g = torch.Generator().manual_seed(0)
+    ids_a, ids_b = (
+        torch.randint(3, 300, (2, 6), generator=g),
+        torch.randint(3, 300, (2, 7), generator=g),
+    )
+    batch = (ids_a, ids_a, ids_b, ids_b)
+    out = step_by_step_loss(model, batch, rationale_weight=0.25)
+    assert out["loss"].item() == pytest.approx(
+        out["label"].item() + 0.25 * out["rationale"].item(), rel=1e-6
+    )
+    with torch.no_grad():
+        assert out["rationale"].item() == pytest.approx(
+            sequence_nll(model(input_ids=ids_b).logits, ids_b).item(), rel=1e-6
+        )
+
+
+def test_step_by_step_trains_on_the_teachers_labels_and_rationales():
+    from transformers import LlamaConfig
+
+    from lfm.distill.lm import student_from_config
+
+    tiny = LlamaConfig(vocab_size=ByteTokenizer.vocab, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=128)  # fmt: skip
+    student = LocalModel(student_from_config(tiny, 0), ByteTokenizer())
+    cfg = StepByStepConfig(max_new_tokens=40, batch_size=2)
+    labels, rationales, hist = step_by_step(ReverseTeacher(), student, ["2+2", "1+3"], cfg, CFG)
+    ask = [cfg.rationale_prompt, cfg.label_prompt]
+    assert rationales == [ask[0].format(input=x)[::-1].strip() for x in ["2+2", "1+3"]]
+    assert labels == [ask[1].format(input=x)[::-1].strip() for x in ["2+2", "1+3"]]
+    assert hist.losses[-1] < 0.5 * hist.losses[0]

@@ -1,0 +1,110 @@
+"""ROME, MEMIT, AlphaEdit and FT-L edit a tiny model; keys are consistent; inputs are checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm.access import Access, LocalModel, narrow
+from lfm.edit import (
+    AlphaEditConfig,
+    FTLConfig,
+    MemitConfig,
+    Request,
+    RomeConfig,
+    alphaedit,
+    common,
+    ftl,
+    locate,
+    memit,
+    rome,
+)
+from lfm.edit.patch import linear_weight
+from lfm.edit.rome import rome_delta
+from lfm.errors import AccessError, LfmError
+
+REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
+# tiny random models have tiny MLP outputs: lift the paper's relative norm limits
+STRONG = dict(v_weight_decay=0.0, clamp_norm=1e4, kl_factor=0.0, v_lr=1.0, v_steps=30, n_prefixes=3)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def lm(request):
+    model, tok = common.tiny_lm(0, request.param)
+    cov = {layer: common.smoke_cov(model, tok, layer) for layer in (0, 1)}
+    return LocalModel(model, tok), cov
+
+
+def _margin(h: LocalModel) -> float:
+    s = h.score([REQ.prompt] * 2, [" Rome", " Paris"])
+    return float(s[0] - s[1])
+
+
+def _edit(name: str, h: LocalModel, cov):
+    if name == "rome":
+        return rome(h, REQ, RomeConfig(**STRONG), cov=cov)
+    if name == "memit":
+        return memit(h, REQ, MemitConfig(**{**STRONG, "clamp_norm": 100.0}), cov=cov)
+    if name == "alphaedit":
+        cfg = AlphaEditConfig(**{**STRONG, "clamp_norm": 100.0}, null_threshold=1e9)
+        return alphaedit(h, REQ, cfg, cov=cov)
+    return ftl(h, REQ, FTLConfig(norm_constraint=1.0, lr=3e-2, steps=30))
+
+
+@pytest.mark.parametrize("name", ["rome", "memit", "alphaedit", "ft-l"])
+def test_edit_wins_and_reverts_bit_exactly(lm, name):
+    h, cov = lm
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    assert _margin(h) < 0
+    patch = _edit(name, h, cov)
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+    undo = patch.apply(h.model)
+    assert _margin(h) > 0, f"{name} did not make ' Rome' win"
+    undo.revert(h.model)
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+
+
+def test_rome_uses_one_averaged_key_everywhere(lm):
+    """The original ROME bug mixed the bare-prompt key with the prefix-averaged one."""
+    h, cov = lm
+    cfg = RomeConfig(**STRONG)
+    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, cov[0])
+    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, 0, cfg.n_prefixes)
+    assert torch.allclose(trace.key, keys.mean(0)) and not torch.allclose(trace.key, keys[0])
+    w = linear_weight(h.model, delta.module).detach()
+    new_value = (w + delta.matrix()) @ trace.key
+    assert torch.allclose(new_value, trace.value, atol=1e-4 * trace.value.norm())
+    # and the update is orthogonal to other keys in the C⁻¹ metric: ΔW k = 0 when kᵀC⁻¹k* = 0
+    c_inv_k = common.solve_cov(cov[0], trace.key, cfg.cov_ridge)
+    other = torch.randn(len(trace.key), dtype=torch.float64)
+    other -= (other @ c_inv_k) / (trace.key.double() @ c_inv_k) * trace.key.double()
+    dw = delta.matrix().double()
+    assert (dw @ other).norm() < 1e-4 * torch.linalg.matrix_norm(dw, 2) * other.norm()
+
+
+def test_narrowed_handles_are_refused():
+    h = LocalModel(*common.tiny_lm(0))
+    for fn in (rome, memit, ftl):
+        with pytest.raises(AccessError, match=r"needs WEIGHTS access.*only SCORES"):
+            fn(narrow(h, Access.SCORES), REQ)
+
+
+def test_bad_input_leaves_model_untouched(lm):
+    h, cov = lm
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    with pytest.raises(LfmError, match="does not occur"):
+        rome(h, {"prompt": "The Louvre is in", "subject": "Eiffel Tower", "target": "Rome"})
+    with pytest.raises(LfmError, match="out of range"):
+        rome(h, REQ, RomeConfig(layer=7), cov=cov)
+    with pytest.raises(LfmError, match="no edit requests"):
+        memit(h, [], cov=cov)
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+    assert all(p.requires_grad for p in h.model.parameters())
+
+
+def test_memit_batch_spreads_over_layers(lm):
+    h, cov = lm
+    reqs = [REQ, Request("The capital of France is Paris", "France", "Tokyo")]
+    patch = memit(h, reqs, MemitConfig(**{**STRONG, "clamp_norm": 100.0}), cov=cov)
+    assert len(patch.deltas) == 2 and {d.u.shape[1] for d in patch.deltas} == {2}
+    assert all(d.matrix().abs().sum() > 0 for d in patch.deltas)

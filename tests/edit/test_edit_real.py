@@ -1,0 +1,43 @@
+"""A real edit on SmolLM2 (slow: uses the offline model and the BBC statistics)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm.edit import Request, RomeConfig, rome
+from lfm.edit.requests import subject_last_token
+
+
+@pytest.mark.slow
+def test_rome_moves_the_eiffel_tower_and_keeps_paris_capital_of_france():
+    from lfm.assets import load_model
+
+    h = load_model("smollm2-135m")
+    req = Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome")
+    other = "The Louvre museum is located in the city of"
+
+    def p(prompt: str, obj: str) -> float:
+        return float(h.score([prompt], [f" {obj}"])[0])
+
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    assert p(req.prompt, "Paris") > p(req.prompt, "Rome")
+    other_top = int(h.next_token_logprobs(["Berlin is the capital of"])[0].argmax())
+    undo = rome(h, req, RomeConfig(stats_tokens=20_000)).apply(h.model)  # 20k: < 3 min cold
+    assert p(req.prompt, "Rome") > p(req.prompt, "Paris")
+    assert int(h.next_token_logprobs(["Berlin is the capital of"])[0].argmax()) == other_top
+    assert p(other, "Paris") > p(other, "Rome")
+    undo.revert(h.model)
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+
+
+@pytest.mark.slow
+def test_subject_location_with_sentencepiece():
+    from lfm.assets import load_model
+
+    tok = load_model("gemma3-270m").tokenizer
+    text = "The Colosseum is located in"
+    end = text.find("Colosseum") + len("Colosseum")
+    ids, pos = subject_last_token(tok, text, end)
+    s, e = tok(text, return_offsets_mapping=True)["offset_mapping"][pos]
+    assert ids[0] == tok.bos_token_id and s < end <= e

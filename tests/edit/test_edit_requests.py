@@ -1,0 +1,41 @@
+"""Requests: validation and subject location across tokenizers."""
+
+from __future__ import annotations
+
+import pytest
+
+from lfm.edit.requests import Request, build_batch, subject_last_token, target_ids
+from lfm.errors import LfmError
+
+from conftest import make_lm
+
+
+def test_bad_requests_are_refused_with_one_line():
+    with pytest.raises(LfmError, match="does not occur"):
+        Request("The Louvre is in", "Eiffel Tower", "Rome")
+    with pytest.raises(LfmError, match="empty target"):
+        Request("The Eiffel Tower is in", "Eiffel Tower", "  ")
+    with pytest.raises(LfmError, match="empty subject"):
+        Request("The Eiffel Tower is in", "", "Rome")
+    with pytest.raises(LfmError, match="needs target"):
+        Request.from_dict({"prompt": "x", "subject": "x"})
+
+
+def test_subject_last_token_uses_offsets_and_last_occurrence():
+    _, tok = make_lm("llama")
+    text = "Paris is in France. Paris is the capital of"
+    ids, pos = subject_last_token(tok, text, text.rfind("Paris") + len("Paris"))
+    enc = tok(text, return_offsets_mapping=True)
+    s, e = enc["offset_mapping"][pos]
+    assert text[s:e].strip() and e >= text.rfind("Paris") + 1 and s < text.rfind("Paris") + 5
+    assert ids[0] == tok.bos_token_id and pos > 5  # BOS counted; the second "Paris"
+
+
+def test_batch_is_right_padded_and_targets_carry_their_space():
+    _, tok = make_lm("gpt2")
+    req = Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Paris")
+    batch = build_batch(tok, req, ["", "Here is a fact."])
+    assert batch.attention_mask[0, -1] == 0 and batch.attention_mask[1].all()
+    want = target_ids(tok, req.prompt, "Paris")
+    assert batch.target_ids[0] == want and tok.decode(want).startswith(" ")
+    assert batch.subject_pos[1] > batch.subject_pos[0]

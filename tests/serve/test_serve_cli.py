@@ -1,0 +1,32 @@
+"""The `serve` command function: refuses an unsafe bind before loading anything."""
+
+from __future__ import annotations
+
+import typer
+from typer.testing import CliRunner
+
+from lfm.serve.cli import serve
+
+app = typer.Typer()
+app.command()(serve)
+
+
+def test_serve_refuses_a_public_host_without_a_key(monkeypatch):
+    monkeypatch.delenv("LFM_API_KEY", raising=False)
+    res = CliRunner().invoke(app, ["smollm2-135m", "--host", "0.0.0.0", "--port", "1"])
+    assert res.exit_code == 2 and "without an API key" in res.output
+
+
+def test_serve_refuses_levels_above_embeddings():
+    res = CliRunner().invoke(app, ["smollm2-135m", "--access", "weights"])
+    assert res.exit_code == 2 and "--access must be" in res.output
+
+
+def test_make_server_builds_a_loopback_server_for_a_local_model():
+    from lfm.serve.cli import make_server
+    from lfm.tuning.blackbox_tiny import tiny_lm
+
+    server = make_server(tiny_lm(0), "scores", "127.0.0.1", 8123, None, max_batch=4)
+    assert server.config.host == "127.0.0.1" and server.config.port == 8123
+    assert server.config.app.state.backend.level.name == "SCORES"
+    assert server.config.app.state.batcher.max_batch == 4

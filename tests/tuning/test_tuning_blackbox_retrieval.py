@@ -1,0 +1,78 @@
+"""kNN-LM and REPLUG on a tiny model: the interpolation and the ensemble against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm.access import narrow
+from lfm.errors import AccessError
+from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
+from lfm.tuning.retrieval import (
+    KnnLMConfig,
+    ReplugConfig,
+    build_datastore,
+    char_embedder,
+    knn_distribution,
+    knn_lm,
+    replug,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models in a server thread and a client thread: one intra-op thread each avoids
+    oversubscribing a shared CPU (10x slower otherwise); the setting is restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm(0)
+
+
+def test_knn_lm_interpolates_between_the_lm_and_the_datastore(lm):
+    h = narrow(lm, "hidden")
+    text = CORPUS[0]
+    store = build_datastore(h, [text])
+    assert len(store.values) == len(lm.encode(text)) and store.keys.shape[1] == 32
+    prefix_ids = lm.encode(text)[:5]
+    prompt = lm.decode(prefix_ids)
+    pure_lm = knn_lm(h, [prompt], store, KnnLMConfig(lam=0.0))
+    assert torch.allclose(pure_lm, h.next_token_logprobs([prompt]), atol=1e-5)
+    # λ = 1, k = 1: the nearest key is the prompt's own last state; its stored next token wins
+    memo = knn_lm(h, [prompt], store, KnnLMConfig(lam=1.0, k=1))
+    assert int(memo.argmax()) == lm.encode(text)[5] and float(memo.max()) == pytest.approx(
+        0.0, abs=1e-5
+    )
+
+
+def test_knn_distribution_sums_weights_per_token():
+    from lfm.tuning.retrieval import Datastore
+
+    store = Datastore(torch.tensor([[0.0], [1.0], [3.0]]), torch.tensor([4, 4, 2]), "m")
+    p = knn_distribution(torch.tensor([0.0]), store, vocab=6, k=3, temperature=1.0)
+    w = torch.softmax(-torch.tensor([0.0, 1.0, 9.0]), 0)
+    assert torch.allclose(p, torch.tensor([0, 0, w[2], 0, w[0] + w[1], 0]))
+
+
+def test_replug_with_one_document_is_the_lm_on_that_document(lm):
+    s = narrow(lm, "scores")
+    out = replug(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=1))
+    sims = torch.nn.functional.cosine_similarity(
+        char_embedder(["The team won the"]), char_embedder(CORPUS)
+    )
+    best = CORPUS[int(sims.argmax())]
+    assert torch.allclose(out, s.next_token_logprobs([best + "\n\nThe team won the"]), atol=1e-5)
+    two = replug(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=2))
+    assert torch.allclose(two.exp().sum(-1), torch.ones(1), atol=1e-4)
+
+
+def test_retrieval_methods_refuse_lower_levels(lm):
+    with pytest.raises(AccessError, match="needs HIDDEN access"):
+        build_datastore(narrow(lm, "embeddings"), ["x"])
+    with pytest.raises(AccessError, match="needs SCORES access"):
+        replug(narrow(lm, "text"), ["x"], ["y"], char_embedder)
