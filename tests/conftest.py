@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from lfm.core.tiny import bpe_tokenizer, tiny_config
+
 # Tiny models gain nothing from intra-op threads, and threads fight on a busy machine.
 torch.set_num_threads(int(os.environ.get("LFM_TEST_THREADS", "1")))
 
@@ -25,73 +27,7 @@ CORPUS = [
 
 def make_tokenizer():
     """A byte-level BPE tokenizer trained on a few sentences (vocab ~320), as a fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<bos>", "<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    from tokenizers.processors import TemplateProcessing
-
-    tok.post_processor = TemplateProcessing(
-        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 0)]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
-
-
-def _tiny_config(kind: str, vocab: int):
-    from transformers import Gemma3TextConfig, GPT2Config, LlamaConfig
-
-    if kind == "llama":
-        return LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-        )
-    if kind == "gpt2":
-        return GPT2Config(
-            vocab_size=vocab,
-            n_embd=32,
-            n_layer=2,
-            n_head=4,
-            n_positions=128,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-        )
-    if kind == "gemma3":
-        return Gemma3TextConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=128,
-            sliding_window=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=2,
-        )
-    raise ValueError(kind)
+    return bpe_tokenizer(CORPUS)
 
 
 def make_lm(kind: str = "llama", seed: int = 0):
@@ -100,7 +36,7 @@ def make_lm(kind: str = "llama", seed: int = 0):
 
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_tiny_config(kind, len(tok)), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, len(tok)), dtype=torch.float32)
     return model.eval(), tok
 
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lfm.core.train import TrainConfig, shuffled_batches, train
+from lfm.config import Config
+from lfm.core.train import TrainConfig, param_groups, shuffled_batches, train
+from lfm.errors import ConfigError
 from lfm.runs import Run
 
 
@@ -81,9 +83,10 @@ def _stopping(after: int):
     return fn
 
 
-def test_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("groups", [{}, {r"^net\.3\.": 3e-2}])
+def test_resume_matches_uninterrupted_run(tmp_path, groups):
     x, y = _data()
-    cfg = CFG.replace(steps=10, ckpt_every=4, grad_accum=2)
+    cfg = CFG.replace(steps=10, ckpt_every=4, grad_accum=2, lr_groups=groups)
     full = DropMLP()
     train(full, mse, shuffled_batches(x, y, batch_size=8), cfg, Run("a", root=tmp_path))
     run = Run("b", root=tmp_path)
@@ -96,3 +99,43 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     state = torch.load(run.path / "checkpoint" / "state.pt", weights_only=True)
     assert state["step"] == 10
+
+
+def test_lr_groups_first_step_moves_each_group_by_its_lr():
+    # AdamW's first step is lr·g/(|g| + eps) per element: a move of (almost exactly) lr where g ≠ 0.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = CFG.replace(steps=1, lr=1e-3, weight_decay=0.0, lr_groups={r"^1\.weight$": 0.1, r"^1\.": 0.2})
+    train(model, mse, [_data(16)], cfg)
+    moved = [(p - b).abs() for p, b in zip(model.parameters(), before, strict=True)]
+    for m, lr in zip(moved, (1e-3, 1e-3, 0.1, 0.2), strict=True):  # 0.w, 0.b, 1.w, 1.b
+        torch.testing.assert_close(m[m > 0], torch.full_like(m[m > 0], lr), rtol=1e-4, atol=0)
+        assert (m > 0).any()
+
+
+def test_lr_groups_split_the_trainable_parameters_in_order():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    model[0].bias.requires_grad_(False)
+    groups = param_groups(model, TrainConfig(lr=1e-3, lr_groups={"bias": 5e-2, "weight": 1e-2}))
+    assert [(g["lr"], len(g["params"])) for g in groups] == [(5e-2, 1), (1e-2, 2)]
+    assert groups[0]["params"][0] is model[1].bias
+
+
+def test_lr_groups_refuse_a_pattern_that_matches_nothing_trainable():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    model[1].requires_grad_(False)
+    for pattern in ("head", r"^1\."):  # absent, and present but frozen
+        with pytest.raises(ConfigError, match="match no trainable parameter") as e:
+            param_groups(model, TrainConfig(lr_groups={pattern: 1e-2}))
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="not a regular expression"):
+        TrainConfig.build({"lr_groups": {"(": 1e-2}})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        TrainConfig.build({"lr_groups": {"x": 0}})
+
+
+def test_lr_groups_round_trip_with_yaml_strings():
+    cfg = TrainConfig.build({"lr_groups": {"^head\\.": "1e-3"}})
+    assert cfg.lr_groups == {"^head\\.": 1e-3}
+    assert TrainConfig.build(cfg.to_dict()) == cfg and isinstance(cfg, Config)

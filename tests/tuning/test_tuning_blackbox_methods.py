@@ -16,17 +16,6 @@ from lfm.tuning.mezo import MeZOConfig, label_loss_fn, mezo, mezo_step, perturb,
 from lfm.tuning.prompt_search import PromptSearchConfig, prompt_search
 from lfm.tuning.tasks import Verbalizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models in a server thread and a client thread: one intra-op thread each avoids
-    oversubscribing a shared CPU (10x slower otherwise); the setting is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 VERB = Verbalizer("Article: {text}\nTopic:", WORDS)
 SMALL_BBT = BBTConfig(n_tokens=4, intrinsic_dim=16, popsize=8, budget=81, sigma0=1.0)
 

@@ -53,6 +53,19 @@ def test_encoder_head_trains_with_an_adapter_and_a_soft_prompt():
         assert hist.losses[-1] < hist.losses[0]
 
 
+@pytest.mark.parametrize("head_lr", [0.1, None])
+def test_a_new_head_trains_at_its_own_lr_and_the_adapter_at_its_own(head_lr):
+    # AdamW's first step moves every element with a gradient by its group's lr (weight decay off).
+    clf = HeadClassifier(apply_method(tiny_bert(), "lora", LoraCfg()), n_classes=3)
+    before = snapshot(clf)
+    tune(clf, [tiny_batch(0, n=8)], LoraCfg(), _tcfg(1, 1e-4, weight_decay=0.0), head_lr=head_lr)
+    moves = {n: (p - before[n]).abs().max().item() for n, p in clf.named_parameters()}
+    head = [v for n, v in moves.items() if n.startswith("head.")]
+    lora = [v for n, v in moves.items() if "lora_B" in n]
+    assert head == pytest.approx([head_lr or 1e-4] * 2, rel=1e-3)
+    assert lora and max(lora) == pytest.approx(1e-4, rel=1e-3)
+
+
 def test_bitfit_trains_biases_or_norms_and_can_refuse():
     bert = bitfit(tiny_bert())
     names = [n for n, p in bert.named_parameters() if p.requires_grad]

@@ -6,6 +6,9 @@ The same code runs on a CPU, one GPU or many (`accelerate launch script.py`): Ad
 accumulation (the loss of each micro-batch is divided by the number of micro-batches, so that
 accumulating `a` batches of size `b` equals one batch of size `a·b` for mean losses), gradient
 clipping, an evaluation callback every N steps and checkpoints every N steps into a run directory.
+`lr_groups` gives some parameters their own learning rate: each trainable parameter goes to the
+first pattern that `re.search`es its name (one AdamW parameter group per pattern), the rest train
+at `lr`; a pattern that matches no trainable parameter is an error, not a silent no-op.
 
 A checkpoint holds the weights (safetensors), the optimizer state, the step, the loss history and
 the RNG states (torch, CUDA, Python, NumPy), all as plain tensors and numbers loaded with
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -29,12 +33,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from pydantic import Field
+from pydantic import Field, field_validator
 from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from lfm.config import Config
+from lfm.errors import ConfigError
 from lfm.runs import Run
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
@@ -44,6 +49,7 @@ CHECKPOINT = "checkpoint"
 class TrainConfig(Config):
     steps: int = Field(100, ge=1)  # optimizer steps in all (a resumed run counts the earlier ones)
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate
+    lr_groups: dict[str, float] = {}  # name regex -> its lr; first match wins, the rest at `lr`
     weight_decay: float = Field(0.01, ge=0)  # AdamW decoupled weight decay (torch's default)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     max_grad_norm: float = Field(0.0, ge=0)  # clip the gradient norm to this; 0 turns it off
@@ -56,6 +62,18 @@ class TrainConfig(Config):
     progress: bool = True  # show a progress bar on the main process
     cpu: bool = False  # stay on the CPU even when an accelerator is present
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # autocast precision (Accelerate)
+
+    @field_validator("lr_groups")
+    @classmethod
+    def _check_groups(cls, groups: dict[str, float]) -> dict[str, float]:
+        for pattern, lr in groups.items():
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ValueError(f"{pattern!r} is not a regular expression ({e})") from None
+            if not lr > 0:
+                raise ValueError(f"the learning rate of {pattern!r} must be > 0, not {lr}")
+        return groups
 
 
 @dataclass
@@ -75,6 +93,32 @@ def shuffled_batches(*tensors: torch.Tensor, batch_size: int, seed: int = 0) -> 
         for i in range(0, n - batch_size + 1, batch_size):
             idx = order[i : i + batch_size]
             yield tuple(t[idx] for t in tensors)
+
+
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: the trainable parameters at `cfg.lr`, then one group per pattern.
+
+    Raises:
+        ConfigError: a pattern of `cfg.lr_groups` matches no trainable parameter.
+    """
+    patterns = list(cfg.lr_groups)
+    found: dict[str | None, list[nn.Parameter]] = {None: [], **{p: [] for p in patterns}}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            found[next((pt for pt in patterns if re.search(pt, name)), None)].append(p)
+    unused = [pt for pt in patterns if not found[pt]]
+    if unused:
+        raise ConfigError(
+            f"lr_groups {', '.join(map(repr, unused))} match no trainable parameter of "
+            f"{type(model).__name__}; trainable names look like {_example_names(model)}"
+        )
+    groups = [{"params": found[None], "lr": cfg.lr}] if found[None] else []
+    return groups + [{"params": found[pt], "lr": cfg.lr_groups[pt]} for pt in patterns]
+
+
+def _example_names(model: nn.Module, n: int = 3) -> str:
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    return ", ".join(names[:n]) or "(none: nothing trains)"
 
 
 def _stream(batches: Iterable[Any], rank: int, world: int) -> Iterator[Any]:
@@ -192,14 +236,13 @@ def train(
         model: the module whose trainable parameters are optimised.
         loss_fn: returns the loss of one micro-batch, or a dict with "loss" and parts to log.
         batches: an iterable of micro-batches (tensors, tuples or dicts of tensors), cycled.
-        cfg: steps, learning rate, accumulation, evaluation and checkpoint intervals.
+        cfg: steps, learning rates, accumulation, evaluation and checkpoint intervals.
         run: a run directory for metrics and checkpoints; one holding a checkpoint is resumed.
         evaluate: `evaluate(model) -> {name: value}`, called in eval mode without gradients.
     """
     acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     stream, hist = _stream(batches, acc.process_index, acc.num_processes), History()
     if run is not None and (run.path / CHECKPOINT).is_dir():

@@ -7,11 +7,10 @@ sentences, wrapped in a `LocalModel`. It needs no asset and builds in well under
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from lfm.access import LocalModel
+from lfm.core.tiny import bpe_tokenizer, tiny_config
 
 CORPUS = (
     "Article: The team won the match and the cup.\nTopic: sport",
@@ -31,48 +30,19 @@ TEXTS = (
 WORDS = ("sport", "business", "politics")
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from tokenizers.processors import TemplateProcessing
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<bos>", "<eos>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(list(CORPUS), trainer)
-    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
-    return tok.to_str()
-
-
 def tiny_tokenizer():
-    """A byte-level BPE fast tokenizer (deterministic: trained once per process, then copied)."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer.from_str(_tokenizer_json())
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
-    )
+    """A byte-level BPE fast tokenizer trained on `CORPUS` (deterministic)."""
+    return bpe_tokenizer(CORPUS)
 
 
 def tiny_lm(seed: int = 0) -> LocalModel:
     """A seeded 2-layer, 32-wide Llama and its tokenizer as a white-box `LocalModel`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )  # fmt: skip
     torch.manual_seed(seed)
-    return LocalModel(LlamaForCausalLM(cfg).eval(), tok, name=f"tiny-llama-{seed}")
+    model = LlamaForCausalLM(tiny_config("llama", len(tok), max_positions=256))
+    return LocalModel(model.eval(), tok, name=f"tiny-llama-{seed}")
 
 
 def tiny_task() -> tuple[list[str], torch.Tensor]:

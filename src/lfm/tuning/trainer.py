@@ -7,6 +7,12 @@
 PEFT, or a choice of trainable parameters); `tune` trains it with cross-entropy (or any loss, such
 as SFT's) and runs LP-FT's two stages: min_head L(head; frozen features) for a share of the steps,
 then min_θ L(θ) from there (Kumar et al. 2022, arXiv 2202.10054).
+
+A freshly initialised head (`HeadClassifier` on an encoder) trains at its own learning rate,
+`head_lr` (default 1e-3, the probing lr of LP-FT and a common choice for a new linear layer), through
+the loop's `lr_groups`: at an adapter's 2e-4 a random head barely moves in a few dozen steps, and the
+classifier stays at chance whatever the adapter learns. LP-FT's fine-tuning stage keeps one lr, as in
+the paper, since its head has been fit by then.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from lfm.tuning.methods import LPFTConfig, set_trainable
 from lfm.tuning.peft_methods import save_adapter
 
 NOT_TRAINABLE = ("wise-ft",)  # applied to two trained models, not trained itself
+HEAD_LR = 1e-3  # learning rate of a new classification head (LP-FT's probing lr)
+HEAD_PATTERN = r"^head\."  # HeadClassifier's head parameters, for `TrainConfig.lr_groups`
 
 
 def method_config(method: str, cfg: Config | dict | None = None) -> Config:
@@ -95,7 +103,7 @@ def _probe(
             model,
             loss_fn,
             batches,
-            tcfg.replace(steps=steps, lr=cfg.lp_lr, weight_decay=0.0),
+            tcfg.replace(steps=steps, lr=cfg.lp_lr, weight_decay=0.0, lr_groups={}),
             _sub(run, "lp"),
         )
     finally:
@@ -104,13 +112,29 @@ def _probe(
         set_trainable(model, lambda n, _p: before[n])
 
 
+def with_head_lr(model: nn.Module, tcfg: TrainConfig, head_lr: float | None) -> TrainConfig:
+    """`tcfg` with a new head's parameters at `head_lr` (after the caller's own `lr_groups`)."""
+    head = getattr(model, "head", None)
+    if head_lr is None or not isinstance(model, HeadClassifier) or HEAD_PATTERN in tcfg.lr_groups:
+        return tcfg
+    if not any(p.requires_grad for p in head.parameters()):
+        return tcfg
+    return tcfg.replace(lr_groups={**tcfg.lr_groups, HEAD_PATTERN: head_lr})
+
+
 def tune(
     model: nn.Module, batches: Any, cfg: Config, tcfg: TrainConfig, run: Run | None = None,
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None, loss_fn: LossFn = ce_loss,
+    head_lr: float | None = HEAD_LR,
 ) -> History:  # fmt: skip
-    """Train a prepared model; LP-FT runs its probing stage first (`tcfg.lr` is the FT stage's)."""
+    """Train a prepared model; LP-FT runs its probing stage first (`tcfg.lr` is the FT stage's).
+
+    Args:
+        head_lr: learning rate of a `HeadClassifier`'s new head (None: `tcfg.lr`); not used by
+            LP-FT, whose probing stage has its own `lp_lr`.
+    """
     if not isinstance(cfg, LPFTConfig):
-        return train(model, loss_fn, batches, tcfg, run, evaluate)
+        return train(model, loss_fn, batches, with_head_lr(model, tcfg, head_lr), run, evaluate)
     if tcfg.steps < 2:
         raise ConfigError("LP-FT needs at least 2 steps (one to probe, one to fine-tune)")
     lp = _probe(model, loss_fn, batches, cfg, tcfg, run)
