@@ -34,6 +34,7 @@ def train(
     steps: int = typer.Option(30, help="optimizer steps"),
     batch_size: int = typer.Option(4),
     lr: float = typer.Option(0.0, help="learning rate; 0 takes the method's paper default"),
+    head_lr: float = typer.Option(1e-3, help="learning rate of an encoder's new head"),
     grad_accum: int = typer.Option(1, help="micro-batches per optimizer step"),
     eval_per_class: int = typer.Option(10, help="held-out articles per class to evaluate on"),
     eval_every: int = typer.Option(0, help="evaluate every N steps (0: at the end)"),
@@ -101,7 +102,9 @@ def train(
             trainable_parameters=trainable_parameters(clf),
             zero_shot_acc=acc(clf) if is_lm else None,
         )
-        hist = tune(clf, batches, cfg, tcfg, run=run, evaluate=lambda m: {"acc": acc(m)})
+        hist = tune(
+            clf, batches, cfg, tcfg, run=run, evaluate=lambda m: {"acc": acc(m)}, head_lr=head_lr
+        )
         with run.output("tuned") as tmp:
             save_tuned(clf, tmp)
         run.log(acc=hist.evals[-1]["acc"])

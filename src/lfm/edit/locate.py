@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lfm.core.layouts import module_name
+from lfm.edit import tail
 from lfm.edit.requests import Batch, Request, build_batch
 
 # Short, neutral contexts; "" is the bare prompt. ROME samples 20 model-written prefixes; a fixed
@@ -102,10 +103,14 @@ def _add_at(mod: nn.Module, rows: torch.Tensor, pos: torch.Tensor, delta: torch.
 
 def _target_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Mean over rows of the mean NLL of each row's target tokens."""
+    return _nll_from(batch, lambda keep: model(**_inputs(model, batch), logits_to_keep=keep).logits)
+
+
+def _nll_from(batch: Any, logits_at: Any) -> torch.Tensor:
+    """The target NLL of `batch` (its `target_pos`, `target_ids`) from `logits_at(positions)`."""
     keep = sorted({p for row in batch.target_pos for p in row})
     col = {p: i for i, p in enumerate(keep)}
-    logits = model(**_inputs(model, batch), logits_to_keep=torch.tensor(keep)).logits
-    logp = logits.float().log_softmax(-1)  # (B, K, V)
+    logp = logits_at(torch.tensor(keep)).float().log_softmax(-1)  # (B, K, V)
     losses = []
     for i, (pos, ids) in enumerate(zip(batch.target_pos, batch.target_ids, strict=True)):
         cols = torch.tensor([col[p] for p in pos])
@@ -131,7 +136,8 @@ def optimise_delta(
     """δ for the MLP output of `layer` at the subject's last token (see module docstring).
 
     `cfg` provides: n_prefixes, v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm,
-    stop_nll. Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
+    stop_nll and optionally tail_only (default True: `lfm.edit.tail`'s split forward, the same
+    loss up to rounding). Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
     """
     mod = _mod(model, layer)
     batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
@@ -140,11 +146,13 @@ def optimise_delta(
     ref = outs.mean(0).norm()
     with torch.no_grad():
         kl_ref = _last_logp(model, kl_batch)
+    losses = _tail_losses if getattr(cfg, "tail_only", True) else _full_losses
+    loss_fn = losses(model, mod, batch, kl_batch, kl_ref)
     delta = torch.zeros(outs.shape[1], requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.v_lr)
     trace: dict[str, float] = {}
     for step in range(cfg.v_steps):
-        nll, kl = _losses(model, mod, batch, kl_batch, kl_ref, delta)
+        nll, kl = loss_fn(delta)
         trace.setdefault("nll_start", nll.item())
         trace.update(nll_end=nll.item(), steps=step)
         if nll.item() < cfg.stop_nll:
@@ -157,14 +165,39 @@ def optimise_delta(
     return delta.detach(), trace
 
 
-def _losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref, delta) -> tuple[torch.Tensor, ...]:
+def _kl(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.kl_div(logp, ref, log_target=True, reduction="batchmean")
+
+
+def _full_losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref):
+    """(NLL, KL) as functions of δ, each from a full forward pass (the reference path)."""
     rows = torch.arange(len(batch.subject_pos))
-    with _add_at(mod, rows, batch.subject_pos, delta):
-        nll = _target_nll(model, batch)
-    with _add_at(mod, torch.zeros(1, dtype=torch.long), kl_batch.subject_pos, delta):
-        logp = _last_logp(model, kl_batch)
-    kl = torch.nn.functional.kl_div(logp, kl_ref, log_target=True, reduction="batchmean")
-    return nll, kl
+
+    def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _add_at(mod, rows, batch.subject_pos, delta):
+            nll = _target_nll(model, batch)
+        with _add_at(mod, torch.zeros(1, dtype=torch.long), kl_batch.subject_pos, delta):
+            logp = _last_logp(model, kl_batch)
+        return nll, _kl(logp, kl_ref)
+
+    return losses
+
+
+def _tail_losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref):
+    """(NLL, KL) as functions of δ, re-running only the tokens from the subject on (`tail`)."""
+    nll_tail, kl_tail = tail.prepare(model, batch), tail.prepare(model, kl_batch)
+    rows = torch.arange(len(batch.subject_pos))
+    first = torch.zeros(len(rows), dtype=torch.long)  # the subject's last token: tail column 0
+    last = int(kl_batch.attention_mask.sum() - kl_batch.subject_pos[0]) - 1
+
+    def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with _add_at(mod, rows, first, delta):
+            nll = _nll_from(nll_tail, lambda keep: tail.forward(model, nll_tail, keep))
+        with _add_at(mod, first[:1], first[:1], delta):
+            logp = tail.forward(model, kl_tail, 0)[:, last].float().log_softmax(-1)
+        return nll, _kl(logp, kl_ref)
+
+    return losses
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ class MemitConfig(Config):
     kl_factor: float = 0.0625  # essence-drift KL weight (paper)
     clamp_norm: float = 0.75  # ‖δ‖ ≤ clamp_norm · ‖h‖ (paper, GPT-J: 0.75 of the residual)
     stop_nll: float = 0.05  # early stop on the target NLL
+    tail_only: bool = True  # re-run only the tokens from the subject on (same loss); False = full passes
     # λ in (λC + KKᵀ); None = 15,000 · D_in / 16,384 (the paper's GPT-J value per key dimension)
     mom2_update_weight: float | None = None
     use_cov: bool = True  # False = C = I (for ablation)

@@ -46,6 +46,7 @@ class RomeConfig(Config):
     kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a" (paper)
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v‖ (paper: 4)
     stop_nll: float = 0.05  # stop early once the target NLL is below this (paper: 5e-2)
+    tail_only: bool = True  # re-run only the tokens from the subject on (same loss); False = full passes
     use_cov: bool = True  # False = C = I (EasyEdit's default; for ablation only)
     cov_ridge: float = 1e-6  # relative ridge on C; guards a rank-deficient C only
     stats_corpus: str = "bbc-news"  # text for C = E[k kᵀ]
