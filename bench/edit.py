@@ -25,6 +25,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch", action="store_true", help="also MEMIT with all n edits at once")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stats-tokens", type=int, default=100_000, help="token budget for C")
+    p.add_argument(
+        "--full-passes", action="store_true",
+        help="δ search by full forward passes (tail_only=False, the reference path) for timing",
+    )  # fmt: skip
     return p.parse_args()
 
 
@@ -41,38 +45,41 @@ def _stats(handle, methods, tokens: int) -> float:
     return time.perf_counter() - t
 
 
-def _cfg(name: str, tokens: int):
+def _cfg(name: str, tokens: int, full: bool = False):
     from lfm.registry import get
 
-    spec = get(f"edit/{name}")
-    has_stats = "stats_tokens" in spec.config.model_fields
-    return spec.config(stats_tokens=tokens) if has_stats else spec.config()
+    fields = get(f"edit/{name}").config.model_fields
+    kw = {"stats_tokens": tokens} if "stats_tokens" in fields else {}
+    if "tail_only" in fields:
+        kw["tail_only"] = not full
+    return get(f"edit/{name}").config(**kw)
 
 
-def _single(handle, facts, name: str, gen: int, tokens: int) -> tuple[dict[str, float], float]:
+def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict[str, float], float]:
     from lfm.edit.facts import evaluate_fact, summarise
     from lfm.registry import get
 
-    fn, cfg, rows, secs = get(f"edit/{name}").fn, _cfg(name, tokens), [], 0.0
+    cfg = _cfg(name, a.stats_tokens, a.full_passes)
+    fn, rows, secs = get(f"edit/{name}").fn, [], 0.0
     for f in facts:
         t = time.perf_counter()
         patch = fn(handle, f.request, cfg)
         secs += time.perf_counter() - t
         undo = patch.apply(handle.model)
-        rows.append(evaluate_fact(handle, f, gen_tokens=gen))
+        rows.append(evaluate_fact(handle, f, gen_tokens=a.gen_tokens))
         undo.revert(handle.model)
     return summarise(rows), secs / len(facts)
 
 
-def _batch(handle, facts, tokens: int) -> tuple[dict[str, float], float]:
+def _batch(handle, facts, a: argparse.Namespace) -> tuple[dict[str, float], float]:
     from lfm.edit import memit
     from lfm.edit.facts import evaluate_fact, summarise
 
     t = time.perf_counter()
-    patch = memit(handle, [f.request for f in facts], _cfg("memit", tokens))
+    patch = memit(handle, [f.request for f in facts], _cfg("memit", a.stats_tokens, a.full_passes))
     secs = time.perf_counter() - t
     undo = patch.apply(handle.model)
-    rows = [evaluate_fact(handle, f) for f in facts]
+    rows = [evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in facts]
     undo.revert(handle.model)
     return summarise(rows), secs
 
@@ -103,9 +110,9 @@ def main() -> None:
     base = summarise([evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in use])
     print(_row("unedited", base, 0.0), flush=True)
     for name in a.methods:
-        print(_row(name, *_single(handle, use, name, a.gen_tokens, a.stats_tokens)), flush=True)
+        print(_row(name, *_single(handle, use, name, a)), flush=True)
     if a.batch:
-        m, secs = _batch(handle, use, a.stats_tokens)
+        m, secs = _batch(handle, use, a)
         print(_row(f"memit batch of {len(use)}", m, secs) + " (total s)")
 
 

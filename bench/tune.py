@@ -24,9 +24,9 @@ import torch
 from lfm.assets import load_dataset, load_model
 from lfm.core.train import TrainConfig
 from lfm.tuning.classify import accuracy_fn, class_batches
-from lfm.tuning.methods import WiseFTConfig, snapshot, wise_curve
+from lfm.tuning.methods import snapshot, wise_curve
 from lfm.tuning.tasks import bbc_verbalizer, few_shot
-from lfm.tuning.trainer import classifier, method_config, trainable_parameters, tune
+from lfm.tuning.trainer import HEAD_LR, classifier, method_config, trainable_parameters, tune
 
 METHODS = [
     "zero-shot",
@@ -102,12 +102,10 @@ def run_one(args, data, model: str, method: str, seed: int) -> dict:
             batches = class_batches(tok, prompts, y, args.batch_size, seed, args.max_tokens)
             cfg = method_config(method)
             theta0 = snapshot(clf) if (args.wise and method == "full-ft") else None
-            tune(clf, batches, cfg, TrainConfig(steps=steps, lr=cfg.lr, seed=seed, progress=False))
+            tcfg = TrainConfig(steps=steps, lr=cfg.lr, seed=seed, progress=False)
+            tune(clf, batches, cfg, tcfg, head_lr=args.head_lr)
             if theta0 is not None:
-                acc = accuracy_fn(ev)
-                extra["wise"] = wise_curve(
-                    clf, theta0, snapshot(clf), acc, WiseFTConfig().alphas[1:-1]
-                )
+                extra["wise"] = wise_curve(clf, theta0, snapshot(clf), accuracy_fn(ev))
         acc = accuracy_fn(ev)(clf)
     return {
         "acc": acc,
@@ -142,10 +140,14 @@ def main() -> None:
     p.add_argument("--eval-per-class", type=int, default=10)
     p.add_argument("--max-chars", type=int, default=400)
     p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--head-lr", type=float, default=HEAD_LR, help="lr of an encoder's new head")
     p.add_argument(
-        "--wise", action="store_true", help="WiSE-FT curve (α = .25, .5, .75) after full FT"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (2 on a busy 2-core box is ~10x slower)",
     )
+    p.add_argument("--wise", action="store_true", help="WiSE-FT curve (α = 0 .. 1) after full FT")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset("bbc-news")
@@ -157,15 +159,14 @@ def main() -> None:
         for method in args.methods:
             if method == "zero-shot" and model != "smollm2-135m":
                 continue  # an encoder's new head has no zero-shot prediction
-            rs = [run_one(args, data, model, method, s) for s in range(args.seeds)]
+            seeds = range(1 if method == "zero-shot" else args.seeds)  # zero-shot has no seed
+            rs = [run_one(args, data, model, method, s) for s in seeds]
             print(f"| {model} | {method} | {_fmt([r['acc'] for r in rs])} | {rs[0]['params']:,} | "
                   f"{max(r['mem'] for r in rs):.0f} | {statistics.mean(r['time'] for r in rs):.1f} |", flush=True)  # fmt: skip
-            for r in rs:
-                if "wise" in r:
-                    print(
-                        f"|  | wise-ft α curve | {', '.join(f'α={a}: {v:.3f}' for a, v in r['wise'])} | | | |",
-                        flush=True,
-                    )
+            if "wise" in rs[0]:
+                for i, (a, _) in enumerate(rs[0]["wise"]):
+                    accs = [r["wise"][i][1] for r in rs]
+                    print(f"| {model} | wise-ft α={a:g} | {_fmt(accs)} | | | |", flush=True)
 
 
 if __name__ == "__main__":

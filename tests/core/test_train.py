@@ -106,7 +106,9 @@ def test_lr_groups_first_step_moves_each_group_by_its_lr():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
     before = [p.detach().clone() for p in model.parameters()]
-    cfg = CFG.replace(steps=1, lr=1e-3, weight_decay=0.0, lr_groups={r"^1\.weight$": 0.1, r"^1\.": 0.2})
+    cfg = CFG.replace(
+        steps=1, lr=1e-3, weight_decay=0.0, lr_groups={r"^1\.weight$": 0.1, r"^1\.": 0.2}
+    )
     train(model, mse, [_data(16)], cfg)
     moved = [(p - b).abs() for p, b in zip(model.parameters(), before, strict=True)]
     for m, lr in zip(moved, (1e-3, 1e-3, 0.1, 0.2), strict=True):  # 0.w, 0.b, 1.w, 1.b

@@ -16,6 +16,8 @@ CFG = RomeConfig(
     n_prefixes=4, v_steps=6, v_lr=0.5, v_weight_decay=0.5, kl_factor=0.5, clamp_norm=1e3,
     stop_nll=0.0, layer=0,
 )  # fmt: skip
+# tiny random models have tiny MLP outputs: no ‖δ‖ penalty, so that the NLL visibly falls
+SEARCH = CFG.replace(v_weight_decay=0.0, kl_factor=0.0625, v_lr=1.0, v_steps=10)
 
 
 def _loss_fns(model, tok, req, layer):
@@ -39,7 +41,7 @@ def test_tail_losses_and_gradients_match_full_forward(tiny_lm, req, layer):
         # vacuous otherwise (δ in the last block cannot reach the KL prompt's last token)
         assert nll_a > 0 and (layer == 1 or kl_a > 1e-7)
         torch.testing.assert_close(nll_b, nll_a, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(kl_b, kl_a, rtol=1e-3, atol=1e-9)
+        torch.testing.assert_close(kl_b, kl_a, rtol=1e-3, atol=1e-6)
     grads = [torch.autograd.grad(nll + kl, delta)[0] for nll, kl in got]
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
@@ -49,7 +51,7 @@ def test_tail_search_reproduces_full_search(tiny_lm):
     flags = locate.frozen(model)
     try:
         runs = [
-            locate.optimise_delta(model, tok, REQS[0], 0, CFG.replace(tail_only=flag))
+            locate.optimise_delta(model, tok, REQS[0], 0, SEARCH.replace(tail_only=flag))
             for flag in (False, True)
         ]
     finally:

@@ -136,10 +136,12 @@ def cache(
 
 
 def _mount_areas() -> None:
+    from lfm.cli.reuse import merge
     from lfm.registry import AREAS
     from lfm.serve.cli import serve
 
     app.command("serve")(serve)
+    app.command("merge", help="Merge models from a merge plan (same as `lfm reuse merge`).")(merge)
     for area in AREAS:
         try:
             module = importlib.import_module(f"lfm.cli.{area}")

@@ -117,3 +117,35 @@ def patch_revert(
     except LfmError as e:
         _fail(e)
     typer.echo(f"restored the original weights -> {out}")
+
+
+@app.command("trace")
+def trace(
+    model: str = typer.Argument(..., help="model name or path"),
+    prompt: str = typer.Option(..., "--prompt", help="prompt ending where the answer comes"),
+    subject: str = typer.Option(..., "--subject", help="the subject, as it occurs in the prompt"),
+    answer: str = typer.Option(None, "--answer", help="traced answer (default: top prediction)"),
+    samples: int = typer.Option(10, "--samples", help="noise samples averaged (paper: 10)"),
+    noise: float = typer.Option(3.0, "--noise", help="noise std in embedding stds (paper: 3)"),
+    out: Path = typer.Option(..., "--out", "-o", help="heat map PNG; the numbers go to .json"),
+) -> None:
+    """Causal tracing (ROME §2): the layer × token effect of restoring clean hidden states."""
+    from lfm.assets import load_model
+    from lfm.edit.trace import causal_trace, plot
+
+    try:
+        t = causal_trace(
+            load_model(model), prompt, subject, answer=answer, samples=samples, noise=noise
+        )
+    except LfmError as e:
+        _fail(e)
+    plot(t, out)
+    data = t.save(Path(out).with_suffix(".json"))
+    peak = max(
+        ((v, layer, i) for layer, row in enumerate(t.effect) for i, v in enumerate(row)),
+        key=lambda x: x[0],
+    )
+    typer.echo(
+        f"p({t.answer!r}): clean {t.clean:.3f}, corrupted {t.corrupted:.3f}; "
+        f"peak {peak[0]:.3f} at layer {peak[1]}, token {t.tokens[peak[2]]!r} -> {out}, {data}"
+    )

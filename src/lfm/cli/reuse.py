@@ -93,3 +93,81 @@ def rebasin(
         _fail(e)
     moved = sum(int((p != p.new_tensor(range(len(p)))).sum()) for p in perms.values())
     typer.echo(f"rebasin: {len(perms)} layers aligned, {moved} units moved -> {out}")
+
+
+@app.command()
+def ensemble(
+    models: list[str] = typer.Argument(..., help="causal LMs: asset names, folders or files"),
+    labels: str = typer.Option(
+        "", help="label words, comma-separated; each is scored after a space (default: the classes)"
+    ),
+    texts: Path | None = typer.Option(None, help="a text file, one example per line"),
+    dataset: str | None = typer.Option(
+        None, help="a text dataset with labels (bbc-news): test split"
+    ),
+    template: str = typer.Option("{text}\nTopic:", help="prompt; {text} is the example"),
+    mode: str = typer.Option(
+        "average", help="average (probabilities) or vote (majority of members)"
+    ),
+    weights: str = typer.Option("", help="one weight per model, comma-separated (default: equal)"),
+    space: str = typer.Option("prob", help="average: prob or logprob"),
+    n: int = typer.Option(50, help="use at most this many examples"),
+    max_chars: int = typer.Option(400, help="cut each text to this many characters"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="write predictions as JSON"),
+) -> None:
+    """Classify texts with an ensemble of LMs by label-word scores: averaging or a vote."""
+    import json
+
+    from lfm.assets import load_model
+    from lfm.reuse.ensemble import classify_label_words
+
+    if mode not in ("average", "vote") or space not in ("prob", "logprob"):
+        _fail(
+            LfmError(f"mode is average or vote (got {mode!r}), space prob or logprob ({space!r})")
+        )
+    try:
+        rows, gold, words = _ensemble_inputs(texts, dataset, labels, n)
+        ws = [float(w) for w in weights.split(",")] if weights else None
+        if ws is not None and len(ws) != len(models):
+            raise LfmError(f"{len(ws)} weights for {len(models)} models")
+        handles = [load_model(m, kind="causal-lm") for m in models]
+        prompts = [template.format(text=t[:max_chars]) for t in rows]
+        pred, members = classify_label_words(handles, prompts, words, mode, ws, space)  # type: ignore[arg-type]
+    except (LfmError, OSError, ValueError, KeyError) as e:
+        _fail(e)
+    names = [w.strip() for w in words]
+    result = {"labels": names, "predictions": [names[i] for i in pred.tolist()]}
+    for i, t in enumerate(rows):
+        typer.echo(f"{names[int(pred[i])]}\t{t[:60]!r}")
+    if gold is not None:
+        acc = {m: float((p == gold).float().mean()) for m, p in zip(models, members, strict=True)}
+        acc["ensemble"] = float((pred == gold).float().mean())
+        result["accuracy"] = acc
+        typer.echo("accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def _ensemble_inputs(texts: Path | None, dataset: str | None, labels: str, n: int):
+    """(texts, gold labels or None, label words) from a text file or a labelled text dataset."""
+    from lfm.assets.datasets import load_dataset
+
+    if (texts is None) == (dataset is None):
+        raise LfmError("give exactly one of --texts or --dataset")
+    words = [f" {w.strip()}" for w in labels.split(",") if w.strip()]
+    if texts is not None:
+        if not words:
+            raise LfmError("--texts needs --labels (the label words)")
+        return [t for t in texts.read_text().splitlines() if t.strip()][:n], None, words
+    data = load_dataset(dataset)  # type: ignore[arg-type]
+    if not hasattr(data, "test_texts"):
+        raise LfmError(f"{dataset} is not a labelled text dataset")
+    words = words or [f" {c}" for c in data.classes]  # the label word follows "Topic:"
+    # every class in turn, so a small n still covers all classes
+    order = sorted(range(len(data.test_texts)), key=lambda i: (_rank(data.y_test, i), i))[:n]
+    return [data.test_texts[i] for i in order], data.y_test[order], words
+
+
+def _rank(labels, i: int) -> int:
+    """The position of example i among the examples of its class."""
+    return int((labels[:i] == labels[i]).sum())

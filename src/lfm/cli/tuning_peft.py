@@ -98,18 +98,18 @@ def train(
         ckpt_every=ckpt_every,
     )  # type: ignore[attr-defined]
     with Run(f"tune-{method}", config, root=root, path=resume) as run:
-        run.log(
-            trainable_parameters=trainable_parameters(clf),
-            zero_shot_acc=acc(clf) if is_lm else None,
-        )
+        before = acc(clf) if is_lm else None  # an encoder's new head has no zero-shot accuracy
+        run.log(trainable_parameters=trainable_parameters(clf), zero_shot_acc=before)
         hist = tune(
             clf, batches, cfg, tcfg, run=run, evaluate=lambda m: {"acc": acc(m)}, head_lr=head_lr
         )
         with run.output("tuned") as tmp:
             save_tuned(clf, tmp)
         run.log(acc=hist.evals[-1]["acc"])
+    start = "" if before is None else f"{before:.3f} (zero-shot) -> "
     typer.echo(
-        f"{method} on {model}: accuracy {hist.evals[-1]['acc']:.3f} ({trainable_parameters(clf):,} trainable) -> {run.path}"
+        f"{method} on {model}: accuracy {start}{hist.evals[-1]['acc']:.3f} "
+        f"({trainable_parameters(clf):,} trainable) -> {run.path}"
     )
 
 

@@ -49,7 +49,7 @@ CHECKPOINT = "checkpoint"
 class TrainConfig(Config):
     steps: int = Field(100, ge=1)  # optimizer steps in all (a resumed run counts the earlier ones)
     lr: float = Field(1e-3, gt=0)  # AdamW learning rate
-    lr_groups: dict[str, float] = {}  # name regex -> its lr; first match wins, the rest at `lr`
+    lr_groups: dict[str, float] = Field(default_factory=dict)  # name regex -> lr; first match wins
     weight_decay: float = Field(0.01, ge=0)  # AdamW decoupled weight decay (torch's default)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
     max_grad_norm: float = Field(0.0, ge=0)  # clip the gradient norm to this; 0 turns it off
@@ -178,7 +178,12 @@ def _rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "python": [list(random.getstate()[1]), random.getstate()[2]],
-        "numpy": [torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "numpy": [
+            torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ],
     }
 
 

@@ -131,18 +131,20 @@ def essence_request(req: Request) -> Request:
 
 
 def optimise_delta(
-    model: nn.Module, tokenizer: Any, req: Request, layer: int, cfg: Any
+    model: nn.Module, tokenizer: Any, req: Request, layer: int, cfg: Any, outs: Any = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """δ for the MLP output of `layer` at the subject's last token (see module docstring).
 
     `cfg` provides: n_prefixes, v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm,
     stop_nll and optionally tail_only (default True: `lfm.edit.tail`'s split forward, the same
-    loss up to rounding). Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
+    loss up to rounding). `outs`: the per-prefix MLP outputs from `keys_and_outputs`, if the
+    caller has them. Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
     """
     mod = _mod(model, layer)
     batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
     kl_batch = build_batch(tokenizer, essence_request(req), [""], with_target=False)
-    _, outs = keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)
+    if outs is None:
+        outs = keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)[1]
     ref = outs.mean(0).norm()
     with torch.no_grad():
         kl_ref = _last_logp(model, kl_batch)

@@ -47,7 +47,7 @@ class MemitConfig(Config):
     kl_factor: float = 0.0625  # essence-drift KL weight (paper)
     clamp_norm: float = 0.75  # ‖δ‖ ≤ clamp_norm · ‖h‖ (paper, GPT-J: 0.75 of the residual)
     stop_nll: float = 0.05  # early stop on the target NLL
-    tail_only: bool = True  # re-run only the tokens from the subject on (same loss); False = full passes
+    tail_only: bool = True  # per step, re-run only the subject's tail (same loss; `lfm.edit.tail`)
     # λ in (λC + KKᵀ); None = 15,000 · D_in / 16,384 (the paper's GPT-J value per key dimension)
     mom2_update_weight: float | None = None
     use_cov: bool = True  # False = C = I (for ablation)
@@ -130,11 +130,10 @@ def memit_deltas(model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConf
 
 def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):
     # MEMIT clamps δ relative to the residual norm ‖h‖, not the MLP output's
-    scale = (
-        h.norm() / locate.keys_and_outputs(model, tok, req, layer, cfg.n_prefixes)[1].mean(0).norm()
-    )
+    outs = locate.keys_and_outputs(model, tok, req, layer, cfg.n_prefixes)[1]
+    scale = float(h.norm() / outs.mean(0).norm())
     return locate.optimise_delta(
-        model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * float(scale))
+        model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * scale), outs
     )[0]
 
 

@@ -46,7 +46,7 @@ class RomeConfig(Config):
     kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a" (paper)
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v‖ (paper: 4)
     stop_nll: float = 0.05  # stop early once the target NLL is below this (paper: 5e-2)
-    tail_only: bool = True  # re-run only the tokens from the subject on (same loss); False = full passes
+    tail_only: bool = True  # per step, re-run only the subject's tail (same loss; `lfm.edit.tail`)
     use_cov: bool = True  # False = C = I (EasyEdit's default; for ablation only)
     cov_ridge: float = 1e-6  # relative ridge on C; guards a rank-deficient C only
     stats_corpus: str = "bbc-news"  # text for C = E[k kᵀ]
@@ -82,8 +82,9 @@ def rome_delta(
     layer = common.layer_of(model, cfg.layer)
     name = module_name(model, "mlp_out", layer)
     c = common.covariance(model, tokenizer, layer, cfg, cov)
-    key = locate.mean_key(model, tokenizer, req, layer, cfg.n_prefixes)
-    delta, info = locate.optimise_delta(model, tokenizer, req, layer, cfg)
+    keys, outs = locate.keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)
+    key = keys.mean(0)  # k*, the one prefix-averaged key used everywhere below
+    delta, info = locate.optimise_delta(model, tokenizer, req, layer, cfg, outs)
     w = linear_weight(model, name).detach().float().cpu()
     value = w @ key + delta  # v* = W k* + δ: the bias (if any) cancels in v* − W k*
     u, v = rank_one(w, key, value, c, cfg.cov_ridge)

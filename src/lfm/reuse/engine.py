@@ -25,7 +25,15 @@ from tqdm import tqdm
 import lfm
 from lfm.config import Config
 from lfm.core.io import atomic_path
-from lfm.reuse.driver import MergeError, OnMissing, method_spec, plan, resolve_config, run_merge
+from lfm.reuse.driver import (
+    MergeError,
+    OnMissing,
+    Reader,
+    method_spec,
+    plan,
+    resolve_config,
+    run_merge,
+)
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -207,8 +215,9 @@ def merge_models(
     spec = method_spec(method)
     config = resolve_config(spec, cfg)
     base_reader = SafetensorsReader(base) if base is not None else None
-    inputs = plan(base_reader, [SafetensorsReader(m) for m in models], on_missing)
-    template = Path(base) if base is not None else Path(models[0])
+    readers = [open_model(m, base, base_reader) for m in models]
+    inputs = plan(base_reader, readers, on_missing)
+    template = Path(base) if base is not None else _template_folder(models[0])
     with atomic_path(out) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, parse_size(max_shard_size))
@@ -219,6 +228,42 @@ def merge_models(
         record = _record(spec.name, config, base, models, weights, on_missing)
         (tmp / "lfm_merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def open_model(path: str | Path, base: str | Path | None, base_reader: Reader | None) -> Reader:
+    """A reader for a model entry: weights on disk, or a LoRA adapter on top of its base.
+
+    An adapter folder sits on the merge's base (else on the local base its config names);
+    mergekit's `base+adapter` string names its base itself.
+    """
+    from lfm.reuse import lora
+
+    plus = lora.split_plus(path)
+    if plus is not None:
+        return lora.LoraReader(SafetensorsReader(plus[0]), plus[1], lora.model_type(plus[0]))
+    if not lora.is_adapter(path):
+        return SafetensorsReader(path)
+    if base is None:
+        base = lora.adapter_base(path)
+        if base is None:
+            raise MergeError(
+                f"{path} is a LoRA adapter: give the merge a base model to apply it to"
+            )
+        base_reader = SafetensorsReader(base)
+    assert base_reader is not None
+    return lora.LoraReader(base_reader, path, lora.model_type(base))
+
+
+def _template_folder(model: str | Path) -> Path:
+    """The folder whose config and tokenizer the output gets (an adapter's base, if an adapter)."""
+    from lfm.reuse import lora
+
+    plus = lora.split_plus(model)
+    if plus is not None:
+        return Path(plus[0])
+    if lora.is_adapter(model):
+        return Path(lora.adapter_base(model) or model)
+    return Path(model)
 
 
 def _bar(desc: str, enabled: bool) -> Any:

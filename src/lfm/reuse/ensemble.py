@@ -119,6 +119,33 @@ def ensemble_label_words(
     return average_logprobs([label_word_logprobs(h, prompts, words) for h in handles], cfg)
 
 
+def classify_label_words(
+    handles: Sequence[Any],
+    prompts: Sequence[str],
+    words: Sequence[str],
+    mode: Literal["average", "vote"] = "average",
+    weights: Sequence[float] | None = None,
+    space: Literal["prob", "logprob"] = "prob",
+) -> tuple[Tensor, list[Tensor]]:
+    """Ensemble labels (B,) by averaged label-word probabilities or a vote, and each member's labels.
+
+    Args:
+        handles: LM handles with SCORES access (each member scores every label word).
+        prompts: one prompt per example, ending where the label word comes next.
+        words: the label words (index = label).
+        mode: "average" (probability averaging) or "vote" (weighted majority of members' argmax).
+        weights: one weight per member (None: equal).
+        space: with "average", average probabilities or log-probabilities.
+    """
+    _check(handles, Access.SCORES, "reuse/ensemble_average")
+    per = [label_word_logprobs(h, prompts, words) for h in handles]  # M x (B, L)
+    members = [p.argmax(-1) for p in per]
+    if mode == "vote":
+        return vote_labels(members, weights), members
+    cfg = EnsembleConfig(weights=tuple(weights) if weights else None, space=space)
+    return average_logprobs(per, cfg).argmax(-1), members
+
+
 @register(
     "reuse", "ensemble_vote", branch="ensemble", access=Access.TEXT, config=VoteConfig,
     paper="Dietterich 2000, MCS (doi 10.1007/3-540-45014-9_1)",

@@ -1,0 +1,58 @@
+"""Causal tracing on a tiny model: shape, exact endpoints, determinism, files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lfm.edit.trace import causal_trace, plot
+
+PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+
+
+@pytest.fixture(scope="module")
+def traced():
+    from conftest import make_lm
+
+    model, tok = make_lm("llama")
+    return model, tok, causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, samples=3, noise=10.0)
+
+
+def test_trace_has_a_layer_by_token_grid_with_exact_endpoints(traced):
+    model, tok, t = traced
+    n_tok = len(tok(PROMPT)["input_ids"])
+    assert len(t.effect) == model.config.num_hidden_layers and len(t.effect[0]) == n_tok
+    start, end = t.subject
+    assert t.tokens[start:end] and "".join(t.tokens[start:end]).strip() == SUBJECT
+    assert t.corrupted != pytest.approx(t.clean, abs=1e-6)  # the noise does something
+    # the last block's output at the last token fixes the logits: restoring it recovers p*
+    assert t.effect[-1][-1] == pytest.approx(t.clean, rel=1e-4)
+    # tokens before the subject are not corrupted: restoring them changes nothing
+    assert all(row[0] == pytest.approx(t.corrupted, rel=1e-4) for row in t.effect)
+
+
+def test_trace_is_seeded_and_writes_json_and_png(traced, tmp_path):
+    model, tok, t = traced
+    again = causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, samples=3, noise=10.0)
+    assert again == t
+    data = json.loads(t.save(tmp_path / "t.json").read_text())
+    assert data["effect"] == t.effect and data["answer"] == t.answer
+    png = plot(t, tmp_path / "t.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_trace_writes_the_heat_map_and_numbers(traced, tmp_path):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    model, tok, _ = traced
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    args = ["trace", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT]
+    res = CliRunner().invoke(app, [*args, "--samples", "2", "--out", str(tmp_path / "h.png")])
+    assert res.exit_code == 0, res.output
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert len(data["effect"]) == 2 and (tmp_path / "h.png").stat().st_size > 1000
+    assert "peak" in res.output
