@@ -53,8 +53,13 @@ def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def kth_largest(values: Tensor, k: int) -> float:
-    """The k-th largest entry of a flat tensor (k ≥ 1)."""
-    return float(torch.topk(values.flatten(), k, sorted=False).values.min())
+    """The k-th largest entry of a flat tensor (k ≥ 1).
+
+    A selection (`kthvalue`, linear time) rather than `topk`, which is ~3x slower when k is a
+    large fraction of n, as in TIES at density 0.2.
+    """
+    flat = values.flatten()
+    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
 
 
 def keep_count(n: int, density: float) -> int:
