@@ -10,6 +10,7 @@ import torch
 
 from lfm.access import LocalModel, narrow
 from lfm.core.layouts import get_layout, num_layers
+from lfm.core.tiny import tiny_config
 from lfm.core.train import TrainConfig
 from lfm.distill.lm import (
     LMStudentConfig,
@@ -25,7 +26,7 @@ from lfm.distill.lm import (
 )
 from lfm.errors import AccessError, ConfigError
 
-from conftest import _tiny_config, make_lm
+from conftest import make_lm
 
 
 def deep_lm(kind: str, n_layers: int = 4):
@@ -33,7 +34,7 @@ def deep_lm(kind: str, n_layers: int = 4):
     from transformers import AutoModelForCausalLM
 
     _, tok = make_lm(kind)
-    cfg = _tiny_config(kind, len(tok))
+    cfg = tiny_config(kind, len(tok))
     cfg.num_hidden_layers = n_layers
     if getattr(cfg, "layer_types", None):
         cfg.layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2)
