@@ -51,7 +51,7 @@ def tiny_config(kind: str, vocab: int, max_positions: int = 128) -> Any:
     """A 2-layer, 32-wide config of architecture `kind` (llama, gpt2, gemma3 or bert)."""
     from transformers import BertConfig, Gemma3TextConfig, GPT2Config, LlamaConfig
 
-    special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
+    special: dict[str, Any] = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 2}
     if kind == "llama":
         return LlamaConfig(
             vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
