@@ -52,18 +52,7 @@ class ProtoNetsConfig(OuterConfig):
 
     meta_batch: int = 1  # episodes per update (the paper: one)
 
-    @staticmethod
-    def predict(
-        model: nn.Module,
-        params: Params,
-        task: Task,
-        problem: Any,
-        cfg: Any,
-        lrs: Params | None,
-        train: bool,
-    ) -> Tensor:
-        """Query logits from the support prototypes."""
-        return proto_predict(model, params, task, problem, cfg, lrs, train)
+    predict = staticmethod(proto_predict)  # query logits from the support prototypes
 
 
 def _smoke(cfg: ProtoNetsConfig, seed: int) -> dict[str, Any]:

@@ -9,37 +9,26 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lfm.core.tiny import tiny_config
+
 VOCAB = 64
 LABEL_IDS = (10, 11, 12)  # three "label words" of the tiny verbaliser task
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:
     """A 2-layer Llama causal LM with a 64-token vocabulary, in eval mode."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
-    )  # fmt: skip
     torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return LlamaForCausalLM(tiny_config("llama", VOCAB, max_positions=64)).eval()
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
     """A 2-layer BERT encoder (the architecture of MiniLM), in eval mode."""
-    from transformers import BertConfig, BertModel
+    from transformers import BertModel
 
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-    )
     torch.manual_seed(seed)
-    return BertModel(cfg, add_pooling_layer=False).eval()
+    return BertModel(tiny_config("bert", VOCAB, max_positions=64), add_pooling_layer=False).eval()
 
 
 def tiny_batch(seed: int, n: int = 6, length: int = 8) -> dict[str, torch.Tensor]:
