@@ -2,9 +2,14 @@
 
     .venv/bin/python bench/edit.py --model smollm2-135m --n 100 --methods rome memit ft-l
     .venv/bin/python bench/edit.py --n 10 --gen-tokens 0        # quick
+    .venv/bin/python bench/edit.py --n 100 --methods --batch     # MEMIT, one batch of 100
+    .venv/bin/python bench/edit.py --n 100 --methods --sequential rome alphaedit
 
 Single edits: each method edits one fact, is evaluated (efficacy, paraphrase, neighbourhood,
-Score, generation, fluency) and reverted bit for bit. Then MEMIT edits all n facts in one batch.
+Score, generation, fluency) and reverted bit for bit. `--batch`: MEMIT edits all n facts in one
+batch. `--sequential`: the n edits are applied one after another (AlphaEdit carrying its state)
+and all are evaluated at the end. With several edits at once, neighbourhood prompts naming an
+edited subject are left out (`facts.neighbours`); the row "all neighbours" keeps them.
 The covariance statistics are built once per layer (and cached) and their time is reported.
 """
 
@@ -20,7 +25,8 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=100, help="known facts to edit")
-    p.add_argument("--methods", nargs="+", default=["rome", "memit", "ft-l"])
+    p.add_argument("--methods", nargs="*", default=["rome", "memit", "ft-l"])
+    p.add_argument("--sequential", nargs="*", default=[], help="e.g. rome alphaedit")
     p.add_argument("--gen-tokens", type=int, default=20, help="0 skips generation and fluency")
     p.add_argument("--batch", action="store_true", help="also MEMIT with all n edits at once")
     p.add_argument("--threads", type=int, default=2)
@@ -32,17 +38,18 @@ def _args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def _stats(handle, methods, tokens: int) -> float:
+def _stats(handle, methods, tokens: int) -> tuple[float, float]:
     from lfm.edit import common
     from lfm.edit.memit import edit_layers
     from lfm.edit.stats import second_moments
 
     layers = {common.default_layer(handle.model)}
-    if {"memit", "alphaedit"} & set(methods):
+    if {"memit", "alphaedit", "batch"} & set(methods):
         layers |= set(edit_layers(handle.model, None))
-    t = time.perf_counter()
-    second_moments(handle.model, handle.tokenizer, sorted(layers), tokens=tokens)
-    return time.perf_counter() - t
+    clock = _Clock()
+    with clock:
+        second_moments(handle.model, handle.tokenizer, sorted(layers), tokens=tokens)
+    return clock.per(1)
 
 
 def _cfg(name: str, tokens: int, full: bool = False):
@@ -55,39 +62,99 @@ def _cfg(name: str, tokens: int, full: bool = False):
     return get(f"edit/{name}").config(**kw)
 
 
-def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict[str, float], float]:
+def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, tuple[float, float]]:
     from lfm.edit.facts import evaluate_fact, summarise
     from lfm.registry import get
 
     cfg = _cfg(name, a.stats_tokens, a.full_passes)
-    fn, rows, secs = get(f"edit/{name}").fn, [], 0.0
-    for f in facts:
-        t = time.perf_counter()
-        patch = fn(handle, f.request, cfg)
-        secs += time.perf_counter() - t
+    fn, rows, clock = get(f"edit/{name}").fn, [], _Clock()
+    for i, f in enumerate(facts, 1):
+        with clock:
+            patch = fn(handle, f.request, cfg)
         undo = patch.apply(handle.model)
         rows.append(evaluate_fact(handle, f, gen_tokens=a.gen_tokens))
         undo.revert(handle.model)
-    return summarise(rows), secs / len(facts)
+        if i % 10 == 0 and i < len(facts):
+            print(_row(f"  {name} first {i}", summarise(rows), clock.per(i)), flush=True)
+    return summarise(rows), clock.per(len(facts))
 
 
-def _batch(handle, facts, a: argparse.Namespace) -> tuple[dict[str, float], float]:
+class _Clock:
+    """Wall and CPU seconds inside `with` blocks (CPU time is what a quiet machine's wall time
+    would be with one thread; on the shared machine wall time is several times longer)."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._t[0]
+        self.cpu += time.process_time() - self._t[1]
+
+    def per(self, n: int) -> tuple[float, float]:
+        return self.wall / n, self.cpu / n
+
+
+def _batch(handle, facts, a: argparse.Namespace) -> tuple[dict, dict, tuple[float, float]]:
     from lfm.edit import memit
-    from lfm.edit.facts import evaluate_fact, summarise
 
-    t = time.perf_counter()
-    patch = memit(handle, [f.request for f in facts], _cfg("memit", a.stats_tokens, a.full_passes))
-    secs = time.perf_counter() - t
+    clock = _Clock()
+    with clock:
+        patch = memit(
+            handle, [f.request for f in facts], _cfg("memit", a.stats_tokens, a.full_passes)
+        )
+    secs = clock.per(1)
     undo = patch.apply(handle.model)
-    rows = [evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in facts]
+    kept, every = _joint_eval(handle, facts, a.gen_tokens)
     undo.revert(handle.model)
-    return summarise(rows), secs
+    return kept, every, secs
 
 
-def _row(label: str, m: dict[str, float], secs: float) -> str:
+def _joint_eval(handle, facts, gen_tokens: int) -> tuple[dict, dict]:
+    """Metrics with several edits in place: neighbours naming an edited subject left out, and kept."""
+    from lfm.edit.facts import evaluate_fact, neighbours, summarise
+
+    subjects = [f.subject for f in facts]
+    kept = summarise([evaluate_fact(handle, f, gen_tokens, subjects) for f in facts])
+    kept["n_neighbours"] = sum(len(neighbours(f, subjects)) for f in facts)
+    every = summarise([evaluate_fact(handle, f) for f in facts])
+    return kept, every
+
+
+def _sequential(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, dict, tuple]:
+    """Apply the n edits one after another; evaluate all of them at the end; then revert."""
+    from lfm.edit import alphaedit_step
+    from lfm.edit.facts import evaluate_fact, summarise
+    from lfm.registry import get
+
+    cfg, state, undos, clock = _cfg(name, a.stats_tokens, a.full_passes), None, [], _Clock()
+    for i, f in enumerate(facts, 1):
+        with clock:
+            if name == "alphaedit":
+                patch, state = alphaedit_step(handle, f.request, state, cfg)
+            else:
+                patch = get(f"edit/{name}").fn(handle, f.request, cfg)
+        undos.append(patch.apply(handle.model))
+        if i % 25 == 0 and i < len(facts):  # efficacy over all edits so far
+            so_far = summarise(
+                [{"efficacy": evaluate_fact(handle, g)["efficacy"]} for g in facts[:i]]
+            )
+            print(_row(f"  {name} after {i}", so_far, clock.per(i)), flush=True)
+    kept, every = _joint_eval(handle, facts, a.gen_tokens)
+    for undo in reversed(undos):
+        undo.revert(handle.model)
+    return kept, every, clock.per(len(facts))
+
+
+def _row(label: str, m: dict[str, float], secs: tuple[float, float] = (0.0, 0.0)) -> str:
     cols = ("efficacy", "paraphrase", "neighbourhood", "score", "generation", "fluency")
-    vals = " ".join(f"{m[c]:8.1f}" if c in m else f"{'-':>8}" for c in cols)
-    return f"{label:<22}{vals} {secs:9.2f}"
+    vals = " ".join(
+        f"{m[c]:8.2f}" if c == "fluency" and c in m else f"{m[c]:8.1f}" if c in m else f"{'-':>8}"
+        for c in cols
+    )
+    return f"{label:<24}{vals} {secs[0]:8.2f} {secs[1]:8.2f}"
 
 
 def main() -> None:
@@ -101,19 +168,26 @@ def main() -> None:
     known = known_facts(handle, facts)
     use = known[: a.n]
     print(f"{a.model}: knows {len(known)} of {len(facts)} facts; editing {len(use)}", flush=True)
+    layers_for = [*a.methods, *a.sequential, *(["batch"] if a.batch else [])]
+    wall, cpu = _stats(handle, layers_for, a.stats_tokens)
     print(
-        f"covariance statistics (built once, cached): {_stats(handle, a.methods, a.stats_tokens):.1f} s",
+        f"covariance statistics (built once, cached): {wall:.1f} s wall, {cpu:.1f} s CPU",
         flush=True,
     )
-    head = ("efficacy", "paraphr", "neighb", "Score", "gen", "fluency", "s/edit")
-    print(f"{'method':<22}" + " ".join(f"{h:>8}" for h in head))
+    head = ("efficacy", "paraphr", "neighb", "Score", "gen", "fluency", "wall s", "cpu s")
+    print(f"{'method (s per edit)':<24}" + " ".join(f"{h:>8}" for h in head))
     base = summarise([evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in use])
-    print(_row("unedited", base, 0.0), flush=True)
+    print(_row("unedited", base), flush=True)
     for name in a.methods:
         print(_row(name, *_single(handle, use, name, a)), flush=True)
     if a.batch:
-        m, secs = _batch(handle, use, a)
-        print(_row(f"memit batch of {len(use)}", m, secs) + " (total s)")
+        kept, every, secs = _batch(handle, use, a)
+        print(_row(f"memit batch of {len(use)}", kept, secs) + " (total s)", flush=True)
+        print(_row("  all neighbours", every, secs) + f" ({kept['n_neighbours']} kept)", flush=True)
+    for name in a.sequential:
+        kept, every, secs = _sequential(handle, use, name, a)
+        print(_row(f"{name} {len(use)} in sequence", kept, secs), flush=True)
+        print(_row("  all neighbours", every, secs) + f" ({kept['n_neighbours']} kept)", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,23 @@
    the Baseline of Chen et al. 2019 (arXiv 1904.04232: train on all 24 meta-train classes, fit a
    new head on each support set), accuracy on the queries.
 
-Defaults are sized for a shared 2-core CPU (about 10 minutes); the papers train far longer:
+Defaults are sized for a shared 2-core CPU (about 10 minutes); the papers train far longer.
+One run can be split over processes by shot count and method, each writing its rows as JSON:
 
-    python bench/meta.py --only classification --cls-steps 2000 --data fashion-mnist
+    python bench/meta.py --only classification --cls-steps 600 --shots 1 --out /tmp/d1.json
+    python bench/meta.py --only classification --data fashion-mnist --cls-steps 400 \
+        --shots 5 --methods maml metasgd --out /tmp/f5a.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
 
+from lfm.core.io import atomic_path
 from lfm.meta import MLP, SinusoidTasks, meta_test, meta_train, rotated_digit_splits
 from lfm.meta.baseline import FinetuneConfig, class_data, fresh_head, train_classifier
 from lfm.meta.functional import MetaConfig
@@ -29,6 +34,7 @@ from lfm.registry import get
 
 SIN_METHODS = ("maml", "fomaml", "reptile", "pretrain")
 CLS_METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonets")
+ALL_CLS = (*CLS_METHODS, "finetune")
 SIZES = {"digits": 8, "fashion-mnist": 28}
 
 
@@ -37,43 +43,49 @@ def run_one(key: str, model, train, test, overrides: dict, args) -> dict:
     spec = get(f"meta/{key}")
     fields = spec.config.model_fields
     cfg = spec.config.build({k: v for k, v in overrides.items() if k in fields})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trained, hist = meta_train(model, train, cfg, seed=args.seed, progress=args.progress)
     score = meta_test(trained, test, cfg, n_tasks=args.test_tasks, inner_lrs=hist.inner_lrs)
-    return {**score, "seconds": time.perf_counter() - start}
+    return {
+        **score,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+        "final_loss": sum(hist.loss[-20:]) / len(hist.loss[-20:]),  # meta-loss, last 20 steps
+    }
 
 
-def sinusoid(args) -> list[tuple]:
-    rows = []
+def sinusoid(args, rows: list[tuple]) -> None:
     for shots in (5, 10):
         for key in SIN_METHODS:
             torch.manual_seed(args.seed)
             model = MLP(1, 1, (40, 40))
             over = {"steps": args.sin_steps, "test_inner_steps": args.test_steps}
             r = run_one(key, model, SinusoidTasks(shots, 10), SinusoidTasks(shots, 100), over, args)
-            rows.append(("sinusoid", f"{shots}-shot", key, r))
-            print_row(rows[-1])
-    return rows
+            emit(rows, ("sinusoid", f"{shots}-shot", key, r), args)
 
 
 def finetune_baseline(train, test, args) -> dict:
     """Chen et al. Baseline: a classifier on all meta-train classes, a new head per episode."""
     torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     x, y = class_data(train)
     net = ConvNet(len(train.classes), args.width, 4, SIZES[args.data])
     net = train_classifier(net, x, y, steps=args.cls_steps * 2, seed=args.seed)
     score = meta_test(fresh_head(net, 5), test, FinetuneConfig(), n_tasks=args.test_tasks)
-    return {**score, "seconds": time.perf_counter() - start}
+    return {
+        **score,
+        "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu,
+    }
 
 
-def classification(args) -> list[tuple]:
-    rows, name = [], f"{args.data}-rot 5-way"
-    for shots in (1, 5):
+def classification(args, rows: list[tuple]) -> None:
+    name = f"{args.data}-rot 5-way"
+    for shots in args.shots:
         train, _, test = rotated_digit_splits(
             args.data, seed=args.seed, per_class=args.per_class, ways=5, shots=shots, queries=5
         )
-        for key in CLS_METHODS:
+        for key in (m for m in CLS_METHODS if m in args.methods):
             torch.manual_seed(args.seed)
             meta = issubclass(get(f"meta/{key}").config, MetaConfig)
             model = ConvNet(5 if meta else 64, args.width, 4, SIZES[args.data])
@@ -83,19 +95,27 @@ def classification(args) -> list[tuple]:
                 "test_inner_steps": 3,
                 "meta_batch": args.cls_batch,
             }
-            rows.append((name, f"{shots}-shot", key, run_one(key, model, train, test, over, args)))
-            print_row(rows[-1])
-        rows.append((name, f"{shots}-shot", "finetune", finetune_baseline(train, test, args)))
-        print_row(rows[-1])
-    return rows
+            r = run_one(key, model, train, test, over, args)
+            emit(rows, (name, f"{shots}-shot", key, r), args)
+        if "finetune" in args.methods:
+            r = finetune_baseline(train, test, args)
+            emit(rows, (name, f"{shots}-shot", "finetune", r), args)
 
 
-def print_row(row: tuple) -> None:
+def emit(rows: list[tuple], row: tuple, args) -> None:
+    """Print a table row; with `--out`, rewrite the JSON of all rows so far (atomically)."""
+    rows.append(row)
     task, shots, key, r = row
     print(
-        f"| {task} | {shots} | {key} | {r['metric']} | {r['mean']:.4f} ± {r['ci95']:.4f} | {r['seconds']:.0f} s |",
+        f"| {task} | {shots} | {key} | {r['metric']} | {r['mean']:.4f} ± {r['ci95']:.4f} "
+        f"| {r['seconds']:.0f} s | {r.get('cpu_seconds', 0):.0f} s |",
         flush=True,
     )
+    if args.out:
+        keys = ("task", "shots", "method")
+        table = [{**dict(zip(keys, x[:3], strict=False)), **x[3]} for x in rows]
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
 
 
 def main() -> None:
@@ -105,6 +125,11 @@ def main() -> None:
     p.add_argument("--sin-steps", type=int, default=300, help="meta-updates per sinusoid method")
     p.add_argument("--cls-steps", type=int, default=60, help="meta-updates per few-shot method")
     p.add_argument("--cls-batch", type=int, default=4, help="episodes per few-shot meta-update")
+    p.add_argument("--shots", type=int, nargs="+", default=[1, 5], help="few-shot K values")
+    p.add_argument(
+        "--methods", nargs="+", choices=ALL_CLS, default=list(ALL_CLS), help="few-shot methods"
+    )
+    p.add_argument("--out", default=None, help="also write the rows and settings to this JSON")
     p.add_argument("--data", choices=tuple(SIZES), default="digits", help="rotated image set")
     p.add_argument("--per-class", type=int, default=300, help="images kept per base class")
     p.add_argument("--width", type=int, default=32, help="ConvNet filters per block")
@@ -120,11 +145,13 @@ def main() -> None:
     p.add_argument("--progress", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print("| task | shots | method | metric | mean ± 95 % CI | time |\n|---|---|---|---|---|---|")
+    print("| task | shots | method | metric | mean ± 95 % CI | wall | CPU |")
+    print("|---|---|---|---|---|---|---|")
+    rows: list[tuple] = []
     if args.only in (None, "sinusoid"):
-        sinusoid(args)
+        sinusoid(args, rows)
     if args.only in (None, "classification"):
-        classification(args)
+        classification(args, rows)
 
 
 if __name__ == "__main__":

@@ -1,77 +1,240 @@
-"""Meta-iterations per second of one MAML job, ours (vmap and loop) beside the `higher` library.
+"""Meta-iterations per second of second-order MAML: ours (vmap and loop), `higher`, learn2learn.
 
-The job is MAML's sinusoid set-up (Finn et al. 2017, arXiv 1703.03400, Sec. 5.1): the 40-40
-ReLU MLP, 5-shot support and 10 queries, meta-batch 25, one second-order inner SGD step at
-α = 0.01, Adam 1e-3 on the meta-gradient. Each meta-iteration samples the tasks, adapts, and steps.
+Two jobs of MAML (Finn et al. 2017, arXiv 1703.03400), one inner SGD step, second order, Adam on
+the meta-gradient; each meta-iteration samples its tasks, adapts, and steps:
 
-`higher` (Grefenstette et al. 2019, arXiv 1910.01727) is imported from a wheel path given with
-`--higher-wheel` (a wheel is a zip that Python imports from directly), so nothing is installed:
+- `sinusoid` (Sec. 5.1): the 40-40 ReLU MLP, 5-shot support and 10 queries, meta-batch 25,
+  α = 0.01.
+- `convnet` (Sec. 5.2, Omniglot 5-way 1-shot): the 4-block ConvNet (`--width` filters, batch-
+  statistics BatchNorm) on 28×28 inputs, one query per class, meta-batch 32, α = 0.4. Images
+  are random: speed does not depend on what they show.
 
-    pip download --no-deps higher -d /tmp/peers
-    python bench/meta_speed.py --higher-wheel /tmp/peers/higher-0.2.1-py3-none-any.whl
+Before timing, every implementation computes the meta-gradient of one meta-batch from the same
+initialisation; the largest absolute difference from ours (vmap) is printed. Timing repeats
+`--repeats` rounds, the implementations interleaved within a round, `--iters` meta-iterations
+each after a warm-up; the table gives the median meta-iterations per second and the median
+ratio of ours (vmap) to each implementation over the rounds, per second of this process's CPU
+time (one thread, so robust to other jobs on a shared machine) and per wall-clock second.
 
-learn2learn publishes no wheel for Python 3.11, so it is not compared.
+Peers, each imported from outside the project's environment, so nothing is installed into it:
+
+- `higher` 0.2.1 (Grefenstette et al. 2019, arXiv 1910.01727), a pure-Python wheel, imported
+  from the wheel file itself:
+
+      pip download --no-deps higher==0.2.1 -d /tmp/peers
+
+- learn2learn 0.2.0 (Arnold et al. 2020, arXiv 2008.12284) publishes only an sdist whose Cython
+  sources predate Python 3.11; rebuilt with Cython 3 into a separate venv with the same torch:
+
+      python3.11 -m venv /tmp/l2l-venv
+      /tmp/l2l-venv/bin/pip install torch==2.13.0 "cython>=3" numpy setuptools wheel
+      pip download --no-deps --no-build-isolation --no-binary learn2learn learn2learn==0.2.0 -d /tmp
+      tar xzf /tmp/learn2learn-0.2.0.tar.gz -C /tmp && cd /tmp/learn2learn-0.2.0 && rm -rf .eggs
+      /tmp/l2l-venv/bin/cython -3 learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx
+      /tmp/l2l-venv/bin/pip install --no-deps --no-build-isolation .
+
+  `import learn2learn` also imports its vision and gym subpackages, which need torchvision, and
+  the torchvision wheel for torch 2.13 on PyPI is a CUDA build that does not load beside the CPU
+  torch. So the bench loads learn2learn's `algorithms/maml.py` (with `algorithms/base_learner.py`
+  and `utils`, all it imports) from the venv's site-packages without running the package's
+  `__init__`; the MAML code that runs is learn2learn's own, on this environment's torch.
+
+    python bench/meta_speed.py --higher-wheel /tmp/peers/higher-0.2.1-py3-none-any.whl \\
+        --l2l-site /tmp/l2l-venv/lib/python3.11/site-packages
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import statistics
 import sys
 import time
+import types
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
 from lfm.meta import MLP, MAMLConfig, SinusoidTasks, meta_train
+from lfm.meta.functional import Task, params_of
+from lfm.meta.models import ConvNet
+from lfm.meta.tasks import EpisodeTasks
+from lfm.meta.train import query_objective
+
+JOBS = {
+    "sinusoid": {"batch": 25, "alpha": 0.01, "iters": 20},
+    "convnet": {"batch": 32, "alpha": 0.4, "iters": 3},
+}
 
 
-def ours(steps: int, vectorize: str) -> float:
-    """Seconds for `steps` meta-iterations of `meta_train`."""
-    torch.manual_seed(0)
-    cfg = MAMLConfig(steps=steps, vectorize=vectorize)
-    start = time.perf_counter()
-    meta_train(MLP(1, 1, (40, 40)), SinusoidTasks(5, 10), cfg)
-    return time.perf_counter() - start
+def make_job(job: str, width: int) -> tuple[Callable[[], nn.Module], object]:
+    """A model factory (seeded) and a task sampler for `job`."""
+    if job == "sinusoid":
+        return lambda: MLP(1, 1, (40, 40)), SinusoidTasks(5, 10)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(20 * 2, 1, 28, 28, generator=gen)  # 20 classes, 2 images each
+    y = torch.arange(20).repeat_interleave(2)
+    return lambda: ConvNet(5, width, 4, 28), EpisodeTasks(x, y, range(20), 5, 1, 1)
 
 
-def with_higher(steps: int) -> float:
-    """Seconds for `steps` meta-iterations written with `higher.innerloop_ctx`."""
+def load_l2l_maml(site: str) -> type:
+    """learn2learn's `MAML` class from `site`, without running `learn2learn/__init__.py`."""
+    root = Path(site) / "learn2learn"
+    for name, path in (("learn2learn", root), ("learn2learn.algorithms", root / "algorithms")):
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(path)]
+        sys.modules[name] = pkg
+    return importlib.import_module("learn2learn.algorithms.maml").MAML
+
+
+def ours(model, sampler, cfg: MAMLConfig, steps: int, vectorize: str) -> None:
+    meta_train(model, sampler, cfg.replace(steps=steps, vectorize=vectorize))
+
+
+def peer_step(adapt, model, sampler, cfg, opt, gen) -> None:
+    """One meta-iteration the way the peers' examples write it: a loop over tasks."""
+    xs, ys, xq, yq = sampler.sample(cfg.meta_batch, gen)
+    loss = sampler.problem.loss
+    opt.zero_grad()
+    for i in range(cfg.meta_batch):
+        (adapt(xs[i], ys[i], xq[i], yq[i], loss) / cfg.meta_batch).backward()
+    opt.step()
+
+
+def higher_adapt(model, alpha: float):
     import higher
 
-    torch.manual_seed(0)
-    model, sampler = MLP(1, 1, (40, 40)), SinusoidTasks(5, 10)
-    outer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    inner = torch.optim.SGD(model.parameters(), lr=0.01)
-    gen = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(steps):
-        xs, ys, xq, yq = sampler.sample(25, gen)
-        outer.zero_grad()
-        for i in range(25):
-            with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fm, opt):
-                opt.step(F.mse_loss(fm(xs[i]), ys[i]))
-                (F.mse_loss(fm(xq[i]), yq[i]) / 25).backward()
-        outer.step()
-    return time.perf_counter() - start
+    inner = torch.optim.SGD(model.parameters(), lr=alpha)
+
+    def adapt(xs, ys, xq, yq, loss):
+        with higher.innerloop_ctx(model, inner, copy_initial_weights=False) as (fm, diffopt):
+            diffopt.step(loss(fm(xs), ys))
+            return loss(fm(xq), yq)
+
+    return adapt
+
+
+def l2l_adapt(maml):
+    def adapt(xs, ys, xq, yq, loss):
+        learner = maml.clone()
+        learner.adapt(loss(learner(xs), ys))
+        return loss(learner(xq), yq)
+
+    return adapt
+
+
+def peer_runner(kind: str, args) -> Callable:
+    """`run(model, sampler, cfg, steps)` for a peer: builds its optimisers, then iterates."""
+
+    def run(model, sampler, cfg, steps):
+        gen = torch.Generator().manual_seed(0)
+        if kind == "higher":
+            adapt, params = higher_adapt(model, cfg.inner_lr), model.parameters()
+        else:
+            maml = args.l2l_maml(model, lr=cfg.inner_lr, first_order=False)
+            adapt, params = l2l_adapt(maml), maml.parameters()
+        opt = torch.optim.Adam(params, lr=cfg.outer_lr)
+        for _ in range(steps):
+            peer_step(adapt, model, sampler, cfg, opt, gen)
+
+    return run
+
+
+def meta_gradient(kind: str, model, tasks: Task, problem, cfg, args) -> list[torch.Tensor]:
+    """∇_θ of the mean post-adaptation query loss on `tasks`, by implementation `kind`."""
+    if kind.startswith("lfm"):
+        params = params_of(model)
+        out = query_objective(model, params, tasks, problem, cfg, None, kind == "lfm vmap")
+        return list(torch.autograd.grad(out.loss, list(params.values())))
+    model.zero_grad()
+    if kind == "higher":
+        adapt = higher_adapt(model, cfg.inner_lr)
+    else:
+        adapt = l2l_adapt(args.l2l_maml(model, lr=cfg.inner_lr, first_order=False))
+    n = tasks.xs.shape[0]
+    for i in range(n):
+        (adapt(tasks.xs[i], tasks.ys[i], tasks.xq[i], tasks.yq[i], problem.loss) / n).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def runners(args) -> dict[str, Callable]:
+    out = {
+        "lfm vmap": lambda m, s, c, n: ours(m, s, c, n, "always"),
+        "lfm loop": lambda m, s, c, n: ours(m, s, c, n, "never"),
+    }
+    if args.higher_wheel:
+        out["higher 0.2.1"] = peer_runner("higher", args)
+    if args.l2l_site:
+        out["learn2learn 0.2.0"] = peer_runner("l2l", args)
+    return out
+
+
+def check_gradients(job: str, make, sampler, cfg, names: list[str], args) -> None:
+    tasks = sampler.sample(cfg.meta_batch, torch.Generator().manual_seed(1))
+    grads = {}
+    for name in names:
+        torch.manual_seed(0)
+        kind = {"higher 0.2.1": "higher", "learn2learn 0.2.0": "l2l"}.get(name, name)
+        grads[name] = meta_gradient(kind, make(), tasks, sampler.problem, cfg, args)
+    ref = grads["lfm vmap"]
+    scale = max(g.abs().max().item() for g in ref)
+    for name, gs in grads.items():
+        diff = max((a - b).abs().max().item() for a, b in zip(gs, ref, strict=True))
+        print(f"{job}: meta-gradient max |{name} − lfm vmap| = {diff:.2e} (max |g| {scale:.2e})")
+
+
+def time_job(job: str, args) -> None:
+    spec = JOBS[job]
+    make, sampler = make_job(job, args.width)
+    cfg = MAMLConfig(inner_lr=spec["alpha"], meta_batch=spec["batch"])
+    impls = runners(args)
+    check_gradients(job, make, sampler, cfg, list(impls), args)
+    iters = args.iters or spec["iters"]
+    rates: dict[str, list[float]] = {name: [] for name in impls}  # per CPU second
+    walls: dict[str, list[float]] = {name: [] for name in impls}  # per wall second
+    for run in impls.values():  # warm-up
+        torch.manual_seed(0)
+        run(make(), sampler, cfg, 1)
+    for _ in range(args.repeats):
+        for name, run in impls.items():
+            torch.manual_seed(0)
+            model = make()
+            start, cpu = time.perf_counter(), time.process_time()
+            run(model, sampler, cfg, iters)
+            rates[name].append(iters / (time.process_time() - cpu))
+            walls[name].append(iters / (time.perf_counter() - start))
+    print(f"\n{job}: {iters} meta-iterations × {args.repeats} rounds, median (min–max)")
+    print("| implementation | per CPU second | ratio | per wall second | ratio |")
+    print("|---|---|---|---|---|")
+    for name in impls:
+        cells = []
+        for table in (rates, walls):
+            r, base = table[name], table["lfm vmap"]
+            ratio = statistics.median(b / x for b, x in zip(base, r, strict=True))
+            cells.append(f"{statistics.median(r):.2f} ({min(r):.2f}–{max(r):.2f}) | {ratio:.1f}")
+        print(f"| {name} | {' | '.join(cells)} |", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=100, help="timed meta-iterations per variant")
+    p.add_argument("--jobs", nargs="+", choices=tuple(JOBS), default=list(JOBS))
+    p.add_argument("--iters", type=int, default=0, help="meta-iterations per round (0: per job)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    p.add_argument("--width", type=int, default=32, help="ConvNet filters (MAML Omniglot: 64)")
     p.add_argument("--higher-wheel", default=None, help="path of a `higher` wheel to import")
+    p.add_argument("--l2l-site", default=None, help="site-packages holding learn2learn")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    variants = {"lfm vmap": lambda n: ours(n, "always"), "lfm loop": lambda n: ours(n, "never")}
     if args.higher_wheel:
         sys.path.insert(0, args.higher_wheel)
-        variants["higher 0.2.1"] = with_higher
-    print("| implementation | meta-iterations / s |\n|---|---|")
-    for name, fn in variants.items():
-        fn(5)  # warm-up
-        print(f"| {name} | {args.steps / fn(args.steps):.1f} |", flush=True)
+    args.l2l_maml = load_l2l_maml(args.l2l_site) if args.l2l_site else None
+    for job in args.jobs:
+        time_job(job, args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
 """Benchmark: streaming TIES merge vs loading every state dict fully, peak RSS and wall time.
 
 Builds a synthetic model set (a base and 3 fine-tuned models of ~`--mb` MB of fp32 tensors each,
-in 2 safetensors shards with an index) in a temp dir, then runs each merge in a fresh subprocess
-and prints the child's peak resident memory (ru_maxrss) and wall time. The parent process
-imports no torch and builds nothing itself: a child inherits its parent's peak RSS through fork.
+every tensor 1024 x 1024, in 2 safetensors shards with an index) in a temp dir, then runs each merge
+in a fresh subprocess (one torch thread) and prints the child's peak resident memory (ru_maxrss) and
+wall time. With `--sizes 150,300` the streaming merge also runs on larger model sets (same largest
+tensor, more tensors) and the growth of its peak over the first size is printed: the streaming
+engine holds a few tensors per input model, so the growth should be within noise. The parent
+process imports no torch and builds nothing itself: a child inherits its parent's peak RSS.
 
-    .venv/bin/python bench/reuse.py            # 3 models x 150 MB
-    .venv/bin/python bench/reuse.py --mb 40    # quicker
+    .venv/bin/python bench/reuse.py                      # 3 models x 150 MB
+    .venv/bin/python bench/reuse.py --sizes 150,300      # and the peak at twice the size
+    .venv/bin/python bench/reuse.py --mb 40              # quicker
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +67,7 @@ def child(mode: str, base: str, models: list[str], out: str) -> None:
     import torch
     from safetensors.torch import save_file
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     from lfm.reuse import merge_models, merge_state_dicts
 
     t0 = time.perf_counter()
@@ -106,25 +111,23 @@ def _child_main(argv: list[str], mb: int) -> None:
         child(mode, paths[0], paths[1:], out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=int, default=150, help="size of each model in MB")
-    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:
-        return _child_main(a.child, a.mb)
+def _build(tmp: str, mb: int) -> list[Path]:
+    root = Path(tmp)
+    subprocess.run([sys.executable, __file__, "--mb", str(mb), "--child", "build", tmp], check=True)
+    return [root / n for n in ("base", "ft1", "ft2", "ft3")]
+
+
+def compare_engines(mb: int) -> None:
+    """Naive vs streaming TIES at one size, and the floor of a process that only imports."""
     with tempfile.TemporaryDirectory(prefix="lfm-bench-reuse-") as tmp:
         root = Path(tmp)
-        paths = [root / n for n in ("base", "ft1", "ft2", "ft3")]
-        subprocess.run(
-            [sys.executable, __file__, "--mb", str(a.mb), "--child", "build", tmp], check=True
-        )
+        paths = _build(tmp, mb)
         naive = run("naive", paths, root / "naive")
         stream = run("stream", paths, root / "stream")
         floor = run("imports", paths, root / "none")
         same = run("compare", [root / "stream"], root / "naive")["same"]
     print(
-        f"TIES merge of 3 models + base, {a.mb} MB fp32 each (2 shards each), output shards {SHARD}"
+        f"TIES merge of 3 models + base, {mb} MB fp32 each (2 shards each), output shards {SHARD}"
     )
     print(f"{'engine':<28}{'peak RSS (MiB)':>16}{'wall (s)':>10}")
     print(f"{'imports only (floor)':<28}{floor['rss_mib']:>16.0f}{'':>10}")
@@ -134,7 +137,49 @@ def main() -> None:
           f"{naive['seconds'] / stream['seconds']:>10.2f}")  # fmt: skip
     extra = (naive["rss_mib"] - floor["rss_mib"]) / max(stream["rss_mib"] - floor["rss_mib"], 1)
     print(f"{'ratio above the floor':<28}{extra:>16.2f}")
-    print(f"identical merged tensors: {same}")
+    print(f"identical merged tensors: {same}", flush=True)
+
+
+def peak_vs_size(sizes: list[int], repeats: int) -> None:
+    """Peak RSS of the streaming merge at each model size (`repeats` fresh processes each)."""
+    print(f"\nstreaming TIES peak RSS vs model size ({repeats} runs each, median (min-max))")
+    print(
+        "| MB per model | tensors per model | peak RSS MiB | growth over the first MiB | wall s |"
+    )
+    print("|---|---|---|---|---|")
+    first = None
+    for mb in sizes:
+        with tempfile.TemporaryDirectory(prefix="lfm-bench-reuse-") as tmp:
+            paths = _build(tmp, mb)
+            rs = [run("stream", paths, _fresh(Path(tmp) / "stream")) for _ in range(repeats)]
+        peaks = [r["rss_mib"] for r in rs]
+        med = statistics.median(peaks)
+        first = med if first is None else first
+        n = max(2, mb * 2**20 // (SIDE * SIDE * 4))
+        wall = statistics.median(r["seconds"] for r in rs)
+        print(f"| {mb} | {n} | {med:.0f} ({min(peaks):.0f}-{max(peaks):.0f}) "
+              f"| {med - first:+.0f} | {wall:.1f} |", flush=True)  # fmt: skip
+
+
+def _fresh(path: Path) -> Path:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mb", type=int, default=150, help="size of each model in MB")
+    ap.add_argument("--sizes", help="comma-separated model sizes (MB) for the peak-vs-size table")
+    ap.add_argument("--repeats", type=int, default=3, help="streaming runs per size")
+    ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return _child_main(a.child, a.mb)
+    compare_engines(a.mb)
+    if a.sizes:
+        peak_vs_size([int(x) for x in a.sizes.split(",")], a.repeats)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""Benchmark: lfm's streaming merge beside mergekit on SmolLM2-135M, and peak memory vs model size.
+"""Benchmark: lfm's streaming merge beside mergekit on SmolLM2-135M.
 
-Part 1 (`--part mergekit`): the cached fp32 SmolLM2-135M folder is the base; `--n-models` seeded
-variants (base + N(0, σ²) noise on every float tensor) are written as Hugging Face folders. The same
-mergekit YAML goes through mergekit's CLI (`mergekit-yaml`, in its own venv) and through
-`lfm reuse merge`, each in a fresh subprocess; the table gives wall time, the child's peak RSS
-(ru_maxrss), the ratios lfm / mergekit, and the largest absolute difference between the outputs.
+The cached fp32 SmolLM2-135M folder is the base; `--n-models` seeded variants (base + N(0, σ²)
+noise on every float tensor) are written as Hugging Face folders. The same mergekit YAML goes
+through mergekit's CLI (`mergekit-yaml`, in its own venv, threads as it sets them) and through
+`lfm reuse merge` (one torch thread, `OMP_NUM_THREADS=1`), each in a fresh subprocess. Runs are
+interleaved (per repeat and method: lfm then mergekit, the other order on odd repeats) so that
+both see the same load on a shared machine. The table gives medians over `--repeats` of wall time,
+CPU time (user + system) and the child's peak RSS (ru_maxrss), the ratios lfm / mergekit of the
+medians, and the largest absolute difference between the outputs of the first repeat.
 
-Part 2 (`--part size`): synthetic models whose largest tensor is the same but with 1x and 2x as many
-tensors; lfm's peak RSS should stay about flat (it holds a few tensors per input and one shard).
+    .venv/bin/python bench/reuse_mergekit.py [--repeats 3] [--methods linear,ties]
 
-    .venv/bin/python bench/reuse_mergekit.py                  # both parts
-    .venv/bin/python bench/reuse_mergekit.py --part size      # no mergekit needed
+Peak memory against model size is measured by `bench/reuse.py --sizes`.
 
 The mergekit venv is made once under `$LFM_CACHE` (default /tmp): `python3.11 -m venv` and
 `pip install torch==2.13.0 mergekit`. The parent imports no torch: a child would inherit its peak RSS.
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -37,24 +39,25 @@ METHODS = {
     "ties": {"weight": 1.0, "density": 0.2},
     "dare_ties": {"weight": 1.0, "density": 0.2},
 }
-# Runs a command, then prints the child's peak RSS: ru_maxrss of RUSAGE_CHILDREN is the largest
-# of the waited-for children, and this wrapper has exactly one.
+# Runs a command, then prints the child's wall time, CPU time and peak RSS: ru_maxrss of
+# RUSAGE_CHILDREN is the largest of the waited-for children, and this wrapper has exactly one.
 TIMED = (
     "import resource,subprocess,sys,time;t=time.perf_counter();"
     "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE,text=True);"
-    "s=time.perf_counter()-t;m=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024;"
-    "print('@@',r.returncode,s,m);sys.stderr.write(r.stderr[-2000:] if r.returncode else '')"
+    "s=time.perf_counter()-t;u=resource.getrusage(resource.RUSAGE_CHILDREN);"
+    "print('@@',r.returncode,s,u.ru_utime+u.ru_stime,u.ru_maxrss/1024);"
+    "sys.stderr.write(r.stderr[-2000:] if r.returncode else '')"
 )
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS MiB) of `cmd` run in a fresh process."""
-    p = subprocess.run([sys.executable, "-c", TIMED, *cmd], capture_output=True, text=True)
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    """Wall seconds, CPU seconds and peak RSS (MiB) of `cmd` run in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", TIMED, *cmd], capture_output=True, text=True, env=env)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("@@")), None)
     if line is None or line.split()[1] != "0":
         raise RuntimeError(f"{cmd[0]} failed: {p.stderr[-1500:]}")
-    _, _, s, m = line.split()
-    return float(s), float(m)
+    _, _, s, cpu, m = line.split()
+    return {"s": float(s), "cpu": float(cpu), "mib": float(m)}
 
 
 def ensure_mergekit() -> Path | None:
@@ -128,21 +131,6 @@ def compare(a: str, b: str) -> None:
     del torch
 
 
-def build_synthetic(root: Path, n_tensors: int, side: int, n_models: int) -> None:
-    """A base and perturbed copies with `n_tensors` tensors of side x side, one file each."""
-    import torch
-    from safetensors.torch import save_file
-
-    for m in range(n_models + 1):
-        gen = torch.Generator().manual_seed(m)
-        sd = {
-            f"layers.{i}.weight": torch.randn(side, side, generator=gen) for i in range(n_tensors)
-        }
-        folder = root / ("base" if m == 0 else f"ft{m}")
-        folder.mkdir()
-        save_file(sd, str(folder / "model.safetensors"), {"format": "pt"})
-
-
 # ------------------------------------------------------------------------------------------------
 # Parent: no torch here.
 
@@ -181,26 +169,33 @@ def child(args: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
 
 
-def part_mergekit(work: Path, n: int, sigma: float, methods: list[str]) -> None:
+def part_mergekit(work: Path, n: int, sigma: float, methods: list[str], repeats: int) -> None:
     exe = ensure_mergekit()
     root = work / "smol"
     if not root.exists():
         root.mkdir(parents=True)
         child(["--child", "build", str(root), str(n), str(sigma)])
-    rows = []
-    for method in methods:
-        plan = write_yaml(work / f"{method}.yml", method, root, n)
-        t_l, m_l = timed(lfm_cmd(plan, _fresh(work / f"lfm-{method}")))
-        row = {"method": method, "lfm_s": t_l, "lfm_mib": m_l}
-        if exe is not None:
-            t_m, m_m = timed(mk_cmd(exe, plan, _fresh(work / f"mk-{method}")))
-            cmp = child(
-                ["--child", "compare", str(work / f"lfm-{method}"), str(work / f"mk-{method}")]
-            )
-            row |= {"mk_s": t_m, "mk_mib": m_m, **cmp}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    _table(rows)
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {"lfm": [], "mk": []} for m in methods}
+    diffs: dict[str, dict] = {}
+    for rep in range(repeats):
+        for method in methods:
+            plan = write_yaml(work / f"{method}.yml", method, root, n)
+            tools = ["lfm", "mk"] if exe is not None else ["lfm"]
+            for tool in tools if rep % 2 == 0 else tools[::-1]:
+                out = _fresh(work / f"{tool}-{method}")
+                if tool == "lfm":
+                    r = timed(lfm_cmd(plan, out), env=one_thread)
+                else:
+                    r = timed(mk_cmd(exe, plan, out))  # type: ignore[arg-type]
+                runs[method][tool].append(r)
+                print(json.dumps({"repeat": rep, "method": method, "tool": tool, **r}), flush=True)
+            if rep == 0 and exe is not None:
+                diffs[method] = child(
+                    ["--child", "compare", str(work / f"lfm-{method}"), str(work / f"mk-{method}")]
+                )
+                print(json.dumps({"method": method, **diffs[method]}), flush=True)
+    _table(runs, diffs)
 
 
 def _fresh(path: Path) -> Path:
@@ -208,38 +203,37 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _table(rows: list[dict]) -> None:
+def _med(rs: list[dict[str, float]], key: str) -> float:
+    return statistics.median(r[key] for r in rs)
+
+
+def _spread(rs: list[dict[str, float]], key: str) -> str:
+    xs = [r[key] for r in rs]
+    return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+
+
+def _table(runs: dict[str, dict[str, list[dict[str, float]]]], diffs: dict[str, dict]) -> None:
+    n = len(next(iter(runs.values()))["lfm"])
+    print(f"\nmedians of {n} interleaved runs (min-max)")
     print(
-        "\n| method | lfm s | mergekit s | time ratio | lfm MiB | mergekit MiB | RSS ratio | max abs diff |"
+        "| method | lfm s | mergekit s | time ratio | lfm CPU s | mergekit CPU s | CPU ratio "
+        "| lfm MiB | mergekit MiB | RSS ratio | max abs diff |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "mk_s" not in r:
-            print(f"| {r['method']} | {r['lfm_s']:.1f} | - | - | {r['lfm_mib']:.0f} | - | - | - |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for method, r in runs.items():
+        lfm, mk = r["lfm"], r["mk"]
+        if not mk:
+            print(f"| {method} | {_spread(lfm, 's')} | - | - | {_spread(lfm, 'cpu')} | - | - "
+                  f"| {_med(lfm, 'mib'):.0f} | - | - | - |")  # fmt: skip
             continue
+        d = diffs.get(method, {})
+        diff = f"{d['max_abs']:.2e} ({d['frac_diff']:.2e} of entries)" if d else "-"
         print(
-            f"| {r['method']} | {r['lfm_s']:.1f} | {r['mk_s']:.1f} | {r['lfm_s'] / r['mk_s']:.2f} "
-            f"| {r['lfm_mib']:.0f} | {r['mk_mib']:.0f} | {r['lfm_mib'] / r['mk_mib']:.2f} "
-            f"| {r['max_abs']:.2e} ({r['frac_diff']:.1%} of entries differ) |"
+            f"| {method} | {_spread(lfm, 's')} | {_spread(mk, 's')} "
+            f"| {_med(lfm, 's') / _med(mk, 's'):.2f} | {_spread(lfm, 'cpu')} | {_spread(mk, 'cpu')} "
+            f"| {_med(lfm, 'cpu') / _med(mk, 'cpu'):.2f} | {_med(lfm, 'mib'):.0f} "
+            f"| {_med(mk, 'mib'):.0f} | {_med(lfm, 'mib') / _med(mk, 'mib'):.2f} | {diff} |"
         )
-
-
-def part_size(work: Path, side: int, n_tensors: int) -> None:
-    print(f"\n| tensors (each {side}x{side} fp32) | model MB | lfm ties peak MiB | seconds |")
-    print("|---|---|---|---|")
-    for k in (1, 2):
-        root = work / f"syn{k}"
-        if not root.exists():
-            root.mkdir(parents=True)
-            child(["--child", "synthetic", str(root), str(k * n_tensors), str(side), "2"])
-        plan = root / "plan.yml"
-        plan.write_text(
-            f"method: ties\nbase: {root / 'base'}\nmodels: [{root / 'ft1'}, {root / 'ft2'}]\n"
-            "parameters: {density: 0.2}\nmax_shard_size: 64MB\n"
-        )
-        t, m = timed(lfm_cmd(plan, _fresh(root / "out")))
-        mb = k * n_tensors * side * side * 4 / 1e6
-        print(f"| {k * n_tensors} | {mb:.0f} | {m:.0f} | {t:.1f} |", flush=True)
 
 
 def main() -> None:
@@ -249,24 +243,17 @@ def main() -> None:
             build_variants(Path(rest[0]), int(rest[1]), float(rest[2]))
         elif what == "compare":
             compare(rest[0], rest[1])
-        elif what == "synthetic":
-            build_synthetic(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]))
         return
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=["all", "mergekit", "size"], default="all")
     ap.add_argument("--work", type=Path, default=CACHE / "lfm-bench-mergekit")
     ap.add_argument("--n-models", type=int, default=2)
     ap.add_argument("--sigma", type=float, default=1e-3)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--side", type=int, default=2048)
-    ap.add_argument("--tensors", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if a.part in ("all", "mergekit"):
-        part_mergekit(a.work, a.n_models, a.sigma, a.methods.split(","))
-    if a.part in ("all", "size"):
-        part_size(a.work, a.side, a.tensors)
+    part_mergekit(a.work, a.n_models, a.sigma, a.methods.split(","), a.repeats)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

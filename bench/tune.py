@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import threading
 import time
 
@@ -166,7 +167,11 @@ def main() -> None:
             if method == "zero-shot" and model != "smollm2-135m":
                 continue  # an encoder's new head has no zero-shot prediction
             seeds = range(1 if method == "zero-shot" else args.seeds)  # zero-shot has no seed
-            rs = [run_one(args, data, model, method, s) for s in seeds]
+            rs = []
+            for s in seeds:
+                rs.append(run_one(args, data, model, method, s))
+                print(f"{model} {method} seed {s}: {rs[-1]['acc']:.3f} in {rs[-1]['time']:.0f} s",
+                      file=sys.stderr, flush=True)  # fmt: skip
             print(f"| {model} | {method} | {_fmt([r['acc'] for r in rs])} | {rs[0]['params']:,} | "
                   f"{max(r['mem'] for r in rs):.0f} | {statistics.mean(r['time'] for r in rs):.1f} |", flush=True)  # fmt: skip
             if "wise" in rs[0]:

@@ -42,3 +42,17 @@ def test_datafree_command_writes_a_run(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["metrics"]["queries"] == 8 * 2 + 5 * 8
     assert (run / "student.safetensors").is_file()
+
+
+def test_datafree_deepinversion_command_writes_a_run(tmp_path):
+    from lfm.cli.distill import app
+
+    args = ["datafree", "--method", "deepinversion", "--train-size", "128", "--test-size", "64",
+            "--teacher-steps", "2", "--iterations", "2", "--batch-size", "8", "--synthesis-steps", "3",
+            "--kd-steps", "4", "--root", str(tmp_path)]  # fmt: skip
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    (run,) = tmp_path.iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["metrics"]["queries"] == 8 * (2 * 3 + 4)
+    assert (run / "student.safetensors").is_file() and "deepinversion" in out.output

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lfm.access import LocalClassifier, narrow
+from lfm.core.train import TrainConfig
 from lfm.distill.adversarial import (
     DFADConfig,
     DFMEConfig,
@@ -23,9 +24,11 @@ from lfm.distill.datafree import (
     dafl,
     dafl_generator_loss,
     deep_inversion,
+    deep_inversion_distill,
+    js_divergence,
     total_variation,
 )
-from lfm.distill.game import Generator
+from lfm.distill.game import Generator, frozen, sample
 from lfm.errors import AccessError
 
 from conftest import TinyCNN
@@ -72,6 +75,71 @@ def test_deep_inversion_lowers_the_bn_statistics_loss_and_keeps_the_teacher():
     assert _unchanged(teacher.model, before)
     with pytest.raises(AccessError, match=r"WEIGHTS access.*only SCORES"):
         deep_inversion(narrow(teacher, "scores"), (1, 8, 8), 10, cfg)
+
+
+def test_js_divergence_by_hand():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[1.0, 0.0]])
+    m = torch.tensor([0.75, 0.25])
+    kl_p = (0.5 * (0.5 / m).log()).sum()
+    kl_q = (1.0 * (1.0 / m[0]).log()).sum()
+    js = js_divergence(p.log(), q.clamp_min(1e-30).log())
+    assert js.item() == pytest.approx(0.5 * (kl_p + kl_q).item(), rel=1e-5)
+    assert js_divergence(p.log(), p.log()).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_competition_term_pushes_images_where_the_student_disagrees():
+    teacher, student = bn_teacher(0), bn_teacher(1)
+    cfg = DeepInversionConfig(steps=30, bn_weight=1.0, batch_size=16, competition_weight=10.0)
+    before = _snapshot(student)
+    _, _, hist = deep_inversion(teacher, (1, 8, 8), 10, cfg, student=student)
+    assert _mean(hist, "comp", "last") < _mean(hist, "comp", "first")  # 1 − JS falls
+    assert _unchanged(student, before) and not student.training
+    _, _, off = deep_inversion(teacher, (1, 8, 8), 10, cfg.replace(competition_weight=0.0))
+    assert "comp" not in off[0]
+
+
+@pytest.mark.parametrize("competition", [0.0, 5.0])
+def test_deep_inversion_distill_teaches_the_student_on_its_images(competition):
+    teacher = bn_teacher()
+    torch.manual_seed(0)
+    student = TinyCNN(width=4)
+    cfg = DeepInversionConfig(
+        steps=20, bn_weight=1.0, batch_size=16, competition_weight=competition
+    )
+    probe = deep_inversion(teacher, (1, 8, 8), 10, cfg, seed=99)[0]  # held-out synthetic images
+
+    def agreement() -> float:
+        with torch.no_grad():
+            return float(
+                (student.eval()(probe).argmax(-1) == teacher(probe).argmax(-1)).float().mean()
+            )
+
+    start = agreement()
+    train_cfg = TrainConfig(steps=60, lr=1e-2, progress=False)
+    images = deep_inversion_distill(teacher, student, (1, 8, 8), 10, 3, cfg, train_cfg)
+    assert images.shape == (48, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    assert agreement() > start + 0.2
+
+
+def test_frozen_keeps_train_mode_when_asked_and_sample_uses_batch_statistics():
+    net = TinyCNN(width=4).train()
+    with frozen(net, train=True):
+        assert net.training and not any(p.requires_grad for p in net.parameters())
+    with frozen(net):
+        assert not net.training
+    assert net.training and all(p.requires_grad for p in net.parameters())
+    gen = Generator(nz=8, size=8, width=4).eval()
+    x = sample(gen, 16, torch.Generator().manual_seed(0))
+    assert gen.training and x.shape == (16, 1, 8, 8)  # running statistics lag a moving generator
+
+
+def test_generator_width_comes_from_the_config():
+    teacher = bn_teacher()
+    cfg = DFADConfig(iterations=1, student_steps=1, batch_size=4, nz=8, generator_width=3)
+    cfg_big = cfg.replace(generator_width=6)
+    small = dfad(teacher, TinyCNN(width=4), cfg).generator
+    big = dfad(teacher, TinyCNN(width=4), cfg_big).generator
+    assert small.fc.out_features == 2 * 3 * 7 * 7 and big.fc.out_features == 2 * 6 * 7 * 7
 
 
 def test_dafl_generator_loss_terms_by_hand():

@@ -38,3 +38,24 @@ def test_known_facts_and_evaluation_run_on_a_tiny_model():
     m = evaluate_fact(h, facts[0], gen_tokens=4)
     assert set(m) == {"efficacy", "paraphrase", "neighbourhood", "generation", "fluency"}
     assert all(0 <= m[k] <= 1 for k in ("efficacy", "paraphrase", "neighbourhood"))
+
+
+def test_neighbours_edited_alongside_are_left_out():
+    from lfm.edit.facts import neighbours
+
+    eiffel, louvre = load_facts()[:2]  # each other's neighbourhood, both moved to London
+    assert neighbours(eiffel) == eiffel.neighbourhood
+    kept = neighbours(eiffel, [eiffel.subject, louvre.subject])
+    assert kept == tuple(p for p in eiffel.neighbourhood if "Louvre" not in p)
+    assert len(kept) == len(eiffel.neighbourhood) - 1
+
+
+def test_summarise_skips_facts_without_neighbours():
+    from lfm.edit.facts import summarise
+
+    rows = [
+        {"neighbourhood": 1.0, "efficacy": 1.0},
+        {"neighbourhood": float("nan"), "efficacy": 0.0},
+    ]
+    out = summarise(rows)
+    assert out["neighbourhood"] == 100.0 and out["efficacy"] == 50.0

@@ -26,7 +26,13 @@ def test_make_server_builds_a_loopback_server_for_a_local_model():
     from lfm.serve.cli import make_server
     from lfm.tuning.blackbox_tiny import tiny_lm
 
-    server = make_server(tiny_lm(0), "scores", "127.0.0.1", 8123, None, max_batch=4)
+    server = make_server(tiny_lm(0), "scores", "127.0.0.1", 8123, None, max_batch=4, timeout_s=900)
     assert server.config.host == "127.0.0.1" and server.config.port == 8123
     assert server.config.app.state.backend.level.name == "SCORES"
     assert server.config.app.state.batcher.max_batch == 4
+    assert server.config.app.state.settings.timeout_s == 900
+
+
+def test_serve_refuses_a_timeout_that_is_not_positive():
+    res = CliRunner().invoke(app, ["smollm2-135m", "--timeout-s", "0"])
+    assert res.exit_code == 2 and "--timeout-s must be positive" in res.output

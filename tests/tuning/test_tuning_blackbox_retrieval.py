@@ -66,3 +66,42 @@ def test_retrieval_methods_refuse_lower_levels(lm):
         build_datastore(narrow(lm, "embeddings"), ["x"])
     with pytest.raises(AccessError, match="needs SCORES access"):
         replug(narrow(lm, "text"), ["x"], ["y"], char_embedder)
+
+
+def test_token_queries_give_the_knn_lm_of_each_position(lm):
+    from lfm.tuning.retrieval import interpolate, knn_target_probs, token_queries
+
+    h = narrow(lm, "hidden")
+    store = build_datastore(h, CORPUS[1:3])
+    text = CORPUS[0]
+    q, lm_logp, ids = token_queries(h, text, store.module)
+    toks = lm.encode(text)
+    off = len(toks) - len(ids)  # 0 when the tokenizer adds BOS (the first token is predicted too)
+    assert off in (0, 1) and torch.equal(ids, torch.tensor(toks[off:]))
+    p = knn_target_probs(q, ids, store, k=4, temperature=1.0, chunk=3)  # chunks of 3 queries
+    cfg = KnnLMConfig(k=4, lam=0.25)
+    for j in (2, 6):  # entry j predicts ids[j]: the same as knn_lm on the prefix before it
+        prompt = lm.decode(toks[: j + off])
+        full = knn_lm(h, [prompt], store, cfg)[0]
+        assert float(interpolate(lm_logp, p, 0.25)[j]) == pytest.approx(
+            float(full[ids[j]]), abs=1e-4
+        )
+        nxt = h.next_token_logprobs([prompt])[0, ids[j]]
+        assert float(lm_logp[j]) == pytest.approx(float(nxt), abs=1e-4)
+        assert float(p[j]) == pytest.approx(
+            float(knn_distribution(q[j], store, lm.vocab_size, 4, 1.0)[ids[j]]), abs=1e-6
+        )
+
+
+def test_replug_score_mixes_sequence_probabilities_by_retrieval_weight(lm):
+    from lfm.tuning.retrieval import replug_score, retrieve
+
+    s = narrow(lm, "scores")
+    x, y, cfg = ["The team won the"], [" match today"], ReplugConfig(k=2, temperature=0.5)
+    out = replug_score(s, x, y, CORPUS, char_embedder, cfg)
+    sims, idx = retrieve(char_embedder(x), char_embedder(CORPUS), 2)
+    w = torch.softmax(sims[0] / 0.5, 0)
+    per_doc = s.score([CORPUS[j] + "\n\n" + x[0] for j in idx[0].tolist()], y * 2)
+    assert float(out[0]) == pytest.approx(float(torch.log((w * per_doc.exp()).sum())), abs=1e-5)
+    one = replug_score(s, x, y, CORPUS, char_embedder, ReplugConfig(k=1))
+    assert float(one[0]) == pytest.approx(float(per_doc[0]), abs=1e-5)

@@ -108,12 +108,17 @@ def lm(
 
 @app.command()
 def datafree(
-    method: str = typer.Option("dfad", help=f"one of: {', '.join(DATAFREE)}"),
+    method: str = typer.Option("deepinversion", help=f"one of: {', '.join(DATAFREE)}"),
     teacher_steps: int = typer.Option(400, help="optimizer steps for the Fashion-MNIST teacher"),
     train_size: int = typer.Option(10_000, help="images the teacher is trained on"),
     test_size: int = typer.Option(5_000, help="test images used"),
-    iterations: int = typer.Option(200, help="generator updates"),
+    iterations: int = typer.Option(
+        200, help="generator updates (deepinversion: batches of images synthesised)"
+    ),
     batch_size: int = typer.Option(64, help="generated images per update"),
+    kd_steps: int = typer.Option(1000, help="deepinversion: KD steps on the synthesised images"),
+    synthesis_steps: int = typer.Option(200, help="deepinversion: pixel updates per batch"),
+    competition: float = typer.Option(0.0, help="deepinversion: α_c of Adaptive DeepInversion"),
     seed: int = typer.Option(0),
     root: Path = typer.Option(Path("runs"), help="where run directories are created"),
 ) -> None:
@@ -122,10 +127,15 @@ def datafree(
         raise typer.BadParameter(f"unknown method {method!r}; choose one of {', '.join(DATAFREE)}")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()}
     data = subsample(load_fashion_mnist(), train_size, test_size)
+    extra = (
+        {"kd_steps": kd_steps, "steps": synthesis_steps, "competition_weight": competition}
+        if method == "deepinversion"
+        else {}
+    )
     with Run(f"distill-{method}", config, root=root) as run:
         cfg = TrainConfig(steps=teacher_steps, lr=3e-3, seed=seed, progress=False)
         teacher = train_teacher(data, cfg, 64)
-        student, queries = train_datafree(method, teacher, iterations, batch_size, seed)
+        student, queries = train_datafree(method, teacher, iterations, batch_size, seed, **extra)
         for name, m in (("teacher", teacher), ("student", student)):
             with run.output(f"{name}.safetensors") as tmp:
                 save_model(m, str(tmp))

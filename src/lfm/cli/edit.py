@@ -36,6 +36,12 @@ def apply_(
     target: str = typer.Option(None, "--target", help="the new object (no leading space)"),
     requests_file: Path = typer.Option(None, "--requests", help="JSON lines of requests"),
     config: Path = typer.Option(None, "--config", help="method config (YAML or JSON)"),
+    on: list[Path] = typer.Option(
+        None, "--on", help="earlier patches, applied in order before this edit (repeatable)"
+    ),
+    state: Path = typer.Option(
+        None, "--state", help="sequential AlphaEdit state: read if it exists, then updated"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="patch file (.safetensors)"),
 ) -> None:
     """Compute an edit patch for MODEL (the model itself is not changed)."""
@@ -46,11 +52,34 @@ def apply_(
         spec = get(f"edit/{method}")
         cfg = spec.config.load(config) if config else spec.config()
         reqs = _requests(prompt, subject, target, requests_file)
-        patch = spec.fn(load_model(model), reqs, cfg)
-        path = patch.save(out)
+        handle = load_model(model)
+        _apply_earlier(handle, on or [])
+        if state is None:
+            patch = spec.fn(handle, reqs, cfg)
+            path = patch.save(out)
+        else:  # the state advances only once its patch is written
+            patch, after = _sequential_step(handle, method, reqs, cfg, state)
+            path = patch.save(out)
+            after.save(state)
     except LfmError as e:
         _fail(e)
     typer.echo(f"{method}: {len(reqs)} edit(s) on {', '.join(patch.modules)} -> {path}")
+
+
+def _apply_earlier(handle, patches: list[Path]) -> None:
+    from lfm.edit.patch import Patch
+
+    for p in patches:
+        Patch.load(p).apply(handle.model)
+
+
+def _sequential_step(handle, method: str, reqs, cfg, state_file: Path):
+    from lfm.edit.sequential import AlphaEditState, alphaedit_step
+
+    if method != "alphaedit":
+        raise LfmError(f"--state is for sequential AlphaEdit; {method} keeps no state")
+    before = AlphaEditState.load(state_file) if state_file.exists() else None
+    return alphaedit_step(handle, reqs, before, cfg)
 
 
 def _patched(model: str, patch_file: Path):

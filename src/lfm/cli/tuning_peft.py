@@ -1,18 +1,19 @@
 """`lfm tuning train` / `lfm tuning sft`: gradient-based tuning, a thin layer over `lfm.tuning`.
 
 These are plain functions with typer options; `lfm/cli/tuning.py` mounts them with
-`app.command("train")(tuning_peft.train)` and `app.command("sft")(tuning_peft.sft)`.
+`app.command("train")(tuning_peft.train)` and `app.command("sft")(tuning_peft.sft)`. Under a
+multi-process launch only the main process creates the run directory, saves and reports.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import typer
 
-from lfm.core.train import TrainConfig
-from lfm.runs import Run
+from lfm.core.train import TrainConfig, run_on_main
 
 CLASSIFY_TASKS = ("bbc",)
 
@@ -97,15 +98,20 @@ def train(
         seed=seed,
         ckpt_every=ckpt_every,
     )  # type: ignore[attr-defined]
-    with Run(f"tune-{method}", config, root=root, path=resume) as run:
+    run = run_on_main(f"tune-{method}", config, root=root, path=resume)
+    with run or nullcontext():
         before = acc(clf) if is_lm else None  # an encoder's new head has no zero-shot accuracy
-        run.log(trainable_parameters=trainable_parameters(clf), zero_shot_acc=before)
+        if run is not None:
+            run.log(trainable_parameters=trainable_parameters(clf), zero_shot_acc=before)
         hist = tune(
             clf, batches, cfg, tcfg, run=run, evaluate=lambda m: {"acc": acc(m)}, head_lr=head_lr
         )
-        with run.output("tuned") as tmp:
-            save_tuned(clf, tmp)
-        run.log(acc=hist.evals[-1]["acc"])
+        if run is not None:
+            with run.output("tuned") as tmp:
+                save_tuned(clf, tmp)
+            run.log(acc=hist.evals[-1]["acc"])
+    if run is None:
+        return  # another process of a multi-process launch; the main one reports
     start = "" if before is None else f"{before:.3f} (zero-shot) -> "
     typer.echo(
         f"{method} on {model}: accuracy {start}{hist.evals[-1]['acc']:.3f} "
@@ -140,7 +146,8 @@ def sft(
     rows, cfg = load_instructions(data), method_config(method)
     lm = apply_method(handle.model, method, cfg)
     batches = sft_batches(handle.tokenizer, rows, batch_size, seed)
-    with Run(f"sft-{method}", config, root=root, path=resume) as run:
+    run = run_on_main(f"sft-{method}", config, root=root, path=resume)
+    with run or nullcontext():
         hist = tune(
             lm,
             batches,
@@ -149,6 +156,8 @@ def sft(
             run=run,
             loss_fn=sft_loss,
         )  # type: ignore[attr-defined]
+        if run is None:
+            return  # another process of a multi-process launch; the main one saves and reports
         with run.output("tuned") as tmp:
             save_tuned(lm, tmp)
         handle.model = lm.eval()

@@ -15,12 +15,22 @@ the RNG states (torch, CUDA, Python, NumPy), all as plain tensors and numbers lo
 `weights_only=True`. Passing a run whose directory holds a checkpoint resumes from it: the batch
 stream is fast-forwarded past the micro-batches already used, so for batches that do not depend on
 the global RNG (a list, or `shuffled_batches`) a resumed run ends with the same weights as an
-uninterrupted one. Under several processes, micro-batch i goes to process `i mod world_size`.
+uninterrupted one.
+
+Under several processes (`accelerate launch --multi_gpu --num_processes N script.py`; on a
+machine without GPUs, or with `cpu=True`, that is N CPU processes over gloo, whereas Accelerate's
+`--cpu --num_processes N` starts a single process), micro-batch i goes to process `i mod N` and DDP
+averages the gradients, so N processes with micro-batches of b and `grad_accum` a take the same
+steps as one process with batches of N·a·b (for mean losses over equal-sized micro-batches). The
+logged loss is the mean over all processes. Only the main process writes: the run directory
+(`run_on_main` creates it there and nowhere else), metrics and checkpoints; the others resume from
+the main process's run directory.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -31,8 +41,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list, reduce, set_seed
 from pydantic import Field, field_validator
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -169,7 +179,39 @@ def _step(model, opt, loss_fn: LossFn, stream, acc: Accelerator, cfg: TrainConfi
         acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return logged
+    return _mean_across(acc, logged)
+
+
+def _mean_across(acc: Accelerator, logged: dict[str, float]) -> dict[str, float]:
+    """The logged values averaged over the processes (one all-reduce; none on one process)."""
+    if acc.num_processes == 1:
+        return logged
+    mean = reduce(torch.tensor(list(logged.values()), device=acc.device, dtype=torch.float64))
+    return dict(zip(logged, mean.tolist(), strict=True))
+
+
+def _use_cpu(cpu: bool) -> bool:
+    """Accelerate sees several processes on a machine without an accelerator (torchrun's
+    WORLD_SIZE > 1) as multi-CPU only when told `cpu=True`; otherwise each trains alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return cpu or (world > 1 and not torch.accelerator.is_available())
+
+
+def run_on_main(*args: Any, cpu: bool = False, **kwargs: Any) -> Run | None:
+    """`Run(*args, **kwargs)` on the main process, None on the others (one run directory).
+
+    Args:
+        cpu: the `TrainConfig.cpu` of the training to come (it fixes the process layout).
+    """
+    return Run(*args, **kwargs) if PartialState(cpu=_use_cpu(cpu)).is_main_process else None
+
+
+def _run_path(acc: Accelerator, run: Run | None) -> Path | None:
+    """The main process's run directory, on every process (None: no run)."""
+    path = [str(run.path) if run is not None else None]
+    if acc.num_processes > 1:
+        broadcast_object_list(path)
+    return None if path[0] is None else Path(path[0])
 
 
 def _rng_state() -> dict[str, Any]:
@@ -196,10 +238,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
 
 
-def save_checkpoint(run: Run, acc: Accelerator, model, opt, step: int, hist: History) -> None:
-    """Write weights, optimizer, step, losses and RNG into `run/checkpoint`, atomically."""
+def save_checkpoint(
+    run: Run | None, acc: Accelerator, model, opt, step: int, hist: History
+) -> None:
+    """Write weights, optimizer, step, losses and RNG into `run/checkpoint`, atomically.
+
+    Every process calls it (it waits for all of them); only the main process, whose `run` is
+    not None, writes.
+    """
     acc.wait_for_everyone()
-    if acc.is_main_process:
+    if acc.is_main_process and run is not None:
         with run.output(CHECKPOINT) as tmp:
             tmp.mkdir()
             save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
@@ -245,15 +293,15 @@ def train(
         run: a run directory for metrics and checkpoints; one holding a checkpoint is resumed.
         evaluate: `evaluate(model) -> {name: value}`, called in eval mode without gradients.
     """
-    acc = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(cpu=_use_cpu(cfg.cpu), mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     stream, hist = _stream(batches, acc.process_index, acc.num_processes), History()
-    if run is not None and (run.path / CHECKPOINT).is_dir():
-        for _ in range(
-            load_checkpoint(run.path / CHECKPOINT, acc, model, opt, hist) * cfg.grad_accum
-        ):
+    run = run if acc.is_main_process else None
+    path = _run_path(acc, run)
+    if path is not None and (path / CHECKPOINT).is_dir():
+        for _ in range(load_checkpoint(path / CHECKPOINT, acc, model, opt, hist) * cfg.grad_accum):
             next(stream)
     bar = tqdm(
         range(hist.start_step, cfg.steps), initial=hist.start_step, total=cfg.steps,
@@ -263,11 +311,11 @@ def train(
         logged = _step(model, opt, loss_fn, stream, acc, cfg)
         hist.losses.append(logged["loss"])
         bar.set_postfix(loss=f"{logged['loss']:.4f}")
-        _after_step(step + 1, logged, model, opt, acc, cfg, run, evaluate, hist)
+        _after_step(step + 1, logged, model, opt, acc, cfg, (run, path), evaluate, hist)
     return hist
 
 
-def _after_step(step, logged, model, opt, acc, cfg, run, evaluate, hist) -> None:
+def _after_step(step, logged, model, opt, acc, cfg, runs, evaluate, hist) -> None:
     """Evaluate, log and checkpoint at their intervals (evaluation also at the last step)."""
     last = step == cfg.steps
     evaluated = evaluate is not None and (
@@ -276,7 +324,8 @@ def _after_step(step, logged, model, opt, acc, cfg, run, evaluate, hist) -> None
     if evaluated:
         hist.evals.append(_evaluate(evaluate, acc, model, step))
         logged = {**logged, **hist.evals[-1]}
-    if run is not None and acc.is_main_process and (last or evaluated or step % cfg.log_every == 0):
+    run, path = runs  # `run` on the main process only; its `path` on every process
+    if run is not None and (last or evaluated or step % cfg.log_every == 0):
         run.log(**{**logged, "step": step})
-    if run is not None and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
+    if path is not None and cfg.ckpt_every and (step % cfg.ckpt_every == 0 or last):
         save_checkpoint(run, acc, model, opt, step, hist)

@@ -49,6 +49,7 @@ class DFADConfig(Config):
     nz: int = Field(256, ge=1)  # latent size (paper: 256)
     lr_g: float = Field(1e-3, gt=0)  # Adam learning rate of the generator (paper: 1e-3)
     lr_s: float = Field(0.1, gt=0)  # SGD (momentum 0.9) learning rate of the student (paper: 0.1)
+    generator_width: int = Field(64, ge=1)  # w of the default `Generator` (papers: 64, 32×32 RGB)
 
 
 class DFMEConfig(DFADConfig):
@@ -98,7 +99,7 @@ def forward_difference_grad(
 
 def _game_parts(student: nn.Module, cfg: DFADConfig, generator: Generator | None, seed: int):
     torch.manual_seed(seed)
-    gen = generator if generator is not None else Generator(cfg.nz)
+    gen = generator if generator is not None else Generator(cfg.nz, width=cfg.generator_width)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9)
     return gen, opt_g, opt_s, torch.Generator().manual_seed(seed)
@@ -121,15 +122,15 @@ def dfad(
         teacher: a `LocalClassifier` (WEIGHTS) or a bare module.
         student: the module trained (in place).
         cfg: iterations, k, batch size and learning rates.
-        generator: the generator (default: `Generator(cfg.nz)` for 1×28×28 images).
+        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
     """
     model = teacher_module(teacher, Access.WEIGHTS, "distill/dfad")
     gen, opt_g, opt_s, g = _game_parts(student, cfg, generator, seed)
 
     def generator_step() -> dict[str, float]:
-        x = sample(gen.train(), cfg.batch_size, g)
-        with frozen(student):  # gradients pass through the student to x, not into its weights
+        x = sample(gen, cfg.batch_size, g)
+        with frozen(student, train=True):  # gradients reach x through the student, not its weights
             loss = discrepancy(student(x), model(x)).mean()
         optimise(opt_g, -loss)
         return {"g_disc": float(loss.detach())}
@@ -146,7 +147,7 @@ def _student_step(gen, student, opt_s, cfg, g, teacher_logits: Callable) -> Call
 
     def step() -> dict[str, float]:
         with torch.no_grad():
-            x = sample(gen.eval(), cfg.batch_size, g)
+            x = sample(gen, cfg.batch_size, g)
             t = teacher_logits(x)
         loss = discrepancy(student.train()(x), t).mean()
         optimise(opt_s, loss)
@@ -179,7 +180,7 @@ def dfme(
         teacher: any handle with SCORES access (`scores(x)` → log-probabilities (B, C)).
         student: the module trained (in place).
         cfg: iterations, n_S, directions, ε, learning rates and the query budget.
-        generator: the generator (default: `Generator(cfg.nz)` for 1×28×28 images).
+        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation, the latent draws and the directions.
     """
     require(teacher, Access.SCORES, "distill/dfme")
@@ -194,8 +195,8 @@ def dfme(
         return discrepancy(student(x), query(x))
 
     def generator_step() -> dict[str, float]:
-        x = sample(gen.train(), cfg.batch_size, g)
-        with frozen(student):
+        x = sample(gen, cfg.batch_size, g)
+        with frozen(student):  # eval mode: per-example values, as forward differences need
             grad = forward_difference_grad(loss_at, x.detach(), cfg.directions, cfg.eps, g)
         opt_g.zero_grad(set_to_none=True)
         x.backward(-grad / len(x))  # ascend the mean discrepancy

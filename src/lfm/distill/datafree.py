@@ -6,6 +6,8 @@
              + α_tv · R_TV(x̂) + α_l2 · ‖x̂‖²
   where μ_l, σ²_l are the batch statistics of the input of the teacher's l-th BatchNorm layer and
   μ_l^BN, σ²_l^BN its running statistics. A student then learns the teacher on `x̂` with KD.
+  Adaptive DeepInversion adds α_c · (1 − JS(p_t(x̂), p_s(x̂))), so that new images are those
+  on which the current student still disagrees with the teacher (`deep_inversion_distill`).
 - DAFL (Chen et al. 2019, arXiv 1904.01186), branch "generative reconstruction": a generator G
   is trained through the fixed teacher with
       L_G = H_CE(y_T, argmax y_T) − α · mean|f_T| − β · H(mean_i softmax(y_T^i))
@@ -18,7 +20,7 @@ The teacher is a `LocalClassifier` (its parameters are never updated nor given g
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -26,8 +28,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, capture
+from lfm.access import Access, LocalClassifier, capture
 from lfm.config import Config
+from lfm.core.train import TrainConfig, shuffled_batches
+from lfm.distill.distiller import distill
 from lfm.distill.game import (
     GameResult,
     Generator,
@@ -53,6 +57,7 @@ class DeepInversionConfig(Config):
     tv_weight: float = Field(1e-4, ge=0)  # α_tv, weight of the total-variation prior
     l2_weight: float = Field(1e-5, ge=0)  # α_l2, weight of the ‖x̂‖² prior
     batch_size: int = Field(64, ge=2)  # images optimised together (their BN statistics matter)
+    competition_weight: float = Field(0.0, ge=0)  # α_c, Adaptive DeepInversion's term (0: off)
     pixel_min: float = 0.0  # images are clamped to [pixel_min, pixel_max] after each step
     pixel_max: float = 1.0
 
@@ -83,10 +88,22 @@ def total_variation(x: torch.Tensor) -> torch.Tensor:
     return dh + dw
 
 
+def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+    """Jensen–Shannon divergence between the softmaxes of two logit rows, mean over rows."""
+    p, q = logits_p.softmax(-1), logits_q.softmax(-1)
+    log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
+    kl = F.kl_div(log_m, p, reduction="batchmean") + F.kl_div(log_m, q, reduction="batchmean")
+    return 0.5 * kl
+
+
 def deep_inversion_loss(
-    teacher: nn.Module, x: torch.Tensor, targets: torch.Tensor, cfg: DeepInversionConfig
+    teacher: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    cfg: DeepInversionConfig,
+    student: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`{"loss", "ce", "bn", "tv", "l2"}` of images `x` (B, C, H, W) for target classes."""
+    """`{"loss", "ce", "bn", "tv", "l2"[, "comp"]}` of images `x` (B, C, H, W) for targets."""
     with bn_statistics(teacher) as terms:
         logits = teacher(x)
     parts = {
@@ -96,6 +113,9 @@ def deep_inversion_loss(
         "l2": x.pow(2).flatten(1).sum(1).mean(),
     }
     loss = parts["ce"] + cfg.bn_weight * parts["bn"] + cfg.tv_weight * parts["tv"]
+    if student is not None and cfg.competition_weight > 0:
+        parts["comp"] = 1 - js_divergence(logits, student(x))
+        loss = loss + cfg.competition_weight * parts["comp"]
     return {"loss": loss + cfg.l2_weight * parts["l2"], **{k: v.detach() for k, v in parts.items()}}
 
 
@@ -115,6 +135,7 @@ def deep_inversion(
     cfg: DeepInversionConfig = DeepInversionConfig(),
     seed: int = 0,
     targets: torch.Tensor | None = None,
+    student: nn.Module | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """Synthesise one batch of images from the teacher; returns (images, targets, history).
 
@@ -125,8 +146,10 @@ def deep_inversion(
         cfg: iterations, learning rate, loss weights and pixel range.
         seed: seeds the initial noise.
         targets: (batch_size,) target classes.
+        student: the current student, for the competition term (used when α_c > 0).
     """
     model = teacher_module(teacher, Access.WEIGHTS, "distill/deep_inversion")
+    rival = frozen(student) if student is not None else nullcontext()
     g = torch.Generator().manual_seed(seed)
     if targets is None:
         targets = torch.arange(cfg.batch_size) % n_classes
@@ -134,9 +157,9 @@ def deep_inversion(
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     history = []
-    with frozen(model):
+    with frozen(model), rival:
         for _ in range(cfg.steps):
-            out = deep_inversion_loss(model, x, targets, cfg)
+            out = deep_inversion_loss(model, x, targets, cfg, student)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -144,6 +167,51 @@ def deep_inversion(
                 x.clamp_(cfg.pixel_min, cfg.pixel_max)
             history.append({k: float(v.detach()) for k, v in out.items()})
     return x.detach(), targets, history
+
+
+def deep_inversion_distill(
+    teacher: Any,
+    student: nn.Module,
+    shape: tuple[int, ...],
+    n_classes: int,
+    batches: int,
+    cfg: DeepInversionConfig = DeepInversionConfig(),
+    train_cfg: TrainConfig = TrainConfig(),
+    temperature: float = 4.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Synthesise `batches` batches and train `student` in place by KD on them; returns the images.
+
+    Without competition (α_c = 0) all batches are synthesised first and the student then takes
+    `train_cfg.steps` KD steps on the whole set. With it, each batch is synthesised against the
+    current student, which then takes `train_cfg.steps // batches` steps on the images so far.
+
+    Args:
+        teacher: a `LocalClassifier` (WEIGHTS) or a bare module with BatchNorm layers.
+        student: the module trained (in place).
+        shape: the shape of one image (C, H, W).
+        n_classes: the teacher's classes.
+        batches: the number of synthesised batches of `cfg.batch_size` images.
+        cfg: the synthesis config.
+        train_cfg: the KD training loop's config (steps in all, learning rate, seed).
+        temperature: the KD temperature.
+        seed: batch b starts from the noise of seed `seed + b`.
+    """
+    handle = LocalClassifier(teacher) if isinstance(teacher, nn.Module) else teacher
+    rounds = batches if cfg.competition_weight > 0 else 1
+    pool: list[torch.Tensor] = []
+    for b in range(batches):
+        rival = student if rounds > 1 else None
+        pool.append(deep_inversion(handle, shape, n_classes, cfg, seed + b, student=rival)[0])
+        if rounds > 1 or b == batches - 1:
+            images = torch.cat(pool)  # (N, C, H, W)
+            steps = max(1, train_cfg.steps // rounds)
+            loader = shuffled_batches(
+                images, batch_size=min(cfg.batch_size, len(images)), seed=seed + b
+            )
+            losses = [("kd", 1.0, {"temperature": temperature})]
+            distill(handle, student.train(), loader, losses, train_cfg.replace(steps=steps))
+    return torch.cat(pool)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,6 +228,7 @@ class DAFLConfig(Config):
     activation_weight: float = Field(0.1, ge=0)  # α, activation loss (paper: 0.1)
     entropy_weight: float = Field(5.0, ge=0)  # β, information-entropy loss (paper: 5)
     temperature: float = Field(1.0, gt=0)  # KD temperature of the student's loss
+    generator_width: int = Field(64, ge=1)  # w of the default `Generator` (paper: 64, 32×32 RGB)
     feature_module: str = "pool"  # teacher module whose output is f_T (the penultimate features)
 
 
@@ -193,12 +262,12 @@ def dafl(
         teacher: a `LocalClassifier` (WEIGHTS) or a bare module; `cfg.feature_module` names f_T.
         student: the module trained (in place).
         cfg: iterations, learning rates, loss weights.
-        generator: the generator (default: `Generator(cfg.nz)` for 1×28×28 images).
+        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
     """
     model = teacher_module(teacher, Access.WEIGHTS, "distill/dafl")
     torch.manual_seed(seed)
-    gen = generator if generator is not None else Generator(cfg.nz)
+    gen = generator if generator is not None else Generator(cfg.nz, width=cfg.generator_width)
     g = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s)
@@ -206,14 +275,14 @@ def dafl(
 
     def generator_step() -> dict[str, float]:
         with capture(model, [cfg.feature_module], detach=False) as acts:
-            logits = model(sample(gen.train(), cfg.batch_size, g))
+            logits = model(sample(gen, cfg.batch_size, g))
         out = dafl_generator_loss(logits, acts[cfg.feature_module], cfg)
         optimise(opt_g, out["loss"])
         return {f"g_{k}": float(v.detach()) for k, v in out.items()}
 
     def student_step() -> dict[str, float]:
         with torch.no_grad():
-            x = sample(gen.eval(), cfg.batch_size, g)
+            x = sample(gen, cfg.batch_size, g)
             t_logits = model(x)
         loss = kd_loss(student.train()(x), t_logits, kd_cfg)
         optimise(opt_s, loss)

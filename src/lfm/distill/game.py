@@ -46,10 +46,14 @@ class Generator(nn.Module):
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` in eval mode with gradients off for its parameters; both restored on exit."""
+def frozen(model: nn.Module, train: bool = False) -> Iterator[nn.Module]:
+    """`model` with gradients off for its parameters, in eval mode unless `train`; restored on exit.
+
+    A student stays in train mode while the generator ascends through it (as in the DFAD and DFME
+    papers): its BatchNorm layers then see the same batch statistics as in its own updates.
+    """
     flags, mode = [p.requires_grad for p in model.parameters()], model.training
-    model.eval().requires_grad_(False)
+    model.train(train).requires_grad_(False)
     try:
         yield model
     finally:
@@ -111,7 +115,12 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
 
 
 def sample(gen: Generator, n: int, g: torch.Generator) -> torch.Tensor:
-    return gen(torch.randn(n, gen.nz, generator=g))
+    """n images from the generator in train mode (BatchNorm on batch statistics, as the papers).
+
+    The running statistics lag a generator that changes every step, so eval mode would hand the
+    student other images than those the generator was optimised for.
+    """
+    return gen.train()(torch.randn(n, gen.nz, generator=g))
 
 
 def smoke_game(fn: Callable, cfg: Config, seed: int, teacher_fn=smoke_teacher) -> torch.Tensor:

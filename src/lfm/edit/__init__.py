@@ -12,9 +12,11 @@ from lfm.edit.memory import IkeConfig, MemoryEditor, ike
 from lfm.edit.patch import Delta, Patch, Undo
 from lfm.edit.requests import Request, read_requests
 from lfm.edit.rome import RomeConfig, rome
+from lfm.edit.sequential import AlphaEditState, alphaedit_step
 
 __all__ = [
     "AlphaEditConfig",
+    "AlphaEditState",
     "Delta",
     "FTLConfig",
     "IkeConfig",
@@ -25,6 +27,7 @@ __all__ = [
     "RomeConfig",
     "Undo",
     "alphaedit",
+    "alphaedit_step",
     "ftl",
     "ike",
     "memit",

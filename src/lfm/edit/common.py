@@ -17,6 +17,7 @@ from torch import nn
 
 from lfm.access import Access, require
 from lfm.core.layouts import num_layers
+from lfm.edit.base import edits
 from lfm.edit.patch import Delta, Undo, linear_weight
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
@@ -102,7 +103,7 @@ def temporarily(model: nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
     names = {d.module for d in deltas}
     undo = Undo({m: model.get_submodule(m).weight.detach().clone() for m in names})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), edits(model):
             for d in deltas:
                 w = linear_weight(model, d.module)
                 w.add_(d.matrix().to(w.dtype))

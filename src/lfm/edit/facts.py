@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -105,12 +105,29 @@ def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights=(2 / 3, 4 / 3
     return sum(parts) / len(parts)
 
 
-def evaluate_fact(handle: Any, fact: Fact, gen_tokens: int = 0) -> dict[str, float]:
-    """CounterFact metrics (fractions in [0, 1]) of one fact on the (edited) model of `handle`."""
+def neighbours(fact: Fact, edited: Collection[str] = ()) -> tuple[str, ...]:
+    """The fact's neighbourhood prompts, less those naming a subject edited alongside it.
+
+    Every neighbourhood prompt here is another fact's subject with the same object; in a batch or
+    a sequence of edits that subject may be edited too, and its prompt is then an edit, not a
+    neighbour (counting it measured the batch's own edits as damage).
+    """
+    others = [s for s in edited if s != fact.subject]
+    return tuple(p for p in fact.neighbourhood if not any(s in p for s in others))
+
+
+def evaluate_fact(
+    handle: Any, fact: Fact, gen_tokens: int = 0, edited: Collection[str] = ()
+) -> dict[str, float]:
+    """CounterFact metrics (fractions in [0, 1]) of one fact on the (edited) model of `handle`.
+
+    `edited`: subjects of all edits applied together (batch or sequence); neighbourhood prompts
+    naming one of them are left out (NaN if none is left, skipped by `summarise`).
+    """
     out = {
         "efficacy": _wins(handle, [fact.prompt], fact.new, fact.true),
         "paraphrase": _wins(handle, fact.paraphrases, fact.new, fact.true),
-        "neighbourhood": _wins(handle, fact.neighbourhood, fact.true, fact.new),
+        "neighbourhood": _wins(handle, neighbours(fact, edited), fact.true, fact.new),
     }
     if gen_tokens and fact.generation:
         texts = handle.generate(list(fact.generation), max_new_tokens=gen_tokens)
@@ -122,9 +139,11 @@ def evaluate_fact(handle: Any, fact: Fact, gen_tokens: int = 0) -> dict[str, flo
 
 
 def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Means in percent (fluency in bits) and the harmonic-mean Score of ES, PS, NS."""
+    """Means in percent (fluency in bits), NaNs skipped, and the harmonic-mean Score of ES, PS,
+    NS."""
     keys = rows[0].keys() if rows else ()
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
+    kept = {k: [r[k] for r in rows if not math.isnan(r[k])] for k in keys}
+    mean = {k: sum(v) / len(v) if v else float("nan") for k, v in kept.items()}
     out = {k: (v if k == "fluency" else 100 * v) for k, v in mean.items()}
     parts = [out.get(k, 0.0) for k in ("efficacy", "paraphrase", "neighbourhood")]
     out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)

@@ -17,12 +17,14 @@ eigenvectors of C whose eigenvalues are below `null_threshold` (paper: 1e-2),
 
     ΔW = R [(P (K_p K_pᵀ + K Kᵀ) + α I)⁻¹ P K]ᵀ
 
-so that ΔW k ≈ 0 for the preserved keys k (K_p: keys of earlier sequential edits; not carried
-across calls yet). α is `alpha_l2`·tr(C)/D, relative to this model's key scale (paper: absolute 10).
+so that ΔW k ≈ 0 for the preserved keys k (K_p: keys of earlier sequential edits, carried as
+an explicit state by `lfm.edit.sequential`). α is `alpha_l2`·tr(C)/D, relative to this model's
+key scale (paper: absolute 10).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,26 +92,43 @@ def block_outputs(model: nn.Module, tok: Any, reqs: Sequence[Request], layer: in
     return torch.stack(cols, 1)
 
 
-def layer_update(r: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, cfg: MemitConfig):
-    """Right factor V with ΔW = R Vᵀ: (λC + KKᵀ)⁻¹K (MEMIT) or AlphaEdit's projected solve."""
+def layer_update(
+    r: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, cfg: MemitConfig, prior: Any = None
+) -> torch.Tensor:
+    """Right factor V with ΔW = R Vᵀ: (λC + KKᵀ)⁻¹K (MEMIT) or AlphaEdit's projected solve,
+    which also keeps the keys `prior` (D_in, n_p) of earlier sequential edits."""
     k, d = k.double(), k.shape[0]
     if not cfg.null_space:
         lam = cfg.mom2_update_weight or 15_000.0 * d / 16_384
         return common.solve_cov(lam * cov + k @ k.T, k, cfg.cov_ridge).float()
     p = null_projector(cov, cfg.null_threshold)
+    kkt = k @ k.T if prior is None else k @ k.T + prior.double() @ prior.double().T
     alpha = cfg.alpha_l2 * cov.diagonal().mean()  # relative to the key scale of this model
-    a = p @ (k @ k.T) + alpha * torch.eye(d, dtype=torch.float64)
+    a = p @ kkt + alpha * torch.eye(d, dtype=torch.float64)
     return torch.linalg.solve(a, p @ k).float()
 
 
+_PROJECTORS: dict[tuple[str, float], torch.Tensor] = {}
+
+
 def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
-    """P = Û Ûᵀ over the eigenvectors of C with eigenvalues below `threshold`."""
-    vals, vecs = torch.linalg.eigh(cov.double())
-    u = vecs[:, vals < threshold]
-    return u @ u.T
+    """P = Û Ûᵀ over the eigenvectors of C with eigenvalues below `threshold` (memoised: the
+    eigendecomposition costs seconds and sequential edits reuse the same C)."""
+    c = cov.detach().double().cpu().contiguous()
+    key = (hashlib.sha256(c.numpy().tobytes()).hexdigest(), threshold)
+    if key not in _PROJECTORS:
+        vals, vecs = torch.linalg.eigh(c)
+        u = vecs[:, vals < threshold]
+        if len(_PROJECTORS) >= 8:
+            _PROJECTORS.pop(next(iter(_PROJECTORS)))
+        _PROJECTORS[key] = u @ u.T
+    return _PROJECTORS[key]
 
 
-def memit_deltas(model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConfig, cov: Any):
+def memit_deltas(
+    model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConfig, cov: Any, prior: Any = None
+) -> tuple[list[Delta], dict[int, torch.Tensor]]:
+    """The per-layer deltas and the keys K (D_in, n) each layer's update used."""
     layers = edit_layers(model, cfg.layers)
     last, n = layers[-1], cfg.n_prefixes
     cov = common.prefetch_covariances(model, tok, layers, cfg, cov)
@@ -118,14 +137,17 @@ def memit_deltas(model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConf
         [_delta(model, tok, r, last, cfg, h0[:, i]) for i, r in enumerate(reqs)], 1
     )
     deltas: list[Delta] = []
+    used: dict[int, torch.Tensor] = {}
     for j, layer in enumerate(layers):
         with common.temporarily(model, deltas):
             resid = (z - block_outputs(model, tok, reqs, last, n)) / (len(layers) - j)
             keys = torch.stack([locate.mean_key(model, tok, r, layer, n) for r in reqs], 1)
         c = common.covariance(model, tok, layer, cfg, cov)
         name = module_name(model, "mlp_out", layer)
-        deltas.append(Delta(name, resid.float(), layer_update(resid, keys, c, cfg)))
-    return deltas
+        v = layer_update(resid, keys, c, cfg, (prior or {}).get(layer))
+        deltas.append(Delta(name, resid.float(), v))
+        used[layer] = keys.double()
+    return deltas, used
 
 
 def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):
@@ -160,7 +182,7 @@ def memit(
     reqs = common.as_requests(requests)
     flags = locate.frozen(model)
     try:
-        deltas = memit_deltas(model, tok, reqs, cfg, cov)
+        deltas = memit_deltas(model, tok, reqs, cfg, cov)[0]
     finally:
         locate.restore_grad(model, flags)
     return make_patch(model, deltas, reqs, name, cfg)

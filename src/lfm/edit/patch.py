@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from lfm.core.io import atomic_path
+from lfm.edit.base import edits
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
 
@@ -86,8 +87,9 @@ class Undo:
 
     @torch.no_grad()
     def revert(self, model: nn.Module) -> None:
-        for name, w in self.originals.items():
-            model.get_submodule(name).weight.copy_(w)
+        with edits(model):
+            for name, w in self.originals.items():
+                model.get_submodule(name).weight.copy_(w)
 
 
 @dataclass
@@ -121,9 +123,10 @@ class Patch:
         """W ← W + ΔW in place; returns the `Undo` that restores the originals bit for bit."""
         self.check(model)
         undo = Undo({m: model.get_submodule(m).weight.detach().clone() for m in self.modules})
-        for d in self.deltas:
-            w = linear_weight(model, d.module)
-            w.add_(d.matrix().to(w.device, w.dtype))
+        with edits(model):  # the statistics stay those of the base model
+            for d in self.deltas:
+                w = linear_weight(model, d.module)
+                w.add_(d.matrix().to(w.device, w.dtype))
         return undo
 
     def save(self, path: str | Path) -> Path:

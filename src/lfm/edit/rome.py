@@ -111,8 +111,7 @@ def rome(
     model, tok = common.resolve(target, tokenizer, "edit/rome")
     cfg, reqs = cfg or RomeConfig(), common.as_requests(requests)
     deltas: list[Delta] = []
-    # C before any temporary delta: the statistics' fingerprint covers the edited block, so a
-    # later lookup would miss the cache and recompute C (keys do not depend on the edited W)
+    # C once, before the loop: every request of the sequence uses the base model's statistics
     layer = common.layer_of(model, cfg.layer)
     cov = {layer: common.covariance(model, tok, layer, cfg, cov)}
     flags = locate.frozen(model)

@@ -5,14 +5,15 @@ associative memory view, W k ≈ v). ROME's update ΔW = (v* − W k*)(C⁻¹k*)
 and MEMIT's λC term both need C estimated over generic text. We stream the BBC News training
 articles (the only general English text shipped offline) through the model up to the edited
 layer, with a token budget and a per-article length cap, accumulate Σ k kᵀ in float64, and cache
-C under `cache_dir()/edit-stats/` keyed by a fingerprint of the weights that produce k (embeddings
-and blocks 0..layer), the layer, the corpus and the budget. A cached file is never recomputed.
+C under `cache_dir()/edit-stats/` keyed by a fingerprint of the weights that produce k (embeddings,
+blocks 0..layer−1 and block `layer` below its MLP output projection; computed once per loaded
+model and kept across edits, `lfm.edit.base`), the layer, the corpus and the budget. A cached
+file is never recomputed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,8 @@ from torch import nn
 
 from lfm.assets.cache import cache_dir
 from lfm.core.io import atomic_path
-from lfm.core.layouts import get_layout, module_name
+from lfm.core.layouts import module_name
+from lfm.edit import base
 
 _console = Console(stderr=True)
 
@@ -34,15 +36,8 @@ class _Stop(Exception):
 
 
 def key_fingerprint(model: nn.Module, layer: int) -> str:
-    """SHA-256 of the weights that determine the keys at `layer` (embeddings, blocks ≤ layer)."""
-    lay = get_layout(model)
-    keep = (lay.embed + ".", *tuple(f"{lay.layers}.{i}." for i in range(layer + 1)))
-    h = hashlib.sha256(str(model.config.model_type).encode())
-    for name, p in model.named_parameters():
-        if name.startswith(keep):
-            h.update(f"{name}:{tuple(p.shape)}".encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """SHA-256 of the base weights that determine the keys at `layer` (see `lfm.edit.base`)."""
+    return base.key_fingerprints(model)[layer]
 
 
 def stats_path(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> Path:

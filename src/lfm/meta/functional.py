@@ -47,7 +47,7 @@ class OuterConfig(Config):
     meta_batch: int = 25  # tasks per meta-update (MAML sinusoid: 25)
     steps: int = 1000  # meta-updates; the papers run 15k-70k, kept short for CPUs
     vectorize: Literal["auto", "always", "never"] = (
-        "auto"  # vmap over tasks; auto: not with train-mode BatchNorm
+        "auto"  # vmap over tasks; auto: not with train-mode nn.BatchNorm
     )
 
 
@@ -155,13 +155,12 @@ def inner_adapt(
 
 
 def can_vectorize(model: nn.Module, setting: str) -> bool:
-    """Whether to vmap over tasks: BatchNorm with running statistics mutates buffers in train
-    mode, so it runs a loop; batch-statistics BatchNorm (`track_running_stats=False`) vmaps."""
+    """Whether to vmap over tasks. Not with `nn.BatchNorm` in train mode: with running statistics
+    it mutates buffers, and without them the fused batch-norm backward gives wrong second-order
+    gradients under `vmap` (torch 2.13), so both run a loop. `models.BatchStatNorm2d` vmaps."""
     if setting != "auto":
         return setting == "always"
-    return not any(
-        isinstance(m, _BatchNorm) and m.training and m.track_running_stats for m in model.modules()
-    )
+    return not any(isinstance(m, _BatchNorm) and m.training for m in model.modules())
 
 
 def _stack(outs: list[Any]) -> Any:

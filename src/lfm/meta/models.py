@@ -5,14 +5,17 @@ of 40 ReLU units. `ConvNet` is the few-shot classifier of MAML Sec. 5.2 (after V
 2016, arXiv 1606.04080): four blocks of 3×3 convolution, BatchNorm, ReLU and 2×2 max-pooling.
 BatchNorm always normalises by the statistics of the batch it is given (no running statistics),
 as the MAML code does at train and test time: an episode is normalised transductively, and the
-network holds no buffers, so a meta-batch runs under `vmap`. The last layer of both is named
-`head`, the subset ANIL adapts.
+network holds no buffers, so a meta-batch runs under `vmap`. That normalisation is written out
+(`BatchStatNorm2d`) rather than taken from `nn.BatchNorm2d`: under `torch.func.vmap` the fused
+batch-norm backward gives wrong second-order meta-gradients (torch 2.13), while the plain
+mean/variance ops are exact. The last layer of both is named `head`, the subset ANIL adapts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -44,13 +47,30 @@ class MLP(nn.Module):
         return self.head(self.body(x))
 
 
+class BatchStatNorm2d(nn.Module):
+    """BatchNorm over (N, H, W) by the batch's own statistics, with affine `weight` and `bias`.
+
+    The same maths and parameter names as `nn.BatchNorm2d(c, track_running_stats=False)`, from
+    plain tensor ops, so that meta-gradients through it stay exact under `vmap`.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean = x.mean((0, 2, 3), keepdim=True)  # (1, C, 1, 1)
+        var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+        scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
+        return (x - mean) * scale + self.bias[:, None, None]
+
+
 def conv_block(c_in: int, c_out: int, pool: bool, running: bool = False) -> nn.Sequential:
     """3×3 conv, BatchNorm (batch statistics unless `running`), ReLU, 2×2 max-pool if `pool`."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(c_in, c_out, 3, padding=1),
-        nn.BatchNorm2d(c_out, track_running_stats=running),
-        nn.ReLU(),
-    ]
+    norm = nn.BatchNorm2d(c_out) if running else BatchStatNorm2d(c_out)
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1), norm, nn.ReLU()]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 

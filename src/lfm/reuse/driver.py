@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import torch
 from torch import Tensor
 
 from lfm.access import Access
@@ -54,6 +55,8 @@ class Reader(Protocol):
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
+    def dtype(self, name: str) -> torch.dtype: ...
+
     def get(self, name: str) -> Tensor: ...
 
 
@@ -69,6 +72,9 @@ class DictReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.sd[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.sd[name].dtype
 
     def get(self, name: str) -> Tensor:
         return self.sd[name]

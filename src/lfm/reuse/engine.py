@@ -3,22 +3,27 @@
 Inputs are Hugging Face folders (`model.safetensors`, or shards listed in
 `model.safetensors.index.json`) or single `.safetensors` files. Each tensor is read on demand with
 `safetensors.safe_open` and merged by the per-tensor driver (`driver.run_merge`, the same code as
-`merge_state_dicts`); results are buffered up to `max_shard_size` and written shard by shard with an
-index. Peak memory is about one shard of output plus a few tensors per input model, not whole
-models. The output folder appears in one rename when everything is written (`atomic_path`).
+`merge_state_dicts`). The output layout (names, dtypes, shapes, shards of at most `max_shard_size`)
+is known from the template's headers before anything is merged, so each shard's safetensors header
+is written first and every merged tensor goes straight to its file: peak memory is a few tensors
+per input model, whatever the size of the model or of the shards. The output folder appears in one
+rename when everything is written (`atomic_path`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
+import struct
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 from tqdm import tqdm
 
@@ -47,6 +52,14 @@ _UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
 }
+# torch dtype <-> safetensors header dtype
+DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+    torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
 
 
 def parse_size(size: int | str) -> int:
@@ -90,17 +103,28 @@ class SafetensorsReader:
             raise MergeError(f"no model at {self.path}")
         self.files = weight_files(self.path)
         self.tied = _is_tied(self.path)
-        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, header dtype)
 
     def keys(self) -> list[str]:
         return list(self.files)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        if not self._shapes:  # one pass over the headers of all files
+        return self._header(name)[0]
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self._header(name)[1]
+        if code not in TORCH_DTYPES:
+            raise MergeError(f"{self.files[name]}: {name} has dtype {code}, which lfm cannot merge")
+        return TORCH_DTYPES[code]
+
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
+        if not self._meta:  # one pass over the headers of all files
             for file in sorted(set(self.files.values())):
                 with safe_open(str(file), framework="pt") as f:
-                    self._shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})  # noqa: SIM118 (a safe_open handle is not iterable)
-        return self._shapes[name]
+                    for k in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                        sl = f.get_slice(k)
+                        self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+        return self._meta[name]
 
     def get(self, name: str) -> Tensor:
         # Open the file for each read: a handle kept open maps the whole file, and every page
@@ -118,54 +142,112 @@ def _is_tied(path: Path) -> bool:
     return bool(data.get("tie_word_embeddings", text.get("tie_word_embeddings", True)))
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One output tensor as the safetensors header describes it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
+    """Split tensors, in order, into shards of at most `max_bytes` (a larger tensor: its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def shard_header(entries: Sequence[Entry]) -> bytes:
+    """The safetensors prefix of a shard: 8-byte little-endian length, then JSON padded to 8."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    start = 0
+    for e in entries:
+        end = start + e.nbytes
+        meta[e.name] = {
+            "dtype": DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [start, end],
+        }
+        start = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
 class ShardWriter:
-    """Buffers tensors and writes a safetensors shard whenever `max_bytes` would be passed.
+    """Writes safetensors shards tensor by tensor, in the order of a layout known in advance.
+
+    Each shard's header is written when its first tensor arrives and every tensor's bytes go to the
+    file straight from its memory, so nothing is buffered beyond the tensor being written.
 
     Args:
         folder: the (temporary) output folder.
+        entries: every output tensor, in the order `add` will receive them.
         max_bytes: the largest shard, in bytes (a single larger tensor gets a shard of its own).
     """
 
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, Tensor] = {}
-        self.size = 0
-        self.shards: list[list[str]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        save_file(
-            self.buffer, str(self.folder / f"part-{len(self.shards)}.safetensors"), {"format": "pt"}
-        )
-        self.shards.append(list(self.buffer))
-        self.buffer, self.size = {}, 0
-
-    def close(self) -> list[str]:
-        """Write the last shard, give shards their final names and write the index."""
-        self.flush()
+    def __init__(self, folder: Path, entries: Sequence[Entry], max_bytes: int):
+        self.folder = folder
+        self.shards = plan_shards(entries, max_bytes)
         n = len(self.shards)
-        names = (
+        self.names = (
             ["model.safetensors"]
             if n == 1
             else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         )
-        for i, final in enumerate(names):
-            (self.folder / f"part-{i}.safetensors").rename(self.folder / final)
-        if n > 1:
-            wmap = {k: names[i] for i, keys in enumerate(self.shards) for k in keys}
+        self.total = sum(e.nbytes for e in entries)
+        self._order = iter([(i, e) for i, shard in enumerate(self.shards) for e in shard])
+        self._file: IO[bytes] | None = None
+        self._shard = -1
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        shard, e = next(self._order, (None, None))
+        if e is None or e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+            want = f"{e.name} {e.dtype} {list(e.shape)}" if e else "nothing"
+            raise MergeError(f"{name} {tensor.dtype} {list(tensor.shape)} arrived; expected {want}")
+        if shard != self._shard:
+            self._open(shard)
+        assert self._file is not None
+        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    def _open(self, shard: int) -> None:
+        self._close_file()
+        self._shard = shard
+        self._file = open(self.folder / self.names[shard], "wb")  # noqa: SIM115 (closed by close)
+        self._file.write(shard_header(self.shards[shard]))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> list[str]:
+        """Close the last shard and write the index (when there are several shards)."""
+        self._close_file()
+        if next(self._order, None) is not None:
+            raise MergeError("the merge ended before every tensor was written")
+        if len(self.shards) > 1:
+            wmap = {e.name: self.names[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total}, "weight_map": wmap}
             (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        return names
+        return self.names
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close_file()
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -220,10 +302,13 @@ def merge_models(
     template = Path(base) if base is not None else _template_folder(models[0])
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
-        bar = _bar(f"{spec.name} merge", progress)
-        run_merge(spec.name, inputs, config, writer.add, weights, bar)
-        writer.close()
+        tmpl = inputs.template
+        entries = [Entry(n, tmpl.dtype(n), tmpl.shape(n)) for n in inputs.names]
+        with ShardWriter(tmp, entries, parse_size(max_shard_size)) as writer:
+            run_merge(
+                spec.name, inputs, config, writer.add, weights, _bar(f"{spec.name} merge", progress)
+            )
+            writer.close()
         copy_side_files(template if template.is_dir() else template.parent, tmp)
         record = _record(spec.name, config, base, models, weights, on_missing)
         (tmp / "lfm_merge.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -19,6 +19,7 @@ import hashlib
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -52,14 +53,26 @@ def task_vectors(base: Tensor, tensors: Sequence[Tensor]) -> list[Tensor]:
     return [x.float() - b for x in tensors]
 
 
-def kth_largest(values: Tensor, k: int) -> float:
+def kth_largest(values: Tensor, k: int, *, overwrite: bool = False) -> float:
     """The k-th largest entry of a flat tensor (k ≥ 1).
 
-    A selection (`kthvalue`, linear time) rather than `topk`, which is ~3x slower when k is a
-    large fraction of n, as in TIES at density 0.2.
+    A selection (NumPy's introselect, `partition`), not a sort or `topk`: at TIES's density 0.2 it
+    is ~15x faster than `torch.kthvalue` on one thread.
+
+    Args:
+        values: any shape; read as flat.
+        k: the rank from the top (1 = the largest).
+        overwrite: `values` may be reordered in place (saves a copy of a scratch tensor).
     """
-    flat = values.flatten()
-    return float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
+        return float(torch.kthvalue(flat.float().cpu(), n - k + 1).values)
+    arr = flat.numpy()  # a view of `values` when contiguous, else a copy of our own
+    if overwrite:
+        arr.partition(n - k)
+        return float(arr[n - k])
+    return float(np.partition(arr, n - k)[n - k])
 
 
 def keep_count(n: int, density: float) -> int:
@@ -72,12 +85,33 @@ def magnitude_threshold(tau: Tensor, density: float) -> float:
     k = keep_count(tau.numel(), density)
     if k == 0:
         return math.inf
-    return kth_largest(tau.abs(), k)
+    return kth_largest(tau.abs(), k, overwrite=True)
 
 
-def trim(tau: Tensor, threshold: float) -> Tensor:
-    """Zero the entries whose magnitude is below `threshold` (ties at the threshold are kept)."""
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+def trim(tau: Tensor, threshold: float, *, inplace: bool = False) -> Tensor:
+    """Zero the entries whose magnitude is below `threshold` (ties at the threshold are kept).
+
+    One fused pass: `hardshrink` keeps |x| > λ, and with λ the float just below the threshold
+    (in the dtype of `tau`) that is exactly |x| ≥ threshold.
+
+    Args:
+        tau: a task vector.
+        threshold: the smallest magnitude kept.
+        inplace: overwrite `tau` (a task vector of the caller's own) instead of a copy.
+    """
+    if tau.dtype not in (torch.float32, torch.float64) or math.isnan(threshold):
+        out = torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+        return tau.copy_(out) if inplace else out
+    return torch.hardshrink(tau, _below(threshold, tau.dtype), out=tau if inplace else None)
+
+
+def _below(x: float, dtype: torch.dtype) -> float:
+    """The largest value of `dtype` that is < x (x rounded up into `dtype` first)."""
+    npt = np.float32 if dtype == torch.float32 else np.float64
+    up = npt(x)
+    if float(up) < x:
+        up = np.nextafter(up, npt(np.inf))
+    return float(np.nextafter(up, npt(-np.inf)))
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
@@ -86,24 +120,55 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def dare(tau: Tensor, drop_rate: float, seed: int) -> Tensor:
-    """Drop each entry with probability p and rescale the kept ones by exactly 1/(1 − p)."""
+def dare(tau: Tensor, drop_rate: float, seed: int, *, inplace: bool = False) -> Tensor:
+    """Drop each entry with probability p and rescale the kept ones by exactly 1/(1 − p).
+
+    Args:
+        tau: a task vector.
+        drop_rate: p.
+        seed: seeds this tensor's mask.
+        inplace: overwrite `tau` (a task vector of the caller's own) instead of a copy.
+    """
     if drop_rate <= 0:
         return tau
     gen = torch.Generator().manual_seed(seed)
-    keep = torch.rand(tau.shape, generator=gen) >= drop_rate
-    return torch.where(keep, tau / (1.0 - drop_rate), torch.zeros_like(tau))
+    keep = torch.rand(tau.shape, generator=gen).ge_(drop_rate)  # 1.0 kept, 0.0 dropped
+    out = tau.div_(1.0 - drop_rate) if inplace else tau / (1.0 - drop_rate)
+    return out.mul_(keep)  # a float mask: boolean masks are ~10x slower on CPU
 
 
 def elect_sign(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """γ = sgn(Σ_i w_i τ_i): the sign with the larger total mass per coordinate."""
-    return torch.sign(weighted_sum(taus, weights))
+    return weighted_sum(taus, weights).sign_()
 
 
 def disjoint_merge(
     taus: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool = True
 ) -> Tensor:
-    """Σ_{i∈A} w_i τ_i (/ Σ_{i∈A} w_i when `normalize`) over the models that agree with `sign`."""
+    """Σ_{i∈A} w_i τ_i (/ Σ_{i∈A} w_i when `normalize`) over the models that agree with `sign`.
+
+    With positive weights every agreeing term has the sign γ, so the sum is γ · Σ w_i max(γ τ_i, 0):
+    in-place float passes, no boolean masks, the same floats as the masked form.
+    """
+    if any(w <= 0 for w in weights):
+        return _disjoint_merge_masked(taus, weights, sign, normalize)
+    total, mass = torch.zeros_like(sign), torch.zeros_like(sign)
+    agreed, mask = torch.empty_like(sign), torch.empty_like(sign)
+    for tau, w in zip(taus, weights, strict=True):
+        torch.mul(tau, sign, out=agreed).clamp_min_(0)  # |τ_i| where sgn τ_i = γ ≠ 0, else 0
+        torch.sign(agreed, out=mask)  # 1 where model i agrees, else 0
+        total.add_(agreed if w == 1 else agreed.mul_(w))
+        mass.add_(mask, alpha=w)
+    total.mul_(sign)
+    if not normalize:
+        return total
+    return total.div_(mass.add_(torch.eq(mass, 0, out=mask)))  # 0 / 1 where no model agrees
+
+
+def _disjoint_merge_masked(
+    taus: Sequence[Tensor], weights: Sequence[float], sign: Tensor, normalize: bool
+) -> Tensor:
+    """The disjoint merge with explicit masks (any weights, also zero or negative)."""
     total = torch.zeros_like(sign)
     mass = torch.zeros_like(sign)
     for tau, w in zip(taus, weights, strict=True):
@@ -138,7 +203,9 @@ def task_merge(
         delta = disjoint_merge(taus, weights, elect_sign(taus, weights), normalize)
     else:
         delta = weighted_sum(taus, weights)
-    return base.float() + scale * delta
+    if scale != 1:
+        delta.mul_(scale)
+    return delta.add_(base.float())  # θ_b + λ δ, in place on the fresh δ
 
 
 def slerp(a: Tensor, b: Tensor, t: float, eps: float = 5e-4) -> Tensor:

@@ -20,6 +20,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor
 
@@ -96,6 +97,9 @@ class LoraReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.base.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.base.dtype(name)
 
     def get(self, name: str) -> Tensor:
         w = self.base.get(name)

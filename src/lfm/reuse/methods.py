@@ -141,14 +141,15 @@ def ties(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: 
     """Trim to the top-`density` magnitudes, elect signs, disjoint mean, scale by λ."""
     assert base is not None
     taus = K.task_vectors(base, ts)
-    taus = [K.trim(t, th) for t, th in zip(taus, _ties_thresholds(taus, cfg, ctx), strict=True)]
+    for tau, th in zip(taus, _ties_thresholds(taus, cfg, ctx), strict=True):
+        K.trim(tau, th, inplace=True)
     return K.task_merge(base, taus, ws, scale=cfg.scale, consensus=True, normalize=cfg.normalize)
 
 
 def _dare_taus(base: Tensor, ts: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
     taus = K.task_vectors(base, ts)
     seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(ts)))]
-    return [K.dare(t, cfg.drop_rate, s) for t, s in zip(taus, seeds, strict=True)]
+    return [K.dare(t, cfg.drop_rate, s, inplace=True) for t, s in zip(taus, seeds, strict=True)]
 
 
 @merge_method(

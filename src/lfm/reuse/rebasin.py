@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 from pydantic import Field
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from lfm.access import Access
@@ -129,6 +128,8 @@ def weight_matching(
     cfg: RebasinConfig | None = None,
 ) -> dict[str, Tensor]:
     """Permutations of `b`'s hidden units that maximise Σ ⟨A, permuted B⟩ (coordinate ascent)."""
+    from scipy.optimize import linear_sum_assignment  # ~1 s to import: only when aligning
+
     cfg = cfg or RebasinConfig()
     perms = {p: torch.arange(n) for p, n in _sizes(spec, a).items()}
     gen, names = torch.Generator().manual_seed(cfg.seed), list(spec)

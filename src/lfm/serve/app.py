@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lfm.access import Access
@@ -67,6 +68,12 @@ def _install_guards(app: FastAPI, settings: ServeSettings) -> None:
             )
         return await call_next(request)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_r: Request, e: RequestValidationError) -> JSONResponse:
+        # without the offending input: it may not be valid JSON (NaN, a lone surrogate)
+        errors = [{k: err[k] for k in ("type", "loc", "msg") if k in err} for err in e.errors()]
+        return JSONResponse({"detail": errors}, 422)
+
     @app.exception_handler(LfmError)
     async def lfm_error(_r: Request, e: LfmError) -> JSONResponse:
         return JSONResponse({"detail": str(e)}, 400)
@@ -95,16 +102,25 @@ def _need(backend: Backend, level: Access, what: str) -> None:
         )
 
 
-def _check_texts(backend: Backend, settings: ServeSettings, texts: list[str]) -> list[int]:
+def _max_tokens(backend: Backend, settings: ServeSettings) -> int:
+    """Tokens per text or embedding row: the setting, capped at the model's context."""
+    return min(settings.max_input_tokens, backend.max_positions or settings.max_input_tokens)
+
+
+def _check_texts(
+    backend: Backend, settings: ServeSettings, texts: list[str], new_tokens: int = 0
+) -> list[int]:
     if len(texts) > settings.max_items:
         raise HTTPException(413, f"{len(texts)} texts exceed the limit of {settings.max_items}")
     counts = [backend.n_tokens(t) for t in texts]
     if counts and min(counts) == 0:
         raise HTTPException(422, "a text has no tokens; send at least one character")
-    if counts and max(counts) > settings.max_input_tokens:
-        raise HTTPException(
-            413, f"a text of {max(counts)} tokens exceeds {settings.max_input_tokens}"
-        )
+    limit = _max_tokens(backend, settings)
+    if counts and max(counts) > limit:
+        raise HTTPException(413, f"a text of {max(counts)} tokens exceeds {limit}")
+    if counts and backend.max_positions and max(counts) + new_tokens > backend.max_positions:
+        raise HTTPException(413, f"{max(counts)} prompt tokens + max_tokens {new_tokens} exceed "
+                                 f"the model's context of {backend.max_positions}")  # fmt: skip
     return counts
 
 
@@ -150,7 +166,7 @@ def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
             _need(b, Access.SCORES, "echo or logprobs")
         if req.max_tokens > s.max_new_tokens:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
-        counts = _check_texts(b, s, prompts)
+        counts = _check_texts(b, s, prompts, req.max_tokens)
         outs = await _generate(app, prompts, req.max_tokens, req.temperature, req.seed)
         logprobs = await _logprobs(app, req, prompts, outs) if req.logprobs is not None else None
         choices = [_choice(i, (p if req.echo else "") + o, logprobs, req.max_tokens)
@@ -162,7 +178,7 @@ def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
         if req.max_tokens > s.max_new_tokens:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
         prompt = _chat_prompt(b, req.messages)
-        counts = _check_texts(b, s, [prompt])
+        counts = _check_texts(b, s, [prompt], req.max_tokens)
         outs = await _generate(app, [prompt], req.max_tokens, req.temperature, req.seed)
         msg = {
             "index": 0,
@@ -190,15 +206,19 @@ def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> Non
     @app.post("/v1/lfm/logits_from_embeds", dependencies=[auth])
     async def logits_from_embeds(req: S.LogitsFromEmbedsRequest) -> dict[str, Any]:
         _need(b, Access.EMBEDDINGS, "logits_from_embeds")
-        rows = _embed_rows(req, s, b.dim)
+        rows = _embed_rows(req, _max_tokens(b, s), s.max_items, b.dim)
         key = "last" if req.positions is not None else "all"
         out = await _run(app, "lfe", rows, key)
         return {"logits": [pack(r) for r in out], "usage": _usage([len(m) for _, m, _ in rows], 0)}
 
 
+GREEDY_BELOW = 1e-3  # a lower temperature samples as greedy; a subnormal one made logits inf
+
+
 async def _generate(app: FastAPI, prompts: list[str], n: int, temp: float, seed: int) -> list[str]:
     if n == 0:
         return ["" for _ in prompts]
+    temp = temp if temp >= GREEDY_BELOW else 0.0
     return await _run(app, "generate", prompts, (n, temp, seed))
 
 
@@ -246,7 +266,9 @@ def _chat_prompt(b: Backend, messages: list[S.ChatMessage]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
-def _embed_rows(req: S.LogitsFromEmbedsRequest, s: ServeSettings, dim: int) -> list[tuple]:
+def _embed_rows(
+    req: S.LogitsFromEmbedsRequest, max_tokens: int, max_items: int, dim: int
+) -> list[tuple]:
     emb = unpack(req.embeds.model_dump())
     if emb.dim() != 3 or emb.shape[0] != len(req.attention_mask) or emb.shape[2] != dim:
         raise HTTPException(
@@ -254,11 +276,9 @@ def _embed_rows(req: S.LogitsFromEmbedsRequest, s: ServeSettings, dim: int) -> l
         )
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise HTTPException(422, "embeds must have at least one row and one position")
-    if emb.shape[0] > s.max_items or emb.shape[1] > s.max_input_tokens:
-        raise HTTPException(
-            413,
-            f"embeds {list(emb.shape)} exceed the limits ({s.max_items} rows, {s.max_input_tokens} tokens)",
-        )
+    if emb.shape[0] > max_items or emb.shape[1] > max_tokens:
+        raise HTTPException(413, f"embeds {list(emb.shape)} exceed the limits "
+                                 f"({max_items} rows, {max_tokens} tokens)")  # fmt: skip
     if any(len(m) != emb.shape[1] for m in req.attention_mask):
         raise HTTPException(422, "every attention_mask row must have T entries")
     pos = req.positions or [None] * emb.shape[0]

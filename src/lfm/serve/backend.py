@@ -3,11 +3,14 @@
 Every operation goes through `narrow(model, level)`, so an endpoint cannot give more than the level
 the server was started with. The one exception is `token_logprobs` (per-token log-probabilities
 of given text, for `echo` + `logprobs`): the SCORES handle protocol has no per-token method yet, so
-it is computed here from the model, and only when the level is SCORES or more.
+it is computed here from the model, and only when the level is SCORES or more. Likewise
+`logits_from_embeds` with one position per row runs the output layer on those positions only
+(same numbers as slicing the EMBEDDINGS handle's (B, T, V) logits, a fraction of the cost).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -61,6 +64,35 @@ def _one(tok: Any, text: str, enc: Any, logp: torch.Tensor, top: int) -> dict[st
     }
 
 
+@torch.no_grad()
+def last_logits(
+    model: LocalModel, embeds: torch.Tensor, mask: torch.Tensor, positions: list[int]
+) -> torch.Tensor:
+    """Logits (B, V) at one position per row, without the (B, T, V) tensor.
+
+    The output layer runs only on the distinct positions asked for (`logits_to_keep` as indices),
+    which saves most of its cost and memory (V × D per position) when rows share lengths.
+    """
+    keep = sorted(set(positions))
+    col = {p: j for j, p in enumerate(keep)}
+    kw = {}
+    if "logits_to_keep" in inspect.signature(model.model.forward).parameters:
+        kw["logits_to_keep"] = torch.tensor(keep, device=model.device)
+    out = model.model(inputs_embeds=embeds.to(model.device),
+                      attention_mask=mask.to(model.device), **kw).logits  # fmt: skip
+    rows = torch.arange(len(positions))
+    cols = torch.tensor([col[p] for p in positions] if kw else positions)
+    return out[rows, cols].float().cpu()  # (B, V)
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model takes (absolute position tables fail past it), if it says."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        if isinstance(getattr(config, name, None), int):
+            return int(getattr(config, name))
+    return None
+
+
 class Backend:
     """The batched operations a server offers at one access level.
 
@@ -77,6 +109,7 @@ class Backend:
         self._model = model if self.level >= Access.SCORES else None
         self.vocab_size = int(model.vocab_size) if self.level >= Access.SCORES else None
         self.dim = int(model.model.get_input_embeddings().embedding_dim)  # a size, not weights
+        self.max_positions = max_positions(model.model.config)
 
     def ops(self) -> dict[str, Any]:
         return {"generate": self.generate, "tokens": self.tokens, "next": self.next_token,
@@ -116,6 +149,8 @@ class Backend:
             rows
         ):  # padding on the right leaves a causal LM's logits as they are
             emb[i, : e.shape[0]], mask[i, : e.shape[0]] = e, m
+        if all(p is not None for _, _, p in rows) and self._model is not None:
+            return list(last_logits(self._model, emb, mask, [int(p) for _, _, p in rows]))
         logits = self.handle.logits_from_embeds(emb, mask)  # (B, T, V)
         return [logits[i, p] if p is not None else logits[i, : e.shape[0]]
                 for i, (e, _, p) in enumerate(rows)]  # fmt: skip

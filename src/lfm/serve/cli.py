@@ -33,7 +33,8 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 def make_server(model: Any, access: str, host: str, port: int, api_key: str | None,
-                max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256):  # fmt: skip
+                max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
+                timeout_s: float = 60.0):  # fmt: skip
     """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`."""
     import uvicorn
 
@@ -45,7 +46,7 @@ def make_server(model: Any, access: str, host: str, port: int, api_key: str | No
     check_bind(host, api_key)
     local = model if isinstance(model, LocalModel) else load_model(model, kind="causal-lm")
     settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             max_queue=max_queue)  # fmt: skip
+                             max_queue=max_queue, timeout_s=timeout_s)  # fmt: skip
     app = build_app(Backend(local, access), settings)
     cfg = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     return uvicorn.Server(cfg)
@@ -68,13 +69,20 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="items per forward pass")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="batching window in ms")] = 5.0,
     max_queue: Annotated[int, typer.Option(help="queued requests before 429")] = 256,
+    timeout_s: Annotated[
+        float, typer.Option(help="seconds a request may wait and run before 504")
+    ] = 60.0,
 ) -> None:
     """Serve a model through an OpenAI-compatible API at one access level (docs/serve.md)."""
     key = api_key or os.environ.get("LFM_API_KEY") or None
     try:
         if access.strip().lower() not in ("text", "scores", "embeddings"):
             raise LfmError(f"--access must be text, scores or embeddings, not {access!r}")
-        server = make_server(model, access, host, port, key, max_batch, max_wait_ms, max_queue)
+        if timeout_s <= 0:
+            raise LfmError(f"--timeout-s must be positive, not {timeout_s}")
+        server = make_server(
+            model, access, host, port, key, max_batch, max_wait_ms, max_queue, timeout_s
+        )
     except LfmError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

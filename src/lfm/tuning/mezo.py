@@ -13,6 +13,7 @@ and works over any parameter subset (a name pattern).
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,10 +79,13 @@ def label_loss_fn(
     """Cross-entropy of the gold label word (first token) among the label words, at the last position."""
     enc = model._batch([verb.prompt(t) for t in texts], side="left")
     ids = torch.tensor([model.encode(f" {w}")[0] for w in verb.label_words])
+    # left padding puts every last token at -1: the output layer needs to run there only
+    takes_keep = "logits_to_keep" in inspect.signature(model.model.forward).parameters
+    keep = {"logits_to_keep": 1} if takes_keep else {}
 
     @torch.no_grad()
     def loss() -> float:
-        logits = model.model(**enc).logits[:, -1, ids].float()
+        logits = model.model(**enc, **keep).logits[:, -1, ids].float()
         return float(torch.nn.functional.cross_entropy(logits, y.to(logits.device)))
 
     return loss

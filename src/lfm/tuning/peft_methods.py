@@ -7,7 +7,12 @@
 - IA3 (Liu et al. 2022, arXiv 2205.05638): rescale keys, values and the feed-forward input by learned
   vectors, h' = l ⊙ h.
 - Prompt tuning (Lester et al. 2021, arXiv 2104.08691): prepend n trainable input embeddings.
-- Prefix tuning (Li & Liang 2021, arXiv 2101.00190): prepend n trainable key/value pairs per layer.
+- Prefix tuning (Li & Liang 2021, arXiv 2101.00190): prepend n trainable key/value pairs per layer,
+  h_i = P_θ[i] for i in the prefix. PEFT draws P_θ from N(0, 1), keys and values far from any the
+  model produces, so a frozen LM starts from a wrecked context; the paper (its section 7.2) instead
+  initialises the prefix with the activations of real words, which matters most with little data.
+  `init="words"` (the default here) does that: P_θ = the model's own keys and values of n tokens
+  sampled from its vocabulary, so at step 0 the model reads those n tokens before its input.
 
 What PEFT lets pass and we refuse: a `target_modules` entry that matches no module (PEFT accepts it
 when another entry matches), and saving an adapter with no tensors in it.
@@ -100,13 +105,47 @@ class PromptTuningCfg(Config):
 class PrefixTuningCfg(Config):
     num_virtual_tokens: int = Field(10, ge=1)  # prefix length (paper: 10 for table-to-text)
     projection: bool = False  # the paper's MLP reparameterisation (PEFT's prefix_projection)
+    # "words": keys/values of sampled tokens (paper 7.2; a causal LM's cache, so encoders keep
+    # PEFT's init); "random": PEFT's N(0, 1)
+    init: Literal["words", "random"] = "words"
     lr: float = Field(1e-2, gt=0)  # paper: 5e-5 with the MLP; larger without it
 
     def to_peft(self, task: TaskType | None) -> PeftConfig:
+        if self.projection and self.init == "words":
+            raise ConfigError(
+                "prefix init='words' sets the keys and values directly; with projection=True "
+                "set init='random'"
+            )
         return PrefixTuningConfig(
             task_type=task, num_virtual_tokens=self.num_virtual_tokens,
             prefix_projection=self.projection,
         )  # fmt: skip
+
+
+@torch.no_grad()
+def prefix_from_tokens(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The keys and values of `ids` (n,) in `model`, flattened as PEFT stores a prefix.
+
+    Returns:
+        (n, layers·2·heads·head_dim): per token, layer by layer, its key then its value.
+    """
+    was = model.training
+    cache = model.eval()(input_ids=ids[None], use_cache=True).past_key_values
+    model.train(was)
+    kv = torch.stack(
+        [torch.stack([c.keys[0], c.values[0]]) for c in cache.layers]
+    )  # (L, 2, H, n, D)
+    return kv.permute(3, 0, 1, 2, 4).reshape(len(ids), -1)
+
+
+def _prefix_init(model: nn.Module, cfg: PeftCfg) -> torch.Tensor | None:
+    """The flattened keys and values of `num_virtual_tokens` tokens sampled from the vocabulary
+    (global RNG), or None where the config keeps PEFT's init."""
+    words = isinstance(cfg, PrefixTuningCfg) and cfg.init == "words" and _is_causal(model)
+    if not words:
+        return None
+    ids = torch.randint(0, model.config.vocab_size, (cfg.num_virtual_tokens,))  # type: ignore[union-attr]
+    return prefix_from_tokens(model, ids.to(model.device))
 
 
 PeftCfg = LoraCfg | IA3Cfg | PromptTuningCfg | PrefixTuningCfg
@@ -162,7 +201,11 @@ def inject(model: nn.Module, cfg: PeftCfg) -> PeftModel:
     for entries in _resolved_targets(model, cfg):
         check_targets(model, entries)
     task = TaskType.CAUSAL_LM if _is_causal(model) else TaskType.FEATURE_EXTRACTION
-    return get_peft_model(model, cfg.to_peft(task))
+    peft_cfg, prefix = cfg.to_peft(task), _prefix_init(model, cfg)
+    peft = get_peft_model(model, peft_cfg)
+    if prefix is not None:
+        peft.prompt_encoder[peft.active_adapter].load_prompt_embeddings(prefix)
+    return peft
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -88,6 +88,36 @@ def knn_lm(
     return torch.stack(rows)
 
 
+def knn_target_probs(queries: torch.Tensor, targets: torch.Tensor, store: Datastore, k: int,
+                     temperature: float, chunk: int = 256) -> torch.Tensor:  # fmt: skip
+    """p_kNN(target) (T,) for queries (T, D) and their true next tokens (T,): perplexity needs only these."""
+    out = []
+    for q, t in zip(queries.split(chunk), targets.split(chunk), strict=True):
+        d2 = torch.cdist(q.float(), store.keys.float()).square()  # (t, N)
+        dist, idx = d2.topk(min(k, d2.shape[1]), largest=False)
+        w = torch.softmax(-dist / temperature, -1)  # (t, k)
+        out.append((w * (store.values[idx] == t.unsqueeze(1))).sum(-1))
+    return torch.cat(out)
+
+
+def token_queries(
+    handle: Any, text: str, module: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each position t < T−1 of `text`: the key h_t (T−1, D), log p_LM(w_{t+1}) and w_{t+1} (T−1,)."""
+    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    h = handle.hidden([text], [module])[module][0]  # (T, D)
+    emb, mask = handle.embed([text])
+    logp = handle.logits_from_embeds(emb, mask)[0].log_softmax(-1)  # (T, V)
+    ids = torch.tensor(handle.encode(text))[-(h.shape[0] - 1) :]
+    lm = logp[-len(ids) - 1 : -1].gather(1, ids.unsqueeze(1)).squeeze(1)
+    return h[-len(ids) - 1 : -1], lm, ids
+
+
+def interpolate(lm_logp: torch.Tensor, knn_p: torch.Tensor, lam: float) -> torch.Tensor:
+    """log(λ p_kNN + (1 − λ) p_LM) per token."""
+    return (lam * knn_p + (1 - lam) * lm_logp.exp()).clamp_min(1e-30).log()
+
+
 def retrieve(
     query_emb: torch.Tensor, doc_embs: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,6 +149,25 @@ def replug(handle: Any, prompts: Sequence[str], docs: Sequence[str], embed: Embe
     ]
     logp = handle.next_token_logprobs(flat).view(len(prompts), idx.shape[1], -1)  # (B, k, V)
     return torch.logsumexp(logp + weights.log().unsqueeze(-1), dim=1)
+
+
+def replug_score(handle: Any, prefixes: Sequence[str], continuations: Sequence[str],
+                 docs: Sequence[str], embed: Embedder, cfg: ReplugConfig = ReplugConfig(),
+                 doc_embs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """log p(y | x) (B,) = log Σ_d λ_d p(y | d ∘ x) over the top-k documents retrieved for x.
+
+    The ensemble of REPLUG's equation with y the whole continuation (sequence level), so only
+    `score` is called: SCORES access, served or local.
+    """
+    require(handle, Access.SCORES, "tuning/replug")
+    doc_embs = embed(docs) if doc_embs is None else doc_embs
+    sims, idx = retrieve(embed(prefixes), doc_embs, cfg.k)
+    weights = torch.softmax(sims / cfg.temperature, -1)  # (B, k)
+    flat_p = [docs[j][: cfg.doc_chars] + cfg.separator + x
+              for x, row in zip(prefixes, idx.tolist(), strict=True) for j in row]  # fmt: skip
+    flat_c = [y for y in continuations for _ in range(idx.shape[1])]
+    logp = handle.score(flat_p, flat_c).view(len(prefixes), idx.shape[1])  # (B, k)
+    return torch.logsumexp(logp + weights.log(), dim=1)
 
 
 def minilm_embedder() -> Embedder:

@@ -1,0 +1,126 @@
+"""Sequential AlphaEdit (Fang et al. 2025, arXiv 2410.02355): the state carried between edits.
+
+AlphaEdit keeps earlier edits by solving each new update with the keys K_p of all previous
+edits in the normal equations (`lfm.edit.memit.layer_update`):
+
+    ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹,    P the projector onto C's null space
+
+The state is that K_p, per edited layer, as an explicit value: `alphaedit_step` takes a state
+and returns the patch and the next state; `AlphaEditState.save`/`load` write it as safetensors,
+so a sequence of edits can span separate processes (`lfm edit apply --method alphaedit --state`).
+The state also records the base model's statistics fingerprint (P comes from the base model's
+C, `lfm.edit.base`) and the fingerprint of the edited weights once its last patch is applied,
+so a step on other weights, or before the previous patch was applied, is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lfm.core.io import atomic_path
+from lfm.edit import base, common, locate
+from lfm.edit.memit import AlphaEditConfig, MemitConfig, edit_layers, memit_deltas
+from lfm.edit.patch import Patch, fingerprint, make_patch
+from lfm.edit.requests import Request
+from lfm.errors import LfmError
+
+FORMAT = "lfm-alphaedit-state/1"
+
+
+@dataclass(frozen=True)
+class AlphaEditState:
+    """Keys of the edits made so far, per layer, and the weights they were made on."""
+
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # {layer: (D_in, n) float64}
+    base: str = ""  # key-statistics fingerprint of the base model (last edited layer)
+    after: str = ""  # fingerprint of the edited modules with every patch so far applied
+
+    @property
+    def edits(self) -> int:
+        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+
+    def save(self, path: str | Path) -> Path:
+        """Write the state as one safetensors file, atomically."""
+        meta = {"format": FORMAT, "base": self.base, "after": self.after,
+                "layers": json.dumps(sorted(self.keys))}  # fmt: skip
+        tensors = {f"keys.{layer}": k.contiguous() for layer, k in self.keys.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> AlphaEditState:
+        """Read a state written by `save`."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except Exception as e:  # any unreadable file is the same user error
+            raise LfmError(f"cannot read AlphaEdit state {path}: {e}") from None
+        if meta.get("format") != FORMAT:
+            raise LfmError(f"{path} is not an AlphaEdit state (format {meta.get('format')!r})")
+        return cls(keys, meta["base"], meta["after"])
+
+
+def _check(state: AlphaEditState, model: Any, layers: list[int], modules: list[str]) -> None:
+    if not state.keys:
+        return
+    if sorted(state.keys) != layers:
+        raise LfmError(f"the state edits layers {sorted(state.keys)}, this config {layers}")
+    if base.key_fingerprints(model)[layers[-1]] != state.base:
+        raise LfmError(
+            "the state was made on another base model; load the base model and apply the "
+            "earlier patches to it (`lfm edit apply ... --on PATCH`)"
+        )
+    if fingerprint(model, modules) != state.after:
+        raise LfmError("apply the previous AlphaEdit patches in order before the next step")
+
+
+def alphaedit_step(
+    target: Any,
+    requests: Request | Sequence[Request],
+    state: AlphaEditState | None = None,
+    cfg: MemitConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    cov: Any = None,
+) -> tuple[Patch, AlphaEditState]:
+    """One sequential AlphaEdit step: a patch (model unchanged) and the state after it.
+
+    Apply the patch before the next step; the step checks that it was.
+
+    Args:
+        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        requests: the edits of this step.
+        state: what earlier steps returned (None or empty: the first step).
+        cfg: the configuration (`null_space` is forced on).
+        tokenizer: the tokenizer, when `target` is a bare model.
+        cov: precomputed C per layer ({layer: tensor}); default: the base model's statistics.
+    """
+    cfg = (cfg or AlphaEditConfig()).replace(null_space=True)
+    model, tok = common.resolve(target, tokenizer, "edit/alphaedit")
+    reqs, state = common.as_requests(requests), state or AlphaEditState()
+    layers = edit_layers(model, cfg.layers)
+    modules = [common._mlp_out(model, layer) for layer in layers]
+    _check(state, model, layers, modules)
+    flags = locate.frozen(model)
+    try:
+        deltas, keys = memit_deltas(model, tok, reqs, cfg, cov, state.keys)
+    finally:
+        locate.restore_grad(model, flags)
+    patch = make_patch(model, deltas, reqs, "alphaedit", cfg)
+    with common.temporarily(model, deltas):
+        after = fingerprint(model, modules)
+    grown = {
+        layer: keys[layer] if layer not in state.keys else torch.cat([state.keys[layer], keys[layer]], 1)
+        for layer in layers
+    }  # fmt: skip
+    return patch, AlphaEditState(grown, base.key_fingerprints(model)[layers[-1]], after)

@@ -1,0 +1,90 @@
+"""The streaming shard writer: safetensors files written tensor by tensor from a known layout."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lfm.reuse import engine as E
+from lfm.reuse.driver import MergeError
+
+
+def _tensors() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(8, 4, generator=gen),
+        "b.weight": torch.randn(3, 5, generator=gen).to(torch.bfloat16),
+        "c.ids": torch.arange(6, dtype=torch.int64),
+        "d.mask": torch.tensor([True, False, True]),
+        "e.scale": torch.tensor(2.5),  # 0-dim
+        "f.empty": torch.zeros(0, 3),
+        "g.half": torch.randn(2, 2, generator=gen).half(),
+    }
+
+
+def _entries(ts: dict[str, torch.Tensor]) -> list[E.Entry]:
+    return [E.Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
+
+
+def test_plan_shards_starts_a_new_shard_only_when_the_next_tensor_would_not_fit():
+    entries = [E.Entry(f"t{i}", torch.uint8, (n,)) for i, n in enumerate([4, 4, 4, 10, 1])]
+    shards = E.plan_shards(entries, 8)
+    assert [[e.name for e in s] for s in shards] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
+
+
+@pytest.mark.parametrize("max_bytes", [10**9, 100])
+def test_written_shards_load_with_safetensors(tmp_path, max_bytes):
+    ts = _tensors()
+    with E.ShardWriter(tmp_path, _entries(ts), max_bytes) as w:
+        for k, v in ts.items():
+            w.add(k, v)
+        names = w.close()
+    loaded = {k: v for n in names for k, v in load_file(tmp_path / n).items()}
+    assert loaded.keys() == ts.keys()
+    for k, v in ts.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    for n in names:
+        with open(tmp_path / n, "rb") as f:
+            assert struct.unpack("<Q", f.read(8))[0] % 8 == 0  # aligned data, as safetensors pads
+    if len(names) > 1:
+        wmap = json.loads((tmp_path / E.INDEX).read_text())["weight_map"]
+        assert set(wmap) == set(ts) and set(wmap.values()) == set(names)
+    else:
+        assert names == ["model.safetensors"] and not (tmp_path / E.INDEX).exists()
+
+
+def test_each_tensor_is_on_disk_when_add_returns(tmp_path):
+    ts = {"x": torch.randn(64, 64), "y": torch.randn(64, 64)}
+    w = E.ShardWriter(tmp_path, _entries(ts), 10**9)
+    w.add("x", ts["x"])
+    w._file.flush()  # only Python's small write buffer may hold anything back
+    header = E.shard_header(_entries(ts))
+    assert (tmp_path / "model.safetensors").stat().st_size == len(header) + 64 * 64 * 4
+    w.add("y", ts["y"])
+    w.close()
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["y"], ts["y"])
+
+
+def test_writer_refuses_tensors_out_of_layout(tmp_path):
+    ts = {"x": torch.zeros(2), "y": torch.zeros(3)}
+    want = "expected x torch.float32"
+    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(MergeError, match=want):
+        w.add("y", ts["y"])
+    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(MergeError, match=want):
+        w.add("x", torch.zeros(2, dtype=torch.float64))
+    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w:
+        w.add("x", ts["x"])
+        with pytest.raises(MergeError, match="before every tensor"):
+            w.close()
+
+
+def test_reader_gives_header_dtypes(tmp_path):
+    ts = _tensors()
+    save_file(ts, tmp_path / "m.safetensors")
+    r = E.SafetensorsReader(tmp_path / "m.safetensors")
+    assert {k: r.dtype(k) for k in ts} == {k: v.dtype for k, v in ts.items()}
+    assert r.shape("e.scale") == () and r.shape("a.weight") == (8, 4)
