@@ -32,6 +32,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stats-tokens", type=int, default=100_000, help="token budget for C")
     p.add_argument(
+        "--key-constraint", choices=["each", "mean"], default=None,
+        help="ROME/MEMIT/AlphaEdit: constrain every prefixed key (default) or only their mean",
+    )  # fmt: skip
+    p.add_argument(
+        "--v-lr", type=float, default=None,
+        help="Adam learning rate of the δ search (default: the method's, the paper's 0.5)",
+    )  # fmt: skip
+    p.add_argument(
         "--full-passes", action="store_true",
         help="δ search by full forward passes (tail_only=False, the reference path) for timing",
     )  # fmt: skip
@@ -52,13 +60,17 @@ def _stats(handle, methods, tokens: int) -> tuple[float, float]:
     return clock.per(1)
 
 
-def _cfg(name: str, tokens: int, full: bool = False):
+def _cfg(name: str, a: argparse.Namespace):
     from lfm.registry import get
 
     fields = get(f"edit/{name}").config.model_fields
-    kw = {"stats_tokens": tokens} if "stats_tokens" in fields else {}
+    kw = {"stats_tokens": a.stats_tokens} if "stats_tokens" in fields else {}
     if "tail_only" in fields:
-        kw["tail_only"] = not full
+        kw["tail_only"] = not a.full_passes
+    if "key_constraint" in fields and a.key_constraint:
+        kw["key_constraint"] = a.key_constraint
+    if "v_lr" in fields and a.v_lr is not None:
+        kw["v_lr"] = a.v_lr
     return get(f"edit/{name}").config(**kw)
 
 
@@ -66,7 +78,7 @@ def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, tupl
     from lfm.edit.facts import evaluate_fact, summarise
     from lfm.registry import get
 
-    cfg = _cfg(name, a.stats_tokens, a.full_passes)
+    cfg = _cfg(name, a)
     fn, rows, clock = get(f"edit/{name}").fn, [], _Clock()
     for i, f in enumerate(facts, 1):
         with clock:
@@ -102,9 +114,7 @@ def _batch(handle, facts, a: argparse.Namespace) -> tuple[dict, dict, tuple[floa
 
     clock = _Clock()
     with clock:
-        patch = memit(
-            handle, [f.request for f in facts], _cfg("memit", a.stats_tokens, a.full_passes)
-        )
+        patch = memit(handle, [f.request for f in facts], _cfg("memit", a))
     secs = clock.per(1)
     undo = patch.apply(handle.model)
     kept, every = _joint_eval(handle, facts, a.gen_tokens)
@@ -129,7 +139,7 @@ def _sequential(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, 
     from lfm.edit.facts import evaluate_fact, summarise
     from lfm.registry import get
 
-    cfg, state, undos, clock = _cfg(name, a.stats_tokens, a.full_passes), None, [], _Clock()
+    cfg, state, undos, clock = _cfg(name, a), None, [], _Clock()
     for i, f in enumerate(facts, 1):
         with clock:
             if name == "alphaedit":

@@ -8,19 +8,20 @@ scored on every task's test set, against the individual fine-tuned models and th
 (task k: every backbone with head k). λ of task arithmetic / TIES / DARE is picked from a small
 grid on a labelled validation split, as the task-arithmetic paper does; AdaMerging uses unlabelled
 test inputs only; Fisher and RegMean statistics come from 256 training inputs per task, saved as
-files and merged through them.
+files and merged through them. The table itself is `lfm.reuse.fusion.fusion_table`, shared with
+`reuse_fusion_vision.py` (MobileNetV2 experts).
 
 Re-basin: two MLPs (784-256-256-10) trained from different initialisations on Fashion-MNIST;
 loss along the linear path before and after weight matching (PNG + JSON in --out).
 
-    .venv/bin/python bench/reuse_fusion.py            # defaults: 5-10 minutes on 2 busy cores
+    .venv/bin/python bench/reuse_fusion.py            # defaults: 5-10 minutes on 1 busy core
     .venv/bin/python bench/reuse_fusion.py --quick    # smaller, for a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import time
 from pathlib import Path
 
@@ -28,14 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfm.access import Access, LocalClassifier, narrow
 from lfm.assets import load_dataset
-from lfm.reuse import merge_state_dicts
-from lfm.reuse.adamerging import AdaMergingConfig, learn_coefficients
+from lfm.core.io import write_json
 from lfm.reuse.connect import classification_eval, interpolation_path, plot_paths, save_paths
-from lfm.reuse.ensemble import ensemble_predict, ensemble_scores
+from lfm.reuse.fusion import FusionConfig, FusionResult, FusionTask, fusion_table
 from lfm.reuse.rebasin import chain_spec, rebasin
-from lfm.reuse.stats import fisher, gram, save_stats
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 
@@ -97,68 +95,23 @@ def train(
     return model.eval()
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return float((model(x).argmax(-1) == y).float().mean())
-
-
 def backbone_sd(m: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in m.state_dict().items()}
 
 
-def finetune(base: dict, task: dict, epochs: int, seed: int) -> tuple[dict, nn.Module, float]:
-    """Linear probe then full fine-tuning; returns the backbone, the head and the probe accuracy."""
+def finetune(base: dict, task: dict, epochs: int, seed: int) -> tuple[dict, nn.Module, nn.Module]:
+    """Linear probe then full fine-tuning; returns the backbone, the head and the probe head."""
     bb = Backbone()
     bb.load_state_dict(base)
     net = Net(bb, nn.Linear(128, 5))
     torch.manual_seed(seed)
     train(net, *task["train"], epochs=epochs, lr=0.05, params=net.head.parameters(), seed=seed)
-    probe = accuracy(net, *task["test"])
+    probe = copy.deepcopy(net.head).eval()
     train(net, *task["train"], epochs=epochs, lr=0.01, seed=seed + 1)
-    return backbone_sd(bb), net.head, probe
+    return backbone_sd(bb), net.head.eval(), probe
 
 
-def with_backbone(sd: dict, head: nn.Module) -> Net:
-    bb = Backbone()
-    bb.load_state_dict(sd)
-    return Net(bb, head).eval()
-
-
-def score_backbone(sd: dict, heads: list, ts: list[dict], split: str = "test") -> list[float]:
-    return [accuracy(with_backbone(sd, h), *t[split]) for h, t in zip(heads, ts, strict=True)]
-
-
-def stats_files(root: Path, nets: list[Net], ts: list[dict], n: int) -> tuple[list[str], list[str]]:
-    """Fisher and Gram files (backbone names) of each fine-tuned model on n training inputs."""
-    fis, grs = [], []
-    for k, (net, t) in enumerate(zip(nets, ts, strict=True)):
-        x = t["train"][0][:n]
-        f, count = fisher(net, [x], kind="sample", seed=k)
-        g, orient, _ = gram(net, [x], modules=["backbone.fc1", "backbone.fc2"])
-        strip = lambda d: {a.removeprefix("backbone."): b for a, b in d.items()}  # noqa: E731
-        fis.append(
-            str(save_stats(root / f"fisher{k}.safetensors", strip(f), "fisher", count=count))
-        )
-        grs.append(str(save_stats(root / f"gram{k}.safetensors", strip(g), "gram",
-                                  count=len(x), orientation=strip(orient))))  # fmt: skip
-    return fis, grs
-
-
-def pick_lambda(
-    method: str, base: dict, sds: list, heads: list, ts: list, extra: dict
-) -> tuple[dict, float]:
-    """The merge whose λ gives the best mean validation accuracy."""
-    best = None
-    for lam in LAMBDAS:
-        sd = merge_state_dicts(method, base, sds, {**extra, "scale": lam})
-        val = sum(score_backbone(sd, heads, ts, "val")) / len(ts)
-        if best is None or val > best[2]:
-            best = (sd, lam, val)
-    assert best is not None
-    return best[0], best[1]
-
-
-def fusion(args: argparse.Namespace, out: Path) -> dict[str, list[float]]:
+def fusion(args: argparse.Namespace, out: Path) -> FusionResult:
     fm = load_dataset("fashion-mnist")
     ts = tasks(args.n_train, args.n_test)
     torch.manual_seed(0)
@@ -166,50 +119,10 @@ def fusion(args: argparse.Namespace, out: Path) -> dict[str, list[float]]:
     train(pre, fm.x_train[: args.n_pretrain], fm.y_train[: args.n_pretrain], epochs=1, lr=0.02)
     base = backbone_sd(pre.backbone)
     fts = [finetune(base, t, args.epochs, seed=10 + k) for k, t in enumerate(ts)]
-    sds, heads = [f[0] for f in fts], [f[1] for f in fts]
-    rows: dict[str, list[float]] = {"pretrained + linear probe": [f[2] for f in fts]}
-    rows["individual fine-tuned"] = [
-        accuracy(with_backbone(sd, h), *t["test"]) for sd, h, t in zip(sds, heads, ts, strict=True)
-    ]
-    rows["average"] = score_backbone(merge_state_dicts("linear", None, sds), heads, ts)
-    for method, extra in (
-        ("task_arithmetic", {}),
-        ("ties", {"density": 0.2}),
-        ("dare_ties", {"drop_rate": 0.9}),
-    ):
-        sd, lam = pick_lambda(method, base, sds, heads, ts, extra)
-        rows[f"{method} (λ={lam})"] = score_backbone(sd, heads, ts)
-    nets = [with_backbone(sd, h) for sd, h in zip(sds, heads, strict=True)]
-    fis, grs = stats_files(out, nets, ts, args.n_stats)
-    rows["fisher"] = score_backbone(
-        merge_state_dicts("fisher", None, sds, {"stats": fis}), heads, ts
-    )
-    rows["regmean (α=0.9)"] = score_backbone(
-        merge_state_dicts("regmean", None, sds, {"stats": grs}), heads, ts
-    )
-    unl = [list(t["test"][0].split(64)) for t in ts]
-    for gran in ("task", "layer"):
-        cfg = AdaMergingConfig(granularity=gran, lr=args.ada_lr, steps=args.ada_steps)
-        coef, hist = learn_coefficients(
-            Backbone(), base, sds, unl, cfg, heads=[h.eval() for h in heads]
-        )
-        sd = merge_state_dicts("adamerging", base, sds, cfg, stats={"coefficients": coef})
-        rows[f"adamerging ({gran}-wise)"] = score_backbone(sd, heads, ts)
-        print(f"adamerging {gran}-wise: entropy {hist[0]:.3f} -> {hist[-1]:.3f}")
-    rows["ensemble: prob. average"] = ensemble_accuracy(sds, heads, ts, vote=False)
-    rows["ensemble: majority vote"] = ensemble_accuracy(sds, heads, ts, vote=True)
-    return rows
-
-
-def ensemble_accuracy(sds: list, heads: list, ts: list, vote: bool) -> list[float]:
-    accs = []
-    for h, t in zip(heads, ts, strict=True):
-        level = Access.TEXT if vote else Access.SCORES
-        hs = [narrow(LocalClassifier(with_backbone(sd, h)), level) for sd in sds]
-        x, y = t["test"]
-        pred = ensemble_predict(hs, x) if vote else ensemble_scores(hs, x).argmax(-1)
-        accs.append(float((pred == y).float().mean()))
-    return accs
+    fusion_tasks = [FusionTask(t["name"], head, t["val"], t["test"], t["train"][0][: args.n_stats], probe)
+                    for t, (_, head, probe) in zip(ts, fts, strict=True)]  # fmt: skip
+    cfg = FusionConfig(lambdas=LAMBDAS, ada_steps=args.ada_steps, ada_lr=args.ada_lr, ada_batch=64)
+    return fusion_table(Backbone(), base, [f[0] for f in fts], fusion_tasks, out, cfg)
 
 
 def mlp() -> nn.Module:
@@ -237,16 +150,6 @@ def rebasin_barrier(args: argparse.Namespace, out: Path) -> dict:
     return paths
 
 
-def print_table(rows: dict[str, list[float]], names: list[str]) -> None:
-    print(f"{'method':<30}" + "".join(f"{n:>11}" for n in names) + f"{'mean':>9}")
-    for label, accs in rows.items():
-        print(
-            f"{label:<30}"
-            + "".join(f"{100 * a:>11.1f}" for a in accs)
-            + f"{100 * sum(accs) / len(accs):>9.1f}"
-        )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-pretrain", type=int, default=3000)
@@ -257,6 +160,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--ada-steps", type=int, default=200)
     ap.add_argument("--ada-lr", type=float, default=1e-3, help="paper: 1e-3")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-reuse-fusion"))
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     a = ap.parse_args()
@@ -269,17 +173,17 @@ def main() -> None:
             20,
             1,
         )
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    rows = fusion(a, a.out)
-    print_table(rows, ["fmnist0-4", "fmnist5-9", "digits0-4", "digits5-9"])
+    res = fusion(a, a.out)
+    print("\n" + res.markdown() + f"\n\nchoices: {res.notes}\n")
     paths = rebasin_barrier(a, a.out)
     print("\nre-basin (test loss barrier along the linear path, accuracy at t=0.5):")
     for label, p in paths.items():
         print(f"  {label:<16} barrier {p['barrier'][0]:.3f}   acc(t=0.5) {100 * p['accuracy'][5]:.1f}%  "
               f"(endpoints {100 * p['accuracy'][0]:.1f}% / {100 * p['accuracy'][-1]:.1f}%)")  # fmt: skip
-    (a.out / "fusion.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(a.out / "fusion.json", {"rows": res.rows, "notes": res.notes})
     print(
         f"\nwrote {a.out}/fusion.json, rebasin.json, rebasin.png in {time.perf_counter() - t0:.0f} s"
     )

@@ -64,10 +64,21 @@ def test_edit_wins_and_reverts_bit_exactly(lm, name):
     assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
 
 
+def _c_orthogonal(cov, keys: torch.Tensor, ridge: float) -> torch.Tensor:
+    """A random vector k with kᵀC⁻¹k_j = 0 for every column k_j of `keys` (D, P)."""
+    c_inv_k = common.solve_cov(cov, keys.double(), ridge)  # (D, P)
+    other = torch.randn(
+        keys.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    coef = torch.linalg.solve(keys.double().T @ c_inv_k, c_inv_k.T @ other)
+    return other - keys.double() @ coef
+
+
 def test_rome_uses_one_averaged_key_everywhere(lm):
-    """The original ROME bug mixed the bare-prompt key with the prefix-averaged one."""
+    """r-ROME (`key_constraint="mean"`): the original ROME bug mixed the bare-prompt key with
+    the prefix-averaged one; here k* is the mean in every term, so (W + ΔW) k* = v* exactly."""
     h, cov = lm
-    cfg = RomeConfig(**STRONG)
+    cfg = RomeConfig(**STRONG, key_constraint="mean")
     delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, cov[0])
     keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, 0, cfg.n_prefixes)
     assert torch.allclose(trace.key, keys.mean(0)) and not torch.allclose(trace.key, keys[0])
@@ -75,10 +86,27 @@ def test_rome_uses_one_averaged_key_everywhere(lm):
     new_value = (w + delta.matrix()) @ trace.key
     assert torch.allclose(new_value, trace.value, atol=1e-4 * trace.value.norm())
     # and the update is orthogonal to other keys in the C⁻¹ metric: ΔW k = 0 when kᵀC⁻¹k* = 0
-    c_inv_k = common.solve_cov(cov[0], trace.key, cfg.cov_ridge)
-    other = torch.randn(len(trace.key), dtype=torch.float64)
-    other -= (other @ c_inv_k) / (trace.key.double() @ c_inv_k) * trace.key.double()
+    other = _c_orthogonal(cov[0], trace.key[:, None], cfg.cov_ridge)
     dw = delta.matrix().double()
+    assert (dw @ other).norm() < 1e-4 * torch.linalg.matrix_norm(dw, 2) * other.norm()
+    # the bare prompt's key gets less than δ: what "each" fixes
+    assert not torch.allclose(delta.matrix() @ keys[0], trace.delta, rtol=1e-3)
+
+
+def test_rome_each_key_gets_exactly_delta(lm):
+    """`key_constraint="each"`: ΔW k_j = δ for every prefixed key, the bare prompt's included,
+    ΔW is rank one, and keys C⁻¹-orthogonal to all k_j are left alone (smallest such ΔW)."""
+    h, cov = lm
+    cfg = RomeConfig(**STRONG, key_constraint="each")
+    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, cov[0])
+    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, 0, cfg.n_prefixes)
+    dw = delta.matrix().double()
+    assert delta.u.shape[1] == 1 and keys.shape[0] == 3
+    got = dw @ keys.double().T  # (D_out, P)
+    assert torch.allclose(
+        got, trace.delta.double()[:, None].expand_as(got), atol=1e-4 * trace.delta.norm()
+    )
+    other = _c_orthogonal(cov[0], keys.T, cfg.cov_ridge)
     assert (dw @ other).norm() < 1e-4 * torch.linalg.matrix_norm(dw, 2) * other.norm()
 
 
@@ -105,6 +133,8 @@ def test_bad_input_leaves_model_untouched(lm):
 def test_memit_batch_spreads_over_layers(lm):
     h, cov = lm
     reqs = [REQ, Request("The capital of France is Paris", "France", "Tokyo")]
-    patch = memit(h, reqs, MemitConfig(**{**STRONG, "clamp_norm": 100.0}), cov=cov)
-    assert len(patch.deltas) == 2 and {d.u.shape[1] for d in patch.deltas} == {2}
-    assert all(d.matrix().abs().sum() > 0 for d in patch.deltas)
+    for mode, cols in (("mean", 2), ("each", 2 * STRONG["n_prefixes"])):
+        cfg = MemitConfig(**{**STRONG, "clamp_norm": 100.0}, key_constraint=mode)
+        patch = memit(h, reqs, cfg, cov=cov)
+        assert len(patch.deltas) == 2 and {d.u.shape[1] for d in patch.deltas} == {cols}
+        assert all(d.matrix().abs().sum() > 0 for d in patch.deltas)

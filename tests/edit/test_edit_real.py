@@ -41,3 +41,35 @@ def test_subject_location_with_sentencepiece():
     ids, pos = subject_last_token(tok, text, end)
     s, e = tok(text, return_offsets_mapping=True)["offset_mapping"][pos]
     assert ids[0] == tok.bos_token_id and s < end <= e
+
+
+@pytest.mark.slow
+def test_rome_each_key_moves_a_subject_that_opens_the_prompt():
+    """ "Times Square ..." starts the sequence (SmolLM2 adds no BOS): the bare prompt's key is far
+    from the prefix mean, so r-ROME's mean-key update leaves New York ahead on the edit prompt
+    itself, while one constraint per prefixed key moves it (same δ, same statistics)."""
+    from lfm.assets import load_model
+    from lfm.edit import common, locate
+    from lfm.edit.patch import Delta, linear_weight, make_patch
+    from lfm.edit.rome import rank_one, rome_delta
+
+    h = load_model("smollm2-135m")
+    req = Request("Times Square is located in the city of", "Times Square", "Berlin")
+    cfg = RomeConfig(stats_tokens=20_000)
+    layer = common.layer_of(h.model, None)
+    cov = common.covariance(h.model, h.tokenizer, layer, cfg, None)
+    flags = locate.frozen(h.model)
+    try:
+        each, trace = rome_delta(h.model, h.tokenizer, req, cfg, {layer: cov})
+    finally:
+        locate.restore_grad(h.model, flags)
+    w = linear_weight(h.model, each.module).detach().float()
+    mean = Delta(each.module, *rank_one(w, trace.key, trace.value, cov, cfg.cov_ridge))
+
+    def margin(delta: Delta) -> float:
+        undo = make_patch(h.model, [delta], [req], "rome", cfg).apply(h.model)
+        s = h.score([req.prompt] * 2, [" Berlin", " New York"])
+        undo.revert(h.model)
+        return float(s[0] - s[1])
+
+    assert margin(mean) < 0 < margin(each)

@@ -29,10 +29,11 @@ def lm():
 def test_state_round_trips_and_continues_the_sequence(lm, tmp_path):
     h, cov = lm
     p1, s1 = alphaedit_step(h, common.SMOKE_REQUEST, None, CFG, cov=cov)
-    assert s1.edits == 1 and {k.shape for k in s1.keys.values()} == {(64, 1)}
+    # one key column per prefixed prompt (n_prefixes = 2): `key_constraint="each"`
+    assert s1.edits == 1 and s1.per_edit == 2 and {k.shape for k in s1.keys.values()} == {(64, 2)}
     s1.save(tmp_path / "s1.safetensors")
     loaded = AlphaEditState.load(tmp_path / "s1.safetensors")
-    assert loaded.base == s1.base and loaded.after == s1.after
+    assert (loaded.base, loaded.after, loaded.per_edit) == (s1.base, s1.after, 2)
     assert all(torch.equal(loaded.keys[k], s1.keys[k]) for k in s1.keys)
     with pytest.raises(LfmError, match="apply the previous"):
         alphaedit_step(h, SECOND, loaded, CFG, cov=cov)
@@ -42,7 +43,9 @@ def test_state_round_trips_and_continues_the_sequence(lm, tmp_path):
     assert all(
         torch.equal(a.matrix(), b.matrix()) for a, b in zip(p2.deltas, q2.deltas, strict=True)
     )
-    assert s2.edits == 2 and torch.equal(s2.keys[0][:, :1], s1.keys[0])
+    assert s2.edits == 2 and torch.equal(s2.keys[0][:, :2], s1.keys[0])
+    with pytest.raises(LfmError, match="key\\(s\\) per edit"):
+        alphaedit_step(h, SECOND, s1, CFG.replace(key_constraint="mean"), cov=cov)
 
 
 def test_earlier_keys_are_protected_by_the_state(lm):
@@ -53,7 +56,7 @@ def test_earlier_keys_are_protected_by_the_state(lm):
     without, _ = alphaedit_step(h, SECOND, None, CFG, cov=cov)
     for a, b in zip(with_state.deltas, without.deltas, strict=True):
         layer = int(a.module.split(".")[2])
-        k = s1.keys[layer][:, 0].float()
+        k = s1.keys[layer].float()
         assert (a.matrix() @ k).norm() < 0.5 * (b.matrix() @ k).norm()
 
 

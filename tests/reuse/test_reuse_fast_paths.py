@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from lfm.reuse import kernels as K
+from lfm.reuse import merge_state_dicts
 
 
 def _taus(seed: int, n: int = 3, shape=(64, 33)) -> list[torch.Tensor]:
@@ -107,3 +109,33 @@ def test_task_merge_does_not_change_its_inputs():
     assert all(torch.equal(t, b) for t, b in zip((base, *taus), before, strict=True))
     sign = K.elect_sign(taus, [1.0] * 3)
     torch.testing.assert_close(out, base + 0.5 * K.disjoint_merge(taus, [1.0] * 3, sign))
+
+
+def test_dare_with_a_reused_scratch_buffer_draws_the_same_masks():
+    gen = torch.Generator().manual_seed(3)
+    taus = [torch.randn(64, 33, generator=gen) for _ in range(3)]
+    scratch = torch.full((64, 33), float("nan"))
+    for i, tau in enumerate(taus):
+        fresh = K.dare(tau, 0.8, seed=K.tensor_seed(0, "w", i))
+        reused = K.dare(
+            tau.clone(), 0.8, seed=K.tensor_seed(0, "w", i), inplace=True, scratch=scratch
+        )
+        assert torch.equal(fresh, reused)
+    torch.testing.assert_close(scratch, (scratch != 0).float())  # it held the last 0/1 mask
+    # the registered merge shares one buffer across models and still gives the same merge
+    sds = [{"w": t} for t in taus[1:]]
+    got = merge_state_dicts("dare_linear", {"w": taus[0]}, sds, {"drop_rate": 0.8, "seed": 5})["w"]
+    want = taus[0] + sum(
+        K.dare(t - taus[0], 0.8, K.tensor_seed(5, "w", i)) for i, t in enumerate(taus[1:])
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_dare_mask_is_numpy_pcg64_uniforms_against_p():
+    # the documented stream: float32 uniforms of PCG64(seed), kept where u >= p
+    tau = torch.ones(7, 9)
+    want = np.random.Generator(np.random.PCG64(12345)).random(63, dtype=np.float32) >= 0.6
+    got = K.dare(tau, 0.6, seed=12345)
+    assert torch.equal(got != 0, torch.from_numpy(want).reshape(7, 9))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        K.dare(tau, 0.6, seed=1, scratch=torch.empty(9, 7).T)

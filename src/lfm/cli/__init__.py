@@ -2,6 +2,10 @@
 
 Each area may add a sub-command group by defining `app` in `lfm/cli/<area>.py`; it is mounted as
 `lfm <area> ...`. Errors that lfm raises on purpose print as one line and exit with status 2.
+
+Area groups are mounted on demand: `lfm reuse merge ...` imports only `lfm.cli.reuse`, so a
+command does not pay for the imports of the other areas (the serving stack, PEFT ...); anything
+else (`lfm --help`, `lfm methods`) and `lfm.cli.app` see every group.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from rich.table import Table
 
 from lfm.errors import LfmError
 
-app = typer.Typer(
+_app = typer.Typer(
     help="lfm: learning from models (tuning, distillation, reuse, meta learning, editing).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -29,7 +33,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-@app.command()
+@_app.command()
 def models() -> None:
     """List the offline models lfm knows by name."""
     import importlib.util
@@ -44,7 +48,7 @@ def models() -> None:
     out.print(table)
 
 
-@app.command()
+@_app.command()
 def datasets() -> None:
     """List the offline data sets lfm knows by name."""
     from lfm.assets.datasets import DATASETS
@@ -55,7 +59,7 @@ def datasets() -> None:
     out.print(table)
 
 
-@app.command()
+@_app.command()
 def methods(
     area: Annotated[
         str | None, typer.Option(help="only this area (tuning, distill, reuse, meta, edit)")
@@ -76,7 +80,7 @@ def methods(
     out.print(table)
 
 
-@app.command()
+@_app.command()
 def info(
     model: Annotated[
         str, typer.Argument(help="asset name, local path or hub name")
@@ -101,7 +105,7 @@ def info(
     out.print(table)
 
 
-@app.command()
+@_app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     model: Annotated[str, typer.Option(help="asset name, local path or hub name")] = "smollm2-135m",
@@ -119,7 +123,7 @@ def generate(
     out.print(f"[bold]{prompt}[/bold]{text}", highlight=False)
 
 
-@app.command()
+@_app.command()
 def cache(
     clear: Annotated[bool, typer.Option("--clear", help="delete every cached file")] = False,
 ) -> None:
@@ -135,30 +139,57 @@ def cache(
         out.print(f"{root}: {size / 2**20:.1f} MiB")
 
 
-def _mount_areas() -> None:
-    from lfm.cli.reuse import merge
-    from lfm.registry import AREAS
-    from lfm.serve.cli import serve
+_mounted: set[str] = set()
 
-    app.command("serve")(serve)
-    app.command("merge", help="Merge models from a merge plan (same as `lfm reuse merge`).")(merge)
-    for area in AREAS:
+
+def _mount(name: str) -> None:
+    """Mount one area group, or the top-level `merge` / `serve` commands, once."""
+    if name in _mounted:
+        return
+    _mounted.add(name)
+    if name == "serve":
+        from lfm.serve.cli import serve
+
+        _app.command("serve")(serve)
+    elif name == "merge":
+        from lfm.cli.reuse import merge
+
+        _app.command("merge", help="Merge models from a merge plan (same as `lfm reuse merge`).")(
+            merge
+        )
+    else:
         try:
-            module = importlib.import_module(f"lfm.cli.{area}")
+            module = importlib.import_module(f"lfm.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name != f"lfm.cli.{area}":
+            if e.name != f"lfm.cli.{name}":
                 raise
-            continue
-        app.add_typer(module.app, name=area)
+            return
+        _app.add_typer(module.app, name=name)
 
 
-_mount_areas()
+def _mount_areas(argv: list[str] | None = None) -> typer.Typer:
+    """Mount what `argv` needs: its command's group when it names one, else every group."""
+    from lfm.registry import AREAS
+
+    first = argv[0] if argv else None  # `lfm --help reuse` still lists every group
+    if first in ("serve", "merge", *AREAS):
+        _mount(first)
+    else:
+        for name in ("serve", "merge", *AREAS):
+            _mount(name)
+    return _app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the full command tree, for `from lfm.cli import app`
+        return _mount_areas()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main() -> None:
     """Entry point: run the CLI; print deliberate errors as one line."""
     try:
-        code = app(standalone_mode=False)
+        code = _mount_areas(sys.argv[1:])(standalone_mode=False)
     except LfmError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)

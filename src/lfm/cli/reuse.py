@@ -20,6 +20,30 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1) from None
 
 
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    A streamed merge allocates and frees tensors of the same sizes over and over; by default glibc
+    returns big blocks to the kernel (`munmap`, heap trimming), so every new tensor page-faults
+    afresh (about half of a TIES or DARE merge's CPU time was system time). Blocks up to 32 MiB (glibc's
+    largest mmap threshold) now come from the heap, which is not trimmed. The peak RSS is the same.
+    Returns whether the settings took (False off glibc). Affects the whole process: the command
+    calls it, the library does not.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
+    return all(
+        libc.mallopt(opt, value) == 1
+        for opt, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1),
+                           (m_top_pad, 64 << 20))
+    )  # fmt: skip
+
+
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="merge plan YAML (lfm format or a mergekit file)"),
@@ -30,6 +54,7 @@ def merge(
     """Merge the models a YAML plan names and write a loadable Hugging Face folder."""
     from lfm.reuse.plan import load_plan
 
+    keep_freed_memory()
     try:
         plan = load_plan(config)
         path = plan.run(out, overwrite=overwrite, progress=not quiet)

@@ -53,13 +53,6 @@ def _mod(model: nn.Module, layer: int) -> nn.Module:
 
 
 @torch.no_grad()
-def mean_key(model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int) -> torch.Tensor:
-    """k*: the subject's last-token key at `layer`, averaged over the prefixes. (D_in,)"""
-    keys, _ = keys_and_outputs(model, tokenizer, req, layer, n)
-    return keys.mean(0)
-
-
-@torch.no_grad()
 def keys_and_outputs(
     model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,11 @@ ROME, `lfm.edit.locate`). Then, layer by layer (l = l₁ … L, each seeing the 
     K  = keys of the n subjects at l (prefix-averaged)    (D_in, n)
     ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹                              solved in float64
 
+With `key_constraint="each"` (the default) every prefixed prompt of request i is a column of its
+own, weighted 1/√P: k_ij and r_ij = (h_ij + δ_i − h_cur,ij)/(layers left), so the least squares
+fits the keys the prompts actually produce (the bare prompt's among them), and R Kᵀ is the
+average of r_ij k_ijᵀ over prefixes instead of the product of averages ("mean", the paper's).
+
 λ = `mom2_update_weight` weighs the preserved keys' second moment C (paper, GPT-J: 15,000 for
 16,384-wide keys; the default here scales it by D_in / 16,384 so that λ·tr(C)/D_in keeps the
 paper's balance against a single key's ‖k‖² on narrower MLPs).
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,6 +48,8 @@ from lfm.registry import register
 class MemitConfig(Config):
     layers: tuple[int, ...] | None = None  # edited blocks; None = default_layer−2 … default_layer+2
     n_prefixes: int = 11  # bare prompt + fixed prefixes, for keys and the target NLL
+    # "each": one least-squares column per prefixed prompt (weight 1/√P); "mean": one per request
+    key_constraint: Literal["each", "mean"] = "each"
     v_steps: int = 20  # Adam steps on each δ_i (paper: 20–25)
     v_lr: float = 0.5  # Adam learning rate on δ_i (paper: 5e-1)
     v_weight_decay: float = 0.5  # weight on ‖δ‖ / ‖v‖² (paper)
@@ -71,8 +78,11 @@ def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
 
 
 @torch.no_grad()
-def block_outputs(model: nn.Module, tok: Any, reqs: Sequence[Request], layer: int, n: int):
-    """Residual stream after block `layer` at each subject's last token, prefix-averaged. (D, n)"""
+def block_outputs(
+    model: nn.Module, tok: Any, reqs: Sequence[Request], layer: int, n: int, each: bool = False
+) -> torch.Tensor:
+    """Residual stream after block `layer` at each subject's last token, prefix-averaged (D, n),
+    or with `each` one column per prefixed prompt, request by request (D, n·P)."""
     block = model.get_submodule(f"{get_layout(model).layers}.{layer}")
     cols = []
     for req in reqs:
@@ -81,15 +91,15 @@ def block_outputs(model: nn.Module, tok: Any, reqs: Sequence[Request], layer: in
 
         def hook(_m, _a, out, batch=batch, got=got):
             h = out[0] if isinstance(out, tuple) else out
-            got["h"] = h[torch.arange(h.shape[0]), batch.subject_pos].float().mean(0)
+            got["h"] = h[torch.arange(h.shape[0]), batch.subject_pos].float()
 
         handle = block.register_forward_hook(hook)
         try:
             model(**locate._inputs(model, batch), logits_to_keep=1)
         finally:
             handle.remove()
-        cols.append(got["h"].cpu())
-    return torch.stack(cols, 1)
+        cols.append(got["h"].cpu() if each else got["h"].cpu().mean(0, keepdim=True))
+    return torch.cat(cols, 0).T
 
 
 def layer_update(
@@ -130,24 +140,40 @@ def memit_deltas(
 ) -> tuple[list[Delta], dict[int, torch.Tensor]]:
     """The per-layer deltas and the keys K (D_in, n) each layer's update used."""
     layers = edit_layers(model, cfg.layers)
-    last, n = layers[-1], cfg.n_prefixes
+    last, n, each = layers[-1], cfg.n_prefixes, cfg.key_constraint == "each"
     cov = common.prefetch_covariances(model, tok, layers, cfg, cov)
-    h0 = block_outputs(model, tok, reqs, last, n)
-    z = h0 + torch.stack(
-        [_delta(model, tok, r, last, cfg, h0[:, i]) for i, r in enumerate(reqs)], 1
-    )
+    h0 = block_outputs(model, tok, reqs, last, n, each)
+    per = h0.shape[1] // len(reqs)  # columns per request: P prefixed prompts, or 1 (their mean)
+    h_mean = h0.reshape(h0.shape[0], len(reqs), per).mean(2)
+    steps = [_delta(model, tok, r, last, cfg, h_mean[:, i]) for i, r in enumerate(reqs)]
+    z = h0 + torch.stack(steps, 1).repeat_interleave(per, 1)
+    weight = per**-0.5  # the P columns of one request share its weight: R Kᵀ averages them
     deltas: list[Delta] = []
     used: dict[int, torch.Tensor] = {}
     for j, layer in enumerate(layers):
         with common.temporarily(model, deltas):
-            resid = (z - block_outputs(model, tok, reqs, last, n)) / (len(layers) - j)
-            keys = torch.stack([locate.mean_key(model, tok, r, layer, n) for r in reqs], 1)
+            resid = (z - block_outputs(model, tok, reqs, last, n, each)) / (len(layers) - j)
+            keys = torch.cat([_keys(model, tok, r, layer, n, each) for r in reqs], 1)
         c = common.covariance(model, tok, layer, cfg, cov)
         name = module_name(model, "mlp_out", layer)
+        resid, keys = resid * weight, keys * weight
         v = layer_update(resid, keys, c, cfg, (prior or {}).get(layer))
-        deltas.append(Delta(name, resid.float(), v))
+        deltas.append(_low_rank_or_dense(name, resid.float(), v))
         used[layer] = keys.double()
     return deltas, used
+
+
+def _keys(model, tok, req: Request, layer: int, n: int, each: bool) -> torch.Tensor:
+    """The request's keys at `layer`: (D_in, P) per prefixed prompt, or (D_in, 1) their mean."""
+    keys = locate.keys_and_outputs(model, tok, req, layer, n)[0]
+    return keys.T if each else keys.mean(0)[:, None]
+
+
+def _low_rank_or_dense(name: str, u: torch.Tensor, v: torch.Tensor) -> Delta:
+    """u vᵀ as factors, or as one matrix when that is smaller (many columns)."""
+    if u.shape[1] * (u.shape[0] + v.shape[0]) > u.shape[0] * v.shape[0]:
+        return Delta(name, dense=u @ v.T)
+    return Delta(name, u, v)
 
 
 def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):

@@ -10,7 +10,13 @@ k* is the subject's last-token key averaged over fixed prefixes, and v* = W k* +
 by gradient descent (see `lfm.edit.locate`). The original ROME code used the prefix-averaged key
 in C⁻¹k* but the bare-prompt key in the denominator and for v*; r-ROME (Gupta et al. 2024,
 arXiv 2403.07175) shows this mix causes collapse. Here one k* serves every term, so
-(W + ΔW) k* = v* exactly — the test suite checks it.
+(W + ΔW) k* = v* exactly — the test suite checks it (`key_constraint="mean"`).
+
+The default, `key_constraint="each"`, constrains every prefixed key instead of their mean: the
+δ search adds δ in full at each prefixed prompt, so the update should too. The smallest ΔW (in
+tr ΔW C ΔWᵀ) with ΔW k_j = δ for all j is rank one, δ lᵀ with l = C⁻¹K (KᵀC⁻¹K)⁻¹ 1; with one
+key it is r-ROME's update. The bare prompt's key, far from the mean when the subject opens the
+sequence, then gets all of δ.
 
 Paper defaults (GPT-2 XL): 20 Adam steps at lr 0.5, KL factor 0.0625, weight decay 0.5,
 ‖δ‖ ≤ 4‖v‖, C from 100k Wikipedia samples. Adapted here: 10 fixed prefixes instead of 20
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,8 +46,11 @@ PAPER = "Meng et al. 2022, arXiv 2202.05262 (ROME; r-ROME key fix: Gupta et al. 
 class RomeConfig(Config):
     layer: int | None = None  # edited block; None = architecture default (≈ depth/6)
     n_prefixes: int = 11  # bare prompt + 10 fixed prefixes for k* and the NLL (paper: 20 generated)
+    # "each": ΔW k_j = δ for every prefixed key k_j (the bare prompt's included); "mean": only for
+    # their mean k* (r-ROME's one constraint). Both use the same keys in every term.
+    key_constraint: Literal["each", "mean"] = "each"
     v_steps: int = 20  # Adam steps on δ (paper: 20)
-    v_lr: float = 0.5  # Adam learning rate on δ (paper: 5e-1)
+    v_lr: float = 0.5  # Adam lr on δ (paper: 5e-1); absolute, so Gemma 3 270M wants ~0.05 (docs)
     v_weight_decay: float = 0.5  # weight on ‖δ‖ / ‖v‖² (paper, GPT-2 XL: 0.5)
     kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a" (paper)
     clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v‖ (paper: 4)
@@ -75,6 +84,19 @@ def rank_one(
     return resid.float()[:, None], left.float()[:, None]
 
 
+def rank_one_each(
+    w: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor, ridge: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors (u, l) of the smallest ΔW (in C's norm, tr ΔW C ΔWᵀ) with ΔW k_j = δ for every
+    row k_j of `keys` (P, D_in): ΔW = δ lᵀ, l = C⁻¹K (KᵀC⁻¹K)⁻¹ 1, rank one like ROME's."""
+    k = keys.double().T  # (D_in, P)
+    c_inv_k = common.solve_cov(cov, k, ridge)  # (D_in, P)
+    gram = k.T @ c_inv_k  # (P, P), positive definite for independent keys
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    left = c_inv_k @ torch.linalg.solve(gram, torch.ones(len(gram), dtype=gram.dtype))
+    return delta.float()[:, None], left.float()[:, None]
+
+
 def rome_delta(
     model: nn.Module, tokenizer: Any, req: Request, cfg: RomeConfig, cov: Any = None
 ) -> tuple[Delta, RomeTrace]:
@@ -87,7 +109,10 @@ def rome_delta(
     delta, info = locate.optimise_delta(model, tokenizer, req, layer, cfg, outs)
     w = linear_weight(model, name).detach().float().cpu()
     value = w @ key + delta  # v* = W k* + δ: the bias (if any) cancels in v* − W k*
-    u, v = rank_one(w, key, value, c, cfg.cov_ridge)
+    if cfg.key_constraint == "each":  # (W + ΔW) k_j = W k_j + δ for every prefixed key
+        u, v = rank_one_each(w, keys, delta, c, cfg.cov_ridge)
+    else:  # r-ROME: (W + ΔW) k* = v* for the mean key only
+        u, v = rank_one(w, key, value, c, cfg.cov_ridge)
     return Delta(name, u, v), RomeTrace(name, key, delta, value, info)
 
 

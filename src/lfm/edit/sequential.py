@@ -42,15 +42,16 @@ class AlphaEditState:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # {layer: (D_in, n) float64}
     base: str = ""  # key-statistics fingerprint of the base model (last edited layer)
     after: str = ""  # fingerprint of the edited modules with every patch so far applied
+    per_edit: int = 1  # key columns per edit (P with `key_constraint="each"`, else 1)
 
     @property
     def edits(self) -> int:
-        return next(iter(self.keys.values())).shape[1] if self.keys else 0
+        return next(iter(self.keys.values())).shape[1] // self.per_edit if self.keys else 0
 
     def save(self, path: str | Path) -> Path:
         """Write the state as one safetensors file, atomically."""
         meta = {"format": FORMAT, "base": self.base, "after": self.after,
-                "layers": json.dumps(sorted(self.keys))}  # fmt: skip
+                "layers": json.dumps(sorted(self.keys)), "per_edit": str(self.per_edit)}  # fmt: skip
         tensors = {f"keys.{layer}": k.contiguous() for layer, k in self.keys.items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -67,14 +68,21 @@ class AlphaEditState:
             raise LfmError(f"cannot read AlphaEdit state {path}: {e}") from None
         if meta.get("format") != FORMAT:
             raise LfmError(f"{path} is not an AlphaEdit state (format {meta.get('format')!r})")
-        return cls(keys, meta["base"], meta["after"])
+        return cls(keys, meta["base"], meta["after"], int(meta.get("per_edit", "1")))
 
 
-def _check(state: AlphaEditState, model: Any, layers: list[int], modules: list[str]) -> None:
+def _check(
+    state: AlphaEditState, model: Any, layers: list[int], modules: list[str], per_edit: int
+) -> None:
     if not state.keys:
         return
     if sorted(state.keys) != layers:
         raise LfmError(f"the state edits layers {sorted(state.keys)}, this config {layers}")
+    if state.per_edit != per_edit:
+        raise LfmError(
+            f"the state keeps {state.per_edit} key(s) per edit, this config {per_edit}; "
+            "use the key_constraint and n_prefixes the sequence started with"
+        )
     if base.key_fingerprints(model)[layers[-1]] != state.base:
         raise LfmError(
             "the state was made on another base model; load the base model and apply the "
@@ -110,7 +118,8 @@ def alphaedit_step(
     reqs, state = common.as_requests(requests), state or AlphaEditState()
     layers = edit_layers(model, cfg.layers)
     modules = [common._mlp_out(model, layer) for layer in layers]
-    _check(state, model, layers, modules)
+    per_edit = len(locate.prefixes(cfg.n_prefixes)) if cfg.key_constraint == "each" else 1
+    _check(state, model, layers, modules, per_edit)
     flags = locate.frozen(model)
     try:
         deltas, keys = memit_deltas(model, tok, reqs, cfg, cov, state.keys)
@@ -123,4 +132,5 @@ def alphaedit_step(
         layer: keys[layer] if layer not in state.keys else torch.cat([state.keys[layer], keys[layer]], 1)
         for layer in layers
     }  # fmt: skip
-    return patch, AlphaEditState(grown, base.key_fingerprints(model)[layers[-1]], after)
+    fp = base.key_fingerprints(model)[layers[-1]]
+    return patch, AlphaEditState(grown, fp, after, per_edit)

@@ -46,8 +46,10 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
-def _floats(sd: Mapping[str, Tensor]) -> list[str]:
-    return [k for k, v in sd.items() if v.is_floating_point()]
+def _learned_names(model: nn.Module, sd: Mapping[str, Tensor]) -> list[str]:
+    """The float tensors of `sd` that are parameters of `model` (buffers get no coefficients)."""
+    params = dict(model.named_parameters())
+    return [k for k, v in sd.items() if v.is_floating_point() and k in params]
 
 
 def merged_params(
@@ -80,12 +82,17 @@ def learn_coefficients(
         heads: per task, a function from the model's output to that task's logits.
 
     Returns:
-        Name -> λ (K,) for each float tensor, and the summed entropy at each step (before its
-        update).
+        Name -> λ (K,) for each float parameter, and the summed entropy at each step (before its
+        update). Float buffers (BatchNorm running statistics) learn no λ: they are merged with
+        λ = `cfg.init`, during learning as in the merge.
     """
     cfg = cfg or AdaMergingConfig()
-    names = _floats(base)
+    names = _learned_names(model, base)
+    fixed = [k for k, v in base.items() if v.is_floating_point() and k not in names]
     base = {k: v.detach().float() if k in names else v for k, v in base.items()}
+    init = torch.full((1, len(models)), cfg.init)
+    base.update(merged_params(base, [{n: m[n].float() - base[n] for n in fixed} for m in models],
+                              init, fixed))  # fmt: skip
     taus = [{n: m[n].detach().float() - base[n] for n in names} for m in models]
     rows = len(names) if cfg.granularity == "layer" else 1
     lam = torch.full((rows, len(models)), cfg.init, requires_grad=True)

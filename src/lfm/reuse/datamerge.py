@@ -6,6 +6,8 @@
   Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² in closed form:
       Wᵀ = (Σ_i G̃_i)⁻¹ Σ_i G̃_i W_iᵀ,   G̃_i = α G_i + (1 − α) diag(G_i),   G_i = X_iᵀ X_i
   with α the shrink of the off-diagonal entries (paper default 0.9); every other tensor is averaged.
+  A conv layer is the same regression on its unfolded input patches, solved per group (a
+  depthwise conv: one small system per channel).
 
 Statistics come from files written by `stats.py` (one per model, in model order, named by the
 config's `stats`, so merge plans and the streaming engine use them), or from tensors held in memory
@@ -88,22 +90,42 @@ def fisher_merge(ts: list[Tensor], fs: list[Tensor], ws: list[float], eps: float
     return num / den
 
 
-def regmean(
-    ts: list[Tensor], grams: list[Tensor], ws: list[float], alpha: float, in_out: bool, ridge=0.0
-) -> Tensor:
-    """Closed-form RegMean of one linear weight (out, in), or (in, out) when `in_out`.
+def _regmean_solve(wt: list[Tensor], grams: list[Tensor], ws: list[float], alpha, ridge) -> Tensor:
+    """(Σ G̃_i)⁻¹ Σ G̃_i W_iᵀ for Wᵀ (..., in, out) and G (..., in, in), batched over leading dims.
 
     Solved in float64 by least squares as the average plus a minimum-norm correction, so input
     directions that no model's data reaches (a singular Σ G̃_i) keep the average weights.
     """
-    shrunk = [w * (alpha * g.double() + (1 - alpha) * torch.diag(torch.diag(g.double())))
+    grams = [g.double() for g in grams]
+    shrunk = [w * (alpha * g + (1 - alpha) * torch.diag_embed(g.diagonal(dim1=-2, dim2=-1)))
               for g, w in zip(grams, ws, strict=True)]  # fmt: skip
-    lhs = sum(shrunk[1:], shrunk[0]) + ridge * torch.eye(len(shrunk[0]), dtype=torch.float64)
-    wt = [t.double() if in_out else t.double().T for t in ts]  # each Wᵀ: (in, out)
+    lhs = sum(shrunk[1:], shrunk[0]) + ridge * torch.eye(grams[0].shape[-1], dtype=torch.float64)
     mean = K.linear(wt, ws).double()
     rhs = sum((g @ (w - mean) for g, w in zip(shrunk, wt, strict=True)), torch.zeros_like(mean))
-    out = mean + torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+    return mean + torch.linalg.lstsq(lhs, rhs, driver="gelsd").solution
+
+
+def regmean(
+    ts: list[Tensor], grams: list[Tensor], ws: list[float], alpha: float, in_out: bool, ridge=0.0
+) -> Tensor:
+    """Closed-form RegMean of one linear weight (out, in), or (in, out) when `in_out`."""
+    wt = [t.double() if in_out else t.double().T for t in ts]  # each Wᵀ: (in, out)
+    out = _regmean_solve(wt, grams, ws, alpha, ridge)
     return (out if in_out else out.T).float()
+
+
+def regmean_conv(
+    ts: list[Tensor], grams: list[Tensor], ws: list[float], alpha: float, ridge=0.0
+) -> Tensor:
+    """RegMean of one conv weight (out, in/g, kh, kw) from patch Grams (g, d, d), group by group."""
+    shape, g = ts[0].shape, grams[0].shape[0]
+    if shape[0] % g or grams[0].shape[-1] != shape[1] * shape[2] * shape[3]:
+        raise MergeError(
+            f"a Gram of shape {tuple(grams[0].shape)} does not fit a conv {tuple(shape)}"
+        )
+    wt = [t.double().reshape(g, shape[0] // g, -1).transpose(1, 2) for t in ts]  # (g, d, out/g)
+    out = _regmean_solve(wt, grams, ws, alpha, ridge)
+    return out.transpose(1, 2).reshape(shape).float()
 
 
 def _smoke_data(seed: int) -> tuple[dict, list[dict], list[dict]]:
@@ -146,11 +168,13 @@ def fisher(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx
 def regmean_kernel(
     base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
-    """RegMean for linear weights that have Gram matrices; weighted average for the rest."""
+    """RegMean for linear and conv weights with Gram matrices; weighted average for the rest."""
     stats = _per_model(ctx)
     grams = [stats[i].get(ctx.name) for i in ctx.models]
-    if any(g is None for g in grams) or ts[0].dim() != 2:
+    if any(g is None for g in grams) or ts[0].dim() not in (2, 4):
         return K.linear(ts, ws)
+    if ts[0].dim() == 4:
+        return regmean_conv(ts, grams, ws, cfg.alpha, cfg.ridge)
     given = ctx.stats.get("orientation") or stats[ctx.models[0]].meta.get("orientation", {})
     orient = given.get(ctx.name, "out_in")  # in memory: stats={"orientation": {...}, ...}
     return regmean(ts, grams, ws, cfg.alpha, orient == "in_out", cfg.ridge)  # type: ignore[arg-type]

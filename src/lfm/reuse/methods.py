@@ -149,7 +149,9 @@ def ties(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: 
 def _dare_taus(base: Tensor, ts: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
     taus = K.task_vectors(base, ts)
     seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(ts)))]
-    return [K.dare(t, cfg.drop_rate, s, inplace=True) for t, s in zip(taus, seeds, strict=True)]
+    scratch = torch.empty(base.shape) if cfg.drop_rate > 0 else None  # one mask buffer for all
+    return [K.dare(t, cfg.drop_rate, s, inplace=True, scratch=scratch)
+            for t, s in zip(taus, seeds, strict=True)]  # fmt: skip
 
 
 @merge_method(

@@ -6,7 +6,10 @@
   empirical Fisher), or the exact expectation over the classes (`"exact"`).
 - Input Gram matrices (Jin et al. 2022, arXiv 2212.09849): G = Xᵀ X per linear layer, X the
   layer's inputs stacked over all examples (and positions). `nn.Linear` stores W as (out, in);
-  GPT-2's `Conv1D` stores it as (in, out): the file records which, by module type.
+  GPT-2's `Conv1D` stores it as (in, out): the file records which, by module type. A 2-D
+  convolution is a linear layer on its unfolded input patches: per group g, X_g holds the
+  (in/groups)·kh·kw patch entries of every output position, and G is (groups, d, d), so a
+  depthwise convolution gets one 9 x 9 Gram per channel (orientation "conv").
 
 A statistics file maps parameter names to tensors (the Fisher of `fc1.weight`, or the Gram matrix
 of the layer whose weight is `fc1.weight`); its metadata says the kind, the number of examples and,
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -94,20 +98,40 @@ def fisher(
 
 
 def linear_layers(model: nn.Module) -> dict[str, str]:
-    """Module name -> weight orientation ("out_in" for `nn.Linear`, "in_out" for `Conv1D`)."""
+    """Module name -> weight orientation: "out_in" (`nn.Linear`), "in_out" (`Conv1D`), "conv"."""
     found = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
             found[name] = "out_in"
+        elif (
+            isinstance(mod, nn.Conv2d)
+            and mod.padding_mode == "zeros"
+            and not isinstance(mod.padding, str)
+        ):
+            found[name] = "conv"  # weight (out, in/groups, kh, kw); Gram (groups, d, d)
         elif type(mod).__name__ == "Conv1D" and getattr(mod, "weight", None) is not None:
             found[name] = "in_out"  # transformers' GPT-2 Conv1D: y = x W + b, W (in, out)
     return found
 
 
+def conv_gram(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """Σ over examples and output positions of pᵀ p, p a patch of one group: (groups, d, d).
+
+    The patch entries are ordered as in `conv.weight[o].flatten()` (channel, row, column), so
+    y[o] = p · w[o] at every position.
+    """
+    if isinstance(conv.padding, str):
+        raise ValueError("conv_gram needs numeric padding, not 'same' or 'valid'")
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, C·k·k, L)
+    g = conv.groups
+    cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1])  # (B, g, d, L)
+    return torch.einsum("bgdl,bgel->gde", cols, cols)
+
+
 def gram(
     model: nn.Module, batches: Iterable[Batch], modules: Iterable[str] | None = None
 ) -> tuple[dict[str, Tensor], dict[str, str], int]:
-    """Input Gram matrices Xᵀ X of linear layers (all of them unless `modules` names some).
+    """Input Gram matrices Xᵀ X of linear and conv layers (all unless `modules` names some).
 
     Returns:
         Weight name -> Gram (in, in), weight name -> orientation, and the number of examples.
@@ -115,12 +139,17 @@ def gram(
     layers = linear_layers(model)
     names = list(modules) if modules is not None else list(layers)
     if unknown := [n for n in names if n not in layers]:
-        raise ValueError(f"not linear layers of {type(model).__name__}: {', '.join(unknown)}")
+        raise ValueError(
+            f"not linear or conv layers of {type(model).__name__}: {', '.join(unknown)}"
+        )
     table = dict(model.named_modules())
     grams: dict[str, Tensor] = {}
 
     def hook(name: str) -> Callable[..., None]:
-        def fn(_mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        def fn(mod: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+            if isinstance(mod, nn.Conv2d):
+                grams[name] = grams.get(name, 0) + conv_gram(mod, inputs[0].detach().float())
+                return
             x = inputs[0].detach().float().reshape(-1, inputs[0].shape[-1])  # (B*T, in)
             grams[name] = grams.get(name, 0) + x.T @ x
 
@@ -163,6 +192,6 @@ def save_fisher(path: str | Path, model: nn.Module, batches: Iterable[Batch], **
 
 
 def save_gram(path: str | Path, model: nn.Module, batches: Iterable[Batch], **kw: Any) -> Path:
-    """Compute the input Gram matrices of `model`'s linear layers (see `gram`) and save them."""
+    """Compute the input Gram matrices of `model`'s linear and conv layers; save them."""
     table, orient, count = gram(model, batches, **kw)
     return save_stats(path, table, "gram", count=count, orientation=orient)

@@ -1,0 +1,47 @@
+"""Start-up of `lfm reuse merge`: only its own area's command module is imported."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+
+PROBE = """
+import json, sys
+sys.argv = ["lfm", *{argv!r}]
+from lfm.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.startswith(("lfm.cli.", "lfm.serve")))))
+"""
+
+
+def _modules_after(argv: list[str]) -> list[str]:
+    code = PROBE.format(argv=argv)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_reuse_merge_imports_only_the_reuse_commands():
+    assert _modules_after(["reuse", "merge", "--help"]) == ["lfm.cli.reuse"]
+    everything = _modules_after(["--help", "reuse"])  # the top-level help lists every group
+    assert {"lfm.cli.reuse", "lfm.cli.edit", "lfm.serve.cli"} <= set(everything)
+
+
+def test_the_full_app_still_has_every_group():
+    from lfm.cli import app
+    from lfm.registry import AREAS
+
+    groups = {g.name for g in app.registered_groups}
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    assert set(AREAS) <= groups and {"merge", "serve", "methods"} <= commands
+
+
+def test_keep_freed_memory_takes_on_glibc():
+    code = "from lfm.cli.reuse import keep_freed_memory; print(keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out.stdout.strip() == str(glibc)
