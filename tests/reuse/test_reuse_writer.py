@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 
 import pytest
 import torch
@@ -57,16 +58,44 @@ def test_written_shards_load_with_safetensors(tmp_path, max_bytes):
         assert names == ["model.safetensors"] and not (tmp_path / E.INDEX).exists()
 
 
-def test_each_tensor_is_on_disk_when_add_returns(tmp_path):
+def test_each_tensor_is_on_disk_when_flushed(tmp_path):
     ts = {"x": torch.randn(64, 64), "y": torch.randn(64, 64)}
     w = E.ShardWriter(tmp_path, _entries(ts), 10**9)
     w.add("x", ts["x"])
-    w._file.flush()  # only Python's small write buffer may hold anything back
+    w.flush()  # the background writer has written x, and nothing is buffered
     header = E.shard_header(_entries(ts))
     assert (tmp_path / "model.safetensors").stat().st_size == len(header) + 64 * 64 * 4
     w.add("y", ts["y"])
     w.close()
     assert torch.equal(load_file(tmp_path / "model.safetensors")["y"], ts["y"])
+
+
+def test_at_most_depth_tensors_wait_and_write_errors_surface(tmp_path, monkeypatch):
+    ts = {f"t{i}": torch.full((8,), float(i)) for i in range(6)}
+    release = threading.Event()
+    real_write = E.ShardWriter._open
+
+    def slow_open(self, shard):  # hold the writer thread before its first file
+        release.wait(10)
+        real_write(self, shard)
+
+    monkeypatch.setattr(E.ShardWriter, "_open", slow_open)
+    w = E.ShardWriter(tmp_path, _entries(ts), 10**9, depth=2)
+    for name in ("t0", "t1", "t2"):  # t0 is taken by the thread, t1 and t2 wait
+        w.add(name, ts[name])
+    assert w._queue.full()  # a fourth add would block: memory is bounded
+    release.set()
+    for name in ("t3", "t4", "t5"):
+        w.add(name, ts[name])
+    w.close()
+    assert all(torch.equal(load_file(tmp_path / "model.safetensors")[k], v) for k, v in ts.items())
+
+    gone = tmp_path / "gone"
+    monkeypatch.setattr(E.ShardWriter, "_open", real_write)
+    w = E.ShardWriter(gone, _entries(ts), 10**9)  # the folder does not exist: open fails
+    w.add("t0", ts["t0"])
+    with pytest.raises(MergeError, match=r"writing .*gone"):
+        w.close()
 
 
 def test_writer_refuses_tensors_out_of_layout(tmp_path):

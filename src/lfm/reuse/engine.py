@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import queue
 import re
 import shutil
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,15 +191,19 @@ class ShardWriter:
     """Writes safetensors shards tensor by tensor, in the order of a layout known in advance.
 
     Each shard's header is written when its first tensor arrives and every tensor's bytes go to the
-    file straight from its memory, so nothing is buffered beyond the tensor being written.
+    file straight from its memory. The writing happens on a background thread, so the next
+    tensor is merged while the last one is written (writing the output was about half of a task
+    arithmetic merge); at most `depth` tensors wait for it, so memory stays bounded by a few
+    tensors. A write error is raised by the next `add`, `flush` or `close`.
 
     Args:
         folder: the (temporary) output folder.
         entries: every output tensor, in the order `add` will receive them.
         max_bytes: the largest shard, in bytes (a single larger tensor gets a shard of its own).
+        depth: tensors that may wait to be written.
     """
 
-    def __init__(self, folder: Path, entries: Sequence[Entry], max_bytes: int):
+    def __init__(self, folder: Path, entries: Sequence[Entry], max_bytes: int, depth: int = 2):
         self.folder = folder
         self.shards = plan_shards(entries, max_bytes)
         n = len(self.shards)
@@ -210,16 +216,52 @@ class ShardWriter:
         self._order = iter([(i, e) for i, shard in enumerate(self.shards) for e in shard])
         self._file: IO[bytes] | None = None
         self._shard = -1
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, Tensor] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
 
     def add(self, name: str, tensor: Tensor) -> None:
         shard, e = next(self._order, (None, None))
         if e is None or e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
             want = f"{e.name} {e.dtype} {list(e.shape)}" if e else "nothing"
             raise MergeError(f"{name} {tensor.dtype} {list(tensor.shape)} arrived; expected {want}")
-        if shard != self._shard:
-            self._open(shard)
-        assert self._file is not None
-        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._raise_error()
+        if self._thread is None:
+            raise MergeError("the writer is closed")
+        self._queue.put((shard, tensor.detach().contiguous().reshape(-1).view(torch.uint8)))
+
+    def flush(self) -> None:
+        """Wait until every tensor given to `add` is written to its file."""
+        self._queue.join()
+        self._raise_error()
+        if self._file is not None:
+            self._file.flush()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:  # after an error, only empty the queue
+                    shard, data = item
+                    if shard != self._shard:
+                        self._open(shard)
+                    assert self._file is not None
+                    self._file.write(data.numpy())
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise MergeError(f"writing {self.folder}: {self._error}") from self._error
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
     def _open(self, shard: int) -> None:
         self._close_file()
@@ -233,7 +275,9 @@ class ShardWriter:
             self._file = None
 
     def close(self) -> list[str]:
-        """Close the last shard and write the index (when there are several shards)."""
+        """Finish writing, close the last shard and write the index (for several shards)."""
+        self._stop()
+        self._raise_error()
         self._close_file()
         if next(self._order, None) is not None:
             raise MergeError("the merge ended before every tensor was written")
@@ -247,6 +291,7 @@ class ShardWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._stop()
         self._close_file()
 
 
