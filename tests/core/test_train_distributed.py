@@ -95,6 +95,11 @@ def _worker(out: Path) -> None:
         result = {"weights": _trainable(model), "losses": hist.losses}
         kind = state.distributed_type.value
         torch.save({**result, "world": state.num_processes, "kind": kind}, out / "result.pt")
+    # leave together and close gloo before exit: a process that exits with the group still up
+    # can abort in gloo's threads at interpreter teardown
+    state.wait_for_everyone()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
