@@ -85,7 +85,7 @@ def rank_one(
 
 
 def rank_one_each(
-    w: torch.Tensor, keys: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor, ridge: float
+    keys: torch.Tensor, delta: torch.Tensor, cov: torch.Tensor, ridge: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors (u, l) of the smallest ΔW (in C's norm, tr ΔW C ΔWᵀ) with ΔW k_j = δ for every
     row k_j of `keys` (P, D_in): ΔW = δ lᵀ, l = C⁻¹K (KᵀC⁻¹K)⁻¹ 1, rank one like ROME's."""
@@ -110,7 +110,7 @@ def rome_delta(
     w = linear_weight(model, name).detach().float().cpu()
     value = w @ key + delta  # v* = W k* + δ: the bias (if any) cancels in v* − W k*
     if cfg.key_constraint == "each":  # (W + ΔW) k_j = W k_j + δ for every prefixed key
-        u, v = rank_one_each(w, keys, delta, c, cfg.cov_ridge)
+        u, v = rank_one_each(keys, delta, c, cfg.cov_ridge)
     else:  # r-ROME: (W + ΔW) k* = v* for the mean key only
         u, v = rank_one(w, key, value, c, cfg.cov_ridge)
     return Delta(name, u, v), RomeTrace(name, key, delta, value, info)
