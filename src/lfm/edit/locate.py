@@ -16,7 +16,7 @@ construction — the same averaged k* is used for v*, for C⁻¹k* and in the de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -52,25 +52,47 @@ def _mod(model: nn.Module, layer: int) -> nn.Module:
     return model.get_submodule(module_name(model, "mlp_out", layer))
 
 
+class _Stop(Exception):
+    """Raised by a hook once every module read has run: later blocks need not."""
+
+
 @torch.no_grad()
+def read_modules(
+    model: nn.Module, batch: Batch, mods: Sequence[nn.Module]
+) -> list[tuple[Any, torch.Tensor]]:
+    """(first positional input or None, output) of each module at each row's subject position,
+    from one forward pass that stops once all have run (the blocks above are skipped)."""
+    got: dict[int, tuple[Any, torch.Tensor]] = {}
+    rows = torch.arange(len(batch.subject_pos))
+
+    def hook(i: int):
+        def fn(_m: nn.Module, args: tuple, out: Any) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            inp = args[0][rows, batch.subject_pos].float() if args else None  # blocks: keywords
+            got[i] = (inp, out[rows, batch.subject_pos].float())
+            if len(got) == len(mods):
+                raise _Stop
+
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods)]
+    try:
+        with suppress(_Stop):
+            model(**_inputs(model, batch), logits_to_keep=1)
+    finally:
+        for h in handles:
+            h.remove()
+    if len(got) < len(mods):
+        raise RuntimeError("a module to read did not run in the forward pass")
+    return [(a if a is None else a.cpu(), b.cpu()) for a, b in (got[i] for i in range(len(mods)))]
+
+
 def keys_and_outputs(
     model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prefix keys (P, D_in) and MLP outputs (P, D_out) at the subject's last token."""
     batch = build_batch(tokenizer, req, prefixes(n), with_target=False)
-    got: dict[str, torch.Tensor] = {}
-    rows = torch.arange(len(batch.subject_pos))
-
-    def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        got["k"] = args[0][rows, batch.subject_pos].float()
-        got["v"] = out[rows, batch.subject_pos].float()
-
-    handle = _mod(model, layer).register_forward_hook(hook)
-    try:
-        model(**_inputs(model, batch), logits_to_keep=1)
-    finally:
-        handle.remove()
-    return got["k"].cpu(), got["v"].cpu()
+    return read_modules(model, batch, [_mod(model, layer)])[0]
 
 
 def _inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:

@@ -77,29 +77,37 @@ def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, mid + 3)})
 
 
-@torch.no_grad()
 def block_outputs(
     model: nn.Module, tok: Any, reqs: Sequence[Request], layer: int, n: int, each: bool = False
 ) -> torch.Tensor:
     """Residual stream after block `layer` at each subject's last token, prefix-averaged (D, n),
     or with `each` one column per prefixed prompt, request by request (D, n·P)."""
-    block = model.get_submodule(f"{get_layout(model).layers}.{layer}")
-    cols = []
+    return resid_and_keys(model, tok, reqs, layer, None, n, each)[0]
+
+
+def resid_and_keys(
+    model: nn.Module,
+    tok: Any,
+    reqs: Sequence[Request],
+    last: int,
+    layer: int | None,
+    n: int,
+    each: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The residual after block `last` (D, ·) and, if `layer` is given, the keys at `layer`'s
+    MLP output projection (D_in, ·), from one forward pass per request that stops after block
+    `last`; columns as in `block_outputs`."""
+    mods = [model.get_submodule(f"{get_layout(model).layers}.{last}")]
+    if layer is not None:
+        mods.append(model.get_submodule(module_name(model, "mlp_out", layer)))
+    hs, ks = [], []
     for req in reqs:
         batch = build_batch(tok, req, locate.prefixes(n), with_target=False)
-        got: dict[str, torch.Tensor] = {}
-
-        def hook(_m, _a, out, batch=batch, got=got):
-            h = out[0] if isinstance(out, tuple) else out
-            got["h"] = h[torch.arange(h.shape[0]), batch.subject_pos].float()
-
-        handle = block.register_forward_hook(hook)
-        try:
-            model(**locate._inputs(model, batch), logits_to_keep=1)
-        finally:
-            handle.remove()
-        cols.append(got["h"].cpu() if each else got["h"].cpu().mean(0, keepdim=True))
-    return torch.cat(cols, 0).T
+        reads = locate.read_modules(model, batch, mods)
+        h, k = reads[0][1], reads[-1][0]
+        hs.append(h if each else h.mean(0, keepdim=True))
+        ks.append(k if each else k.mean(0, keepdim=True))
+    return torch.cat(hs, 0).T, (torch.cat(ks, 0).T if layer is not None else None)
 
 
 def layer_update(
@@ -152,8 +160,8 @@ def memit_deltas(
     used: dict[int, torch.Tensor] = {}
     for j, layer in enumerate(layers):
         with common.temporarily(model, deltas):
-            resid = (z - block_outputs(model, tok, reqs, last, n, each)) / (len(layers) - j)
-            keys = torch.cat([_keys(model, tok, r, layer, n, each) for r in reqs], 1)
+            h, keys = resid_and_keys(model, tok, reqs, last, layer, n, each)
+            resid = (z - h) / (len(layers) - j)
         c = common.covariance(model, tok, layer, cfg, cov)
         name = module_name(model, "mlp_out", layer)
         resid, keys = resid * weight, keys * weight
@@ -161,12 +169,6 @@ def memit_deltas(
         deltas.append(_low_rank_or_dense(name, resid.float(), v))
         used[layer] = keys.double()
     return deltas, used
-
-
-def _keys(model, tok, req: Request, layer: int, n: int, each: bool) -> torch.Tensor:
-    """The request's keys at `layer`: (D_in, P) per prefixed prompt, or (D_in, 1) their mean."""
-    keys = locate.keys_and_outputs(model, tok, req, layer, n)[0]
-    return keys.T if each else keys.mean(0)[:, None]
 
 
 def _low_rank_or_dense(name: str, u: torch.Tensor, v: torch.Tensor) -> Delta:
