@@ -138,3 +138,43 @@ def test_memit_batch_spreads_over_layers(lm):
         patch = memit(h, reqs, cfg, cov=cov)
         assert len(patch.deltas) == 2 and {d.u.shape[1] for d in patch.deltas} == {cols}
         assert all(d.matrix().abs().sum() > 0 for d in patch.deltas)
+
+
+def test_reads_stop_after_the_deepest_module_and_match_a_full_pass(lm):
+    from lfm.core.layouts import get_layout, module
+    from lfm.edit.requests import build_batch
+
+    h, _ = lm
+    model, batch = h.model, build_batch(h.tokenizer, REQ, locate.prefixes(3), with_target=False)
+    blocks = model.get_submodule(get_layout(model).layers)
+    rows = torch.arange(len(batch.subject_pos))
+    full: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def fn(_m, args, out):
+            out = out[0] if isinstance(out, tuple) else out
+            full[name] = out[rows, batch.subject_pos]
+            if args:
+                full[name + ".in"] = args[0][rows, batch.subject_pos]
+
+        return fn
+
+    handles = [module(model, "mlp_out", 0).register_forward_hook(keep("mlp0")),
+               blocks[0].register_forward_hook(keep("block0"))]  # fmt: skip
+    with torch.no_grad():
+        model(**locate._inputs(model, batch))
+    for hd in handles:
+        hd.remove()
+    ran = []
+    spy = blocks[1].register_forward_pre_hook(lambda *_: ran.append(1))
+    try:
+        (k, v), (_, h0) = locate.read_modules(
+            model, batch, [module(model, "mlp_out", 0), blocks[0]]
+        )
+    finally:
+        spy.remove()
+    assert not ran  # block 1 lies above both reads: the pass stopped before it
+    assert torch.equal(k, full["mlp0.in"]) and torch.equal(v, full["mlp0"])
+    assert torch.equal(h0, full["block0"])
+    with pytest.raises(RuntimeError, match="did not run"):
+        locate.read_modules(model, batch, [torch.nn.Linear(2, 2)])
