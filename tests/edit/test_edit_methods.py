@@ -178,3 +178,20 @@ def test_reads_stop_after_the_deepest_module_and_match_a_full_pass(lm):
     assert torch.equal(h0, full["block0"])
     with pytest.raises(RuntimeError, match="did not run"):
         locate.read_modules(model, batch, [torch.nn.Linear(2, 2)])
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_memit_warns_where_the_mlp_output_is_normed(kind):
+    import warnings
+
+    from conftest import make_lm
+
+    model, tok = make_lm(kind)
+    req = Request("The city of the Eiffel Tower", "Eiffel Tower", "Rome")
+    cfg = MemitConfig(v_steps=1, n_prefixes=2, layers=(0,))
+    cov = {0: common.smoke_cov(model, tok, 0)}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        memit(model, req, cfg, tokenizer=tok, cov=cov)
+    normed = [w for w in seen if "norms the MLP output" in str(w.message)]
+    assert len(normed) == (1 if kind == "gemma3" else 0)

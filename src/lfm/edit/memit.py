@@ -30,6 +30,7 @@ key scale (paper: absolute 10).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -208,12 +209,26 @@ def memit(
     name = "alphaedit" if cfg.null_space else "memit"
     model, tok = common.resolve(target, tokenizer, f"edit/{name}")
     reqs = common.as_requests(requests)
+    warn_if_normed(model, name)
     flags = locate.frozen(model)
     try:
         deltas = memit_deltas(model, tok, reqs, cfg, cov)[0]
     finally:
         locate.restore_grad(model, flags)
     return make_patch(model, deltas, reqs, name, cfg)
+
+
+def warn_if_normed(model: nn.Module, name: str) -> None:
+    """MEMIT's residual targets assume the MLP output joins the residual as it is; say so where
+    a norm sits in between (Gemma 3), where measured edits mostly fail (docs/edit.md)."""
+    if get_layout(model).mlp_out_normed:
+        warnings.warn(
+            f"{name}: this architecture norms the MLP output before the residual, so MEMIT's "
+            "residual targets are not reachable as written and edits mostly fail (docs/edit.md); "
+            "use ROME on it",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def alphaedit(target: Any, requests: Any, cfg: MemitConfig | None = None, **kw: Any) -> Patch:

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from lfm.core.io import atomic_path
 from lfm.edit import base, common, locate
-from lfm.edit.memit import AlphaEditConfig, MemitConfig, edit_layers, memit_deltas
+from lfm.edit.memit import AlphaEditConfig, MemitConfig, edit_layers, memit_deltas, warn_if_normed
 from lfm.edit.patch import Patch, fingerprint, make_patch
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
@@ -120,6 +120,7 @@ def alphaedit_step(
     modules = [common._mlp_out(model, layer) for layer in layers]
     per_edit = len(locate.prefixes(cfg.n_prefixes)) if cfg.key_constraint == "each" else 1
     _check(state, model, layers, modules, per_edit)
+    warn_if_normed(model, "edit/alphaedit")
     flags = locate.frozen(model)
     try:
         deltas, keys = memit_deltas(model, tok, reqs, cfg, cov, state.keys)
