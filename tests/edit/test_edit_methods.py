@@ -180,6 +180,30 @@ def test_reads_stop_after_the_deepest_module_and_match_a_full_pass(lm):
         locate.read_modules(model, batch, [torch.nn.Linear(2, 2)])
 
 
+def test_memit_maps_residual_changes_through_a_post_mlp_norm():
+    from lfm.edit.memit import mlp_norm, resid_change, value_change
+
+    from conftest import make_lm
+
+    gemma, _ = make_lm("gemma3")
+    norm = mlp_norm(gemma, 0)
+    assert norm is not None and mlp_norm(make_lm("llama")[0], 0) is None
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 0.5)  # a non-trivial gain, 1 + w in [0.5, 1.5]
+        norm.weight[:3] = -1.0  # and three dead outputs (gain 0), as Gemma 3 270M has
+    g = torch.Generator().manual_seed(0)
+    m, m2 = torch.randn(32, 5, generator=g), torch.randn(32, 5, generator=g)
+    r = resid_change(norm, m, m2 - m)  # a residual change the norm can produce
+    dm = value_change(norm, m, r)
+    out = norm((m + dm).T).T
+    assert torch.allclose(out, norm(m.T).T + r, atol=1e-4)  # reached exactly
+    assert dm.isfinite().all() and torch.equal(out[:3], torch.zeros(3, 5))
+    assert not torch.allclose(dm, r, atol=1e-2)  # and not by writing r as the MLP change
+    delta = torch.randn(32, generator=g)
+    assert torch.equal(value_change(None, m, r), r)  # no norm: the residual change is the value's
+    assert torch.equal(resid_change(None, m, delta), delta[:, None].expand(32, 5))
+
+
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
 def test_memit_warns_where_the_mlp_output_is_normed(kind):
     import warnings

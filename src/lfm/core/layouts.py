@@ -27,8 +27,8 @@ class Layout:
     conv1d: bool = (
         False  # GPT-2 stores linear layers as Conv1D: weight is (in, out), transposed to nn.Linear
     )
-    # the MLP output is normed before it joins the residual (Gemma 3's post-feed-forward norm)
-    mlp_out_normed: bool = False
+    # norm between the MLP output and the residual, relative to a block ("" = none; Gemma 3 has one)
+    mlp_out_norm: str = ""
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -36,7 +36,7 @@ LAYOUTS: dict[str, Layout] = {
                     "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj"),
     "gemma3_text": Layout("model.layers", "model.embed_tokens", "model.norm", "lm_head",
                           "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj",
-                          mlp_out_normed=True),
+                          mlp_out_norm="post_feedforward_layernorm"),
     "gpt2": Layout("transformer.h", "transformer.wte", "transformer.ln_f", "lm_head",
                    "attn.c_proj", "mlp.c_fc", "mlp.c_proj", conv1d=True),
     "bert": Layout("encoder.layer", "embeddings.word_embeddings", "", "",

@@ -94,21 +94,66 @@ def resid_and_keys(
     layer: int | None,
     n: int,
     each: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The residual after block `last` (D, ·) and, if `layer` is given, the keys at `layer`'s
-    MLP output projection (D_in, ·), from one forward pass per request that stops after block
-    `last`; columns as in `block_outputs`."""
+) -> tuple[torch.Tensor, Any, Any]:
+    """The residual after block `last` (D, ·) and, if `layer` is given, the keys (D_in, ·) and
+    outputs (D_out, ·) of `layer`'s MLP output projection, from one forward pass per request that
+    stops after block `last`; columns as in `block_outputs`."""
     mods = [model.get_submodule(f"{get_layout(model).layers}.{last}")]
     if layer is not None:
         mods.append(model.get_submodule(module_name(model, "mlp_out", layer)))
-    hs, ks = [], []
+    cols: list[list[torch.Tensor]] = [[], [], []]
     for req in reqs:
         batch = build_batch(tok, req, locate.prefixes(n), with_target=False)
         reads = locate.read_modules(model, batch, mods)
-        h, k = reads[0][1], reads[-1][0]
-        hs.append(h if each else h.mean(0, keepdim=True))
-        ks.append(k if each else k.mean(0, keepdim=True))
-    return torch.cat(hs, 0).T, (torch.cat(ks, 0).T if layer is not None else None)
+        for i, t in enumerate((reads[0][1], *reads[-1]) if layer is not None else (reads[0][1],)):
+            cols[i].append(t if each else t.mean(0, keepdim=True))
+    h, k, m = (torch.cat(c, 0).T if c else None for c in cols)
+    return h, k, m
+
+
+def mlp_norm(model: nn.Module, layer: int) -> nn.Module | None:
+    """The norm between block `layer`'s MLP output and the residual, if the layout has one."""
+    lay = get_layout(model)
+    return (
+        model.get_submodule(f"{lay.layers}.{layer}.{lay.mlp_out_norm}")
+        if lay.mlp_out_norm
+        else None
+    )
+
+
+@torch.no_grad()
+def resid_change(norm: nn.Module | None, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The residual change when the MLP outputs m (D, cols) become m + δ: δ itself, or through
+    the norm, norm(m + δ) − norm(m)."""
+    if norm is None:
+        return delta[:, None].expand_as(m) if delta.dim() == 1 else delta
+    return _apply(norm, m + (delta[:, None] if delta.dim() == 1 else delta)) - _apply(norm, m)
+
+
+@torch.no_grad()
+def value_change(norm: nn.Module | None, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """The MLP-output change Δm (D, cols) that moves the residual by r (D, cols): r itself, or,
+    through an RMS norm y = g ⊙ x / rms(x), the x closest to m along u = (norm(m) + r) / g. The
+    norm's output has a fixed size, so only r's direction is reachable in general; an r that came
+    from `resid_change` is reached exactly, also where the gain has zeros (see below)."""
+    if norm is None:
+        return r
+    g = _apply(norm, torch.ones(m.shape[0], 1))  # the gain: rms of a column of ones is 1
+    live = g.abs() > 1e-6 * g.abs().max()  # Gemma 3 has gains of exactly 0: those outputs stay 0
+    u = torch.where(live, (_apply(norm, m) + r) / torch.where(live, g, 1.0), 0.0)
+    # dead coordinates only count in rms(x): give them m's direction and the length that makes
+    # rms(u) = 1 where the live part allows it, so that norm(u) = y exactly
+    dead = torch.where(live, 0.0, m)
+    room = (m.shape[0] - u.pow(2).sum(0)).clamp(min=0).sqrt()
+    u = u + dead * room / dead.norm(dim=0).clamp(min=1e-12)
+    scale = (u * m).sum(0) / (u * u).sum(0)
+    scale = torch.where(scale > 0, scale, m.norm(dim=0) / u.norm(dim=0))
+    return scale * u - m
+
+
+def _apply(norm: nn.Module, cols: torch.Tensor) -> torch.Tensor:
+    w = next(norm.parameters())
+    return norm(cols.T.to(w.device, w.dtype)).T.float().cpu()
 
 
 def layer_update(
@@ -154,15 +199,20 @@ def memit_deltas(
     h0 = block_outputs(model, tok, reqs, last, n, each)
     per = h0.shape[1] // len(reqs)  # columns per request: P prefixed prompts, or 1 (their mean)
     h_mean = h0.reshape(h0.shape[0], len(reqs), per).mean(2)
-    steps = [_delta(model, tok, r, last, cfg, h_mean[:, i]) for i, r in enumerate(reqs)]
-    z = h0 + torch.stack(steps, 1).repeat_interleave(per, 1)
+    # z = h + (the residual change δ makes at the last layer's MLP output), column by column
+    norm, moved = mlp_norm(model, last), []
+    for i, r in enumerate(reqs):
+        delta, outs = _delta(model, tok, r, last, cfg, h_mean[:, i])
+        change = resid_change(norm, outs.T, delta)  # (D, P)
+        moved.append(change if each else change.mean(1, keepdim=True))
+    z = h0 + torch.cat(moved, 1)
     weight = per**-0.5  # the P columns of one request share its weight: R Kᵀ averages them
     deltas: list[Delta] = []
     used: dict[int, torch.Tensor] = {}
     for j, layer in enumerate(layers):
         with common.temporarily(model, deltas):
-            h, keys = resid_and_keys(model, tok, reqs, last, layer, n, each)
-            resid = (z - h) / (len(layers) - j)
+            h, keys, outs = resid_and_keys(model, tok, reqs, last, layer, n, each)
+            resid = value_change(mlp_norm(model, layer), outs, (z - h) / (len(layers) - j))
         c = common.covariance(model, tok, layer, cfg, cov)
         name = module_name(model, "mlp_out", layer)
         resid, keys = resid * weight, keys * weight
@@ -180,12 +230,14 @@ def _low_rank_or_dense(name: str, u: torch.Tensor, v: torch.Tensor) -> Delta:
 
 
 def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):
+    """δ at `layer`'s MLP output for one request, and the per-prefix MLP outputs (P, D) there."""
     # MEMIT clamps δ relative to the residual norm ‖h‖, not the MLP output's
     outs = locate.keys_and_outputs(model, tok, req, layer, cfg.n_prefixes)[1]
     scale = float(h.norm() / outs.mean(0).norm())
-    return locate.optimise_delta(
+    delta = locate.optimise_delta(
         model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * scale), outs
     )[0]
+    return delta, outs
 
 
 def memit(
@@ -219,13 +271,13 @@ def memit(
 
 
 def warn_if_normed(model: nn.Module, name: str) -> None:
-    """MEMIT's residual targets assume the MLP output joins the residual as it is; say so where
-    a norm sits in between (Gemma 3), where measured edits mostly fail (docs/edit.md)."""
-    if get_layout(model).mlp_out_normed:
+    """Say where a norm sits between the MLP output and the residual (Gemma 3): MEMIT's targets
+    are mapped through it (`value_change`), but measured edits there mostly do not take."""
+    if get_layout(model).mlp_out_norm:
         warnings.warn(
-            f"{name}: this architecture norms the MLP output before the residual, so MEMIT's "
-            "residual targets are not reachable as written and edits mostly fail (docs/edit.md); "
-            "use ROME on it",
+            f"{name}: this architecture norms the MLP output before the residual; MEMIT's "
+            "targets are mapped through the norm, but on Gemma 3 most edits did not take "
+            "(docs/edit.md); ROME works there",
             UserWarning,
             stacklevel=3,
         )
