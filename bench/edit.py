@@ -40,23 +40,27 @@ def _args() -> argparse.Namespace:
         help="Adam learning rate of the δ search (default: the method's, the paper's 0.5)",
     )  # fmt: skip
     p.add_argument(
+        "--layers", type=int, nargs="+", default=None,
+        help="MEMIT/AlphaEdit: the edited blocks (default: five around ROME's layer)",
+    )  # fmt: skip
+    p.add_argument(
         "--full-passes", action="store_true",
         help="δ search by full forward passes (tail_only=False, the reference path) for timing",
     )  # fmt: skip
     return p.parse_args()
 
 
-def _stats(handle, methods, tokens: int) -> tuple[float, float]:
+def _stats(handle, methods, a: argparse.Namespace) -> tuple[float, float]:
     from lfm.edit import common
     from lfm.edit.memit import edit_layers
     from lfm.edit.stats import second_moments
 
     layers = {common.default_layer(handle.model)}
     if {"memit", "alphaedit", "batch"} & set(methods):
-        layers |= set(edit_layers(handle.model, None))
+        layers |= set(edit_layers(handle.model, a.layers))
     clock = _Clock()
     with clock:
-        second_moments(handle.model, handle.tokenizer, sorted(layers), tokens=tokens)
+        second_moments(handle.model, handle.tokenizer, sorted(layers), tokens=a.stats_tokens)
     return clock.per(1)
 
 
@@ -71,6 +75,8 @@ def _cfg(name: str, a: argparse.Namespace):
         kw["key_constraint"] = a.key_constraint
     if "v_lr" in fields and a.v_lr is not None:
         kw["v_lr"] = a.v_lr
+    if "layers" in fields and a.layers:
+        kw["layers"] = tuple(a.layers)
     return get(f"edit/{name}").config(**kw)
 
 
@@ -179,7 +185,7 @@ def main() -> None:
     use = known[: a.n]
     print(f"{a.model}: knows {len(known)} of {len(facts)} facts; editing {len(use)}", flush=True)
     layers_for = [*a.methods, *a.sequential, *(["batch"] if a.batch else [])]
-    wall, cpu = _stats(handle, layers_for, a.stats_tokens)
+    wall, cpu = _stats(handle, layers_for, a)
     print(
         f"covariance statistics (built once, cached): {wall:.1f} s wall, {cpu:.1f} s CPU",
         flush=True,

@@ -205,17 +205,17 @@ def test_memit_maps_residual_changes_through_a_post_mlp_norm():
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "llama"])
-def test_memit_warns_where_the_mlp_output_is_normed(kind):
+def test_memit_window_and_warning_where_the_mlp_output_is_normed(kind):
     import warnings
+
+    from lfm.edit.memit import edit_layers, warn_if_normed
 
     from conftest import make_lm
 
-    model, tok = make_lm(kind)
-    req = Request("The city of the Eiffel Tower", "Eiffel Tower", "Rome")
-    cfg = MemitConfig(v_steps=1, n_prefixes=2, layers=(0,))
-    cov = {0: common.smoke_cov(model, tok, 0)}
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        memit(model, req, cfg, tokenizer=tok, cov=cov)
-    normed = [w for w in seen if "norms the MLP output" in str(w.message)]
-    assert len(normed) == (1 if kind == "gemma3" else 0)
+    model, _ = make_lm(kind)  # 2 blocks: default_layer 0
+    assert edit_layers(model, None) == ([0] if kind == "gemma3" else [0, 1])
+    for layers, warns in (([0], False), ([0, 1], kind == "gemma3")):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            warn_if_normed(model, layers, "edit/memit")
+        assert len([w for w in seen if "did not take" in str(w.message)]) == int(warns)

@@ -71,11 +71,14 @@ class MemitConfig(Config):
 
 
 def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    """The edited blocks in order; the default is five around `default_layer`."""
+    """The edited blocks in order. The default is five around `default_layer`, or, where the
+    layout norms the MLP output (Gemma 3), the three ending at it: there a window reaching above
+    it left most edits undone (docs/edit.md)."""
     if layers:
         return [common.layer_of(model, layer) for layer in layers]
     mid, n = common.default_layer(model), num_layers(model)
-    return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, mid + 3)})
+    top = mid if get_layout(model).mlp_out_norm else mid + 2
+    return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, top + 1)})
 
 
 def block_outputs(
@@ -261,7 +264,7 @@ def memit(
     name = "alphaedit" if cfg.null_space else "memit"
     model, tok = common.resolve(target, tokenizer, f"edit/{name}")
     reqs = common.as_requests(requests)
-    warn_if_normed(model, name)
+    warn_if_normed(model, edit_layers(model, cfg.layers), name)
     flags = locate.frozen(model)
     try:
         deltas = memit_deltas(model, tok, reqs, cfg, cov)[0]
@@ -270,14 +273,14 @@ def memit(
     return make_patch(model, deltas, reqs, name, cfg)
 
 
-def warn_if_normed(model: nn.Module, name: str) -> None:
-    """Say where a norm sits between the MLP output and the residual (Gemma 3): MEMIT's targets
-    are mapped through it (`value_change`), but measured edits there mostly do not take."""
-    if get_layout(model).mlp_out_norm:
+def warn_if_normed(model: nn.Module, layers: Sequence[int], name: str) -> None:
+    """Warn where the layout norms the MLP output (Gemma 3) and the edited window reaches above
+    `default_layer`: measured there, most edits did not take (docs/edit.md)."""
+    if get_layout(model).mlp_out_norm and max(layers) > common.default_layer(model):
         warnings.warn(
-            f"{name}: this architecture norms the MLP output before the residual; MEMIT's "
-            "targets are mapped through the norm, but on Gemma 3 most edits did not take "
-            "(docs/edit.md); ROME works there",
+            f"{name}: on this architecture (MLP output normed before the residual) edits with "
+            f"layers above {common.default_layer(model)} mostly did not take (docs/edit.md); the "
+            "default window ends there",
             UserWarning,
             stacklevel=3,
         )

@@ -120,7 +120,7 @@ def alphaedit_step(
     modules = [common._mlp_out(model, layer) for layer in layers]
     per_edit = len(locate.prefixes(cfg.n_prefixes)) if cfg.key_constraint == "each" else 1
     _check(state, model, layers, modules, per_edit)
-    warn_if_normed(model, "edit/alphaedit")
+    warn_if_normed(model, layers, "edit/alphaedit")
     flags = locate.frozen(model)
     try:
         deltas, keys = memit_deltas(model, tok, reqs, cfg, cov, state.keys)
