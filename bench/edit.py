@@ -41,7 +41,7 @@ def _args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--layers", type=int, nargs="+", default=None,
-        help="MEMIT/AlphaEdit: the edited blocks (default: five around ROME's layer)",
+        help="MEMIT/AlphaEdit: the edited blocks (default: the config's window)",
     )  # fmt: skip
     p.add_argument(
         "--full-passes", action="store_true",

@@ -81,36 +81,24 @@ def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, top + 1)})
 
 
-def block_outputs(
-    model: nn.Module, tok: Any, reqs: Sequence[Request], layer: int, n: int, each: bool = False
-) -> torch.Tensor:
-    """Residual stream after block `layer` at each subject's last token, prefix-averaged (D, n),
-    or with `each` one column per prefixed prompt, request by request (D, n·P)."""
-    return resid_and_keys(model, tok, reqs, layer, None, n, each)[0]
-
-
 def resid_and_keys(
-    model: nn.Module,
-    tok: Any,
-    reqs: Sequence[Request],
-    last: int,
-    layer: int | None,
-    n: int,
-    each: bool,
-) -> tuple[torch.Tensor, Any, Any]:
-    """The residual after block `last` (D, ·) and, if `layer` is given, the keys (D_in, ·) and
-    outputs (D_out, ·) of `layer`'s MLP output projection, from one forward pass per request that
-    stops after block `last`; columns as in `block_outputs`."""
-    mods = [model.get_submodule(f"{get_layout(model).layers}.{last}")]
-    if layer is not None:
-        mods.append(model.get_submodule(module_name(model, "mlp_out", layer)))
+    model: nn.Module, tok: Any, reqs: Sequence[Request], last: int, layer: int, n: int, each: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At each subject's last token: the residual after block `last` (D, ·), and the keys
+    (D_in, ·) and outputs (D_out, ·) of `layer`'s MLP output projection, from one forward pass per
+    request that stops after block `last`. Columns: with `each` one per prefixed prompt, request
+    by request (n·P), else one per request, the prefix mean."""
+    mods = [
+        model.get_submodule(f"{get_layout(model).layers}.{last}"),
+        model.get_submodule(module_name(model, "mlp_out", layer)),
+    ]
     cols: list[list[torch.Tensor]] = [[], [], []]
     for req in reqs:
         batch = build_batch(tok, req, locate.prefixes(n), with_target=False)
-        reads = locate.read_modules(model, batch, mods)
-        for i, t in enumerate((reads[0][1], *reads[-1]) if layer is not None else (reads[0][1],)):
-            cols[i].append(t if each else t.mean(0, keepdim=True))
-    h, k, m = (torch.cat(c, 0).T if c else None for c in cols)
+        (_, h), (k, m) = locate.read_modules(model, batch, mods)
+        for c, t in zip(cols, (h, k, m), strict=True):
+            c.append(t if each else t.mean(0, keepdim=True))
+    h, k, m = (torch.cat(c, 0).T for c in cols)
     return h, k, m
 
 
@@ -199,14 +187,17 @@ def memit_deltas(
     layers = edit_layers(model, cfg.layers)
     last, n, each = layers[-1], cfg.n_prefixes, cfg.key_constraint == "each"
     cov = common.prefetch_covariances(model, tok, layers, cfg, cov)
-    h0 = block_outputs(model, tok, reqs, last, n, each)
-    per = h0.shape[1] // len(reqs)  # columns per request: P prefixed prompts, or 1 (their mean)
-    h_mean = h0.reshape(h0.shape[0], len(reqs), per).mean(2)
+    # the residual and MLP outputs at the last layer, per prefixed prompt, in one pass per request
+    h_all, _, m_all = resid_and_keys(model, tok, reqs, last, last, n, each=True)
+    p = h_all.shape[1] // len(reqs)  # prefixed prompts per request
+    h_mean = h_all.reshape(h_all.shape[0], len(reqs), p).mean(2)
+    h0 = h_all if each else h_mean
+    per = p if each else 1  # columns per request: P prefixed prompts, or 1 (their mean)
     # z = h + (the residual change δ makes at the last layer's MLP output), column by column
     norm, moved = mlp_norm(model, last), []
     for i, r in enumerate(reqs):
-        delta, outs = _delta(model, tok, r, last, cfg, h_mean[:, i])
-        change = resid_change(norm, outs.T, delta)  # (D, P)
+        outs = m_all[:, i * p : (i + 1) * p]  # (D, P)
+        change = resid_change(norm, outs, _delta(model, tok, r, last, cfg, h_mean[:, i], outs.T))
         moved.append(change if each else change.mean(1, keepdim=True))
     z = h0 + torch.cat(moved, 1)
     weight = per**-0.5  # the P columns of one request share its weight: R Kᵀ averages them
@@ -232,15 +223,13 @@ def _low_rank_or_dense(name: str, u: torch.Tensor, v: torch.Tensor) -> Delta:
     return Delta(name, u, v)
 
 
-def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor):
-    """δ at `layer`'s MLP output for one request, and the per-prefix MLP outputs (P, D) there."""
+def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor, outs):
+    """δ at `layer`'s MLP output for one request, given its per-prefix MLP outputs (P, D) there."""
     # MEMIT clamps δ relative to the residual norm ‖h‖, not the MLP output's
-    outs = locate.keys_and_outputs(model, tok, req, layer, cfg.n_prefixes)[1]
     scale = float(h.norm() / outs.mean(0).norm())
-    delta = locate.optimise_delta(
+    return locate.optimise_delta(
         model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * scale), outs
     )[0]
-    return delta, outs
 
 
 def memit(
