@@ -40,6 +40,10 @@ def _args() -> argparse.Namespace:
         help="Adam learning rate of the δ search (default: the method's, the paper's 0.5)",
     )  # fmt: skip
     p.add_argument(
+        "--stop-nll", type=float, default=None,
+        help="end the δ search once the target NLL is below this (default: the method's)",
+    )  # fmt: skip
+    p.add_argument(
         "--layers", type=int, nargs="+", default=None,
         help="MEMIT/AlphaEdit: the edited blocks (default: the config's window)",
     )  # fmt: skip
@@ -75,6 +79,8 @@ def _cfg(name: str, a: argparse.Namespace):
         kw["key_constraint"] = a.key_constraint
     if "v_lr" in fields and a.v_lr is not None:
         kw["v_lr"] = a.v_lr
+    if "stop_nll" in fields and a.stop_nll is not None:
+        kw["stop_nll"] = a.stop_nll
     if "layers" in fields and a.layers:
         kw["layers"] = tuple(a.layers)
     return get(f"edit/{name}").config(**kw)

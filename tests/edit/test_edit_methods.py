@@ -219,3 +219,30 @@ def test_memit_window_and_warning_where_the_mlp_output_is_normed(kind):
             warnings.simplefilter("always")
             warn_if_normed(model, layers, "edit/memit")
         assert len([w for w in seen if "did not take" in str(w.message)]) == int(warns)
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "llama"])
+def test_delta_search_defaults_follow_the_layout(kind):
+    from conftest import make_lm
+
+    model, tok = make_lm(kind)
+    normed = kind == "gemma3"  # Gemma 3 norms the MLP output before the residual
+    cov = {0: common.smoke_cov(model, tok, 0)}
+    cfg = RomeConfig(layer=0, v_steps=1, n_prefixes=2, clamp_norm=1e6, stop_nll=0.0)
+    # Adam's first step moves every coordinate of δ by the learning rate
+    _, trace = rome_delta(model, tok, REQ, cfg, cov)
+    assert trace.delta.abs().max().item() == pytest.approx(0.05 if normed else 0.5, rel=1e-3)
+    patch = rome(model, REQ, RomeConfig(layer=0, v_steps=1, n_prefixes=2), tokenizer=tok, cov=cov)
+    assert (patch.config["v_lr"], patch.config["stop_nll"]) == (
+        (0.05, 0.3) if normed else (0.5, 0.05)
+    )
+    kept = common.search_defaults(RomeConfig(v_lr=0.2, stop_nll=0.1), model, 0.3)
+    assert (kept.v_lr, kept.stop_nll) == (0.2, 0.1)  # values given are kept
+    from lfm.edit.memit import NORMED_LAMBDA, PAPER_LAMBDA, memit_defaults
+
+    mcfg = memit_defaults(MemitConfig(), model)  # MEMIT keeps the paper's early stop
+    assert (mcfg.v_lr, mcfg.stop_nll) == ((0.05, 0.05) if normed else (0.5, 0.05))
+    d_in = linear_weight(model, "model.layers.0.mlp.down_proj").shape[1]
+    lam = (NORMED_LAMBDA if normed else PAPER_LAMBDA) * d_in  # λ: a third of the paper's if normed
+    assert mcfg.mom2_update_weight == pytest.approx(lam)
+    assert memit_defaults(MemitConfig(mom2_update_weight=7.0), model).mom2_update_weight == 7.0

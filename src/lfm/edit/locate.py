@@ -155,6 +155,10 @@ def optimise_delta(
     loss up to rounding). `outs`: the per-prefix MLP outputs from `keys_and_outputs`, if the
     caller has them. Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
     """
+    if cfg.v_lr is None or cfg.stop_nll is None:  # a config not yet filled for this model
+        from lfm.edit.common import search_defaults
+
+        cfg = search_defaults(cfg, model)
     mod = _mod(model, layer)
     batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
     kl_batch = build_batch(tokenizer, essence_request(req), [""], with_target=False)

@@ -27,7 +27,14 @@ from safetensors.torch import save_file
 
 from lfm.core.io import atomic_path
 from lfm.edit import base, common, locate
-from lfm.edit.memit import AlphaEditConfig, MemitConfig, edit_layers, memit_deltas, warn_if_normed
+from lfm.edit.memit import (
+    AlphaEditConfig,
+    MemitConfig,
+    edit_layers,
+    memit_defaults,
+    memit_deltas,
+    warn_if_normed,
+)
 from lfm.edit.patch import Patch, fingerprint, make_patch
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
@@ -115,6 +122,7 @@ def alphaedit_step(
     """
     cfg = (cfg or AlphaEditConfig()).replace(null_space=True)
     model, tok = common.resolve(target, tokenizer, "edit/alphaedit")
+    cfg = memit_defaults(cfg, model)
     reqs, state = common.as_requests(requests), state or AlphaEditState()
     layers = edit_layers(model, cfg.layers)
     modules = [common._mlp_out(model, layer) for layer in layers]
