@@ -25,6 +25,7 @@ from torch import nn
 from lfm.core.layouts import module_name
 from lfm.edit import tail
 from lfm.edit.requests import Batch, Request, build_batch
+from lfm.errors import LfmError
 
 # Short, neutral contexts; "" is the bare prompt. ROME samples 20 model-written prefixes; a fixed
 # list keeps keys deterministic and identical across methods and runs.
@@ -155,10 +156,8 @@ def optimise_delta(
     loss up to rounding). `outs`: the per-prefix MLP outputs from `keys_and_outputs`, if the
     caller has them. Returns δ (D_out,) and a small trace (initial and final NLL, steps taken).
     """
-    if cfg.v_lr is None or cfg.stop_nll is None:  # a config not yet filled for this model
-        from lfm.edit.common import search_defaults
-
-        cfg = search_defaults(cfg, model)
+    if cfg.v_lr is None or cfg.stop_nll is None:  # the defaults depend on the method and model
+        raise LfmError("v_lr and stop_nll are unset: fill them with common.search_defaults")
     mod = _mod(model, layer)
     batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
     kl_batch = build_batch(tokenizer, essence_request(req), [""], with_target=False)

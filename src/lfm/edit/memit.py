@@ -43,6 +43,7 @@ from lfm.core.layouts import get_layout, module_name, num_layers
 from lfm.edit import common, locate
 from lfm.edit.patch import Delta, Patch, linear_weight, make_patch
 from lfm.edit.requests import Request, build_batch
+from lfm.errors import LfmError
 from lfm.registry import register
 
 
@@ -171,7 +172,9 @@ def layer_update(
     which also keeps the keys `prior` (D_in, n_p) of earlier sequential edits."""
     k, d = k.double(), k.shape[0]
     if not cfg.null_space:
-        lam = cfg.mom2_update_weight or PAPER_LAMBDA * d
+        if cfg.mom2_update_weight is None:  # its default depends on the model
+            raise LfmError("mom2_update_weight is unset: fill it with memit_defaults")
+        lam = cfg.mom2_update_weight
         return common.solve_cov(lam * cov + k @ k.T, k, cfg.cov_ridge).float()
     p = null_projector(cov, cfg.null_threshold)
     kkt = k @ k.T if prior is None else k @ k.T + prior.double() @ prior.double().T
