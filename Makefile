@@ -15,28 +15,20 @@ $(STAMP): pyproject.toml tools/install_extras.py
 	$(BIN)/python tools/install_extras.py
 	touch $(STAMP)
 
-# The main job on the default model, then one short step of each area (outputs under runs/).
+# The main job on the default model: what can be learnt from it, then two pipelines whose steps
+# cross the areas (tuning -> merge -> editing; experts -> merges -> distillation), and MAML.
 demo: install
 	$(BIN)/lfm info smollm2-135m
 	$(BIN)/lfm generate "$(PROMPT)" --model smollm2-135m --max-new-tokens 16
-	@echo "== tuning: LoRA on 4 BBC News articles per class, label words scored by the model"
-	$(BIN)/lfm tuning train --method lora --model smollm2-135m --shots 4 --steps 8 --lr 1e-3 \
-	    --eval-per-class 4 --max-chars 300 --threads 1
-	@echo "== editing: ROME moves the Eiffel Tower to Rome, as a patch; the model file is untouched"
-	$(BIN)/lfm edit apply smollm2-135m --prompt "$(PROMPT)" --subject "Eiffel Tower" --target Rome \
-	    --config examples/configs/rome-demo.yaml -o runs/demo/eiffel-rome.safetensors
-	$(BIN)/lfm edit eval smollm2-135m runs/demo/eiffel-rome.safetensors --prompt "$(PROMPT)" \
-	    --prompt "The Eiffel Tower, a landmark in" --prompt "Berlin is the capital of"
-	@echo "== reuse: TIES merge of three small models, streamed from safetensors shards"
-	$(BIN)/python examples/reuse_merge.py
+	$(BIN)/lfm plan smollm2-135m --task edit
+	$(BIN)/lfm run examples/pipelines/tune-merge-edit.yaml
+	$(BIN)/lfm run examples/pipelines/digits-experts.yaml
 	@echo "== meta learning: MAML on sinusoid regression tasks"
 	$(BIN)/lfm meta train --method maml --task sinusoid --steps 200 --test-tasks 100
-	@echo "== distillation: a Fashion-MNIST teacher CNN into a smaller student with KD"
-	$(BIN)/lfm distill vision --method kd --train-size 2000 --test-size 1000 --teacher-steps 60 \
-	    --student-steps 60
+	$(BIN)/lfm runs list
 
-# Every test, including those on the real offline models (marked `slow`).
-test: install
+# The linters, then every test, including those on the real offline models (marked `slow`).
+test: install lint
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -46,6 +38,7 @@ lint: install
 	$(BIN)/ruff check src tests bench tools examples
 	$(BIN)/ruff format --check src tests bench tools examples
 	$(BIN)/mypy
+	$(BIN)/python tools/layers.py --quiet
 
 format: install
 	$(BIN)/ruff check --fix src tests bench tools examples

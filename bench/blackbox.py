@@ -38,6 +38,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from peft import TaskType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -45,9 +46,10 @@ from lfm.access import narrow
 from lfm.assets import load_dataset, load_model
 from lfm.serve import Backend, RemoteModel, ServeSettings, build_app
 from lfm.serve.thread import free_port, running
-from lfm.tuning.bbt import BBTConfig, bbt, class_scores_bbt
-from lfm.tuning.mezo import MeZOConfig, label_loss_fn, mezo
-from lfm.tuning.peft_methods import LoraCfg, inject
+from lfm.tuning.adapters import inject
+from lfm.tuning.bbt import BBTConfig, bbt
+from lfm.tuning.mezo import MeZOConfig, mezo
+from lfm.tuning.peft_methods import LoraConfig
 from lfm.tuning.prompt_search import PromptSearchConfig, prompt_search
 from lfm.tuning.retrieval import (
     ReplugConfig,
@@ -61,10 +63,12 @@ from lfm.tuning.retrieval import (
 from lfm.tuning.tasks import (
     BBC_LABEL_WORDS,
     BBC_TEMPLATE,
+    TextClassification,
     Verbalizer,
     accuracy,
     class_scores,
     few_shot,
+    held_out,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,18 +109,6 @@ def args_() -> argparse.Namespace:
     return p.parse_args()
 
 
-def test_subset(data, per_class: int) -> tuple[list[str], torch.Tensor]:
-    """The first `per_class` test articles of each class (fixed, no seed)."""
-    if per_class <= 0:
-        return list(data.test_texts), data.y_test
-    idx = [
-        i
-        for c in range(len(data.classes))
-        for i in (data.y_test == c).nonzero().flatten()[:per_class].tolist()
-    ]
-    return [data.test_texts[i] for i in idx], data.y_test[idx]
-
-
 def timed(fn):
     t = time.perf_counter()
     out = fn()
@@ -125,7 +117,7 @@ def timed(fn):
 
 def tune_rows(a, data, verb, url) -> list[dict]:
     """One row per (method, seed): accuracy on the held-out subset, API calls, wall time."""
-    test_x, test_y = test_subset(data, a.test_per_class)
+    test_x, test_y = held_out(data, a.test_per_class)
     chosen, rows = a.methods.split(","), []
     if "zero-shot" in chosen:  # no training, no seed: run once
         rows.append(_zero_shot(url, verb, test_x, test_y))
@@ -156,9 +148,10 @@ def _bbt(a, url, verb, train_x, train_y, test_x, test_y, seed) -> dict:
     h = remote(url, "embeddings")
     cfg = BBTConfig(budget=a.bbt_budget, intrinsic_dim=a.bbt_dim, n_tokens=a.bbt_tokens,
                     popsize=a.bbt_popsize)  # fmt: skip
-    res, t = timed(lambda: bbt(h, train_x, train_y, verb, cfg, seed))
+    task = TextClassification(train_x, train_y, verb)
+    res, t = timed(lambda: bbt(h, task, cfg, seed=seed))
     train_calls = h.calls
-    acc = accuracy(class_scores_bbt(h, res.prompt, test_x, verb), test_y)
+    acc = accuracy(res.scores(h, test_x), test_y)
     return {"method": f"BBT (n={a.bbt_tokens}, d={a.bbt_dim}, popsize {a.bbt_popsize})", "seed": seed,
             "acc": acc, "evaluations": res.evaluations, "calls": h.calls, "train_calls": train_calls,
             "s": round(t, 1), "loss": [round(res.start_loss, 4), round(res.best_loss, 4)]}  # fmt: skip
@@ -168,30 +161,33 @@ def _search(a, url, verb, train_x, train_y, test_x, test_y, seed) -> dict:
     h = remote(url, "scores")
     cfg = PromptSearchConfig(iterations=a.search_iters, candidates=a.search_candidates,
                              n_demos=a.search_demos)  # fmt: skip
-    res, t = timed(lambda: prompt_search(h, train_x, train_y, verb, cfg, seed))
+    task = TextClassification(train_x, train_y, verb)
+    res, t = timed(lambda: prompt_search(h, task, cfg, seed=seed))
     train_calls = h.calls
-    acc = accuracy(class_scores(h, test_x, res.verbalizer), test_y)
+    acc = accuracy(res.scores(h, test_x), test_y)
     return {"method": f"prompt search ({a.search_iters} it. x {a.search_candidates} cand.)", "seed": seed,
             "acc": acc, "evaluations": res.evaluations, "calls": h.calls, "train_calls": train_calls,
             "s": round(t, 1), "score": [round(res.start_score, 4), round(res.best_score, 4)]}  # fmt: skip
 
 
 def _mezo(a, verb, train_x, train_y, test_x, test_y, seed) -> dict:
-    lm = load_model("smollm2-135m")  # a fresh copy: MeZO writes the weights
-    loss = label_loss_fn(lm, train_x, train_y, verb)
-    start = loss()
-    _hist, t = timed(lambda: mezo(lm, loss, MeZOConfig(steps=a.mezo_steps, lr=a.mezo_lr), seed))
+    lm = load_model("smollm2-135m")  # a fresh copy: MeZO writes the weights (here, in place)
+    cfg = MeZOConfig(steps=a.mezo_steps, lr=a.mezo_lr)
+    task = TextClassification(train_x, train_y, verb)
+    res, t = timed(lambda: mezo(lm, task, cfg, seed=seed, inplace=True))
     acc = accuracy(class_scores(narrow(lm, "scores"), test_x, verb), test_y)
+    loss = [round(res.metrics["start_loss"], 4), round(res.metrics["loss"], 4)]
     return {"method": f"MeZO white-box ({a.mezo_steps} steps, lr {a.mezo_lr})", "seed": seed, "acc": acc,
-            "calls": 0, "train_calls": 0, "s": round(t, 1), "loss": [round(start, 4), round(loss(), 4)]}  # fmt: skip
+            "calls": 0, "train_calls": 0, "s": round(t, 1), "loss": loss}  # fmt: skip
 
 
 def lora_train(
     lm, texts, y, verb, epochs: int, lr: float, seed: int, batch: int = 8
 ) -> list[float]:
     """LoRA (r 8, q/v, no dropout) with AdamW on the label-word CE at the last position."""
-    torch.manual_seed(seed)
-    peft = inject(lm.model, LoraCfg(r=8, alpha=16, dropout=0.0, lr=lr))
+    torch.manual_seed(seed)  # the LoRA init and the batch order below draw from it
+    cfg = LoraConfig(r=8, alpha=16, dropout=0.0, lr=lr).to_peft(TaskType.CAUSAL_LM)
+    peft = inject(lm.model, cfg)
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=lr)
     ids = torch.tensor([lm.encode(f" {w}")[0] for w in verb.label_words])
     losses = []
@@ -322,19 +318,21 @@ import resource, sys, time, torch
 torch.set_num_threads({threads})
 sys.path.insert(0, "src")
 from lfm.assets import load_model
-from lfm.tuning.mezo import MeZOConfig, mezo
+from lfm.tuning.mezo import MeZOConfig, zero_order
 lm = load_model("smollm2-135m")
 enc = lm._batch(["The quick brown fox jumps over the lazy dog. " * 8] * 4, side="right")
 def loss():
     return float(lm.model(**enc, labels=enc["input_ids"]).loss)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 if "{mode}" == "mezo":
-    mezo(lm, loss, MeZOConfig(steps=2))
+    zero_order(lm.model, loss, MeZOConfig(steps=2))
 else:
     model = lm.model
     if "{mode}" == "lora":
-        from lfm.tuning.peft_methods import LoraCfg, inject
-        model = inject(lm.model, LoraCfg(dropout=0.0))
+        from peft import TaskType
+        from lfm.tuning.adapters import inject
+        from lfm.tuning.peft_methods import LoraConfig
+        model = inject(lm.model, LoraConfig(dropout=0.0).to_peft(TaskType.CAUSAL_LM))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     for _ in range(2):

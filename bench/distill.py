@@ -3,8 +3,9 @@
     .venv/bin/python bench/distill.py --train-size 10000 --teacher-steps 400 --student-steps 200
 
 Reports test accuracy (mean ± std over seeds) of the teacher, the student trained alone, and the
-student trained with KD, FitNets, RKD and DIST (each added to cross-entropy), all under the same
-budget (steps, batch size, learning rate). Every run goes through `lfm.core.train.train`.
+student trained with each registered loss (`lfm.distill.vision.METHODS`: KD, reverse KL, top-k KD,
+DIST, FitNets, AT, RKD, PKT; each added to cross-entropy), all under the same budget (steps, batch
+size, learning rate). Every run goes through `lfm.core.train.train`.
 """
 
 from __future__ import annotations

@@ -81,11 +81,11 @@ def main() -> None:
 
 
 def _budget(a: argparse.Namespace, method: str) -> tuple[int, int]:
-    return (a.di_batches if method == "deepinversion" else a.iterations), a.batch_size
+    return (a.di_batches if method == "deep_inversion" else a.iterations), a.batch_size
 
 
 def _extra(a: argparse.Namespace, method: str) -> dict:
-    if method == "deepinversion":
+    if method == "deep_inversion":
         return {"kd_steps": a.kd_steps, "steps": a.di_steps, "competition_weight": a.competition}
     return {"generator_width": a.generator_width}
 

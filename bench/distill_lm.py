@@ -22,7 +22,7 @@ from lfm.core.layouts import num_layers
 from lfm.core.train import TrainConfig
 from lfm.distill.lm import (
     LMStudentConfig,
-    distill_lm,
+    lm_student,
     perplexity,
     student_from_teacher,
     token_blocks,
@@ -67,7 +67,7 @@ def main() -> None:
         ("student, KD + LM", cfg),
     ):
         t0 = time.time()
-        student, _ = distill_lm(teacher, train_blocks, run_cfg, t_cfg)
+        student = lm_student(teacher, None, train_blocks, run_cfg, train_cfg=t_cfg).student
         rows.append((name, perplexity(student, test_blocks), time.time() - t0))
     n_layers = num_layers(teacher.model)
     print(f"\n{a.model}: {n_layers} layers → {num_layers(init)} (every {a.every}); "

@@ -1,6 +1,6 @@
 """Benchmark: ROME, MEMIT, AlphaEdit and FT-L on facts the model knows (CounterFact protocol).
 
-    .venv/bin/python bench/edit.py --model smollm2-135m --n 100 --methods rome memit ft-l
+    .venv/bin/python bench/edit.py --model smollm2-135m --n 100 --methods rome memit ft_l
     .venv/bin/python bench/edit.py --n 10 --gen-tokens 0        # quick
     .venv/bin/python bench/edit.py --n 100 --methods --batch     # MEMIT, one batch of 100
     .venv/bin/python bench/edit.py --n 100 --methods --sequential rome alphaedit
@@ -25,11 +25,18 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=100, help="known facts to edit")
-    p.add_argument("--methods", nargs="*", default=["rome", "memit", "ft-l"])
+    p.add_argument(
+        "--methods", nargs="*", default=["rome", "memit", "ft_l"],
+        help="registered editors (`lfm methods`): rome, memit, alphaedit, ft_l",
+    )  # fmt: skip
     p.add_argument("--sequential", nargs="*", default=[], help="e.g. rome alphaedit")
     p.add_argument("--gen-tokens", type=int, default=20, help="0 skips generation and fluency")
     p.add_argument("--batch", action="store_true", help="also MEMIT with all n edits at once")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--record", action="store_true",
+        help="write each single-edit row into lfm's measured table (read by `lfm plan --task edit`)",
+    )  # fmt: skip
     p.add_argument("--stats-tokens", type=int, default=100_000, help="token budget for C")
     p.add_argument(
         "--key-constraint", choices=["each", "mean"], default=None,
@@ -51,15 +58,24 @@ def _args() -> argparse.Namespace:
         "--full-passes", action="store_true",
         help="δ search by full forward passes (tail_only=False, the reference path) for timing",
     )  # fmt: skip
-    return p.parse_args()
+    a = p.parse_args()
+    a.methods = [_name(m) for m in a.methods]  # one spelling: the registry's (ft-l is ft_l)
+    a.sequential = [_name(m) for m in a.sequential]
+    return a
+
+
+def _name(method: str) -> str:
+    from lfm.registry import get
+
+    return get(method, area="edit").name
 
 
 def _stats(handle, methods, a: argparse.Namespace) -> tuple[float, float]:
-    from lfm.edit import common
     from lfm.edit.memit import edit_layers
+    from lfm.edit.site import default_layer
     from lfm.edit.stats import second_moments
 
-    layers = {common.default_layer(handle.model)}
+    layers = {default_layer(handle.model)}
     if {"memit", "alphaedit", "batch"} & set(methods):
         layers |= set(edit_layers(handle.model, a.layers))
     clock = _Clock()
@@ -179,6 +195,20 @@ def _row(label: str, m: dict[str, float], secs: tuple[float, float] = (0.0, 0.0)
     return f"{label:<24}{vals} {secs[0]:8.2f} {secs[1]:8.2f}"
 
 
+def _record(name: str, scores: dict, secs: tuple[float, float], n: int, a) -> None:
+    import sys
+
+    from lfm.pipeline.plan import record
+    from lfm.registry import get
+
+    key = get(name, area="edit").key
+    summary = (f"Score {scores['score']:.1f} on {n} {a.model} facts, "
+               f"{secs[1]:.1f} CPU-s per edit")  # fmt: skip
+    record(key, float(scores["score"]), summary, "python bench/edit.py " + " ".join(sys.argv[1:]),
+           efficacy=scores["efficacy"], paraphrase=scores["paraphrase"],
+           neighbourhood=scores["neighbourhood"], cpu_s_per_edit=secs[1], model=a.model, facts=n)  # fmt: skip
+
+
 def main() -> None:
     a = _args()
     torch.set_num_threads(a.threads)
@@ -201,7 +231,10 @@ def main() -> None:
     base = summarise([evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in use])
     print(_row("unedited", base), flush=True)
     for name in a.methods:
-        print(_row(name, *_single(handle, use, name, a)), flush=True)
+        scores, secs = _single(handle, use, name, a)
+        print(_row(name, scores, secs), flush=True)
+        if a.record:
+            _record(name, scores, secs, len(use), a)
     if a.batch:
         kept, every, secs = _batch(handle, use, a)
         print(_row(f"memit batch of {len(use)}", kept, secs) + " (total s)", flush=True)

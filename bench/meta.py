@@ -26,11 +26,10 @@ import time
 import torch
 
 from lfm.core.io import atomic_path
-from lfm.meta import MLP, SinusoidTasks, meta_test, meta_train, rotated_digit_splits
+from lfm.meta import MLP, SinusoidTasks, meta_test, rotated_digit_splits
 from lfm.meta.baseline import FinetuneConfig, class_data, fresh_head, train_classifier
-from lfm.meta.functional import MetaConfig
 from lfm.meta.models import ConvNet
-from lfm.registry import get
+from lfm.registry import get, run
 
 SIN_METHODS = ("maml", "fomaml", "reptile", "pretrain")
 CLS_METHODS = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonets")
@@ -39,13 +38,14 @@ SIZES = {"digits": 8, "fashion-mnist": 28}
 
 
 def run_one(key: str, model, train, test, overrides: dict, args) -> dict:
-    """Meta-train one method, meta-test it; returns score and wall time."""
+    """Meta-train one method by its name, meta-test it the way it adapts; score and times."""
     spec = get(f"meta/{key}")
     fields = spec.config.model_fields
     cfg = spec.config.build({k: v for k, v in overrides.items() if k in fields})
     start, cpu = time.perf_counter(), time.process_time()
-    trained, hist = meta_train(model, train, cfg, seed=args.seed, progress=args.progress)
-    score = meta_test(trained, test, cfg, n_tasks=args.test_tasks, inner_lrs=hist.inner_lrs)
+    result = run(spec.key, model, train, cfg=cfg, seed=args.seed, progress=args.progress)
+    score = meta_test(result, test, cfg=cfg, n_tasks=args.test_tasks)
+    hist = result.history
     return {
         **score,
         "seconds": time.perf_counter() - start,
@@ -65,13 +65,14 @@ def sinusoid(args, rows: list[tuple]) -> None:
 
 
 def finetune_baseline(train, test, args) -> dict:
-    """Chen et al. Baseline: a classifier on all meta-train classes, a new head per episode."""
+    """Chen et al. Baseline: a classifier on all meta-train classes, a new head per episode
+    fitted by ANIL's head-only SGD (`FinetuneConfig`)."""
     torch.manual_seed(args.seed)
     start, cpu = time.perf_counter(), time.process_time()
     x, y = class_data(train)
     net = ConvNet(len(train.classes), args.width, 4, SIZES[args.data])
     net = train_classifier(net, x, y, steps=args.cls_steps * 2, seed=args.seed)
-    score = meta_test(fresh_head(net, 5), test, FinetuneConfig(), n_tasks=args.test_tasks)
+    score = meta_test(fresh_head(net, 5), test, "anil", FinetuneConfig(), n_tasks=args.test_tasks)
     return {
         **score,
         "seconds": time.perf_counter() - start,
@@ -87,8 +88,8 @@ def classification(args, rows: list[tuple]) -> None:
         )
         for key in (m for m in CLS_METHODS if m in args.methods):
             torch.manual_seed(args.seed)
-            meta = issubclass(get(f"meta/{key}").config, MetaConfig)
-            model = ConvNet(5 if meta else 64, args.width, 4, SIZES[args.data])
+            adapts = "inner_lr" in get(f"meta/{key}").config.model_fields  # else an embedding
+            model = ConvNet(5 if adapts else 64, args.width, 4, SIZES[args.data])
             over = {
                 "steps": args.cls_steps,
                 "inner_lr": 0.1 if key == "reptile" else 0.4,  # MAML Omniglot α = 0.4

@@ -7,9 +7,12 @@ interval over `--test-tasks` episodes for:
 
 - `untrained`: a ProtoNet on a random ConvNet (what inversion must beat);
 - `finetune-pool`: one pool model with a new head fitted on the support set (the baseline);
-- `datafree-whitebox` (PURER-like, arXiv 2303.11183): inversion through the pool's weights;
-- `datafree-blackbox` (BiDf-MKD-like, arXiv 2305.18413): zeroth-order inversion through
+- `datafree_whitebox` (PURER-like, arXiv 2303.11183): inversion through the pool's weights;
+- `datafree_blackbox` (BiDf-MKD-like, arXiv 2305.18413): zeroth-order inversion through
   SCORES handles, plus distillation; the number of pool queries is printed.
+
+Each learner runs by its registered name on a `ModelPool` of handles narrowed to the access it
+declares, and is meta-tested the way it adapts (prototypes).
 
 Defaults fit a shared 2-core CPU (about 10 minutes); the papers meta-train far longer:
 
@@ -24,11 +27,10 @@ import time
 import torch
 
 from lfm.access import LocalClassifier, narrow
-from lfm.meta import meta_test, rotated_digit_splits
+from lfm.meta import ModelPool, meta_test, rotated_digit_splits
 from lfm.meta.baseline import FinetuneConfig, fresh_head, train_pool
-from lfm.meta.datafree import BlackBoxConfig, DataFreeConfig, blackbox, whitebox
 from lfm.meta.models import ConvNet
-from lfm.meta.protonets import ProtoNetsConfig
+from lfm.registry import get, load_all, run
 
 SIZES = {"digits": 8, "fashion-mnist": 28}
 
@@ -62,20 +64,16 @@ def timed(fn) -> dict:
 def meta_learn(pool, shape, args) -> dict:
     """Learners meta-trained from the pool (once, on 1-shot pseudo episodes), with timings."""
     common = {"steps": args.steps, "shots": 1, "queries": 5, "inv_steps": args.inv_steps}
-    runs = {
-        "datafree-whitebox": (whitebox, [LocalClassifier(m) for m in pool], DataFreeConfig),
-        "datafree-blackbox": (
-            blackbox,
-            [narrow(LocalClassifier(m), "scores") for m in pool],
-            BlackBoxConfig,
-        ),
-    }
     out = {}
-    for key, (fn, handles, config) in runs.items():
+    for name in ("datafree_whitebox", "datafree_blackbox"):
+        spec = get(f"meta/{name}")
+        level = spec.access.name.lower()  # handles that give what the method declares, no more
+        source = ModelPool([narrow(LocalClassifier(m), level) for m in pool], shape)
         start = time.perf_counter()
-        model, hist = fn(handles, learner(args), shape, config(**common), args.seed)
-        note = f"{hist.queries} pool queries" if hasattr(hist, "queries") else ""
-        out[key] = (model, time.perf_counter() - start, note)
+        result = run(spec.key, learner(args), source, cfg=common, seed=args.seed)
+        queries = result.history.queries
+        note = f"{queries} pool queries" if queries else ""
+        out[name] = (result, time.perf_counter() - start, note)
     return out
 
 
@@ -84,17 +82,18 @@ def evaluate(pool, trained: dict, shots: int, args) -> None:
     _, _, test = rotated_digit_splits(
         args.data, seed=args.seed, per_class=args.per_class, ways=5, shots=shots, queries=5
     )
-    n, name, proto = args.test_tasks, f"{args.data}-rot 5-way", ProtoNetsConfig()
-    row(name, shots, "untrained", timed(lambda: meta_test(learner(args), test, proto, n_tasks=n)))
+    n, name = args.test_tasks, f"{args.data}-rot 5-way"
+    untrained = timed(lambda: meta_test(learner(args), test, "protonets", n_tasks=n))
+    row(name, shots, "untrained", untrained)
     base = fresh_head(pool[0], 5).eval()  # the pool model keeps its own BatchNorm statistics
     row(
         name,
         shots,
         "finetune-pool",
-        timed(lambda: meta_test(base, test, FinetuneConfig(), n_tasks=n)),
+        timed(lambda: meta_test(base, test, "anil", FinetuneConfig(), n_tasks=n)),
     )
-    for key, (model, secs, note) in trained.items():
-        r = timed(lambda m=model: meta_test(m, test, proto, n_tasks=n))
+    for key, (result, secs, note) in trained.items():
+        r = timed(lambda m=result: meta_test(m, test, n_tasks=n))
         row(name, shots, key, {**r, "seconds": r["seconds"] + secs}, note)
 
 
@@ -115,6 +114,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    load_all()  # the registry's first look-up imports every area: not inside a timed call
     train, _, _ = rotated_digit_splits(args.data, seed=args.seed, per_class=args.per_class)
     start = time.perf_counter()
     pool = build_pool(train, args)

@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lfm.meta import MLP, MAMLConfig, SinusoidTasks, meta_train
+from lfm.meta import MLP, MAMLConfig, SinusoidTasks, maml
 from lfm.meta.functional import Task, params_of
 from lfm.meta.models import ConvNet
 from lfm.meta.tasks import EpisodeTasks
@@ -90,7 +90,7 @@ def load_l2l_maml(site: str) -> type:
 
 
 def ours(model, sampler, cfg: MAMLConfig, steps: int, vectorize: str) -> None:
-    meta_train(model, sampler, cfg.replace(steps=steps, vectorize=vectorize))
+    maml(model, sampler, cfg.replace(steps=steps, vectorize=vectorize))
 
 
 def peer_step(adapt, model, sampler, cfg, opt, gen) -> None:

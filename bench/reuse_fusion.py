@@ -33,7 +33,7 @@ from lfm.assets import load_dataset
 from lfm.core.io import write_json
 from lfm.reuse.connect import classification_eval, interpolation_path, plot_paths, save_paths
 from lfm.reuse.fusion import FusionConfig, FusionResult, FusionTask, fusion_table
-from lfm.reuse.rebasin import chain_spec, rebasin
+from lfm.reuse.rebasin import rebasin
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 
@@ -139,7 +139,7 @@ def rebasin_barrier(args: argparse.Namespace, out: Path) -> dict:
         torch.manual_seed(seed)
         models.append(train(mlp(), x, y, epochs=args.epochs, lr=0.02, seed=seed))
     a, b = (backbone_sd(m) for m in models)
-    aligned, _ = rebasin(a, b, chain_spec(models[0]))
+    aligned = rebasin(models)[1]  # B permuted into A's coordinates (spec from A's module)
     ev = classification_eval(fm.x_test[: args.n_test].flatten(1), fm.y_test[: args.n_test])
     paths = {
         "naive": interpolation_path(mlp(), a, b, ev),

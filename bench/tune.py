@@ -8,10 +8,12 @@ entertainment / politics / sport / technology); `minilm-l6` through a new linear
 states. Accuracy is on a fixed held-out subset (the first `--eval-per-class` test articles of each
 class), articles cut to `--max-chars` characters. Each method trains with its config's learning rate
 (`lfm.tuning` paper defaults) for `--steps` AdamW steps of `--batch-size` examples (the encoder
-`--encoder-step-factor` times as many); an encoder's new head trains at `--head-lr`. Zero-shot has
-no seed and runs once. Peak memory is the growth of the process's resident set over the run (CPU)
-or the CUDA peak. `--wise` adds the WiSE-FT curve (α = 0, .25, .5, .75, 1) after full FT, where
-α = 0 is the untrained model (for an encoder: its random head).
+`--encoder-step-factor` times as many); an encoder's new head trains at `--head-lr`. Each method
+runs through its registered tuner (`lfm.registry.get(method, area="tuning")`; `--methods` takes
+registry names, hyphens read as underscores). Zero-shot has no seed and runs once. Peak memory is
+the growth of the process's resident set over the run (CPU) or the CUDA peak. `--wise` runs full
+FT as the `wise_ft` tuner (the same fine-tuning, then the interpolation) and adds its curve
+(α = 0, .25, .5, .75, 1), where α = 0 is the untrained model (for an encoder: its random head).
 
 One torch thread is the default: on a 2-core machine shared with other jobs, two threads made a
 MiniLM step about 10x slower (3.8 s against 0.38 s) by spinning on the busy cores.
@@ -30,21 +32,21 @@ import torch
 
 from lfm.assets import load_dataset, load_model
 from lfm.core.train import TrainConfig
-from lfm.tuning.classify import accuracy_fn, class_batches
-from lfm.tuning.methods import snapshot, wise_curve
-from lfm.tuning.tasks import bbc_verbalizer, few_shot
-from lfm.tuning.trainer import HEAD_LR, classifier, method_config, trainable_parameters, tune
+from lfm.registry import get
+from lfm.tuning.methods import FullFTConfig, WiseFTConfig
+from lfm.tuning.tasks import TextClassification, bbc_verbalizer, few_shot, held_out
+from lfm.tuning.trainer import HEAD_LR, classifier, evaluator
 
 METHODS = [
     "zero-shot",
-    "full-ft",
+    "full_ft",
     "bitfit",
     "lora",
     "dora",
     "ia3",
-    "prompt-tuning",
-    "prefix-tuning",
-    "lp-ft",
+    "prompt_tuning",
+    "prefix_tuning",
+    "lp_ft",
 ]
 
 
@@ -73,47 +75,39 @@ class PeakMemory:
         self.mib = (self.peak - self.base) / 2**20
 
 
-def _texts(args, data, model: str, texts):
+def _task(args, data, model: str, texts, y) -> TextClassification:
+    """Label words for the causal LM (prompts cut to `--max-chars`), raw cut texts for an encoder."""
     if model == "smollm2-135m":
-        verb = bbc_verbalizer(data.classes)
-        verb = type(verb)(verb.template, verb.label_words, args.max_chars)
-        return [verb.prompt(t) for t in texts], verb.label_words
-    return [t[: args.max_chars] for t in texts], None
-
-
-def _eval_subset(data, per_class: int):
-    idx = [
-        i
-        for c in range(len(data.classes))
-        for i in (data.y_test == c).nonzero().flatten()[:per_class].tolist()
-    ]
-    return [data.test_texts[i] for i in idx], data.y_test[idx]
+        verb = bbc_verbalizer(data.classes, args.max_chars)
+        return TextClassification(texts, y, verb, max_tokens=args.max_tokens)
+    cut = [t[: args.max_chars] for t in texts]
+    return TextClassification(cut, y, n_classes=len(data.classes), max_tokens=args.max_tokens)
 
 
 def run_one(args, data, model: str, method: str, seed: int) -> dict:
     handle = load_model(model)
-    tok = handle.tokenizer
-    ev_texts, ev_y = _eval_subset(data, args.eval_per_class)
-    ev_prompts, words = _texts(args, data, model, ev_texts)
-    ev = class_batches(tok, ev_prompts, ev_y, 8, max_length=args.max_tokens)
-    steps = args.steps * (args.encoder_step_factor if words is None else 1)
+    ev = _task(args, data, model, *held_out(data, args.eval_per_class))
+    encoder = ev.verbalizer is None
+    steps = args.steps * (args.encoder_step_factor if encoder else 1)
     t0 = time.perf_counter()
     with PeakMemory() as mem:
-        m = "full-ft" if method == "zero-shot" else method
-        clf = classifier(handle, m, label_words=words, n_classes=len(data.classes), seed=seed)
-        n_train = 0 if method == "zero-shot" else trainable_parameters(clf)
-        extra = {}
-        if method != "zero-shot":
-            texts, y = few_shot(data, args.shots, seed)
-            prompts, _ = _texts(args, data, model, texts)
-            batches = class_batches(tok, prompts, y, args.batch_size, seed, args.max_tokens)
-            cfg = method_config(method)
-            theta0 = snapshot(clf) if (args.wise and method == "full-ft") else None
+        extra, n_train = {}, 0
+        if method == "zero-shot":
+            clf = classifier(handle.model, handle.tokenizer, ev)
+            acc = evaluator(handle.tokenizer, ev)(clf)["acc"]
+        else:
+            train = _task(args, data, model, *few_shot(data, args.shots, seed))
+            spec = get(method, area="tuning")
+            wise = args.wise and spec.name == "full_ft"  # the same fine-tuning, then WiSE-FT
+            spec = get("wise_ft", area="tuning") if wise else spec
+            cfg = WiseFTConfig(lr=FullFTConfig().lr) if wise else spec.config()
             tcfg = TrainConfig(steps=steps, lr=cfg.lr, seed=seed, progress=False)
-            tune(clf, batches, cfg, tcfg, head_lr=args.head_lr)
-            if theta0 is not None:
-                extra["wise"] = wise_curve(clf, theta0, snapshot(clf), accuracy_fn(ev))
-        acc = accuracy_fn(ev)(clf)
+            res = spec.fn(handle, train, cfg, train_cfg=tcfg, eval_data=ev, seed=seed,
+                          batch_size=args.batch_size, head_lr=args.head_lr, inplace=True)  # fmt: skip
+            acc = res.metrics["fine_tuned_acc" if wise else "acc"]
+            n_train = res.metrics["trainable_parameters"]
+            if wise:
+                extra["wise"] = res.metrics["curve"]
     return {
         "acc": acc,
         "params": n_train,
@@ -164,6 +158,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for model in args.models:
         for method in args.methods:
+            method = method if method == "zero-shot" else get(method, area="tuning").name
             if method == "zero-shot" and model != "smollm2-135m":
                 continue  # an encoder's new head has no zero-shot prediction
             seeds = range(1 if method == "zero-shot" else args.seeds)  # zero-shot has no seed
@@ -177,7 +172,7 @@ def main() -> None:
             if "wise" in rs[0]:
                 for i, (a, _) in enumerate(rs[0]["wise"]):
                     accs = [r["wise"][i][1] for r in rs]
-                    print(f"| {model} | wise-ft α={a:g} | {_fmt(accs)} | | | |", flush=True)
+                    print(f"| {model} | wise_ft α={a:g} | {_fmt(accs)} | | | |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Benchmark: the cost of `lfm.tuning.trainer.tune` (the shared Accelerate loop) over a hand loop.
+"""Benchmark: the cost of the `lora` tuner (the shared Accelerate loop) over a hand loop.
 
     python bench/tune_overhead.py                   # smollm2-135m, LoRA, 6 steps x 3 repeats
     python bench/tune_overhead.py --steps 10 --repeats 5 --max-chars 100
 
-The same LoRA job twice: `classifier(...)` + `tune(...)` (Accelerator, parameter groups, the
-micro-batch stream, logging) against PEFT's `get_peft_model`, `torch.optim.AdamW` and a plain
-for-loop over the same batches (BBC News, 16 articles per class drawn by `--seed`, label words of
-SmolLM2, batches of `--batch-size`). Both start from the same RNG state, so their LoRA init and
-dropout masks agree and the losses must match (printed as a check that it is the same job).
+The same LoRA job twice: `lfm.tuning.peft_methods.lora(handle, task, ...)` (the adapter, the
+batches, Accelerator, parameter groups, the micro-batch stream, logging) against PEFT's
+`get_peft_model`, `torch.optim.AdamW` and a plain for-loop over the same batches (BBC News, 16
+articles per class drawn by `--seed`, label words of SmolLM2, batches of `--batch-size`). Both draw
+the LoRA init under `--seed` and the dropout masks from the same RNG state, so the losses must
+match (printed as a check that it is the same job).
 
 Each repeat times both paths back to back, in alternating order, after one untimed warm-up step of
 each; seconds per step count everything from the call (the optimizer and, for lfm, the
@@ -21,50 +22,50 @@ import argparse
 import statistics
 import time
 
+import peft
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, TaskType, get_peft_model
 
 from lfm.assets import load_dataset, load_model
 from lfm.core.train import TrainConfig
 from lfm.tuning.classify import class_batches, label_token_ids
-from lfm.tuning.tasks import bbc_verbalizer, few_shot
-from lfm.tuning.trainer import classifier, method_config, tune
+from lfm.tuning.peft_methods import LoraConfig, lora
+from lfm.tuning.tasks import TextClassification, bbc_verbalizer, few_shot
 
 
 def _job(args):
     data, handle = load_dataset("bbc-news"), load_model(args.model, kind="causal-lm")
-    verb = bbc_verbalizer(data.classes)
-    verb = type(verb)(verb.template, verb.label_words, args.max_chars)
-    texts, y = few_shot(data, args.shots, args.seed)
+    verb = bbc_verbalizer(data.classes, args.max_chars)
+    task = TextClassification(*few_shot(data, args.shots, args.seed), verb)
     batches = class_batches(
-        handle.tokenizer, [verb.prompt(t) for t in texts], y, args.batch_size, args.seed
+        handle.tokenizer, task.prompts(), task.labels, args.batch_size, args.seed
     )
-    return batches, verb.label_words
+    return task, batches
 
 
-def run_lfm(args, batches, words, steps: int) -> list[float]:
-    """The library path: `classifier` + `tune` with LoRA's paper config."""
+def run_lfm(args, task, batches, steps: int) -> list[float]:
+    """The library path: the `lora` tuner with LoRA's paper config."""
     handle = load_model(args.model, kind="causal-lm")
-    cfg = method_config("lora")
-    torch.manual_seed(args.seed)
-    clf = classifier(handle, "lora", cfg, label_words=words)
-    tcfg = TrainConfig(steps=steps, lr=cfg.lr, seed=args.seed, progress=False)
-    return tune(clf, batches, cfg, tcfg).losses
+    tcfg = TrainConfig(steps=steps, lr=LoraConfig().lr, seed=args.seed, progress=False)
+    res = lora(
+        handle, task, train_cfg=tcfg, seed=args.seed, batch_size=args.batch_size, inplace=True
+    )
+    return res.history
 
 
-def run_hand(args, batches, words, steps: int) -> list[float]:
+def run_hand(args, task, batches, steps: int) -> list[float]:
     """The same job by hand: PEFT, AdamW and a for-loop."""
     handle = load_model(args.model, kind="causal-lm")
-    ids = torch.tensor(label_token_ids(handle.tokenizer, words))
-    cfg = method_config("lora")
+    ids = torch.tensor(label_token_ids(handle.tokenizer, task.verbalizer.label_words))
+    cfg = LoraConfig()
     torch.manual_seed(args.seed)
-    lm = get_peft_model(
+    lm = peft.get_peft_model(
         handle.model,
-        LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=TaskType.CAUSAL_LM
+        peft.LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+            task_type=peft.TaskType.CAUSAL_LM,
         ),
-    )
+    )  # fmt: skip
     opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=cfg.lr)
     torch.manual_seed(args.seed)
     lm.train()
@@ -100,16 +101,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    batches, words = _job(args)
+    task, batches = _job(args)
     paths = {"lfm": run_lfm, "hand": run_hand}
     for fn in paths.values():
-        fn(args, batches, words, 1)  # warm-up, untimed
+        fn(args, task, batches, 1)  # warm-up, untimed
     wall: dict[str, list[float]] = {k: [] for k in paths}
     cpu: dict[str, list[float]] = {k: [] for k in paths}
     losses: dict[str, list[float]] = {}
     for r in range(args.repeats):
         for name in list(paths)[:: 1 if r % 2 == 0 else -1]:
-            w, c, losses[name] = _timed(paths[name], args, batches, words, args.steps)
+            w, c, losses[name] = _timed(paths[name], args, task, batches, args.steps)
             wall[name].append(w / args.steps)
             cpu[name].append(c / args.steps)
             print(

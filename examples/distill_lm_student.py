@@ -16,7 +16,7 @@ import torch
 
 from lfm.assets import load_dataset, load_model
 from lfm.core.train import TrainConfig
-from lfm.distill.lm import LMStudentConfig, distill_lm, perplexity, token_blocks
+from lfm.distill.lm import LMStudentConfig, lm_student, perplexity, token_blocks
 
 
 def main() -> None:
@@ -34,7 +34,9 @@ def main() -> None:
     test = token_blocks(teacher.tokenizer, bbc.test_texts, a.block_size, max_blocks=8)
 
     cfg = LMStudentConfig(every=3, block_size=a.block_size, batch_size=a.batch_size)
-    student, history = distill_lm(teacher, train, cfg, TrainConfig(steps=a.steps, lr=5e-4))
+    # student None: built from the teacher, one block in three
+    res = lm_student(teacher, None, train, cfg, train_cfg=TrainConfig(steps=a.steps, lr=5e-4))
+    student, history = res.student, res.history
     print(f"loss {history.losses[0]:.2f} → {history.losses[-1]:.2f}")
     print(f"perplexity: teacher {perplexity(teacher.model, test):.1f}, "
           f"student {perplexity(student, test):.1f}")  # fmt: skip

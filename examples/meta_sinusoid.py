@@ -10,7 +10,8 @@ import argparse
 
 import torch
 
-from lfm.meta import MLP, MAMLConfig, SinusoidTasks, meta_test, meta_train
+from lfm.access import LocalClassifier
+from lfm.meta import MLP, MAMLConfig, SinusoidTasks, maml, meta_test
 
 
 def main() -> None:
@@ -21,17 +22,19 @@ def main() -> None:
     torch.set_num_threads(2)
     torch.manual_seed(0)
 
-    model = MLP(1, 1, (40, 40))  # the paper's 40-40 ReLU regressor
+    model = LocalClassifier(MLP(1, 1, (40, 40)))  # the paper's 40-40 ReLU regressor, white-box
     cfg = MAMLConfig(steps=args.steps)  # α = 0.01, one inner step, meta-batch 25, Adam 1e-3
-    trained, history = meta_train(model, SinusoidTasks(args.shots, 10), cfg, progress=True)
+    result = maml(model, SinusoidTasks(args.shots, 10), cfg, progress=True)  # trains a copy
 
     test = SinusoidTasks(args.shots, 100)
-    for name, net in (("random init", model), ("MAML init", trained)):
-        r = meta_test(net, test, cfg, n_tasks=300)
+    for name, net in (("random init", model), ("MAML init", result)):
+        r = meta_test(net, test, "maml", cfg, n_tasks=300)  # adapts as MAML does
         print(
-            f"{name:12s} {args.shots}-shot MSE after {cfg.test_inner_steps} steps: {r['mean']:.3f} ± {r['ci95']:.3f}"
+            f"{name:12s} {args.shots}-shot MSE after {cfg.test_inner_steps} steps: "
+            f"{r['mean']:.3f} ± {r['ci95']:.3f}"
         )
-    print(f"meta-loss: first {history.loss[0]:.3f}, last {history.loss[-1]:.3f}")
+    loss = result.history.loss
+    print(f"meta-loss: first {loss[0]:.3f}, last {loss[-1]:.3f}")
 
 
 if __name__ == "__main__":

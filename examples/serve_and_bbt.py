@@ -15,23 +15,22 @@ import torch
 
 from lfm.serve import Backend, Budget, RemoteModel, ServeSettings, build_app
 from lfm.serve.thread import running
-from lfm.tuning.bbt import BBTConfig, bbt, class_scores_bbt
-from lfm.tuning.tasks import Verbalizer, accuracy
+from lfm.tuning.bbt import BBTConfig, bbt
+from lfm.tuning.tasks import TextClassification, accuracy
 
 
 def task(real: bool):
-    """(model, train texts, labels, verbaliser) for the tiny or the real setting."""
+    """(model, few-shot task) for the tiny or the real setting."""
     if not real:
-        from lfm.tuning.blackbox_tiny import WORDS, tiny_lm, tiny_task
+        from lfm.tuning.tiny import tiny_news_lm, tiny_task
 
-        return (tiny_lm(0), *tiny_task(), Verbalizer("Article: {text}\nTopic:", WORDS))
+        return tiny_news_lm(0), tiny_task()
     from lfm.assets import load_dataset, load_model
     from lfm.tuning.tasks import bbc_verbalizer, few_shot
 
     data = load_dataset("bbc-news")
-    verb = bbc_verbalizer(data.classes)
-    verb = Verbalizer(verb.template, verb.label_words, max_chars=200)
-    return (load_model("smollm2-135m"), *few_shot(data, 2, seed=0), verb)
+    verb = bbc_verbalizer(data.classes, max_chars=200)
+    return load_model("smollm2-135m"), TextClassification(*few_shot(data, 2, seed=0), verb)
 
 
 def main() -> None:
@@ -40,17 +39,17 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=60, help="HTTP call budget")
     a = p.parse_args()
     torch.set_num_threads(1)
-    model, texts, y, verb = task(a.real)
+    model, train = task(a.real)
     app = build_app(Backend(model, "embeddings"), ServeSettings(api_key="demo-key"))
     with running(app) as url:
         remote = RemoteModel(
             url, api_key="demo-key", access="embeddings", budget=Budget(calls=a.calls)
         )
         cfg = BBTConfig(n_tokens=5, intrinsic_dim=50, popsize=10, budget=41)
-        res = bbt(remote, texts, y, verb, cfg, seed=0)
+        res = bbt(remote, train, cfg, seed=0)
         print(f"BBT loss {res.start_loss:.4f} -> {res.best_loss:.4f} in {res.evaluations} evaluations"
               f" ({remote.calls} HTTP calls, stopped: {res.stopped})")  # fmt: skip
-        acc = accuracy(class_scores_bbt(remote, res.prompt, texts, verb), y)
+        acc = accuracy(res.scores(remote, list(train.texts)), train.labels)
         print(f"train accuracy with the tuned soft prompt: {acc:.3f}")
 
 

@@ -163,5 +163,85 @@ def test_classifier_narrows_to_scores_and_labels(tiny_mlp):
     t = narrow(c, Access.TEXT)
     assert isinstance(t, LabelsHandle) and not hasattr(t, "scores")
     assert torch.equal(t.predict(x), tiny_mlp(x).argmax(-1))
-    with pytest.raises(AccessError, match="narrows only to TEXT, SCORES, not HIDDEN"):
-        narrow(c, "hidden")
+    with pytest.raises(AccessError, match="narrows only to TEXT, SCORES, HIDDEN, not EMBEDDINGS"):
+        narrow(c, "embeddings")
+
+
+def test_a_copied_handle_outlives_the_original(tiny_llama):
+    import copy
+
+    h = LocalModel(*tiny_llama)
+    n = narrow(h, "scores")
+    shallow, deep = copy.copy(n), copy.deepcopy(n)
+    want = n.score(["Paris is"], [" the"])
+    del n
+    gc.collect()
+    assert torch.equal(shallow.score(["Paris is"], [" the"]), want)
+    assert torch.equal(deep.score(["Paris is"], [" the"]), want)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        import pickle
+
+        pickle.dumps(shallow)
+
+
+def test_handles_leave_the_callers_tokenizer_and_rng_alone(tiny_llama):
+    model, tok = tiny_llama
+    tok.padding_side = "right"
+    h = LocalModel(model, tok)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    h.generate(["Paris is", "The capital of Italy is"], max_new_tokens=3, temperature=1.0, seed=7)
+    h.next_token_logprobs(["Rome", "The capital of Italy is Rome and"])
+    assert tok.padding_side == "right"
+    assert torch.equal(torch.get_rng_state(), state)
+    # sampling is reproducible under its own seed, whatever the global state
+    a = h.generate(["Paris is"], max_new_tokens=4, temperature=1.0, seed=7)
+    torch.manual_seed(999)
+    assert h.generate(["Paris is"], max_new_tokens=4, temperature=1.0, seed=7) == a
+
+
+def test_a_tokenizer_without_pad_token_is_not_changed(tiny_llama):
+    model, tok = tiny_llama
+    tok.pad_token = None
+    h = LocalModel(model, tok)
+    assert tok.pad_token is None and h.tokenizer.pad_token == h.tokenizer.eos_token
+    assert h.score(["Paris is", "x"], [" the", " y"]).shape == (2,)
+
+
+def test_left_padding_done_by_the_handle_matches_the_tokenizers(tiny_llama):
+    model, tok = tiny_llama
+    h = LocalModel(model, tok)
+    got = h._batch(["Rome", "The capital of Italy"], side="left")
+    want = tok(
+        ["Rome", "The capital of Italy"], return_tensors="pt", padding=True, padding_side="left"
+    )
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert torch.equal(got["attention_mask"], want["attention_mask"])
+
+
+def test_classifier_narrows_to_hidden_with_features(tiny_cnn):
+    from lfm.access import ClassHiddenHandle, levels, module_of, state_dict_of
+
+    c = LocalClassifier(tiny_cnn.eval())
+    h = narrow(c, "hidden")
+    x = torch.rand(2, 1, 8, 8)
+    assert isinstance(h, ClassHiddenHandle) and not hasattr(h, "model")
+    feats = h.hidden(x, ["conv2"])
+    assert feats["conv2"].shape == (2, 8, 8, 8)
+    assert torch.allclose(h.scores(x), tiny_cnn(x).log_softmax(-1))
+    assert levels(h) == [Access.TEXT, Access.SCORES, Access.HIDDEN]
+    with pytest.raises(AccessError, match="narrows only to TEXT, SCORES, HIDDEN, not EMBEDDINGS"):
+        narrow(c, "embeddings")
+    assert module_of(c) is tiny_cnn and state_dict_of(c).keys() == tiny_cnn.state_dict().keys()
+    with pytest.raises(AccessError, match="needs WEIGHTS access, but the handle gives only HIDDEN"):
+        module_of(h)
+
+
+def test_plain_weights_are_white_box():
+    from lfm.access import access_of
+
+    assert access_of(nn.Linear(2, 2)) is Access.WEIGHTS
+    assert access_of({"w": torch.zeros(2)}) is Access.WEIGHTS
+    assert access_of("model-folder") is Access.WEIGHTS
+    with pytest.raises(AccessError, match="bare Linear cannot be narrowed"):
+        narrow(nn.Linear(2, 2), "scores")

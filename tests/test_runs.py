@@ -94,3 +94,64 @@ def test_resuming_keeps_the_manifest_and_checks_the_config(tmp_path):
     assert m["metrics"] == {"step": 3} and m["status"] == "running" and len(m["resumed"]) == 1
     with pytest.raises(LfmError, match="holds another config"):
         Run("r", Cfg(alpha=0.1), path=first.path)
+
+
+def test_run_directories_are_created_exclusively(tmp_path, monkeypatch):
+    """Two runs started in the same second get two directories (no shared manifest)."""
+    import multiprocessing as mp
+
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")
+    runs = [Run("same", {"i": i}, root=tmp_path) for i in range(3)]
+    assert len({r.path for r in runs}) == 3
+    assert [json.loads((r.path / "manifest.json").read_text())["config"]["i"] for r in runs] == [
+        0,
+        1,
+        2,
+    ]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        paths = pool.map(_start_run, [(str(tmp_path / "mp"), i) for i in range(6)])
+    assert len(set(paths)) == 6
+
+
+def _start_run(arg):
+    """Create a run directory under one fixed name, as processes of the same second would."""
+    from pathlib import Path
+
+    from lfm.core.runs import _create
+
+    root, _i = arg
+    return str(_create(Path(root) / "20260101-000000-race"))
+
+
+def test_folder_inputs_and_parents_are_recorded(tmp_path, monkeypatch):
+    from lfm.core.runs import path_sha256
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"1")
+    (folder / "b.bin").write_bytes(b"2")
+    run = Run("child", {}, inputs={"model": folder}, root=tmp_path / "runs", parents=["p1"])
+    m = json.loads((run.path / "manifest.json").read_text())
+    assert m["parents"] == ["p1"] and run.id == run.path.name
+    first = m["inputs"]["model"]["sha256"]
+    assert first == path_sha256(folder)
+    (folder / "b.bin").write_bytes(b"3")
+    assert path_sha256(folder) != first
+
+
+def test_tensor_files_carry_a_format_tag(tmp_path):
+    import torch
+
+    from lfm.core.io import load_tensors, read_meta, save_tensors
+    from lfm.errors import LfmError
+
+    path = save_tensors(tmp_path / "p.safetensors", {"w": torch.ones(2)}, "lfm.test/1", layer=3)
+    tensors, meta = load_tensors(path, "lfm.test/1")
+    assert torch.equal(tensors["w"], torch.ones(2)) and meta == {"format": "lfm.test/1", "layer": 3}
+    with pytest.raises(LfmError, match=r"is not a lfm.other/1 file .*'lfm.test/1'"):
+        load_tensors(path, "lfm.other/1")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(LfmError, match=r"cannot read .*bad.safetensors"):
+        read_meta(tmp_path / "bad.safetensors")

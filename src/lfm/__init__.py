@@ -10,6 +10,16 @@ from lfm.errors import AccessError, AssetError, ConfigError, LfmError
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str) -> object:
+    """`lfm.plan(...)` and `lfm.run_pipeline(...)` without importing every area up front."""
+    if name in ("plan", "run_pipeline"):
+        import lfm.pipeline
+
+        return getattr(lfm.pipeline, name)
+    raise AttributeError(f"module 'lfm' has no attribute {name!r}")
+
+
 __all__ = [
     "Access",
     "AccessError",
@@ -19,4 +29,6 @@ __all__ = [
     "LocalModel",
     "__version__",
     "narrow",
+    "plan",
+    "run_pipeline",
 ]

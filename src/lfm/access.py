@@ -5,25 +5,59 @@ the least access it needs; every handle declares the access it gives:
 
     TEXT < SCORES < EMBEDDINGS < HIDDEN < WEIGHTS
 
-A white-box `LocalModel` gives WEIGHTS. `narrow(handle, level)` returns a handle that gives only
-`level`: it keeps no attribute that leads to the model (only an opaque key into a private table),
-so a black-box method run through it cannot reach the weights by accident. A remote client that
-speaks to a served model implements the same protocols.
+A white-box `LocalModel` (a language model) or `LocalClassifier` gives WEIGHTS, and so do the
+plain objects that are weights by nature: an `nn.Module`, a state dict, a path to weights on disk.
+`narrow(handle, level)` returns a handle that gives only `level`: it keeps no attribute that leads
+to the model (only an opaque key into a private table), so a black-box method run through it
+cannot reach the weights by accident. A remote client that speaks to a served model implements the
+same protocols. The registry checks a handle's level before any method runs (`lfm.registry.run`).
+
+Handles never change what they are given: the caller's tokenizer keeps its settings (padding is
+done here) and the global random state is the same after a call as before it.
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import weakref
-from collections.abc import Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from enum import IntEnum
+from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
+from lfm.core.hooks import capture
 from lfm.errors import AccessError
+
+__all__ = [
+    "Access",
+    "ClassHiddenHandle",
+    "ClassHiddenModel",
+    "ClassScoresHandle",
+    "ClassScoresModel",
+    "EmbeddingsHandle",
+    "EmbeddingsModel",
+    "HiddenHandle",
+    "HiddenModel",
+    "LabelModel",
+    "LabelsHandle",
+    "LocalClassifier",
+    "LocalModel",
+    "ScoresHandle",
+    "ScoresModel",
+    "TextHandle",
+    "TextModel",
+    "access_of",
+    "capture",
+    "levels",
+    "module_of",
+    "narrow",
+    "require",
+    "state_dict_of",
+]
 
 
 class Access(IntEnum):
@@ -53,13 +87,38 @@ class Access(IntEnum):
 
 
 def access_of(handle: Any) -> Access:
-    """The access level a handle declares."""
+    """The access level a handle declares; weights in any plain form (a module, a state dict, a
+    path to a weights file or folder) give WEIGHTS."""
     level = getattr(handle, "access", None)
-    if not isinstance(level, Access):
-        raise AccessError(
-            f"{type(handle).__name__} is not a model handle (it declares no access level)"
-        )
-    return level
+    if isinstance(level, Access):
+        return level
+    if isinstance(handle, nn.Module | str | Path) or _is_state_dict(handle):
+        return Access.WEIGHTS
+    raise AccessError(
+        f"{type(handle).__name__} is not a model handle (it declares no access level)"
+    )
+
+
+def _is_state_dict(x: Any) -> bool:
+    return isinstance(x, Mapping) and all(isinstance(v, torch.Tensor) for v in x.values())
+
+
+def module_of(handle: Any, what: str = "this method") -> nn.Module:
+    """The `nn.Module` behind a white-box handle (a `LocalModel`, `LocalClassifier` or module)."""
+    require(handle, Access.WEIGHTS, what)
+    if isinstance(handle, nn.Module):
+        return handle
+    model = getattr(handle, "model", None)
+    if not isinstance(model, nn.Module):
+        raise AccessError(f"{what} needs a model in memory, not {type(handle).__name__}")
+    return model
+
+
+def state_dict_of(handle: Any, what: str = "this method") -> Mapping[str, torch.Tensor]:
+    """The parameters and buffers of a white-box handle (a state dict is returned as it is)."""
+    if _is_state_dict(handle):
+        return handle
+    return module_of(handle, what).state_dict()
 
 
 def require(handle: Any, level: Access, what: str) -> None:
@@ -101,8 +160,27 @@ class HiddenModel(EmbeddingsModel, Protocol):
     def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]: ...
 
 
+@runtime_checkable
+class LabelModel(Protocol):
+    """A classifier that answers with labels (hard-label black box)."""
+
+    access: Access
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ClassScoresModel(LabelModel, Protocol):
+    def scores(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ClassHiddenModel(ClassScoresModel, Protocol):
+    def hidden(self, x: torch.Tensor, modules: Sequence[str]) -> dict[str, torch.Tensor]: ...
+
+
 # --------------------------------------------------------------------------------------------
-# The white-box handle.
+# The white-box handles.
 
 
 class LocalModel:
@@ -120,11 +198,14 @@ class LocalModel:
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str = "model", batch_size: int = 16):
         self.model: Any = model  # a transformers model; typed loosely for its many helpers
-        self.tokenizer = tokenizer
         self.name = name
         self.batch_size = batch_size
         if getattr(tokenizer, "pad_token_id", None) is None and tokenizer.eos_token is not None:
+            tokenizer = copy.deepcopy(
+                tokenizer
+            )  # pad with EOS on a copy: the caller's is unchanged
             tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
 
     def __repr__(self) -> str:
         return f"LocalModel({self.name!r}, access=WEIGHTS)"
@@ -146,11 +227,17 @@ class LocalModel:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _batch(self, texts: Sequence[str], side: str) -> dict[str, torch.Tensor]:
-        self.tokenizer.padding_side = side
-        enc = self.tokenizer(list(texts), return_tensors="pt", padding=True)
-        return {
-            k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")
-        }
+        """Token ids and mask (B, T) padded on `side`, without touching the tokenizer's settings."""
+        rows = [list(r) for r in self.tokenizer(list(texts))["input_ids"]]
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full(
+            (len(rows), width), int(self.tokenizer.pad_token_id or 0), dtype=torch.long
+        )
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     # -- TEXT --
 
@@ -162,19 +249,22 @@ class LocalModel:
         temperature: float = 0.0,
         seed: int = 0,
     ) -> list[str]:
-        """Continue each prompt; greedy when `temperature` is 0."""
+        """Continue each prompt; greedy when `temperature` is 0, else sampled under `seed`
+        (the global random state is left as it was)."""
         outs: list[str] = []
         sample = temperature > 0
         gen = {"do_sample": sample, "temperature": temperature} if sample else {"do_sample": False}
+        devices = [self.device] if self.device.type == "cuda" else []
         for chunk in _chunks(prompts, self.batch_size):
-            torch.manual_seed(seed)
             enc = self._batch(chunk, side="left")
-            ids = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                **gen,
-            )
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                ids = self.model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **gen,
+                )
             new = ids[:, enc["input_ids"].shape[1] :]
             outs += self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return outs
@@ -260,40 +350,11 @@ class LocalModel:
         return {k: v.cpu() for k, v in acts.items()}
 
 
-@contextmanager
-def capture(model: nn.Module, modules: Sequence[str], detach: bool = True):
-    """Record the outputs of named modules during forward passes; unknown names are an error.
-
-    Args:
-        model: the module to watch (it is not changed; the hooks are removed on exit).
-        modules: names as in `model.named_modules()`.
-        detach: drop the autograd graph (keep it to train through the features).
-    """
-    table = dict(model.named_modules())
-    missing = [m for m in modules if m not in table]
-    if missing:
-        raise AccessError(f"no module named {', '.join(missing)} in {type(model).__name__}")
-    acts: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(_mod: nn.Module, _inp: Any, out: Any) -> None:
-            out = out[0] if isinstance(out, tuple) else out
-            acts[name] = out.detach() if detach else out
-
-        return fn
-
-    handles = [table[m].register_forward_hook(hook(m)) for m in modules]
-    try:
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
-
-
 class LocalClassifier:
     """An image or feature classifier held in this process: WEIGHTS access.
 
-    `scores(x)` gives log-probabilities (B, C); narrowed to TEXT it gives only labels.
+    `scores(x)` gives log-probabilities (B, C), `hidden(x, modules)` the outputs of named modules;
+    narrowed to HIDDEN it gives both, to SCORES only the first, to TEXT only labels.
     """
 
     access: ClassVar[Access] = Access.WEIGHTS
@@ -312,8 +373,12 @@ class LocalClassifier:
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores(x).argmax(-1)
 
+    def module_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_modules() if name]
+
     @torch.no_grad()
     def hidden(self, x: torch.Tensor, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Outputs of the named modules on `x` (one forward pass)."""
         with capture(self.model, modules) as acts:
             self.model(x)
         return dict(acts)
@@ -341,6 +406,15 @@ class _Narrow:
 
     def _b(self) -> Any:
         return _BACKENDS[self._key]
+
+    def __copy__(self) -> _Narrow:
+        return type(self)(self._b(), self.name)  # its own key: it outlives the original
+
+    def __deepcopy__(self, memo: dict) -> _Narrow:
+        return self.__copy__()  # the model stays behind the interface; the copy shares it
+
+    def __reduce__(self) -> Any:
+        raise TypeError(f"a {type(self).__name__} cannot be pickled (it reaches a model in memory)")
 
 
 class TextHandle(_Narrow):
@@ -406,7 +480,7 @@ class HiddenHandle(EmbeddingsHandle):
 
 
 class LabelsHandle(_Narrow):
-    """A classifier that answers with labels only (hard-label black box)."""
+    """A classifier that answers with labels only (hard-label black box): TEXT."""
 
     __slots__ = ()
     access = Access.TEXT
@@ -425,8 +499,46 @@ class ClassScoresHandle(LabelsHandle):
         return self._b().scores(x.detach()).detach().clone()
 
 
+class ClassHiddenHandle(ClassScoresHandle):
+    """A classifier that also answers with the outputs of its named modules: HIDDEN.
+
+    A classifier's inputs are already vectors or images, so it has no EMBEDDINGS level of its own:
+    a method that needs EMBEDDINGS is served by this handle or refused by a SCORES one.
+    """
+
+    __slots__ = ()
+    access = Access.HIDDEN
+
+    def module_names(self) -> list[str]:
+        return list(self._b().module_names())
+
+    def hidden(self, x: torch.Tensor, modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self._b().hidden(x.detach(), modules).items()}
+
+
 _LM_HANDLES = {h.access: h for h in (TextHandle, ScoresHandle, EmbeddingsHandle, HiddenHandle)}
-_CLASSIFIER_HANDLES = {h.access: h for h in (LabelsHandle, ClassScoresHandle)}
+_CLASSIFIER_HANDLES = {h.access: h for h in (LabelsHandle, ClassScoresHandle, ClassHiddenHandle)}
+
+
+def _backend(handle: Any) -> Any:
+    return handle._b() if isinstance(handle, _Narrow) else handle
+
+
+def _table(backend: Any) -> Mapping[Access, type[_Narrow]]:
+    """The narrowed handles for a backend: a classifier's (`predict`) or a language model's."""
+    if isinstance(backend, LocalClassifier):
+        return _CLASSIFIER_HANDLES
+    if not isinstance(backend, LocalModel) and hasattr(backend, "predict"):
+        return _CLASSIFIER_HANDLES
+    return _LM_HANDLES
+
+
+def levels(handle: Any) -> list[Access]:
+    """The levels `narrow` can give for `handle`, from TEXT up to the handle's own level."""
+    got = access_of(handle)
+    if isinstance(handle, nn.Module | str | Path) or _is_state_dict(handle):
+        return [got]
+    return [lv for lv in (*_table(_backend(handle)), Access.WEIGHTS) if lv <= got]
 
 
 def narrow(handle: Any, level: Access | str) -> Any:
@@ -440,10 +552,15 @@ def narrow(handle: Any, level: Access | str) -> Any:
     got = access_of(handle)
     if level > got:
         raise AccessError(f"cannot widen a {got.name} handle to {level.name}")
-    if level == Access.WEIGHTS:
+    if level == got:
         return handle
-    backend = handle._b() if isinstance(handle, _Narrow) else handle
-    table = _CLASSIFIER_HANDLES if isinstance(backend, LocalClassifier) else _LM_HANDLES
+    backend = _backend(handle)
+    if isinstance(backend, nn.Module | str | Path) or _is_state_dict(backend):
+        raise AccessError(
+            f"a bare {type(backend).__name__} cannot be narrowed; wrap it in a LocalModel or "
+            "LocalClassifier first"
+        )
+    table = _table(backend)
     if level not in table:
         kinds = ", ".join(lv.name for lv in table)
         raise AccessError(f"a {type(backend).__name__} narrows only to {kinds}, not {level.name}")

@@ -22,3 +22,7 @@ class AccessError(LfmError):
 
 class ConfigError(LfmError):
     """A configuration was rejected (unknown key, wrong type, out of range)."""
+
+
+class BudgetExceeded(LfmError):
+    """A query budget given to a black-box model (a remote one, or a counted handle) is spent."""

@@ -20,16 +20,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from lfm.core.train import CHECKPOINT, TrainConfig, run_on_main
-from lfm.tuning.classify import VerbalizerLM
-from lfm.tuning.tiny import LABEL_IDS, tiny_batch, tiny_llama
-from lfm.tuning.trainer import apply_method, method_config, tune
+from lfm.core.tiny import tiny_lm
+from lfm.core.train import CHECKPOINT, TrainConfig, run_on_main, train
+from lfm.tuning.classify import VerbalizerLM, ce_loss
+from lfm.tuning.peft_methods import adapter
 
 MICRO, ACCUM, WORLD, STEPS = 4, 2, 2, 3
+LABEL_IDS = (10, 11, 12)  # three "label words" of a random-token classification task
+
+
+def _tiny_batch(seed: int, n: int, length: int = 8) -> dict[str, torch.Tensor]:
+    """Random token ids (no padding), a full mask and labels in range(len(LABEL_IDS))."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 320, (n, length), generator=g)
+    labels = torch.randint(0, len(LABEL_IDS), (n,), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
 def _micro_batches() -> list[dict[str, torch.Tensor]]:
-    data = tiny_batch(3, n=8 * MICRO)
+    data = _tiny_batch(3, n=8 * MICRO)
     return [{k: v[i : i + MICRO] for k, v in data.items()} for i in range(0, 8 * MICRO, MICRO)]
 
 
@@ -40,10 +49,11 @@ def _global_batches() -> list[dict[str, torch.Tensor]]:
 
 
 def _job(batches, accum: int, run=None):
-    cfg = method_config("lora", {"dropout": 0.0})  # no dropout: processes draw the same masks
-    model = VerbalizerLM(apply_method(tiny_llama(0), "lora", cfg), LABEL_IDS)
+    # no dropout: processes draw the same masks; the LoRA init is the seed's in every process
+    lm = adapter(tiny_lm("llama", 0)[0], "lora", {"dropout": 0.0}, seed=0)
+    model = VerbalizerLM(lm, LABEL_IDS)
     tcfg = TrainConfig(steps=STEPS, lr=1e-2, grad_accum=accum, ckpt_every=2, progress=False)
-    hist = tune(model, batches, cfg, tcfg.replace(cpu=True), run=run)
+    hist = train(model, ce_loss, batches, tcfg.replace(cpu=True), run=run)
     return model, hist
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 
 from lfm.access import LocalClassifier, narrow
+from lfm.core.hooks import frozen
+from lfm.core.priors import total_variation
 from lfm.core.train import TrainConfig
+from lfm.distill import InputSpec
 from lfm.distill.adversarial import (
     DFADConfig,
     DFMEConfig,
@@ -24,12 +27,11 @@ from lfm.distill.datafree import (
     dafl,
     dafl_generator_loss,
     deep_inversion,
-    deep_inversion_distill,
+    deep_inversion_images,
     js_divergence,
-    total_variation,
 )
-from lfm.distill.game import Generator, frozen, sample
-from lfm.errors import AccessError
+from lfm.distill.game import Generator, sample
+from lfm.errors import AccessError, LfmError
 
 from conftest import TinyCNN
 
@@ -59,22 +61,29 @@ def _mean(history, key, part) -> float:
     return sum(h[key] for h in rows) / len(rows)
 
 
-def test_total_variation_by_hand():
+def test_total_variation_by_hand():  # DeepInversion's prior is the squared one (p = 2)
     x = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
-    assert total_variation(x).item() == pytest.approx((4 + 9) / 2 + (1 + 4) / 2)
+    assert total_variation(x, p=2).item() == pytest.approx((4 + 9) / 2 + (1 + 4) / 2)
 
 
 def test_deep_inversion_lowers_the_bn_statistics_loss_and_keeps_the_teacher():
     teacher = LocalClassifier(bn_teacher())
     before = _snapshot(teacher.model)
     cfg = DeepInversionConfig(steps=30, lr=0.1, bn_weight=1.0, batch_size=16)
-    images, targets, hist = deep_inversion(teacher, (1, 8, 8), 10, cfg)
+    images, targets, hist = deep_inversion_images(teacher, (1, 8, 8), 10, cfg)
     assert hist[-1]["bn"] < 0.5 * hist[0]["bn"] and hist[-1]["ce"] < hist[0]["ce"]
     assert images.shape == (16, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     assert targets.tolist() == [i % 10 for i in range(16)]
     assert _unchanged(teacher.model, before)
     with pytest.raises(AccessError, match=r"WEIGHTS access.*only SCORES"):
-        deep_inversion(narrow(teacher, "scores"), (1, 8, 8), 10, cfg)
+        deep_inversion_images(narrow(teacher, "scores"), (1, 8, 8), 10, cfg)
+    with pytest.raises(AccessError, match=r"distill/deep_inversion needs WEIGHTS.*only HIDDEN"):
+        deep_inversion(narrow(teacher, "hidden"), TinyCNN(width=4), InputSpec((1, 8, 8), 10), cfg)
+
+
+def test_deep_inversion_needs_the_input_shape_and_classes():
+    with pytest.raises(LfmError, match=r"needs data=InputSpec\(shape, n_classes\)"):
+        deep_inversion(bn_teacher(), TinyCNN(width=4), InputSpec((1, 8, 8)))
 
 
 def test_js_divergence_by_hand():
@@ -91,22 +100,22 @@ def test_competition_term_pushes_images_where_the_student_disagrees():
     teacher, student = bn_teacher(0), bn_teacher(1)
     cfg = DeepInversionConfig(steps=30, bn_weight=1.0, batch_size=16, competition_weight=10.0)
     before = _snapshot(student)
-    _, _, hist = deep_inversion(teacher, (1, 8, 8), 10, cfg, student=student)
+    _, _, hist = deep_inversion_images(teacher, (1, 8, 8), 10, cfg, student=student)
     assert _mean(hist, "comp", "last") < _mean(hist, "comp", "first")  # 1 − JS falls
     assert _unchanged(student, before) and not student.training
-    _, _, off = deep_inversion(teacher, (1, 8, 8), 10, cfg.replace(competition_weight=0.0))
+    _, _, off = deep_inversion_images(teacher, (1, 8, 8), 10, cfg.replace(competition_weight=0.0))
     assert "comp" not in off[0]
 
 
 @pytest.mark.parametrize("competition", [0.0, 5.0])
-def test_deep_inversion_distill_teaches_the_student_on_its_images(competition):
+def test_deep_inversion_teaches_the_student_on_its_images(competition):
     teacher = bn_teacher()
     torch.manual_seed(0)
     student = TinyCNN(width=4)
     cfg = DeepInversionConfig(
-        steps=20, bn_weight=1.0, batch_size=16, competition_weight=competition
+        steps=20, bn_weight=1.0, batch_size=16, competition_weight=competition, batches=3
     )
-    probe = deep_inversion(teacher, (1, 8, 8), 10, cfg, seed=99)[0]  # held-out synthetic images
+    probe = deep_inversion_images(teacher, (1, 8, 8), 10, cfg, seed=99)[0]  # held-out images
 
     def agreement() -> float:
         with torch.no_grad():
@@ -116,16 +125,20 @@ def test_deep_inversion_distill_teaches_the_student_on_its_images(competition):
 
     start = agreement()
     train_cfg = TrainConfig(steps=60, lr=1e-2, progress=False)
-    images = deep_inversion_distill(teacher, student, (1, 8, 8), 10, 3, cfg, train_cfg)
+    res = deep_inversion(teacher, student, InputSpec((1, 8, 8), 10), cfg, train_cfg=train_cfg)
+    images = res.info["images"]
     assert images.shape == (48, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
-    assert agreement() > start + 0.2
+    assert res.student is student and agreement() > start + 0.2
+    rounds = 3 if competition else 1
+    assert len(res.history) == rounds and len(res.info["synthesis"]) == 3
+    assert res.info["queries"] == 3 * 16 * 20 + (60 // rounds) * rounds * 16
 
 
 def test_frozen_keeps_train_mode_when_asked_and_sample_uses_batch_statistics():
     net = TinyCNN(width=4).train()
-    with frozen(net, train=True):
+    with frozen(net, train=True):  # DFAD's student while the generator ascends through it
         assert net.training and not any(p.requires_grad for p in net.parameters())
-    with frozen(net):
+    with frozen(net, train=False):  # a teacher, and DFME's student under forward differences
         assert not net.training
     assert net.training and all(p.requires_grad for p in net.parameters())
     gen = Generator(nz=8, size=8, width=4).eval()
@@ -137,9 +150,21 @@ def test_generator_width_comes_from_the_config():
     teacher = bn_teacher()
     cfg = DFADConfig(iterations=1, student_steps=1, batch_size=4, nz=8, generator_width=3)
     cfg_big = cfg.replace(generator_width=6)
-    small = dfad(teacher, TinyCNN(width=4), cfg).generator
-    big = dfad(teacher, TinyCNN(width=4), cfg_big).generator
+    fashion = InputSpec((1, 28, 28), 10)
+    small = dfad(teacher, TinyCNN(width=4), fashion, cfg).info["generator"]
+    big = dfad(teacher, TinyCNN(width=4), fashion, cfg_big).info["generator"]
     assert small.fc.out_features == 2 * 3 * 7 * 7 and big.fc.out_features == 2 * 6 * 7 * 7
+    assert small(torch.randn(2, 8)).shape == (2, 1, 28, 28)
+
+
+def test_the_default_generator_follows_the_input_shape_or_asks_for_one():
+    teacher, cfg = bn_teacher(), DFADConfig(iterations=1, student_steps=1, batch_size=4, nz=8)
+    gen = dfad(teacher, TinyCNN(width=4), InputSpec((1, 8, 8)), cfg).info["generator"]
+    assert gen(torch.randn(2, 8)).shape == (2, 1, 8, 8)
+    with pytest.raises(LfmError, match="distill/dfad needs data=InputSpec"):
+        dfad(teacher, TinyCNN(width=4), None, cfg)
+    with pytest.raises(LfmError, match=r"square .* not \(1, 8, 6\); pass a generator"):
+        dfad(teacher, TinyCNN(width=4), InputSpec((1, 8, 6)), cfg)
 
 
 def test_dafl_generator_loss_terms_by_hand():
@@ -158,23 +183,23 @@ def test_dafl_generator_and_student_losses_fall():
     before = _snapshot(teacher)
     torch.manual_seed(0)
     cfg = DAFLConfig(iterations=20, batch_size=16, nz=8, lr_g=1e-2, lr_s=1e-2, feature_module="bn2")
-    res = dafl(teacher, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
+    res = dafl(teacher, TinyCNN(width=4), None, cfg, generator=Generator(nz=8, size=8, width=8))
     assert _mean(res.history, "g_loss", "last") < _mean(res.history, "g_loss", "first")
     assert _mean(res.history, "s_kd", "last") < _mean(res.history, "s_kd", "first")
-    assert _unchanged(teacher, before) and res.queries == 20 * 16 * 2
+    assert _unchanged(teacher, before) and res.info["queries"] == 20 * 16 * 2
 
 
 def test_dfad_generator_raises_and_student_lowers_the_discrepancy():
     teacher = bn_teacher()
     gen = Generator(nz=8, size=8, width=8)
     cfg = DFADConfig(iterations=20, student_steps=1, batch_size=16, nz=8, lr_g=1e-2)
-    frozen_student = dfad(teacher, TinyCNN(width=4), cfg.replace(lr_s=1e-12), generator=gen)
+    frozen_student = dfad(teacher, TinyCNN(width=4), None, cfg.replace(lr_s=1e-12), generator=gen)
     assert _mean(frozen_student.history, "g_disc", "last") > _mean(
         frozen_student.history, "g_disc", "first"
     )
     torch.manual_seed(0)
     cfg = cfg.replace(lr_g=1e-12, student_steps=2, lr_s=0.05)
-    res = dfad(teacher, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
+    res = dfad(teacher, TinyCNN(width=4), None, cfg, generator=Generator(nz=8, size=8, width=8))
     assert _mean(res.history, "s_disc", "last") < 0.7 * _mean(res.history, "s_disc", "first")
 
 
@@ -208,16 +233,17 @@ def test_dfme_runs_through_a_scores_handle_and_never_touches_the_teacher():
     api = narrow(teacher, "scores")
     cfg = DFMEConfig(iterations=25, student_steps=2, batch_size=8, nz=8, directions=2, lr_s=0.05)
     torch.manual_seed(0)
-    res = dfme(api, TinyCNN(width=4), cfg, generator=Generator(nz=8, size=8, width=8))
-    assert res.queries == 25 * (8 * (2 + 1) + 2 * 8)
+    res = dfme(api, TinyCNN(width=4), None, cfg, generator=Generator(nz=8, size=8, width=8))
+    assert res.info["queries"] == 25 * (8 * (2 + 1) + 2 * 8)
     assert _unchanged(teacher.model, before)
     assert _mean(res.history, "s_disc", "last") < _mean(res.history, "s_disc", "first")
     budget = dfme(
         api,
         TinyCNN(width=4),
+        None,
         cfg.replace(query_budget=100),
         generator=Generator(nz=8, size=8, width=8),
     )
-    assert 100 <= budget.queries < 100 + 8 * 3 + 2 * 8 and len(budget.history) == 3
-    with pytest.raises(AccessError, match=r"SCORES access.*only TEXT"):
-        dfme(narrow(teacher, "text"), TinyCNN(width=4), cfg)
+    assert 100 <= budget.info["queries"] < 100 + 8 * 3 + 2 * 8 and len(budget.history) == 3
+    with pytest.raises(AccessError, match=r"distill/dfme needs SCORES access.*only TEXT"):
+        dfme(narrow(teacher, "text"), TinyCNN(width=4), InputSpec((1, 8, 8)), cfg)

@@ -14,10 +14,10 @@ from lfm.core.tiny import tiny_config
 from lfm.core.train import TrainConfig
 from lfm.distill.lm import (
     LMStudentConfig,
-    distill_lm,
     kept_blocks,
     lm_kd_loss,
     lm_loss,
+    lm_student,
     perplexity,
     student_config,
     student_from_config,
@@ -121,7 +121,7 @@ def test_perplexity_is_exp_of_the_lm_loss():
     assert perplexity(teacher, ids, batch_size=2) == pytest.approx(want, rel=1e-5)
 
 
-def test_distill_lm_moves_the_student_towards_the_teacher():
+def test_lm_student_moves_the_student_towards_the_teacher():
     teacher, tok = deep_lm("llama")
     with torch.no_grad():  # sharpen the random teacher so that its distributions carry signal
         teacher.model.norm.weight.mul_(20.0)
@@ -129,8 +129,11 @@ def test_distill_lm_moves_the_student_towards_the_teacher():
     cfg = LMStudentConfig(every=2, kd_weight=1.0, lm_weight=0.0, batch_size=4, temperature=1.0)
     before = student_from_config(student_config(teacher, [0, 1]), seed=3)  # a random student
     student = copy.deepcopy(before)
-    _, hist = distill_lm(LocalModel(teacher, tok), blocks, cfg,
-                         TrainConfig(steps=20, lr=2e-2, progress=False), student=student)  # fmt: skip
+    res = lm_student(LocalModel(teacher, tok), student, blocks, cfg,
+                     train_cfg=TrainConfig(steps=20, lr=2e-2, progress=False))  # fmt: skip
+    hist = res.history
+    assert res.student is student and not teacher.training  # the teacher's mode is back
+    assert all(p.requires_grad for p in teacher.parameters())
     with torch.no_grad():
         t = teacher(input_ids=blocks).logits
 
@@ -141,8 +144,23 @@ def test_distill_lm_moves_the_student_towards_the_teacher():
     assert hist.losses[-1] < hist.losses[0]
 
 
+def test_without_a_student_it_trains_the_layer_dropped_copy():
+    teacher, tok = deep_lm("llama")
+    blocks = torch.randint(3, 300, (8, 12), generator=torch.Generator().manual_seed(4))
+    cfg = LMStudentConfig(every=2, offset=1, batch_size=4)
+    res = lm_student(LocalModel(teacher, tok), None, blocks, cfg,
+                     train_cfg=TrainConfig(steps=2, lr=1e-2, progress=False))  # fmt: skip
+    assert num_layers(res.student) == 2 and not res.student.training
+    assert len(res.history.losses) == 2
+    copy_ = student_from_teacher(teacher, every=2, offset=1)
+    assert not torch.equal(  # the trained student moved away from the copy it started as
+        res.student.get_submodule("model.layers.0.mlp.up_proj").weight,
+        copy_.get_submodule("model.layers.0.mlp.up_proj").weight,
+    )
+
+
 def test_a_text_handle_cannot_teach_an_lm_student():
     teacher, tok = deep_lm("llama", 2)
     handle = narrow(LocalModel(teacher, tok), "text")
-    with pytest.raises(AccessError, match=r"WEIGHTS access.*only TEXT"):
-        distill_lm(handle, torch.zeros(4, 8, dtype=torch.long))
+    with pytest.raises(AccessError, match=r"distill/lm_student needs WEIGHTS access.*only TEXT"):
+        lm_student(handle, None, torch.zeros(4, 8, dtype=torch.long))

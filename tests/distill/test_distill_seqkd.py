@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
 import pytest
 import torch
 
-from lfm.access import LocalClassifier, LocalModel, narrow
+from lfm.access import Access, LocalClassifier, LocalModel, narrow
 from lfm.core.train import TrainConfig
 from lfm.distill.distiller import as_terms, check_access
 from lfm.distill.seqkd import (
     IGNORE,
-    ByteTokenizer,
-    ReverseTeacher,
     SeqKDConfig,
     StepByStepConfig,
     encode_pairs,
@@ -25,6 +26,29 @@ from lfm.errors import AccessError
 from conftest import TinyMLP, make_lm
 
 CFG = TrainConfig(steps=15, lr=2e-2, progress=False)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (0–255), EOS = 256, pad = 257: a tokenizer with no files."""
+
+    vocab = 258
+    eos_token, eos_token_id, pad_token_id, bos_token_id = "<eos>", 256, 257, None
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class ReverseTeacher:
+    """A rule-based black box that answers each prompt with its reverse (TEXT access)."""
+
+    access = Access.TEXT
+    name = "reverse"
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **_: Any) -> list[str]:
+        return [p[::-1][:max_new_tokens] for p in prompts]
 
 
 def _student(seed: int = 1) -> LocalModel:
@@ -56,8 +80,9 @@ def test_seq_kd_learns_a_text_handles_generations():
     want = teacher.generate(prompts, max_new_tokens=6)
     cfg = SeqKDConfig(max_new_tokens=6, batch_size=3)
     before = _nll(student, prompts, want)
-    targets, hist = seq_kd(teacher, student, prompts, cfg, CFG)
-    assert targets == want
+    res = seq_kd(teacher, student, prompts, cfg, train_cfg=CFG)
+    targets, hist = res.info["targets"], res.history
+    assert targets == want and res.student is student.model
     assert _nll(student, prompts, want) < 0.5 * before
     assert hist.losses[-1] < hist.losses[0]
 
@@ -68,7 +93,7 @@ def test_seq_kd_refuses_a_handle_without_an_access_level():
             return list(prompts)
 
     with pytest.raises(AccessError, match="declares no access level"):
-        seq_kd(Anonymous(), _student(), ["a"], SeqKDConfig(), CFG)
+        seq_kd(Anonymous(), _student(), ["a"], SeqKDConfig(), train_cfg=CFG)
 
 
 def test_feature_and_logit_losses_on_a_text_handle_are_refused():
@@ -110,8 +135,25 @@ def test_step_by_step_trains_on_the_teachers_labels_and_rationales():
                        max_position_embeddings=128)  # fmt: skip
     student = LocalModel(student_from_config(tiny, 0), ByteTokenizer())
     cfg = StepByStepConfig(max_new_tokens=40, batch_size=2)
-    labels, rationales, hist = step_by_step(ReverseTeacher(), student, ["2+2", "1+3"], cfg, CFG)
+    res = step_by_step(ReverseTeacher(), student, ["2+2", "1+3"], cfg, train_cfg=CFG)
+    labels, rationales, hist = res.info["labels"], res.info["rationales"], res.history
     ask = [cfg.rationale_prompt, cfg.label_prompt]
     assert rationales == [ask[0].format(input=x)[::-1].strip() for x in ["2+2", "1+3"]]
     assert labels == [ask[1].format(input=x)[::-1].strip() for x in ["2+2", "1+3"]]
     assert hist.losses[-1] < 0.5 * hist.losses[0]
+
+
+def test_step_by_step_with_gold_labels_asks_the_teacher_for_rationales_only():
+    class Counting(ReverseTeacher):
+        asked: ClassVar[list[str]] = []
+
+        def generate(self, prompts, max_new_tokens=32, **kw):
+            self.asked += list(prompts)
+            return super().generate(prompts, max_new_tokens, **kw)
+
+    student = _student()
+    cfg = StepByStepConfig(max_new_tokens=8, batch_size=2)
+    res = step_by_step(Counting(), student, ["2+2", "1+3"], cfg, train_cfg=CFG.replace(steps=2),
+                       labels=["4", "4"])  # fmt: skip
+    assert res.info["labels"] == ["4", "4"]
+    assert Counting.asked == [cfg.rationale_prompt.format(input=x) for x in ["2+2", "1+3"]]

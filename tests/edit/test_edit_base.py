@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from lfm.access import LocalModel
 from lfm.edit import RomeConfig, base, common, rome, stats
 
 CFG = RomeConfig(v_steps=2, n_prefixes=2, stats_corpus="tiny", stats_tokens=200, stats_max_len=32)
@@ -26,7 +25,7 @@ def test_second_edit_does_not_rehash_and_stats_stay_the_base_models(tmp_path, mo
     monkeypatch.setenv("LFM_CACHE", str(tmp_path))
     monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS) * 4)
     calls = _counting(monkeypatch)
-    h = LocalModel(*common.tiny_lm(0))
+    h = common.smoke_model()
     first = rome(h, common.SMOKE_REQUEST, CFG)
     fp = stats.key_fingerprint(h.model, 0)
     rome(h, common.SMOKE_REQUEST, CFG)
@@ -42,7 +41,7 @@ def test_second_edit_does_not_rehash_and_stats_stay_the_base_models(tmp_path, mo
 
 
 def test_fingerprint_covers_exactly_the_weights_that_make_the_keys():
-    model, _ = common.tiny_lm(0)
+    model = common.smoke_model().model
     fps = base.hash_key_weights(model)
     with torch.no_grad():  # layer 0's own output projection: not an input of its keys
         model.get_submodule("model.layers.0.mlp.down_proj").weight.add_(1.0)

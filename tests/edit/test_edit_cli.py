@@ -1,25 +1,121 @@
-"""`lfm edit`: the commands are thin over the API and print one-line errors."""
+"""`lfm edit`: the commands are thin over `lfm.edit.recipes` and print one-line errors."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+import torch
 from typer.testing import CliRunner
 
 from lfm.cli.edit import app
+from lfm.edit import FTLConfig, MemoryPatch, Patch, common, recipes
+from lfm.errors import LfmError
+
+REQ = common.SMOKE_REQUEST
+ARGS = ["--prompt", REQ.prompt, "--subject", REQ.subject, "--target", REQ.target]
+
+
+def _one_line_error(res, text: str) -> bool:
+    out = res.output.strip()
+    return res.exit_code == 2 and out.startswith("error:") and text in out and "\n" not in out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """The smoke model saved as a folder, as `lfm edit` loads models."""
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    h = common.smoke_model()
+    h.model.save_pretrained(path)
+    h.tokenizer.save_pretrained(path)
+    return path
 
 
 def test_apply_without_a_request_is_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["apply", "no-such-model", "--out", str(tmp_path / "p.st")])
-    assert (
-        res.exit_code == 2 and "error:" in res.output and len(res.output.strip().splitlines()) == 1
-    )
+    assert _one_line_error(res, "give --prompt, --subject and --target")
 
 
 def test_unknown_method_is_refused(tmp_path):
     args = ["apply", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A", "--target", "B"]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
-    assert res.exit_code == 2 and "no method 'edit/teleport'" in res.output
+    assert _one_line_error(res, "no method 'edit/teleport'")
+
+
+def test_state_is_only_for_alphaedit(folder, tmp_path):
+    args = ["apply", str(folder), "-m", "rome", *ARGS, "--state", str(tmp_path / "s")]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
+    assert _one_line_error(res, "--state is for sequential AlphaEdit; rome keeps no state")
 
 
 def test_patch_revert_needs_an_edited_folder(tmp_path):
     res = CliRunner().invoke(app, ["patch-revert", str(tmp_path), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 2 and "edit-undo.safetensors" in res.output
+    assert _one_line_error(res, "edit-undo.safetensors")
+
+
+def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
+    out = tmp_path / "ike.json"
+    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert res.output.strip() == f"ike: 1 edit(s) on the context -> {out}"
+    assert json.loads(out.read_text())["requests"] == [REQ.to_dict()]
+    res = CliRunner().invoke(app, ["eval", str(folder), str(out), "--max-new-tokens", "3"])
+    assert res.exit_code == 0, res.output
+    first, last = res.output.strip().splitlines()
+    assert json.loads(first)["prompt"] == REQ.prompt and last.startswith("log P('Rome'")
+    # the memory patch's score is the model's score with the fact in context
+    h = common.smoke_model()
+    want = h.score([f"New fact: {REQ.prompt} Rome.\n{REQ.prompt}"], [" Rome"]).item()
+    assert last.endswith(f"= {want:.3f}")
+    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e")])
+    assert _one_line_error(res, "is a memory patch: it changes no weights")
+
+
+def test_ft_l_by_either_spelling_then_patch_apply_and_revert_bit_for_bit(folder, tmp_path):
+    cfg = tmp_path / "ftl.yaml"
+    cfg.write_text("steps: 3\nlr: 0.03\nnorm_constraint: 1.0\n")
+    patches = []
+    for name in ("ft-l", "ft_l"):
+        out = tmp_path / f"{name}.safetensors"
+        args = ["apply", str(folder), "-m", name, *ARGS, "--config", str(cfg), "-o", str(out)]
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert res.output.startswith("ft_l: 1 edit(s) on model.layers.0.mlp.down_proj")
+        patches.append(Patch.load(out))
+    assert torch.equal(patches[0].deltas[0].matrix(), patches[1].deltas[0].matrix())
+    edited, restored = tmp_path / "edited", tmp_path / "restored"
+    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(edited)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["patch-revert", str(edited), "-o", str(restored)])
+    assert res.exit_code == 0, res.output
+    from lfm.assets import load_model
+
+    base, back = load_model(str(folder)).model, load_model(str(restored)).model
+    ed = load_model(str(edited)).model
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in base.state_dict().items())
+    moved = ed.state_dict()[name] - base.state_dict()[name]  # (W + ΔW) − W: ΔW up to rounding
+    assert torch.allclose(moved, patches[1].deltas[0].dense, atol=1e-6) and moved.abs().max() > 0.01
+
+
+def test_recipes_run_from_python(tmp_path):
+    h = common.smoke_model()
+    before = {k: v.clone() for k, v in h.model.state_dict().items()}
+    cfg = FTLConfig(steps=3, lr=0.03, norm_constraint=1.0)
+    done = recipes.apply(h, "ft_l", [REQ], tmp_path / "p.safetensors", config=cfg)
+    assert (done.method, done.edits, done.state) == ("ft_l", 1, None)
+    assert isinstance(recipes.load_patch(done.path), Patch)
+    # an earlier patch is applied for the edit and reverted after it
+    again = recipes.apply(h, "ft_l", REQ, tmp_path / "q.safetensors", config=cfg, on=[done.path])
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+    assert Patch.load(again.path).base != Patch.load(done.path).base  # made on the edited weights
+    report = recipes.evaluate(h, done.path, ["The city of the"], max_new_tokens=2)
+    assert [r["prompt"] for r in report.completions] == ["The city of the"]
+    assert report.logprobs[0][0] == REQ and report.logprobs[0][1] < 0
+    assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
+    memory = recipes.apply(h, "ike", REQ, tmp_path / "m.json")
+    assert isinstance(recipes.load_patch(memory.path), MemoryPatch)
+    with pytest.raises(LfmError, match="--on takes weight patches"):
+        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", on=[memory.path])
+    with pytest.raises(LfmError, match="FTLConfig: steps"):
+        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", config={"steps": "many"})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-from lfm.access import LocalModel
 from lfm.edit import common
 from lfm.edit.facts import load_facts, ngram_entropy, summarise
 
@@ -31,7 +30,7 @@ def test_ngram_entropy_and_score():
 def test_known_facts_and_evaluation_run_on_a_tiny_model():
     from lfm.edit.facts import evaluate_fact, known_facts
 
-    h = LocalModel(*common.tiny_lm(0))
+    h = common.smoke_model()
     facts = load_facts()[:4]
     kept = known_facts(h, facts)
     assert all(f in facts for f in kept)

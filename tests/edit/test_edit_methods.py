@@ -1,10 +1,12 @@
-"""ROME, MEMIT, AlphaEdit and FT-L edit a tiny model; keys are consistent; inputs are checked."""
+"""ROME, MEMIT, AlphaEdit and FT-L edit a tiny model; keys are consistent; inputs are checked;
+each method fills its defaults once, at its entry point."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from lfm import registry
 from lfm.access import Access, LocalModel, narrow
 from lfm.edit import (
     AlphaEditConfig,
@@ -13,26 +15,30 @@ from lfm.edit import (
     Request,
     RomeConfig,
     alphaedit,
+    alphaedit_step,
     common,
-    ftl,
+    ft_l,
     locate,
     memit,
     rome,
 )
 from lfm.edit.patch import linear_weight
-from lfm.edit.rome import rome_delta
+from lfm.edit.rome import rome_defaults, rome_delta
+from lfm.edit.site import edit_site, edit_sites
 from lfm.errors import AccessError, LfmError
 
 REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
+# the seed under which " Paris" leads " Rome" on REQ before the edit, in Llama and GPT-2 alike
+SEED = 1
 # tiny random models have tiny MLP outputs: lift the paper's relative norm limits
 STRONG = dict(v_weight_decay=0.0, clamp_norm=1e4, kl_factor=0.0, v_lr=1.0, v_steps=30, n_prefixes=3)
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def lm(request):
-    model, tok = common.tiny_lm(0, request.param)
-    cov = {layer: common.smoke_cov(model, tok, layer) for layer in (0, 1)}
-    return LocalModel(model, tok), cov
+    h = common.smoke_model(request.param, SEED)
+    cov = {layer: common.smoke_cov(h.model, h.tokenizer, layer) for layer in (0, 1)}
+    return h, cov
 
 
 def _margin(h: LocalModel) -> float:
@@ -48,10 +54,10 @@ def _edit(name: str, h: LocalModel, cov):
     if name == "alphaedit":
         cfg = AlphaEditConfig(**{**STRONG, "clamp_norm": 100.0}, null_threshold=1e9)
         return alphaedit(h, REQ, cfg, cov=cov)
-    return ftl(h, REQ, FTLConfig(norm_constraint=1.0, lr=3e-2, steps=30))
+    return ft_l(h, REQ, FTLConfig(norm_constraint=1.0, lr=3e-2, steps=30))
 
 
-@pytest.mark.parametrize("name", ["rome", "memit", "alphaedit", "ft-l"])
+@pytest.mark.parametrize("name", ["rome", "memit", "alphaedit", "ft_l"])
 def test_edit_wins_and_reverts_bit_exactly(lm, name):
     h, cov = lm
     before = {k: v.clone() for k, v in h.model.state_dict().items()}
@@ -78,9 +84,10 @@ def test_rome_uses_one_averaged_key_everywhere(lm):
     """r-ROME (`key_constraint="mean"`): the original ROME bug mixed the bare-prompt key with
     the prefix-averaged one; here k* is the mean in every term, so (W + ΔW) k* = v* exactly."""
     h, cov = lm
-    cfg = RomeConfig(**STRONG, key_constraint="mean")
-    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, cov[0])
-    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, 0, cfg.n_prefixes)
+    site = edit_site(h.model, 0)
+    cfg = rome_defaults(RomeConfig(**STRONG, key_constraint="mean"), site)
+    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, site, cov[0])
+    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, site, cfg.n_prefixes)
     assert torch.allclose(trace.key, keys.mean(0)) and not torch.allclose(trace.key, keys[0])
     w = linear_weight(h.model, delta.module).detach()
     new_value = (w + delta.matrix()) @ trace.key
@@ -97,9 +104,10 @@ def test_rome_each_key_gets_exactly_delta(lm):
     """`key_constraint="each"`: ΔW k_j = δ for every prefixed key, the bare prompt's included,
     ΔW is rank one, and keys C⁻¹-orthogonal to all k_j are left alone (smallest such ΔW)."""
     h, cov = lm
-    cfg = RomeConfig(**STRONG, key_constraint="each")
-    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, cov[0])
-    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, 0, cfg.n_prefixes)
+    site = edit_site(h.model, 0)
+    cfg = rome_defaults(RomeConfig(**STRONG, key_constraint="each"), site)
+    delta, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, site, cov[0])
+    keys, _ = locate.keys_and_outputs(h.model, h.tokenizer, REQ, site, cfg.n_prefixes)
     dw = delta.matrix().double()
     assert delta.u.shape[1] == 1 and keys.shape[0] == 3
     got = dw @ keys.double().T  # (D_out, P)
@@ -110,11 +118,13 @@ def test_rome_each_key_gets_exactly_delta(lm):
     assert (dw @ other).norm() < 1e-4 * torch.linalg.matrix_norm(dw, 2) * other.norm()
 
 
-def test_narrowed_handles_are_refused():
-    h = LocalModel(*common.tiny_lm(0))
-    for fn in (rome, memit, ftl):
+def test_narrowed_handles_and_bare_models_are_refused():
+    h = common.smoke_model()
+    for fn in (rome, memit, alphaedit, ft_l):
         with pytest.raises(AccessError, match=r"needs WEIGHTS access.*only SCORES"):
             fn(narrow(h, Access.SCORES), REQ)
+        with pytest.raises(LfmError, match="needs a LocalModel"):  # no tokenizer with it
+            fn(h.model, REQ)
 
 
 def test_bad_input_leaves_model_untouched(lm):
@@ -141,7 +151,7 @@ def test_memit_batch_spreads_over_layers(lm):
 
 
 def test_reads_stop_after_the_deepest_module_and_match_a_full_pass(lm):
-    from lfm.core.layouts import get_layout, module
+    from lfm.core.layouts import get_layout, module, module_name
     from lfm.edit.requests import build_batch
 
     h, _ = lm
@@ -167,27 +177,27 @@ def test_reads_stop_after_the_deepest_module_and_match_a_full_pass(lm):
         hd.remove()
     ran = []
     spy = blocks[1].register_forward_pre_hook(lambda *_: ran.append(1))
+    mlp0, block0 = module_name(model, "mlp_out", 0), f"{get_layout(model).layers}.0"
     try:
-        (k, v), (_, h0) = locate.read_modules(
-            model, batch, [module(model, "mlp_out", 0), blocks[0]]
-        )
+        ins, outs = locate.read_at_subject(model, batch, [mlp0, block0], [mlp0])
     finally:
         spy.remove()
     assert not ran  # block 1 lies above both reads: the pass stopped before it
-    assert torch.equal(k, full["mlp0.in"]) and torch.equal(v, full["mlp0"])
-    assert torch.equal(h0, full["block0"])
-    with pytest.raises(RuntimeError, match="did not run"):
-        locate.read_modules(model, batch, [torch.nn.Linear(2, 2)])
+    assert torch.equal(ins[mlp0], full["mlp0.in"]) and torch.equal(outs[mlp0], full["mlp0"])
+    assert torch.equal(outs[block0], full["block0"])
+    with pytest.raises(LfmError, match="no module named"):
+        locate.read_at_subject(model, batch, ["no.such.module"])
 
 
 def test_memit_maps_residual_changes_through_a_post_mlp_norm():
-    from lfm.edit.memit import mlp_norm, resid_change, value_change
+    from lfm.edit.memit import resid_change, value_change
 
     from conftest import make_lm
 
     gemma, _ = make_lm("gemma3")
-    norm = mlp_norm(gemma, 0)
-    assert norm is not None and mlp_norm(make_lm("llama")[0], 0) is None
+    norm = edit_site(gemma, 0).norm_module(gemma)
+    llama = make_lm("llama")[0]
+    assert norm is not None and edit_site(llama, 0).norm_module(llama) is None
     with torch.no_grad():
         norm.weight.uniform_(-0.5, 0.5)  # a non-trivial gain, 1 + w in [0.5, 1.5]
         norm.weight[:3] = -1.0  # and three dead outputs (gain 0), as Gemma 3 270M has
@@ -217,7 +227,7 @@ def test_memit_window_and_warning_where_the_mlp_output_is_normed(kind):
     for layers, warns in (([0], False), ([0, 1], kind == "gemma3")):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
-            warn_if_normed(model, layers, "edit/memit")
+            warn_if_normed(model, edit_sites(model, layers), "edit/memit")
         assert len([w for w in seen if "did not take" in str(w.message)]) == int(warns)
 
 
@@ -228,21 +238,88 @@ def test_delta_search_defaults_follow_the_layout(kind):
     model, tok = make_lm(kind)
     normed = kind == "gemma3"  # Gemma 3 norms the MLP output before the residual
     cov = {0: common.smoke_cov(model, tok, 0)}
+    site = edit_site(model, 0)
+    assert site.normed == normed
     cfg = RomeConfig(layer=0, v_steps=1, n_prefixes=2, clamp_norm=1e6, stop_nll=0.0)
     # Adam's first step moves every coordinate of δ by the learning rate
-    _, trace = rome_delta(model, tok, REQ, cfg, cov)
+    _, trace = rome_delta(model, tok, REQ, rome_defaults(cfg, site), site, cov[0])
     assert trace.delta.abs().max().item() == pytest.approx(0.05 if normed else 0.5, rel=1e-3)
-    patch = rome(model, REQ, RomeConfig(layer=0, v_steps=1, n_prefixes=2), tokenizer=tok, cov=cov)
+    h = LocalModel(model, tok)
+    patch = rome(h, REQ, RomeConfig(layer=0, v_steps=1, n_prefixes=2), cov=cov)
     assert (patch.config["v_lr"], patch.config["stop_nll"]) == (
         (0.05, 0.3) if normed else (0.5, 0.05)
     )
-    kept = common.search_defaults(RomeConfig(v_lr=0.2, stop_nll=0.1), model, 0.3)
+    kept = common.search_defaults(RomeConfig(v_lr=0.2, stop_nll=0.1), site, 0.3)
     assert (kept.v_lr, kept.stop_nll) == (0.2, 0.1)  # values given are kept
     from lfm.edit.memit import NORMED_LAMBDA, PAPER_LAMBDA, memit_defaults
 
-    mcfg = memit_defaults(MemitConfig(), model)  # MEMIT keeps the paper's early stop
+    mcfg = memit_defaults(MemitConfig(), site)  # MEMIT keeps the paper's early stop
     assert (mcfg.v_lr, mcfg.stop_nll) == ((0.05, 0.05) if normed else (0.5, 0.05))
     d_in = linear_weight(model, "model.layers.0.mlp.down_proj").shape[1]
     lam = (NORMED_LAMBDA if normed else PAPER_LAMBDA) * d_in  # λ: a third of the paper's if normed
     assert mcfg.mom2_update_weight == pytest.approx(lam)
-    assert memit_defaults(MemitConfig(mom2_update_weight=7.0), model).mom2_update_weight == 7.0
+    assert memit_defaults(MemitConfig(mom2_update_weight=7.0), site).mom2_update_weight == 7.0
+    # the δ search and MEMIT's solve refuse settings left unfilled instead of guessing them
+    with pytest.raises(LfmError, match="v_lr and stop_nll are unset"):
+        rome_delta(model, tok, REQ, cfg, site, cov[0])
+
+
+def test_each_method_fills_its_defaults_exactly_once(lm, monkeypatch):
+    """The defaults are filled at the entry point only (once per edit, also for a sequence of
+    ROME requests), and the patch records the values used."""
+    h, cov = lm
+    calls: list[int] = []
+    real = common.search_defaults
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(common, "search_defaults", counted)
+    small = dict(v_steps=1, n_prefixes=2)
+    second = Request("The old city of Kyoto", "Kyoto", "Berlin")
+    runs = {
+        "rome": lambda: rome(h, [REQ, second], RomeConfig(**small), cov=cov),
+        "memit": lambda: memit(h, REQ, MemitConfig(**small), cov=cov),
+        "alphaedit": lambda: alphaedit(h, REQ, AlphaEditConfig(**small), cov=cov),
+        "alphaedit_step": lambda: alphaedit_step(h, REQ, None, AlphaEditConfig(**small), cov=cov)[0],
+    }  # fmt: skip
+    for name, run in runs.items():
+        calls.clear()
+        patch = run()
+        assert len(calls) == 1, f"{name} filled its defaults {len(calls)} times"
+        assert patch.config["v_lr"] == 0.5 and patch.config["stop_nll"] == 0.05, name
+        if name != "rome":
+            assert patch.config["mom2_update_weight"] is not None, name
+
+
+def test_methods_run_by_name_with_a_subclassed_config(lm):
+    """A user's subclass of a method's config is still that method's config; the method is the
+    one named, whatever the config's class."""
+    h, cov = lm
+
+    class MyRome(RomeConfig):
+        pass
+
+    patch = registry.run("edit", "rome", h, REQ, cfg=MyRome(**STRONG), cov=cov)
+    assert patch.method == "rome" and patch.config["v_lr"] == STRONG["v_lr"]
+    assert torch.equal(patch.deltas[0].u, rome(h, REQ, RomeConfig(**STRONG), cov=cov).deltas[0].u)
+    patch = registry.run("edit/ft-l", h, REQ, cfg={"steps": 2})  # hyphens read as underscores
+    assert patch.method == "ft_l" and patch.config["steps"] == 2
+
+
+def test_alphaedit_leaves_the_preserved_directions_alone(lm):
+    """AlphaEdit's update lies in the null space of C: ΔW u = 0 for every eigenvector u of C
+    whose eigenvalue is above the threshold. Fails if the projection P is the identity."""
+    h, cov = lm
+    cfg = AlphaEditConfig(**{**STRONG, "clamp_norm": 100.0})
+    for layer, c in cov.items():
+        vals, vecs = torch.linalg.eigh(c)
+        threshold = float(vals[len(vals) // 2])  # half the directions null, half preserved
+        kept = vecs[:, vals >= threshold].float()  # (D_in, k): what C says the model uses
+        site_cfg = cfg.replace(layers=(layer,), null_threshold=threshold)
+        dw = alphaedit(h, REQ, site_cfg, cov=cov).deltas[0].matrix()
+        assert (dw @ kept).norm() < 1e-4 * dw.norm()
+        everywhere = alphaedit(h, REQ, site_cfg.replace(null_threshold=1e9), cov=cov)
+        dw_all = everywhere.deltas[0].matrix()  # P = I: the same solve without the projection
+        assert (dw_all @ kept).norm() > 1e-2 * dw_all.norm()

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
-from lfm.edit.patch import Delta, Patch, linear_weight, make_patch
+from lfm.core.io import read_meta, save_tensors
+from lfm.edit.patch import FORMAT, Delta, Patch, linear_weight, make_patch
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
 
@@ -36,8 +40,25 @@ def test_apply_then_revert_is_bit_exact():
 def test_save_load_round_trip(tmp_path):
     model, _ = make_lm("llama")
     patch = _patch(model, "model.layers.1.mlp.down_proj")
-    loaded = Patch.load(patch.save(tmp_path / "p.safetensors"))
+    path = patch.save(tmp_path / "p.safetensors")
+    loaded = Patch.load(path)
     assert loaded.base == patch.base and loaded.requests == [REQ] and loaded.config == {"k": 1}
+    assert torch.equal(loaded.deltas[0].matrix(), patch.deltas[0].matrix())
+    assert read_meta(path, FORMAT)["modules"] == ["model.layers.1.mlp.down_proj"]
+
+
+def test_a_patch_written_before_lfm_core_io_still_loads(tmp_path):
+    """Files written by earlier versions (metadata strings written by hand) load unchanged."""
+    model, _ = make_lm("llama")
+    patch = _patch(model, "model.layers.1.mlp.down_proj")
+    meta = {"format": FORMAT, "method": "ft-l", "base": patch.base, "config": '{"k": 1}',
+            "requests": json.dumps([REQ.to_dict()]), "modules": json.dumps(patch.modules),
+            "info": json.dumps(patch.info)}  # fmt: skip
+    tensors = {k: v.contiguous() for d in patch.deltas for k, v in d.tensors().items()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = Patch.load(tmp_path / "old.safetensors")
+    assert (loaded.method, loaded.base, loaded.config) == ("ft-l", patch.base, {"k": 1})
+    assert loaded.requests == [REQ] and loaded.info == patch.info
     assert torch.equal(loaded.deltas[0].matrix(), patch.deltas[0].matrix())
 
 
@@ -53,8 +74,11 @@ def test_refused_on_other_weights_and_garbage(tmp_path):
     with pytest.raises(LfmError, match="lacks"):
         patch.apply(gpt2)
     (tmp_path / "x.safetensors").write_bytes(b"not a patch")
-    with pytest.raises(LfmError, match="cannot read patch"):
+    with pytest.raises(LfmError, match=r"cannot read .*x\.safetensors"):
         Patch.load(tmp_path / "x.safetensors")
+    save_tensors(tmp_path / "s.safetensors", {"keys.0": torch.zeros(2, 1)}, "lfm-alphaedit-state/1")
+    with pytest.raises(LfmError, match="not a lfm-edit-patch/1 file"):
+        Patch.load(tmp_path / "s.safetensors")
 
 
 def test_gpt2_conv1d_is_transposed_by_type():

@@ -49,21 +49,19 @@ def test_rome_each_key_moves_a_subject_that_opens_the_prompt():
     from the prefix mean, so r-ROME's mean-key update leaves New York ahead on the edit prompt
     itself, while one constraint per prefixed key moves it (same δ, same statistics)."""
     from lfm.assets import load_model
-    from lfm.edit import common, locate
-    from lfm.edit.patch import Delta, linear_weight, make_patch
-    from lfm.edit.rome import rank_one, rome_delta
+    from lfm.core.hooks import frozen
+    from lfm.edit import common, edit_site
+    from lfm.edit.patch import Delta, make_patch
+    from lfm.edit.rome import rank_one, rome_defaults, rome_delta
 
     h = load_model("smollm2-135m")
     req = Request("Times Square is located in the city of", "Times Square", "Berlin")
-    cfg = RomeConfig(stats_tokens=20_000)
-    layer = common.layer_of(h.model, None)
-    cov = common.covariance(h.model, h.tokenizer, layer, cfg, None)
-    flags = locate.frozen(h.model)
-    try:
-        each, trace = rome_delta(h.model, h.tokenizer, req, cfg, {layer: cov})
-    finally:
-        locate.restore_grad(h.model, flags)
-    w = linear_weight(h.model, each.module).detach().float()
+    site = edit_site(h.model, None)
+    cfg = rome_defaults(RomeConfig(stats_tokens=20_000), site)
+    cov = common.covariance(h.model, h.tokenizer, site, cfg, None)
+    with frozen(h.model):
+        each, trace = rome_delta(h.model, h.tokenizer, req, cfg, site, cov)
+    w = site.weight(h.model).detach().float()
     mean = Delta(each.module, *rank_one(w, trace.key, trace.value, cov, cfg.cov_ridge))
 
     def margin(delta: Delta) -> float:

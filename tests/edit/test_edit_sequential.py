@@ -6,10 +6,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lfm.access import LocalModel
+from lfm.access import Access, narrow
 from lfm.edit import AlphaEditConfig, AlphaEditState, Request, alphaedit_step, common, stats
 from lfm.edit.patch import Patch
-from lfm.errors import LfmError
+from lfm.errors import AccessError, LfmError
 
 # P = I (every direction "null"): the solve is then a ridge regression that must keep K_p
 CFG = AlphaEditConfig(
@@ -21,9 +21,9 @@ SECOND = Request("The old city of Kyoto", "Kyoto", "Berlin")  # subject last: se
 
 @pytest.fixture
 def lm():
-    model, tok = common.tiny_lm(0)
-    cov = {layer: common.smoke_cov(model, tok, layer) for layer in (0, 1)}
-    return LocalModel(model, tok), cov
+    h = common.smoke_model()
+    cov = {layer: common.smoke_cov(h.model, h.tokenizer, layer) for layer in (0, 1)}
+    return h, cov
 
 
 def test_state_round_trips_and_continues_the_sequence(lm, tmp_path):
@@ -46,6 +46,9 @@ def test_state_round_trips_and_continues_the_sequence(lm, tmp_path):
     assert s2.edits == 2 and torch.equal(s2.keys[0][:, :2], s1.keys[0])
     with pytest.raises(LfmError, match="key\\(s\\) per edit"):
         alphaedit_step(h, SECOND, s1, CFG.replace(key_constraint="mean"), cov=cov)
+    # the step is no registered method, so it checks its handle itself
+    with pytest.raises(AccessError, match=r"needs WEIGHTS access.*only HIDDEN"):
+        alphaedit_step(narrow(h, Access.HIDDEN), SECOND, s1, CFG, cov=cov)
 
 
 def test_earlier_keys_are_protected_by_the_state(lm):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lfm.core.hooks import capture
+from lfm.core.io import read_meta
 from lfm.edit import common, stats
+from lfm.errors import LfmError
 
 
 def test_second_moment_is_cached_and_not_recomputed(tmp_path, monkeypatch):
     monkeypatch.setenv("LFM_CACHE", str(tmp_path))
     monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS) * 4)
-    model, tok = common.tiny_lm(0)
+    h = common.smoke_model()
+    model, tok = h.model, h.tokenizer
     calls = []
 
     def compute(*args):
@@ -35,16 +39,45 @@ def test_second_moment_is_cached_and_not_recomputed(tmp_path, monkeypatch):
 
 
 def test_second_moment_matches_a_hand_computation():
-    model, tok = common.tiny_lm(0)
-    text = common.SMOKE_TEXTS[0]
-    got = stats.compute_second_moments(model, tok, [0, 1], [text], 1000, 64)[0]
-    from lfm.access import capture
-
+    h = common.smoke_model()
+    model, tok = h.model, h.tokenizer
+    texts = common.SMOKE_TEXTS[:2]
     name = "model.layers.0.mlp.down_proj"
-    keys = {}
-    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: keys.update(k=a[0][0]))
-    with torch.no_grad(), capture(model, [name]):
-        model(**tok(text, return_tensors="pt"))
-    h.remove()
-    k = keys["k"].double()
-    assert torch.allclose(got, k.T @ k / k.shape[0])
+    keys = []
+    with torch.no_grad(), capture(model, [name], inputs=True) as acts:
+        for text in texts:
+            model(**tok(text, return_tensors="pt"))
+            keys.append(acts[name][0].double())  # (T, D_in)
+    # a budget that ends inside the second text: its first 3 tokens count, no more
+    budget = len(keys[0]) + 3
+    k = torch.cat([keys[0], keys[1][:3]])
+    got = stats.compute_second_moments(model, tok, [0, 1], texts, budget, 64)[0]
+    assert torch.allclose(got, k.T @ k / budget)
+    whole = stats.compute_second_moments(model, tok, [0], texts[:1], 1000, 64)[0]
+    assert torch.allclose(whole, keys[0].T @ keys[0] / len(keys[0]))
+
+
+def test_cached_statistics_are_tagged_and_untagged_ones_still_read(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    first = stats.second_moments(
+        h.model, h.tokenizer, [1], "tiny", 200, 32,
+        compute=lambda *a: {1: torch.eye(64, dtype=torch.float64)},
+    )[1]  # fmt: skip
+    path = stats.stats_path(h.model, 1, "tiny", 200, 32)
+    meta = read_meta(path, stats.FORMAT)
+    assert (meta["layer"], meta["corpus"], meta["tokens"]) == (1, "tiny", 200)
+    assert torch.equal(first, torch.eye(64, dtype=torch.float64))
+    save_file({"mom2": 2 * first}, str(path), metadata={"layer": "1"})  # written before the tag
+    again = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=_never)
+    assert torch.equal(again, 2 * first)
+    save_file({"mom2": first}, str(path), metadata={"format": "lfm-edit-patch/1"})
+    with pytest.raises(LfmError, match="not a lfm-edit-stats/1 file"):
+        stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=_never)
+
+
+def _never(*args):
+    raise AssertionError("recomputed although cached")

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lfm.core.hooks import frozen
 from lfm.edit import RomeConfig, locate, tail
 from lfm.edit.requests import Request, build_batch
+from lfm.edit.site import edit_site
 
 REQS = [
     Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
@@ -21,7 +23,7 @@ SEARCH = CFG.replace(v_weight_decay=0.0, kl_factor=0.0625, v_lr=1.0, v_steps=10)
 
 
 def _loss_fns(model, tok, req, layer):
-    mod = locate._mod(model, layer)
+    mod = edit_site(model, layer).projection(model)
     batch = build_batch(tok, req, locate.prefixes(CFG.n_prefixes))
     kl_batch = build_batch(tok, locate.essence_request(req), [""], with_target=False)
     kl_ref = locate._last_logp(model, kl_batch).detach()
@@ -48,14 +50,12 @@ def test_tail_losses_and_gradients_match_full_forward(tiny_lm, req, layer):
 
 def test_tail_search_reproduces_full_search(tiny_lm):
     model, tok = tiny_lm
-    flags = locate.frozen(model)
-    try:
+    site = edit_site(model, 0)
+    with frozen(model):
         runs = [
-            locate.optimise_delta(model, tok, REQS[0], 0, SEARCH.replace(tail_only=flag))
+            locate.optimise_delta(model, tok, REQS[0], site, SEARCH.replace(tail_only=flag))
             for flag in (False, True)
         ]
-    finally:
-        locate.restore_grad(model, flags)
     (d_full, t_full), (d_fast, t_fast) = runs
     assert d_full.norm() > 0 and t_full["nll_end"] < t_full["nll_start"]
     torch.testing.assert_close(d_fast, d_full, rtol=1e-4, atol=1e-5)

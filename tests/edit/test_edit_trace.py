@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lfm.access import LocalModel
 from lfm.edit.trace import causal_trace, plot
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
@@ -16,7 +17,8 @@ def traced():
     from conftest import make_lm
 
     model, tok = make_lm("llama")
-    return model, tok, causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, samples=3, noise=10.0)
+    h = LocalModel(model, tok)
+    return model, tok, causal_trace(h, PROMPT, SUBJECT, samples=3, noise=10.0)
 
 
 def test_trace_has_a_layer_by_token_grid_with_exact_endpoints(traced):
@@ -34,7 +36,7 @@ def test_trace_has_a_layer_by_token_grid_with_exact_endpoints(traced):
 
 def test_trace_is_seeded_and_writes_json_and_png(traced, tmp_path):
     model, tok, t = traced
-    again = causal_trace(model, PROMPT, SUBJECT, tokenizer=tok, samples=3, noise=10.0)
+    again = causal_trace(LocalModel(model, tok), PROMPT, SUBJECT, samples=3, noise=10.0)
     assert again == t
     data = json.loads(t.save(tmp_path / "t.json").read_text())
     assert data["effect"] == t.effect and data["answer"] == t.answer
@@ -56,3 +58,18 @@ def test_cli_trace_writes_the_heat_map_and_numbers(traced, tmp_path):
     data = json.loads((tmp_path / "h.json").read_text())
     assert len(data["effect"]) == 2 and (tmp_path / "h.png").stat().st_size > 1000
     assert "peak" in res.output
+
+
+def test_recipe_traces_from_python_and_refuses_a_narrowed_handle(traced, tmp_path):
+    from lfm.access import narrow
+    from lfm.edit import recipes
+    from lfm.errors import AccessError
+
+    model, tok, t = traced
+    h = LocalModel(model, tok)
+    done = recipes.trace(h, PROMPT, SUBJECT, tmp_path / "t.png", samples=3, noise=10.0)
+    assert done.trace == t and done.json == tmp_path / "t.json" and done.png.exists()
+    value, layer, i = done.peak
+    assert value == max(max(row) for row in t.effect) == t.effect[layer][i]
+    with pytest.raises(AccessError, match=r"needs WEIGHTS access.*only HIDDEN"):
+        recipes.trace(narrow(h, "hidden"), PROMPT, SUBJECT, tmp_path / "n.png")

@@ -3,10 +3,17 @@ Baseline pieces, and a training run on rotated digits that must improve and not 
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from lfm.meta import FOMAMLConfig, meta_test, meta_train, rotated_digit_splits
-from lfm.meta.baseline import class_data, class_groups, fresh_head, train_classifier
+from lfm.meta import FOMAMLConfig, fomaml, meta_test, rotated_digit_splits
+from lfm.meta.baseline import (
+    FinetuneConfig,
+    class_data,
+    class_groups,
+    fresh_head,
+    train_classifier,
+)
 from lfm.meta.functional import can_vectorize
 from lfm.meta.models import ConvNet
 from lfm.meta.train import query_objective
@@ -47,10 +54,10 @@ def test_rotated_digits_training_improves_and_does_not_degrade():
     torch.manual_seed(0)
     net = ConvNet(5, 16, 4, 8)
     cfg = FOMAMLConfig(inner_lr=0.4, test_inner_steps=3, meta_batch=4, steps=30, outer_lr=3e-3)
-    first, _ = meta_train(net, train, cfg, seed=0)
-    second, _ = meta_train(first, train, cfg, seed=1)
+    first = fomaml(net, train, cfg, seed=0).model
+    second = fomaml(first, train, cfg, seed=1).model
     acc = [
-        meta_test(m, test, cfg, n_tasks=150)["mean"] for m in (net, first, second)
+        meta_test(m, test, "fomaml", cfg, n_tasks=150)["mean"] for m in (net, first, second)
     ]  # same episodes
     assert acc[1] > acc[0] + 0.03, acc
     assert acc[2] > acc[1] - 0.02, acc  # the earlier failure: accuracy fell as training went on
@@ -69,3 +76,9 @@ def test_baseline_pieces():
     new = fresh_head(trained, 5)
     assert new.head.weight.shape == (5, 8) and new.head.weight.abs().sum() == 0
     assert trained.head.weight.shape == (24, 8)  # the source model is untouched
+    _, _, test = rotated_digit_splits(ways=5, shots=1, queries=5)
+    fitted = meta_test(new, test, "anil", FinetuneConfig(), n_tasks=20)  # ANIL's head-only SGD
+    unfitted = meta_test(new, test, "anil", FinetuneConfig(test_inner_steps=0), n_tasks=20)
+    # a zero head ties every class, and argmax answers class 0: a fifth of the queries
+    assert unfitted["mean"] == pytest.approx(0.2)
+    assert fitted["n"] == 20 and fitted["mean"] > 0.3

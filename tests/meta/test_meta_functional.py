@@ -15,8 +15,9 @@ from lfm.meta import (
     MetaSGDConfig,
     SinusoidTasks,
     Task,
+    anil,
     inner_adapt,
-    meta_train,
+    metasgd,
 )
 from lfm.meta.functional import can_vectorize, params_of, selected
 from lfm.meta.models import MLP
@@ -118,7 +119,7 @@ def test_metasgd_uses_and_learns_per_parameter_step_sizes():
     assert fast["weight"].item() == pytest.approx(W0 - 0.05 * 2 * A * (W0 * A - B))
     torch.manual_seed(0)
     cfg = MetaSGDConfig(steps=20, meta_batch=4, outer_lr=1e-2)
-    _, hist = meta_train(MLP(1, 1, (8,)), SinusoidTasks(5, 5), cfg)
+    hist = metasgd(MLP(1, 1, (8,)), SinusoidTasks(5, 5), cfg).history
     assert hist.inner_lrs is not None and set(hist.inner_lrs) == {
         "body.0.weight",
         "body.0.bias",
@@ -130,7 +131,7 @@ def test_metasgd_uses_and_learns_per_parameter_step_sizes():
 
 
 def test_batchnorm_in_train_mode_falls_back_to_a_loop(tiny_cnn):
-    assert not can_vectorize(tiny_cnn, "auto")
+    assert not can_vectorize(tiny_cnn.train(), "auto")
     assert can_vectorize(tiny_cnn.eval(), "auto")
     tiny_cnn.train()
     x = torch.rand(6, 1, 8, 8)
@@ -141,5 +142,6 @@ def test_batchnorm_in_train_mode_falls_back_to_a_loop(tiny_cnn):
         torch.cat([x] * 4), torch.cat([y] * 4), range(3), ways=3, shots=2, queries=2
     )
     cfg = ANILConfig(steps=2, meta_batch=2, inner_lr=0.1)
-    trained, hist = meta_train(tiny_cnn, sampler, cfg)
+    result = anil(tiny_cnn, sampler, cfg)
+    trained, hist = result.model, result.history
     assert len(hist.loss) == 2 and not torch.equal(trained.conv1.weight, tiny_cnn.conv1.weight)

@@ -9,7 +9,7 @@ from lfm.meta import ProtoNetsConfig, ReptileConfig, SinusoidTasks, Task, inner_
 from lfm.meta.functional import forward, params_of
 from lfm.meta.models import MLP
 from lfm.meta.protonets import proto_logits, proto_predict, prototypes
-from lfm.meta.reptile import reptile
+from lfm.meta.reptile import reptile_objective
 from lfm.meta.tasks import classification, regression
 
 
@@ -24,7 +24,7 @@ def _setup():
 def test_reptile_one_step_is_alpha_times_mean_gradient(vectorize):
     model, params, tasks = _setup()
     cfg = ReptileConfig(inner_steps=1, inner_lr=0.05)
-    out = reptile(model, params, tasks, regression(), cfg, None, vectorize)
+    out = reptile_objective(model, params, tasks, regression(), cfg, None, vectorize)
     grads = []
     for i in range(3):
         loss = regression().loss(forward(model, params, tasks.xs[i]), tasks.ys[i])
@@ -37,7 +37,7 @@ def test_reptile_one_step_is_alpha_times_mean_gradient(vectorize):
 def test_reptile_direction_is_theta_minus_mean_adapted_weights():
     model, params, tasks = _setup()
     cfg = ReptileConfig(inner_steps=4)
-    out = reptile(model, params, tasks, regression(), cfg, None, True)
+    out = reptile_objective(model, params, tasks, regression(), cfg, None, True)
     adapted = [
         inner_adapt(model, params, regression().loss, (tasks.xs[i], tasks.ys[i]), cfg)
         for i in range(3)

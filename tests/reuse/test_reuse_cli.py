@@ -1,4 +1,4 @@
-"""`lfm reuse merge` and merge plans in lfm's and mergekit's YAML."""
+"""`lfm reuse merge`, its recipe, and merge plans in lfm's and mergekit's YAML."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from lfm.cli.reuse import app
 from lfm.reuse import merge_state_dicts
 from lfm.reuse.driver import MergeError
 from lfm.reuse.plan import from_mergekit, load_plan
+from lfm.reuse.recipes import merge_plan
 
 
 @pytest.fixture
@@ -48,6 +49,14 @@ def test_cli_merge_lfm_plan(files):
         torch.testing.assert_close(got[k], want[k])
 
 
+def _one_line_error(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (
+        result.output
+    )
+    return lines[0]
+
+
 def test_cli_reports_errors_in_one_line(files):
     root, _ = files
     plan = {
@@ -59,7 +68,31 @@ def test_cli_reports_errors_in_one_line(files):
     result = CliRunner().invoke(
         app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
     )
-    assert result.exit_code == 1 and "bogus" in result.output and not (root / "m").exists()
+    assert "bogus" in _one_line_error(result) and not (root / "m").exists()
+    plan.update(method="tiez", parameters={})
+    result = CliRunner().invoke(
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+    )
+    assert "no merge method 'tiez'" in _one_line_error(result)
+    (root / "junk.safetensors").write_text("not a safetensors file")
+    plan.update(method="ties", models=["junk.safetensors"])
+    result = CliRunner().invoke(
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+    )
+    assert "cannot read" in _one_line_error(result) and not (root / "m").exists()
+
+
+def test_merge_recipe_from_python_equals_the_command(files):
+    root, (base, a, b) = files
+    plan = {"method": "dare_ties", "base": "base.safetensors", "models": ["a.safetensors", "b.safetensors"],
+            "parameters": {"drop_rate": 0.5, "seed": 2}}  # fmt: skip
+    read, out = merge_plan(_write(root / "plan.yaml", plan), root / "py", progress=False)
+    assert read.method == "dare_ties" and out == root / "py"
+    want = merge_state_dicts("dare_ties", base, [a, b], {"drop_rate": 0.5, "seed": 2})
+    got = load_file(out / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(MergeError, match="exists"):
+        merge_plan(root / "plan.yaml", root / "py", progress=False)
 
 
 def test_mergekit_ties_file_as_is(files):

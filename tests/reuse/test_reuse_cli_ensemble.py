@@ -1,4 +1,4 @@
-"""`lfm reuse ensemble`: label-word classification by an ensemble of tiny LMs saved to folders."""
+"""`lfm reuse ensemble` and its recipe: label-word classification by an ensemble of tiny LMs."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lfm.access import LocalModel
+from lfm.access import LocalModel, narrow
+from lfm.errors import AccessError
 from lfm.reuse.ensemble import (
     EnsembleConfig,
-    ensemble_label_words,
+    LabelWords,
+    ensemble_average,
     label_word_logprobs,
     vote_labels,
 )
+from lfm.reuse.recipes import classify_texts
 
 from conftest import make_lm
 
@@ -59,13 +62,18 @@ def test_average_matches_the_library(folders):
     root, paths, handles = folders
     result, out = _run(root, paths, "--weights", "1,2,1")
     assert result.exit_code == 0, result.output
-    want = ensemble_label_words(handles, TEXTS, WORDS, EnsembleConfig(weights=(1, 2, 1))).argmax(-1)
+    members = [LabelWords(h, WORDS) for h in handles]
+    want = ensemble_average(members, TEXTS, EnsembleConfig(weights=(1, 2, 1))).argmax(-1)
     assert json.loads(out.read_text())["predictions"] == [WORDS[i].strip() for i in want.tolist()]
+    # by hand: the weighted mean of the members' label-word probabilities
+    probs = [label_word_logprobs(h, TEXTS, WORDS).exp() for h in handles]
+    mean = (probs[0] + 2 * probs[1] + probs[2]) / 4
+    assert torch.equal(mean.argmax(-1), want)
 
 
 def test_vote_matches_the_library(folders):
     root, paths, handles = folders
-    result, out = _run(root, paths, "--mode", "vote")
+    result, out = _run(root, paths, "--method", "ensemble_vote")
     assert result.exit_code == 0, result.output
     members = [label_word_logprobs(h, TEXTS, WORDS).argmax(-1) for h in handles]
     want = vote_labels(members)
@@ -74,8 +82,39 @@ def test_vote_matches_the_library(folders):
     assert any(not torch.equal(members[0], m) for m in members[1:])
 
 
-def test_bad_weights_fail_in_one_line(folders):
+def _one_line_error(result) -> str:
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (
+        result.output
+    )
+    return lines[0]
+
+
+def test_user_errors_fail_in_one_line_with_status_2(folders):
     root, paths, _ = folders
-    result, _ = _run(root, paths, "--weights", "1,2")
-    assert result.exit_code == 1
-    assert "2 weights for 3 models" in result.output
+    assert "2 weights for 3 models" in _one_line_error(_run(root, paths, "--weights", "1,2")[0])
+    assert "numbers separated by commas" in _one_line_error(
+        _run(root, paths, "--weights", "1,x,2")[0]
+    )
+    assert "did you mean 'ensemble_vote'" in _one_line_error(
+        _run(root, paths, "-m", "ensemble_vot")[0]
+    )
+    assert "not an ensemble" in _one_line_error(_run(root, paths, "-m", "ties")[0])
+    assert "only {text}" in _one_line_error(_run(root, paths, "--template", "{txt}")[0])
+
+
+def test_recipe_from_python_takes_handles_and_the_method_by_name(folders):
+    _, _, handles = folders
+    scores = [narrow(h, "scores") for h in handles]
+    vote = classify_texts(scores, method="ensemble_vote", labels=[w.strip() for w in WORDS],
+                          texts=_texts_file(folders), template="{text}")  # fmt: skip
+    members = [label_word_logprobs(h, TEXTS, WORDS).argmax(-1) for h in handles]
+    assert vote.method == "ensemble_vote" and vote.accuracy is None
+    assert vote.predictions == [WORDS[i].strip() for i in vote_labels(members).tolist()]
+    assert all(torch.equal(a, b) for a, b in zip(vote.members, members, strict=True))
+    with pytest.raises(AccessError, match="label-word classification needs SCORES"):
+        classify_texts([narrow(handles[0], "text")], labels=["a"], texts=_texts_file(folders))
+
+
+def _texts_file(folders):
+    return folders[0] / "texts.txt"

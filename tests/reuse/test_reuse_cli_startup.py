@@ -26,7 +26,8 @@ def _modules_after(argv: list[str]) -> list[str]:
 
 
 def test_reuse_merge_imports_only_the_reuse_commands():
-    assert _modules_after(["reuse", "merge", "--help"]) == ["lfm.cli.reuse"]
+    # lfm.cli.common: what every group shares (one-line errors, exit status 2)
+    assert _modules_after(["reuse", "merge", "--help"]) == ["lfm.cli.common", "lfm.cli.reuse"]
     everything = _modules_after(["--help", "reuse"])  # the top-level help lists every group
     assert {"lfm.cli.reuse", "lfm.cli.edit", "lfm.serve.cli"} <= set(everything)
 

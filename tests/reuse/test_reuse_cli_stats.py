@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from typer.testing import CliRunner
 
 from lfm.cli.reuse import app
+from lfm.errors import LfmError
 from lfm.reuse.rebasin import apply_permutation, chain_spec, chain_spec_from_state_dict
-from lfm.reuse.stats import stats_meta
+from lfm.reuse.recipes import rebasin_files, statistics
+from lfm.reuse.stats import FORMAT, stats_meta
 
 from conftest import TinyCNN, make_lm
 
@@ -43,11 +46,53 @@ def test_cli_stats_gram_of_a_gpt2_records_conv1d_orientation(tmp_path):
     res = CliRunner().invoke(app, ["stats", "gram", str(tmp_path / "lm"), str(tmp_path / "t.txt"),
                                    "-o", str(tmp_path / "g.safetensors")])  # fmt: skip
     assert res.exit_code == 0, res.output
-    meta = stats_meta(tmp_path / "g.safetensors")
+    meta = stats_meta(tmp_path / "g.safetensors", "gram")
+    assert meta["format"] == FORMAT and meta["kind"] == "gram"
     assert (
         meta["count"] == 2 and meta["orientation"]["transformer.h.0.attn.c_attn.weight"] == "in_out"
     )
     g = load_file(tmp_path / "g.safetensors")["transformer.h.0.mlp.c_fc.weight"]
     assert g.shape == (32, 32) and torch.allclose(g, g.T, atol=1e-4)
     bad = CliRunner().invoke(app, ["stats", "hessian", "x", str(tmp_path / "t.txt"), "-o", "y"])
-    assert bad.exit_code == 1 and "fisher or gram" in bad.output
+    assert bad.exit_code == 2 and "fisher or gram" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    # the recipe from Python: a handle instead of a folder, the same file
+    from lfm.access import LocalModel
+
+    n = statistics("gram", LocalModel(model, tok), tmp_path / "t.txt", tmp_path / "g2.safetensors")
+    again = load_file(tmp_path / "g2.safetensors")
+    assert n == 2 and torch.equal(again["transformer.h.0.mlp.c_fc.weight"], g)
+    with pytest.raises(LfmError, match="needs \\(inputs, labels\\)"):
+        statistics("fisher", LocalModel(model, tok), tmp_path / "t.txt", tmp_path / "f.safetensors",
+                   fisher_kind="label")  # fmt: skip
+    with pytest.raises(LfmError, match="cannot read texts"):
+        statistics(
+            "gram", LocalModel(model, tok), tmp_path / "none.txt", tmp_path / "g3.safetensors"
+        )
+
+
+def test_stats_and_rebasin_user_errors_exit_2_in_one_line(tmp_path):
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "a.safetensors"))
+    (tmp_path / "junk.safetensors").write_text("junk")
+    for args, want in [
+        (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "junk.safetensors"), "-o", "c"], "cannot read"),
+        (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "-o", "c"], "no chain"),
+        (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "no.safetensors"), "-o", "c"], "no model at"),
+        (["stats", "gram", "x", str(tmp_path / "missing.txt"), "-o", "y"], "cannot read texts"),
+    ]:  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        lines = res.output.strip().splitlines()
+        assert res.exit_code == 2 and len(lines) == 1 and want in lines[0], res.output
+
+
+def test_rebasin_recipe_from_python_reports_what_moved(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    perm = {"P0": torch.tensor([1, 0, 2, 3, 5, 4])}  # four units moved
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    save_file(apply_permutation(chain_spec(model), sd, perm), str(tmp_path / "b.safetensors"))
+    done = rebasin_files(tmp_path / "a.safetensors", tmp_path / "b.safetensors", tmp_path / "c.st")
+    assert (done.layers, done.moved) == (1, 4)
+    got = load_file(tmp_path / "c.st")
+    assert all(torch.equal(got[k], sd[k]) for k in sd)

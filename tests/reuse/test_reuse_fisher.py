@@ -9,7 +9,7 @@ from torch import nn
 from lfm.reuse import merge_models, merge_state_dicts
 from lfm.reuse.adamerging import AdaMergingConfig, learn_coefficients, save_coefficients
 from lfm.reuse.datamerge import fisher_merge
-from lfm.reuse.stats import fisher, save_fisher, stats_meta
+from lfm.reuse.stats import FORMAT, fisher, save_fisher, save_gram, stats_meta
 
 
 def _sds(seed=0):
@@ -63,7 +63,9 @@ def test_fisher_files_stream_through_the_engine(tmp_path):
         save_file(dict(m.state_dict()), str(tmp_path / f"m{i}.safetensors"))
         paths.append(str(save_fisher(tmp_path / f"f{i}.safetensors", m, [x])))
         stats.append(fisher(m, [x])[0])
-    assert stats_meta(paths[0]) == {"kind": "fisher", "count": 8, "estimator": "sample"}
+    assert stats_meta(paths[0]) == {
+        "format": FORMAT, "kind": "fisher", "count": 8, "estimator": "sample"
+    }  # fmt: skip
     out = merge_models("fisher", [tmp_path / "m0.safetensors", tmp_path / "m1.safetensors"],
                        tmp_path / "out", cfg={"stats": paths}, progress=False)  # fmt: skip
     from safetensors.torch import load_file
@@ -117,6 +119,7 @@ def test_adamerging_task_wise_shares_one_coefficient_per_task():
 def test_missing_or_miscounted_statistics_are_clear_errors(tmp_path):
     import pytest
 
+    from lfm.errors import LfmError
     from lfm.reuse import MergeError
 
     a, b = _sds()
@@ -125,3 +128,12 @@ def test_missing_or_miscounted_statistics_are_clear_errors(tmp_path):
     path = save_fisher(tmp_path / "f.safetensors", nn.Linear(6, 4), [torch.randn(3, 6)])
     with pytest.raises(MergeError, match="1 statistics files for 2 models"):
         merge_state_dicts("regmean", None, [a, b], {"stats": [str(path)]})
+    # a Fisher file is not a Gram file, nor a weights file a statistics file
+    with pytest.raises(LfmError, match="holds fisher statistics, not gram"):
+        merge_state_dicts("regmean", None, [a, b], {"stats": [str(path)] * 2})
+    save_file(a, str(tmp_path / "w.safetensors"))
+    with pytest.raises(LfmError, match=r"is not a lfm\.reuse\.stats/1 file"):
+        merge_state_dicts("fisher", None, [a, b], {"stats": [str(tmp_path / "w.safetensors")] * 2})
+    gram = save_gram(tmp_path / "g.safetensors", nn.Linear(6, 4), [torch.randn(3, 6)])
+    with pytest.raises(LfmError, match="holds gram statistics, not AdaMerging"):
+        merge_state_dicts("adamerging", a, [a, b], {"coefficients": str(gram)})

@@ -7,12 +7,14 @@ import math
 import pytest
 import torch
 
+from lfm import registry
 from lfm.config import Config
 from lfm.errors import ConfigError
-from lfm.registry import methods
+from lfm.registry import methods, run
 from lfm.reuse import kernels as K
 from lfm.reuse import merge_state_dicts
-from lfm.reuse.driver import MergeError
+from lfm.reuse.driver import Ctx, MergeError
+from lfm.reuse.methods import SlerpConfig, TiesConfig
 from lfm.reuse.topk import model_threshold
 
 BASE = torch.ones(4)
@@ -147,13 +149,60 @@ def test_arity_and_unknown_method_errors():
         merge_state_dicts("ties", base, sds, {"density": 2})
 
 
+def _tensors(result) -> list[torch.Tensor]:
+    """Every tensor of a result: a state dict, a list of them, labels or log-probabilities."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, dict):
+        return [v for k in sorted(result) for v in _tensors(result[k])]
+    return [v for r in result for v in _tensors(r)]
+
+
+def _run_example(spec, seed):
+    ex = spec.example(spec.access, seed)
+    return _tensors(ex.summary(run(spec.key, *ex.args, cfg=ex.cfg, **ex.kwargs)))
+
+
 @pytest.mark.parametrize("spec", methods("reuse"), ids=lambda s: s.name)
-def test_registry_contract(spec):
+def test_every_method_runs_by_name_deterministically_and_depends_on_its_inputs(spec):
     cfg = spec.config.build()
     assert isinstance(cfg, Config)
     assert spec.config.build(__import__("json").loads(cfg.to_json())) == cfg
     with pytest.raises(ConfigError):
         spec.config.build({"no_such_knob": 1})
-    a, b = spec.smoke(cfg, 0), spec.smoke(cfg, 0)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], spec.smoke(cfg, 1)[k]) for k in a)
+    a, b = _run_example(spec, 0), _run_example(spec, 0)
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    other = _run_example(spec, 1)
+    assert not all(torch.equal(x, y) for x, y in zip(a, other, strict=True))
+
+
+def test_kernels_run_by_name_over_handles_equal_the_state_dict_merge():
+    from lfm.access import LocalClassifier
+    from lfm.core.tiny import tiny_mlp
+
+    models = [tiny_mlp(seed=s) for s in range(3)]
+    sds = [m.state_dict() for m in models]
+    got = run("reuse/ties", [LocalClassifier(models[1]), models[2]], base=sds[0],
+              weights=[1.0, 2.0], cfg={"density": 0.5})  # fmt: skip
+    want = merge_state_dicts("ties", sds[0], sds[1:], {"density": 0.5}, weights=[1.0, 2.0])
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert registry.get("reuse/ties").fn(BASE, [BASE + t for t in TAUS], [1.0] * 3,
+                                          TiesConfig(density=0.5), Ctx("x")).shape == (4,)  # fmt: skip
+
+    class MyTies(TiesConfig):  # a user's subclass is still TIES's config
+        pass
+
+    sub = run("reuse", "ties", [sds[1], sds[2]], base=sds[0], weights=[1.0, 2.0],
+              cfg=MyTies(density=0.5))  # fmt: skip
+    assert all(torch.equal(sub[k], want[k]) for k in want)
+    with pytest.raises(ConfigError, match="takes a TiesConfig, not a SlerpConfig"):
+        run("reuse/ties", sds[1:], base=sds[0], cfg=SlerpConfig())
+
+
+def test_the_driver_reads_arity_and_prepare_from_the_registry():
+    extras = {s.name: s.extras for s in methods("reuse") if s.shape.name == "kernel"}
+    assert extras["slerp"] == {"needs_base": False, "min_models": 2, "max_models": 2}
+    assert extras["linear"] == {"needs_base": False}
+    assert callable(extras["ties"]["prepare"]) and callable(extras["fisher"]["prepare"])
+    with pytest.raises(MergeError, match="no merge method 'ensemble_vote'"):
+        merge_state_dicts("ensemble_vote", None, [{"x": BASE}])

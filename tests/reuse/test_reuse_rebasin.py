@@ -8,6 +8,10 @@ import pytest
 import torch
 from torch import nn
 
+from lfm import registry
+from lfm.access import LocalClassifier, narrow
+from lfm.errors import AccessError
+from lfm.reuse import MergeError
 from lfm.reuse.connect import (
     barrier,
     classification_eval,
@@ -15,7 +19,7 @@ from lfm.reuse.connect import (
     plot_paths,
     save_paths,
 )
-from lfm.reuse.rebasin import RebasinConfig, apply_permutation, chain_spec, rebasin
+from lfm.reuse.rebasin import RebasinConfig, align_pair, apply_permutation, chain_spec, rebasin
 
 
 def _mlp():
@@ -65,11 +69,29 @@ def test_permutation_keeps_the_function_and_is_recovered_exactly(make, x):
         want = model(x)
         model.load_state_dict(permuted)
         torch.testing.assert_close(model(x), want, atol=1e-5, rtol=1e-5)
-    aligned, found = rebasin(sd, permuted, spec, RebasinConfig(seed=3))
+    aligned, found = align_pair(sd, permuted, spec, RebasinConfig(seed=3))
     for k in sd:
         assert torch.equal(aligned[k], sd[k]), k
     back = {p: torch.argsort(perms[p]) for p in perms}  # the inverse permutation
     assert all(torch.equal(found[p], back[p]) for p in perms)
+
+
+def test_the_aligner_aligns_every_model_to_the_first_by_name():
+    torch.manual_seed(0)
+    model = _randomise_bn(_CNN())
+    _, sd, _, permuted = _known(model, seed=1)
+    _, _, _, other = _known(model, seed=2)
+    twin = _CNN()
+    twin.load_state_dict(other)
+    # the first model's module gives the spec; the others may be state dicts or modules
+    out = registry.run("reuse/rebasin", [LocalClassifier(model), permuted, twin], cfg={"seed": 3})
+    assert len(out) == 3 and all(torch.equal(o[k], sd[k]) for o in out for k in sd)
+    from_sds = rebasin([sd, permuted])  # no module: the spec read from the state dict
+    assert all(torch.equal(from_sds[1][k], sd[k]) for k in sd)
+    with pytest.raises(AccessError, match=r"reuse/rebasin needs WEIGHTS.*only HIDDEN"):
+        rebasin([narrow(LocalClassifier(model), "hidden"), permuted])
+    with pytest.raises(MergeError, match="model 1 does not have the tensors"):
+        rebasin([sd, {k: v for k, v in sd.items() if k != "head.bias"}])
 
 
 def test_cnn_spec_covers_conv_channels_and_batchnorm():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lfm.errors import LfmError
 from lfm.reuse import merge_state_dicts
 from lfm.reuse.datamerge import regmean
 from lfm.reuse.stats import gram, linear_layers, save_gram, stats_meta
@@ -60,7 +61,7 @@ def test_gram_statistics_of_linear_and_conv1d_layers(tmp_path):
     h = torch.relu(model[0](x))
     torch.testing.assert_close(grams["2.weight"], h.T @ h, atol=1e-5, rtol=1e-5)
     assert n == 10 and orient["2.weight"] == "in_out"
-    with pytest.raises(ValueError, match="not linear or conv layers of Sequential: 1"):
+    with pytest.raises(LfmError, match="not linear or conv layers of Sequential: 1"):
         gram(model, [x], modules=["1"])  # the ReLU
     path = save_gram(tmp_path / "g.safetensors", model, [x])
     assert stats_meta(path)["orientation"] == {"0.weight": "out_in", "2.weight": "in_out"}

@@ -2,7 +2,7 @@
 
     python tests/serve/fuzz_server.py PORT [LEVEL] [llama|gpt2]
 
-A 2-layer, 32-wide model keeps every fuzz case cheap: the Llama of `lfm.tuning.blackbox_tiny`, or a
+A 2-layer, 32-wide model keeps every fuzz case cheap: the Llama of `lfm.tuning.tiny`, or a
 GPT-2 with 128 absolute positions (inputs past them fail inside the model unless the server refuses
 them first). The server runs with its default limits, on 127.0.0.1 only.
 """
@@ -20,7 +20,8 @@ import uvicorn
 from lfm.access import LocalModel
 from lfm.core.tiny import tiny_config
 from lfm.serve import Backend, ServeSettings, build_app
-from lfm.tuning.blackbox_tiny import tiny_lm, tiny_tokenizer
+from lfm.tuning.tiny import news_tokenizer as tiny_tokenizer
+from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
 
 def tiny_gpt2() -> LocalModel:

@@ -12,7 +12,7 @@ from lfm.errors import LfmError
 from lfm.serve import Backend, ServeSettings, build_app
 from lfm.serve.cli import check_bind, is_loopback, make_server
 from lfm.serve.wire import pack
-from lfm.tuning.blackbox_tiny import tiny_lm
+from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
 
 @pytest.fixture(scope="module")

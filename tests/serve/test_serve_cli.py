@@ -24,7 +24,7 @@ def test_serve_refuses_levels_above_embeddings():
 
 def test_make_server_builds_a_loopback_server_for_a_local_model():
     from lfm.serve.cli import make_server
-    from lfm.tuning.blackbox_tiny import tiny_lm
+    from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
     server = make_server(tiny_lm(0), "scores", "127.0.0.1", 8123, None, max_batch=4, timeout_s=900)
     assert server.config.host == "127.0.0.1" and server.config.port == 8123

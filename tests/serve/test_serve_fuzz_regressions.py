@@ -11,7 +11,7 @@ from fuzz_server import tiny_gpt2
 
 from lfm.serve import Backend, ServeSettings, build_app
 from lfm.serve.wire import pack
-from lfm.tuning.blackbox_tiny import tiny_lm
+from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from lfm.access import Access, narrow
 from lfm.errors import AccessError
 from lfm.serve import Backend, RemoteModel, ServeSettings, build_app
 from lfm.serve.thread import running
-from lfm.tuning.blackbox_tiny import tiny_lm
+from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""kNN-LM and REPLUG on a tiny model: the interpolation and the ensemble against hand computations."""
+"""kNN-LM and REPLUG on a tiny model: the interpolation and the ensemble against hand computations,
+and the retrieval-augmented handles the tuners return."""
 
 from __future__ import annotations
 
@@ -7,16 +8,17 @@ import torch
 
 from lfm.access import narrow
 from lfm.errors import AccessError
-from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
 from lfm.tuning.retrieval import (
     KnnLMConfig,
     ReplugConfig,
     build_datastore,
     char_embedder,
     knn_distribution,
-    knn_lm,
-    replug,
+    replug_logprobs,
 )
+from lfm.tuning.retrieval import knn_logprobs as knn_lm
+from lfm.tuning.tiny import CORPUS
+from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +53,13 @@ def test_knn_distribution_sums_weights_per_token():
 
 def test_replug_with_one_document_is_the_lm_on_that_document(lm):
     s = narrow(lm, "scores")
-    out = replug(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=1))
+    out = replug_logprobs(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=1))
     sims = torch.nn.functional.cosine_similarity(
         char_embedder(["The team won the"]), char_embedder(CORPUS)
     )
     best = CORPUS[int(sims.argmax())]
     assert torch.allclose(out, s.next_token_logprobs([best + "\n\nThe team won the"]), atol=1e-5)
-    two = replug(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=2))
+    two = replug_logprobs(s, ["The team won the"], CORPUS, char_embedder, ReplugConfig(k=2))
     assert torch.allclose(two.exp().sum(-1), torch.ones(1), atol=1e-4)
 
 
@@ -65,7 +67,7 @@ def test_retrieval_methods_refuse_lower_levels(lm):
     with pytest.raises(AccessError, match="needs HIDDEN access"):
         build_datastore(narrow(lm, "embeddings"), ["x"])
     with pytest.raises(AccessError, match="needs SCORES access"):
-        replug(narrow(lm, "text"), ["x"], ["y"], char_embedder)
+        replug_logprobs(narrow(lm, "text"), ["x"], ["y"], char_embedder)
 
 
 def test_token_queries_give_the_knn_lm_of_each_position(lm):
@@ -105,3 +107,61 @@ def test_replug_score_mixes_sequence_probabilities_by_retrieval_weight(lm):
     assert float(out[0]) == pytest.approx(float(torch.log((w * per_doc.exp()).sum())), abs=1e-5)
     one = replug_score(s, x, y, CORPUS, char_embedder, ReplugConfig(k=1))
     assert float(one[0]) == pytest.approx(float(per_doc[0]), abs=1e-5)
+
+
+def test_knn_lm_tuner_returns_a_scores_handle_that_interpolates(lm, tmp_path):
+    from lfm.access import Access, access_of
+    from lfm.registry import run
+    from lfm.tuning.augmented import KnnLMHandle, load_datastore
+    from lfm.tuning.retrieval import interpolate, knn_target_probs, token_queries
+    from lfm.tuning.tasks import Corpus
+
+    h = narrow(lm, "hidden")
+    cfg = KnnLMConfig(k=4, lam=0.25)
+    res = run("tuning/knn_lm", h, Corpus(CORPUS[1:3]), cfg=cfg)
+    aug = res.handle
+    assert access_of(aug) is Access.SCORES and res.metrics["entries"] == len(
+        res.handle.store.values
+    )
+    prompt = "Article: The team won"
+    torch.testing.assert_close(
+        aug.next_token_logprobs([prompt]), knn_lm(h, [prompt], aug.store, cfg)
+    )
+    x, y = "Article: The team", " won the match"
+    q, lm_logp, ids = token_queries(h, x + y, aug.store.module)
+    n = len(lm.encode(x + y)) - len(lm.encode(x))
+    want = interpolate(
+        lm_logp[-n:], knn_target_probs(q[-n:], ids[-n:], aug.store, 4, 1.0), 0.25
+    ).sum()
+    assert float(aug.score([x], [y])[0]) == pytest.approx(float(want), abs=1e-5)
+    assert len(aug.generate([prompt], max_new_tokens=2)) == 1
+    res.save(tmp_path / "knn")
+    store = load_datastore(tmp_path / "knn")
+    again = KnnLMHandle(h, store, cfg)
+    torch.testing.assert_close(
+        again.next_token_logprobs([prompt]), aug.next_token_logprobs([prompt])
+    )
+
+
+def test_replug_tuner_returns_a_scores_handle_over_its_documents(lm, tmp_path):
+    from lfm.registry import run
+    from lfm.tuning.augmented import ReplugHandle, load_documents
+    from lfm.tuning.retrieval import replug_score
+    from lfm.tuning.tasks import Documents
+
+    s = narrow(lm, "scores")
+    cfg = ReplugConfig(k=2)
+    res = run("tuning/replug", s, Documents(CORPUS), cfg=cfg, embed=char_embedder)
+    x = ["The team won the"]
+    want = replug_logprobs(s, x, CORPUS, char_embedder, cfg)
+    torch.testing.assert_close(res.handle.next_token_logprobs(x), want)
+    torch.testing.assert_close(
+        res.handle.score(x, [" match"]), replug_score(s, x, [" match"], CORPUS, char_embedder, cfg)
+    )
+    res.save(tmp_path / "replug")
+    docs = load_documents(tmp_path / "replug")
+    assert docs.texts == CORPUS and torch.equal(docs.embeddings, char_embedder(CORPUS))
+    again = ReplugHandle(s, docs, char_embedder, cfg)
+    torch.testing.assert_close(again.next_token_logprobs(x), want)
+    with pytest.raises(AccessError, match="tuning/replug needs SCORES access"):
+        run("tuning/replug", narrow(lm, "text"), Documents(CORPUS), embed=char_embedder)

@@ -6,30 +6,38 @@ import pytest
 import torch
 
 from lfm.errors import ConfigError
-from lfm.tuning.peft_methods import PrefixTuningCfg, inject
-from lfm.tuning.tiny import VOCAB, tiny_bert, tiny_llama
+from lfm.tuning.peft_methods import PrefixTuningConfig, adapter
+
+from conftest import make_lm
 
 N = 4
 
 
 def _tuned(seed: int, **cfg) -> torch.nn.Module:
-    model = tiny_llama(0)
-    torch.manual_seed(seed)
-    return inject(model, PrefixTuningCfg(num_virtual_tokens=N, **cfg)).eval()
+    return adapter(
+        make_lm("llama")[0],
+        "prefix_tuning",
+        PrefixTuningConfig(num_virtual_tokens=N, **cfg),
+        seed=seed,
+    ).eval()
 
 
 def test_words_init_equals_the_model_reading_the_sampled_tokens_first():
-    torch.manual_seed(7)  # inject samples the prefix tokens from the global RNG, as drawn here
-    prefix = torch.randint(0, VOCAB, (N,))
-    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    base = make_lm("llama")[0].eval()
+    vocab = base.config.vocab_size
+    # the prefix tokens are drawn under the seed, from their own generator
+    prefix = torch.randint(0, vocab, (N,), generator=torch.Generator().manual_seed(7))
+    x = torch.randint(3, vocab, (2, 6), generator=torch.Generator().manual_seed(1))
+    state = torch.get_rng_state()
     got = _tuned(7)(input_ids=x, attention_mask=torch.ones_like(x)).logits  # (B, T, V)
+    assert torch.equal(torch.get_rng_state(), state)  # the global random state is untouched
     full = torch.cat([prefix.expand(2, N), x], dim=1)
-    want = tiny_llama(0).eval()(input_ids=full).logits[:, N:]
+    want = base(input_ids=full).logits[:, N:]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_random_init_is_not_a_real_context_and_projection_needs_random():
-    x = torch.randint(3, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(3, 320, (2, 6), generator=torch.Generator().manual_seed(1))
     words = _tuned(7)(input_ids=x, attention_mask=torch.ones_like(x)).logits
     rand = _tuned(7, init="random")(input_ids=x, attention_mask=torch.ones_like(x)).logits
     assert (words - rand).abs().max() > 1e-3
@@ -39,6 +47,6 @@ def test_random_init_is_not_a_real_context_and_projection_needs_random():
 
 
 def test_an_encoder_keeps_the_random_init():
-    model = inject(tiny_bert(0), PrefixTuningCfg(num_virtual_tokens=N))
+    model = adapter(make_lm("bert")[0], "prefix_tuning", PrefixTuningConfig(num_virtual_tokens=N))
     weight = model.prompt_encoder["default"].embedding.weight
     assert weight.shape[0] == N and 0.5 < float(weight.detach().std()) < 1.5  # PEFT's N(0, 1)

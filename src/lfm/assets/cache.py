@@ -1,15 +1,5 @@
-"""Where lfm keeps converted models and computed statistics.
+"""Where lfm keeps converted models and computed statistics (see `lfm.core.cache`)."""
 
-`$LFM_CACHE` moves it; the default is `~/.cache/lfm`.
-"""
+from lfm.core.cache import cache_dir
 
-from __future__ import annotations
-
-import os
-from pathlib import Path
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("LFM_CACHE") or Path.home() / ".cache" / "lfm").expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+__all__ = ["cache_dir"]

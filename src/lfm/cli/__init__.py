@@ -1,7 +1,10 @@
 """The `lfm` command: a thin layer over the public Python API.
 
 Each area may add a sub-command group by defining `app` in `lfm/cli/<area>.py`; it is mounted as
-`lfm <area> ...`. Errors that lfm raises on purpose print as one line and exit with status 2.
+`lfm <area> ...`. A command parses its options, calls a documented library function (a recipe of
+its area, `lfm.<area>.recipes`) and prints. Every error a user can cause exits with status 2 and
+one line: an `LfmError` the library raised, or a usage error (a bad option, type or value). Any
+other exception is a bug: one line too, exit status 1, the traceback with `LFM_DEBUG=1`.
 
 Area groups are mounted on demand: `lfm reuse merge ...` imports only `lfm.cli.reuse`, so a
 command does not pay for the imports of the other areas (the serving stack, PEFT ...); anything
@@ -12,14 +15,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
 import sys
+from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import Abort, Exit, TyperException
 
 from lfm.errors import LfmError
 
@@ -68,15 +73,16 @@ def methods(
         str | None, typer.Option(help="only methods usable with this access level")
     ] = None,
 ) -> None:
-    """Print the catalogue of methods: area, survey branch, access needed, paper."""
+    """Print the catalogue of methods: area, survey branch, access needed, paper, command."""
     from lfm.registry import methods as list_methods
 
     specs = list_methods(area=area, access=access)
     table = Table(
-        "area", "method", "survey branch", "access", "paper", title=f"methods ({len(specs)})"
-    )
+        "area", "method", "survey branch", "access", "paper", "command",
+        title=f"methods ({len(specs)})",
+    )  # fmt: skip
     for s in specs:
-        table.add_row(s.area, s.name, s.branch, s.access.name, s.paper)
+        table.add_row(s.area, s.name, s.branch, s.access.name, s.paper, s.cli)
     out.print(table)
 
 
@@ -139,6 +145,75 @@ def cache(
         out.print(f"{root}: {size / 2**20:.1f} MiB")
 
 
+@_app.command()
+def plan(
+    target: Annotated[str, typer.Argument(help="asset name, model/adapter folder, or URL")],
+    task: Annotated[
+        str | None,
+        typer.Option(help="classify, edit, merge, ensemble, distill or meta: the methods for it"),
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="key of a served model", envvar="LFM_API_KEY")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    runnable_only: Annotated[
+        bool, typer.Option("--runnable-only", help="leave out the methods that cannot run")
+    ] = False,
+) -> None:
+    """What can be learnt from TARGET through the interface it exposes, by area and branch."""
+    from lfm.pipeline import plan as make_plan
+
+    with err.status(f"Probing {target}..."):
+        p = make_plan(target, task, api_key)
+    if as_json:
+        out.print_json(json.dumps(p.to_dict()))
+        return
+    i = p.interface
+    facts = ", ".join(f"{k} {v}" for k, v in i.facts.items() if v not in (None, ""))
+    out.print(f"[bold]{i.target}[/bold]: {i.kind}, {i.model}, gives {i.access.name}"
+              + (f" ({facts})" if facts else ""), highlight=False)  # fmt: skip
+    title = f"{len(p.runnable)} of {len(p.entries)} methods can run" + (
+        f" for task {task!r}, best measured first" if task else ""
+    )
+    table = Table("area", "branch", "method", "needs", "runs here", "measured", title=title)
+    for e in p.entries:
+        if runnable_only and not e.runnable:
+            continue
+        fig = e.figures.get("summary", "")
+        table.add_row(e.area, e.branch, e.key.split("/")[1], e.needs.name,
+                      "yes" if e.runnable else f"no: {e.why}", fig)  # fmt: skip
+    out.print(table)
+
+
+@_app.command("run")
+def run_(
+    pipeline: Annotated[
+        Path, typer.Argument(help="a pipeline YAML file", exists=True, dir_okay=False)
+    ],
+    root: Annotated[Path, typer.Option(help="where run directories are created")] = Path("runs"),
+    api_key: Annotated[
+        str | None, typer.Option(help="key of served models in the pipeline", envvar="LFM_API_KEY")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="validate only; load nothing")] = False,
+) -> None:
+    """Run a pipeline of steps across areas; finished steps are skipped, lineage recorded."""
+    from lfm.pipeline import spec as pipeline_spec
+    from lfm.pipeline.runner import run_pipeline, validate
+
+    if check:
+        steps = validate(pipeline_spec.load(pipeline), api_key)
+        out.print(f"{pipeline}: {len(steps)} steps, valid: {', '.join(s.name for s in steps)}")
+        return
+    result = run_pipeline(pipeline, root, api_key, log=lambda m: err.print(m, highlight=False))
+    table = Table("step", "run directory", "seconds", title=f"pipeline {result.name}")
+    for s in result.steps:
+        table.add_row(s.name, s.run_id + (" (skipped)" if s.skipped else ""), f"{s.seconds:.1f}")
+    out.print(table)
+    out.print(result.markdown(), highlight=False, soft_wrap=True)
+    out.print(f"written to {result.folder}", highlight=False)
+
+
+_TOP_LEVEL = ("models", "datasets", "methods", "info", "generate", "cache", "plan", "run")
 _mounted: set[str] = set()
 
 
@@ -171,11 +246,12 @@ def _mount_areas(argv: list[str] | None = None) -> typer.Typer:
     """Mount what `argv` needs: its command's group when it names one, else every group."""
     from lfm.registry import AREAS
 
+    groups = ("serve", "merge", "runs", *AREAS)
     first = argv[0] if argv else None  # `lfm --help reuse` still lists every group
-    if first in ("serve", "merge", *AREAS):
+    if first in groups:
         _mount(first)
-    else:
-        for name in ("serve", "merge", *AREAS):
+    elif first not in _TOP_LEVEL:
+        for name in groups:
             _mount(name)
     return _app
 
@@ -186,17 +262,36 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def _error(message: str) -> None:
+    err.print(
+        f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True
+    )
+
+
 def main() -> None:
-    """Entry point: run the CLI; print deliberate errors as one line."""
+    """Entry point: run the CLI; every error a user can cause is one line and exit status 2."""
     try:
         code = _mount_areas(sys.argv[1:])(standalone_mode=False)
     except LfmError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(2)
-    except click.ClickException as e:
-        e.show()
+    except TyperException as e:  # usage errors: bad option, type, value, missing file
+        show = getattr(e, "show", None)
+        if callable(show):
+            show()
+        else:
+            _error(e.format_message())
+        sys.exit(2)
+    except Exit as e:
         sys.exit(e.exit_code)
-    except click.Abort:
+    except (Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
+    except Exception as e:
+        if os.environ.get("LFM_DEBUG"):
+            raise
+        _error(
+            f"internal error ({type(e).__name__}: {e}); rerun with LFM_DEBUG=1 for the traceback"
+        )
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

@@ -1,4 +1,7 @@
-"""`lfm edit`: compute, apply, revert and evaluate edit patches (thin over `lfm.edit`)."""
+"""`lfm edit`: compute, apply, revert and evaluate edit patches; trace where a fact is recalled.
+
+Each command parses its options, calls `lfm.edit.recipes` and prints.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +10,17 @@ from pathlib import Path
 
 import typer
 
-from lfm.errors import LfmError
+from lfm.cli.common import group
 
-app = typer.Typer(help="Model editing: ROME, MEMIT, AlphaEdit, FT-L patches and their evaluation.")
-
-
-def _fail(e: LfmError) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2) from None
-
-
-def _requests(prompt, subject, target, requests_file):
-    from lfm.edit.requests import Request, read_requests
-
-    if requests_file is not None:
-        return read_requests(requests_file)
-    if not (prompt and subject and target):
-        raise LfmError("give --prompt, --subject and --target, or --requests FILE.jsonl")
-    return [Request(prompt, subject, target)]
+app = group("Model editing: ROME, MEMIT, AlphaEdit, FT-L and IKE patches and their evaluation.")
 
 
 @app.command("apply")
 def apply_(
     model: str = typer.Argument(..., help="model name (`lfm models`) or path"),
-    method: str = typer.Option("rome", "--method", "-m", help="rome, memit, alphaedit or ft-l"),
+    method: str = typer.Option(
+        "rome", "--method", "-m", help="rome, memit, alphaedit, ft_l or ike"
+    ),
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
     target: str = typer.Option(None, "--target", help="the new object (no leading space)"),
@@ -42,53 +32,16 @@ def apply_(
     state: Path = typer.Option(
         None, "--state", help="sequential AlphaEdit state: read if it exists, then updated"
     ),
-    out: Path = typer.Option(..., "--out", "-o", help="patch file (.safetensors)"),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="patch file (.safetensors; JSON for ike's memory patch)"
+    ),
 ) -> None:
     """Compute an edit patch for MODEL (the model itself is not changed)."""
-    from lfm.assets import load_model
-    from lfm.registry import get
+    from lfm.edit import recipes
 
-    try:
-        spec = get(f"edit/{method}")
-        cfg = spec.config.load(config) if config else spec.config()
-        reqs = _requests(prompt, subject, target, requests_file)
-        handle = load_model(model)
-        _apply_earlier(handle, on or [])
-        if state is None:
-            patch = spec.fn(handle, reqs, cfg)
-            path = patch.save(out)
-        else:  # the state advances only once its patch is written
-            patch, after = _sequential_step(handle, method, reqs, cfg, state)
-            path = patch.save(out)
-            after.save(state)
-    except LfmError as e:
-        _fail(e)
-    typer.echo(f"{method}: {len(reqs)} edit(s) on {', '.join(patch.modules)} -> {path}")
-
-
-def _apply_earlier(handle, patches: list[Path]) -> None:
-    from lfm.edit.patch import Patch
-
-    for p in patches:
-        Patch.load(p).apply(handle.model)
-
-
-def _sequential_step(handle, method: str, reqs, cfg, state_file: Path):
-    from lfm.edit.sequential import AlphaEditState, alphaedit_step
-
-    if method != "alphaedit":
-        raise LfmError(f"--state is for sequential AlphaEdit; {method} keeps no state")
-    before = AlphaEditState.load(state_file) if state_file.exists() else None
-    return alphaedit_step(handle, reqs, before, cfg)
-
-
-def _patched(model: str, patch_file: Path):
-    from lfm.assets import load_model
-    from lfm.edit.patch import Patch
-
-    handle = load_model(model)
-    patch = Patch.load(patch_file)
-    return handle, patch, patch.apply(handle.model)
+    reqs = recipes.requests_from(prompt, subject, target, requests_file)
+    done = recipes.apply(model, method, reqs, out, config=config, on=on or [], state=state)
+    typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
 
 
 @app.command("eval")
@@ -101,36 +54,26 @@ def eval_(
     max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
 ) -> None:
     """Greedy completions before and after applying a patch, and P(target) per request."""
-    try:
-        handle, patch, undo = _patched(model, patch_file)
-    except LfmError as e:
-        _fail(e)
-    prompts = prompt or [r.prompt for r in patch.requests]
-    after = handle.generate(prompts, max_new_tokens=max_new_tokens)
-    hits = [handle.score([r.prompt], [f" {r.target}"]).item() for r in patch.requests]
-    undo.revert(handle.model)
-    before = handle.generate(prompts, max_new_tokens=max_new_tokens)
-    for p, b, a in zip(prompts, before, after, strict=True):
-        typer.echo(json.dumps({"prompt": p, "before": b, "after": a}, ensure_ascii=False))
-    for r, lp in zip(patch.requests, hits, strict=True):
+    from lfm.edit import recipes
+
+    report = recipes.evaluate(model, patch_file, prompt or [], max_new_tokens)
+    for row in report.completions:
+        typer.echo(json.dumps(row, ensure_ascii=False))
+    for r, lp in report.logprobs:
         typer.echo(f"log P({r.target!r} | {r.prompt!r}) after the edit = {lp:.3f}")
 
 
 @app.command("patch-apply")
 def patch_apply(
     model: str = typer.Argument(..., help="model name or path"),
-    patch_file: Path = typer.Argument(..., help="patch made for this model"),
+    patch_file: Path = typer.Argument(..., help="weight patch made for this model"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the edited model"),
 ) -> None:
     """Write MODEL with the patch applied as a Hugging Face folder (+ the originals, for revert)."""
-    from lfm.edit.patch import save_edited
+    from lfm.edit import recipes
 
-    try:
-        handle, patch, undo = _patched(model, patch_file)
-        save_edited(handle, undo, out)
-    except LfmError as e:
-        _fail(e)
-    typer.echo(f"applied {patch.method} patch to {model} -> {out}")
+    recipes.patch_apply(model, patch_file, out)
+    typer.echo(f"applied {patch_file} to {model} -> {out}")
 
 
 @app.command("patch-revert")
@@ -139,12 +82,9 @@ def patch_revert(
     out: Path = typer.Option(..., "--out", "-o", help="folder for the restored model"),
 ) -> None:
     """Restore the original weights of an edited model folder, bit for bit."""
-    from lfm.edit.patch import revert_folder
+    from lfm.edit import recipes
 
-    try:
-        revert_folder(folder, out)
-    except LfmError as e:
-        _fail(e)
+    recipes.patch_revert(folder, out)
     typer.echo(f"restored the original weights -> {out}")
 
 
@@ -159,22 +99,11 @@ def trace(
     out: Path = typer.Option(..., "--out", "-o", help="heat map PNG; the numbers go to .json"),
 ) -> None:
     """Causal tracing (ROME §2): the layer × token effect of restoring clean hidden states."""
-    from lfm.assets import load_model
-    from lfm.edit.trace import causal_trace, plot
+    from lfm.edit import recipes
 
-    try:
-        t = causal_trace(
-            load_model(model), prompt, subject, answer=answer, samples=samples, noise=noise
-        )
-    except LfmError as e:
-        _fail(e)
-    plot(t, out)
-    data = t.save(Path(out).with_suffix(".json"))
-    peak = max(
-        ((v, layer, i) for layer, row in enumerate(t.effect) for i, v in enumerate(row)),
-        key=lambda x: x[0],
-    )
+    done = recipes.trace(model, prompt, subject, out, answer=answer, samples=samples, noise=noise)
+    t, (value, layer, i) = done.trace, done.peak
     typer.echo(
         f"p({t.answer!r}): clean {t.clean:.3f}, corrupted {t.corrupted:.3f}; "
-        f"peak {peak[0]:.3f} at layer {peak[1]}, token {t.tokens[peak[2]]!r} -> {out}, {data}"
+        f"peak {value:.3f} at layer {layer}, token {t.tokens[i]!r} -> {done.png}, {done.json}"
     )

@@ -1,8 +1,8 @@
-"""`lfm tuning`: model tuning from the command line.
+"""`lfm tuning`: model tuning from the command line, a thin layer over `lfm.tuning.recipes`.
 
-Black-box commands (BBT, discrete prompt search) run against a served model (`--url`) or a local
-asset narrowed to the level the method needs; both take the BBC News few-shot task. PEFT commands
-belong in their own section of this file.
+Each command parses its options, calls its recipe and prints the summary. The black-box commands
+(bbt, prompt-search) run against a served model (`--url`) or a local asset narrowed to the level
+the method needs. Under a multi-process launch only the main process of `train` and `sft` reports.
 """
 
 from __future__ import annotations
@@ -13,15 +13,82 @@ from typing import Annotated, Any
 
 import typer
 
-from lfm.cli import tuning_peft
-from lfm.errors import LfmError
+from lfm.cli.common import group
 
-app = typer.Typer(
-    help="Model tuning: fine-tuning and PEFT adapters (train, sft), black-box prompt tuning (bbt, prompt-search)."
+app = group(
+    "Model tuning: fine-tuning and adapters (train, sft), black-box prompt tuning (bbt, "
+    "prompt-search), retrieval augmentation (augment)."
 )
 
+Root = Annotated[Path, typer.Option(help="where run directories are created")]
+Resume = Annotated[Path | None, typer.Option(help="a run directory to resume")]
+Seed = Annotated[int, typer.Option(help="seeds the data draw and the initialisations")]
+Threads = Annotated[int, typer.Option(help="torch CPU threads")]
+TRAINERS = "full_ft, bitfit, lp_ft, wise_ft, lora, dora, ia3, prompt_tuning, prefix_tuning, mezo"
+
+
+@app.command("train")
+def train(
+    method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
+    model: Annotated[str, typer.Option(help="a causal LM (label words) or an encoder (new head)")] = "smollm2-135m",
+    task: Annotated[str, typer.Option(help="classification task: bbc (BBC News, 5 topics)")] = "bbc",
+    shots: Annotated[int, typer.Option(help="training examples per class")] = 16,
+    steps: Annotated[int, typer.Option(help="optimizer steps (MeZO: zeroth-order steps)")] = 30,
+    batch_size: int = 4,
+    lr: Annotated[float, typer.Option(help="learning rate; 0 takes the method's paper default")] = 0.0,
+    head_lr: Annotated[float, typer.Option(help="learning rate of an encoder's new head")] = 1e-3,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    eval_per_class: Annotated[int, typer.Option(help="held-out articles per class to evaluate on (0: all)")] = 10,
+    eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0: at the end)")] = 0,
+    max_chars: Annotated[int, typer.Option(help="articles are cut to this many characters")] = 400,
+    seed: Seed = 0,
+    ckpt_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: never)")] = 0,
+    threads: Threads = 2,
+    root: Root = Path("runs"),
+    resume: Resume = None,
+) -> None:  # fmt: skip
+    """Few-shot classification with a tuning method, into a run directory (adapter or weights)."""
+    from lfm.tuning import recipes
+
+    out = recipes.classify(
+        method, model, task=task, shots=shots, steps=steps, batch_size=batch_size, lr=lr,
+        head_lr=head_lr, grad_accum=grad_accum, eval_per_class=eval_per_class,
+        eval_every=eval_every, max_chars=max_chars, seed=seed, ckpt_every=ckpt_every,
+        threads=threads, root=root, resume=resume,
+    )  # fmt: skip
+    if out is None:
+        return  # another process of a multi-process launch; the main one reports
+    start = "" if out["zero_shot_acc"] is None else f"{out['zero_shot_acc']:.3f} (zero-shot) -> "
+    typer.echo(f"{out['method']} on {model}: accuracy {start}{out['acc']:.3f} "
+               f"({out['trainable_parameters']:,} trainable) -> {out['run']}")  # fmt: skip
+
+
+@app.command("sft")
+def sft(
+    method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
+    model: Annotated[str, typer.Option(help="a causal LM with a chat template")] = "smollm2-135m",
+    data: Annotated[Path | None, typer.Option(help="JSONL of {prompt, response}; default: the packaged set")] = None,
+    steps: int = 30,
+    batch_size: int = 4,
+    lr: Annotated[float, typer.Option(help="learning rate; 0 takes the method's paper default")] = 0.0,
+    seed: Seed = 0,
+    threads: Threads = 2,
+    root: Root = Path("runs"),
+    resume: Resume = None,
+) -> None:  # fmt: skip
+    """Instruction tuning (loss on the responses only) into a run directory."""
+    from lfm.tuning import recipes
+
+    out = recipes.sft(method, model, data=data, steps=steps, batch_size=batch_size, lr=lr,
+                      seed=seed, threads=threads, root=root, resume=resume)  # fmt: skip
+    if out is None:
+        return
+    typer.echo(f"loss {out['first_loss']:.3f} -> {out['final_loss']:.3f}; "
+               f"{out['prompt']!r} -> {out['answer']!r}; {out['run']}")  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------
-# Black-box tuning (BBT, discrete prompt search): through a served model or a narrowed local one.
+# Black-box tuning: through a served model or a narrowed local one.
 
 Url = Annotated[
     str | None, typer.Option(help="served model root (lfm serve); default: load --model")
@@ -30,28 +97,17 @@ Model = Annotated[str, typer.Option(help="model asset or folder, when no --url i
 Key = Annotated[str | None, typer.Option(help="API key of the served model", envvar="LFM_API_KEY")]
 Shots = Annotated[int, typer.Option(help="training examples per class (paper: 16)")]
 Calls = Annotated[int | None, typer.Option(help="HTTP call budget for --url (none: unlimited)")]
-Out = Annotated[Path | None, typer.Option(help="write the result and config as JSON here")]
+Out = Annotated[Path | None, typer.Option(help="also write the summary as JSON here")]
+MaxChars = Annotated[int, typer.Option(help="article cut in characters")]
 
 
-def _handle(url: str | None, model: str, key: str | None, level: str, calls: int | None) -> Any:
-    """A remote handle on `url`, or the local asset narrowed to `level`."""
-    if url:
-        from lfm.serve import Budget, RemoteModel
+def _model(url: str | None, model: str, key: str | None, level: str, calls: int | None) -> Any:
+    """A remote handle on `url` at `level`, or the model's name (the recipe loads and narrows it)."""
+    if not url:
+        return model
+    from lfm.serve import Budget, RemoteModel
 
-        return RemoteModel(url, api_key=key, access=level, budget=Budget(calls=calls))
-    from lfm.access import narrow
-    from lfm.assets import load_model
-
-    return narrow(load_model(model, kind="causal-lm"), level)
-
-
-def _task(shots: int, seed: int, max_chars: int):
-    from lfm.assets import load_dataset
-    from lfm.tuning.tasks import BBC_LABEL_WORDS, BBC_TEMPLATE, Verbalizer, few_shot
-
-    data = load_dataset("bbc-news")
-    verb = Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in data.classes), max_chars)
-    return (*few_shot(data, shots, seed), verb)
+    return RemoteModel(url, api_key=key, access=level, budget=Budget(calls=calls))
 
 
 def _report(result: dict[str, Any], out: Path | None) -> None:
@@ -61,52 +117,54 @@ def _report(result: dict[str, Any], out: Path | None) -> None:
 
 
 @app.command("bbt")
-def bbt_cmd(
+def bbt(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
     budget: Annotated[int, typer.Option(help="CMA-ES evaluations (paper: 8000)")] = 8000,
     n_tokens: Annotated[int, typer.Option(help="soft-prompt length (paper: 50)")] = 50,
     dim: Annotated[int, typer.Option(help="intrinsic dimension d (paper: 500)")] = 500,
-    max_chars: Annotated[int, typer.Option(help="article cut in characters")] = 1200,
-    calls: Calls = None, seed: int = 0, out: Out = None,
+    max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
+    out: Out = None,
 ) -> None:  # fmt: skip
     """Black-Box Tuning (arXiv 2201.03514): CMA-ES over a projected soft prompt (EMBEDDINGS)."""
-    from lfm.tuning.bbt import BBTConfig, bbt
+    from lfm.tuning import recipes
 
-    try:
-        cfg = BBTConfig.build(budget=budget, n_tokens=n_tokens, intrinsic_dim=dim)
-        x, y, verb = _task(shots, seed, max_chars)
-        res = bbt(_handle(url, model, api_key, "embeddings", calls), x, y, verb, cfg, seed)
-    except LfmError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    _report({"method": "tuning/bbt", "config": cfg.to_dict(), "start_loss": res.start_loss,
-             "best_loss": res.best_loss, "evaluations": res.evaluations, "stopped": res.stopped,
-             "prompt_shape": list(res.prompt.shape)}, out)  # fmt: skip
+    handle = _model(url, model, api_key, "embeddings", calls)
+    _report(recipes.bbt(handle, shots=shots, budget=budget, n_tokens=n_tokens, dim=dim,
+                        max_chars=max_chars, seed=seed, root=root), out)  # fmt: skip
 
 
 @app.command("prompt-search")
-def prompt_search_cmd(
+def prompt_search(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
     iterations: Annotated[int, typer.Option(help="search steps (GrIPS: 10)")] = 10,
     candidates: Annotated[int, typer.Option(help="candidates per step (GrIPS: 5)")] = 5,
-    max_chars: Annotated[int, typer.Option(help="article cut in characters")] = 1200,
-    calls: Calls = None, seed: int = 0, out: Out = None,
+    max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
+    out: Out = None,
 ) -> None:  # fmt: skip
     """GrIPS-style discrete prompt search (arXiv 2203.07281) through SCORES access."""
-    from lfm.tuning.prompt_search import PromptSearchConfig, prompt_search
+    from lfm.tuning import recipes
 
-    try:
-        cfg = PromptSearchConfig.build(iterations=iterations, candidates=candidates)
-        x, y, verb = _task(shots, seed, max_chars)
-        res = prompt_search(_handle(url, model, api_key, "scores", calls), x, y, verb, cfg, seed)
-    except LfmError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
-    _report({"method": "tuning/prompt-search", "config": cfg.to_dict(), "start_score": res.start_score,
-             "best_score": res.best_score, "evaluations": res.evaluations, "stopped": res.stopped,
-             "template": res.verbalizer.template}, out)  # fmt: skip
+    handle = _model(url, model, api_key, "scores", calls)
+    _report(recipes.prompt_search(handle, shots=shots, iterations=iterations,
+                                  candidates=candidates, max_chars=max_chars, seed=seed,
+                                  root=root), out)  # fmt: skip
 
 
-# Gradient-based tuning (full FT, BitFit, LP-FT, PEFT adapters, SFT) lives in tuning_peft.
-app.command("train")(tuning_peft.train)
-app.command("sft")(tuning_peft.sft)
+@app.command("augment")
+def augment(
+    method: Annotated[str, typer.Option(help="knn_lm (HIDDEN) or replug (SCORES)")] = "knn_lm",
+    model: Model = "smollm2-135m",
+    corpus: Annotated[Path | None, typer.Option(help="one document per line; default: BBC News training articles")] = None,
+    store: Annotated[int, typer.Option(help="BBC training articles used when no --corpus")] = 100,
+    eval_texts: Annotated[int, typer.Option(help="BBC test articles whose perplexity is measured")] = 15,
+    chars: Annotated[int, typer.Option(help="characters kept of each document and article")] = 800,
+    prefix_chars: Annotated[int, typer.Option(help="the unscored prefix of each article")] = 200,
+    embedder: Annotated[str, typer.Option(help="REPLUG's retriever: minilm or chars")] = "minilm",
+    threads: Threads = 2, root: Root = Path("runs"), out: Out = None,
+) -> None:  # fmt: skip
+    """Retrieval augmentation (kNN-LM, REPLUG): build it, save it, report held-out perplexity."""
+    from lfm.tuning import recipes
+
+    _report(recipes.augment(method, model, corpus=corpus, store=store, eval_texts=eval_texts,
+                            chars=chars, prefix_chars=prefix_chars, embedder=embedder,
+                            threads=threads, root=root), out)  # fmt: skip

@@ -1,4 +1,9 @@
-"""Files: atomic writes, content hashes with a cache, safetensors helpers."""
+"""Files: atomic writes, content hashes with a cache, and tensor files with a format tag.
+
+Every safetensors file lfm writes carries `format` (what it is and the version of its layout) and
+JSON metadata; `load_tensors(path, format)` refuses a file of another kind in one line, so a patch
+is never read as statistics, nor an unreadable file as anything.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lfm.core.cache import cache_dir
+from lfm.errors import LfmError
 
 
 @contextmanager
@@ -50,8 +58,6 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def _hash_index_path() -> Path:
-    from lfm.assets.cache import cache_dir
-
     return cache_dir() / "sha256-index.json"
 
 
@@ -75,3 +81,51 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         write_json(index_path, index)
     return h.hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, Any], format: str, **meta: Any) -> Path:
+    """Write tensors as one safetensors file, atomically, tagged `format`; `meta` as JSON."""
+    from safetensors.torch import save_file
+
+    info = {
+        "format": format,
+        **{k: json.dumps(v, sort_keys=True, default=str) for k, v in meta.items()},
+    }
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), info)
+    return Path(path)
+
+
+def read_meta(path: str | Path, format: str | None = None) -> dict[str, Any]:
+    """The metadata of a tagged tensor file (`format` and the JSON values), checked if asked."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as e:  # a missing, truncated or foreign file is the same user error
+        raise LfmError(f"cannot read {path}: {e}") from None
+    got = raw.get("format")
+    if format is not None and got != format:
+        raise LfmError(f"{path} is not a {format} file (its format tag is {got!r})")
+    return {k: v if k == "format" else _json(v) for k, v in raw.items()}
+
+
+def load_tensors(path: str | Path, format: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tensors and metadata of a file written by `save_tensors` with the same `format`."""
+    from safetensors import safe_open
+
+    meta = read_meta(path, format)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except Exception as e:
+        raise LfmError(f"cannot read {path}: {e}") from None
+    return tensors, meta
+
+
+def _json(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except ValueError:
+        return v

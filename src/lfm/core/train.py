@@ -49,8 +49,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lfm.config import Config
+from lfm.core.runs import Run
 from lfm.errors import ConfigError
-from lfm.runs import Run
 
 LossFn = Callable[[nn.Module, Any], "torch.Tensor | dict[str, torch.Tensor]"]
 CHECKPOINT = "checkpoint"

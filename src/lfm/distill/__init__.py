@@ -1,30 +1,46 @@
-"""Model distillation (survey branch "with data"): losses as pure functions and a distiller.
+"""Model distillation: losses as pure functions, the distiller, and whole methods.
 
-Importing this package registers the losses: `kd`, `reverse_kl`, `topk_kd`, `dist` (SCORES) and
-`fitnets`, `at`, `rkd`, `pkt` (HIDDEN), and the methods `lm_student` (layer-dropped LM students),
-`seq_kd` and `step_by_step` (TEXT teachers), and the data-free `deep_inversion`, `dafl`, `dfad`
-(WEIGHTS) and `dfme` (SCORES).
+Importing this package registers the losses `kd`, `reverse_kl`, `topk_kd`, `dist` (SCORES) and
+`fitnets`, `at`, `rkd`, `pkt` (HIDDEN), each run by name through the distiller
+(`lfm.registry.run("distill/kd", teacher, student, data)`), and the distillers `lm_student`
+(layer-dropped LM students, WEIGHTS), `seq_kd` and `step_by_step` (TEXT teachers), and the
+data-free `deep_inversion`, `dafl`, `dfad` (WEIGHTS) and `dfme` (SCORES).
 """
 
 from lfm.distill import adversarial, datafree, features, lm, losses, seqkd
+from lfm.distill.adversarial import dfad, dfme
+from lfm.distill.contract import DistillResult, InputSpec
+from lfm.distill.datafree import dafl, deep_inversion, deep_inversion_images
 from lfm.distill.distiller import distill
 from lfm.distill.features import at_loss, fitnets_loss, pkt_loss, rkd_loss
+from lfm.distill.lm import lm_student
 from lfm.distill.losses import dist_loss, kd_loss, reverse_kl_loss, topk_kd_loss
+from lfm.distill.seqkd import seq_kd, step_by_step
 
 __all__ = [
+    "DistillResult",
+    "InputSpec",
     "adversarial",
     "at_loss",
+    "dafl",
     "datafree",
+    "deep_inversion",
+    "deep_inversion_images",
+    "dfad",
+    "dfme",
     "dist_loss",
     "distill",
     "features",
     "fitnets_loss",
     "kd_loss",
     "lm",
+    "lm_student",
     "losses",
     "pkt_loss",
     "reverse_kl_loss",
     "rkd_loss",
+    "seq_kd",
     "seqkd",
+    "step_by_step",
     "topk_kd_loss",
 ]

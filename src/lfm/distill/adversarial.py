@@ -12,7 +12,10 @@
       ∇̂_x L(x) = (1/m) Σ_i d · (L(x + ε u_i) − L(x)) / ε · u_i,     d = dim(x)
   and back-propagated through G only. n_S = 5 student updates (SGD, lr 0.1) per generator update
   (Adam, lr 5e-4). The teacher is queried (m + 1)·B times per generator update and B times per
-  student update; `queries` counts them and `query_budget` stops the game.
+  student update; `info["queries"]` counts them and `query_budget` stops the game.
+
+Both are distillers `(teacher, student, data, cfg)`: `data` is an `InputSpec` whose image shape
+the default generator makes (None when a `generator` is given).
 """
 
 from __future__ import annotations
@@ -24,39 +27,40 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, require
+from lfm.access import Access, module_of
 from lfm.config import Config
-from lfm.distill.game import (
-    GameResult,
-    Generator,
-    frozen,
-    optimise,
-    play,
-    sample,
-    smoke_game,
-    smoke_teacher,
-    teacher_module,
-)
+from lfm.core.hooks import frozen
+from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
+from lfm.distill.game import game_example, game_generator, optimise, play, sample
 from lfm.registry import register
 
 BRANCH = "adversarial exploration"
 
 
-class DFADConfig(Config):
+class _GameConfig(Config):
+    """The settings DFAD and DFME share (each method has its own config class below)."""
+
     iterations: int = Field(1000, ge=1)  # generator updates
     student_steps: int = Field(5, ge=1)  # k, student updates per generator update (paper: 5)
     batch_size: int = Field(256, ge=2)  # generated images per update (paper: 256)
     nz: int = Field(256, ge=1)  # latent size (paper: 256)
-    lr_g: float = Field(1e-3, gt=0)  # Adam learning rate of the generator (paper: 1e-3)
     lr_s: float = Field(0.1, gt=0)  # SGD (momentum 0.9) learning rate of the student (paper: 0.1)
     generator_width: int = Field(64, ge=1)  # w of the default `Generator` (papers: 64, 32×32 RGB)
 
 
-class DFMEConfig(DFADConfig):
+class DFADConfig(_GameConfig):
+    lr_g: float = Field(1e-3, gt=0)  # Adam learning rate of the generator (paper: 1e-3)
+
+
+class DFMEConfig(_GameConfig):
     lr_g: float = Field(5e-4, gt=0)  # Adam learning rate of the generator (paper: 5e-4)
     directions: int = Field(1, ge=1)  # m, random directions per forward difference (paper: 1)
     eps: float = Field(1e-3, gt=0)  # ε, forward-difference step (paper: 1e-3)
     query_budget: int = Field(0, ge=0)  # stop once this many queries are spent (0: no limit)
+
+
+# Two rounds of one student step on 1×8×8 images: the registry examples.
+_SMALL = {"iterations": 2, "student_steps": 1, "batch_size": 4, "nz": 8, "generator_width": 4}
 
 
 def discrepancy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -97,36 +101,46 @@ def forward_difference_grad(
     return (coef.view(*coef.shape, *([1] * (x.dim() - 1))) * u).mean(0)
 
 
-def _game_parts(student: nn.Module, cfg: DFADConfig, generator: Generator | None, seed: int):
+def _game_parts(
+    student: nn.Module, data: Any, cfg: Any, generator: nn.Module | None, seed: int, what: str
+) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.Optimizer, torch.Generator]:
     torch.manual_seed(seed)
-    gen = generator if generator is not None else Generator(cfg.nz, width=cfg.generator_width)
+    gen = game_generator(data, generator, cfg.nz, cfg.generator_width, what)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9)
     return gen, opt_g, opt_s, torch.Generator().manual_seed(seed)
 
 
 @register(
-    "distill", "dfad", branch=BRANCH, access=Access.WEIGHTS, config=DFADConfig,
-    paper="Fang et al. 2019, arXiv 1912.11006", smoke=lambda cfg, seed: smoke_game(dfad, cfg, seed),
+    "distill", "dfad", shape=DISTILLER, branch=BRANCH, access=Access.WEIGHTS, config=DFADConfig,
+    paper="Fang et al. 2019, arXiv 1912.11006", example=game_example(DFADConfig(**_SMALL)),
+    cli="lfm distill datafree --method dfad",
 )  # fmt: skip
 def dfad(
     teacher: Any,
     student: nn.Module,
-    cfg: DFADConfig = DFADConfig(),
-    generator: Generator | None = None,
+    data: InputSpec | None,
+    cfg: DFADConfig | None = None,
+    *,
+    generator: nn.Module | None = None,
     seed: int = 0,
-) -> GameResult:
+) -> DistillResult:
     """Adversarial data-free distillation with gradients through the teacher; trains in place.
 
     Args:
-        teacher: a `LocalClassifier` (WEIGHTS) or a bare module.
+        teacher: a `LocalClassifier` or a module.
         student: the module trained (in place).
-        cfg: iterations, k, batch size and learning rates.
-        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
+        data: the shape of one image, for the default generator (None when `generator` is given).
+        cfg: iterations, k, batch size and learning rates (resolved by the registry).
+        generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
+
+    Returns:
+        the student (eval mode), the per-update discrepancies, and in `info` the `generator` and
+        the teacher `queries`.
     """
-    model = teacher_module(teacher, Access.WEIGHTS, "distill/dfad")
-    gen, opt_g, opt_s, g = _game_parts(student, cfg, generator, seed)
+    model = module_of(teacher)
+    gen, opt_g, opt_s, g = _game_parts(student, data, cfg, generator, seed, "distill/dfad")
 
     def generator_step() -> dict[str, float]:
         x = sample(gen, cfg.batch_size, g)
@@ -135,11 +149,11 @@ def dfad(
         optimise(opt_g, -loss)
         return {"g_disc": float(loss.detach())}
 
-    with frozen(model):
+    with frozen(model, train=False):
         history = play(cfg.iterations, cfg.student_steps, generator_step,
                        _student_step(gen, student, opt_s, cfg, g, lambda x: model(x)))  # fmt: skip
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
-    return GameResult(student.eval(), gen.eval(), history, n)
+    return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})
 
 
 def _student_step(gen, student, opt_s, cfg, g, teacher_logits: Callable) -> Callable:
@@ -156,35 +170,35 @@ def _student_step(gen, student, opt_s, cfg, g, teacher_logits: Callable) -> Call
     return step
 
 
-def _smoke_dfme_teacher(seed: int) -> Any:
-    from lfm.access import LocalClassifier, narrow
-
-    return narrow(LocalClassifier(smoke_teacher(seed)), "scores")
-
-
 @register(
-    "distill", "dfme", branch=BRANCH, access=Access.SCORES, config=DFMEConfig,
-    paper="Truong et al. 2021, arXiv 2011.14779",
-    smoke=lambda cfg, seed: smoke_game(dfme, cfg, seed, _smoke_dfme_teacher),
+    "distill", "dfme", shape=DISTILLER, branch=BRANCH, access=Access.SCORES, config=DFMEConfig,
+    paper="Truong et al. 2021, arXiv 2011.14779", example=game_example(DFMEConfig(**_SMALL)),
+    cli="lfm distill datafree --method dfme",
 )  # fmt: skip
 def dfme(
     teacher: Any,
     student: nn.Module,
-    cfg: DFMEConfig = DFMEConfig(),
-    generator: Generator | None = None,
+    data: InputSpec | None,
+    cfg: DFMEConfig | None = None,
+    *,
+    generator: nn.Module | None = None,
     seed: int = 0,
-) -> GameResult:
+) -> DistillResult:
     """Data-free model extraction from a scores-only teacher; trains the student in place.
 
     Args:
         teacher: any handle with SCORES access (`scores(x)` → log-probabilities (B, C)).
         student: the module trained (in place).
+        data: the shape of one image, for the default generator (None when `generator` is given).
         cfg: iterations, n_S, directions, ε, learning rates and the query budget.
-        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
+        generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation, the latent draws and the directions.
+
+    Returns:
+        the student (eval mode), the per-update records, and in `info` the `generator` and the
+        teacher `queries` spent.
     """
-    require(teacher, Access.SCORES, "distill/dfme")
-    gen, opt_g, opt_s, g = _game_parts(student, cfg, generator, seed)
+    gen, opt_g, opt_s, g = _game_parts(student, data, cfg, generator, seed, "distill/dfme")
     spent = [0]
 
     def query(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +210,7 @@ def dfme(
 
     def generator_step() -> dict[str, float]:
         x = sample(gen, cfg.batch_size, g)
-        with frozen(student):  # eval mode: per-example values, as forward differences need
+        with frozen(student, train=False):  # per-example values, as forward differences need
             grad = forward_difference_grad(loss_at, x.detach(), cfg.directions, cfg.eps, g)
         opt_g.zero_grad(set_to_none=True)
         x.backward(-grad / len(x))  # ascend the mean discrepancy
@@ -210,4 +224,4 @@ def dfme(
         if spent[0] >= budget:
             break
         history += play(1, cfg.student_steps, generator_step, step)
-    return GameResult(student.eval(), gen.eval(), history, spent[0])
+    return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": spent[0]})

@@ -5,22 +5,24 @@
       L(x̂) = CE(f_t(x̂), y) + β_f · Σ_l (‖μ_l(x̂) − μ_l^BN‖₂ + ‖σ²_l(x̂) − σ²_l^BN‖₂)
              + α_tv · R_TV(x̂) + α_l2 · ‖x̂‖²
   where μ_l, σ²_l are the batch statistics of the input of the teacher's l-th BatchNorm layer and
-  μ_l^BN, σ²_l^BN its running statistics. A student then learns the teacher on `x̂` with KD.
-  Adaptive DeepInversion adds α_c · (1 − JS(p_t(x̂), p_s(x̂))), so that new images are those
-  on which the current student still disagrees with the teacher (`deep_inversion_distill`).
+  μ_l^BN, σ²_l^BN its running statistics (`lfm.core.priors.bn_prior`), and R_TV the paper's
+  squared total variation (p = 2). The student then learns the teacher on `x̂` with KD
+  (`deep_inversion`; `deep_inversion_images` is the synthesis alone). Adaptive DeepInversion adds
+  α_c · (1 − JS(p_t(x̂), p_s(x̂))), so that new images are those on which the current student
+  still disagrees with the teacher.
 - DAFL (Chen et al. 2019, arXiv 1904.01186), branch "generative reconstruction": a generator G
   is trained through the fixed teacher with
       L_G = H_CE(y_T, argmax y_T) − α · mean|f_T| − β · H(mean_i softmax(y_T^i))
   (one-hot, activation and information-entropy losses, α = 0.1, β = 5), and the student learns
   the teacher on G(z) with KD, alternating with the generator.
 
-The teacher is a `LocalClassifier` (its parameters are never updated nor given gradients).
+The teacher is a `LocalClassifier` or a module (its parameters are never updated nor given
+gradients); `data` is an `InputSpec` (the shape of one image and the number of classes).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -28,23 +30,20 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, LocalClassifier, capture
+from lfm.access import Access, LocalClassifier, module_of, narrow
 from lfm.config import Config
-from lfm.core.train import TrainConfig, shuffled_batches
+from lfm.core.hooks import capture, frozen
+from lfm.core.priors import bn_prior, total_variation
+from lfm.core.tiny import tiny_cnn
+from lfm.core.train import History, TrainConfig, shuffled_batches
+from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
 from lfm.distill.distiller import distill
-from lfm.distill.game import (
-    GameResult,
-    Generator,
-    frozen,
-    optimise,
-    play,
-    sample,
-    smoke_game,
-    smoke_teacher,
-    teacher_module,
-)
+from lfm.distill.game import game_example, game_generator, optimise, play, sample
 from lfm.distill.losses import KDConfig, kd_loss
-from lfm.registry import register
+from lfm.errors import LfmError
+from lfm.registry import Example, register
+
+DATAFREE_CLI = "lfm distill datafree --method {}"
 
 # ------------------------------------------------------------------------------------------
 # DeepInversion
@@ -60,32 +59,8 @@ class DeepInversionConfig(Config):
     competition_weight: float = Field(0.0, ge=0)  # α_c, Adaptive DeepInversion's term (0: off)
     pixel_min: float = 0.0  # images are clamped to [pixel_min, pixel_max] after each step
     pixel_max: float = 1.0
-
-
-@contextmanager
-def bn_statistics(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect, per BatchNorm layer and forward pass, `‖μ − μ_BN‖₂ + ‖σ² − σ²_BN‖₂`."""
-    terms: list[torch.Tensor] = []
-
-    def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], _out: Any) -> None:
-        x = inp[0].float()  # (B, C, H, W)
-        mean, var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
-        terms.append((mean - mod.running_mean).norm() + (var - mod.running_var).norm())
-
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-    handles = [m.register_forward_hook(hook) for m in bns]
-    try:
-        yield terms
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def total_variation(x: torch.Tensor) -> torch.Tensor:
-    """R_TV: mean squared difference between vertical and between horizontal neighbours."""
-    dh = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean()
-    dw = (x[..., :, 1:] - x[..., :, :-1]).pow(2).mean()
-    return dh + dw
+    batches: int = Field(32, ge=1)  # batches synthesised for the student (2,048 images at 64)
+    temperature: float = Field(4.0, gt=0)  # KD temperature of the student on the images
 
 
 def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
@@ -104,12 +79,11 @@ def deep_inversion_loss(
     student: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
     """`{"loss", "ce", "bn", "tv", "l2"[, "comp"]}` of images `x` (B, C, H, W) for targets."""
-    with bn_statistics(teacher) as terms:
-        logits = teacher(x)
+    logits, bn = bn_prior(teacher, x)
     parts = {
         "ce": F.cross_entropy(logits, targets),
-        "bn": torch.stack(terms).sum() if terms else x.new_zeros(()),
-        "tv": total_variation(x),
+        "bn": bn,
+        "tv": total_variation(x, p=2),
         "l2": x.pow(2).flatten(1).sum(1).mean(),
     }
     loss = parts["ce"] + cfg.bn_weight * parts["bn"] + cfg.tv_weight * parts["tv"]
@@ -119,16 +93,7 @@ def deep_inversion_loss(
     return {"loss": loss + cfg.l2_weight * parts["l2"], **{k: v.detach() for k, v in parts.items()}}
 
 
-def _smoke_di(cfg: DeepInversionConfig, seed: int) -> torch.Tensor:
-    cfg = cfg.replace(steps=5, batch_size=4)
-    return deep_inversion(smoke_teacher(seed), (1, 8, 8), 10, cfg, seed=seed)[0]
-
-
-@register(
-    "distill", "deep_inversion", branch="noise optimisation", access=Access.WEIGHTS,
-    config=DeepInversionConfig, paper="Yin et al. 2020, arXiv 1912.08795", smoke=_smoke_di,
-)  # fmt: skip
-def deep_inversion(
+def deep_inversion_images(
     teacher: Any,
     shape: tuple[int, ...],
     n_classes: int,
@@ -140,7 +105,8 @@ def deep_inversion(
     """Synthesise one batch of images from the teacher; returns (images, targets, history).
 
     Args:
-        teacher: a `LocalClassifier` (WEIGHTS) or a bare module with BatchNorm layers.
+        teacher: a `LocalClassifier` or a module with BatchNorm layers (WEIGHTS: the gradient
+            flows through it).
         shape: the shape of one image (C, H, W).
         n_classes: the teacher's classes; targets cycle through them unless given.
         cfg: iterations, learning rate, loss weights and pixel range.
@@ -148,8 +114,8 @@ def deep_inversion(
         targets: (batch_size,) target classes.
         student: the current student, for the competition term (used when α_c > 0).
     """
-    model = teacher_module(teacher, Access.WEIGHTS, "distill/deep_inversion")
-    rival = frozen(student) if student is not None else nullcontext()
+    model = module_of(teacher, "DeepInversion's image synthesis")
+    rival = frozen(student, train=False) if student is not None else nullcontext()
     g = torch.Generator().manual_seed(seed)
     if targets is None:
         targets = torch.arange(cfg.batch_size) % n_classes
@@ -157,7 +123,7 @@ def deep_inversion(
     x.requires_grad_(True)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     history = []
-    with frozen(model), rival:
+    with frozen(model, train=False), rival:
         for _ in range(cfg.steps):
             out = deep_inversion_loss(model, x, targets, cfg, student)
             opt.zero_grad(set_to_none=True)
@@ -169,49 +135,92 @@ def deep_inversion(
     return x.detach(), targets, history
 
 
-def deep_inversion_distill(
+def _image_spec(data: Any, what: str) -> InputSpec:
+    if not isinstance(data, InputSpec) or data.n_classes < 1:
+        raise LfmError(f"{what} needs data=InputSpec(shape, n_classes) with the teacher's classes")
+    return data
+
+
+def _di_example(level: Access, seed: int) -> Example:
+    teacher = narrow(LocalClassifier(tiny_cnn(seed), "teacher"), level)
+    student = tiny_cnn(seed + 1, warm=False, width=4)
+    cfg = DeepInversionConfig(steps=3, batch_size=4, batches=2)
+    train_cfg = TrainConfig(steps=2, lr=1e-2, seed=seed, progress=False)
+    return Example(
+        (teacher, student, InputSpec((1, 8, 8), 10)),
+        {"train_cfg": train_cfg, "seed": seed},
+        cfg,
+        summary=lambda r: {"images": r.info["images"], "kd": [h.losses for h in r.history]},
+    )
+
+
+@register(
+    "distill", "deep_inversion", shape=DISTILLER, branch="noise optimisation",
+    access=Access.WEIGHTS, config=DeepInversionConfig, paper="Yin et al. 2020, arXiv 1912.08795",
+    example=_di_example, cli=DATAFREE_CLI.format("deep_inversion"),
+)  # fmt: skip
+def deep_inversion(
     teacher: Any,
     student: nn.Module,
-    shape: tuple[int, ...],
-    n_classes: int,
-    batches: int,
-    cfg: DeepInversionConfig = DeepInversionConfig(),
-    train_cfg: TrainConfig = TrainConfig(),
-    temperature: float = 4.0,
+    data: InputSpec,
+    cfg: DeepInversionConfig | None = None,
+    *,
+    train_cfg: TrainConfig | None = None,
     seed: int = 0,
-) -> torch.Tensor:
-    """Synthesise `batches` batches and train `student` in place by KD on them; returns the images.
+) -> DistillResult:
+    """Synthesise `cfg.batches` batches from the teacher and train `student` in place by KD on them.
 
     Without competition (α_c = 0) all batches are synthesised first and the student then takes
     `train_cfg.steps` KD steps on the whole set. With it, each batch is synthesised against the
     current student, which then takes `train_cfg.steps // batches` steps on the images so far.
 
     Args:
-        teacher: a `LocalClassifier` (WEIGHTS) or a bare module with BatchNorm layers.
+        teacher: a `LocalClassifier` or a module with BatchNorm layers.
         student: the module trained (in place).
-        shape: the shape of one image (C, H, W).
-        n_classes: the teacher's classes.
-        batches: the number of synthesised batches of `cfg.batch_size` images.
-        cfg: the synthesis config.
+        data: the shape of one image (C, H, W) and the teacher's number of classes.
+        cfg: the synthesis config, the number of batches and the KD temperature (resolved by the
+            registry: None gives the defaults).
         train_cfg: the KD training loop's config (steps in all, learning rate, seed).
-        temperature: the KD temperature.
         seed: batch b starts from the noise of seed `seed + b`.
+
+    Returns:
+        the student (eval mode), the KD `History` of each round, and in `info` the `images`, their
+        `targets`, the synthesis `history` of each batch and the teacher `queries` (forward passes
+        on single images).
     """
-    handle = LocalClassifier(teacher) if isinstance(teacher, nn.Module) else teacher
-    rounds = batches if cfg.competition_weight > 0 else 1
-    pool: list[torch.Tensor] = []
-    for b in range(batches):
+    spec = _image_spec(data, "distill/deep_inversion")
+    train_cfg = train_cfg or TrainConfig()
+    rounds = cfg.batches if cfg.competition_weight > 0 else 1
+    kd_cfg = train_cfg.replace(steps=max(1, train_cfg.steps // rounds))
+    made: list[tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]] = []
+    kd = []
+    for b in range(cfg.batches):
         rival = student if rounds > 1 else None
-        pool.append(deep_inversion(handle, shape, n_classes, cfg, seed + b, student=rival)[0])
-        if rounds > 1 or b == batches - 1:
-            images = torch.cat(pool)  # (N, C, H, W)
-            steps = max(1, train_cfg.steps // rounds)
-            loader = shuffled_batches(
-                images, batch_size=min(cfg.batch_size, len(images)), seed=seed + b
-            )
-            losses = [("kd", 1.0, {"temperature": temperature})]
-            distill(handle, student.train(), loader, losses, train_cfg.replace(steps=steps))
-    return torch.cat(pool)
+        made.append(
+            deep_inversion_images(teacher, spec.shape, spec.n_classes, cfg, seed + b, student=rival)
+        )
+        if rounds > 1 or b == cfg.batches - 1:
+            images = torch.cat([m[0] for m in made])  # (N, C, H, W): every batch so far
+            kd.append(_kd_round(teacher, student, images, cfg, kd_cfg, seed + b))
+    kd_batch = min(cfg.batch_size, len(images)) * train_cfg.grad_accum
+    queries = cfg.batches * cfg.batch_size * cfg.steps + rounds * kd_cfg.steps * kd_batch
+    targets = torch.cat([m[1] for m in made])
+    info = {"images": images, "targets": targets, "synthesis": [m[2] for m in made]}
+    return DistillResult(student.eval(), kd, {**info, "queries": queries})
+
+
+def _kd_round(
+    teacher: Any,
+    student: nn.Module,
+    images: torch.Tensor,
+    cfg: DeepInversionConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+) -> History:
+    """KD of the student (train mode) on the images, reshuffled under `seed`."""
+    loader = shuffled_batches(images, batch_size=min(cfg.batch_size, len(images)), seed=seed)
+    losses = [("kd", 1.0, {"temperature": cfg.temperature})]
+    return distill(teacher, student.train(), loader, losses, train_cfg)
 
 
 # ------------------------------------------------------------------------------------------
@@ -245,29 +254,38 @@ def dafl_generator_loss(
 
 
 @register(
-    "distill", "dafl", branch="generative reconstruction", access=Access.WEIGHTS,
+    "distill", "dafl", shape=DISTILLER, branch="generative reconstruction", access=Access.WEIGHTS,
     config=DAFLConfig, paper="Chen et al. 2019, arXiv 1904.01186",
-    smoke=lambda cfg, seed: smoke_game(dafl, cfg, seed),
+    example=game_example(DAFLConfig(iterations=2, batch_size=4, nz=8, generator_width=4,
+                                    feature_module="bn2")),
+    cli=DATAFREE_CLI.format("dafl"),
 )  # fmt: skip
 def dafl(
     teacher: Any,
     student: nn.Module,
-    cfg: DAFLConfig = DAFLConfig(),
-    generator: Generator | None = None,
+    data: InputSpec | None,
+    cfg: DAFLConfig | None = None,
+    *,
+    generator: nn.Module | None = None,
     seed: int = 0,
-) -> GameResult:
+) -> DistillResult:
     """Train a generator with the DAFL losses and the student with KD on its images, in place.
 
     Args:
-        teacher: a `LocalClassifier` (WEIGHTS) or a bare module; `cfg.feature_module` names f_T.
+        teacher: a `LocalClassifier` or a module; `cfg.feature_module` names f_T.
         student: the module trained (in place).
-        cfg: iterations, learning rates, loss weights.
-        generator: the generator (default: a 1×28×28 `Generator` of width `cfg.generator_width`).
+        data: the shape of one image, for the default generator (None when `generator` is given).
+        cfg: iterations, learning rates, loss weights (resolved by the registry).
+        generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
+
+    Returns:
+        the student (eval mode), the per-update losses, and in `info` the `generator` and the
+        teacher `queries`.
     """
-    model = teacher_module(teacher, Access.WEIGHTS, "distill/dafl")
+    model = module_of(teacher)
     torch.manual_seed(seed)
-    gen = generator if generator is not None else Generator(cfg.nz, width=cfg.generator_width)
+    gen = game_generator(data, generator, cfg.nz, cfg.generator_width, "distill/dafl")
     g = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s)
@@ -288,7 +306,7 @@ def dafl(
         optimise(opt_s, loss)
         return {"s_kd": float(loss.detach())}
 
-    with frozen(model):
+    with frozen(model, train=False):
         history = play(cfg.iterations, cfg.student_steps, generator_step, student_step)
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
-    return GameResult(student.eval(), gen.eval(), history, n)
+    return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})

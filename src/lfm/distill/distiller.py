@@ -4,18 +4,24 @@
                                                ("fitnets", 1.0, None, "conv2", "block2")])
 
 Each loss is `(name, weight, cfg)` for a logit loss, or `(name, weight, cfg, student_module,
-teacher_module)` for a feature loss: features are read by forward hooks on the named modules, so
-neither model is changed. The total is `Σ weight · loss + label_weight · CE(student, labels)`.
-The teacher is a `LocalClassifier` (WEIGHTS) or a narrowed handle; every loss checks the handle
-gives its access level (`lfm.access.require`), so a feature loss on a SCORES handle is refused.
-Student features keep their gradients; the teacher runs without them. FitNets' regressors are
-trained with the student (their shapes come from one probe batch).
+teacher_module)` for a feature loss. The total is `Σ weight · loss + label_weight · CE(student,
+labels)`. A registered loss run by name (`run("distill/kd", teacher, student, data)`) is this
+distiller with one term.
+
+The teacher is read through the least its losses need: a white-box teacher (a `LocalClassifier`
+or a module) runs once per batch with forward hooks on the named modules, frozen and in eval mode;
+a narrowed handle answers `scores(x)` and, for feature losses, `hidden(x, modules)` (a HIDDEN
+handle), and is never reached past that interface. Every loss's access level is checked against
+the teacher before training, so a feature loss on a SCORES handle is refused. Student features
+keep their gradients; the teacher runs without them. A loss registered with a `projector` (FitNets'
+regressor) gets one per term, shaped from one probe batch and trained with the student.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm.access import Access, access_of, capture, require
+from lfm.access import Access, access_of, module_of
 from lfm.config import Config
+from lfm.core.hooks import capture, frozen
 from lfm.core.train import History, TrainConfig, train
-from lfm.distill.features import PROJECTED, HintProjector
 from lfm.errors import AccessError, ConfigError
 from lfm.registry import MethodSpec, get
 from lfm.runs import Run
@@ -49,24 +55,23 @@ def as_terms(losses: Sequence[tuple]) -> list[Term]:
     for item in losses:
         if len(item) not in (3, 5):
             raise ConfigError(f"a loss is (name, weight, cfg[, student, teacher]), not {item!r}")
-        spec = get(f"distill/{item[0]}")
-        cfg = item[2] if item[2] is not None else spec.config()
-        if not isinstance(cfg, spec.config):
-            cfg = spec.config.build(dict(cfg))
-        terms.append(Term(spec, float(item[1]), cfg, *item[3:]))
+        spec = get(item[0], area="distill")
+        if spec.shape.name != "loss":
+            raise ConfigError(f"{spec.key} is a whole method, not a loss the distiller can weigh")
+        terms.append(Term(spec, float(item[1]), spec.resolve(item[2]), *item[3:]))
     return terms
 
 
 def check_access(teacher: Any, terms: Sequence[Term]) -> None:
     """Raise `AccessError` if the teacher handle gives less than some loss needs."""
     for term in terms:
-        require(teacher, term.spec.access, term.spec.key)
+        term.spec.check(teacher)
         if term.teacher and access_of(teacher) < Access.HIDDEN:
             raise AccessError(f"{term.spec.key} on module {term.teacher!r} needs HIDDEN access")
 
 
 class Student(nn.Module):
-    """The student and the FitNets regressors: what the training loop optimises."""
+    """The student and the loss terms' projectors: what the training loop optimises."""
 
     def __init__(self, student: nn.Module, modules: Sequence[str]):
         super().__init__()
@@ -82,10 +87,12 @@ class Student(nn.Module):
 
 @torch.no_grad()
 def teacher_outputs(teacher: Any, x: torch.Tensor, modules: Sequence[str]) -> tuple[Any, dict]:
-    """Teacher log-probabilities and features at `modules`, in one pass when it holds weights."""
-    if modules and hasattr(teacher, "model"):
-        with capture(teacher.model, modules) as acts:
-            logits = teacher.model(x).float().log_softmax(-1)
+    """Teacher log-probabilities and features at `modules`: one pass when it holds weights,
+    else through the handle's `scores` and `hidden`."""
+    if access_of(teacher) >= Access.WEIGHTS:
+        model = module_of(teacher)
+        with capture(model, modules) as acts:
+            logits = model(x).float().log_softmax(-1)
         return logits, dict(acts)
     return teacher.scores(x), (teacher.hidden(x, modules) if modules else {})
 
@@ -102,8 +109,8 @@ def _key(term: Term, i: int, terms: Sequence[Term]) -> str:
 
 
 def add_projectors(model: Student, teacher: Any, terms: Sequence[Term], x: torch.Tensor, seed: int):
-    """Create a `HintProjector` for each projected term from one probe batch's feature shapes."""
-    wanted = [(i, t) for i, t in enumerate(terms) if t.spec.name in PROJECTED]
+    """Create each projected term's projector from one probe batch's feature shapes."""
+    wanted = [(i, t) for i, t in enumerate(terms) if t.spec.extras.get("projector")]
     if not wanted:
         return
     t_logits, t_feats = teacher_outputs(teacher, x, [t.teacher for _, t in wanted if t.teacher])
@@ -114,7 +121,7 @@ def add_projectors(model: Student, teacher: Any, terms: Sequence[Term], x: torch
         for i, t in wanted:
             s = s_feats[t.student] if t.student else s_logits
             tt = t_feats[t.teacher] if t.teacher else t_logits
-            model.projectors[str(i)] = HintProjector(s.shape, tt.shape)
+            model.projectors[str(i)] = t.spec.extras["projector"](s.shape, tt.shape)
 
 
 def make_loss_fn(teacher: Any, terms: Sequence[Term], label_weight: float):
@@ -148,12 +155,37 @@ def _first(batches: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
     return first, (itertools.chain([first], it) if it is batches else batches)
 
 
+def train_terms(
+    teacher: Any,
+    student: nn.Module,
+    batches: Iterable[Any],
+    terms: Sequence[Term],
+    train_cfg: TrainConfig | None = None,
+    label_weight: float = 0.0,
+    run: Run | None = None,
+    evaluate: Any = None,
+) -> History:
+    """`distill` on terms already read (`as_terms`): check access, then train in place."""
+    check_access(teacher, terms)
+    train_cfg = train_cfg or TrainConfig()
+    white = access_of(teacher) >= Access.WEIGHTS
+    # a white-box teacher's BatchNorm and dropout act as at inference, and it gets no gradients
+    hold = frozen(module_of(teacher), train=False) if white else nullcontext()
+    model = Student(student, sorted({t.student for t in terms if t.student}))
+    first, batches = _first(batches)
+    ev = (lambda m: evaluate(m.student)) if evaluate is not None else None
+    with hold:
+        add_projectors(model, teacher, terms, _unpack(first)[0], train_cfg.seed)
+        loss_fn = make_loss_fn(teacher, terms, label_weight)
+        return train(model, loss_fn, batches, train_cfg, run, ev)
+
+
 def distill(
     teacher: Any,
     student: nn.Module,
     batches: Iterable[Any],
     losses: Sequence[tuple],
-    cfg: TrainConfig = TrainConfig(),
+    train_cfg: TrainConfig | None = None,
     label_weight: float = 0.0,
     run: Run | None = None,
     evaluate: Any = None,
@@ -161,21 +193,16 @@ def distill(
     """Train `student` in place from `teacher` through the shared training loop.
 
     Args:
-        teacher: a `LocalClassifier` or a narrowed handle (`scores(x)`; `hidden` for features).
+        teacher: a `LocalClassifier` or module (WEIGHTS), or a narrowed handle: `scores(x)`
+            (SCORES) for logit losses, `hidden(x, modules)` too (HIDDEN) for feature losses.
         student: an `nn.Module` mapping inputs to logits.
         batches: micro-batches `x` or `(x, labels)`, cycled by the loop.
-        losses: `(name, weight, cfg[, student_module, teacher_module])` per registered loss.
-        cfg: the training loop's config.
+        losses: `(name, weight, cfg[, student_module, teacher_module])` per registered loss;
+            `cfg` is the loss's config, a mapping, or None for its defaults.
+        train_cfg: the training loop's config (None: `TrainConfig()`).
         label_weight: weight of cross-entropy on the labels (0 for pure distillation).
         run: a run directory for metrics and checkpoints (resumed when it holds one).
         evaluate: `evaluate(student) -> {name: value}` at the loop's evaluation steps.
     """
     terms = as_terms(losses)
-    check_access(teacher, terms)
-    if hasattr(teacher, "model"):
-        teacher.model.eval()  # a teacher's BatchNorm and dropout act as at inference
-    model = Student(student, sorted({t.student for t in terms if t.student}))
-    first, batches = _first(batches)
-    add_projectors(model, teacher, terms, _unpack(first)[0], cfg.seed)
-    ev = (lambda m: evaluate(m.student)) if evaluate is not None else None
-    return train(model, make_loss_fn(teacher, terms, label_weight), batches, cfg, run, ev)
+    return train_terms(teacher, student, batches, terms, train_cfg, label_weight, run, evaluate)

@@ -2,7 +2,8 @@
 
 - FitNets (Romero et al. 2014, arXiv 1412.6550): a learned regressor `r` maps the student's guided
   layer to the teacher's hint layer, `L = ‖u_h(x) − r(v_g(x))‖²` (a mean over elements here, so
-  that the weight does not grow with the feature size). `HintProjector` is `r`.
+  that the weight does not grow with the feature size). `HintProjector` is `r`; `fitnets` is
+  registered with it as its `projector`, so the distiller builds and trains one per term.
 - Attention transfer (Zagoruyko & Komodakis 2016, arXiv 1612.03928): `Q = Σ_c |A_c|^p` flattened,
   `L = β/2 · mean ‖Q_s/‖Q_s‖₂ − Q_t/‖Q_t‖₂‖²` with p = 2 and β = 10³ (the paper divides β by the
   map size and batch size, i.e. takes a mean).
@@ -22,11 +23,11 @@ from torch import nn
 
 from lfm.access import Access
 from lfm.config import Config
+from lfm.distill.contract import LOSS
+from lfm.distill.losses import CLI, loss_example
 from lfm.registry import register
 
 BRANCH = "with data"
-# Losses whose student features pass through a learned `HintProjector` first.
-PROJECTED = frozenset({"fitnets"})
 
 
 class FitNetsConfig(Config):
@@ -67,13 +68,8 @@ class HintProjector(nn.Module):
         return self.proj(x)
 
 
-def _smoke_pair(seed: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-
-
-def _smoke(fn, cfg: Config, seed: int, shape: tuple[int, ...] = (6, 4, 5, 5)) -> torch.Tensor:
-    return fn(*_smoke_pair(seed, shape), cfg).detach()
+# Feature losses compare the second convolution's maps of a tiny teacher and student CNN.
+_EXAMPLE = loss_example("conv2", "conv2")
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -81,8 +77,9 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 @register(
-    "distill", "fitnets", branch=BRANCH, access=Access.HIDDEN, config=FitNetsConfig,
-    paper="Romero et al. 2014, arXiv 1412.6550", smoke=lambda cfg, seed: _smoke(fitnets_loss, cfg, seed),
+    "distill", "fitnets", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=FitNetsConfig,
+    paper="Romero et al. 2014, arXiv 1412.6550",
+    example=_EXAMPLE, cli=CLI.format("fitnets"), projector=HintProjector,
 )  # fmt: skip
 def fitnets_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: FitNetsConfig = FitNetsConfig()
@@ -103,9 +100,9 @@ def attention_map(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
 
 
 @register(
-    "distill", "at", branch=BRANCH, access=Access.HIDDEN, config=ATConfig,
+    "distill", "at", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=ATConfig,
     paper="Zagoruyko & Komodakis 2016, arXiv 1612.03928",
-    smoke=lambda cfg, seed: _smoke(at_loss, cfg, seed),
+    example=_EXAMPLE, cli=CLI.format("at"),
 )  # fmt: skip
 def at_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: ATConfig = ATConfig()
@@ -147,8 +144,9 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 @register(
-    "distill", "rkd", branch=BRANCH, access=Access.HIDDEN, config=RKDConfig,
-    paper="Park et al. 2019, arXiv 1904.05068", smoke=lambda cfg, seed: _smoke(rkd_loss, cfg, seed),
+    "distill", "rkd", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=RKDConfig,
+    paper="Park et al. 2019, arXiv 1904.05068",
+    example=_EXAMPLE, cli=CLI.format("rkd"),
 )  # fmt: skip
 def rkd_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: RKDConfig = RKDConfig()
@@ -171,8 +169,9 @@ def _pkt_probs(e: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @register(
-    "distill", "pkt", branch=BRANCH, access=Access.HIDDEN, config=PKTConfig,
-    paper="Passalis & Tefas 2018, arXiv 1803.10837", smoke=lambda cfg, seed: _smoke(pkt_loss, cfg, seed),
+    "distill", "pkt", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=PKTConfig,
+    paper="Passalis & Tefas 2018, arXiv 1803.10837",
+    example=_EXAMPLE, cli=CLI.format("pkt"),
 )  # fmt: skip
 def pkt_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: PKTConfig = PKTConfig()

@@ -1,4 +1,4 @@
-"""Shared parts of the data-free methods: the generator, the alternating game, smoke problems.
+"""Shared parts of the data-free methods: the generator, the alternating game, the examples.
 
 The generator follows DAFL (Chen et al. 2019, arXiv 1904.01186) and DFAD (arXiv 1912.11006);
 `play` alternates one generator update with n_S student updates, the schedule of DAFL, DFAD and
@@ -8,16 +8,18 @@ over one loss, so these two-player games keep their own small loop here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from lfm.access import Access, require
+from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
+from lfm.core.tiny import tiny_cnn
+from lfm.distill.contract import InputSpec
+from lfm.errors import LfmError
+from lfm.registry import Example
 
 
 class Generator(nn.Module):
@@ -45,51 +47,21 @@ class Generator(nn.Module):
         return self.net(x)
 
 
-@contextmanager
-def frozen(model: nn.Module, train: bool = False) -> Iterator[nn.Module]:
-    """`model` with gradients off for its parameters, in eval mode unless `train`; restored on exit.
-
-    A student stays in train mode while the generator ascends through it (as in the DFAD and DFME
-    papers): its BatchNorm layers then see the same batch statistics as in its own updates.
-    """
-    flags, mode = [p.requires_grad for p in model.parameters()], model.training
-    model.train(train).requires_grad_(False)
-    try:
-        yield model
-    finally:
-        for p, flag in zip(model.parameters(), flags, strict=True):
-            p.requires_grad_(flag)
-        model.train(mode)
-
-
-def teacher_module(teacher: Any, level: Access, what: str) -> nn.Module:
-    """The teacher's module, after checking the handle gives `level`."""
-    if isinstance(teacher, nn.Module):
-        return teacher
-    require(teacher, level, what)
-    return teacher.model
-
-
-def smoke_teacher(seed: int) -> nn.Module:
-    """A tiny BatchNorm CNN (8×8 inputs) with non-trivial running statistics."""
-    from lfm.distill.vision import CNN
-
-    torch.manual_seed(seed)
-    model = CNN((4, 8, 8)).train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.rand(16, 1, 8, 8))
-    return model.eval()
-
-
-@dataclass
-class GameResult:
-    """What a generator / student game returns."""
-
-    student: nn.Module
-    generator: nn.Module
-    history: list[dict[str, float]] = field(default_factory=list)
-    queries: int = 0  # teacher forward passes on single images
+def game_generator(
+    data: InputSpec | None, generator: nn.Module | None, nz: int, width: int, what: str
+) -> nn.Module:
+    """The generator given, else a `Generator` of width `width` for images of `data.shape`."""
+    if generator is not None:
+        return generator
+    if not isinstance(data, InputSpec):
+        raise LfmError(f"{what} needs data=InputSpec(shape, n_classes) or a generator")
+    shape = tuple(data.shape)
+    if len(shape) != 3 or shape[1] != shape[2] or shape[1] % 4:
+        raise LfmError(
+            f"{what}: the default generator makes square (C, S, S) images with S a multiple of 4, "
+            f"not {shape}; pass a generator"
+        )
+    return Generator(nz, channels=shape[0], size=shape[1], width=width)
 
 
 def play(
@@ -114,7 +86,7 @@ def optimise(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
     opt.step()
 
 
-def sample(gen: Generator, n: int, g: torch.Generator) -> torch.Tensor:
+def sample(gen: nn.Module, n: int, g: torch.Generator) -> torch.Tensor:
     """n images from the generator in train mode (BatchNorm on batch statistics, as the papers).
 
     The running statistics lag a generator that changes every step, so eval mode would hand the
@@ -123,13 +95,19 @@ def sample(gen: Generator, n: int, g: torch.Generator) -> torch.Tensor:
     return gen.train()(torch.randn(n, gen.nz, generator=g))
 
 
-def smoke_game(fn: Callable, cfg: Config, seed: int, teacher_fn=smoke_teacher) -> torch.Tensor:
-    """Two iterations of a generator / student game on 8×8 images; the last losses."""
-    from lfm.distill.vision import CNN
+def history_tensor(result: Any) -> torch.Tensor:
+    """A game's logged values, one row per generator update (the examples' summary)."""
+    return torch.tensor([list(h.values()) for h in result.history])
 
-    torch.manual_seed(seed)
-    student = CNN((2, 4, 4))
-    gen = Generator(nz=8, size=8, width=4)
-    cfg = cfg.replace(iterations=2, student_steps=1, batch_size=4, nz=8)
-    res = fn(teacher_fn(seed), student, cfg, generator=gen, seed=seed)
-    return torch.tensor([list(h.values()) for h in res.history])
+
+def game_example(cfg: Config) -> Callable[[Access, int], Example]:
+    """A registry example for a data-free game: two rounds on 1×8×8 images against a tiny
+    BatchNorm CNN teacher (its handle at the level asked for)."""
+
+    def example(level: Access, seed: int) -> Example:
+        teacher = narrow(LocalClassifier(tiny_cnn(seed), "teacher"), level)
+        student = tiny_cnn(seed + 1, warm=False, width=4)
+        args = (teacher, student, InputSpec((1, 8, 8), 10))
+        return Example(args, {"seed": seed}, cfg, summary=history_tensor)
+
+    return example

@@ -24,13 +24,16 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, require
+from lfm.access import Access, LocalModel, module_of, narrow
 from lfm.config import Config
+from lfm.core.hooks import frozen
 from lfm.core.layouts import get_layout, num_layers
-from lfm.core.train import History, TrainConfig, shuffled_batches, train
+from lfm.core.tiny import tiny_lm
+from lfm.core.train import TrainConfig, shuffled_batches, train
+from lfm.distill.contract import DISTILLER, DistillResult
 from lfm.distill.losses import KDConfig, kd_loss
 from lfm.errors import ConfigError
-from lfm.registry import register
+from lfm.registry import Example, register
 from lfm.runs import Run
 
 
@@ -171,52 +174,52 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 8) -> f
     return math.exp(nll / max(count, 1))
 
 
-def _smoke(cfg: LMStudentConfig, seed: int) -> torch.Tensor:
-    """Three KD + LM steps of a 2-block student of a 4-block tiny Llama on random tokens."""
-    from transformers import LlamaConfig
-
-    tiny = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
-                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)  # fmt: skip
-    teacher = student_from_config(tiny, seed).eval()
-    ids = torch.randint(0, 64, (8, 12), generator=torch.Generator().manual_seed(seed))
-    cfg = cfg.replace(block_size=12, batch_size=4)
-    _, hist = distill_lm(
-        teacher, ids, cfg, TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)
-    )
-    return torch.tensor(hist.losses)
+def _example(level: Access, seed: int) -> Example:
+    """Three KD + LM steps of a 1-block student of the 2-block tiny Llama on random tokens."""
+    teacher = narrow(LocalModel(*tiny_lm("llama", seed), name="teacher"), level)
+    ids = torch.randint(3, 300, (8, 12), generator=torch.Generator().manual_seed(seed))
+    cfg = LMStudentConfig(block_size=12, batch_size=4)
+    kw = {"train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)}
+    return Example((teacher, None, ids), kw, cfg, summary=lambda r: torch.tensor(r.history.losses))
 
 
 @register(
-    "distill", "lm_student", branch="with data", access=Access.WEIGHTS, config=LMStudentConfig,
-    paper="Sanh et al. 2019 (DistilBERT), arXiv 1910.01108", smoke=_smoke,
+    "distill", "lm_student", shape=DISTILLER, branch="with data", access=Access.WEIGHTS,
+    config=LMStudentConfig, paper="Sanh et al. 2019 (DistilBERT), arXiv 1910.01108",
+    example=_example, cli="lfm distill lm --method lm_student",
 )  # fmt: skip
-def distill_lm(
+def lm_student(
     teacher: Any,
-    blocks: torch.Tensor,
-    cfg: LMStudentConfig = LMStudentConfig(),
-    train_cfg: TrainConfig = TrainConfig(),
-    student: nn.Module | None = None,
+    student: nn.Module | None,
+    data: torch.Tensor,
+    cfg: LMStudentConfig | None = None,
+    *,
+    train_cfg: TrainConfig | None = None,
     run: Run | None = None,
     evaluate: Any = None,
-) -> tuple[nn.Module, History]:
-    """Build (unless given) and train a layer-dropped student; returns it and the loss history.
+) -> DistillResult:
+    """Train a layer-dropped student of `teacher` (built here when `student` is None).
 
     Args:
-        teacher: a `LocalModel` (WEIGHTS: its blocks are copied and its logits read at every
-            position) or a bare causal-LM module.
-        blocks: (N, block_size) training token blocks (`token_blocks`).
-        cfg: block selection, temperature and loss weights.
-        train_cfg: the shared loop's steps, learning rate and seed.
-        student: train this module instead of a layer-dropped copy (e.g. `student_from_config`).
+        teacher: a `LocalModel` or a causal-LM module (WEIGHTS: its blocks are copied and its
+            logits read at every position); it is frozen during training.
+        student: a module to train in place instead of a layer-dropped copy (e.g.
+            `student_from_config`); None builds `student_from_teacher(teacher, cfg.every,
+            cfg.offset)`.
+        data: (N, block_size) training token blocks (`token_blocks`).
+        cfg: block selection, temperature and loss weights (resolved by the registry).
+        train_cfg: the shared loop's steps, learning rate and seed (None: `TrainConfig()`).
         run: a run directory for metrics and checkpoints.
         evaluate: `evaluate(student) -> {name: value}` at the loop's evaluation steps.
+
+    Returns:
+        the student (eval mode) and the loop's `History`.
     """
-    if not isinstance(teacher, nn.Module):
-        require(teacher, Access.WEIGHTS, "distill/lm_student")
-        teacher = teacher.model
-    teacher.eval()
+    model = module_of(teacher)
+    train_cfg = train_cfg or TrainConfig()
     if student is None:
-        student = student_from_teacher(teacher, cfg.every, cfg.offset)
-    batches = shuffled_batches(blocks, batch_size=cfg.batch_size, seed=train_cfg.seed)
-    hist = train(student, make_loss_fn(teacher, cfg), batches, train_cfg, run, evaluate)
-    return student.eval(), hist
+        student = student_from_teacher(model, cfg.every, cfg.offset)
+    batches = shuffled_batches(data, batch_size=cfg.batch_size, seed=train_cfg.seed)
+    with frozen(model, train=False):
+        hist = train(student, make_loss_fn(model, cfg), batches, train_cfg, run, evaluate)
+    return DistillResult(student.eval(), hist)

@@ -20,11 +20,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from lfm.access import Access
+from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
-from lfm.registry import register
+from lfm.core.tiny import tiny_cnn
+from lfm.core.train import TrainConfig
+from lfm.distill.contract import LOSS
+from lfm.registry import Example, register
 
 BRANCH = "with data"
+# Every loss runs by name on Fashion-MNIST: `lfm distill vision --method <name>`.
+CLI = "lfm distill vision --method {}"
 
 
 class KDConfig(Config):
@@ -56,9 +61,33 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+def loss_example(student_module: str = "", teacher_module: str = "", cfg: Config | None = None):
+    """A registry example for a loss: three distillation steps from a tiny BatchNorm CNN teacher
+    (its handle at the level asked for) into a narrower one, on 1×8×8 images with labels."""
+
+    def example(level: Access, seed: int) -> Example:
+        teacher = narrow(LocalClassifier(tiny_cnn(seed), "teacher"), level)
+        student = tiny_cnn(seed + 1, warm=False, width=4)
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+        kw = {
+            "train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False),
+            "label_weight": 0.5, "student_module": student_module, "teacher_module": teacher_module,
+        }  # fmt: skip
+        return Example(
+            (teacher, student, [(x[:8], y[:8]), (x[8:], y[8:])]),
+            kw,
+            cfg,
+            summary=lambda r: torch.tensor(r.history.losses),
+        )
+
+    return example
+
+
 @register(
-    "distill", "kd", branch=BRANCH, access=Access.SCORES, config=KDConfig,
-    paper="Hinton et al. 2015, arXiv 1503.02531", smoke=lambda cfg, seed: _smoke(kd_loss, cfg, seed),
+    "distill", "kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=KDConfig,
+    paper="Hinton et al. 2015, arXiv 1503.02531",
+    example=loss_example(), cli=CLI.format("kd"),
 )  # fmt: skip
 def kd_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: KDConfig = KDConfig()
@@ -77,9 +106,9 @@ def kd_loss(
 
 
 @register(
-    "distill", "reverse_kl", branch=BRANCH, access=Access.SCORES, config=ReverseKLConfig,
+    "distill", "reverse_kl", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=ReverseKLConfig,
     paper="Gu et al. 2023 (MiniLLM), arXiv 2306.08543",
-    smoke=lambda cfg, seed: _smoke(reverse_kl_loss, cfg, seed),
+    example=loss_example(), cli=CLI.format("reverse_kl"),
 )  # fmt: skip
 def reverse_kl_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: ReverseKLConfig = ReverseKLConfig()
@@ -109,9 +138,9 @@ def _topk_teacher(
 
 
 @register(
-    "distill", "topk_kd", branch=BRANCH, access=Access.SCORES, config=TopKConfig,
+    "distill", "topk_kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=TopKConfig,
     paper="Hinton et al. 2015, arXiv 1503.02531 (top-k API log-probabilities)",
-    smoke=lambda cfg, seed: _smoke(topk_kd_loss, cfg, seed),
+    example=loss_example(cfg=TopKConfig(k=3)), cli=CLI.format("topk_kd"),
 )  # fmt: skip
 def topk_kd_loss(
     student: torch.Tensor,
@@ -152,8 +181,9 @@ def pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> tor
 
 
 @register(
-    "distill", "dist", branch=BRANCH, access=Access.SCORES, config=DISTConfig,
-    paper="Huang et al. 2022, arXiv 2205.10536", smoke=lambda cfg, seed: _smoke(dist_loss, cfg, seed),
+    "distill", "dist", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=DISTConfig,
+    paper="Huang et al. 2022, arXiv 2205.10536",
+    example=loss_example(), cli=CLI.format("dist"),
 )  # fmt: skip
 def dist_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: DISTConfig = DISTConfig()
@@ -164,10 +194,3 @@ def dist_loss(
     inter = pearson_distance(y_s, y_t).mean()
     intra = pearson_distance(y_s.T, y_t.T).mean()
     return cfg.tau**2 * (cfg.beta * inter + cfg.gamma * intra)
-
-
-def _smoke(fn, cfg: Config, seed: int) -> torch.Tensor:
-    """The loss on random (4, 10) logits drawn under `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    student, teacher = torch.randn(2, 4, 10, generator=g).unbind(0)
-    return fn(student, teacher, cfg).detach()

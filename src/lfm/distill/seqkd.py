@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, LocalModel, require
+from lfm.access import Access, LocalModel, narrow
 from lfm.config import Config
-from lfm.core.train import History, TrainConfig, shuffled_batches, train
-from lfm.registry import register
+from lfm.core.tiny import tiny_lm
+from lfm.core.train import TrainConfig, shuffled_batches, train
+from lfm.distill.contract import DISTILLER, DistillResult
+from lfm.registry import Example, register
 from lfm.runs import Run
 
 IGNORE = -100  # label of positions that are not scored (prompt and padding)
@@ -50,7 +52,6 @@ def teacher_generations(
     teacher: Any, prompts: Sequence[str], max_new_tokens: int, temperature: float = 0.0
 ) -> list[str]:
     """The teacher's continuation of each prompt; any handle with TEXT access will do."""
-    require(teacher, Access.TEXT, "sequence-level KD")
     kw = {"temperature": temperature} if temperature > 0 else {}
     return list(teacher.generate(list(prompts), max_new_tokens=max_new_tokens, **kw))
 
@@ -96,55 +97,61 @@ def _encoder(student: LocalModel) -> tuple[Callable[[str], list[int]], int, int]
     return student.encode, int(tok.eos_token_id), int(tok.pad_token_id)
 
 
-def _smoke_pair(seed: int) -> tuple[Any, LocalModel]:
-    """A rule-based TEXT teacher and a tiny byte-level Llama student, seeded."""
-    from transformers import LlamaConfig
-
-    from lfm.distill.lm import student_from_config
-
-    tiny = LlamaConfig(vocab_size=ByteTokenizer.vocab, hidden_size=16, intermediate_size=32,
-                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                       max_position_embeddings=64)  # fmt: skip
-    student = LocalModel(student_from_config(tiny, seed), ByteTokenizer(), name="byte-student")
-    return ReverseTeacher(), student
+def _pair(level: Access, seed: int) -> tuple[Any, LocalModel]:
+    """A tiny Llama teacher (its handle at `level`) and a tiny Llama student of another seed."""
+    teacher = narrow(LocalModel(*tiny_lm("llama", seed), name="teacher"), level)
+    return teacher, LocalModel(*tiny_lm("llama", seed + 1), name="student")
 
 
-def _smoke_seq(cfg: SeqKDConfig, seed: int) -> torch.Tensor:
-    teacher, student = _smoke_pair(seed)
-    prompts = ["abc", "hello", "lfm", "kd"]
-    hist = seq_kd(teacher, student, prompts, cfg.replace(max_new_tokens=6, batch_size=2),
-                  TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False))[1]  # fmt: skip
-    return torch.tensor(hist.losses)
+def _summary(result: DistillResult) -> dict[str, Any]:
+    return {"losses": torch.tensor(result.history.losses), **result.info}
+
+
+def _seq_example(level: Access, seed: int) -> Example:
+    teacher, student = _pair(level, seed)
+    prompts = ["The capital of Italy is", "Paris is the capital of", "Tokyo is a", "A small model"]
+    kw = {"train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)}
+    cfg = SeqKDConfig(max_new_tokens=6, batch_size=2)
+    return Example((teacher, student, prompts), kw, cfg, summary=_summary)
 
 
 @register(
-    "distill", "seq_kd", branch="with data", access=Access.TEXT, config=SeqKDConfig,
-    paper="Kim & Rush 2016, arXiv 1606.07947", smoke=_smoke_seq,
+    "distill", "seq_kd", shape=DISTILLER, branch="with data", access=Access.TEXT,
+    config=SeqKDConfig, paper="Kim & Rush 2016, arXiv 1606.07947", example=_seq_example,
+    cli="lfm distill lm --method seq_kd",
 )  # fmt: skip
 def seq_kd(
     teacher: Any,
     student: LocalModel,
-    prompts: Sequence[str],
-    cfg: SeqKDConfig = SeqKDConfig(),
-    train_cfg: TrainConfig = TrainConfig(),
+    data: Sequence[str],
+    cfg: SeqKDConfig | None = None,
+    *,
+    train_cfg: TrainConfig | None = None,
     run: Run | None = None,
-) -> tuple[list[str], History]:
-    """Train `student` in place on the teacher's generations; returns them and the history.
+) -> DistillResult:
+    """Train `student` in place on the teacher's generations.
 
     Args:
         teacher: any handle with TEXT access (`generate(prompts, max_new_tokens)`).
         student: a `LocalModel` (its tokenizer encodes prompts and generations).
-        prompts: the inputs the teacher continues.
-        cfg: generation length, temperature and batch size.
-        train_cfg: the shared loop's steps, learning rate and seed.
+        data: the prompts the teacher continues.
+        cfg: generation length, temperature and batch size (resolved by the registry).
+        train_cfg: the shared loop's steps, learning rate and seed (None: `TrainConfig()`).
         run: a run directory for metrics and checkpoints.
+
+    Returns:
+        the student's module, the loop's `History`, and in `info` the teacher's generations
+        (`targets`).
     """
+    train_cfg = train_cfg or TrainConfig()
+    prompts = list(data)
     targets = teacher_generations(teacher, prompts, cfg.max_new_tokens, cfg.temperature)
     encode, eos, pad = _encoder(student)
     ids, labels = encode_pairs(encode, list(zip(prompts, targets, strict=True)), eos, pad)
     batches = shuffled_batches(ids, labels, batch_size=min(cfg.batch_size, len(ids)),
                                seed=train_cfg.seed)  # fmt: skip
-    return targets, train(student.model, _seq_loss, batches, train_cfg, run)
+    hist = train(student.model, _seq_loss, batches, train_cfg, run)
+    return DistillResult(student.model, hist, {"targets": targets})
 
 
 def step_by_step_loss(model: nn.Module, batch: Any, rationale_weight: float) -> dict:
@@ -163,39 +170,46 @@ def _ask(teacher: Any, template: str, inputs: Sequence[str], max_new_tokens: int
     return [g.strip() for g in teacher_generations(teacher, prompts, max_new_tokens)]
 
 
-def _smoke_sbs(cfg: StepByStepConfig, seed: int) -> torch.Tensor:
-    teacher, student = _smoke_pair(seed)
-    hist = step_by_step(teacher, student, ["2+2", "3+1", "1+1", "0+5"],
-                        cfg.replace(max_new_tokens=6, batch_size=2),
-                        TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False))[2]  # fmt: skip
-    return torch.tensor(hist.losses)
+def _sbs_example(level: Access, seed: int) -> Example:
+    teacher, student = _pair(level, seed)
+    kw = {"train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)}
+    cfg = StepByStepConfig(max_new_tokens=6, batch_size=2)
+    return Example((teacher, student, ["2+2", "3+1", "1+1", "0+5"]), kw, cfg, summary=_summary)
 
 
 @register(
-    "distill", "step_by_step", branch="with data", access=Access.TEXT, config=StepByStepConfig,
-    paper="Hsieh et al. 2023, arXiv 2305.02301", smoke=_smoke_sbs,
+    "distill", "step_by_step", shape=DISTILLER, branch="with data", access=Access.TEXT,
+    config=StepByStepConfig, paper="Hsieh et al. 2023, arXiv 2305.02301", example=_sbs_example,
+    cli="none: it needs task inputs and a teacher that writes rationales (call it from Python)",
 )  # fmt: skip
 def step_by_step(
     teacher: Any,
     student: LocalModel,
-    inputs: Sequence[str],
-    cfg: StepByStepConfig = StepByStepConfig(),
-    train_cfg: TrainConfig = TrainConfig(),
+    data: Sequence[str],
+    cfg: StepByStepConfig | None = None,
+    *,
+    train_cfg: TrainConfig | None = None,
     labels: Sequence[str] | None = None,
     run: Run | None = None,
-) -> tuple[list[str], list[str], History]:
-    """Multi-task training on the teacher's labels and rationales; returns both and the history.
+) -> DistillResult:
+    """Multi-task training on the teacher's labels and rationales.
 
     Args:
         teacher: any handle with TEXT access; asked with `cfg.rationale_prompt` (and with
             `cfg.label_prompt` unless `labels` are given).
         student: a `LocalModel` trained in place.
-        inputs: the task inputs.
-        cfg: λ, task prefixes, prompts and generation length.
-        train_cfg: the shared loop's steps, learning rate and seed.
+        data: the task inputs.
+        cfg: λ, task prefixes, prompts and generation length (resolved by the registry).
+        train_cfg: the shared loop's steps, learning rate and seed (None: `TrainConfig()`).
         labels: gold labels (the paper's "standard fine-tuning" setting); None: the teacher's.
         run: a run directory for metrics and checkpoints.
+
+    Returns:
+        the student's module, the loop's `History`, and in `info` the `labels` and `rationales`
+        it learnt.
     """
+    train_cfg = train_cfg or TrainConfig()
+    inputs = list(data)
     rationales = _ask(teacher, cfg.rationale_prompt, inputs, cfg.max_new_tokens)
     if labels is None:
         labels = _ask(teacher, cfg.label_prompt, inputs, cfg.max_new_tokens)
@@ -208,27 +222,5 @@ def step_by_step(
     def loss_fn(model: nn.Module, batch: Any) -> dict:
         return step_by_step_loss(model, batch, cfg.rationale_weight)
 
-    return list(labels), rationales, train(student.model, loss_fn, batches, train_cfg, run)
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as token ids (0–255), EOS = 256, pad = 257: a tokenizer with no files."""
-
-    vocab = 258
-    eos_token, eos_token_id, pad_token_id, bos_token_id = "<eos>", 256, 257, None
-
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
-        return {"input_ids": list(text.encode("utf-8"))}
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-
-class ReverseTeacher:
-    """A rule-based black box that answers each prompt with its reverse (TEXT access)."""
-
-    access = Access.TEXT
-    name = "reverse"
-
-    def generate(self, prompts: Sequence[str], max_new_tokens: int = 32, **_: Any) -> list[str]:
-        return [p[::-1][:max_new_tokens] for p in prompts]
+    hist = train(student.model, loss_fn, batches, train_cfg, run)
+    return DistillResult(student.model, hist, {"labels": list(labels), "rationales": rationales})

@@ -1,37 +1,44 @@
-"""A small vision distillation recipe: a CNN teacher on Fashion-MNIST, a smaller CNN student.
+"""A small vision distillation setting: a CNN teacher on Fashion-MNIST, a smaller CNN student.
 
-Used by `bench/distill.py` and `lfm distill vision`. The student is trained with the same budget
-(steps, batch size, learning rate) for every method; each method adds its losses to cross-entropy
-on the labels: KD (Hinton et al. 2015, arXiv 1503.02531), FitNets hints at `block3`
-(arXiv 1412.6550), RKD on the pooled embedding (arXiv 1904.05068), DIST (arXiv 2205.10536).
+Used by `lfm.distill.recipes` (`lfm distill vision`, `lfm distill datafree`) and the benchmarks.
+The student is trained with the same budget (steps, batch size, learning rate) for every method;
+each method adds its loss to cross-entropy on the labels: logit losses (KD, arXiv 1503.02531;
+reverse KL; top-k KD from the teacher's 5 most likely of 10 classes; DIST, arXiv 2205.10536) on
+the logits, FitNets hints (arXiv 1412.6550) and attention transfer (arXiv 1612.03928) at
+`block3`, RKD (arXiv 1904.05068) and PKT (arXiv 1803.10837) on the pooled embedding `pool`.
+The data-free methods (`train_datafree`) never see an image: only the teacher was trained on them.
 """
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lfm.access import LocalClassifier
+from lfm import registry
+from lfm.access import Access, LocalClassifier, narrow
+from lfm.assets import load_dataset
 from lfm.core.train import TrainConfig, shuffled_batches, train
-from lfm.distill.datafree import deep_inversion_distill
+from lfm.distill.contract import InputSpec
 from lfm.distill.distiller import distill
+from lfm.errors import LfmError
 from lfm.runs import Run
 
-FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-# name -> (losses for `distill`, weight of cross-entropy on the labels)
+# name -> the losses for `distill` (each student also gets cross-entropy on the labels, weight 1);
+# "student" is the reference trained on the labels alone.
 METHODS: dict[str, list[tuple]] = {
     "student": [],
     "kd": [("kd", 1.0, {"temperature": 4.0})],
-    "fitnets": [("fitnets", 1.0, None, "block3", "block3")],
-    "rkd": [("rkd", 1.0, None, "pool", "pool")],
+    "reverse_kl": [("reverse_kl", 1.0, None)],
+    "topk_kd": [("topk_kd", 1.0, {"k": 5})],
     "dist": [("dist", 1.0, None)],
+    "fitnets": [("fitnets", 1.0, None, "block3", "block3")],
+    "at": [("at", 1.0, None, "block3", "block3")],
+    "rkd": [("rkd", 1.0, None, "pool", "pool")],
+    "pkt": [("pkt", 1.0, None, "pool", "pool")],
 }
 
 
@@ -43,33 +50,10 @@ class Data:
     y_test: torch.Tensor
 
 
-def _idx(path: Path) -> np.ndarray:
-    raw = gzip.decompress(path.read_bytes())
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def load_fashion_mnist() -> Data:
-    """Fashion-MNIST through `lfm.assets` when it exists, else from the Debian package's files."""
-    try:
-        from lfm.assets import load_dataset  # type: ignore[attr-defined]
-
-        d = load_dataset("fashion-mnist")
-        return Data(d.x_train, d.y_train, d.x_test, d.y_test)
-    except (ImportError, AttributeError):
-        pass
-
-    def images(name: str) -> torch.Tensor:
-        return torch.from_numpy(_idx(FASHION_DIR / name).copy()).float().div(255).unsqueeze(1)
-
-    def labels(name: str) -> torch.Tensor:
-        return torch.from_numpy(_idx(FASHION_DIR / name).astype(np.int64))
-
-    return Data(
-        images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
-        images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"),
-    )  # fmt: skip
+    """Fashion-MNIST (`lfm.assets`: the Debian package dataset-fashion-mnist)."""
+    d = load_dataset("fashion-mnist")
+    return Data(d.x_train, d.y_train, d.x_test, d.y_test)
 
 
 def _block(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
@@ -132,17 +116,47 @@ def train_student(
     batch_size: int,
     run: Run | None = None,
 ) -> CNN:
-    """Train a fresh student with `method` (a key of `METHODS`) under the budget in `cfg`."""
+    """Train a fresh student with `method` (see `terms`) under the budget in `cfg`."""
+    losses = terms(method)
     torch.manual_seed(cfg.seed)
     student = student_cnn()
     batches = shuffled_batches(data.x_train, data.y_train, batch_size=batch_size, seed=cfg.seed)
-    if METHODS[method]:
-        distill(
-            LocalClassifier(teacher, "teacher"), student, batches, METHODS[method], cfg, 1.0, run
-        )
+    if losses:
+        distill(LocalClassifier(teacher, "teacher"), student, batches, losses, cfg, 1.0, run)
     else:
         train(student, _ce, batches, cfg, run)
     return student.eval()
+
+
+def terms(method: str) -> list[tuple]:
+    """The loss terms of a vision method: its row of `METHODS` (settings fit for this CNN), or
+    any other registered logit loss (SCORES) at its paper defaults; `student` trains alone."""
+    if method in METHODS:
+        return METHODS[method]
+    from lfm.registry import get
+
+    try:
+        spec = get(method, area="distill")
+    except LfmError:
+        spec = None
+    if spec is None or spec.shape.name != "loss" or spec.access > Access.SCORES:
+        raise LfmError(f"unknown method {method!r}; choose one of {', '.join(vision_methods())}")
+    return [(spec.name, 1.0, None)]
+
+
+def vision_methods() -> list[str]:
+    """Every method `terms` accepts: `METHODS` and the other registered logit losses."""
+    from lfm.registry import methods
+
+    logit = [
+        s.name for s in methods("distill") if s.shape.name == "loss" and s.access <= Access.SCORES
+    ]
+    return [*METHODS, *(n for n in logit if n not in METHODS)]
+
+
+def _known(method: str, table: dict[str, Any]) -> None:
+    if method not in table:
+        raise LfmError(f"unknown method {method!r}; choose one of {', '.join(table)}")
 
 
 def subsample(data: Data, n_train: int, n_test: int, seed: int = 0) -> Data:
@@ -153,15 +167,16 @@ def subsample(data: Data, n_train: int, n_test: int, seed: int = 0) -> Data:
     return Data(data.x_train[tr], data.y_train[tr], data.x_test[te], data.y_test[te])
 
 
-DATAFREE = ("deepinversion", "dafl", "dfad", "dfme")
+DATAFREE = ("deep_inversion", "dafl", "dfad", "dfme")
 # Fashion-MNIST settings over each method's paper defaults (docs/distill.md says why): a generator
 # of width 16 for 28×28 grey images, and a BatchNorm-statistics weight β_f fit for this teacher.
 DATAFREE_RECIPE: dict[str, dict[str, Any]] = {
-    "deepinversion": {"bn_weight": 10.0, "steps": 200},
+    "deep_inversion": {"bn_weight": 10.0, "steps": 200},
     "dafl": {"generator_width": 16},
     "dfad": {"generator_width": 16},
     "dfme": {"generator_width": 16},
 }
+FASHION = InputSpec((1, 28, 28), 10)
 
 
 def train_datafree(
@@ -182,20 +197,18 @@ def train_datafree(
     trains the student for `kd_steps` KD steps on them. `overrides` change the method's config
     over `DATAFREE_RECIPE`.
     """
-    from lfm.access import narrow
-    from lfm.registry import get
-
-    spec = get(f"distill/{'deep_inversion' if method == 'deepinversion' else method}")
+    _known(method, DATAFREE_RECIPE)
+    spec = registry.get(method, area="distill")
     torch.manual_seed(seed)
     student = student_cnn()
     handle = narrow(LocalClassifier(teacher, "teacher"), spec.access)  # the least it needs
-    cfg = spec.config.build(DATAFREE_RECIPE[method], batch_size=batch_size, **overrides)
-    if method != "deepinversion":
-        res = spec.fn(handle, student, cfg.replace(iterations=iterations), seed=seed)
-        return res.student, res.queries
-    train_cfg = TrainConfig(steps=kd_steps, lr=3e-3, seed=seed, progress=False)
-    deep_inversion_distill(handle, student, (1, 28, 28), 10, iterations, cfg, train_cfg, seed=seed)
-    rounds = iterations if cfg.competition_weight > 0 else 1  # KD steps are split over rounds
-    return student.eval(), batch_size * (
-        iterations * cfg.steps + max(1, kd_steps // rounds) * rounds
-    )
+    cfg = spec.config.build(DATAFREE_RECIPE[spec.name], batch_size=batch_size, **overrides)
+    if spec.name == "deep_inversion":
+        cfg = cfg.replace(batches=iterations)
+        kw: dict[str, Any] = {
+            "train_cfg": TrainConfig(steps=kd_steps, lr=3e-3, seed=seed, progress=False)
+        }
+    else:
+        cfg, kw = cfg.replace(iterations=iterations), {}
+    res = registry.run(spec.key, handle, student, FASHION, cfg=cfg, seed=seed, **kw)
+    return res.student.eval(), int(res.info["queries"])

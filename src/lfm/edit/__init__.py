@@ -1,34 +1,39 @@
 """Model editing: memory-based editing, constrained tuning, locate-and-edit and meta-learned
-editors. Methods register on import.
+editors. Methods register on import; each is an `Editor`, `(handle, requests, cfg) -> patch`
+(`lfm.edit.contract`).
 
     patch = rome(handle, Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"))
     undo = patch.apply(handle.model)   # the only call that changes the model
     undo.revert(handle.model)          # bit-exact
 """
 
-from lfm.edit.ftl import FTLConfig, ftl
+from lfm.edit.ftl import FTLConfig, ft_l
 from lfm.edit.memit import AlphaEditConfig, MemitConfig, alphaedit, memit
-from lfm.edit.memory import IkeConfig, MemoryEditor, ike
+from lfm.edit.memory import IkeConfig, MemoryEditor, MemoryPatch, ike
 from lfm.edit.patch import Delta, Patch, Undo
 from lfm.edit.requests import Request, read_requests
 from lfm.edit.rome import RomeConfig, rome
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
+from lfm.edit.site import EditSite, edit_site
 
 __all__ = [
     "AlphaEditConfig",
     "AlphaEditState",
     "Delta",
+    "EditSite",
     "FTLConfig",
     "IkeConfig",
     "MemitConfig",
     "MemoryEditor",
+    "MemoryPatch",
     "Patch",
     "Request",
     "RomeConfig",
     "Undo",
     "alphaedit",
     "alphaedit_step",
-    "ftl",
+    "edit_site",
+    "ft_l",
     "ike",
     "memit",
     "read_requests",

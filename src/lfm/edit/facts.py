@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lfm.access import ScoresModel
 from lfm.edit.requests import Request
 
 
@@ -84,7 +85,7 @@ def _first_token(handle: Any, prompt: str, obj: str) -> int:
     return target_ids(handle.tokenizer, prompt, obj)[0]
 
 
-def _wins(handle: Any, prompts: Sequence[str], a: str, b: str) -> float:
+def _wins(handle: ScoresModel, prompts: Sequence[str], a: str, b: str) -> float:
     """Fraction of prompts where log P(a) > log P(b) (whole objects, with a leading space)."""
     if not prompts:
         return float("nan")

@@ -15,13 +15,15 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from lfm.access import Access
+from lfm.access import Access, narrow
 from lfm.config import Config
-from lfm.core.layouts import module_name
+from lfm.core.hooks import frozen
 from lfm.edit import common, locate
-from lfm.edit.patch import Delta, Patch, is_conv1d, make_patch
+from lfm.edit.contract import EDITOR
+from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request, build_batch
-from lfm.registry import register
+from lfm.edit.site import EditSite, edit_site
+from lfm.registry import Example, register
 
 
 class FTLConfig(Config):
@@ -32,16 +34,16 @@ class FTLConfig(Config):
     stop_nll: float = 0.01  # stop early once the mean target NLL is below this
 
 
-def ftl_delta(model: nn.Module, tok: Any, reqs: Sequence[Request], cfg: FTLConfig) -> Delta:
-    """Dense ΔW (out, in) of the tuned projection (the model is not changed)."""
-    name = module_name(model, "mlp_out", common.layer_of(model, cfg.layer))
-    mod = model.get_submodule(name)
-    w0 = mod.weight.detach()
+def ftl_delta(
+    model: nn.Module, tok: Any, reqs: Sequence[Request], cfg: FTLConfig, site: EditSite
+) -> Delta:
+    """Dense ΔW (out, in) of the tuned projection at `site` (the model is not changed)."""
+    w0 = site.projection(model).weight.detach()  # as stored: (in, out) for GPT-2's Conv1D
     batches = [build_batch(tok, r, [""]) for r in reqs]
     delta = torch.zeros_like(w0, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
     for _ in range(cfg.steps):
-        params = {f"{name}.weight": w0 + delta}
+        params = {f"{site.module}.weight": w0 + delta}
         loss = torch.stack([_nll(model, params, b) for b in batches]).mean()
         if loss.item() < cfg.stop_nll:
             break
@@ -51,7 +53,7 @@ def ftl_delta(model: nn.Module, tok: Any, reqs: Sequence[Request], cfg: FTLConfi
         with torch.no_grad():
             delta.clamp_(-cfg.norm_constraint, cfg.norm_constraint)
     d = delta.detach()
-    return Delta(name, dense=d.T.contiguous() if is_conv1d(mod) else d)
+    return Delta(site.module, dense=d.T.contiguous() if site.conv1d else d)
 
 
 def _nll(model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
@@ -62,38 +64,31 @@ def _nll(model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch
     return -logp[pos, ids].mean()
 
 
-def ftl(
-    target: Any,
-    requests: Request | Sequence[Request],
-    cfg: FTLConfig | None = None,
-    *,
-    tokenizer: Any = None,
-) -> Patch:
+def _example(level: Access, seed: int) -> Example:
+    """One request on a tiny Llama, five constrained steps."""
+    lm = common.smoke_model("llama", seed)
+    return Example(
+        (narrow(lm, level), common.SMOKE_REQUEST), {}, FTLConfig(steps=5),
+        lambda patch: patch.deltas[0].matrix(),
+    )  # fmt: skip
+
+
+@register(
+    "edit", "ft_l", shape=EDITOR, branch="constrained tuning", access=Access.WEIGHTS,
+    config=FTLConfig, paper="Zhu et al. 2020, arXiv 2012.00363 (FT-L, as the ROME paper's baseline)",
+    example=_example, cli="lfm edit apply -m ft_l",
+)  # fmt: skip
+def ft_l(handle: Any, requests: Request | Sequence[Request], cfg: FTLConfig | None = None) -> Patch:
     """An FT-L patch: constrained fine-tuning of one MLP projection on all requests together.
 
     Args:
-        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        handle: a `LocalModel` (WEIGHTS access: the model and its tokenizer).
         requests: the edits.
         cfg: the configuration (the ROME paper's FT-L baseline).
-        tokenizer: the tokenizer, when `target` is a bare model.
     """
-    model, tok = common.resolve(target, tokenizer, "edit/ft-l")
+    model, tok = common.model_and_tokenizer(handle, "edit/ft_l")
     cfg, reqs = cfg or FTLConfig(), common.as_requests(requests)
-    flags = locate.frozen(model)
-    try:
-        delta = ftl_delta(model, tok, reqs, cfg)
-    finally:
-        locate.restore_grad(model, flags)
-    return make_patch(model, [delta], reqs, "ft-l", cfg)
-
-
-def _smoke(cfg: FTLConfig, seed: int) -> torch.Tensor:
-    model, tok = common.tiny_lm(seed)
-    patch = ftl(model, common.SMOKE_REQUEST, cfg.replace(steps=5), tokenizer=tok)
-    return patch.deltas[0].matrix()
-
-
-register(
-    "edit", "ft-l", branch="constrained tuning", access=Access.WEIGHTS, config=FTLConfig,
-    paper="Zhu et al. 2020, arXiv 2012.00363 (FT-L, as the ROME paper's baseline)", smoke=_smoke,
-)(ftl)  # fmt: skip
+    site = edit_site(model, cfg.layer)
+    with frozen(model):
+        delta = ftl_delta(model, tok, reqs, cfg, site)
+    return make_patch(model, [delta], reqs, "ft_l", cfg)

@@ -16,15 +16,15 @@ construction — the same averaged k* is used for v*, for C⁻¹k* and in the de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
 from torch import nn
 
-from lfm.core.layouts import module_name
+from lfm.core.hooks import add_at, capture, stop_after
 from lfm.edit import tail
 from lfm.edit.requests import Batch, Request, build_batch
+from lfm.edit.site import EditSite
 from lfm.errors import LfmError
 
 # Short, neutral contexts; "" is the bare prompt. ROME samples 20 model-written prefixes; a fixed
@@ -49,72 +49,43 @@ def prefixes(n: int) -> tuple[str, ...]:
     return PREFIXES[: max(1, min(n, len(PREFIXES)))]
 
 
-def _mod(model: nn.Module, layer: int) -> nn.Module:
-    return model.get_submodule(module_name(model, "mlp_out", layer))
-
-
-class _Stop(Exception):
-    """Raised by a hook once every module read has run: later blocks need not."""
-
-
 @torch.no_grad()
-def read_modules(
-    model: nn.Module, batch: Batch, mods: Sequence[nn.Module]
-) -> list[tuple[Any, torch.Tensor]]:
-    """(first positional input or None, output) of each module at each row's subject position,
-    from one forward pass that stops once all have run (the blocks above are skipped)."""
-    got: dict[int, tuple[Any, torch.Tensor]] = {}
+def read_at_subject(
+    model: nn.Module, batch: Batch, outputs: Sequence[str], inputs: Sequence[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What the named modules produce (`outputs`) and take (`inputs`, first positional input) at
+    each row's subject position, (B, D) float on the CPU each, from one forward pass that stops
+    once every module in `outputs` has run (the blocks above them are skipped)."""
     rows = torch.arange(len(batch.subject_pos))
+    # the capturing hooks are registered first, so they run before the one that stops the pass
+    with (
+        capture(model, list(inputs), inputs=True) as ins,
+        capture(model, list(outputs)) as outs,
+        stop_after(model, list(outputs)) as run,
+    ):
+        run(lambda: model(**_inputs(model, batch), logits_to_keep=1))
+    missing = [n for n in outputs if n not in outs] + [n for n in inputs if n not in ins]
+    if missing:
+        raise LfmError(f"{', '.join(missing)} did not run in the forward pass")
 
-    def hook(i: int):
-        def fn(_m: nn.Module, args: tuple, out: Any) -> None:
-            out = out[0] if isinstance(out, tuple) else out
-            inp = args[0][rows, batch.subject_pos].float() if args else None  # blocks: keywords
-            got[i] = (inp, out[rows, batch.subject_pos].float())
-            if len(got) == len(mods):
-                raise _Stop
+    def at_subject(acts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: t[rows, batch.subject_pos].float().cpu() for n, t in acts.items()}
 
-        return fn
-
-    handles = [m.register_forward_hook(hook(i)) for i, m in enumerate(mods)]
-    try:
-        with suppress(_Stop):
-            model(**_inputs(model, batch), logits_to_keep=1)
-    finally:
-        for h in handles:
-            h.remove()
-    if len(got) < len(mods):
-        raise RuntimeError("a module to read did not run in the forward pass")
-    return [(a if a is None else a.cpu(), b.cpu()) for a, b in (got[i] for i in range(len(mods)))]
+    return at_subject(ins), at_subject(outs)
 
 
 def keys_and_outputs(
-    model: nn.Module, tokenizer: Any, req: Request, layer: int, n: int
+    model: nn.Module, tokenizer: Any, req: Request, site: EditSite, n: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prefix keys (P, D_in) and MLP outputs (P, D_out) at the subject's last token."""
     batch = build_batch(tokenizer, req, prefixes(n), with_target=False)
-    return read_modules(model, batch, [_mod(model, layer)])[0]
+    keys, outs = read_at_subject(model, batch, [site.module], [site.module])
+    return keys[site.module], outs[site.module]
 
 
 def _inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
     dev = next(model.parameters()).device
     return {"input_ids": batch.input_ids.to(dev), "attention_mask": batch.attention_mask.to(dev)}
-
-
-@contextmanager
-def _add_at(mod: nn.Module, rows: torch.Tensor, pos: torch.Tensor, delta: torch.Tensor):
-    """Add `delta` to the module's output at (rows, pos) during forward passes."""
-
-    def hook(_m: nn.Module, _args: tuple, out: torch.Tensor) -> torch.Tensor:
-        out = out.clone()
-        out[rows, pos] = out[rows, pos] + delta.to(out.dtype)
-        return out
-
-    handle = mod.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _target_nll(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -147,9 +118,9 @@ def essence_request(req: Request) -> Request:
 
 
 def optimise_delta(
-    model: nn.Module, tokenizer: Any, req: Request, layer: int, cfg: Any, outs: Any = None
+    model: nn.Module, tokenizer: Any, req: Request, site: EditSite, cfg: Any, outs: Any = None
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """δ for the MLP output of `layer` at the subject's last token (see module docstring).
+    """δ for the MLP output at `site` at the subject's last token (see module docstring).
 
     `cfg` provides: n_prefixes, v_steps, v_lr, v_weight_decay, kl_factor, clamp_norm,
     stop_nll and optionally tail_only (default True: `lfm.edit.tail`'s split forward, the same
@@ -158,11 +129,11 @@ def optimise_delta(
     """
     if cfg.v_lr is None or cfg.stop_nll is None:  # the defaults depend on the method and model
         raise LfmError("v_lr and stop_nll are unset: fill them with common.search_defaults")
-    mod = _mod(model, layer)
+    mod = site.projection(model)
     batch = build_batch(tokenizer, req, prefixes(cfg.n_prefixes))
     kl_batch = build_batch(tokenizer, essence_request(req), [""], with_target=False)
     if outs is None:
-        outs = keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)[1]
+        outs = keys_and_outputs(model, tokenizer, req, site, cfg.n_prefixes)[1]
     ref = outs.mean(0).norm()
     with torch.no_grad():
         kl_ref = _last_logp(model, kl_batch)
@@ -194,9 +165,9 @@ def _full_losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref):
     rows = torch.arange(len(batch.subject_pos))
 
     def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _add_at(mod, rows, batch.subject_pos, delta):
+        with add_at(mod, rows, batch.subject_pos, delta):
             nll = _target_nll(model, batch)
-        with _add_at(mod, torch.zeros(1, dtype=torch.long), kl_batch.subject_pos, delta):
+        with add_at(mod, torch.zeros(1, dtype=torch.long), kl_batch.subject_pos, delta):
             logp = _last_logp(model, kl_batch)
         return nll, _kl(logp, kl_ref)
 
@@ -211,9 +182,9 @@ def _tail_losses(model, mod, batch: Batch, kl_batch: Batch, kl_ref):
     last = int(kl_batch.attention_mask.sum() - kl_batch.subject_pos[0]) - 1
 
     def losses(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _add_at(mod, rows, first, delta):
+        with add_at(mod, rows, first, delta):
             nll = _nll_from(nll_tail, lambda keep: tail.forward(model, nll_tail, keep))
-        with _add_at(mod, first[:1], first[:1], delta):
+        with add_at(mod, first[:1], first[:1], delta):
             logp = tail.forward(model, kl_tail, 0)[:, last].float().log_softmax(-1)
         return nll, _kl(logp, kl_ref)
 
@@ -225,16 +196,3 @@ def _clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> None:
     norm = delta.norm()
     if norm > max_norm:
         delta.mul_(max_norm / norm)
-
-
-def frozen(model: nn.Module) -> Sequence[bool]:
-    """Turn off gradients of every parameter; return the old flags (for `restore_grad`)."""
-    flags = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return flags
-
-
-def restore_grad(model: nn.Module, flags: Sequence[bool]) -> None:
-    for p, f in zip(model.parameters(), flags, strict=True):
-        p.requires_grad_(f)

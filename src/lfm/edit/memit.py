@@ -37,14 +37,17 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lfm.access import Access
+from lfm.access import Access, narrow
 from lfm.config import Config
-from lfm.core.layouts import get_layout, module_name, num_layers
+from lfm.core.hooks import frozen
+from lfm.core.layouts import get_layout, num_layers
 from lfm.edit import common, locate
-from lfm.edit.patch import Delta, Patch, linear_weight, make_patch
+from lfm.edit.contract import EDITOR
+from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request, build_batch
+from lfm.edit.site import EditSite, default_layer, edit_sites, layer_of
 from lfm.errors import LfmError
-from lfm.registry import register
+from lfm.registry import Example, register
 
 
 class MemitConfig(Config):
@@ -78,14 +81,15 @@ class MemitConfig(Config):
 PAPER_LAMBDA, NORMED_LAMBDA = 15_000.0 / 16_384, 5_000.0 / 16_384
 
 
-def memit_defaults(cfg: MemitConfig, model: nn.Module) -> MemitConfig:
-    """`cfg` with the δ search's defaults (`common.search_defaults`) and λ filled for this model."""
-    cfg = common.search_defaults(cfg, model)
+def memit_defaults(cfg: MemitConfig, site: EditSite) -> MemitConfig:
+    """`cfg` with the δ search's defaults (`common.search_defaults`) and λ filled for the
+    architecture of `site` (any edited site: the layout and key width are the model's). Each entry
+    point calls it once."""
+    cfg = common.search_defaults(cfg, site)
     if cfg.mom2_update_weight is not None:
         return cfg
-    per_dim = NORMED_LAMBDA if get_layout(model).mlp_out_norm else PAPER_LAMBDA
-    d_in = linear_weight(model, module_name(model, "mlp_out", 0)).shape[1]
-    return cfg.replace(mom2_update_weight=per_dim * d_in)
+    per_dim = NORMED_LAMBDA if site.normed else PAPER_LAMBDA
+    return cfg.replace(mom2_update_weight=per_dim * site.d_in)
 
 
 def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
@@ -93,41 +97,33 @@ def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
     layout norms the MLP output (Gemma 3), the three ending at it: there a window reaching above
     it left most edits undone (docs/edit.md)."""
     if layers:
-        return [common.layer_of(model, layer) for layer in layers]
-    mid, n = common.default_layer(model), num_layers(model)
+        return [layer_of(model, layer) for layer in layers]
+    mid, n = default_layer(model), num_layers(model)
     top = mid if get_layout(model).mlp_out_norm else mid + 2
     return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, top + 1)})
 
 
 def resid_and_keys(
-    model: nn.Module, tok: Any, reqs: Sequence[Request], last: int, layer: int, n: int, each: bool
+    model: nn.Module,
+    tok: Any,
+    reqs: Sequence[Request],
+    last: EditSite,
+    site: EditSite,
+    n: int,
+    each: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """At each subject's last token: the residual after block `last` (D, ·), and the keys
-    (D_in, ·) and outputs (D_out, ·) of `layer`'s MLP output projection, from one forward pass per
+    (D_in, ·) and outputs (D_out, ·) of `site`'s MLP output projection, from one forward pass per
     request that stops after block `last`. Columns: with `each` one per prefixed prompt, request
     by request (n·P), else one per request, the prefix mean."""
-    mods = [
-        model.get_submodule(f"{get_layout(model).layers}.{last}"),
-        model.get_submodule(module_name(model, "mlp_out", layer)),
-    ]
     cols: list[list[torch.Tensor]] = [[], [], []]
     for req in reqs:
         batch = build_batch(tok, req, locate.prefixes(n), with_target=False)
-        (_, h), (k, m) = locate.read_modules(model, batch, mods)
-        for c, t in zip(cols, (h, k, m), strict=True):
+        ins, outs = locate.read_at_subject(model, batch, [last.block, site.module], [site.module])
+        for c, t in zip(cols, (outs[last.block], ins[site.module], outs[site.module]), strict=True):
             c.append(t if each else t.mean(0, keepdim=True))
     h, k, m = (torch.cat(c, 0).T for c in cols)
     return h, k, m
-
-
-def mlp_norm(model: nn.Module, layer: int) -> nn.Module | None:
-    """The norm between block `layer`'s MLP output and the residual, if the layout has one."""
-    lay = get_layout(model)
-    return (
-        model.get_submodule(f"{lay.layers}.{layer}.{lay.mlp_out_norm}")
-        if lay.mlp_out_norm
-        else None
-    )
 
 
 @torch.no_grad()
@@ -201,13 +197,24 @@ def null_projector(cov: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def memit_deltas(
-    model: nn.Module, tok: Any, reqs: list[Request], cfg: MemitConfig, cov: Any, prior: Any = None
+    model: nn.Module,
+    tok: Any,
+    reqs: list[Request],
+    cfg: MemitConfig,
+    sites: Sequence[EditSite],
+    cov: Any,
+    prior: Any = None,
 ) -> tuple[list[Delta], dict[int, torch.Tensor]]:
-    """The per-layer deltas and the keys K (D_in, n) each layer's update used."""
-    cfg = memit_defaults(cfg, model)
-    layers = edit_layers(model, cfg.layers)
-    last, n, each = layers[-1], cfg.n_prefixes, cfg.key_constraint == "each"
-    cov = common.prefetch_covariances(model, tok, layers, cfg, cov)
+    """The per-layer deltas and the keys K (D_in, n) each layer's update used.
+
+    Args:
+        cfg: the configuration with its defaults filled (`memit_defaults`).
+        sites: the edited blocks, in order (`edit_layers`).
+        cov: precomputed C per layer, or None for the cached statistics.
+        prior: AlphaEdit's keys of earlier sequential edits, {layer: (D_in, n_p)}.
+    """
+    last, n, each = sites[-1], cfg.n_prefixes, cfg.key_constraint == "each"
+    cov = common.prefetch_covariances(model, tok, sites, cfg, cov)
     # the residual and MLP outputs at the last layer, per prefixed prompt, in one pass per request
     h_all, _, m_all = resid_and_keys(model, tok, reqs, last, last, n, each=True)
     p = h_all.shape[1] // len(reqs)  # prefixed prompts per request
@@ -215,7 +222,7 @@ def memit_deltas(
     h0 = h_all if each else h_mean
     per = p if each else 1  # columns per request: P prefixed prompts, or 1 (their mean)
     # z = h + (the residual change δ makes at the last layer's MLP output), column by column
-    norm, moved = mlp_norm(model, last), []
+    norm, moved = last.norm_module(model), []
     for i, r in enumerate(reqs):
         outs = m_all[:, i * p : (i + 1) * p]  # (D, P)
         change = resid_change(norm, outs, _delta(model, tok, r, last, cfg, h_mean[:, i], outs.T))
@@ -224,16 +231,15 @@ def memit_deltas(
     weight = per**-0.5  # the P columns of one request share its weight: R Kᵀ averages them
     deltas: list[Delta] = []
     used: dict[int, torch.Tensor] = {}
-    for j, layer in enumerate(layers):
+    for j, site in enumerate(sites):
         with common.temporarily(model, deltas):
-            h, keys, outs = resid_and_keys(model, tok, reqs, last, layer, n, each)
-            resid = value_change(mlp_norm(model, layer), outs, (z - h) / (len(layers) - j))
-        c = common.covariance(model, tok, layer, cfg, cov)
-        name = module_name(model, "mlp_out", layer)
+            h, keys, outs = resid_and_keys(model, tok, reqs, last, site, n, each)
+            resid = value_change(site.norm_module(model), outs, (z - h) / (len(sites) - j))
+        c = common.covariance(model, tok, site, cfg, cov)
         resid, keys = resid * weight, keys * weight
-        v = layer_update(resid, keys, c, cfg, (prior or {}).get(layer))
-        deltas.append(_low_rank_or_dense(name, resid.float(), v))
-        used[layer] = keys.double()
+        v = layer_update(resid, keys, c, cfg, (prior or {}).get(site.layer))
+        deltas.append(_low_rank_or_dense(site.module, resid.float(), v))
+        used[site.layer] = keys.double()
     return deltas, used
 
 
@@ -244,81 +250,105 @@ def _low_rank_or_dense(name: str, u: torch.Tensor, v: torch.Tensor) -> Delta:
     return Delta(name, u, v)
 
 
-def _delta(model, tok, req: Request, layer: int, cfg: MemitConfig, h: torch.Tensor, outs):
-    """δ at `layer`'s MLP output for one request, given its per-prefix MLP outputs (P, D) there."""
+def _delta(model, tok, req: Request, site: EditSite, cfg: MemitConfig, h: torch.Tensor, outs):
+    """δ at `site`'s MLP output for one request, given its per-prefix MLP outputs (P, D) there."""
     # MEMIT clamps δ relative to the residual norm ‖h‖, not the MLP output's
     scale = float(h.norm() / outs.mean(0).norm())
     return locate.optimise_delta(
-        model, tok, req, layer, cfg.replace(clamp_norm=cfg.clamp_norm * scale), outs
+        model, tok, req, site, cfg.replace(clamp_norm=cfg.clamp_norm * scale), outs
     )[0]
 
 
-def memit(
-    target: Any,
-    requests: Request | Sequence[Request],
-    cfg: MemitConfig | None = None,
-    *,
-    tokenizer: Any = None,
-    cov: Any = None,
-) -> Patch:
-    """A MEMIT patch for a batch of requests (model unchanged).
-
-    Args:
-        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
-        requests: the edits, made together.
-        cfg: the configuration (paper defaults; `null_space=True` is AlphaEdit).
-        tokenizer: the tokenizer, when `target` is a bare model.
-        cov: precomputed C per layer ({layer: tensor}); default: cached statistics.
-    """
-    cfg = cfg or MemitConfig()
-    name = "alphaedit" if cfg.null_space else "memit"
-    model, tok = common.resolve(target, tokenizer, f"edit/{name}")
-    reqs, cfg = common.as_requests(requests), memit_defaults(cfg, model)
-    warn_if_normed(model, edit_layers(model, cfg.layers), name)
-    flags = locate.frozen(model)
-    try:
-        deltas = memit_deltas(model, tok, reqs, cfg, cov)[0]
-    finally:
-        locate.restore_grad(model, flags)
-    return make_patch(model, deltas, reqs, name, cfg)
-
-
-def warn_if_normed(model: nn.Module, layers: Sequence[int], name: str) -> None:
+def warn_if_normed(model: nn.Module, sites: Sequence[EditSite], name: str) -> None:
     """Warn where the layout norms the MLP output (Gemma 3) and the edited window reaches above
     `default_layer`: measured there, most edits did not take (docs/edit.md)."""
-    if get_layout(model).mlp_out_norm and max(layers) > common.default_layer(model):
+    top = default_layer(model)
+    if sites[-1].normed and max(s.layer for s in sites) > top:
         warnings.warn(
             f"{name}: on this architecture (MLP output normed before the residual) edits with "
-            f"layers above {common.default_layer(model)} mostly did not take (docs/edit.md); the "
-            "default window ends there",
+            f"layers above {top} mostly did not take (docs/edit.md); the default window ends there",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
-def alphaedit(target: Any, requests: Any, cfg: MemitConfig | None = None, **kw: Any) -> Patch:
-    """AlphaEdit: MEMIT with the update projected onto the null space of C."""
-    return memit(target, requests, (cfg or AlphaEditConfig()).replace(null_space=True), **kw)
+def _edit(handle: Any, requests: Any, cfg: MemitConfig, cov: Any) -> Patch:
+    """MEMIT's patch, or AlphaEdit's where `cfg.null_space` is on (the model is not changed)."""
+    name = "alphaedit" if cfg.null_space else "memit"
+    model, tok = common.model_and_tokenizer(handle, f"edit/{name}")
+    reqs = common.as_requests(requests)
+    sites = edit_sites(model, edit_layers(model, cfg.layers))
+    cfg = memit_defaults(cfg, sites[-1])  # the one place: the patch records what was used
+    warn_if_normed(model, sites, name)
+    with frozen(model):
+        deltas = memit_deltas(model, tok, reqs, cfg, sites, cov)[0]
+    return make_patch(model, deltas, reqs, name, cfg)
 
 
 class AlphaEditConfig(MemitConfig):
     null_space: bool = True  # project onto C's null space (the point of AlphaEdit)
 
 
-def _smoke(cfg: MemitConfig, seed: int) -> dict[str, torch.Tensor]:
-    model, tok = common.tiny_lm(seed)
-    cfg = cfg.replace(v_steps=5, n_prefixes=2)
-    layers = edit_layers(model, cfg.layers)
-    cov = {layer: common.smoke_cov(model, tok, layer) for layer in layers}
-    patch = memit(model, common.SMOKE_REQUEST, cfg, tokenizer=tok, cov=cov)
-    return {d.module: d.matrix() for d in patch.deltas}
+def _example(level: Access, seed: int) -> Example:
+    """One request on a tiny Llama, both blocks edited, C from the smoke texts."""
+    lm = common.smoke_model("llama", seed)
+    cov = {layer: common.smoke_cov(lm.model, lm.tokenizer, layer) for layer in (0, 1)}
+    return Example(
+        (narrow(lm, level), common.SMOKE_REQUEST), {"cov": cov},
+        MemitConfig(v_steps=5, n_prefixes=2),
+        lambda patch: {d.module: d.matrix() for d in patch.deltas},
+    )  # fmt: skip
 
 
-register(
-    "edit", "memit", branch="locate-and-edit", access=Access.WEIGHTS, config=MemitConfig,
-    paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", smoke=_smoke,
-)(memit)  # fmt: skip
-register(
-    "edit", "alphaedit", branch="locate-and-edit", access=Access.WEIGHTS, config=AlphaEditConfig,
-    paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)", smoke=_smoke,
-)(alphaedit)  # fmt: skip
+def _alphaedit_example(level: Access, seed: int) -> Example:
+    ex = _example(level, seed)
+    return Example(ex.args, ex.kwargs, AlphaEditConfig(v_steps=5, n_prefixes=2), ex.summary)
+
+
+@register(
+    "edit", "memit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=MemitConfig, paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", example=_example,
+    cli="lfm edit apply -m memit",
+)  # fmt: skip
+def memit(
+    handle: Any,
+    requests: Request | Sequence[Request],
+    cfg: MemitConfig | None = None,
+    *,
+    cov: Any = None,
+) -> Patch:
+    """A MEMIT patch for a batch of requests (model unchanged).
+
+    Args:
+        handle: a `LocalModel` (WEIGHTS access: the model and its tokenizer).
+        requests: the edits, made together.
+        cfg: the configuration (paper defaults; `null_space=True` is AlphaEdit's solve).
+        cov: precomputed C per layer ({layer: tensor}); default: cached statistics.
+    """
+    return _edit(handle, requests, cfg or MemitConfig(), cov)
+
+
+@register(
+    "edit", "alphaedit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=AlphaEditConfig, paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)",
+    example=_alphaedit_example,
+    cli="lfm edit apply -m alphaedit (sequential edits: --state FILE)",
+)  # fmt: skip
+def alphaedit(
+    handle: Any,
+    requests: Request | Sequence[Request],
+    cfg: AlphaEditConfig | None = None,
+    *,
+    cov: Any = None,
+) -> Patch:
+    """AlphaEdit: MEMIT with the update projected onto the null space of C (model unchanged).
+
+    For a sequence of edits that keeps the earlier ones, see `lfm.edit.sequential.alphaedit_step`.
+
+    Args:
+        handle: a `LocalModel` (WEIGHTS access: the model and its tokenizer).
+        requests: the edits, made together.
+        cfg: the configuration (`null_space` is on whatever it says).
+        cov: precomputed C per layer ({layer: tensor}); default: cached statistics.
+    """
+    return _edit(handle, requests, (cfg or AlphaEditConfig()).replace(null_space=True), cov)

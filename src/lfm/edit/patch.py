@@ -16,23 +16,22 @@ tensors, with the model type and shapes) and refuses to apply to any other weigh
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from lfm.core.io import atomic_path
+from lfm.core.io import atomic_path, load_tensors, read_meta, save_tensors
 from lfm.edit.base import edits
 from lfm.edit.requests import Request
+from lfm.edit.site import is_conv1d
 from lfm.errors import LfmError
 
 FORMAT = "lfm-edit-patch/1"
+UNDO_FORMAT = "lfm-edit-undo/1"
 
 
 @dataclass(frozen=True)
@@ -54,13 +53,6 @@ class Delta:
     def tensors(self) -> dict[str, torch.Tensor]:
         parts = {"u": self.u, "v": self.v, "dense": self.dense}
         return {f"{self.module}::{k}": t.contiguous() for k, t in parts.items() if t is not None}
-
-
-def is_conv1d(mod: nn.Module) -> bool:
-    """GPT-2's Conv1D keeps its weight as (in, out)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(mod, Conv1D)
 
 
 def linear_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -130,38 +122,22 @@ class Patch:
         return undo
 
     def save(self, path: str | Path) -> Path:
-        """Write one safetensors file (deltas + JSON metadata), atomically."""
-        meta = {
-            "format": FORMAT,
-            "method": self.method,
-            "base": self.base,
-            "config": json.dumps(self.config, sort_keys=True),
-            "requests": json.dumps([r.to_dict() for r in self.requests]),
-            "modules": json.dumps(self.modules),
-            "info": json.dumps(self.info, sort_keys=True, default=str),
-        }
+        """Write one safetensors file (deltas + JSON metadata, tagged `FORMAT`), atomically."""
         tensors = {k: v for d in self.deltas for k, v in d.tensors().items()}
-        with atomic_path(path) as tmp:
-            save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        return Path(path)
+        return save_tensors(
+            path, tensors, FORMAT, method=self.method, base=self.base, config=self.config,
+            requests=[r.to_dict() for r in self.requests], modules=self.modules, info=self.info,
+        )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> Patch:
-        """Read a patch written by `save`."""
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except (OSError, Exception) as e:
-            raise LfmError(f"cannot read patch {path}: {e}") from None
-        if meta.get("format") != FORMAT:
-            raise LfmError(f"{path} is not an lfm edit patch (format {meta.get('format')!r})")
-        deltas = [_delta(m, tensors) for m in json.loads(meta["modules"])]
-        reqs = [Request.from_dict(r) for r in json.loads(meta["requests"])]
+        """Read a patch written by `save` (also one written before `lfm.core.io` wrote it)."""
+        tensors, meta = load_tensors(path, FORMAT)
+        deltas = [_delta(m, tensors) for m in meta["modules"]]
+        reqs = [Request.from_dict(r) for r in meta["requests"]]
         return cls(
-            deltas, reqs, meta["method"], json.loads(meta["config"]), meta["base"],
-            json.loads(meta["info"]),
-        )  # fmt: skip
+            deltas, reqs, str(meta["method"]), meta["config"], str(meta["base"]), meta["info"]
+        )
 
 
 def _delta(module: str, tensors: dict[str, torch.Tensor]) -> Delta:
@@ -198,22 +174,29 @@ def save_edited(handle: Any, undo: Undo, out: str | Path) -> Path:
     with atomic_path(out) as tmp:
         handle.model.save_pretrained(tmp)
         handle.tokenizer.save_pretrained(tmp)
-        originals = {k: v.contiguous().cpu() for k, v in undo.originals.items()}
-        save_file(originals, str(tmp / UNDO_FILE))
+        save_tensors(tmp / UNDO_FILE, undo.originals, UNDO_FORMAT)
     return Path(out)
+
+
+def load_originals(path: str | Path) -> dict[str, torch.Tensor]:
+    """The original tensors of an edited folder's undo file (tagged `UNDO_FORMAT`, or untagged:
+    written before the tag)."""
+    if read_meta(path).get("format") is None:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return load_tensors(path, UNDO_FORMAT)[0]
 
 
 def revert_folder(folder: str | Path, out: str | Path) -> Path:
     """Load a folder written by `save_edited`, restore its original weights, write it to `out`."""
-    from safetensors.torch import load_file
-
     from lfm.assets import load_model
 
     undo_path = Path(folder) / UNDO_FILE
     if not undo_path.exists():
         raise LfmError(f"{folder} has no {UNDO_FILE}; it was not written by `lfm edit patch-apply`")
     handle = load_model(str(folder))
-    Undo(load_file(str(undo_path))).revert(handle.model)
+    Undo(load_originals(undo_path)).revert(handle.model)
     with atomic_path(out) as tmp:
         handle.model.save_pretrained(tmp)
         handle.tokenizer.save_pretrained(tmp)

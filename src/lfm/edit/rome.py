@@ -22,7 +22,8 @@ Paper defaults (GPT-2 XL): 20 Adam steps at lr 0.5, KL factor 0.0625, weight dec
 ‖δ‖ ≤ 4‖v‖, C from 100k Wikipedia samples. Adapted here: 10 fixed prefixes instead of 20
 generated ones, C from 100k BBC News tokens, layer ≈ depth/6 (`default_layer`). Where the layout
 norms the MLP output before the residual (Gemma 3) the δ search defaults to lr 0.05 and stops at
-NLL 0.3 (`common.search_defaults`): with the paper's values the edit spills onto other subjects.
+NLL 0.3 (`rome_defaults`): with the paper's values the edit spills onto other subjects. The
+defaults are filled once, in `rome`, and the patch records the values used.
 """
 
 from __future__ import annotations
@@ -34,13 +35,15 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lfm.access import Access
+from lfm.access import Access, narrow
 from lfm.config import Config
-from lfm.core.layouts import module_name
+from lfm.core.hooks import frozen
 from lfm.edit import common, locate
-from lfm.edit.patch import Delta, Patch, linear_weight, make_patch
+from lfm.edit.contract import EDITOR
+from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request
-from lfm.registry import register
+from lfm.edit.site import EditSite, edit_site
+from lfm.registry import Example, register
 
 # ROME's early stop where the layout norms the MLP output (Gemma 3): P(target) ≈ 0.74 instead of
 # 0.95. Chosen on held-out facts (docs/edit.md): neighbourhood 61.4 → 77.9, paraphrase 91.4 → 89.7.
@@ -106,58 +109,31 @@ def rank_one_each(
     return delta.float()[:, None], left.float()[:, None]
 
 
+def rome_defaults(cfg: RomeConfig, site: EditSite) -> RomeConfig:
+    """`cfg` with the δ search's defaults filled for this architecture (`common.search_defaults`,
+    ROME's early stop `NORMED_STOP_NLL` where the MLP output is normed)."""
+    return common.search_defaults(cfg, site, NORMED_STOP_NLL)
+
+
 def rome_delta(
-    model: nn.Module, tokenizer: Any, req: Request, cfg: RomeConfig, cov: Any = None
+    model: nn.Module, tokenizer: Any, req: Request, cfg: RomeConfig, site: EditSite, cov: Any
 ) -> tuple[Delta, RomeTrace]:
-    """The rank-one delta for one request (the model is not changed)."""
-    cfg = common.search_defaults(cfg, model, NORMED_STOP_NLL)
-    layer = common.layer_of(model, cfg.layer)
-    name = module_name(model, "mlp_out", layer)
-    c = common.covariance(model, tokenizer, layer, cfg, cov)
-    keys, outs = locate.keys_and_outputs(model, tokenizer, req, layer, cfg.n_prefixes)
-    key = keys.mean(0)  # k*, the one prefix-averaged key used everywhere below
-    delta, info = locate.optimise_delta(model, tokenizer, req, layer, cfg, outs)
-    w = linear_weight(model, name).detach().float().cpu()
-    value = w @ key + delta  # v* = W k* + δ: the bias (if any) cancels in v* − W k*
-    if cfg.key_constraint == "each":  # (W + ΔW) k_j = W k_j + δ for every prefixed key
-        u, v = rank_one_each(keys, delta, c, cfg.cov_ridge)
-    else:  # r-ROME: (W + ΔW) k* = v* for the mean key only
-        u, v = rank_one(w, key, value, c, cfg.cov_ridge)
-    return Delta(name, u, v), RomeTrace(name, key, delta, value, info)
-
-
-def rome(
-    target: Any,
-    requests: Request | Sequence[Request],
-    cfg: RomeConfig | None = None,
-    *,
-    tokenizer: Any = None,
-    cov: Any = None,
-) -> Patch:
-    """A ROME patch for one or more requests, applied one after another (model unchanged).
+    """The rank-one delta for one request at `site` (the model is not changed).
 
     Args:
-        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
-        requests: the edits; several are done sequentially, each on the previously edited weights.
-        cfg: the configuration (paper defaults).
-        tokenizer: the tokenizer, when `target` is a bare model.
-        cov: precomputed C (a tensor or {layer: tensor}); default: cached statistics.
+        cfg: the configuration with its defaults filled (`rome_defaults`).
+        cov: C at the site's layer, (D_in, D_in).
     """
-    model, tok = common.resolve(target, tokenizer, "edit/rome")
-    cfg, reqs = cfg or RomeConfig(), common.as_requests(requests)
-    cfg = common.search_defaults(cfg, model, NORMED_STOP_NLL)  # the patch records what was used
-    deltas: list[Delta] = []
-    # C once, before the loop: every request of the sequence uses the base model's statistics
-    layer = common.layer_of(model, cfg.layer)
-    cov = {layer: common.covariance(model, tok, layer, cfg, cov)}
-    flags = locate.frozen(model)
-    try:
-        for req in reqs:
-            with common.temporarily(model, deltas):
-                deltas.append(rome_delta(model, tok, req, cfg, cov)[0])
-    finally:
-        locate.restore_grad(model, flags)
-    return make_patch(model, [stack(deltas)], reqs, "rome", cfg)
+    keys, outs = locate.keys_and_outputs(model, tokenizer, req, site, cfg.n_prefixes)
+    key = keys.mean(0)  # k*, the one prefix-averaged key used everywhere below
+    delta, info = locate.optimise_delta(model, tokenizer, req, site, cfg, outs)
+    w = site.weight(model).detach().float().cpu()
+    value = w @ key + delta  # v* = W k* + δ: the bias (if any) cancels in v* − W k*
+    if cfg.key_constraint == "each":  # (W + ΔW) k_j = W k_j + δ for every prefixed key
+        u, v = rank_one_each(keys, delta, cov, cfg.cov_ridge)
+    else:  # r-ROME: (W + ΔW) k* = v* for the mean key only
+        u, v = rank_one(w, key, value, cov, cfg.cov_ridge)
+    return Delta(site.module, u, v), RomeTrace(site.module, key, delta, value, info)
 
 
 def stack(deltas: Sequence[Delta]) -> Delta:
@@ -167,16 +143,45 @@ def stack(deltas: Sequence[Delta]) -> Delta:
     return Delta(deltas[0].module, torch.cat(us, 1), torch.cat(vs, 1))
 
 
-def _smoke(cfg: RomeConfig, seed: int) -> dict[str, torch.Tensor]:
-    model, tok = common.tiny_lm(seed)
-    cfg = cfg.replace(v_steps=10, n_prefixes=3)
-    layer = common.layer_of(model, cfg.layer)
-    cov = common.smoke_cov(model, tok, layer)
-    patch = rome(model, common.SMOKE_REQUEST, cfg, tokenizer=tok, cov=cov)
-    return {"u": patch.deltas[0].u, "v": patch.deltas[0].v}
+def _example(level: Access, seed: int) -> Example:
+    """One request on a tiny Llama, C from the smoke texts."""
+    lm = common.smoke_model("llama", seed)
+    cov = common.smoke_cov(lm.model, lm.tokenizer, 0)
+    cfg = RomeConfig(v_steps=10, n_prefixes=3)
+    return Example(
+        (narrow(lm, level), common.SMOKE_REQUEST), {"cov": cov}, cfg,
+        lambda patch: {"u": patch.deltas[0].u, "v": patch.deltas[0].v},
+    )  # fmt: skip
 
 
-register(
-    "edit", "rome", branch="locate-and-edit", access=Access.WEIGHTS, config=RomeConfig,
-    paper=PAPER, smoke=_smoke,
-)(rome)  # fmt: skip
+@register(
+    "edit", "rome", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=RomeConfig, paper=PAPER, example=_example, cli="lfm edit apply -m rome",
+)  # fmt: skip
+def rome(
+    handle: Any,
+    requests: Request | Sequence[Request],
+    cfg: RomeConfig | None = None,
+    *,
+    cov: Any = None,
+) -> Patch:
+    """A ROME patch for one or more requests, applied one after another (model unchanged).
+
+    Args:
+        handle: a `LocalModel` (WEIGHTS access: the model and its tokenizer).
+        requests: the edits; several are done sequentially, each on the previously edited weights.
+        cfg: the configuration (paper defaults).
+        cov: precomputed C (a tensor or {layer: tensor}); default: cached statistics.
+    """
+    model, tok = common.model_and_tokenizer(handle, "edit/rome")
+    cfg, reqs = cfg or RomeConfig(), common.as_requests(requests)
+    site = edit_site(model, cfg.layer)
+    cfg = rome_defaults(cfg, site)  # the one place: the patch records what was used
+    # C once, before the loop: every request of the sequence uses the base model's statistics
+    c = common.covariance(model, tok, site, cfg, cov)
+    deltas: list[Delta] = []
+    with frozen(model):
+        for req in reqs:
+            with common.temporarily(model, deltas):
+                deltas.append(rome_delta(model, tok, req, cfg, site, c)[0])
+    return make_patch(model, [stack(deltas)], reqs, "rome", cfg)

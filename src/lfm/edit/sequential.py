@@ -15,17 +15,15 @@ so a step on other weights, or before the previous patch was applied, is refused
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from lfm.core.io import atomic_path
+from lfm.core.hooks import frozen
+from lfm.core.io import load_tensors, save_tensors
 from lfm.edit import base, common, locate
 from lfm.edit.memit import (
     AlphaEditConfig,
@@ -37,6 +35,7 @@ from lfm.edit.memit import (
 )
 from lfm.edit.patch import Patch, fingerprint, make_patch
 from lfm.edit.requests import Request
+from lfm.edit.site import edit_sites
 from lfm.errors import LfmError
 
 FORMAT = "lfm-alphaedit-state/1"
@@ -56,26 +55,19 @@ class AlphaEditState:
         return next(iter(self.keys.values())).shape[1] // self.per_edit if self.keys else 0
 
     def save(self, path: str | Path) -> Path:
-        """Write the state as one safetensors file, atomically."""
-        meta = {"format": FORMAT, "base": self.base, "after": self.after,
-                "layers": json.dumps(sorted(self.keys)), "per_edit": str(self.per_edit)}  # fmt: skip
-        tensors = {f"keys.{layer}": k.contiguous() for layer, k in self.keys.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return Path(path)
+        """Write the state as one safetensors file (tagged `FORMAT`), atomically."""
+        tensors = {f"keys.{layer}": k for layer, k in self.keys.items()}
+        return save_tensors(
+            path, tensors, FORMAT, base=self.base, after=self.after, layers=sorted(self.keys),
+            per_edit=self.per_edit,
+        )  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> AlphaEditState:
         """Read a state written by `save`."""
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = {int(k.split(".")[1]): f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        except Exception as e:  # any unreadable file is the same user error
-            raise LfmError(f"cannot read AlphaEdit state {path}: {e}") from None
-        if meta.get("format") != FORMAT:
-            raise LfmError(f"{path} is not an AlphaEdit state (format {meta.get('format')!r})")
-        return cls(keys, meta["base"], meta["after"], int(meta.get("per_edit", "1")))
+        tensors, meta = load_tensors(path, FORMAT)
+        keys = {int(k.split(".")[1]): t for k, t in tensors.items()}
+        return cls(keys, str(meta["base"]), str(meta["after"]), int(meta.get("per_edit", 1)))
 
 
 def _check(
@@ -100,12 +92,11 @@ def _check(
 
 
 def alphaedit_step(
-    target: Any,
+    handle: Any,
     requests: Request | Sequence[Request],
     state: AlphaEditState | None = None,
     cfg: MemitConfig | None = None,
     *,
-    tokenizer: Any = None,
     cov: Any = None,
 ) -> tuple[Patch, AlphaEditState]:
     """One sequential AlphaEdit step: a patch (model unchanged) and the state after it.
@@ -113,27 +104,24 @@ def alphaedit_step(
     Apply the patch before the next step; the step checks that it was.
 
     Args:
-        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        handle: a `LocalModel` (the model and its tokenizer; WEIGHTS access, checked here as
+            this step is not a registered method of its own).
         requests: the edits of this step.
         state: what earlier steps returned (None or empty: the first step).
         cfg: the configuration (`null_space` is forced on).
-        tokenizer: the tokenizer, when `target` is a bare model.
         cov: precomputed C per layer ({layer: tensor}); default: the base model's statistics.
     """
     cfg = (cfg or AlphaEditConfig()).replace(null_space=True)
-    model, tok = common.resolve(target, tokenizer, "edit/alphaedit")
-    cfg = memit_defaults(cfg, model)
+    model, tok = common.model_and_tokenizer(handle, "edit/alphaedit")
     reqs, state = common.as_requests(requests), state or AlphaEditState()
-    layers = edit_layers(model, cfg.layers)
-    modules = [common._mlp_out(model, layer) for layer in layers]
+    sites = edit_sites(model, edit_layers(model, cfg.layers))
+    cfg = memit_defaults(cfg, sites[-1])  # the one place for this step
+    layers, modules = [s.layer for s in sites], [s.module for s in sites]
     per_edit = len(locate.prefixes(cfg.n_prefixes)) if cfg.key_constraint == "each" else 1
     _check(state, model, layers, modules, per_edit)
-    warn_if_normed(model, layers, "edit/alphaedit")
-    flags = locate.frozen(model)
-    try:
-        deltas, keys = memit_deltas(model, tok, reqs, cfg, cov, state.keys)
-    finally:
-        locate.restore_grad(model, flags)
+    warn_if_normed(model, sites, "edit/alphaedit")
+    with frozen(model):
+        deltas, keys = memit_deltas(model, tok, reqs, cfg, sites, cov, state.keys)
     patch = make_patch(model, deltas, reqs, "alphaedit", cfg)
     with common.temporarily(model, deltas):
         after = fingerprint(model, modules)

@@ -13,26 +13,23 @@ file is never recomputed.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lfm.assets.cache import cache_dir
-from lfm.core.io import atomic_path
-from lfm.core.layouts import module_name
+from lfm.core.cache import cache_dir
+from lfm.core.hooks import capture, stop_after
+from lfm.core.io import load_tensors, read_meta, save_tensors
 from lfm.edit import base
+from lfm.edit.site import edit_sites
+
+FORMAT = "lfm-edit-stats/1"
 
 _console = Console(stderr=True)
-
-
-class _Stop(Exception):
-    """Raised by a hook once the keys of a batch are read: later layers need not run."""
 
 
 def key_fingerprint(model: nn.Module, layer: int) -> str:
@@ -64,35 +61,35 @@ def compute_second_moments(
     max_len: int,
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] at each layer over up to `tokens` tokens of `texts` (articles cut to `max_len`),
-    in one pass that stops after the deepest layer. {layer: (D, D) float64}."""
+    one pass per text that stops after the deepest layer's projection. {layer: (D, D) float64}."""
+    names = {s.layer: s.module for s in edit_sites(model, layers)}
     sums: dict[int, torch.Tensor] = {}
-    seen = {"n": 0}
-    last = max(layers)
-
-    def hook(layer: int):
-        def fn(_m: nn.Module, args: tuple) -> None:
-            k = args[0].reshape(-1, args[0].shape[-1]).double()  # (T, D); batch of one, no padding
-            sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
-            if layer == last:
-                seen["n"] += k.shape[0]
-                raise _Stop
-
-        return fn
-
-    mods = {layer: model.get_submodule(module_name(model, "mlp_out", layer)) for layer in layers}
-    handles = [m.register_forward_pre_hook(hook(layer)) for layer, m in mods.items()]
+    seen = 0
     device = next(model.parameters()).device
-    try:
+    with (
+        capture(model, list(names.values()), inputs=True) as keys,
+        stop_after(model, [names[max(layers)]]) as run,
+    ):
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_len)
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids["input_ids"][:, : tokens - seen["n"]].to(device))
-            if seen["n"] >= tokens:
+            ids = ids["input_ids"][:, : tokens - seen].to(device)
+            run(lambda ids=ids: model(input_ids=ids))
+            for layer, name in names.items():
+                k = keys[name].reshape(-1, keys[name].shape[-1]).double()  # (T, D); one text
+                sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
+            seen += ids.shape[1]
+            if seen >= tokens:
                 break
-    finally:
-        for h in handles:
-            h.remove()
-    return {layer: sums[layer] / max(seen["n"], 1) for layer in layers}
+    return {layer: sums[layer] / max(seen, 1) for layer in layers}
+
+
+def _read(path: Path) -> torch.Tensor:
+    """C from a cached file (tagged `FORMAT`, or untagged: written before the tag)."""
+    if read_meta(path).get("format") is None:
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["mom2"]
+    return load_tensors(path, FORMAT)[0]["mom2"]
 
 
 def second_moments(
@@ -116,7 +113,7 @@ def second_moments(
         compute: the estimator (tests substitute one); defaults to `compute_second_moments`.
     """
     paths = {layer: stats_path(model, layer, corpus, tokens, max_len) for layer in layers}
-    out = {layer: load_file(str(p))["mom2"] for layer, p in paths.items() if p.exists()}
+    out = {layer: _read(p) for layer, p in paths.items() if p.exists()}
     missing = sorted(set(layers) - set(out))
     if not missing:
         return out
@@ -125,8 +122,8 @@ def second_moments(
     with _console.status(what):
         new = compute(model, tokenizer, missing, corpus_texts(corpus), tokens, max_len)
     for layer, mom2 in new.items():
-        with atomic_path(paths[layer]) as tmp:
-            save_file({"mom2": mom2.contiguous()}, str(tmp), metadata={"layer": str(layer)})
+        meta = {"layer": layer, "corpus": corpus, "tokens": tokens, "max_len": max_len}
+        save_tensors(paths[layer], {"mom2": mom2}, FORMAT, **meta)
     return {**out, **new}
 
 

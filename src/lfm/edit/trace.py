@@ -16,7 +16,8 @@ seeded random token ids (the paper uses subject-token embeddings of its dataset)
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from lfm.core.hooks import add_at, capture, replace_at
+from lfm.core.io import atomic_path, write_text
 from lfm.core.layouts import get_layout, num_layers
 from lfm.edit import common
-from lfm.edit.requests import subject_end, subject_last_token
+from lfm.edit.requests import subject_end, subject_last_token, target_ids
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,8 @@ class Trace:
     effect: list[list[float]]  # (layers, tokens): mean p(l, i)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(asdict(self), indent=1, ensure_ascii=False))
-        return path
+        """Write the numbers as JSON, atomically."""
+        return write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False))
 
 
 def _subject_range(tokenizer: Any, prompt: str, subject: str) -> tuple[list[int], int, int]:
@@ -66,33 +68,23 @@ def noise_scale(model: nn.Module, factor: float = 3.0, n: int = 4096) -> float:
 
 
 @contextmanager
-def _hooks(model: nn.Module, noise: torch.Tensor, span: tuple[int, int], restore: Any = None):
+def _hooks(
+    model: nn.Module, noise: torch.Tensor, span: tuple[int, int], restore: Any = None
+) -> Iterator[None]:
     """Corrupt the subject embeddings with `noise` (B, S, D); optionally restore one block's
     output at one token per row: restore = (layer, tokens (B,), clean hidden (T, D))."""
     lay = get_layout(model)
-    handles = []
-
-    def corrupt(_m, _a, out):
-        out = out.clone()
-        out[:, span[0] : span[1]] += noise.to(out.dtype)
-        return out
-
-    handles.append(model.get_submodule(lay.embed).register_forward_hook(corrupt))
-    if restore is not None:
-        layer, toks, clean = restore
-
-        def put_back(_m, _a, out):
-            h = (out[0] if isinstance(out, tuple) else out).clone()
-            h[torch.arange(len(toks)), toks] = clean[toks].to(h.dtype)
-            return (h, *out[1:]) if isinstance(out, tuple) else h
-
-        block = model.get_submodule(f"{lay.layers}.{layer}")
-        handles.append(block.register_forward_hook(put_back))
-    try:
+    b, s = noise.shape[:2]
+    rows = torch.arange(b, device=noise.device).repeat_interleave(s)  # (B·S,) row of each noise
+    cols = torch.arange(*span, device=noise.device).repeat(b)  # (B·S,) its subject token
+    with ExitStack() as stack:
+        embed = model.get_submodule(lay.embed)
+        stack.enter_context(add_at(embed, rows, cols, noise.reshape(b * s, -1)))
+        if restore is not None:
+            layer, toks, clean = restore
+            block = model.get_submodule(f"{lay.layers}.{layer}")
+            stack.enter_context(replace_at(block, torch.arange(len(toks)), toks, clean[toks]))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _prob(model: nn.Module, ids: torch.Tensor, answer: int) -> torch.Tensor:
@@ -102,11 +94,10 @@ def _prob(model: nn.Module, ids: torch.Tensor, answer: int) -> torch.Tensor:
 
 @torch.no_grad()
 def causal_trace(
-    target: Any,
+    handle: Any,
     prompt: str,
     subject: str,
     *,
-    tokenizer: Any = None,
     answer: str | None = None,
     samples: int = 10,
     noise: float = 3.0,
@@ -115,14 +106,14 @@ def causal_trace(
     """Indirect effect of each block output at each token on P(answer | prompt).
 
     Args:
-        target: a `LocalModel` (WEIGHTS access) or a causal LM given with `tokenizer`.
+        handle: a `LocalModel` (WEIGHTS access: the noise and the restored states go inside).
         prompt: text ending where the answer comes; `subject` must occur in it.
         answer: the traced continuation (its first token); default: the model's top prediction.
         samples: noise samples averaged (paper: 10).
         noise: ν as a multiple of the embedding std σ (paper: 3).
         seed: seed of the noise.
     """
-    model, tok = common.resolve(target, tokenizer, "edit/trace")
+    model, tok = common.model_and_tokenizer(handle, "edit trace")
     ids_list, start, end = _subject_range(tok, prompt, subject)
     dev = next(model.parameters()).device
     ids = torch.tensor([ids_list], device=dev)  # (1, T)
@@ -149,24 +140,13 @@ def causal_trace(
 
 def _clean_run(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Next-token logits (V,) and every block's output (T, D) on the uncorrupted prompt."""
-    blocks = model.get_submodule(get_layout(model).layers)
-    outs: list[torch.Tensor] = []
-
-    def keep(_m, _a, out):
-        outs.append((out[0] if isinstance(out, tuple) else out)[0].detach())
-
-    handles = [b.register_forward_hook(keep) for b in blocks]
-    try:
+    blocks = [f"{get_layout(model).layers}.{i}" for i in range(num_layers(model))]
+    with capture(model, blocks) as outs:
         logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, outs
+    return logits, [outs[b][0] for b in blocks]
 
 
 def _first_token(tokenizer: Any, prompt: str, answer: str) -> int:
-    from lfm.edit.requests import target_ids
-
     return target_ids(tokenizer, prompt, answer.strip())[0]
 
 
@@ -187,6 +167,7 @@ def plot(trace: Trace, path: str | Path) -> Path:
     ax.set_title(f"p({trace.answer!r}): clean {trace.clean:.3f}, corrupted {trace.corrupted:.3f}")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return Path(path)

@@ -1,12 +1,18 @@
 """Meta learning: learn, from many tasks, how to learn a new one from few examples.
 
-Functional MAML family (MAML, FOMAML, ANIL, Meta-SGD), Reptile, prototypical networks, episode
-samplers and the meta-train / meta-test loops; data-free meta-learning from a pool of models
-(white-box and black-box). Importing this package registers the methods.
+Every method is a learner `(model, tasks, cfg) -> MetaResult`, chosen by its registered name:
+the functional MAML family (`maml`, `fomaml`, `anil`, `metasgd`), `reptile`, `protonets` and the
+`pretrain` baseline learn from a task source (`SinusoidTasks`, `EpisodeTasks`);
+`datafree_whitebox` and `datafree_blackbox` learn from a `ModelPool` of pretrained classifiers
+without their data. `meta_test` adapts to held-out tasks the way the method does. Importing this
+package registers the methods.
+
+    result = maml(model, SinusoidTasks(5, 10), MAMLConfig(steps=2000))
+    meta_test(result, SinusoidTasks(5, 100))
 """
 
-from lfm.meta import datafree, maml, protonets, reptile
-from lfm.meta.datafree import BlackBoxConfig, DataFreeConfig
+from lfm.meta.contract import History, MetaResult, ModelPool
+from lfm.meta.datafree import BlackBoxConfig, DataFreeConfig, datafree_blackbox, datafree_whitebox
 from lfm.meta.functional import (
     MetaConfig,
     OuterConfig,
@@ -16,12 +22,22 @@ from lfm.meta.functional import (
     over_tasks,
     params_of,
 )
-from lfm.meta.maml import PRESETS, ANILConfig, FOMAMLConfig, MAMLConfig, MetaSGDConfig
+from lfm.meta.maml import (
+    PRESETS,
+    ANILConfig,
+    FOMAMLConfig,
+    MAMLConfig,
+    MetaSGDConfig,
+    anil,
+    fomaml,
+    maml,
+    metasgd,
+)
 from lfm.meta.models import MLP, ConvNet
-from lfm.meta.protonets import ProtoNetsConfig
-from lfm.meta.reptile import PretrainConfig, ReptileConfig
+from lfm.meta.protonets import ProtoNetsConfig, protonets
+from lfm.meta.reptile import PretrainConfig, ReptileConfig, pretrain, reptile
 from lfm.meta.tasks import EpisodeTasks, SinusoidTasks, rotate, rotated_digit_splits, split_classes
-from lfm.meta.train import History, meta_test, meta_train
+from lfm.meta.train import meta_test
 
 __all__ = [
     "MLP",
@@ -35,7 +51,9 @@ __all__ = [
     "History",
     "MAMLConfig",
     "MetaConfig",
+    "MetaResult",
     "MetaSGDConfig",
+    "ModelPool",
     "OuterConfig",
     "Params",
     "PretrainConfig",
@@ -43,13 +61,17 @@ __all__ = [
     "ReptileConfig",
     "SinusoidTasks",
     "Task",
-    "datafree",
+    "anil",
+    "datafree_blackbox",
+    "datafree_whitebox",
+    "fomaml",
     "inner_adapt",
     "maml",
     "meta_test",
-    "meta_train",
+    "metasgd",
     "over_tasks",
     "params_of",
+    "pretrain",
     "protonets",
     "reptile",
     "rotate",

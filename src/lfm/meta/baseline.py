@@ -19,11 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfm.meta.functional import MetaConfig
+from lfm.meta.maml import ANILConfig
 
 
-class FinetuneConfig(MetaConfig):
-    """Meta-test settings of the baseline: SGD on a new zero-initialised head."""
+class FinetuneConfig(ANILConfig):
+    """Meta-test settings of the baseline: SGD on a new zero-initialised head, which is ANIL's
+    adaptation (`meta_test(fresh_head(model, ways), tasks, "anil", FinetuneConfig())`)."""
 
     inner_lr: float = 0.5  # SGD step size on the new head
     test_inner_steps: int = 20  # SGD steps on the support set at meta-test

@@ -8,35 +8,44 @@ inversion: inputs x = sigmoid(z) are optimised so that m_i assigns them chosen l
 and the meta-learner (a prototypical network, Snell et al. 2017, arXiv 1703.05175) is trained on
 the episodes cut from these inputs (support: the first K per class, query: the rest).
 
-- `datafree-whitebox` (after PURER, Hu et al. 2023, "Architecture, Dataset and Model-Scale
+- `datafree_whitebox` (after PURER, Hu et al. 2023, "Architecture, Dataset and Model-Scale
   Agnostic Data-free Meta-Learning", arXiv 2303.11183): gradients flow through the pool model;
   R_bn matches the batch statistics at each BatchNorm input to its running statistics
   (DeepInversion, Yin et al. 2020, arXiv 1912.08795); the −λ_adv term makes the episodes harder
   for the current meta-learner (PURER's episode curriculum); episodes persist in a memory bank
   per model and are refined a few steps at a time.
-- `datafree-blackbox` (after BiDf-MKD, Hu et al. 2023, "Learning to Learn from APIs: Black-Box
+- `datafree_blackbox` (after BiDf-MKD, Hu et al. 2023, "Learning to Learn from APIs: Black-Box
   Data-Free Meta-Learning", arXiv 2305.18413): the pool model answers only log-probabilities
   (a SCORES handle). The gradient of its loss is estimated by random-direction finite
   differences, ĝ = (1/q) Σ_j [(f(z + μu_j) − f(z)) / μ] u_j with u_j ~ N(0, I), and its soft
   outputs on the queries are distilled into the meta-learner, KL(p_m(·|x) ‖ p_θ(·|x, S)).
+
+Both are learners `(model, tasks, cfg) -> MetaResult` with `tasks` a `ModelPool`; the registry
+checks the pool's handles (WEIGHTS, SCORES) before they run. TV is the absolute total variation
+(p = 1 of `lfm.core.priors.total_variation`, `tv_p`), R_bn `lfm.core.priors.bn_prior`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lfm.access import Access, require
+from lfm.access import Access, LocalClassifier, module_of, narrow
+from lfm.core.priors import bn_prior, total_variation
+from lfm.errors import LfmError
+from lfm.meta.baseline import train_pool
+from lfm.meta.contract import LEARNER, History, MetaResult, ModelPool
 from lfm.meta.functional import OuterConfig, Params, forward, params_of
-from lfm.meta.inversion import CountedScores, bn_prior, total_variation
-from lfm.meta.protonets import proto_logits, prototypes
-from lfm.meta.train import History
-from lfm.registry import register
+from lfm.meta.models import MLP
+from lfm.meta.protonets import proto_logits, proto_predict, prototypes
+from lfm.meta.tasks import EpisodeTasks
+from lfm.meta.tiny import blobs, summary_of
+from lfm.registry import Example, register
 
 Oracle = Callable[[Any, Tensor, Tensor], Tensor]  # (handle, z, y) -> ∂ model loss / ∂z
 
@@ -53,6 +62,7 @@ class DataFreeConfig(OuterConfig):
     inv_lr: float = 0.1  # Adam step size on the inversion variables z
     bn: float = 1.0  # λ_bn: BatchNorm-statistics prior (needs WEIGHTS)
     tv: float = 1e-3  # λ_tv: total-variation prior on images
+    tv_p: Literal[1, 2] = 1  # p of TV: 1, the absolute variant (DeepInversion's paper: 2)
     adv: float = 0.1  # λ_adv: push episodes toward what the meta-learner gets wrong
     kd: float = 0.0  # weight of distilling the pool model's soft query outputs
     temperature: float = 1.0  # distillation temperature
@@ -72,7 +82,7 @@ def whitebox_grad(cfg: DataFreeConfig) -> Oracle:
 
     def grad(handle: Any, z: Tensor, y: Tensor) -> Tensor:
         z = z.detach().requires_grad_()
-        logits, prior = bn_prior(handle.model, torch.sigmoid(z))
+        logits, prior = bn_prior(module_of(handle), torch.sigmoid(z))
         return torch.autograd.grad(F.cross_entropy(logits, y) + cfg.bn * prior, z)[0]
 
     return grad
@@ -121,7 +131,7 @@ def invert(
     for _ in range(cfg.inv_steps):
         x = torch.sigmoid(z)
         logits, yq = learner_logits(learner, frozen, x, cfg)
-        local = cfg.tv * total_variation(x) - cfg.adv * F.cross_entropy(logits, yq)
+        local = cfg.tv * total_variation(x, cfg.tv_p) - cfg.adv * F.cross_entropy(logits, yq)
         (g_local,) = torch.autograd.grad(local, z)
         z.grad = oracle(handle, z.detach(), y) + g_local
         opt.step()
@@ -171,96 +181,92 @@ def datafree_train(
     return learner, history
 
 
-def whitebox(
-    pool: Sequence[Any],
-    learner: nn.Module,
-    input_shape: Sequence[int],
-    cfg: DataFreeConfig,
-    seed: int = 0,
-) -> tuple[nn.Module, History]:
+class CountedScores:
+    """A SCORES view of a handle that counts the inputs sent to it (the query budget)."""
+
+    access = Access.SCORES
+
+    def __init__(self, handle: Any):
+        self._handle, self.queries = handle, 0
+
+    def scores(self, x: Tensor) -> Tensor:
+        self.queries += x.shape[0]
+        return self._handle.scores(x)
+
+
+def model_pool(tasks: Any, key: str) -> ModelPool:
+    """`tasks` if it is a `ModelPool`, else an error saying what a data-free learner takes."""
+    if not isinstance(tasks, ModelPool):
+        raise LfmError(f"{key} learns from a ModelPool(handles, input_shape), not from tasks")
+    return tasks
+
+
+def pool_example(config: type[DataFreeConfig], **knobs: Any) -> Any:
+    """`example(level, seed)`: meta-learn from two 3-way blob classifiers whose handles give
+    `level`; `knobs` are more config fields (the black-box estimate's size)."""
+
+    def example(level: Access, seed: int) -> Example:
+        torch.manual_seed(seed)
+        x, y = blobs(seed, 9, 6)
+        train = EpisodeTasks(x, y, range(6), ways=3, shots=1, queries=2)
+        pool = train_pool(train, lambda: MLP(4, 3, (8,)), n_models=2, ways=3, steps=20, seed=seed)
+        tasks = ModelPool([narrow(LocalClassifier(m), level) for m in pool], (4,))
+        cfg = config(steps=3, ways=3, shots=1, queries=2, inv_steps=2, **knobs)
+        test = EpisodeTasks(x, y, range(3, 9), ways=3, shots=1, queries=2)
+        learner = LocalClassifier(MLP(4, 8, (8,)))
+        return Example((learner, tasks), cfg=cfg, summary=summary_of(test, cfg, seed))
+
+    return example
+
+
+@register(
+    "meta", "datafree_whitebox", shape=LEARNER, branch="white-box data-free",
+    access=Access.WEIGHTS, config=DataFreeConfig, paper="Hu et al. 2023 (PURER), arXiv 2303.11183",
+    example=pool_example(DataFreeConfig), predict=proto_predict,
+    cli="lfm meta datafree --method datafree_whitebox",
+)  # fmt: skip
+def datafree_whitebox(
+    model: Any, tasks: ModelPool, cfg: DataFreeConfig | None = None, *, seed: int = 0
+) -> MetaResult:
     """PURER-like data-free meta-learning through the pool models' weights.
 
     Args:
-        pool: WEIGHTS handles (`LocalClassifier`) of `cfg.ways`-way classifiers in eval mode.
-        learner: the embedding network meta-learned as a prototypical network.
-        input_shape: shape of one input, e.g. (1, 8, 8).
+        model: the embedding network meta-learned as a prototypical network (an `nn.Module` or a
+            `LocalClassifier`); a trained copy is returned.
+        tasks: a `ModelPool` of WEIGHTS handles (`LocalClassifier`) of `cfg.ways`-way classifiers
+            in eval mode, and the shape of one input, e.g. (1, 8, 8).
         cfg: the method's config.
         seed: seeds the memory banks and the episode order.
     """
-    for h in pool:
-        require(h, Access.WEIGHTS, "meta/datafree-whitebox")
+    key = "meta/datafree_whitebox"
+    pool, learner = model_pool(tasks, key), module_of(model, key)
     gen = torch.Generator().manual_seed(seed)
-    return datafree_train(pool, learner, input_shape, cfg, whitebox_grad(cfg), gen)
+    trained, history = datafree_train(
+        list(pool.handles), learner, pool.input_shape, cfg, whitebox_grad(cfg), gen
+    )
+    return MetaResult(trained, history, key)
 
 
-def blackbox(
-    pool: Sequence[Any],
-    learner: nn.Module,
-    input_shape: Sequence[int],
-    cfg: BlackBoxConfig,
-    seed: int = 0,
-) -> tuple[nn.Module, History]:
+@register(
+    "meta", "datafree_blackbox", shape=LEARNER, branch="black-box data-free",
+    access=Access.SCORES, config=BlackBoxConfig,
+    paper="Hu et al. 2023 (BiDf-MKD), arXiv 2305.18413",
+    example=pool_example(BlackBoxConfig, directions=4), predict=proto_predict,
+    cli="lfm meta datafree --method datafree_blackbox",
+)  # fmt: skip
+def datafree_blackbox(
+    model: Any, tasks: ModelPool, cfg: BlackBoxConfig | None = None, *, seed: int = 0
+) -> MetaResult:
     """BiDf-MKD-like data-free meta-learning from SCORES handles only (no weights touched).
 
-    Args: as `whitebox`, with `pool` handles that give at least SCORES. The returned history
-    gains `queries`: how many inputs were sent to the pool models.
+    Args: as `datafree_whitebox`, with pool handles that give at least SCORES. The history's
+    `queries` counts the inputs sent to the pool models.
     """
-    for h in pool:
-        require(h, Access.SCORES, "meta/datafree-blackbox")
-    counted = [CountedScores(h) for h in pool]
+    key = "meta/datafree_blackbox"
+    pool, learner = model_pool(tasks, key), module_of(model, key)
+    counted = [CountedScores(h) for h in pool.handles]
     gen = torch.Generator().manual_seed(seed)
     oracle = zeroth_order_grad(cfg, gen)
-    learner, history = datafree_train(counted, learner, input_shape, cfg, oracle, gen)
-    history.queries = sum(c.queries for c in counted)  # type: ignore[attr-defined]
-    return learner, history
-
-
-def smoke_run(cfg: DataFreeConfig, seed: int, black: bool) -> dict[str, Any]:
-    """A pool of two 3-way MLPs on Gaussian blobs; 3 meta-updates; meta-test on 4 episodes."""
-    from lfm.access import LocalClassifier, narrow
-    from lfm.meta.baseline import train_pool
-    from lfm.meta.models import MLP
-    from lfm.meta.protonets import ProtoNetsConfig
-    from lfm.meta.tasks import EpisodeTasks
-    from lfm.meta.train import meta_test
-
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    means = torch.rand(9, 4, generator=gen)
-    y = torch.arange(9).repeat_interleave(6)
-    x = (means[y] + 0.05 * torch.randn(54, 4, generator=gen)).clamp(0, 1)
-    train = EpisodeTasks(x, y, range(6), ways=3, shots=1, queries=2)
-    pool = train_pool(train, lambda: MLP(4, 3, (8,)), n_models=2, ways=3, steps=20, seed=seed)
-    handles = [LocalClassifier(m) for m in pool]
-    handles = [narrow(h, "scores") for h in handles] if black else handles
-    cfg = cfg.replace(steps=3, ways=3, shots=1, queries=2, inv_steps=2)
-    cfg = cfg.replace(directions=4) if black else cfg
-    learner = MLP(4, 8, (8,))
-    trained, hist = (blackbox if black else whitebox)(handles, learner, (4,), cfg, seed)
-    test = EpisodeTasks(x, y, range(3, 9), ways=3, shots=1, queries=2)
-    score = meta_test(trained, test, ProtoNetsConfig(), n_tasks=4, seed=seed)
-    return {
-        "loss": torch.tensor(hist.loss),
-        "head": trained.head.weight.detach(),
-        "score": score["mean"],
-    }
-
-
-register(
-    "meta",
-    "datafree-whitebox",
-    branch="white-box data-free",
-    access=Access.WEIGHTS,
-    config=DataFreeConfig,
-    paper="Hu et al. 2023 (PURER), arXiv 2303.11183",
-    smoke=lambda cfg, seed: smoke_run(cfg, seed, black=False),
-)(whitebox)
-register(
-    "meta",
-    "datafree-blackbox",
-    branch="black-box data-free",
-    access=Access.SCORES,
-    config=BlackBoxConfig,
-    paper="Hu et al. 2023 (BiDf-MKD), arXiv 2305.18413",
-    smoke=lambda cfg, seed: smoke_run(cfg, seed, black=True),
-)(blackbox)
+    trained, history = datafree_train(counted, learner, pool.input_shape, cfg, oracle, gen)
+    history.queries = sum(c.queries for c in counted)
+    return MetaResult(trained, history, key)

@@ -16,9 +16,10 @@ head only, gives ANIL (Raghu et al. 2019, arXiv 1909.09157).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, Self
 
 import torch
+from pydantic import model_validator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -40,6 +41,14 @@ class Task(NamedTuple):
     yq: Tensor  # query targets    (Q, ...)  or (T, Q, ...)
 
 
+# The least value of each count a meta config may hold (checked for every subclass, whose own
+# defaults redefine these fields).
+AT_LEAST = {
+    "meta_batch": 1, "steps": 0, "inner_steps": 0, "test_inner_steps": 0, "ways": 1, "shots": 1,
+    "queries": 1, "inv_steps": 0, "directions": 1,
+}  # fmt: skip
+
+
 class OuterConfig(Config):
     """Fields every meta-learner shares: the outer loop."""
 
@@ -49,6 +58,13 @@ class OuterConfig(Config):
     vectorize: Literal["auto", "always", "never"] = (
         "auto"  # vmap over tasks; auto: not with train-mode nn.BatchNorm
     )
+
+    @model_validator(mode="after")
+    def _counts(self) -> Self:
+        low = [f"{k} must be at least {v}" for k, v in AT_LEAST.items() if getattr(self, k, v) < v]
+        if low:
+            raise ValueError("; ".join(low))
+        return self
 
 
 class MetaConfig(OuterConfig):
@@ -60,19 +76,6 @@ class MetaConfig(OuterConfig):
     first_order: bool = False  # drop the second-order term (FOMAML, MAML Sec. 5.2)
     inner_params: tuple[str, ...] = ()  # names or prefixes adapted in the inner loop; () = all
     learn_inner_lr: bool = False  # Meta-SGD: learn one step size per parameter entry
-
-    @staticmethod
-    def predict(
-        model: nn.Module,
-        params: Params,
-        task: Task,
-        problem: Any,
-        cfg: MetaConfig,
-        lrs: Params | None,
-        train: bool,
-    ) -> Tensor:
-        """Query predictions after adapting on the support set (first order at meta-test)."""
-        return adapted_predict(model, params, task, problem, cfg, lrs, train)
 
 
 def params_of(model: nn.Module) -> Params:

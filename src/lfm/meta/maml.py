@@ -12,17 +12,20 @@ query loss through the inner update θ'_i = θ − α ∇_θ L_{T_i}(f_θ) (Eq. 
 - `metasgd`: θ'_i = θ − α ∘ ∇L with α a learned tensor per parameter (Li et al. 2017,
   arXiv 1707.09835, Eq. 3), meta-learned jointly with θ.
 
-They differ in config defaults only; the objective is `lfm.meta.train.query_objective`.
+They differ in config defaults only: four `register` calls over one learner (the outer loop of
+`lfm.meta.train` with objective `query_objective` and prediction `adapted_predict`).
+
+    result = lfm.meta.maml(model, SinusoidTasks(5, 10), {"steps": 2000})
+    meta_test(result, SinusoidTasks(5, 100))            # adapts the way MAML does
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lfm.access import Access
-from lfm.meta.functional import MetaConfig
-from lfm.meta.train import query_objective, smoke_run
-from lfm.registry import register
+from lfm.meta.functional import MetaConfig, adapted_predict
+from lfm.meta.tiny import data_example
+from lfm.meta.train import query_objective, register_learner
 
 BRANCH = "meta-learning from data"
 
@@ -61,17 +64,16 @@ class MetaSGDConfig(MetaConfig):
     learn_inner_lr: bool = True  # α is a tensor per parameter, trained by the outer loop
 
 
-def _smoke(cfg: MetaConfig, seed: int) -> dict[str, Any]:
-    return smoke_run(cfg, seed)
+def _entry(name: str, config: type[MetaConfig], paper: str) -> Any:
+    return register_learner(
+        name, objective=query_objective, predict=adapted_predict, branch=BRANCH, config=config,
+        paper=paper, example=data_example(config), cli=f"lfm meta train --method {name}",
+    )  # fmt: skip
 
 
-def _entry(name: str, config: type[MetaConfig], paper: str) -> None:
-    register(
-        "meta", name, branch=BRANCH, access=Access.WEIGHTS, config=config, paper=paper, smoke=_smoke
-    )(query_objective)
-
-
-_entry("maml", MAMLConfig, "Finn et al. 2017, arXiv 1703.03400")
-_entry("fomaml", FOMAMLConfig, "Finn et al. 2017, arXiv 1703.03400 (first-order, Sec. 5.2)")
-_entry("anil", ANILConfig, "Raghu et al. 2019, arXiv 1909.09157")
-_entry("metasgd", MetaSGDConfig, "Li et al. 2017, arXiv 1707.09835")
+maml = _entry("maml", MAMLConfig, "Finn et al. 2017, arXiv 1703.03400")
+fomaml = _entry(
+    "fomaml", FOMAMLConfig, "Finn et al. 2017, arXiv 1703.03400 (first-order, Sec. 5.2)"
+)
+anil = _entry("anil", ANILConfig, "Raghu et al. 2019, arXiv 1909.09157")
+metasgd = _entry("metasgd", MetaSGDConfig, "Li et al. 2017, arXiv 1707.09835")

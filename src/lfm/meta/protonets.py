@@ -6,7 +6,9 @@ squared Euclidean distances (Eq. 2):
 
     p(y = k | x) ∝ exp(−‖f_θ(x) − c_k‖²).
 
-There is no inner loop: θ is trained on the episodes' query cross-entropy.
+There is no inner loop: θ is trained on the episodes' query cross-entropy, and meta-test
+classifies each held-out episode's queries by its support prototypes (`proto_predict`, the
+prediction function of the registry entry).
 """
 
 from __future__ import annotations
@@ -16,10 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lfm.access import Access
 from lfm.meta.functional import OuterConfig, Params, Task, forward
-from lfm.meta.train import query_objective, smoke_run
-from lfm.registry import register
+from lfm.meta.tiny import data_example
+from lfm.meta.train import Outer, query_objective, register_learner
 
 
 def prototypes(emb: Tensor, labels: Tensor, ways: int) -> Tensor:
@@ -47,24 +48,29 @@ def proto_predict(
     return proto_logits(forward(model, params, task.xq), protos)
 
 
+def proto_objective(
+    model: nn.Module,
+    params: Params,
+    tasks: Task,
+    problem: Any,
+    cfg: Any,
+    lrs: Params | None,
+    vectorize: bool,
+) -> Outer:
+    """Mean query cross-entropy of the prototype classifier over a meta-batch (Eq. 2)."""
+    return query_objective(model, params, tasks, problem, cfg, lrs, vectorize, proto_predict)
+
+
 class ProtoNetsConfig(OuterConfig):
     """ProtoNets: Adam 1e-3, one episode per update (Snell et al. Sec. 3)."""
 
     meta_batch: int = 1  # episodes per update (the paper: one)
 
-    predict = staticmethod(proto_predict)  # query logits from the support prototypes
 
-
-def _smoke(cfg: ProtoNetsConfig, seed: int) -> dict[str, Any]:
-    return smoke_run(cfg, seed, classification=True)
-
-
-register(
-    "meta",
-    "protonets",
-    branch="meta-learning from data",
-    access=Access.WEIGHTS,
-    config=ProtoNetsConfig,
+protonets = register_learner(
+    "protonets", objective=proto_objective, predict=proto_predict,
+    branch="meta-learning from data", config=ProtoNetsConfig,
     paper="Snell et al. 2017, arXiv 1703.05175",
-    smoke=_smoke,
-)(query_objective)
+    example=data_example(ProtoNetsConfig, classification=True),
+    cli="lfm meta train --method protonets --task digits",
+)  # fmt: skip

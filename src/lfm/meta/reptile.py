@@ -9,6 +9,8 @@ Here g = θ − mean_i W_i is handed to Adam as the gradient, as the paper sugge
 
 The baseline of MAML Sec. 5.1 ("pretrained"): one network trained on the union of all tasks'
 points, L(f_θ(x), y) over every task at once, then fine-tuned on each test task's support set.
+
+Both meta-test by adapting on the support set (`adapted_predict`), as MAML does.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lfm.access import Access
-from lfm.meta.functional import MetaConfig, Params, Task, forward, inner_adapt, over_tasks
-from lfm.meta.train import Outer, smoke_run
-from lfm.registry import register
+from lfm.meta.functional import (
+    MetaConfig,
+    Params,
+    Task,
+    adapted_predict,
+    forward,
+    inner_adapt,
+    over_tasks,
+)
+from lfm.meta.tiny import data_example
+from lfm.meta.train import Outer, register_learner
 
 
 class ReptileConfig(MetaConfig):
@@ -39,7 +48,7 @@ class PretrainConfig(MetaConfig):
     inner_steps: int = 0  # no adaptation while training: one model fits all tasks' points
 
 
-def reptile(
+def reptile_objective(
     model: nn.Module,
     params: Params,
     tasks: Task,
@@ -61,7 +70,7 @@ def reptile(
     return Outer(losses.mean(), {n: d.mean(0) for n, d in deltas.items()})
 
 
-def pretrain(
+def pretrain_objective(
     model: nn.Module,
     params: Params,
     tasks: Task,
@@ -79,25 +88,15 @@ def pretrain(
     return Outer(over_tasks(one, tasks, vectorize).mean())
 
 
-def _smoke(cfg: MetaConfig, seed: int) -> dict[str, Any]:
-    return smoke_run(cfg, seed)
-
-
-register(
-    "meta",
-    "reptile",
-    branch="meta-learning from data",
-    access=Access.WEIGHTS,
-    config=ReptileConfig,
-    paper="Nichol et al. 2018, arXiv 1803.02999",
-    smoke=_smoke,
-)(reptile)
-register(
-    "meta",
-    "pretrain",
-    branch="meta-learning from data",
-    access=Access.WEIGHTS,
-    config=PretrainConfig,
+reptile = register_learner(
+    "reptile", objective=reptile_objective, predict=adapted_predict,
+    branch="meta-learning from data", config=ReptileConfig,
+    paper="Nichol et al. 2018, arXiv 1803.02999", example=data_example(ReptileConfig),
+    cli="lfm meta train --method reptile",
+)  # fmt: skip
+pretrain = register_learner(
+    "pretrain", objective=pretrain_objective, predict=adapted_predict,
+    branch="meta-learning from data", config=PretrainConfig,
     paper="Finn et al. 2017, arXiv 1703.03400 (pretrained baseline, Sec. 5.1)",
-    smoke=_smoke,
-)(pretrain)
+    example=data_example(PretrainConfig), cli="lfm meta train --method pretrain",
+)  # fmt: skip

@@ -1,36 +1,42 @@
-"""Meta-training and meta-testing loops shared by every meta-learner.
+"""The outer loop every meta-learner from data shares, its registration, and meta-testing.
 
 The outer loop of MAML (Finn et al. 2017, arXiv 1703.03400, Algorithm 1):
 
     θ ← θ − β ∇_θ Σ_{T_i ~ p(T)} L_{T_i}(f_{θ'_i})
 
-run with Adam. Each registered method supplies its objective `fn(model, params, tasks, problem,
-cfg, lrs, vectorize) -> Outer`: a loss to differentiate, or (Reptile) the update direction
-itself. Meta-test adapts to each held-out task and reports mean ± 1.96·std/√n.
+run with Adam. A method is registered with its objective `(model, params, tasks, problem, cfg,
+lrs, vectorize) -> Outer` (a loss to differentiate, or, for Reptile, the update direction itself)
+and its prediction function `(model, params, task, problem, cfg, lrs, train) -> Tensor` (adapt on
+the support set, or prototypes); both are facts of the registry entry (`spec.extras`). Meta-test
+looks the prediction function up by the method's name, adapts to each held-out task the way the
+method does and reports mean ± 1.96·std/√n.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import trange
 
-from lfm.config import Config
+from lfm.access import Access, module_of
 from lfm.errors import LfmError
+from lfm.meta.contract import LEARNER, History, MetaResult, ModelPool
 from lfm.meta.functional import (
     OuterConfig,
     Params,
     Task,
+    adapted_predict,
     can_vectorize,
     over_tasks,
     params_of,
     selected,
 )
+from lfm.registry import get, register
 
 
 class Outer(NamedTuple):
@@ -40,12 +46,8 @@ class Outer(NamedTuple):
     grads: Params | None = None  # an explicit update direction per parameter (Reptile)
 
 
-@dataclass
-class History:
-    """Meta-training record."""
-
-    loss: list[float] = field(default_factory=list)  # meta-loss per outer step
-    inner_lrs: Params | None = None  # learned per-parameter step sizes (Meta-SGD)
+Objective = Callable[..., Outer]  # (model, params, tasks, problem, cfg, lrs, vectorize) -> Outer
+Predict = Callable[..., Tensor]  # (model, params, task, problem, cfg, lrs, train) -> Tensor
 
 
 def query_objective(
@@ -56,23 +58,18 @@ def query_objective(
     cfg: Any,
     lrs: Params | None,
     vectorize: bool,
+    predict: Predict = adapted_predict,
 ) -> Outer:
-    """Mean query loss after each task's adaptation (MAML, FOMAML, ANIL, Meta-SGD, ProtoNets)."""
+    """Mean query loss after each task's adaptation (MAML, FOMAML, ANIL, Meta-SGD, ProtoNets).
+
+    `predict` gives a task's query predictions: `adapted_predict` for the MAML family,
+    `proto_predict` for ProtoNets.
+    """
 
     def one(task: Task) -> Tensor:
-        return problem.loss(cfg.predict(model, params, task, problem, cfg, lrs, True), task.yq)
+        return problem.loss(predict(model, params, task, problem, cfg, lrs, True), task.yq)
 
     return Outer(over_tasks(one, tasks, vectorize).mean())
-
-
-def spec_for(cfg: Config) -> Any:
-    """The registered meta method whose config class is `type(cfg)`."""
-    from lfm.registry import methods
-
-    hits = [s for s in methods("meta") if type(cfg) is s.config]
-    if not hits:
-        raise LfmError(f"no meta method is configured by {type(cfg).__name__}")
-    return hits[0]
 
 
 def init_lrs(params: Params, cfg: Any) -> Params | None:
@@ -94,22 +91,25 @@ def _set_grads(out: Outer, params: Params, lrs: Params | None) -> None:
         p.grad = torch.zeros_like(p) if g is None else g
 
 
-def meta_train(
-    model: nn.Module, sampler: Any, cfg: OuterConfig, seed: int = 0, progress: bool = False
+def outer_loop(
+    model: nn.Module,
+    sampler: Any,
+    cfg: OuterConfig,
+    objective: Objective,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "meta",
 ) -> tuple[nn.Module, History]:
-    """Meta-train a copy of `model` on tasks from `sampler`; the caller's model is not changed.
+    """Meta-train a copy of `model` by Adam on `objective` over meta-batches from `sampler`.
 
     Args:
-        model: the network whose initialisation is meta-learned.
+        model: the network whose initialisation is meta-learned (not changed).
         sampler: gives `sample(n, generator) -> Task` and `problem`.
-        cfg: a registered meta method's config; its class picks the method.
+        cfg: the method's config (outer loop, and the inner loop its objective reads).
+        objective: the method's `(model, params, tasks, problem, cfg, lrs, vectorize) -> Outer`.
         seed: seeds the task stream.
-        progress: show a progress bar.
-
-    Returns:
-        The meta-trained copy and its `History`.
+        progress: show a progress bar named `desc`.
     """
-    spec = spec_for(cfg)
     model = copy.deepcopy(model)
     params = params_of(model)
     lrs = init_lrs(params, cfg)
@@ -117,15 +117,70 @@ def meta_train(
     gen = torch.Generator().manual_seed(seed)
     vec = can_vectorize(model, cfg.vectorize)
     history = History()
-    for _ in trange(cfg.steps, disable=not progress, desc=spec.key, leave=False):
-        out = spec.fn(
-            model, params, sampler.sample(cfg.meta_batch, gen), sampler.problem, cfg, lrs, vec
-        )
+    for _ in trange(cfg.steps, disable=not progress, desc=desc, leave=False):
+        tasks = sampler.sample(cfg.meta_batch, gen)
+        out = objective(model, params, tasks, sampler.problem, cfg, lrs, vec)
         _set_grads(out, params, lrs)
         opt.step()
         history.loss.append(float(out.loss.detach()))
     history.inner_lrs = {n: t.detach() for n, t in lrs.items()} if lrs else None
     return model, history
+
+
+def task_source(tasks: Any, key: str) -> Any:
+    """`tasks` if it is a task source (`sample(n, generator)` and `problem`), else an error."""
+    if isinstance(tasks, ModelPool):
+        raise LfmError(
+            f"{key} learns from tasks (SinusoidTasks, EpisodeTasks), not from a ModelPool; "
+            "meta-learn from a pool with meta/datafree_whitebox or meta/datafree_blackbox"
+        )
+    if not (hasattr(tasks, "sample") and hasattr(tasks, "problem")):
+        raise LfmError(f"{key}: tasks must be a task source such as SinusoidTasks or EpisodeTasks")
+    return tasks
+
+
+def learner(key: str, objective: Objective) -> Callable[..., MetaResult]:
+    """The learner registered as `key`: the outer loop over `objective`.
+
+    Every learner from data is this one function; it is made per name only so that its result
+    names the method (`MetaResult.method`) without reading anything off the config's class.
+    """
+
+    def learn(
+        model: Any, tasks: Any, cfg: Any = None, *, seed: int = 0, progress: bool = False
+    ) -> MetaResult:
+        """Meta-train a copy of `model` (a `LocalClassifier` or an `nn.Module`) on `tasks`.
+
+        Args:
+            model: the network whose initialisation is meta-learned; the caller's is not changed.
+            tasks: a task source (`SinusoidTasks`, `EpisodeTasks`).
+            cfg: the method's config (None: its defaults; a mapping is validated).
+            seed: seeds the task stream.
+            progress: show a progress bar.
+        """
+        sampler = task_source(tasks, key)
+        trained, history = outer_loop(
+            module_of(model, key), sampler, cfg, objective, seed, progress, desc=key
+        )
+        return MetaResult(trained, history, key)
+
+    learn.__name__ = learn.__qualname__ = key.split("/")[-1]
+    return learn
+
+
+def register_learner(
+    name: str, *, objective: Objective, predict: Predict, **kw: Any
+) -> Callable[..., MetaResult]:
+    """Register `meta/<name>`, a learner from data, with its objective and prediction function.
+
+    Both are kept on the registry entry (`spec.extras`), where `meta_test` finds the prediction
+    function by the method's name. `kw`: the rest of `lfm.registry.register`'s arguments.
+    """
+    fn = learner(f"meta/{name}", objective)
+    return register(
+        "meta", name, shape=LEARNER, access=Access.WEIGHTS, objective=objective, predict=predict,
+        **kw,
+    )(fn)  # fmt: skip
 
 
 def summarise(scores: Tensor) -> dict[str, float]:
@@ -136,57 +191,55 @@ def summarise(scores: Tensor) -> dict[str, float]:
 
 
 def meta_test(
-    model: nn.Module,
-    sampler: Any,
-    cfg: Any,
+    learned: MetaResult | Any,
+    tasks: Any,
+    method: str | None = None,
+    cfg: Any = None,
+    *,
     n_tasks: int = 600,
     seed: int = 12345,
     inner_lrs: Params | None = None,
     chunk: int = 10,
-) -> dict[str, float]:
-    """Adapt to `n_tasks` held-out tasks and score their queries (MSE or accuracy).
+) -> dict[str, Any]:
+    """Adapt to `n_tasks` held-out tasks the way `method` does and score their queries.
 
     Tasks are drawn and adapted `chunk` at a time (one `vmap` call each); the draws do not depend
     on `chunk`, which only bounds memory (100 episodes of 28×28 images under one `vmap` allocate
     hundreds of MB per layer, and the allocator's page faults then cost more than the maths).
 
+    Args:
+        learned: a `MetaResult` (its model, method and learned step sizes are used), or a model
+            (`nn.Module` or `LocalClassifier`) with `method` named.
+        tasks: the held-out task source.
+        method: the registered meta method whose adaptation to use (`maml`, `protonets` ...);
+            its registry entry gives the prediction function. Default: the result's method.
+        cfg: that method's config (its inner loop at meta-test); None: its defaults.
+        n_tasks: held-out tasks.
+        seed: seeds the held-out draws.
+        inner_lrs: Meta-SGD's step sizes; default: the result's.
+        chunk: tasks adapted per `vmap` call.
+
     Returns:
         `{"mean", "ci95", "n", "metric"}`.
     """
+    model = learned
+    if isinstance(learned, MetaResult):
+        model, method = learned.model, method or learned.method
+        inner_lrs = learned.history.inner_lrs if inner_lrs is None else inner_lrs
+    if method is None:
+        raise LfmError("meta_test needs the method whose adaptation to use (or a MetaResult)")
+    spec = get(method, area="meta")
+    cfg, predict = spec.resolve(cfg), spec.extras["predict"]
+    model = module_of(model, "meta_test")
     params = {n: p.detach() for n, p in params_of(model).items()}
     gen = torch.Generator().manual_seed(seed)
     vec = can_vectorize(model, cfg.vectorize)
-    problem, scores = sampler.problem, []
+    problem, scores = tasks.problem, []
 
     def one(task: Task) -> Tensor:
-        return problem.metric(
-            cfg.predict(model, params, task, problem, cfg, inner_lrs, False), task.yq
-        )
+        return problem.metric(predict(model, params, task, problem, cfg, inner_lrs, False), task.yq)
 
     for start in range(0, n_tasks, chunk):
-        tasks = sampler.sample(min(chunk, n_tasks - start), gen)
-        scores.append(over_tasks(one, tasks, vec).detach())
-    return {**summarise(torch.cat(scores)), "metric": problem.metric_name}  # type: ignore[dict-item]
-
-
-def smoke_run(cfg: OuterConfig, seed: int, classification: bool = False) -> dict[str, Any]:
-    """Meta-train 3 steps on a tiny problem and meta-test on 4 tasks (the registry contract)."""
-    from lfm.meta.models import MLP
-    from lfm.meta.tasks import EpisodeTasks, SinusoidTasks
-
-    torch.manual_seed(seed)
-    cfg = cfg.replace(steps=3, meta_batch=2)
-    if classification:
-        means = torch.randn(6, 4, generator=torch.Generator().manual_seed(seed)) * 3
-        y = torch.arange(6).repeat_interleave(5)
-        x = means[y] + torch.randn(30, 4)
-        model, sampler = MLP(4, 3, (8,)), EpisodeTasks(x, y, range(6), ways=3, shots=2, queries=2)
-    else:
-        model, sampler = MLP(1, 1, (8, 8)), SinusoidTasks(shots=3, queries=3)
-    trained, hist = meta_train(model, sampler, cfg, seed=seed)
-    score = meta_test(trained, sampler, cfg, n_tasks=4, seed=seed, inner_lrs=hist.inner_lrs)
-    return {
-        "loss": torch.tensor(hist.loss),
-        "head": trained.head.weight.detach(),
-        "score": score["mean"],
-    }
+        batch = tasks.sample(min(chunk, n_tasks - start), gen)
+        scores.append(over_tasks(one, batch, vec).detach())
+    return {**summarise(torch.cat(scores)), "metric": problem.metric_name}

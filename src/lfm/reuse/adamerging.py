@@ -25,10 +25,15 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lfm.access import Access
 from lfm.config import Config
+from lfm.core.io import load_tensors
+from lfm.registry import register
 from lfm.reuse import kernels as K
-from lfm.reuse.driver import Ctx, Inputs, merge_method, merge_state_dicts
-from lfm.reuse.stats import save_stats
+from lfm.reuse.contract import KERNEL
+from lfm.reuse.driver import Ctx, Inputs, MergeError
+from lfm.reuse.examples import batch, merge_example
+from lfm.reuse.stats import FORMAT, save_stats
 
 
 class AdaMergingConfig(Config):
@@ -125,40 +130,47 @@ def _task_entropy(model, params, batches, heads, k: int, step: int) -> Tensor:
 
 
 def save_coefficients(path: str | Path, coefficients: Mapping[str, Tensor]) -> Path:
-    """Write learned coefficients (name -> λ (K,)) atomically as a safetensors file."""
+    """Write learned coefficients (name -> λ (K,)) atomically as a statistics file of kind
+    `adamerging`, for the `coefficients` field of a merge plan."""
     return save_stats(path, coefficients, "adamerging")
+
+
+def load_coefficients(path: str | Path) -> dict[str, Tensor]:
+    """Coefficients written by `save_coefficients` (another kind of file is refused)."""
+    tensors, meta = load_tensors(path, FORMAT)
+    if meta.get("kind") != "adamerging":
+        raise MergeError(f"{path} holds {meta.get('kind')} statistics, not AdaMerging coefficients")
+    return tensors
 
 
 def _open_coefficients(inputs: Inputs, cfg: Any) -> dict[str, Any]:
     if cfg.coefficients is None:
         return {}
-    from lfm.reuse.engine import SafetensorsReader
-
-    reader = SafetensorsReader(cfg.coefficients)
-    return {"coefficients": {k: reader.get(k) for k in reader.keys()}}  # noqa: SIM118 (a Reader, not a dict)
+    return {"coefficients": load_coefficients(cfg.coefficients)}  # one λ (K,) per tensor: small
 
 
-def _smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    model = nn.Linear(4, 3)
-    base = {k: torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
-    sds = [{k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-           for _ in range(2)]  # fmt: skip
-    data = [[torch.randn(8, 4, generator=gen)] for _ in range(2)]
-    coef, _ = learn_coefficients(model, base, sds, data, cfg.replace(steps=3, lr=0.05))  # type: ignore[attr-defined]
-    return merge_state_dicts("adamerging", base, sds, cfg, stats={"coefficients": coef})
+def _coefficients_example(base: nn.Module, models: list[nn.Module], seed: int) -> dict[str, Any]:
+    """Coefficients learned in a few steps on unlabelled inputs of two tasks."""
+    base_sd, sds = base.state_dict(), [m.state_dict() for m in models]
+    data = [[batch(seed + k)] for k in range(len(models))]
+    cfg = AdaMergingConfig(steps=3, lr=0.05)
+    return {"coefficients": learn_coefficients(base, base_sd, sds, data, cfg)[0]}
 
 
-@merge_method(
-    "adamerging", config=AdaMergingConfig, paper="Yang et al. 2023, arXiv 2310.02575",
-    smoke=_smoke, branch="straightforward optimisation", prepare=_open_coefficients,
+@register(
+    "reuse", "adamerging", shape=KERNEL, branch="straightforward optimisation",
+    access=Access.WEIGHTS, config=AdaMergingConfig, paper="Yang et al. 2023, arXiv 2310.02575",
+    example=merge_example(n=2, stats=_coefficients_example),
+    cli="lfm reuse merge PLAN.yaml (method: adamerging; coefficients: a file of "
+    "save_coefficients: learning them needs the model, task heads and data, in Python)",
+    prepare=_open_coefficients,
 )  # fmt: skip
 def adamerging(
-    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """θ_b + Σ_k w_k λ_k τ_k with this tensor's learned λ (cfg.init where none was learned)."""
     assert base is not None
     coef = ctx.stats.get("coefficients", {}).get(ctx.name)
     lam = [cfg.init] * (max(ctx.models) + 1) if coef is None else coef.tolist()
-    scaled = [w * lam[i] for w, i in zip(ws, ctx.models, strict=True)]
-    return K.task_merge(base, K.task_vectors(base, ts), scaled, scale=1.0)
+    scaled = [w * lam[i] for w, i in zip(weights, ctx.models, strict=True)]
+    return K.task_merge(base, K.task_vectors(base, tensors), scaled, scale=1.0)

@@ -17,17 +17,22 @@ tensor per model and parameter, so memory stays bounded by the driver's streamin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from pydantic import Field
-from torch import Tensor
+from torch import Tensor, nn
 
+from lfm.access import Access
 from lfm.config import Config
+from lfm.registry import register
 from lfm.reuse import kernels as K
-from lfm.reuse.driver import Ctx, Inputs, MergeError, merge_method, merge_state_dicts
-from lfm.reuse.stats import stats_meta
+from lfm.reuse.contract import KERNEL
+from lfm.reuse.driver import Ctx, Inputs, MergeError
+from lfm.reuse.examples import batch, merge_example
+from lfm.reuse.stats import fisher as fisher_stats
+from lfm.reuse.stats import gram, stats_meta
 
 
 class FisherConfig(Config):
@@ -42,12 +47,14 @@ class RegMeanConfig(Config):
 
 
 class _FileStats:
-    """Lazy tensors of one statistics file, read one name at a time."""
+    """Lazy tensors of one statistics file of a given kind, read one name at a time (a Fisher
+    file of a large model is as large as the model: the driver reads one tensor at a time)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, kind: str):
         from lfm.reuse.engine import SafetensorsReader
 
-        self.reader, self.meta = SafetensorsReader(path), stats_meta(path)
+        self.meta = stats_meta(path, kind)  # refuses another format or kind in one line
+        self.reader = SafetensorsReader(path)
         self.names = set(self.reader.keys())
 
     def get(self, name: str) -> Tensor | None:
@@ -64,12 +71,17 @@ class _MemStats:
         return self.table.get(name)
 
 
-def _open_stats(inputs: Inputs, cfg: Any) -> dict[str, Any]:
-    if not cfg.stats:
-        return {}
-    if len(cfg.stats) != len(inputs.models):
-        raise MergeError(f"{len(cfg.stats)} statistics files for {len(inputs.models)} models")
-    return {"per_model": [_FileStats(p) for p in cfg.stats]}
+def _opener(kind: str) -> Callable[[Inputs, Any], dict[str, Any]]:
+    """The `prepare` pass of a data-aware kernel: open the config's statistics files of `kind`."""
+
+    def prepare(inputs: Inputs, cfg: Any) -> dict[str, Any]:
+        if not cfg.stats:
+            return {}
+        if len(cfg.stats) != len(inputs.models):
+            raise MergeError(f"{len(cfg.stats)} statistics files for {len(inputs.models)} models")
+        return {"per_model": [_FileStats(p, kind) for p in cfg.stats]}
+
+    return prepare
 
 
 def _per_model(ctx: Ctx) -> list[Any]:
@@ -128,53 +140,50 @@ def regmean_conv(
     return out.transpose(1, 2).reshape(shape).float()
 
 
-def _smoke_data(seed: int) -> tuple[dict, list[dict], list[dict]]:
-    gen = torch.Generator().manual_seed(seed)
-    base = {"fc.weight": torch.randn(3, 4, generator=gen), "fc.bias": torch.randn(3, generator=gen)}
-    sds = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-           for _ in range(2)]  # fmt: skip
-    xs = [torch.randn(16, 4, generator=gen) for _ in range(2)]
-    return base, sds, [{"fc.weight": x.T @ x} for x in xs]
+def _fisher_example(base: nn.Module, models: list[nn.Module], seed: int) -> dict[str, Any]:
+    return {"per_model": [fisher_stats(m, [batch(seed + k)], seed=seed)[0]
+                          for k, m in enumerate(models)]}  # fmt: skip
 
 
-def _fisher_smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
-    _, sds, _ = _smoke_data(seed)
-    fs = [{k: v.abs() for k, v in sd.items()} for sd in sds]
-    return merge_state_dicts("fisher", None, sds, cfg, stats={"per_model": fs})
+def _gram_example(base: nn.Module, models: list[nn.Module], seed: int) -> dict[str, Any]:
+    return {"per_model": [gram(m, [batch(seed + k)])[0] for k, m in enumerate(models)]}
 
 
-def _regmean_smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
-    _, sds, grams = _smoke_data(seed)
-    return merge_state_dicts("regmean", None, sds, cfg, stats={"per_model": grams})
-
-
-@merge_method(
-    "fisher", config=FisherConfig, paper="Matena & Raffel 2021, arXiv 2111.09832",
-    smoke=_fisher_smoke, needs_base=False, prepare=_open_stats,
+@register(
+    "reuse", "fisher", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=FisherConfig, paper="Matena & Raffel 2021, arXiv 2111.09832",
+    example=merge_example(n=2, base=False, stats=_fisher_example),
+    cli="lfm reuse stats fisher MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: fisher)",
+    needs_base=False, prepare=_opener("fisher"),
 )  # fmt: skip
-def fisher(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+def fisher(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
     """Fisher-weighted average; tensors without a Fisher (buffers) get the weighted average."""
     stats = _per_model(ctx)
     fs = [stats[i].get(ctx.name) for i in ctx.models]
     if any(f is None for f in fs):
-        return K.linear(ts, ws)
-    return fisher_merge(ts, fs, ws, cfg.eps)  # type: ignore[arg-type]
+        return K.linear(tensors, weights)
+    return fisher_merge(tensors, fs, weights, cfg.eps)  # type: ignore[arg-type]
 
 
-@merge_method(
-    "regmean", config=RegMeanConfig, paper="Jin et al. 2022, arXiv 2212.09849",
-    smoke=_regmean_smoke, needs_base=False, prepare=_open_stats,
+@register(
+    "reuse", "regmean", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=RegMeanConfig, paper="Jin et al. 2022, arXiv 2212.09849",
+    example=merge_example(n=2, base=False, stats=_gram_example),
+    cli="lfm reuse stats gram MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: regmean)",
+    needs_base=False, prepare=_opener("gram"),
 )  # fmt: skip
 def regmean_kernel(
-    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """RegMean for linear and conv weights with Gram matrices; weighted average for the rest."""
     stats = _per_model(ctx)
     grams = [stats[i].get(ctx.name) for i in ctx.models]
-    if any(g is None for g in grams) or ts[0].dim() not in (2, 4):
-        return K.linear(ts, ws)
-    if ts[0].dim() == 4:
-        return regmean_conv(ts, grams, ws, cfg.alpha, cfg.ridge)
+    if any(g is None for g in grams) or tensors[0].dim() not in (2, 4):
+        return K.linear(tensors, weights)
+    if tensors[0].dim() == 4:
+        return regmean_conv(tensors, grams, weights, cfg.alpha, cfg.ridge)  # type: ignore[arg-type]
     given = ctx.stats.get("orientation") or stats[ctx.models[0]].meta.get("orientation", {})
     orient = given.get(ctx.name, "out_in")  # in memory: stats={"orientation": {...}, ...}
-    return regmean(ts, grams, ws, cfg.alpha, orient == "in_out", cfg.ridge)  # type: ignore[arg-type]
+    return regmean(tensors, grams, weights, cfg.alpha, orient == "in_out", cfg.ridge)  # type: ignore[arg-type]

@@ -9,6 +9,10 @@ Before anything is merged the driver checks every input against the template: a 
 from a model, a shape that differs (for embeddings: vocabularies that differ) is a `MergeError`
 naming the tensors. A missing output embedding of a model with tied embeddings is read from its
 input embedding instead.
+
+The kernel and what it needs besides tensors (a base model, how many models, a first pass over
+all tensors) come from the method's registry entry (`kernel_spec`), so `merge_state_dicts`, the
+streaming engine and `lfm.registry.run("reuse/<name>", models, base=...)` share one table.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from lfm.access import Access
+from lfm import registry
 from lfm.config import Config
 from lfm.errors import LfmError
-from lfm.registry import register
+from lfm.registry import MethodSpec
 
 OnMissing = Literal["error", "skip"]
 # Output embedding -> the input embeddings it may be tied to (Llama/Gemma/Mistral, GPT-2, T5-like).
@@ -89,64 +93,28 @@ class Ctx:
     models: tuple[int, ...] = ()  # the model index of each tensor given to the kernel
 
 
-Kernel = Callable[[Tensor | None, list[Tensor], list[float], Any, Ctx], Tensor]
 Prepare = Callable[["Inputs", Any], dict[str, Any]]
 
 
-@dataclass(frozen=True)
-class MergeSpec:
-    """How the driver runs one registered merge method."""
+def kernel_spec(method: str | MethodSpec) -> MethodSpec:
+    """The registry entry of a merge method (`ties` or `reuse/ties`).
 
-    name: str
-    kernel: Kernel
-    config: type[Config]
-    needs_base: bool = True
-    min_models: int = 1
-    max_models: int | None = None
-    prepare: Prepare | None = None  # a pass over all tensors before merging (model-level stats)
-
-
-METHODS: dict[str, MergeSpec] = {}
-
-
-def merge_method(
-    name: str,
-    *,
-    config: type[Config],
-    paper: str,
-    smoke: Callable[[Any, int], Any] | None = None,
-    branch: str = "weight interpolation",
-    **spec: Any,
-) -> Callable[[Kernel], Kernel]:
-    """Register a per-tensor kernel in the lfm registry (`reuse/<name>`) and for the driver."""
-
-    def deco(fn: Kernel) -> Kernel:
-        register(
-            "reuse", name, branch=branch, access=Access.WEIGHTS,
-            config=config, paper=paper, smoke=smoke,
-        )(fn)  # fmt: skip
-        METHODS[name] = MergeSpec(name, fn, config, **spec)
-        return fn
-
-    return deco
-
-
-def method_spec(name: str) -> MergeSpec:
-    """The driver spec of a merge method (`ties` or `reuse/ties`)."""
+    What the driver needs besides the kernel is in the entry's extras: `needs_base` (default
+    True), `min_models` (1), `max_models` (None: any number) and `prepare` (a pass over all
+    tensors before merging that gives model-level statistics, e.g. TIES's per-model thresholds).
+    """
+    if isinstance(method, MethodSpec):
+        return method
     importlib.import_module("lfm.reuse")
-    key = name.removeprefix("reuse/")
-    if key not in METHODS:
-        raise MergeError(f"no merge method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[key]
-
-
-def resolve_config(spec: MergeSpec, cfg: Config | Mapping[str, Any] | None) -> Config:
-    """A validated config of the method's class from a config, a mapping or None (defaults)."""
-    if isinstance(cfg, spec.config):
-        return cfg
-    if isinstance(cfg, Config):
-        raise MergeError(f"{spec.name} takes a {spec.config.__name__}, not {type(cfg).__name__}")
-    return spec.config.build(dict(cfg or {}))
+    name = method.removeprefix("reuse/")
+    try:
+        spec = registry.get(f"reuse/{name}")
+    except LfmError:
+        spec = None
+    if spec is None or spec.shape.name != "kernel":
+        kernels = [s.name for s in registry.methods("reuse") if s.shape.name == "kernel"]
+        raise MergeError(f"no merge method {method!r}; choose one of: {', '.join(kernels)}")
+    return spec
 
 
 @dataclass
@@ -219,7 +187,7 @@ def _check_shapes(inputs: Inputs) -> None:
 
 
 def merge_one(
-    spec: MergeSpec, inputs: Inputs, name: str, weights: Sequence[float], cfg: Any, stats: dict
+    spec: MethodSpec, inputs: Inputs, name: str, weights: Sequence[float], cfg: Any, stats: dict
 ) -> Tensor:
     """Merge one tensor; non-float tensors and tensors only the template has are copied."""
     base, tensors, idx = inputs.tensors(name)
@@ -227,11 +195,11 @@ def merge_one(
     if not template.is_floating_point() or not tensors:
         return template
     ws = [float(weights[i]) for i in idx]
-    return spec.kernel(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
+    return spec.impl(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
 
 
 def run_merge(
-    method: str,
+    method: str | MethodSpec,
     inputs: Inputs,
     cfg: Config | Mapping[str, Any] | None,
     sink: Callable[[str, Tensor], None],
@@ -242,7 +210,7 @@ def run_merge(
     """Merge every tensor of `inputs` with `method` and give each result to `sink`.
 
     Args:
-        method: a registered merge method (`ties`, `reuse/ties`, ...).
+        method: a registered merge method (`ties`, `reuse/ties`, or its registry entry).
         inputs: readers checked by `plan`.
         cfg: the method's config (a `Config`, a mapping, or None for the paper defaults).
         sink: called once per tensor, in template order.
@@ -253,26 +221,30 @@ def run_merge(
     Returns:
         The resolved config.
     """
-    spec = method_spec(method)
-    config = resolve_config(spec, cfg)
+    spec = kernel_spec(method)
+    config = spec.resolve(cfg)
     check_arity(spec, inputs)
     ws = list(weights) if weights is not None else [1.0] * len(inputs.models)
     if len(ws) != len(inputs.models):
         raise MergeError(f"{len(ws)} weights for {len(inputs.models)} models")
-    stats = {**(spec.prepare(inputs, config) if spec.prepare else {}), **(stats or {})}
+    prepare: Prepare | None = spec.extras.get("prepare")
+    stats = {**(prepare(inputs, config) if prepare else {}), **(stats or {})}
     for name in (progress or iter)(inputs.names):
         sink(name, merge_one(spec, inputs, name, ws, config, stats))
     return config
 
 
-def check_arity(spec: MergeSpec, inputs: Inputs) -> None:
+def check_arity(spec: MethodSpec, inputs: Inputs) -> None:
     """A one-line error when the method needs a base model or another number of models."""
     n = len(inputs.models)
-    if spec.needs_base and inputs.base is None:
+    least, most = spec.extras.get("min_models", 1), spec.extras.get("max_models")
+    if spec.extras.get("needs_base", True) and inputs.base is None:
         raise MergeError(f"{spec.name} needs a base model")
-    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
-        most = spec.max_models if spec.max_models is not None else "any number of"
-        raise MergeError(f"{spec.name} merges {spec.min_models} to {most} models, got {n}")
+    if n < least or (most is not None and n > most):
+        raise MergeError(
+            f"{spec.name} merges {least} to {most if most is not None else 'any number of'} "
+            f"models, got {n}"
+        )
 
 
 def merge_state_dicts(
@@ -286,6 +258,9 @@ def merge_state_dicts(
     stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Tensor]:
     """Merge state dicts held in memory with the same driver the streaming engine uses.
+
+    `lfm.registry.run("reuse/<method>", models, base=...)` does the same for any white-box
+    handles (modules, `LocalClassifier`s, state dicts, weight files).
 
     Args:
         method: a registered merge method.

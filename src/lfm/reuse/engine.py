@@ -12,6 +12,7 @@ rename when everything is written (`atomic_path`).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import queue
@@ -29,18 +30,9 @@ from safetensors import safe_open
 from torch import Tensor
 from tqdm import tqdm
 
-import lfm
 from lfm.config import Config
 from lfm.core.io import atomic_path
-from lfm.reuse.driver import (
-    MergeError,
-    OnMissing,
-    Reader,
-    method_spec,
-    plan,
-    resolve_config,
-    run_merge,
-)
+from lfm.reuse.driver import MergeError, OnMissing, Reader, kernel_spec, plan, run_merge
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -88,8 +80,11 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 def _file_keys(path: Path) -> list[str]:
-    with safe_open(str(path), framework="pt") as f:
-        return list(f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # not a safetensors file, or a truncated one: the same user error
+        raise MergeError(f"cannot read {path} as safetensors: {e}") from None
 
 
 class SafetensorsReader:
@@ -321,7 +316,7 @@ def merge_models(
 
     Args:
         method: a registered merge method (`linear`, `task_arithmetic`, `ties`, `dare_linear`,
-            `dare_ties`, `slerp`, `model_stock`).
+            `dare_ties`, `slerp`, `model_stock`, `fisher`, `regmean`, `adamerging`).
         models: model folders or `.safetensors` files to merge.
         out: the output folder; it appears only when the merge has succeeded.
         base: the base model (needed by the task-vector methods and Model Stock).
@@ -339,8 +334,8 @@ def merge_models(
     out = Path(out)
     if out.exists() and not overwrite:
         raise MergeError(f"{out} exists; choose another folder or pass overwrite=True")
-    spec = method_spec(method)
-    config = resolve_config(spec, cfg)
+    spec = kernel_spec(method)
+    config = spec.resolve(cfg)
     base_reader = SafetensorsReader(base) if base is not None else None
     readers = [open_model(m, base, base_reader) for m in models]
     inputs = plan(base_reader, readers, on_missing)
@@ -351,7 +346,7 @@ def merge_models(
         entries = [Entry(n, tmpl.dtype(n), tmpl.shape(n)) for n in inputs.names]
         with ShardWriter(tmp, entries, parse_size(max_shard_size)) as writer:
             run_merge(
-                spec.name, inputs, config, writer.add, weights, _bar(f"{spec.name} merge", progress)
+                spec, inputs, config, writer.add, weights, _bar(f"{spec.name} merge", progress)
             )
             writer.close()
         copy_side_files(template if template.is_dir() else template.parent, tmp)
@@ -403,6 +398,13 @@ def _bar(desc: str, enabled: bool) -> Any:
     return wrap
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lfm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
 def _record(
     method: str, cfg: Config, base: Any, models: Sequence[Any], weights: Any, on_missing: str
 ) -> dict[str, Any]:
@@ -414,5 +416,5 @@ def _record(
         "models": [str(m) for m in models],
         "weights": list(weights) if weights is not None else [1.0] * len(models),
         "on_missing": on_missing,
-        "lfm_version": getattr(lfm, "__version__", "unknown"),
+        "lfm_version": _version(),
     }

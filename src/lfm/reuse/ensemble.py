@@ -6,23 +6,29 @@ so they run over narrowed and remote handles as well as local models.
 - weighted majority vote:  ŷ = argmax_y Σ_m w_m [ŷ_m = y]  (ties go to the smallest label, or
   to the answer seen first for text).
 
-Classifiers give `scores(x)` (log-probabilities) and `predict(x)` (labels); language models give
-`next_token_logprobs(prompts)` and `score(prompts, continuations)` (label-word classification),
-and `generate(prompts)` for voting over answers.
+Both are registered functions of the `ENSEMBLE` shape, `(handles, inputs, cfg)`; what a member is
+asked depends on what it is. Classifiers give `scores(x)` (log-probabilities) and `predict(x)`
+(labels); language models give `next_token_logprobs(prompts)` and `generate(prompts)`.
+`LabelWords(handle, words)` reads a language model as a classifier over label words (each word
+scored after the prompt, normalised over the words), so both ensembles classify texts with LMs.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor, nn
+from pydantic import Field
+from torch import Tensor
 
-from lfm.access import Access, LocalClassifier, narrow, require
+from lfm.access import Access, ClassScoresModel, LabelModel, ScoresModel, TextModel, require
 from lfm.config import Config
-from lfm.registry import register
+from lfm.errors import LfmError
+from lfm.registry import Example, register
+from lfm.reuse.contract import ENSEMBLE
+from lfm.reuse.examples import batch, classifiers
 
 
 class EnsembleConfig(Config):
@@ -32,12 +38,13 @@ class EnsembleConfig(Config):
 
 class VoteConfig(Config):
     weights: tuple[float, ...] | None = None  # one vote weight per member (None: one each)
+    max_new_tokens: int = Field(32, ge=1)  # length of each answer, when the members are LMs
 
 
 def _weights(n: int, weights: Sequence[float] | None) -> Tensor:
     w = torch.ones(n) if weights is None else torch.tensor([float(v) for v in weights])
     if len(w) != n:
-        raise ValueError(f"{len(w)} weights for {n} ensemble members")
+        raise LfmError(f"{len(w)} weights for {n} ensemble members")
     return w / w.sum()
 
 
@@ -77,30 +84,6 @@ def vote_texts(
     return out
 
 
-def _check(handles: Sequence[Any], level: Access, what: str) -> None:
-    for h in handles:
-        require(h, level, what)
-
-
-@register(
-    "reuse", "ensemble_average", branch="ensemble", access=Access.SCORES, config=EnsembleConfig,
-    paper="Dietterich 2000, MCS (doi 10.1007/3-540-45014-9_1)",
-    smoke=lambda cfg, seed: _smoke_average(cfg, seed),
-)  # fmt: skip
-def ensemble_scores(handles: Sequence[Any], x: Tensor, cfg: EnsembleConfig | None = None) -> Tensor:
-    """Averaged log-probabilities (B, C) of classifier handles (SCORES access or more)."""
-    _check(handles, Access.SCORES, "reuse/ensemble_average")
-    return average_logprobs([h.scores(x) for h in handles], cfg)
-
-
-def ensemble_next_token(
-    handles: Sequence[Any], prompts: Sequence[str], cfg: EnsembleConfig | None = None
-) -> Tensor:
-    """Averaged next-token log-probabilities (B, V) of LM handles with one vocabulary."""
-    _check(handles, Access.SCORES, "reuse/ensemble_average")
-    return average_logprobs([h.next_token_logprobs(prompts) for h in handles], cfg)
-
-
 def label_word_logprobs(handle: Any, prompts: Sequence[str], words: Sequence[str]) -> Tensor:
     """log p(label | prompt) (B, L) of one LM, normalised over the label words."""
     flat_p = [p for p in prompts for _ in words]
@@ -108,76 +91,93 @@ def label_word_logprobs(handle: Any, prompts: Sequence[str], words: Sequence[str
     return scores.log_softmax(-1)
 
 
-def ensemble_label_words(
-    handles: Sequence[Any],
-    prompts: Sequence[str],
-    words: Sequence[str],
-    cfg: EnsembleConfig | None = None,
-) -> Tensor:
-    """Averaged label-word log-probabilities (B, L): classification by continuation scores."""
-    _check(handles, Access.SCORES, "reuse/ensemble_average")
-    return average_logprobs([label_word_logprobs(h, prompts, words) for h in handles], cfg)
+class LabelWords:
+    """A language model read as a classifier over label words: SCORES access.
 
-
-def classify_label_words(
-    handles: Sequence[Any],
-    prompts: Sequence[str],
-    words: Sequence[str],
-    mode: Literal["average", "vote"] = "average",
-    weights: Sequence[float] | None = None,
-    space: Literal["prob", "logprob"] = "prob",
-) -> tuple[Tensor, list[Tensor]]:
-    """Ensemble labels (B,) by averaged label-word probabilities or a vote, and each member's labels.
+    `scores(prompts)` gives log p(word | prompt) normalised over the words (B, L) and
+    `predict(prompts)` the index of the likeliest word. The last prompts' scores are kept, so a
+    caller that asks an ensemble and then each member for its labels scores the texts once.
 
     Args:
-        handles: LM handles with SCORES access (each member scores every label word).
-        prompts: one prompt per example, ending where the label word comes next.
-        words: the label words (index = label).
-        mode: "average" (probability averaging) or "vote" (weighted majority of members' argmax).
-        weights: one weight per member (None: equal).
-        space: with "average", average probabilities or log-probabilities.
+        handle: an LM handle with SCORES access or more (`score(prompts, continuations)`).
+        words: the label words (index = label), usually with a leading space.
     """
-    _check(handles, Access.SCORES, "reuse/ensemble_average")
-    per = [label_word_logprobs(h, prompts, words) for h in handles]  # M x (B, L)
-    members = [p.argmax(-1) for p in per]
-    if mode == "vote":
-        return vote_labels(members, weights), members
-    cfg = EnsembleConfig(weights=tuple(weights) if weights else None, space=space)
-    return average_logprobs(per, cfg).argmax(-1), members
+
+    access: ClassVar[Access] = Access.SCORES
+
+    def __init__(self, handle: Any, words: Sequence[str]):
+        require(handle, Access.SCORES, "label-word classification")
+        self.handle, self.words, self.name = handle, list(words), getattr(handle, "name", "lm")
+        self._last: tuple[tuple[str, ...], Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return f"LabelWords({self.name!r}, {len(self.words)} words)"
+
+    def scores(self, prompts: Sequence[str]) -> Tensor:
+        key = tuple(prompts)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, label_word_logprobs(self.handle, prompts, self.words))
+        return self._last[1]
+
+    def predict(self, prompts: Sequence[str]) -> Tensor:
+        return self.scores(prompts).argmax(-1)
+
+
+def _classifiers(handles: Sequence[Any], method: str) -> bool:
+    """True when every member is a classifier (`scores`/`predict`), False when every one is an LM."""
+    kinds = {hasattr(h, "scores") or hasattr(h, "predict") for h in handles}
+    if len(kinds) != 1:
+        raise LfmError(f"{method}: the members mix classifiers and language models")
+    return kinds.pop()
+
+
+def _example(level: Access, seed: int) -> Example:
+    _, handles = classifiers(level, [seed, seed + 1, seed + 2])
+    return Example((handles, batch(seed)))
 
 
 @register(
-    "reuse", "ensemble_vote", branch="ensemble", access=Access.TEXT, config=VoteConfig,
-    paper="Dietterich 2000, MCS (doi 10.1007/3-540-45014-9_1)",
-    smoke=lambda cfg, seed: _smoke_vote(cfg, seed),
+    "reuse", "ensemble_average", shape=ENSEMBLE, branch="ensemble", access=Access.SCORES,
+    config=EnsembleConfig, paper="Dietterich 2000, MCS (doi 10.1007/3-540-45014-9_1)",
+    example=_example, cli="lfm reuse ensemble MODELS... --method ensemble_average",
 )  # fmt: skip
-def ensemble_predict(handles: Sequence[Any], x: Tensor, cfg: VoteConfig | None = None) -> Tensor:
-    """Weighted majority vote of classifier handles' labels (TEXT access or more)."""
-    _check(handles, Access.TEXT, "reuse/ensemble_vote")
-    return vote_labels([h.predict(x) for h in handles], (cfg or VoteConfig()).weights)
+def ensemble_average(
+    handles: Sequence[ScoresModel | ClassScoresModel], inputs: Any, cfg: Any = None
+) -> Tensor:
+    """Averaged log-probabilities of the members on `inputs`.
+
+    Args:
+        handles: classifiers (`scores(x)`: (B, C)), `LabelWords` over LMs, or LMs with one
+            vocabulary (`next_token_logprobs(prompts)`: (B, V)); SCORES access or more.
+        inputs: what each member is asked: inputs `x`, or prompts.
+        cfg: an `EnsembleConfig` (member weights; probability or log-probability space).
+    """
+    if _classifiers(handles, "reuse/ensemble_average"):
+        return average_logprobs([h.scores(inputs) for h in handles], cfg)
+    return average_logprobs([h.next_token_logprobs(inputs) for h in handles], cfg)
 
 
-def ensemble_generate(
-    handles: Sequence[Any], prompts: Sequence[str], cfg: VoteConfig | None = None, **gen: Any
-) -> list[str]:
-    """Weighted majority vote over the answers LM handles generate (TEXT access or more)."""
-    _check(handles, Access.TEXT, "reuse/ensemble_vote")
-    answers = [h.generate(prompts, **gen) for h in handles]
-    return vote_texts(answers, (cfg or VoteConfig()).weights)
+@register(
+    "reuse", "ensemble_vote", shape=ENSEMBLE, branch="ensemble", access=Access.TEXT,
+    config=VoteConfig, paper="Dietterich 2000, MCS (doi 10.1007/3-540-45014-9_1)",
+    example=_example, cli="lfm reuse ensemble MODELS... --method ensemble_vote",
+)  # fmt: skip
+def ensemble_vote(
+    handles: Sequence[TextModel | LabelModel], inputs: Any, cfg: Any = None
+) -> Tensor | list[str]:
+    """Weighted majority vote of the members' answers on `inputs`.
 
+    Args:
+        handles: classifiers or `LabelWords` (`predict`: labels (B,)), or LMs (`generate`:
+            answers, compared after stripping); TEXT access or more.
+        inputs: what each member is asked: inputs `x`, or prompts.
+        cfg: a `VoteConfig` (vote weights; answer length for LMs).
 
-def _smoke_members(seed: int, level: Access) -> tuple[list[Any], Tensor]:
-    torch.manual_seed(seed)
-    models = [nn.Linear(4, 3) for _ in range(3)]
-    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(seed))
-    return [narrow(LocalClassifier(m), level) for m in models], x
-
-
-def _smoke_average(cfg: Config, seed: int) -> dict[str, Tensor]:
-    handles, x = _smoke_members(seed, Access.SCORES)
-    return {"logprobs": ensemble_scores(handles, x, cfg)}  # type: ignore[arg-type]
-
-
-def _smoke_vote(cfg: Config, seed: int) -> dict[str, Tensor]:
-    handles, x = _smoke_members(seed, Access.TEXT)
-    return {"labels": ensemble_predict(handles, x, cfg)}  # type: ignore[arg-type]
+    Returns:
+        Labels (B,) for classifiers (ties: the smallest label), answers for LMs (ties: the
+        answer seen first).
+    """
+    if _classifiers(handles, "reuse/ensemble_vote"):
+        return vote_labels([h.predict(inputs) for h in handles], cfg.weights)
+    answers = [h.generate(inputs, max_new_tokens=cfg.max_new_tokens) for h in handles]
+    return vote_texts(answers, cfg.weights)

@@ -33,7 +33,7 @@ from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
 from lfm.reuse.adamerging import AdaMergingConfig, learn_coefficients
 from lfm.reuse.driver import merge_state_dicts
-from lfm.reuse.ensemble import ensemble_predict, ensemble_scores
+from lfm.reuse.ensemble import ensemble_average, ensemble_vote
 from lfm.reuse.stats import fisher, gram, save_stats
 
 StateDict = dict[str, Tensor]
@@ -162,7 +162,7 @@ def ensemble_accuracy(
     for t in tasks:
         hs = [narrow(LocalClassifier(_Net(bb, t.head).eval()), level) for bb in bbs]
         x, y = t.test
-        pred = [ensemble_predict(hs, xb) if vote else ensemble_scores(hs, xb).argmax(-1)
+        pred = [ensemble_vote(hs, xb) if vote else ensemble_average(hs, xb).argmax(-1)
                 for xb in x.split(batch)]  # fmt: skip
         accs.append(float((torch.cat(pred) == y).float().mean()))
     return accs

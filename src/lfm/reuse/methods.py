@@ -5,6 +5,9 @@ entries over one implementation, `kernels.task_merge`: θ = θ_b + λ · combine
 sparsify is nothing, magnitude trimming (TIES) or random drop-and-rescale (DARE), and combine is
 a weighted sum or TIES's sign election with a disjoint mean. Linear soups (arXiv 2203.05482),
 SLERP and Model Stock (arXiv 2403.19522) have kernels of their own. The maths is in `kernels.py`.
+
+Each kernel is registered with the `KERNEL` shape and runs by name over whole models:
+`lfm.registry.run("reuse/ties", [model_a, model_b], base=base, cfg={"density": 0.2})`.
 """
 
 from __future__ import annotations
@@ -15,9 +18,13 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from lfm.access import Access
 from lfm.config import Config
+from lfm.registry import register
 from lfm.reuse import kernels as K
-from lfm.reuse.driver import Ctx, Inputs, merge_method, merge_state_dicts
+from lfm.reuse.contract import KERNEL
+from lfm.reuse.driver import Ctx, Inputs
+from lfm.reuse.examples import merge_example
 from lfm.reuse.topk import model_threshold
 
 
@@ -59,50 +66,37 @@ class ModelStockConfig(Config):
 
 
 # --------------------------------------------------------------------------------------------
-# Smoke runs: the whole driver on tiny random state dicts.
+# Kernels as the driver calls them: (base, tensors, weights, cfg, ctx) -> merged tensor. Each is
+# registered with `shape=KERNEL`; what the driver needs besides the kernel (`needs_base`,
+# `min_models`, `max_models`, `prepare`) goes into the entry's extras.
+
+PLAN = "lfm reuse merge PLAN.yaml (method: {})"
 
 
-def _tiny_sds(seed: int, n: int) -> tuple[dict[str, Tensor], list[dict[str, Tensor]]]:
-    gen = torch.Generator().manual_seed(seed)
-    base = {"w": torch.randn(4, 6, generator=gen), "b": torch.randn(5, generator=gen)}
-    models = [
-        {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
-        for _ in range(n)
-    ]
-    return base, models
-
-
-def _smoke(method: str, n: int = 3, base: bool = True) -> Any:
-    def run(cfg: Config, seed: int) -> dict[str, Tensor]:
-        b, sds = _tiny_sds(seed, n)
-        return merge_state_dicts(method, b if base else None, sds, cfg)
-
-    return run
-
-
-# --------------------------------------------------------------------------------------------
-# Kernels as the driver calls them: (base, tensors, weights, cfg, ctx) -> merged tensor.
-
-
-@merge_method(
-    "linear", config=LinearConfig, paper="Wortsman et al. 2022, arXiv 2203.05482",
-    smoke=_smoke("linear", base=False), needs_base=False,
+@register(
+    "reuse", "linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=LinearConfig, paper="Wortsman et al. 2022, arXiv 2203.05482",
+    example=merge_example(base=False), cli=PLAN.format("linear"), needs_base=False,
 )  # fmt: skip
-def linear(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+def linear(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
     """Weighted average of the models (the base model, if given, is not used)."""
-    return K.linear(ts, ws, cfg.normalize)
+    return K.linear(tensors, weights, cfg.normalize)
 
 
-@merge_method(
-    "task_arithmetic", config=TaskArithmeticConfig, paper="Ilharco et al. 2022, arXiv 2212.04089",
-    smoke=_smoke("task_arithmetic"),
+@register(
+    "reuse", "task_arithmetic", shape=KERNEL, branch="weight interpolation",
+    access=Access.WEIGHTS, config=TaskArithmeticConfig,
+    paper="Ilharco et al. 2022, arXiv 2212.04089", example=merge_example(),
+    cli=PLAN.format("task_arithmetic"),
 )  # fmt: skip
 def task_arithmetic(
-    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """θ_b + λ Σ w_i τ_i."""
     assert base is not None
-    return K.task_merge(base, K.task_vectors(base, ts), ws, scale=cfg.scale)
+    return K.task_merge(base, K.task_vectors(base, tensors), weights, scale=cfg.scale)
 
 
 def _ties_prepare(inputs: Inputs, cfg: Any) -> dict[str, Any]:
@@ -133,70 +127,86 @@ def _ties_thresholds(taus: list[Tensor], cfg: Any, ctx: Ctx) -> list[float]:
     return [K.magnitude_threshold(t, cfg.density) for t in taus]
 
 
-@merge_method(
-    "ties", config=TiesConfig, paper="Yadav et al. 2023, arXiv 2306.01708",
-    smoke=_smoke("ties"), prepare=_ties_prepare,
+@register(
+    "reuse", "ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=TiesConfig, paper="Yadav et al. 2023, arXiv 2306.01708", example=merge_example(),
+    cli=PLAN.format("ties"), prepare=_ties_prepare,
 )  # fmt: skip
-def ties(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+def ties(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
     """Trim to the top-`density` magnitudes, elect signs, disjoint mean, scale by λ."""
     assert base is not None
-    taus = K.task_vectors(base, ts)
+    taus = K.task_vectors(base, tensors)
     for tau, th in zip(taus, _ties_thresholds(taus, cfg, ctx), strict=True):
         K.trim(tau, th, inplace=True)
-    return K.task_merge(base, taus, ws, scale=cfg.scale, consensus=True, normalize=cfg.normalize)
+    return K.task_merge(
+        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
+    )
 
 
-def _dare_taus(base: Tensor, ts: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
-    taus = K.task_vectors(base, ts)
-    seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(ts)))]
+def _dare_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
+    taus = K.task_vectors(base, tensors)
+    seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(tensors)))]
     scratch = torch.empty(base.shape) if cfg.drop_rate > 0 else None  # one mask buffer for all
     return [K.dare(t, cfg.drop_rate, s, inplace=True, scratch=scratch)
             for t, s in zip(taus, seeds, strict=True)]  # fmt: skip
 
 
-@merge_method(
-    "dare_linear", config=DareLinearConfig, paper="Yu et al. 2023, arXiv 2311.03099",
-    smoke=_smoke("dare_linear"),
+@register(
+    "reuse", "dare_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DareLinearConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
+    cli=PLAN.format("dare_linear"),
 )  # fmt: skip
 def dare_linear(
-    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """Drop-and-rescale each task vector, then task arithmetic."""
     assert base is not None
-    return K.task_merge(base, _dare_taus(base, ts, cfg, ctx), ws, scale=cfg.scale)
+    return K.task_merge(base, _dare_taus(base, tensors, cfg, ctx), weights, scale=cfg.scale)
 
 
-@merge_method(
-    "dare_ties", config=DareTiesConfig, paper="Yu et al. 2023, arXiv 2311.03099",
-    smoke=_smoke("dare_ties"),
+@register(
+    "reuse", "dare_ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DareTiesConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
+    cli=PLAN.format("dare_ties"),
 )  # fmt: skip
-def dare_ties(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+def dare_ties(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
     """Drop-and-rescale each task vector, then TIES sign election and disjoint mean."""
     assert base is not None
-    taus = _dare_taus(base, ts, cfg, ctx)
-    return K.task_merge(base, taus, ws, scale=cfg.scale, consensus=True, normalize=cfg.normalize)
+    taus = _dare_taus(base, tensors, cfg, ctx)
+    return K.task_merge(
+        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
+    )
 
 
-@merge_method(
-    "slerp", config=SlerpConfig, paper="Shoemake 1985, SIGGRAPH (doi 10.1145/325165.325242)",
-    smoke=_smoke("slerp", n=2, base=False), needs_base=False, min_models=2, max_models=2,
+@register(
+    "reuse", "slerp", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=SlerpConfig, paper="Shoemake 1985, SIGGRAPH (doi 10.1145/325165.325242)",
+    example=merge_example(n=2, base=False), cli=PLAN.format("slerp"),
+    needs_base=False, min_models=2, max_models=2,
 )  # fmt: skip
-def slerp(base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx) -> Tensor:
+def slerp(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
     """Spherical interpolation between exactly two models (weights are not used)."""
-    if len(ts) != 2:  # only with on_missing="skip": a tensor one model lacks is copied
-        return ts[0]
-    return K.slerp(ts[0], ts[1], cfg.t, cfg.eps)
+    if len(tensors) != 2:  # only with on_missing="skip": a tensor one model lacks is copied
+        return tensors[0]
+    return K.slerp(tensors[0], tensors[1], cfg.t, cfg.eps)
 
 
-@merge_method(
-    "model_stock", config=ModelStockConfig, paper="Jang et al. 2024, arXiv 2403.19522",
-    smoke=_smoke("model_stock"), min_models=2,
+@register(
+    "reuse", "model_stock", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=ModelStockConfig, paper="Jang et al. 2024, arXiv 2403.19522",
+    example=merge_example(), cli=PLAN.format("model_stock"), min_models=2,
 )  # fmt: skip
 def model_stock(
-    base: Tensor | None, ts: list[Tensor], ws: list[float], cfg: Any, ctx: Ctx
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """Interpolate the models' average towards the base by the angle of their task vectors."""
     assert base is not None
-    if len(ts) < 2:  # only with on_missing="skip": one fine-tuned model has no angle
-        return ts[0].float()
-    return K.model_stock(base, ts, cfg.eps)
+    if len(tensors) < 2:  # only with on_missing="skip": one fine-tuned model has no angle
+        return tensors[0].float()
+    return K.model_stock(base, tensors, cfg.eps)

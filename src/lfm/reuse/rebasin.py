@@ -14,11 +14,15 @@ permutation changes. After alignment, A and B can be interpolated with a much lo
 A permutation spec is data: permutation name -> the (parameter, axis) pairs it acts on. `chain_spec`
 builds one for a chain of Linear / Conv2d layers, each optionally followed by a BatchNorm whose
 weights and running statistics share the layer's output permutation.
+
+`rebasin(models)` is the registered aligner: every model after the first is aligned to the first,
+with the spec read from the first model's structure. `align_pair` and `weight_matching` are the
+steps below it, for one pair and a spec of one's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +31,10 @@ from torch import Tensor, nn
 
 from lfm.access import Access
 from lfm.config import Config
-from lfm.registry import register
+from lfm.registry import Example, register
+from lfm.reuse.contract import ALIGNER, reader_of
+from lfm.reuse.driver import MergeError
+from lfm.reuse.examples import classifiers
 
 Spec = dict[str, list[tuple[str, int]]]  # permutation -> [(parameter name, axis)]
 BN_KEYS = ("weight", "bias", "running_mean", "running_var")
@@ -148,23 +155,64 @@ def weight_matching(
     return perms
 
 
-def _smoke(cfg: Config, seed: int) -> dict[str, Tensor]:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    sd, spec = model.state_dict(), chain_spec(model)
-    gen = torch.Generator().manual_seed(seed)
-    perm = {p: torch.randperm(n, generator=gen) for p, n in _sizes(spec, sd).items()}
-    aligned, _ = rebasin(sd, apply_permutation(spec, sd, perm), spec, cfg)
-    return aligned
-
-
-@register(
-    "reuse", "rebasin", branch="mode connectivity", access=Access.WEIGHTS, config=RebasinConfig,
-    paper="Ainsworth et al. 2022, arXiv 2209.04836", smoke=_smoke,
-)  # fmt: skip
-def rebasin(
-    a: Mapping[str, Tensor], b: Mapping[str, Tensor], spec: Spec, cfg: Any = None
+def align_pair(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], spec: Spec, cfg: RebasinConfig | None = None
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Align `b` to `a` by weight matching; returns the permuted `b` and the permutations."""
     perms = weight_matching(spec, a, b, cfg)
     return apply_permutation(spec, b, perms), perms
+
+
+def read_state_dict(model: Any) -> dict[str, Tensor]:
+    """The tensors of a white-box handle, module, state dict or weights on disk, in key order."""
+    reader = reader_of(model)
+    return {k: reader.get(k) for k in reader.keys()}  # noqa: SIM118 (a Reader, not a dict)
+
+
+def spec_of(model: Any) -> Spec:
+    """The chain spec of a model: from its module when it has one, else from its state dict."""
+    module = model if isinstance(model, nn.Module) else getattr(model, "model", None)
+    if isinstance(module, nn.Module):
+        return chain_spec(module)
+    return chain_spec_from_state_dict(read_state_dict(model))
+
+
+def check_same_layout(sds: list[dict[str, Tensor]], spec: Spec) -> None:
+    """A one-line `MergeError` unless there is a layer to align and every model has the first's
+    tensors and shapes."""
+    if not spec:
+        raise MergeError("no chain of two or more Linear / Conv2d layers to align")
+    for i, sd in enumerate(sds[1:], 1):
+        if sd.keys() != sds[0].keys() or any(sd[k].shape != sds[0][k].shape for k in sd):
+            raise MergeError(f"model {i} does not have the tensors and shapes of model 0")
+
+
+def _example(level: Access, seed: int) -> Example:
+    _, handles = classifiers(level, [seed, seed + 1, seed + 2])
+    return Example((handles,), cfg=RebasinConfig(max_iter=10))
+
+
+@register(
+    "reuse", "rebasin", shape=ALIGNER, branch="mode connectivity", access=Access.WEIGHTS,
+    config=RebasinConfig, paper="Ainsworth et al. 2022, arXiv 2209.04836", example=_example,
+    cli="lfm reuse rebasin A.safetensors B.safetensors -o B_aligned.safetensors",
+)  # fmt: skip
+def rebasin(
+    models: Sequence[Any], cfg: Any = None, *, spec: Spec | None = None
+) -> list[dict[str, Tensor]]:
+    """Align every model after the first to the first by weight matching.
+
+    Args:
+        models: white-box handles, modules, state dicts or weight files of one architecture.
+        cfg: a `RebasinConfig` (sweeps at most, the seed of the layer order).
+        spec: the permutation spec; default: read from the first model (`chain_spec` of its
+            module, else `chain_spec_from_state_dict`).
+
+    Returns:
+        One state dict per model: the first as given, every other with its hidden units permuted
+        into the first's coordinates (the function of each model is unchanged).
+    """
+    sds = [read_state_dict(m) for m in models]
+    spec = spec if spec is not None else spec_of(models[0])
+    check_same_layout(sds, spec)
+    return [sds[0]] + [align_pair(sds[0], sd, spec, cfg)[0] for sd in sds[1:]]

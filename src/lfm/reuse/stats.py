@@ -12,25 +12,26 @@
   depthwise convolution gets one 9 x 9 Gram per channel (orientation "conv").
 
 A statistics file maps parameter names to tensors (the Fisher of `fc1.weight`, or the Gram matrix
-of the layer whose weight is `fc1.weight`); its metadata says the kind, the number of examples and,
-for Gram files, the weight orientation of each layer. Files are written atomically.
+of the layer whose weight is `fc1.weight`). It is a tensor file of format `FORMAT`
+(`lfm.core.io.save_tensors`, written atomically) whose metadata says the kind (`fisher`, `gram`,
+`adamerging`), the number of examples and, for Gram files, the weight orientation of each layer.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lfm.core.io import atomic_path
+from lfm.core.hooks import hooked
+from lfm.core.io import read_meta, save_tensors
+from lfm.errors import LfmError
 
+FORMAT = "lfm.reuse.stats/1"  # the format tag of statistics files (kind in the metadata)
 FisherKind = Literal["sample", "label", "exact"]
 Batch = Tensor | tuple[Tensor, Tensor]  # inputs, or (inputs, labels)
 
@@ -49,7 +50,7 @@ def _target(logp: Tensor, y: Tensor | None, kind: FisherKind, gen: torch.Generat
     """The output whose log-likelihood is differentiated: the label, or a sample y ~ p_θ."""
     if kind == "label":
         if y is None:
-            raise ValueError("fisher kind 'label' needs (inputs, labels) batches")
+            raise LfmError("fisher kind 'label' needs (inputs, labels) batches")
         return int(y)
     return int(torch.multinomial(logp.detach().exp(), 1, generator=gen))
 
@@ -79,6 +80,8 @@ def fisher(
     Returns:
         Parameter name -> Fisher (same shape), and the number of examples.
     """
+    if kind not in ("sample", "label", "exact"):
+        raise LfmError(f"unknown Fisher estimator {kind!r}; choose sample, label or exact")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     total = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     gen, count = torch.Generator().manual_seed(seed), 0
@@ -121,7 +124,7 @@ def conv_gram(conv: nn.Conv2d, x: Tensor) -> Tensor:
     y[o] = p · w[o] at every position.
     """
     if isinstance(conv.padding, str):
-        raise ValueError("conv_gram needs numeric padding, not 'same' or 'valid'")
+        raise LfmError("conv_gram needs numeric padding, not 'same' or 'valid'")
     cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, C·k·k, L)
     g = conv.groups
     cols = cols.reshape(x.shape[0], g, -1, cols.shape[-1])  # (B, g, d, L)
@@ -139,9 +142,7 @@ def gram(
     layers = linear_layers(model)
     names = list(modules) if modules is not None else list(layers)
     if unknown := [n for n in names if n not in layers]:
-        raise ValueError(
-            f"not linear or conv layers of {type(model).__name__}: {', '.join(unknown)}"
-        )
+        raise LfmError(f"not linear or conv layers of {type(model).__name__}: {', '.join(unknown)}")
     table = dict(model.named_modules())
     grams: dict[str, Tensor] = {}
 
@@ -155,34 +156,32 @@ def gram(
 
         return fn
 
-    handles = [table[n].register_forward_pre_hook(hook(n)) for n in names]
     count = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                x, _ = _split(batch)
-                model(x)
-                count += len(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked([(table[n], hook(n)) for n in names], pre=True), torch.no_grad():
+        for batch in batches:
+            x, _ = _split(batch)
+            model(x)
+            count += len(x)
     key = {n: f"{n}.weight" if n else "weight" for n in names}
     return {key[n]: g for n, g in grams.items()}, {key[n]: layers[n] for n in names}, count
 
 
 def save_stats(path: str | Path, tensors: Mapping[str, Tensor], kind: str, **meta: Any) -> Path:
-    """Write a statistics file atomically (safetensors, metadata as JSON strings)."""
-    info = {"kind": kind, **{k: json.dumps(v) for k, v in meta.items()}}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), info)
-    return Path(path)
+    """Write a statistics file of `kind` atomically (format `FORMAT`; `meta` as JSON)."""
+    return save_tensors(path, dict(tensors), FORMAT, kind=kind, **meta)
 
 
-def stats_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata of a statistics file (kind, count, orientation ...)."""
-    with safe_open(str(path), framework="pt") as f:
-        raw = f.metadata() or {}
-    return {k: v if k == "kind" else json.loads(v) for k, v in raw.items()}
+def stats_meta(path: str | Path, kind: str | None = None) -> dict[str, Any]:
+    """The metadata of a statistics file (format, kind, count, orientation ...).
+
+    Args:
+        path: the file.
+        kind: when given, the kind the file must hold (a Fisher file is not a Gram file).
+    """
+    meta = read_meta(path, FORMAT)
+    if kind is not None and meta.get("kind") != kind:
+        raise LfmError(f"{path} holds {meta.get('kind')} statistics, not {kind}")
+    return meta
 
 
 def save_fisher(path: str | Path, model: nn.Module, batches: Iterable[Batch], **kw: Any) -> Path:

@@ -21,14 +21,10 @@ import httpx
 import torch
 
 from lfm.access import Access, require
-from lfm.errors import LfmError
+from lfm.errors import BudgetExceeded, LfmError
 from lfm.serve.wire import pack, unpack
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
-
-
-class BudgetExceeded(LfmError):
-    """The query budget given to a remote model is spent."""
 
 
 @dataclass

@@ -18,7 +18,8 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cma
@@ -26,11 +27,16 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from lfm.access import Access, require
+from lfm.access import Access, EmbeddingsModel, require
 from lfm.config import Config
+from lfm.core.io import load_tensors, save_tensors
+from lfm.errors import BudgetExceeded
 from lfm.registry import register
-from lfm.serve.client import BudgetExceeded
-from lfm.tuning.tasks import Verbalizer
+from lfm.tuning.contract import TUNER
+from lfm.tuning.results import TuneResult
+from lfm.tuning.tasks import TextClassification, Verbalizer
+from lfm.tuning.tiny import example
+from lfm.tuning.trainer import data_kind
 
 
 class BBTConfig(Config):
@@ -42,17 +48,50 @@ class BBTConfig(Config):
     bound: float = Field(0.0, ge=0)  # box bound on z (0: none; the paper uses none for CMA-ES)
 
 
-@dataclass
-class BBTResult:
-    """The best soft prompt found and the run's record."""
+BBT_FORMAT = "lfm.tuning.bbt/1"
+PROMPT_FILE = "prompt.safetensors"
 
-    prompt: torch.Tensor  # (n, D)
+
+@dataclass(kw_only=True)
+class BBTResult(TuneResult):
+    """The best soft prompt found, what regenerates its projection, and the run's record.
+
+    `history` holds the best loss after each CMA-ES generation.
+    """
+
+    prompt: torch.Tensor  # (n, D): p = A z*
     z: np.ndarray  # (d,)
+    verbalizer: Verbalizer
+    seed: int  # the projection A's seed (and CMA-ES's, plus one)
+    emb_std: float  # σ̂, the std of the input embeddings A was scaled to
     start_loss: float  # loss of the starting prompt (z = 0)
     best_loss: float
-    history: list[float] = field(default_factory=list)  # best loss after each generation
     evaluations: int = 0
     stopped: str = "budget"  # "budget" (evaluations), "api-budget" (client budget) or "cma"
+
+    def scores(self, handle: Any, texts: Sequence[str]) -> torch.Tensor:
+        """Label-word logits (N, C) of `texts` with the soft prompt prepended (EMBEDDINGS)."""
+        return class_scores_bbt(handle, self.prompt, texts, self.verbalizer)
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "start_loss": self.start_loss, "best_loss": self.best_loss,
+                "evaluations": self.evaluations, "stopped": self.stopped, "seed": self.seed,
+                "prompt_shape": list(self.prompt.shape), "verbalizer": self.verbalizer.to_dict()}  # fmt: skip
+
+    def _save_parts(self, folder: Path) -> None:
+        z = torch.as_tensor(self.z, dtype=torch.float64)
+        save_tensors(folder / PROMPT_FILE, {"prompt": self.prompt, "z": z}, BBT_FORMAT,
+                     seed=self.seed, emb_std=self.emb_std, sigma0=self.config.sigma0,
+                     verbalizer=self.verbalizer.to_dict())  # fmt: skip
+
+
+def load_prompt(folder: str | Path) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The soft prompt (n, D) saved by `BBTResult.save`, and its metadata (seed, z, verbaliser).
+
+    `projection(d, n, D, meta["emb_std"], meta["sigma0"], meta["seed"]) @ z` gives it again.
+    """
+    tensors, meta = load_tensors(Path(folder) / PROMPT_FILE, BBT_FORMAT)
+    return tensors["prompt"], {**meta, "z": tensors["z"]}
 
 
 def projection(d: int, n: int, dim: int, emb_std: float, sigma0: float, seed: int) -> torch.Tensor:
@@ -118,29 +157,47 @@ def class_scores_bbt(
     return last_logits(handle, full, full_mask, last)[:, label_ids(handle, verb)]
 
 
-@register("tuning", "bbt", branch="input engineering", access=Access.EMBEDDINGS, config=BBTConfig,
-          paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
-          smoke=lambda cfg, seed: _smoke(cfg, seed))  # fmt: skip
-def bbt(handle: Any, texts: Sequence[str], y: torch.Tensor, verb: Verbalizer,
-        cfg: BBTConfig = BBTConfig(), seed: int = 0) -> BBTResult:  # fmt: skip
+def _example_summary(res: BBTResult) -> dict[str, Any]:
+    return {"start": res.start_loss, "best": res.best_loss, "evaluations": res.evaluations,
+            "prompt": res.prompt}  # fmt: skip
+
+
+@register("tuning", "bbt", shape=TUNER, branch="input engineering", access=Access.EMBEDDINGS,
+          config=BBTConfig, paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
+          example=example(BBTConfig(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13), steps=None,
+                          summary=_example_summary),
+          cli="lfm tuning bbt")  # fmt: skip
+def bbt(
+    handle: EmbeddingsModel,
+    data: TextClassification,
+    cfg: BBTConfig | None = None,
+    *,
+    seed: int = 0,
+) -> BBTResult:
     """Search a soft prompt with CMA-ES through an EMBEDDINGS handle (local, narrowed or remote).
 
     Args:
         handle: gives `embed` and `logits_from_embeds`.
-        texts, y: the few-shot train set (labels index `verb.label_words`).
-        verb: template and label words.
+        data: the few-shot train set, with its verbaliser (template and label words).
         cfg: BBT settings; `budget` bounds the evaluations, a client `Budget` the HTTP calls.
         seed: seeds the projection and CMA-ES.
     """
-    require(handle, Access.EMBEDDINGS, "tuning/bbt")
+    data_kind(data, "bbt", {TextClassification: "a TextClassification"})
+    verb, texts, y = data.needs_verbalizer("BBT"), data.texts, data.labels
     embeds, mask = handle.embed([verb.prompt(t) for t in texts[:8]])
     emb_std = float(embeds[mask.bool()].std())
     a = projection(cfg.intrinsic_dim, cfg.n_tokens, embeds.shape[-1], emb_std, cfg.sigma0, seed)
     f = make_objective(handle, texts, y, verb, a, cfg.n_tokens)
     z0 = np.zeros(cfg.intrinsic_dim)
-    res = BBTResult(soft_prompt(z0, a, cfg.n_tokens), z0, f(z0), 0.0, evaluations=1)
-    res.best_loss = res.start_loss
-    _search(f, cfg, seed, res, a)
+    start = f(z0)
+    res = BBTResult(method="bbt", config=cfg, prompt=soft_prompt(z0, a, cfg.n_tokens), z=z0,
+                    verbalizer=verb, seed=seed, emb_std=emb_std, start_loss=start,
+                    best_loss=start, evaluations=1)  # fmt: skip
+    state = np.random.get_state()  # CMA-ES seeds NumPy's global generator: give it back after
+    try:
+        _search(f, cfg, seed, res, a)
+    finally:
+        np.random.set_state(state)
     return res
 
 
@@ -174,14 +231,3 @@ def _keep_best(
         res.best_loss, res.z = losses[i], np.asarray(xs[i])
         res.prompt = soft_prompt(res.z, a, n)
     res.history.append(res.best_loss)
-
-
-def _smoke(cfg: BBTConfig, seed: int) -> dict[str, float]:
-    from lfm.access import narrow
-    from lfm.tuning.blackbox_tiny import WORDS, tiny_lm, tiny_task
-
-    texts, y = tiny_task()
-    verb = Verbalizer("Article: {text}\nTopic:", WORDS)
-    small = cfg.replace(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13)
-    res = bbt(narrow(tiny_lm(0), "embeddings"), texts, y, verb, small, seed)
-    return {"start": res.start_loss, "best": res.best_loss, "evaluations": float(res.evaluations)}

@@ -12,7 +12,8 @@ Prompts are left-padded so the last position is the last real token for every ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +23,18 @@ from torch import nn
 from lfm.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from the global RNG under `seed` inside the block; the caller's state comes back after.
+
+    For initialisations that only take the global RNG (PEFT's adapters, `nn.Linear`).
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def label_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -58,8 +71,8 @@ class HeadClassifier(nn.Module):
     def __init__(self, encoder: nn.Module, n_classes: int, seed: int = 0):
         super().__init__()
         self.encoder = encoder
-        torch.manual_seed(seed)
-        self.head = nn.Linear(encoder.config.hidden_size, n_classes)
+        with seeded(seed):  # the head's init is the seed's; the caller's random state is kept
+            self.head = nn.Linear(encoder.config.hidden_size, n_classes)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -76,11 +89,11 @@ class HeadClassifier(nn.Module):
 def encode(
     tokenizer: Any, texts: Sequence[str], max_length: int = 512, side: str = "left"
 ) -> Batch:
-    """Token ids and attention mask of `texts`, padded on `side`."""
-    tokenizer.padding_side = side
+    """Token ids and attention mask of `texts`, padded on `side` (the tokenizer is not changed)."""
     enc = tokenizer(
-        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length
-    )
+        list(texts), return_tensors="pt", padding=True, truncation=True, max_length=max_length,
+        padding_side=side,
+    )  # fmt: skip
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 

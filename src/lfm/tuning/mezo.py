@@ -9,10 +9,15 @@ z is never stored: it is regenerated from s for each in-place perturbation (+εz
 for the update, so memory stays that of inference. Paper defaults: ε = 1e-3, η ∈ {1e-6, 1e-7} for
 full-parameter tuning, 100k steps. It needs WEIGHTS access (it writes parameters) but no gradients,
 and works over any parameter subset (a name pattern).
+
+The tuner `mezo(handle, data)` minimises the label-word cross-entropy of a `TextClassification`
+(the prompt-based fine-tuning loss of the paper) or the response NLL of `Instructions`, each over
+the whole set per evaluation; `zero_order(model, loss_fn, cfg)` is the loop for any loss.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -22,10 +27,19 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from lfm.access import Access, LocalModel, require
+from lfm.access import Access, LocalModel, module_of
 from lfm.config import Config
+from lfm.errors import ConfigError
 from lfm.registry import register
-from lfm.tuning.tasks import Verbalizer
+from lfm.runs import Run
+from lfm.tuning.adapters import is_causal
+from lfm.tuning.classify import VerbalizerLM, label_token_ids
+from lfm.tuning.contract import TUNER
+from lfm.tuning.results import TunedModel
+from lfm.tuning.sft import sft_batches, sft_loss
+from lfm.tuning.tasks import Instructions, TextClassification, Verbalizer
+from lfm.tuning.tiny import example
+from lfm.tuning.trainer import data_kind, evaluator
 
 
 class MeZOConfig(Config):
@@ -44,7 +58,7 @@ def select(model: nn.Module, pattern: str) -> list[nn.Parameter]:
         else list(model.parameters())
     )
     if not out:
-        raise ValueError(f"no parameter name matches {pattern!r}")
+        raise ConfigError(f"no parameter name matches {pattern!r}")
     return list({id(p): p for p in out}.values())  # tied weights count once
 
 
@@ -73,6 +87,26 @@ def mezo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed
     return plus, grad
 
 
+def zero_order(model: nn.Module, loss_fn: Callable[[], float], cfg: MeZOConfig = MeZOConfig(),
+               seed: int = 0, log_every: int = 0) -> list[float]:  # fmt: skip
+    """Tune `model` in place with MeZO; returns the loss at θ+εz of each step.
+
+    Args:
+        model: the module whose parameters (those matching `cfg.params`) are tuned.
+        loss_fn: the loss of the current parameters (a forward pass, no gradient).
+        seed: draws the per-step seeds.
+        log_every: print the loss every so many steps (0: never).
+    """
+    params = select(model, cfg.params)
+    seeds = torch.randint(0, 2**31 - 1, (cfg.steps,), generator=torch.Generator().manual_seed(seed))
+    history = []
+    for step, s in enumerate(seeds.tolist()):
+        history.append(mezo_step(params, loss_fn, s, cfg)[0])
+        if log_every and step % log_every == 0:
+            print(f"mezo step {step}: loss {history[-1]:.4f}")
+    return history
+
+
 def label_loss_fn(
     model: LocalModel, texts: Sequence[str], y: torch.Tensor, verb: Verbalizer
 ) -> Callable[[], float]:
@@ -91,37 +125,75 @@ def label_loss_fn(
     return loss
 
 
-@register("tuning", "mezo", branch="weight engineering", access=Access.WEIGHTS, config=MeZOConfig,
-          paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
-          smoke=lambda cfg, seed: _smoke(cfg, seed))  # fmt: skip
-def mezo(model: Any, loss_fn: Callable[[], float], cfg: MeZOConfig = MeZOConfig(), seed: int = 0,
-         log_every: int = 0) -> list[float]:  # fmt: skip
-    """Tune `model` in place with MeZO; returns the loss at θ+εz of each step.
+def response_loss_fn(model: LocalModel, data: Instructions) -> Callable[[], float]:
+    """The mean response NLL of every instruction row, in one batch."""
+    batch = sft_batches(model.tokenizer, data.rows, len(data.rows))[0]
+    batch = {k: v.to(model.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def loss() -> float:
+        return float(sft_loss(model.model, batch))
+
+    return loss
+
+
+def _loss(local: LocalModel, data: TextClassification | Instructions) -> Callable[[], float]:
+    if isinstance(data, Instructions):
+        return response_loss_fn(local, data)
+    verb = data.needs_verbalizer("MeZO")
+    return label_loss_fn(local, data.texts, data.labels, verb)
+
+
+@register("tuning", "mezo", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
+          config=MeZOConfig, paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
+          example=example(MeZOConfig(steps=8, lr=1e-2, params=r"layers\.1\."), steps=None,
+                          summary=lambda r: torch.tensor([*r.history, r.metrics["loss"]])),
+          cli="lfm tuning train --method mezo")  # fmt: skip
+def mezo(
+    handle: Any, data: TextClassification | Instructions, cfg: MeZOConfig | None = None, *,
+    eval_data: TextClassification | Instructions | None = None, run: Run | None = None,
+    seed: int = 0, inplace: bool = False, log_every: int = 0,
+) -> TunedModel:  # fmt: skip
+    """Tune the handle's causal LM with MeZO on `data` (label words, or instruction rows).
 
     Args:
-        model: a white-box `LocalModel` (or a bare `nn.Module`); it is changed in place.
-        loss_fn: the loss of the current parameters (a forward pass, no gradient).
-        cfg: MeZO settings; `params` picks the tuned subset.
-        seed: draws the per-step seeds.
+        handle: a white-box `LocalModel` (MeZO writes the weights).
+        data: the training set; one loss evaluation is a forward pass over all of it.
+        cfg: MeZO settings; `params` picks the tuned subset, `steps` and `lr` the schedule.
+        eval_data: held-out data, evaluated before and after.
+        run: a run directory for the metrics.
+        seed: draws the per-step seeds of z.
+        inplace: tune the handle's own model; else a deep copy.
         log_every: print the loss every so many steps (0: never).
     """
-    if isinstance(model, LocalModel) or hasattr(model, "access"):
-        require(model, Access.WEIGHTS, "tuning/mezo")
-        model = model.model
-    params = select(model, cfg.params)
-    seeds = torch.randint(0, 2**31 - 1, (cfg.steps,), generator=torch.Generator().manual_seed(seed))
-    history = []
-    for step, s in enumerate(seeds.tolist()):
-        history.append(mezo_step(params, loss_fn, s, cfg)[0])
-        if log_every and step % log_every == 0:
-            print(f"mezo step {step}: loss {history[-1]:.4f}")
-    return history
+    data_kind(
+        data, "mezo", {TextClassification: "a TextClassification", Instructions: "Instructions"}
+    )
+    model = module_of(handle, "tuning/mezo")
+    if not is_causal(model):
+        raise ConfigError("MeZO here tunes a causal LM (label words or responses), not an encoder")
+    local = LocalModel(model if inplace else copy.deepcopy(model), handle.tokenizer, handle.name)
+    loss = _loss(local, data)
+    clf = _classifier(local, data).eval()
+    evaluate = evaluator(local.tokenizer, eval_data)
+    tuned = sum(p.numel() for p in select(local.model, cfg.params))
+    metrics: dict[str, Any] = {"trainable_parameters": tuned, "start_loss": loss()}
+    if evaluate is not None:
+        metrics.update({f"zero_shot_{k}": v for k, v in evaluate(clf).items()})
+    history = zero_order(local.model, loss, cfg, seed, log_every)
+    metrics["loss"] = loss()
+    if evaluate is not None:
+        metrics.update(evaluate(clf))
+    if run is not None:
+        run.log(**metrics)
+    verb = data.verbalizer if isinstance(data, TextClassification) else None
+    return TunedModel(method="mezo", config=cfg, model=clf.eval(), tokenizer=local.tokenizer,
+                      verbalizer=verb, history=history, metrics=metrics)  # fmt: skip
 
 
-def _smoke(cfg: MeZOConfig, seed: int) -> torch.Tensor:
-    from lfm.tuning.blackbox_tiny import WORDS, tiny_lm, tiny_task
-
-    lm, (texts, y) = tiny_lm(0), tiny_task()
-    loss = label_loss_fn(lm, texts, y, Verbalizer("Article: {text}\nTopic:", WORDS))
-    small = cfg.replace(steps=8, lr=1e-2, params=r"layers\.1\.")
-    return torch.tensor([*mezo(lm, loss, small, seed), loss()])
+def _classifier(local: LocalModel, data: TextClassification | Instructions) -> nn.Module:
+    """What was tuned, as the other tuners return it: label words over the LM, or the LM."""
+    if isinstance(data, Instructions):
+        return local.model
+    words = data.needs_verbalizer("MeZO").label_words
+    return VerbalizerLM(local.model, label_token_ids(local.tokenizer, words))

@@ -17,19 +17,26 @@ model is needed. Only `score` is called: SCORES access.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
-from lfm.access import Access, require
+from lfm.access import Access, ScoresModel
 from lfm.config import Config
+from lfm.core.io import write_json
+from lfm.errors import BudgetExceeded, LfmError
 from lfm.registry import register
-from lfm.serve.client import BudgetExceeded
-from lfm.tuning.tasks import Verbalizer, class_scores
+from lfm.tuning.contract import TUNER
+from lfm.tuning.results import TuneResult
+from lfm.tuning.tasks import TextClassification, Verbalizer, class_scores
+from lfm.tuning.tiny import example
+from lfm.tuning.trainer import data_kind
 
 POOL = (
     "Read the news article.",
@@ -56,16 +63,46 @@ class Candidate:
     demos: tuple[int, ...]  # indices into the demonstration pool
 
 
-@dataclass
-class SearchResult:
+TEMPLATE_FILE = "template.json"
+
+
+@dataclass(kw_only=True)
+class SearchResult(TuneResult):
+    """The best prompt found: its candidate (phrases, demonstrations) and the template it renders.
+
+    `history` holds the best score after each iteration.
+    """
+
     best: Candidate
-    verbalizer: Verbalizer
+    verbalizer: Verbalizer  # the best candidate's template and the label words
     start_score: float
     best_score: float
-    history: list[float] = field(default_factory=list)
     evaluations: int = 0  # candidates scored
     score_calls: int = 0  # `score` calls made on the handle
     stopped: str = "iterations"
+
+    def scores(self, handle: Any, texts: Sequence[str]) -> torch.Tensor:
+        """Label-word log-probabilities (N, C) of `texts` under the found template (SCORES)."""
+        return class_scores(handle, texts, self.verbalizer)
+
+    def record(self) -> dict[str, Any]:
+        return {**super().record(), "start_score": self.start_score, "best_score": self.best_score,
+                "evaluations": self.evaluations, "stopped": self.stopped,
+                "phrases": list(self.best.phrases), "demos": list(self.best.demos),
+                "template": self.verbalizer.template, "verbalizer": self.verbalizer.to_dict()}  # fmt: skip
+
+    def _save_parts(self, folder: Path) -> None:
+        write_json(folder / TEMPLATE_FILE, self.verbalizer.to_dict())
+
+
+def load_template(folder: str | Path) -> Verbalizer:
+    """The verbaliser (template and label words) saved by `SearchResult.save`."""
+    path = Path(folder) / TEMPLATE_FILE
+    try:
+        d = json.loads(path.read_text())
+        return Verbalizer(d["template"], tuple(d["label_words"]), int(d["max_chars"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise LfmError(f"cannot read a prompt template from {path}: {e}") from None
 
 
 def _escape(s: str) -> str:
@@ -126,22 +163,35 @@ def _split(
     return pool, [texts[i] for i in rest], y[rest]
 
 
-@register("tuning", "prompt-search", branch="input engineering", access=Access.SCORES,
+def _example_summary(res: SearchResult) -> dict[str, Any]:
+    return {"start": res.start_score, "best": res.best_score, "evaluations": res.evaluations,
+            "template": res.verbalizer.template}  # fmt: skip
+
+
+@register("tuning", "prompt_search", shape=TUNER, branch="input engineering", access=Access.SCORES,
           config=PromptSearchConfig, paper="Prasad et al. 2022, GrIPS, arXiv 2203.07281",
-          smoke=lambda cfg, seed: _smoke(cfg, seed))  # fmt: skip
-def prompt_search(handle: Any, texts: Sequence[str], y: torch.Tensor, verb: Verbalizer,
-                  cfg: PromptSearchConfig = PromptSearchConfig(), seed: int = 0) -> SearchResult:  # fmt: skip
+          example=example(PromptSearchConfig(iterations=3, candidates=2), steps=None,
+                          summary=_example_summary),
+          cli="lfm tuning prompt-search")  # fmt: skip
+def prompt_search(
+    handle: ScoresModel,
+    data: TextClassification,
+    cfg: PromptSearchConfig | None = None,
+    *,
+    seed: int = 0,
+) -> SearchResult:
     """Greedy edit search over instruction phrases and demonstrations through a SCORES handle.
 
     Args:
         handle: gives `score` (local, narrowed or remote).
-        texts, y: the few-shot train set; `n_demos` examples per class are set aside as the
-            demonstration pool (none when `n_demos` is 0), the rest is scored.
-        verb: the base template and label words.
+        data: the few-shot train set with its base verbaliser (template and label words);
+            `n_demos` examples per class are set aside as the demonstration pool (none when
+            `n_demos` is 0), the rest is scored.
         cfg: search settings. A client `Budget` running out stops the search with its best so far.
         seed: seeds the edits.
     """
-    require(handle, Access.SCORES, "tuning/prompt-search")
+    data_kind(data, "prompt_search", {TextClassification: "a TextClassification"})
+    verb, texts, y = data.needs_verbalizer("prompt search"), data.texts, data.labels
     rng = random.Random(seed)
     pool, score_texts, score_y = _split(texts, y, cfg.n_demos)
     calls = [0]
@@ -155,8 +205,10 @@ def prompt_search(handle: Any, texts: Sequence[str], y: torch.Tensor, verb: Verb
         tuple(s for s in cfg.instruction.split(". ") if s),
         tuple(range(min(cfg.n_demos, len(pool)))),
     )
-    res = SearchResult(start, render(start, verb, pool, cfg.demo_chars), 0.0, 0.0)
-    res.start_score = res.best_score = evaluate(start)
+    first = evaluate(start)
+    res = SearchResult(method="prompt_search", config=cfg, best=start,
+                       verbalizer=render(start, verb, pool, cfg.demo_chars),
+                       start_score=first, best_score=first)  # fmt: skip
     _greedy(res, evaluate, cfg, rng, len(pool) if cfg.n_demos else 0)
     res.evaluations, res.score_calls = calls[0], calls[0]
     res.verbalizer = render(res.best, verb, pool, cfg.demo_chars)
@@ -182,20 +234,3 @@ def _greedy(
         if idle >= cfg.patience:
             res.stopped = "patience"
             return
-
-
-def _smoke(cfg: PromptSearchConfig, seed: int) -> dict[str, float]:
-    from lfm.access import narrow
-    from lfm.tuning.blackbox_tiny import WORDS, tiny_lm, tiny_task
-
-    texts, y = tiny_task()
-    small = cfg.replace(iterations=3, candidates=2)
-    res = prompt_search(
-        narrow(tiny_lm(0), "scores"),
-        texts,
-        y,
-        Verbalizer("Article: {text}\nTopic:", WORDS),
-        small,
-        seed,
-    )
-    return {"start": res.start_score, "best": res.best_score, "evaluations": float(res.evaluations)}

@@ -11,6 +11,9 @@ REPLUG (Shi et al. 2023, arXiv 2301.12652) retrieves the k documents most simila
 ensembles the LM's next-token distributions weighted by the retrieval scores:
 
     p(w | x) = Σ_{d ∈ top-k} λ_d p_LM(w | d ∘ x),   λ = softmax(s(d, x) / τ).
+
+This module is the maths; the tuners `knn_lm` and `replug`, which return the augmented model as a
+handle, are in `lfm.tuning.augmented`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from pydantic import Field
 
 from lfm.access import Access, require
 from lfm.config import Config
-from lfm.registry import register
 
 Embedder = Callable[[Sequence[str]], torch.Tensor]
 
@@ -52,7 +54,7 @@ class Datastore:
 
 def build_datastore(handle: Any, texts: Sequence[str], module: str = "model.norm") -> Datastore:
     """(h_t, w_{t+1}) for every position of every text (one text per call: no padding)."""
-    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    require(handle, Access.HIDDEN, "tuning/knn_lm")
     keys, values = [], []
     for text in texts:
         h = handle.hidden([text], [module])[module][0]  # (T, D)
@@ -72,13 +74,11 @@ def knn_distribution(
     return torch.zeros(vocab).index_add_(0, store.values[idx], w)
 
 
-@register("tuning", "knn-lm", branch="database augmentation", access=Access.HIDDEN, config=KnnLMConfig,
-          paper="Khandelwal et al. 2020, kNN-LM, arXiv 1911.00172", smoke=lambda c, s: _knn_smoke(c, s))  # fmt: skip
-def knn_lm(
+def knn_logprobs(
     handle: Any, prompts: Sequence[str], store: Datastore, cfg: KnnLMConfig = KnnLMConfig()
 ) -> torch.Tensor:
-    """log p(next token) (B, V) interpolating the LM with the datastore's neighbours."""
-    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    """log p(next token) (B, V) interpolating the LM with the datastore's neighbours (HIDDEN)."""
+    require(handle, Access.HIDDEN, "tuning/knn_lm")
     lm = handle.next_token_logprobs(prompts).exp()
     rows = []
     for i, p in enumerate(prompts):
@@ -104,7 +104,7 @@ def token_queries(
     handle: Any, text: str, module: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For each position t < T−1 of `text`: the key h_t (T−1, D), log p_LM(w_{t+1}) and w_{t+1} (T−1,)."""
-    require(handle, Access.HIDDEN, "tuning/knn-lm")
+    require(handle, Access.HIDDEN, "tuning/knn_lm")
     h = handle.hidden([text], [module])[module][0]  # (T, D)
     emb, mask = handle.embed([text])
     logp = handle.logits_from_embeds(emb, mask)[0].log_softmax(-1)  # (T, V)
@@ -127,10 +127,8 @@ def retrieve(
     return (q @ d.T).topk(min(k, d.shape[0]), dim=-1)
 
 
-@register("tuning", "replug", branch="database augmentation", access=Access.SCORES, config=ReplugConfig,
-          paper="Shi et al. 2023, REPLUG, arXiv 2301.12652", smoke=lambda c, s: _replug_smoke(c, s))  # fmt: skip
-def replug(handle: Any, prompts: Sequence[str], docs: Sequence[str], embed: Embedder,
-           cfg: ReplugConfig = ReplugConfig(), doc_embs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def replug_logprobs(handle: Any, prompts: Sequence[str], docs: Sequence[str], embed: Embedder,
+                    cfg: ReplugConfig = ReplugConfig(), doc_embs: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """log p(next token | prompt) (B, V): the retrieval-weighted ensemble over the top-k documents.
 
     Args:
@@ -187,30 +185,9 @@ def minilm_embedder() -> Embedder:
 
 
 def char_embedder(texts: Sequence[str]) -> torch.Tensor:
-    """A bag-of-characters embedding (smoke runs and tests: no asset)."""
+    """A bag-of-characters embedding (registry examples and tests: no asset)."""
     out = torch.zeros(len(texts), 128)
     for i, t in enumerate(texts):
         for ch in t.lower():
             out[i, ord(ch) % 128] += 1
     return out
-
-
-def _knn_smoke(cfg: KnnLMConfig, seed: int) -> torch.Tensor:
-    from lfm.access import narrow
-    from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
-
-    h = narrow(tiny_lm(seed), "hidden")
-    return knn_lm(h, ["Article: The team won"], build_datastore(h, CORPUS[:2], cfg.module), cfg)
-
-
-def _replug_smoke(cfg: ReplugConfig, seed: int) -> torch.Tensor:
-    from lfm.access import narrow
-    from lfm.tuning.blackbox_tiny import CORPUS, tiny_lm
-
-    return replug(
-        narrow(tiny_lm(seed), "scores"),
-        ["The team won the"],
-        CORPUS,
-        char_embedder,
-        cfg.replace(k=2),
-    )

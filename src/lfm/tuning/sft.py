@@ -101,12 +101,17 @@ def write_instructions(path: str | Path, n: int = 60, seed: int = 0) -> None:
 
 def load_instructions(path: str | Path | None = None) -> list[dict[str, str]]:
     """The packaged instruction set (or a JSONL file of {"prompt", "response"} objects)."""
-    text = (
-        Path(path).read_text()
-        if path
-        else resources.files("lfm.tuning").joinpath("data/instructions.jsonl").read_text()
-    )
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    try:
+        text = (
+            Path(path).read_text()
+            if path
+            else resources.files("lfm.tuning").joinpath("data/instructions.jsonl").read_text()
+        )
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read instruction rows from {path}: {e}") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{path}: every line must be a JSON object with 'prompt' and 'response'")
     bad = [i for i, r in enumerate(rows) if not {"prompt", "response"} <= set(r)]
     if bad:
         raise ConfigError(f"instruction rows {bad[:5]} lack a 'prompt' or 'response' field")

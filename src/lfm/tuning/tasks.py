@@ -1,4 +1,12 @@
-"""Tasks shared by the tuning methods: few-shot splits and prompt-based classification.
+"""The data a tuner learns from, and prompt-based classification.
+
+A tuner is `(handle, data, cfg) -> TuneResult`; `data` is one of these small typed tasks:
+
+- `TextClassification(texts, labels, verbalizer=... | n_classes=...)`: a causal LM classifies
+  through label words (the `Verbalizer`), an encoder through a new head over `n_classes`;
+- `Instructions(rows)`: prompt/response pairs for supervised fine-tuning;
+- `Corpus(texts)`: the texts of a kNN-LM datastore;
+- `Documents(texts)`: the documents REPLUG retrieves from.
 
 Prompt-based classification (as in LM-BFF, Gao et al. 2021, arXiv 2012.15723, and BBT) scores each
 class's label word as the continuation of a template and predicts the best:
@@ -10,13 +18,14 @@ It needs only SCORES access, so it runs the same on a white-box, narrowed or rem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from lfm.access import Access, require
+from lfm.access import Access, ScoresModel, require
 from lfm.assets.datasets import TextDataset
+from lfm.errors import ConfigError
 
 BBC_LABEL_WORDS = {
     "business": "business",
@@ -26,6 +35,10 @@ BBC_LABEL_WORDS = {
     "tech": "technology",
 }
 BBC_TEMPLATE = "Article: {text}\nTopic:"
+
+
+class TooFewExamples(ConfigError, ValueError):
+    """A class has fewer training examples than the few-shot draw asks for."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +52,105 @@ class Verbalizer:
     def prompt(self, text: str) -> str:
         return self.template.format(text=text[: self.max_chars].strip())
 
+    def to_dict(self) -> dict[str, object]:
+        return {"template": self.template, "label_words": list(self.label_words),
+                "max_chars": self.max_chars}  # fmt: skip
 
-def bbc_verbalizer(classes: Sequence[str]) -> Verbalizer:
-    return Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in classes))
+
+def bbc_verbalizer(classes: Sequence[str], max_chars: int = 1200) -> Verbalizer:
+    return Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in classes), max_chars)
 
 
-def class_scores(handle: object, texts: Sequence[str], verb: Verbalizer) -> torch.Tensor:
+@dataclass(frozen=True)
+class TextClassification:
+    """Texts with integer labels: the task of the classification tuners.
+
+    Args:
+        texts: the inputs (raw: a verbaliser's template is applied where it is used).
+        labels: (N,) class indices.
+        verbalizer: template and label words; a causal LM (and every black-box method) classifies
+            through it.
+        n_classes: the number of classes of an encoder's new head, when there is no verbaliser.
+        max_tokens: prompts are cut to this many tokens when batched for training.
+    """
+
+    texts: tuple[str, ...]
+    labels: torch.Tensor
+    verbalizer: Verbalizer | None = None
+    n_classes: int | None = None
+    max_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        object.__setattr__(self, "labels", torch.as_tensor(self.labels, dtype=torch.long))
+        if len(self.texts) != len(self.labels):
+            raise ConfigError(f"{len(self.texts)} texts but {len(self.labels)} labels")
+        if self.verbalizer is None and self.n_classes is None:
+            raise ConfigError("a TextClassification needs a verbalizer (label words) or n_classes")
+        if (
+            len(self.labels)
+            and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < self.classes
+        ):
+            raise ConfigError(f"labels must lie in range({self.classes})")
+
+    @property
+    def classes(self) -> int:
+        """How many classes (the verbaliser's label words, else `n_classes`)."""
+        return len(self.verbalizer.label_words) if self.verbalizer else int(self.n_classes or 0)
+
+    def prompts(self) -> list[str]:
+        """The texts through the verbaliser's template (as they are without one)."""
+        v = self.verbalizer
+        return [v.prompt(t) for t in self.texts] if v else list(self.texts)
+
+    def needs_verbalizer(self, what: str) -> Verbalizer:
+        """The verbaliser, or a `ConfigError` saying that `what` needs one."""
+        if self.verbalizer is None:
+            raise ConfigError(f"{what} classifies through label words; give the task a verbalizer")
+        return self.verbalizer
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """Prompt/response pairs: the task of supervised fine-tuning (loss on the responses)."""
+
+    rows: tuple[Mapping[str, str], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", tuple(dict(r) for r in self.rows))
+        bad = [i for i, r in enumerate(self.rows) if not {"prompt", "response"} <= set(r)]
+        if bad:
+            raise ConfigError(f"instruction rows {bad[:5]} lack a 'prompt' or 'response' field")
+        if not self.rows:
+            raise ConfigError("no instruction rows")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Texts whose every position goes into a kNN-LM datastore."""
+
+    texts: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if not self.texts:
+            raise ConfigError("an empty corpus gives an empty datastore")
+
+
+@dataclass(frozen=True)
+class Documents:
+    """The documents REPLUG retrieves from (each cut to `ReplugConfig.doc_chars` when used)."""
+
+    texts: tuple[str, ...]
+    embeddings: torch.Tensor | None = field(default=None, compare=False)  # precomputed (N, E)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(self.texts))
+        if not self.texts:
+            raise ConfigError("REPLUG needs at least one document")
+
+
+def class_scores(handle: ScoresModel, texts: Sequence[str], verb: Verbalizer) -> torch.Tensor:
     """Log-probabilities (N, C) of each label word after each prompt (SCORES access).
 
     When every label word is one token, one forward pass per prompt gives all C scores;
@@ -73,8 +179,20 @@ def few_shot(data: TextDataset, k: int, seed: int) -> tuple[list[str], torch.Ten
     for c in range(len(data.classes)):
         pool = (data.y_train == c).nonzero().flatten()
         if len(pool) < k:
-            raise ValueError(
+            raise TooFewExamples(
                 f"class {data.classes[c]!r} has only {len(pool)} training examples, fewer than k={k}"
             )
         idx += pool[torch.randperm(len(pool), generator=g)[:k]].tolist()
     return [data.train_texts[i] for i in idx], data.y_train[idx]
+
+
+def held_out(data: TextDataset, per_class: int) -> tuple[list[str], torch.Tensor]:
+    """The first `per_class` test articles of each class (a fixed subset; all for 0)."""
+    if per_class <= 0:
+        return list(data.test_texts), data.y_test
+    idx = [
+        i
+        for c in range(len(data.classes))
+        for i in (data.y_test == c).nonzero().flatten()[:per_class].tolist()
+    ]
+    return [data.test_texts[i] for i in idx], data.y_test[idx]

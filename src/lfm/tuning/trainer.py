@@ -1,115 +1,126 @@
-"""One tuning interface over the shared Accelerate loop (`lfm.core.train.train`).
+"""The training path the weight-engineering tuners share, over the Accelerate loop.
 
-    model = classifier(load_model("smollm2-135m"), "lora", label_words=words)
-    tune(model, batches, LoraCfg(), TrainConfig(steps=40, lr=LoraCfg().lr), run=Run("tune-lora"))
+    result = lora(handle, TextClassification(texts, labels, verbalizer), train_cfg=TrainConfig(steps=40))
 
-`apply_method` prepares a backbone for a registered method (an adapter or soft prompt injected by
-PEFT, or a choice of trainable parameters); `tune` trains it with cross-entropy (or any loss, such
-as SFT's) and runs LP-FT's two stages: min_head L(head; frozen features) for a share of the steps,
-then min_θ L(θ) from there (Kumar et al. 2022, arXiv 2202.10054).
+Each tuner (`full_ft`, `bitfit`, `lp_ft`, `wise_ft`, `lora` ...) calls `tune_weights` with what
+makes it that method: how to prepare the backbone (which parameters train, which adapter PEFT
+injects) and, for LP-FT and WiSE-FT, its own schedule. The rest is shared: the module to train
+follows from the data (label words of a causal LM, a new head on an encoder, or the LM itself for
+instruction rows, with the matching loss), the batches, the evaluation and the record.
 
 A freshly initialised head (`HeadClassifier` on an encoder) trains at its own learning rate,
 `head_lr` (default 1e-3, the probing lr of LP-FT and a common choice for a new linear layer), through
 the loop's `lr_groups`: at an adapter's 2e-4 a random head barely moves in a few dozen steps, and the
-classifier stays at chance whatever the adapter learns. LP-FT's fine-tuning stage keeps one lr, as in
-the paper, since its head has been fit by then.
+classifier stays at chance whatever the adapter learns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import torch
-from peft import PeftModel
-from safetensors.torch import save_file
 from torch import nn
 
-from lfm.access import LocalModel
+from lfm.access import module_of
 from lfm.config import Config
 from lfm.core.train import History, LossFn, TrainConfig, train
 from lfm.errors import ConfigError
-from lfm.registry import get, methods
 from lfm.runs import Run
-from lfm.tuning.classify import HeadClassifier, VerbalizerLM, ce_loss, label_token_ids, predict
-from lfm.tuning.methods import LPFTConfig, set_trainable
-from lfm.tuning.peft_methods import save_adapter
+from lfm.tuning.adapters import is_causal
+from lfm.tuning.classify import (
+    HeadClassifier,
+    VerbalizerLM,
+    accuracy_fn,
+    ce_loss,
+    class_batches,
+    label_token_ids,
+    seeded,
+)
+from lfm.tuning.results import TunedModel
+from lfm.tuning.sft import sft_batches, sft_loss
+from lfm.tuning.tasks import Instructions, TextClassification
 
-NOT_TRAINABLE = ("wise-ft",)  # applied to two trained models, not trained itself
 HEAD_LR = 1e-3  # learning rate of a new classification head (LP-FT's probing lr)
 HEAD_PATTERN = r"^head\."  # HeadClassifier's head parameters, for `TrainConfig.lr_groups`
+EVAL_BATCH = 8
+
+Data = TextClassification | Instructions
+WEIGHT_DATA = {TextClassification: "a TextClassification", Instructions: "Instructions"}
+Evaluate = Callable[[nn.Module], dict[str, float]]
 
 
-def method_config(method: str, cfg: Config | dict | None = None) -> Config:
-    """The validated config of a registered tuning method (paper defaults when `cfg` is None)."""
-    spec = get(f"tuning/{method}")
-    if isinstance(cfg, spec.config):
-        return cfg
-    return spec.config.build(dict(cfg or {}))
+class Schedule(Protocol):
+    """How a tuner trains the prepared module: one run of the loop (`fit`), or LP-FT's stages."""
+
+    def __call__(
+        self, model: nn.Module, loss_fn: LossFn, batches: Any, tcfg: TrainConfig, *,
+        run: Run | None, evaluate: Evaluate | None, head_lr: float | None, metrics: dict,
+    ) -> History: ...  # fmt: skip
 
 
-def apply_method(backbone: nn.Module, method: str, cfg: Config | None = None) -> nn.Module:
-    """Prepare `backbone` for training with `method`: returns the module to wrap and train."""
-    if method in NOT_TRAINABLE:
-        raise ConfigError(
-            f"{method} combines trained models; use lfm.tuning.methods.{method.replace('-', '_')}"
-        )
-    return get(f"tuning/{method}").fn(backbone, method_config(method, cfg))
-
-
-def classifier(
-    handle: LocalModel, method: str, cfg: Config | None = None, *,
-    label_words: Sequence[str] | None = None, n_classes: int | None = None, seed: int = 0,
-) -> nn.Module:  # fmt: skip
-    """A trainable classifier: label words on a causal LM, or a new head on an encoder."""
-    is_lm = (
-        handle.model.get_output_embeddings() is not None
-        if hasattr(handle.model, "get_output_embeddings")
-        else False
-    )
-    if is_lm:
-        if label_words is None:
-            raise ConfigError("a causal LM classifies through label words; pass label_words")
-        ids = label_token_ids(handle.tokenizer, label_words)
-        return VerbalizerLM(apply_method(handle.model, method, cfg), ids)
-    if n_classes is None:
-        raise ConfigError("an encoder classifies through a new head; pass n_classes")
-    return HeadClassifier(apply_method(handle.model, method, cfg), n_classes, seed=seed)
+def set_trainable(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> int:
+    """Set `requires_grad = keep(name, p)` on every parameter; return how many elements train."""
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(keep(name, p))
+        n += p.numel() if p.requires_grad else 0
+    return n
 
 
 def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _sub(run: Run | None, name: str) -> Run | None:
-    return None if run is None else Run(name, path=run.path / name)
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of `model`'s state dict (WiSE-FT's zero-shot endpoint)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _probe(
-    model: nn.Module, loss_fn: LossFn, batches: Any, cfg: LPFTConfig, tcfg: TrainConfig, run
-) -> History:
-    """LP-FT's first stage: train only the head (masked rows for a verbaliser), no weight decay."""
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
-    set_trainable(model, lambda _n, _p: False)
-    hooks = []
-    for p, mask in model.head_parameters():  # type: ignore[operator]
-        p.requires_grad_(True)
-        if mask is not None:
-            hooks.append(p.register_hook(lambda g, m=mask: g * m))
-    steps = max(1, round(tcfg.steps * cfg.lp_fraction))
-    try:
-        return train(
-            model,
-            loss_fn,
-            batches,
-            tcfg.replace(steps=steps, lr=cfg.lp_lr, weight_decay=0.0, lr_groups={}),
-            _sub(run, "lp"),
-        )
-    finally:
-        for h in hooks:
-            h.remove()
-        set_trainable(model, lambda n, _p: before[n])
+def classifier(backbone: nn.Module, tokenizer: Any, data: Data, seed: int = 0) -> nn.Module:
+    """The module to train on `data`: label words of a causal LM, a new head on an encoder, or
+    the causal LM itself for instruction rows."""
+    causal = is_causal(backbone)
+    if isinstance(data, Instructions):
+        if not causal:
+            raise ConfigError("instruction tuning trains a causal LM, not an encoder")
+        return backbone
+    if causal:
+        words = data.needs_verbalizer("a causal LM").label_words
+        return VerbalizerLM(backbone, label_token_ids(tokenizer, words))
+    return HeadClassifier(backbone, data.classes, seed=seed)
+
+
+def batches_of(tokenizer: Any, data: Data, batch_size: int, seed: int) -> tuple[list, LossFn]:
+    """Mini-batches shuffled once by `seed`, and the loss the data's type calls for."""
+    if isinstance(data, Instructions):
+        return sft_batches(tokenizer, data.rows, batch_size, seed), sft_loss
+    prompts = data.prompts()
+    return class_batches(
+        tokenizer, prompts, data.labels, batch_size, seed, data.max_tokens
+    ), ce_loss
+
+
+def evaluator(tokenizer: Any, data: Data | None) -> Evaluate | None:
+    """`f(model) -> {"acc": ...}` on held-out classification data, `{"loss": ...}` on instructions."""
+    if data is None:
+        return None
+    if isinstance(data, Instructions):
+        batches = sft_batches(tokenizer, data.rows, EVAL_BATCH)
+
+        @torch.no_grad()
+        def loss(model: nn.Module) -> dict[str, float]:
+            dev = next(model.parameters()).device
+            losses = [float(sft_loss(model, {k: v.to(dev) for k, v in b.items()})) for b in batches]
+            return {"loss": sum(losses) / len(losses)}
+
+        return loss
+    ev = class_batches(
+        tokenizer, data.prompts(), data.labels, EVAL_BATCH, max_length=data.max_tokens
+    )
+    acc = accuracy_fn(ev)
+    return lambda model: {"acc": acc(model)}
 
 
 def with_head_lr(model: nn.Module, tcfg: TrainConfig, head_lr: float | None) -> TrainConfig:
@@ -122,50 +133,103 @@ def with_head_lr(model: nn.Module, tcfg: TrainConfig, head_lr: float | None) -> 
     return tcfg.replace(lr_groups={**tcfg.lr_groups, HEAD_PATTERN: head_lr})
 
 
-def tune(
-    model: nn.Module, batches: Any, cfg: Config, tcfg: TrainConfig, run: Run | None = None,
-    evaluate: Callable[[nn.Module], dict[str, float]] | None = None, loss_fn: LossFn = ce_loss,
-    head_lr: float | None = HEAD_LR,
+def fit(
+    model: nn.Module, loss_fn: LossFn, batches: Any, tcfg: TrainConfig, *, run: Run | None = None,
+    evaluate: Evaluate | None = None, head_lr: float | None = HEAD_LR, metrics: dict | None = None,
 ) -> History:  # fmt: skip
-    """Train a prepared model; LP-FT runs its probing stage first (`tcfg.lr` is the FT stage's).
+    """One run of the loop, a new head at `head_lr` (None: `tcfg.lr`): the default schedule."""
+    return train(model, loss_fn, batches, with_head_lr(model, tcfg, head_lr), run, evaluate)
+
+
+def sub_run(run: Run | None, name: str) -> Run | None:
+    """A run directory inside `run` for one stage of a schedule (its own checkpoints)."""
+    return None if run is None else Run(name, path=run.path / name)
+
+
+def train_config(cfg: Config, train_cfg: TrainConfig | None, seed: int) -> TrainConfig:
+    """`train_cfg` as given, else the loop's defaults at the method's paper learning rate."""
+    if train_cfg is not None:
+        return train_cfg
+    return TrainConfig(lr=getattr(cfg, "lr", TrainConfig().lr), seed=seed, progress=False)
+
+
+def _final(hist: History) -> dict[str, float]:
+    return {k: v for k, v in (hist.evals[-1] if hist.evals else {}).items() if k != "step"}
+
+
+def _prepared(
+    method: str, handle: Any, data: Data, prepare: Callable[[nn.Module], nn.Module], seed: int,
+    inplace: bool,
+) -> tuple[nn.Module, Any]:  # fmt: skip
+    """The module to train (the handle's model or a copy, prepared under `seed`) and the tokenizer."""
+    tokenizer = getattr(handle, "tokenizer", None)
+    if tokenizer is None:
+        raise ConfigError(f"tuning/{method} trains a model with its tokenizer: pass a LocalModel")
+    backbone = module_of(handle, f"tuning/{method}")
+    backbone = backbone if inplace else copy.deepcopy(backbone)
+    if isinstance(data, TextClassification) and is_causal(backbone):
+        data.needs_verbalizer("a causal LM")  # before any work
+    with seeded(seed):
+        backbone = prepare(backbone)
+    return classifier(backbone, tokenizer, data, seed), tokenizer
+
+
+def tune_weights(
+    method: str, handle: Any, data: Data, cfg: Config,
+    prepare: Callable[[nn.Module], nn.Module], *, train_cfg: TrainConfig | None = None,
+    eval_data: Data | None = None, run: Run | None = None, seed: int = 0, batch_size: int = 4,
+    head_lr: float | None = HEAD_LR, inplace: bool = False, schedule: Schedule = fit,
+) -> TunedModel:  # fmt: skip
+    """Prepare the handle's model for `method`, train it on `data`, return what was learnt.
 
     Args:
-        head_lr: learning rate of a `HeadClassifier`'s new head (None: `tcfg.lr`); not used by
-            LP-FT, whose probing stage has its own `lp_lr`.
+        method: the registry name, recorded in the result.
+        handle: a white-box `LocalModel` (model and tokenizer).
+        data: a `TextClassification` (cross-entropy over the classes) or `Instructions` (the
+            response tokens' NLL).
+        cfg: the method's resolved config.
+        prepare: makes the backbone trainable for the method (returns it, or PEFT's wrapper);
+            it runs under `seed`, so an adapter's initial values are the seed's.
+        train_cfg: steps, lr and the loop's other settings; None: `TrainConfig` at `cfg.lr`.
+        eval_data: held-out data evaluated before (label words only) and during training.
+        run: a run directory for metrics and checkpoints (one holding a checkpoint is resumed).
+        seed: the data order, a new head's and an adapter's initial values.
+        batch_size: examples per micro-batch.
+        head_lr: learning rate of an encoder's new head (None: `train_cfg.lr`).
+        inplace: train the handle's own model (saves a copy's memory); else a deep copy.
+        schedule: how to train (`fit`; LP-FT and WiSE-FT bring their own).
     """
-    if not isinstance(cfg, LPFTConfig):
-        return train(model, loss_fn, batches, with_head_lr(model, tcfg, head_lr), run, evaluate)
-    if tcfg.steps < 2:
-        raise ConfigError("LP-FT needs at least 2 steps (one to probe, one to fine-tune)")
-    lp = _probe(model, loss_fn, batches, cfg, tcfg, run)
-    ft_steps = tcfg.steps - len(lp.losses)
-    ft = train(model, loss_fn, batches, tcfg.replace(steps=ft_steps), _sub(run, "ft"), evaluate)
-    return History(lp.losses + ft.losses, ft.evals, lp.start_step)
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, not {batch_size}")
+    for d in (data, eval_data):
+        if d is not None:
+            data_kind(d, method, WEIGHT_DATA)
+    model, tokenizer = _prepared(method, handle, data, prepare, seed, inplace)
+    batches, loss_fn = batches_of(tokenizer, data, batch_size, seed)
+    evaluate = evaluator(tokenizer, eval_data)
+    before: dict[str, Any] = {"trainable_parameters": trainable_parameters(model)}
+    if evaluate is not None and isinstance(model, VerbalizerLM):  # a new head has no zero-shot
+        before["zero_shot_acc"] = evaluate(model)["acc"]
+    if run is not None:
+        run.log(**before)
+    extra: dict[str, Any] = {}
+    tcfg = train_config(cfg, train_cfg, seed)
+    hist = schedule(model, loss_fn, batches, tcfg, run=run, evaluate=evaluate, head_lr=head_lr,
+                    metrics=extra)  # fmt: skip
+    final = _final(hist)
+    if evaluate is not None and not hist.evals:  # resumed from the last step: nothing trained here
+        final = evaluate(model)
+    metrics = {**before, **final, **extra}
+    if run is not None:
+        run.log(**{k: v for k, v in metrics.items() if k != "trainable_parameters"})
+    verb = data.verbalizer if isinstance(data, TextClassification) else None
+    return TunedModel(method=method, config=cfg, model=model.eval(), tokenizer=tokenizer,
+                      verbalizer=verb, history=list(hist.losses), evals=list(hist.evals),
+                      metrics=metrics)  # fmt: skip
 
 
-def save_tuned(model: nn.Module, path: str | Path) -> Path:
-    """Save a tuned classifier or LM: a PEFT adapter (checked non-empty) or the full weights."""
-    path = Path(path)
-    backbone = model.lm if isinstance(model, VerbalizerLM) else model
-    backbone = backbone.encoder if isinstance(backbone, HeadClassifier) else backbone
-    if isinstance(backbone, PeftModel):
-        save_adapter(backbone, path / "adapter")
-    else:
-        backbone.save_pretrained(str(path / "model"))
-    if isinstance(model, HeadClassifier):
-        save_file(
-            {k: v.contiguous() for k, v in model.head.state_dict().items()},
-            str(path / "head.safetensors"),
-        )
-    return path
-
-
-def smoke_tune(cfg: Config, seed: int) -> torch.Tensor:
-    """Train a tiny Llama with the method of `cfg` for 2 steps; return its class logits."""
-    from lfm.tuning.tiny import LABEL_IDS, tiny_batch, tiny_llama
-
-    spec = next(s for s in methods("tuning") if type(cfg) is s.config)
-    model = VerbalizerLM(spec.fn(tiny_llama(seed), cfg), LABEL_IDS)
-    batch = tiny_batch(seed)
-    tune(model, [batch], cfg, TrainConfig(steps=2, lr=cfg.lr, seed=seed, progress=False, cpu=True))  # type: ignore[attr-defined]
-    return predict(model, [batch])
+def data_kind(data: Any, method: str, kinds: Mapping[type, str]) -> None:
+    """Refuse data of a type the method does not learn from, in one line."""
+    if not isinstance(data, tuple(kinds)):
+        names = " or ".join(kinds.values())
+        raise ConfigError(f"tuning/{method} learns from {names}, not a {type(data).__name__}")

@@ -1,0 +1,60 @@
+"""What every command group shares: one-line errors with exit status 2, and the group itself.
+
+app = group("Model editing: ...")
+
+@app.command("apply")
+def apply_(...):   # an LfmError raised inside prints `error: <one line>` and exits 2
+    ...
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from lfm.errors import LfmError
+
+err = Console(stderr=True)
+
+
+def fail(message: object) -> None:
+    """Print `error: <message>` as one line on stderr and exit with status 2."""
+    err.print(
+        f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True
+    )
+    raise typer.Exit(2)
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command; an `LfmError` becomes one line on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LfmError as e:
+            fail(e)
+
+    return wrapper
+
+
+class Group(typer.Typer):
+    """A command group whose commands all print user errors as one line with exit status 2."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+        register = super().command(*args, **kwargs)
+
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            register(one_line_errors(fn))
+            return fn
+
+        return deco
+
+
+def group(help: str) -> Group:
+    """A command group (`lfm <area> ...`)."""
+    return Group(help=help, no_args_is_help=True, pretty_exceptions_enable=False)

@@ -1,0 +1,258 @@
+"""What the `lfm reuse` commands run, as library functions a Python user calls the same way.
+
+    merge_plan("plan.yaml", "merged/")                           # lfm reuse merge
+    statistics("gram", "smollm2-135m", "texts.txt", "g.safetensors")   # lfm reuse stats
+    rebasin_files("a.safetensors", "b.safetensors", "b_aligned.safetensors")  # lfm reuse rebasin
+    classify_texts(["lm-a", "lm-b"], method="ensemble_vote", dataset="bbc-news")  # lfm reuse ensemble
+
+Each raises an `LfmError` (one line) for anything a user can get wrong: a bad plan, an unknown
+method, a missing or unreadable file, models that do not fit together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lfm import registry
+from lfm.access import module_of
+from lfm.core.io import save_tensors, write_json
+from lfm.errors import LfmError
+from lfm.reuse.contract import ENSEMBLE
+from lfm.reuse.ensemble import LabelWords
+from lfm.reuse.plan import MergePlan, load_plan
+from lfm.reuse.rebasin import (
+    RebasinConfig,
+    align_pair,
+    chain_spec_from_state_dict,
+    check_same_layout,
+    read_state_dict,
+)
+from lfm.reuse.stats import save_fisher, save_gram
+
+TEMPLATE = "{text}\nTopic:"  # the label word follows "Topic:"
+
+
+def merge_plan(
+    plan: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True
+) -> tuple[MergePlan, Path]:
+    """Merge the models a YAML plan names (lfm's format or a mergekit file) into `out`.
+
+    Args:
+        plan: the plan file; relative model paths are read from its folder.
+        out: the output folder (a loadable Hugging Face folder, written in one rename).
+        overwrite: replace an existing `out`.
+        progress: show a progress bar over tensors.
+
+    Returns:
+        The plan as read, and the output folder.
+    """
+    merge = load_plan(plan)
+    return merge, merge.run(out, overwrite=overwrite, progress=progress)
+
+
+def _lines(path: str | Path) -> list[str]:
+    """The non-empty lines of a text file."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LfmError(f"cannot read texts from {path}: {e}") from None
+    return [t for t in text.splitlines() if t.strip()]
+
+
+def _lm(model: Any) -> Any:
+    """A causal LM handle: loaded when `model` is an asset name, folder or file."""
+    if isinstance(model, str | Path):
+        from lfm.assets import load_model
+
+        return load_model(model, kind="causal-lm")
+    return model
+
+
+def statistics(
+    kind: str,
+    model: Any,
+    texts: str | Path,
+    out: str | Path,
+    *,
+    n: int = 64,
+    fisher_kind: str = "sample",
+    seed: int = 0,
+) -> int:
+    """Save a causal LM's diagonal Fisher (next token) or its layers' input Gram matrices.
+
+    Each line of `texts` is its own batch, so no padding enters the statistics. The file goes
+    into a merge plan's `parameters: {stats: [...]}` for `fisher` or `regmean`.
+
+    Args:
+        kind: "fisher" or "gram".
+        model: an asset name, folder or file, or a white-box LM handle.
+        texts: a text file, one example per line.
+        out: the statistics file (.safetensors).
+        n: use at most this many lines.
+        fisher_kind: the Fisher estimator: "sample", "label" or "exact".
+        seed: seeds the sampled outputs (Fisher).
+
+    Returns:
+        The number of texts used.
+    """
+    if kind not in ("fisher", "gram"):
+        raise LfmError(f"unknown statistics {kind!r}; choose fisher or gram")
+    lines = _lines(texts)[:n]
+    if not lines:
+        raise LfmError(f"{texts} has no non-empty line to compute statistics on")
+    handle = _lm(model)
+    net = module_of(handle, f"lfm reuse stats {kind}")
+    batches = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
+    if kind == "fisher":
+        save_fisher(out, net, batches, kind=fisher_kind, seed=seed)
+    else:
+        save_gram(out, net, batches)
+    return len(lines)
+
+
+@dataclass
+class Aligned:
+    """What `rebasin_files` did: permutations found and hidden units moved."""
+
+    layers: int
+    moved: int
+    out: Path
+
+
+def rebasin_files(
+    a: str | Path, b: str | Path, out: str | Path, cfg: RebasinConfig | None = None
+) -> Aligned:
+    """Permute B's hidden units to match A (weight matching) and save B aligned.
+
+    The permutation spec is read from A's state dict (`chain_spec_from_state_dict`: a chain of
+    Linear / Conv2d layers, each optionally followed by a BatchNorm).
+
+    Args:
+        a: model A (.safetensors or a model folder), the reference.
+        b: model B, to be permuted (same tensors and shapes as A).
+        out: B aligned to A, a safetensors file.
+        cfg: sweeps at most and the seed of the layer order.
+    """
+    sa, sb = read_state_dict(a), read_state_dict(b)
+    spec = chain_spec_from_state_dict(sa)
+    check_same_layout([sa, sb], spec)
+    aligned, perms = align_pair(sa, sb, spec, cfg)
+    save_tensors(out, aligned, "pt")  # "pt": the tag transformers expects of weight files
+    moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
+    return Aligned(len(perms), moved, Path(out))
+
+
+@dataclass
+class Classification:
+    """Ensemble predictions over texts, and accuracies when the texts have gold labels."""
+
+    method: str
+    labels: list[str]  # the label words, stripped
+    texts: list[str]
+    predictions: list[str]
+    accuracy: dict[str, float] | None = None  # member name (and "ensemble") -> accuracy
+    members: list[Tensor] = field(default_factory=list, repr=False)  # each member's labels
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method, "labels": self.labels, "predictions": self.predictions}
+        return {**out, "accuracy": self.accuracy} if self.accuracy is not None else out
+
+
+def _texts(
+    texts: str | Path | None, dataset: str | None, labels: Sequence[str], n: int
+) -> tuple[list[str], Tensor | None, list[str]]:
+    """(texts, gold labels or None, label words) from a text file or a labelled text dataset."""
+    if (texts is None) == (dataset is None):
+        raise LfmError("give exactly one of texts (a file) or dataset")
+    words = [f" {w.strip()}" for w in labels if w.strip()]
+    if texts is not None:
+        if not words:
+            raise LfmError("classifying a text file needs the label words")
+        return _lines(texts)[:n], None, words
+    from lfm.assets import load_dataset
+
+    data = load_dataset(dataset)  # type: ignore[arg-type]
+    if not hasattr(data, "test_texts"):
+        raise LfmError(f"{dataset} is not a labelled text dataset")
+    words = words or [f" {c}" for c in data.classes]
+    # every class in turn, so a small n still covers all classes
+    order = sorted(range(len(data.test_texts)), key=lambda i: (_rank(data.y_test, i), i))[:n]
+    return [data.test_texts[i] for i in order], data.y_test[order], words
+
+
+def _rank(labels: Tensor, i: int) -> int:
+    """The position of example i among the examples of its class."""
+    return int((labels[:i] == labels[i]).sum())
+
+
+def _prompts(template: str, rows: Sequence[str], max_chars: int) -> list[str]:
+    try:
+        return [template.format(text=t[:max_chars]) for t in rows]
+    except (KeyError, IndexError, ValueError) as e:
+        raise LfmError(f"the template may use only {{text}} ({type(e).__name__}: {e})") from None
+
+
+def _ensemble_config(spec: registry.MethodSpec, weights: Any, space: str) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"weights": tuple(weights) if weights else None}
+    if "space" in spec.config.model_fields:  # ensemble_average's; a vote has none
+        cfg["space"] = space
+    return cfg
+
+
+def classify_texts(
+    models: Sequence[Any],
+    *,
+    method: str = "ensemble_average",
+    labels: Sequence[str] = (),
+    texts: str | Path | None = None,
+    dataset: str | None = None,
+    template: str = TEMPLATE,
+    weights: Sequence[float] | None = None,
+    space: str = "prob",
+    n: int = 50,
+    max_chars: int = 400,
+    out: str | Path | None = None,
+) -> Classification:
+    """Classify texts with an ensemble of LMs by label-word scores (`LabelWords` members).
+
+    Args:
+        models: causal LMs: asset names, folders or files, or handles with SCORES access.
+        method: a registered ensemble: `ensemble_average` (averaged label-word probabilities)
+            or `ensemble_vote` (weighted majority of the members' likeliest words).
+        labels: the label words (each scored after a space); default: the dataset's classes.
+        texts: a text file, one example per line (needs `labels`); or
+        dataset: a labelled text dataset (`bbc-news`): its test split, classes in turn.
+        template: the prompt; `{text}` is the example, cut to `max_chars` characters.
+        weights: one weight per model (None: equal).
+        space: with `ensemble_average`, average probabilities ("prob") or log-probabilities.
+        n: use at most this many examples.
+        out: also write the predictions (and accuracies) as JSON.
+    """
+    spec = registry.get(method, area="reuse")
+    if spec.shape is not ENSEMBLE:
+        raise LfmError(f"{spec.key} is not an ensemble; choose ensemble_average or ensemble_vote")
+    if weights is not None and len(weights) != len(models):
+        raise LfmError(f"{len(weights)} weights for {len(models)} models")
+    rows, gold, words = _texts(texts, dataset, labels, n)
+    prompts = _prompts(template, rows, max_chars)
+    members = [LabelWords(_lm(m), words) for m in models]
+    result = registry.run(spec.key, members, prompts, cfg=_ensemble_config(spec, weights, space))
+    pred = result.argmax(-1) if result.dim() == 2 else result  # log-probabilities or labels
+    names = [w.strip() for w in words]
+    own = [m.predict(prompts) for m in members]  # scored once: the members keep their scores
+    res = Classification(spec.name, names, rows, [names[i] for i in pred.tolist()], members=own)
+    if gold is not None:
+        keys = [str(m) if isinstance(m, str | Path) else m.name for m in models]
+        res.accuracy = {
+            k: float((p == gold).float().mean()) for k, p in zip(keys, own, strict=True)
+        }
+        res.accuracy["ensemble"] = float((pred == gold).float().mean())
+    if out is not None:
+        write_json(out, res.to_dict())
+    return res

@@ -1,0 +1,320 @@
+"""What the `lfm tuning` commands run, as documented library functions.
+
+    from lfm.tuning import recipes
+    recipes.classify("lora", "smollm2-135m", shots=16, steps=30)    # lfm tuning train
+    recipes.sft("lora", "smollm2-135m", steps=30)                     # lfm tuning sft
+    recipes.bbt("smollm2-135m", budget=200)                           # lfm tuning bbt
+    recipes.prompt_search("smollm2-135m", iterations=10)              # lfm tuning prompt-search
+    recipes.augment("knn_lm", "smollm2-135m")                         # lfm tuning augment
+
+Each loads its model and data, runs one tuner by name, saves what was learnt (`TuneResult.save`)
+into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics) and
+returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
+data, so `resume=` finds the same config and continues a checkpointed run. The black-box recipes
+take a model name (loaded and narrowed to the method's level) or a handle (a served model).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lfm.access import Access, LocalModel, narrow
+from lfm.assets import load_dataset, load_model
+from lfm.core.train import TrainConfig, run_on_main
+from lfm.errors import ConfigError
+from lfm.registry import MethodSpec, get
+from lfm.runs import Run
+from lfm.tuning.adapters import is_causal
+from lfm.tuning.results import TuneResult
+from lfm.tuning.sft import load_instructions, render
+from lfm.tuning.tasks import (
+    BBC_LABEL_WORDS,
+    BBC_TEMPLATE,
+    Instructions,
+    TextClassification,
+    Verbalizer,
+    bbc_verbalizer,
+    few_shot,
+    held_out,
+)
+from lfm.tuning.trainer import HEAD_LR
+
+TASKS = ("bbc",)  # classification tasks of `classify`: BBC News, 5 topics
+
+
+def _spec(method: str, access: Access | None = None, command: str = "") -> MethodSpec:
+    """The tuning method `method` (hyphens read as underscores), refused if another command runs it."""
+    spec = get(method, area="tuning")
+    if access is not None and spec.access != access:
+        raise ConfigError(f"{spec.name} is not run by `lfm tuning {command}`: use `{spec.cli}`")
+    return spec
+
+
+def _local(model: str, what: str) -> LocalModel:
+    """A language model or encoder with its tokenizer, or a one-line refusal."""
+    handle = load_model(model)
+    if not isinstance(handle, LocalModel):
+        raise ConfigError(f"{what} needs a language model or a text encoder, not {model!r}")
+    return handle
+
+
+def _run_kwargs(spec: MethodSpec, cfg: Any, steps: int, lr: float, tcfg: dict, **options: Any):
+    """The config and keyword arguments of a trainer: `train_cfg` for a gradient tuner; a tuner
+    without a training loop (MeZO) takes its steps and learning rate from its config."""
+    params = inspect.signature(spec.impl).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if "train_cfg" in params:
+        options["train_cfg"] = TrainConfig.build(steps=steps, lr=lr or cfg.lr, **tcfg)
+    else:
+        cfg = cfg.replace(steps=steps, lr=lr or cfg.lr)
+    return cfg, {k: v for k, v in options.items() if takes_any or k in params}
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def _threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def classification_data(
+    handle: LocalModel, task: str, shots: int, eval_per_class: int, max_chars: int, seed: int
+) -> tuple[TextClassification, TextClassification]:
+    """The few-shot train set (`shots` per class, drawn by `seed`) and the fixed held-out set (the
+    first `eval_per_class` test articles of each class; all for 0): label words for a causal LM,
+    raw texts for an encoder's new head, cut to `max_chars`."""
+    _check_task(task)
+    if shots < 1:
+        raise ConfigError(f"shots must be at least 1, not {shots}")
+    data = load_dataset("bbc-news")
+    texts, y = few_shot(data, shots, seed)
+    ev_texts, ev_y = held_out(data, eval_per_class)
+    if is_causal(handle.model):
+        verb = bbc_verbalizer(data.classes, max_chars)
+        return TextClassification(texts, y, verb), TextClassification(ev_texts, ev_y, verb)
+    n = len(data.classes)
+    cut = [t[:max_chars] for t in texts]
+    return (TextClassification(cut, y, n_classes=n),
+            TextClassification([t[:max_chars] for t in ev_texts], ev_y, n_classes=n))  # fmt: skip
+
+
+def classify(
+    method: str = "lora", model: str = "smollm2-135m", *, task: str = "bbc", shots: int = 16,
+    steps: int = 30, batch_size: int = 4, lr: float = 0.0, head_lr: float = HEAD_LR,
+    grad_accum: int = 1, eval_per_class: int = 10, eval_every: int = 0, max_chars: int = 400,
+    seed: int = 0, ckpt_every: int = 0, threads: int | None = None, root: str | Path = "runs",
+    resume: str | Path | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Few-shot classification with a trained tuning method, into a run directory.
+
+    Loads the model (a causal LM classifies through label words, an encoder through a new head)
+    and BBC News, draws `shots` training articles per class, trains `method` (its paper defaults;
+    `lr` 0 keeps its paper learning rate), evaluates on the first `eval_per_class` test articles
+    of each class before (label words only) and after, and saves the adapter or weights as
+    `tuned/` in the run directory. `resume` continues that run from its checkpoint
+    (`ckpt_every`). Returns the summary, or None on the non-main processes of a launch.
+    """
+    spec = _spec(method, Access.WEIGHTS, "train")
+    config = {"method": spec.name, "model": model, "task": task, "shots": shots, "steps": steps,
+              "batch_size": batch_size, "lr": lr, "head_lr": head_lr, "grad_accum": grad_accum,
+              "eval_per_class": eval_per_class, "eval_every": eval_every, "max_chars": max_chars,
+              "seed": seed, "ckpt_every": ckpt_every}  # fmt: skip
+    _check_task(task)  # before the model loads
+    _threads(threads)
+    handle = _local(model, "classification")
+    train, ev = classification_data(handle, task, shots, eval_per_class, max_chars, seed)
+    tcfg = {"grad_accum": grad_accum, "eval_every": eval_every, "seed": seed,
+            "ckpt_every": ckpt_every}  # fmt: skip
+    cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, tcfg, eval_data=ev, seed=seed,
+                              batch_size=batch_size, head_lr=head_lr, inplace=True)  # fmt: skip
+    run = run_on_main(f"tune-{spec.name}", config, root=root, path=resume)
+    with run or nullcontext():
+        result = spec.fn(handle, train, cfg, run=run, **kwargs)
+        if run is not None:
+            _save(run, "tuned", result)
+    if run is None:
+        return None  # another process of a multi-process launch; the main one reports
+    m = result.metrics
+    return {"method": spec.name, "model": model, "zero_shot_acc": m.get("zero_shot_acc"),
+            "acc": m.get("acc"), "trainable_parameters": m.get("trainable_parameters"),
+            "run": str(run.path)}  # fmt: skip
+
+
+def sft(
+    method: str = "lora", model: str = "smollm2-135m", *, data: str | Path | None = None,
+    steps: int = 30, batch_size: int = 4, lr: float = 0.0, seed: int = 0,
+    threads: int | None = None, root: str | Path = "runs", resume: str | Path | None = None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """Instruction tuning (loss on the responses only) of a causal LM, into a run directory.
+
+    `data` is a JSONL file of {"prompt", "response"} objects (default: the packaged set). Saves
+    `tuned/` and logs the final loss and the tuned model's answer to the first prompt.
+    """
+    spec = _spec(method, Access.WEIGHTS, "sft")
+    config = {"method": spec.name, "model": model, "data": str(data) if data else None,
+              "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}  # fmt: skip
+    _threads(threads)
+    handle = load_model(model, kind="causal-lm")
+    rows = Instructions(load_instructions(data))
+    cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, {"seed": seed}, seed=seed,
+                              batch_size=batch_size, inplace=True)  # fmt: skip
+    run = run_on_main(f"sft-{spec.name}", config, root=root, path=resume)
+    with run or nullcontext():
+        result = spec.fn(handle, rows, cfg, run=run, **kwargs)
+        if run is None:
+            return None  # another process of a multi-process launch; the main one saves
+        _save(run, "tuned", result)
+        first = rows.rows[0]["prompt"]
+        answer = result.handle().generate([render(handle.tokenizer, first)], max_new_tokens=20)[0]
+        run.log(final_loss=result.history[-1], sample=answer)
+    return {"method": spec.name, "first_loss": result.history[0],
+            "final_loss": result.history[-1], "prompt": first, "answer": answer,
+            "run": str(run.path)}  # fmt: skip
+
+
+def _save(run: Run, name: str, result: TuneResult) -> None:
+    with run.output(name) as tmp:
+        result.save(tmp)
+
+
+def _bbc_few_shot(shots: int, seed: int, max_chars: int) -> TextClassification:
+    data = load_dataset("bbc-news")
+    verb = Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in data.classes), max_chars)
+    return TextClassification(*few_shot(data, shots, seed), verb)
+
+
+def _black_box(model: str | Any, level: Access) -> Any:
+    """A handle at `level`: a model name is loaded and narrowed; a handle is used as it is."""
+    if isinstance(model, str):
+        return narrow(load_model(model, kind="causal-lm"), level)
+    return model
+
+
+def _black_box_run(
+    method: str, model: str | Any, config: dict[str, Any], cfg: Any, shots: int, seed: int,
+    max_chars: int, root: str | Path,
+) -> dict[str, Any]:  # fmt: skip
+    spec = _spec(method)
+    handle = _black_box(model, spec.access)
+    task = _bbc_few_shot(shots, seed, max_chars)
+    with Run(spec.name, {**config, "config": cfg.to_dict()}, root=root) as run:
+        result = spec.fn(handle, task, cfg, seed=seed)
+        _save(run, "result", result)
+        run.log(**{k: v for k, v in result.record().items() if k.endswith(("loss", "score"))})
+    return {**result.record(), "run": str(run.path)}
+
+
+def bbt(
+    model: str | Any = "smollm2-135m", *, shots: int = 16, budget: int = 8000, n_tokens: int = 50,
+    dim: int = 500, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
+) -> dict[str, Any]:  # fmt: skip
+    """Black-Box Tuning on BBC News few-shot through EMBEDDINGS access, into a run directory.
+
+    `model` is a model name (loaded and narrowed to EMBEDDINGS) or a handle (a `RemoteModel`).
+    The soft prompt, its z and the projection's seed are saved as `result/prompt.safetensors`
+    (`lfm.tuning.bbt.load_prompt`). Returns the result's record and the run directory.
+    """
+    from lfm.tuning.bbt import BBTConfig
+
+    cfg = BBTConfig.build(budget=budget, n_tokens=n_tokens, intrinsic_dim=dim)
+    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed}
+    return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root)
+
+
+def prompt_search(
+    model: str | Any = "smollm2-135m", *, shots: int = 16, iterations: int = 10,
+    candidates: int = 5, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
+) -> dict[str, Any]:  # fmt: skip
+    """GrIPS-style discrete prompt search on BBC News few-shot through SCORES access.
+
+    The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`).
+    """
+    from lfm.tuning.prompt_search import PromptSearchConfig
+
+    cfg = PromptSearchConfig.build(iterations=iterations, candidates=candidates)
+    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed}
+    return _black_box_run("prompt_search", model, config, cfg, shots, seed, max_chars, root)
+
+
+def _name(model: str | Any) -> str:
+    return model if isinstance(model, str) else str(getattr(model, "name", type(model).__name__))
+
+
+def augment(
+    method: str = "knn_lm", model: str = "smollm2-135m", *, corpus: str | Path | None = None,
+    store: int = 100, eval_texts: int = 15, chars: int = 800, prefix_chars: int = 200,
+    embedder: str = "minilm", threads: int | None = None, root: str | Path = "runs",
+) -> dict[str, Any]:  # fmt: skip
+    """Retrieval augmentation (kNN-LM or REPLUG) and the perplexity it gives on held-out text.
+
+    The datastore (kNN-LM) or documents (REPLUG) are the lines of `corpus`, else the first `store`
+    BBC News training articles; each is cut to `chars` characters. The perplexity is that of the
+    first `eval_texts` BBC test articles after their first ~`prefix_chars` characters, under the
+    model alone and augmented (only articles whose first 100 characters are in no document).
+    Saves the datastore or documents as `augmented/`; `embedder` (REPLUG's retriever) is
+    `minilm` (mean-pooled `minilm-l6`) or `chars` (a bag of characters, no asset).
+    """
+    from lfm.tuning.retrieval import char_embedder, minilm_embedder
+
+    spec = _spec(method, command="augment")
+    kind = spec.extras.get("data")
+    if kind is None:
+        raise ConfigError(f"{spec.name} is not a retrieval method: use `{spec.cli}`")
+    if embedder not in ("minilm", "chars"):
+        raise ConfigError(f"unknown embedder {embedder!r}; choose minilm or chars")
+    if eval_texts < 1 or chars < 1:
+        raise ConfigError("eval_texts and chars must be at least 1")
+    _threads(threads)
+    local = load_model(model, kind="causal-lm")
+    data = load_dataset("bbc-news")
+    test = [t[:chars] for t in data.test_texts[:eval_texts]]
+    docs = _corpus(corpus, data, store, chars, {t[:100] for t in test})
+    options = {"embed": char_embedder if embedder == "chars" else minilm_embedder()}
+    params = inspect.signature(spec.impl).parameters
+    config = {"method": spec.name, "model": model, "corpus": str(corpus) if corpus else None,
+              "store": store, "eval_texts": eval_texts, "chars": chars,
+              "prefix_chars": prefix_chars, "embedder": embedder}  # fmt: skip
+    with Run(f"augment-{spec.name}", config, root=root) as run:
+        result = spec.fn(narrow(local, spec.access), kind(docs),
+                         **{k: v for k, v in options.items() if k in params})  # fmt: skip
+        out = {"method": spec.name, "entries": result.metrics["entries"],
+               **perplexities(narrow(local, "scores"), result.handle, test, prefix_chars)}  # fmt: skip
+        _save(run, "augmented", result)
+        run.log(**out)
+    return {**out, "run": str(run.path)}
+
+
+def _corpus(path: str | Path | None, data: Any, n: int, chars: int, held: set[str]) -> list[str]:
+    """Lines of `path`, else the first `n` BBC training articles that repeat no held-out one."""
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise ConfigError(f"cannot read the corpus {path}: {e}") from None
+        return [t[:chars] for t in lines if t.strip()]
+    return [t[:chars] for t in data.train_texts if t[:100] not in held][:n]
+
+
+def perplexities(base: Any, augmented: Any, texts: list[str], prefix_chars: int) -> dict[str, Any]:
+    """Perplexity of each text after its prefix (cut at a space), under `base` and `augmented`."""
+    cut = [max(t.rfind(" ", 0, prefix_chars), 1) for t in texts]
+    xs, ys = (
+        [t[:c] for t, c in zip(texts, cut, strict=True)],
+        [t[c:] for t, c in zip(texts, cut, strict=True)],
+    )
+    n = sum(len(base.encode(x + y)) - len(base.encode(x)) for x, y in zip(xs, ys, strict=True))
+    lm, aug = float(base.score(xs, ys).sum()), float(augmented.score(xs, ys).sum())
+    return {
+        "tokens": n,
+        "lm_ppl": round(math.exp(-lm / n), 3),
+        "augmented_ppl": round(math.exp(-aug / n), 3),
+    }
