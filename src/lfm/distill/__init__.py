@@ -1,13 +1,13 @@
 """Model distillation: losses as pure functions, the distiller, and whole methods.
 
-Importing this package registers the losses `kd`, `reverse_kl`, `topk_kd`, `dist` (SCORES) and
+Importing this package registers the losses `kd`, `reverse_kl`, `topk_kd`, `dist`, `skew_kl` (SCORES) and
 `fitnets`, `at`, `rkd`, `pkt` (HIDDEN), each run by name through the distiller
 (`lfm.registry.run("distill/kd", teacher, student, data)`), and the distillers `lm_student`
 (layer-dropped LM students, WEIGHTS), `seq_kd` and `step_by_step` (TEXT teachers), and the
 data-free `deep_inversion`, `dafl`, `dfad` (WEIGHTS) and `dfme` (SCORES).
 """
 
-from lfm.distill import adversarial, datafree, features, lm, losses, seqkd
+from lfm.distill import adversarial, datafree, features, lm, losses, seqkd, skew
 from lfm.distill.adversarial import dfad, dfme
 from lfm.distill.contract import DistillResult, InputSpec
 from lfm.distill.datafree import dafl, deep_inversion, deep_inversion_images
@@ -41,6 +41,7 @@ __all__ = [
     "rkd_loss",
     "seq_kd",
     "seqkd",
+    "skew",
     "step_by_step",
     "topk_kd_loss",
 ]
