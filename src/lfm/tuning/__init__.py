@@ -9,6 +9,7 @@ tasks below. Methods register on import.
 from lfm.tuning import (  # noqa: F401  (registers the methods)
     augmented,
     bbt,
+    lora_plus,
     methods,
     mezo,
     peft_methods,

@@ -1,0 +1,43 @@
+"""LoRA+: the same adapter as LoRA, B trained at λ times A's learning rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lfm import registry
+from lfm.core.train import TrainConfig
+from lfm.tuning.tiny import tiny_news_lm, tiny_task
+
+
+def _factors(result):
+    named = dict(result.backbone.named_parameters())
+    a = {k: v.detach() for k, v in named.items() if ".lora_A." in k}
+    b = {k: v.detach() for k, v in named.items() if ".lora_B." in k}
+    return a, b
+
+
+def _one_step(method: str, **cfg):
+    tcfg = TrainConfig(steps=1, lr=1e-3, weight_decay=0.0, seed=0, progress=False, cpu=True)
+    return registry.run(f"tuning/{method}", tiny_news_lm(0), tiny_task(), cfg={"dropout": 0.0, **cfg},
+                        train_cfg=tcfg, seed=0)  # fmt: skip
+
+
+def test_b_moves_lambda_times_as_far_as_under_lora_and_a_the_same():
+    lora_a, lora_b = _factors(_one_step("lora"))
+    plus_a, plus_b = _factors(_one_step("lora_plus", lr_ratio=16.0))
+    assert lora_a.keys() == plus_a.keys() and lora_b
+    for k in lora_a:  # A starts equal and takes the same first Adam step
+        assert torch.allclose(lora_a[k], plus_a[k], atol=1e-7)
+    for k in lora_b:  # B starts at 0: after Adam's first step |B| ≈ lr (LoRA) vs λ·lr (LoRA+)
+        ratio = plus_b[k].abs().max() / lora_b[k].abs().max()
+        assert ratio.item() == pytest.approx(16.0, rel=1e-3)
+
+
+def test_lr_ratio_one_is_lora():
+    lora = _one_step("lora")
+    plus = _one_step("lora_plus", lr_ratio=1.0)
+    for (k, v), (_, w) in zip(
+        sorted(_factors(lora)[1].items()), sorted(_factors(plus)[1].items()), strict=True
+    ):
+        assert torch.allclose(v, w, atol=1e-7), k
