@@ -23,8 +23,8 @@ demo: install
 	$(BIN)/lfm plan smollm2-135m --task edit
 	$(BIN)/lfm run examples/pipelines/tune-merge-edit.yaml
 	$(BIN)/lfm run examples/pipelines/digits-experts.yaml
-	@echo "== meta learning: MAML on sinusoid regression tasks"
-	$(BIN)/lfm meta train --method maml --task sinusoid --steps 200 --test-tasks 100
+	@echo "== meta learning: MAML on sinusoid regression tasks (predicting 0 scores an MSE of about 4.3)"
+	$(BIN)/lfm meta train --method maml --task sinusoid --steps 3000 --test-tasks 100
 	$(BIN)/lfm runs list
 
 # The linters, then every test, including those on the real offline models (marked `slow`).

@@ -155,6 +155,8 @@ def lfm_cmd(plan: Path, out: Path) -> list[str]:
         "--out",
         str(out),
         "-q",
+        "--root",
+        str(out.parent / "runs"),
     ]
 
 

@@ -72,3 +72,27 @@ def test_errors_are_one_line_with_exit_status_2(args, message):
     assert proc.stderr.strip() == proc.stderr.strip().splitlines()[0]
     assert proc.stderr.startswith(message), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["tunning"], "Did you mean 'tuning'?"),
+        (["tuning", "train", "--stepz", "3"], "No such option: --stepz"),
+        (["meta", "train", "--steps", "abc"], "Invalid value for '--steps'"),
+        (["run", "no-such-pipeline.yaml"], "does not exist"),
+        (["edit", "apply", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A",
+          "--target", "B", "-o", "p.st"], "no method 'edit/teleport'"),
+    ],
+)  # fmt: skip
+def test_user_errors_exit_2_with_one_error_line_and_no_traceback(argv, says, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lfm", *argv], capture_output=True, text=True,
+                         cwd=tmp_path)  # fmt: skip
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and says in res.stderr
+    assert sum(line.lower().startswith("error") for line in res.stderr.splitlines()) == 1
+
+
+def test_version():
+    res = subprocess.run([sys.executable, "-m", "lfm", "--version"], capture_output=True, text=True)
+    assert res.returncode == 0 and res.stdout.startswith("lfm 0.")

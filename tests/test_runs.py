@@ -155,3 +155,18 @@ def test_tensor_files_carry_a_format_tag(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(LfmError, match=r"cannot read .*bad.safetensors"):
         read_meta(tmp_path / "bad.safetensors")
+
+
+def test_parents_are_found_from_inputs_inside_run_directories(tmp_path):
+    first = Run("make", {}, root=tmp_path)
+    with first.output("model.bin") as tmp:
+        tmp.write_bytes(b"w")
+    other = tmp_path / "elsewhere.bin"
+    other.write_bytes(b"x")
+    second = Run(
+        "use", {}, inputs={"model": first.path / "model.bin", "data": other}, root=tmp_path
+    )
+    m = json.loads((second.path / "manifest.json").read_text())
+    assert m["parents"] == [first.id]
+    assert Run("given", {}, inputs={"model": first.path / "model.bin"}, root=tmp_path,
+               parents=[]).manifest["parents"] == []  # fmt: skip

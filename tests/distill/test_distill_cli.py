@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from lfm.assets.datasets import FASHION_DIR
+from lfm.core.runs import path_sha256
 from lfm.distill import recipes
 
 fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Fashion-MNIST is not installed")
@@ -119,3 +120,4 @@ def test_lm_recipe_on_a_tiny_teacher_saved_to_disk(tmp_path, method):
     assert (out.run / "student" / "config.json").is_file()
     manifest = json.loads((out.run / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["config"]["method"] == method
+    assert manifest["inputs"]["model"]["sha256"] == path_sha256(tmp_path / "teacher")

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from lfm.cli.edit import app
+from lfm.core.runs import Run, path_sha256
 from lfm.edit import FTLConfig, MemoryPatch, Patch, common, recipes
 from lfm.errors import LfmError
 
 REQ = common.SMOKE_REQUEST
 ARGS = ["--prompt", REQ.prompt, "--subject", REQ.subject, "--target", REQ.target]
+
+
+def _manifest(run) -> dict:
+    return json.loads((run / "manifest.json").read_text())
 
 
 def _one_line_error(res, text: str) -> bool:
@@ -49,15 +56,21 @@ def test_state_is_only_for_alphaedit(folder, tmp_path):
 
 
 def test_patch_revert_needs_an_edited_folder(tmp_path):
-    res = CliRunner().invoke(app, ["patch-revert", str(tmp_path), "--out", str(tmp_path / "o")])
+    (tmp_path / "m").mkdir()
+    res = CliRunner().invoke(app, ["patch-revert", str(tmp_path / "m"), "--out",
+                                   str(tmp_path / "o"), "--root", str(tmp_path / "runs")])  # fmt: skip
     assert _one_line_error(res, "edit-undo.safetensors")
+    (run,) = (tmp_path / "runs").iterdir()
+    assert _manifest(run)["status"].startswith("failed: ") and not (tmp_path / "o").exists()
 
 
 def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
-    out = tmp_path / "ike.json"
-    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(out)])
+    out, root = tmp_path / "ike.json", ["--root", str(tmp_path / "runs")]
+    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(out), *root])
     assert res.exit_code == 0, res.output
-    assert res.output.strip() == f"ike: 1 edit(s) on the context -> {out}"
+    (run,) = (tmp_path / "runs").iterdir()
+    assert res.output.strip().splitlines() == [f"ike: 1 edit(s) on the context -> {out}",
+                                               f"run: {run}"]  # fmt: skip
     assert json.loads(out.read_text())["requests"] == [REQ.to_dict()]
     res = CliRunner().invoke(app, ["eval", str(folder), str(out), "--max-new-tokens", "3"])
     assert res.exit_code == 0, res.output
@@ -67,26 +80,29 @@ def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
     h = common.smoke_model()
     want = h.score([f"New fact: {REQ.prompt} Rome.\n{REQ.prompt}"], [" Rome"]).item()
     assert last.endswith(f"= {want:.3f}")
-    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e")])
+    res = CliRunner().invoke(
+        app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e"), *root]
+    )
     assert _one_line_error(res, "is a memory patch: it changes no weights")
 
 
 def test_ft_l_by_either_spelling_then_patch_apply_and_revert_bit_for_bit(folder, tmp_path):
     cfg = tmp_path / "ftl.yaml"
     cfg.write_text("steps: 3\nlr: 0.03\nnorm_constraint: 1.0\n")
-    patches = []
+    patches, root = [], ["--root", str(tmp_path / "runs")]
     for name in ("ft-l", "ft_l"):
         out = tmp_path / f"{name}.safetensors"
-        args = ["apply", str(folder), "-m", name, *ARGS, "--config", str(cfg), "-o", str(out)]
+        args = ["apply", str(folder), "-m", name, *ARGS, "--config", str(cfg), "-o", str(out),
+                *root]  # fmt: skip
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
         assert res.output.startswith("ft_l: 1 edit(s) on model.layers.0.mlp.down_proj")
         patches.append(Patch.load(out))
     assert torch.equal(patches[0].deltas[0].matrix(), patches[1].deltas[0].matrix())
     edited, restored = tmp_path / "edited", tmp_path / "restored"
-    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(edited)])
+    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(edited), *root])
     assert res.exit_code == 0, res.output
-    res = CliRunner().invoke(app, ["patch-revert", str(edited), "-o", str(restored)])
+    res = CliRunner().invoke(app, ["patch-revert", str(edited), "-o", str(restored), *root])
     assert res.exit_code == 0, res.output
     from lfm.assets import load_model
 
@@ -99,23 +115,76 @@ def test_ft_l_by_either_spelling_then_patch_apply_and_revert_bit_for_bit(folder,
 
 
 def test_recipes_run_from_python(tmp_path):
+    runs = tmp_path / "runs"
     h = common.smoke_model()
     before = {k: v.clone() for k, v in h.model.state_dict().items()}
     cfg = FTLConfig(steps=3, lr=0.03, norm_constraint=1.0)
-    done = recipes.apply(h, "ft_l", [REQ], tmp_path / "p.safetensors", config=cfg)
+    done = recipes.apply(h, "ft_l", [REQ], tmp_path / "p.safetensors", config=cfg, root=runs)
     assert (done.method, done.edits, done.state) == ("ft_l", 1, None)
     assert isinstance(recipes.load_patch(done.path), Patch)
     # an earlier patch is applied for the edit and reverted after it
-    again = recipes.apply(h, "ft_l", REQ, tmp_path / "q.safetensors", config=cfg, on=[done.path])
+    again = recipes.apply(h, "ft_l", REQ, tmp_path / "q.safetensors", config=cfg,
+                          on=[done.path], root=runs)  # fmt: skip
     assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
     assert Patch.load(again.path).base != Patch.load(done.path).base  # made on the edited weights
     report = recipes.evaluate(h, done.path, ["The city of the"], max_new_tokens=2)
     assert [r["prompt"] for r in report.completions] == ["The city of the"]
     assert report.logprobs[0][0] == REQ and report.logprobs[0][1] < 0
     assert all(torch.equal(before[k], v) for k, v in h.model.state_dict().items())
-    memory = recipes.apply(h, "ike", REQ, tmp_path / "m.json")
+    memory = recipes.apply(h, "ike", REQ, tmp_path / "m.json", root=runs)
     assert isinstance(recipes.load_patch(memory.path), MemoryPatch)
     with pytest.raises(LfmError, match="--on takes weight patches"):
-        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", on=[memory.path])
+        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", on=[memory.path], root=runs)
     with pytest.raises(LfmError, match="FTLConfig: steps"):
-        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", config={"steps": "many"})
+        recipes.apply(h, "ft_l", REQ, tmp_path / "r.safetensors", config={"steps": "many"},
+                      root=runs)  # fmt: skip
+
+
+def test_apply_writes_a_run_with_input_hashes_and_lineage(folder, tmp_path):
+    runs = tmp_path / "runs"
+    made = Run("make-model", {}, root=runs)  # the model is an output of an earlier run
+    with made.output("model") as tmp:
+        shutil.copytree(folder, tmp)
+    model, requests, cfg = made.path / "model", tmp_path / "edits.jsonl", tmp_path / "ftl.yaml"
+    requests.write_text(json.dumps(REQ.to_dict()) + "\n")
+    cfg.write_text("steps: 3\nlr: 0.03\nnorm_constraint: 1.0\n")
+    out = tmp_path / "p.safetensors"
+    res = CliRunner().invoke(app, ["apply", str(model), "-m", "ft_l", "--requests", str(requests),
+                                   "--config", str(cfg), "-o", str(out), "--root", str(runs)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = Path(res.output.strip().splitlines()[-1].removeprefix("run: "))
+    m = _manifest(run)
+    assert run.parent == runs and m["status"] == "done" and m["outputs"] == [str(out)]
+    assert {k: v["sha256"] for k, v in m["inputs"].items()} == {
+        "model": path_sha256(model), "requests": path_sha256(requests), "config": path_sha256(cfg)
+    }  # fmt: skip
+    assert m["parents"] == [made.id]
+    assert m["config"]["method"] == "ft_l" and m["config"]["config"]["steps"] == 3
+    assert m["config"]["requests"] == [REQ.to_dict()] and m["config"]["out"] == str(out)
+    # the edited folder, written into the apply run, names both runs that made its inputs
+    inside = run / "p.safetensors"
+    shutil.copy(out, inside)
+    edited = tmp_path / "edited"
+    res = CliRunner().invoke(app, ["patch-apply", str(model), str(inside), "-o", str(edited),
+                                   "--root", str(runs)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (applied,) = (p for p in runs.iterdir() if p.name.endswith("patch-apply"))
+    m = _manifest(applied)
+    assert m["status"] == "done" and m["outputs"] == [str(edited)]
+    assert m["parents"] == [made.id, run.name]
+    assert m["inputs"]["patch"]["sha256"] == path_sha256(inside)
+
+
+def test_a_failed_apply_leaves_a_failed_run_and_no_patch(folder, tmp_path):
+    runs, memory, out = tmp_path / "runs", tmp_path / "m.json", tmp_path / "p.safetensors"
+    assert CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(memory),
+                                    "--root", str(runs)]).exit_code == 0  # fmt: skip
+    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ft_l", *ARGS, "--on", str(memory),
+                                   "-o", str(out), "--root", str(runs)])  # fmt: skip
+    assert _one_line_error(res, "--on takes weight patches") and not out.exists()
+    (ike,) = runs.glob("*-edit-ike")
+    (ft_l,) = runs.glob("*-edit-ft_l")
+    m = _manifest(ft_l)
+    assert _manifest(ike)["status"] == "done" and m["outputs"] == []
+    assert m["status"].startswith("failed: LfmError: ") and "--on takes" in m["status"]
+    assert m["inputs"]["on0"]["sha256"] == path_sha256(memory)

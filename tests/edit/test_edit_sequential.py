@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -73,12 +75,12 @@ def test_cli_sequence_across_invocations(lm, tmp_path, monkeypatch):
     h.tokenizer.save_pretrained(tmp_path / "m")
     cfg = tmp_path / "cfg.json"
     cfg.write_text(CFG.replace(stats_tokens=200, stats_max_len=32).model_dump_json())
-    state = tmp_path / "state.safetensors"
+    state, runs = tmp_path / "state.safetensors", tmp_path / "runs"
 
     def run(req: Request, out: str, *on: str):
         args = ["apply", str(tmp_path / "m"), "-m", "alphaedit", "--prompt", req.prompt,
                 "--subject", req.subject, "--target", req.target, "--config", str(cfg),
-                "--state", str(state), "--out", str(tmp_path / out)]  # fmt: skip
+                "--state", str(state), "--out", str(tmp_path / out), "--root", str(runs)]  # fmt: skip
         for p in on:
             args += ["--on", str(tmp_path / p)]
         return CliRunner().invoke(app, args)
@@ -90,5 +92,11 @@ def test_cli_sequence_across_invocations(lm, tmp_path, monkeypatch):
     res = run(SECOND, "p2.safetensors", "p1.safetensors")
     assert res.exit_code == 0, res.output
     assert AlphaEditState.load(state).edits == 2
+    first, failed, last = (json.loads((r / "manifest.json").read_text())
+                           for r in sorted(runs.iterdir()))  # fmt: skip
+    assert first["status"] == "done" and "state" not in first["inputs"]
+    assert failed["status"].startswith("failed: ") and last["status"] == "done"
+    assert set(last["inputs"]) == {"model", "config", "on0", "state"}
+    assert last["outputs"] == [str(tmp_path / "p2.safetensors"), str(state)]
     Patch.load(tmp_path / "p1.safetensors").apply(h.model)
     Patch.load(tmp_path / "p2.safetensors").apply(h.model)  # p2 was made on top of p1

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lfm.access import LocalModel
+from lfm.core.runs import path_sha256
 from lfm.edit.trace import causal_trace, plot
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
@@ -53,11 +54,17 @@ def test_cli_trace_writes_the_heat_map_and_numbers(traced, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     args = ["trace", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT]
-    res = CliRunner().invoke(app, [*args, "--samples", "2", "--out", str(tmp_path / "h.png")])
+    res = CliRunner().invoke(app, [*args, "--samples", "2", "--out", str(tmp_path / "h.png"),
+                                   "--root", str(tmp_path / "runs")])  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "h.json").read_text())
     assert len(data["effect"]) == 2 and (tmp_path / "h.png").stat().st_size > 1000
     assert "peak" in res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "done" and res.output.splitlines()[-1] == f"run: {run}"
+    assert manifest["inputs"]["model"]["sha256"] == path_sha256(tmp_path / "m")
+    assert manifest["outputs"] == [str(tmp_path / "h.png"), str(tmp_path / "h.json")]
 
 
 def test_recipe_traces_from_python_and_refuses_a_narrowed_handle(traced, tmp_path):
@@ -67,9 +74,13 @@ def test_recipe_traces_from_python_and_refuses_a_narrowed_handle(traced, tmp_pat
 
     model, tok, t = traced
     h = LocalModel(model, tok)
-    done = recipes.trace(h, PROMPT, SUBJECT, tmp_path / "t.png", samples=3, noise=10.0)
+    runs = tmp_path / "runs"
+    done = recipes.trace(h, PROMPT, SUBJECT, tmp_path / "t.png", samples=3, noise=10.0, root=runs)
     assert done.trace == t and done.json == tmp_path / "t.json" and done.png.exists()
     value, layer, i = done.peak
     assert value == max(max(row) for row in t.effect) == t.effect[layer][i]
     with pytest.raises(AccessError, match=r"needs WEIGHTS access.*only HIDDEN"):
-        recipes.trace(narrow(h, "hidden"), PROMPT, SUBJECT, tmp_path / "n.png")
+        recipes.trace(narrow(h, "hidden"), PROMPT, SUBJECT, tmp_path / "n.png", root=runs)
+    assert not (tmp_path / "n.png").exists()
+    status = sorted(json.loads((r / "manifest.json").read_text())["status"] for r in runs.iterdir())
+    assert status[0] == "done" and status[1].startswith("failed: AccessError: ")

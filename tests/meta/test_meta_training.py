@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from lfm import registry
 from lfm.access import LocalClassifier, narrow
+from lfm.core.runs import path_sha256
 from lfm.errors import AccessError, ConfigError, LfmError
 from lfm.meta import (
     FOMAMLConfig,
@@ -142,13 +143,18 @@ def test_recipe_train_from_python_saves_weights_and_step_sizes(tmp_path):
 def test_cli_train_writes_a_run(tmp_path):
     from lfm.cli.meta import app
 
-    args = ["train", "--method", "fomaml", "--steps", "5", "--test-tasks", "20"]
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    cfg = tmp_path / "fomaml.yaml"
+    cfg.write_text("test_inner_steps: 2\n")
+    args = ["train", "--method", "fomaml", "--steps", "5", "--test-tasks", "20", "--config",
+            str(cfg)]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert "meta/fomaml sinusoid 5-shot: mse" in result.output
-    (run,) = list(tmp_path.iterdir())
+    (run,) = list((tmp_path / "runs").iterdir())
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["config"]["first_order"] is True
+    assert manifest["config"]["test_inner_steps"] == 2
+    assert manifest["inputs"]["config"]["sha256"] == path_sha256(cfg)
     assert manifest["metrics"]["test_metric"] == "mse" and manifest["metrics"]["test_n"] == 20
     assert manifest["outputs"] == ["model.safetensors"] and (run / "model.safetensors").exists()
 

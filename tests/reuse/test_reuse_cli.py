@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
@@ -9,6 +11,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lfm.cli.reuse import app
+from lfm.core.io import atomic_path
+from lfm.core.runs import Run, path_sha256
 from lfm.reuse import merge_state_dicts
 from lfm.reuse.driver import MergeError
 from lfm.reuse.plan import from_mergekit, load_plan
@@ -39,9 +43,8 @@ def test_cli_merge_lfm_plan(files):
         "models": [{"path": "a.safetensors", "weight": 2.0}, "b.safetensors"],
         "parameters": {"density": "5e-1"},  # YAML reads 5e-1 as a string: coerced
     }  # fmt: skip
-    result = CliRunner().invoke(
-        app, ["merge", str(_write(root / "plan.yaml", plan)), "--out", str(root / "m"), "-q"]
-    )
+    result = CliRunner().invoke(app, ["merge", str(_write(root / "plan.yaml", plan)), "--out",
+                                      str(root / "m"), "-q", "--root", str(root / "runs")])  # fmt: skip
     assert result.exit_code == 0, result.output
     got = load_file(root / "m" / "model.safetensors")
     want = merge_state_dicts("ties", base, [a, b], {"density": 0.5}, weights=[2.0, 1.0])
@@ -59,6 +62,7 @@ def _one_line_error(result) -> str:
 
 def test_cli_reports_errors_in_one_line(files):
     root, _ = files
+    runs = ["--root", str(root / "runs")]
     plan = {
         "method": "ties",
         "base": "base.safetensors",
@@ -66,18 +70,18 @@ def test_cli_reports_errors_in_one_line(files):
         "parameters": {"bogus": 1},
     }
     result = CliRunner().invoke(
-        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m"), *runs]
     )
     assert "bogus" in _one_line_error(result) and not (root / "m").exists()
     plan.update(method="tiez", parameters={})
     result = CliRunner().invoke(
-        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m"), *runs]
     )
     assert "no merge method 'tiez'" in _one_line_error(result)
     (root / "junk.safetensors").write_text("not a safetensors file")
     plan.update(method="ties", models=["junk.safetensors"])
     result = CliRunner().invoke(
-        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m")]
+        app, ["merge", str(_write(root / "p.yaml", plan)), "--out", str(root / "m"), *runs]
     )
     assert "cannot read" in _one_line_error(result) and not (root / "m").exists()
 
@@ -86,13 +90,16 @@ def test_merge_recipe_from_python_equals_the_command(files):
     root, (base, a, b) = files
     plan = {"method": "dare_ties", "base": "base.safetensors", "models": ["a.safetensors", "b.safetensors"],
             "parameters": {"drop_rate": 0.5, "seed": 2}}  # fmt: skip
-    read, out = merge_plan(_write(root / "plan.yaml", plan), root / "py", progress=False)
-    assert read.method == "dare_ties" and out == root / "py"
+    runs = root / "runs"
+    read, out, run = merge_plan(
+        _write(root / "plan.yaml", plan), root / "py", progress=False, root=runs
+    )
+    assert read.method == "dare_ties" and out == root / "py" and run.parent == runs
     want = merge_state_dicts("dare_ties", base, [a, b], {"drop_rate": 0.5, "seed": 2})
     got = load_file(out / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
     with pytest.raises(MergeError, match="exists"):
-        merge_plan(root / "plan.yaml", root / "py", progress=False)
+        merge_plan(root / "plan.yaml", root / "py", progress=False, root=runs)
 
 
 def test_mergekit_ties_file_as_is(files):
@@ -140,3 +147,39 @@ def test_mergekit_translations():
             {"model": "y", "parameters": {"density": 0.1}}, {"model": "z", "parameters": {"density": 0.2}}]})  # fmt: skip
     with pytest.raises(MergeError, match="not supported"):
         from_mergekit({"merge_method": "della", "models": ["y"]})
+
+
+def test_merge_writes_a_run_with_input_hashes_and_lineage(tmp_path):
+    runs, gen = tmp_path / "runs", torch.Generator().manual_seed(0)
+    tuned = Run("tune", {}, root=runs)  # model a is the output of an earlier run
+    folders = {"base": tmp_path / "base", "a": tuned.path / "a", "b": tmp_path / "b"}
+    for folder in folders.values():
+        with atomic_path(folder) as tmp:
+            tmp.mkdir()
+            save_file({"w": torch.randn(3, 4, generator=gen)}, str(tmp / "model.safetensors"))
+    plan = _write(tmp_path / "plan.yaml", {"method": "task_arithmetic", "base": str(folders["base"]),
+                                           "models": [str(folders["a"]), "b"]})  # fmt: skip
+    res = CliRunner().invoke(app, ["merge", str(plan), "-o", str(tmp_path / "m"), "-q",
+                                   "--root", str(runs)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    (run,) = runs.glob("*-merge-task_arithmetic")
+    assert res.output.strip().splitlines()[-1] == f"run: {run}"
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["status"] == "done" and m["outputs"] == [str(tmp_path / "m")]
+    assert {k: v["sha256"] for k, v in m["inputs"].items()} == {
+        "plan": path_sha256(plan), "base": path_sha256(folders["base"]),
+        "model0": path_sha256(folders["a"]), "model1": path_sha256(folders["b"]),
+    }  # fmt: skip
+    assert m["parents"] == [tuned.id]
+    assert m["config"]["config"]["scale"] == 1.0 and m["config"]["models"][1] == str(folders["b"])
+    # a merge that fails (shapes that do not fit) leaves a failed run and no output
+    (tmp_path / "c").mkdir()
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "c" / "model.safetensors"))
+    bad = _write(tmp_path / "bad.yaml", {"method": "task_arithmetic", "base": "base",
+                                         "models": [str(folders["a"]), "c"]})  # fmt: skip
+    res = CliRunner().invoke(app, ["merge", str(bad), "-o", str(tmp_path / "m2"), "-q",
+                                   "--root", str(runs)])  # fmt: skip
+    assert "shape" in _one_line_error(res) and not (tmp_path / "m2").exists()
+    (failed,) = (p for p in runs.glob("*-merge-task_arithmetic*") if p != run)
+    m = json.loads((failed / "manifest.json").read_text())
+    assert m["status"].startswith("failed: ") and m["outputs"] == []

@@ -7,12 +7,14 @@ status 2; the run's manifest holds plain data, so `--resume` finds the same conf
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from lfm.cli.tuning import app
+from lfm.core.runs import Run, path_sha256
 from lfm.core.tiny import CORPUS, bpe_tokenizer, tiny_config
 from lfm.tuning import recipes
 from lfm.tuning.adapters import check_adapter_dir
@@ -133,3 +135,21 @@ def test_the_classify_recipe_runs_from_python(bbc_lm, tmp_path):
     assert record["config"]["lr"] == 3e-3 and record["verbalizer"]["template"].startswith(
         "Article:"
     )
+
+
+def test_sft_run_hashes_its_inputs_and_names_the_run_that_made_the_model(tmp_path):
+    runs, data = tmp_path / "runs", tmp_path / "d.jsonl"
+    made = Run("make-model", {}, root=runs)  # the model is an output of an earlier run
+    model, tok = make_lm("llama")
+    with made.output("model") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    data.write_text("\n".join(json.dumps(r) for r in make_instructions(4)))
+    out = recipes.sft("lora", str(made.path / "model"), data=data, steps=1, lr=1e-2, threads=1,
+                      root=runs)  # fmt: skip
+    assert out is not None
+    manifest = json.loads((Path(out["run"]) / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["parents"] == [made.id]
+    assert {k: v["sha256"] for k, v in manifest["inputs"].items()} == {
+        "model": path_sha256(made.path / "model"), "data": path_sha256(data)
+    }  # fmt: skip

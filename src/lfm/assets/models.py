@@ -384,3 +384,12 @@ _CONFIG_KEYS = (
     "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
     "num_key_value_heads", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "n_layer", "n_embd",
 )  # fmt: skip
+
+
+def source_path(model: str | Path) -> Path | None:
+    """The file or folder a model is read from: an asset's packaged file, or a local path (None
+    for a hub name or a URL), for the input hashes of a run's manifest."""
+    if isinstance(model, str) and model in MODELS:
+        return MODELS[model].locate()
+    path = Path(model)
+    return path if path.exists() else None

@@ -38,6 +38,24 @@ out = Console()
 err = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        out.print(f"lfm {version('lfm')}", highlight=False)
+        raise typer.Exit()
+
+
+@_app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """lfm: learning from models (tuning, distillation, reuse, meta learning, editing)."""
+
+
 @_app.command()
 def models() -> None:
     """List the offline models lfm knows by name."""

@@ -13,6 +13,7 @@ import typer
 from lfm.cli.common import group
 
 app = group("Model editing: ROME, MEMIT, AlphaEdit, FT-L and IKE patches and their evaluation.")
+Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
 
 
 @app.command("apply")
@@ -35,13 +36,17 @@ def apply_(
     out: Path = typer.Option(
         ..., "--out", "-o", help="patch file (.safetensors; JSON for ike's memory patch)"
     ),
+    root: Path = Root,
 ) -> None:
-    """Compute an edit patch for MODEL (the model itself is not changed)."""
+    """Compute an edit patch for MODEL (the model itself is not changed), with a run directory."""
     from lfm.edit import recipes
 
-    reqs = recipes.requests_from(prompt, subject, target, requests_file)
-    done = recipes.apply(model, method, reqs, out, config=config, on=on or [], state=state)
+    reqs = requests_file or recipes.requests_from(prompt, subject, target)
+    done = recipes.apply(
+        model, method, reqs, out, config=config, on=on or [], state=state, root=root
+    )
     typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
+    typer.echo(f"run: {done.run}")
 
 
 @app.command("eval")
@@ -68,11 +73,12 @@ def patch_apply(
     model: str = typer.Argument(..., help="model name or path"),
     patch_file: Path = typer.Argument(..., help="weight patch made for this model"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the edited model"),
+    root: Path = Root,
 ) -> None:
     """Write MODEL with the patch applied as a Hugging Face folder (+ the originals, for revert)."""
     from lfm.edit import recipes
 
-    recipes.patch_apply(model, patch_file, out)
+    recipes.patch_apply(model, patch_file, out, root=root)
     typer.echo(f"applied {patch_file} to {model} -> {out}")
 
 
@@ -80,11 +86,12 @@ def patch_apply(
 def patch_revert(
     folder: Path = typer.Argument(..., help="a folder written by `lfm edit patch-apply`"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the restored model"),
+    root: Path = Root,
 ) -> None:
     """Restore the original weights of an edited model folder, bit for bit."""
     from lfm.edit import recipes
 
-    recipes.patch_revert(folder, out)
+    recipes.patch_revert(folder, out, root=root)
     typer.echo(f"restored the original weights -> {out}")
 
 
@@ -97,13 +104,17 @@ def trace(
     samples: int = typer.Option(10, "--samples", help="noise samples averaged (paper: 10)"),
     noise: float = typer.Option(3.0, "--noise", help="noise std in embedding stds (paper: 3)"),
     out: Path = typer.Option(..., "--out", "-o", help="heat map PNG; the numbers go to .json"),
+    root: Path = Root,
 ) -> None:
     """Causal tracing (ROME §2): the layer × token effect of restoring clean hidden states."""
     from lfm.edit import recipes
 
-    done = recipes.trace(model, prompt, subject, out, answer=answer, samples=samples, noise=noise)
+    done = recipes.trace(
+        model, prompt, subject, out, answer=answer, samples=samples, noise=noise, root=root
+    )
     t, (value, layer, i) = done.trace, done.peak
     typer.echo(
         f"p({t.answer!r}): clean {t.clean:.3f}, corrupted {t.corrupted:.3f}; "
         f"peak {value:.3f} at layer {layer}, token {t.tokens[i]!r} -> {done.png}, {done.json}"
     )
+    typer.echo(f"run: {done.run}")

@@ -18,6 +18,9 @@ app = group(
 )
 
 
+ROOT_HELP = "where run directories are created"
+
+
 def keep_freed_memory() -> bool:
     """Let glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
 
@@ -56,13 +59,15 @@ def merge(
     out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
 ) -> None:
     """Merge the models a YAML plan names and write a loadable Hugging Face folder."""
     from lfm.reuse.recipes import merge_plan
 
     keep_freed_memory()
-    plan, path = merge_plan(config, out, overwrite=overwrite, progress=not quiet)
+    plan, path, run = merge_plan(config, out, overwrite=overwrite, progress=not quiet, root=root)
     typer.echo(f"{plan.method}: merged {len(plan.models)} models into {path}")
+    typer.echo(f"run: {run}")
 
 
 @app.command()
@@ -74,12 +79,14 @@ def stats(
     n: int = typer.Option(64, "--n", help="use at most this many lines"),
     fisher_kind: str = typer.Option("sample", help="fisher: sample, label or exact"),
     seed: int = typer.Option(0, help="seeds sampled outputs (fisher)"),
+    root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
 ) -> None:
     """Compute a model's diagonal Fisher (next-token) or its linear layers' input Gram matrices."""
     from lfm.reuse.recipes import statistics
 
-    count = statistics(kind, model, texts, out, n=n, fisher_kind=fisher_kind, seed=seed)
-    typer.echo(f"{kind}: {count} texts -> {out}")
+    done = statistics(kind, model, texts, out, n=n, fisher_kind=fisher_kind, seed=seed, root=root)
+    typer.echo(f"{kind}: {done.texts} texts -> {out}")
+    typer.echo(f"run: {done.run}")
 
 
 @app.command()
@@ -89,13 +96,16 @@ def rebasin(
     out: Path = typer.Option(..., "--out", "-o", help="B aligned to A (.safetensors)"),
     max_iter: int = typer.Option(100, help="sweeps over the layers at most"),
     seed: int = typer.Option(0, help="seeds the order of the layers"),
+    root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
 ) -> None:
     """Permute B's hidden units to match A (weight matching) for a chain of Linear/Conv layers."""
     from lfm.reuse.rebasin import RebasinConfig
     from lfm.reuse.recipes import rebasin_files
 
-    done = rebasin_files(a, b, out, RebasinConfig.build(max_iter=max_iter, seed=seed))
+    cfg = RebasinConfig.build(max_iter=max_iter, seed=seed)
+    done = rebasin_files(a, b, out, cfg, root=root)
     typer.echo(f"rebasin: {done.layers} layers aligned, {done.moved} units moved -> {done.out}")
+    typer.echo(f"run: {done.run}")
 
 
 @app.command()

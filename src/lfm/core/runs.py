@@ -48,7 +48,8 @@ class Run:
         root: where run directories live (default `runs/`).
         path: reuse this directory (to resume) instead of creating a new one; its manifest's
             metrics and outputs are kept, and its config must equal `config`.
-        parents: ids of the runs whose outputs this run reads (its lineage).
+        parents: ids of the runs whose outputs this run reads (its lineage); None: found from
+            `inputs` (an input inside a run directory names that run, see `lineage`).
 
     A new run directory is created exclusively: two processes starting in the same second get
     two directories, never one.
@@ -90,7 +91,7 @@ class Run:
             "inputs": {
                 k: {"path": str(p), "sha256": path_sha256(p)} for k, p in (inputs or {}).items()
             },
-            "parents": list(parents or []),
+            "parents": list(parents if parents is not None else lineage((inputs or {}).values())),
             "metrics": {},
             "outputs": [],
             "status": "running",
@@ -222,4 +223,17 @@ def ancestry(run_id: str, root: str | Path = "runs") -> list[tuple[int, dict[str
             visit(parent, depth + 1)
 
     visit(run_id, 0)
+    return out
+
+
+def lineage(paths: Any) -> list[str]:
+    """Ids of the run directories that hold any of `paths` (an output of an earlier run)."""
+    out: list[str] = []
+    for p in paths:
+        path = Path(p).resolve()
+        for folder in [path, *path.parents]:
+            if (folder / "manifest.json").is_file():
+                if folder.name not in out:
+                    out.append(folder.name)
+                break
     return out

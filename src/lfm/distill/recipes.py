@@ -14,7 +14,8 @@
   of each block, as text); held-out perplexity of both.
 
 Each writes the teacher and student weights and the metrics into a run directory (`lfm.runs.Run`)
-whose manifest holds the options. A method name that does not exist is an `LfmError`.
+whose manifest holds the options (and, for `lm`, the SHA-256 of the teacher's file or folder and
+the run that made it, if it is the output of one). A method name that does not exist is an `LfmError`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from safetensors.torch import save_model
 
 from lfm.access import LocalModel, narrow
 from lfm.assets import load_dataset, load_model
+from lfm.assets.models import source_path
 from lfm.core.train import TrainConfig
 from lfm.distill.lm import LMStudentConfig, perplexity, student_from_teacher, token_blocks
 from lfm.distill.seqkd import SeqKDConfig
@@ -43,7 +45,7 @@ from lfm.distill.vision import (
 )
 from lfm.errors import LfmError
 from lfm.registry import run as run_method
-from lfm.runs import Run
+from lfm.runs import Run, on_disk
 
 LM_METHODS = ("lm_student", "seq_kd")
 
@@ -212,7 +214,8 @@ def lm(
     train_blocks = token_blocks(teacher.tokenizer, data.train_texts, block_size, steps * batch_size)
     test_blocks = token_blocks(teacher.tokenizer, data.test_texts, block_size, eval_blocks)
     train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, progress=False)
-    with Run(f"distill-{method}-{every}", config, root=root) as run:
+    inputs = on_disk({"model": source_path(model)})
+    with Run(f"distill-{method}-{every}", config, inputs=inputs, root=root) as run:
         if method == "lm_student":
             cfg = LMStudentConfig(every=every, kd_weight=kd_weight, lm_weight=lm_weight,
                                   temperature=temperature, block_size=block_size,

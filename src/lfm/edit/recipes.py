@@ -10,11 +10,19 @@ edited model folder and restore it, trace where a fact is recalled.
 `model` is an asset name or a folder (loaded here), or a `LocalModel` already in memory. A weight
 patch is a safetensors file (`Patch`), a memory patch a JSON file (`MemoryPatch`); `load_patch`
 reads either. Every error a user can cause is an `LfmError`.
+
+`apply`, `patch_apply`, `patch_revert` and `trace` write a run directory under `root`
+(`<root>/<stamp>-edit-<method>/`, `...-patch-apply/`, `...-patch-revert/`, `...-edit-trace/`): its
+manifest holds the options as plain data, the SHA-256 of every file or folder read (the model's,
+the requests, the config, earlier patches, the state; a patch or folder inside another run
+directory names that run as a parent) and where the output was written; it is marked `done` once
+the output is complete, `failed: ...` otherwise. The output itself stays where it was asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,7 @@ from lfm.edit.requests import Request, read_requests
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.trace import Trace, causal_trace, plot
 from lfm.errors import LfmError
+from lfm.runs import Run, on_disk
 
 ConfigLike = str | Path | Config | Mapping[str, Any] | None
 
@@ -43,6 +52,23 @@ def requests_from(
     if not (prompt and subject and target):
         raise LfmError("give --prompt, --subject and --target, or --requests FILE.jsonl")
     return [Request(prompt, subject, target)]
+
+
+def _name(model: Any) -> str:
+    """A model as plain data: its name or path, or a handle's display name."""
+    return str(model) if isinstance(model, str | Path) else str(getattr(model, "name", model))
+
+
+def _source(model: Any) -> Path | None:
+    """The file or folder a model is read from (None for a handle in memory or a hub name)."""
+    from lfm.assets.models import source_path
+
+    return source_path(model) if isinstance(model, str | Path) else None
+
+
+def _wrote(run: Run, *paths: str | Path) -> None:
+    """Record in the run's manifest where an output outside the run directory was written."""
+    run.manifest["outputs"].extend(str(p) for p in paths)
 
 
 def load_handle(model: Any) -> Any:
@@ -83,51 +109,68 @@ class Applied:
     where: str  # the edited modules, or "the context" for a memory patch
     path: Path  # the patch file
     state: Path | None = None  # the sequential AlphaEdit state, advanced
+    run: Path | None = None  # the run directory
 
 
 def apply(
     model: Any,
     method: str,
-    requests: Request | Sequence[Request],
+    requests: Request | Sequence[Request] | str | Path,
     out: str | Path,
     *,
     config: ConfigLike = None,
     on: Sequence[str | Path] = (),
     state: str | Path | None = None,
+    root: str | Path = "runs",
 ) -> Applied:
     """Compute an edit patch for `model` and save it at `out` (the model itself is not changed).
 
     Args:
         model: an asset name or folder, or a `LocalModel`.
         method: a registered editor (`rome`, `memit`, `alphaedit`, `ft_l`, `ike`).
-        requests: the edits.
+        requests: the edits, or a JSON-lines file of them (hashed into the run's manifest).
         out: the patch file (safetensors for weight patches, JSON for a memory patch).
         config: the method's config: a YAML/JSON file, a mapping or a config (None: defaults).
         on: earlier weight patches, applied in order before this edit (and reverted after).
         state: sequential AlphaEdit's state file: read if it exists, advanced once the patch is
             written.
+        root: where the run directory is created (`<root>/<stamp>-edit-<method>/`).
     """
     spec = registry.get(method, area="edit")
-    reqs = [requests] if isinstance(requests, Request) else list(requests)
+    file = requests if isinstance(requests, str | Path) else None
+    if file is not None:
+        reqs = read_requests(file)
+    else:
+        reqs = [requests] if isinstance(requests, Request) else list(requests)
     cfg = _config(spec, config)
     if state is not None and spec.name != "alphaedit":
         raise LfmError(f"--state is for sequential AlphaEdit; {spec.name} keeps no state")
-    handle = load_handle(model)
-    undos = _apply_earlier(handle, on)
-    try:
-        if state is None:
-            patch = spec.fn(handle, reqs, cfg)
-            path = patch.save(out)
-        else:  # the state advances only once its patch is written
-            before = AlphaEditState.load(state) if Path(state).exists() else None
-            patch, after = alphaedit_step(handle, reqs, before, cfg)
-            path = patch.save(out)
-            after.save(state)
-    finally:
-        for undo in reversed(undos):
-            undo.revert(handle.model)
+    options = {"method": spec.name, "model": _name(model), "config": cfg.to_dict(),
+               "requests": [r.to_dict() for r in reqs], "on": [str(p) for p in on],
+               "state": str(state) if state else None, "out": str(out)}  # fmt: skip
+    files = {"model": _source(model), "requests": file,
+             "config": config if isinstance(config, str | Path) else None,
+             **{f"on{i}": p for i, p in enumerate(on)}, "state": state}  # fmt: skip
+    with Run(f"edit-{spec.name}", options, inputs=on_disk(files), root=root) as run:
+        handle = load_handle(model)
+        undos = _apply_earlier(handle, on)
+        try:
+            if state is None:
+                patch = spec.fn(handle, reqs, cfg)
+                path = patch.save(out)
+            else:  # the state advances only once its patch is written
+                before = AlphaEditState.load(state) if Path(state).exists() else None
+                patch, after = alphaedit_step(handle, reqs, before, cfg)
+                path = patch.save(out)
+                after.save(state)
+        finally:
+            for undo in reversed(undos):
+                undo.revert(handle.model)
+        _wrote(run, path, *([state] if state else []))
     where = ", ".join(patch.modules) if isinstance(patch, Patch) else "the context"
-    return Applied(spec.name, len(reqs), where, Path(path), Path(state) if state else None)
+    return Applied(
+        spec.name, len(reqs), where, Path(path), Path(state) if state else None, run.path
+    )
 
 
 def _apply_earlier(handle: Any, patches: Sequence[str | Path]) -> list[Undo]:
@@ -185,25 +228,49 @@ def evaluate(
     return Evaluation(rows, [(r, float(s)) for r, s in zip(patch.requests, scores, strict=True)])
 
 
-def patch_apply(model: Any, patch: str | Path, out: str | Path) -> Path:
+def patch_apply(
+    model: Any, patch: str | Path, out: str | Path, *, root: str | Path | None = None
+) -> Path:
     """Write `model` with a weight patch applied as a Hugging Face folder at `out`, with the
-    original tensors (`edit-undo.safetensors`) for `patch_revert`."""
-    handle = load_handle(model)
-    loaded = load_patch(patch)
-    if not isinstance(loaded, Patch):
-        raise LfmError(
-            f"{patch} is a memory patch: it changes no weights (`lfm edit eval` uses it)"
-        )
-    undo = loaded.apply(handle.model)
-    try:
-        return save_edited(handle, undo, out)
-    finally:
-        undo.revert(handle.model)
+    original tensors (`edit-undo.safetensors`) for `patch_revert`.
+
+    `root`: create a run directory there (`<root>/<stamp>-patch-apply/`, its inputs the model and
+    the patch); None: none (as in a pipeline step, whose own run directory records it).
+    """
+    files = {"model": _source(model), "patch": patch}
+    options = {"model": _name(model), "patch": str(patch), "out": str(out)}
+    with _maybe_run("patch-apply", options, files, root) as run:
+        handle = load_handle(model)
+        loaded = load_patch(patch)
+        if not isinstance(loaded, Patch):
+            raise LfmError(
+                f"{patch} is a memory patch: it changes no weights (`lfm edit eval` uses it)"
+            )
+        undo = loaded.apply(handle.model)
+        try:
+            path = save_edited(handle, undo, out)
+        finally:
+            undo.revert(handle.model)
+        if run is not None:
+            _wrote(run, path)
+    return path
 
 
-def patch_revert(folder: str | Path, out: str | Path) -> Path:
-    """Restore the original weights of a folder written by `patch_apply`, bit for bit, at `out`."""
-    return revert_folder(folder, out)
+def patch_revert(folder: str | Path, out: str | Path, *, root: str | Path | None = "runs") -> Path:
+    """Restore the original weights of a folder written by `patch_apply`, bit for bit, at `out`
+    (`root`: its run directory `<root>/<stamp>-patch-revert/`, the folder its input; None: none)."""
+    options = {"folder": str(folder), "out": str(out)}
+    with _maybe_run("patch-revert", options, {"folder": folder}, root) as run:
+        path = revert_folder(folder, out)
+        if run is not None:
+            _wrote(run, path)
+    return path
+
+
+def _maybe_run(
+    name: str, options: dict[str, Any], files: dict[str, Any], root: str | Path | None
+) -> AbstractContextManager[Run | None]:
+    return nullcontext() if root is None else Run(name, options, on_disk(files), root=root)
 
 
 @dataclass(frozen=True)
@@ -214,6 +281,7 @@ class Traced:
     png: Path  # the heat map
     json: Path  # the numbers
     peak: tuple[float, int, int]  # the largest p(l, i), its layer and token index
+    run: Path | None = None  # the run directory
 
 
 def trace(
@@ -225,13 +293,19 @@ def trace(
     answer: str | None = None,
     samples: int = 10,
     noise: float = 3.0,
+    root: str | Path = "runs",
 ) -> Traced:
     """Causal tracing (ROME §2): the layer × token heat map at `out` (PNG), its numbers beside it
-    (.json); see `lfm.edit.trace.causal_trace`."""
-    t = causal_trace(
-        load_handle(model), prompt, subject, answer=answer, samples=samples, noise=noise
-    )
-    png = plot(t, out)
-    data = t.save(Path(out).with_suffix(".json"))
+    (.json); see `lfm.edit.trace.causal_trace`. The run directory `<root>/<stamp>-edit-trace/`
+    records the options, the model's hash and the two files written."""
+    options = {"model": _name(model), "prompt": prompt, "subject": subject, "answer": answer,
+               "samples": samples, "noise": noise, "out": str(out)}  # fmt: skip
+    with Run("edit-trace", options, inputs=on_disk({"model": _source(model)}), root=root) as run:
+        t = causal_trace(
+            load_handle(model), prompt, subject, answer=answer, samples=samples, noise=noise
+        )
+        png = plot(t, out)
+        data = t.save(Path(out).with_suffix(".json"))
+        _wrote(run, png, data)
     cells = ((v, layer, i) for layer, row in enumerate(t.effect) for i, v in enumerate(row))
-    return Traced(t, png, data, max(cells, key=lambda x: x[0]))
+    return Traced(t, png, data, max(cells, key=lambda x: x[0]), run.path)

@@ -6,9 +6,10 @@
 
 Each meta-trains (from tasks, or without data from a pool of classifiers it trains first),
 meta-tests on held-out tasks the way the method adapts, and writes a run directory
-`<out>/<stamp>-meta-<method>/` holding the manifest (resolved config, task, metrics) and
-`model.safetensors`: the meta-trained weights and, for Meta-SGD, the learned step sizes as tensors
-`inner_lr/<parameter>` (format tag `lfm.meta.model/1`; read back with `load_result`).
+`<out>/<stamp>-meta-<method>/` holding the manifest (resolved config, task, metrics, the SHA-256 of
+the config file given) and `model.safetensors`: the meta-trained weights and, for Meta-SGD, the
+learned step sizes as tensors `inner_lr/<parameter>` (format tag `lfm.meta.model/1`; read back with
+`load_result`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lfm.meta.models import MLP, ConvNet
 from lfm.meta.tasks import SinusoidTasks, rotated_digit_splits
 from lfm.meta.train import meta_test
 from lfm.registry import MethodSpec, get, run
-from lfm.runs import Run
+from lfm.runs import Run, on_disk
 
 TASKS = ("sinusoid", "digits", "fashion-mnist")
 SIZES = {"digits": 8, "fashion-mnist": 28}  # image side of the rotated N-way tasks
@@ -160,7 +161,8 @@ def train(
     batch = {"meta_batch": meta_batch} if meta_batch else {}
     cfg = _config(spec, config, preset, steps=steps, **batch)
     model, train_tasks, test = build_problem(task, shots, ways, adapts, seed)
-    with Run(f"meta-{spec.name}", cfg, root=out) as run_:
+    inputs = on_disk({"config": config})
+    with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=out) as run_:
         run_.manifest["task"] = {"name": task, "shots": shots, "ways": ways, "seed": seed}
         result = run(spec.key, model, train_tasks, cfg=cfg, seed=seed, progress=progress)
         score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks)
@@ -208,7 +210,7 @@ def datafree(
     train_tasks, _, test = rotated_digit_splits(
         task, seed=seed, per_class=300, ways=5, shots=shots, queries=5
     )
-    with Run(f"meta-{spec.name}", cfg, root=out) as run_:
+    with Run(f"meta-{spec.name}", cfg, inputs=on_disk({"config": config}), root=out) as run_:
         run_.manifest["task"] = {"name": task, "shots": shots, "pool": pool, "seed": seed}
         make = lambda: ConvNet(5, 16, 4, size, running=True)  # noqa: E731
         models = train_pool(train_tasks, make, n_models=pool, ways=5, steps=pool_steps, seed=seed)

@@ -7,6 +7,13 @@
 
 Each raises an `LfmError` (one line) for anything a user can get wrong: a bad plan, an unknown
 method, a missing or unreadable file, models that do not fit together.
+
+`merge_plan`, `statistics` and `rebasin_files` write a run directory under `root`
+(`runs/<stamp>-merge-<method>/`, `...-stats-<kind>/`, `...-rebasin/`): its manifest holds the
+options and resolved config as plain data, the SHA-256 of every file or folder read (the plan, the
+models, the base, statistics files, texts; one inside another run directory names that run as a
+parent) and where the output was written, and is marked `done` once the output is complete,
+`failed: ...` otherwise. The output stays where it was asked for.
 """
 
 from __future__ import annotations
@@ -34,13 +41,19 @@ from lfm.reuse.rebasin import (
     read_state_dict,
 )
 from lfm.reuse.stats import save_fisher, save_gram
+from lfm.runs import Run, on_disk
 
 TEMPLATE = "{text}\nTopic:"  # the label word follows "Topic:"
 
 
 def merge_plan(
-    plan: str | Path, out: str | Path, *, overwrite: bool = False, progress: bool = True
-) -> tuple[MergePlan, Path]:
+    plan: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    root: str | Path = "runs",
+) -> tuple[MergePlan, Path, Path]:
     """Merge the models a YAML plan names (lfm's format or a mergekit file) into `out`.
 
     Args:
@@ -48,12 +61,31 @@ def merge_plan(
         out: the output folder (a loadable Hugging Face folder, written in one rename).
         overwrite: replace an existing `out`.
         progress: show a progress bar over tensors.
+        root: where the run directory is created (`<root>/<stamp>-merge-<method>/`).
 
     Returns:
-        The plan as read, and the output folder.
+        The plan as read, the output folder and the run directory.
     """
+    from lfm.reuse.driver import kernel_spec
+    from lfm.reuse.lora import split_plus
+
     merge = load_plan(plan)
-    return merge, merge.run(out, overwrite=overwrite, progress=progress)
+    spec = kernel_spec(merge.method)
+    cfg = spec.resolve(merge.parameters).to_dict()  # a bad method or parameter: before the run
+    options = {"plan": str(plan), "method": spec.name, "base": merge.base, "models": merge.models,
+               "weights": merge.weights, "config": cfg, "max_shard_size": merge.max_shard_size,
+               "on_missing": merge.on_missing, "out": str(out)}  # fmt: skip
+    files: dict[str, Any] = {"plan": plan, "base": merge.base}
+    for i, model in enumerate(merge.models):
+        plus = split_plus(model)  # mergekit's `base+adapter`: both are read
+        files.update({f"model{i}": model} if plus is None else
+                     {f"model{i}_base": plus[0], f"model{i}": plus[1]})  # fmt: skip
+    files.update({f"stats{i}": p for i, p in enumerate(cfg.get("stats") or ())})
+    files["coefficients"] = cfg.get("coefficients")
+    with Run(f"merge-{spec.name}", options, inputs=on_disk(files), root=root) as run:
+        path = merge.run(out, overwrite=overwrite, progress=progress)
+        run.manifest["outputs"].append(str(path))
+    return merge, path, run.path
 
 
 def _lines(path: str | Path) -> list[str]:
@@ -74,6 +106,15 @@ def _lm(model: Any) -> Any:
     return model
 
 
+@dataclass
+class Computed:
+    """What `statistics` wrote: texts used, the statistics file and the run directory."""
+
+    texts: int
+    out: Path
+    run: Path
+
+
 def statistics(
     kind: str,
     model: Any,
@@ -83,7 +124,8 @@ def statistics(
     n: int = 64,
     fisher_kind: str = "sample",
     seed: int = 0,
-) -> int:
+    root: str | Path = "runs",
+) -> Computed:
     """Save a causal LM's diagonal Fisher (next token) or its layers' input Gram matrices.
 
     Each line of `texts` is its own batch, so no padding enters the statistics. The file goes
@@ -97,23 +139,41 @@ def statistics(
         n: use at most this many lines.
         fisher_kind: the Fisher estimator: "sample", "label" or "exact".
         seed: seeds the sampled outputs (Fisher).
+        root: where the run directory is created (`<root>/<stamp>-stats-<kind>/`).
 
     Returns:
-        The number of texts used.
+        The number of texts used, the file and the run directory.
     """
     if kind not in ("fisher", "gram"):
         raise LfmError(f"unknown statistics {kind!r}; choose fisher or gram")
     lines = _lines(texts)[:n]
     if not lines:
         raise LfmError(f"{texts} has no non-empty line to compute statistics on")
-    handle = _lm(model)
-    net = module_of(handle, f"lfm reuse stats {kind}")
-    batches = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
-    if kind == "fisher":
-        save_fisher(out, net, batches, kind=fisher_kind, seed=seed)
-    else:
-        save_gram(out, net, batches)
-    return len(lines)
+    options = {"kind": kind, "model": _name(model), "texts": str(texts), "n": n,
+               "fisher_kind": fisher_kind, "seed": seed, "out": str(out)}  # fmt: skip
+    files = {"model": _source(model), "texts": texts}
+    with Run(f"stats-{kind}", options, inputs=on_disk(files), root=root) as run:
+        handle = _lm(model)
+        net = module_of(handle, f"lfm reuse stats {kind}")
+        batches = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
+        if kind == "fisher":
+            save_fisher(out, net, batches, kind=fisher_kind, seed=seed)
+        else:
+            save_gram(out, net, batches)
+        run.manifest["outputs"].append(str(out))
+    return Computed(len(lines), Path(out), run.path)
+
+
+def _name(model: Any) -> str:
+    """A model as plain data: its name or path, or a handle's display name."""
+    return str(model) if isinstance(model, str | Path) else str(getattr(model, "name", model))
+
+
+def _source(model: Any) -> Path | None:
+    """The file or folder a model is read from (None for a handle in memory or a hub name)."""
+    from lfm.assets.models import source_path
+
+    return source_path(model) if isinstance(model, str | Path) else None
 
 
 @dataclass
@@ -123,10 +183,16 @@ class Aligned:
     layers: int
     moved: int
     out: Path
+    run: Path | None = None  # the run directory
 
 
 def rebasin_files(
-    a: str | Path, b: str | Path, out: str | Path, cfg: RebasinConfig | None = None
+    a: str | Path,
+    b: str | Path,
+    out: str | Path,
+    cfg: RebasinConfig | None = None,
+    *,
+    root: str | Path = "runs",
 ) -> Aligned:
     """Permute B's hidden units to match A (weight matching) and save B aligned.
 
@@ -138,14 +204,19 @@ def rebasin_files(
         b: model B, to be permuted (same tensors and shapes as A).
         out: B aligned to A, a safetensors file.
         cfg: sweeps at most and the seed of the layer order.
+        root: where the run directory is created (`<root>/<stamp>-rebasin/`).
     """
-    sa, sb = read_state_dict(a), read_state_dict(b)
-    spec = chain_spec_from_state_dict(sa)
-    check_same_layout([sa, sb], spec)
-    aligned, perms = align_pair(sa, sb, spec, cfg)
-    save_tensors(out, aligned, "pt")  # "pt": the tag transformers expects of weight files
+    cfg = cfg or RebasinConfig()
+    options = {"a": str(a), "b": str(b), "config": cfg.to_dict(), "out": str(out)}
+    with Run("rebasin", options, inputs=on_disk({"a": a, "b": b}), root=root) as run:
+        sa, sb = read_state_dict(a), read_state_dict(b)
+        spec = chain_spec_from_state_dict(sa)
+        check_same_layout([sa, sb], spec)
+        aligned, perms = align_pair(sa, sb, spec, cfg)
+        save_tensors(out, aligned, "pt")  # "pt": the tag transformers expects of weight files
+        run.manifest["outputs"].append(str(out))
     moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
-    return Aligned(len(perms), moved, Path(out))
+    return Aligned(len(perms), moved, Path(out), run.path)
 
 
 @dataclass

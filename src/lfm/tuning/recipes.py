@@ -8,7 +8,8 @@
     recipes.augment("knn_lm", "smollm2-135m")                         # lfm tuning augment
 
 Each loads its model and data, runs one tuner by name, saves what was learnt (`TuneResult.save`)
-into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics) and
+into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics, the
+SHA-256 of the model's file or folder and of the data file given, and the runs that made them) and
 returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
 data, so `resume=` finds the same config and continues a checkpointed run. The black-box recipes
 take a model name (loaded and narrowed to the method's level) or a handle (a served model).
@@ -29,7 +30,7 @@ from lfm.assets import load_dataset, load_model
 from lfm.core.train import TrainConfig, run_on_main
 from lfm.errors import ConfigError
 from lfm.registry import MethodSpec, get
-from lfm.runs import Run
+from lfm.runs import Run, on_disk
 from lfm.tuning.adapters import is_causal
 from lfm.tuning.results import TuneResult
 from lfm.tuning.sft import load_instructions, render
@@ -46,6 +47,7 @@ from lfm.tuning.tasks import (
 from lfm.tuning.trainer import HEAD_LR
 
 TASKS = ("bbc",)  # classification tasks of `classify`: BBC News, 5 topics
+_PACKAGED_INSTRUCTIONS = Path(__file__).parent / "data" / "instructions.jsonl"  # `sft`'s default
 
 
 def _spec(method: str, access: Access | None = None, command: str = "") -> MethodSpec:
@@ -136,7 +138,8 @@ def classify(
             "ckpt_every": ckpt_every}  # fmt: skip
     cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, tcfg, eval_data=ev, seed=seed,
                               batch_size=batch_size, head_lr=head_lr, inplace=True)  # fmt: skip
-    run = run_on_main(f"tune-{spec.name}", config, root=root, path=resume)
+    inputs = on_disk({"model": _source(model)})
+    run = run_on_main(f"tune-{spec.name}", config, inputs=inputs, root=root, path=resume)
     with run or nullcontext():
         result = spec.fn(handle, train, cfg, run=run, **kwargs)
         if run is not None:
@@ -167,7 +170,8 @@ def sft(
     rows = Instructions(load_instructions(data))
     cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, {"seed": seed}, seed=seed,
                               batch_size=batch_size, inplace=True)  # fmt: skip
-    run = run_on_main(f"sft-{spec.name}", config, root=root, path=resume)
+    inputs = on_disk({"model": _source(model), "data": data or _PACKAGED_INSTRUCTIONS})
+    run = run_on_main(f"sft-{spec.name}", config, inputs=inputs, root=root, path=resume)
     with run or nullcontext():
         result = spec.fn(handle, rows, cfg, run=run, **kwargs)
         if run is None:
@@ -206,7 +210,8 @@ def _black_box_run(
     spec = _spec(method)
     handle = _black_box(model, spec.access)
     task = _bbc_few_shot(shots, seed, max_chars)
-    with Run(spec.name, {**config, "config": cfg.to_dict()}, root=root) as run:
+    inputs = on_disk({"model": _source(model)})
+    with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root) as run:
         result = spec.fn(handle, task, cfg, seed=seed)
         _save(run, "result", result)
         run.log(**{k: v for k, v in result.record().items() if k.endswith(("loss", "score"))})
@@ -249,6 +254,14 @@ def _name(model: str | Any) -> str:
     return model if isinstance(model, str) else str(getattr(model, "name", type(model).__name__))
 
 
+def _source(model: str | Any) -> Path | None:
+    """The file or folder a model is read from, for the run's input hashes (None: a handle, such
+    as a served model, or a hub name)."""
+    from lfm.assets.models import source_path
+
+    return source_path(model) if isinstance(model, str | Path) else None
+
+
 def augment(
     method: str = "knn_lm", model: str = "smollm2-135m", *, corpus: str | Path | None = None,
     store: int = 100, eval_texts: int = 15, chars: int = 800, prefix_chars: int = 200,
@@ -283,7 +296,8 @@ def augment(
     config = {"method": spec.name, "model": model, "corpus": str(corpus) if corpus else None,
               "store": store, "eval_texts": eval_texts, "chars": chars,
               "prefix_chars": prefix_chars, "embedder": embedder}  # fmt: skip
-    with Run(f"augment-{spec.name}", config, root=root) as run:
+    inputs = on_disk({"model": _source(model), "corpus": corpus})
+    with Run(f"augment-{spec.name}", config, inputs=inputs, root=root) as run:
         result = spec.fn(narrow(local, spec.access), kind(docs),
                          **{k: v for k, v in options.items() if k in params})  # fmt: skip
         out = {"method": spec.name, "entries": result.metrics["entries"],
