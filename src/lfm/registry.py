@@ -161,9 +161,6 @@ class MethodSpec:
         for h in handles:
             require(h, self.access, self.key)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return run(self.key, *args, **kwargs)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -213,7 +210,6 @@ def _gate(spec_key: str, impl: Callable[..., Any], shp: Shape) -> Callable[..., 
         spec.check(*shp.handles_in(bound.arguments))
         return impl(*bound.args, **bound.kwargs)
 
-    gated.__lfm_gated__ = True  # type: ignore[attr-defined]
     return gated
 
 
@@ -247,14 +243,13 @@ def register(
     key = f"{area}/{name}"
 
     def deco(fn: F) -> F:
-        impl = getattr(fn, "__wrapped__", fn) if getattr(fn, "__lfm_gated__", False) else fn
-        _check_shape(impl, shape, key)
+        _check_shape(fn, shape, key)
         old = _REGISTRY.get(key)
-        if old is not None and old.impl.__qualname__ != impl.__qualname__:
+        if old is not None and old.impl.__qualname__ != fn.__qualname__:
             raise LfmError(f"method {key} is registered twice")
-        gated = _gate(key, impl, shape) if shape.call is None else impl
+        gated = _gate(key, fn, shape) if shape.call is None else fn
         _REGISTRY[key] = MethodSpec(
-            area, name, shape, branch, Access.parse(access), config, paper, gated, impl,
+            area, name, shape, branch, Access.parse(access), config, paper, gated, fn,
             example, cli, dict(extras),
         )  # fmt: skip
         return gated  # type: ignore[return-value]

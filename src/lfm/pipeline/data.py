@@ -114,50 +114,49 @@ def batches(
 def text_classes(
     spec: TextClassData,
 ) -> tuple[list[str], torch.Tensor, list[str], torch.Tensor, tuple[str, ...]]:
-    """(train texts, labels, eval texts, labels, class names): k shots per class, held-out eval."""
+    """(train texts, labels, eval texts, labels, class names): `shots` per class drawn by the
+    seed (`lfm.tuning.tasks.few_shot`) and the first `eval_per_class` held-out ones (`held_out`)."""
     from lfm.assets import TextDataset, load_dataset
+    from lfm.tuning.tasks import few_shot, held_out
 
-    if spec.file is not None:
-        texts, labels, classes = _read_jsonl(Path(spec.file), spec.text_field, spec.label_field)
-        pool_t, pool_y, test_t, test_y = texts, labels, texts, labels
-    else:
-        ds = load_dataset(str(spec.dataset))
-        if not isinstance(ds, TextDataset):
-            raise LfmError(f"{spec.dataset} is not a text data set")
-        pool_t, pool_y = list(ds.train_texts), ds.y_train
-        test_t, test_y, classes = list(ds.test_texts), ds.y_test, tuple(ds.classes)
-    g = torch.Generator().manual_seed(spec.seed)
-    tr = _per_class(pool_y, spec.shots, g)
-    ev = _per_class(test_y, spec.eval_per_class, None, skip=set(tr) if spec.file else set())
-    cut = [t[: spec.max_chars].strip() for t in pool_t]
-    cut_test = [t[: spec.max_chars].strip() for t in test_t]
-    return [cut[i] for i in tr], pool_y[tr], [cut_test[i] for i in ev], test_y[ev], classes
+    ds = (
+        _read_jsonl(Path(spec.file), spec.text_field, spec.label_field)
+        if spec.file
+        else load_dataset(str(spec.dataset))
+    )
+    if not isinstance(ds, TextDataset):
+        raise LfmError(f"{spec.dataset} is not a text data set")
+    x, y = few_shot(ds, spec.shots, spec.seed)
+    xe, ye = held_out(ds, spec.eval_per_class)
+    cut = lambda texts: [t[: spec.max_chars].strip() for t in texts]  # noqa: E731
+    return cut(x), y, cut(xe), ye, tuple(ds.classes)
 
 
-def _per_class(
-    y: torch.Tensor, k: int, g: torch.Generator | None, skip: set[int] = frozenset()
-) -> list[int]:  # type: ignore[assignment]
-    out = []
-    for c in sorted(set(y.tolist())):
-        idx = [i for i in (y == c).nonzero().flatten().tolist() if i not in skip]
-        if g is not None:
-            idx = [idx[j] for j in torch.randperm(len(idx), generator=g).tolist()]
-        out += idx[:k]
-    return out
+def _read_jsonl(path: Path, text_field: str, label_field: str, holdout_every: int = 5) -> Any:
+    """A JSON-lines file as a `TextDataset`: classes sorted by name, and (as for BBC News) the
+    line at position i of its class held out when i % 5 == 4."""
+    from lfm.assets import TextDataset
 
-
-def _read_jsonl(
-    path: Path, text_field: str, label_field: str
-) -> tuple[list[str], torch.Tensor, tuple[str, ...]]:
     try:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError) as e:
         raise LfmError(f"cannot read {path}: {e}") from None
-    if not rows or any(text_field not in r or label_field not in r for r in rows):
+    if not rows or any(
+        not isinstance(r, dict) or text_field not in r or label_field not in r for r in rows
+    ):
         raise LfmError(f"{path}: every line needs {text_field!r} and {label_field!r}")
     classes = tuple(sorted({str(r[label_field]) for r in rows}))
-    labels = torch.tensor([classes.index(str(r[label_field])) for r in rows])
-    return [str(r[text_field]) for r in rows], labels, classes
+    seen = dict.fromkeys(classes, 0)
+    parts: tuple[list, list] = ([], [])
+    for r in rows:
+        label = str(r[label_field])
+        parts[seen[label] % holdout_every == holdout_every - 1].append(
+            (str(r[text_field]), classes.index(label))
+        )
+        seen[label] += 1
+    (tr, te) = parts
+    return TextDataset(path.name, tuple(t for t, _ in tr), torch.tensor([c for _, c in tr], dtype=torch.long),
+                       tuple(t for t, _ in te), torch.tensor([c for _, c in te], dtype=torch.long), classes)  # fmt: skip
 
 
 def texts(spec: TextData) -> list[str]:

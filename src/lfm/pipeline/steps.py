@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from lfm import registry
 from lfm.access import Access, narrow
 from lfm.core.train import TrainConfig, train
+from lfm.distill.vision import accuracy
 from lfm.errors import ConfigError, LfmError
 from lfm.pipeline import data as D
 from lfm.pipeline.artifacts import (
@@ -115,12 +116,6 @@ def _check_student(step: StepSpec) -> list[str]:
 def _ce(model: torch.nn.Module, batch: Any) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    model.eval()
-    return float((model(x).argmax(-1) == y).float().mean())
 
 
 def _train_classifier(ctx: Context) -> str:
@@ -344,17 +339,8 @@ def _merge_adapter(ctx: Context) -> str:
 
 
 def _save_lm(model: Any, tokenizer: Any, out: Path) -> None:
-    """Save a causal LM and its tokenizer (a GGUF-loaded model is rebuilt from its config)."""
-    from transformers import AutoModelForCausalLM
-
-    config = model.config
-    if getattr(config, "quantization_config", None) is not None:
-        config = type(config).from_dict(
-            {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
-        )
-        fresh = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-        fresh.load_state_dict(model.state_dict())
-        model = fresh
+    """Save a causal LM and its tokenizer as a Hugging Face folder (`lfm.assets.load_model` reads
+    models from fp32 folders, so a merged one saves as it is)."""
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
 
