@@ -123,3 +123,17 @@ def test_schema_errors_name_the_step():
         S.parse(_with(a={"bogus": 1}))
     with pytest.raises(ConfigError, match="must be a mapping"):
         S.parse([1, 2])
+
+
+def test_a_tensor_file_is_taken_by_its_format_tag(tmp_path):
+    import torch
+
+    from lfm.core.io import save_tensors
+
+    odd = save_tensors(tmp_path / "odd.safetensors", {"w": torch.zeros(1)}, "lfm.classifier/1")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 10)
+    msg = _problems(
+        _with(merged={"stats": [str(odd), str(bad)], "run": "reuse/regmean", "base": None})
+    )
+    assert "is neither an edit patch nor a statistics file" in msg and "cannot read" in msg

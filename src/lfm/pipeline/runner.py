@@ -89,11 +89,24 @@ def _source(ref: str, api_key: str | None) -> Artifact | str:
     if (path / "config.json").exists():
         return Artifact("lm", ref)
     if path.is_file() and path.suffix == ".safetensors":
-        from lfm.core.io import read_meta
-
-        fmt = str(read_meta(path).get("format", ""))
-        return Artifact("stats" if "stats" in fmt else "patch", ref)
+        return _tagged(path)
     return f"{ref!r} is no earlier step, asset, model folder or URL"
+
+
+def _tagged(path: Path) -> Artifact | str:
+    """An edit patch or a statistics file, by its format tag (anything else is refused)."""
+    from lfm.core.io import read_meta
+    from lfm.edit.patch import FORMAT as PATCH
+    from lfm.reuse.stats import FORMAT as STATS
+
+    try:
+        fmt = read_meta(path).get("format")
+    except LfmError as e:
+        return str(e)
+    kinds = {PATCH: "patch", STATS: "stats"}
+    if fmt not in kinds:
+        return f"{path} is neither an edit patch nor a statistics file (format {fmt!r})"
+    return Artifact(kinds[fmt], str(path))
 
 
 def _order(steps: list[S.StepSpec], names: set[str]) -> tuple[list[S.StepSpec], list[str]]:
@@ -124,6 +137,16 @@ def _order(steps: list[S.StepSpec], names: set[str]) -> tuple[list[S.StepSpec], 
 
 def validate(pipe: S.PipelineSpec, api_key: str | None = None) -> list[S.StepSpec]:
     """The steps in the order they run; a one-line `ConfigError` listing every problem."""
+    return _validate(pipe, api_key, {})[0]
+
+
+Sources = dict[str, "Artifact | str"]  # a reference that is no step -> what it names, or why not
+
+
+def _validate(
+    pipe: S.PipelineSpec, api_key: str | None, sources: Sources
+) -> tuple[list[S.StepSpec], dict[str, Kind]]:
+    """`validate`, also giving each step's kind and filling `sources` (each probed once)."""
     problems: list[str] = []
     names = [s.name for s in pipe.steps]
     problems += [
@@ -146,15 +169,15 @@ def validate(pipe: S.PipelineSpec, api_key: str | None = None) -> list[S.StepSpe
         kind = kinds.get(step.name)
         if kind is None:
             continue
-        problems += _check_step(step, kind, made, api_key)
+        problems += _check_step(step, kind, made, api_key, sources)
         made[step.name] = kind.output
     if problems:
         raise ConfigError(f"pipeline {pipe.name}: " + "; ".join(problems))
-    return order
+    return order, kinds
 
 
 def _check_step(
-    step: S.StepSpec, kind: Kind, made: dict[str, str], api_key: str | None
+    step: S.StepSpec, kind: Kind, made: dict[str, str], api_key: str | None, sources: Sources
 ) -> list[str]:
     out: list[str] = []
     refs = step.refs()
@@ -167,7 +190,7 @@ def _check_step(
             out.append(f"step {step.name!r}: {kind.name} takes no `{key}`")
             continue
         for ref in values:
-            got = _kind_of_ref(ref, made, api_key)
+            got = _kind_of_ref(ref, made, api_key, sources)
             if isinstance(got, str):
                 out.append(f"step {step.name!r}: {key}: {got}")
                 continue
@@ -192,10 +215,14 @@ def _check_step(
     return out + kind.check(step)
 
 
-def _kind_of_ref(ref: str, made: dict[str, str], api_key: str | None) -> tuple[str, Access] | str:
+def _kind_of_ref(
+    ref: str, made: dict[str, str], api_key: str | None, sources: Sources
+) -> tuple[str, Access] | str:
     if ref in made:
         return made[ref], Access.WEIGHTS
-    src = _source(ref, api_key)
+    if ref not in sources:
+        sources[ref] = _source(ref, api_key)
+    src = sources[ref]
     return src if isinstance(src, str) else (src.kind, src.access)
 
 
@@ -232,13 +259,14 @@ def run_pipeline(
     and `table.md` record the last run.
     """
     pipe = pipeline if isinstance(pipeline, S.PipelineSpec) else S.load(pipeline)
-    order = validate(pipe, api_key)
+    sources: Sources = {}
+    order, kinds = _validate(pipe, api_key, sources)
     folder = Path(root) / pipe.name
     result = PipelineResult(pipe.name, folder)
     made: dict[str, StepOutcome] = {}
     for i, step in enumerate(order, 1):
-        kind = kind_of(step.run)
-        inputs = _inputs(step, made, api_key)
+        kind = kinds[step.name]
+        inputs = _inputs(step, made, sources)
         fp = fingerprint(step, inputs)
         run_dir = folder / f"{step.name}-{fp[:12]}"
         done = _finished(run_dir)
@@ -257,26 +285,14 @@ def run_pipeline(
 
 
 def _inputs(
-    step: S.StepSpec, made: dict[str, StepOutcome], api_key: str | None
+    step: S.StepSpec, made: dict[str, StepOutcome], sources: Sources
 ) -> dict[str, list[Artifact]]:
-    out: dict[str, list[Artifact]] = {}
-    for key, refs in step.refs().items():
-        arts = []
-        for ref in refs:
-            if ref in made:
-                art = made[ref].artifact
-                if art is None:
-                    raise LfmError(
-                        f"step {step.name!r}: {ref!r} is an evaluation; it makes no model"
-                    )
-                arts.append(art)
-            else:
-                src = _source(ref, api_key)
-                if isinstance(src, str):
-                    raise LfmError(f"step {step.name!r}: {src}")
-                arts.append(src)
-        out[key] = arts
-    return out
+    """The artifacts a step reads: earlier steps' outputs, or the sources validation resolved
+    (which also made sure that none is an evaluation or names nothing)."""
+    return {
+        key: [made[r].artifact if r in made else sources[r] for r in refs]  # type: ignore[misc]
+        for key, refs in step.refs().items()
+    }
 
 
 def _execute(
