@@ -170,3 +170,17 @@ def test_parents_are_found_from_inputs_inside_run_directories(tmp_path):
     assert m["parents"] == [first.id]
     assert Run("given", {}, inputs={"model": first.path / "model.bin"}, root=tmp_path,
                parents=[]).manifest["parents"] == []  # fmt: skip
+
+
+def test_ancestry_needs_the_run_and_lists_a_lost_parent_as_missing(tmp_path):
+    from lfm.core.runs import ancestry
+    from lfm.errors import LfmError
+
+    parent = Run("parent", {}, root=tmp_path / "nested")
+    child = Run("child", {}, root=tmp_path, parents=[parent.id, "gone"])
+    chain = ancestry(child.id, tmp_path)  # the parent is found below the root
+    assert [(d, m["id"], m.get("status")) for d, m in chain] == [
+        (0, child.id, "running"), (1, parent.id, "running"), (1, "gone", "missing"),
+    ]  # fmt: skip
+    with pytest.raises(LfmError, match="no run 'nope'"):
+        ancestry("nope", tmp_path)

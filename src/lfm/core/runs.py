@@ -174,20 +174,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def find_run(run_id: str, root: str | Path = "runs") -> Path:
-    """The directory of run `run_id` under `root` (or `run_id` itself when it is a directory)."""
+    """The directory of run `run_id` under `root`, nested runs included (or `run_id` itself when
+    it is a run directory); a unique part of an id will do."""
     direct = Path(run_id)
     if (direct / "manifest.json").exists():
         return direct
-    path = Path(root) / run_id
-    if (path / "manifest.json").exists():
-        return path
-    hits = sorted(p.parent for p in Path(root).glob(f"*{run_id}*/manifest.json"))
+    found = [m.parent for m in Path(root).rglob("manifest.json")]
+    hits = [p for p in found if p.name == run_id] or [p for p in found if run_id in p.name]
     if len(hits) == 1:
         return hits[0]
     if len(hits) > 1:
-        raise LfmError(
-            f"run id {run_id!r} is ambiguous under {root}: {', '.join(p.name for p in hits[:5])}"
-        )
+        names = ", ".join(sorted(p.name for p in hits)[:5])
+        raise LfmError(f"run id {run_id!r} is ambiguous under {root}: {names}")
     raise LfmError(f"no run {run_id!r} under {root}; `lfm runs list` shows them")
 
 
@@ -204,25 +202,29 @@ def list_runs(root: str | Path = "runs") -> list[dict[str, Any]]:
 
 
 def ancestry(run_id: str, root: str | Path = "runs") -> list[tuple[int, dict[str, Any]]]:
-    """The run and, depth first, the runs that produced its inputs: (depth, manifest) pairs."""
+    """The run and, depth first, the runs that produced its inputs: (depth, manifest) pairs; a
+    parent no longer on disk is listed with status `missing`."""
     out: list[tuple[int, dict[str, Any]]] = []
-    seen: set[str] = set()
+    seen: set[Path] = set()
 
-    def visit(rid: str, depth: int) -> None:
-        try:
-            path = find_run(rid, root)
-        except LfmError:
-            out.append((depth, {"id": rid, "status": "missing"}))
+    def visit(path: Path, depth: int) -> None:
+        if path in seen:
             return
-        if str(path) in seen:
-            return
-        seen.add(str(path))
+        seen.add(path)
         m = read_manifest(path)
         out.append((depth, {"id": path.name, "path": str(path), **m}))
         for parent in m.get("parents", []):
-            visit(parent, depth + 1)
+            try:  # a parent is a sibling (a pipeline's steps), else anywhere under `root`
+                found = find_run(str(path.parent / parent), root)
+            except LfmError:
+                try:
+                    found = find_run(parent, root)
+                except LfmError:
+                    out.append((depth + 1, {"id": parent, "status": "missing"}))
+                    continue
+            visit(found, depth + 1)
 
-    visit(run_id, 0)
+    visit(find_run(run_id, root), 0)  # the run itself must exist; a parent may be gone
     return out
 
 
