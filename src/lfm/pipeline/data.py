@@ -4,8 +4,9 @@
   (`lfm datasets`), optionally some of its classes (labels keep their numbers) and the first
   `train` / `test` examples of each split.
 - text classification: `{dataset: bbc-news, shots: 4, eval_per_class: 8, max_chars: 300}` — k
-  examples per class for training, held-out ones for evaluation; or a JSON-lines file:
-  `{file: data.jsonl, text_field: text, label_field: label}`.
+  examples per class drawn by the seed for training, the first held-out ones of each class for
+  evaluation; or a JSON-lines file, `{file: data.jsonl, text_field: text, label_field: label}`,
+  whose every fifth line of a class is held out.
 - text: `{dataset: bbc-news, texts: 40, max_chars: 400}` — plain texts (perplexity, LM students).
 
 Each spec is checked by its schema before anything loads.
