@@ -4,7 +4,7 @@
 
 A 2-layer, 32-wide model keeps every fuzz case cheap: the Llama of `lfm.tuning.tiny`, or a
 GPT-2 with 128 absolute positions (inputs past them fail inside the model unless the server refuses
-them first). The server runs with its default limits, on 127.0.0.1 only.
+them first). The server runs with its default limits (connection limits included), on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import uvicorn
 from lfm.access import LocalModel
 from lfm.core.tiny import tiny_config
 from lfm.serve import Backend, ServeSettings, build_app
+from lfm.serve.limits import uvicorn_config
 from lfm.tuning.tiny import news_tokenizer as tiny_tokenizer
 from lfm.tuning.tiny import tiny_news_lm as tiny_lm
 
@@ -40,8 +41,9 @@ def main() -> None:
     level = sys.argv[2] if len(sys.argv) > 2 else "embeddings"
     arch = sys.argv[3] if len(sys.argv) > 3 else "llama"
     model = tiny_gpt2() if arch == "gpt2" else tiny_lm(0)
-    app = build_app(Backend(model, level), ServeSettings())
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    settings = ServeSettings()
+    app = build_app(Backend(model, level), settings)
+    uvicorn.Server(uvicorn_config(app, "127.0.0.1", port, settings)).run()
 
 
 if __name__ == "__main__":

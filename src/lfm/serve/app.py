@@ -8,7 +8,9 @@
     POST /v1/lfm/logits_from_embeds      EMBEDDINGS  (lfm extension: logits for given embeddings)
 
 An endpoint above the served level answers 403; a wrong or missing key 401; a malformed body 422;
-a body or text over the limits 413; a full queue 429; a request past its time 504.
+a body, text or memory estimate over the limits 413; a body slower than its deadline 408; a full
+queue 429; a request past its time 504. Tokenisation, the model and the rendering of large answers
+run in worker threads, so the event loop (and `/health`) stays responsive while they work.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 
 from lfm.access import Access
@@ -28,6 +32,8 @@ from lfm.errors import LfmError
 from lfm.serve import schemas as S
 from lfm.serve.backend import Backend
 from lfm.serve.batcher import Batcher, QueueFull
+from lfm.serve.budget import answer_bytes, mib
+from lfm.serve.limits import BodyLimit
 from lfm.serve.wire import pack, unpack
 
 
@@ -39,19 +45,27 @@ class ServeSettings:
     max_batch: int = 32  # items per forward pass
     max_wait_ms: float = 5.0  # how long a request waits for others to share its pass
     max_queue: int = 256  # requests waiting; more get 429
-    max_body_bytes: int = 64 * 2**20  # larger bodies get 413
+    max_body_bytes: int = 64 * 2**20  # bodies larger (counted as they arrive) get 413
     max_input_tokens: int = 2048  # tokens per text or embedding row; more get 413
     max_items: int = 256  # texts per request; more get 413
     max_new_tokens: int = 256  # generation cap
-    timeout_s: float = 60.0  # a request waiting longer gets 504
+    timeout_s: float = 60.0  # a request waiting and running longer gets 504 (and is dropped)
+    max_pass_bytes: int = 2**30  # estimated peak of one forward pass; one item over it gets 413
+    max_request_bytes: int = 2**30  # estimated size of one answer; more gets 413
+    body_timeout_s: float = 30.0  # a body still arriving after this gets 408
+    header_timeout_s: float = 10.0  # a connection whose request headers are later is closed
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
+    max_connections: int = 64  # open connections (or requests in flight); more get 503
+    max_header_bytes: int = 16 * 2**10  # request line and headers larger are refused (400)
 
 
 def build_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> FastAPI:
     """A FastAPI app serving `backend` under `settings` (run it with uvicorn)."""
-    app = FastAPI(title="lfm served model", version="1",
-                  description=f"{backend.name} at {backend.level.name} access")  # fmt: skip
+    app = FastAPI(title="lfm served model", version="1", openapi_url=None, docs_url=None,
+                  redoc_url=None, description=f"{backend.name} at {backend.level.name} access")  # fmt: skip
     app.state.batcher = Batcher(backend.ops(), settings.max_batch, settings.max_wait_ms,
-                                settings.max_queue)  # fmt: skip
+                                settings.max_queue, backend.pass_bytes,
+                                settings.max_pass_bytes)  # fmt: skip
     app.state.backend, app.state.settings = backend, settings
     _install_guards(app, settings)
     _add_routes(app, backend, settings)
@@ -59,14 +73,9 @@ def build_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> Fa
 
 
 def _install_guards(app: FastAPI, settings: ServeSettings) -> None:
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > settings.max_body_bytes:
-            return JSONResponse(
-                {"detail": f"body of {size} bytes exceeds {settings.max_body_bytes}"}, 413
-            )
-        return await call_next(request)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_r: Request, e: RequestValidationError) -> JSONResponse:
@@ -83,11 +92,17 @@ def _install_guards(app: FastAPI, settings: ServeSettings) -> None:
         return JSONResponse({"detail": f"invalid request: {e}"}, 400)
 
 
+def bearer_key(header: str) -> str | None:
+    """The key of an `Authorization: Bearer KEY` header (scheme in any case), else None."""
+    scheme, _, key = header.strip().partition(" ")
+    return key.strip() if scheme.lower() == "bearer" and key.strip() else None
+
+
 def _auth(settings: ServeSettings) -> Any:
     def check(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        given = bearer_key(request.headers.get("authorization", "")) or ""
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):  # constant time
             raise HTTPException(401, "missing or wrong API key (send Authorization: Bearer KEY)",
                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -107,36 +122,65 @@ def _max_tokens(backend: Backend, settings: ServeSettings) -> int:
     return min(settings.max_input_tokens, backend.max_positions or settings.max_input_tokens)
 
 
-def _check_texts(
-    backend: Backend, settings: ServeSettings, texts: list[str], new_tokens: int = 0
+async def _check_texts(
+    b: Backend, s: ServeSettings, texts: list[str], new_tokens: int = 0
 ) -> list[int]:
-    if len(texts) > settings.max_items:
-        raise HTTPException(413, f"{len(texts)} texts exceed the limit of {settings.max_items}")
-    counts = [backend.n_tokens(t) for t in texts]
+    """Token counts of `texts`, refused (413) past the limits; long texts before tokenising."""
+    if len(texts) > s.max_items:
+        raise HTTPException(413, f"{len(texts)} texts exceed the limit of {s.max_items}")
+    limit = _max_tokens(b, s)
+    chars = limit * b.chars_per_token  # no text of more characters has `limit` tokens or fewer
+    longest = max((len(t) for t in texts), default=0)
+    if longest > chars:
+        raise HTTPException(413, f"a text of {longest} characters exceeds {chars} "
+                                 f"({limit} tokens of at most {b.chars_per_token})")  # fmt: skip
+    counts = await asyncio.to_thread(lambda: [b.n_tokens(t) for t in texts])
     if counts and min(counts) == 0:
         raise HTTPException(422, "a text has no tokens; send at least one character")
-    limit = _max_tokens(backend, settings)
     if counts and max(counts) > limit:
         raise HTTPException(413, f"a text of {max(counts)} tokens exceeds {limit}")
-    if counts and backend.max_positions and max(counts) + new_tokens > backend.max_positions:
+    if counts and b.max_positions and max(counts) + new_tokens > b.max_positions:
         raise HTTPException(413, f"{max(counts)} prompt tokens + max_tokens {new_tokens} exceed "
-                                 f"the model's context of {backend.max_positions}")  # fmt: skip
+                                 f"the model's context of {b.max_positions}")  # fmt: skip
     return counts
 
 
-async def _run(app: FastAPI, op: str, items: list[Any], key: Any = None) -> list[Any]:
+def _afford(b: Backend, s: ServeSettings, op: str, key: Hashable, sizes: list[int]) -> None:
+    """Refuse (413) a request whose estimated memory is over the budgets, before it runs."""
+    one = b.pass_bytes(op, key, 1, max(sizes))
+    if one > s.max_pass_bytes:
+        raise HTTPException(413, f"an item of {max(sizes)} tokens needs about {mib(one)} in one "
+                                 f"pass; this server allows {mib(s.max_pass_bytes)}")  # fmt: skip
+    answer = answer_bytes(b.shape, op, key, sizes)
+    if answer > s.max_request_bytes:
+        raise HTTPException(413, f"the answer needs about {mib(answer)}; this server allows "
+                                 f"{mib(s.max_request_bytes)} per request: send fewer or shorter "
+                                 "items, or fewer alternatives")  # fmt: skip
+
+
+async def _run(app: FastAPI, op: str, items: list[Any], key: Any = None,
+               sizes: list[int] | None = None) -> list[Any]:  # fmt: skip
+    """Items through the batcher, within the memory budgets and the request's time."""
+    b, s = app.state.backend, app.state.settings
+    sizes = sizes or [1] * len(items)
+    _afford(b, s, op, key, sizes)
     try:
-        return await asyncio.wait_for(app.state.batcher.submit(op, items, key),
-                                      app.state.settings.timeout_s)  # fmt: skip
+        return await asyncio.wait_for(app.state.batcher.submit(op, items, key, sizes), s.timeout_s)
     except QueueFull as e:
         raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
     except TimeoutError:
-        raise HTTPException(504, "the request timed out in the server queue") from None
+        raise HTTPException(504, f"the request took longer than {s.timeout_s} s") from None
+
+
+async def _reply(make: Callable[..., dict], *args: Any) -> JSONResponse:
+    """The answer built and rendered to JSON in a worker thread (large answers take a while)."""
+    return await asyncio.to_thread(lambda: JSONResponse(make(*args)))
 
 
 def _add_routes(app: FastAPI, b: Backend, s: ServeSettings) -> None:
     auth = _auth(s)
     _info_routes(app, b, auth)
+    _spec_routes(app, auth)
     _text_routes(app, b, s, auth)
     _tensor_routes(app, b, s, auth)
 
@@ -149,7 +193,7 @@ def _info_routes(app: FastAPI, b: Backend, auth: Any) -> None:
     @app.get("/v1/models", dependencies=[auth])
     async def models() -> dict[str, Any]:
         card = {
-            "id": b.name,
+            "id": b.name,  # the name only: never the folder it was loaded from
             "object": "model",
             "owned_by": "lfm",
             "lfm_access": b.level.name.lower(),
@@ -158,77 +202,102 @@ def _info_routes(app: FastAPI, b: Backend, auth: Any) -> None:
         return {"object": "list", "data": [card]}
 
 
+def _spec_routes(app: FastAPI, auth: Any) -> None:
+    """The OpenAPI spec and its viewers, behind the key like every endpoint but `/health`."""
+
+    @app.get("/openapi.json", dependencies=[auth], include_in_schema=False)
+    async def spec() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", dependencies=[auth], include_in_schema=False)
+    async def docs() -> Any:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    @app.get("/redoc", dependencies=[auth], include_in_schema=False)
+    async def redoc() -> Any:
+        return get_redoc_html(openapi_url="/openapi.json", title=app.title)
+
+
 def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/completions", dependencies=[auth])
-    async def completions(req: S.CompletionRequest) -> dict[str, Any]:
+    async def completions(req: S.CompletionRequest) -> JSONResponse:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if req.logprobs is not None or req.echo:
             _need(b, Access.SCORES, "echo or logprobs")
         if req.max_tokens > s.max_new_tokens:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
-        counts = _check_texts(b, s, prompts, req.max_tokens)
-        outs = await _generate(app, prompts, req.max_tokens, req.temperature, req.seed)
-        logprobs = await _logprobs(app, req, prompts, outs) if req.logprobs is not None else None
+        if req.logprobs is not None and req.logprobs > 20:
+            raise HTTPException(400, f"logprobs {req.logprobs} exceeds 20 alternatives per token")
+        counts = await _check_texts(b, s, prompts, req.max_tokens)
+        if req.logprobs is not None:  # refused before generating, not after
+            _afford(b, s, "tokens", req.logprobs, [c + req.max_tokens for c in counts])
+        outs = await _generate(app, prompts, counts, req.max_tokens, req.temperature, req.seed)
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = await _logprobs(app, req, prompts, outs, counts)
         choices = [_choice(i, (p if req.echo else "") + o, logprobs, req.max_tokens)
                    for i, (p, o) in enumerate(zip(prompts, outs, strict=True))]  # fmt: skip
-        return _envelope("text_completion", b.name, choices, counts, outs, b)
+        return await _reply(_envelope, "text_completion", b.name, choices, counts, outs, b)
 
     @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat(req: S.ChatRequest) -> dict[str, Any]:
+    async def chat(req: S.ChatRequest) -> JSONResponse:
         if req.max_tokens > s.max_new_tokens:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
-        prompt = _chat_prompt(b, req.messages)
-        counts = _check_texts(b, s, [prompt], req.max_tokens)
-        outs = await _generate(app, [prompt], req.max_tokens, req.temperature, req.seed)
+        prompt = await asyncio.to_thread(_chat_prompt, b, req.messages)
+        counts = await _check_texts(b, s, [prompt], req.max_tokens)
+        outs = await _generate(app, [prompt], counts, req.max_tokens, req.temperature, req.seed)
         msg = {
             "index": 0,
             "message": {"role": "assistant", "content": outs[0]},
             "finish_reason": "length",
         }
-        return _envelope("chat.completion", b.name, [msg], counts, outs, b)
+        return await _reply(_envelope, "chat.completion", b.name, [msg], counts, outs, b)
 
 
 def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/lfm/next_token_logprobs", dependencies=[auth])
-    async def next_token(req: S.NextTokenRequest) -> dict[str, Any]:
+    async def next_token(req: S.NextTokenRequest) -> JSONResponse:
         _need(b, Access.SCORES, "next_token_logprobs")
-        counts = _check_texts(b, s, req.prompt)
-        rows = await _run(app, "next", req.prompt)
-        return {"logprobs": [pack(r) for r in rows], "usage": _usage(counts, 0)}
+        counts = await _check_texts(b, s, req.prompt)
+        rows = await _run(app, "next", req.prompt, None, counts)
+        return await _reply(lambda: {"logprobs": [pack(r) for r in rows],
+                                     "usage": _usage(counts, 0)})  # fmt: skip
 
     @app.post("/v1/lfm/embed", dependencies=[auth])
-    async def embed(req: S.EmbedRequest) -> dict[str, Any]:
+    async def embed(req: S.EmbedRequest) -> JSONResponse:
         _need(b, Access.EMBEDDINGS, "embed")
-        counts = _check_texts(b, s, req.input)
-        rows = await _run(app, "embed", req.input)
-        return {"embeddings": [pack(r) for r in rows], "usage": _usage(counts, 0)}
+        counts = await _check_texts(b, s, req.input)
+        rows = await _run(app, "embed", req.input, None, counts)
+        return await _reply(lambda: {"embeddings": [pack(r) for r in rows],
+                                     "usage": _usage(counts, 0)})  # fmt: skip
 
     @app.post("/v1/lfm/logits_from_embeds", dependencies=[auth])
-    async def logits_from_embeds(req: S.LogitsFromEmbedsRequest) -> dict[str, Any]:
+    async def logits_from_embeds(req: S.LogitsFromEmbedsRequest) -> JSONResponse:
         _need(b, Access.EMBEDDINGS, "logits_from_embeds")
-        rows = _embed_rows(req, _max_tokens(b, s), s.max_items, b.dim)
+        rows = await asyncio.to_thread(_embed_rows, req, _max_tokens(b, s), s.max_items, b.dim)
         key = "last" if req.positions is not None else "all"
-        out = await _run(app, "lfe", rows, key)
-        return {"logits": [pack(r) for r in out], "usage": _usage([len(m) for _, m, _ in rows], 0)}
+        sizes = [int(e.shape[0]) for e, _, _ in rows]
+        out = await _run(app, "lfe", rows, key, sizes)
+        return await _reply(lambda: {"logits": [pack(r) for r in out],
+                                     "usage": _usage([len(m) for _, m, _ in rows], 0)})  # fmt: skip
 
 
 GREEDY_BELOW = 1e-3  # a lower temperature samples as greedy; a subnormal one made logits inf
 
 
-async def _generate(app: FastAPI, prompts: list[str], n: int, temp: float, seed: int) -> list[str]:
+async def _generate(app: FastAPI, prompts: list[str], counts: list[int], n: int, temp: float,
+                    seed: int) -> list[str]:  # fmt: skip
     if n == 0:
         return ["" for _ in prompts]
     temp = temp if temp >= GREEDY_BELOW else 0.0
-    return await _run(app, "generate", prompts, (n, temp, seed))
+    return await _run(app, "generate", prompts, (n, temp, seed), counts)
 
 
-async def _logprobs(
-    app: FastAPI, req: S.CompletionRequest, prompts: list[str], outs: list[str]
-) -> list[dict]:
-    top = int(req.logprobs or 0)
-    if top > 20:
-        raise HTTPException(400, f"logprobs {top} exceeds 20 alternatives per token")
-    res = await _run(app, "tokens", [p + o for p, o in zip(prompts, outs, strict=True)], top)
+async def _logprobs(app: FastAPI, req: S.CompletionRequest, prompts: list[str], outs: list[str],
+                    counts: list[int]) -> list[dict]:  # fmt: skip
+    texts = [p + o for p, o in zip(prompts, outs, strict=True)]
+    sizes = [c + req.max_tokens for c in counts]  # at most: the new tokens may merge
+    res = await _run(app, "tokens", texts, int(req.logprobs or 0), sizes)
     return res if req.echo else [_after(r, len(p)) for r, p in zip(res, prompts, strict=True)]
 
 

@@ -12,16 +12,24 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Hashable, Sequence
+from pathlib import PurePath
 from typing import Any
 
 import torch
 
 from lfm.access import Access, LocalModel, narrow, require
+from lfm.serve.batcher import check_stop
+from lfm.serve.budget import NORM_ROWS, Shape, pass_bytes
+from lfm.serve.limits import chars_per_token
 
 
 @torch.no_grad()
 def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> list[dict[str, Any]]:
     """OpenAI-style `logprobs` of each text's own tokens (the first token gets None).
+
+    One forward pass gives the (B, T, V) logits; they are then normalised a few positions at a
+    time (log p = logit - logsumexp), so the pass holds the logits and (NORM_ROWS, V)
+    temporaries, never a second (B, T, V) tensor.
 
     Args:
         model: the white-box model (its tokenizer must be a fast one, for character offsets).
@@ -36,21 +44,32 @@ def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> lis
     for i, e in enumerate(encs):  # right padding, as in `LocalModel._score_ids`
         ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
         mask[i, : len(e["input_ids"])] = 1
-    logp = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-    logp = logp.logits.float().log_softmax(-1).cpu()  # (B, T, V)
+    logits = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+    logits = logits.logits  # (B, T, V)
     return [
-        _one(tok, text, e, logp[i], top)
+        _one(tok, text, e, logits[i, : len(e["input_ids"])].float(), top)
         for i, (text, e) in enumerate(zip(texts, encs, strict=True))
     ]
 
 
-def _one(tok: Any, text: str, enc: Any, logp: torch.Tensor, top: int) -> dict[str, Any]:
+def _one(tok: Any, text: str, enc: Any, logits: torch.Tensor, top: int) -> dict[str, Any]:
     ids, offs = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
-    lps: list[float | None] = [None] + [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+    # (T-1,): the normaliser of each predicting position, a few rows at a time (its temporaries
+    # are rows × V, not T × V)
+    last = logits.shape[0] - 1
+    parts = [logits[a : min(a + NORM_ROWS, last)].logsumexp(-1) for a in range(0, last, NORM_ROWS)]
+    lse = torch.cat(parts) if parts else logits[:0, 0]
+    nxt = torch.tensor(ids[1:], dtype=torch.long, device=logits.device)
+    own = (logits[:-1].gather(-1, nxt[:, None])[:, 0] - lse).cpu().tolist()
+    lps: list[float | None] = [None, *own]
     tops: list[dict[str, float] | None] = [None]
-    for t in range(1, len(ids)):
-        v, k = logp[t - 1].topk(top) if top else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
-        tops.append({tok.decode([int(j)]): float(x) for x, j in zip(v, k, strict=True)})
+    if top:
+        v, k = logits[:-1].topk(min(top, logits.shape[-1]), -1)
+        v, k = (v - lse[:, None]).cpu().tolist(), k.cpu().tolist()
+        names = {j: tok.decode([j]) for j in {j for row in k for j in row}}
+        tops += [
+            {names[j]: x for x, j in zip(vs, ks, strict=True)} for vs, ks in zip(v, k, strict=True)
+        ]
     return {
         "tokens": [
             text[s:e] if e > s else tok.convert_ids_to_tokens(i)
@@ -93,6 +112,31 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+PIECE = 4  # items per forward call within a pass; a stopped pass ends between pieces
+
+
+def _pieces(items: list[Any], fn: Any) -> list[Any]:
+    """`fn` over `PIECE` items at a time, stopping early when the pass's requests timed out."""
+    out: list[Any] = []
+    for a in range(0, len(items), PIECE):
+        check_stop()
+        out += fn(items[a : a + PIECE])
+    return out
+
+
+def heads(config: Any) -> int:
+    """Attention heads of a layer (the attention scores of a pass are heads × T × T)."""
+    for name in ("num_attention_heads", "n_head"):
+        if isinstance(getattr(config, name, None), int):
+            return int(getattr(config, name))
+    return 1
+
+
+def public_name(name: str) -> str:
+    """The model's name without the folders it was loaded from: no local path leaves the server."""
+    return PurePath(name.replace("\\", "/")).name or "model"
+
+
 class Backend:
     """The batched operations a server offers at one access level.
 
@@ -104,33 +148,41 @@ class Backend:
     def __init__(self, model: LocalModel, level: Access | str):
         self.level = Access.parse(level)
         self.handle = narrow(model, self.level)
-        self.name = model.name
+        self.name = public_name(model.name)
         self.tokenizer = model.tokenizer  # a tokenizer holds no weights
         self._model = model if self.level >= Access.SCORES else None
         self.vocab_size = int(model.vocab_size) if self.level >= Access.SCORES else None
         self.dim = int(model.model.get_input_embeddings().embedding_dim)  # a size, not weights
         self.max_positions = max_positions(model.model.config)
+        self.chars_per_token = chars_per_token(self.tokenizer)
+        self.shape = Shape(
+            vocab=int(model.vocab_size), dim=self.dim, heads=heads(model.model.config),
+            keeps_logits="logits_to_keep" in inspect.signature(model.model.forward).parameters,
+        )  # fmt: skip
 
     def ops(self) -> dict[str, Any]:
         return {"generate": self.generate, "tokens": self.tokens, "next": self.next_token,
                 "embed": self.embed, "lfe": self.logits_from_embeds}  # fmt: skip
+
+    def pass_bytes(self, op: str, key: Hashable, n: int, width: int) -> int:
+        """Estimated peak bytes of one pass (`lfm.serve.budget.pass_bytes`)."""
+        return pass_bytes(self.shape, op, key, n, width)
 
     def n_tokens(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
     def generate(self, prompts: list[str], key: Hashable) -> list[str]:
         max_new, temperature, seed = key  # type: ignore[misc]
-        return self.handle.generate(
-            prompts, max_new_tokens=max_new, temperature=temperature, seed=seed
-        )
+        return _pieces(prompts, lambda part: self.handle.generate(
+            part, max_new_tokens=max_new, temperature=temperature, seed=seed))  # fmt: skip
 
     def tokens(self, texts: list[str], key: Hashable) -> list[dict[str, Any]]:
         require(self.handle, Access.SCORES, "echo with logprobs")
-        return token_logprobs(self._model, texts, top=int(key or 0))  # type: ignore[arg-type]
+        return _pieces(texts, lambda part: token_logprobs(self._model, part, top=int(key or 0)))  # type: ignore[arg-type]
 
     def next_token(self, prompts: list[str], key: Hashable) -> list[torch.Tensor]:
         require(self.handle, Access.SCORES, "next-token log-probabilities")
-        return list(self.handle.next_token_logprobs(prompts))
+        return _pieces(prompts, lambda part: list(self.handle.next_token_logprobs(part)))
 
     def embed(self, texts: list[str], key: Hashable) -> list[torch.Tensor]:
         require(self.handle, Access.EMBEDDINGS, "input embeddings")

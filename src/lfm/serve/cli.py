@@ -35,21 +35,23 @@ def check_bind(host: str, api_key: str | None) -> None:
 def make_server(model: Any, access: str, host: str, port: int, api_key: str | None,
                 max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
                 timeout_s: float = 60.0):  # fmt: skip
-    """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`."""
+    """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`,
+    with the connection limits of `ServeSettings` (header and keep-alive timeouts, at most
+    `max_connections` connections)."""
     import uvicorn
 
     from lfm.access import LocalModel
     from lfm.assets import load_model
     from lfm.serve.app import ServeSettings, build_app
     from lfm.serve.backend import Backend
+    from lfm.serve.limits import uvicorn_config
 
     check_bind(host, api_key)
     local = model if isinstance(model, LocalModel) else load_model(model, kind="causal-lm")
     settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_queue=max_queue, timeout_s=timeout_s)  # fmt: skip
     app = build_app(Backend(local, access), settings)
-    cfg = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    return uvicorn.Server(cfg)
+    return uvicorn.Server(uvicorn_config(app, host, port, settings))
 
 
 def serve(

@@ -26,19 +26,22 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
     """Serve `app` with uvicorn in a thread; yields its URL and stops it on exit.
 
     Args:
-        app: the FastAPI app (`build_app`).
+        app: the FastAPI app (`build_app`; another app is served with the default limits).
         host: a loopback address (this helper is for local use; `lfm serve` binds elsewhere).
         port: a port, or a free one.
         startup_s: how long to wait for the server to accept connections.
     """
     import uvicorn
 
+    from lfm.serve.app import ServeSettings
     from lfm.serve.cli import is_loopback
+    from lfm.serve.limits import uvicorn_config
 
     if not is_loopback(host):
         raise LfmError(f"running() serves on loopback only, not {host}")
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
+    settings = getattr(app.state, "settings", None) or ServeSettings()
+    server = uvicorn.Server(uvicorn_config(app, host, port, settings, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_s
