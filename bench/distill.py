@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from lfm.core.measure import Meter, total
 from lfm.core.train import TrainConfig
 from lfm.distill.vision import (
     METHODS,
@@ -40,12 +41,32 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write each loss's figures to the table `lfm plan --task distill` reads",
+    )
     return p.parse_args()
 
 
 def _fmt(accs: list[float]) -> str:
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     return f"{100 * statistics.mean(accs):6.2f} ± {100 * sd:4.2f}"
+
+
+def _record(method: str, accs: list[float], cost, teacher: torch.nn.Module, a) -> None:
+    """One row per loss: test accuracy, and the cost per student step (teacher calls, CPU)."""
+    import sys
+
+    from lfm.pipeline.plan import record
+
+    acc = 100 * statistics.mean(accs)
+    steps = a.student_steps * a.seeds
+    summary = (f"student {acc:.1f}% on Fashion-MNIST after {a.student_steps} steps, "
+               f"{cost.cpu_s / steps * 1000:.0f} CPU-ms per step")  # fmt: skip
+    record(f"distill/{method}", acc, summary, "python bench/distill.py " + " ".join(sys.argv[1:]),
+           model="fashion-mnist-cnn", unit="step", units=steps, cost=cost,
+           params=sum(p.numel() for p in teacher.parameters()), seeds=a.seeds)  # fmt: skip
 
 
 def main() -> None:
@@ -57,12 +78,16 @@ def main() -> None:
     teacher = train_teacher(data, cfg.replace(steps=a.teacher_steps), a.batch_size)
     rows = [("teacher (16-32-32)", [accuracy(teacher, data.x_test, data.y_test)], time.time() - t0)]
     for method in a.methods.split(","):
-        t0, accs = time.time(), []
+        t0, accs, costs = time.time(), [], []
         for seed in range(a.seeds):
             s_cfg = cfg.replace(steps=a.student_steps, seed=seed)
-            student = train_student(method, teacher, data, s_cfg, a.batch_size)
+            with Meter(teacher) as meter:
+                student = train_student(method, teacher, data, s_cfg, a.batch_size)
+            costs.append(meter.result)
             accs.append(accuracy(student, data.x_test, data.y_test))
         rows.append((f"student (8-16-16) {method}", accs, (time.time() - t0) / a.seeds))
+        if a.record and method != "student":  # the student alone is no distillation method
+            _record(method, accs, total(costs), teacher, a)
     print(f"\nFashion-MNIST, {a.train_size} train / {a.test_size} test images, batch {a.batch_size}, "
           f"teacher {a.teacher_steps} steps, students {a.student_steps} steps, {a.seeds} seeds")  # fmt: skip
     print(f"{'model':<28} {'test acc %':>14} {'s/run':>7}")

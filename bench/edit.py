@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from lfm.core.measure import Measured, Meter, total
+
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -102,21 +104,22 @@ def _cfg(name: str, a: argparse.Namespace):
     return get(f"edit/{name}").config(**kw)
 
 
-def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, tuple[float, float]]:
+def _single(handle, facts, name: str, a: argparse.Namespace) -> tuple[dict, tuple, Measured]:
     from lfm.edit.facts import evaluate_fact, summarise
     from lfm.registry import get
 
     cfg = _cfg(name, a)
-    fn, rows, clock = get(f"edit/{name}").fn, [], _Clock()
+    fn, rows, clock, costs = get(f"edit/{name}").fn, [], _Clock(), []
     for i, f in enumerate(facts, 1):
-        with clock:
+        with clock, Meter(handle.model) as meter:
             patch = fn(handle, f.request, cfg)
+        costs.append(meter.result)
         undo = patch.apply(handle.model)
         rows.append(evaluate_fact(handle, f, gen_tokens=a.gen_tokens))
         undo.revert(handle.model)
         if i % 10 == 0 and i < len(facts):
             print(_row(f"  {name} first {i}", summarise(rows), clock.per(i)), flush=True)
-    return summarise(rows), clock.per(len(facts))
+    return summarise(rows), clock.per(len(facts)), total(costs)
 
 
 class _Clock:
@@ -195,7 +198,7 @@ def _row(label: str, m: dict[str, float], secs: tuple[float, float] = (0.0, 0.0)
     return f"{label:<24}{vals} {secs[0]:8.2f} {secs[1]:8.2f}"
 
 
-def _record(name: str, scores: dict, secs: tuple[float, float], n: int, a) -> None:
+def _record(name: str, scores: dict, cost: Measured, n: int, params: int, a) -> None:
     import sys
 
     from lfm.pipeline.plan import record
@@ -203,10 +206,11 @@ def _record(name: str, scores: dict, secs: tuple[float, float], n: int, a) -> No
 
     key = get(name, area="edit").key
     summary = (f"Score {scores['score']:.1f} on {n} {a.model} facts, "
-               f"{secs[1]:.1f} CPU-s per edit")  # fmt: skip
+               f"{cost.cpu_s / n:.1f} CPU-s per fact")  # fmt: skip
     record(key, float(scores["score"]), summary, "python bench/edit.py " + " ".join(sys.argv[1:]),
+           model=a.model, unit="fact", units=n, cost=cost, params=params,
            efficacy=scores["efficacy"], paraphrase=scores["paraphrase"],
-           neighbourhood=scores["neighbourhood"], cpu_s_per_edit=secs[1], model=a.model, facts=n)  # fmt: skip
+           neighbourhood=scores["neighbourhood"])  # fmt: skip
 
 
 def main() -> None:
@@ -231,10 +235,11 @@ def main() -> None:
     base = summarise([evaluate_fact(handle, f, gen_tokens=a.gen_tokens) for f in use])
     print(_row("unedited", base), flush=True)
     for name in a.methods:
-        scores, secs = _single(handle, use, name, a)
+        scores, secs, cost = _single(handle, use, name, a)
         print(_row(name, scores, secs), flush=True)
         if a.record:
-            _record(name, scores, secs, len(use), a)
+            params = sum(p.numel() for p in handle.model.parameters())
+            _record(name, scores, cost, len(use), params, a)
     if a.batch:
         kept, every, secs = _batch(handle, use, a)
         print(_row(f"memit batch of {len(use)}", kept, secs) + " (total s)", flush=True)

@@ -26,6 +26,7 @@ import time
 import torch
 
 from lfm.core.io import atomic_path
+from lfm.core.measure import Meter
 from lfm.meta import MLP, SinusoidTasks, meta_test, rotated_digit_splits
 from lfm.meta.baseline import FinetuneConfig, class_data, fresh_head, train_classifier
 from lfm.meta.models import ConvNet
@@ -43,11 +44,15 @@ def run_one(key: str, model, train, test, overrides: dict, args) -> dict:
     fields = spec.config.model_fields
     cfg = spec.config.build({k: v for k, v in overrides.items() if k in fields})
     start, cpu = time.perf_counter(), time.process_time()
-    result = run(spec.key, model, train, cfg=cfg, seed=args.seed, progress=args.progress)
+    with Meter(model) as meter:
+        result = run(spec.key, model, train, cfg=cfg, seed=args.seed, progress=args.progress)
     score = meta_test(result, test, cfg=cfg, n_tasks=args.test_tasks)
     hist = result.history
     return {
         **score,
+        "cost": meter.result,
+        "steps": cfg.steps,
+        "params": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - start,
         "cpu_seconds": time.process_time() - cpu,
         "final_loss": sum(hist.loss[-20:]) / len(hist.loss[-20:]),  # meta-loss, last 20 steps
@@ -98,9 +103,26 @@ def classification(args, rows: list[tuple]) -> None:
             }
             r = run_one(key, model, train, test, over, args)
             emit(rows, (name, f"{shots}-shot", key, r), args)
+            if args.record and shots == max(args.shots):
+                _record(key, shots, r, args)
         if "finetune" in args.methods:
             r = finetune_baseline(train, test, args)
             emit(rows, (name, f"{shots}-shot", "finetune", r), args)
+
+
+def _record(key: str, shots: int, r: dict, args) -> None:
+    """One row per learner: 5-way accuracy on held-out classes, cost per meta-update."""
+    import sys
+
+    from lfm.pipeline.plan import record
+
+    acc = 100 * r["mean"]
+    cost = r["cost"]
+    summary = (f"{acc:.1f}% 5-way {shots}-shot on {args.data}-rot after {r['steps']} updates, "
+               f"{cost.cpu_s / r['steps']:.2f} CPU-s per update")  # fmt: skip
+    record(f"meta/{key}", acc, summary, "python bench/meta.py " + " ".join(sys.argv[1:]),
+           model=f"{args.data}-convnet", unit="meta-update", units=r["steps"], cost=cost,
+           params=r["params"], shots=shots)  # fmt: skip
 
 
 def emit(rows: list[tuple], row: tuple, args) -> None:
@@ -114,9 +136,14 @@ def emit(rows: list[tuple], row: tuple, args) -> None:
     )
     if args.out:
         keys = ("task", "shots", "method")
-        table = [{**dict(zip(keys, x[:3], strict=False)), **x[3]} for x in rows]
+        table = [{**dict(zip(keys, x[:3], strict=False)), **_plain(x[3])} for x in rows]
         with atomic_path(args.out) as tmp:
             tmp.write_text(json.dumps({"args": vars(args), "rows": table}, indent=1))
+
+
+def _plain(r: dict) -> dict:
+    """A row as JSON can hold it (the cost as its fields)."""
+    return {k: (vars(v) if k == "cost" else v) for k, v in r.items()}
 
 
 def main() -> None:
@@ -144,6 +171,11 @@ def main() -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action="store_true")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write each few-shot learner's figures to the table `lfm plan --task meta` reads",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print("| task | shots | method | metric | mean ± 95 % CI | wall | CPU |")

@@ -150,6 +150,29 @@ def rebasin_barrier(args: argparse.Namespace, out: Path) -> dict:
     return paths
 
 
+# The rows that are one registered merge at its paper's setting (AdaMerging: layer-wise).
+RECORDED = {"average": "linear", "task arithmetic": "task_arithmetic", "TIES": "ties",
+            "DARE-TIES": "dare_ties", "Fisher": "fisher", "RegMean": "regmean",
+            "AdaMerging (layer-wise)": "adamerging"}  # fmt: skip
+
+
+def _record(res, a) -> None:
+    """One row per merge: mean accuracy over the four tasks, cost per expert merged."""
+    import sys
+
+    from lfm.pipeline.plan import record
+
+    n = len(res.tasks)
+    params = sum(p.numel() for p in Backbone().parameters())
+    for label, name in RECORDED.items():
+        acc, cost = 100 * sum(res.rows[label]) / n, res.costs[label]
+        summary = (f"{acc:.1f}% mean over {n} tasks merging {n} MLP experts, "
+                   f"{cost.cpu_s / n:.1f} CPU-s per expert")  # fmt: skip
+        record(f"reuse/{name}", acc, summary,
+               "python bench/reuse_fusion.py " + " ".join(sys.argv[1:]),
+               model="fusion-mlp", unit="model", units=n, cost=cost, params=params)  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-pretrain", type=int, default=3000)
@@ -163,6 +186,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-reuse-fusion"))
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    ap.add_argument(
+        "--record",
+        action="store_true",
+        help="write each merge's figures to the table `lfm plan --task merge` reads",
+    )
     a = ap.parse_args()
     if a.quick:
         a.n_pretrain, a.n_train, a.n_test, a.n_rebasin, a.ada_steps, a.epochs = (
@@ -178,6 +206,8 @@ def main() -> None:
     t0 = time.perf_counter()
     res = fusion(a, a.out)
     print("\n" + res.markdown() + f"\n\nchoices: {res.notes}\n")
+    if a.record:
+        _record(res, a)
     paths = rebasin_barrier(a, a.out)
     print("\nre-basin (test loss barrier along the linear path, accuracy at t=0.5):")
     for label, p in paths.items():

@@ -22,15 +22,14 @@ MiniLM step about 10x slower (3.8 s against 0.38 s) by spinning on the busy core
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
 
 from lfm.assets import load_dataset, load_model
+from lfm.core.measure import Meter
 from lfm.core.train import TrainConfig
 from lfm.registry import get
 from lfm.tuning.methods import FullFTConfig, WiseFTConfig
@@ -50,31 +49,6 @@ METHODS = [
 ]
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak resident-set growth (sampled every 20 ms) or the CUDA peak, in MiB."""
-
-    def __enter__(self) -> PeakMemory:
-        self.base = self.peak = _rss()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._watch, daemon=True)
-        self._t.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._t.join()
-        self.mib = (self.peak - self.base) / 2**20
-
-
 def _task(args, data, model: str, texts, y) -> TextClassification:
     """Label words for the causal LM (prompts cut to `--max-chars`), raw cut texts for an encoder."""
     if model == "smollm2-135m":
@@ -90,7 +64,7 @@ def run_one(args, data, model: str, method: str, seed: int) -> dict:
     encoder = ev.verbalizer is None
     steps = args.steps * (args.encoder_step_factor if encoder else 1)
     t0 = time.perf_counter()
-    with PeakMemory() as mem:
+    with Meter(handle.model) as mem:
         extra, n_train = {}, 0
         if method == "zero-shot":
             clf = classifier(handle.model, handle.tokenizer, ev)
@@ -111,8 +85,11 @@ def run_one(args, data, model: str, method: str, seed: int) -> dict:
     return {
         "acc": acc,
         "params": n_train,
-        "mem": mem.mib,
+        "mem": mem.result.peak_mib,
         "time": time.perf_counter() - t0,
+        "cost": mem.result,
+        "steps": 0 if method == "zero-shot" else steps,
+        "model_params": sum(p.numel() for p in handle.model.parameters()),
         **extra,
     }
 
@@ -123,6 +100,21 @@ def _fmt(xs: list[float]) -> str:
         if len(xs) > 1
         else f"{xs[0]:.3f}"
     )
+
+
+def _record(model: str, method: str, rs: list[dict], args) -> None:
+    """One row per tuner and model: held-out accuracy, the cost per training step."""
+    from lfm.core.measure import total
+    from lfm.pipeline.plan import record
+
+    acc = 100 * statistics.mean(r["acc"] for r in rs)
+    steps = sum(r["steps"] for r in rs)
+    cost = total([r["cost"] for r in rs])
+    summary = (f"{acc:.1f}% on BBC News, {args.shots} shots/class, {rs[0]['steps']} steps, "
+               f"{cost.cpu_s / steps:.1f} CPU-s per step")  # fmt: skip
+    record(f"tuning/{method}", acc, summary, "python bench/tune.py " + " ".join(sys.argv[1:]),
+           model=model, unit="step", units=steps, cost=cost, params=rs[0]["model_params"],
+           trainable=rs[0]["params"], seeds=len(rs))  # fmt: skip
 
 
 def main() -> None:
@@ -149,6 +141,11 @@ def main() -> None:
         help="torch threads (2 on a busy 2-core box is ~10x slower)",
     )
     p.add_argument("--wise", action="store_true", help="WiSE-FT curve (α = 0 .. 1) after full FT")
+    p.add_argument(
+        "--record",
+        action="store_true",
+        help="write each tuner's figures to the table `lfm plan --task classify` reads",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     data = load_dataset("bbc-news")
@@ -169,6 +166,8 @@ def main() -> None:
                       file=sys.stderr, flush=True)  # fmt: skip
             print(f"| {model} | {method} | {_fmt([r['acc'] for r in rs])} | {rs[0]['params']:,} | "
                   f"{max(r['mem'] for r in rs):.0f} | {statistics.mean(r['time'] for r in rs):.1f} |", flush=True)  # fmt: skip
+            if args.record and method != "zero-shot":
+                _record(model, method, rs, args)
             if "wise" in rs[0]:
                 for i, (a, _) in enumerate(rs[0]["wise"]):
                     accs = [r["wise"][i][1] for r in rs]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lfm.core.runs import ancestry, path_sha256, read_manifest
+from lfm.errors import LfmError
 from lfm.pipeline import spec as S
 from lfm.pipeline.runner import run_pipeline
 
@@ -118,3 +119,66 @@ def test_killed_in_step_3_resumes_and_ends_as_an_uninterrupted_run(tmp_path):
     whole = (tmp_path / "whole" / "digits-experts" / "table.md").read_text()
     assert (folder / "table.md").read_text() == whole
     assert "| all_digits |" in whole
+
+
+def test_a_meta_learner_is_a_step_and_its_evaluation_adapts_the_saved_weights(tmp_path):
+    """meta/protonets meta-trained in a step; `evaluate_fewshot` scores the saved learner on
+    held-out classes: the same figure as meta-testing the weights directly, not the untrained."""
+    from lfm.meta.recipes import build_problem, load_result
+    from lfm.meta.train import meta_test
+
+    pipe = {"name": "meta", "steps": [
+        {"name": "proto", "run": "meta/protonets", "data": {"task": "digits", "shots": 1},
+         "config": {"steps": 10}},
+        {"name": "fewshot", "run": "evaluate_fewshot", "model": "proto",
+         "data": {"test_tasks": 10}},
+    ]}  # fmt: skip
+    result = run_pipeline(S.parse(pipe), tmp_path, log=_quiet)
+    score = result.table()["fewshot"]["proto"]
+    folder = next((tmp_path / "meta").glob("proto-*/output/learner"))
+    info = json.loads((folder / "learner.json").read_text())
+    assert (info["method"], info["task"], info["shots"], info["ways"]) == (
+        "meta/protonets", "digits", 1, 5)  # fmt: skip
+    model, _, test = build_problem("digits", 1, 5, False, 0)
+    untrained = meta_test(model, test, "meta/protonets", n_tasks=10)["mean"]
+    state, _, _ = load_result(folder / "model.safetensors")
+    model.load_state_dict(state)
+    assert meta_test(model, test, "meta/protonets", n_tasks=10)["mean"] == pytest.approx(score)
+    assert score != pytest.approx(untrained)
+    # a learner evaluated on another task family is a one-line error, not a crash
+    pipe["steps"][1]["data"] = {"task": "fashion-mnist"}
+    with pytest.raises(LfmError, match="meta-trained on digits"):
+        run_pipeline(S.parse(pipe), tmp_path, log=_quiet)
+
+
+def test_data_free_meta_learners_are_refused_before_anything_runs(tmp_path):
+    from lfm.pipeline.runner import validate
+
+    pipe = {"name": "x", "steps": [{"name": "m", "run": "meta/datafree_whitebox"}]}
+    with pytest.raises(LfmError, match=r"step 'm'.*pool of models"):
+        validate(S.parse(pipe))
+
+
+def test_an_ensemble_step_scores_the_members_combined_answers(tmp_path):
+    """`reuse/ensemble_average` as a step: its accuracy is that of the averaged log-probabilities
+    of the saved members, computed here by hand; `ensemble_vote` reports its own figure."""
+    import torch
+
+    from lfm.pipeline import data as D
+    from lfm.pipeline.artifacts import load_classifier
+
+    steps = _pipeline()["steps"][:3]
+    steps += [
+        {"name": "avg", "run": "reuse/ensemble_average", "models": ["a", "b"],
+         "data": {"dataset": "digits", "test": 100}},
+        {"name": "vote", "run": "reuse/ensemble_vote", "models": ["a", "b", "base"],
+         "data": {"dataset": "digits", "test": 100}},
+    ]  # fmt: skip
+    table = run_pipeline(S.parse({"name": "ens", "steps": steps}), tmp_path, log=_quiet).table()
+    x, y = D.images(D.parse("images", {"dataset": "digits", "test": 100}), "test")
+    members = [load_classifier(next((tmp_path / "ens").glob(f"{n}-*/output/classifier")))[0]
+               for n in ("a", "b")]  # fmt: skip
+    with torch.no_grad():
+        avg = sum(torch.log_softmax(m(x), -1) for m in members) / 2
+    assert table["avg"]["accuracy"] == pytest.approx((avg.argmax(-1) == y).float().mean().item())
+    assert 0 <= table["vote"]["accuracy"] <= 1

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from fastapi import FastAPI
+from safetensors.torch import save_file
 
 from lfm import registry
 from lfm.access import Access, LocalModel
 from lfm.core.tiny import tiny_lm
 from lfm.errors import AccessError, LfmError
-from lfm.pipeline import plan, probe
+from lfm.pipeline import Interface, plan, probe
 from lfm.pipeline.plan import model_kinds
 from lfm.serve import Backend, ServeSettings, build_app
 from lfm.serve.thread import running
@@ -142,18 +144,121 @@ def test_the_cli_prints_json(served):
     }
 
 
-def test_task_order_comes_from_the_table_the_benchmarks_write(tmp_path, monkeypatch):
+@pytest.fixture
+def empty_table(tmp_path, monkeypatch):
+    """`lfm.pipeline.plan` reading (and benchmarks writing) an empty table in `tmp_path`."""
     import importlib
 
     plan_module = importlib.import_module("lfm.pipeline.plan")
-
     table = tmp_path / "measured.json"
     monkeypatch.setattr(plan_module, "MEASURED", table)
-    plan_module.record("edit/memit", 80.0, "Score 80", "bench", path=table)
-    plan_module.record("edit/rome", 90.0, "Score 90", "bench", path=table)
-    plan_module.record("edit/memit", 95.0, "Score 95", "bench again", path=table)  # replaces
+    return plan_module, table
+
+
+def test_task_order_comes_from_the_table_the_benchmarks_write(empty_table):
+    plan_module, table = empty_table
+    where = {"model": "smollm2-135m", "unit": "fact", "units": 10, "path": table}
+    plan_module.record("edit/memit", 80.0, "Score 80", "bench", **where)
+    plan_module.record("edit/rome", 90.0, "Score 90", "bench", **where)
+    plan_module.record("edit/memit", 95.0, "Score 95", "bench again", **where)  # replaces
     p = plan_module.plan("smollm2-135m", task="edit")
     keys = [e.key for e in p.entries]
     assert keys[:2] == ["edit/memit", "edit/rome"]  # measured, best first; the rest after
     assert p.entries[0].figures["summary"] == "Score 95"
-    assert json.loads(table.read_text())["rows"][0]["command"] == "bench again"
+    rows = json.loads(table.read_text())["rows"]
+    assert [r["command"] for r in rows] == ["bench again", "bench"]
+
+
+def _measured(cpu_s=20.0, calls=60, peak_mib=300.0):
+    from lfm.core.measure import Measured
+
+    return Measured(cpu_s=cpu_s, wall_s=2 * cpu_s, calls=calls, peak_mib=peak_mib)
+
+
+def test_estimates_scale_the_measured_cost_per_unit(tmp_path, empty_table):
+    """Calls and CPU time per unit times the size; another model scales by parameter count."""
+    plan_module, table = empty_table
+    # 10 facts cost 20 CPU-s and 60 forward calls on a model of 1,000 parameters
+    plan_module.record("edit/rome", 90.0, "Score 90", "bench", model="small", unit="fact",
+                       units=10, cost=_measured(), params=1000, path=table)  # fmt: skip
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    save_file({"w": torch.zeros(50, 40), "ids": torch.zeros(7, dtype=torch.int64)},
+              str(folder / "model.safetensors"))  # fmt: skip
+    assert probe(str(folder)).facts["params"] == 2000  # floating tensors only, from the header
+
+    p = plan_module.plan(str(folder), task="edit", size=30)
+    est = next(e for e in p.entries if e.key == "edit/rome").estimate
+    assert est["calls"] == 180  # 6 per fact x 30
+    assert est["cpu_s"] == pytest.approx(2.0 * 30 * 2)  # 2 CPU-s per fact x 30 x (2000 / 1000)
+    assert est["peak_mib"] == pytest.approx(600.0)
+    assert est["scaled"] and est["from"] == "small"
+    # a toy model's figures are not scaled to a model 100x its size: they say nothing about it
+    big = Interface(str(folder), "model folder", Access.WEIGHTS, "causal-lm",
+                                       {"params": 100_000})  # fmt: skip
+    row = plan_module.measured(table)["edit/rome"]
+    far = plan_module.estimate(row, 30, big)
+    assert (
+        far["scale"] is None and far["cpu_s"] == pytest.approx(60.0) and far["from_params"] == 1000
+    )
+    # a method never measured has no estimate rather than a made-up one
+    assert next(e for e in p.entries if e.key == "edit/ft_l").estimate == {}
+    # without a parameter count for the target, the figures stay as measured, and say so
+    q = plan_module.plan("smollm2-135m", task="edit", size=30)
+    est = next(e for e in q.entries if e.key == "edit/rome").estimate
+    assert est["cpu_s"] == pytest.approx(60.0) and est["scale"] is None and not est["scaled"]
+
+
+def test_a_row_on_the_target_model_is_preferred(empty_table):
+    plan_module, table = empty_table
+    for model, score, params in (("smollm2-135m", 70.0, 10), ("gemma3-270m", 90.0, 20)):
+        plan_module.record("edit/rome", score, f"on {model}", "bench", model=model, unit="fact",
+                           units=1, cost=_measured(), params=params, path=table)  # fmt: skip
+    assert plan_module.measured(table, model="smollm2-135m")["edit/rome"]["score"] == 70.0
+    assert plan_module.measured(table, model="gemma3-270m")["edit/rome"]["score"] == 90.0
+    assert plan_module.measured(table)["edit/rome"]["model"] == "gemma3-270m"  # the larger
+    rome = next(e for e in plan_module.plan("smollm2-135m", task="edit").entries
+                if e.key == "edit/rome")  # fmt: skip
+    assert rome.figures["summary"] == "on smollm2-135m" and rome.estimate["scale"] == 1.0
+
+
+def test_size_needs_a_task_and_a_positive_count():
+    with pytest.raises(LfmError, match="needs a task"):
+        plan("smollm2-135m", size=5)
+    with pytest.raises(LfmError, match=">= 1"):
+        plan("smollm2-135m", task="edit", size=0)
+
+
+def test_meter_counts_forward_calls_of_copies_too():
+    import copy
+
+    from lfm.core.measure import Meter
+
+    net = torch.nn.Linear(3, 2)
+    with Meter(net) as m:
+        net(torch.zeros(1, 3))
+        twin = copy.deepcopy(net)  # a λ search or a student started from the model
+        twin(torch.zeros(1, 3))
+        torch.nn.Linear(3, 2)(torch.zeros(1, 3))  # another module: not counted
+    net(torch.zeros(1, 3))  # after the block: not counted
+    assert m.result.calls == 2
+    assert m.result.cpu_s >= 0 and m.result.wall_s > 0
+
+
+def test_the_cli_prints_estimates_for_a_task(empty_table):
+    from typer.testing import CliRunner
+
+    from lfm.cli import _mount_areas
+
+    plan_module, table = empty_table
+    plan_module.record("edit/rome", 90.0, "Score 90", "bench", model="smollm2-135m", unit="fact",
+                       units=10, cost=_measured(), params=1000, path=table)  # fmt: skip
+    app = _mount_areas(["plan"])
+    res = CliRunner().invoke(app, ["plan", "smollm2-135m", "--task", "edit", "--size", "30"],
+                             env={"COLUMNS": "400"})  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "≈ 180 calls, 60 CPU-s, 300 MiB for 30 facts" in res.output
+    assert "not measured" in res.output  # the editors without figures
+    bad = CliRunner().invoke(app, ["plan", "smollm2-135m", "--task", "edit", "--size", "0"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output

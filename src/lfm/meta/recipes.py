@@ -112,6 +112,13 @@ def build_problem(
     return ConvNet(ways if classifier else 64, 32, 4, SIZES[task]), train_tasks, test
 
 
+def task_preset(spec: MethodSpec, task: str) -> dict[str, Any]:
+    """Settings over the method's defaults for a task family: on images, a method that adapts by
+    gradient steps starts from MAML's Omniglot α = 0.4 and 3 test steps."""
+    adapts = "inner_lr" in spec.config.model_fields
+    return {"inner_lr": 0.4, "test_inner_steps": 3} if task in SIZES and adapts else {}
+
+
 def _finish(run_: Run, result: MetaResult, score: dict[str, Any], **metrics: Any) -> None:
     run_.log(
         final_meta_loss=result.history.loss[-1] if result.history.loss else None,
@@ -157,9 +164,8 @@ def train(
     spec = _spec(method, datafree=False)
     _at_least_one(shots=shots, ways=ways, test_tasks=test_tasks)
     adapts = "inner_lr" in spec.config.model_fields  # gradient steps on the support set
-    preset = {"inner_lr": 0.4, "test_inner_steps": 3} if task in SIZES and adapts else {}
     batch = {"meta_batch": meta_batch} if meta_batch else {}
-    cfg = _config(spec, config, preset, steps=steps, **batch)
+    cfg = _config(spec, config, task_preset(spec, task), steps=steps, **batch)
     model, train_tasks, test = build_problem(task, shots, ways, adapts, seed)
     inputs = on_disk({"config": config})
     with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=out) as run_:

@@ -7,6 +7,7 @@
 | `classifier` | a small image or feature classifier | `classifier.json` + `model.safetensors` |
 | `patch` | an edit patch | a patch file |
 | `stats` | statistics of a model on data (Gram, Fisher) | a statistics file |
+| `learner` | a meta-trained model and the task family it learnt | `learner.json` + `model.safetensors` |
 | `url` | a served model | its URL (the level probed) |
 | `metrics` | an evaluation | `metrics.json` |
 """

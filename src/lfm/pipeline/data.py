@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -63,8 +63,20 @@ class FactsData(BaseModel):
     file: str | None = None  # a JSON-lines fact file of the same shape (default: the packaged)
 
 
+class EpisodeData(BaseModel):
+    """A family of few-shot tasks for meta learning (`lfm.meta.recipes.build_problem`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    task: Literal["sinusoid", "digits", "fashion-mnist"] = "digits"  # rotated N-way, or sine waves
+    shots: int = Field(5, ge=1)  # K support examples (per class on images)
+    ways: int = Field(5, ge=2)  # N classes per episode (images)
+    test_tasks: int = Field(100, ge=1)  # held-out tasks at evaluation
+
+
 KINDS: dict[str, type[BaseModel]] = {
     "images": ImageData, "classification": TextClassData, "text": TextData, "facts": FactsData,
+    "episodes": EpisodeData,
 }  # fmt: skip
 
 

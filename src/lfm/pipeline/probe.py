@@ -12,6 +12,7 @@ URL is asked what it answers, with a handful of one-token requests:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,49 @@ def _probe_local(target: str) -> Interface:
         return _probe_local(str(path / "adapter"))
     if path.is_dir() and (path / "config.json").exists():
         cfg = _read_json(path / "config.json")
-        facts = {"model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers")}
+        facts = {"model_type": cfg.get("model_type"), "layers": cfg.get("num_hidden_layers"),
+                 "params": count_params(path)}  # fmt: skip
         return Interface(target, "model folder", Access.WEIGHTS, _kind(cfg), facts)
     if path.is_file() and path.suffix in (".safetensors", ".gguf", ".pth", ".pt"):
-        return Interface(target, "weights file", Access.WEIGHTS, "unknown", {"file": path.name})
+        facts = {"file": path.name, "params": count_params(path)}
+        return Interface(target, "weights file", Access.WEIGHTS, "unknown", facts)
     raise LfmError(f"{target}: no config.json, adapter_config.json or weights file there")
+
+
+def count_params(path: Path) -> int | None:
+    """Floating-point parameters in a safetensors file or folder, read from the headers only
+    (None for other formats, or when a header cannot be read)."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    if not files or any(f.suffix != ".safetensors" for f in files):
+        return None
+    total = 0
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size)) if 0 < size < 2**27 else None
+        except (OSError, ValueError):
+            return None
+        if not isinstance(header, dict):
+            return None
+        for name, info in header.items():
+            if name != "__metadata__" and str(info.get("dtype", "")).startswith(("F", "BF")):
+                total += math.prod(info.get("shape") or [1])
+    return total
+
+
+def asset_params(name: str) -> int | None:
+    """Floating-point parameters of an offline asset, counted from safetensors headers: its own
+    folder, or its fp32 conversion in the cache (a GGUF model once loaded); None otherwise."""
+    from lfm.assets.models import MODELS, gguf_cache_path
+
+    try:
+        path = MODELS[name].locate()
+        if path.suffix == ".gguf":
+            path = gguf_cache_path(path)
+    except (LfmError, OSError, KeyError):
+        return None
+    return count_params(path) if path.exists() else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

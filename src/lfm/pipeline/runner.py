@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +306,8 @@ def _execute(
              if a.kind != "url" and Path(a.path).exists()}  # fmt: skip
     parents = sorted({made[r].run_id for refs in step.refs().values() for r in refs if r in made})
     config = {"fingerprint": fp, **step.model_dump(mode="json")}
-    for stale in run_dir.glob(".output.*.tmp"):  # left by a run of this step that was killed
-        shutil.rmtree(stale, ignore_errors=True)
+    # A killed run of this step left `.output.pid<N>.*.tmp`: `atomic_path` sweeps it (only if
+    # process N is gone, so a run still writing is never disturbed).
     with Run(step.name, config, inputs=files, path=run_dir, parents=parents) as run:
         torch.manual_seed(step.seed)
         with atomic_path(run_dir / "output") as tmp:

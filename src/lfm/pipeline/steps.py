@@ -231,6 +231,22 @@ def _distill_loss(spec: registry.MethodSpec) -> Kind:
                 check=lambda s: _method_config(spec, s) + _check_student(s) + _check_train(s))  # fmt: skip
 
 
+def _reuse_ensemble(spec: registry.MethodSpec) -> Kind:
+    """An ensemble is no model on disk: the step scores the combined answers on the test split."""
+
+    def execute(ctx: Context) -> str:
+        data = D.parse("images", ctx.step.data)
+        x, y = D.images(data, "test")
+        members = [narrow(classifier_handle(a), spec.access) for a in ctx.inputs["models"]]
+        out = registry.run(spec.key, members, x, cfg=ctx.step.config)
+        pred = out.argmax(-1) if out.ndim == 2 else out  # log-probabilities, or voted labels
+        ctx.metrics["accuracy"] = (pred == y).float().mean().item()
+        return ""
+
+    return Kind(spec.key, {"models": ("classifier",)}, "metrics", execute, data="images",
+                access=spec.access, extra=("config",), check=lambda s: _method_config(spec, s))  # fmt: skip
+
+
 def _method_config(
     spec: registry.MethodSpec, step: StepSpec, drop: tuple[str, ...] = ()
 ) -> list[str]:
@@ -245,6 +261,7 @@ def _method_config(
 # pipeline step yet (validation says so).
 SHAPES: dict[tuple[str, str], Callable[[registry.MethodSpec], Kind]] = {
     ("reuse", "kernel"): _reuse_kernel,
+    ("reuse", "ensemble"): _reuse_ensemble,
     ("distill", "loss"): _distill_loss,
 }
 
@@ -434,3 +451,87 @@ _step(Kind("evaluate_perplexity", {"model": ("lm",)}, "metrics", _evaluate_perpl
 
 SHAPES[("tuning", "tuner")] = _tuner
 SHAPES[("edit", "editor")] = _editor
+
+
+# ------------------------------------------------------------------------------------------
+# Meta learning: meta-train a learner on a family of few-shot tasks, score it on held-out ones.
+
+LEARNER_FILE = "learner.json"  # beside `model.safetensors` (lfm.meta's format): what it is
+
+
+def _meta_learner(spec: registry.MethodSpec) -> Kind:
+    from lfm.meta.recipes import DATAFREE
+
+    if spec.name in DATAFREE:
+        raise LfmError(f"{spec.key} learns from a pool of models, not from tasks: not a step yet")
+
+    def config(step: StepSpec, task: str) -> Any:
+        from lfm.meta.recipes import task_preset
+
+        return spec.config.build({**task_preset(spec, task), **step.config})
+
+    def execute(ctx: Context) -> str:
+        from lfm.core.io import write_json
+        from lfm.meta.recipes import build_problem, save_result
+
+        data = D.parse("episodes", ctx.step.data)
+        cfg = config(ctx.step, data.task)
+        adapts = "inner_lr" in spec.config.model_fields  # else a 64-wide embedding (ProtoNets)
+        model, tasks, _ = build_problem(data.task, data.shots, data.ways, adapts, ctx.step.seed)
+        result = registry.run(spec.key, model, tasks, cfg=cfg, seed=ctx.step.seed)
+        folder = ctx.out / "learner"
+        folder.mkdir(parents=True)
+        save_result(folder / "model.safetensors", result)
+        write_json(folder / LEARNER_FILE, {"method": spec.key, "config": cfg.to_dict(),
+                                           "adapts": adapts, "seed": ctx.step.seed,
+                                           **data.model_dump()})  # fmt: skip
+        if result.history.loss:
+            ctx.metrics["final_meta_loss"] = result.history.loss[-1]
+        return "learner"
+
+    def check(step: StepSpec) -> list[str]:
+        try:
+            config(step, D.parse("episodes", step.data).task)
+        except LfmError as e:
+            return [f"step {step.name!r}: config: {e}"]
+        return []
+
+    return Kind(spec.key, {}, "learner", execute, data="episodes", data_required=False,
+                extra=("config",), check=check)  # fmt: skip
+
+
+def _evaluate_fewshot(ctx: Context) -> str:
+    """Each learner adapted to held-out tasks of its own family (classes it never saw, drawn with
+    its seed) the way its method adapts; the mean score (accuracy, or MSE on sine waves)."""
+    import json
+
+    from lfm.meta.recipes import build_problem, load_result
+    from lfm.meta.train import meta_test
+
+    key = "models" if "models" in ctx.inputs else "model"
+    names = ctx.step.models if key == "models" else [ctx.step.model]
+    for name, art in zip(names or [], ctx.inputs[key], strict=True):
+        info = json.loads((Path(art.path) / LEARNER_FILE).read_text())
+        data = D.parse("episodes", {**{k: info[k] for k in ("task", "shots", "ways")},
+                                    **(ctx.step.data or {})})  # fmt: skip
+        if (data.task, data.shots, data.ways) != (info["task"], info["shots"], info["ways"]):
+            raise LfmError(f"step {ctx.step.name!r}: {name} was meta-trained on {info['task']} "
+                           f"{info['ways']}-way {info['shots']}-shot; evaluate it on those")  # fmt: skip
+        model, _, test = build_problem(data.task, data.shots, data.ways, info["adapts"],
+                                       info["seed"])  # fmt: skip
+        state, lrs, _ = load_result(Path(art.path) / "model.safetensors")
+        model.load_state_dict(state)
+        spec = registry.get(info["method"])
+        score = meta_test(model, test, info["method"], spec.config.build(info["config"]),
+                          n_tasks=data.test_tasks, inner_lrs=lrs)  # fmt: skip
+        ctx.metrics[str(name)] = score["mean"]
+        ctx.metrics[f"{name} ±95%"] = score["ci95"]
+    return ""
+
+
+_step(Kind(
+    "evaluate_fewshot", {}, "metrics", _evaluate_fewshot, data="episodes", data_required=False,
+    optional={"model": ("learner",), "models": ("learner",)},
+    check=lambda s: [] if (s.model or s.models) else [f"step {s.name!r}: give `model` or `models`"],
+))  # fmt: skip
+SHAPES[("meta", "learner")] = _meta_learner

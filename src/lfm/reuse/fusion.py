@@ -31,6 +31,7 @@ from torch.func import functional_call
 
 from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
+from lfm.core.measure import Measured, Meter
 from lfm.reuse.adamerging import AdaMergingConfig, learn_coefficients
 from lfm.reuse.driver import merge_state_dicts
 from lfm.reuse.ensemble import ensemble_average, ensemble_vote
@@ -75,6 +76,8 @@ class FusionResult:
     rows: dict[str, list[float]] = field(default_factory=dict)
     notes: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    # What building each merged model cost (merging, λ search, learning), its scoring left out.
+    costs: dict[str, Measured] = field(default_factory=dict)
 
     def markdown(self) -> str:
         """The table as Markdown, accuracies in percent, with a mean column."""
@@ -204,18 +207,29 @@ def fusion_table(
         mean = 100 * sum(res.rows[label]) / len(tasks)
         log(f"{label:<32} mean {mean:5.1f}  ({res.seconds[label]:.0f} CPU s)")
 
-    def merged(method: str, extra: dict | None = None) -> list[float]:
-        sd = merge_state_dicts(method, None, experts, extra)  # methods without a base model
+    def built(label: str, build: Callable[[], StateDict]) -> list[float]:
+        with Meter(backbone) as meter:
+            sd = build()
+        res.costs[label] = meter.result  # type: ignore[assignment]
         return score(backbone, sd, tasks, "test", cfg.batch)
 
-    def scaled(method: str, extra: dict[str, Any]) -> list[float]:
-        sd, lam = pick_scale(method, backbone, base, experts, tasks, extra, cfg)
-        res.notes[f"{method}_scale"] = lam
-        return score(backbone, sd, tasks, "test", cfg.batch)
+    def merged(label: str, method: str, extra: dict | None = None) -> list[float]:
+        # methods without a base model
+        return built(label, lambda: merge_state_dicts(method, None, experts, extra))
 
-    def ada(granularity: str) -> list[float]:
-        sd = _adamerging(backbone, base, experts, tasks, cfg, granularity, res.notes)
-        return score(backbone, sd, tasks, "test", cfg.batch)
+    def scaled(label: str, method: str, extra: dict[str, Any]) -> list[float]:
+        def build() -> StateDict:
+            sd, res.notes[f"{method}_scale"] = pick_scale(
+                method, backbone, base, experts, tasks, extra, cfg
+            )
+            return sd
+
+        return built(label, build)
+
+    def ada(label: str, granularity: str) -> list[float]:
+        return built(
+            label, lambda: _adamerging(backbone, base, experts, tasks, cfg, granularity, res.notes)
+        )
 
     probes = [t.probe_head for t in tasks]
     if all(h is not None for h in probes):
@@ -223,18 +237,19 @@ def fusion_table(
                                    for h, t in zip(probes, tasks, strict=True)])  # fmt: skip
     row("individual", lambda: [accuracy(backbone, sd, t.head, t.test, cfg.batch)
                                for sd, t in zip(experts, tasks, strict=True)])  # fmt: skip
-    row("average", lambda: merged("linear"))
-    row("task arithmetic", lambda: scaled("task_arithmetic", {}))
-    row("TIES", lambda: scaled("ties", {"density": cfg.ties_density}))
+    row("average", lambda: merged("average", "linear"))
+    row("task arithmetic", lambda: scaled("task arithmetic", "task_arithmetic", {}))
+    row("TIES", lambda: scaled("TIES", "ties", {"density": cfg.ties_density}))
     dare = {"drop_rate": cfg.dare_drop_rate, "seed": cfg.seed}
-    row("DARE-TIES", lambda: scaled("dare_ties", dare))
+    row("DARE-TIES", lambda: scaled("DARE-TIES", "dare_ties", dare))
     t0 = time.process_time()
     fis, grs = save_statistics(root, backbone, experts, tasks, cfg)
     res.seconds["statistics"] = time.process_time() - t0
-    row("Fisher", lambda: merged("fisher", {"stats": fis}))
-    row("RegMean", lambda: merged("regmean", {"stats": grs, "alpha": cfg.regmean_alpha}))
-    row("AdaMerging (task-wise)", lambda: ada("task"))
-    row("AdaMerging (layer-wise)", lambda: ada("layer"))
+    row("Fisher", lambda: merged("Fisher", "fisher", {"stats": fis}))
+    regmean = {"stats": grs, "alpha": cfg.regmean_alpha}
+    row("RegMean", lambda: merged("RegMean", "regmean", regmean))
+    row("AdaMerging (task-wise)", lambda: ada("AdaMerging (task-wise)", "task"))
+    row("AdaMerging (layer-wise)", lambda: ada("AdaMerging (layer-wise)", "layer"))
     if cfg.ensembles:
         row(
             "ensemble: prob. average",
