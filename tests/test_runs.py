@@ -77,7 +77,7 @@ def test_file_hash_is_remembered_and_refreshed(tmp_path, monkeypatch):
     f = tmp_path / "f"
     f.write_bytes(b"a")
     assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
-    assert (tmp_path / "cache" / "sha256-index.json").exists()
+    assert (tmp_path / "cache" / "hashes" / "sha256-index" / "index.json").exists()
     f.write_bytes(b"bb")  # size changes, so the remembered hash must not be reused
     assert file_sha256(f) == hashlib.sha256(b"bb").hexdigest()
     write_json(tmp_path / "j.json", {"k": 1})

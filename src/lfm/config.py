@@ -2,7 +2,9 @@
 
 Every method's config subclasses `Config`: a frozen pydantic model that rejects unknown keys,
 coerces numbers by field type (YAML reads `3e-4` as a string), and round-trips to JSON/YAML so
-the resolved config can be saved beside every output.
+the resolved config can be saved beside every output. Fields carry the ranges their method needs
+(counts at least 1, rates above 0, shares in [0, 1]; a scale that may be negative has none) and no
+float field takes nan or ±inf, so a config that validates is one its method can run.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ from lfm.errors import ConfigError
 class Config(BaseModel):
     """Base class for method configs; give each field a paper default and a comment."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    # nan and ±inf are refused in every float field: no method means them, and one would run and
+    # give a silently wrong (non-finite) result; a field that needs inf allows it on itself
+    # (`Field(allow_inf_nan=True)`).
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
     @classmethod
     def build(cls, data: dict[str, Any] | None = None, /, **overrides: Any) -> Self:

@@ -141,3 +141,21 @@ def test_lr_groups_round_trip_with_yaml_strings():
     cfg = TrainConfig.build({"lr_groups": {"^head\\.": "1e-3"}})
     assert cfg.lr_groups == {"^head\\.": 1e-3}
     assert TrainConfig.build(cfg.to_dict()) == cfg and isinstance(cfg, Config)
+
+
+def test_a_lora_checkpoint_holds_the_adapter_not_the_base_model(tmp_path):
+    from safetensors.torch import load_file
+
+    from lfm.registry import run
+    from lfm.tuning.tiny import tiny_news_lm, tiny_task
+
+    tcfg = TrainConfig(steps=2, lr=1e-2, ckpt_every=2, progress=False)
+    res = run("tuning/lora", tiny_news_lm(0), tiny_task(), train_cfg=tcfg,
+              run=Run("l", path=tmp_path), batch_size=3)  # fmt: skip
+    saved = load_file(tmp_path / "checkpoint" / "model.safetensors")
+    trainable = {n for n, p in res.model.named_parameters() if p.requires_grad}
+    assert saved and set(saved) <= trainable | {n for n, _ in res.model.named_buffers()}
+    assert trainable <= set(saved) and all("lora_" in n for n in trainable)
+    assert (
+        sum(t.numel() for t in saved.values()) < sum(p.numel() for p in res.model.parameters()) / 10
+    )

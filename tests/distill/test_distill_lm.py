@@ -79,6 +79,13 @@ def test_offset_past_the_last_block_is_refused():
         kept_blocks(4, 2, 4)
 
 
+def test_a_negative_offset_counts_from_the_top():
+    assert kept_blocks(4, 2, -1) == [3] and kept_blocks(4, 1, -4) == [0, 1, 2, 3]
+    assert kept_blocks(4, 2, -3) == kept_blocks(4, 2, 1) == [1, 3]
+    with pytest.raises(ConfigError, match="give 0 … 3, or −4 … −1"):
+        kept_blocks(4, 2, -5)
+
+
 def _softmax(z: list[float], t: float) -> list[float]:
     e = [math.exp(v / t) for v in z]
     return [v / sum(e) for v in e]

@@ -323,3 +323,41 @@ def test_alphaedit_leaves_the_preserved_directions_alone(lm):
         everywhere = alphaedit(h, REQ, site_cfg.replace(null_threshold=1e9), cov=cov)
         dw_all = everywhere.deltas[0].matrix()  # P = I: the same solve without the projection
         assert (dw_all @ kept).norm() > 1e-2 * dw_all.norm()
+
+
+def _deltas(patch) -> dict[str, torch.Tensor]:
+    return {d.module: d.matrix() for d in patch.deltas}
+
+
+@pytest.mark.parametrize("name", ["rome", "ft_l", "memit"])
+def test_negative_layers_count_from_the_top_and_out_of_range_names_the_range(lm, name):
+    h, cov = lm
+    quick = dict(v_steps=3, n_prefixes=2)
+    run = {
+        "rome": lambda layer: rome(h, REQ, RomeConfig(layer=layer, **quick), cov=cov),
+        "ft_l": lambda layer: ft_l(h, REQ, FTLConfig(layer=layer, steps=3)),
+        "memit": lambda layer: memit(h, REQ, MemitConfig(layers=(layer,), **quick), cov=cov),
+    }[name]
+    top, below = _deltas(run(1)), _deltas(run(-1))  # 2 blocks: −1 is block 1
+    assert list(top) == list(below) == [edit_site(h.model, 1).module]
+    assert all(torch.equal(top[k], below[k]) for k in top)
+    for bad in (2, -3):
+        with pytest.raises(LfmError, match=rf"layer {bad} is out of range .* 0 … 1, or −2 … −1"):
+            run(bad)
+
+
+def test_memit_layers_are_taken_ascending_and_one_block_named_twice_is_refused(lm):
+    h, cov = lm
+    cfg = dict(v_steps=3, n_prefixes=2)
+    up = _deltas(memit(h, REQ, MemitConfig(layers=(0, 1), **cfg), cov=cov))
+    down = _deltas(memit(h, REQ, MemitConfig(layers=(-1, 0), **cfg), cov=cov))
+    assert list(up) == list(down) and all(torch.equal(up[k], down[k]) for k in up)
+    with pytest.raises(LfmError, match="name a block twice"):
+        memit(h, REQ, MemitConfig(layers=(1, -1), **cfg), cov=cov)
+
+
+def test_a_statistics_budget_below_the_key_width_is_refused(lm):
+    h, _ = lm
+    d_in = edit_site(h.model, 0).d_in
+    with pytest.raises(LfmError, match=f"stats_tokens={d_in - 1} is too small.*D_in = {d_in}"):
+        rome(h, REQ, RomeConfig(v_steps=2, n_prefixes=2, stats_tokens=d_in - 1))

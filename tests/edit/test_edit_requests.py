@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from lfm.edit.requests import Request, build_batch, subject_last_token, target_ids
+from lfm.edit.requests import (
+    Request,
+    build_batch,
+    read_requests,
+    subject_last_token,
+    target_ids,
+)
 from lfm.errors import LfmError
 
 from conftest import make_lm
@@ -39,3 +45,26 @@ def test_batch_is_right_padded_and_targets_carry_their_space():
     want = target_ids(tok, req.prompt, "Paris")
     assert batch.target_ids[0] == want and tok.decode(want).startswith(" ")
     assert batch.subject_pos[1] > batch.subject_pos[0]
+
+
+def test_the_constructor_strips_the_target_as_from_dict_does():
+    made = Request("The Eiffel Tower is in the city of", "Eiffel Tower", " London ")
+    read = Request.from_dict(
+        {"prompt": "The Eiffel Tower is in the city of", "subject": "Eiffel Tower",
+         "target": " London"}
+    )  # fmt: skip
+    assert made == read and made.target == "London"
+    _, tok = make_lm("llama")
+    # the target's tokens are read after the prompt with one space, not two
+    assert target_ids(tok, made.prompt, made.target) == target_ids(tok, made.prompt, "London")
+
+
+def test_a_request_that_is_not_a_mapping_is_one_line(tmp_path):
+    with pytest.raises(LfmError, match="is a mapping"):
+        Request.from_dict(["The Eiffel Tower is in", "Eiffel Tower", "Rome"])
+    empty = tmp_path / "none.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(LfmError, match="holds no edit requests"):
+        read_requests(empty)
+    with pytest.raises(LfmError, match="cannot read edit requests"):
+        read_requests(tmp_path / "missing.jsonl")

@@ -8,7 +8,6 @@ import torch
 from lfm.core.hooks import capture
 from lfm.core.io import read_meta
 from lfm.edit import common, stats
-from lfm.errors import LfmError
 
 
 def test_second_moment_is_cached_and_not_recomputed(tmp_path, monkeypatch):
@@ -31,7 +30,8 @@ def test_second_moment_is_cached_and_not_recomputed(tmp_path, monkeypatch):
 
     again = stats.second_moment(model, tok, 1, "tiny", 200, 32, compute=fail)
     assert torch.equal(first, again) and len(calls) == 1
-    assert list((tmp_path / "edit-stats").glob("*-L1-tiny-200tok-32len.safetensors"))
+    (entry,) = (tmp_path / "edit-stats").glob("*-L1-tiny-200tok-32len")
+    assert {f.name for f in entry.iterdir()} == {stats.FILE, "lfm-entry.json"}
     both = stats.second_moments(model, tok, [0, 1], "tiny", 200, 32, compute=compute)
     assert torch.equal(both[1], first) and len(calls) == 2  # only layer 0 was computed
     with pytest.raises(AssertionError, match="recomputed"):  # another budget is another file
@@ -57,26 +57,28 @@ def test_second_moment_matches_a_hand_computation():
     assert torch.allclose(whole, keys[0].T @ keys[0] / len(keys[0]))
 
 
-def test_cached_statistics_are_tagged_and_untagged_ones_still_read(tmp_path, monkeypatch):
+def test_cached_statistics_are_tagged_and_a_file_of_another_kind_is_rebuilt(
+    tmp_path, monkeypatch, capsys
+):
     from safetensors.torch import save_file
 
     monkeypatch.setenv("LFM_CACHE", str(tmp_path))
     monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
     h = common.smoke_model()
-    first = stats.second_moments(
-        h.model, h.tokenizer, [1], "tiny", 200, 32,
-        compute=lambda *a: {1: torch.eye(64, dtype=torch.float64)},
-    )[1]  # fmt: skip
-    path = stats.stats_path(h.model, 1, "tiny", 200, 32)
-    meta = read_meta(path, stats.FORMAT)
+    eye = {1: torch.eye(64, dtype=torch.float64)}
+    first = stats.second_moments(h.model, h.tokenizer, [1], "tiny", 200, 32,
+                                 compute=lambda *a: eye)[1]  # fmt: skip
+    file = stats.stats_path(h.model, 1, "tiny", 200, 32) / stats.FILE
+    meta = read_meta(file, stats.FORMAT)
     assert (meta["layer"], meta["corpus"], meta["tokens"]) == (1, "tiny", 200)
     assert torch.equal(first, torch.eye(64, dtype=torch.float64))
-    save_file({"mom2": 2 * first}, str(path), metadata={"layer": "1"})  # written before the tag
-    again = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=_never)
-    assert torch.equal(again, 2 * first)
-    save_file({"mom2": first}, str(path), metadata={"format": "lfm-edit-patch/1"})
-    with pytest.raises(LfmError, match="not a lfm-edit-stats/1 file"):
-        stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=_never)
+    save_file({"mom2": first}, str(file), metadata={"format": "lfm-edit-patch/1"})
+    calls = []
+    again = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32,
+                                compute=lambda *a: calls.append(1) or {1: 3 * eye[1]})  # fmt: skip
+    assert calls == [1] and torch.equal(again, 3 * eye[1])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "edit-stats/" in line and stats.FILE in line and "rebuilding" in line
 
 
 def _never(*args):

@@ -14,7 +14,7 @@ from lfm.registry import methods, run
 from lfm.reuse import kernels as K
 from lfm.reuse import merge_state_dicts
 from lfm.reuse.driver import Ctx, MergeError
-from lfm.reuse.methods import SlerpConfig, TiesConfig
+from lfm.reuse.methods import LinearConfig, SlerpConfig, TiesConfig
 from lfm.reuse.topk import model_threshold
 
 BASE = torch.ones(4)
@@ -202,7 +202,10 @@ def test_kernels_run_by_name_over_handles_equal_the_state_dict_merge():
 def test_the_driver_reads_arity_and_prepare_from_the_registry():
     extras = {s.name: s.extras for s in methods("reuse") if s.shape.name == "kernel"}
     assert extras["slerp"] == {"needs_base": False, "min_models": 2, "max_models": 2}
-    assert extras["linear"] == {"needs_base": False}
+    linear = dict(extras["linear"])
+    divides = linear.pop("divides_by_weight_sum")  # weights summing to zero are refused
+    assert linear == {"needs_base": False}
+    assert divides(LinearConfig()) and not divides(LinearConfig(normalize=False))
     assert callable(extras["ties"]["prepare"]) and callable(extras["fisher"]["prepare"])
     with pytest.raises(MergeError, match="no merge method 'ensemble_vote'"):
         merge_state_dicts("ensemble_vote", None, [{"x": BASE}])

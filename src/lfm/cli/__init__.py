@@ -16,16 +16,16 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from typer.exceptions import Abort, Exit, TyperException
 
+from lfm.cli.common import finite
 from lfm.errors import LfmError
 
 _app = typer.Typer(
@@ -134,33 +134,76 @@ def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     model: Annotated[str, typer.Option(help="asset name, local path or hub name")] = "smollm2-135m",
     max_new_tokens: Annotated[int, typer.Option(min=1, max=2048)] = 24,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy")] = 0.0,
+    temperature: Annotated[float, typer.Option(min=0.0, callback=finite, help="0 = greedy")] = 0.0,
 ) -> None:
     """Continue a prompt through a TEXT-level handle of a model."""
     from lfm.access import narrow
     from lfm.assets import load_model
 
     with err.status(f"Loading {model}..."):
-        handle = narrow(load_model(model, kind="causal-lm"), "text")
+        local = load_model(model, kind="causal-lm")
+    _fits_context(local, prompt, max_new_tokens)
+    handle = narrow(local, "text")
     with err.status("Generating..."):
         text = handle.generate([prompt], max_new_tokens=max_new_tokens, temperature=temperature)[0]
     out.print(f"[bold]{prompt}[/bold]{text}", highlight=False)
 
 
+def _fits_context(handle: Any, prompt: str, max_new_tokens: int) -> None:
+    """Refuse an empty prompt, or one that with the new tokens runs past the model's context (a
+    position table has no row there: an index error mid-generation, or text the model never saw
+    the like of)."""
+    n = len(handle.tokenizer(prompt)["input_ids"]) if prompt.strip() else 0
+    if n == 0:
+        raise LfmError("the prompt is empty: give some text to continue")
+    config = getattr(handle.model, "config", None)
+    sizes = (getattr(config, k, None) for k in ("max_position_embeddings", "n_positions", "n_ctx"))
+    context = next((s for s in sizes if isinstance(s, int)), None)
+    if context is not None and n + max_new_tokens > context:
+        raise LfmError(
+            f"the prompt is {n} tokens and {max_new_tokens} more are asked for, past the "
+            f"model's context of {context} tokens: shorten the prompt or --max-new-tokens"
+        )
+
+
 @_app.command()
 def cache(
-    clear: Annotated[bool, typer.Option("--clear", help="delete every cached file")] = False,
+    clear: Annotated[
+        bool, typer.Option("--clear", help="delete the entries lfm wrote (nothing else)")
+    ] = False,
 ) -> None:
-    """Show (or clear) the cache of converted models and statistics (`$LFM_CACHE`)."""
-    from lfm.assets.cache import cache_dir
+    """List (or clear) the cache of converted models and statistics (`$LFM_CACHE`)."""
+    from lfm.core import cache as store
 
-    root = cache_dir()
-    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    root = store.cache_dir()
     if clear:
-        shutil.rmtree(root)
-        out.print(f"cleared {root} ({size / 2**20:.1f} MiB)")
-    else:
-        out.print(f"{root}: {size / 2**20:.1f} MiB")
+        removed, kept = store.clear()
+        for item in removed:
+            _line(f"removed {_rel(item.path, root)} ({_mib(item.size)})")
+        for item in kept:
+            _line(f"left {_rel(item.path, root)} ({_mib(item.size)}): {item.note}")
+        freed = _mib(sum(i.size for i in removed))
+        _line(f"cleared {root}: {len(removed)} removed ({freed}), {len(kept)} left")
+        return
+    items = store.scan()
+    for item in items:
+        _line(f"{_rel(item.path, root)}  {_mib(item.size)}  " + (
+            f"entry, {item.note}" if item.entry else item.note))  # fmt: skip
+    entries = sum(i.entry for i in items)
+    _line(f"{root}: {entries} entries, {_mib(sum(i.size for i in items))} in all")
+
+
+def _line(text: str) -> None:
+    """One line, as it is (paths are not wrapped or coloured)."""
+    out.print(text, highlight=False, soft_wrap=True)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
 
 
 @_app.command()
@@ -173,6 +216,10 @@ def plan(
     api_key: Annotated[
         str | None, typer.Option(help="key of a served model", envvar="LFM_API_KEY")
     ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(min=1, help="with --task: facts, steps or models the estimates are for"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     runnable_only: Annotated[
         bool, typer.Option("--runnable-only", help="leave out the methods that cannot run")
@@ -182,7 +229,7 @@ def plan(
     from lfm.pipeline import plan as make_plan
 
     with err.status(f"Probing {target}..."):
-        p = make_plan(target, task, api_key)
+        p = make_plan(target, task, api_key, size)
     if as_json:
         out.print_json(json.dumps(p.to_dict()))
         return
@@ -193,14 +240,39 @@ def plan(
     title = f"{len(p.runnable)} of {len(p.entries)} methods can run" + (
         f" for task {task!r}, best measured first" if task else ""
     )
-    table = Table("area", "branch", "method", "needs", "runs here", "measured", title=title)
+    cols = ["area", "branch", "method", "needs", "runs here", "measured"]
+    table = Table(*cols, *(["estimate"] if task else []), title=title)
     for e in p.entries:
         if runnable_only and not e.runnable:
             continue
-        fig = e.figures.get("summary", "")
-        table.add_row(e.area, e.branch, e.key.split("/")[1], e.needs.name,
-                      "yes" if e.runnable else f"no: {e.why}", fig)  # fmt: skip
+        row = [e.area, e.branch, e.key.split("/")[1], e.needs.name,
+               "yes" if e.runnable else f"no: {e.why}", e.figures.get("summary", "")]  # fmt: skip
+        table.add_row(*row, *([_estimate(e.estimate)] if task else []))
     out.print(table)
+    if task:
+        out.print("Estimates: the benchmark's figures per unit times the size; CPU time and memory "
+                  "scaled by parameter count when measured on another model.", highlight=False)  # fmt: skip
+
+
+def _estimate(est: dict) -> str:
+    """`≈ 180 calls, 3.0 CPU-min, 610 MiB for 10 facts (scaled from smollm2-135m)`."""
+    if not est:
+        return "not measured"
+    secs = est["cpu_s"]
+    t = (
+        f"{secs:.0f} CPU-s"
+        if secs < 120
+        else f"{secs / 60:.1f} CPU-min"
+        if secs < 7200
+        else f"{secs / 3600:.1f} CPU-h"
+    )
+    size = f", {est['from_params'] / 1e6:.2g}M parameters" if est.get("from_params") else ""
+    where = (f"scaled from {est['from']}" if est["scaled"]
+             else f"as measured on {est['from']}{size}" if est["scale"] is None else "")  # fmt: skip
+    return (
+        f"≈ {est['calls']:,} calls, {t}, {est['peak_mib']:.0f} MiB for {est['size']} "
+        f"{est['unit']}{'s' if est['size'] != 1 else ''}" + (f" ({where})" if where else "")
+    )
 
 
 @_app.command("run")

@@ -10,6 +10,7 @@ def apply_(...):   # an LfmError raised inside prints `error: <one line>` and ex
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,14 @@ def fail(message: object) -> None:
         f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True
     )
     raise typer.Exit(2)
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: refuse nan and ±inf, which a `min=`/`max=` range lets through (a usage
+    error, exit status 2)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

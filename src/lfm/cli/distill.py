@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from lfm.cli.common import group
+from lfm.cli.common import finite, group
 from lfm.distill import recipes
 from lfm.distill.vision import DATAFREE, METHODS
 
@@ -19,14 +19,14 @@ def vision(
         "kd",
         help=f"student (no teacher), or a loss: {', '.join(list(METHODS)[1:])}, or any other logit loss",
     ),
-    train_size: int = typer.Option(10_000, help="Fashion-MNIST training images used"),
-    test_size: int = typer.Option(5_000, help="test images used"),
-    teacher_steps: int = typer.Option(400, help="optimizer steps for the teacher"),
-    student_steps: int = typer.Option(200, help="optimizer steps for the student"),
-    batch_size: int = typer.Option(64),
-    lr: float = typer.Option(3e-3, help="AdamW learning rate"),
+    train_size: int = typer.Option(10_000, min=1, help="Fashion-MNIST training images used"),
+    test_size: int = typer.Option(5_000, min=1, help="test images used"),
+    teacher_steps: int = typer.Option(400, min=1, help="optimizer steps for the teacher"),
+    student_steps: int = typer.Option(200, min=1, help="optimizer steps for the student"),
+    batch_size: int = typer.Option(64, min=1),
+    lr: float = typer.Option(3e-3, callback=finite, help="AdamW learning rate (> 0)"),
     seed: int = typer.Option(0),
-    ckpt_every: int = typer.Option(0, help="checkpoint every N steps (0: at the end only)"),
+    ckpt_every: int = typer.Option(0, min=0, help="checkpoint every N steps (0: at the end only)"),
     root: Path = typer.Option(Path("runs"), help="where run directories are created"),
     resume: Path | None = typer.Option(None, help="a run directory to resume"),
 ) -> None:
@@ -45,17 +45,21 @@ def vision(
 def lm(
     method: str = typer.Option("lm_student", help=f"one of: {', '.join(recipes.LM_METHODS)}"),
     model: str = typer.Option("smollm2-135m", help="teacher: an offline model name or a path"),
-    every: int = typer.Option(3, help="keep one block in EVERY"),
+    every: int = typer.Option(3, min=1, help="keep one block in EVERY"),
     kd_weight: float = typer.Option(
-        5.0, help="lm_student: weight of the KD term (0: LM loss only)"
+        5.0, min=0.0, callback=finite, help="lm_student: weight of the KD term (0: LM loss only)"
     ),
-    lm_weight: float = typer.Option(2.0, help="lm_student: weight of the LM loss"),
-    temperature: float = typer.Option(2.0, help="lm_student: KD temperature"),
-    steps: int = typer.Option(40, help="optimizer steps"),
-    block_size: int = typer.Option(64, help="tokens per training block"),
-    batch_size: int = typer.Option(4, help="blocks per step"),
-    lr: float = typer.Option(5e-4, help="AdamW learning rate"),
-    eval_blocks: int = typer.Option(16, help="held-out BBC blocks for perplexity"),
+    lm_weight: float = typer.Option(
+        2.0, min=0.0, callback=finite, help="lm_student: weight of the LM loss"
+    ),
+    temperature: float = typer.Option(
+        2.0, callback=finite, help="lm_student: KD temperature (> 0)"
+    ),
+    steps: int = typer.Option(40, min=1, help="optimizer steps"),
+    block_size: int = typer.Option(64, min=2, help="tokens per training block"),
+    batch_size: int = typer.Option(4, min=1, help="blocks per step"),
+    lr: float = typer.Option(5e-4, callback=finite, help="AdamW learning rate (> 0)"),
+    eval_blocks: int = typer.Option(16, min=1, help="held-out BBC blocks for perplexity"),
     seed: int = typer.Option(0),
     root: Path = typer.Option(Path("runs"), help="where run directories are created"),
 ) -> None:
@@ -73,16 +77,22 @@ def lm(
 @app.command()
 def datafree(
     method: str = typer.Option("deep_inversion", help=f"one of: {', '.join(DATAFREE)}"),
-    teacher_steps: int = typer.Option(400, help="optimizer steps for the Fashion-MNIST teacher"),
-    train_size: int = typer.Option(10_000, help="images the teacher is trained on"),
-    test_size: int = typer.Option(5_000, help="test images used"),
-    iterations: int = typer.Option(
-        200, help="generator updates (deep_inversion: batches of images synthesised)"
+    teacher_steps: int = typer.Option(
+        400, min=1, help="optimizer steps for the Fashion-MNIST teacher"
     ),
-    batch_size: int = typer.Option(64, help="generated images per update"),
-    kd_steps: int = typer.Option(1000, help="deep_inversion: KD steps on the synthesised images"),
-    synthesis_steps: int = typer.Option(200, help="deep_inversion: pixel updates per batch"),
-    competition: float = typer.Option(0.0, help="deep_inversion: α_c of Adaptive DeepInversion"),
+    train_size: int = typer.Option(10_000, min=1, help="images the teacher is trained on"),
+    test_size: int = typer.Option(5_000, min=1, help="test images used"),
+    iterations: int = typer.Option(
+        200, min=1, help="generator updates (deep_inversion: batches of images synthesised)"
+    ),
+    batch_size: int = typer.Option(64, min=2, help="generated images per update"),
+    kd_steps: int = typer.Option(
+        1000, min=1, help="deep_inversion: KD steps on the synthesised images"
+    ),
+    synthesis_steps: int = typer.Option(200, min=1, help="deep_inversion: pixel updates per batch"),
+    competition: float = typer.Option(
+        0.0, min=0.0, callback=finite, help="deep_inversion: α_c of Adaptive DeepInversion"
+    ),
     seed: int = typer.Option(0),
     root: Path = typer.Option(Path("runs"), help="where run directories are created"),
 ) -> None:

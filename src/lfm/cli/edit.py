@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from lfm.cli.common import group
+from lfm.cli.common import finite, group
 
 app = group("Model editing: ROME, MEMIT, AlphaEdit, FT-L and IKE patches and their evaluation.")
 Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
@@ -25,10 +25,17 @@ def apply_(
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
     target: str = typer.Option(None, "--target", help="the new object (no leading space)"),
-    requests_file: Path = typer.Option(None, "--requests", help="JSON lines of requests"),
-    config: Path = typer.Option(None, "--config", help="method config (YAML or JSON)"),
+    requests_file: Path = typer.Option(
+        None, "--requests", exists=True, dir_okay=False, help="JSON lines of requests"
+    ),
+    config: Path = typer.Option(
+        None, "--config", exists=True, dir_okay=False, help="method config (YAML or JSON)"
+    ),
     on: list[Path] = typer.Option(
-        None, "--on", help="earlier patches, applied in order before this edit (repeatable)"
+        None,
+        "--on",
+        exists=True,
+        help="earlier patches, applied in order before this edit (repeatable)",
     ),
     state: Path = typer.Option(
         None, "--state", help="sequential AlphaEdit state: read if it exists, then updated"
@@ -52,11 +59,11 @@ def apply_(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="model name or path"),
-    patch_file: Path = typer.Argument(..., help="patch made for this model"),
+    patch_file: Path = typer.Argument(..., exists=True, help="patch made for this model"),
     prompt: list[str] = typer.Option(
         None, "--prompt", help="prompts to complete (default: the patch's)"
     ),
-    max_new_tokens: int = typer.Option(12, "--max-new-tokens"),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1),
 ) -> None:
     """Greedy completions before and after applying a patch, and P(target) per request."""
     from lfm.edit import recipes
@@ -71,7 +78,7 @@ def eval_(
 @app.command("patch-apply")
 def patch_apply(
     model: str = typer.Argument(..., help="model name or path"),
-    patch_file: Path = typer.Argument(..., help="weight patch made for this model"),
+    patch_file: Path = typer.Argument(..., exists=True, help="weight patch made for this model"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for the edited model"),
     root: Path = Root,
 ) -> None:
@@ -101,8 +108,10 @@ def trace(
     prompt: str = typer.Option(..., "--prompt", help="prompt ending where the answer comes"),
     subject: str = typer.Option(..., "--subject", help="the subject, as it occurs in the prompt"),
     answer: str = typer.Option(None, "--answer", help="traced answer (default: top prediction)"),
-    samples: int = typer.Option(10, "--samples", help="noise samples averaged (paper: 10)"),
-    noise: float = typer.Option(3.0, "--noise", help="noise std in embedding stds (paper: 3)"),
+    samples: int = typer.Option(10, "--samples", min=1, help="noise samples averaged (paper: 10)"),
+    noise: float = typer.Option(
+        3.0, "--noise", min=0.0, callback=finite, help="noise std in embedding stds (paper: 3)"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="heat map PNG; the numbers go to .json"),
     root: Path = Root,
 ) -> None:

@@ -60,12 +60,18 @@ def merge(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
+    allow_nonfinite: bool = typer.Option(
+        False, "--allow-nonfinite", help="merge NaN and infinite values instead of refusing them"
+    ),
 ) -> None:
     """Merge the models a YAML plan names and write a loadable Hugging Face folder."""
     from lfm.reuse.recipes import merge_plan
 
     keep_freed_memory()
-    plan, path, run = merge_plan(config, out, overwrite=overwrite, progress=not quiet, root=root)
+    plan, path, run = merge_plan(
+        config, out, overwrite=overwrite, progress=not quiet, root=root,
+        allow_nonfinite=allow_nonfinite,
+    )  # fmt: skip
     typer.echo(f"{plan.method}: merged {len(plan.models)} models into {path}")
     typer.echo(f"run: {run}")
 
@@ -76,7 +82,7 @@ def stats(
     model: str = typer.Argument(..., help="a causal LM: asset name, folder or file"),
     texts: Path = typer.Argument(..., help="a text file, one example per line"),
     out: Path = typer.Option(..., "--out", "-o", help="the statistics file (.safetensors)"),
-    n: int = typer.Option(64, "--n", help="use at most this many lines"),
+    n: int = typer.Option(64, "--n", min=1, help="use at most this many lines"),
     fisher_kind: str = typer.Option("sample", help="fisher: sample, label or exact"),
     seed: int = typer.Option(0, help="seeds sampled outputs (fisher)"),
     root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
@@ -127,8 +133,8 @@ def ensemble(
     template: str = typer.Option("{text}\nTopic:", help="prompt; {text} is the example"),
     weights: str = typer.Option("", help="one weight per model, comma-separated (default: equal)"),
     space: str = typer.Option("prob", help="ensemble_average: prob or logprob"),
-    n: int = typer.Option(50, help="use at most this many examples"),
-    max_chars: int = typer.Option(400, help="cut each text to this many characters"),
+    n: int = typer.Option(50, min=1, help="use at most this many examples"),
+    max_chars: int = typer.Option(400, min=1, help="cut each text to this many characters"),
     out: Path | None = typer.Option(None, "--out", "-o", help="write predictions as JSON"),
 ) -> None:
     """Classify texts with an ensemble of LMs by label-word scores: averaging or a vote."""

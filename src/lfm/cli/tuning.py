@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lfm.cli.common import group
+from lfm.cli.common import finite, group
 
 app = group(
     "Model tuning: fine-tuning and adapters (train, sft), black-box prompt tuning (bbt, "
@@ -22,8 +22,16 @@ app = group(
 
 Root = Annotated[Path, typer.Option(help="where run directories are created")]
 Resume = Annotated[Path | None, typer.Option(help="a run directory to resume")]
+Steps = Annotated[int, typer.Option(help="optimizer steps (MeZO: zeroth-order steps)")]
+Batch = Annotated[int, typer.Option(help="examples per micro-batch")]
+Lr = Annotated[
+    float,
+    typer.Option(
+        min=0.0, callback=finite, help="learning rate; 0 takes the method's paper default"
+    ),
+]
 Seed = Annotated[int, typer.Option(help="seeds the data draw and the initialisations")]
-Threads = Annotated[int, typer.Option(help="torch CPU threads")]
+Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads")]
 TRAINERS = "full_ft, bitfit, lp_ft, wise_ft, lora, dora, ia3, prompt_tuning, prefix_tuning, mezo"
 
 
@@ -33,16 +41,16 @@ def train(
     model: Annotated[str, typer.Option(help="a causal LM (label words) or an encoder (new head)")] = "smollm2-135m",
     task: Annotated[str, typer.Option(help="classification task: bbc (BBC News, 5 topics)")] = "bbc",
     shots: Annotated[int, typer.Option(help="training examples per class")] = 16,
-    steps: Annotated[int, typer.Option(help="optimizer steps (MeZO: zeroth-order steps)")] = 30,
-    batch_size: int = 4,
-    lr: Annotated[float, typer.Option(help="learning rate; 0 takes the method's paper default")] = 0.0,
-    head_lr: Annotated[float, typer.Option(help="learning rate of an encoder's new head")] = 1e-3,
-    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
-    eval_per_class: Annotated[int, typer.Option(help="held-out articles per class to evaluate on (0: all)")] = 10,
-    eval_every: Annotated[int, typer.Option(help="evaluate every N steps (0: at the end)")] = 0,
-    max_chars: Annotated[int, typer.Option(help="articles are cut to this many characters")] = 400,
+    steps: Steps = 30,
+    batch_size: Batch = 4,
+    lr: Lr = 0.0,
+    head_lr: Annotated[float, typer.Option(min=0.0, callback=finite, help="learning rate of an encoder's new head")] = 1e-3,
+    grad_accum: Annotated[int, typer.Option(min=1, help="micro-batches per optimizer step")] = 1,
+    eval_per_class: Annotated[int, typer.Option(min=0, help="held-out articles per class to evaluate on (0: all)")] = 10,
+    eval_every: Annotated[int, typer.Option(min=0, help="evaluate every N steps (0: at the end)")] = 0,
+    max_chars: Annotated[int, typer.Option(min=1, help="articles are cut to this many characters")] = 400,
     seed: Seed = 0,
-    ckpt_every: Annotated[int, typer.Option(help="checkpoint every N steps (0: never)")] = 0,
+    ckpt_every: Annotated[int, typer.Option(min=0, help="checkpoint every N steps (0: never)")] = 0,
     threads: Threads = 2,
     root: Root = Path("runs"),
     resume: Resume = None,
@@ -67,10 +75,10 @@ def train(
 def sft(
     method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
     model: Annotated[str, typer.Option(help="a causal LM with a chat template")] = "smollm2-135m",
-    data: Annotated[Path | None, typer.Option(help="JSONL of {prompt, response}; default: the packaged set")] = None,
-    steps: int = 30,
-    batch_size: int = 4,
-    lr: Annotated[float, typer.Option(help="learning rate; 0 takes the method's paper default")] = 0.0,
+    data: Annotated[Path | None, typer.Option(dir_okay=False, help="JSONL of {prompt, response}; default: the packaged set")] = None,
+    steps: Steps = 30,
+    batch_size: Batch = 4,
+    lr: Lr = 0.0,
     seed: Seed = 0,
     threads: Threads = 2,
     root: Root = Path("runs"),
@@ -95,10 +103,12 @@ Url = Annotated[
 ]
 Model = Annotated[str, typer.Option(help="model asset or folder, when no --url is given")]
 Key = Annotated[str | None, typer.Option(help="API key of the served model", envvar="LFM_API_KEY")]
-Shots = Annotated[int, typer.Option(help="training examples per class (paper: 16)")]
-Calls = Annotated[int | None, typer.Option(help="HTTP call budget for --url (none: unlimited)")]
+Shots = Annotated[int, typer.Option(min=1, help="training examples per class (paper: 16)")]
+Calls = Annotated[
+    int | None, typer.Option(min=1, help="HTTP call budget for --url (none: unlimited)")
+]
 Out = Annotated[Path | None, typer.Option(help="also write the summary as JSON here")]
-MaxChars = Annotated[int, typer.Option(help="article cut in characters")]
+MaxChars = Annotated[int, typer.Option(min=1, help="article cut in characters")]
 
 
 def _model(url: str | None, model: str, key: str | None, level: str, calls: int | None) -> Any:
@@ -119,9 +129,9 @@ def _report(result: dict[str, Any], out: Path | None) -> None:
 @app.command("bbt")
 def bbt(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
-    budget: Annotated[int, typer.Option(help="CMA-ES evaluations (paper: 8000)")] = 8000,
-    n_tokens: Annotated[int, typer.Option(help="soft-prompt length (paper: 50)")] = 50,
-    dim: Annotated[int, typer.Option(help="intrinsic dimension d (paper: 500)")] = 500,
+    budget: Annotated[int, typer.Option(min=1, help="CMA-ES evaluations (paper: 8000)")] = 8000,
+    n_tokens: Annotated[int, typer.Option(min=1, help="soft-prompt length (paper: 50)")] = 50,
+    dim: Annotated[int, typer.Option(min=1, help="intrinsic dimension d (paper: 500)")] = 500,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None,
 ) -> None:  # fmt: skip
@@ -136,8 +146,8 @@ def bbt(
 @app.command("prompt-search")
 def prompt_search(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
-    iterations: Annotated[int, typer.Option(help="search steps (GrIPS: 10)")] = 10,
-    candidates: Annotated[int, typer.Option(help="candidates per step (GrIPS: 5)")] = 5,
+    iterations: Annotated[int, typer.Option(min=1, help="search steps (GrIPS: 10)")] = 10,
+    candidates: Annotated[int, typer.Option(min=1, help="candidates per step (GrIPS: 5)")] = 5,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None,
 ) -> None:  # fmt: skip
@@ -154,11 +164,11 @@ def prompt_search(
 def augment(
     method: Annotated[str, typer.Option(help="knn_lm (HIDDEN) or replug (SCORES)")] = "knn_lm",
     model: Model = "smollm2-135m",
-    corpus: Annotated[Path | None, typer.Option(help="one document per line; default: BBC News training articles")] = None,
-    store: Annotated[int, typer.Option(help="BBC training articles used when no --corpus")] = 100,
-    eval_texts: Annotated[int, typer.Option(help="BBC test articles whose perplexity is measured")] = 15,
-    chars: Annotated[int, typer.Option(help="characters kept of each document and article")] = 800,
-    prefix_chars: Annotated[int, typer.Option(help="the unscored prefix of each article")] = 200,
+    corpus: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, help="one document per line; default: BBC News training articles")] = None,
+    store: Annotated[int, typer.Option(min=1, help="BBC training articles used when no --corpus")] = 100,
+    eval_texts: Annotated[int, typer.Option(min=1, help="BBC test articles whose perplexity is measured")] = 15,
+    chars: Annotated[int, typer.Option(min=1, help="characters kept of each document and article")] = 800,
+    prefix_chars: Annotated[int, typer.Option(min=0, help="the unscored prefix of each article")] = 200,
     embedder: Annotated[str, typer.Option(help="REPLUG's retriever: minilm or chars")] = "minilm",
     threads: Threads = 2, root: Root = Path("runs"), out: Out = None,
 ) -> None:  # fmt: skip

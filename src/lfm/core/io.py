@@ -8,42 +8,66 @@ is never read as statistics, nor an unreadable file as anything.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lfm.core.cache import cache_dir
+from lfm.core import cache
+from lfm.core.cache import sha256_of
+from lfm.core.tmp import REPLACED, make_tmp
 from lfm.errors import LfmError
 
 
 @contextmanager
-def atomic_path(target: str | Path) -> Iterator[Path]:
+def atomic_path(target: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it over `target` only on success.
 
     Works for files and for folders: whatever the block writes at the yielded path replaces
-    `target` in one rename, so a crash leaves no half-written output.
+    `target` in one rename, so a crash leaves no half-written output. The temporary folder is
+    named for this process (`lfm.core.tmp`): one a killed process left is removed the next time
+    `target` is written.
+
+    Args:
+        target: the file or folder to write.
+        replace: replace an existing `target`; False: a `target` that exists when the block ends
+            (another process wrote it meanwhile) is kept and this is an `LfmError`.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp = make_tmp(target)
     work = tmp / target.name
     try:
         yield work
-        if target.is_dir() and not target.is_symlink():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
+        if not replace:
+            _publish_new(work, target)
+        elif target.is_dir() and not target.is_symlink():
+            # the old folder waits in `tmp` (put back by a sweep if we die before the next
+            # rename); another writer may have moved it first
+            with contextlib.suppress(FileNotFoundError):
+                target.rename(tmp / REPLACED)
             work.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(work, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish_new(work: Path, target: Path) -> None:
+    """Move `work` to `target` only if `target` does not exist, atomically."""
+    try:
+        if work.is_dir():
+            os.rename(work, target)  # refuses a target folder that is not empty, or a file
+            return
+        os.link(work, target)  # refuses any existing target
+    except OSError as e:
+        if not target.exists():
+            raise
+        raise LfmError(
+            f"{target} was written by another process meanwhile; it is kept ({e.strerror})"
+        ) from None
 
 
 def write_text(path: str | Path, text: str) -> Path:
@@ -57,30 +81,36 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _hash_index_path() -> Path:
-    return cache_dir() / "sha256-index.json"
-
-
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file, remembered by (path, size, mtime) so that a file is hashed once."""
+    """SHA-256 of a file, remembered by (path, size, mtime) so that a file is hashed once.
+
+    The memo is a cache entry (`lfm.core.cache`, kind `hashes`); a damaged one is rebuilt empty.
+    """
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    index_path = _hash_index_path()
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+    index = _hash_index()
     if key in index:
         return str(index[key])
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    index[key] = h.hexdigest()
+    digest = sha256_of(path, chunk)
+    index[key] = digest
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        write_json(index_path, index)
-    return h.hexdigest()
+        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+        cache.write(*HASH_INDEX, lambda folder: (folder / "index.json").write_text(text))
+    return digest
+
+
+HASH_INDEX = ("hashes", "sha256-index", {"format": "path:size:mtime_ns -> sha256"})
+
+
+def _hash_index() -> dict[str, str]:
+    folder = cache.read(*HASH_INDEX)
+    if folder is None:
+        return {}
+    try:
+        return dict(json.loads((folder / "index.json").read_text()))
+    except (OSError, ValueError, TypeError):  # removed or replaced while we read it
+        return {}
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Any], format: str, **meta: Any) -> Path:
@@ -129,3 +159,48 @@ def _json(v: str) -> Any:
         return json.loads(v)
     except ValueError:
         return v
+
+
+def nonfinite(t: Any) -> bool:
+    """Whether a floating tensor holds a NaN or an infinity (integer tensors never do).
+
+    One min/max pass, no mask as large as the tensor: NaN propagates through both, an infinity
+    shows in one of them.
+    """
+    if not t.is_floating_point() or t.numel() == 0:
+        return False
+    import torch
+
+    lo, hi = torch.aminmax(t.detach().reshape(-1))
+    return not (bool(torch.isfinite(lo)) and bool(torch.isfinite(hi)))
+
+
+def check_finite(
+    tensors: Iterable[tuple[str, Any]], where: str, hint: str, error: type[LfmError] = LfmError
+) -> None:
+    """A one-line `error` naming the first tensors (up to 3) that hold NaN or infinity.
+
+    Args:
+        tensors: (name, tensor) pairs; only the floating ones are checked.
+        where: what holds them ("model a/" or "the merged model").
+        hint: what to do, appended to the message.
+        error: the `LfmError` subclass raised.
+    """
+    bad = [name for name, t in tensors if nonfinite(t)]
+    if bad:
+        more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise error(f"{where} has NaN or infinite values in {', '.join(bad[:3])}{more}; {hint}")
+
+
+def stored_dtypes(files: Iterable[str | Path]) -> dict[str, str]:
+    """Tensor name -> the dtype its safetensors header gives ("F32", "BF16", "I32" ...)."""
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                out.update({k: f.get_slice(k).get_dtype() for k in f.keys()})  # noqa: SIM118
+        except Exception as e:  # a truncated or foreign file is the same user error
+            raise LfmError(f"cannot read {file}: {e}") from None
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 
 from lfm.config import Config
 from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.core.tmp import sweep
 from lfm.errors import LfmError
 
 PACKAGES = ("lfm", "torch", "transformers", "accelerate", "peft", "safetensors", "numpy")
@@ -47,7 +48,8 @@ class Run:
             folder's is the hash of its files' relative paths and hashes).
         root: where run directories live (default `runs/`).
         path: reuse this directory (to resume) instead of creating a new one; its manifest's
-            metrics and outputs are kept, and its config must equal `config`.
+            metrics and outputs are kept, and its config must equal `config`; the temporary
+            files a killed attempt left in it (a half-written checkpoint) are removed.
         parents: ids of the runs whose outputs this run reads (its lineage); None: found from
             `inputs` (an input inside a run directory names that run, see `lineage`).
 
@@ -68,6 +70,7 @@ class Run:
         if path:
             self.path = Path(path)
             self.path.mkdir(parents=True, exist_ok=True)
+            sweep(self.path)
         else:
             self.path = _create(Path(root) / f"{stamp}-{name}")
         cfg = config.to_dict() if isinstance(config, Config) else dict(config or {})

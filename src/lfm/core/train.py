@@ -10,12 +10,15 @@ clipping, an evaluation callback every N steps and checkpoints every N steps int
 first pattern that `re.search`es its name (one AdamW parameter group per pattern), the rest train
 at `lr`; a pattern that matches no trainable parameter is an error, not a silent no-op.
 
-A checkpoint holds the weights (safetensors), the optimizer state, the step, the loss history and
-the RNG states (torch, CUDA, Python, NumPy), all as plain tensors and numbers loaded with
-`weights_only=True`. Passing a run whose directory holds a checkpoint resumes from it: the batch
-stream is fast-forwarded past the micro-batches already used, so for batches that do not depend on
-the global RNG (a list, or `shuffled_batches`) a resumed run ends with the same weights as an
-uninterrupted one.
+A checkpoint holds what training changes: the trainable parameters and the buffers (safetensors;
+the frozen parameters, such as the base model under a LoRA adapter, are the model's own and are not
+copied), the optimizer state, the step, the loss history and the RNG states (torch, CUDA, Python,
+NumPy), all as plain tensors and numbers loaded with `weights_only=True`. Passing a run whose
+directory holds a checkpoint resumes from it: the frozen parameters come with the model passed in,
+and the batch stream is fast-forwarded past the micro-batches already used, so for batches that do
+not depend on the global RNG (a list, or `shuffled_batches`) a resumed run ends with the same
+weights as an uninterrupted one. A checkpoint is written atomically (`Run.output`); one a killed
+process left half-written is removed when its run directory is resumed (`lfm.core.tmp`).
 
 Under several processes (`accelerate launch --multi_gpu --num_processes N script.py`; on a
 machine without GPUs, or with `cpu=True`, that is N CPU processes over gloo, whereas Accelerate's
@@ -44,7 +47,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, reduce, set_seed
 from pydantic import Field, field_validator
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -250,16 +253,41 @@ def save_checkpoint(
     if acc.is_main_process and run is not None:
         with run.output(CHECKPOINT) as tmp:
             tmp.mkdir()
-            save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
+            save_file(changing_tensors(acc.unwrap_model(model)), str(tmp / "model.safetensors"))
             torch.save(opt.state_dict(), tmp / "optimizer.pt")
             meta = {"step": step, "losses": hist.losses, "rng": _rng_state()}
             torch.save(meta, tmp / "state.pt")
     acc.wait_for_everyone()
 
 
+def changing_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters and the buffers of `model`, by state-dict name: what a checkpoint
+    must keep. A tensor under two names (tied embeddings) is kept once."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in params and not params[name].requires_grad:
+            continue  # frozen: the model's own value, restored with the model
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach().contiguous()
+    return out
+
+
+def _load_weights(model: nn.Module, file: Path, device: str) -> None:
+    """Load a checkpoint's tensors into `model` (an older checkpoint holds every weight)."""
+    got = model.load_state_dict(load_file(str(file), device=device), strict=False)
+    if got.unexpected_keys:
+        raise ConfigError(
+            f"{file} holds tensors this model lacks ({', '.join(got.unexpected_keys[:3])}); "
+            "resume with the model it was trained from"
+        )
+
+
 def load_checkpoint(path: Path, acc: Accelerator, model, opt, hist: History) -> int:
     """Restore weights, optimizer, losses and RNG from a checkpoint folder; return its step."""
-    load_model(acc.unwrap_model(model), str(path / "model.safetensors"), device=str(acc.device))
+    _load_weights(acc.unwrap_model(model), path / "model.safetensors", str(acc.device))
     opt.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     meta = torch.load(path / "state.pt", weights_only=True)
     hist.losses[:] = [float(x) for x in meta["losses"]]

@@ -23,11 +23,11 @@ gradients); `data` is an `InputSpec` (the shape of one image and the number of c
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
@@ -58,9 +58,17 @@ class DeepInversionConfig(Config):
     batch_size: int = Field(64, ge=2)  # images optimised together (their BN statistics matter)
     competition_weight: float = Field(0.0, ge=0)  # α_c, Adaptive DeepInversion's term (0: off)
     pixel_min: float = 0.0  # images are clamped to [pixel_min, pixel_max] after each step
-    pixel_max: float = 1.0
+    pixel_max: float = 1.0  # above pixel_min
     batches: int = Field(32, ge=1)  # batches synthesised for the student (2,048 images at 64)
     temperature: float = Field(4.0, gt=0)  # KD temperature of the student on the images
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        if not self.pixel_min < self.pixel_max:
+            raise ValueError(
+                f"pixel_min ({self.pixel_min}) must be below pixel_max ({self.pixel_max})"
+            )
+        return self
 
 
 def js_divergence(logits_p: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:

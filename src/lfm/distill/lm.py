@@ -39,7 +39,7 @@ from lfm.runs import Run
 
 class LMStudentConfig(Config):
     every: int = Field(2, ge=1)  # keep one block in `every` (DistilBERT: 2, i.e. half the layers)
-    offset: int = Field(0, ge=0)  # index of the first kept block
+    offset: int = 0  # index of the first kept block; negative counts from the top (−1: last)
     temperature: float = Field(2.0, gt=0)  # KD temperature T (DistilBERT: 2)
     kd_weight: float = Field(5.0, ge=0)  # α_kd, weight of the soft-target loss (DistilBERT: 5)
     lm_weight: float = Field(2.0, ge=0)  # α_lm, weight of the LM loss (DistilBERT: 2, on MLM)
@@ -48,11 +48,14 @@ class LMStudentConfig(Config):
 
 
 def kept_blocks(n_layers: int, every: int, offset: int = 0) -> list[int]:
-    """Indices of the teacher blocks the student keeps: `offset, offset + every, ...`."""
-    keep = list(range(offset, n_layers, every))
-    if not keep:
-        raise ConfigError(f"offset {offset} leaves no block of a {n_layers}-layer teacher")
-    return keep
+    """Indices of the teacher blocks the student keeps: `offset, offset + every, ...` (a negative
+    offset counts from the top, as in Python: −1 keeps the last block only)."""
+    if not -n_layers <= offset < n_layers:
+        raise ConfigError(
+            f"offset {offset} leaves no block of a {n_layers}-layer teacher: give "
+            f"0 … {n_layers - 1}, or −{n_layers} … −1 counted from the top"
+        )
+    return list(range(offset % n_layers, n_layers, every))
 
 
 def student_config(teacher: nn.Module, keep: Sequence[int]) -> Any:

@@ -75,10 +75,19 @@ def covariance(
         return torch.eye(site.d_in, dtype=torch.float64)
     from lfm.edit.stats import second_moment
 
-    return second_moment(model, tokenizer, site.layer, *stats_args(cfg))
+    return second_moment(model, tokenizer, site.layer, *stats_args(cfg, [site]))
 
 
-def stats_args(cfg: Any) -> tuple[str, int, int]:
+def stats_args(cfg: Any, sites: Sequence[EditSite]) -> tuple[str, int, int]:
+    """The statistics' corpus, token budget and article cap, once the budget is known to reach
+    the key width D_in: C = E[kkᵀ] over fewer tokens has rank below D_in, and the solve would
+    lean on the ridge alone in the directions no token reached."""
+    d_in = max(s.d_in for s in sites)
+    if cfg.stats_tokens < d_in:
+        raise LfmError(
+            f"stats_tokens={cfg.stats_tokens} is too small: C = E[kkᵀ] at this model's edited "
+            f"projection needs at least D_in = {d_in} tokens (the paper reads 100,000)"
+        )
     return cfg.stats_corpus, cfg.stats_tokens, cfg.stats_max_len
 
 
@@ -90,7 +99,7 @@ def prefetch_covariances(
         return given
     from lfm.edit.stats import second_moments
 
-    return second_moments(model, tokenizer, [s.layer for s in sites], *stats_args(cfg))
+    return second_moments(model, tokenizer, [s.layer for s in sites], *stats_args(cfg, sites))
 
 
 def solve_cov(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.func import functional_call
 
@@ -27,11 +28,12 @@ from lfm.registry import Example, register
 
 
 class FTLConfig(Config):
-    layer: int | None = None  # tuned block; None = architecture default (as ROME)
-    steps: int = 25  # Adam steps (ROME paper's FT-L baseline: 25)
-    lr: float = 5e-4  # Adam learning rate (paper: 5e-4)
-    norm_constraint: float = 5e-4  # ε in ‖W − W₀‖_∞ ≤ ε (paper: 5e-4)
-    stop_nll: float = 0.01  # stop early once the mean target NLL is below this
+    # tuned block; None = architecture default (as ROME); negative counts from the top (−1: last)
+    layer: int | None = None
+    steps: int = Field(25, ge=1)  # Adam steps (ROME paper's FT-L baseline: 25)
+    lr: float = Field(5e-4, gt=0)  # Adam learning rate (paper: 5e-4)
+    norm_constraint: float = Field(5e-4, gt=0)  # ε in ‖W − W₀‖_∞ ≤ ε (paper: 5e-4)
+    stop_nll: float = Field(0.01, ge=0)  # stop early once the mean target NLL is below this
 
 
 def ftl_delta(

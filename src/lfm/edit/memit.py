@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lfm.access import Access, narrow
@@ -51,28 +52,36 @@ from lfm.registry import Example, register
 
 
 class MemitConfig(Config):
-    layers: tuple[int, ...] | None = None  # edited blocks; None = default_layer−2 … default_layer+2
-    n_prefixes: int = 11  # bare prompt + fixed prefixes, for keys and the target NLL
+    # edited blocks, distinct; None or () = default_layer−2 … default_layer+2; negative counts from
+    # the top (−1: the last block)
+    layers: tuple[int, ...] | None = None
+    # bare prompt + fixed prefixes, for keys and the target NLL; at most all of them
+    n_prefixes: int = Field(11, ge=1, le=len(locate.PREFIXES))
     # "each": one least-squares column per prefixed prompt (weight 1/√P); "mean": one per request
     key_constraint: Literal["each", "mean"] = "each"
-    v_steps: int = 20  # Adam steps on each δ_i (paper: 20–25)
-    v_lr: float | None = None  # Adam lr on δ_i; None: the paper's 0.5 (normed MLP output: 0.05)
-    v_weight_decay: float = 0.5  # weight on ‖δ‖ / ‖v‖² (paper)
-    kl_factor: float = 0.0625  # essence-drift KL weight (paper)
-    clamp_norm: float = 0.75  # ‖δ‖ ≤ clamp_norm · ‖h‖ (paper, GPT-J: 0.75 of the residual)
-    stop_nll: float | None = None  # early stop on the target NLL; None: the paper's 0.05
+    v_steps: int = Field(20, ge=1)  # Adam steps on each δ_i (paper: 20–25)
+    # Adam lr on δ_i; None: the paper's 0.5 (normed MLP output: 0.05)
+    v_lr: float | None = Field(None, gt=0)
+    v_weight_decay: float = Field(0.5, ge=0)  # weight on ‖δ‖ / ‖v‖² (paper)
+    kl_factor: float = Field(0.0625, ge=0)  # essence-drift KL weight (paper)
+    clamp_norm: float = Field(0.75, gt=0)  # ‖δ‖ ≤ clamp_norm · ‖h‖ (paper, GPT-J: 0.75 of h)
+    # early stop on the target NLL; None: the paper's 0.05
+    stop_nll: float | None = Field(None, ge=0)
     tail_only: bool = True  # per step, re-run only the subject's tail (same loss; `lfm.edit.tail`)
     # λ in (λC + KKᵀ); None = 15,000 · D_in / 16,384 (the paper's GPT-J value per key dimension),
     # a third of that where the MLP output is normed (Gemma 3; `memit_defaults`, docs)
-    mom2_update_weight: float | None = None
+    mom2_update_weight: float | None = Field(None, gt=0)
     use_cov: bool = True  # False = C = I (for ablation)
-    cov_ridge: float = 1e-6  # relative ridge on C (guards a rank-deficient C)
+    cov_ridge: float = Field(1e-6, ge=0)  # relative ridge on C (guards a rank-deficient C)
     null_space: bool = False  # AlphaEdit: project the update onto C's null space
-    null_threshold: float = 1e-2  # AlphaEdit: eigenvalues of C below this span the null space
-    alpha_l2: float = 1.0  # AlphaEdit: α·tr(C)/D·I in the solve (paper: absolute "L2" = 10)
-    stats_corpus: str = "bbc-news"  # text for C
-    stats_tokens: int = 100_000  # token budget for C
-    stats_max_len: int = 256  # tokens read from one article at most
+    # AlphaEdit: eigenvalues of C below this span the null space
+    null_threshold: float = Field(1e-2, gt=0)
+    # AlphaEdit: α·tr(C)/D·I in the solve (paper: absolute "L2" = 10)
+    alpha_l2: float = Field(1.0, ge=0)
+    stats_corpus: str = Field("bbc-news", min_length=1)  # text for C
+    # token budget for C; at least the key width D_in, checked when C is computed
+    stats_tokens: int = Field(100_000, ge=1)
+    stats_max_len: int = Field(256, ge=1)  # tokens read from one article at most
 
 
 # λ per key dimension: the paper's (GPT-J), and where the layout norms the MLP output (Gemma 3), a
@@ -93,11 +102,15 @@ def memit_defaults(cfg: MemitConfig, site: EditSite) -> MemitConfig:
 
 
 def edit_layers(model: nn.Module, layers: Sequence[int] | None) -> list[int]:
-    """The edited blocks in order. The default is five around `default_layer`, or, where the
-    layout norms the MLP output (Gemma 3), the three ending at it: there a window reaching above
-    it left most edits undone (docs/edit.md)."""
+    """The edited blocks, ascending (MEMIT spreads the change from the lowest block up to the last,
+    L, whatever order they are given in; negative ones count from the top). The default is five
+    around `default_layer`, or, where the layout norms the MLP output (Gemma 3), the three ending
+    at it: there a window reaching above it left most edits undone (docs/edit.md)."""
     if layers:
-        return [layer_of(model, layer) for layer in layers]
+        blocks = [layer_of(model, layer) for layer in layers]
+        if len(set(blocks)) < len(blocks):  # −1 and n−1 name one block: it would be edited twice
+            raise LfmError(f"layers {list(layers)} name a block twice (as blocks {blocks})")
+        return sorted(blocks)
     mid, n = default_layer(model), num_layers(model)
     top = mid if get_layout(model).mlp_out_norm else mid + 2
     return sorted({min(max(i, 0), n - 1) for i in range(mid - 2, top + 1)})

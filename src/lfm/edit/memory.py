@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field, field_validator
 
 from lfm.access import Access, TextModel, access_of, narrow
 from lfm.config import Config
@@ -38,7 +39,19 @@ FORMAT = "lfm-edit-memory/1"
 
 class IkeConfig(Config):
     template: str = "New fact: {prompt} {target}.\n"  # how a stored fact is written in the context
-    max_facts: int = 4  # facts put before one query at most (most recent first)
+    max_facts: int = Field(4, ge=1)  # facts put before one query at most (most recent first)
+
+    @field_validator("template")
+    @classmethod
+    def _fields(cls, template: str) -> str:
+        """The template may name {prompt} and {target} only (it is filled with str.format)."""
+        try:
+            template.format(prompt="prompt", target="target")
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            raise ValueError(
+                f"{template!r} is not a format string over {{prompt}} and {{target}} ({e!r})"
+            ) from None
+        return template
 
 
 class MemoryEditor:

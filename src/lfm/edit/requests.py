@@ -28,13 +28,21 @@ from lfm.errors import LfmError
 
 @dataclass(frozen=True)
 class Request:
-    """Make the model continue `prompt` (which contains `subject`) with `target`."""
+    """Make the model continue `prompt` (which contains `subject`) with `target`.
+
+    The target is stored stripped (" London" and "London" are one request): the space before it
+    is the tokenizer's, added when it is read after the prompt (`target_ids`).
+    """
 
     prompt: str
     subject: str
     target: str
 
     def __post_init__(self) -> None:
+        for name in ("prompt", "subject", "target"):
+            if not isinstance(getattr(self, name), str):
+                raise LfmError(f"edit request {name} must be text, not {getattr(self, name)!r}")
+        object.__setattr__(self, "target", self.target.strip())  # frozen: set once, here
         check_request(self)
 
     def to_dict(self) -> dict[str, str]:
@@ -42,10 +50,12 @@ class Request:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Request:
+        if not isinstance(data, dict):
+            raise LfmError(f"an edit request is a mapping of prompt, subject, target; got {data!r}")
         missing = [k for k in ("prompt", "subject", "target") if k not in data]
         if missing:
             raise LfmError(f"an edit request needs {', '.join(missing)}; got keys {sorted(data)}")
-        return cls(str(data["prompt"]), str(data["subject"]), str(data["target"]).strip())
+        return cls(str(data["prompt"]), str(data["subject"]), str(data["target"]))
 
 
 def check_request(r: Request) -> None:
@@ -62,11 +72,17 @@ def check_request(r: Request) -> None:
 
 def read_requests(path: str | Path) -> list[Request]:
     """Requests from a JSON-lines file with `prompt`, `subject`, `target` per line."""
-    lines = Path(path).read_text().splitlines()
     try:
-        return [Request.from_dict(json.loads(x)) for x in lines if x.strip()]
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LfmError(f"cannot read edit requests from {path}: {e}") from None
+    try:
+        requests = [Request.from_dict(json.loads(x)) for x in lines if x.strip()]
     except json.JSONDecodeError as e:
         raise LfmError(f"{path}: not JSON lines ({e})") from None
+    if not requests:
+        raise LfmError(f"{path} holds no edit requests (one JSON object per line)")
+    return requests
 
 
 def subject_last_token(tokenizer: Any, text: str, subject_end: int) -> tuple[list[int], int]:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from lfm.access import Access, narrow
@@ -53,26 +54,30 @@ PAPER = "Meng et al. 2022, arXiv 2202.05262 (ROME; r-ROME key fix: Gupta et al. 
 
 
 class RomeConfig(Config):
-    layer: int | None = None  # edited block; None = architecture default (≈ depth/6)
-    n_prefixes: int = 11  # bare prompt + 10 fixed prefixes for k* and the NLL (paper: 20 generated)
+    # edited block; None = architecture default (≈ depth/6); negative counts from the top (−1: last)
+    layer: int | None = None
+    # bare prompt + 10 fixed prefixes for k* and the NLL (paper: 20 generated); at most all of them
+    n_prefixes: int = Field(11, ge=1, le=len(locate.PREFIXES))
     # "each": ΔW k_j = δ for every prefixed key k_j (the bare prompt's included); "mean": only for
     # their mean k* (r-ROME's one constraint). Both use the same keys in every term.
     key_constraint: Literal["each", "mean"] = "each"
-    v_steps: int = 20  # Adam steps on δ (paper: 20)
+    v_steps: int = Field(20, ge=1)  # Adam steps on δ (paper: 20)
     # Adam lr on δ; None: the paper's 0.5, or 0.05 where the MLP output is normed (Gemma 3; docs)
-    v_lr: float | None = None
-    v_weight_decay: float = 0.5  # weight on ‖δ‖ / ‖v‖² (paper, GPT-2 XL: 0.5)
-    kl_factor: float = 0.0625  # weight of the essence-drift KL on "{subject} is a" (paper)
-    clamp_norm: float = 4.0  # ‖δ‖ ≤ clamp_norm · ‖v‖ (paper: 4)
+    v_lr: float | None = Field(None, gt=0)
+    v_weight_decay: float = Field(0.5, ge=0)  # weight on ‖δ‖ / ‖v‖² (paper, GPT-2 XL: 0.5)
+    kl_factor: float = Field(0.0625, ge=0)  # weight of the essence-drift KL on "{subject} is a"
+    clamp_norm: float = Field(4.0, gt=0)  # ‖δ‖ ≤ clamp_norm · ‖v‖ (paper: 4)
     # stop once the target NLL is below this; None: the paper's 0.05, or NORMED_STOP_NLL where the
     # MLP output is normed (Gemma 3: δ to P ≈ 0.95 spills onto neighbours; docs)
-    stop_nll: float | None = None
+    stop_nll: float | None = Field(None, ge=0)
     tail_only: bool = True  # per step, re-run only the subject's tail (same loss; `lfm.edit.tail`)
     use_cov: bool = True  # False = C = I (EasyEdit's default; for ablation only)
-    cov_ridge: float = 1e-6  # relative ridge on C; guards a rank-deficient C only
-    stats_corpus: str = "bbc-news"  # text for C = E[k kᵀ]
-    stats_tokens: int = 100_000  # token budget for C (paper: 100k Wikipedia samples)
-    stats_max_len: int = 256  # tokens read from one article at most
+    cov_ridge: float = Field(1e-6, ge=0)  # relative ridge on C; guards a rank-deficient C only
+    stats_corpus: str = Field("bbc-news", min_length=1)  # text for C = E[k kᵀ]
+    # token budget for C (paper: 100k Wikipedia samples); at least the key width D_in, checked
+    # against the model when C is computed (`lfm.edit.stats`)
+    stats_tokens: int = Field(100_000, ge=1)
+    stats_max_len: int = Field(256, ge=1)  # tokens read from one article at most
 
 
 @dataclass(frozen=True)

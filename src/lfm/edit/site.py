@@ -69,11 +69,15 @@ def default_layer(model: nn.Module) -> int:
 
 
 def layer_of(model: nn.Module, layer: int | None) -> int:
-    """The block index in 0 … n−1 (None: `default_layer`; negative: from the top)."""
+    """The block index in 0 … n−1 (None: `default_layer`; negative counts from the top, as in
+    Python: −1 is the last block). Anything else is a one-line `LfmError` naming the range."""
     n = num_layers(model)
     layer = default_layer(model) if layer is None else layer
     if not -n <= layer < n:
-        raise LfmError(f"layer {layer} is out of range for a {n}-layer model")
+        raise LfmError(
+            f"layer {layer} is out of range for a {n}-layer model: give 0 … {n - 1}, "
+            f"or −{n} … −1 counted from the top"
+        )
     return layer % n
 
 

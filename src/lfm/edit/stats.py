@@ -7,8 +7,9 @@ articles (the only general English text shipped offline) through the model up to
 layer, with a token budget and a per-article length cap, accumulate Σ k kᵀ in float64, and cache
 C under `cache_dir()/edit-stats/` keyed by a fingerprint of the weights that produce k (embeddings,
 blocks 0..layer−1 and block `layer` below its MLP output projection; computed once per loaded
-model and kept across edits, `lfm.edit.base`), the layer, the corpus and the budget. A cached
-file is never recomputed.
+model and kept across edits, `lfm.edit.base`), the layer, the corpus and the budget (`lfm.core.cache`, kind `edit-stats`). A cached entry is
+recomputed only when it fails its checks: its parameters, sizes and hashes, then a (D, D) matrix
+of finite values.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from lfm.core.cache import cache_dir
+from lfm.core import cache
 from lfm.core.hooks import capture, stop_after
-from lfm.core.io import load_tensors, read_meta, save_tensors
+from lfm.core.io import load_tensors, nonfinite, save_tensors
 from lfm.edit import base
 from lfm.edit.site import edit_sites
+from lfm.errors import LfmError
 
 FORMAT = "lfm-edit-stats/1"
 
@@ -37,11 +39,25 @@ def key_fingerprint(model: nn.Module, layer: int) -> str:
     return base.key_fingerprints(model)[layer]
 
 
-def stats_path(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> Path:
+KIND = "edit-stats"
+FILE = "mom2.safetensors"
+
+
+def stats_key(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> str:
+    """The name of the cache entry of C at `layer` (see `lfm.core.cache`)."""
     fp = key_fingerprint(model, layer)[:16]
-    return (
-        cache_dir() / "edit-stats" / f"{fp}-L{layer}-{corpus}-{tokens}tok-{max_len}len.safetensors"
-    )
+    return f"{fp}-L{layer}-{corpus}-{tokens}tok-{max_len}len"
+
+
+def stats_path(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> Path:
+    """The cache entry's folder (it holds `FILE` and the entry's marker)."""
+    return cache.entry_dir(KIND, stats_key(model, layer, corpus, tokens, max_len))
+
+
+def _params(model: nn.Module, layer: int, corpus: str, tokens: int, max_len: int) -> dict:
+    fp = key_fingerprint(model, layer)
+    return {"format": FORMAT, "fingerprint": fp, "layer": layer, "corpus": corpus,
+            "tokens": tokens, "max_len": max_len}  # fmt: skip
 
 
 def corpus_texts(corpus: str) -> Sequence[str]:
@@ -83,13 +99,24 @@ def compute_second_moments(
     return {layer: sums[layer] / max(seen, 1) for layer in layers}
 
 
-def _read(path: Path) -> torch.Tensor:
-    """C from a cached file (tagged `FORMAT`, or untagged: written before the tag)."""
-    if read_meta(path).get("format") is None:
-        from safetensors.torch import load_file
+def _read(folder: Path) -> torch.Tensor:
+    return load_tensors(folder / FILE, FORMAT)[0]["mom2"]
 
-        return load_file(str(path))["mom2"]
-    return load_tensors(path, FORMAT)[0]["mom2"]
+
+def _checker(d: int) -> cache.Check:
+    """`check(folder)`: the entry holds one (d, d) matrix of finite values."""
+
+    def check(folder: Path) -> None:
+        try:
+            mom2 = _read(folder)
+        except (LfmError, KeyError) as e:
+            raise cache.BadEntry(str(e)) from None
+        if tuple(mom2.shape) != (d, d):
+            raise cache.BadEntry(f"C has shape {tuple(mom2.shape)}, not {(d, d)}")
+        if nonfinite(mom2):
+            raise cache.BadEntry("C holds NaN or infinite values")
+
+    return check
 
 
 def second_moments(
@@ -112,8 +139,12 @@ def second_moments(
         max_len: longest sequence read from one article.
         compute: the estimator (tests substitute one); defaults to `compute_second_moments`.
     """
-    paths = {layer: stats_path(model, layer, corpus, tokens, max_len) for layer in layers}
-    out = {layer: _read(p) for layer, p in paths.items() if p.exists()}
+    args = (corpus, tokens, max_len)
+    keys = {layer: stats_key(model, layer, *args) for layer in layers}
+    params = {layer: _params(model, layer, *args) for layer in layers}
+    checks = {s.layer: _checker(s.d_in) for s in edit_sites(model, layers)}
+    found = {layer: cache.read(KIND, keys[layer], params[layer], checks[layer]) for layer in layers}
+    out = {layer: _read(p) for layer, p in found.items() if p is not None}
     missing = sorted(set(layers) - set(out))
     if not missing:
         return out
@@ -123,7 +154,12 @@ def second_moments(
         new = compute(model, tokenizer, missing, corpus_texts(corpus), tokens, max_len)
     for layer, mom2 in new.items():
         meta = {"layer": layer, "corpus": corpus, "tokens": tokens, "max_len": max_len}
-        save_tensors(paths[layer], {"mom2": mom2}, FORMAT, **meta)
+
+        def build(folder: Path, mom2: torch.Tensor = mom2, meta: dict = meta) -> None:
+            save_tensors(folder / FILE, {"mom2": mom2}, FORMAT, **meta)
+
+        folder = cache.write(KIND, keys[layer], params[layer], build, check=checks[layer])
+        new[layer] = _read(folder)  # the entry in place: ours, or another process's
     return {**out, **new}
 
 

@@ -41,12 +41,16 @@ class Task(NamedTuple):
     yq: Tensor  # query targets    (Q, ...)  or (T, Q, ...)
 
 
-# The least value of each count a meta config may hold (checked for every subclass, whose own
-# defaults redefine these fields).
+# The range of each number a meta config may hold, checked for every subclass (whose own defaults
+# redefine these fields, dropping any `Field` bound of the parent). Counts: the least value (0 steps
+# meta-tests the initialisation; 0 inner steps adapts nothing). Rates, the temperature and the
+# finite-difference step: above 0. Loss weights: at least 0.
 AT_LEAST = {
     "meta_batch": 1, "steps": 0, "inner_steps": 0, "test_inner_steps": 0, "ways": 1, "shots": 1,
     "queries": 1, "inv_steps": 0, "directions": 1,
+    "bn": 0.0, "tv": 0.0, "adv": 0.0, "kd": 0.0,
 }  # fmt: skip
+ABOVE = {"outer_lr": 0.0, "inner_lr": 0.0, "inv_lr": 0.0, "temperature": 0.0, "mu": 0.0}
 
 
 class OuterConfig(Config):
@@ -54,7 +58,7 @@ class OuterConfig(Config):
 
     outer_lr: float = 1e-3  # β: Adam step size of the meta-update (MAML Sec. 5)
     meta_batch: int = 25  # tasks per meta-update (MAML sinusoid: 25)
-    steps: int = 1000  # meta-updates; the papers run 15k-70k, kept short for CPUs
+    steps: int = 1000  # meta-updates (0: meta-test the initialisation); papers run 15k-70k
     vectorize: Literal["auto", "always", "never"] = (
         "auto"  # vmap over tasks; auto: not with train-mode nn.BatchNorm
     )
@@ -62,6 +66,7 @@ class OuterConfig(Config):
     @model_validator(mode="after")
     def _counts(self) -> Self:
         low = [f"{k} must be at least {v}" for k, v in AT_LEAST.items() if getattr(self, k, v) < v]
+        low += [f"{k} must be > {v}" for k, v in ABOVE.items() if not getattr(self, k, v + 1) > v]
         if low:
             raise ValueError("; ".join(low))
         return self

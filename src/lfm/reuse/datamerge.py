@@ -155,6 +155,7 @@ def _gram_example(base: nn.Module, models: list[nn.Module], seed: int) -> dict[s
     example=merge_example(n=2, base=False, stats=_fisher_example),
     cli="lfm reuse stats fisher MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: fisher)",
     needs_base=False, prepare=_opener("fisher"),
+    divides_by_weight_sum=lambda cfg: True,
 )  # fmt: skip
 def fisher(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
@@ -173,6 +174,7 @@ def fisher(
     example=merge_example(n=2, base=False, stats=_gram_example),
     cli="lfm reuse stats gram MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: regmean)",
     needs_base=False, prepare=_opener("gram"),
+    divides_by_weight_sum=lambda cfg: True,
 )  # fmt: skip
 def regmean_kernel(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx

@@ -18,8 +18,10 @@ streaming engine and `lfm.registry.run("reuse/<name>", models, base=...)` share 
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, Literal, Protocol
 
 import torch
@@ -27,6 +29,7 @@ from torch import Tensor
 
 from lfm import registry
 from lfm.config import Config
+from lfm.core.io import check_finite
 from lfm.errors import LfmError
 from lfm.registry import MethodSpec
 
@@ -100,8 +103,9 @@ def kernel_spec(method: str | MethodSpec) -> MethodSpec:
     """The registry entry of a merge method (`ties` or `reuse/ties`).
 
     What the driver needs besides the kernel is in the entry's extras: `needs_base` (default
-    True), `min_models` (1), `max_models` (None: any number) and `prepare` (a pass over all
-    tensors before merging that gives model-level statistics, e.g. TIES's per-model thresholds).
+    True), `min_models` (1), `max_models` (None: any number), `prepare` (a pass over all
+    tensors before merging that gives model-level statistics, e.g. TIES's per-model thresholds)
+    and `divides_by_weight_sum` (cfg -> bool: weights summing to zero are refused).
     """
     if isinstance(method, MethodSpec):
         return method
@@ -186,16 +190,86 @@ def _check_shapes(inputs: Inputs) -> None:
         raise ShapeMismatchError(f"shapes differ{hint}: {'; '.join(bad[:3])}{more}")
 
 
+NONFINITE_HINT = "fix the model, or pass allow_nonfinite (--allow-nonfinite) to merge it as is"
+
+
+def _label(reader: Reader, i: int | None) -> str:
+    """A reader as a user knows it: its path on disk, else its place in the merge."""
+    path = getattr(reader, "path", None)
+    return f"{'the base model' if i is None else f'model {i}'}" + (f" ({path})" if path else "")
+
+
+def check_inputs(
+    inputs: Inputs,
+    name: str,
+    base: Tensor | None,
+    tensors: Sequence[Tensor],
+    idx: Sequence[int],
+    finite: bool = True,
+) -> None:
+    """One-line errors for what a kernel cannot merge: an integer tensor where the template's is
+    floating, and (when `finite`) NaN or infinity in a tensor the kernel reads."""
+    pairs = ([(None, inputs.base, base)] if base is not None else []) + [
+        (i, inputs.models[i], t) for i, t in zip(idx, tensors, strict=True)
+    ]
+    for i, reader, t in pairs:
+        if not t.is_floating_point():
+            raise MergeError(
+                f"{_label(reader, i)} stores {name} as {t.dtype}, where the template stores "
+                "floats; a merge averages floats: convert that model first"
+            )
+        if finite:
+            check_finite([(name, t)], _label(reader, i), NONFINITE_HINT, MergeError)
+
+
 def merge_one(
-    spec: MethodSpec, inputs: Inputs, name: str, weights: Sequence[float], cfg: Any, stats: dict
+    spec: MethodSpec,
+    inputs: Inputs,
+    name: str,
+    weights: Sequence[float],
+    cfg: Any,
+    stats: dict,
+    allow_nonfinite: bool = False,
 ) -> Tensor:
-    """Merge one tensor; non-float tensors and tensors only the template has are copied."""
+    """Merge one tensor; non-float tensors and tensors only the template has are copied.
+
+    Unless `allow_nonfinite`, a NaN or infinity in a tensor the kernel reads, or in what it
+    returns, is a `MergeError` (nothing non-finite reaches a sink).
+    """
     base, tensors, idx = inputs.tensors(name)
     template = inputs.template.get(name)
-    if not template.is_floating_point() or not tensors:
+    if not template.is_floating_point():
         return template
+    if not tensors:  # only the template has it: copied, but checked like any input
+        if not allow_nonfinite:
+            who = _label(inputs.template, None if inputs.base is not None else 0)
+            check_finite([(name, template)], who, NONFINITE_HINT, MergeError)
+        return template
+    check_inputs(inputs, name, base, tensors, idx, finite=not allow_nonfinite)
     ws = [float(weights[i]) for i in idx]
-    return spec.impl(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
+    out = spec.impl(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
+    if not allow_nonfinite:
+        check_finite(
+            [(name, out)], f"the {spec.name} merge", "the weights or the method's parameters "
+            "overflow or divide by zero here (e.g. weights that nearly cancel): change them",
+            MergeError,
+        )  # fmt: skip
+    return out
+
+
+def check_weights(spec: MethodSpec, cfg: Any, weights: Sequence[float]) -> None:
+    """Weights are finite numbers; they may not sum to zero where the method divides by the sum
+    (the registry entry's `divides_by_weight_sum(cfg)` extra)."""
+    bad = [w for w in weights if isinstance(w, bool) or not isinstance(w, Real)]
+    bad += [w for w in weights if isinstance(w, Real) and not math.isfinite(w)]
+    if bad:
+        raise MergeError(f"merge weights must be finite numbers, got {bad[0]!r}")
+    divides = spec.extras.get("divides_by_weight_sum")
+    if divides is not None and divides(cfg) and abs(math.fsum(weights)) < 1e-8:
+        raise MergeError(
+            f"{spec.name} divides by the sum of the weights, and {list(weights)} sums to zero; "
+            "change the weights"
+        )
 
 
 def run_merge(
@@ -206,6 +280,7 @@ def run_merge(
     weights: Sequence[float] | None = None,
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     stats: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> Config:
     """Merge every tensor of `inputs` with `method` and give each result to `sink`.
 
@@ -217,6 +292,8 @@ def run_merge(
         weights: one weight per model (default 1.0 each).
         progress: wraps the iteration over names (a progress bar).
         stats: model-level statistics given to the kernels (`ctx.stats`), over `prepare`'s.
+        allow_nonfinite: merge NaN and infinite values instead of refusing them (in the inputs
+            and in what the kernel returns).
 
     Returns:
         The resolved config.
@@ -227,10 +304,11 @@ def run_merge(
     ws = list(weights) if weights is not None else [1.0] * len(inputs.models)
     if len(ws) != len(inputs.models):
         raise MergeError(f"{len(ws)} weights for {len(inputs.models)} models")
+    check_weights(spec, config, ws)
     prepare: Prepare | None = spec.extras.get("prepare")
     stats = {**(prepare(inputs, config) if prepare else {}), **(stats or {})}
     for name in (progress or iter)(inputs.names):
-        sink(name, merge_one(spec, inputs, name, ws, config, stats))
+        sink(name, merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite))
     return config
 
 
@@ -256,6 +334,7 @@ def merge_state_dicts(
     weights: Sequence[float] | None = None,
     on_missing: OnMissing = "error",
     stats: Mapping[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Tensor]:
     """Merge state dicts held in memory with the same driver the streaming engine uses.
 
@@ -270,9 +349,11 @@ def merge_state_dicts(
         weights: one weight per model (default 1.0 each).
         on_missing: "error" (default) or "skip": merge a tensor over the models that have it.
         stats: statistics held in memory for data-aware methods (e.g. `{"per_model": [...]}`).
+        allow_nonfinite: merge NaN and infinite values instead of refusing them.
     """
     base = DictReader(base_sd) if base_sd is not None else None
     inputs = plan(base, [DictReader(sd) for sd in sds], on_missing)
     out: dict[str, Tensor] = {}
-    run_merge(method, inputs, cfg, out.__setitem__, weights, stats=stats)
+    run_merge(method, inputs, cfg, out.__setitem__, weights, stats=stats,
+              allow_nonfinite=allow_nonfinite)  # fmt: skip
     return out

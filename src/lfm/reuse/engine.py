@@ -311,6 +311,7 @@ def merge_models(
     on_missing: OnMissing = "error",
     overwrite: bool = False,
     progress: bool = True,
+    allow_nonfinite: bool = False,
 ) -> Path:
     """Merge models on disk tensor by tensor and write a loadable Hugging Face folder.
 
@@ -327,6 +328,8 @@ def merge_models(
             such a tensor over the models that have it (the template's copy if none has).
         overwrite: replace an existing `out` folder.
         progress: show a progress bar over tensors.
+        allow_nonfinite: merge NaN and infinite values; by default a NaN or infinity in a tensor
+            that is merged, or in a merged tensor, is a `MergeError` and nothing is written.
 
     Returns:
         The output folder.
@@ -340,14 +343,14 @@ def merge_models(
     readers = [open_model(m, base, base_reader) for m in models]
     inputs = plan(base_reader, readers, on_missing)
     template = Path(base) if base is not None else _template_folder(models[0])
-    with atomic_path(out) as tmp:
+    with atomic_path(out, replace=overwrite) as tmp:  # a rival merge into `out` is refused
         tmp.mkdir()
         tmpl = inputs.template
         entries = [Entry(n, tmpl.dtype(n), tmpl.shape(n)) for n in inputs.names]
         with ShardWriter(tmp, entries, parse_size(max_shard_size)) as writer:
-            run_merge(
-                spec, inputs, config, writer.add, weights, _bar(f"{spec.name} merge", progress)
-            )
+            bar = _bar(f"{spec.name} merge", progress)
+            run_merge(spec, inputs, config, writer.add, weights, bar,
+                      allow_nonfinite=allow_nonfinite)  # fmt: skip
             writer.close()
         copy_side_files(template if template.is_dir() else template.parent, tmp)
         record = _record(spec.name, config, base, models, weights, on_missing)

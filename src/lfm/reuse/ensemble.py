@@ -41,17 +41,23 @@ class VoteConfig(Config):
     max_new_tokens: int = Field(32, ge=1)  # length of each answer, when the members are LMs
 
 
-def _weights(n: int, weights: Sequence[float] | None) -> Tensor:
+def mixture_weights(n: int, weights: Sequence[float] | None) -> Tensor:
+    """One weight per member (None: equal), checked and normalised to sum to 1."""
     w = torch.ones(n) if weights is None else torch.tensor([float(v) for v in weights])
     if len(w) != n:
         raise LfmError(f"{len(w)} weights for {n} ensemble members")
+    # mixture weights: a NaN, a negative weight or a zero sum gives no distribution
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
+        raise LfmError(
+            f"ensemble weights must be finite, non-negative and not all zero: {w.tolist()}"
+        )
     return w / w.sum()
 
 
 def average_logprobs(members: Sequence[Tensor], cfg: EnsembleConfig | None = None) -> Tensor:
     """Weighted average of log-probability tensors (B, C) in probability or log space."""
     cfg = cfg or EnsembleConfig()
-    w = _weights(len(members), cfg.weights)
+    w = mixture_weights(len(members), cfg.weights)
     stacked = torch.stack([m.float() for m in members])  # (M, B, C)
     shape = (-1,) + (1,) * (stacked.dim() - 1)
     if cfg.space == "logprob":
@@ -62,7 +68,7 @@ def average_logprobs(members: Sequence[Tensor], cfg: EnsembleConfig | None = Non
 def vote_labels(labels: Sequence[Tensor], weights: Sequence[float] | None = None) -> Tensor:
     """Weighted majority vote over label tensors (B,); ties go to the smallest label."""
     stacked = torch.stack([lab.long() for lab in labels])  # (M, B)
-    w = _weights(len(labels), weights)
+    w = mixture_weights(len(labels), weights)
     n_cls = int(stacked.max()) + 1
     tally = torch.zeros(stacked.shape[1], n_cls)
     for m in range(len(labels)):
@@ -74,7 +80,7 @@ def vote_texts(
     answers: Sequence[Sequence[str]], weights: Sequence[float] | None = None
 ) -> list[str]:
     """Weighted majority vote over answers (members × prompts), compared after stripping."""
-    w = _weights(len(answers), weights).tolist()
+    w = mixture_weights(len(answers), weights).tolist()
     out = []
     for i in range(len(answers[0])):
         tally: Counter[str] = Counter()

@@ -57,7 +57,7 @@ class DareTiesConfig(Config):
 
 
 class SlerpConfig(Config):
-    t: float = 0.5  # interpolation factor: 0 gives the first model, 1 the second
+    t: float = Field(0.5, ge=0, le=1)  # interpolation factor: 0 gives the first model, 1 the second
     eps: float = Field(5e-4, gt=0)  # linear fallback when 1 - |cos Ω| < eps (near-parallel)
 
 
@@ -77,6 +77,7 @@ PLAN = "lfm reuse merge PLAN.yaml (method: {})"
     "reuse", "linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
     config=LinearConfig, paper="Wortsman et al. 2022, arXiv 2203.05482",
     example=merge_example(base=False), cli=PLAN.format("linear"), needs_base=False,
+    divides_by_weight_sum=lambda cfg: cfg.normalize,
 )  # fmt: skip
 def linear(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx

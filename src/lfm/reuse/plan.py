@@ -15,10 +15,19 @@ lfm format::
 A mergekit file (`merge_method`, `base_model`, `models: [{model, parameters}]`) is translated for
 linear, slerp, task_arithmetic, ties, dare_ties, dare_linear and model_stock; see docs/reuse.md for
 what differs.
+
+Both are checked against a schema before any weight is read: every key is one the format knows
+(a misspelled key is an error naming the closest known one; a key mergekit knows that lfm cannot
+honour is an error saying so), every weight is a finite number, every model entry names a model
+that exists (a folder with safetensors weights or a PEFT adapter, a `.safetensors` file, or
+mergekit's `base+adapter`).
 """
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +44,37 @@ MERGEKIT_METHODS = (
     "dare_linear",
     "model_stock",
 )
-# mergekit parameters with no effect on the result here (memory tricks, defaults we share).
-MERGEKIT_IGNORED = {"int8_mask", "rescale", "normalize_weights"}
+LFM_KEYS = ("method", "base", "models", "parameters", "max_shard_size", "on_missing")
+LFM_MODEL_KEYS = ("path", "weight")
+# mergekit's MergeConfiguration (and `name`, which mergekit-multi gives each merge).
+MERGEKIT_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "name", "slices",
+                 "modules", "tokenizer_source", "tokenizer", "chat_template", "out_dtype")  # fmt: skip
+MERGEKIT_UNSUPPORTED = {
+    "slices": "list whole models under models:",
+    "modules": "list whole models under models:",
+    "tokenizer_source": "the output takes the tokenizer of the base (or first) model",
+    "tokenizer": "the output takes the tokenizer of the base (or first) model",
+    "chat_template": "the output takes the chat template of the base (or first) model",
+    "out_dtype": "the output keeps the dtype of the base (or first) model",
+}
+MERGEKIT_MODEL_KEYS = ("model", "parameters")
+# Every parameter name some mergekit merge method reads.
+MERGEKIT_PARAMETERS = ("weight", "density", "lambda", "normalize", "int8_mask", "rescale", "t",
+                       "filter_wise", "epsilon", "gamma", "select_topk", "nuslerp_flatten",
+                       "nuslerp_row_wise", "normalize_weights", "eps", "max_iter", "tol", "r",
+                       "alpha", "scale")  # fmt: skip
+# The ones mergekit's implementation of each method reads (generalised task arithmetic for four).
+_GTA = ("weight", "density", "lambda", "normalize", "int8_mask", "rescale")
+MERGEKIT_METHOD_PARAMETERS = {
+    "linear": ("weight", "normalize"), "slerp": ("t",), "task_arithmetic": _GTA, "ties": _GTA,
+    "dare_ties": _GTA, "dare_linear": _GTA, "model_stock": ("filter_wise",),
+}  # fmt: skip
+# The parameters mergekit reads per model; the others it reads only from the shared `parameters`.
+MERGEKIT_PER_MODEL = ("weight", "density", "epsilon", "gamma")
+# mergekit's defaults of `normalize` and `rescale`, per method.
+MERGEKIT_NORMALIZE = {"linear": True, "ties": True, "dare_ties": False, "task_arithmetic": False,
+                      "dare_linear": False}  # fmt: skip
+MERGEKIT_RESCALE = {"ties": False, "dare_ties": True, "task_arithmetic": False, "dare_linear": True}
 
 
 class MergePlan:
@@ -67,30 +105,50 @@ class MergePlan:
         self.parameters = parameters or {}
         self.max_shard_size, self.on_missing = max_shard_size, on_missing
 
-    def run(self, out: str | Path, overwrite: bool = False, progress: bool = True) -> Path:
-        """Merge with the streaming engine into `out`."""
+    def run(
+        self,
+        out: str | Path,
+        overwrite: bool = False,
+        progress: bool = True,
+        allow_nonfinite: bool = False,
+    ) -> Path:
+        """Merge with the streaming engine into `out` (see `merge_models` for the options)."""
         from lfm.reuse.engine import merge_models
 
         return merge_models(
             self.method, self.models, out, base=self.base, cfg=self.parameters,
             weights=self.weights, max_shard_size=self.max_shard_size,
             on_missing=self.on_missing, overwrite=overwrite, progress=progress,
+            allow_nonfinite=allow_nonfinite,
         )  # fmt: skip
 
 
 def load_plan(path: str | Path) -> MergePlan:
-    """Read a plan from YAML in lfm's format or mergekit's."""
+    """Read a plan from YAML in lfm's format or mergekit's, and check every model it names."""
     try:
         data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise MergeError(f"cannot read merge plan {path}: {e}") from None
     if not isinstance(data, dict):
         raise MergeError(f"merge plan {path} must be a mapping")
     base_dir = Path(path).parent
-    plan = from_mergekit(data) if "merge_method" in data else from_lfm(data)
+    plan = from_mergekit(data) if is_mergekit(data) else from_lfm(data)
     plan.models = [_resolve(base_dir, m) for m in plan.models]
     plan.base = _resolve(base_dir, plan.base) if plan.base else None
+    for i, model in enumerate(plan.models):
+        check_model_path(model, f"model {i}")
+    if plan.base is not None:
+        check_model_path(plan.base, "the base model")
     return plan
+
+
+def is_mergekit(data: Mapping[str, Any]) -> bool:
+    """A mergekit file: it has `merge_method` or `base_model`, or a key one letter or two away
+    from `merge_method` (so that a misspelt one is reported against mergekit's keys)."""
+    keys = [str(k) for k in data]
+    return bool({"merge_method", "base_model"} & set(keys)) or bool(
+        difflib.get_close_matches("merge_method", keys, n=1, cutoff=0.8)
+    )
 
 
 def _resolve(root: Path, p: str) -> str:
@@ -99,78 +157,284 @@ def _resolve(root: Path, p: str) -> str:
     return str(q if q.is_absolute() or not (root / q).exists() else root / q)
 
 
+def check_model_path(path: str, what: str) -> None:
+    """A one-line `MergeError` unless `path` names a model the engine reads: a folder with
+    safetensors weights (or a PEFT adapter), a `.safetensors` file, or `base+adapter`."""
+    from lfm.reuse.lora import is_adapter, split_plus
+
+    plus = split_plus(path)
+    p = Path(plus[0] if plus is not None else path)
+    if not p.exists():
+        raise MergeError(
+            f"{what}: no such file or folder {p} (relative paths are read from the plan's folder)"
+        )
+    if p.is_file() and p.suffix != ".safetensors":
+        raise MergeError(
+            f"{what}: {p} is a file, not a model; give a model folder or a .safetensors file"
+        )
+    if p.is_dir() and not (any(p.glob("*.safetensors")) or is_adapter(p)):
+        raise MergeError(
+            f"{what}: {p} holds no safetensors weights; lfm merges safetensors models "
+            "(save the model with save_pretrained(safe_serialization=True))"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema: keys, numbers, model entries.
+
+
+def check_keys(where: str, data: Mapping[str, Any], known: Iterable[str]) -> None:
+    """A one-line `MergeError` for a key not in `known`, naming the closest known key."""
+    known = tuple(known)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise MergeError(f"unknown key {key!r} in {where}; {hint}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MergeError(f"{where} must be a mapping of names to values, not {value!r}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    """A finite number (YAML's `5e-1` arrives as a string and is read as one)."""
+    if isinstance(value, bool):
+        raise MergeError(f"{where} must be a number, not {value!r}")
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise MergeError(f"{where} must be a number, not {value!r}") from None
+    if not math.isfinite(x):
+        raise MergeError(f"{where} must be a finite number, not {value!r}")
+    return x
+
+
+def _path(value: Any, where: str) -> str:
+    if not isinstance(value, str | Path) or not str(value).strip():
+        raise MergeError(f"{where} must be a path, not {value!r}")
+    return str(value)
+
+
+def _model_list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise MergeError(f"{where} must be a non-empty list of models, not {value!r}")
+    return value
+
+
 def from_lfm(data: dict[str, Any]) -> MergePlan:
     """A plan in lfm's format."""
-    known = {"method", "base", "models", "parameters", "max_shard_size", "on_missing"}
-    unknown = sorted(set(data) - known)
-    if unknown or "method" not in data or not data.get("models"):
-        raise MergeError(
-            f"a merge plan needs method and models (unknown keys: {unknown or 'none'})"
-        )
-    entries = [m if isinstance(m, dict) else {"path": m} for m in data["models"]]
-    return MergePlan(
-        method=str(data["method"]), base=data.get("base"),
-        models=[str(m["path"]) for m in entries],
-        weights=[float(m.get("weight", 1.0)) for m in entries],
-        parameters=dict(data.get("parameters") or {}),
-        max_shard_size=data.get("max_shard_size", "2GB"), on_missing=data.get("on_missing", "error"),
-    )  # fmt: skip
+    check_keys("the merge plan", data, LFM_KEYS)
+    if "method" not in data or "models" not in data:
+        raise MergeError("a merge plan needs method and models")
+    method = data["method"]
+    if not isinstance(method, str):
+        raise MergeError(f"method must be the name of a merge method, not {method!r}")
+    models: list[str] = []
+    weights: list[float] = []
+    for i, m in enumerate(_model_list(data["models"], "models")):
+        entry = m if isinstance(m, dict) else {"path": m}
+        check_keys(f"model {i} of the merge plan", entry, LFM_MODEL_KEYS)
+        if "path" not in entry:
+            raise MergeError(f"model {i} of the merge plan has no path")
+        models.append(_path(entry["path"], f"the path of model {i}"))
+        weights.append(_number(entry.get("weight", 1.0), f"the weight of model {i}"))
+    params = _mapping(data.get("parameters"), "parameters")
+    _check_fields(method, params)
+    on_missing = data.get("on_missing", "error")
+    if on_missing not in ("error", "skip"):
+        raise MergeError(f"on_missing must be error or skip, not {on_missing!r}")
+    size = data.get("max_shard_size", "2GB")
+    from lfm.reuse.engine import parse_size
+
+    if isinstance(size, bool) or not isinstance(size, int | str) or parse_size(size) <= 0:
+        raise MergeError(f"max_shard_size must be a size like 2GB or 500MB, not {size!r}")
+    base = _path(data["base"], "base") if data.get("base") is not None else None
+    return MergePlan(method=method, base=base, models=models, weights=weights,
+                     parameters=dict(params), max_shard_size=size, on_missing=on_missing)  # fmt: skip
+
+
+def _check_fields(method: str, params: Mapping[str, Any]) -> None:
+    """Parameter names against the method's config fields (the config checks the values)."""
+    from lfm.reuse.driver import kernel_spec
+
+    spec = kernel_spec(method)
+    check_keys(f"the parameters of {spec.name}", params, spec.config.model_fields)
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit files.
 
 
 def from_mergekit(data: dict[str, Any]) -> MergePlan:
-    """Translate a mergekit YAML file (the `models:` form, scalar parameters)."""
-    method = str(data["merge_method"])
+    """Translate a mergekit YAML file (the `models:` form, one value per parameter)."""
+    check_keys("the mergekit file", data, MERGEKIT_KEYS)
+    for key, why in MERGEKIT_UNSUPPORTED.items():
+        if data.get(key) is not None:
+            raise MergeError(f"mergekit key {key!r} is not supported ({why})")
+    if "merge_method" not in data:
+        raise MergeError("a mergekit file needs merge_method")
+    method = data["merge_method"]
     if method not in MERGEKIT_METHODS:
         raise MergeError(
             f"mergekit method {method!r} is not supported; use one of {', '.join(MERGEKIT_METHODS)}"
         )
-    for key in ("slices", "tokenizer_source", "tokenizer"):
-        if key in data:
-            raise MergeError(
-                f"mergekit key {key!r} is not supported; list whole models under models:"
-            )
-    entries = [m if isinstance(m, dict) else {"model": m} for m in data.get("models") or []]
-    base = data.get("base_model")
-    if method == "slerp":
-        entries = [{"model": base}] + [m for m in entries if m["model"] != base]
+    entries = [
+        _mergekit_entry(i, m) for i, m in enumerate(_model_list(data.get("models"), "models"))
+    ]
+    base = _path(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    if method == "slerp":  # base_model is the t = 0 end, whether models lists it or not
+        if base is None:
+            raise MergeError("mergekit's slerp needs base_model (the t = 0 end)")
+        entries = [{"model": base, "parameters": {}}] + [m for m in entries if m["model"] != base]
         base = None
     if method not in ("linear", "slerp") and base is not None:
         entries = [m for m in entries if m["model"] != base]  # mergekit may list the base too
-    params = {**_shared_model_params(entries), **(data.get("parameters") or {})}
-    weights = [float((m.get("parameters") or {}).get("weight", 1.0)) for m in entries]
-    return MergePlan(
-        method=method, base=base, models=[str(m["model"]) for m in entries], weights=weights,
-        parameters=_translate(method, params),
-    )  # fmt: skip
-
-
-def _shared_model_params(entries: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-model parameters other than weight, which must agree across models here."""
-    seen: dict[str, set[Any]] = {}
+    if not entries:
+        raise MergeError("the mergekit file lists no model besides the base model")
+    shared = _mapping(data.get("parameters"), "parameters")
+    _check_mergekit_parameters(method, shared)
     for m in entries:
-        for k, v in (m.get("parameters") or {}).items():
-            if k != "weight":
-                seen.setdefault(k, set()).add(v)
-    varied = [k for k, vs in seen.items() if len(vs) > 1]
-    if varied:
-        raise MergeError(
-            f"per-model {', '.join(varied)} differ between models; lfm takes one value per merge"
+        _check_mergekit_parameters(method, m["parameters"], per_model=True)
+    weights = [
+        _number(
+            m["parameters"].get("weight", shared.get("weight", 1.0)), f"the weight of {m['model']}"
         )
-    return {k: next(iter(vs)) for k, vs in seen.items()}
+        for m in entries
+    ]
+    params, normalize = _translate(method, _agreed(entries, shared))
+    if normalize:  # Σ w_i τ_i / Σ w_i: the same as weights divided by their sum
+        total = math.fsum(weights)
+        if abs(total) < 1e-8:
+            raise MergeError(
+                f"normalize: true divides by the sum of the weights, and {weights} sums to zero"
+            )
+        weights = [w / total for w in weights]
+    return MergePlan(method=method, base=base, models=[m["model"] for m in entries],
+                     weights=weights, parameters=params)  # fmt: skip
 
 
-def _translate(method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """mergekit parameter names and defaults -> lfm config fields."""
-    p = {k: v for k, v in params.items() if k not in MERGEKIT_IGNORED and k != "weight"}
-    if isinstance(p.get("t"), list):
-        raise MergeError("slerp with a list of t values (a gradient over layers) is not supported")
+def _mergekit_entry(i: int, m: Any) -> dict[str, Any]:
+    """One entry of `models:` as {model, parameters}, checked."""
+    entry = m if isinstance(m, dict) else {"model": m}
+    check_keys(f"model {i} of the mergekit file", entry, MERGEKIT_MODEL_KEYS)
+    if "model" not in entry:
+        raise MergeError(f"model {i} of the mergekit file has no model")
+    model = entry["model"]
+    if isinstance(model, dict):
+        raise MergeError(f"model {i}: give the model as a path string (model: path or base+lora)")
+    params = _mapping(entry.get("parameters"), f"the parameters of model {i}")
+    return {"model": _path(model, f"model {i}"), "parameters": params}
+
+
+def _check_mergekit_parameters(
+    method: str, params: Mapping[str, Any], per_model: bool = False
+) -> None:
+    """Names mergekit's `method` reads, or lfm's config fields of the method; scalar values.
+
+    Per model, only the names mergekit reads per model (it would ignore the others there).
+    """
+    from lfm.reuse.driver import kernel_spec
+
+    own = MERGEKIT_METHOD_PARAMETERS[method]
+    fields = tuple(kernel_spec(method).config.model_fields)
+    for key, value in params.items():
+        if per_model and key not in MERGEKIT_PER_MODEL and (key in own or key in fields):
+            raise MergeError(
+                f"{key!r} is read from the shared parameters, not per model: move it under "
+                "the top-level parameters:"
+            )
+        if key in MERGEKIT_PARAMETERS and key not in own and key not in fields:
+            raise MergeError(
+                f"mergekit parameter {key!r} is not supported with {method} (mergekit's {method} "
+                f"reads {', '.join(own)})"
+            )
+        if isinstance(value, list | dict):
+            raise MergeError(
+                f"parameter {key!r}: per-layer gradients and filtered values are not supported; "
+                "give one value"
+            )
+    check_keys(f"the parameters of {method}", params, dict.fromkeys((*own, *fields)))
+
+
+def _agreed(entries: list[dict[str, Any]], shared: Mapping[str, Any]) -> dict[str, Any]:
+    """One value per parameter other than weight: a model's own, else the shared one (mergekit's
+    order); lfm takes one value per merge, so the models must agree."""
+    names = {k for m in entries for k in m["parameters"]} | set(shared)
+    out: dict[str, Any] = {}
+    for name in sorted(names - {"weight"}):
+        values = [m["parameters"].get(name, shared.get(name, _UNSET)) for m in entries]
+        if _UNSET in values:
+            raise MergeError(
+                f"{name} is set for some models only; set it for every model or under parameters"
+            )
+        if len({repr(v) for v in values}) > 1:
+            raise MergeError(
+                f"per-model {name} differ between models; lfm takes one value per merge"
+            )
+        out[name] = values[0]
+    return out
+
+
+_UNSET = object()
+
+
+def _lfm_default(method: str, field: str) -> Any:
+    from lfm.reuse.driver import kernel_spec
+
+    return kernel_spec(method).config.model_fields[field].default
+
+
+def _flag(params: dict[str, Any], name: str, default: bool) -> bool:
+    value = params.pop(name, default)
+    if not isinstance(value, bool):
+        raise MergeError(f"{name} must be true or false, not {value!r}")
+    return value
+
+
+def _density(value: Any) -> float:
+    density = _number(value, "density")
+    if not 0 <= density <= 1:
+        raise MergeError(
+            f"density is the fraction of each task vector kept, in [0, 1], not {value}"
+        )
+    return density
+
+
+def _translate(method: str, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """mergekit parameter names and defaults -> lfm config fields, and whether to divide the
+    weights by their sum (mergekit's `normalize` for the methods whose lfm config has none)."""
+    p = dict(params)
+    p.pop("int8_mask", None)  # a memory trick; no effect on the result
+    if method in MERGEKIT_RESCALE:
+        rescale = _flag(p, "rescale", MERGEKIT_RESCALE[method])
+        if method != "task_arithmetic" and rescale != method.startswith("dare"):
+            # lfm's DARE always rescales by 1 / (1 - p); its TIES trims without rescaling
+            raise MergeError(f"rescale: {str(rescale).lower()} is not supported with {method}")
     if "lambda" in p:
+        if "scale" in p:
+            raise MergeError("give lambda or scale, not both")
         p["scale"] = p.pop("lambda")
-    if method in ("ties", "dare_ties", "dare_linear"):
-        density = float(p.pop("density", 1.0))  # mergekit's default keeps every entry
-        p.update({"density": density} if method == "ties" else {"drop_rate": 1.0 - density})
+    normalize = False
     if method in ("task_arithmetic", "dare_linear"):
-        p.pop("normalize", None)
-    if method == "model_stock" and p.pop("filter_wise", False):
+        normalize = _flag(p, "normalize", MERGEKIT_NORMALIZE[method])
+    elif method in MERGEKIT_NORMALIZE:
+        given = _flag(p, "normalize", MERGEKIT_NORMALIZE[method])
+        if "normalize" in params or given != _lfm_default(method, "normalize"):
+            p["normalize"] = given  # mergekit's default where lfm's differs (dare_ties: False)
+    if method == "ties":
+        p["density"] = _density(p.pop("density", 1.0))  # mergekit's default keeps all
+    if method in ("dare_ties", "dare_linear"):
+        if "drop_rate" in p and "density" in p:
+            raise MergeError("give density (mergekit's) or drop_rate (lfm's), not both")
+        if "drop_rate" not in p:
+            p["drop_rate"] = 1.0 - _density(p.pop("density", 1.0))
+    if method == "task_arithmetic":
+        p.pop("density", None)  # mergekit's task arithmetic does not sparsify
+    if method == "model_stock" and _flag(p, "filter_wise", False):
         raise MergeError("model_stock with filter_wise: true is not supported")
-    return p
+    return p, normalize

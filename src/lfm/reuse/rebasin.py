@@ -42,7 +42,7 @@ BN_KEYS = ("weight", "bias", "running_mean", "running_var")
 
 class RebasinConfig(Config):
     max_iter: int = Field(100, ge=1)  # sweeps over all layers at most (stops when none changes)
-    seed: int = 0  # seeds the order in which layers are visited
+    seed: int = Field(0, ge=0, lt=2**63)  # seeds the order in which layers are visited
 
 
 def chain_spec(model: nn.Module) -> Spec:

@@ -31,7 +31,7 @@ from lfm.access import module_of
 from lfm.core.io import save_tensors, write_json
 from lfm.errors import LfmError
 from lfm.reuse.contract import ENSEMBLE
-from lfm.reuse.ensemble import LabelWords
+from lfm.reuse.ensemble import LabelWords, mixture_weights
 from lfm.reuse.plan import MergePlan, load_plan
 from lfm.reuse.rebasin import (
     RebasinConfig,
@@ -53,6 +53,7 @@ def merge_plan(
     overwrite: bool = False,
     progress: bool = True,
     root: str | Path = "runs",
+    allow_nonfinite: bool = False,
 ) -> tuple[MergePlan, Path, Path]:
     """Merge the models a YAML plan names (lfm's format or a mergekit file) into `out`.
 
@@ -62,19 +63,26 @@ def merge_plan(
         overwrite: replace an existing `out`.
         progress: show a progress bar over tensors.
         root: where the run directory is created (`<root>/<stamp>-merge-<method>/`).
+        allow_nonfinite: merge NaN and infinite values instead of refusing them (in the models
+            and in the merged tensors).
 
     Returns:
         The plan as read, the output folder and the run directory.
     """
-    from lfm.reuse.driver import kernel_spec
+    from lfm.reuse.driver import check_weights, kernel_spec
     from lfm.reuse.lora import split_plus
 
-    merge = load_plan(plan)
+    merge = load_plan(plan)  # the plan's schema and every model path, before any weight is read
     spec = kernel_spec(merge.method)
-    cfg = spec.resolve(merge.parameters).to_dict()  # a bad method or parameter: before the run
+    config = spec.resolve(merge.parameters)  # a bad method or parameter: before the run
+    check_weights(spec, config, merge.weights)
+    if spec.extras.get("needs_base", True) and merge.base is None:
+        raise LfmError(f"{spec.name} needs a base model: give base (mergekit: base_model)")
+    cfg = config.to_dict()
     options = {"plan": str(plan), "method": spec.name, "base": merge.base, "models": merge.models,
                "weights": merge.weights, "config": cfg, "max_shard_size": merge.max_shard_size,
-               "on_missing": merge.on_missing, "out": str(out)}  # fmt: skip
+               "on_missing": merge.on_missing, "allow_nonfinite": allow_nonfinite,
+               "out": str(out)}  # fmt: skip
     files: dict[str, Any] = {"plan": plan, "base": merge.base}
     for i, model in enumerate(merge.models):
         plus = split_plus(model)  # mergekit's `base+adapter`: both are read
@@ -83,7 +91,9 @@ def merge_plan(
     files.update({f"stats{i}": p for i, p in enumerate(cfg.get("stats") or ())})
     files["coefficients"] = cfg.get("coefficients")
     with Run(f"merge-{spec.name}", options, inputs=on_disk(files), root=root) as run:
-        path = merge.run(out, overwrite=overwrite, progress=progress)
+        path = merge.run(
+            out, overwrite=overwrite, progress=progress, allow_nonfinite=allow_nonfinite
+        )
         run.manifest["outputs"].append(str(path))
     return merge, path, run.path
 
@@ -310,6 +320,7 @@ def classify_texts(
         raise LfmError(f"{spec.key} is not an ensemble; choose ensemble_average or ensemble_vote")
     if weights is not None and len(weights) != len(models):
         raise LfmError(f"{len(weights)} weights for {len(models)} models")
+    mixture_weights(len(models), weights)  # refused before any model is loaded
     rows, gold, words = _texts(texts, dataset, labels, n)
     prompts = _prompts(template, rows, max_chars)
     members = [LabelWords(_lm(m), words) for m in models]

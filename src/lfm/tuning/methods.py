@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -65,7 +65,10 @@ class LPFTConfig(Config):
 
 class WiseFTConfig(Config):
     alpha: float = Field(0.5, ge=0, le=1)  # weight of the fine-tuned model (paper: 0.5)
-    alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # grid for the accuracy curve
+    # grid for the accuracy curve, each in [0, 1] (0: the zero-shot model, 1: the fine-tuned one)
+    alphas: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field(
+        (0.0, 0.25, 0.5, 0.75, 1.0), min_length=1
+    )
     lr: float = Field(2e-5, gt=0)  # the fine-tuning run (full FT's)
 
 

@@ -166,8 +166,8 @@ def sft(
     config = {"method": spec.name, "model": model, "data": str(data) if data else None,
               "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}  # fmt: skip
     _threads(threads)
+    rows = Instructions(load_instructions(data))  # a bad file is refused before the model loads
     handle = load_model(model, kind="causal-lm")
-    rows = Instructions(load_instructions(data))
     cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, {"seed": seed}, seed=seed,
                               batch_size=batch_size, inplace=True)  # fmt: skip
     inputs = on_disk({"model": _source(model), "data": data or _PACKAGED_INSTRUCTIONS})

@@ -112,9 +112,15 @@ def load_instructions(path: str | Path | None = None) -> list[dict[str, str]]:
         raise ConfigError(f"cannot read instruction rows from {path}: {e}") from None
     if not all(isinstance(r, dict) for r in rows):
         raise ConfigError(f"{path}: every line must be a JSON object with 'prompt' and 'response'")
+    if not rows:
+        raise ConfigError(f"{path} holds no instruction rows (one JSON object per line)")
     bad = [i for i, r in enumerate(rows) if not {"prompt", "response"} <= set(r)]
     if bad:
         raise ConfigError(f"instruction rows {bad[:5]} lack a 'prompt' or 'response' field")
+    bad = [i for i, r in enumerate(rows) if not all(isinstance(r[k], str) and r[k].strip()
+                                                    for k in ("prompt", "response"))]  # fmt: skip
+    if bad:
+        raise ConfigError(f"instruction rows {bad[:5]}: 'prompt' and 'response' must be text")
     return rows
 
 
