@@ -33,6 +33,20 @@ Lr = Annotated[
 Seed = Annotated[int, typer.Option(help="seeds the data draw and the initialisations")]
 Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads")]
 TRAINERS = "full_ft, bitfit, lp_ft, wise_ft, lora, dora, ia3, prompt_tuning, prefix_tuning, mezo"
+Data = Annotated[
+    Path | None,
+    typer.Option(dir_okay=False, help="your own examples: JSON lines, or CSV with a header row "
+                 "(.csv); default: BBC News"),
+]  # fmt: skip
+TextField = Annotated[str, typer.Option(help="the field of --data holding the text")]
+LabelField = Annotated[
+    str, typer.Option(help="the field of --data holding the label (label words: the labels)")
+]
+Holdout = Annotated[
+    float,
+    typer.Option(callback=finite, help="held out of each class of --data for the accuracy: a "
+                 "fraction in (0, 1), or k >= 2 for every k-th example"),
+]  # fmt: skip
 
 
 @app.command("train")
@@ -40,6 +54,8 @@ def train(
     method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
     model: Annotated[str, typer.Option(help="a causal LM (label words) or an encoder (new head)")] = "smollm2-135m",
     task: Annotated[str, typer.Option(help="classification task: bbc (BBC News, 5 topics)")] = "bbc",
+    data: Data = None, text_field: TextField = "text", label_field: LabelField = "label",
+    holdout: Holdout = 0.2,
     shots: Annotated[int, typer.Option(help="training examples per class")] = 16,
     steps: Steps = 30,
     batch_size: Batch = 4,
@@ -62,13 +78,15 @@ def train(
         method, model, task=task, shots=shots, steps=steps, batch_size=batch_size, lr=lr,
         head_lr=head_lr, grad_accum=grad_accum, eval_per_class=eval_per_class,
         eval_every=eval_every, max_chars=max_chars, seed=seed, ckpt_every=ckpt_every,
-        threads=threads, root=root, resume=resume,
+        threads=threads, root=root, resume=resume, data=data, text_field=text_field,
+        label_field=label_field, holdout=holdout,
     )  # fmt: skip
     if out is None:
         return  # another process of a multi-process launch; the main one reports
     start = "" if out["zero_shot_acc"] is None else f"{out['zero_shot_acc']:.3f} (zero-shot) -> "
-    typer.echo(f"{out['method']} on {model}: accuracy {start}{out['acc']:.3f} "
-               f"({out['trainable_parameters']:,} trainable) -> {out['run']}")  # fmt: skip
+    typer.echo(f"{out['method']} on {model}: accuracy {start}{out['acc']:.3f} on "
+               f"{out['held_out']} held out ({out['trainable_parameters']:,} trainable) "
+               f"-> {out['run']}")  # fmt: skip
 
 
 @app.command("sft")
@@ -133,14 +151,16 @@ def bbt(
     n_tokens: Annotated[int, typer.Option(min=1, help="soft-prompt length (paper: 50)")] = 50,
     dim: Annotated[int, typer.Option(min=1, help="intrinsic dimension d (paper: 500)")] = 500,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
-    out: Out = None,
+    out: Out = None, data: Data = None, text_field: TextField = "text",
+    label_field: LabelField = "label", holdout: Holdout = 0.2,
 ) -> None:  # fmt: skip
     """Black-Box Tuning (arXiv 2201.03514): CMA-ES over a projected soft prompt (EMBEDDINGS)."""
     from lfm.tuning import recipes
 
     handle = _model(url, model, api_key, "embeddings", calls)
     _report(recipes.bbt(handle, shots=shots, budget=budget, n_tokens=n_tokens, dim=dim,
-                        max_chars=max_chars, seed=seed, root=root), out)  # fmt: skip
+                        max_chars=max_chars, seed=seed, root=root, data=data,
+                        text_field=text_field, label_field=label_field, holdout=holdout), out)  # fmt: skip
 
 
 @app.command("prompt-search")
@@ -149,7 +169,8 @@ def prompt_search(
     iterations: Annotated[int, typer.Option(min=1, help="search steps (GrIPS: 10)")] = 10,
     candidates: Annotated[int, typer.Option(min=1, help="candidates per step (GrIPS: 5)")] = 5,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
-    out: Out = None,
+    out: Out = None, data: Data = None, text_field: TextField = "text",
+    label_field: LabelField = "label", holdout: Holdout = 0.2,
 ) -> None:  # fmt: skip
     """GrIPS-style discrete prompt search (arXiv 2203.07281) through SCORES access."""
     from lfm.tuning import recipes
@@ -157,7 +178,8 @@ def prompt_search(
     handle = _model(url, model, api_key, "scores", calls)
     _report(recipes.prompt_search(handle, shots=shots, iterations=iterations,
                                   candidates=candidates, max_chars=max_chars, seed=seed,
-                                  root=root), out)  # fmt: skip
+                                  root=root, data=data, text_field=text_field,
+                                  label_field=label_field, holdout=holdout), out)  # fmt: skip
 
 
 @app.command("augment")

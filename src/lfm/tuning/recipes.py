@@ -2,6 +2,7 @@
 
     from lfm.tuning import recipes
     recipes.classify("lora", "smollm2-135m", shots=16, steps=30)    # lfm tuning train
+    recipes.classify("lora", "smollm2-135m", data="mine.jsonl")       # ... --data mine.jsonl
     recipes.sft("lora", "smollm2-135m", steps=30)                     # lfm tuning sft
     recipes.bbt("smollm2-135m", budget=200)                           # lfm tuning bbt
     recipes.prompt_search("smollm2-135m", iterations=10)              # lfm tuning prompt-search
@@ -12,13 +13,15 @@ into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, version
 SHA-256 of the model's file or folder and of the data file given, and the runs that made them) and
 returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
 data, so `resume=` finds the same config and continues a checkpointed run. The black-box recipes
-take a model name (loaded and narrowed to the method's level) or a handle (a served model).
+take a model name (loaded and narrowed to the method's level) or a handle (a served model);
+`saved_scores` classifies again with the prompt one of them saved.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from lfm.access import Access, LocalModel, narrow
-from lfm.assets import load_dataset, load_model
+from lfm.assets import TextDataset, load_dataset, load_model
 from lfm.core.train import TrainConfig, run_on_main
 from lfm.errors import ConfigError
 from lfm.registry import MethodSpec, get
@@ -41,8 +44,12 @@ from lfm.tuning.tasks import (
     TextClassification,
     Verbalizer,
     bbc_verbalizer,
+    class_scores,
     few_shot,
     held_out,
+    labelled_dataset,
+    labelled_verbalizer,
+    read_labelled,
 )
 from lfm.tuning.trainer import HEAD_LR
 
@@ -89,19 +96,27 @@ def _threads(threads: int | None) -> None:
 
 
 def classification_data(
-    handle: LocalModel, task: str, shots: int, eval_per_class: int, max_chars: int, seed: int
-) -> tuple[TextClassification, TextClassification]:
+    handle: LocalModel, task: str | TextDataset, shots: int, eval_per_class: int, max_chars: int,
+    seed: int,
+) -> tuple[TextClassification, TextClassification]:  # fmt: skip
     """The few-shot train set (`shots` per class, drawn by `seed`) and the fixed held-out set (the
-    first `eval_per_class` test articles of each class; all for 0): label words for a causal LM,
-    raw texts for an encoder's new head, cut to `max_chars`."""
-    _check_task(task)
+    first `eval_per_class` held-out examples of each class; all for 0): label words for a causal
+    LM, raw texts for an encoder's new head, cut to `max_chars`.
+
+    `task` is a bundled task's name (`TASKS`) or a data set of one's own (`labelled_data`), whose
+    label strings are the label words under `DATA_TEMPLATE`.
+    """
     if shots < 1:
         raise ConfigError(f"shots must be at least 1, not {shots}")
-    data = load_dataset("bbc-news")
+    if isinstance(task, str):
+        _check_task(task)
+    data = load_dataset("bbc-news") if isinstance(task, str) else task
     texts, y = few_shot(data, shots, seed)
     ev_texts, ev_y = held_out(data, eval_per_class)
     if is_causal(handle.model):
-        verb = bbc_verbalizer(data.classes, max_chars)
+        verb = (bbc_verbalizer if isinstance(task, str) else labelled_verbalizer)(
+            data.classes, max_chars
+        )
         return TextClassification(texts, y, verb), TextClassification(ev_texts, ev_y, verb)
     n = len(data.classes)
     cut = [t[:max_chars] for t in texts]
@@ -109,36 +124,55 @@ def classification_data(
             TextClassification([t[:max_chars] for t in ev_texts], ev_y, n_classes=n))  # fmt: skip
 
 
+def labelled_data(
+    path: str | Path, text_field: str = "text", label_field: str = "label",
+    holdout: float = 0.2, shots: int = 1,
+) -> TextDataset:  # fmt: skip
+    """A classification file of one's own (JSON lines or CSV; `lfm.tuning.tasks.read_labelled`)
+    split into training and held-out examples (`labelled_dataset`: `holdout` a fraction of each
+    class or every k-th example), each class with at least `shots` to train on."""
+    texts, labels = read_labelled(path, text_field, label_field)
+    return labelled_dataset(Path(path).name, texts, labels, holdout, shots)
+
+
 def classify(
     method: str = "lora", model: str = "smollm2-135m", *, task: str = "bbc", shots: int = 16,
     steps: int = 30, batch_size: int = 4, lr: float = 0.0, head_lr: float = HEAD_LR,
     grad_accum: int = 1, eval_per_class: int = 10, eval_every: int = 0, max_chars: int = 400,
     seed: int = 0, ckpt_every: int = 0, threads: int | None = None, root: str | Path = "runs",
-    resume: str | Path | None = None,
+    resume: str | Path | None = None, data: str | Path | None = None, text_field: str = "text",
+    label_field: str = "label", holdout: float = 0.2,
 ) -> dict[str, Any] | None:  # fmt: skip
     """Few-shot classification with a trained tuning method, into a run directory.
 
     Loads the model (a causal LM classifies through label words, an encoder through a new head)
-    and BBC News, draws `shots` training articles per class, trains `method` (its paper defaults;
-    `lr` 0 keeps its paper learning rate), evaluates on the first `eval_per_class` test articles
-    of each class before (label words only) and after, and saves the adapter or weights as
-    `tuned/` in the run directory. `resume` continues that run from its checkpoint
-    (`ckpt_every`). Returns the summary, or None on the non-main processes of a launch.
+    and BBC News, or the JSON-lines or CSV file `data` (its `text_field` and `label_field`; the
+    label strings are the label words; `holdout` of each class held out, see `labelled_data`),
+    draws `shots` training examples per class, trains `method` (its paper defaults; `lr` 0 keeps
+    its paper learning rate), evaluates on the first `eval_per_class` held-out examples of each
+    class before (label words only) and after, and saves the adapter or weights as `tuned/` in
+    the run directory; the manifest records the data file's SHA-256 and the fields read.
+    `resume` continues that run from its checkpoint (`ckpt_every`). Returns the summary, or None
+    on the non-main processes of a launch.
     """
     spec = _spec(method, Access.WEIGHTS, "train")
-    config = {"method": spec.name, "model": model, "task": task, "shots": shots, "steps": steps,
-              "batch_size": batch_size, "lr": lr, "head_lr": head_lr, "grad_accum": grad_accum,
-              "eval_per_class": eval_per_class, "eval_every": eval_every, "max_chars": max_chars,
-              "seed": seed, "ckpt_every": ckpt_every}  # fmt: skip
-    _check_task(task)  # before the model loads
+    config = {"method": spec.name, "model": model, "task": None if data else task,
+              "shots": shots, "steps": steps, "batch_size": batch_size, "lr": lr,
+              "head_lr": head_lr, "grad_accum": grad_accum, "eval_per_class": eval_per_class,
+              "eval_every": eval_every, "max_chars": max_chars, "seed": seed,
+              "ckpt_every": ckpt_every, **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
+    # the task or file is checked before the model loads
+    source = labelled_data(data, text_field, label_field, holdout, shots) if data else task
+    if isinstance(source, str):
+        _check_task(source)
     _threads(threads)
     handle = _local(model, "classification")
-    train, ev = classification_data(handle, task, shots, eval_per_class, max_chars, seed)
+    train, ev = classification_data(handle, source, shots, eval_per_class, max_chars, seed)
     tcfg = {"grad_accum": grad_accum, "eval_every": eval_every, "seed": seed,
             "ckpt_every": ckpt_every}  # fmt: skip
     cfg, kwargs = _run_kwargs(spec, spec.config(), steps, lr, tcfg, eval_data=ev, seed=seed,
                               batch_size=batch_size, head_lr=head_lr, inplace=True)  # fmt: skip
-    inputs = on_disk({"model": _source(model)})
+    inputs = on_disk({"model": _source(model), "data": data})
     run = run_on_main(f"tune-{spec.name}", config, inputs=inputs, root=root, path=resume)
     with run or nullcontext():
         result = spec.fn(handle, train, cfg, run=run, **kwargs)
@@ -149,7 +183,17 @@ def classify(
     m = result.metrics
     return {"method": spec.name, "model": model, "zero_shot_acc": m.get("zero_shot_acc"),
             "acc": m.get("acc"), "trainable_parameters": m.get("trainable_parameters"),
-            "run": str(run.path)}  # fmt: skip
+            "held_out": len(ev.texts), "run": str(run.path)}  # fmt: skip
+
+
+def _data_options(
+    data: str | Path | None, text_field: str, label_field: str, holdout: float
+) -> dict[str, Any]:
+    """The options of a data file as the manifest records them (none for a bundled task)."""
+    if data is None:
+        return {}
+    return {"data": str(data), "text_field": text_field, "label_field": label_field,
+            "holdout": holdout}  # fmt: skip
 
 
 def sft(
@@ -190,10 +234,20 @@ def _save(run: Run, name: str, result: TuneResult) -> None:
         result.save(tmp)
 
 
-def _bbc_few_shot(shots: int, seed: int, max_chars: int) -> TextClassification:
-    data = load_dataset("bbc-news")
-    verb = Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in data.classes), max_chars)
-    return TextClassification(*few_shot(data, shots, seed), verb)
+def _few_shot(
+    shots: int, seed: int, max_chars: int, data: dict[str, Any] | None
+) -> TextClassification:
+    """`shots` examples per class of BBC News, or of a data file (`data`: `labelled_data`'s
+    options), through label words."""
+    if data:
+        ds = labelled_data(data["data"], data["text_field"], data["label_field"],
+                           data["holdout"], shots)  # fmt: skip
+        return TextClassification(
+            *few_shot(ds, shots, seed), labelled_verbalizer(ds.classes, max_chars)
+        )
+    bbc = load_dataset("bbc-news")
+    verb = Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in bbc.classes), max_chars)
+    return TextClassification(*few_shot(bbc, shots, seed), verb)
 
 
 def _black_box(model: str | Any, level: Access) -> Any:
@@ -208,9 +262,10 @@ def _black_box_run(
     max_chars: int, root: str | Path,
 ) -> dict[str, Any]:  # fmt: skip
     spec = _spec(method)
+    own = {k: config[k] for k in ("data", "text_field", "label_field", "holdout") if k in config}
+    task = _few_shot(shots, seed, max_chars, own)  # a bad file is refused before the model loads
     handle = _black_box(model, spec.access)
-    task = _bbc_few_shot(shots, seed, max_chars)
-    inputs = on_disk({"model": _source(model)})
+    inputs = on_disk({"model": _source(model), "data": own.get("data")})
     with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root) as run:
         result = spec.fn(handle, task, cfg, seed=seed)
         _save(run, "result", result)
@@ -221,33 +276,65 @@ def _black_box_run(
 def bbt(
     model: str | Any = "smollm2-135m", *, shots: int = 16, budget: int = 8000, n_tokens: int = 50,
     dim: int = 500, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
+    data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
+    holdout: float = 0.2,
 ) -> dict[str, Any]:  # fmt: skip
-    """Black-Box Tuning on BBC News few-shot through EMBEDDINGS access, into a run directory.
+    """Black-Box Tuning on BBC News few-shot (or on the training part of a data file, as in
+    `classify`) through EMBEDDINGS access, into a run directory.
 
     `model` is a model name (loaded and narrowed to EMBEDDINGS) or a handle (a `RemoteModel`).
-    The soft prompt, its z and the projection's seed are saved as `result/prompt.safetensors`
-    (`lfm.tuning.bbt.load_prompt`). Returns the result's record and the run directory.
+    The soft prompt, its z, the projection's seed and shape are saved as
+    `result/prompt.safetensors` (`lfm.tuning.bbt.load_prompt`; `saved_scores` classifies with
+    it). Returns the result's record and the run directory.
     """
     from lfm.tuning.bbt import BBTConfig
 
     cfg = BBTConfig.build(budget=budget, n_tokens=n_tokens, intrinsic_dim=dim)
-    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed}
+    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
+              **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
     return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root)
 
 
 def prompt_search(
     model: str | Any = "smollm2-135m", *, shots: int = 16, iterations: int = 10,
     candidates: int = 5, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
+    data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
+    holdout: float = 0.2,
 ) -> dict[str, Any]:  # fmt: skip
-    """GrIPS-style discrete prompt search on BBC News few-shot through SCORES access.
+    """GrIPS-style discrete prompt search on BBC News few-shot (or a data file's training part)
+    through SCORES access.
 
-    The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`).
+    The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`;
+    `saved_scores` classifies with it).
     """
     from lfm.tuning.prompt_search import PromptSearchConfig
 
     cfg = PromptSearchConfig.build(iterations=iterations, candidates=candidates)
-    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed}
+    config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
+              **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
     return _black_box_run("prompt_search", model, config, cfg, shots, seed, max_chars, root)
+
+
+def saved_scores(folder: str | Path, model: str | Any, texts: Sequence[str]) -> torch.Tensor:
+    """Label-word scores (N, C) of `texts` under a saved black-box result: a BBT soft prompt
+    (`prompt.safetensors`, EMBEDDINGS) or a prompt-search template (`template.json`, SCORES).
+
+    `folder` is the result folder (`<run>/result`) or its run directory; `model` a model name
+    (loaded and narrowed) or a handle. `scores.argmax(-1)` indexes the saved label words.
+    """
+    from lfm.tuning.bbt import PROMPT_FILE, class_scores_bbt, load_prompt
+    from lfm.tuning.prompt_search import TEMPLATE_FILE, load_template
+
+    path = Path(folder)
+    path = path / "result" if (path / "result").is_dir() else path
+    if (path / PROMPT_FILE).exists():
+        prompt, meta = load_prompt(path)
+        v = meta["verbalizer"]
+        verb = Verbalizer(v["template"], tuple(v["label_words"]), int(v["max_chars"]))
+        return class_scores_bbt(_black_box(model, Access.EMBEDDINGS), prompt, texts, verb)
+    if (path / TEMPLATE_FILE).exists():
+        return class_scores(_black_box(model, Access.SCORES), texts, load_template(path))
+    raise ConfigError(f"{path} holds no saved prompt ({PROMPT_FILE} or {TEMPLATE_FILE})")
 
 
 def _name(model: str | Any) -> str:

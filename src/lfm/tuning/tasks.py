@@ -14,12 +14,21 @@ class's label word as the continuation of a template and predicts the best:
     ŷ = argmax_c  log p(" " + word_c | template(x))
 
 It needs only SCORES access, so it runs the same on a white-box, narrowed or remote handle.
+
+A classification file of one's own (JSON lines or CSV) is read by `read_labelled` and split into
+training and held-out examples, per class and in file order, by `labelled_dataset`; its label
+strings are the label words (`labelled_verbalizer`).
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -196,3 +205,119 @@ def held_out(data: TextDataset, per_class: int) -> tuple[list[str], torch.Tensor
         for i in (data.y_test == c).nonzero().flatten()[:per_class].tolist()
     ]
     return [data.test_texts[i] for i in idx], data.y_test[idx]
+
+
+# ------------------------------------------------------------------------------------------------
+# A classification file of one's own: JSON lines or CSV, one example per line.
+
+DATA_TEMPLATE = "Text: {text}\nLabel:"  # a causal LM's template for a file's examples
+
+
+def read_labelled(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> tuple[list[str], list[str]]:
+    """The texts and labels (as strings) of a JSON-lines file, or of a CSV file (by its `.csv`
+    suffix) with a header row; a bad line, a missing field or an empty file is a one-line
+    `ConfigError` naming the line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the data file {path}: {e}") from None
+    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    if not rows:
+        raise ConfigError(f"{path} holds no examples")
+    texts, labels = [], []
+    for line, row in rows:
+        for name in (text_field, label_field):
+            if name not in row or row[name] is None or str(row[name]).strip() == "":
+                raise ConfigError(f"{path}, line {line}: no {name!r} field (fields: {sorted(row)})")
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]).strip())
+    return texts, labels
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ConfigError(f"{path}, line {i}: not JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}, line {i}: not a JSON object")
+        rows.append((i, row))
+    return rows
+
+
+def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    try:
+        for row in reader:
+            # a short row fills its missing fields with None; a long one puts the rest under None
+            if None in row or None in row.values():
+                n = sum(v is not None for k, v in row.items() if k is not None)
+                raise ConfigError(
+                    f"{path}, line {reader.line_num}: {n + len(row.get(None) or ())} fields "
+                    f"where the header has {len(reader.fieldnames or ())}"
+                )
+            rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise ConfigError(f"{path}, line {reader.line_num}: not CSV ({e})") from None
+    return rows
+
+
+def labelled_dataset(
+    name: str, texts: Sequence[str], labels: Sequence[str], holdout: float, shots: int = 1
+) -> TextDataset:
+    """A train/held-out split of labelled texts, classes sorted by name.
+
+    `holdout` is a fraction in (0, 1) of each class held out, spread evenly over the class's
+    examples in file order (0.2: its 5th, 10th, ... example), or an integer k >= 2: every k-th
+    example of each class. Deterministic: the same file gives the same split. Every class needs
+    `shots` training examples and one held-out example.
+    """
+    frac = _holdout_fraction(holdout)
+    classes = tuple(sorted(set(labels)))
+    if len(classes) < 2:
+        raise ConfigError(f"{name}: {len(classes)} class ({', '.join(classes)}); need at least 2")
+    seen = dict.fromkeys(classes, 0)
+    parts: tuple[list, list] = ([], [])
+    for t, label in zip(texts, labels, strict=True):
+        i = seen[label]
+        held = math.floor((i + 1) * frac + 1e-9) > math.floor(i * frac + 1e-9)
+        parts[held].append((t, classes.index(label)))
+        seen[label] += 1
+    _check_counts(name, classes, parts, shots, holdout)
+    (tr, te) = parts
+    return TextDataset(name, tuple(t for t, _ in tr), torch.tensor([c for _, c in tr]),
+                       tuple(t for t, _ in te), torch.tensor([c for _, c in te]), classes)  # fmt: skip
+
+
+def _holdout_fraction(holdout: float) -> float:
+    if 0 < holdout < 1:
+        return float(holdout)
+    if holdout >= 2 and float(holdout).is_integer():
+        return 1 / holdout
+    raise ConfigError(f"holdout must be a fraction in (0, 1) or an integer k >= 2, not {holdout}")
+
+
+def _check_counts(
+    name: str, classes: Sequence[str], parts: tuple[list, list], shots: int, holdout: float
+) -> None:
+    """Every class has `shots` training examples and one held-out one, else a one-line error."""
+    for c, label in enumerate(classes):
+        train, held = (sum(y == c for _, y in part) for part in parts)
+        if train < shots or held < 1:
+            raise TooFewExamples(
+                f"{name}: class {label!r} has {train + held} examples; it needs {shots} to train "
+                f"on (--shots) and 1 held out (--holdout {holdout:g})"
+            )
+
+
+def labelled_verbalizer(classes: Sequence[str], max_chars: int = 1200) -> Verbalizer:
+    """The label strings as label words, under `DATA_TEMPLATE`."""
+    return Verbalizer(DATA_TEMPLATE, tuple(classes), max_chars)
