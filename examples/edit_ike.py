@@ -1,12 +1,12 @@
-"""Memory editing of SmolLM2 through black-box handles: the new fact goes in the context.
+"""Memory editing of SmolLM2 through black-box handles: IKE's demonstrations and the new fact go
+in the context.
 
     .venv/bin/python examples/edit_ike.py
 
 No weight changes and none is reachable: the handles are narrowed to TEXT and SCORES, the patch
-is the request itself (saved as JSON), and applying it wraps a handle. Queries about another
-subject see no edit. On SmolLM2-135M the bare fact in context barely moves the answer (log
-P(" Rome") −5.17 → −5.14 on the edit prompt; " Paris" stays first): IKE's in-context
-demonstrations, which teach a model to follow a new fact, are not implemented (docs/edit.md).
+is the request itself (saved as JSON), and applying it wraps a handle. Every query is preceded by
+32 copy, update and retain demonstrations retrieved from the fact set with `minilm-l6`, then the
+new fact (docs/edit.md).
 """
 
 from __future__ import annotations

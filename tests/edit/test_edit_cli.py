@@ -66,7 +66,10 @@ def test_patch_revert_needs_an_edited_folder(tmp_path):
 
 def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
     out, root = tmp_path / "ike.json", ["--root", str(tmp_path / "runs")]
-    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(out), *root])
+    cfg = tmp_path / "ike.yaml"  # two demonstrations, retrieved without the encoder asset
+    cfg.write_text("k: 2\nencoder: chars\n")
+    args = ["apply", str(folder), "-m", "ike", *ARGS, "--config", str(cfg), "-o", str(out), *root]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     (run,) = (tmp_path / "runs").iterdir()
     assert res.output.strip().splitlines() == [f"ike: 1 edit(s) on the context -> {out}",
@@ -76,9 +79,11 @@ def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
     assert res.exit_code == 0, res.output
     first, last = res.output.strip().splitlines()
     assert json.loads(first)["prompt"] == REQ.prompt and last.startswith("log P('Rome'")
-    # the memory patch's score is the model's score with the fact in context
+    # the memory patch's score is the model's score with the demonstrations and the fact in context
     h = common.smoke_model()
-    want = h.score([f"New fact: {REQ.prompt} Rome.\n{REQ.prompt}"], [" Rome"]).item()
+    context = MemoryPatch.load(out).apply(h).context(REQ.prompt)
+    assert context.count("New Fact: ") == 3 and context.endswith(f"{REQ.prompt} Rome\nPrompt: ")
+    want = h.score([context + REQ.prompt], [" Rome"]).item()
     assert last.endswith(f"= {want:.3f}")
     res = CliRunner().invoke(
         app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e"), *root]

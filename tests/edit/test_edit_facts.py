@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from lfm.edit import common
 from lfm.edit.facts import load_facts, ngram_entropy, summarise
 
@@ -58,3 +60,50 @@ def test_summarise_skips_facts_without_neighbours():
     ]
     out = summarise(rows)
     assert out["neighbourhood"] == 100.0 and out["efficacy"] == 50.0
+
+
+def test_metrics_match_a_hand_computation_on_a_tiny_model():
+    """CounterFact's definitions from the model's own probabilities: efficacy P(new) > P(true) on
+    the prompt, paraphrase the same per paraphrase, neighbourhood P(true) > P(new) per neighbour;
+    whole objects (a two-token object's log-probabilities summed)."""
+    import torch
+
+    from lfm.edit.facts import Fact, evaluate_fact
+
+    h = common.smoke_model("llama", 1)
+    model, tok = h.model, h.tokenizer
+
+    def logp(prompt: str, obj: str) -> float:
+        ids, whole = tok(prompt)["input_ids"], tok(f"{prompt} {obj}")["input_ids"]
+        with torch.no_grad():
+            lp = model(torch.tensor([whole])).logits[0].log_softmax(-1)
+        return sum(float(lp[i - 1, whole[i]]) for i in range(len(ids), len(whole)))
+
+    def wins(prompts, a, b) -> float:
+        return sum(logp(p, a) > logp(p, b) for p in prompts) / len(prompts)
+
+    facts = [
+        Fact(0, "city", "Eiffel Tower", "The city of the Eiffel Tower", "Paris", "Rome",
+             ("The Eiffel Tower is in the city of", "The old Eiffel Tower is in",
+              "Eiffel Tower, a large city of"),
+             ("The city of the Colosseum", "The Colosseum is located in",
+              "Kyoto is an old city of", "Berlin is the capital of")),
+        Fact(1, "city", "Kyoto", "Kyoto is an old city of", "Eiffel Tower", "Japan",
+             ("The old city Kyoto is in",), ("Tokyo is a large city in", "Paris is the capital of")),
+    ]  # fmt: skip
+    rows = [evaluate_fact(h, f) for f in facts]
+    for f, row in zip(facts, rows, strict=True):
+        hand = {
+            "efficacy": wins([f.prompt], f.new, f.true),
+            "paraphrase": wins(f.paraphrases, f.new, f.true),
+            "neighbourhood": wins(f.neighbourhood, f.true, f.new),
+        }
+        assert row == pytest.approx(hand, abs=1e-6)
+    # the reference numbers of this seed: fractional, so a flipped comparison would show
+    assert rows[0] == pytest.approx({"efficacy": 0, "paraphrase": 2 / 3, "neighbourhood": 1 / 4})
+    assert rows[1] == pytest.approx({"efficacy": 1, "paraphrase": 1, "neighbourhood": 0})
+    out = summarise(rows)
+    means = {k: 100 * (rows[0][k] + rows[1][k]) / 2 for k in rows[0]}
+    assert {k: out[k] for k in means} == pytest.approx(means)
+    assert means == pytest.approx({"efficacy": 50, "paraphrase": 250 / 3, "neighbourhood": 12.5})
+    assert out["score"] == pytest.approx(3 / sum(1 / p for p in means.values()))

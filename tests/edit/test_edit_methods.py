@@ -361,3 +361,22 @@ def test_a_statistics_budget_below_the_key_width_is_refused(lm):
     d_in = edit_site(h.model, 0).d_in
     with pytest.raises(LfmError, match=f"stats_tokens={d_in - 1} is too small.*D_in = {d_in}"):
         rome(h, REQ, RomeConfig(v_steps=2, n_prefixes=2, stats_tokens=d_in - 1))
+
+
+def test_alphaedit_update_is_orthogonal_to_the_preserved_keys(lm):
+    """With C's large-eigenvalue span as the preserved keys, AlphaEdit's ΔW maps them to zero;
+    with the projection off (a threshold above every eigenvalue: P = I) it does not."""
+    h, cov = lm
+    vals, vecs = torch.linalg.eigh(cov[0].double())
+    half = len(vals) // 2
+    kept = vecs[:, half:]  # the preserved keys' span: eigenvalue 1, far above the threshold
+    eig = torch.cat([torch.full((half,), 1e-4), torch.ones(half)]).double()
+    c = vecs @ torch.diag(eig) @ vecs.T
+    cfg = AlphaEditConfig(**{**STRONG, "clamp_norm": 100.0}, layers=(0,), null_threshold=1e-2)
+
+    def moved(cfg) -> float:
+        dw = alphaedit(h, REQ, cfg, cov={0: c}).deltas[0].matrix().double()
+        return float((dw @ kept).norm() / (torch.linalg.matrix_norm(dw, 2) * kept.norm()))
+
+    assert moved(cfg) < 1e-6
+    assert moved(cfg.replace(null_threshold=1e9)) > 1e-2

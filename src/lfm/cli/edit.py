@@ -11,8 +11,11 @@ from pathlib import Path
 import typer
 
 from lfm.cli.common import finite, group
+from lfm.errors import LfmError
 
-app = group("Model editing: ROME, MEMIT, AlphaEdit, FT-L and IKE patches and their evaluation.")
+app = group(
+    "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE and IKE patches and their evaluation."
+)
 Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
 
 
@@ -20,13 +23,19 @@ Root = typer.Option(Path("runs"), "--root", help="where run directories are crea
 def apply_(
     model: str = typer.Argument(..., help="model name (`lfm models`) or path"),
     method: str = typer.Option(
-        "rome", "--method", "-m", help="rome, memit, alphaedit, ft_l or ike"
+        "rome", "--method", "-m", help="rome, memit, alphaedit, ft_l, grace or ike"
     ),
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
     target: str = typer.Option(None, "--target", help="the new object (no leading space)"),
     requests_file: Path = typer.Option(
         None, "--requests", exists=True, dir_okay=False, help="JSON lines of requests"
+    ),
+    facts: Path = typer.Option(
+        None, "--facts", dir_okay=False, help="JSON lines of facts to edit (see `lfm edit eval`)"
+    ),
+    sequential: bool = typer.Option(
+        False, "--sequential", help="one edit at a time, each on the weights the last left"
     ),
     config: Path = typer.Option(
         None, "--config", exists=True, dir_okay=False, help="method config (YAML or JSON)"
@@ -48,10 +57,11 @@ def apply_(
     """Compute an edit patch for MODEL (the model itself is not changed), with a run directory."""
     from lfm.edit import recipes
 
-    reqs = requests_file or recipes.requests_from(prompt, subject, target)
+    reqs = () if facts else requests_file or recipes.requests_from(prompt, subject, target)
     done = recipes.apply(
-        model, method, reqs, out, config=config, on=on or [], state=state, root=root
-    )
+        model, method, reqs, out, config=config, on=on or [], state=state, root=root,
+        facts=facts, sequential=sequential,
+    )  # fmt: skip
     typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
     typer.echo(f"run: {done.run}")
 
@@ -59,20 +69,43 @@ def apply_(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="model name or path"),
-    patch_file: Path = typer.Argument(..., exists=True, help="patch made for this model"),
+    patch_file: Path = typer.Argument(None, exists=True, help="patch made for this model"),
+    patch_opt: Path = typer.Option(None, "--patch", exists=True, help="the patch, as an option"),
+    facts: Path = typer.Option(
+        None, "--facts", dir_okay=False,
+        help="JSON lines: prompt, subject, target; optional true, paraphrases, neighbourhood",
+    ),
     prompt: list[str] = typer.Option(
         None, "--prompt", help="prompts to complete (default: the patch's)"
     ),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1),
-) -> None:
-    """Greedy completions before and after applying a patch, and P(target) per request."""
+) -> None:  # fmt: skip
+    """Greedy completions before and after applying a patch, and P(target) per request; with
+    --facts, the edit metrics (efficacy, paraphrase, neighbourhood, score) before and after."""
     from lfm.edit import recipes
 
+    if patch_file and patch_opt and patch_file != patch_opt:
+        raise LfmError("give the patch once: as an argument or with --patch")
+    patch_file = patch_file or patch_opt
+    if facts is not None:
+        _fact_scores(recipes.evaluate_facts(model, facts, patch_file))
+        return
+    if patch_file is None:
+        raise LfmError("give a PATCH to evaluate, or --facts FILE")
     report = recipes.evaluate(model, patch_file, prompt or [], max_new_tokens)
     for row in report.completions:
         typer.echo(json.dumps(row, ensure_ascii=False))
     for r, lp in report.logprobs:
         typer.echo(f"log P({r.target!r} | {r.prompt!r}) after the edit = {lp:.3f}")
+
+
+def _fact_scores(scores) -> None:
+    """One line per state: the metrics in percent (`nan` where the facts give no prompts)."""
+    typer.echo(f"{len(scores.facts)} fact(s)")
+    names = ("efficacy", "paraphrase", "neighbourhood", "score")
+    for state, m in (("before", scores.before), ("after", scores.after)):
+        if m is not None:
+            typer.echo(f"{state:<6} " + "  ".join(f"{k} {m[k]:.1f}" for k in names))
 
 
 @app.command("patch-apply")

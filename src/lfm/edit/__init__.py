@@ -8,6 +8,7 @@ editors. Methods register on import; each is an `Editor`, `(handle, requests, cf
 """
 
 from lfm.edit.ftl import FTLConfig, ft_l
+from lfm.edit.grace import CodebookPatch, GraceConfig, grace
 from lfm.edit.memit import AlphaEditConfig, MemitConfig, alphaedit, memit
 from lfm.edit.memory import IkeConfig, MemoryEditor, MemoryPatch, ike
 from lfm.edit.patch import Delta, Patch, Undo
@@ -19,9 +20,11 @@ from lfm.edit.site import EditSite, edit_site
 __all__ = [
     "AlphaEditConfig",
     "AlphaEditState",
+    "CodebookPatch",
     "Delta",
     "EditSite",
     "FTLConfig",
+    "GraceConfig",
     "IkeConfig",
     "MemitConfig",
     "MemoryEditor",
@@ -34,6 +37,7 @@ __all__ = [
     "alphaedit_step",
     "edit_site",
     "ft_l",
+    "grace",
     "ike",
     "memit",
     "read_requests",

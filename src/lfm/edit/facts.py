@@ -22,7 +22,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ import torch
 
 from lfm.access import ScoresModel
 from lfm.edit.requests import Request
+from lfm.errors import LfmError
 
 
 @dataclass(frozen=True)
@@ -149,3 +150,62 @@ def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     parts = [out.get(k, 0.0) for k in ("efficacy", "paraphrase", "neighbourhood")]
     out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
     return out
+
+
+def read_facts(path: str | Path) -> list[Fact]:
+    """Facts of one's own: a JSON-lines file, one edit per line.
+
+    Each line has `prompt`, `subject` and `target` (the new object; the packaged `new` is read
+    as it); optional: `true` (the object before the edit; empty: filled in by `fill_true`),
+    `paraphrases` (prompts that should also give the target), `neighbourhood` (prompts of other
+    subjects that should keep `true`), `generation`, `relation` and `id` (default: the line
+    number). So the packaged file reads too. A bad line is a one-line `LfmError` naming it.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LfmError(f"cannot read facts from {path}: {e}") from None
+    facts = [_own_fact(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    if not facts:
+        raise LfmError(f"{path} holds no facts (one JSON object per line)")
+    return facts
+
+
+def _own_fact(path: str | Path, i: int, line: str) -> Fact:
+    where = f"{path}, line {i}"
+    try:
+        r = json.loads(line)
+    except ValueError as e:
+        raise LfmError(f"{where}: not JSON ({e})") from None
+    if not isinstance(r, dict):
+        raise LfmError(f"{where}: not a JSON object")
+    r = {**r, "target": r.get("target", r.get("new"))}
+    missing = [k for k in ("prompt", "subject", "target") if not r.get(k)]
+    if missing:
+        raise LfmError(f"{where}: no {', '.join(map(repr, missing))} (fields: {sorted(r)})")
+    seqs = {}
+    for k in ("paraphrases", "neighbourhood", "generation"):
+        v = r.get(k, [])
+        if not isinstance(v, list) or not all(isinstance(p, str) and p.strip() for p in v):
+            raise LfmError(f"{where}: {k!r} must be a list of prompts")
+        seqs[k] = tuple(v)
+    try:
+        req = Request(str(r["prompt"]), str(r["subject"]), str(r["target"]))
+    except LfmError as e:
+        raise LfmError(f"{where}: {e}") from None
+    return Fact(int(r.get("id", i)), str(r.get("relation", "")), req.subject, req.prompt,
+                str(r.get("true", "")).strip(), req.target, **seqs)  # fmt: skip
+
+
+def fill_true(handle: Any, facts: Sequence[Fact], max_new_tokens: int = 4) -> list[Fact]:
+    """Facts without a `true` object get the model's own answer: the first word of its greedy
+    continuation of the prompt (on the model as it is: call it before an edit)."""
+    todo = [f for f in facts if not f.true]
+    if not todo:
+        return list(facts)
+    texts = handle.generate([f.prompt for f in todo], max_new_tokens=max_new_tokens)
+    words = {
+        f.id: (t.split() or ["?"])[0].strip(".,;:!?\"'") or "?"
+        for f, t in zip(todo, texts, strict=True)
+    }
+    return [f if f.true else replace(f, true=words[f.id]) for f in facts]

@@ -6,10 +6,12 @@ edited model folder and restore it, trace where a fact is recalled.
                                  subject="Eiffel Tower", target="Rome")
     done = recipes.apply("smollm2-135m", "rome", reqs, out="eiffel.safetensors")
     report = recipes.evaluate("smollm2-135m", done.path)
+    scores = recipes.evaluate_facts("smollm2-135m", "facts.jsonl", done.path)  # efficacy ... Score
 
 `model` is an asset name or a folder (loaded here), or a `LocalModel` already in memory. A weight
-patch is a safetensors file (`Patch`), a memory patch a JSON file (`MemoryPatch`); `load_patch`
-reads either. Every error a user can cause is an `LfmError`.
+patch is a safetensors file (`Patch`), so is a GRACE codebook (`CodebookPatch`, its own format
+tag), a memory patch a JSON file (`MemoryPatch`); `load_patch`
+reads any of them. Every error a user can cause is an `LfmError`.
 
 `apply`, `patch_apply`, `patch_revert` and `trace` write a run directory under `root`
 (`<root>/<stamp>-edit-<method>/`, `...-patch-apply/`, `...-patch-revert/`, `...-edit-trace/`): its
@@ -21,6 +23,7 @@ the output is complete, `failed: ...` otherwise. The output itself stays where i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -29,8 +32,20 @@ from typing import Any
 
 from lfm import registry
 from lfm.config import Config
+from lfm.core.io import read_meta
+from lfm.edit.facts import Fact, evaluate_fact, fill_true, read_facts, summarise
+from lfm.edit.grace import FORMAT as GRACE_FORMAT
+from lfm.edit.grace import CodebookPatch
 from lfm.edit.memory import MemoryPatch
-from lfm.edit.patch import Patch, Undo, revert_folder, save_edited
+from lfm.edit.patch import (
+    Delta,
+    Patch,
+    Undo,
+    linear_weight,
+    make_patch,
+    revert_folder,
+    save_edited,
+)
 from lfm.edit.requests import Request, read_requests
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.trace import Trace, causal_trace, plot
@@ -80,8 +95,9 @@ def load_handle(model: Any) -> Any:
     return model
 
 
-def load_patch(path: str | Path) -> Patch | MemoryPatch:
-    """A weight patch (safetensors) or a memory patch (JSON), by the file's first bytes."""
+def load_patch(path: str | Path) -> Patch | CodebookPatch | MemoryPatch:
+    """A weight patch or a GRACE codebook (safetensors, by the format tag) or a memory patch
+    (JSON), by the file's first bytes."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -91,6 +107,8 @@ def load_patch(path: str | Path) -> Patch | MemoryPatch:
     # JSON never holds a NUL byte
     if head.lstrip()[:1] == b"{" and b"\x00" not in head:
         return MemoryPatch.load(path)
+    if read_meta(path).get("format") == GRACE_FORMAT:
+        return CodebookPatch.load(path)
     return Patch.load(path)
 
 
@@ -122,6 +140,8 @@ def apply(
     on: Sequence[str | Path] = (),
     state: str | Path | None = None,
     root: str | Path = "runs",
+    facts: str | Path | None = None,
+    sequential: bool = False,
 ) -> Applied:
     """Compute an edit patch for `model` and save it at `out` (the model itself is not changed).
 
@@ -135,20 +155,30 @@ def apply(
         state: sequential AlphaEdit's state file: read if it exists, advanced once the patch is
             written.
         root: where the run directory is created (`<root>/<stamp>-edit-<method>/`).
+        facts: a facts file (`lfm.edit.facts.read_facts`) whose edits are made (then
+            `requests` is left empty); hashed into the run's manifest.
+        sequential: edit one request at a time, each on the weights the earlier ones edited,
+            into one patch of their summed deltas (`sequential_patch`); else all in one call
+            (a batch for the methods that take one).
     """
     spec = registry.get(method, area="edit")
     file = requests if isinstance(requests, str | Path) else None
-    if file is not None:
+    if facts is not None:
+        reqs = [f.request for f in read_facts(facts)]
+    elif file is not None:
         reqs = read_requests(file)
     else:
         reqs = [requests] if isinstance(requests, Request) else list(requests)
     cfg = _config(spec, config)
     if state is not None and spec.name != "alphaedit":
         raise LfmError(f"--state is for sequential AlphaEdit; {spec.name} keeps no state")
+    if sequential and state is not None:
+        raise LfmError("--sequential edits within one patch; --state carries AlphaEdit across")
     options = {"method": spec.name, "model": _name(model), "config": cfg.to_dict(),
                "requests": [r.to_dict() for r in reqs], "on": [str(p) for p in on],
-               "state": str(state) if state else None, "out": str(out)}  # fmt: skip
-    files = {"model": _source(model), "requests": file,
+               "state": str(state) if state else None, "out": str(out),
+               "sequential": sequential}  # fmt: skip
+    files = {"model": _source(model), "requests": file, "facts": facts,
              "config": config if isinstance(config, str | Path) else None,
              **{f"on{i}": p for i, p in enumerate(on)}, "state": state}  # fmt: skip
     with Run(f"edit-{spec.name}", options, inputs=on_disk(files), root=root) as run:
@@ -156,7 +186,11 @@ def apply(
         undos = _apply_earlier(handle, on)
         try:
             if state is None:
-                patch = spec.fn(handle, reqs, cfg)
+                patch = (
+                    sequential_patch(spec, handle, reqs, cfg)
+                    if sequential
+                    else spec.fn(handle, reqs, cfg)
+                )
                 path = patch.save(out)
             else:  # the state advances only once its patch is written
                 before = AlphaEditState.load(state) if Path(state).exists() else None
@@ -167,10 +201,30 @@ def apply(
             for undo in reversed(undos):
                 undo.revert(handle.model)
         _wrote(run, path, *([state] if state else []))
-    where = ", ".join(patch.modules) if isinstance(patch, Patch) else "the context"
+    where = ", ".join(patch.modules) if hasattr(patch, "modules") else "the context"
     return Applied(
         spec.name, len(reqs), where, Path(path), Path(state) if state else None, run.path
     )
+
+
+def sequential_patch(spec: Any, handle: Any, reqs: Sequence[Request], cfg: Config) -> Patch:
+    """Edit one request at a time with the method `spec`, each on the weights the earlier edits
+    left; one weight patch of the summed deltas, made for the model as it was (which is restored
+    after). A memory patch has no weights to sum: it is refused."""
+    model, undos, modules = handle.model, [], {}
+    try:
+        for r in reqs:
+            patch = spec.fn(handle, [r], cfg)
+            if not isinstance(patch, Patch):
+                raise LfmError(f"{spec.name} makes a memory patch; --sequential sums weight edits")
+            undos.append(patch.apply(model))
+            modules.update(dict.fromkeys(patch.modules))
+        edited = {m: linear_weight(model, m).detach().clone() for m in modules}
+    finally:
+        for undo in reversed(undos):
+            undo.revert(model)
+    deltas = [Delta(m, dense=w - linear_weight(model, m)) for m, w in edited.items()]
+    return make_patch(model, deltas, reqs, spec.name, cfg)
 
 
 def _apply_earlier(handle: Any, patches: Sequence[str | Path]) -> list[Undo]:
@@ -198,14 +252,14 @@ class Evaluation:
 
 def evaluate(
     model: Any,
-    patch: str | Path | Patch | MemoryPatch,
+    patch: str | Path | Patch | CodebookPatch | MemoryPatch,
     prompts: Sequence[str] = (),
     max_new_tokens: int = 12,
 ) -> Evaluation:
     """Complete `prompts` (default: the patch's) greedily with and without the patch.
 
-    A weight patch is applied to the loaded model and reverted before returning; a memory patch
-    wraps the handle.
+    A weight patch is applied to the loaded model and reverted before returning (a GRACE
+    codebook is installed as a hook and removed); a memory patch wraps the handle.
     """
     handle = load_handle(model)
     patch = load_patch(patch) if isinstance(patch, str | Path) else patch
@@ -228,6 +282,55 @@ def evaluate(
     return Evaluation(rows, [(r, float(s)) for r, s in zip(patch.requests, scores, strict=True)])
 
 
+@dataclass(frozen=True)
+class FactScores:
+    """CounterFact metrics in percent (efficacy, paraphrase, neighbourhood, score) of a fact set
+    on the model, and with a patch applied (None: no patch given)."""
+
+    facts: list[Fact]  # with `true` filled in where the file left it out
+    before: dict[str, float]
+    after: dict[str, float] | None = None
+
+
+def evaluate_facts(
+    model: Any, facts: str | Path | Sequence[Fact], patch: str | Path | Any = None
+) -> FactScores:
+    """The edit metrics of `facts` (a facts file or `Fact`s) before and, given `patch`, after it.
+
+    Metrics as in `lfm.edit.facts` (whole objects compared pairwise: target against `true`);
+    a fact without `true` takes the unedited model's own answer (`fill_true`). Neighbourhood
+    prompts naming another subject of the set are left out, as for a batch of edits.
+    """
+    handle = load_handle(model)
+    rows = read_facts(facts) if isinstance(facts, str | Path) else list(facts)
+    rows = fill_true(handle, rows)
+    subjects = [f.subject for f in rows]
+
+    def metrics(h: Any) -> dict[str, float]:
+        return _present_score(summarise([evaluate_fact(h, f, edited=subjects) for f in rows]))
+
+    before = metrics(handle)
+    if patch is None:
+        return FactScores(rows, before)
+    loaded = load_patch(patch) if isinstance(patch, str | Path) else patch
+    if isinstance(loaded, MemoryPatch):  # it wraps the handle
+        return FactScores(rows, before, metrics(loaded.apply(handle)))
+    undo = loaded.apply(handle.model)  # weights changed, or a codebook hooked in
+    try:
+        after = metrics(handle)
+    finally:
+        undo.revert(handle.model)
+    return FactScores(rows, before, after)
+
+
+def _present_score(m: dict[str, float]) -> dict[str, float]:
+    """The Score over the metrics the facts allow: a set without paraphrase (or neighbourhood)
+    prompts has that metric NaN, and its Score is the harmonic mean of the others."""
+    parts = [m[k] for k in ("efficacy", "paraphrase", "neighbourhood") if not math.isnan(m[k])]
+    score = 0.0 if not parts or min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+    return {**m, "score": score}
+
+
 def patch_apply(
     model: Any, patch: str | Path, out: str | Path, *, root: str | Path | None = None
 ) -> Path:
@@ -243,9 +346,8 @@ def patch_apply(
         handle = load_handle(model)
         loaded = load_patch(patch)
         if not isinstance(loaded, Patch):
-            raise LfmError(
-                f"{patch} is a memory patch: it changes no weights (`lfm edit eval` uses it)"
-            )
+            kind = "GRACE codebook" if isinstance(loaded, CodebookPatch) else "memory patch"
+            raise LfmError(f"{patch} is a {kind}: it changes no weights (`lfm edit eval` uses it)")
         undo = loaded.apply(handle.model)
         try:
             path = save_edited(handle, undo, out)

@@ -1,0 +1,124 @@
+"""Benchmark: lifelong editing — T edits in a row with GRACE and sequential AlphaEdit (and IKE).
+
+    .venv/bin/python bench/edit_lifelong.py --model smollm2-135m --T 10 100
+    .venv/bin/python bench/edit_lifelong.py --T 10 --methods grace
+
+The first T facts the model knows are edited one after another: GRACE grows one codebook
+(`grace(..., codebook=previous)`), AlphaEdit carries its state (`alphaedit_step`), each patch
+applied before the next edit; IKE (`--methods ike`) stores the T facts in one memory patch. After the T-th edit every one of the T facts is scored (CounterFact
+protocol, `lfm.edit.facts`): efficacy over all T edits, paraphrase, neighbourhood (prompts naming
+an edited subject left out), Score; then seconds per edit (wall and CPU) and, for GRACE, how the
+codebook rule went (entries added, expanded, split). Everything is reverted at the end, and the
+unedited model is scored on the same facts as the peer row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--T", type=int, nargs="+", default=[10, 100], help="edits in a row")
+    p.add_argument("--methods", nargs="+", default=["grace", "alphaedit"], help="and ike")
+    p.add_argument("--eps-init", type=float, default=None, help="GRACE's ε_init (default 1.0)")
+    p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
+    p.add_argument("--threads", type=int, default=2)
+    return p.parse_args()
+
+
+class _Clock:
+    """Wall and CPU seconds inside `with` blocks."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def __exit__(self, *exc) -> None:
+        self.wall += time.perf_counter() - self._t[0]
+        self.cpu += time.process_time() - self._t[1]
+
+
+def _grace(handle, facts, a: argparse.Namespace):
+    """One codebook over the T edits; returns the handle to score, its undo, the clock and the
+    rule counts."""
+    from lfm.edit import GraceConfig, grace
+
+    cfg = GraceConfig() if a.eps_init is None else GraceConfig(eps_init=a.eps_init)
+    patch, clock = None, _Clock()
+    for f in facts:
+        with clock:
+            patch = grace(handle, f.request, cfg, codebook=patch)
+    rules = Counter(s["rule"] for s in patch.info["steps"])
+    return handle, [patch.apply(handle.model)], clock, dict(rules)
+
+
+def _alphaedit(handle, facts, a: argparse.Namespace):
+    """The T AlphaEdit steps, each patch applied before the next."""
+    from lfm.edit import AlphaEditConfig, alphaedit_step
+
+    cfg, state, undos, clock = AlphaEditConfig(stats_tokens=a.stats_tokens), None, [], _Clock()
+    for f in facts:
+        with clock:  # the first step also builds C per layer (cached on disk after)
+            patch, state = alphaedit_step(handle, f.request, state, cfg)
+        undos.append(patch.apply(handle.model))
+    return handle, undos, clock, {}
+
+
+def _ike(handle, facts, a: argparse.Namespace):
+    """The T facts in one memory patch; a query gets the stored fact nearest to it, after k
+    demonstrations from the other facts of the set (`minilm-l6` retrieval)."""
+    from lfm.edit import ike
+
+    clock = _Clock()
+    with clock:
+        editor = ike(handle, [f.request for f in facts]).apply(handle)
+        editor.context(facts[0].prompt)  # the demonstrations' embeddings, computed once
+    return editor, [], clock, {"demonstrations": len(editor.pool)}
+
+
+def _score(handle, facts) -> dict[str, float]:
+    from lfm.edit.facts import evaluate_fact, summarise
+
+    subjects = [f.subject for f in facts]
+    return summarise([evaluate_fact(handle, f, edited=subjects) for f in facts])
+
+
+def _row(label: str, m: dict[str, float], secs: tuple[float, float] = (0.0, 0.0)) -> str:
+    vals = " ".join(f"{m[c]:8.1f}" for c in ("efficacy", "paraphrase", "neighbourhood", "score"))
+    return f"{label:<22}{vals} {secs[0]:8.2f} {secs[1]:8.2f}"
+
+
+def main() -> None:
+    a = _args()
+    torch.set_num_threads(a.threads)
+    from lfm.assets import load_model
+    from lfm.edit.facts import known_facts, load_facts
+
+    handle = load_model(a.model)
+    known = known_facts(handle, load_facts())
+    print(f"{a.model}: knows {len(known)} facts", flush=True)
+    head = ("efficacy", "paraphr", "neighb", "Score", "wall s", "cpu s")
+    print(f"{'T edits (s per edit)':<22}" + " ".join(f"{h:>8}" for h in head))
+    run = {"grace": _grace, "alphaedit": _alphaedit, "ike": _ike}
+    for t in a.T:
+        facts = known[:t]
+        print(_row(f"unedited, {len(facts)} facts", _score(handle, facts)), flush=True)
+        for name in a.methods:
+            scored, undos, clock, notes = run[name](handle, facts, a)
+            scores = _score(scored, facts)
+            for undo in reversed(undos):
+                undo.revert(handle.model)
+            secs = (clock.wall / len(facts), clock.cpu / len(facts))
+            print(_row(f"{name} T={len(facts)}", scores, secs), notes or "", flush=True)
+
+
+if __name__ == "__main__":
+    main()
