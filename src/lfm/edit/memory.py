@@ -27,7 +27,7 @@ SCORES (TEXT, or SCORES when the handle gives scores).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +37,7 @@ import torch
 from pydantic import Field
 
 from lfm.access import Access, TextModel, access_of, narrow
+from lfm.assets.embed import Embedder, char_embedder, minilm_embedder
 from lfm.config import Config
 from lfm.core.io import write_json
 from lfm.edit import common
@@ -48,7 +49,6 @@ from lfm.registry import Example, register
 
 FORMAT = "lfm-edit-memory/1"
 KINDS = ("copy", "update", "retain")
-Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
 class IkeConfig(Config):
@@ -113,32 +113,6 @@ def select(sims: torch.Tensor, kinds: Sequence[str], k: int, ratio: Sequence[int
         top = sims[idx].argsort(descending=True)[:n] if idx else []
         chosen += [idx[int(j)] for j in top]
     return sorted(chosen, key=lambda i: (float(sims[i]), i))
-
-
-def char_embedder(texts: Sequence[str]) -> torch.Tensor:
-    """A bag-of-characters embedding (the `chars` encoder: no asset)."""
-    out = torch.zeros(len(texts), 128)
-    for i, t in enumerate(texts):
-        for ch in t.lower():
-            out[i, ord(ch) % 128] += 1
-    return out
-
-
-def minilm_embedder() -> Embedder:
-    """Mean-pooled last hidden states of `minilm-l6` (all-MiniLM-L6-v2), as sentence-transformers
-    computes them."""
-    from lfm.assets import load_model
-
-    enc = load_model("minilm-l6", kind="encoder")
-
-    @torch.no_grad()
-    def embed(texts: Sequence[str]) -> torch.Tensor:
-        batch = enc._batch(list(texts), side="right")
-        h = enc.model(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        return ((h * m).sum(1) / m.sum(1)).cpu()
-
-    return embed
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

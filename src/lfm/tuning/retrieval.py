@@ -18,7 +18,7 @@ handle, are in `lfm.tuning.augmented`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +26,8 @@ import torch
 from pydantic import Field
 
 from lfm.access import Access, require
+from lfm.assets.embed import Embedder, char_embedder, minilm_embedder  # noqa: F401  (part of this API)
 from lfm.config import Config
-
-Embedder = Callable[[Sequence[str]], torch.Tensor]
 
 
 class KnnLMConfig(Config):
@@ -166,28 +165,3 @@ def replug_score(handle: Any, prefixes: Sequence[str], continuations: Sequence[s
     flat_c = [y for y in continuations for _ in range(idx.shape[1])]
     logp = handle.score(flat_p, flat_c).view(len(prefixes), idx.shape[1])  # (B, k)
     return torch.logsumexp(logp + weights.log(), dim=1)
-
-
-def minilm_embedder() -> Embedder:
-    """Mean-pooled last hidden states of `minilm-l6` (all-MiniLM-L6-v2), as sentence-transformers does."""
-    from lfm.assets import load_model
-
-    enc = load_model("minilm-l6", kind="encoder")
-
-    @torch.no_grad()
-    def embed(texts: Sequence[str]) -> torch.Tensor:
-        batch = enc._batch(list(texts), side="right")
-        h = enc.model(**batch).last_hidden_state
-        m = batch["attention_mask"].unsqueeze(-1).float()
-        return ((h * m).sum(1) / m.sum(1)).cpu()
-
-    return embed
-
-
-def char_embedder(texts: Sequence[str]) -> torch.Tensor:
-    """A bag-of-characters embedding (registry examples and tests: no asset)."""
-    out = torch.zeros(len(texts), 128)
-    for i, t in enumerate(texts):
-        for ch in t.lower():
-            out[i, ord(ch) % 128] += 1
-    return out
