@@ -45,7 +45,7 @@ def check_stop() -> None:
         raise Stopped("every request of this pass stopped waiting")
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (`job in queue`): their results hold tensors
 class _Job:
     op: str
     key: Hashable
