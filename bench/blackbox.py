@@ -216,10 +216,10 @@ def _lora(a, verb, train_x, train_y, test_x, test_y, seed) -> dict:
 
 
 def serve_process(threads: int, timeout_s: float = 1200.0):
-    """`lfm serve smollm2-135m --access embeddings` on 127.0.0.1 as a child process; (proc, url)."""
+    """`lfm serve --model smollm2-135m --access embeddings` on 127.0.0.1 as a child process; (proc, url)."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT / "src")}
-    cmd = [sys.executable, "-m", "lfm", "serve", "smollm2-135m", "--access", "embeddings",
+    cmd = [sys.executable, "-m", "lfm", "serve", "--model", "smollm2-135m", "--access", "embeddings",
            "--port", str(port), "--timeout-s", str(timeout_s)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"

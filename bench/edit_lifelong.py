@@ -1,11 +1,16 @@
-"""Benchmark: lifelong editing — T edits in a row with GRACE and sequential AlphaEdit (and IKE).
+"""Benchmark: lifelong editing — T edits in a row with GRACE, sequential AlphaEdit, UltraEdit
+(and IKE).
 
     .venv/bin/python bench/edit_lifelong.py --model smollm2-135m --T 10 100
     .venv/bin/python bench/edit_lifelong.py --T 10 --methods grace
+    .venv/bin/python bench/edit_lifelong.py --T 10 100 --methods ultraedit --facts lifelong
 
 The first T facts the model knows are edited one after another: GRACE grows one codebook
-(`grace(..., codebook=previous)`), AlphaEdit carries its state (`alphaedit_step`), each patch
-applied before the next edit; IKE (`--methods ike`) stores the T facts in one memory patch. After the T-th edit every one of the T facts is scored (CounterFact
+(`grace(..., codebook=previous)`), AlphaEdit carries its state (`alphaedit_step`), UltraEdit its
+lifelong statistics (`ultraedit_step`, `--turn` facts per turn, default 1; `--ue-lr` its η), each
+patch applied before the next edit; IKE (`--methods ike`) stores the T facts in one memory patch.
+`--facts lifelong` draws the facts from the test split of the 1,102-request lifelong set
+(`load_facts(name="lifelong", split="test")`) instead of the 316 packaged facts. After the T-th edit every one of the T facts is scored (CounterFact
 protocol, `lfm.edit.facts`): efficacy over all T edits, paraphrase, neighbourhood (prompts naming
 an edited subject left out), Score; then seconds per edit (wall and CPU) and, for GRACE, how the
 codebook rule went (entries added, expanded, split). Everything is reverted at the end, and the
@@ -25,7 +30,10 @@ def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--T", type=int, nargs="+", default=[10, 100], help="edits in a row")
-    p.add_argument("--methods", nargs="+", default=["grace", "alphaedit"], help="and ike")
+    p.add_argument("--methods", nargs="+", default=["grace", "alphaedit"], help="ike, ultraedit")
+    p.add_argument("--facts", choices=["facts", "lifelong"], default="facts", help="packaged set")
+    p.add_argument("--turn", type=int, default=1, help="UltraEdit: facts per turn")
+    p.add_argument("--ue-lr", type=float, default=None, help="UltraEdit's η (default 1e-6)")
     p.add_argument("--eps-init", type=float, default=None, help="GRACE's ε_init (default 1.0)")
     p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
     p.add_argument("--threads", type=int, default=2)
@@ -72,6 +80,21 @@ def _alphaedit(handle, facts, a: argparse.Namespace):
     return handle, undos, clock, {}
 
 
+def _ultraedit(handle, facts, a: argparse.Namespace):
+    """Turns of `--turn` facts, each patch applied before the next turn."""
+    from lfm.edit import UltraEditConfig, ultraedit_step
+
+    cfg = UltraEditConfig() if a.ue_lr is None else UltraEditConfig(lr=a.ue_lr)
+    state, undos, clock = None, [], _Clock()
+    for i in range(0, len(facts), a.turn):
+        with clock:
+            patch, state = ultraedit_step(
+                handle, [f.request for f in facts[i : i + a.turn]], state, cfg
+            )
+        undos.append(patch.apply(handle.model))
+    return handle, undos, clock, {"turns": state.turns if state else 0, "lr": cfg.lr}
+
+
 def _ike(handle, facts, a: argparse.Namespace):
     """The T facts in one memory patch; a query gets the stored fact nearest to it, after k
     demonstrations from the other facts of the set (`minilm-l6` retrieval)."""
@@ -103,11 +126,12 @@ def main() -> None:
     from lfm.edit.facts import known_facts, load_facts
 
     handle = load_model(a.model)
-    known = known_facts(handle, load_facts())
+    split = "test" if a.facts == "lifelong" else None
+    known = known_facts(handle, load_facts(name=a.facts, split=split))
     print(f"{a.model}: knows {len(known)} facts", flush=True)
     head = ("efficacy", "paraphr", "neighb", "Score", "wall s", "cpu s")
     print(f"{'T edits (s per edit)':<22}" + " ".join(f"{h:>8}" for h in head))
-    run = {"grace": _grace, "alphaedit": _alphaedit, "ike": _ike}
+    run = {"grace": _grace, "alphaedit": _alphaedit, "ike": _ike, "ultraedit": _ultraedit}
     for t in a.T:
         facts = known[:t]
         print(_row(f"unedited, {len(facts)} facts", _score(handle, facts)), flush=True)

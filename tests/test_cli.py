@@ -81,7 +81,7 @@ def test_errors_are_one_line_with_exit_status_2(args, message):
         (["tuning", "train", "--stepz", "3"], "No such option: --stepz"),
         (["meta", "train", "--steps", "abc"], "Invalid value for '--steps'"),
         (["run", "no-such-pipeline.yaml"], "does not exist"),
-        (["edit", "apply", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A",
+        (["edit", "apply", "--model", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A",
           "--target", "B", "-o", "p.st"], "no method 'edit/teleport'"),
     ],
 )  # fmt: skip
@@ -131,6 +131,9 @@ def _assert_usage_error(code: int, stderr: str, says: str) -> None:
         (["tuning", "train", "--threads", "0"], "--threads"),
         (["tuning", "bbt", "--budget", "-5"], "--budget"),
         (["tuning", "augment", "--corpus", "no-such.txt"], "no-such.txt"),
+        (["tuning", "classify", "--text", "x"], "--run"),
+        (["tuning", "classify", "--run", "no-such-run", "--text", "x"], "not a run directory"),
+        (["tuning", "augment", "--calls", "0"], "--calls"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
@@ -197,18 +200,20 @@ def test_meta_config_values_out_of_range_are_one_line(monkeypatch, capsys, tmp_p
     _assert_usage_error(code, stderr, "outer_lr")
 
 
-EDIT = ["edit", "apply", "m", "--prompt", "A is", "--subject", "A", "--target", "B", "-o", "p.st"]
+EDIT = ["edit", "apply", "--model", "m", "--prompt", "A is", "--subject", "A", "--target", "B",
+        "-o", "p.st"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
     ("argv", "says"),
     [
-        (["edit", "trace", "m", "--prompt", "A is", "--subject", "A", "--samples", "0", "-o",
-          "t.png"], "--samples"),
-        (["edit", "eval", "m", "p.st", "--max-new-tokens", "many"], "--max-new-tokens"),
-        (["edit", "apply", "m", "--requests", "no-such.jsonl", "-o", "p.st"], "no-such.jsonl"),
-        (["edit", "trace", "m", "--prompt", "A is", "--subject", "A", "--noise", "nan", "-o",
-          "t.png"], "--noise"),
+        (["edit", "trace", "--model", "m", "--prompt", "A is", "--subject", "A", "--samples", "0",
+          "-o", "t.png"], "--samples"),
+        (["edit", "eval", "p.st", "--model", "m", "--max-new-tokens", "many"], "--max-new-tokens"),
+        (["edit", "apply", "--model", "m", "--requests", "no-such.jsonl", "-o", "p.st"],
+         "no-such.jsonl"),
+        (["edit", "trace", "--model", "m", "--prompt", "A is", "--subject", "A", "--noise", "nan",
+          "-o", "t.png"], "--noise"),
         ([*EDIT, "--config", "no-such.yaml"], "no-such.yaml"),
     ],
     ids=lambda v: " ".join(v[:3]) + " " + v[-3] if isinstance(v, list) else None,

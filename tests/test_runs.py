@@ -184,3 +184,21 @@ def test_ancestry_needs_the_run_and_lists_a_lost_parent_as_missing(tmp_path):
     ]  # fmt: skip
     with pytest.raises(LfmError, match="no run 'nope'"):
         ancestry("nope", tmp_path)
+
+
+def test_history_is_kept_in_the_manifest_and_drawn_as_curves(tmp_path):
+    from PIL import Image
+
+    with Run("curves", root=tmp_path) as run:
+        run.history("loss", [2.0, 1.5, float("nan"), 1.0])
+        run.history("accuracy", [0.2, 0.6], steps=[10, 20], xlabel="meta-update")
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert manifest["history"]["loss"] == {
+        "step": [1, 2, 3, 4], "value": [2.0, 1.5, None, 1.0], "xlabel": "step"
+    }  # fmt: skip
+    assert manifest["history"]["accuracy"]["step"] == [10, 20]
+    assert "curves.png" in manifest["outputs"]
+    with Image.open(run.path / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1]  # two panels side by side
+    with pytest.raises(ValueError, match="3 values for 2 steps"):
+        run.history("bad", [1.0, 2.0, 3.0], steps=[1, 2])

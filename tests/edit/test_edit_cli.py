@@ -24,8 +24,14 @@ def _manifest(run) -> dict:
 
 
 def _one_line_error(res, text: str) -> bool:
-    out = res.output.strip()
-    return res.exit_code == 2 and out.startswith("error:") and text in out and "\n" not in out
+    """Exit status 2 and one error line; besides it only progress lines (`[lfm] ...`)."""
+    lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith("[lfm] ")]
+    return (
+        res.exit_code == 2
+        and len(lines) == 1
+        and lines[0].startswith("error:")
+        and (text in lines[0])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +45,23 @@ def folder(tmp_path_factory):
 
 
 def test_apply_without_a_request_is_a_one_line_error(tmp_path):
-    res = CliRunner().invoke(app, ["apply", "no-such-model", "--out", str(tmp_path / "p.st")])
+    res = CliRunner().invoke(
+        app, ["apply", "--model", "no-such-model", "--out", str(tmp_path / "p.st")]
+    )
     assert _one_line_error(res, "give --prompt, --subject and --target")
 
 
 def test_unknown_method_is_refused(tmp_path):
-    args = ["apply", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A", "--target", "B"]
+    args = ["apply", "--model", "m", "-m", "teleport", "--prompt", "A is", "--subject", "A",
+            "--target", "B"]  # fmt: skip
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
     assert _one_line_error(res, "no method 'edit/teleport'")
 
 
 def test_state_is_only_for_alphaedit(folder, tmp_path):
-    args = ["apply", str(folder), "-m", "rome", *ARGS, "--state", str(tmp_path / "s")]
+    args = ["apply", "--model", str(folder), "-m", "rome", *ARGS, "--state", str(tmp_path / "s")]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
-    assert _one_line_error(res, "--state is for sequential AlphaEdit; rome keeps no state")
+    assert _one_line_error(res, "--state is for the lifelong editors (alphaedit, ultraedit); rome keeps no state")
 
 
 def test_patch_revert_needs_an_edited_folder(tmp_path):
@@ -68,16 +77,19 @@ def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
     out, root = tmp_path / "ike.json", ["--root", str(tmp_path / "runs")]
     cfg = tmp_path / "ike.yaml"  # two demonstrations, retrieved without the encoder asset
     cfg.write_text("k: 2\nencoder: chars\n")
-    args = ["apply", str(folder), "-m", "ike", *ARGS, "--config", str(cfg), "-o", str(out), *root]
+    args = ["apply", "--model", str(folder), "-m", "ike", *ARGS, "--config", str(cfg), "-o",
+            str(out), *root]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     (run,) = (tmp_path / "runs").iterdir()
-    assert res.output.strip().splitlines() == [f"ike: 1 edit(s) on the context -> {out}",
+    assert res.stdout.strip().splitlines() == [f"ike: 1 edit(s) on the context -> {out}",
                                                f"run: {run}"]  # fmt: skip
     assert json.loads(out.read_text())["requests"] == [REQ.to_dict()]
-    res = CliRunner().invoke(app, ["eval", str(folder), str(out), "--max-new-tokens", "3"])
+    res = CliRunner().invoke(
+        app, ["eval", str(out), "--model", str(folder), "--max-new-tokens", "3"]
+    )
     assert res.exit_code == 0, res.output
-    first, last = res.output.strip().splitlines()
+    first, last = res.stdout.strip().splitlines()
     assert json.loads(first)["prompt"] == REQ.prompt and last.startswith("log P('Rome'")
     # the memory patch's score is the model's score with the demonstrations and the fact in context
     h = common.smoke_model()
@@ -86,7 +98,7 @@ def test_ike_patch_is_json_and_eval_applies_it(folder, tmp_path):
     want = h.score([context + REQ.prompt], [" Rome"]).item()
     assert last.endswith(f"= {want:.3f}")
     res = CliRunner().invoke(
-        app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e"), *root]
+        app, ["patch-apply", str(out), "--model", str(folder), "-o", str(tmp_path / "e"), *root]
     )
     assert _one_line_error(res, "is a memory patch: it changes no weights")
 
@@ -97,15 +109,18 @@ def test_ft_l_by_either_spelling_then_patch_apply_and_revert_bit_for_bit(folder,
     patches, root = [], ["--root", str(tmp_path / "runs")]
     for name in ("ft-l", "ft_l"):
         out = tmp_path / f"{name}.safetensors"
-        args = ["apply", str(folder), "-m", name, *ARGS, "--config", str(cfg), "-o", str(out),
+        args = ["apply", "--model", str(folder), "-m", name, *ARGS, "--config", str(cfg), "-o",
+                str(out),
                 *root]  # fmt: skip
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 0, res.output
-        assert res.output.startswith("ft_l: 1 edit(s) on model.layers.0.mlp.down_proj")
+        assert res.stdout.startswith("ft_l: 1 edit(s) on model.layers.0.mlp.down_proj")
         patches.append(Patch.load(out))
     assert torch.equal(patches[0].deltas[0].matrix(), patches[1].deltas[0].matrix())
     edited, restored = tmp_path / "edited", tmp_path / "restored"
-    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(edited), *root])
+    res = CliRunner().invoke(
+        app, ["patch-apply", str(out), "--model", str(folder), "-o", str(edited), *root]
+    )
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["patch-revert", str(edited), "-o", str(restored), *root])
     assert res.exit_code == 0, res.output
@@ -154,10 +169,11 @@ def test_apply_writes_a_run_with_input_hashes_and_lineage(folder, tmp_path):
     requests.write_text(json.dumps(REQ.to_dict()) + "\n")
     cfg.write_text("steps: 3\nlr: 0.03\nnorm_constraint: 1.0\n")
     out = tmp_path / "p.safetensors"
-    res = CliRunner().invoke(app, ["apply", str(model), "-m", "ft_l", "--requests", str(requests),
-                                   "--config", str(cfg), "-o", str(out), "--root", str(runs)])  # fmt: skip
+    res = CliRunner().invoke(app, ["apply", "--model", str(model), "-m", "ft_l", "--requests",
+                                   str(requests), "--config", str(cfg), "-o", str(out), "--root",
+                                   str(runs)])  # fmt: skip
     assert res.exit_code == 0, res.output
-    run = Path(res.output.strip().splitlines()[-1].removeprefix("run: "))
+    run = Path(res.stdout.strip().splitlines()[-1].removeprefix("run: "))
     m = _manifest(run)
     assert run.parent == runs and m["status"] == "done" and m["outputs"] == [str(out)]
     assert {k: v["sha256"] for k, v in m["inputs"].items()} == {
@@ -170,8 +186,8 @@ def test_apply_writes_a_run_with_input_hashes_and_lineage(folder, tmp_path):
     inside = run / "p.safetensors"
     shutil.copy(out, inside)
     edited = tmp_path / "edited"
-    res = CliRunner().invoke(app, ["patch-apply", str(model), str(inside), "-o", str(edited),
-                                   "--root", str(runs)])  # fmt: skip
+    res = CliRunner().invoke(app, ["patch-apply", str(inside), "--model", str(model), "-o",
+                                   str(edited), "--root", str(runs)])  # fmt: skip
     assert res.exit_code == 0, res.output
     (applied,) = (p for p in runs.iterdir() if p.name.endswith("patch-apply"))
     m = _manifest(applied)
@@ -182,10 +198,10 @@ def test_apply_writes_a_run_with_input_hashes_and_lineage(folder, tmp_path):
 
 def test_a_failed_apply_leaves_a_failed_run_and_no_patch(folder, tmp_path):
     runs, memory, out = tmp_path / "runs", tmp_path / "m.json", tmp_path / "p.safetensors"
-    assert CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *ARGS, "-o", str(memory),
-                                    "--root", str(runs)]).exit_code == 0  # fmt: skip
-    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ft_l", *ARGS, "--on", str(memory),
-                                   "-o", str(out), "--root", str(runs)])  # fmt: skip
+    assert CliRunner().invoke(app, ["apply", "--model", str(folder), "-m", "ike", *ARGS, "-o",
+                                    str(memory), "--root", str(runs)]).exit_code == 0  # fmt: skip
+    res = CliRunner().invoke(app, ["apply", "--model", str(folder), "-m", "ft_l", *ARGS, "--on",
+                                   str(memory), "-o", str(out), "--root", str(runs)])  # fmt: skip
     assert _one_line_error(res, "--on takes weight patches") and not out.exists()
     (ike,) = runs.glob("*-edit-ike")
     (ft_l,) = runs.glob("*-edit-ft_l")

@@ -8,6 +8,7 @@ import pytest
 
 from lfm.edit import common
 from lfm.edit.facts import load_facts, ngram_entropy, summarise
+from lfm.errors import LfmError
 
 
 def test_facts_are_well_formed():
@@ -107,3 +108,26 @@ def test_metrics_match_a_hand_computation_on_a_tiny_model():
     assert {k: out[k] for k in means} == pytest.approx(means)
     assert means == pytest.approx({"efficacy": 50, "paraphrase": 250 / 3, "neighbourhood": 12.5})
     assert out["score"] == pytest.approx(3 / sum(1 / p for p in means.values()))
+
+
+def test_lifelong_set_loads_by_name_with_its_splits_and_is_regenerated_exactly():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    facts = load_facts(name="lifelong")
+    train, test = (
+        load_facts(name="lifelong", split="train"),
+        load_facts(name="lifelong", split="test"),
+    )
+    assert len(facts) >= 1000 and len(train) + len(test) == len(facts)
+    assert 0.35 < len(train) / len(facts) < 0.45
+    for f in facts:
+        assert f.subject in f.prompt and f.new != f.true and len(f.paraphrases) == 2
+        assert all(f.subject in p for p in f.paraphrases)
+        assert f.prompt not in f.neighbourhood and len(f.neighbourhood) <= 5  # other subjects
+    with pytest.raises(LfmError, match="no packaged fact set"):
+        load_facts(name="nope")
+    tool = Path(__file__).parents[2] / "tools" / "make_lifelong_facts.py"
+    done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout  # the packaged file is what the seeded tool writes

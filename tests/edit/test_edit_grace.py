@@ -124,15 +124,78 @@ def test_cli_applies_and_evaluates_a_codebook(tmp_path):
     (tmp_path / "g.yaml").write_text("steps: 5\neps_init: 0.001\n")
     args = ["--prompt", REQ.prompt, "--subject", REQ.subject, "--target", REQ.target]
     out, root = tmp_path / "g.safetensors", str(tmp_path / "runs")
-    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "grace", *args, "--config",
-                                   str(tmp_path / "g.yaml"), "-o", str(out), "--root", root])  # fmt: skip
+    res = CliRunner().invoke(app, ["apply", "--model", str(folder), "-m", "grace", *args,
+                                   "--config", str(tmp_path / "g.yaml"), "-o", str(out), "--root",
+                                   root])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "grace: 1 edit(s) on model.layers.0.mlp.down_proj" in res.output
     assert CodebookPatch.load(out).config["eps_init"] == 0.001
-    res = CliRunner().invoke(app, ["eval", str(folder), str(out)])
+    res = CliRunner().invoke(app, ["eval", str(out), "--model", str(folder)])
     assert res.exit_code == 0, res.output
-    after = float(res.output.strip().splitlines()[-1].split("=")[-1])
+    after = float(res.stdout.strip().splitlines()[-1].split("=")[-1])
     before = float(lm.score([REQ.prompt], [" Rome"]))
     assert after > before + 0.3  # eval installed the codebook
-    res = CliRunner().invoke(app, ["patch-apply", str(folder), str(out), "-o", str(tmp_path / "e")])
+    res = CliRunner().invoke(
+        app, ["patch-apply", str(out), "--model", str(folder), "-o", str(tmp_path / "e")]
+    )
     assert res.exit_code == 2 and "is a GRACE codebook: it changes no weights" in res.output
+
+
+def test_cli_continues_a_codebook_given_with_on(tmp_path):
+    """`apply -m grace --on old.safetensors` grows the old codebook: both edits hold."""
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    folder, lm = tmp_path / "tiny", common.smoke_model("llama", 1)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    (tmp_path / "g.yaml").write_text("steps: 5\neps_init: 0.001\n")
+    second = Request("The capital of Japan", "Japan", "Berlin")
+    old, new = tmp_path / "old.safetensors", tmp_path / "new.safetensors"
+
+    def apply(req: Request, out, *on) -> None:
+        args = ["apply", "--model", str(folder), "-m", "grace", "--prompt", req.prompt,
+                "--subject", req.subject, "--target", req.target, "--config",
+                str(tmp_path / "g.yaml"), "-o", str(out), "--root", str(tmp_path / "runs"),
+                *on]  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+
+    apply(REQ, old)
+    kept = old.read_bytes()
+    apply(second, new, "--on", str(old))
+    assert old.read_bytes() == kept  # the old codebook is read, not changed
+    patch = CodebookPatch.load(new)
+    assert patch.requests == [REQ, second] and patch.codebook.labels == ["Rome", "Berlin"]
+    assert torch.equal(patch.codebook.keys[:1], CodebookPatch.load(old).codebook.keys)
+
+    def top(prompt: str) -> str:
+        return lm.tokenizer.decode([int(lm.next_token_logprobs([prompt])[0].argmax())])
+
+    other = lm.next_token_logprobs([UNRELATED])
+    assert top(REQ.prompt) != " Rome" and top(second.prompt) != " Berlin"
+    undo = patch.apply(lm.model)
+    try:
+        assert (top(REQ.prompt), top(second.prompt)) == (" Rome", " Berlin")  # both edits win
+        assert torch.equal(lm.next_token_logprobs([UNRELATED]), other)  # untouched
+    finally:
+        undo.revert(lm.model)
+
+
+def test_cli_refuses_two_codebooks_to_continue(tmp_path):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    folder, lm = tmp_path / "tiny", common.smoke_model("llama", 1)
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    grace(lm, REQ, CFG).save(tmp_path / "a.safetensors")
+    args = ["apply", "--model", str(folder), "-m", "grace", "--prompt", REQ.prompt, "--subject",
+            REQ.subject, "--target", REQ.target, "-o", str(tmp_path / "c.safetensors"),
+            "--on", str(tmp_path / "a.safetensors"), "--on", str(tmp_path / "a.safetensors"),
+            "--root", str(tmp_path / "runs")]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and "give one earlier grace patch to continue, not 2" in res.output
+    assert not (tmp_path / "c.safetensors").exists()

@@ -140,13 +140,166 @@ def test_cli_applies_and_evaluates_ike(tmp_path):
     req = common.SMOKE_REQUEST
     args = ["--prompt", req.prompt, "--subject", req.subject, "--target", req.target]
     out, root = tmp_path / "p.json", str(tmp_path / "runs")
-    res = CliRunner().invoke(app, ["apply", str(folder), "-m", "ike", *args, "--config",
-                                   str(tmp_path / "c.yaml"), "-o", str(out), "--root", root])  # fmt: skip
+    res = CliRunner().invoke(app, ["apply", "--model", str(folder), "-m", "ike", *args,
+                                   "--config", str(tmp_path / "c.yaml"), "-o", str(out), "--root",
+                                   root])  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "ike: 1 edit(s) on the context" in res.output
     assert MemoryPatch.load(out).config.k == 2
-    res = CliRunner().invoke(app, ["eval", str(folder), str(out), "--max-new-tokens", "2"])
+    res = CliRunner().invoke(
+        app, ["eval", str(out), "--model", str(folder), "--max-new-tokens", "2"]
+    )
     assert res.exit_code == 0, res.output
     editor = MemoryPatch.load(out).apply(lm)
     want = float(lm.score([editor.context(req.prompt) + req.prompt], [" Rome"]))
-    assert abs(float(res.output.strip().splitlines()[-1].split("=")[-1]) - want) < 1e-3
+    assert abs(float(res.stdout.strip().splitlines()[-1].split("=")[-1]) - want) < 1e-3
+
+
+# ---- `lfm edit eval --method ike`: the fact metrics without context and with IKE ----
+
+OWN = [
+    {"prompt": common.SMOKE_REQUEST.prompt, "subject": "Eiffel Tower", "target": "Rome",
+     "true": "Paris", "paraphrases": ["The Eiffel Tower is a city"],
+     "neighbourhood": ["The city of the Colosseum"]},
+    {"prompt": "The capital of Japan", "subject": "Japan", "target": "Berlin", "true": "Tokyo",
+     "paraphrases": ["Japan is the capital of"]},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The smoke model saved as a folder, a facts file and an IKE config (chars encoder, k=4)."""
+    import json
+
+    root = tmp_path_factory.mktemp("ike")
+    lm = common.smoke_model()
+    lm.model.save_pretrained(root / "m")
+    lm.tokenizer.save_pretrained(root / "m")
+    (root / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in OWN))
+    (root / "ike.yaml").write_text("k: 4\nencoder: chars\n")
+    return root, lm
+
+
+def _eval_ike(root, *extra: str):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    config = [] if "--config" in extra else ["--config", str(root / "ike.yaml")]
+    args = ["eval", "--method", "ike", "--facts", str(root / "facts.jsonl"), *config, *extra]
+    return CliRunner().invoke(app, args)
+
+
+def _line(name: str, m: dict) -> str:
+    keys = ("efficacy", "paraphrase", "neighbourhood", "score")
+    return f"{name:<8} " + "  ".join(f"{k} {m[k]:.1f}" for k in keys)
+
+
+def test_cli_eval_ike_prints_the_metrics_before_and_with_ike(tiny):
+    from lfm.edit import recipes
+    from lfm.edit.facts import read_facts
+
+    root, lm = tiny
+    res = _eval_ike(root, "--model", str(root / "m"))
+    assert res.exit_code == 0, res.output
+    # by hand, on a SCORES handle: the metrics alone, then through one memory patch of both facts
+    api = narrow(lm, "scores")
+    rows = read_facts(root / "facts.jsonl")
+    patch = MemoryPatch([f.request for f in rows], IkeConfig(k=4, encoder="chars"))
+    want = recipes.evaluate_facts(api, rows, patch)
+    assert res.stdout.splitlines() == [
+        "2 fact(s)", _line("before", want.before), _line("with IKE", want.after)
+    ]  # fmt: skip
+    assert "[lfm] loading the model" in res.stderr and "facts with ike" in res.stderr
+
+
+class ScoreRecorder:
+    """A SCORES handle that records the prompts it scores (every continuation scores 0)."""
+
+    access = Access.SCORES
+    name = "recorder"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def score(self, prompts, continuations):
+        self.seen += list(prompts)
+        return torch.zeros(len(prompts))
+
+
+def test_evaluate_ike_scores_without_context_then_with_the_nearest_fact(tiny):
+    from lfm.edit import recipes
+
+    root, _ = tiny
+    api = ScoreRecorder()
+    scores = recipes.evaluate_ike(api, root / "facts.jsonl", {"k": 2, "encoder": "chars"})
+    assert scores.after is not None and [f.subject for f in scores.facts] == [
+        "Eiffel Tower",
+        "Japan",
+    ]
+    queries = [OWN[0]["prompt"], *OWN[0]["paraphrases"], *OWN[0]["neighbourhood"],
+               OWN[1]["prompt"], *OWN[1]["paraphrases"]]  # fmt: skip
+    half = len(api.seen) // 2
+    assert half == 2 * len(queries)  # each query scored for the new and the true object
+    assert sorted(set(api.seen[:half])) == sorted(queries)  # before: the bare queries
+    for prompt in api.seen[half:]:  # with IKE: two demonstrations, the nearest fact, the query
+        query = next(q for q in queries if prompt.endswith(q))
+        fact = OWN[0] if query in queries[:3] else OWN[1]
+        assert prompt.count("New Fact: ") == 3, prompt
+        assert prompt.endswith(f"New Fact: {fact['prompt']} {fact['target']}\nPrompt: {query}")
+
+
+def test_cli_eval_ike_through_a_served_model(tiny):
+    from lfm.serve import Backend, ServeSettings, build_app
+    from lfm.serve.thread import running
+
+    root, lm = tiny
+    # the tiny model reads 128 positions, and the server refuses longer texts: no demonstrations
+    (root / "ike0.yaml").write_text("k: 0\nencoder: chars\n")
+    config = ["--config", str(root / "ike0.yaml")]
+    local = _eval_ike(root, "--model", str(root / "m"), *config)
+    assert local.exit_code == 0, local.output
+    app = build_app(Backend(lm, "scores"), ServeSettings(api_key="k"))
+    with running(app) as url:
+        served = _eval_ike(root, "--url", url, "--api-key", "k", *config)
+        refused = _eval_ike(root, "--url", url, "--api-key", "wrong", *config)
+    assert served.exit_code == 0, served.output
+    assert served.stdout == local.stdout  # the same metrics through HTTP
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--method", "rome"], "`lfm edit apply -m rome`, then `lfm edit eval PATCH`"),
+        (["--method", "ike"], "give --facts FILE and no patch"),
+        (["--config", "IKE"], "--config is IKE's config here"),
+        (["--method", "teleport"], "no method 'edit/teleport'"),
+    ],
+)
+def test_cli_eval_method_errors_are_one_line(tiny, extra, says):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    root, _ = tiny
+    extra = [str(root / "ike.yaml") if x == "IKE" else x for x in extra]
+    res = CliRunner().invoke(app, ["eval", "--model", str(root / "m"), *extra])
+    assert res.exit_code == 2 and says in res.output, res.output
+    assert [x for x in res.output.splitlines() if x.strip()] == [res.output.strip()]
+
+
+def test_a_served_model_takes_no_weight_patch(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+    from lfm.edit import ft_l
+    from lfm.serve import Backend, ServeSettings, build_app
+    from lfm.serve.thread import running
+
+    _, lm = tiny
+    ft_l(lm, common.SMOKE_REQUEST, {"steps": 1}).save(tmp_path / "p.safetensors")
+    with running(build_app(Backend(lm, "scores"), ServeSettings())) as url:
+        res = CliRunner().invoke(app, ["eval", str(tmp_path / "p.safetensors"), "--url", url])
+    assert res.exit_code == 2 and "needs WEIGHTS access" in res.output, res.output
+    assert "Traceback" not in res.output

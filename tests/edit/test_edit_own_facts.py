@@ -43,16 +43,17 @@ def _write(path, rows) -> str:
 
 
 def _one_line_error(res, text: str) -> None:
-    out = res.output.strip()
-    assert res.exit_code == 2 and out.startswith("error:") and "\n" not in out, res.output
-    assert text in out, res.output
+    """Exit status 2 and one error line; besides it only progress lines (`[lfm] ...`)."""
+    lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith("[lfm] ")]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert text in lines[0], res.output
 
 
 def _apply(folder, facts: str, out, tmp_path, *extra: str):
     cfg = tmp_path / "ftl.yaml"
     cfg.write_text(FTL)
-    args = ["apply", str(folder), "-m", "ft_l", "--facts", facts, "--config", str(cfg), "-o",
-            str(out), "--root", str(tmp_path / "runs"), *extra]  # fmt: skip
+    args = ["apply", "--model", str(folder), "-m", "ft_l", "--facts", facts, "--config",
+            str(cfg), "-o", str(out), "--root", str(tmp_path / "runs"), *extra]  # fmt: skip
     return CliRunner().invoke(app, args)
 
 
@@ -69,14 +70,15 @@ def test_apply_as_a_batch_then_eval_before_and_after(folder, tmp_path):
     facts = _write(tmp_path / "mine.jsonl", FACTS)
     res = _apply(folder, facts, tmp_path / "p.safetensors", tmp_path)
     assert res.exit_code == 0, res.output
-    assert res.output.startswith("ft_l: 2 edit(s) on ")
+    assert res.stdout.startswith("ft_l: 2 edit(s) on ")
     manifest = json.loads(next((tmp_path / "runs").iterdir()).joinpath("manifest.json").read_text())
     assert "facts" in manifest["inputs"] and manifest["config"]["sequential"] is False
+    patch = str(tmp_path / "p.safetensors")
     res = CliRunner().invoke(
-        app, ["eval", str(folder), "--facts", facts, "--patch", str(tmp_path / "p.safetensors")]
+        app, ["eval", "--model", str(folder), "--facts", facts, "--patch", patch]
     )
     assert res.exit_code == 0, res.output
-    count, before, after = res.output.strip().splitlines()
+    count, before, after = res.stdout.strip().splitlines()
     assert count == "2 fact(s)" and before.startswith("before ") and after.startswith("after ")
     scores = recipes.evaluate_facts(str(folder), facts, tmp_path / "p.safetensors")
     assert scores.after is not None and scores.after["efficacy"] == 100.0
@@ -84,8 +86,8 @@ def test_apply_as_a_batch_then_eval_before_and_after(folder, tmp_path):
     assert f"efficacy {scores.after['efficacy']:.1f}" in after
     # the second fact had no `true`: the unedited model's own answer was filled in
     assert scores.facts[1].true and scores.facts[1].true != "Germany"
-    alone = CliRunner().invoke(app, ["eval", str(folder), "--facts", facts])
-    assert alone.exit_code == 0 and len(alone.output.strip().splitlines()) == 2
+    alone = CliRunner().invoke(app, ["eval", "--model", str(folder), "--facts", facts])
+    assert alone.exit_code == 0 and len(alone.stdout.strip().splitlines()) == 2
 
 
 def test_sequential_sums_the_edits_made_one_after_another(folder, tmp_path):
@@ -131,10 +133,12 @@ def test_a_set_without_paraphrases_scores_over_the_other_metrics(folder, tmp_pat
 def test_bad_lines_are_one_line_errors(folder, tmp_path, line, message):
     facts = _write(tmp_path / "bad.jsonl", [FACTS[0], line])
     _one_line_error(_apply(folder, facts, tmp_path / "p.safetensors", tmp_path), message)
-    _one_line_error(CliRunner().invoke(app, ["eval", str(folder), "--facts", facts]), message)
+    _one_line_error(
+        CliRunner().invoke(app, ["eval", "--model", str(folder), "--facts", facts]), message
+    )
 
 
 def test_missing_file_and_missing_patch_are_one_line_errors(folder, tmp_path):
     gone = str(tmp_path / "none.jsonl")
     _one_line_error(_apply(folder, gone, tmp_path / "p.st", tmp_path), "cannot read facts")
-    _one_line_error(CliRunner().invoke(app, ["eval", str(folder)]), "give a PATCH")
+    _one_line_error(CliRunner().invoke(app, ["eval", "--model", str(folder)]), "give a PATCH")

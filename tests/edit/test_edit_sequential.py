@@ -78,8 +78,8 @@ def test_cli_sequence_across_invocations(lm, tmp_path, monkeypatch):
     state, runs = tmp_path / "state.safetensors", tmp_path / "runs"
 
     def run(req: Request, out: str, *on: str):
-        args = ["apply", str(tmp_path / "m"), "-m", "alphaedit", "--prompt", req.prompt,
-                "--subject", req.subject, "--target", req.target, "--config", str(cfg),
+        args = ["apply", "--model", str(tmp_path / "m"), "-m", "alphaedit", "--prompt",
+                req.prompt, "--subject", req.subject, "--target", req.target, "--config", str(cfg),
                 "--state", str(state), "--out", str(tmp_path / out), "--root", str(runs)]  # fmt: skip
         for p in on:
             args += ["--on", str(tmp_path / p)]

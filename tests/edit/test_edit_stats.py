@@ -83,3 +83,24 @@ def test_cached_statistics_are_tagged_and_a_file_of_another_kind_is_rebuilt(
 
 def _never(*args):
     raise AssertionError("recomputed although cached")
+
+
+def test_statistics_say_computed_or_cached_and_show_a_bar(tmp_path, monkeypatch, capsys):
+    from lfm.edit import progress
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS) * 4)
+    h = common.smoke_model()
+    said: list[str] = []
+    with progress.reporting(said.append):
+        stats.second_moments(h.model, h.tokenizer, [1], "tiny", 200, 32)
+        bar = capsys.readouterr().err  # the tqdm bar over the tokens read
+        stats.second_moments(h.model, h.tokenizer, [0, 1], "tiny", 200, 32)
+    assert said[0].startswith("statistics: computing E[kkᵀ] at layer(s) 1 over 200 tokens")
+    assert said[1:] == ["statistics: cached for layer(s) 1",
+                        "statistics: computing E[kkᵀ] at layer(s) 0 over 200 tokens of tiny "
+                        "(once; cached after)"]  # fmt: skip
+    assert "statistics:" in bar and "/200 [" in bar and "tok/s" in bar
+    capsys.readouterr()
+    stats.second_moments(h.model, h.tokenizer, [0], "tiny", 150, 32)  # computed, nobody asked
+    assert capsys.readouterr().err == "" and len(said) == 3

@@ -5,12 +5,23 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lfm.access import LocalModel
 from lfm.core.runs import path_sha256
-from lfm.edit.trace import causal_trace, plot
+from lfm.edit.trace import causal_trace, figure, plot
 
 PROMPT, SUBJECT = "The Eiffel Tower is located in the city of", "Eiffel Tower"
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """`lfm edit trace` run in-process sets torch's CPU threads (`--threads`, default 2); sums
+    split over another number of threads round differently, and a trace compared exactly with
+    `traced` would see it. Restore the suite's count after each test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +64,20 @@ def test_cli_trace_writes_the_heat_map_and_numbers(traced, tmp_path):
     model, tok, _ = traced
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    args = ["trace", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT]
+    args = ["trace", "--model", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT]
     res = CliRunner().invoke(app, [*args, "--samples", "2", "--out", str(tmp_path / "h.png"),
-                                   "--root", str(tmp_path / "runs")])  # fmt: skip
+                                   "--root", str(tmp_path / "runs"), "--threads", "1"])  # fmt: skip
     assert res.exit_code == 0, res.output
     data = json.loads((tmp_path / "h.json").read_text())
     assert len(data["effect"]) == 2 and (tmp_path / "h.png").stat().st_size > 1000
-    assert "peak" in res.output
+    assert "peak" in res.stdout
+    # progress: stage lines, and a bar over the 2 layers x tokens x 2 samples restorations
+    n = 2 * len(data["tokens"]) * 2
+    assert "[lfm] loading the model" in res.stderr and "[lfm] writing the heat map" in res.stderr
+    assert "restorations:" in res.stderr and f"/{n} [" in res.stderr
     (run,) = (tmp_path / "runs").iterdir()
     manifest = json.loads((run / "manifest.json").read_text())
-    assert manifest["status"] == "done" and res.output.splitlines()[-1] == f"run: {run}"
+    assert manifest["status"] == "done" and res.stdout.splitlines()[-1] == f"run: {run}"
     assert manifest["inputs"]["model"]["sha256"] == path_sha256(tmp_path / "m")
     assert manifest["outputs"] == [str(tmp_path / "h.png"), str(tmp_path / "h.json")]
 
@@ -84,3 +99,32 @@ def test_recipe_traces_from_python_and_refuses_a_narrowed_handle(traced, tmp_pat
     assert not (tmp_path / "n.png").exists()
     status = sorted(json.loads((r / "manifest.json").read_text())["status"] for r in runs.iterdir())
     assert status[0] == "done" and status[1].startswith("failed: AccessError: ")
+
+
+def test_heat_map_labels_its_axes_and_colour_bar(traced):
+    _, _, t = traced
+    ax, bar = figure(t).axes  # the heat map and its colour bar
+    assert bar.get_ylabel() == f"p({t.answer!r}) with the state restored"
+    assert ax.get_xlabel().startswith("layer") and ax.get_ylabel().startswith("token")
+    ticks = [x.get_text() for x in ax.get_yticklabels()]
+    assert len(ticks) == len(t.tokens) and ticks[0] == repr(t.tokens[0])
+    start, end = t.subject
+    assert all(x.endswith("*") for x in ticks[start:end]) and not ticks[0].endswith("*")
+
+
+def test_cli_seed_sets_the_noise(traced, tmp_path):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    model, tok, _ = traced
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    effects = []
+    for seed, name in (("0", "a"), ("0", "b"), ("1", "c")):
+        args = ["trace", "--model", str(tmp_path / "m"), "--prompt", PROMPT, "--subject", SUBJECT,
+                "--samples", "2", "--seed", seed, "-o", str(tmp_path / f"{name}.png"), "--root",
+                str(tmp_path / "runs")]  # fmt: skip
+        assert CliRunner().invoke(app, args).exit_code == 0
+        effects.append(json.loads((tmp_path / f"{name}.json").read_text())["effect"])
+    assert effects[0] == effects[1] and effects[0] != effects[2]

@@ -150,7 +150,7 @@ def test_cli_datafree_writes_a_run(tmp_path):
     from lfm.meta.recipes import load_result
 
     args = ["datafree", "--method", "datafree_blackbox", "--steps", "2", "--pool", "2"]
-    args += ["--pool-steps", "3", "--test-tasks", "10", "--out", str(tmp_path)]
+    args += ["--pool-steps", "3", "--test-tasks", "10", "--root", str(tmp_path)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "meta/datafree_blackbox digits 1-shot: accuracy" in result.output
@@ -158,6 +158,7 @@ def test_cli_datafree_writes_a_run(tmp_path):
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["config"]["directions"] == 20
     assert manifest["metrics"]["pool_queries"] > 0 and manifest["metrics"]["test_n"] == 10
+    assert len(manifest["history"]["meta_loss"]["value"]) == 2 and (run / "curves.png").exists()
     state, lrs, meta = load_result(run / "model.safetensors")
     assert lrs is None and meta["method"] == "meta/datafree_blackbox"
     assert state["head.weight"].shape == (64, 32)
@@ -167,13 +168,13 @@ def test_datafree_recipe_from_python(tmp_path):
     from lfm.meta import recipes
 
     done = recipes.datafree(
-        "datafree_whitebox", steps=2, pool=2, pool_steps=3, test_tasks=10, out=tmp_path
+        "datafree_whitebox", steps=2, pool=2, pool_steps=3, test_tasks=10, root=tmp_path
     )
     assert done.method == "meta/datafree_whitebox" and done.score["n"] == 10
     assert done.result.history.queries == 0 and len(done.result.history.loss) == 2
     state, _, _ = recipes.load_result(done.path / "model.safetensors")
     assert all(torch.equal(state[k], v) for k, v in done.result.model.state_dict().items())
     with pytest.raises(LfmError, match="lfm meta train --method maml"):
-        recipes.datafree("maml", out=tmp_path)
+        recipes.datafree("maml", root=tmp_path)
     with pytest.raises(LfmError, match="not 'sinusoid'"):
-        recipes.datafree("datafree_blackbox", "sinusoid", out=tmp_path)
+        recipes.datafree("datafree_blackbox", "sinusoid", root=tmp_path)

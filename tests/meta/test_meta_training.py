@@ -129,7 +129,7 @@ def test_learners_take_a_classifier_handle_and_leave_it_alone():
 def test_recipe_train_from_python_saves_weights_and_step_sizes(tmp_path):
     from lfm.meta import recipes
 
-    done = recipes.train("metasgd", steps=3, meta_batch=2, test_tasks=10, out=tmp_path)
+    done = recipes.train("metasgd", steps=3, meta_batch=2, test_tasks=10, root=tmp_path)
     assert done.method == "meta/metasgd" and done.score["metric"] == "mse"
     state, lrs, meta = recipes.load_result(done.path / "model.safetensors")
     assert meta["method"] == "meta/metasgd"
@@ -137,7 +137,7 @@ def test_recipe_train_from_python_saves_weights_and_step_sizes(tmp_path):
     assert lrs is not None and lrs.keys() == done.result.history.inner_lrs.keys()
     assert all(torch.equal(lrs[k], v) for k, v in done.result.history.inner_lrs.items())
     with pytest.raises(LfmError, match="lfm meta datafree --method datafree_whitebox"):
-        recipes.train("datafree_whitebox", out=tmp_path)
+        recipes.train("datafree_whitebox", root=tmp_path)
 
 
 def test_cli_train_writes_a_run(tmp_path):
@@ -147,7 +147,7 @@ def test_cli_train_writes_a_run(tmp_path):
     cfg.write_text("test_inner_steps: 2\n")
     args = ["train", "--method", "fomaml", "--steps", "5", "--test-tasks", "20", "--config",
             str(cfg)]  # fmt: skip
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "runs")])
+    result = CliRunner().invoke(app, [*args, "--root", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
     assert "meta/fomaml sinusoid 5-shot: mse" in result.output
     (run,) = list((tmp_path / "runs").iterdir())
@@ -156,7 +156,9 @@ def test_cli_train_writes_a_run(tmp_path):
     assert manifest["config"]["test_inner_steps"] == 2
     assert manifest["inputs"]["config"]["sha256"] == path_sha256(cfg)
     assert manifest["metrics"]["test_metric"] == "mse" and manifest["metrics"]["test_n"] == 20
-    assert manifest["outputs"] == ["model.safetensors"] and (run / "model.safetensors").exists()
+    assert manifest["outputs"] == ["checkpoint", "curves.png", "model.safetensors"]
+    assert all((run / name).exists() for name in manifest["outputs"])
+    assert len(manifest["history"]["meta_loss"]["value"]) == 5  # one meta-loss per update
 
 
 @pytest.mark.parametrize(
@@ -175,7 +177,7 @@ def test_cli_train_writes_a_run(tmp_path):
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, args, message):
     from lfm.cli.meta import app
 
-    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, [*args, "--root", str(tmp_path)])
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]

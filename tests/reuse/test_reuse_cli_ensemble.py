@@ -118,3 +118,20 @@ def test_recipe_from_python_takes_handles_and_the_method_by_name(folders):
 
 def _texts_file(folders):
     return folders[0] / "texts.txt"
+
+
+def test_a_served_member_scores_like_its_local_copy(folders):
+    from lfm.serve import Backend, ServeSettings, build_app
+    from lfm.serve.thread import running
+
+    root, paths, handles = folders
+    local, _ = _run(root, paths, "--weights", "1,2,1")
+    want = json.loads((root / "pred.json").read_text())["predictions"]
+    app = build_app(Backend(handles[1], "scores"), ServeSettings(api_key="k"))
+    with running(app) as url:
+        served, _ = _run(root, [paths[0], url, paths[2]], "--weights", "1,2,1", "--api-key", "k")
+        assert served.exit_code == 0, served.output
+        assert json.loads((root / "pred.json").read_text())["predictions"] == want
+        refused, _ = _run(root, [paths[0], url], "--api-key", "wrong")
+    assert local.exit_code == 0 and refused.exit_code == 2, refused.output
+    assert len(refused.output.strip().splitlines()) == 1

@@ -54,7 +54,7 @@ def test_cli_stats_gram_of_a_gpt2_records_conv1d_orientation(tmp_path):
     tok.save_pretrained(tmp_path / "lm")
     (tmp_path / "t.txt").write_text("Paris is the capital of France.\n\nTokyo is a city.\n")
     runs = tmp_path / "runs"
-    res = CliRunner().invoke(app, ["stats", "gram", str(tmp_path / "lm"), str(tmp_path / "t.txt"),
+    res = CliRunner().invoke(app, ["stats", "gram", str(tmp_path / "t.txt"), "--model", str(tmp_path / "lm"),
                                    "-o", str(tmp_path / "g.safetensors"), "--root", str(runs)])  # fmt: skip
     assert res.exit_code == 0, res.output
     (run,) = runs.iterdir()
@@ -70,7 +70,9 @@ def test_cli_stats_gram_of_a_gpt2_records_conv1d_orientation(tmp_path):
     )
     g = load_file(tmp_path / "g.safetensors")["transformer.h.0.mlp.c_fc.weight"]
     assert g.shape == (32, 32) and torch.allclose(g, g.T, atol=1e-4)
-    bad = CliRunner().invoke(app, ["stats", "hessian", "x", str(tmp_path / "t.txt"), "-o", "y"])
+    bad = CliRunner().invoke(
+        app, ["stats", "hessian", str(tmp_path / "t.txt"), "--model", "x", "-o", "y"]
+    )
     assert bad.exit_code == 2 and "fisher or gram" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
     # the recipe from Python: a handle instead of a folder, the same file
@@ -99,7 +101,7 @@ def test_stats_and_rebasin_user_errors_exit_2_in_one_line(tmp_path):
         (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "junk.safetensors"), "-o", "c"], "cannot read"),
         (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "a.safetensors"), "-o", "c"], "no chain"),
         (["rebasin", str(tmp_path / "a.safetensors"), str(tmp_path / "no.safetensors"), "-o", "c"], "no model at"),
-        (["stats", "gram", "x", str(tmp_path / "missing.txt"), "-o", "y"], "cannot read texts"),
+        (["stats", "gram", str(tmp_path / "missing.txt"), "--model", "x", "-o", "y"], "cannot read texts"),
     ]:  # fmt: skip
         res = CliRunner().invoke(app, [*args, "--root", str(tmp_path / "runs")])
         lines = res.output.strip().splitlines()

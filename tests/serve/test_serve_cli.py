@@ -13,12 +13,12 @@ app.command()(serve)
 
 def test_serve_refuses_a_public_host_without_a_key(monkeypatch):
     monkeypatch.delenv("LFM_API_KEY", raising=False)
-    res = CliRunner().invoke(app, ["smollm2-135m", "--host", "0.0.0.0", "--port", "1"])
+    res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--host", "0.0.0.0", "--port", "1"])
     assert res.exit_code == 2 and "without an API key" in res.output
 
 
 def test_serve_refuses_levels_above_embeddings():
-    res = CliRunner().invoke(app, ["smollm2-135m", "--access", "weights"])
+    res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--access", "weights"])
     assert res.exit_code == 2 and "--access must be" in res.output
 
 
@@ -34,5 +34,5 @@ def test_make_server_builds_a_loopback_server_for_a_local_model():
 
 
 def test_serve_refuses_a_timeout_that_is_not_positive():
-    res = CliRunner().invoke(app, ["smollm2-135m", "--timeout-s", "0"])
+    res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--timeout-s", "0"])
     assert res.exit_code == 2 and "--timeout-s must be positive" in res.output

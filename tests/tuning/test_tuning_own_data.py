@@ -150,7 +150,7 @@ def test_black_box_commands_take_a_data_file(bbc_lm, tmp_path):
             "--n-tokens", "2", "--dim", "4", "--max-chars", "60", "--root", str(tmp_path / "r")]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output.splitlines()[-1])
+    out = json.loads(res.stdout)
     assert out["verbalizer"]["label_words"] == list(LABELS)
     (run,) = (tmp_path / "r").iterdir()
     assert json.loads((run / "manifest.json").read_text())["inputs"]["data"]["sha256"] == (

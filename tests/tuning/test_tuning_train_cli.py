@@ -99,6 +99,9 @@ def test_sft_command_writes_a_run_with_a_peft_adapter(tmp_path):
     assert check_adapter_dir(run / "tuned" / "adapter") > 0
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["status"] == "done" and "final_loss" in manifest["metrics"]
+    loss = manifest["history"]["loss"]  # the curve: one training loss per step
+    assert loss["step"] == [1, 2] and loss["value"][-1] == manifest["metrics"]["final_loss"]
+    assert (run / "curves.png").stat().st_size > 0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
     _one_line_error(

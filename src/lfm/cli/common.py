@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -67,3 +67,18 @@ class Group(typer.Typer):
 def group(help: str) -> Group:
     """A command group (`lfm <area> ...`)."""
     return Group(help=help, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads")]
+
+
+def use_threads(n: int) -> None:
+    """Run torch on `n` CPU threads (the `--threads` option)."""
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def stage(message: str) -> None:
+    """One progress line on stderr (`[lfm] message`) for a stage of a long command."""
+    err.print(f"[dim]\\[lfm][/dim] {message}", highlight=False, soft_wrap=True)

@@ -6,11 +6,31 @@ from pathlib import Path
 
 import typer
 
-from lfm.cli.common import finite, group
+from lfm.cli.common import Threads, finite, group, stage, use_threads
 from lfm.distill import recipes
 from lfm.distill.vision import DATAFREE, METHODS
 
 app = group("Model distillation: train a student from a teacher's outputs or features.")
+
+IMAGES_HELP = (
+    "your images: DIR/<class>/<images>, or DIR/train/<class>/ and DIR/test/<class>/ "
+    "(default: Fashion-MNIST)"
+)
+ROOT_HELP = "where run directories are created"
+
+
+def _data(help: str = IMAGES_HELP) -> Path | None:
+    return typer.Option(None, "--data", help=help)
+
+
+def _image_size() -> int:
+    return typer.Option(28, min=4, help="--data: images are resized to this square size")
+
+
+def _holdout() -> float:
+    return typer.Option(
+        0.2, callback=finite, help="--data without train/ and test/: share of each class held out"
+    )
 
 
 @app.command()
@@ -19,22 +39,29 @@ def vision(
         "kd",
         help=f"student (no teacher), or a loss: {', '.join(list(METHODS)[1:])}, or any other logit loss",
     ),
+    data: Path | None = _data(),
+    image_size: int = _image_size(),
+    holdout: float = _holdout(),
     train_size: int = typer.Option(10_000, min=1, help="Fashion-MNIST training images used"),
-    test_size: int = typer.Option(5_000, min=1, help="test images used"),
+    test_size: int = typer.Option(5_000, min=1, help="Fashion-MNIST test images used"),
     teacher_steps: int = typer.Option(400, min=1, help="optimizer steps for the teacher"),
     student_steps: int = typer.Option(200, min=1, help="optimizer steps for the student"),
     batch_size: int = typer.Option(64, min=1),
     lr: float = typer.Option(3e-3, callback=finite, help="AdamW learning rate (> 0)"),
     seed: int = typer.Option(0),
     ckpt_every: int = typer.Option(0, min=0, help="checkpoint every N steps (0: at the end only)"),
-    root: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    root: Path = typer.Option(Path("runs"), help=ROOT_HELP),
     resume: Path | None = typer.Option(None, help="a run directory to resume"),
+    threads: Threads = 2,
 ) -> None:
-    """Fashion-MNIST: train a CNN teacher, then a small CNN student with METHOD, into a run."""
+    """Fashion-MNIST or your images: a CNN teacher, then a small CNN student with METHOD, into a
+    run."""
+    use_threads(threads)
     out = recipes.vision(
-        method, train_size=train_size, test_size=test_size, teacher_steps=teacher_steps,
-        student_steps=student_steps, batch_size=batch_size, lr=lr, seed=seed,
-        ckpt_every=ckpt_every, root=root, resume=resume,
+        method, data=data, image_size=image_size, holdout=holdout, train_size=train_size,
+        test_size=test_size, teacher_steps=teacher_steps, student_steps=student_steps,
+        batch_size=batch_size, lr=lr, seed=seed, ckpt_every=ckpt_every, root=root, resume=resume,
+        progress=True, stage=stage,
     )  # fmt: skip
     m = out.metrics
     typer.echo(f"{out.run}: teacher {100 * m['teacher_acc']:.2f}%, "
@@ -45,6 +72,13 @@ def vision(
 def lm(
     method: str = typer.Option("lm_student", help=f"one of: {', '.join(recipes.LM_METHODS)}"),
     model: str = typer.Option("smollm2-135m", help="teacher: an offline model name or a path"),
+    data: Path | None = _data(
+        "your UTF-8 text file: training blocks from its first 90 %, perplexity blocks from the "
+        "last 10 % (default: BBC News)"
+    ),
+    eval_data: Path | None = typer.Option(
+        None, help="--data: a UTF-8 text file for the perplexity blocks instead"
+    ),
     every: int = typer.Option(3, min=1, help="keep one block in EVERY"),
     kd_weight: float = typer.Option(
         5.0, min=0.0, callback=finite, help="lm_student: weight of the KD term (0: LM loss only)"
@@ -59,15 +93,24 @@ def lm(
     block_size: int = typer.Option(64, min=2, help="tokens per training block"),
     batch_size: int = typer.Option(4, min=1, help="blocks per step"),
     lr: float = typer.Option(5e-4, callback=finite, help="AdamW learning rate (> 0)"),
-    eval_blocks: int = typer.Option(16, min=1, help="held-out BBC blocks for perplexity"),
+    eval_blocks: int = typer.Option(16, min=1, help="held-out blocks for perplexity (at most)"),
     seed: int = typer.Option(0),
-    root: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    ckpt_every: int = typer.Option(
+        0, min=0, help="checkpoint the student every N steps (0: never)"
+    ),
+    root: Path = typer.Option(Path("runs"), help=ROOT_HELP),
+    resume: Path | None = typer.Option(
+        None, help="a run directory to resume from its last checkpoint (same options)"
+    ),
+    threads: Threads = 2,
 ) -> None:
-    """BBC News: a layer-dropped student of MODEL trained with METHOD, into a run."""
+    """BBC News or your text: a layer-dropped student of MODEL trained with METHOD, into a run."""
+    use_threads(threads)
     out = recipes.lm(
-        method, model=model, every=every, kd_weight=kd_weight, lm_weight=lm_weight,
-        temperature=temperature, steps=steps, block_size=block_size, batch_size=batch_size, lr=lr,
-        eval_blocks=eval_blocks, seed=seed, root=root,
+        method, model=model, data=data, eval_data=eval_data, every=every, kd_weight=kd_weight,
+        lm_weight=lm_weight, temperature=temperature, steps=steps, block_size=block_size,
+        batch_size=batch_size, lr=lr, eval_blocks=eval_blocks, seed=seed, ckpt_every=ckpt_every,
+        root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
     m = out.metrics
     typer.echo(f"{out.run}: perplexity teacher {m['teacher_ppl']:.2f}, "
@@ -77,11 +120,14 @@ def lm(
 @app.command()
 def datafree(
     method: str = typer.Option("deep_inversion", help=f"one of: {', '.join(DATAFREE)}"),
-    teacher_steps: int = typer.Option(
-        400, min=1, help="optimizer steps for the Fashion-MNIST teacher"
+    data: Path | None = _data(IMAGES_HELP + "; only the teacher trains on them"),
+    image_size: int = _image_size(),
+    holdout: float = _holdout(),
+    teacher_steps: int = typer.Option(400, min=1, help="optimizer steps for the teacher"),
+    train_size: int = typer.Option(
+        10_000, min=1, help="Fashion-MNIST images the teacher is trained on"
     ),
-    train_size: int = typer.Option(10_000, min=1, help="images the teacher is trained on"),
-    test_size: int = typer.Option(5_000, min=1, help="test images used"),
+    test_size: int = typer.Option(5_000, min=1, help="Fashion-MNIST test images used"),
     iterations: int = typer.Option(
         200, min=1, help="generator updates (deep_inversion: batches of images synthesised)"
     ),
@@ -94,13 +140,20 @@ def datafree(
         0.0, min=0.0, callback=finite, help="deep_inversion: α_c of Adaptive DeepInversion"
     ),
     seed: int = typer.Option(0),
-    root: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    root: Path = typer.Option(Path("runs"), help=ROOT_HELP),
+    threads: Threads = 2,
 ) -> None:
-    """Fashion-MNIST: a CNN teacher, then a student that never sees data (METHOD), into a run."""
+    """Fashion-MNIST or your images: a CNN teacher, then a student that never sees them (METHOD).
+
+    There is no --resume: the generator-student games and DeepInversion's synthesis run their own
+    loops (two optimizers, or images made batch by batch), which keep no checkpoint.
+    """
+    use_threads(threads)
     out = recipes.datafree(
-        method, teacher_steps=teacher_steps, train_size=train_size, test_size=test_size,
-        iterations=iterations, batch_size=batch_size, kd_steps=kd_steps,
-        synthesis_steps=synthesis_steps, competition=competition, seed=seed, root=root,
+        method, data=data, image_size=image_size, holdout=holdout, teacher_steps=teacher_steps,
+        train_size=train_size, test_size=test_size, iterations=iterations, batch_size=batch_size,
+        kd_steps=kd_steps, synthesis_steps=synthesis_steps, competition=competition, seed=seed,
+        root=root, progress=True, stage=stage,
     )  # fmt: skip
     m = out.metrics
     typer.echo(f"{out.run}: teacher {100 * m['teacher_acc']:.2f}%, student ({method}) "

@@ -1,29 +1,43 @@
 """`lfm edit`: compute, apply, revert and evaluate edit patches; trace where a fact is recalled.
 
-Each command parses its options, calls `lfm.edit.recipes` and prints.
+Each command parses its options, calls `lfm.edit.recipes` inside `progress.reporting(stage)` (so
+the recipes' stage lines and bars reach stderr) and prints.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
-from lfm.cli.common import finite, group
+from lfm.cli.common import Threads, finite, group, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
     "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE and IKE patches and their evaluation."
 )
 Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
+Model = Annotated[str, typer.Option("--model", help="model asset name (`lfm models`) or folder")]
+Config = Annotated[
+    Path | None,
+    typer.Option("--config", exists=True, dir_okay=False, help="method config (YAML or JSON)"),
+]
+
+
+def _reporting() -> Any:
+    """The recipes' progress (stage lines, tqdm bars) shown on stderr for one command."""
+    from lfm.edit import progress
+
+    return progress.reporting(stage)
 
 
 @app.command("apply")
 def apply_(
-    model: str = typer.Argument(..., help="model name (`lfm models`) or path"),
+    model: Model = "smollm2-135m",
     method: str = typer.Option(
-        "rome", "--method", "-m", help="rome, memit, alphaedit, ft_l, grace or ike"
+        "rome", "--method", "-m", help="rome, memit, alphaedit, ultraedit, ft_l, grace or ike"
     ),
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
@@ -37,88 +51,146 @@ def apply_(
     sequential: bool = typer.Option(
         False, "--sequential", help="one edit at a time, each on the weights the last left"
     ),
-    config: Path = typer.Option(
-        None, "--config", exists=True, dir_okay=False, help="method config (YAML or JSON)"
-    ),
+    config: Config = None,
     on: list[Path] = typer.Option(
         None,
         "--on",
         exists=True,
-        help="earlier patches, applied in order before this edit (repeatable)",
+        help="earlier patches, applied in order before this edit (repeatable); "
+        "with -m grace, an earlier codebook to grow",
     ),
     state: Path = typer.Option(
-        None, "--state", help="sequential AlphaEdit state: read if it exists, then updated"
+        None,
+        "--state",
+        help="lifelong state of alphaedit or ultraedit: read if it exists, then updated",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="patch file (.safetensors; JSON for ike's memory patch)"
     ),
     root: Path = Root,
+    threads: Threads = 2,
 ) -> None:
-    """Compute an edit patch for MODEL (the model itself is not changed), with a run directory."""
+    """Compute an edit patch for the model (which is not changed), with a run directory."""
     from lfm.edit import recipes
 
+    use_threads(threads)
     reqs = () if facts else requests_file or recipes.requests_from(prompt, subject, target)
-    done = recipes.apply(
-        model, method, reqs, out, config=config, on=on or [], state=state, root=root,
-        facts=facts, sequential=sequential,
-    )  # fmt: skip
+    with _reporting():
+        done = recipes.apply(
+            model, method, reqs, out, config=config, on=on or [], state=state, root=root,
+            facts=facts, sequential=sequential,
+        )  # fmt: skip
     typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
     typer.echo(f"run: {done.run}")
 
 
+def _handle(url: str | None, model: str, key: str | None) -> Any:
+    """A served model at SCORES (`lfm serve`) when `url` is given, else the model's name."""
+    if not url:
+        return model
+    from lfm.serve import RemoteModel
+
+    return RemoteModel(url, api_key=key, access="scores")
+
+
 @app.command("eval")
 def eval_(
-    model: str = typer.Argument(..., help="model name or path"),
     patch_file: Path = typer.Argument(None, exists=True, help="patch made for this model"),
+    model: Model = "smollm2-135m",
     patch_opt: Path = typer.Option(None, "--patch", exists=True, help="the patch, as an option"),
     facts: Path = typer.Option(
         None, "--facts", dir_okay=False,
         help="JSON lines: prompt, subject, target; optional true, paraphrases, neighbourhood",
     ),
+    method: str = typer.Option(
+        None, "--method", "-m",
+        help="ike: evaluate in-context editing on --facts, no patch (before and with IKE)",
+    ),
+    config: Config = None,
     prompt: list[str] = typer.Option(
         None, "--prompt", help="prompts to complete (default: the patch's)"
     ),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1),
+    url: str = typer.Option(
+        None, "--url", help="a served model (`lfm serve`, SCORES) instead of --model"
+    ),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="LFM_API_KEY", help="API key of the served model"
+    ),
+    threads: Threads = 2,
 ) -> None:  # fmt: skip
     """Greedy completions before and after applying a patch, and P(target) per request; with
-    --facts, the edit metrics (efficacy, paraphrase, neighbourhood, score) before and after."""
+    --facts, the edit metrics (efficacy, paraphrase, neighbourhood, score) before and after;
+    with --method ike --facts, the same metrics before and with IKE's context."""
     from lfm.edit import recipes
 
+    use_threads(threads)
     if patch_file and patch_opt and patch_file != patch_opt:
         raise LfmError("give the patch once: as an argument or with --patch")
     patch_file = patch_file or patch_opt
+    handle = _handle(url, model, api_key)
+    if method is not None:
+        _eval_method(method, handle, facts, patch_file, config)
+        return
+    if config is not None:
+        raise LfmError("--config is IKE's config here: give it with --method ike")
     if facts is not None:
-        _fact_scores(recipes.evaluate_facts(model, facts, patch_file))
+        with _reporting():
+            _fact_scores(recipes.evaluate_facts(handle, facts, patch_file))
         return
     if patch_file is None:
         raise LfmError("give a PATCH to evaluate, or --facts FILE")
-    report = recipes.evaluate(model, patch_file, prompt or [], max_new_tokens)
+    with _reporting():
+        report = recipes.evaluate(handle, patch_file, prompt or [], max_new_tokens)
     for row in report.completions:
         typer.echo(json.dumps(row, ensure_ascii=False))
     for r, lp in report.logprobs:
         typer.echo(f"log P({r.target!r} | {r.prompt!r}) after the edit = {lp:.3f}")
 
 
-def _fact_scores(scores) -> None:
+def _eval_method(
+    method: str, handle: Any, facts: Path | None, patch: Path | None, config: Path | None
+) -> None:
+    """`eval --method ike`: the facts' metrics without context and with IKE (no patch)."""
+    from lfm import registry
+    from lfm.edit import recipes
+
+    name = registry.get(method, area="edit").name
+    if name != "ike":
+        raise LfmError(
+            f"eval --method takes ike (it edits in context); {name} makes a patch: "
+            f"`lfm edit apply -m {name}`, then `lfm edit eval PATCH`"
+        )
+    if patch is not None or facts is None:
+        raise LfmError("--method ike evaluates in context: give --facts FILE and no patch")
+    with _reporting():
+        _fact_scores(recipes.evaluate_ike(handle, facts, config), after="with IKE")
+
+
+def _fact_scores(scores, after: str = "after") -> None:
     """One line per state: the metrics in percent (`nan` where the facts give no prompts)."""
     typer.echo(f"{len(scores.facts)} fact(s)")
     names = ("efficacy", "paraphrase", "neighbourhood", "score")
-    for state, m in (("before", scores.before), ("after", scores.after)):
+    for state, m in (("before", scores.before), (after, scores.after)):
         if m is not None:
-            typer.echo(f"{state:<6} " + "  ".join(f"{k} {m[k]:.1f}" for k in names))
+            typer.echo(f"{state:<8} " + "  ".join(f"{k} {m[k]:.1f}" for k in names))
 
 
 @app.command("patch-apply")
 def patch_apply(
-    model: str = typer.Argument(..., help="model name or path"),
     patch_file: Path = typer.Argument(..., exists=True, help="weight patch made for this model"),
+    model: Model = "smollm2-135m",
     out: Path = typer.Option(..., "--out", "-o", help="folder for the edited model"),
     root: Path = Root,
+    threads: Threads = 2,
 ) -> None:
-    """Write MODEL with the patch applied as a Hugging Face folder (+ the originals, for revert)."""
+    """Write the model with the patch applied as a Hugging Face folder (+ the originals, for
+    revert)."""
     from lfm.edit import recipes
 
-    recipes.patch_apply(model, patch_file, out, root=root)
+    use_threads(threads)
+    with _reporting():
+        recipes.patch_apply(model, patch_file, out, root=root)
     typer.echo(f"applied {patch_file} to {model} -> {out}")
 
 
@@ -137,7 +209,7 @@ def patch_revert(
 
 @app.command("trace")
 def trace(
-    model: str = typer.Argument(..., help="model name or path"),
+    model: Model = "smollm2-135m",
     prompt: str = typer.Option(..., "--prompt", help="prompt ending where the answer comes"),
     subject: str = typer.Option(..., "--subject", help="the subject, as it occurs in the prompt"),
     answer: str = typer.Option(None, "--answer", help="traced answer (default: top prediction)"),
@@ -145,15 +217,20 @@ def trace(
     noise: float = typer.Option(
         3.0, "--noise", min=0.0, callback=finite, help="noise std in embedding stds (paper: 3)"
     ),
+    seed: int = typer.Option(0, "--seed", help="seed of the noise"),
     out: Path = typer.Option(..., "--out", "-o", help="heat map PNG; the numbers go to .json"),
     root: Path = Root,
+    threads: Threads = 2,
 ) -> None:
     """Causal tracing (ROME §2): the layer × token effect of restoring clean hidden states."""
     from lfm.edit import recipes
 
-    done = recipes.trace(
-        model, prompt, subject, out, answer=answer, samples=samples, noise=noise, root=root
-    )
+    use_threads(threads)
+    with _reporting():
+        done = recipes.trace(
+            model, prompt, subject, out, answer=answer, samples=samples, noise=noise, seed=seed,
+            root=root,
+        )  # fmt: skip
     t, (value, layer, i) = done.trace, done.peak
     typer.echo(
         f"p({t.answer!r}): clean {t.clean:.3f}, corrupted {t.corrupted:.3f}; "

@@ -2,23 +2,31 @@
 meta-learn without data from a pool of pretrained classifiers (`lfm.meta.recipes`).
 
     lfm meta train --method maml --task sinusoid --shots 5 --steps 2000
+    lfm meta train --method protonets --data chars/ --ways 5 --shots 1 --steps 300
     lfm meta datafree --method datafree_blackbox --shots 1 --steps 100 --pool 4
 
-write runs/<stamp>-meta-<method>/ with the manifest (resolved config, metrics) and
-model.safetensors.
+write runs/<stamp>-meta-<method>/ (under --root) with the manifest (resolved config, metrics, the
+meta-loss history), curves.png and model.safetensors; `train --resume RUN` continues a run from its
+checkpoint.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from lfm.cli.common import group
+from lfm.cli.common import Threads, finite, group, use_threads
 
 app = group(
     "Meta learning: MAML, FOMAML, ANIL, Meta-SGD, Reptile, ProtoNets; data-free from a pool."
 )
+
+Root = Annotated[Path, typer.Option(help="where run directories are created")]
+Config = Annotated[
+    Path | None, typer.Option(help="YAML/JSON config file (overridden by the options)")
+]
 
 
 @app.callback()
@@ -39,26 +47,48 @@ def train(
     method: str = typer.Option(
         "maml", help="maml, fomaml, anil, metasgd, reptile, protonets or pretrain"
     ),
-    task: str = typer.Option("sinusoid", help="sinusoid, digits or fashion-mnist (rotated N-way)"),
-    shots: int = typer.Option(5, help="K support examples (per class for digits)"),
-    ways: int = typer.Option(5, min=1, help="N classes per episode (digits)"),
+    task: str = typer.Option(
+        None, help="sinusoid (the default), digits or fashion-mnist (rotated N-way)"
+    ),
+    data: Path = typer.Option(
+        None,
+        help="your own task folder instead of --task: DIR/<class>/<images>, or "
+        "DIR/train/<class>/... and DIR/test/<class>/...",
+    ),
+    image_size: int = typer.Option(28, min=1, help="--data images are resized to this side"),
+    test_classes: float = typer.Option(
+        0.2,
+        callback=finite,
+        help="--data without train/ and test/: classes held out for "
+        "meta-test, a fraction in (0, 1) or a count",
+    ),
+    shots: int = typer.Option(5, help="K support examples (per class on images)"),
+    ways: int = typer.Option(5, min=1, help="N classes per episode (images)"),
     steps: int = typer.Option(1000, help="meta-updates (0: meta-test the initialisation)"),
     meta_batch: int = typer.Option(
         0, min=0, help="tasks per meta-update; 0 keeps the method's default"
     ),
     test_tasks: int = typer.Option(600, min=1, help="held-out tasks for meta-test"),
-    config: Path = typer.Option(None, help="YAML/JSON config file (overridden by the options)"),
-    seed: int = typer.Option(0, help="seed of the model and the task stream"),
-    out: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    config: Config = None,
+    seed: int = typer.Option(0, help="seed of the model, the class split and the task stream"),
+    threads: Threads = 2,
+    root: Root = Path("runs"),
+    resume: Path = typer.Option(None, help="a run directory to continue (same options)"),
+    ckpt_every: int = typer.Option(
+        100, min=0, help="checkpoint every N meta-updates and after the last (0: never)"
+    ),
 ) -> None:
     """Meta-train, meta-test on held-out tasks, and write a run directory."""
     from lfm.meta import recipes
 
+    use_threads(threads)
     done = recipes.train(
-        method, task, shots=shots, ways=ways, steps=steps, meta_batch=meta_batch,
-        test_tasks=test_tasks, config=config, seed=seed, out=out, progress=True,
+        method, task, data=data, image_size=image_size, test_classes=test_classes, shots=shots,
+        ways=ways, steps=steps, meta_batch=meta_batch, test_tasks=test_tasks, config=config,
+        seed=seed, root=root, resume=resume, ckpt_every=ckpt_every, progress=True,
     )  # fmt: skip
-    typer.echo(_line(done, task, shots))
+    name = f"{data} {ways}-way" if data is not None else (task or "sinusoid")
+    typer.echo(_line(done, name, shots))
 
 
 @app.command()
@@ -72,16 +102,18 @@ def datafree(
     pool_steps: int = typer.Option(150, min=1, help="Adam steps per pool model"),
     steps: int = typer.Option(100, help="data-free meta-updates (0: meta-test only)"),
     test_tasks: int = typer.Option(600, min=1, help="held-out episodes for meta-test"),
-    config: Path = typer.Option(None, help="YAML/JSON config file (overridden by the options)"),
+    config: Config = None,
     seed: int = typer.Option(0, help="seed of the pool, the learner and the episodes"),
-    out: Path = typer.Option(Path("runs"), help="where run directories are created"),
+    threads: Threads = 2,
+    root: Root = Path("runs"),
 ) -> None:
     """Train a pool of classifiers, meta-learn from them without their data, meta-test."""
     from lfm.meta import recipes
 
+    use_threads(threads)
     done = recipes.datafree(
         method, task, shots=shots, pool=pool, pool_steps=pool_steps, steps=steps,
-        test_tasks=test_tasks, config=config, seed=seed, out=out,
+        test_tasks=test_tasks, config=config, seed=seed, root=root, progress=True,
     )  # fmt: skip
     queries = done.result.history.queries
     typer.echo(_line(done, task, shots) + (f" ({queries} pool queries)" if queries else ""))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from lfm.cli.common import group
+from lfm.cli.common import Threads, group, use_threads
 from lfm.errors import LfmError
 
 app = group(
@@ -53,6 +53,16 @@ def _floats(text: str, what: str) -> list[float] | None:
         raise LfmError(f"{what} are numbers separated by commas, not {text!r}") from None
 
 
+def _member(model: str, api_key: str | None) -> object:
+    """A served model's URL becomes a scores-level client (probed when it is first used); any
+    other name is loaded by the recipe."""
+    if not model.startswith(("http://", "https://")):
+        return model
+    from lfm.serve import RemoteModel
+
+    return RemoteModel(model, api_key=api_key, access="scores")
+
+
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="merge plan YAML (lfm format or a mergekit file)"),
@@ -79,17 +89,19 @@ def merge(
 @app.command()
 def stats(
     kind: str = typer.Argument(..., help="fisher or gram"),
-    model: str = typer.Argument(..., help="a causal LM: asset name, folder or file"),
     texts: Path = typer.Argument(..., help="a text file, one example per line"),
+    model: str = typer.Option(..., "--model", help="a causal LM: asset name, folder or file"),
     out: Path = typer.Option(..., "--out", "-o", help="the statistics file (.safetensors)"),
     n: int = typer.Option(64, "--n", min=1, help="use at most this many lines"),
     fisher_kind: str = typer.Option("sample", help="fisher: sample, label or exact"),
     seed: int = typer.Option(0, help="seeds sampled outputs (fisher)"),
     root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
+    threads: Threads = 2,
 ) -> None:
     """Compute a model's diagonal Fisher (next-token) or its linear layers' input Gram matrices."""
     from lfm.reuse.recipes import statistics
 
+    use_threads(threads)
     done = statistics(kind, model, texts, out, n=n, fisher_kind=fisher_kind, seed=seed, root=root)
     typer.echo(f"{kind}: {done.texts} texts -> {out}")
     typer.echo(f"run: {done.run}")
@@ -116,7 +128,9 @@ def rebasin(
 
 @app.command()
 def ensemble(
-    models: list[str] = typer.Argument(..., help="causal LMs: asset names, folders or files"),
+    models: list[str] = typer.Argument(
+        ..., help="causal LMs: asset names, folders or files, or served models' URLs (SCORES)"
+    ),
     method: str = typer.Option(
         "ensemble_average",
         "--method",
@@ -136,12 +150,17 @@ def ensemble(
     n: int = typer.Option(50, min=1, help="use at most this many examples"),
     max_chars: int = typer.Option(400, min=1, help="cut each text to this many characters"),
     out: Path | None = typer.Option(None, "--out", "-o", help="write predictions as JSON"),
+    api_key: str | None = typer.Option(
+        None, help="API key of the served models", envvar="LFM_API_KEY"
+    ),
+    threads: Threads = 2,
 ) -> None:
     """Classify texts with an ensemble of LMs by label-word scores: averaging or a vote."""
     from lfm.reuse.recipes import classify_texts
 
+    use_threads(threads)
     res = classify_texts(
-        models, method=method, labels=labels.split(","), texts=texts, dataset=dataset,
+        [_member(m, api_key) for m in models], method=method, labels=labels.split(","), texts=texts, dataset=dataset,
         template=template, weights=_floats(weights, "weights"), space=space, n=n,
         max_chars=max_chars, out=out,
     )  # fmt: skip

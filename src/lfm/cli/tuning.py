@@ -1,8 +1,9 @@
 """`lfm tuning`: model tuning from the command line, a thin layer over `lfm.tuning.recipes`.
 
 Each command parses its options, calls its recipe and prints the summary. The black-box commands
-(bbt, prompt-search) run against a served model (`--url`) or a local asset narrowed to the level
-the method needs. Under a multi-process launch only the main process of `train` and `sft` reports.
+(bbt, prompt-search, augment with REPLUG) run against a served model (`--url`) or a local asset
+narrowed to the level the method needs; `classify` classifies again with what a run saved. Under
+a multi-process launch only the main process of `train` and `sft` reports.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from typing import Annotated, Any
 
 import typer
 
-from lfm.cli.common import finite, group
+from lfm.cli.common import Threads, finite, group, use_threads
 
 app = group(
     "Model tuning: fine-tuning and adapters (train, sft), black-box prompt tuning (bbt, "
-    "prompt-search), retrieval augmentation (augment)."
+    "prompt-search), retrieval augmentation (augment), and classifying with a run (classify)."
 )
 
 Root = Annotated[Path, typer.Option(help="where run directories are created")]
@@ -31,7 +32,6 @@ Lr = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option(help="seeds the data draw and the initialisations")]
-Threads = Annotated[int, typer.Option(min=1, help="torch CPU threads")]
 TRAINERS = "full_ft, bitfit, lp_ft, wise_ft, lora, dora, ia3, prompt_tuning, prefix_tuning, mezo"
 Data = Annotated[
     Path | None,
@@ -74,12 +74,13 @@ def train(
     """Few-shot classification with a tuning method, into a run directory (adapter or weights)."""
     from lfm.tuning import recipes
 
+    use_threads(threads)
     out = recipes.classify(
         method, model, task=task, shots=shots, steps=steps, batch_size=batch_size, lr=lr,
         head_lr=head_lr, grad_accum=grad_accum, eval_per_class=eval_per_class,
         eval_every=eval_every, max_chars=max_chars, seed=seed, ckpt_every=ckpt_every,
-        threads=threads, root=root, resume=resume, data=data, text_field=text_field,
-        label_field=label_field, holdout=holdout,
+        root=root, resume=resume, data=data, text_field=text_field, label_field=label_field,
+        holdout=holdout,
     )  # fmt: skip
     if out is None:
         return  # another process of a multi-process launch; the main one reports
@@ -105,8 +106,9 @@ def sft(
     """Instruction tuning (loss on the responses only) into a run directory."""
     from lfm.tuning import recipes
 
+    use_threads(threads)
     out = recipes.sft(method, model, data=data, steps=steps, batch_size=batch_size, lr=lr,
-                      seed=seed, threads=threads, root=root, resume=resume)  # fmt: skip
+                      seed=seed, root=root, resume=resume)  # fmt: skip
     if out is None:
         return
     typer.echo(f"loss {out['first_loss']:.3f} -> {out['final_loss']:.3f}; "
@@ -125,7 +127,9 @@ Shots = Annotated[int, typer.Option(min=1, help="training examples per class (pa
 Calls = Annotated[
     int | None, typer.Option(min=1, help="HTTP call budget for --url (none: unlimited)")
 ]
-Out = Annotated[Path | None, typer.Option(help="also write the summary as JSON here")]
+Out = Annotated[
+    Path | None, typer.Option("--out", "-o", help="also write the summary as JSON here")
+]
 MaxChars = Annotated[int, typer.Option(min=1, help="article cut in characters")]
 
 
@@ -152,11 +156,12 @@ def bbt(
     dim: Annotated[int, typer.Option(min=1, help="intrinsic dimension d (paper: 500)")] = 500,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None, data: Data = None, text_field: TextField = "text",
-    label_field: LabelField = "label", holdout: Holdout = 0.2,
+    label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
 ) -> None:  # fmt: skip
     """Black-Box Tuning (arXiv 2201.03514): CMA-ES over a projected soft prompt (EMBEDDINGS)."""
     from lfm.tuning import recipes
 
+    use_threads(threads)
     handle = _model(url, model, api_key, "embeddings", calls)
     _report(recipes.bbt(handle, shots=shots, budget=budget, n_tokens=n_tokens, dim=dim,
                         max_chars=max_chars, seed=seed, root=root, data=data,
@@ -170,11 +175,12 @@ def prompt_search(
     candidates: Annotated[int, typer.Option(min=1, help="candidates per step (GrIPS: 5)")] = 5,
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None, data: Data = None, text_field: TextField = "text",
-    label_field: LabelField = "label", holdout: Holdout = 0.2,
+    label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
 ) -> None:  # fmt: skip
     """GrIPS-style discrete prompt search (arXiv 2203.07281) through SCORES access."""
     from lfm.tuning import recipes
 
+    use_threads(threads)
     handle = _model(url, model, api_key, "scores", calls)
     _report(recipes.prompt_search(handle, shots=shots, iterations=iterations,
                                   candidates=candidates, max_chars=max_chars, seed=seed,
@@ -192,11 +198,50 @@ def augment(
     chars: Annotated[int, typer.Option(min=1, help="characters kept of each document and article")] = 800,
     prefix_chars: Annotated[int, typer.Option(min=0, help="the unscored prefix of each article")] = 200,
     embedder: Annotated[str, typer.Option(help="REPLUG's retriever: minilm or chars")] = "minilm",
+    url: Annotated[str | None, typer.Option(help="served model root for REPLUG (SCORES); kNN-LM needs a local --model")] = None,
+    api_key: Key = None, calls: Calls = None,
     threads: Threads = 2, root: Root = Path("runs"), out: Out = None,
 ) -> None:  # fmt: skip
     """Retrieval augmentation (kNN-LM, REPLUG): build it, save it, report held-out perplexity."""
     from lfm.tuning import recipes
 
-    _report(recipes.augment(method, model, corpus=corpus, store=store, eval_texts=eval_texts,
+    use_threads(threads)
+    handle = _model(url, model, api_key, "scores", calls)  # kNN-LM refuses a served one
+    _report(recipes.augment(method, handle, corpus=corpus, store=store, eval_texts=eval_texts,
                             chars=chars, prefix_chars=prefix_chars, embedder=embedder,
-                            threads=threads, root=root), out)  # fmt: skip
+                            root=root), out)  # fmt: skip
+
+
+@app.command("classify")
+def classify(
+    run: Annotated[Path, typer.Option(help="a run directory of `tuning train`, `bbt` or `prompt-search`")],
+    data: Annotated[Path | None, typer.Option(dir_okay=False, help="texts to classify: JSON lines, or CSV (.csv); lines with labels give the accuracy")] = None,
+    text: Annotated[str | None, typer.Option(help="one text to classify")] = None,
+    text_field: TextField = "text",
+    label_field: Annotated[str, typer.Option(help="the field of --data holding the label (optional)")] = "label",
+    model: Annotated[str | None, typer.Option(help="the model (default: the one the run used; for an adapter, its base)")] = None,
+    url: Annotated[str | None, typer.Option(help="served model root, for a bbt or prompt-search run")] = None,
+    api_key: Key = None, calls: Calls = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", dir_okay=False, help="write the predictions here (JSON lines)")] = None,
+    threads: Threads = 2,
+) -> None:  # fmt: skip
+    """Classify with what a tuning run saved: a BBT prompt, a prompt-search template, or a trained
+    adapter, weights or head; the accuracy when --data has labels."""
+    from lfm.tuning import recipes
+
+    use_threads(threads)
+    handle: Any = model
+    if url:  # at the access the run's method needs (one trained through its weights refuses it)
+        level = recipes.saved_access(run).name.lower()
+        handle = _model(url, model or url, api_key, level, calls)
+    res = recipes.predict(run, data=data, text=text, text_field=text_field,
+                          label_field=label_field, model=handle, out=out)  # fmt: skip
+    if text is not None:
+        scores = ", ".join(
+            f"{c} {v:.3f}" for c, v in zip(res["classes"], res["scores"], strict=True)
+        )
+        typer.echo(f"{res['prediction']} ({res['method']}: {scores})")
+        return
+    acc = "" if res["acc"] is None else f"; accuracy {res['acc']:.3f}"
+    saved = "" if out is None else f" -> {out}"
+    typer.echo(f"{res['method']}: {res['texts']} texts classified{acc}{saved}")

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from importlib import metadata
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 
 from lfm.config import Config
 from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.core.plot import curves
 from lfm.core.tmp import sweep
 from lfm.errors import LfmError
 
@@ -117,6 +120,34 @@ class Run:
         """Record metrics (they replace earlier values of the same name)."""
         self.manifest["metrics"].update(metrics)
         self.save()
+
+    def history(
+        self, name: str, values: Sequence[float], steps: Sequence[int] | None = None,
+        xlabel: str = "step",
+    ) -> None:  # fmt: skip
+        """Record the history of one metric (a value per step; `steps` default 1, 2, …) in the
+        manifest's `history`, and redraw `curves.png` in the run directory with every recorded
+        metric in its own panel. Non-finite values are kept as null in the manifest (JSON has no
+        NaN) and left out of the picture."""
+        xs = list(range(1, len(values) + 1)) if steps is None else [int(s) for s in steps]
+        if len(xs) != len(values):
+            raise ValueError(f"history {name}: {len(values)} values for {len(xs)} steps")
+        ys = [float(v) for v in values]
+        self.manifest.setdefault("history", {})[name] = {
+            "step": xs,
+            "value": [v if math.isfinite(v) else None for v in ys],
+            "xlabel": xlabel,
+        }
+        self.save()
+        drawn = {
+            k: {**h, "step": [s for s, v in zip(h["step"], h["value"], strict=True) if v is not None],
+                "value": [v for v in h["value"] if v is not None]}
+            for k, h in self.manifest["history"].items()
+        }  # fmt: skip
+        curves(drawn, self.path / "curves.png", title=self.manifest.get("name", ""))
+        if "curves.png" not in self.manifest["outputs"]:
+            self.manifest["outputs"].append("curves.png")
+            self.save()
 
     def output(self, relpath: str) -> AbstractContextManager[Path]:
         """`with run.output("model") as tmp:` write to `tmp`; it appears at the path on success."""

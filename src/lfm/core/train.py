@@ -334,6 +334,7 @@ def train(
     bar = tqdm(
         range(hist.start_step, cfg.steps), initial=hist.start_step, total=cfg.steps,
         disable=not (cfg.progress and acc.is_main_process), dynamic_ncols=True,
+        desc=run.manifest.get("name", "train") if run is not None else "train",
     )  # fmt: skip
     for step in bar:
         logged = _step(model, opt, loss_fn, stream, acc, cfg)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import nn
+from tqdm.auto import trange
 
 from lfm.access import Access, module_of
 from lfm.config import Config
@@ -124,6 +125,7 @@ def dfad(
     *,
     generator: nn.Module | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> DistillResult:
     """Adversarial data-free distillation with gradients through the teacher; trains in place.
 
@@ -134,6 +136,7 @@ def dfad(
         cfg: iterations, k, batch size and learning rates (resolved by the registry).
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
+        progress: show a bar over the generator updates.
 
     Returns:
         the student (eval mode), the per-update discrepancies, and in `info` the `generator` and
@@ -151,7 +154,8 @@ def dfad(
 
     with frozen(model, train=False):
         history = play(cfg.iterations, cfg.student_steps, generator_step,
-                       _student_step(gen, student, opt_s, cfg, g, lambda x: model(x)))  # fmt: skip
+                       _student_step(gen, student, opt_s, cfg, g, lambda x: model(x)),
+                       progress=progress, desc="dfad")  # fmt: skip
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
     return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})
 
@@ -183,6 +187,7 @@ def dfme(
     *,
     generator: nn.Module | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> DistillResult:
     """Data-free model extraction from a scores-only teacher; trains the student in place.
 
@@ -193,6 +198,7 @@ def dfme(
         cfg: iterations, n_S, directions, ε, learning rates and the query budget.
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation, the latent draws and the directions.
+        progress: show a bar over the generator updates.
 
     Returns:
         the student (eval mode), the per-update records, and in `info` the `generator` and the
@@ -220,7 +226,8 @@ def dfme(
     history = []
     budget = cfg.query_budget or float("inf")
     step = _student_step(gen, student, opt_s, cfg, g, query)
-    for _ in range(cfg.iterations):
+    for _ in trange(cfg.iterations, desc="dfme", disable=not progress, dynamic_ncols=True,
+                    leave=False):  # fmt: skip
         if spent[0] >= budget:
             break
         history += play(1, cfg.student_steps, generator_step, step)

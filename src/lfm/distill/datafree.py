@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
+from tqdm.auto import tqdm
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
 from lfm.config import Config
@@ -109,6 +110,7 @@ def deep_inversion_images(
     seed: int = 0,
     targets: torch.Tensor | None = None,
     student: nn.Module | None = None,
+    bar: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]:
     """Synthesise one batch of images from the teacher; returns (images, targets, history).
 
@@ -121,6 +123,7 @@ def deep_inversion_images(
         seed: seeds the initial noise.
         targets: (batch_size,) target classes.
         student: the current student, for the competition term (used when α_c > 0).
+        bar: a tqdm bar advanced by one per pixel update (None: no progress shown).
     """
     model = module_of(teacher, "DeepInversion's image synthesis")
     rival = frozen(student, train=False) if student is not None else nullcontext()
@@ -140,6 +143,8 @@ def deep_inversion_images(
             with torch.no_grad():
                 x.clamp_(cfg.pixel_min, cfg.pixel_max)
             history.append({k: float(v.detach()) for k, v in out.items()})
+            if bar is not None:
+                bar.update()
     return x.detach(), targets, history
 
 
@@ -175,6 +180,7 @@ def deep_inversion(
     *,
     train_cfg: TrainConfig | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> DistillResult:
     """Synthesise `cfg.batches` batches from the teacher and train `student` in place by KD on them.
 
@@ -190,6 +196,7 @@ def deep_inversion(
             registry: None gives the defaults).
         train_cfg: the KD training loop's config (steps in all, learning rate, seed).
         seed: batch b starts from the noise of seed `seed + b`.
+        progress: show a bar over the pixel updates (KD shows the loop's bar if `train_cfg` asks).
 
     Returns:
         the student (eval mode), the KD `History` of each round, and in `info` the `images`, their
@@ -202,14 +209,16 @@ def deep_inversion(
     kd_cfg = train_cfg.replace(steps=max(1, train_cfg.steps // rounds))
     made: list[tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]] = []
     kd = []
+    bar = tqdm(total=cfg.batches * cfg.steps, desc="deep_inversion synthesis", disable=not progress,
+               dynamic_ncols=True, leave=False)  # fmt: skip
     for b in range(cfg.batches):
         rival = student if rounds > 1 else None
-        made.append(
-            deep_inversion_images(teacher, spec.shape, spec.n_classes, cfg, seed + b, student=rival)
-        )
+        made.append(deep_inversion_images(teacher, spec.shape, spec.n_classes, cfg, seed + b,
+                                          student=rival, bar=bar))  # fmt: skip
         if rounds > 1 or b == cfg.batches - 1:
             images = torch.cat([m[0] for m in made])  # (N, C, H, W): every batch so far
             kd.append(_kd_round(teacher, student, images, cfg, kd_cfg, seed + b))
+    bar.close()
     kd_batch = min(cfg.batch_size, len(images)) * train_cfg.grad_accum
     queries = cfg.batches * cfg.batch_size * cfg.steps + rounds * kd_cfg.steps * kd_batch
     targets = torch.cat([m[1] for m in made])
@@ -276,6 +285,7 @@ def dafl(
     *,
     generator: nn.Module | None = None,
     seed: int = 0,
+    progress: bool = False,
 ) -> DistillResult:
     """Train a generator with the DAFL losses and the student with KD on its images, in place.
 
@@ -286,6 +296,7 @@ def dafl(
         cfg: iterations, learning rates, loss weights (resolved by the registry).
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
+        progress: show a bar over the generator updates.
 
     Returns:
         the student (eval mode), the per-update losses, and in `info` the `generator` and the
@@ -315,6 +326,7 @@ def dafl(
         return {"s_kd": float(loss.detach())}
 
     with frozen(model, train=False):
-        history = play(cfg.iterations, cfg.student_steps, generator_step, student_step)
+        history = play(cfg.iterations, cfg.student_steps, generator_step, student_step,
+                       progress=progress, desc="dafl")  # fmt: skip
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
     return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})

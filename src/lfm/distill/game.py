@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
@@ -69,10 +70,13 @@ def play(
     student_steps: int,
     generator_step: Callable[[], dict[str, float]],
     student_step: Callable[[], dict[str, float]],
+    progress: bool = False,
+    desc: str = "",
 ) -> list[dict[str, float]]:
-    """Alternate one generator update with `student_steps` student updates; log the last ones."""
+    """Alternate one generator update with `student_steps` student updates; log the last ones
+    (`progress`: a bar over the generator updates, named `desc`)."""
     history = []
-    for _ in range(iterations):
+    for _ in trange(iterations, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
         logged = generator_step()
         for _ in range(student_steps):
             s_logged = student_step()

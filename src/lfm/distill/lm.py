@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -127,6 +128,35 @@ def token_blocks(tokenizer: Any, texts: Sequence[str], block_size: int, max_bloc
     n = len(ids) // block_size
     n = min(n, max_blocks) if max_blocks else n
     return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a one-line `ConfigError` if it is missing, not UTF-8 or
+    blank."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"text file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {path} ({e.strerror})") from None
+    if not text.strip():
+        raise ConfigError(f"{path} holds no text")
+    return text
+
+
+def split_text(text: str, train_fraction: float = 0.9) -> tuple[str, str]:
+    """The first `train_fraction` of a text's characters (for training) and the rest."""
+    cut = int(len(text) * train_fraction)
+    return text[:cut], text[cut:]
+
+
+def most_tokens(text: str) -> int:
+    """An upper bound on the tokens `token_blocks` makes of `text` with any tokenizer whose
+    tokens each stand for at least one byte: its UTF-8 bytes, a leading-space token and EOS."""
+    return len(text.encode("utf-8")) + 2
 
 
 def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -4,23 +4,28 @@
 
     out = recipes.vision("kd", train_size=2_000, teacher_steps=100, student_steps=50)
     out.run, out.metrics        # runs/<stamp>-distill-kd/, {"teacher_acc": ..., "student_acc": ...}
+    recipes.vision("kd", data="photos/")   # your images: photos/<class>/<images>
 
-- `vision`: Fashion-MNIST, a CNN teacher then a smaller CNN student trained with one loss (`kd`,
-  `reverse_kl`, `topk_kd`, `dist`, `fitnets`, `at`, `rkd`, `pkt`, or `student`: labels only).
+- `vision`: Fashion-MNIST (or your image folder), a CNN teacher then a smaller CNN student trained
+  with one loss (`kd`, `reverse_kl`, `topk_kd`, `dist`, `fitnets`, `at`, `rkd`, `pkt`, or
+  `student`: labels only).
 - `datafree`: the same teacher, then a student that never sees an image (`deep_inversion`,
   `dafl`, `dfad`, `dfme`).
-- `lm`: a layer-dropped student of a causal LM on BBC News, trained by `lm_student` (KD + LM
-  loss on the teacher's logits) or `seq_kd` (the teacher's greedy continuations of the first half
-  of each block, as text); held-out perplexity of both.
+- `lm`: a layer-dropped student of a causal LM on BBC News (or your text file), trained by
+  `lm_student` (KD + LM loss on the teacher's logits) or `seq_kd` (the teacher's greedy
+  continuations of the first half of each block, as text); held-out perplexity of both.
 
-Each writes the teacher and student weights and the metrics into a run directory (`lfm.runs.Run`)
-whose manifest holds the options (and, for `lm`, the SHA-256 of the teacher's file or folder and
-the run that made it, if it is the output of one). A method name that does not exist is an `LfmError`.
+Each writes the teacher and student weights, the metrics and the learning curves (`curves.png`)
+into a run directory (`lfm.runs.Run`) whose manifest holds the options and the SHA-256 of what it
+read (the teacher's file or folder for `lm`, and your data), and for an image folder its classes
+and split. A method name that does not exist, or data that cannot be used, is an `LfmError`
+raised before anything trains. `progress=True` shows bars; `stage` is called with a line as each
+stage begins (the command line prints it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,24 +35,37 @@ from safetensors.torch import save_model
 from lfm.access import LocalModel, narrow
 from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
+from lfm.core.runs import path_sha256
 from lfm.core.train import TrainConfig
-from lfm.distill.lm import LMStudentConfig, perplexity, student_from_teacher, token_blocks
+from lfm.distill.contract import DistillResult
+from lfm.distill.lm import (
+    LMStudentConfig,
+    most_tokens,
+    perplexity,
+    read_text,
+    split_text,
+    student_from_teacher,
+    token_blocks,
+)
 from lfm.distill.seqkd import SeqKDConfig
 from lfm.distill.vision import (
     DATAFREE,
+    Data,
     accuracy,
+    fit_datafree,
+    fit_student,
+    fit_teacher,
     load_fashion_mnist,
+    load_image_folder,
     subsample,
     terms,
-    train_datafree,
-    train_student,
-    train_teacher,
 )
-from lfm.errors import LfmError
+from lfm.errors import ConfigError, LfmError
 from lfm.registry import run as run_method
 from lfm.runs import Run, on_disk
 
 LM_METHODS = ("lm_student", "seq_kd")
+Stage = Callable[[str], None] | None
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,15 @@ def _choose(method: str, choices: Iterable[str], command: str) -> None:
 
 
 def _config(options: dict[str, Any]) -> dict[str, Any]:
-    """The options as a run's config (paths as strings)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
+    """The options as a run's config (paths as strings), without `resume` and the progress
+    callbacks, which do not change the result."""
+    skip = {"resume", "progress", "stage"}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items() if k not in skip}
+
+
+def _say(stage: Stage, message: str) -> None:
+    if stage is not None:
+        stage(message)
 
 
 def _save(run: Run, **models: Any) -> None:
@@ -76,9 +101,53 @@ def _save(run: Run, **models: Any) -> None:
             save_model(model, str(tmp))
 
 
+def _same_inputs(run: Run, inputs: dict[str, str | Path]) -> None:
+    """A resumed run must read what it first read: refuse a file or folder that has changed."""
+    for name, path in inputs.items():
+        was = run.manifest["inputs"].get(name, {}).get("sha256")
+        if was is not None and was != path_sha256(path):
+            raise LfmError(f"cannot resume {run.path}: {path} has changed since the run began")
+
+
+def _images(
+    data: Path | None, image_size: int, holdout: float, seed: int, train_size: int,
+    test_size: int,
+) -> tuple[Data, dict[str, Any] | None]:  # fmt: skip
+    """Fashion-MNIST (a random subset), or the image folder `data` with its classes and split
+    (read without a stage line: a bad folder is then the command's only line)."""
+    if data is None:
+        return subsample(load_fashion_mnist(), train_size, test_size), None
+    images, classes, split = load_image_folder(data, image_size, holdout, seed)
+    return images, {"classes": classes, **split}
+
+
+def _image_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The config of an image recipe: the subset sizes for Fashion-MNIST, else the folder's size
+    and split."""
+    own = ("image_size", "holdout")
+    drop = ("train_size", "test_size") if options["data"] is not None else ("data", *own)
+    return _config({k: v for k, v in options.items() if k not in drop})
+
+
+def _record_images(run: Run, data: Path | None, about: dict[str, Any] | None) -> None:
+    """Check a resumed run's folder, and keep the classes and split in the manifest."""
+    if data is None or about is None:
+        return
+    _same_inputs(run, {"data": data})
+    run.manifest["data"] = about
+    run.save()
+
+
+def _accuracies(data: Data, **models: Any) -> dict[str, float]:
+    return {f"{n}_acc": accuracy(m, data.x_test, data.y_test) for n, m in models.items()}
+
+
 def vision(
     method: str = "kd",
     *,
+    data: Path | None = None,
+    image_size: int = 28,
+    holdout: float = 0.2,
     train_size: int = 10_000,
     test_size: int = 5_000,
     teacher_steps: int = 400,
@@ -89,43 +158,83 @@ def vision(
     ckpt_every: int = 0,
     root: Path = Path("runs"),
     resume: Path | None = None,
+    progress: bool = False,
+    stage: Stage = None,
 ) -> Outcome:
-    """Fashion-MNIST: train a CNN teacher, then a small CNN student with `method`, into a run.
+    """Fashion-MNIST or your images: train a CNN teacher, then a small CNN student with `method`.
 
     Args:
         method: `student`, a row of `lfm.distill.vision.METHODS`, or any registered logit loss.
+        data: an image folder (`root/<class>/<images>`, or `root/train/<class>/` and
+            `root/test/<class>/`); None: Fashion-MNIST. The CNNs are built for its classes and
+            channels.
+        image_size: `data`'s images are resized to this square size.
+        holdout: the share of each class held out for testing when `data` has no train/test split.
         train_size, test_size: Fashion-MNIST images used (a class-mixed random subset).
         teacher_steps, student_steps: optimizer steps of each (AdamW at `lr`, batches of
-            `batch_size`).
-        seed: seeds the subset, the models and the batch order.
+            `batch_size`, at most the training set).
+        seed: seeds the subset or split, the models and the batch order.
         ckpt_every: checkpoint every N steps (0: at the end only).
         root: where run directories are created.
         resume: a run directory to resume (its options must be these).
+        progress: show the training bars.
+        stage: called with one line as each stage begins.
 
     Returns:
         the run directory and `{"teacher_acc", "student_acc"}` on the test images.
     """
     terms(method)  # an unknown method is refused before anything loads
-    config = _config({k: v for k, v in locals().items() if k != "resume"})
-    data = subsample(load_fashion_mnist(), train_size, test_size)
-    cfg = TrainConfig(lr=lr, seed=seed, ckpt_every=ckpt_every or 10**9)
-    with Run(f"distill-{method}", config, root=root, path=resume) as run:
+    config = _image_options(locals())
+    images, about = _images(data, image_size, holdout, seed, train_size, test_size)
+    inputs = on_disk({"data": data})
+    cfg = TrainConfig(lr=lr, seed=seed, ckpt_every=ckpt_every or 10**9, progress=progress)
+    with Run(f"distill-{method}", config, inputs=inputs, root=root, path=resume) as run:
+        _record_images(run, data, about)
+        _say(stage, f"training the teacher ({teacher_steps} steps)")
         t_run = Run("teacher", path=run.path / "teacher")
-        teacher = train_teacher(data, cfg.replace(steps=teacher_steps), batch_size, t_run)
+        teacher, t_hist = fit_teacher(images, cfg.replace(steps=teacher_steps), batch_size, t_run)
+        _say(stage, f"training the student with {method} ({student_steps} steps)")
         s_run = Run("student", path=run.path / "student")
-        student = train_student(
-            method, teacher, data, cfg.replace(steps=student_steps), batch_size, s_run
-        )
+        student, s_hist = fit_student(method, teacher, images, cfg.replace(steps=student_steps),
+                                      batch_size, s_run)  # fmt: skip
         _save(run, teacher=teacher, student=student)
-        accs = {f"{n}_acc": accuracy(m, data.x_test, data.y_test)
-                for n, m in (("teacher", teacher), ("student", student))}  # fmt: skip
+        run.history("teacher_loss", t_hist.losses)
+        run.history("student_loss", s_hist.losses)
+        accs = _accuracies(images, teacher=teacher, student=student)
         run.log(**accs)
     return Outcome(run.path, accs)
+
+
+def _check_generator_size(method: str, data: Path | None, image_size: int) -> None:
+    """The games' generator doubles an S/4 map twice: refuse another size before any work."""
+    if data is not None and method != "deep_inversion" and image_size % 4:
+        raise ConfigError(f"{method}'s generator makes images whose size is a multiple of 4, not "
+                          f"{image_size}: pick another image size (deep_inversion takes any)")  # fmt: skip
+
+
+def _datafree_curves(run: Run, method: str, res: DistillResult) -> None:
+    """The student's (and the generator's or the synthesis') losses, into the run's curves."""
+    if method == "deep_inversion":
+        synth = res.info["synthesis"]  # per batch, one record per pixel update
+        mean = [sum(b[i]["loss"] for b in synth) / len(synth) for i in range(len(synth[0]))]
+        run.history("synthesis_loss", mean, xlabel="pixel update (mean over batches)")
+        kd = [x for h in res.history for x in h.losses]
+        run.history("student_loss", kd, xlabel="KD step")
+        return
+    rows = res.history  # one record per generator update
+    student = next(k for k in rows[0] if k.startswith("s_"))
+    run.history("student_loss", [r[student] for r in rows], xlabel="generator update")
+    generator = next((k for k in ("g_loss", "g_disc") if k in rows[0]), None)
+    if generator is not None:  # DFME's generator follows a gradient estimate, not a loss
+        run.history("generator_loss", [r[generator] for r in rows], xlabel="generator update")
 
 
 def datafree(
     method: str = "deep_inversion",
     *,
+    data: Path | None = None,
+    image_size: int = 28,
+    holdout: float = 0.2,
     teacher_steps: int = 400,
     train_size: int = 10_000,
     test_size: int = 5_000,
@@ -136,49 +245,115 @@ def datafree(
     competition: float = 0.0,
     seed: int = 0,
     root: Path = Path("runs"),
+    progress: bool = False,
+    stage: Stage = None,
 ) -> Outcome:
-    """Fashion-MNIST: a CNN teacher, then a student that never sees data (`method`), into a run.
+    """Fashion-MNIST or your images: a CNN teacher, then a student that never sees them (`method`).
 
     Args:
         method: `deep_inversion`, `dafl`, `dfad` or `dfme` (the teacher is narrowed to the
             method's access level; `lfm.distill.vision.DATAFREE_RECIPE` sets its config).
-        teacher_steps, train_size: the teacher's training (AdamW, lr 3e-3, batches of 64).
-        test_size: test images the accuracies are measured on.
+        data: an image folder as in `vision` (None: Fashion-MNIST); only the teacher trains on
+            it, the student is tested on its held-out images. The generators make images of its
+            shape (the games need `image_size` a multiple of 4).
+        image_size, holdout: as in `vision`.
+        teacher_steps, train_size: the teacher's training (AdamW, lr 3e-3, batches of 64, at
+            most the training set).
+        test_size: Fashion-MNIST test images the accuracies are measured on.
         iterations: generator updates (deep_inversion: batches of images synthesised).
         batch_size: generated images per update.
         kd_steps, synthesis_steps, competition: deep_inversion's KD steps on its images, pixel
             updates per batch and Adaptive DeepInversion's α_c.
-        seed: seeds the subset, the models and the games.
+        seed: seeds the subset or split, the models and the games.
         root: where run directories are created.
+        progress: show the training, synthesis and game bars.
+        stage: called with one line as each stage begins.
 
     Returns:
         the run directory and `{"teacher_acc", "student_acc", "queries"}` (teacher forward
         passes on single images).
     """
     _choose(method, DATAFREE, "datafree")
-    config = _config(locals())
-    data = subsample(load_fashion_mnist(), train_size, test_size)
+    _check_generator_size(method, data, image_size)
+    config = _image_options(locals())
+    images, about = _images(data, image_size, holdout, seed, train_size, test_size)
     extra = (
         {"kd_steps": kd_steps, "steps": synthesis_steps, "competition_weight": competition}
         if method == "deep_inversion"
         else {}
     )
-    with Run(f"distill-{method}", config, root=root) as run:
-        cfg = TrainConfig(steps=teacher_steps, lr=3e-3, seed=seed, progress=False)
-        teacher = train_teacher(data, cfg, 64)
-        student, queries = train_datafree(method, teacher, iterations, batch_size, seed, **extra)
-        _save(run, teacher=teacher, student=student)
-        metrics = {f"{n}_acc": accuracy(m, data.x_test, data.y_test)
-                   for n, m in (("teacher", teacher), ("student", student))}  # fmt: skip
-        metrics["queries"] = queries
+    with Run(f"distill-{method}", config, inputs=on_disk({"data": data}), root=root) as run:
+        _record_images(run, data, about)
+        _say(stage, f"training the teacher ({teacher_steps} steps)")
+        cfg = TrainConfig(steps=teacher_steps, lr=3e-3, seed=seed, progress=progress)
+        teacher, t_hist = fit_teacher(images, cfg, 64)
+        _say(stage, _datafree_stage(method, iterations, batch_size, synthesis_steps, kd_steps))
+        res = fit_datafree(method, teacher, iterations, batch_size, seed, inputs=images.spec,
+                           progress=progress, **extra)  # fmt: skip
+        _save(run, teacher=teacher, student=res.student)
+        run.history("teacher_loss", t_hist.losses)
+        _datafree_curves(run, method, res)
+        metrics = _accuracies(images, teacher=teacher, student=res.student)
+        metrics["queries"] = int(res.info["queries"])
         run.log(**metrics)
     return Outcome(run.path, metrics)
+
+
+def _datafree_stage(method: str, iterations: int, batch: int, synthesis: int, kd: int) -> str:
+    if method == "deep_inversion":
+        return (f"deep_inversion: synthesising {iterations} batches of {batch} images "
+                f"({synthesis} pixel updates each), then {kd} KD steps")  # fmt: skip
+    return f"{method}: {iterations} generator updates, each followed by the student's"
+
+
+def _text_blocks(
+    tokenizer: Any, texts: tuple[str, str], block_size: int, n_train: int, n_eval: int,
+    batch_size: int, what: str,
+) -> tuple[Any, Any]:  # fmt: skip
+    """Training and perplexity blocks of a (train, eval) text pair; too few is a `ConfigError`."""
+    train = token_blocks(tokenizer, [texts[0]], block_size, n_train)
+    test = token_blocks(tokenizer, [texts[1]], block_size, n_eval)
+    if len(train) < batch_size or len(test) < 1:
+        raise ConfigError(
+            f"{what} gives {len(train)} training and {len(test)} perplexity blocks of "
+            f"{block_size} tokens; at least {batch_size} (--batch-size) and 1 are needed: give "
+            "more text or a smaller --block-size"
+        )
+    return train, test
+
+
+def _own_text(
+    data: Path, eval_data: Path | None, block_size: int, batch_size: int
+) -> tuple[tuple[str, str], str]:
+    """The (train, eval) texts of your file(s), refused when surely too short (before any model
+    loads: a token stands for at least one byte), and how they were split."""
+    text = read_text(data)
+    if eval_data is None:
+        texts, how = split_text(text), f"first 90 % of {data} / last 10 %"
+    else:
+        texts, how = (text, read_text(eval_data)), f"{data} / {eval_data}"
+    short = [
+        (name, len(t.encode("utf-8")), need)
+        for name, t, need in (("training", texts[0], batch_size * block_size),
+                              ("perplexity", texts[1], block_size))
+        if most_tokens(t) < need
+    ]  # fmt: skip
+    if short:
+        name, size, need = short[0]
+        raise ConfigError(
+            f"the {name} text ({how}) has {size} bytes, fewer than the {need} tokens one "
+            f"{'batch of blocks' if name == 'training' else 'block'} needs: give more text or a "
+            "smaller --block-size"
+        )
+    return texts, how
 
 
 def lm(
     method: str = "lm_student",
     *,
     model: str = "smollm2-135m",
+    data: Path | None = None,
+    eval_data: Path | None = None,
     every: int = 3,
     kd_weight: float = 5.0,
     lm_weight: float = 2.0,
@@ -189,44 +364,76 @@ def lm(
     lr: float = 5e-4,
     eval_blocks: int = 16,
     seed: int = 0,
+    ckpt_every: int = 0,
     root: Path = Path("runs"),
+    resume: Path | None = None,
+    progress: bool = False,
+    stage: Stage = None,
 ) -> Outcome:
-    """BBC News: a layer-dropped student of `model` (one block in `every`), into a run.
+    """BBC News or your text: a layer-dropped student of `model` (one block in `every`), into a run.
 
     Args:
         method: `lm_student` (KD on every position + LM loss, weighted `kd_weight` : `lm_weight`
             at `temperature`) or `seq_kd` (the teacher, narrowed to TEXT, continues the first
             half of each training block greedily; the student learns the continuations).
         model: the teacher, an offline model name or a path (a causal LM).
+        data: a UTF-8 text file: training blocks are cut from its first 90 %, perplexity blocks
+            from the last 10 % (or from `eval_data`); None: BBC News articles.
+        eval_data: a UTF-8 text file for the perplexity blocks (with `data` only).
         steps, block_size, batch_size, lr: the student's training (AdamW); the training blocks
-            are the first `steps · batch_size` blocks of BBC training articles.
-        eval_blocks: held-out BBC blocks the perplexities are measured on.
+            are the first `steps · batch_size` blocks of the training text (fewer when it is
+            shorter; at least `batch_size` are needed).
+        eval_blocks: held-out blocks the perplexities are measured on (at most).
         seed: seeds the batch order.
+        ckpt_every: checkpoint the student every N steps (0: never).
         root: where run directories are created.
+        resume: a run directory to resume from its checkpoint (its options must be these).
+        progress: show the training bar.
+        stage: called with one line as each stage begins.
 
     Returns:
         the run directory and `{"teacher_ppl", "student_ppl"}`.
     """
     _choose(method, LM_METHODS, "lm")
+    if eval_data is not None and data is None:
+        raise ConfigError("--eval-data needs --data (BBC News has its own test articles)")
     config = _config(locals())
-    teacher = load_model(model, kind="causal-lm")
-    data = load_dataset("bbc-news")
-    train_blocks = token_blocks(teacher.tokenizer, data.train_texts, block_size, steps * batch_size)
-    test_blocks = token_blocks(teacher.tokenizer, data.test_texts, block_size, eval_blocks)
-    train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, progress=False)
-    inputs = on_disk({"model": source_path(model)})
-    with Run(f"distill-{method}-{every}", config, inputs=inputs, root=root) as run:
+    own = _own_text(data, eval_data, block_size, batch_size) if data is not None else None
+    teacher = load_model(model, kind="causal-lm")  # no stage line first: a bad teacher is one line
+    _say(stage, f"teacher {model} loaded; cutting the text into blocks")
+    if own is None:
+        bbc = load_dataset("bbc-news")
+        tok = teacher.tokenizer
+        train_blocks = token_blocks(tok, bbc.train_texts, block_size, steps * batch_size)
+        test_blocks = token_blocks(tok, bbc.test_texts, block_size, eval_blocks)
+    else:
+        train_blocks, test_blocks = _text_blocks(teacher.tokenizer, own[0], block_size,
+                                                 steps * batch_size, eval_blocks, batch_size,
+                                                 own[1])  # fmt: skip
+    train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, ckpt_every=ckpt_every,
+                            progress=progress)  # fmt: skip
+    inputs = on_disk({"model": source_path(model), "data": data, "eval_data": eval_data})
+    with Run(f"distill-{method}-{every}", config, inputs=inputs, root=root, path=resume) as run:
+        _same_inputs(run, inputs)
+        if own is not None:
+            run.manifest["data"] = {"split": own[1], "train_blocks": len(train_blocks),
+                                    "eval_blocks": len(test_blocks)}  # fmt: skip
+            run.save()
         if method == "lm_student":
+            _say(stage, f"training the student ({steps} steps)")
             cfg = LMStudentConfig(every=every, kd_weight=kd_weight, lm_weight=lm_weight,
                                   temperature=temperature, block_size=block_size,
                                   batch_size=batch_size)  # fmt: skip
-            student = run_method("distill/lm_student", teacher, None, train_blocks, cfg=cfg,
-                                 train_cfg=train_cfg, run=run).student  # fmt: skip
+            res = run_method("distill/lm_student", teacher, None, train_blocks, cfg=cfg,
+                             train_cfg=train_cfg, run=run)  # fmt: skip
         else:
-            student = _seq_kd_student(teacher, train_blocks, every, batch_size, train_cfg, run)
+            res = _seq_kd_student(teacher, train_blocks, every, batch_size, train_cfg, run, stage)
+        student = res.student
         with run.output("student") as tmp:
             student.save_pretrained(tmp)
             teacher.tokenizer.save_pretrained(tmp)
+        run.history("student_loss", res.history.losses)
+        _say(stage, f"perplexity on {len(test_blocks)} held-out blocks")
         ppl = {"teacher_ppl": perplexity(teacher.model, test_blocks),
                "student_ppl": perplexity(student, test_blocks)}  # fmt: skip
         run.log(**ppl)
@@ -234,14 +441,16 @@ def lm(
 
 
 def _seq_kd_student(
-    teacher: LocalModel, blocks: Any, every: int, batch_size: int, train_cfg: TrainConfig, run: Run
-) -> Any:
+    teacher: LocalModel, blocks: Any, every: int, batch_size: int, train_cfg: TrainConfig,
+    run: Run, stage: Stage = None,
+) -> DistillResult:  # fmt: skip
     """Sequence-level KD of a layer-dropped student on the teacher's continuations of the first
     half of each block (the teacher is asked through a TEXT handle)."""
     half = blocks.shape[1] // 2
     prompts = [teacher.decode(b[:half].tolist()) for b in blocks]
     student = LocalModel(student_from_teacher(teacher.model, every), teacher.tokenizer, "student")
     cfg = SeqKDConfig(max_new_tokens=half, batch_size=batch_size)
-    res = run_method("distill/seq_kd", narrow(teacher, "text"), student, prompts, cfg=cfg,
-                     train_cfg=train_cfg, run=run)  # fmt: skip
-    return res.student
+    _say(stage, f"the teacher continues {len(prompts)} prompts, then the student trains "
+                f"({train_cfg.steps} steps)")  # fmt: skip
+    return run_method("distill/seq_kd", narrow(teacher, "text"), student, prompts, cfg=cfg,
+                      train_cfg=train_cfg, run=run)  # fmt: skip

@@ -16,6 +16,7 @@ from lfm.edit.requests import Request, read_requests
 from lfm.edit.rome import RomeConfig, rome
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.site import EditSite, edit_site
+from lfm.edit.ultraedit import UltraEditConfig, UltraEditState, ultraedit, ultraedit_step
 
 __all__ = [
     "AlphaEditConfig",
@@ -32,6 +33,8 @@ __all__ = [
     "Patch",
     "Request",
     "RomeConfig",
+    "UltraEditConfig",
+    "UltraEditState",
     "Undo",
     "alphaedit",
     "alphaedit_step",
@@ -42,4 +45,6 @@ __all__ = [
     "memit",
     "read_requests",
     "rome",
+    "ultraedit",
+    "ultraedit_step",
 ]

@@ -4,7 +4,10 @@
 city → country, country → continent, country → language, company → country). Each record has a
 prompt ending where the object comes, the true object, a counterfactual new object (another
 object of the same relation), 2 paraphrase prompts and 5 neighbourhood prompts (other subjects
-with the same relation and true object).
+with the same relation and true object). `data/lifelong.jsonl` (`load_facts(name="lifelong")`)
+holds 1,102 more, for lifelong editing, written by `tools/make_lifelong_facts.py` from templates
+over eight relations, each with a `split` (`train` about 40 %, `test`) for a meta-learned editor;
+where no other subject shares a fact's true object it has no neighbourhood prompts.
 
 Metrics, on the edited model, with the CounterFact protocol (probabilities of whole objects,
 compared pairwise; each a percentage over records):
@@ -45,6 +48,7 @@ class Fact:
     paraphrases: tuple[str, ...]
     neighbourhood: tuple[str, ...]
     generation: tuple[str, ...] = field(default=())
+    split: str = ""  # "train" or "test" where the set is split (the lifelong set), else ""
 
     @property
     def request(self) -> Request:
@@ -52,20 +56,38 @@ class Fact:
         return Request(self.prompt, self.subject, self.new)
 
 
-def load_facts(path: str | Path | None = None) -> list[Fact]:
-    """The packaged facts (or a JSON-lines file of the same shape)."""
-    text = (
-        Path(path).read_text()
-        if path
-        else resources.files("lfm.edit").joinpath("data/facts.jsonl").read_text()
-    )
-    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    return [_fact(r) for r in rows]
+PACKAGED = ("facts", "lifelong")  # the fact sets shipped in `lfm/edit/data/<name>.jsonl`
+
+
+def load_facts(
+    path: str | Path | None = None, *, name: str = "facts", split: str | None = None
+) -> list[Fact]:
+    """A packaged fact set by name (`PACKAGED`), or a JSON-lines file of the same shape.
+
+    Args:
+        path: a file to read instead of a packaged set.
+        name: the packaged set: "facts" (316 facts) or "lifelong" (1,102, split).
+        split: keep only the facts of this split ("train" or "test").
+    """
+    if path:
+        text = Path(path).read_text()
+    elif name in PACKAGED:
+        text = resources.files("lfm.edit").joinpath(f"data/{name}.jsonl").read_text()
+    else:
+        raise LfmError(f"no packaged fact set {name!r}; choose from {', '.join(PACKAGED)}")
+    facts = [_fact(json.loads(line)) for line in text.splitlines() if line.strip()]
+    if split is None:
+        return facts
+    kept = [f for f in facts if f.split == split]
+    if not kept:
+        raise LfmError(f"no facts of split {split!r} in {path or name}")
+    return kept
 
 
 def _fact(r: dict[str, Any]) -> Fact:
     seqs = {k: tuple(r.get(k, ())) for k in ("paraphrases", "neighbourhood", "generation")}
-    return Fact(int(r["id"]), r["relation"], r["subject"], r["prompt"], r["true"], r["new"], **seqs)
+    return Fact(int(r["id"]), r["relation"], r["subject"], r["prompt"], r["true"], r["new"], **seqs,
+                split=str(r.get("split", "")))  # fmt: skip
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from torch.func import functional_call
 from lfm.access import Access, narrow
 from lfm.config import Config
 from lfm.core.hooks import frozen
-from lfm.edit import common, locate
+from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
 from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request, build_batch
@@ -91,6 +91,7 @@ def ft_l(handle: Any, requests: Request | Sequence[Request], cfg: FTLConfig | No
     model, tok = common.model_and_tokenizer(handle, "edit/ft_l")
     cfg, reqs = cfg or FTLConfig(), common.as_requests(requests)
     site = edit_site(model, cfg.layer)
+    progress.together(reqs, f"tuned together ({cfg.steps} steps)")
     with frozen(model):
         delta = ftl_delta(model, tok, reqs, cfg, site)
     return make_patch(model, [delta], reqs, "ft_l", cfg)

@@ -17,7 +17,8 @@ One edit (the paper's Algorithm 1), with d the distance of the new key to its ne
   - another label: split, ε_i ← d/2 and add (h, v, d/2).
 A new value starts at the layer's output and is trained by Adam (the paper: lr 1.0, at most 100
 steps) on the target's NLL with the layer's output at that position replaced by it; it stops once
-the NLL is below `stop_nll`. Sequential edits grow one codebook (`grace(..., codebook=patch)`).
+the NLL is below `stop_nll`. Sequential edits grow one codebook (`grace(..., codebook=patch)`;
+from the command line, `lfm edit apply -m grace --on old.safetensors`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lfm.access import Access, narrow
 from lfm.config import Config
 from lfm.core.hooks import frozen, hooked
 from lfm.core.io import load_tensors, save_tensors
-from lfm.edit import common, locate
+from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
 from lfm.edit.patch import fingerprint
 from lfm.edit.requests import Batch, Request, build_batch
@@ -256,7 +257,9 @@ def _example(level: Access, seed: int) -> Example:
 @register(
     "edit", "grace", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
     config=GraceConfig, paper="Hartvigsen et al. 2023, arXiv 2211.11031", example=_example,
-    cli="lfm edit apply -m grace (a codebook patch; `lfm edit eval` applies it)",
+    cli="lfm edit apply -m grace (a codebook patch; --on OLD grows one; `lfm edit eval` applies it)",
+    # `lfm edit apply --on` an earlier codebook grows it (`codebook=`) instead of applying it
+    continues=("codebook", CodebookPatch),
 )  # fmt: skip
 def grace(
     handle: Any,
@@ -286,7 +289,7 @@ def grace(
     book = codebook.codebook.copy() if codebook else Codebook.empty(site.d_in, site.shape[0])
     steps: list[dict[str, Any]] = []
     with frozen(model):
-        for req in reqs:
+        for req in progress.each(reqs):
             key, out = key_and_output(model, tok, req, site, book)
             rule, radius = update(book, key, req.target, cfg.eps_init)
             trace: dict[str, float] = {}

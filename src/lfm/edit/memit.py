@@ -42,7 +42,7 @@ from lfm.access import Access, narrow
 from lfm.config import Config
 from lfm.core.hooks import frozen
 from lfm.core.layouts import get_layout, num_layers
-from lfm.edit import common, locate
+from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
 from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request, build_batch
@@ -236,7 +236,7 @@ def memit_deltas(
     per = p if each else 1  # columns per request: P prefixed prompts, or 1 (their mean)
     # z = h + (the residual change δ makes at the last layer's MLP output), column by column
     norm, moved = last.norm_module(model), []
-    for i, r in enumerate(reqs):
+    for i, r in enumerate(progress.each(reqs)):
         outs = m_all[:, i * p : (i + 1) * p]  # (D, P)
         change = resid_change(norm, outs, _delta(model, tok, r, last, cfg, h_mean[:, i], outs.T))
         moved.append(change if each else change.mean(1, keepdim=True))

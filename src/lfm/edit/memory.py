@@ -253,7 +253,7 @@ def _example(level: Access, seed: int) -> Example:
 @register(
     "edit", "ike", shape=EDITOR, branch="memory-based", access=Access.TEXT, config=IkeConfig,
     paper="Zheng et al. 2023, arXiv 2305.12740", example=_example,
-    cli="lfm edit apply -m ike (a JSON patch; `lfm edit eval` applies it)",
+    cli="lfm edit eval -m ike --facts F (metrics before and with IKE; `apply -m ike` saves a patch)",
 )  # fmt: skip
 def ike(
     handle: TextModel,

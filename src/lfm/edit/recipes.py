@@ -7,6 +7,7 @@ edited model folder and restore it, trace where a fact is recalled.
     done = recipes.apply("smollm2-135m", "rome", reqs, out="eiffel.safetensors")
     report = recipes.evaluate("smollm2-135m", done.path)
     scores = recipes.evaluate_facts("smollm2-135m", "facts.jsonl", done.path)  # efficacy ... Score
+    scores = recipes.evaluate_ike("smollm2-135m", "facts.jsonl")  # the same, IKE in context
 
 `model` is an asset name or a folder (loaded here), or a `LocalModel` already in memory. A weight
 patch is a safetensors file (`Patch`), so is a GRACE codebook (`CodebookPatch`, its own format
@@ -19,6 +20,9 @@ manifest holds the options as plain data, the SHA-256 of every file or folder re
 the requests, the config, earlier patches, the state; a patch or folder inside another run
 directory names that run as a parent) and where the output was written; it is marked `done` once
 the output is complete, `failed: ...` otherwise. The output itself stays where it was asked for.
+
+The recipes say what they are doing through `lfm.edit.progress` (stage lines and tqdm bars),
+silent unless run inside `progress.reporting(fn)`, as the CLI runs them.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ from pathlib import Path
 from typing import Any
 
 from lfm import registry
+from lfm.access import Access, access_of, module_of, narrow
 from lfm.config import Config
 from lfm.core.io import read_meta
+from lfm.edit import progress
 from lfm.edit.facts import Fact, evaluate_fact, fill_true, read_facts, summarise
 from lfm.edit.grace import FORMAT as GRACE_FORMAT
 from lfm.edit.grace import CodebookPatch
-from lfm.edit.memory import MemoryPatch
+from lfm.edit.memory import MemoryPatch, ike
 from lfm.edit.patch import (
     Delta,
     Patch,
@@ -49,10 +55,17 @@ from lfm.edit.patch import (
 from lfm.edit.requests import Request, read_requests
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.trace import Trace, causal_trace, plot
+from lfm.edit.ultraedit import UltraEditState, ultraedit_step
 from lfm.errors import LfmError
 from lfm.runs import Run, on_disk
 
 ConfigLike = str | Path | Config | Mapping[str, Any] | None
+
+# The editors whose state carries from one run to the next (`--state FILE`): (state, one turn).
+STATEFUL: dict[str, tuple[Any, Any]] = {
+    "alphaedit": (AlphaEditState, alphaedit_step),
+    "ultraedit": (UltraEditState, ultraedit_step),
+}
 
 
 def requests_from(
@@ -91,6 +104,7 @@ def load_handle(model: Any) -> Any:
     if isinstance(model, str | Path):
         from lfm.assets import load_model
 
+        progress.say(f"loading the model {model}")
         return load_model(str(model))
     return model
 
@@ -151,8 +165,10 @@ def apply(
         requests: the edits, or a JSON-lines file of them (hashed into the run's manifest).
         out: the patch file (safetensors for weight patches, JSON for a memory patch).
         config: the method's config: a YAML/JSON file, a mapping or a config (None: defaults).
-        on: earlier weight patches, applied in order before this edit (and reverted after).
-        state: sequential AlphaEdit's state file: read if it exists, advanced once the patch is
+        on: earlier patches, applied in order before this edit (and reverted after); for a
+            method that continues a patch of its own kind (GRACE: `continues` on its registry
+            entry), that patch is grown instead (`grace(..., codebook=...)`).
+        state: the lifelong state file of AlphaEdit or UltraEdit: read if it exists, advanced once the patch is
             written.
         root: where the run directory is created (`<root>/<stamp>-edit-<method>/`).
         facts: a facts file (`lfm.edit.facts.read_facts`) whose edits are made (then
@@ -170,10 +186,12 @@ def apply(
     else:
         reqs = [requests] if isinstance(requests, Request) else list(requests)
     cfg = _config(spec, config)
-    if state is not None and spec.name != "alphaedit":
-        raise LfmError(f"--state is for sequential AlphaEdit; {spec.name} keeps no state")
+    if state is not None and spec.name not in STATEFUL:
+        raise LfmError(
+            f"--state is for the lifelong editors ({', '.join(STATEFUL)}); {spec.name} keeps no state"
+        )
     if sequential and state is not None:
-        raise LfmError("--sequential edits within one patch; --state carries AlphaEdit across")
+        raise LfmError("--sequential edits within one patch; --state carries the state across runs")
     options = {"method": spec.name, "model": _name(model), "config": cfg.to_dict(),
                "requests": [r.to_dict() for r in reqs], "on": [str(p) for p in on],
                "state": str(state) if state else None, "out": str(out),
@@ -182,19 +200,23 @@ def apply(
              "config": config if isinstance(config, str | Path) else None,
              **{f"on{i}": p for i, p in enumerate(on)}, "state": state}  # fmt: skip
     with Run(f"edit-{spec.name}", options, inputs=on_disk(files), root=root) as run:
+        earlier, grown = _continued(spec, on)
         handle = load_handle(model)
-        undos = _apply_earlier(handle, on)
+        undos = _apply_earlier(handle, earlier)
         try:
             if state is None:
                 patch = (
                     sequential_patch(spec, handle, reqs, cfg)
                     if sequential
-                    else spec.fn(handle, reqs, cfg)
+                    else spec.fn(handle, reqs, cfg, **grown)
                 )
+                progress.say(f"writing the patch -> {out}")
                 path = patch.save(out)
             else:  # the state advances only once its patch is written
-                before = AlphaEditState.load(state) if Path(state).exists() else None
-                patch, after = alphaedit_step(handle, reqs, before, cfg)
+                kind, step = STATEFUL[spec.name]
+                before = kind.load(state) if Path(state).exists() else None
+                patch, after = step(handle, reqs, before, cfg)
+                progress.say(f"writing the patch -> {out} and the state -> {state}")
                 path = patch.save(out)
                 after.save(state)
         finally:
@@ -213,10 +235,12 @@ def sequential_patch(spec: Any, handle: Any, reqs: Sequence[Request], cfg: Confi
     after). A memory patch has no weights to sum: it is refused."""
     model, undos, modules = handle.model, [], {}
     try:
-        for r in reqs:
-            patch = spec.fn(handle, [r], cfg)
+        for i, r in enumerate(reqs, 1):
+            with progress.step(i, len(reqs)):
+                patch = spec.fn(handle, [r], cfg)
             if not isinstance(patch, Patch):
-                raise LfmError(f"{spec.name} makes a memory patch; --sequential sums weight edits")
+                kind = "a GRACE codebook" if isinstance(patch, CodebookPatch) else "a memory patch"
+                raise LfmError(f"{spec.name} makes {kind}; --sequential sums weight edits")
             undos.append(patch.apply(model))
             modules.update(dict.fromkeys(patch.modules))
         edited = {m: linear_weight(model, m).detach().clone() for m in modules}
@@ -227,10 +251,28 @@ def sequential_patch(spec: Any, handle: Any, reqs: Sequence[Request], cfg: Confi
     return make_patch(model, deltas, reqs, spec.name, cfg)
 
 
+def _continued(spec: Any, on: Sequence[str | Path]) -> tuple[list[str | Path], dict[str, Any]]:
+    """`--on` split into the patches applied before the edit and, as a keyword argument, the one
+    the method grows: a method registered with `continues=(keyword, kind)` (GRACE: its codebook)
+    continues an earlier patch of that kind instead of having it applied."""
+    keyword, kind = spec.extras.get("continues", (None, None))
+    if keyword is None:
+        return list(on), {}
+    loaded = [(p, load_patch(p)) for p in on]
+    own = [patch for _, patch in loaded if isinstance(patch, kind)]
+    if len(own) > 1:
+        raise LfmError(f"--on: give one earlier {spec.name} patch to continue, not {len(own)}")
+    if own:
+        progress.say(f"continuing the {spec.name} patch of {len(own[0].requests)} edit(s)")
+    rest = [p for p, patch in loaded if not isinstance(patch, kind)]
+    return rest, ({keyword: own[0]} if own else {})
+
+
 def _apply_earlier(handle: Any, patches: Sequence[str | Path]) -> list[Undo]:
     undos: list[Undo] = []
     try:
         for p in patches:
+            progress.say(f"applying the earlier patch {p}")
             patch = load_patch(p)
             if not isinstance(patch, Patch):
                 raise LfmError(f"{p} is a memory patch; --on takes weight patches")
@@ -270,7 +312,7 @@ def evaluate(
         after = edited.generate(prompts, max_new_tokens=max_new_tokens)
         scores = edited.score([r.prompt for r in patch.requests], targets)
     else:
-        undo = patch.apply(handle.model)
+        undo = patch.apply(_weights(handle))
         try:
             after = handle.generate(prompts, max_new_tokens=max_new_tokens)
             scores = handle.score([r.prompt for r in patch.requests], targets)
@@ -301,26 +343,57 @@ def evaluate_facts(
     a fact without `true` takes the unedited model's own answer (`fill_true`). Neighbourhood
     prompts naming another subject of the set are left out, as for a batch of edits.
     """
-    handle = load_handle(model)
     rows = read_facts(facts) if isinstance(facts, str | Path) else list(facts)
+    handle = load_handle(model)  # after the facts: a bad file fails before a model loads
     rows = fill_true(handle, rows)
     subjects = [f.subject for f in rows]
 
-    def metrics(h: Any) -> dict[str, float]:
-        return _present_score(summarise([evaluate_fact(h, f, edited=subjects) for f in rows]))
+    def metrics(h: Any, state: str) -> dict[str, float]:
+        each = progress.bar(rows, desc=f"facts {state}", unit="fact")
+        return _present_score(summarise([evaluate_fact(h, f, edited=subjects) for f in each]))
 
-    before = metrics(handle)
+    before = metrics(handle, "before")
     if patch is None:
         return FactScores(rows, before)
     loaded = load_patch(patch) if isinstance(patch, str | Path) else patch
     if isinstance(loaded, MemoryPatch):  # it wraps the handle
-        return FactScores(rows, before, metrics(loaded.apply(handle)))
-    undo = loaded.apply(handle.model)  # weights changed, or a codebook hooked in
+        return FactScores(rows, before, metrics(loaded.apply(handle), f"with {loaded.method}"))
+    undo = loaded.apply(_weights(handle))  # weights changed, or a codebook hooked in
     try:
-        after = metrics(handle)
+        after = metrics(handle, "with the patch")
     finally:
         undo.revert(handle.model)
     return FactScores(rows, before, after)
+
+
+def evaluate_ike(
+    model: Any, facts: str | Path | Sequence[Fact], config: ConfigLike = None
+) -> FactScores:
+    """The edit metrics of `facts` without context (`before`) and with IKE (`after`): all the
+    facts in one memory patch (`lfm.edit.memory.ike`), each query read after the demonstrations
+    and the stored fact nearest to it. IKE edits no weight, so this is its whole evaluation.
+
+    Args:
+        model: an asset name or folder (loaded, then narrowed to SCORES: IKE needs no more), or
+            a handle that gives scores (a narrowed one, a `lfm.serve.RemoteModel`).
+        facts: a facts file (`lfm.edit.facts.read_facts`) or `Fact`s: the edits, and their
+            paraphrase and neighbourhood prompts.
+        config: IKE's config (a YAML/JSON file, a mapping or an `IkeConfig`; None: defaults,
+            the demonstrations drawn from the packaged fact set).
+    """
+    rows = read_facts(facts) if isinstance(facts, str | Path) else list(facts)
+    cfg = _config(registry.get("ike", area="edit"), config)
+    handle = load_handle(model)
+    if access_of(handle) > Access.SCORES:
+        handle = narrow(handle, Access.SCORES)
+    patch = ike(handle, [f.request for f in rows], cfg)  # checks the handle's access
+    return evaluate_facts(handle, rows, patch)
+
+
+def _weights(handle: Any) -> Any:
+    """The module a weight patch or codebook goes into; a one-line `AccessError` for a handle
+    without weights (a narrowed or served model takes only memory patches)."""
+    return module_of(handle, "a weight patch or GRACE codebook")
 
 
 def _present_score(m: dict[str, float]) -> dict[str, float]:
@@ -395,17 +468,21 @@ def trace(
     answer: str | None = None,
     samples: int = 10,
     noise: float = 3.0,
+    seed: int = 0,
     root: str | Path = "runs",
 ) -> Traced:
     """Causal tracing (ROME §2): the layer × token heat map at `out` (PNG), its numbers beside it
-    (.json); see `lfm.edit.trace.causal_trace`. The run directory `<root>/<stamp>-edit-trace/`
-    records the options, the model's hash and the two files written."""
+    (.json); see `lfm.edit.trace.causal_trace` (`seed`: the noise's). The run directory
+    `<root>/<stamp>-edit-trace/` records the options, the model's hash and the two files written."""
     options = {"model": _name(model), "prompt": prompt, "subject": subject, "answer": answer,
-               "samples": samples, "noise": noise, "out": str(out)}  # fmt: skip
+               "samples": samples, "noise": noise, "seed": seed, "out": str(out)}  # fmt: skip
     with Run("edit-trace", options, inputs=on_disk({"model": _source(model)}), root=root) as run:
+        handle = load_handle(model)
+        progress.say(f"tracing: {samples} noise sample(s) per restored state")
         t = causal_trace(
-            load_handle(model), prompt, subject, answer=answer, samples=samples, noise=noise
+            handle, prompt, subject, answer=answer, samples=samples, noise=noise, seed=seed
         )
+        progress.say(f"writing the heat map -> {out}")
         png = plot(t, out)
         data = t.save(Path(out).with_suffix(".json"))
         _wrote(run, png, data)

@@ -39,7 +39,7 @@ from torch import nn
 from lfm.access import Access, narrow
 from lfm.config import Config
 from lfm.core.hooks import frozen
-from lfm.edit import common, locate
+from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
 from lfm.edit.patch import Delta, Patch, make_patch
 from lfm.edit.requests import Request
@@ -186,7 +186,7 @@ def rome(
     c = common.covariance(model, tok, site, cfg, cov)
     deltas: list[Delta] = []
     with frozen(model):
-        for req in reqs:
+        for req in progress.each(reqs):
             with common.temporarily(model, deltas):
                 deltas.append(rome_delta(model, tok, req, cfg, site, c)[0])
     return make_patch(model, [stack(deltas)], reqs, "rome", cfg)

@@ -19,19 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from torch import nn
 
 from lfm.core import cache
 from lfm.core.hooks import capture, stop_after
 from lfm.core.io import load_tensors, nonfinite, save_tensors
-from lfm.edit import base
+from lfm.edit import base, progress
 from lfm.edit.site import edit_sites
 from lfm.errors import LfmError
 
 FORMAT = "lfm-edit-stats/1"
-
-_console = Console(stderr=True)
 
 
 def key_fingerprint(model: nn.Module, layer: int) -> str:
@@ -77,7 +74,9 @@ def compute_second_moments(
     max_len: int,
 ) -> dict[int, torch.Tensor]:
     """E[k kᵀ] at each layer over up to `tokens` tokens of `texts` (articles cut to `max_len`),
-    one pass per text that stops after the deepest layer's projection. {layer: (D, D) float64}."""
+    one pass per text that stops after the deepest layer's projection. {layer: (D, D) float64}.
+
+    A tqdm bar over the tokens read is shown while progress is reported (`lfm.edit.progress`)."""
     names = {s.layer: s.module for s in edit_sites(model, layers)}
     sums: dict[int, torch.Tensor] = {}
     seen = 0
@@ -85,6 +84,7 @@ def compute_second_moments(
     with (
         capture(model, list(names.values()), inputs=True) as keys,
         stop_after(model, [names[max(layers)]]) as run,
+        progress.bar(total=tokens, desc="statistics", unit="tok") as shown,
     ):
         for text in texts:
             ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_len)
@@ -94,6 +94,7 @@ def compute_second_moments(
                 k = keys[name].reshape(-1, keys[name].shape[-1]).double()  # (T, D); one text
                 sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
             seen += ids.shape[1]
+            shown.update(ids.shape[1])
             if seen >= tokens:
                 break
     return {layer: sums[layer] / max(seen, 1) for layer in layers}
@@ -146,12 +147,14 @@ def second_moments(
     found = {layer: cache.read(KIND, keys[layer], params[layer], checks[layer]) for layer in layers}
     out = {layer: _read(p) for layer, p in found.items() if p is not None}
     missing = sorted(set(layers) - set(out))
+    if out:
+        progress.say(f"statistics: cached for layer(s) {', '.join(map(str, sorted(out)))}")
     if not missing:
         return out
     compute = compute or compute_second_moments
-    what = f"edit statistics: E[kkᵀ] at layers {missing} over {tokens:,} tokens of {corpus}"
-    with _console.status(what):
-        new = compute(model, tokenizer, missing, corpus_texts(corpus), tokens, max_len)
+    progress.say(f"statistics: computing E[kkᵀ] at layer(s) {', '.join(map(str, missing))} "
+                 f"over {tokens:,} tokens of {corpus} (once; cached after)")  # fmt: skip
+    new = compute(model, tokenizer, missing, corpus_texts(corpus), tokens, max_len)
     for layer, mom2 in new.items():
         meta = {"layer": layer, "corpus": corpus, "tokens": tokens, "max_len": max_len}
 

@@ -28,7 +28,7 @@ from torch import nn
 from lfm.core.hooks import add_at, capture, replace_at
 from lfm.core.io import atomic_path, write_text
 from lfm.core.layouts import get_layout, num_layers
-from lfm.edit import common
+from lfm.edit import common, progress
 from lfm.edit.requests import subject_end, subject_last_token, target_ids
 
 
@@ -130,10 +130,14 @@ def causal_trace(
     rows = eps.repeat(t, 1, 1)  # (t·samples, S, D): token i restored in rows i·samples…
     toks = torch.arange(t, device=dev).repeat_interleave(samples)
     effect = []
-    for layer in range(num_layers(model)):
-        with _hooks(model, rows, (start, end), (layer, toks, blocks[layer])):
-            p = _prob(model, ids.expand(len(toks), -1), o).view(t, samples).mean(1)
-        effect.append([float(x) for x in p])
+    n = num_layers(model)
+    # one bar step per restored (layer, token, noise sample); a layer's are one batched pass
+    with progress.bar(total=n * t * samples, desc="restorations", unit="run") as shown:
+        for layer in range(n):
+            with _hooks(model, rows, (start, end), (layer, toks, blocks[layer])):
+                p = _prob(model, ids.expand(len(toks), -1), o).view(t, samples).mean(1)
+            effect.append([float(x) for x in p])
+            shown.update(t * samples)
     tokens = [tok.decode([i]) for i in ids_list]
     return Trace(tokens, (start, end), tok.decode([o]), clean, corrupted, effect)
 
@@ -150,24 +154,32 @@ def _first_token(tokenizer: Any, prompt: str, answer: str) -> int:
     return target_ids(tokenizer, prompt, answer.strip())[0]
 
 
-def plot(trace: Trace, path: str | Path) -> Path:
-    """The layer × token heat map of p(l, i) as a PNG (rows: tokens, columns: layers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(trace: Trace) -> Any:
+    """The layer × token heat map of p(l, i) as a matplotlib figure (rows: the prompt's tokens,
+    subject tokens starred; columns: layers), its colour bar labelled with what is plotted."""
+    from matplotlib.figure import Figure
 
     grid = torch.tensor(trace.effect).T  # (tokens, layers)
     labels = [f"{t!r}*" if trace.subject[0] <= i < trace.subject[1] else repr(t)
               for i, t in enumerate(trace.tokens)]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(2 + 0.25 * grid.shape[1], 1 + 0.3 * grid.shape[0]))
+    fig = Figure(figsize=(3 + 0.25 * grid.shape[1], 1.5 + 0.3 * grid.shape[0]))
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="Purples", aspect="auto", vmin=trace.corrupted)
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xticks(range(grid.shape[1]))
+    ax.tick_params(axis="x", labelsize=8)
+    ax.set_ylabel("token (position; * = subject)")
     ax.set_xlabel("layer (block output restored)")
-    ax.set_title(f"p({trace.answer!r}): clean {trace.clean:.3f}, corrupted {trace.corrupted:.3f}")
-    fig.colorbar(im, ax=ax)
+    ax.set_title(f"clean {trace.clean:.3f}, corrupted {trace.corrupted:.3f}", fontsize=9)
+    bar = fig.colorbar(im, ax=ax)
+    bar.set_label(f"p({trace.answer!r}) with the state restored")
     fig.tight_layout()
+    return fig
+
+
+def plot(trace: Trace, path: str | Path) -> Path:
+    """The heat map (`figure`) as a PNG, written atomically."""
+    fig = figure(trace)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
     return Path(path)

@@ -13,11 +13,13 @@ its baseline (fine-tune one pool model on the support set).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lfm.meta.maml import ANILConfig
 
@@ -45,6 +47,7 @@ def train_classifier(
     lr: float = 1e-3,
     batch: int = 64,
     seed: int = 0,
+    tick: Callable[[int], Any] | None = None,
 ) -> nn.Module:
     """A copy of `model` trained by Adam on minibatch cross-entropy; returned in eval mode.
 
@@ -56,6 +59,7 @@ def train_classifier(
         lr: Adam step size.
         batch: examples per step.
         seed: seeds the minibatch order.
+        tick: called with 1 after every step (a progress bar's `update`).
     """
     model = copy.deepcopy(model).train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -66,6 +70,8 @@ def train_classifier(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if tick is not None:
+            tick(1)
     return model.eval()
 
 
@@ -93,7 +99,13 @@ def class_groups(n_classes: int, n_models: int, ways: int, seed: int) -> list[li
 
 
 def train_pool(
-    sampler: Any, make_model: Any, n_models: int = 4, ways: int = 5, steps: int = 200, seed: int = 0
+    sampler: Any,
+    make_model: Any,
+    n_models: int = 4,
+    ways: int = 5,
+    steps: int = 200,
+    seed: int = 0,
+    progress: bool = False,
 ) -> list[nn.Module]:
     """A pool of `ways`-way classifiers, each trained on its own classes of `sampler`'s split.
 
@@ -104,13 +116,18 @@ def train_pool(
         ways: classes per pool model.
         steps: Adam steps per model.
         seed: seeds the class subsets, the initialisations and the minibatches.
+        progress: show a progress bar over the steps of all the models.
     """
     pool = []
+    bar = tqdm(total=n_models * steps, desc="pool", disable=not progress, leave=False)
     for i, group in enumerate(class_groups(len(sampler.pools), n_models, ways, seed)):
         x = torch.cat([sampler.pools[c] for c in group])
         y = torch.arange(ways).repeat_interleave(
             torch.tensor([len(sampler.pools[c]) for c in group])
         )
         torch.manual_seed(seed * 1000 + i)
-        pool.append(train_classifier(make_model(), x, y, steps=steps, seed=seed * 1000 + i))
+        pool.append(
+            train_classifier(make_model(), x, y, steps=steps, seed=seed * 1000 + i, tick=bar.update)
+        )
+    bar.close()
     return pool

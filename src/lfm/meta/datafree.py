@@ -34,6 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
 from lfm.core.priors import bn_prior, total_variation
@@ -159,15 +160,18 @@ def datafree_train(
     cfg: DataFreeConfig,
     oracle: Oracle,
     gen: torch.Generator,
+    progress: bool = False,
+    desc: str = "meta",
 ) -> tuple[nn.Module, History]:
-    """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models."""
+    """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models (a
+    progress bar named `desc` if `progress`)."""
     learner = copy.deepcopy(learner)
     params = params_of(learner)
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     n = cfg.ways * (cfg.shots + cfg.queries)
     banks = [torch.randn((n, *input_shape), generator=gen) for _ in pool]
     history = History()
-    for _ in range(cfg.steps):
+    for _ in trange(cfg.steps, disable=not progress, desc=desc, leave=False):
         losses = []
         for _ in range(cfg.meta_batch):
             i = int(torch.randint(len(pool), (1,), generator=gen))
@@ -226,7 +230,12 @@ def pool_example(config: type[DataFreeConfig], **knobs: Any) -> Any:
     cli="lfm meta datafree --method datafree_whitebox",
 )  # fmt: skip
 def datafree_whitebox(
-    model: Any, tasks: ModelPool, cfg: DataFreeConfig | None = None, *, seed: int = 0
+    model: Any,
+    tasks: ModelPool,
+    cfg: DataFreeConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
 ) -> MetaResult:
     """PURER-like data-free meta-learning through the pool models' weights.
 
@@ -237,12 +246,13 @@ def datafree_whitebox(
             in eval mode, and the shape of one input, e.g. (1, 8, 8).
         cfg: the method's config.
         seed: seeds the memory banks and the episode order.
+        progress: show a progress bar over the meta-updates.
     """
     key = "meta/datafree_whitebox"
     pool, learner = model_pool(tasks, key), module_of(model, key)
     gen = torch.Generator().manual_seed(seed)
     trained, history = datafree_train(
-        list(pool.handles), learner, pool.input_shape, cfg, whitebox_grad(cfg), gen
+        list(pool.handles), learner, pool.input_shape, cfg, whitebox_grad(cfg), gen, progress, key
     )
     return MetaResult(trained, history, key)
 
@@ -255,7 +265,12 @@ def datafree_whitebox(
     cli="lfm meta datafree --method datafree_blackbox",
 )  # fmt: skip
 def datafree_blackbox(
-    model: Any, tasks: ModelPool, cfg: BlackBoxConfig | None = None, *, seed: int = 0
+    model: Any,
+    tasks: ModelPool,
+    cfg: BlackBoxConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = False,
 ) -> MetaResult:
     """BiDf-MKD-like data-free meta-learning from SCORES handles only (no weights touched).
 
@@ -267,6 +282,8 @@ def datafree_blackbox(
     counted = [CountedScores(h) for h in pool.handles]
     gen = torch.Generator().manual_seed(seed)
     oracle = zeroth_order_grad(cfg, gen)
-    trained, history = datafree_train(counted, learner, pool.input_shape, cfg, oracle, gen)
+    trained, history = datafree_train(
+        counted, learner, pool.input_shape, cfg, oracle, gen, progress, key
+    )
     history.queries = sum(c.queries for c in counted)
     return MetaResult(trained, history, key)

@@ -2,14 +2,17 @@
 
     from lfm.meta import recipes
     done = recipes.train("maml", "sinusoid", shots=5, steps=2000)        # lfm meta train
+    done = recipes.train("protonets", data="chars/", ways=5, shots=1)     # your own task folder
     done = recipes.datafree("datafree_blackbox", "digits", steps=100)    # lfm meta datafree
 
 Each meta-trains (from tasks, or without data from a pool of classifiers it trains first),
 meta-tests on held-out tasks the way the method adapts, and writes a run directory
-`<out>/<stamp>-meta-<method>/` holding the manifest (resolved config, task, metrics, the SHA-256 of
-the config file given) and `model.safetensors`: the meta-trained weights and, for Meta-SGD, the
-learned step sizes as tensors `inner_lr/<parameter>` (format tag `lfm.meta.model/1`; read back with
-`load_result`).
+`<root>/<stamp>-meta-<method>/` holding the manifest (resolved config, task, metrics, the SHA-256
+of the config file and of the task folder given, the meta-loss curve under `history`),
+`curves.png`, and `model.safetensors`: the meta-trained weights and, for Meta-SGD, the learned step
+sizes as tensors `inner_lr/<parameter>` (format tag `lfm.meta.model/1`; read back with
+`load_result`). `train` also checkpoints the outer loop into `checkpoint/` and continues a run
+directory given as `resume` (see `lfm.meta.train.Checkpoints`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,19 @@ from torch import nn
 from lfm.access import LocalClassifier, narrow
 from lfm.config import Config
 from lfm.core.io import load_tensors, save_tensors
+from lfm.core.runs import path_sha256, read_manifest
 from lfm.errors import LfmError
 from lfm.meta.baseline import train_pool
 from lfm.meta.contract import MetaResult, ModelPool
+from lfm.meta.folders import QUERIES, folder_tasks
 from lfm.meta.models import MLP, ConvNet
 from lfm.meta.tasks import SinusoidTasks, rotated_digit_splits
-from lfm.meta.train import meta_test
+from lfm.meta.train import Checkpoints, meta_test
 from lfm.registry import MethodSpec, get, run
 from lfm.runs import Run, on_disk
 
 TASKS = ("sinusoid", "digits", "fashion-mnist")
+FOLDER = "folder"  # the task name a run on your own task folder records
 SIZES = {"digits": 8, "fashion-mnist": 28}  # image side of the rotated N-way tasks
 DATAFREE = ("datafree_whitebox", "datafree_blackbox")
 FORMAT = "lfm.meta.model/1"  # the format tag of a saved meta-trained model
@@ -112,14 +118,61 @@ def build_problem(
     return ConvNet(ways if classifier else 64, 32, 4, SIZES[task]), train_tasks, test
 
 
+def folder_problem(
+    data: str | Path,
+    shots: int,
+    ways: int,
+    classifier: bool,
+    seed: int,
+    size: int = 28,
+    test_classes: float = 0.2,
+) -> tuple[nn.Module, Any, Any, dict[str, Any]]:
+    """(model, meta-train tasks, meta-test tasks, what the manifest records) of a task folder.
+
+    The model is the ConvNet of the bundled image tasks sized for `size` × `size` images of the
+    folder's channels; `classifier` as in `build_problem`. 5 queries per class.
+    """
+    tasks = folder_tasks(
+        data, ways=ways, shots=shots, size=size, test_classes=test_classes, seed=seed
+    )
+    torch.manual_seed(seed)
+    model = ConvNet(ways if classifier else 64, 32, 4, size, channels=tasks.channels)
+    info = {"name": FOLDER, "data": str(data), "shots": shots, "ways": ways, "queries": QUERIES,
+            "seed": seed, "image_size": size, "channels": tasks.channels,
+            "split": tasks.split}  # fmt: skip
+    return model, tasks.train, tasks.test, info
+
+
 def task_preset(spec: MethodSpec, task: str) -> dict[str, Any]:
-    """Settings over the method's defaults for a task family: on images, a method that adapts by
-    gradient steps starts from MAML's Omniglot α = 0.4 and 3 test steps."""
+    """Settings over the method's defaults for a task family: on images (a bundled image task or
+    a task folder), a method that adapts by gradient steps starts from MAML's Omniglot α = 0.4
+    and 3 test steps."""
     adapts = "inner_lr" in spec.config.model_fields
-    return {"inner_lr": 0.4, "test_inner_steps": 3} if task in SIZES and adapts else {}
+    images = task in SIZES or task == FOLDER
+    return {"inner_lr": 0.4, "test_inner_steps": 3} if images and adapts else {}
+
+
+def _check_resume(resume: str | Path, name: str, task: dict[str, Any], inputs: dict) -> None:
+    """One-line errors when `resume` is not a run of this method on these tasks and inputs (the
+    run's config is checked by `Run` itself). A task folder's path may differ, not its files."""
+    m = read_manifest(resume)
+    if m.get("name") != name:
+        raise LfmError(f"cannot resume {resume}: it is a {m.get('name')} run, not {name}")
+    old = m.get("task") or {}
+    differ = [k for k in sorted({*old, *task} - {"data"}) if old.get(k) != task.get(k)]
+    if differ:
+        raise LfmError(
+            f"cannot resume {resume}: it ran with other task options ({', '.join(differ)}); "
+            "give the options it ran with"
+        )
+    for key, path in inputs.items():
+        if m.get("inputs", {}).get(key, {}).get("sha256") != path_sha256(path):
+            raise LfmError(f"cannot resume {resume}: {path} is not the {key} it ran with")
 
 
 def _finish(run_: Run, result: MetaResult, score: dict[str, Any], **metrics: Any) -> None:
+    if result.history.loss:
+        run_.history("meta_loss", result.history.loss, xlabel="meta-update")
     run_.log(
         final_meta_loss=result.history.loss[-1] if result.history.loss else None,
         **metrics,
@@ -131,8 +184,11 @@ def _finish(run_: Run, result: MetaResult, score: dict[str, Any], **metrics: Any
 
 def train(
     method: str = "maml",
-    task: str = "sinusoid",
+    task: str | None = None,
     *,
+    data: str | Path | None = None,
+    image_size: int = 28,
+    test_classes: float = 0.2,
     shots: int = 5,
     ways: int = 5,
     steps: int = 1000,
@@ -140,7 +196,9 @@ def train(
     test_tasks: int = 600,
     config: str | Path | None = None,
     seed: int = 0,
-    out: str | Path = "runs",
+    root: str | Path = "runs",
+    resume: str | Path | None = None,
+    ckpt_every: int = 100,
     progress: bool = False,
 ) -> Done:
     """Meta-train a learner from tasks, meta-test it on held-out tasks, write a run directory.
@@ -148,9 +206,14 @@ def train(
     Args:
         method: a meta method that learns from tasks (`maml`, `fomaml`, `anil`, `metasgd`,
             `reptile`, `protonets`, `pretrain`).
-        task: `sinusoid` (MAML Sec. 5.1), or `digits` / `fashion-mnist` (rotated N-way K-shot);
-            on images the gradient-based methods start from MAML's Omniglot α = 0.4 and 3 test
-            steps (a config file or the options override them).
+        task: `sinusoid` (MAML Sec. 5.1, the default), or `digits` / `fashion-mnist` (rotated
+            N-way K-shot); on images the gradient-based methods start from MAML's Omniglot
+            α = 0.4 and 3 test steps (a config file or the options override them).
+        data: your own task folder instead of `task` (`lfm.meta.folders`): one folder of images
+            per class, or `train/` and `test/` folders of class folders.
+        image_size: `data` images are resized to this side.
+        test_classes: `data` without `train/`/`test/`: the share of classes held out for
+            meta-test, a fraction in (0, 1) or a count.
         shots: K support examples (per class on images).
         ways: N classes per episode (images).
         steps: meta-updates.
@@ -158,20 +221,35 @@ def train(
         test_tasks: held-out tasks at meta-test.
         config: a YAML/JSON config file of the method (the options above override it).
         seed: seeds the model, the class split and the task stream.
-        out: where run directories are created.
-        progress: show a progress bar.
+        root: where run directories are created.
+        resume: a run directory of this method to continue from its checkpoint (same options).
+        ckpt_every: checkpoint the outer loop every N meta-updates and after the last (0: never).
+        progress: show progress bars (meta-training, meta-test).
     """
     spec = _spec(method, datafree=False)
     _at_least_one(shots=shots, ways=ways, test_tasks=test_tasks)
+    if data is not None and task is not None:
+        raise LfmError("give --task (a bundled task family) or --data (your own folder), not both")
+    name = FOLDER if data is not None else _task(task or "sinusoid")
     adapts = "inner_lr" in spec.config.model_fields  # gradient steps on the support set
     batch = {"meta_batch": meta_batch} if meta_batch else {}
-    cfg = _config(spec, config, task_preset(spec, task), steps=steps, **batch)
-    model, train_tasks, test = build_problem(task, shots, ways, adapts, seed)
-    inputs = on_disk({"config": config})
-    with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=out) as run_:
-        run_.manifest["task"] = {"name": task, "shots": shots, "ways": ways, "seed": seed}
-        result = run(spec.key, model, train_tasks, cfg=cfg, seed=seed, progress=progress)
-        score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks)
+    cfg = _config(spec, config, task_preset(spec, name), steps=steps, **batch)
+    if data is None:
+        model, train_tasks, test = build_problem(name, shots, ways, adapts, seed)
+        info: dict[str, Any] = {"name": name, "shots": shots, "ways": ways, "seed": seed}
+    else:
+        model, train_tasks, test, info = folder_problem(
+            data, shots, ways, adapts, seed, image_size, test_classes
+        )
+    inputs = on_disk({"config": config, "data": data})
+    if resume is not None:
+        _check_resume(resume, f"meta-{spec.name}", info, inputs)
+    with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=root, path=resume) as run_:
+        run_.manifest["task"] = info
+        ckpt = Checkpoints(run_, ckpt_every)
+        result = run(spec.key, model, train_tasks, cfg=cfg, seed=seed, progress=progress,
+                     ckpt=ckpt)  # fmt: skip
+        score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks, progress=progress)
         _finish(run_, result, score)
     return Done(spec.key, score, run_.path, result)
 
@@ -187,7 +265,8 @@ def datafree(
     test_tasks: int = 600,
     config: str | Path | None = None,
     seed: int = 0,
-    out: str | Path = "runs",
+    root: str | Path = "runs",
+    progress: bool = False,
 ) -> Done:
     """Train a pool of 5-way classifiers, meta-learn from them without their data, meta-test.
 
@@ -206,7 +285,8 @@ def datafree(
         test_tasks: held-out episodes at meta-test.
         config: a YAML/JSON config file of the method (`steps` overrides it).
         seed: seeds the pool, the learner and the episodes.
-        out: where run directories are created.
+        root: where run directories are created.
+        progress: show progress bars (pool training, meta-updates, meta-test).
     """
     spec = _spec(method, datafree=True)
     _at_least_one(shots=shots, pool=pool, test_tasks=test_tasks)
@@ -216,15 +296,17 @@ def datafree(
     train_tasks, _, test = rotated_digit_splits(
         task, seed=seed, per_class=300, ways=5, shots=shots, queries=5
     )
-    with Run(f"meta-{spec.name}", cfg, inputs=on_disk({"config": config}), root=out) as run_:
+    with Run(f"meta-{spec.name}", cfg, inputs=on_disk({"config": config}), root=root) as run_:
         run_.manifest["task"] = {"name": task, "shots": shots, "pool": pool, "seed": seed}
         make = lambda: ConvNet(5, 16, 4, size, running=True)  # noqa: E731
-        models = train_pool(train_tasks, make, n_models=pool, ways=5, steps=pool_steps, seed=seed)
+        models = train_pool(train_tasks, make, n_models=pool, ways=5, steps=pool_steps, seed=seed,
+                            progress=progress)  # fmt: skip
         level = spec.access.name.lower()  # the least the method needs: the handles give no more
         handles = [narrow(LocalClassifier(m), level) for m in models]
         torch.manual_seed(seed)
         source = ModelPool(handles, tuple(train_tasks.pools[0].shape[1:]))
-        result = run(spec.key, ConvNet(64, 32, 4, size), source, cfg=cfg, seed=seed)
-        score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks)
+        result = run(spec.key, ConvNet(64, 32, 4, size), source, cfg=cfg, seed=seed,
+                     progress=progress)  # fmt: skip
+        score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks, progress=progress)
         _finish(run_, result, score, pool_queries=result.history.queries or None)
     return Done(spec.key, score, run_.path, result)

@@ -4,9 +4,14 @@ The outer loop of MAML (Finn et al. 2017, arXiv 1703.03400, Algorithm 1):
 
     θ ← θ − β ∇_θ Σ_{T_i ~ p(T)} L_{T_i}(f_{θ'_i})
 
-run with Adam. A method is registered with its objective `(model, params, tasks, problem, cfg,
-lrs, vectorize) -> Outer` (a loss to differentiate, or, for Reptile, the update direction itself)
-and its prediction function `(model, params, task, problem, cfg, lrs, train) -> Tensor` (adapt on
+run with Adam. `Checkpoints` saves the loop's state into a run directory every few meta-updates
+and resumes from it: the parameters, Meta-SGD's step sizes, Adam's state, the step, the losses so
+far and the task stream's generator, which is all the remaining updates depend on, so a resumed
+run ends with exactly the weights of an uninterrupted one.
+
+A method is registered with its objective `(model, params, tasks, problem, cfg, lrs, vectorize)
+-> Outer` (a loss to differentiate, or, for Reptile, the update direction itself) and its
+prediction function `(model, params, task, problem, cfg, lrs, train) -> Tensor` (adapt on
 the support set, or prototypes); both are facts of the registry entry (`spec.extras`). Meta-test
 looks the prediction function up by the method's name, adapts to each held-out task the way the
 method does and reports mean ± 1.96·std/√n.
@@ -17,11 +22,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from tqdm.auto import trange
+from tqdm.auto import tqdm, trange
 
 from lfm.access import Access, module_of
 from lfm.errors import LfmError
@@ -37,6 +45,9 @@ from lfm.meta.functional import (
     selected,
 )
 from lfm.registry import get, register
+from lfm.runs import Run
+
+CHECKPOINT = "checkpoint"  # the folder in a run directory holding the outer loop's state
 
 
 class Outer(NamedTuple):
@@ -91,6 +102,59 @@ def _set_grads(out: Outer, params: Params, lrs: Params | None) -> None:
         p.grad = torch.zeros_like(p) if g is None else g
 
 
+@dataclass
+class Checkpoints:
+    """Save the outer loop's state into `run/checkpoint/` every `every` meta-updates (and after
+    the last), atomically; a loop given a run that holds one continues from it.
+
+    Args:
+        run: the run directory.
+        every: meta-updates between checkpoints; 0: none.
+    """
+
+    run: Run
+    every: int = 100
+
+    @property
+    def folder(self) -> Path:
+        return self.run.path / CHECKPOINT
+
+    def due(self, step: int, last: int) -> bool:
+        """Whether to save after meta-update `step` (counted from 1) of `last`."""
+        return self.every > 0 and (step % self.every == 0 or step == last)
+
+    def save(
+        self, step: int, params: Params, lrs: Params | None, opt: Any, gen: Any, history: History
+    ) -> None:
+        """Write the state after meta-update `step` (replacing the previous checkpoint)."""
+        tensors = {n: p.detach().contiguous() for n, p in params.items()}
+        tensors.update({f"lr:{n}": t.detach().contiguous() for n, t in (lrs or {}).items()})
+        with self.run.output(CHECKPOINT) as tmp:
+            tmp.mkdir()
+            save_file(tensors, str(tmp / "params.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
+            state = {"step": step, "loss": list(history.loss), "generator": gen.get_state()}
+            torch.save(state, tmp / "state.pt")
+        self.run.save()
+
+    def load(self, params: Params, lrs: Params | None, opt: Any, gen: Any, history: History) -> int:
+        """Restore the saved state in place; the step it was saved after (0: no checkpoint)."""
+        if not (self.folder / "state.pt").is_file():
+            return 0
+        tensors = load_file(str(self.folder / "params.safetensors"))
+        targets = {**params, **{f"lr:{n}": t for n, t in (lrs or {}).items()}}
+        if tensors.keys() != targets.keys():
+            raise LfmError(f"{self.folder} holds another model's state; resume it with its options")
+        with torch.no_grad():
+            for n, t in targets.items():
+                t.copy_(tensors[n])
+        opt.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
+        state = torch.load(self.folder / "state.pt", weights_only=True)
+        gen.set_state(state["generator"])
+        history.loss[:] = [float(v) for v in state["loss"]]
+        return int(state["step"])
+
+
 def outer_loop(
     model: nn.Module,
     sampler: Any,
@@ -99,6 +163,7 @@ def outer_loop(
     seed: int = 0,
     progress: bool = False,
     desc: str = "meta",
+    ckpt: Checkpoints | None = None,
 ) -> tuple[nn.Module, History]:
     """Meta-train a copy of `model` by Adam on `objective` over meta-batches from `sampler`.
 
@@ -109,6 +174,7 @@ def outer_loop(
         objective: the method's `(model, params, tasks, problem, cfg, lrs, vectorize) -> Outer`.
         seed: seeds the task stream.
         progress: show a progress bar named `desc`.
+        ckpt: save the state there at its interval, and continue from a checkpoint found there.
     """
     model = copy.deepcopy(model)
     params = params_of(model)
@@ -117,12 +183,17 @@ def outer_loop(
     gen = torch.Generator().manual_seed(seed)
     vec = can_vectorize(model, cfg.vectorize)
     history = History()
-    for _ in trange(cfg.steps, disable=not progress, desc=desc, leave=False):
+    start = ckpt.load(params, lrs, opt, gen, history) if ckpt else 0
+    bar = trange(start, cfg.steps, initial=start, total=cfg.steps, disable=not progress,
+                 desc=desc, leave=False)  # fmt: skip
+    for step in bar:
         tasks = sampler.sample(cfg.meta_batch, gen)
         out = objective(model, params, tasks, sampler.problem, cfg, lrs, vec)
         _set_grads(out, params, lrs)
         opt.step()
         history.loss.append(float(out.loss.detach()))
+        if ckpt and ckpt.due(step + 1, cfg.steps):
+            ckpt.save(step + 1, params, lrs, opt, gen, history)
     history.inner_lrs = {n: t.detach() for n, t in lrs.items()} if lrs else None
     return model, history
 
@@ -147,7 +218,13 @@ def learner(key: str, objective: Objective) -> Callable[..., MetaResult]:
     """
 
     def learn(
-        model: Any, tasks: Any, cfg: Any = None, *, seed: int = 0, progress: bool = False
+        model: Any,
+        tasks: Any,
+        cfg: Any = None,
+        *,
+        seed: int = 0,
+        progress: bool = False,
+        ckpt: Checkpoints | None = None,
     ) -> MetaResult:
         """Meta-train a copy of `model` (a `LocalClassifier` or an `nn.Module`) on `tasks`.
 
@@ -157,10 +234,11 @@ def learner(key: str, objective: Objective) -> Callable[..., MetaResult]:
             cfg: the method's config (None: its defaults; a mapping is validated).
             seed: seeds the task stream.
             progress: show a progress bar.
+            ckpt: checkpoint into a run directory, and resume from the checkpoint there.
         """
         sampler = task_source(tasks, key)
         trained, history = outer_loop(
-            module_of(model, key), sampler, cfg, objective, seed, progress, desc=key
+            module_of(model, key), sampler, cfg, objective, seed, progress, desc=key, ckpt=ckpt
         )
         return MetaResult(trained, history, key)
 
@@ -200,6 +278,7 @@ def meta_test(
     seed: int = 12345,
     inner_lrs: Params | None = None,
     chunk: int = 10,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Adapt to `n_tasks` held-out tasks the way `method` does and score their queries.
 
@@ -218,6 +297,7 @@ def meta_test(
         seed: seeds the held-out draws.
         inner_lrs: Meta-SGD's step sizes; default: the result's.
         chunk: tasks adapted per `vmap` call.
+        progress: show a progress bar over the tasks.
 
     Returns:
         `{"mean", "ci95", "n", "metric"}`.
@@ -239,7 +319,9 @@ def meta_test(
     def one(task: Task) -> Tensor:
         return problem.metric(predict(model, params, task, problem, cfg, inner_lrs, False), task.yq)
 
-    for start in range(0, n_tasks, chunk):
-        batch = tasks.sample(min(chunk, n_tasks - start), gen)
-        scores.append(over_tasks(one, batch, vec).detach())
+    with tqdm(total=n_tasks, desc="meta-test", disable=not progress, leave=False) as bar:
+        for start in range(0, n_tasks, chunk):
+            batch = tasks.sample(min(chunk, n_tasks - start), gen)
+            scores.append(over_tasks(one, batch, vec).detach())
+            bar.update(len(scores[-1]))
     return {**summarise(torch.cat(scores)), "metric": problem.metric_name}

@@ -153,7 +153,7 @@ def _gram_example(base: nn.Module, models: list[nn.Module], seed: int) -> dict[s
     "reuse", "fisher", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
     config=FisherConfig, paper="Matena & Raffel 2021, arXiv 2111.09832",
     example=merge_example(n=2, base=False, stats=_fisher_example),
-    cli="lfm reuse stats fisher MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: fisher)",
+    cli="lfm reuse stats fisher TEXTS --model MODEL, then lfm reuse merge PLAN.yaml (method: fisher)",
     needs_base=False, prepare=_opener("fisher"),
     divides_by_weight_sum=lambda cfg: True,
 )  # fmt: skip
@@ -172,7 +172,7 @@ def fisher(
     "reuse", "regmean", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
     config=RegMeanConfig, paper="Jin et al. 2022, arXiv 2212.09849",
     example=merge_example(n=2, base=False, stats=_gram_example),
-    cli="lfm reuse stats gram MODEL TEXTS, then lfm reuse merge PLAN.yaml (method: regmean)",
+    cli="lfm reuse stats gram TEXTS --model MODEL, then lfm reuse merge PLAN.yaml (method: regmean)",
     needs_base=False, prepare=_opener("gram"),
     divides_by_weight_sum=lambda cfg: True,
 )  # fmt: skip

@@ -56,7 +56,7 @@ def make_server(model: Any, access: str, host: str, port: int, api_key: str | No
 
 def serve(
     model: Annotated[
-        str, typer.Argument(help="model asset name (`lfm models`) or folder")
+        str, typer.Option(help="model asset name (`lfm models`) or folder")
     ] = "smollm2-135m",
     access: Annotated[
         str, typer.Option(help="level served: text, scores or embeddings")

@@ -168,16 +168,19 @@ def _example_summary(res: RetrievalResult) -> torch.Tensor:
           example=example(KnnLMConfig(), data=lambda: Corpus(CORPUS[:2]), steps=None, seed=False,
                           summary=_example_summary),
           cli="lfm tuning augment --method knn_lm", data=Corpus)  # fmt: skip
-def knn_lm(handle: HiddenModel, data: Corpus, cfg: KnnLMConfig | None = None) -> RetrievalResult:
+def knn_lm(
+    handle: HiddenModel, data: Corpus, cfg: KnnLMConfig | None = None, *, progress: bool = False
+) -> RetrievalResult:
     """A datastore of every position of `data`'s texts, and the kNN-LM handle over it.
 
     Args:
         handle: a HIDDEN handle (its hidden states at `cfg.module` are the keys).
         data: the texts of the datastore.
         cfg: k, λ, temperature and the key module.
+        progress: show a bar over the texts while the datastore is built (stderr).
     """
     data_kind(data, "knn_lm", {Corpus: "a Corpus"})
-    store = build_datastore(handle, data.texts, cfg.module)
+    store = build_datastore(handle, data.texts, cfg.module, "datastore" if progress else None)
     return RetrievalResult(method="knn_lm", config=cfg, handle=KnnLMHandle(handle, store, cfg),
                            metrics={"entries": len(store.values)})  # fmt: skip
 

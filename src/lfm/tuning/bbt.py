@@ -26,6 +26,7 @@ import cma
 import numpy as np
 import torch
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from lfm.access import Access, EmbeddingsModel, require
 from lfm.config import Config
@@ -173,6 +174,7 @@ def bbt(
     cfg: BBTConfig | None = None,
     *,
     seed: int = 0,
+    progress: bool = False,
 ) -> BBTResult:
     """Search a soft prompt with CMA-ES through an EMBEDDINGS handle (local, narrowed or remote).
 
@@ -181,6 +183,7 @@ def bbt(
         data: the few-shot train set, with its verbaliser (template and label words).
         cfg: BBT settings; `budget` bounds the evaluations, a client `Budget` the HTTP calls.
         seed: seeds the projection and CMA-ES.
+        progress: show a bar over the evaluations with the best loss so far (stderr).
     """
     data_kind(data, "bbt", {TextClassification: "a TextClassification"})
     verb, texts, y = data.needs_verbalizer("BBT"), data.texts, data.labels
@@ -195,15 +198,18 @@ def bbt(
                     best_loss=start, evaluations=1)  # fmt: skip
     state = np.random.get_state()  # CMA-ES seeds NumPy's global generator: give it back after
     try:
-        _search(f, cfg, seed, res, a)
+        with tqdm(total=cfg.budget, initial=1, desc="bbt", disable=not progress,
+                  dynamic_ncols=True) as bar:  # fmt: skip
+            _search(f, cfg, seed, res, a, bar)
     finally:
         np.random.set_state(state)
     return res
 
 
 def _search(
-    f: Callable[[np.ndarray], float], cfg: BBTConfig, seed: int, res: BBTResult, a: torch.Tensor
-) -> None:
+    f: Callable[[np.ndarray], float], cfg: BBTConfig, seed: int, res: BBTResult, a: torch.Tensor,
+    bar: Any,
+) -> None:  # fmt: skip
     opts = {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9, "maxfevals": cfg.budget}
     if cfg.bound > 0:
         opts["bounds"] = [-cfg.bound, cfg.bound]
@@ -217,6 +223,8 @@ def _search(
             return
         res.evaluations += len(xs)
         _keep_best(res, xs, losses, a, cfg.n_tokens)
+        bar.update(len(xs))
+        bar.set_postfix(best_loss=f"{res.best_loss:.4f}")
         if len(xs) < cfg.popsize:
             break
         es.tell(xs, losses)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from lfm.errors import ConfigError
 
@@ -97,12 +98,17 @@ def encode(
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
+def batch_order(n: int, seed: int = 0) -> list[int]:
+    """The order `class_batches` visits `n` examples in (one shuffle by `seed`)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def class_batches(
     tokenizer: Any, texts: Sequence[str], labels: torch.Tensor, batch_size: int, seed: int = 0,
     max_length: int = 512,
 ) -> list[Batch]:  # fmt: skip
     """Shuffled (once, by `seed`) mini-batches of tokenised texts with their labels."""
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = batch_order(len(texts), seed)
     out = []
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
@@ -119,23 +125,23 @@ def ce_loss(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, batches: Sequence[Batch]) -> torch.Tensor:
-    """Class logits (N, C) over `batches`, in order, in eval mode."""
+def predict(model: nn.Module, batches: Sequence[Batch], desc: str | None = None) -> torch.Tensor:
+    """Class logits (N, C) over `batches`, in order, in eval mode; with `desc`, a progress bar
+    (stderr) over the batches."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
-    out = [
-        model(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu() for b in batches
-    ]
+    bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True)
+    out = [model(b["input_ids"].to(dev), b["attention_mask"].to(dev)).float().cpu() for b in bar]
     model.train(was)
     return torch.cat(out)
 
 
-def accuracy_fn(batches: Sequence[Batch]) -> Callable[[nn.Module], float]:
-    """`f(model) -> accuracy` over fixed evaluation batches."""
+def accuracy_fn(batches: Sequence[Batch]) -> Callable[..., float]:
+    """`f(model, desc=None) -> accuracy` over fixed evaluation batches (`desc`: show a bar)."""
     labels = torch.cat([b["labels"] for b in batches])
 
-    def fn(model: nn.Module) -> float:
-        return float((predict(model, batches).argmax(-1) == labels).float().mean())
+    def fn(model: nn.Module, desc: str | None = None) -> float:
+        return float((predict(model, batches, desc).argmax(-1) == labels).float().mean())
 
     return fn

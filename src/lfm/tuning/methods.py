@@ -42,6 +42,7 @@ from lfm.tuning.trainer import (
     set_trainable,
     snapshot,
     sub_run,
+    train_config,
     tune_weights,
 )
 
@@ -136,7 +137,8 @@ def lp_ft_schedule(
     lp = probe(model, loss_fn, batches, cfg, tcfg, sub_run(run, "lp"))
     ft_cfg = tcfg.replace(steps=tcfg.steps - len(lp.losses))
     ft = train(model, loss_fn, batches, ft_cfg, sub_run(run, "ft"), evaluate)
-    return History(lp.losses + ft.losses, ft.evals, lp.start_step)
+    evals = [{**e, "step": e["step"] + len(lp.losses)} for e in ft.evals]  # steps of the whole run
+    return History(lp.losses + ft.losses, evals, lp.start_step)
 
 
 def interpolate_weights(
@@ -231,6 +233,10 @@ def lp_ft(
     (`train_cfg.lr`, by default the config's `lr`). Needs a head: label words or a new one."""
     if not isinstance(data, TextClassification):
         raise ConfigError("LP-FT probes a classification head; it takes a TextClassification")
+    if (
+        train_config(cfg, train_cfg, seed).steps < 2
+    ):  # refused before any work, as the schedule does
+        raise ConfigError("LP-FT needs at least 2 steps (one to probe, one to fine-tune)")
     schedule = partial(lp_ft_schedule, cfg=cfg)
     return tune_weights("lp_ft", handle, data, cfg, all_trainable, train_cfg=train_cfg,
                         eval_data=eval_data, run=run, seed=seed, schedule=schedule, **options)  # fmt: skip

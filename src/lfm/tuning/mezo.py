@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import nn
+from tqdm.auto import tqdm
 
 from lfm.access import Access, LocalModel, module_of
 from lfm.config import Config
@@ -39,7 +40,7 @@ from lfm.tuning.results import TunedModel
 from lfm.tuning.sft import sft_batches, sft_loss
 from lfm.tuning.tasks import Instructions, TextClassification, Verbalizer
 from lfm.tuning.tiny import example
-from lfm.tuning.trainer import data_kind, evaluator
+from lfm.tuning.trainer import data_kind, evaluator, on_main_process
 
 
 class MeZOConfig(Config):
@@ -88,7 +89,7 @@ def mezo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed
 
 
 def zero_order(model: nn.Module, loss_fn: Callable[[], float], cfg: MeZOConfig = MeZOConfig(),
-               seed: int = 0, log_every: int = 0) -> list[float]:  # fmt: skip
+               seed: int = 0, log_every: int = 0, progress: bool = False) -> list[float]:  # fmt: skip
     """Tune `model` in place with MeZO; returns the loss at θ+εz of each step.
 
     Args:
@@ -96,12 +97,15 @@ def zero_order(model: nn.Module, loss_fn: Callable[[], float], cfg: MeZOConfig =
         loss_fn: the loss of the current parameters (a forward pass, no gradient).
         seed: draws the per-step seeds.
         log_every: print the loss every so many steps (0: never).
+        progress: show a bar over the steps with the last loss (stderr).
     """
     params = select(model, cfg.params)
     seeds = torch.randint(0, 2**31 - 1, (cfg.steps,), generator=torch.Generator().manual_seed(seed))
     history = []
-    for step, s in enumerate(seeds.tolist()):
+    bar = tqdm(seeds.tolist(), desc="mezo", disable=not progress, dynamic_ncols=True)
+    for step, s in enumerate(bar):
         history.append(mezo_step(params, loss_fn, s, cfg)[0])
+        bar.set_postfix(loss=f"{history[-1]:.4f}")
         if log_every and step % log_every == 0:
             print(f"mezo step {step}: loss {history[-1]:.4f}")
     return history
@@ -152,7 +156,7 @@ def _loss(local: LocalModel, data: TextClassification | Instructions) -> Callabl
 def mezo(
     handle: Any, data: TextClassification | Instructions, cfg: MeZOConfig | None = None, *,
     eval_data: TextClassification | Instructions | None = None, run: Run | None = None,
-    seed: int = 0, inplace: bool = False, log_every: int = 0,
+    seed: int = 0, inplace: bool = False, log_every: int = 0, progress: bool = False,
 ) -> TunedModel:  # fmt: skip
     """Tune the handle's causal LM with MeZO on `data` (label words, or instruction rows).
 
@@ -165,6 +169,7 @@ def mezo(
         seed: draws the per-step seeds of z.
         inplace: tune the handle's own model; else a deep copy.
         log_every: print the loss every so many steps (0: never).
+        progress: show bars over the zero-shot evaluation and the steps (stderr).
     """
     data_kind(
         data, "mezo", {TextClassification: "a TextClassification", Instructions: "Instructions"}
@@ -179,8 +184,9 @@ def mezo(
     tuned = sum(p.numel() for p in select(local.model, cfg.params))
     metrics: dict[str, Any] = {"trainable_parameters": tuned, "start_loss": loss()}
     if evaluate is not None:
-        metrics.update({f"zero_shot_{k}": v for k, v in evaluate(clf).items()})
-    history = zero_order(local.model, loss, cfg, seed, log_every)
+        shown = "zero-shot" if progress and on_main_process() else None
+        metrics.update({f"zero_shot_{k}": v for k, v in evaluate(clf, shown).items()})
+    history = zero_order(local.model, loss, cfg, seed, log_every, progress)
     metrics["loss"] = loss()
     if evaluate is not None:
         metrics.update(evaluate(clf))

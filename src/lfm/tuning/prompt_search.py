@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,6 +180,7 @@ def prompt_search(
     cfg: PromptSearchConfig | None = None,
     *,
     seed: int = 0,
+    progress: bool = False,
 ) -> SearchResult:
     """Greedy edit search over instruction phrases and demonstrations through a SCORES handle.
 
@@ -189,6 +191,7 @@ def prompt_search(
             `n_demos` is 0), the rest is scored.
         cfg: search settings. A client `Budget` running out stops the search with its best so far.
         seed: seeds the edits.
+        progress: print one line per search step (stderr): the best score and the calls so far.
     """
     data_kind(data, "prompt_search", {TextClassification: "a TextClassification"})
     verb, texts, y = data.needs_verbalizer("prompt search"), data.texts, data.labels
@@ -209,17 +212,30 @@ def prompt_search(
     res = SearchResult(method="prompt_search", config=cfg, best=start,
                        verbalizer=render(start, verb, pool, cfg.demo_chars),
                        start_score=first, best_score=first)  # fmt: skip
-    _greedy(res, evaluate, cfg, rng, len(pool) if cfg.n_demos else 0)
+    say = _step_line(cfg, calls) if progress else None
+    _greedy(res, evaluate, cfg, rng, len(pool) if cfg.n_demos else 0, say)
     res.evaluations, res.score_calls = calls[0], calls[0]
     res.verbalizer = render(res.best, verb, pool, cfg.demo_chars)
     return res
 
 
+def _step_line(cfg: PromptSearchConfig, calls: list[int]) -> Any:
+    """`say(step, res)`: one progress line on stderr after a search step."""
+
+    def say(step: int, res: SearchResult) -> None:
+        print(f"[lfm] prompt search step {step}/{cfg.iterations}: best score "
+              f"{res.best_score:.4f} (start {res.start_score:.4f}), {calls[0]} prompts scored",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    return say
+
+
 def _greedy(
-    res: SearchResult, evaluate: Any, cfg: PromptSearchConfig, rng: random.Random, n_pool: int
-) -> None:
+    res: SearchResult, evaluate: Any, cfg: PromptSearchConfig, rng: random.Random, n_pool: int,
+    say: Any = None,
+) -> None:  # fmt: skip
     idle = 0
-    for _ in range(cfg.iterations):
+    for step in range(1, cfg.iterations + 1):
         cands = [edit(res.best, n_pool, rng) for _ in range(cfg.candidates)]
         try:
             scored = [(evaluate(c), i) for i, c in enumerate(cands)]
@@ -231,6 +247,8 @@ def _greedy(
         if top > res.best_score:
             res.best, res.best_score = cands[i], top
         res.history.append(res.best_score)
+        if say is not None:
+            say(step, res)
         if idle >= cfg.patience:
             res.stopped = "patience"
             return

@@ -7,6 +7,7 @@
     recipes.bbt("smollm2-135m", budget=200)                           # lfm tuning bbt
     recipes.prompt_search("smollm2-135m", iterations=10)              # lfm tuning prompt-search
     recipes.augment("knn_lm", "smollm2-135m")                         # lfm tuning augment
+    recipes.predict("runs/…-tune-lora", data="test.jsonl")            # lfm tuning classify
 
 Each loads its model and data, runs one tuner by name, saves what was learnt (`TuneResult.save`)
 into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics, the
@@ -14,12 +15,14 @@ SHA-256 of the model's file or folder and of the data file given, and the runs t
 returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
 data, so `resume=` finds the same config and continues a checkpointed run. The black-box recipes
 take a model name (loaded and narrowed to the method's level) or a handle (a served model);
-`saved_scores` classifies again with the prompt one of them saved.
+`predict` classifies again with what a run saved (`lfm.tuning.saved`). The training recipes keep
+their learning curves in the manifest's `history` and draw them as `curves.png` in the run.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -27,15 +30,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
-from lfm.access import Access, LocalModel, narrow
+from lfm.access import Access, LocalModel, access_of, narrow
 from lfm.assets import TextDataset, load_dataset, load_model
+from lfm.core.io import write_text
 from lfm.core.train import TrainConfig, run_on_main
 from lfm.errors import ConfigError
 from lfm.registry import MethodSpec, get
 from lfm.runs import Run, on_disk
 from lfm.tuning.adapters import is_causal
-from lfm.tuning.results import TuneResult
+from lfm.tuning.results import TunedModel, TuneResult
+from lfm.tuning.saved import (
+    black_box_handle,
+    load_classifier,
+    saved_access,  # noqa: F401  (part of this API)
+    saved_scores,  # noqa: F401  (part of this API)
+)
 from lfm.tuning.sft import load_instructions, render
 from lfm.tuning.tasks import (
     BBC_LABEL_WORDS,
@@ -44,12 +55,12 @@ from lfm.tuning.tasks import (
     TextClassification,
     Verbalizer,
     bbc_verbalizer,
-    class_scores,
     few_shot,
     held_out,
     labelled_dataset,
     labelled_verbalizer,
     read_labelled,
+    read_texts,
 )
 from lfm.tuning.trainer import HEAD_LR
 
@@ -75,13 +86,16 @@ def _local(model: str, what: str) -> LocalModel:
 
 def _run_kwargs(spec: MethodSpec, cfg: Any, steps: int, lr: float, tcfg: dict, **options: Any):
     """The config and keyword arguments of a trainer: `train_cfg` for a gradient tuner; a tuner
-    without a training loop (MeZO) takes its steps and learning rate from its config."""
+    without a training loop (MeZO) takes its steps and learning rate from its config, and shows
+    its own progress bar."""
     params = inspect.signature(spec.impl).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     if "train_cfg" in params:
         options["train_cfg"] = TrainConfig.build(steps=steps, lr=lr or cfg.lr, **tcfg)
     else:
         cfg = cfg.replace(steps=steps, lr=lr or cfg.lr)
+        if "progress" in params:
+            options["progress"] = True
     return cfg, {k: v for k, v in options.items() if takes_any or k in params}
 
 
@@ -167,6 +181,7 @@ def classify(
         _check_task(source)
     _threads(threads)
     handle = _local(model, "classification")
+    dataset = load_dataset("bbc-news") if isinstance(source, str) else source
     train, ev = classification_data(handle, source, shots, eval_per_class, max_chars, seed)
     tcfg = {"grad_accum": grad_accum, "eval_every": eval_every, "seed": seed,
             "ckpt_every": ckpt_every}  # fmt: skip
@@ -175,15 +190,33 @@ def classify(
     inputs = on_disk({"model": _source(model), "data": data})
     run = run_on_main(f"tune-{spec.name}", config, inputs=inputs, root=root, path=resume)
     with run or nullcontext():
+        if run is not None:  # what `predict` names the classes by; the split the accuracy is on
+            run.log(classes=list(dataset.classes), split={"train": len(dataset.train_texts),
+                    "held_out": len(dataset.test_texts), "evaluated": len(ev.texts)})  # fmt: skip
         result = spec.fn(handle, train, cfg, run=run, **kwargs)
         if run is not None:
             _save(run, "tuned", result)
+            _train_curves(run, result, steps)
     if run is None:
         return None  # another process of a multi-process launch; the main one reports
     m = result.metrics
     return {"method": spec.name, "model": model, "zero_shot_acc": m.get("zero_shot_acc"),
             "acc": m.get("acc"), "trainable_parameters": m.get("trainable_parameters"),
             "held_out": len(ev.texts), "run": str(run.path)}  # fmt: skip
+
+
+def _train_curves(run: Run, result: TuneResult, steps: int) -> None:
+    """The training loss per step and, with two points or more, the held-out accuracy: zero-shot
+    at step 0, then each evaluation (a tuner without them: its final accuracy at the last step)."""
+    run.history("loss", result.history)
+    m = result.metrics
+    evals = result.evals if isinstance(result, TunedModel) else []
+    points = [(0, m["zero_shot_acc"])] if m.get("zero_shot_acc") is not None else []
+    points += [(e["step"], e["acc"]) for e in evals if "acc" in e] or (
+        [(steps, m["acc"])] if m.get("acc") is not None else []
+    )
+    if len(points) >= 2:
+        run.history("acc", [a for _, a in points], steps=[s for s, _ in points])
 
 
 def _data_options(
@@ -221,6 +254,7 @@ def sft(
         if run is None:
             return None  # another process of a multi-process launch; the main one saves
         _save(run, "tuned", result)
+        run.history("loss", result.history)
         first = rows.rows[0]["prompt"]
         answer = result.handle().generate([render(handle.tokenizer, first)], max_new_tokens=20)[0]
         run.log(final_loss=result.history[-1], sample=answer)
@@ -236,48 +270,51 @@ def _save(run: Run, name: str, result: TuneResult) -> None:
 
 def _few_shot(
     shots: int, seed: int, max_chars: int, data: dict[str, Any] | None
-) -> TextClassification:
+) -> tuple[TextClassification, tuple[str, ...]]:
     """`shots` examples per class of BBC News, or of a data file (`data`: `labelled_data`'s
-    options), through label words."""
+    options), through label words; and the class names."""
     if data:
         ds = labelled_data(data["data"], data["text_field"], data["label_field"],
                            data["holdout"], shots)  # fmt: skip
-        return TextClassification(
-            *few_shot(ds, shots, seed), labelled_verbalizer(ds.classes, max_chars)
-        )
+        verb = labelled_verbalizer(ds.classes, max_chars)
+        return TextClassification(*few_shot(ds, shots, seed), verb), ds.classes
     bbc = load_dataset("bbc-news")
     verb = Verbalizer(BBC_TEMPLATE, tuple(BBC_LABEL_WORDS[c] for c in bbc.classes), max_chars)
-    return TextClassification(*few_shot(bbc, shots, seed), verb)
+    return TextClassification(*few_shot(bbc, shots, seed), verb), bbc.classes
 
 
-def _black_box(model: str | Any, level: Access) -> Any:
-    """A handle at `level`: a model name is loaded and narrowed; a handle is used as it is."""
-    if isinstance(model, str):
-        return narrow(load_model(model, kind="causal-lm"), level)
-    return model
+# the curve of each search: the recorded value at its start, then after each iteration
+_SEARCH_CURVES = {"bbt": ("best_loss", "start_loss", "CMA-ES iteration"),
+                  "prompt_search": ("best_score", "start_score", "search step")}  # fmt: skip
 
 
 def _black_box_run(
     method: str, model: str | Any, config: dict[str, Any], cfg: Any, shots: int, seed: int,
-    max_chars: int, root: str | Path,
+    max_chars: int, root: str | Path, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     spec = _spec(method)
     own = {k: config[k] for k in ("data", "text_field", "label_field", "holdout") if k in config}
-    task = _few_shot(shots, seed, max_chars, own)  # a bad file is refused before the model loads
-    handle = _black_box(model, spec.access)
+    # a bad file is refused before the model loads
+    task, classes = _few_shot(shots, seed, max_chars, own)
+    handle = black_box_handle(model, spec.access)
     inputs = on_disk({"model": _source(model), "data": own.get("data")})
     with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root) as run:
-        result = spec.fn(handle, task, cfg, seed=seed)
+        run.log(classes=list(classes))
+        result = spec.fn(handle, task, cfg, seed=seed, progress=progress)
         _save(run, "result", result)
-        run.log(**{k: v for k, v in result.record().items() if k.endswith(("loss", "score"))})
-    return {**result.record(), "run": str(run.path)}
+        record = result.record()
+        run.log(**{k: v for k, v in record.items() if k.endswith(("loss", "score"))})
+        name, start, xlabel = _SEARCH_CURVES[spec.name]
+        curve = [record[start], *result.history]
+        run.history(name, curve, steps=list(range(len(curve))), xlabel=xlabel)
+    return {**record, "run": str(run.path)}
 
 
 def bbt(
     model: str | Any = "smollm2-135m", *, shots: int = 16, budget: int = 8000, n_tokens: int = 50,
     dim: int = 500, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
     data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
-    holdout: float = 0.2,
+    holdout: float = 0.2, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Black-Box Tuning on BBC News few-shot (or on the training part of a data file, as in
     `classify`) through EMBEDDINGS access, into a run directory.
@@ -285,56 +322,82 @@ def bbt(
     `model` is a model name (loaded and narrowed to EMBEDDINGS) or a handle (a `RemoteModel`).
     The soft prompt, its z, the projection's seed and shape are saved as
     `result/prompt.safetensors` (`lfm.tuning.bbt.load_prompt`; `saved_scores` classifies with
-    it). Returns the result's record and the run directory.
+    it). The best loss after each CMA-ES iteration is the run's curve; `progress` shows a bar over
+    the evaluations (stderr). Returns the result's record and the run directory.
     """
     from lfm.tuning.bbt import BBTConfig
 
     cfg = BBTConfig.build(budget=budget, n_tokens=n_tokens, intrinsic_dim=dim)
     config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
               **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
-    return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root)
+    return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root, progress)
 
 
 def prompt_search(
     model: str | Any = "smollm2-135m", *, shots: int = 16, iterations: int = 10,
     candidates: int = 5, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
     data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
-    holdout: float = 0.2,
+    holdout: float = 0.2, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """GrIPS-style discrete prompt search on BBC News few-shot (or a data file's training part)
     through SCORES access.
 
     The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`;
-    `saved_scores` classifies with it).
+    `saved_scores` classifies with it). The best score after each step is the run's curve;
+    `progress` prints one line per step (stderr).
     """
     from lfm.tuning.prompt_search import PromptSearchConfig
 
     cfg = PromptSearchConfig.build(iterations=iterations, candidates=candidates)
     config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
               **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
-    return _black_box_run("prompt_search", model, config, cfg, shots, seed, max_chars, root)
+    return _black_box_run(
+        "prompt_search", model, config, cfg, shots, seed, max_chars, root, progress
+    )
 
 
-def saved_scores(folder: str | Path, model: str | Any, texts: Sequence[str]) -> torch.Tensor:
-    """Label-word scores (N, C) of `texts` under a saved black-box result: a BBT soft prompt
-    (`prompt.safetensors`, EMBEDDINGS) or a prompt-search template (`template.json`, SCORES).
+def predict(
+    run: str | Path, *, data: str | Path | None = None, text: str | None = None,
+    text_field: str = "text", label_field: str = "label", model: str | Any | None = None,
+    out: str | Path | None = None, progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Classify with what a tuning run saved (`lfm.tuning.saved.load_classifier`): the texts of
+    the JSON-lines or CSV file `data` (read as `--data` is read; when its lines have
+    `label_field`, their labels give the accuracy) or the one `text`.
 
-    `folder` is the result folder (`<run>/result`) or its run directory; `model` a model name
-    (loaded and narrowed) or a handle. `scores.argmax(-1)` indexes the saved label words.
+    `model` (None: the run's) is a model name or folder, or for a BBT or prompt-search run a
+    handle such as a served model. With `out`, writes one JSON line per text: the text, its
+    prediction, the class scores and its label. Returns the run, method, classes, the number of
+    texts and the accuracy (None without labels); for one `text`, its prediction and scores.
     """
-    from lfm.tuning.bbt import PROMPT_FILE, class_scores_bbt, load_prompt
-    from lfm.tuning.prompt_search import TEMPLATE_FILE, load_template
+    if (data is None) == (text is None):
+        raise ConfigError("give the texts to classify: a data file (--data) or one text (--text)")
+    texts, labels = ([text], None) if data is None else read_texts(data, text_field, label_field)
+    clf = load_classifier(run, model)
+    gold = None if labels is None else _gold(labels, clf, data)
+    scores = clf.scores(texts, "classify" if progress else None)
+    pred = scores.argmax(-1)
+    acc = None if gold is None else float((pred == gold).float().mean())
+    if out is not None:
+        rows = [{"text": t, "prediction": clf.classes[int(p)], "scores": s.tolist(),
+                 **({} if labels is None else {"label": labels[i]})}
+                for i, (t, p, s) in enumerate(zip(texts, pred, scores, strict=True))]  # fmt: skip
+        write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
+    summary = {"run": str(run), "method": clf.method, "classes": list(clf.classes),
+               "texts": len(texts), "acc": acc, "out": None if out is None else str(out)}  # fmt: skip
+    if text is not None:
+        summary.update(prediction=clf.classes[int(pred[0])], scores=scores[0].tolist())
+    return summary
 
-    path = Path(folder)
-    path = path / "result" if (path / "result").is_dir() else path
-    if (path / PROMPT_FILE).exists():
-        prompt, meta = load_prompt(path)
-        v = meta["verbalizer"]
-        verb = Verbalizer(v["template"], tuple(v["label_words"]), int(v["max_chars"]))
-        return class_scores_bbt(_black_box(model, Access.EMBEDDINGS), prompt, texts, verb)
-    if (path / TEMPLATE_FILE).exists():
-        return class_scores(_black_box(model, Access.SCORES), texts, load_template(path))
-    raise ConfigError(f"{path} holds no saved prompt ({PROMPT_FILE} or {TEMPLATE_FILE})")
+
+def _gold(labels: Sequence[str], clf: Any, data: str | Path | None) -> torch.Tensor:
+    """The class index of each label, or a one-line error naming one that is no class."""
+    idx = [clf.index(label) for label in labels]
+    if None in idx:
+        bad = labels[idx.index(None)]
+        raise ConfigError(f"{data}: label {bad!r} is not a class of the run "
+                          f"({', '.join(clf.classes)})")  # fmt: skip
+    return torch.tensor(idx)
 
 
 def _name(model: str | Any) -> str:
@@ -350,9 +413,10 @@ def _source(model: str | Any) -> Path | None:
 
 
 def augment(
-    method: str = "knn_lm", model: str = "smollm2-135m", *, corpus: str | Path | None = None,
-    store: int = 100, eval_texts: int = 15, chars: int = 800, prefix_chars: int = 200,
-    embedder: str = "minilm", threads: int | None = None, root: str | Path = "runs",
+    method: str = "knn_lm", model: str | Any = "smollm2-135m", *,
+    corpus: str | Path | None = None, store: int = 100, eval_texts: int = 15, chars: int = 800,
+    prefix_chars: int = 200, embedder: str = "minilm", threads: int | None = None,
+    root: str | Path = "runs", progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Retrieval augmentation (kNN-LM or REPLUG) and the perplexity it gives on held-out text.
 
@@ -362,6 +426,10 @@ def augment(
     model alone and augmented (only articles whose first 100 characters are in no document).
     Saves the datastore or documents as `augmented/`; `embedder` (REPLUG's retriever) is
     `minilm` (mean-pooled `minilm-l6`) or `chars` (a bag of characters, no asset).
+
+    `model` is a model name (loaded, then narrowed) or a handle that gives the method's access
+    (a served model at SCORES for REPLUG; kNN-LM reads hidden states, which no served model
+    gives). `progress` shows bars (stderr) over the datastore's texts and the scored articles.
     """
     from lfm.tuning.retrieval import char_embedder, minilm_embedder
 
@@ -373,25 +441,48 @@ def augment(
         raise ConfigError(f"unknown embedder {embedder!r}; choose minilm or chars")
     if eval_texts < 1 or chars < 1:
         raise ConfigError("eval_texts and chars must be at least 1")
+    _enough_access(spec, model)
     _threads(threads)
-    local = load_model(model, kind="causal-lm")
+    base, scorer = _augment_handles(model, spec.access)
     data = load_dataset("bbc-news")
     test = [t[:chars] for t in data.test_texts[:eval_texts]]
     docs = _corpus(corpus, data, store, chars, {t[:100] for t in test})
-    options = {"embed": char_embedder if embedder == "chars" else minilm_embedder()}
+    options = {"embed": char_embedder if embedder == "chars" else minilm_embedder(),
+               "progress": progress}  # fmt: skip
     params = inspect.signature(spec.impl).parameters
-    config = {"method": spec.name, "model": model, "corpus": str(corpus) if corpus else None,
+    config = {"method": spec.name, "model": _name(model), "corpus": str(corpus) if corpus else None,
               "store": store, "eval_texts": eval_texts, "chars": chars,
               "prefix_chars": prefix_chars, "embedder": embedder}  # fmt: skip
     inputs = on_disk({"model": _source(model), "corpus": corpus})
     with Run(f"augment-{spec.name}", config, inputs=inputs, root=root) as run:
-        result = spec.fn(narrow(local, spec.access), kind(docs),
-                         **{k: v for k, v in options.items() if k in params})  # fmt: skip
+        result = spec.fn(base, kind(docs), **{k: v for k, v in options.items() if k in params})
         out = {"method": spec.name, "entries": result.metrics["entries"],
-               **perplexities(narrow(local, "scores"), result.handle, test, prefix_chars)}  # fmt: skip
+               **perplexities(scorer, result.handle, test, prefix_chars,
+                              "perplexity" if progress else None)}  # fmt: skip
         _save(run, "augmented", result)
         run.log(**out)
     return {**out, "run": str(run.path)}
+
+
+def _enough_access(spec: MethodSpec, model: str | Any) -> None:
+    """Refuse, before any work, a handle that gives less than the method needs."""
+    if isinstance(model, str | Path):
+        return
+    got = access_of(model)
+    if got < spec.access:
+        why = f"{spec.name} needs {spec.access.name} access and {_name(model)} gives {got.name}"
+        if spec.access >= Access.HIDDEN:  # no served level reaches the hidden states
+            why += f"; a served model gives no hidden states: run {spec.name} locally (--model)"
+        raise ConfigError(why)
+
+
+def _augment_handles(model: str | Any, level: Access) -> tuple[Any, Any]:
+    """The handle the method builds on (at `level`) and the SCORES handle the perplexity of the
+    plain model is measured through: a loaded model narrowed twice, or a handle used as it is."""
+    if not isinstance(model, str | Path):
+        return model, model
+    local = load_model(str(model), kind="causal-lm")
+    return narrow(local, level), narrow(local, Access.SCORES)
 
 
 def _corpus(path: str | Path | None, data: Any, n: int, chars: int, held: set[str]) -> list[str]:
@@ -405,15 +496,18 @@ def _corpus(path: str | Path | None, data: Any, n: int, chars: int, held: set[st
     return [t[:chars] for t in data.train_texts if t[:100] not in held][:n]
 
 
-def perplexities(base: Any, augmented: Any, texts: list[str], prefix_chars: int) -> dict[str, Any]:
-    """Perplexity of each text after its prefix (cut at a space), under `base` and `augmented`."""
+def perplexities(
+    base: Any, augmented: Any, texts: list[str], prefix_chars: int, desc: str | None = None
+) -> dict[str, Any]:
+    """Perplexity of each text after its prefix (cut at a space), under `base` and `augmented`,
+    scored one text at a time (`desc`: a progress bar over them)."""
     cut = [max(t.rfind(" ", 0, prefix_chars), 1) for t in texts]
-    xs, ys = (
-        [t[:c] for t, c in zip(texts, cut, strict=True)],
-        [t[c:] for t, c in zip(texts, cut, strict=True)],
-    )
-    n = sum(len(base.encode(x + y)) - len(base.encode(x)) for x, y in zip(xs, ys, strict=True))
-    lm, aug = float(base.score(xs, ys).sum()), float(augmented.score(xs, ys).sum())
+    pairs = [(t[:c], t[c:]) for t, c in zip(texts, cut, strict=True)]
+    n = sum(len(base.encode(x + y)) - len(base.encode(x)) for x, y in pairs)
+    lm = aug = 0.0
+    for x, y in tqdm(pairs, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
+        lm += float(base.score([x], [y]).sum())
+        aug += float(augmented.score([x], [y]).sum())
     return {
         "tokens": n,
         "lm_ppl": round(math.exp(-lm / n), 3),

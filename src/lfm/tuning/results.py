@@ -30,6 +30,7 @@ from lfm.tuning.classify import HeadClassifier, VerbalizerLM, encode, predict
 from lfm.tuning.tasks import Verbalizer
 
 RESULT_FILE = "result.json"
+HEAD_FILE, HEAD_FORMAT = "head.safetensors", "lfm.tuning.head/1"  # an encoder's new head
 
 
 @dataclass(kw_only=True)
@@ -112,5 +113,5 @@ def save_model(model: nn.Module, folder: str | Path, tokenizer: Any = None) -> P
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder / "model"))
     if isinstance(model, HeadClassifier):
-        save_tensors(folder / "head.safetensors", model.head.state_dict(), "lfm.tuning.head/1")
+        save_tensors(folder / HEAD_FILE, model.head.state_dict(), HEAD_FORMAT)
     return folder

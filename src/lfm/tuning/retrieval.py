@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from pydantic import Field
+from tqdm.auto import tqdm
 
 from lfm.access import Access, require
 from lfm.assets.embed import Embedder, char_embedder, minilm_embedder  # noqa: F401  (part of this API)
@@ -51,11 +52,14 @@ class Datastore:
     module: str
 
 
-def build_datastore(handle: Any, texts: Sequence[str], module: str = "model.norm") -> Datastore:
-    """(h_t, w_{t+1}) for every position of every text (one text per call: no padding)."""
+def build_datastore(
+    handle: Any, texts: Sequence[str], module: str = "model.norm", desc: str | None = None
+) -> Datastore:
+    """(h_t, w_{t+1}) for every position of every text (one text per call: no padding); `desc`
+    shows a progress bar over the texts."""
     require(handle, Access.HIDDEN, "tuning/knn_lm")
     keys, values = [], []
-    for text in texts:
+    for text in tqdm(texts, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True):
         h = handle.hidden([text], [module])[module][0]  # (T, D)
         ids = torch.tensor(handle.encode(text))[-(h.shape[0] - 1) :]  # targets of positions 0..T-2
         keys.append(h[-len(ids) - 1 : -1])

@@ -220,6 +220,35 @@ def read_labelled(
     suffix) with a header row; a bad line, a missing field or an empty file is a one-line
     `ConfigError` naming the line."""
     path = Path(path)
+    texts, labels = [], []
+    for line, row in _rows(path):
+        for name in (text_field, label_field):
+            _need(path, line, row, name)
+        texts.append(str(row[text_field]))
+        labels.append(str(row[label_field]).strip())
+    return texts, labels
+
+
+def read_texts(
+    path: str | Path, text_field: str = "text", label_field: str = "label"
+) -> tuple[list[str], list[str] | None]:
+    """The texts of a JSON-lines or CSV file (as `read_labelled` reads them) and their labels
+    when the first line has `label_field` (then every line needs it), else None."""
+    path = Path(path)
+    rows = _rows(path)
+    labelled = _filled(rows[0][1], label_field)
+    texts, labels = [], []
+    for line, row in rows:
+        _need(path, line, row, text_field)
+        texts.append(str(row[text_field]))
+        if labelled:
+            _need(path, line, row, label_field)
+            labels.append(str(row[label_field]).strip())
+    return texts, labels if labelled else None
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """The (line number, fields) of each example of a JSON-lines or CSV file; at least one."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -227,14 +256,16 @@ def read_labelled(
     rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
     if not rows:
         raise ConfigError(f"{path} holds no examples")
-    texts, labels = [], []
-    for line, row in rows:
-        for name in (text_field, label_field):
-            if name not in row or row[name] is None or str(row[name]).strip() == "":
-                raise ConfigError(f"{path}, line {line}: no {name!r} field (fields: {sorted(row)})")
-        texts.append(str(row[text_field]))
-        labels.append(str(row[label_field]).strip())
-    return texts, labels
+    return rows
+
+
+def _filled(row: dict, name: str) -> bool:
+    return name in row and row[name] is not None and str(row[name]).strip() != ""
+
+
+def _need(path: Path, line: int, row: dict, name: str) -> None:
+    if not _filled(row, name):
+        raise ConfigError(f"{path}, line {line}: no {name!r} field (fields: {sorted(row)})")
 
 
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:

@@ -17,11 +17,13 @@ classifier stays at chance whatever the adapter learns.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from lfm.access import module_of
 from lfm.config import Config
@@ -33,9 +35,11 @@ from lfm.tuning.classify import (
     HeadClassifier,
     VerbalizerLM,
     accuracy_fn,
+    batch_order,
     ce_loss,
     class_batches,
     label_token_ids,
+    predict,
     seeded,
 )
 from lfm.tuning.results import TunedModel
@@ -48,7 +52,7 @@ EVAL_BATCH = 8
 
 Data = TextClassification | Instructions
 WEIGHT_DATA = {TextClassification: "a TextClassification", Instructions: "Instructions"}
-Evaluate = Callable[[nn.Module], dict[str, float]]
+Evaluate = Callable[..., dict[str, float]]  # (model, desc=None): `desc` shows a progress bar
 
 
 class Schedule(Protocol):
@@ -110,9 +114,10 @@ def evaluator(tokenizer: Any, data: Data | None) -> Evaluate | None:
         batches = sft_batches(tokenizer, data.rows, EVAL_BATCH)
 
         @torch.no_grad()
-        def loss(model: nn.Module) -> dict[str, float]:
+        def loss(model: nn.Module, desc: str | None = None) -> dict[str, float]:
             dev = next(model.parameters()).device
-            losses = [float(sft_loss(model, {k: v.to(dev) for k, v in b.items()})) for b in batches]
+            bar = tqdm(batches, desc=desc, disable=desc is None, leave=False, dynamic_ncols=True)
+            losses = [float(sft_loss(model, {k: v.to(dev) for k, v in b.items()})) for b in bar]
             return {"loss": sum(losses) / len(losses)}
 
         return loss
@@ -120,7 +125,22 @@ def evaluator(tokenizer: Any, data: Data | None) -> Evaluate | None:
         tokenizer, data.prompts(), data.labels, EVAL_BATCH, max_length=data.max_tokens
     )
     acc = accuracy_fn(ev)
-    return lambda model: {"acc": acc(model)}
+    return lambda model, desc=None: {"acc": acc(model, desc)}
+
+
+def class_logits(
+    model: nn.Module, tokenizer: Any, data: TextClassification, desc: str | None = None
+) -> torch.Tensor:
+    """Class logits (N, C) of `data`'s texts, in their order, batched as `evaluator` batches a
+    held-out set (left padding moves a causal LM's positions, so the batches fix the logits):
+    the same texts give the logits the run's evaluation saw."""
+    ev = class_batches(
+        tokenizer, data.prompts(), data.labels, EVAL_BATCH, max_length=data.max_tokens
+    )
+    logits = predict(model, ev, desc)
+    out = torch.empty_like(logits)
+    out[batch_order(len(data.texts))] = logits
+    return out
 
 
 def with_head_lr(model: nn.Module, tcfg: TrainConfig, head_lr: float | None) -> TrainConfig:
@@ -208,12 +228,13 @@ def tune_weights(
     batches, loss_fn = batches_of(tokenizer, data, batch_size, seed)
     evaluate = evaluator(tokenizer, eval_data)
     before: dict[str, Any] = {"trainable_parameters": trainable_parameters(model)}
+    tcfg = train_config(cfg, train_cfg, seed)
     if evaluate is not None and isinstance(model, VerbalizerLM):  # a new head has no zero-shot
-        before["zero_shot_acc"] = evaluate(model)["acc"]
+        shown = tcfg.progress and on_main_process()
+        before["zero_shot_acc"] = evaluate(model, "zero-shot" if shown else None)["acc"]
     if run is not None:
         run.log(**before)
     extra: dict[str, Any] = {}
-    tcfg = train_config(cfg, train_cfg, seed)
     hist = schedule(model, loss_fn, batches, tcfg, run=run, evaluate=evaluate, head_lr=head_lr,
                     metrics=extra)  # fmt: skip
     final = _final(hist)
@@ -226,6 +247,12 @@ def tune_weights(
     return TunedModel(method=method, config=cfg, model=model.eval(), tokenizer=tokenizer,
                       verbalizer=verb, history=list(hist.losses), evals=list(hist.evals),
                       metrics=metrics)  # fmt: skip
+
+
+def on_main_process() -> bool:
+    """Whether this is the main process of a launch (`RANK` 0, or no launcher): the one whose
+    progress bars show, as the loop's own bar does."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def data_kind(data: Any, method: str, kinds: Mapping[type, str]) -> None:
