@@ -247,8 +247,21 @@ def test_edit_config_out_of_range_is_refused_before_any_patch(yaml, says, monkey
         (["generate", "Paris is", "--temperature", "warm"], "--temperature"),
         (["generate", "Paris is", "--model", "./no/such/model"], "no such file or folder"),
         (["generate", "Paris is", "--temperature", "inf"], "--temperature"),
+        # the other top-level commands and groups: a bad option, a bad type, a missing file
+        (["plan", "smollm2-135m", "--size", "x"], "--size"),
+        (["plan", "smollm2-13m"], "did you mean 'smollm2-135m'?"),
+        (["plan", "smollm2-135m", "--task", "clasify"], "did you mean 'classify'?"),
+        (["run", "no-such.yaml"], "does not exist"),
+        (["run", "no-such.yaml", "--chek"], "No such option"),
+        (["cache", "--clear=1"], "does not take a value"),
+        (["runs", "show", "no-such-run"], "no run 'no-such-run'"),
+        (["runs", "show", "x", "--json=maybe"], "does not take a value"),
+        (["runs", "list", "--rooot", "x"], "No such option"),
+        (["serve", "--port", "abc"], "--port"),
+        (["serve", "--acess", "scores"], "No such option"),
+        (["info", "smollm2-13m"], "did you mean 'smollm2-135m'?"),
     ],
-    ids=lambda v: " ".join(v[2:]) if isinstance(v, list) else None,
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
 )
 def test_top_level_option_errors(argv, says, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)

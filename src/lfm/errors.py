@@ -4,6 +4,17 @@ Every error lfm raises on purpose is an `LfmError` whose message is one line tha
 wrong and what to do. The CLI prints that line alone; library users catch the class.
 """
 
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, names: Iterable[str]) -> str:
+    """`; did you mean 'x'?` for the closest of `names` to a mistyped `name`, or "" if none is
+    close (difflib's ratio of at least 0.6)."""
+    import difflib
+
+    hits = difflib.get_close_matches(str(name), list(names), n=1, cutoff=0.6)
+    return f"; did you mean {hits[0]!r}?" if hits else ""
+
 
 class LfmError(Exception):
     """Base class: a one-line, actionable message (whitespace and line breaks are collapsed)."""

@@ -22,13 +22,13 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from lfm.access import Access, require
 from lfm.config import Config
-from lfm.errors import ConfigError, LfmError
+from lfm.errors import ConfigError, LfmError, did_you_mean
 
 AREAS: dict[str, tuple[str, ...]] = {
     "tuning": ("weight engineering", "input engineering", "database augmentation"),
@@ -303,16 +303,8 @@ def get(key: str, area: str | None = None) -> MethodSpec:
         raise LfmError(f"method name {key!r} is ambiguous: {', '.join(s.key for s in hits)}")
     area = area or prefix
     names = sorted(s.name for s in _REGISTRY.values() if area is None or s.area == area)
-    close = _closest(key.rsplit("/", 1)[-1], names)
-    hint = f"; did you mean {close!r}?" if close else "; `lfm methods` lists them"
+    hint = did_you_mean(key.rsplit("/", 1)[-1], names) or "; `lfm methods` lists them"
     raise LfmError(f"no method {key!r}{hint}")
-
-
-def _closest(name: str, names: Sequence[str]) -> str | None:
-    import difflib
-
-    hits = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    return hits[0] if hits else None
 
 
 def run(

@@ -61,7 +61,9 @@ def test_unknown_method_is_refused(tmp_path):
 def test_state_is_only_for_alphaedit(folder, tmp_path):
     args = ["apply", "--model", str(folder), "-m", "rome", *ARGS, "--state", str(tmp_path / "s")]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
-    assert _one_line_error(res, "--state is for the lifelong editors (alphaedit, ultraedit); rome keeps no state")
+    assert _one_line_error(
+        res, "--state is for the lifelong editors (alphaedit, ultraedit); rome keeps no state"
+    )
 
 
 def test_patch_revert_needs_an_edited_folder(tmp_path):

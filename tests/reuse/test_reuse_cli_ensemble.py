@@ -134,4 +134,5 @@ def test_a_served_member_scores_like_its_local_copy(folders):
         assert json.loads((root / "pred.json").read_text())["predictions"] == want
         refused, _ = _run(root, [paths[0], url], "--api-key", "wrong")
     assert local.exit_code == 0 and refused.exit_code == 2, refused.output
-    assert len(refused.output.strip().splitlines()) == 1
+    errors = [x for x in refused.output.splitlines() if x.startswith("error:")]
+    assert len(errors) == 1 and "401" in errors[0] and "Traceback" not in refused.output

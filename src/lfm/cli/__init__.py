@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -360,6 +361,11 @@ def _error(message: str) -> None:
 
 def main() -> None:
     """Entry point: run the CLI; every error a user can cause is one line and exit status 2."""
+    # PEFT 0.21 still asks transformers 5 for a renamed attribute when it loads an adapter; the
+    # warning is about their code, not the user's, and would print on every adapter load.
+    warnings.filterwarnings(
+        "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
+    )
     try:
         code = _mount_areas(sys.argv[1:])(standalone_mode=False)
     except LfmError as e:

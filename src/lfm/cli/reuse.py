@@ -102,7 +102,9 @@ def stats(
     from lfm.reuse.recipes import statistics
 
     use_threads(threads)
-    done = statistics(kind, model, texts, out, n=n, fisher_kind=fisher_kind, seed=seed, root=root)
+    done = statistics(
+        kind, model, texts, out, n=n, fisher_kind=fisher_kind, seed=seed, root=root, progress=True
+    )
     typer.echo(f"{kind}: {done.texts} texts -> {out}")
     typer.echo(f"run: {done.run}")
 
@@ -162,7 +164,7 @@ def ensemble(
     res = classify_texts(
         [_member(m, api_key) for m in models], method=method, labels=labels.split(","), texts=texts, dataset=dataset,
         template=template, weights=_floats(weights, "weights"), space=space, n=n,
-        max_chars=max_chars, out=out,
+        max_chars=max_chars, out=out, progress=True,
     )  # fmt: skip
     for text, label in zip(res.texts, res.predictions, strict=True):
         typer.echo(f"{label}\t{text[:60]!r}")

@@ -126,6 +126,18 @@ def save_tensors(path: str | Path, tensors: dict[str, Any], format: str, **meta:
     return Path(path)
 
 
+def model_files(folder: str | Path) -> list[Path]:
+    """The safetensors files that hold a model folder's weights, sorted.
+
+    `save_pretrained` names them `model.safetensors` or `model-0000i-of-0000n.safetensors`; when
+    such files exist only they count, so files beside them (the `edit-undo.safetensors` that
+    `lfm edit patch-apply` leaves, statistics, heads) are never read as weights. A folder with no
+    `model*.safetensors` gives all its `.safetensors` files."""
+    folder = Path(folder)
+    named = sorted(folder.glob("model*.safetensors"))
+    return named or sorted(folder.glob("*.safetensors"))
+
+
 def read_meta(path: str | Path, format: str | None = None) -> dict[str, Any]:
     """The metadata of a tagged tensor file (`format` and the JSON values), checked if asked."""
     from safetensors import safe_open

@@ -41,7 +41,15 @@ def curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return save_png(fig, path)
+
+
+def save_png(fig: Any, path: str | Path, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically (no half-written file on a crash) and close
+    it (pyplot keeps every open figure alive)."""
+    import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=dpi)
     plt.close(fig)
     return Path(path)

@@ -26,8 +26,9 @@ import torch
 from torch import nn
 
 from lfm.core.hooks import add_at, capture, replace_at
-from lfm.core.io import atomic_path, write_text
+from lfm.core.io import write_text
 from lfm.core.layouts import get_layout, num_layers
+from lfm.core.plot import save_png
 from lfm.edit import common, progress
 from lfm.edit.requests import subject_end, subject_last_token, target_ids
 
@@ -179,7 +180,4 @@ def figure(trace: Trace) -> Any:
 
 def plot(trace: Trace, path: str | Path) -> Path:
     """The heat map (`figure`) as a PNG, written atomically."""
-    fig = figure(trace)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    return Path(path)
+    return save_png(figure(trace), path, dpi=120)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from lfm import registry
 from lfm.access import Access
-from lfm.errors import LfmError
+from lfm.errors import LfmError, did_you_mean
 from lfm.pipeline.probe import Interface, probe
 
 if TYPE_CHECKING:
@@ -242,7 +242,8 @@ def plan(target: str | Interface, task: str | None = None, api_key: str | None =
             steps, models to merge ...); default: the task's `size`.
     """
     if task is not None and task not in TASKS:
-        raise LfmError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+        hint = did_you_mean(task, TASKS) or f"; choose one of {', '.join(TASKS)}"
+        raise LfmError(f"unknown task {task!r}{hint}")
     if size is not None and task is None:
         raise LfmError("a size needs a task: the size counts the task's unit (facts, steps ...)")
     if size is not None and size < 1:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from lfm.access import Access
-from lfm.errors import LfmError
+from lfm.core.io import model_files
+from lfm.errors import LfmError, did_you_mean
 
 PROBE_PROMPT = "The capital of France is"
 
@@ -68,7 +69,9 @@ def _probe_local(target: str) -> Interface:
     path = Path(target)
     if not path.exists():
         names = ", ".join(sorted(MODELS))
-        raise LfmError(f"{target} is neither an asset ({names}), a path nor a URL")
+        raise LfmError(
+            f"{target} is neither an asset ({names}), a path nor a URL{did_you_mean(target, MODELS)}"
+        )
     if path.is_dir() and (path / "adapter_config.json").exists():
         cfg = _read_json(path / "adapter_config.json")
         facts = {"adapter": cfg.get("peft_type", "?"), "base": cfg.get("base_model_name_or_path")}
@@ -89,7 +92,7 @@ def _probe_local(target: str) -> Interface:
 def count_params(path: Path) -> int | None:
     """Floating-point parameters in a safetensors file or folder, read from the headers only
     (None for other formats, or when a header cannot be read)."""
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    files = model_files(path) if path.is_dir() else [path]
     if not files or any(f.suffix != ".safetensors" for f in files):
         return None
     total = 0

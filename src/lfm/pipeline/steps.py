@@ -21,7 +21,7 @@ from lfm import registry
 from lfm.access import Access, narrow
 from lfm.core.train import TrainConfig, train
 from lfm.distill.vision import accuracy
-from lfm.errors import ConfigError, LfmError
+from lfm.errors import ConfigError, LfmError, did_you_mean
 from lfm.pipeline import data as D
 from lfm.pipeline.artifacts import (
     Artifact,
@@ -271,8 +271,7 @@ def kind_of(run: str) -> Kind:
     if run in STEPS:
         return STEPS[run]
     if "/" not in run:
-        close = registry._closest(run, list(STEPS))
-        hint = f"; did you mean {close!r}?" if close else ""
+        hint = did_you_mean(run, STEPS)
         raise LfmError(
             f"no pipeline step {run!r} (steps: {', '.join(STEPS)}; or area/method){hint}"
         )

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lfm.core.io import atomic_path, write_json
+from lfm.core.io import write_json
+from lfm.core.plot import save_png
 from lfm.reuse.driver import merge_state_dicts
 
 Evaluate = Callable[[nn.Module], tuple[float, float]]  # model -> (loss, accuracy)
@@ -103,10 +104,7 @@ def plot_paths(paths: Mapping[str, Mapping[str, Any]], path: str | Path, title: 
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_png(fig, path)
 
 
 def save_paths(paths: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:

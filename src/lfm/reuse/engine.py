@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lfm.config import Config
-from lfm.core.io import atomic_path
+from lfm.core.io import atomic_path, model_files
 from lfm.reuse.driver import MergeError, OnMissing, Reader, kernel_spec, plan, run_merge
 
 INDEX = "model.safetensors.index.json"
@@ -73,7 +73,7 @@ def weight_files(path: Path) -> dict[str, Path]:
     if (path / INDEX).is_file():
         wmap = json.loads((path / INDEX).read_text())["weight_map"]
         return {k: path / f for k, f in wmap.items()}
-    files = sorted(path.glob("*.safetensors"))
+    files = model_files(path)
     if not files:
         raise MergeError(f"no safetensors weights in {path}")
     return {k: f for f in files for k in _file_keys(f)}

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from lfm import registry
 from lfm.access import module_of
@@ -135,6 +136,7 @@ def statistics(
     fisher_kind: str = "sample",
     seed: int = 0,
     root: str | Path = "runs",
+    progress: bool = False,
 ) -> Computed:
     """Save a causal LM's diagonal Fisher (next token) or its layers' input Gram matrices.
 
@@ -150,6 +152,7 @@ def statistics(
         fisher_kind: the Fisher estimator: "sample", "label" or "exact".
         seed: seeds the sampled outputs (Fisher).
         root: where the run directory is created (`<root>/<stamp>-stats-<kind>/`).
+        progress: a progress bar over the texts (on stderr).
 
     Returns:
         The number of texts used, the file and the run directory.
@@ -166,6 +169,7 @@ def statistics(
         handle = _lm(model)
         net = module_of(handle, f"lfm reuse stats {kind}")
         batches = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
+        batches = tqdm(batches, desc=f"{kind} statistics", unit="text", disable=not progress)
         if kind == "fisher":
             save_fisher(out, net, batches, kind=fisher_kind, seed=seed)
         else:
@@ -299,6 +303,7 @@ def classify_texts(
     n: int = 50,
     max_chars: int = 400,
     out: str | Path | None = None,
+    progress: bool = False,
 ) -> Classification:
     """Classify texts with an ensemble of LMs by label-word scores (`LabelWords` members).
 
@@ -314,6 +319,7 @@ def classify_texts(
         space: with `ensemble_average`, average probabilities ("prob") or log-probabilities.
         n: use at most this many examples.
         out: also write the predictions (and accuracies) as JSON.
+        progress: a progress bar over the members, each loaded and scoring the texts (stderr).
     """
     spec = registry.get(method, area="reuse")
     if spec.shape is not ENSEMBLE:
@@ -323,7 +329,10 @@ def classify_texts(
     mixture_weights(len(models), weights)  # refused before any model is loaded
     rows, gold, words = _texts(texts, dataset, labels, n)
     prompts = _prompts(template, rows, max_chars)
-    members = [LabelWords(_lm(m), words) for m in models]
+    members = []
+    for m in tqdm(models, desc="ensemble members", unit="model", disable=not progress):
+        members.append(LabelWords(_lm(m), words))
+        members[-1].scores(prompts)  # kept by the member: the ensemble below reuses the scores
     result = registry.run(spec.key, members, prompts, cfg=_ensemble_config(spec, weights, space))
     pred = result.argmax(-1) if result.dim() == 2 else result  # log-probabilities or labels
     names = [w.strip() for w in words]
