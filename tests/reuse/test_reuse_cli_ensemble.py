@@ -136,3 +136,25 @@ def test_a_served_member_scores_like_its_local_copy(folders):
     assert local.exit_code == 0 and refused.exit_code == 2, refused.output
     errors = [x for x in refused.output.splitlines() if x.startswith("error:")]
     assert len(errors) == 1 and "401" in errors[0] and "Traceback" not in refused.output
+
+
+def test_a_labelled_file_of_ones_own_gives_each_accuracy(folders):
+    root, paths, handles = folders
+    gold = ["o", "a", "e", "a"]  # one label per text; the label words are the labels
+    (root / "own.jsonl").write_text(
+        "".join(json.dumps({"body": t, "y": g}) + "\n" for t, g in zip(TEXTS, gold, strict=True))
+    )
+    args = ["ensemble", *paths, "--data", str(root / "own.jsonl"), "--text-field", "body",
+            "--label-field", "y", "--template", "{text}", "-o", str(root / "own.json")]  # fmt: skip
+    res = CliRunner().invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    words = [" a", " e", " o"]  # sorted labels, each after a space
+    truth = torch.tensor([words.index(f" {g}") for g in gold])
+    members = [label_word_logprobs(h, TEXTS, words).argmax(-1) for h in handles]
+    want = {p: float((m == truth).float().mean()) for p, m in zip(paths, members, strict=True)}
+    ens = ensemble_average([LabelWords(h, words) for h in handles], TEXTS, EnsembleConfig())
+    want["ensemble"] = float((ens.argmax(-1) == truth).float().mean())
+    assert json.loads((root / "own.json").read_text())["accuracy"] == pytest.approx(want)
+    assert "accuracy:" in res.stdout
+    wrong = CliRunner().invoke(_app(), [*args[:-2], "--labels", "x,y"])
+    assert "2 label words for the 3 labels" in _one_line_error(wrong)

@@ -13,11 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from lfm.assets.labelled import read_labelled
 from lfm.cli.tuning import app
 from lfm.core.runs import path_sha256
 from lfm.errors import ConfigError
 from lfm.tuning import recipes
-from lfm.tuning.tasks import labelled_dataset, read_labelled
+from lfm.tuning.tasks import labelled_dataset
 
 LABELS = ("business", "politics", "sport")  # single tokens of the `bbc_lm` tokenizer
 

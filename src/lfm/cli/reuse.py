@@ -143,6 +143,11 @@ def ensemble(
         "", help="label words, comma-separated; each is scored after a space (default: the classes)"
     ),
     texts: Path | None = typer.Option(None, help="a text file, one example per line"),
+    data: Path | None = typer.Option(
+        None, dir_okay=False, help="your labelled examples: JSON lines, or CSV with a header (.csv)"
+    ),
+    text_field: str = typer.Option("text", help="the field of --data holding the text"),
+    label_field: str = typer.Option("label", help="the field of --data holding the label"),
     dataset: str | None = typer.Option(
         None, help="a text dataset with labels (bbc-news): test split"
     ),
@@ -164,7 +169,8 @@ def ensemble(
     res = classify_texts(
         [_member(m, api_key) for m in models], method=method, labels=labels.split(","), texts=texts, dataset=dataset,
         template=template, weights=_floats(weights, "weights"), space=space, n=n,
-        max_chars=max_chars, out=out, progress=True,
+        max_chars=max_chars, out=out, progress=True, data=data, text_field=text_field,
+        label_field=label_field,
     )  # fmt: skip
     for text, label in zip(res.texts, res.predictions, strict=True):
         typer.echo(f"{label}\t{text[:60]!r}")

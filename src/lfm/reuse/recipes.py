@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lfm import registry
 from lfm.access import module_of
+from lfm.assets.labelled import read_labelled
 from lfm.core.io import save_tensors, write_json
 from lfm.errors import LfmError
 from lfm.reuse.contract import ENSEMBLE
@@ -250,12 +251,16 @@ class Classification:
 
 
 def _texts(
-    texts: str | Path | None, dataset: str | None, labels: Sequence[str], n: int
-) -> tuple[list[str], Tensor | None, list[str]]:
-    """(texts, gold labels or None, label words) from a text file or a labelled text dataset."""
-    if (texts is None) == (dataset is None):
-        raise LfmError("give exactly one of texts (a file) or dataset")
+    texts: str | Path | None, dataset: str | None, labels: Sequence[str], n: int,
+    data: str | Path | None = None, fields: tuple[str, str] = ("text", "label"),
+) -> tuple[list[str], Tensor | None, list[str]]:  # fmt: skip
+    """(texts, gold labels or None, label words) from a text file, a labelled file of one's own
+    or a labelled text dataset."""
+    if sum(x is not None for x in (texts, dataset, data)) != 1:
+        raise LfmError("give exactly one of texts (a file), data (a labelled file) or dataset")
     words = [f" {w.strip()}" for w in labels if w.strip()]
+    if data is not None:
+        return _labelled(data, fields, words, n)
     if texts is not None:
         if not words:
             raise LfmError("classifying a text file needs the label words")
@@ -269,6 +274,20 @@ def _texts(
     # every class in turn, so a small n still covers all classes
     order = sorted(range(len(data.test_texts)), key=lambda i: (_rank(data.y_test, i), i))[:n]
     return [data.test_texts[i] for i in order], data.y_test[order], words
+
+
+def _labelled(
+    path: str | Path, fields: tuple[str, str], words: list[str], n: int
+) -> tuple[list[str], Tensor, list[str]]:
+    """The first `n` examples of a JSON-lines or CSV file with their labels; the label words are
+    the given ones (one per label, in sorted label order) or else the labels themselves."""
+    rows, labels = read_labelled(path, *fields)
+    classes = sorted(set(labels))
+    if words and len(words) != len(classes):
+        raise LfmError(f"{len(words)} label words for the {len(classes)} labels of {path}: "
+                       f"{', '.join(classes)}")  # fmt: skip
+    gold = torch.tensor([classes.index(x) for x in labels[:n]])
+    return rows[:n], gold, words or [f" {c}" for c in classes]
 
 
 def _rank(labels: Tensor, i: int) -> int:
@@ -304,6 +323,9 @@ def classify_texts(
     max_chars: int = 400,
     out: str | Path | None = None,
     progress: bool = False,
+    data: str | Path | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
 ) -> Classification:
     """Classify texts with an ensemble of LMs by label-word scores (`LabelWords` members).
 
@@ -320,6 +342,9 @@ def classify_texts(
         n: use at most this many examples.
         out: also write the predictions (and accuracies) as JSON.
         progress: a progress bar over the members, each loaded and scoring the texts (stderr).
+        data: a labelled file of one's own instead (JSON lines, or CSV by its suffix; fields
+            `text_field` and `label_field`): the accuracies are printed; the label words are
+            `labels` (one per label, in sorted label order) or the labels themselves.
     """
     spec = registry.get(method, area="reuse")
     if spec.shape is not ENSEMBLE:
@@ -327,7 +352,7 @@ def classify_texts(
     if weights is not None and len(weights) != len(models):
         raise LfmError(f"{len(weights)} weights for {len(models)} models")
     mixture_weights(len(models), weights)  # refused before any model is loaded
-    rows, gold, words = _texts(texts, dataset, labels, n)
+    rows, gold, words = _texts(texts, dataset, labels, n, data, (text_field, label_field))
     prompts = _prompts(template, rows, max_chars)
     members = []
     for m in tqdm(models, desc="ensemble members", unit="model", disable=not progress):

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from lfm.access import Access, LocalModel, access_of, narrow
 from lfm.assets import TextDataset, load_dataset, load_model
+from lfm.assets.labelled import read_labelled, read_texts
 from lfm.core.io import write_text
 from lfm.core.train import TrainConfig, run_on_main
 from lfm.errors import ConfigError
@@ -59,8 +60,6 @@ from lfm.tuning.tasks import (
     held_out,
     labelled_dataset,
     labelled_verbalizer,
-    read_labelled,
-    read_texts,
 )
 from lfm.tuning.trainer import HEAD_LR
 
@@ -142,7 +141,7 @@ def labelled_data(
     path: str | Path, text_field: str = "text", label_field: str = "label",
     holdout: float = 0.2, shots: int = 1,
 ) -> TextDataset:  # fmt: skip
-    """A classification file of one's own (JSON lines or CSV; `lfm.tuning.tasks.read_labelled`)
+    """A classification file of one's own (JSON lines or CSV; `lfm.assets.labelled.read_labelled`)
     split into training and held-out examples (`labelled_dataset`: `holdout` a fraction of each
     class or every k-th example), each class with at least `shots` to train on."""
     texts, labels = read_labelled(path, text_field, label_field)

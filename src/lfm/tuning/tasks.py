@@ -15,20 +15,17 @@ class's label word as the continuation of a template and predicts the best:
 
 It needs only SCORES access, so it runs the same on a white-box, narrowed or remote handle.
 
-A classification file of one's own (JSON lines or CSV) is read by `read_labelled` and split into
-training and held-out examples, per class and in file order, by `labelled_dataset`; its label
-strings are the label words (`labelled_verbalizer`).
+A classification file of one's own (JSON lines or CSV) is read by
+`lfm.assets.labelled.read_labelled` and split into training and held-out examples, per class and
+in file order, by `labelled_dataset`; its label strings are the label words
+(`labelled_verbalizer`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -211,94 +208,6 @@ def held_out(data: TextDataset, per_class: int) -> tuple[list[str], torch.Tensor
 # A classification file of one's own: JSON lines or CSV, one example per line.
 
 DATA_TEMPLATE = "Text: {text}\nLabel:"  # a causal LM's template for a file's examples
-
-
-def read_labelled(
-    path: str | Path, text_field: str = "text", label_field: str = "label"
-) -> tuple[list[str], list[str]]:
-    """The texts and labels (as strings) of a JSON-lines file, or of a CSV file (by its `.csv`
-    suffix) with a header row; a bad line, a missing field or an empty file is a one-line
-    `ConfigError` naming the line."""
-    path = Path(path)
-    texts, labels = [], []
-    for line, row in _rows(path):
-        for name in (text_field, label_field):
-            _need(path, line, row, name)
-        texts.append(str(row[text_field]))
-        labels.append(str(row[label_field]).strip())
-    return texts, labels
-
-
-def read_texts(
-    path: str | Path, text_field: str = "text", label_field: str = "label"
-) -> tuple[list[str], list[str] | None]:
-    """The texts of a JSON-lines or CSV file (as `read_labelled` reads them) and their labels
-    when the first line has `label_field` (then every line needs it), else None."""
-    path = Path(path)
-    rows = _rows(path)
-    labelled = _filled(rows[0][1], label_field)
-    texts, labels = [], []
-    for line, row in rows:
-        _need(path, line, row, text_field)
-        texts.append(str(row[text_field]))
-        if labelled:
-            _need(path, line, row, label_field)
-            labels.append(str(row[label_field]).strip())
-    return texts, labels if labelled else None
-
-
-def _rows(path: Path) -> list[tuple[int, dict]]:
-    """The (line number, fields) of each example of a JSON-lines or CSV file; at least one."""
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read the data file {path}: {e}") from None
-    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
-    if not rows:
-        raise ConfigError(f"{path} holds no examples")
-    return rows
-
-
-def _filled(row: dict, name: str) -> bool:
-    return name in row and row[name] is not None and str(row[name]).strip() != ""
-
-
-def _need(path: Path, line: int, row: dict, name: str) -> None:
-    if not _filled(row, name):
-        raise ConfigError(f"{path}, line {line}: no {name!r} field (fields: {sorted(row)})")
-
-
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    rows = []
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"{path}, line {i}: not JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{path}, line {i}: not a JSON object")
-        rows.append((i, row))
-    return rows
-
-
-def _csv_rows(path: Path, text: str) -> list[tuple[int, dict]]:
-    reader = csv.DictReader(io.StringIO(text))
-    rows = []
-    try:
-        for row in reader:
-            # a short row fills its missing fields with None; a long one puts the rest under None
-            if None in row or None in row.values():
-                n = sum(v is not None for k, v in row.items() if k is not None)
-                raise ConfigError(
-                    f"{path}, line {reader.line_num}: {n + len(row.get(None) or ())} fields "
-                    f"where the header has {len(reader.fieldnames or ())}"
-                )
-            rows.append((reader.line_num, row))
-    except csv.Error as e:
-        raise ConfigError(f"{path}, line {reader.line_num}: not CSV ({e})") from None
-    return rows
 
 
 def labelled_dataset(
