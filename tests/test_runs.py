@@ -96,6 +96,21 @@ def test_resuming_keeps_the_manifest_and_checks_the_config(tmp_path):
         Run("r", Cfg(alpha=0.1), path=first.path)
 
 
+def test_resuming_refuses_an_input_that_changed_but_not_one_that_moved(tmp_path):
+    from lfm.errors import LfmError
+
+    data = tmp_path / "data.txt"
+    data.write_text("one")
+    with Run("r", Cfg(), inputs={"data": data}, root=tmp_path / "runs") as first:
+        pass
+    moved = tmp_path / "moved.txt"
+    moved.write_text("one")
+    Run("r", Cfg(), inputs={"data": moved}, path=first.path)  # the same bytes elsewhere
+    data.write_text("two")
+    with pytest.raises(LfmError, match=r"data\.txt has changed since the run began"):
+        Run("r", Cfg(), inputs={"data": data}, path=first.path)
+
+
 def test_run_directories_are_created_exclusively(tmp_path, monkeypatch):
     """Two runs started in the same second get two directories (no shared manifest)."""
     import multiprocessing as mp

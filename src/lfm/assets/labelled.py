@@ -58,7 +58,7 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read the data file {path}: {e}") from None
-    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    rows = _csv_rows(path, text) if path.suffix.lower() == ".csv" else json_lines(path, text)
     if not rows:
         raise ConfigError(f"{path} holds no examples")
     return rows
@@ -73,7 +73,9 @@ def _need(path: Path, line: int, row: dict, name: str) -> None:
         raise ConfigError(f"{path}, line {line}: no {name!r} field (fields: {sorted(row)})")
 
 
-def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+def json_lines(path: str | Path, text: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSON-lines text read from `path`; a line
+    that is not a JSON object is a one-line `ConfigError` naming it."""
     rows = []
     for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():

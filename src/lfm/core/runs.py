@@ -51,7 +51,8 @@ class Run:
             folder's is the hash of its files' relative paths and hashes).
         root: where run directories live (default `runs/`).
         path: reuse this directory (to resume) instead of creating a new one; its manifest's
-            metrics and outputs are kept, and its config must equal `config`; the temporary
+            metrics and outputs are kept, its config must equal `config` and each input it
+            recorded must still have the same SHA-256 (a folder may move, not change); the temporary
             files a killed attempt left in it (a half-written checkpoint) are removed.
         parents: ids of the runs whose outputs this run reads (its lineage); None: found from
             `inputs` (an input inside a run directory names that run, see `lineage`).
@@ -82,6 +83,12 @@ class Run:
         if previous is not None:  # resuming: keep what earlier attempts recorded
             if previous.get("config") != cfg:
                 raise LfmError(f"cannot resume {self.path}: its manifest holds another config")
+            for key, p in (inputs or {}).items():  # a resumed run reads what it first read
+                was = previous.get("inputs", {}).get(key, {}).get("sha256")
+                if was is not None and was != path_sha256(p):
+                    raise LfmError(
+                        f"cannot resume {self.path}: {p} has changed since the run began"
+                    )
             self.manifest = previous
             self.manifest["status"] = "running"
             self.manifest.setdefault("resumed", []).append(time.strftime("%Y-%m-%dT%H:%M:%S%z"))

@@ -35,7 +35,6 @@ from safetensors.torch import save_model
 from lfm.access import LocalModel, narrow
 from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
-from lfm.core.runs import path_sha256
 from lfm.core.train import TrainConfig
 from lfm.distill.contract import DistillResult
 from lfm.distill.lm import (
@@ -101,14 +100,6 @@ def _save(run: Run, **models: Any) -> None:
             save_model(model, str(tmp))
 
 
-def _same_inputs(run: Run, inputs: dict[str, str | Path]) -> None:
-    """A resumed run must read what it first read: refuse a file or folder that has changed."""
-    for name, path in inputs.items():
-        was = run.manifest["inputs"].get(name, {}).get("sha256")
-        if was is not None and was != path_sha256(path):
-            raise LfmError(f"cannot resume {run.path}: {path} has changed since the run began")
-
-
 def _images(
     data: Path | None, image_size: int, holdout: float, seed: int, train_size: int,
     test_size: int,
@@ -130,10 +121,10 @@ def _image_options(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def _record_images(run: Run, data: Path | None, about: dict[str, Any] | None) -> None:
-    """Check a resumed run's folder, and keep the classes and split in the manifest."""
+    """Keep the folder's classes and split in the manifest (`Run` checks a resumed run's
+    folder is the one it first read)."""
     if data is None or about is None:
         return
-    _same_inputs(run, {"data": data})
     run.manifest["data"] = about
     run.save()
 
@@ -414,7 +405,6 @@ def lm(
                             progress=progress)  # fmt: skip
     inputs = on_disk({"model": source_path(model), "data": data, "eval_data": eval_data})
     with Run(f"distill-{method}-{every}", config, inputs=inputs, root=root, path=resume) as run:
-        _same_inputs(run, inputs)
         if own is not None:
             run.manifest["data"] = {"split": own[1], "train_blocks": len(train_blocks),
                                     "eval_blocks": len(test_blocks)}  # fmt: skip

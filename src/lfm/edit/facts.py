@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from lfm.access import ScoresModel
+from lfm.assets.labelled import json_lines
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
 
@@ -184,24 +185,18 @@ def read_facts(path: str | Path) -> list[Fact]:
     number). So the packaged file reads too. A bad line is a one-line `LfmError` naming it.
     """
     try:
-        lines = Path(path).read_text().splitlines()
+        text = Path(path).read_text()
     except (OSError, UnicodeDecodeError) as e:
         raise LfmError(f"cannot read facts from {path}: {e}") from None
-    facts = [_own_fact(path, i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    facts = [_own_fact(path, i, r) for i, r in json_lines(path, text)]
     if not facts:
         raise LfmError(f"{path} holds no facts (one JSON object per line)")
     return facts
 
 
-def _own_fact(path: str | Path, i: int, line: str) -> Fact:
+def _own_fact(path: str | Path, i: int, row: dict) -> Fact:
     where = f"{path}, line {i}"
-    try:
-        r = json.loads(line)
-    except ValueError as e:
-        raise LfmError(f"{where}: not JSON ({e})") from None
-    if not isinstance(r, dict):
-        raise LfmError(f"{where}: not a JSON object")
-    r = {**r, "target": r.get("target", r.get("new"))}
+    r = {**row, "target": row.get("target", row.get("new"))}
     missing = [k for k in ("prompt", "subject", "target") if not r.get(k)]
     if missing:
         raise LfmError(f"{where}: no {', '.join(map(repr, missing))} (fields: {sorted(r)})")

@@ -27,7 +27,7 @@ from torch import nn
 from lfm.access import LocalClassifier, narrow
 from lfm.config import Config
 from lfm.core.io import load_tensors, save_tensors
-from lfm.core.runs import path_sha256, read_manifest
+from lfm.core.runs import read_manifest
 from lfm.errors import LfmError
 from lfm.meta.baseline import train_pool
 from lfm.meta.contract import MetaResult, ModelPool
@@ -152,9 +152,9 @@ def task_preset(spec: MethodSpec, task: str) -> dict[str, Any]:
     return {"inner_lr": 0.4, "test_inner_steps": 3} if images and adapts else {}
 
 
-def _check_resume(resume: str | Path, name: str, task: dict[str, Any], inputs: dict) -> None:
-    """One-line errors when `resume` is not a run of this method on these tasks and inputs (the
-    run's config is checked by `Run` itself). A task folder's path may differ, not its files."""
+def _check_resume(resume: str | Path, name: str, task: dict[str, Any]) -> None:
+    """One-line errors when `resume` is not a run of this method on these tasks (`Run` itself
+    checks the config, and that a task folder's files, wherever it now is, are unchanged)."""
     m = read_manifest(resume)
     if m.get("name") != name:
         raise LfmError(f"cannot resume {resume}: it is a {m.get('name')} run, not {name}")
@@ -165,9 +165,6 @@ def _check_resume(resume: str | Path, name: str, task: dict[str, Any], inputs: d
             f"cannot resume {resume}: it ran with other task options ({', '.join(differ)}); "
             "give the options it ran with"
         )
-    for key, path in inputs.items():
-        if m.get("inputs", {}).get(key, {}).get("sha256") != path_sha256(path):
-            raise LfmError(f"cannot resume {resume}: {path} is not the {key} it ran with")
 
 
 def _finish(run_: Run, result: MetaResult, score: dict[str, Any], **metrics: Any) -> None:
@@ -243,7 +240,7 @@ def train(
         )
     inputs = on_disk({"config": config, "data": data})
     if resume is not None:
-        _check_resume(resume, f"meta-{spec.name}", info, inputs)
+        _check_resume(resume, f"meta-{spec.name}", info)
     with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=root, path=resume) as run_:
         run_.manifest["task"] = info
         ckpt = Checkpoints(run_, ckpt_every)

@@ -101,7 +101,7 @@ def load_template(folder: str | Path) -> Verbalizer:
     path = Path(folder) / TEMPLATE_FILE
     try:
         d = json.loads(path.read_text())
-        return Verbalizer(d["template"], tuple(d["label_words"]), int(d["max_chars"]))
+        return Verbalizer.from_dict(d)
     except (OSError, ValueError, KeyError) as e:
         raise LfmError(f"cannot read a prompt template from {path}: {e}") from None
 

@@ -92,8 +92,7 @@ def _black_box_scorer(path: Path, model: str | Any) -> tuple[Scorer, Access, Ver
     """The scores of a saved prompt or template, chunked with a progress bar; its access."""
     if (path / PROMPT_FILE).exists():
         prompt, meta = load_prompt(path)
-        v = meta["verbalizer"]
-        verb = Verbalizer(v["template"], tuple(v["label_words"]), int(v["max_chars"]))
+        verb = Verbalizer.from_dict(meta["verbalizer"])
         level = Access.EMBEDDINGS
         handle = black_box_handle(model, level)
         one = lambda ts: class_scores_bbt(handle, prompt, ts, verb)  # noqa: E731
@@ -216,8 +215,7 @@ def _trained(
     """Label words of a causal LM (`VerbalizerLM`) or an encoder's new head, as trained."""
     backbone, tokenizer = _backbone(folder, model)
     if record.get("verbalizer"):
-        v = record["verbalizer"]
-        verb = Verbalizer(v["template"], tuple(v["label_words"]), int(v["max_chars"]))
+        verb = Verbalizer.from_dict(record["verbalizer"])
         clf: torch.nn.Module = VerbalizerLM(backbone, label_token_ids(tokenizer, verb.label_words))
         classes, cut = _classes(recorded, verb.label_words), None
     else:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +62,11 @@ class Verbalizer:
     def to_dict(self) -> dict[str, object]:
         return {"template": self.template, "label_words": list(self.label_words),
                 "max_chars": self.max_chars}  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Verbalizer:
+        """The verbaliser `to_dict` wrote (a missing key is a `KeyError` for the reader to word)."""
+        return cls(str(d["template"]), tuple(d["label_words"]), int(d["max_chars"]))
 
 
 def bbc_verbalizer(classes: Sequence[str], max_chars: int = 1200) -> Verbalizer:
