@@ -415,12 +415,12 @@ def patch_apply(
     """
     files = {"model": _source(model), "patch": patch}
     options = {"model": _name(model), "patch": str(patch), "out": str(out)}
+    loaded = load_patch(patch)  # refused before a run directory or the model is made
+    if not isinstance(loaded, Patch):
+        kind = "GRACE codebook" if isinstance(loaded, CodebookPatch) else "memory patch"
+        raise LfmError(f"{patch} is a {kind}: it changes no weights (`lfm edit eval` uses it)")
     with _maybe_run("patch-apply", options, files, root) as run:
         handle = load_handle(model)
-        loaded = load_patch(patch)
-        if not isinstance(loaded, Patch):
-            kind = "GRACE codebook" if isinstance(loaded, CodebookPatch) else "memory patch"
-            raise LfmError(f"{patch} is a {kind}: it changes no weights (`lfm edit eval` uses it)")
         undo = loaded.apply(handle.model)
         try:
             path = save_edited(handle, undo, out)
