@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -56,6 +57,11 @@ def test_info_and_generate_on_a_local_folder(tmp_path, monkeypatch):
         app, ["generate", "Paris is", "--model", str(tmp_path / "m"), "--max-new-tokens", "3"]
     )
     assert res.exit_code == 0 and res.output.startswith("Paris is")
+    res = runner.invoke(app, ["info", str(tmp_path / "m"), "--dtype", "bfloat16", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["dtype"] == "bfloat16"  # loaded as asked
+    res = runner.invoke(app, ["info", str(tmp_path / "m"), "--json"])
+    assert json.loads(res.output)["dtype"] == "float32"  # and only for that command
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
     python tools/layers.py            # the check, and what each layer imports
     python tools/layers.py --quiet    # the check only
 
-The layers, bottom up: `errors`, `config`; `core`; `access`, `registry`, `runs`, `assets`; the
+The layers, bottom up: `errors`, `config`; `core`, `levels`; `access`, `registry`, `runs`, `assets`; the
 five areas; `serve`, then `pipeline` (plans and pipelines across the areas) and `cli` on top. A module may import its own package and the layers below
 it; the areas never import each other. Every import counts, also those inside functions. Import
 cycles between files are violations too.
@@ -18,16 +18,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent / "src"
 AREAS = ("tuning", "distill", "reuse", "meta", "edit")
-FOUNDATION = ("core", "access", "registry", "config", "errors", "runs", "assets")
+FOUNDATION = ("core", "levels", "access", "registry", "config", "errors", "runs", "assets")
 # What each top-level part of lfm may import (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "config": {"errors"},
     "core": {"errors", "config"},
-    "access": {"errors", "config", "core"},
-    "registry": {"errors", "config", "core", "access"},
+    "levels": {"errors"},
+    "access": {"errors", "config", "core", "levels"},
+    "registry": {"errors", "config", "core", "levels", "access"},
     "runs": {"errors", "config", "core"},
-    "assets": {"errors", "config", "core", "access", "runs"},
+    "assets": {"errors", "config", "core", "levels", "access", "runs"},
     **{area: set(FOUNDATION) for area in AREAS},
     "pipeline": {*FOUNDATION, *AREAS, "serve"},
 }

@@ -22,7 +22,6 @@ import copy
 import itertools
 import weakref
 from collections.abc import Mapping, Sequence
-from enum import IntEnum
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -31,6 +30,7 @@ from torch import nn
 
 from lfm.core.hooks import capture
 from lfm.errors import AccessError
+from lfm.levels import Access
 
 __all__ = [
     "Access",
@@ -58,32 +58,6 @@ __all__ = [
     "require",
     "state_dict_of",
 ]
-
-
-class Access(IntEnum):
-    """What a model interface exposes, from least to most."""
-
-    TEXT = 1  # text in, text out (labels for a classifier)
-    SCORES = 2  # log-probabilities of given inputs
-    EMBEDDINGS = 3  # scores for given input embeddings
-    HIDDEN = 4  # activations at named modules
-    WEIGHTS = 5  # parameters, gradients, writes
-
-    @classmethod
-    def parse(cls, value: str | int | Access) -> Access:
-        """Read a level from its name (any case) or number; a clear error otherwise."""
-        if isinstance(value, Access):
-            return value
-        if isinstance(value, int):
-            return cls(value)
-        try:
-            return cls[str(value).strip().upper()]
-        except KeyError:
-            names = ", ".join(level.name.lower() for level in cls)
-            raise AccessError(f"unknown access level {value!r}; choose one of: {names}") from None
-
-    def __str__(self) -> str:
-        return self.name
 
 
 def access_of(handle: Any) -> Access:
@@ -248,12 +222,16 @@ class LocalModel:
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         seed: int = 0,
+        top_p: float = 1.0,
     ) -> list[str]:
-        """Continue each prompt; greedy when `temperature` is 0, else sampled under `seed`
+        """Continue each prompt; greedy when `temperature` is 0, else sampled under `seed` from
+        the smallest set of tokens whose probabilities sum to `top_p` (nucleus sampling; 1: all)
         (the global random state is left as it was)."""
         outs: list[str] = []
         sample = temperature > 0
-        gen = {"do_sample": sample, "temperature": temperature} if sample else {"do_sample": False}
+        gen: dict[str, Any] = {"do_sample": False}
+        if sample:
+            gen = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
         devices = [self.device] if self.device.type == "cuda" else []
         for chunk in _chunks(prompts, self.batch_size):
             enc = self._batch(chunk, side="left")

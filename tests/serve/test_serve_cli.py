@@ -36,3 +36,16 @@ def test_make_server_builds_a_loopback_server_for_a_local_model():
 def test_serve_refuses_a_timeout_that_is_not_positive():
     res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--timeout-s", "0"])
     assert res.exit_code == 2 and "--timeout-s must be positive" in res.output
+
+
+def test_top_k_limits_scores_only_and_reaches_the_settings():
+    res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--access", "text", "--top-k", "5"])
+    assert res.exit_code == 2 and "--top-k limits SCORES access" in res.output
+    res = CliRunner().invoke(app, ["--model", "smollm2-135m", "--top-k", "21"])
+    assert res.exit_code == 2  # hosted APIs give at most 20
+
+    from lfm.serve.cli import make_server
+    from lfm.tuning.tiny import tiny_news_lm as tiny_lm
+
+    server = make_server(tiny_lm(0), "scores", "127.0.0.1", 8124, None, top_k=5)
+    assert server.config.app.state.settings.top_k == 5

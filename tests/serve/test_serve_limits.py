@@ -219,7 +219,7 @@ def test_a_timed_out_pass_stops_between_its_pieces(lm):
 @pytest.mark.parametrize("op", ["tokens", "next", "generate"])
 def test_backend_operations_check_the_stop_flag(lm, op):
     backend = Backend(lm, "scores")
-    key = {"tokens": 0, "next": None, "generate": (2, 0.0, 0)}[op]
+    key = {"tokens": 0, "next": None, "generate": (2, 0.0, 0, 1.0)}[op]
     flag = threading.Event()
     token = batcher._stop.set(flag)
     try:

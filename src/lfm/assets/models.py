@@ -23,6 +23,7 @@ import torch
 from lfm.access import LocalClassifier, LocalModel
 from lfm.core import cache
 from lfm.core.io import file_sha256, model_files, write_json
+from lfm.core.placement import Placement, resolve
 from lfm.errors import AssetError, did_you_mean
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -218,7 +219,7 @@ def _check_kind(what: str, got: str, want: str | None) -> None:
         )
 
 
-def _load_folder(folder: Path, name: str, kind: str | None, device: str) -> LocalModel:
+def _load_folder(folder: Path, name: str, kind: str | None, at: Placement) -> LocalModel:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
@@ -227,17 +228,17 @@ def _load_folder(folder: Path, name: str, kind: str | None, device: str) -> Loca
     _check_kind(name, got, kind)
     auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
     try:
-        model = auto.from_pretrained(folder, dtype=torch.float32)
+        model = auto.from_pretrained(folder, dtype=at.dtype)
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # safetensors/transformers raise many types on a damaged file
         raise AssetError(
             f"cannot load {folder} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
             "the weights are corrupt, truncated or do not match config.json"
         ) from None
-    return LocalModel(model.to(device).eval(), tok, name=name)
+    return LocalModel(model.to(at.device).eval(), tok, name=name)
 
 
-def _load_safetensors_file(path: Path, name: str, kind: str | None, device: str) -> LocalModel:
+def _load_safetensors_file(path: Path, name: str, kind: str | None, at: Placement) -> LocalModel:
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -251,7 +252,7 @@ def _load_safetensors_file(path: Path, name: str, kind: str | None, device: str)
     except Exception as e:
         raise AssetError(f"{path} is corrupt or truncated ({e}); replace the file") from None
     auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
-    model = auto.from_config(config, dtype=torch.float32)
+    model = auto.from_config(config, dtype=torch.float32)  # cast once the state is in
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if "lm_head" in k and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
@@ -261,12 +262,11 @@ def _load_safetensors_file(path: Path, name: str, kind: str | None, device: str)
         )
     if tied:
         model.tie_weights()
-    return LocalModel(
-        model.to(device).eval(), AutoTokenizer.from_pretrained(path.parent), name=name
-    )
+    model = model.to(device=at.device, dtype=at.dtype).eval()
+    return LocalModel(model, AutoTokenizer.from_pretrained(path.parent), name=name)
 
 
-def load_mobilenet(path: Path | None = None) -> LocalClassifier:
+def load_mobilenet(path: Path | None = None, at: Placement | None = None) -> LocalClassifier:
     from lfm.assets.vision import MobileNetV2
 
     path = path or _mobilenet()
@@ -283,14 +283,16 @@ def load_mobilenet(path: Path | None = None) -> LocalClassifier:
         raise AssetError(
             f"{path} is not a MobileNetV2 state dict ({str(e).splitlines()[0]})"
         ) from None
-    return LocalClassifier(model.eval(), name="mobilenet-v2")
+    at = at or resolve()
+    return LocalClassifier(model.to(device=at.device, dtype=at.dtype).eval(), name="mobilenet-v2")
 
 
 def load_model(
     name: str | Path = DEFAULT_MODEL,
     *,
     kind: str | None = None,
-    device: str = "cpu",
+    device: str | None = None,
+    dtype: str | None = None,
     allow_nonfinite: bool = False,
 ) -> LocalModel | LocalClassifier:
     """Load a model by asset name, local path or hub name as a white-box handle.
@@ -303,10 +305,13 @@ def load_model(
         name: an asset name (`lfm models`), a Hugging Face folder, a `.safetensors` file with a
             config.json beside it, a `.gguf` file, or a hub name (online only).
         kind: require "causal-lm", "encoder" or "vision"; a clear error if the model is another.
-        device: where to put the weights.
+        device: where to put the weights: cpu, cuda, cuda:N, mps or auto; None: the process
+            default (`lfm.core.placement`, set by the CLI's `--device`; the CPU otherwise).
+        dtype: the weights' precision: float32, bfloat16, float16 or auto; None: the process
+            default (`--dtype`; float32 otherwise).
         allow_nonfinite: load weights with NaN or infinite values instead of refusing them.
     """
-    handle = _load_any(name, kind, device)
+    handle = _load_any(name, kind, resolve(device, dtype))
     check_weights(handle.model, str(name), _local_weight_files(name), allow_nonfinite)
     return handle
 
@@ -343,28 +348,28 @@ def check_weights(
                      "allow_nonfinite=True to load it as is)", AssetError)  # fmt: skip
 
 
-def _load_any(name: str | Path, kind: str | None, device: str) -> LocalModel | LocalClassifier:
+def _load_any(name: str | Path, kind: str | None, at: Placement) -> LocalModel | LocalClassifier:
     key = str(name)
     if key in MODELS:
         info = MODELS[key]
         _check_kind(key, info.kind, kind)
         if info.kind == "vision":
-            return load_mobilenet()
+            return load_mobilenet(at=at)
         path = info.locate()
         if path.suffix == ".gguf":
             sha = _known_sha(key)
-            return _load_cached(convert_gguf(path, sha), key, kind, device)
-        return _load_folder(path, key, kind, device)
+            return _load_cached(convert_gguf(path, sha), key, kind, at)
+        return _load_folder(path, key, kind, at)
     path = Path(key).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise AssetError(f"{path} has no config.json; it is not a Hugging Face model folder")
-        return _load_folder(path, key, kind, device)
+        return _load_folder(path, key, kind, at)
     if path.is_file():
-        return _load_file(path, key, kind, device)
+        return _load_file(path, key, kind, at)
     if key.startswith((".", "/", "~")) or path.suffix in (".gguf", ".safetensors"):
         raise AssetError(f"no such file or folder: {path}")
-    return _load_hub(key, kind, device)
+    return _load_hub(key, kind, at)
 
 
 def _known_sha(name: str) -> str | None:
@@ -375,9 +380,9 @@ def _known_sha(name: str) -> str | None:
     return None
 
 
-def _load_cached(folder: Path, name: str, kind: str | None, device: str) -> LocalModel:
+def _load_cached(folder: Path, name: str, kind: str | None, at: Placement) -> LocalModel:
     try:
-        return _load_folder(folder, name, kind, device)
+        return _load_folder(folder, name, kind, at)
     except AssetError as e:
         raise AssetError(
             f"the cached conversion {folder} is damaged; delete that folder and load again ({e})"
@@ -385,20 +390,20 @@ def _load_cached(folder: Path, name: str, kind: str | None, device: str) -> Loca
 
 
 def _load_file(
-    path: Path, name: str, kind: str | None, device: str
+    path: Path, name: str, kind: str | None, at: Placement
 ) -> LocalModel | LocalClassifier:
     if path.suffix == ".gguf":
-        return _load_cached(convert_gguf(path), name, kind, device)
+        return _load_cached(convert_gguf(path), name, kind, at)
     if path.suffix == ".safetensors":
-        return _load_safetensors_file(path, name, kind, device)
+        return _load_safetensors_file(path, name, kind, at)
     if path.suffix in (".pth", ".pt") and kind == "vision":
-        return load_mobilenet(path)
+        return load_mobilenet(path, at=at)
     raise AssetError(
         f"{path}: unsupported file type {path.suffix!r}; give a folder, .safetensors or .gguf"
     )
 
 
-def _load_hub(name: str, kind: str | None, device: str) -> LocalModel:
+def _load_hub(name: str, kind: str | None, at: Placement) -> LocalModel:
     try:
         from huggingface_hub import snapshot_download
 
@@ -410,7 +415,7 @@ def _load_hub(name: str, kind: str | None, device: str) -> LocalModel:
             f"unknown model {name!r}: not an lfm asset (see `lfm models`), not a local path, and "
             f"the hub did not provide it ({type(e).__name__}; offline?){did_you_mean(name, MODELS)}"
         ) from None
-    return _load_folder(folder, name, kind, device)
+    return _load_folder(folder, name, kind, at)
 
 
 def describe(handle: LocalModel | LocalClassifier) -> dict[str, Any]:
@@ -427,6 +432,9 @@ def describe(handle: LocalModel | LocalClassifier) -> dict[str, Any]:
         "parameters": params,
         "access": [a.name for a in Access if a <= handle.access],
     }
+    first = next(model.parameters(), None)
+    if first is not None:  # where `--device` and `--dtype` put it
+        info["device"], info["dtype"] = str(first.device), str(first.dtype).removeprefix("torch.")
     if config is not None:
         info["config"] = {k: getattr(config, k) for k in _CONFIG_KEYS if hasattr(config, k)}
     info["layout"] = layout_of(model)

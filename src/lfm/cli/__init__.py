@@ -7,8 +7,10 @@ one line: an `LfmError` the library raised, or a usage error (a bad option, type
 other exception is a bug: one line too, exit status 1, the traceback with `LFM_DEBUG=1`.
 
 Area groups are mounted on demand: `lfm reuse merge ...` imports only `lfm.cli.reuse`, so a
-command does not pay for the imports of the other areas (the serving stack, PEFT ...); anything
-else (`lfm --help`, `lfm methods`) and `lfm.cli.app` see every group.
+command does not pay for the imports of the other areas (the serving stack, PEFT ...). `lfm
+--help` lists the groups from the catalogue (`lfm.cli.catalogue`) without importing them, and
+`lfm methods`, `models` and `datasets` read it too: they start without torch. `lfm.cli.app` is the
+full tree.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from rich.console import Console
 from rich.table import Table
 from typer.exceptions import Abort, Exit, TyperException
 
-from lfm.cli.common import finite
+from lfm.cli import catalogue
+from lfm.cli.common import finite, with_placement
 from lfm.errors import LfmError
 
 _app = typer.Typer(
@@ -62,24 +65,20 @@ def models() -> None:
     """List the offline models lfm knows by name."""
     import importlib.util
 
-    from lfm.assets.models import MODELS
-
     table = Table("name", "kind", "description", "package", "installed", title="models")
-    for m in MODELS.values():
-        module = m.package.split("==")[0].replace("-", "_")
+    for m in catalogue.read()["models"]:
+        module = m["package"].split("==")[0].replace("-", "_")
         ok = importlib.util.find_spec(module) is not None
-        table.add_row(m.name, m.kind, m.description, m.package, "yes" if ok else "no")
+        table.add_row(m["name"], m["kind"], m["description"], m["package"], "yes" if ok else "no")
     out.print(table)
 
 
 @_app.command()
 def datasets() -> None:
     """List the offline data sets lfm knows by name."""
-    from lfm.assets.datasets import DATASETS
-
     table = Table("name", "kind", "source", "description", title="datasets")
-    for d in DATASETS.values():
-        table.add_row(d.name, d.kind, d.source, d.description)
+    for d in catalogue.read()["datasets"]:
+        table.add_row(d["name"], d["kind"], d["source"], d["description"])
     out.print(table)
 
 
@@ -93,19 +92,18 @@ def methods(
     ] = None,
 ) -> None:
     """Print the catalogue of methods: area, survey branch, access needed, paper, command."""
-    from lfm.registry import methods as list_methods
-
-    specs = list_methods(area=area, access=access)
+    specs = catalogue.methods(area=area, access=access)
     table = Table(
         "area", "method", "survey branch", "access", "paper", "command",
         title=f"methods ({len(specs)})",
     )  # fmt: skip
     for s in specs:
-        table.add_row(s.area, s.name, s.branch, s.access.name, s.paper, s.cli)
+        table.add_row(s["area"], s["name"], s["branch"], s["access"], s["paper"], s["command"])
     out.print(table)
 
 
 @_app.command()
+@with_placement
 def info(
     model: Annotated[
         str, typer.Argument(help="asset name, local path or hub name")
@@ -124,6 +122,8 @@ def info(
     table = Table(show_header=False, title=f"{d['name']} ({d['class']})")
     table.add_row("parameters", f"{d['parameters']:,}")
     table.add_row("access offered", " < ".join(d["access"]))
+    if "dtype" in d:
+        table.add_row("device, dtype", f"{d['device']}, {d['dtype']}")
     for k, v in {**d.get("config", {}), **d["layout"]}.items():
         table.add_row(k, str(v))
     table.add_row("top-level modules", ", ".join(d["top_modules"]))
@@ -131,6 +131,7 @@ def info(
 
 
 @_app.command()
+@with_placement
 def generate(
     prompt: Annotated[str, typer.Argument(help="text to continue")],
     model: Annotated[str, typer.Option(help="asset name, local path or hub name")] = "smollm2-135m",
@@ -306,23 +307,27 @@ def run_(
 
 _TOP_LEVEL = ("models", "datasets", "methods", "info", "generate", "cache", "plan", "run")
 _mounted: set[str] = set()
+_stubs: set[str] = set()
 
 
 def _mount(name: str) -> None:
-    """Mount one area group, or the top-level `merge` / `serve` commands, once."""
+    """Mount one area group, or the top-level `merge` / `serve` commands, once (in place of its
+    stand-in, if one was mounted)."""
     if name in _mounted:
         return
     _mounted.add(name)
+    if name in _stubs:
+        _stubs.discard(name)
+        _app.registered_groups = [g for g in _app.registered_groups if g.name != name]
+        _app.registered_commands = [c for c in _app.registered_commands if c.name != name]
     if name == "serve":
         from lfm.serve.cli import serve
 
-        _app.command("serve")(serve)
+        _app.command("serve")(with_placement(serve))
     elif name == "merge":
         from lfm.cli.reuse import merge
 
-        _app.command("merge", help="Merge models from a merge plan (same as `lfm reuse merge`).")(
-            merge
-        )
+        _app.command("merge", help=catalogue.MERGE_HELP)(merge)
     else:
         try:
             module = importlib.import_module(f"lfm.cli.{name}")
@@ -333,17 +338,38 @@ def _mount(name: str) -> None:
         _app.add_typer(module.app, name=name)
 
 
-def _mount_areas(argv: list[str] | None = None) -> typer.Typer:
-    """Mount what `argv` needs: its command's group when it names one, else every group."""
-    from lfm.registry import AREAS
+def _stand_ins() -> None:
+    """Every group and command by name and help only, from the catalogue: enough for `lfm
+    --help` and for a mistyped command's suggestion, without importing any of them."""
+    cat = catalogue.read()
 
-    groups = ("serve", "merge", "runs", *AREAS)
-    first = argv[0] if argv else None  # `lfm --help reuse` still lists every group
-    if first in groups:
-        _mount(first)
-    elif first not in _TOP_LEVEL:
+    def stand_in() -> None:  # never runs: a command named on the line is mounted for real
+        raise LfmError("internal: a stand-in command ran")
+
+    for name, help in cat["commands"].items():
+        if name not in _mounted | _stubs:
+            _stubs.add(name)
+            _app.command(name, help=help)(stand_in)
+    for name, help in cat["groups"].items():
+        if name not in _mounted | _stubs:
+            _stubs.add(name)
+            _app.add_typer(typer.Typer(help=help), name=name)
+
+
+def _mount_areas(argv: list[str] | None = None) -> typer.Typer:
+    """The command tree `argv` needs: its command's group when it names one, only the top-level
+    commands when it names one of those, else every group by name and help (`lfm --help`, a
+    typo). With no `argv`, every group for real (`from lfm.cli import app`)."""
+    cat = catalogue.read()
+    groups = (*cat["commands"], *cat["groups"])
+    first = argv[0] if argv else None  # `lfm --help reuse` lists every group
+    if argv is None:
         for name in groups:
             _mount(name)
+    elif first in groups:
+        _mount(first)
+    elif first not in _TOP_LEVEL:
+        _stand_ins()
     return _app
 
 

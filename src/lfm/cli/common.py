@@ -10,6 +10,7 @@ def apply_(...):   # an LfmError raised inside prints `error: <one line>` and ex
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -52,16 +53,56 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Group(typer.Typer):
-    """A command group whose commands all print user errors as one line with exit status 2."""
+    """A command group whose commands all print user errors as one line with exit status 2.
 
-    def command(self, *args: Any, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    `@app.command(..., placed=True)` gives a command that loads or trains a model the options
+    `--device` and `--dtype` (`with_placement`)."""
+
+    def command(  # type: ignore[override]
+        self, *args: Any, placed: bool = False, **kwargs: Any
+    ) -> Callable[[Callable[..., Any]], Any]:
         register = super().command(*args, **kwargs)
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            register(one_line_errors(fn))
+            register(one_line_errors(with_placement(fn) if placed else fn))
             return fn
 
         return deco
+
+
+DEVICE_HELP = (
+    "cpu, cuda, cuda:N, mps, or auto (CUDA when present); unset: models load on the CPU and "
+    "training uses an accelerator when present"
+)
+DTYPE_HELP = (
+    "the weights' precision: float32, bfloat16, float16 or auto (bfloat16 on a GPU that has it); "
+    "training keeps float32 weights and autocasts to it; statistics and solves stay float32/64 "
+    "[default: float32]"
+)
+Device = Annotated[str | None, typer.Option(help=DEVICE_HELP, show_default=False)]
+Dtype = Annotated[str | None, typer.Option(help=DTYPE_HELP, show_default=False)]
+
+
+def with_placement(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`fn` with the options `--device` and `--dtype` added: what is given sets the placement
+    (`lfm.core.placement.placed`, for the command's duration) that `load_model` and the training
+    loops follow and the run manifests record; a device this machine lacks is one line."""
+    sig = inspect.signature(fn, eval_str=True)  # a given signature is not evaluated again
+    extra = [
+        inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+        for n, d, a in (("device", None, Device), ("dtype", None, Dtype))
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, device: str | None = None, dtype: str | None = None, **kw: Any) -> Any:
+        from lfm.core import placement
+
+        with placement.placed(device, dtype):  # restored after: a test may run many commands
+            return fn(*args, **kw)
+
+    params = list(sig.parameters.values())
+    wrapper.__signature__ = sig.replace(parameters=params + extra)  # type: ignore[attr-defined]
+    return wrapper
 
 
 def group(help: str) -> Group:

@@ -86,7 +86,7 @@ def merge(
     typer.echo(f"run: {run}")
 
 
-@app.command()
+@app.command(placed=True)
 def stats(
     kind: str = typer.Argument(..., help="fisher or gram"),
     texts: Path = typer.Argument(..., help="a text file, one example per line"),
@@ -128,7 +128,7 @@ def rebasin(
     typer.echo(f"run: {done.run}")
 
 
-@app.command()
+@app.command(placed=True)
 def ensemble(
     models: list[str] = typer.Argument(
         ..., help="causal LMs: asset names, folders or files, or served models' URLs (SCORES)"

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lfm.config import Config
+from lfm.core import placement
 from lfm.core.io import atomic_path, file_sha256, write_json
 from lfm.core.plot import curves
 from lfm.core.tmp import sweep
@@ -39,6 +40,12 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
+
+
+def _placement() -> dict[str, str]:
+    """Where the process puts models, and in which dtype (`--device`, `--dtype`)."""
+    at = placement.current()
+    return {"device": str(at.device), "dtype": str(at.dtype).removeprefix("torch.")}
 
 
 class Run:
@@ -101,6 +108,7 @@ class Run:
             "config": cfg,
             "config_class": type(config).__name__ if isinstance(config, Config) else None,
             "versions": versions(),
+            "placement": _placement(),
             "inputs": {
                 k: {"path": str(p), "sha256": path_sha256(p)} for k, p in (inputs or {}).items()
             },

@@ -45,6 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.utils import broadcast_object_list, reduce, set_seed
 from pydantic import Field, field_validator
 from safetensors.torch import load_file, save_file
@@ -52,6 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lfm.config import Config
+from lfm.core import placement
 from lfm.core.runs import Run
 from lfm.errors import ConfigError
 
@@ -303,6 +305,28 @@ def _evaluate(evaluate: Callable[[nn.Module], dict], acc: Accelerator, model, st
     return {"step": step, **out}
 
 
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """The loop's Accelerator: on the CPU when `cfg.cpu` or a chosen placement says so, with the
+    autocast precision of `cfg.mixed_precision`, else of a chosen placement's dtype.
+
+    Accelerate's state is one per process and refuses another precision once made; a process
+    of one machine that trains in float32 and then in bfloat16 (the Python API, a notebook) gets
+    a fresh state. Distributed processes keep theirs: there all ranks must agree anyway."""
+    at = placement.current()  # `--device` / `--dtype`, when a command was given them
+    cpu = cfg.cpu or (at.device_chosen and at.cpu)
+    mixed = cfg.mixed_precision
+    if mixed == "no" and at.dtype_chosen:
+        mixed = at.mixed_precision
+    state = AcceleratorState._shared_state
+    if (
+        state
+        and state.get("_mixed_precision", mixed) != mixed
+        and PartialState().num_processes == 1
+    ):
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=_use_cpu(cpu), mixed_precision=mixed)
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -321,7 +345,7 @@ def train(
         run: a run directory for metrics and checkpoints; one holding a checkpoint is resumed.
         evaluate: `evaluate(model) -> {name: value}`, called in eval mode without gradients.
     """
-    acc = Accelerator(cpu=_use_cpu(cfg.cpu), mixed_precision=cfg.mixed_precision)
+    acc = _accelerator(cfg)
     set_seed(cfg.seed)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)

@@ -169,7 +169,8 @@ def statistics(
     with Run(f"stats-{kind}", options, inputs=on_disk(files), root=root) as run:
         handle = _lm(model)
         net = module_of(handle, f"lfm reuse stats {kind}")
-        batches = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
+        ids = [handle.tokenizer(t, return_tensors="pt")["input_ids"] for t in lines]
+        batches = [x.to(handle.device) for x in ids]  # where `--device` put the model
         batches = tqdm(batches, desc=f"{kind} statistics", unit="text", disable=not progress)
         if kind == "fisher":
             save_fisher(out, net, batches, kind=fisher_kind, seed=seed)

@@ -57,6 +57,9 @@ class ServeSettings:
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     max_connections: int = 64  # open connections (or requests in flight); more get 503
     max_header_bytes: int = 16 * 2**10  # request line and headers larger are refused (400)
+    # the top-k tier of hosted APIs: at most this many alternatives per token (`logprobs` ≤ K)
+    # and no full next-token row; None: no limit below the served level
+    top_k: int | None = None
 
 
 def build_app(backend: Backend, settings: ServeSettings = ServeSettings()) -> FastAPI:
@@ -179,13 +182,13 @@ async def _reply(make: Callable[..., dict], *args: Any) -> JSONResponse:
 
 def _add_routes(app: FastAPI, b: Backend, s: ServeSettings) -> None:
     auth = _auth(s)
-    _info_routes(app, b, auth)
+    _info_routes(app, b, s, auth)
     _spec_routes(app, auth)
     _text_routes(app, b, s, auth)
     _tensor_routes(app, b, s, auth)
 
 
-def _info_routes(app: FastAPI, b: Backend, auth: Any) -> None:
+def _info_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "access": b.level.name.lower()}
@@ -198,6 +201,7 @@ def _info_routes(app: FastAPI, b: Backend, auth: Any) -> None:
             "owned_by": "lfm",
             "lfm_access": b.level.name.lower(),
             "lfm_vocab_size": b.vocab_size,
+            **_top_k(s),
         }
         return {"object": "list", "data": [card]}
 
@@ -228,36 +232,40 @@ def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
         if req.logprobs is not None and req.logprobs > 20:
             raise HTTPException(400, f"logprobs {req.logprobs} exceeds 20 alternatives per token")
+        if req.logprobs is not None and s.top_k is not None and req.logprobs > s.top_k:
+            raise HTTPException(403, f"logprobs {req.logprobs}: this server gives at most the "
+                                     f"top {s.top_k} log-probabilities per token")  # fmt: skip
+        prompts = _times(prompts, req.n)  # n choices per prompt, each within the limits
         counts = await _check_texts(b, s, prompts, req.max_tokens)
         if req.logprobs is not None:  # refused before generating, not after
             _afford(b, s, "tokens", req.logprobs, [c + req.max_tokens for c in counts])
-        outs = await _generate(app, prompts, counts, req.max_tokens, req.temperature, req.seed)
+        outs, ends = _cut(await _generate(app, prompts, counts, req), req.stop)
         logprobs = None
         if req.logprobs is not None:
             logprobs = await _logprobs(app, req, prompts, outs, counts)
-        choices = [_choice(i, (p if req.echo else "") + o, logprobs, req.max_tokens)
-                   for i, (p, o) in enumerate(zip(prompts, outs, strict=True))]  # fmt: skip
-        return await _reply(_envelope, "text_completion", b.name, choices, counts, outs, b)
+        choices = [_choice(i, (p if req.echo else "") + o, logprobs, e)
+                   for i, (p, o, e) in enumerate(zip(prompts, outs, ends, strict=True))]  # fmt: skip
+        return await _reply(_envelope, "text_completion", b.name, choices, counts, outs, b, s)
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(req: S.ChatRequest) -> JSONResponse:
         if req.max_tokens > s.max_new_tokens:
             raise HTTPException(413, f"max_tokens {req.max_tokens} exceeds {s.max_new_tokens}")
         prompt = await asyncio.to_thread(_chat_prompt, b, req.messages)
-        counts = await _check_texts(b, s, [prompt], req.max_tokens)
-        outs = await _generate(app, [prompt], counts, req.max_tokens, req.temperature, req.seed)
-        msg = {
-            "index": 0,
-            "message": {"role": "assistant", "content": outs[0]},
-            "finish_reason": "length",
-        }
-        return await _reply(_envelope, "chat.completion", b.name, [msg], counts, outs, b)
+        counts = await _check_texts(b, s, [prompt] * req.n, req.max_tokens)
+        outs, ends = _cut(await _generate(app, [prompt] * req.n, counts, req), req.stop)
+        msgs = [{"index": i, "message": {"role": "assistant", "content": o}, "finish_reason": e}
+                for i, (o, e) in enumerate(zip(outs, ends, strict=True))]  # fmt: skip
+        return await _reply(_envelope, "chat.completion", b.name, msgs, counts, outs, b, s)
 
 
 def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/lfm/next_token_logprobs", dependencies=[auth])
     async def next_token(req: S.NextTokenRequest) -> JSONResponse:
         _need(b, Access.SCORES, "next_token_logprobs")
+        if s.top_k is not None:
+            raise HTTPException(403, f"next_token_logprobs is the full next-token row; this server "
+                                     f"gives only the top {s.top_k} (completions with logprobs)")  # fmt: skip
         counts = await _check_texts(b, s, req.prompt)
         rows = await _run(app, "next", req.prompt, None, counts)
         return await _reply(lambda: {"logprobs": [pack(r) for r in rows],
@@ -285,12 +293,32 @@ def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> Non
 GREEDY_BELOW = 1e-3  # a lower temperature samples as greedy; a subnormal one made logits inf
 
 
-async def _generate(app: FastAPI, prompts: list[str], counts: list[int], n: int, temp: float,
-                    seed: int) -> list[str]:  # fmt: skip
-    if n == 0:
+async def _generate(
+    app: FastAPI, prompts: list[str], counts: list[int], req: S.CompletionRequest | S.ChatRequest
+) -> list[str]:
+    """The continuations: greedy, or sampled under the request's temperature, top_p and seed (the
+    n copies of a prompt sit in one call under one seed, so they draw different samples)."""
+    if req.max_tokens == 0:
         return ["" for _ in prompts]
-    temp = temp if temp >= GREEDY_BELOW else 0.0
-    return await _run(app, "generate", prompts, (n, temp, seed), counts)
+    temp = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
+    key = (req.max_tokens, temp, req.seed, req.top_p)
+    return await _run(app, "generate", prompts, key, counts)
+
+
+def _times(items: list[Any], n: int) -> list[Any]:
+    """Each item n times in a row (the n choices of one prompt are neighbours, as OpenAI's)."""
+    return [x for x in items for _ in range(n)]
+
+
+def _cut(outs: list[str], stops: list[str] | None) -> tuple[list[str], list[str]]:
+    """Each text cut before the first stop sequence in it, and its finish reason: "stop" where
+    one was found, else "length"."""
+    texts, ends = [], []
+    for o in outs:
+        at = min((i for i in (o.find(st) for st in stops or []) if i >= 0), default=-1)
+        texts.append(o if at < 0 else o[:at])
+        ends.append("length" if at < 0 else "stop")
+    return texts, ends
 
 
 async def _logprobs(app: FastAPI, req: S.CompletionRequest, prompts: list[str], outs: list[str],
@@ -307,9 +335,9 @@ def _after(lp: dict[str, Any], start: int) -> dict[str, Any]:
     return {k: (None if v is None else [v[i] for i in keep]) for k, v in lp.items()}
 
 
-def _choice(i: int, text: str, logprobs: list[dict] | None, max_tokens: int) -> dict[str, Any]:
+def _choice(i: int, text: str, logprobs: list[dict] | None, end: str) -> dict[str, Any]:
     return {"index": i, "text": text, "logprobs": logprobs[i] if logprobs else None,
-            "finish_reason": "length"}  # fmt: skip
+            "finish_reason": end}  # fmt: skip
 
 
 def _usage(prompt_counts: list[int], completion: int) -> dict[str, int]:
@@ -318,11 +346,17 @@ def _usage(prompt_counts: list[int], completion: int) -> dict[str, int]:
 
 
 def _envelope(
-    obj: str, name: str, choices: list, counts: list[int], outs: list[str], b: Backend
-) -> dict:
+    obj: str, name: str, choices: list, counts: list[int], outs: list[str], b: Backend,
+    s: ServeSettings,
+) -> dict:  # fmt: skip
     done = sum(b.n_tokens(o) - b.n_tokens("") for o in outs if o)
     return {"id": f"lfm-{time.time_ns()}", "object": obj, "created": int(time.time()),
-            "model": name, "choices": choices, "usage": _usage(counts, done)}  # fmt: skip
+            "model": name, "choices": choices, "usage": _usage(counts, done), **_top_k(s)}  # fmt: skip
+
+
+def _top_k(s: ServeSettings) -> dict[str, int]:
+    """`lfm_top_k: K` on a top-k server (in the model card and every completion), else nothing."""
+    return {} if s.top_k is None else {"lfm_top_k": s.top_k}
 
 
 def _chat_prompt(b: Backend, messages: list[S.ChatMessage]) -> str:

@@ -172,9 +172,9 @@ class Backend:
         return len(self.tokenizer(text)["input_ids"])
 
     def generate(self, prompts: list[str], key: Hashable) -> list[str]:
-        max_new, temperature, seed = key  # type: ignore[misc]
+        max_new, temperature, seed, top_p = key  # type: ignore[misc]
         return _pieces(prompts, lambda part: self.handle.generate(
-            part, max_new_tokens=max_new, temperature=temperature, seed=seed))  # fmt: skip
+            part, max_new_tokens=max_new, temperature=temperature, seed=seed, top_p=top_p))  # fmt: skip
 
     def tokens(self, texts: list[str], key: Hashable) -> list[dict[str, Any]]:
         require(self.handle, Access.SCORES, "echo with logprobs")

@@ -34,7 +34,7 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def make_server(model: Any, access: str, host: str, port: int, api_key: str | None,
                 max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                timeout_s: float = 60.0):  # fmt: skip
+                timeout_s: float = 60.0, top_k: int | None = None):  # fmt: skip
     """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`,
     with the connection limits of `ServeSettings` (header and keep-alive timeouts, at most
     `max_connections` connections)."""
@@ -49,7 +49,7 @@ def make_server(model: Any, access: str, host: str, port: int, api_key: str | No
     check_bind(host, api_key)
     local = model if isinstance(model, LocalModel) else load_model(model, kind="causal-lm")
     settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
-                             max_queue=max_queue, timeout_s=timeout_s)  # fmt: skip
+                             max_queue=max_queue, timeout_s=timeout_s, top_k=top_k)  # fmt: skip
     app = build_app(Backend(local, access), settings)
     return uvicorn.Server(uvicorn_config(app, host, port, settings))
 
@@ -74,6 +74,15 @@ def serve(
     timeout_s: Annotated[
         float, typer.Option(help="seconds a request may wait and run before 504")
     ] = 60.0,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=20,
+            help="with --access scores: give at most the top K "
+            "log-probabilities per token and no full next-token row, as hosted APIs do",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model through an OpenAI-compatible API at one access level (docs/serve.md)."""
     key = api_key or os.environ.get("LFM_API_KEY") or None
@@ -82,13 +91,16 @@ def serve(
             raise LfmError(f"--access must be text, scores or embeddings, not {access!r}")
         if timeout_s <= 0:
             raise LfmError(f"--timeout-s must be positive, not {timeout_s}")
+        if top_k is not None and access.strip().lower() != "scores":
+            raise LfmError(f"--top-k limits SCORES access; it cannot be served at {access!r}")
         server = make_server(
-            model, access, host, port, key, max_batch, max_wait_ms, max_queue, timeout_s
+            model, access, host, port, key, max_batch, max_wait_ms, max_queue, timeout_s, top_k
         )
     except LfmError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
+    tier = f" (top {top_k} log-probabilities)" if top_k is not None else ""
     typer.echo(
-        f"serving {model} at {access.upper()} access on http://{host}:{port} (OpenAPI: /docs)"
+        f"serving {model} at {access.upper()} access{tier} on http://{host}:{port} (OpenAPI: /docs)"
     )
     server.run()

@@ -1,0 +1,145 @@
+"""Where a model runs and in which precision: `--device` and `--dtype`, for the CLI and the API.
+
+    resolve("auto", "bfloat16")   # Placement(device=cuda, dtype=torch.bfloat16) on a GPU machine
+    use("cuda", "bfloat16")       # the process default that `load_model` takes (the CLI sets it)
+    with placed("cpu", "float32"): ...
+
+A device is `cpu`, `cuda`, `cuda:N`, `mps`, or `auto` (CUDA when present, else the CPU); a
+dtype is `float32`, `bfloat16` or `float16` (or `bf16`, `fp16`, `fp32`), or `auto` (bfloat16 on a
+GPU that supports it, else float32). Asking for a device this machine lacks is one `LfmError`.
+
+The dtype is the precision of a model's weights for inference, editing and merging; the numerics
+that need more stay wider whatever it is (edit statistics and solves in float64, merge arithmetic
+and Grams in float32 or float64). Training keeps float32 master weights: there the dtype is the
+autocast precision (`mixed_precision` of Accelerate), and a chosen device of `cpu` keeps training
+on the CPU (`TrainConfig.cpu`); a `TrainConfig` that asks for either itself wins. Unchosen, models
+load on the CPU in float32 and training uses an accelerator when present, without autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+
+from lfm.errors import LfmError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+# dtype -> Accelerate's `mixed_precision` for training
+Mixed = Literal["no", "fp16", "bf16"]
+MIXED: dict[torch.dtype, Mixed] = {
+    torch.float32: "no",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+}
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    # which of the two `use` was given (the CLI's options), not the library's default
+    device_chosen: bool = False
+    dtype_chosen: bool = False
+
+    @property
+    def cpu(self) -> bool:
+        """Whether training should stay on the CPU (Accelerate's `cpu=`)."""
+        return self.device.type == "cpu"
+
+    @property
+    def mixed_precision(self) -> Mixed:
+        """The autocast precision a training loop should use for this dtype."""
+        return MIXED[self.dtype]
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """A device by name; `auto` is CUDA when present; a device this machine lacks is an error."""
+    if isinstance(name, torch.device):
+        return name
+    text = (name or "cpu").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise LfmError(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LfmError(f"--device {name}: this machine has no CUDA device; use cpu or auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise LfmError(f"--device {name}: this machine has {n} CUDA device(s), cuda:0..{n - 1}")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise LfmError(f"--device {name}: this machine has no MPS device; use cpu or auto")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise LfmError(f"unsupported device {name!r}; use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A floating dtype by name; `auto` is bfloat16 on a GPU that supports it, else float32."""
+    if isinstance(name, torch.dtype):
+        if name not in MIXED:
+            raise LfmError(f"unsupported dtype {name}; use float32, bfloat16 or float16")
+        return name
+    text = (name or "float32").strip().lower()
+    if text == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    if text not in DTYPES:
+        raise LfmError(f"unknown dtype {name!r}; use float32, bfloat16, float16 or auto")
+    return DTYPES[text]
+
+
+def resolve(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Placement:
+    """A placement from names; None takes the process default (`use`)."""
+    d = resolve_device(device) if device is not None else _default.device
+    t = resolve_dtype(dtype, d) if dtype is not None else _default.dtype
+    return Placement(d, t, _default.device_chosen, _default.dtype_chosen)
+
+
+def _chosen(device: str | torch.device | None, dtype: str | torch.dtype | None) -> Placement:
+    at = resolve(device, dtype)
+    return replace(at, device_chosen=at.device_chosen or device is not None,
+                   dtype_chosen=at.dtype_chosen or dtype is not None)  # fmt: skip
+
+
+_default = Placement(torch.device("cpu"), torch.float32)
+
+
+def current() -> Placement:
+    """The process default placement (CPU and float32 unless `use` set another)."""
+    return _default
+
+
+def use(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
+    """Set the process default placement (what `--device` and `--dtype` do); None keeps that
+    part as it is. Training loops follow what was set (`lfm.core.train`: a chosen `cpu` keeps
+    them on the CPU; a chosen dtype is their autocast), where otherwise they use an accelerator
+    when present, in float32."""
+    global _default
+    _default = _chosen(device, dtype)
+
+
+@contextmanager
+def placed(
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+) -> Iterator[Placement]:
+    """The default placement within a block, restored after it."""
+    global _default
+    before = _default
+    _default = _chosen(device, dtype)
+    try:
+        yield _default
+    finally:
+        _default = before
