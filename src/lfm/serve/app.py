@@ -6,6 +6,7 @@
     POST /v1/lfm/next_token_logprobs     SCORES      (lfm extension: the full next-token row)
     POST /v1/lfm/embed                   EMBEDDINGS  (lfm extension: input embeddings)
     POST /v1/lfm/logits_from_embeds      EMBEDDINGS  (lfm extension: logits for given embeddings)
+    POST /v1/lfm/hidden                  HIDDEN      (lfm extension: named modules' outputs)
 
 An endpoint above the served level answers 403; a wrong or missing key 401; a malformed body 422;
 a body, text or memory estimate over the limits 413; a body slower than its deadline 408; a full
@@ -28,7 +29,7 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse
 
 from lfm.access import Access
-from lfm.errors import LfmError
+from lfm.errors import LfmError, did_you_mean
 from lfm.serve import schemas as S
 from lfm.serve.backend import Backend
 from lfm.serve.batcher import Batcher, QueueFull
@@ -277,6 +278,19 @@ def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> Non
         counts = await _check_texts(b, s, req.input)
         rows = await _run(app, "embed", req.input, None, counts)
         return await _reply(lambda: {"embeddings": [pack(r) for r in rows],
+                                     "usage": _usage(counts, 0)})  # fmt: skip
+
+    @app.post("/v1/lfm/hidden", dependencies=[auth])
+    async def hidden(req: S.HiddenRequest) -> JSONResponse:
+        _need(b, Access.HIDDEN, "hidden")
+        known = b.modules()
+        unknown = [m for m in req.modules if m not in known]
+        if unknown:
+            hint = did_you_mean(unknown[0], known)
+            raise HTTPException(422, f"no module {unknown[0]!r} in the served model{hint}")
+        counts = await _check_texts(b, s, req.input)
+        rows = await _run(app, "hidden", req.input, tuple(req.modules), counts)
+        return await _reply(lambda: {"hidden": [{m: pack(t) for m, t in r.items()} for r in rows],
                                      "usage": _usage(counts, 0)})  # fmt: skip
 
     @app.post("/v1/lfm/logits_from_embeds", dependencies=[auth])

@@ -162,7 +162,8 @@ class Backend:
 
     def ops(self) -> dict[str, Any]:
         return {"generate": self.generate, "tokens": self.tokens, "next": self.next_token,
-                "embed": self.embed, "lfe": self.logits_from_embeds}  # fmt: skip
+                "embed": self.embed, "lfe": self.logits_from_embeds,
+                "hidden": self.hidden}  # fmt: skip
 
     def pass_bytes(self, op: str, key: Hashable, n: int, width: int) -> int:
         """Estimated peak bytes of one pass (`lfm.serve.budget.pass_bytes`)."""
@@ -188,6 +189,24 @@ class Backend:
         require(self.handle, Access.EMBEDDINGS, "input embeddings")
         emb, mask = self.handle.embed(texts)  # (B, T, D), right padded
         return [emb[i, : int(mask[i].sum())] for i in range(len(texts))]
+
+    def modules(self) -> set[str]:
+        """The module names a HIDDEN request may name (none below HIDDEN)."""
+        if self.level < Access.HIDDEN or self._model is None:
+            return set()
+        return {n for n, _ in self._model.model.named_modules() if n}
+
+    def hidden(self, texts: list[str], key: Hashable) -> list[dict[str, torch.Tensor]]:
+        """Each text's outputs (T_i, D_m) of the modules named in `key`, padding cut off."""
+        require(self.handle, Access.HIDDEN, "hidden states")
+        modules = list(key)  # type: ignore[call-overload]
+
+        def part(texts: list[str]) -> list[dict[str, torch.Tensor]]:
+            acts = self.handle.hidden(texts, modules)  # (B, T, D) each, right padded
+            sizes = [self.n_tokens(t) for t in texts]
+            return [{m: acts[m][i, :n] for m in modules} for i, n in enumerate(sizes)]
+
+        return _pieces(texts, part)
 
     def logits_from_embeds(self, rows: list[tuple], key: Hashable) -> list[torch.Tensor]:
         """Rows (embeds (T_i, D), mask (T_i,), position or None), right-padded into one batch."""

@@ -21,6 +21,7 @@ FLOAT = 4
 NORM_ROWS = 256  # rows of the logits normalised at once (`lfm.serve.backend.token_logprobs`)
 ACTIVATION_FLOATS = 16  # floats per position and model width alive in one layer's forward
 PACKED = 4 * FLOAT  # a returned float: the tensor, its bytes, base64 and the JSON string
+HIDDEN_WIDTH = 4  # a served module's output is taken to be at most this many times d wide
 TOKEN_BYTES = (
     600  # one echoed token: its text, offsets, id and log-probability, as objects and JSON
 )
@@ -66,6 +67,8 @@ def answer_bytes(shape: Shape, op: str, key: Hashable, sizes: Sequence[int]) -> 
         return tokens * shape.vocab * PACKED
     if op == "embed":
         return tokens * shape.dim * PACKED
+    if op == "hidden":  # per module, a width of at most 4 d (an MLP's inner layer) assumed
+        return tokens * len(key) * HIDDEN_WIDTH * shape.dim * PACKED  # type: ignore[arg-type]
     return len(sizes) * int(key[0]) * TOKEN_BYTES  # type: ignore[index]  # generated text
 
 

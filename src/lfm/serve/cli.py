@@ -59,7 +59,7 @@ def serve(
         str, typer.Option(help="model asset name (`lfm models`) or folder")
     ] = "smollm2-135m",
     access: Annotated[
-        str, typer.Option(help="level served: text, scores or embeddings")
+        str, typer.Option(help="level served: text, scores, embeddings or hidden")
     ] = "scores",
     host: Annotated[
         str, typer.Option(help="address to bind; non-loopback needs --api-key")
@@ -87,8 +87,8 @@ def serve(
     """Serve a model through an OpenAI-compatible API at one access level (docs/serve.md)."""
     key = api_key or os.environ.get("LFM_API_KEY") or None
     try:
-        if access.strip().lower() not in ("text", "scores", "embeddings"):
-            raise LfmError(f"--access must be text, scores or embeddings, not {access!r}")
+        if access.strip().lower() not in ("text", "scores", "embeddings", "hidden"):
+            raise LfmError(f"--access must be text, scores, embeddings or hidden, not {access!r}")
         if timeout_s <= 0:
             raise LfmError(f"--timeout-s must be positive, not {timeout_s}")
         if top_k is not None and access.strip().lower() != "scores":

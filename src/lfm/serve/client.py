@@ -235,6 +235,15 @@ class RemoteModel:
         ]
         return torch.stack(rows) if positions is not None else _pad_stack(rows)
 
+    # -- HIDDEN --
+
+    def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Outputs (B, T, D) of the named modules (`/v1/lfm/hidden`), right-padded with zeros."""
+        require(self, Access.HIDDEN, "hidden")
+        bodies = [{"input": c, "modules": list(modules)} for c in self._chunks(texts)]
+        rows = [r for res in self._map("/v1/lfm/hidden", bodies) for r in res["hidden"]]
+        return {m: _pad_stack([unpack(r[m]) for r in rows]) for m in modules}
+
 
 def _sum_after(lp: dict[str, Any], start: int) -> float:
     vals = [

@@ -114,6 +114,12 @@ class LogitsFromEmbedsRequest(_Body):
     positions: list[int] | None = None  # one position per row: return (B, V) instead of (B, T, V)
 
 
+class HiddenRequest(_Body):
+    model: str | None = None
+    input: list[Text] = Field(min_length=1)
+    modules: list[str] = Field(min_length=1, max_length=8)  # names as `named_modules()` gives them
+
+
 class NextTokenRequest(_Body):
     model: str | None = None
     prompt: list[Text] = Field(min_length=1)
