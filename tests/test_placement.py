@@ -70,7 +70,11 @@ def test_models_load_in_the_dtype_asked_for_or_the_process_default(tmp_path):
     with placement.placed(dtype="bf16"):
         assert dtype(load_model(tmp_path)) is torch.bfloat16
         with Run("probe", {}, root=tmp_path / "runs") as r:  # the manifest records it
-            assert r.manifest["placement"] == {"device": "cpu", "dtype": "bfloat16"}
+            want = {"device": "cpu", "dtype": "bfloat16", "autocast": "bfloat16"}
+            assert r.manifest["placement"] == want
+    with placement.placed(dtype="bf16", training=True):  # a training command: float32 weights
+        assert dtype(load_model(tmp_path)) is torch.float32
+        assert placement.current().mixed_precision == "bf16"
     assert dtype(load_model(tmp_path)) is torch.float32  # the block's default is gone
 
 

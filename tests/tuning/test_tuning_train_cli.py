@@ -140,3 +140,19 @@ def test_sft_run_hashes_its_inputs_and_names_the_run_that_made_the_model(tmp_pat
     assert {k: v["sha256"] for k, v in manifest["inputs"].items()} == {
         "model": path_sha256(made.path / "model"), "data": path_sha256(data)
     }  # fmt: skip
+
+
+def test_dtype_and_device_reach_the_training_and_the_manifest(bbc_lm, tmp_path):
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        root = tmp_path / dtype
+        res = _train(bbc_lm, root, "--method", "lora", "--device", "cpu", "--dtype", dtype)
+        assert res.exit_code == 0, res.output
+        (run,) = root.iterdir()
+        runs[dtype] = json.loads((run / "manifest.json").read_text())
+    # float32 master weights, trained under bfloat16 autocast: other losses than float32's
+    want = {"device": "cpu", "dtype": "float32", "autocast": "bfloat16"}
+    assert runs["bfloat16"]["placement"] == want
+    losses = {k: m["history"]["loss"]["value"] for k, m in runs.items()}
+    assert losses["float32"] != losses["bfloat16"]
+    _one_line_error(_train(bbc_lm, tmp_path / "x", "--dtype", "int4"), "unknown dtype 'int4'")

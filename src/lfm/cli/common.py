@@ -55,16 +55,16 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 class Group(typer.Typer):
     """A command group whose commands all print user errors as one line with exit status 2.
 
-    `@app.command(..., placed=True)` gives a command that loads or trains a model the options
-    `--device` and `--dtype` (`with_placement`)."""
+    `@app.command(..., placed=True)` gives a command that loads a model the options `--device`
+    and `--dtype` (`with_placement`); `placed="train"`, a command that trains one."""
 
     def command(  # type: ignore[override]
-        self, *args: Any, placed: bool = False, **kwargs: Any
+        self, *args: Any, placed: bool | str = False, **kwargs: Any
     ) -> Callable[[Callable[..., Any]], Any]:
         register = super().command(*args, **kwargs)
 
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-            register(one_line_errors(with_placement(fn) if placed else fn))
+            register(one_line_errors(with_placement(fn, placed == "train") if placed else fn))
             return fn
 
         return deco
@@ -83,10 +83,11 @@ Device = Annotated[str | None, typer.Option(help=DEVICE_HELP, show_default=False
 Dtype = Annotated[str | None, typer.Option(help=DTYPE_HELP, show_default=False)]
 
 
-def with_placement(fn: Callable[..., Any]) -> Callable[..., Any]:
+def with_placement(fn: Callable[..., Any], training: bool = False) -> Callable[..., Any]:
     """`fn` with the options `--device` and `--dtype` added: what is given sets the placement
     (`lfm.core.placement.placed`, for the command's duration) that `load_model` and the training
-    loops follow and the run manifests record; a device this machine lacks is one line."""
+    loops follow and the run manifests record; a device this machine lacks is one line.
+    `training`: the dtype is the loops' autocast and models load in float32."""
     sig = inspect.signature(fn, eval_str=True)  # a given signature is not evaluated again
     extra = [
         inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
@@ -97,7 +98,7 @@ def with_placement(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, device: str | None = None, dtype: str | None = None, **kw: Any) -> Any:
         from lfm.core import placement
 
-        with placement.placed(device, dtype):  # restored after: a test may run many commands
+        with placement.placed(device, dtype, training):  # restored after: tests run many
             return fn(*args, **kw)
 
     params = list(sig.parameters.values())

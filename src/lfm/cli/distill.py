@@ -33,7 +33,7 @@ def _holdout() -> float:
     )
 
 
-@app.command()
+@app.command(placed="train")
 def vision(
     method: str = typer.Option(
         "kd",
@@ -68,7 +68,7 @@ def vision(
                f"student ({method}) {100 * m['student_acc']:.2f}%")  # fmt: skip
 
 
-@app.command()
+@app.command(placed="train")
 def lm(
     method: str = typer.Option("lm_student", help=f"one of: {', '.join(recipes.LM_METHODS)}"),
     model: str = typer.Option("smollm2-135m", help="teacher: an offline model name or a path"),
@@ -140,20 +140,25 @@ def datafree(
         0.0, min=0.0, callback=finite, help="deep_inversion: α_c of Adaptive DeepInversion"
     ),
     seed: int = typer.Option(0),
+    ckpt_every: int = typer.Option(
+        100,
+        min=0,
+        help="checkpoint every N teacher steps and every N generator updates "
+        "(deep_inversion: batches), and after the last (0: never)",
+    ),
     root: Path = typer.Option(Path("runs"), help=ROOT_HELP),
+    resume: Path | None = typer.Option(
+        None, help="a run directory to resume from its last checkpoint (same options)"
+    ),
     threads: Threads = 2,
 ) -> None:
-    """Fashion-MNIST or your images: a CNN teacher, then a student that never sees them (METHOD).
-
-    There is no --resume: the generator-student games and DeepInversion's synthesis run their own
-    loops (two optimizers, or images made batch by batch), which keep no checkpoint.
-    """
+    """Fashion-MNIST or your images: a CNN teacher, then a student that never sees them (METHOD)."""
     use_threads(threads)
     out = recipes.datafree(
         method, data=data, image_size=image_size, holdout=holdout, teacher_steps=teacher_steps,
         train_size=train_size, test_size=test_size, iterations=iterations, batch_size=batch_size,
         kd_steps=kd_steps, synthesis_steps=synthesis_steps, competition=competition, seed=seed,
-        root=root, progress=True, stage=stage,
+        ckpt_every=ckpt_every, root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
     m = out.metrics
     typer.echo(f"{out.run}: teacher {100 * m['teacher_acc']:.2f}%, student ({method}) "

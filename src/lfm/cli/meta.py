@@ -6,8 +6,8 @@ meta-learn without data from a pool of pretrained classifiers (`lfm.meta.recipes
     lfm meta datafree --method datafree_blackbox --shots 1 --steps 100 --pool 4
 
 write runs/<stamp>-meta-<method>/ (under --root) with the manifest (resolved config, metrics, the
-meta-loss history), curves.png and model.safetensors; `train --resume RUN` continues a run from its
-checkpoint.
+meta-loss history), curves.png and model.safetensors; `--resume RUN` continues a run from its
+checkpoint (`--ckpt-every N`).
 """
 
 from __future__ import annotations
@@ -106,6 +106,10 @@ def datafree(
     seed: int = typer.Option(0, help="seed of the pool, the learner and the episodes"),
     threads: Threads = 2,
     root: Root = Path("runs"),
+    resume: Path = typer.Option(None, help="a run directory to continue (same options)"),
+    ckpt_every: int = typer.Option(
+        100, min=0, help="checkpoint every N meta-updates and after the last (0: never)"
+    ),
 ) -> None:
     """Train a pool of classifiers, meta-learn from them without their data, meta-test."""
     from lfm.meta import recipes
@@ -113,7 +117,8 @@ def datafree(
     use_threads(threads)
     done = recipes.datafree(
         method, task, shots=shots, pool=pool, pool_steps=pool_steps, steps=steps,
-        test_tasks=test_tasks, config=config, seed=seed, root=root, progress=True,
+        test_tasks=test_tasks, config=config, seed=seed, root=root, resume=resume,
+        ckpt_every=ckpt_every, progress=True,
     )  # fmt: skip
     queries = done.result.history.queries
     typer.echo(_line(done, task, shots) + (f" ({queries} pool queries)" if queries else ""))

@@ -49,7 +49,7 @@ Holdout = Annotated[
 ]  # fmt: skip
 
 
-@app.command("train")
+@app.command("train", placed="train")
 def train(
     method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
     model: Annotated[str, typer.Option(help="a causal LM (label words) or an encoder (new head)")] = "smollm2-135m",
@@ -90,7 +90,7 @@ def train(
                f"-> {out['run']}")  # fmt: skip
 
 
-@app.command("sft")
+@app.command("sft", placed="train")
 def sft(
     method: Annotated[str, typer.Option(help=f"a trained tuning method: {TRAINERS}")] = "lora",
     model: Annotated[str, typer.Option(help="a causal LM with a chat template")] = "smollm2-135m",
@@ -148,7 +148,7 @@ def _report(result: dict[str, Any], out: Path | None) -> None:
         out.write_text(json.dumps(result, indent=2))
 
 
-@app.command("bbt")
+@app.command("bbt", placed=True)
 def bbt(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
     budget: Annotated[int, typer.Option(min=1, help="CMA-ES evaluations (paper: 8000)")] = 8000,
@@ -157,6 +157,7 @@ def bbt(
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None, data: Data = None, text_field: TextField = "text",
     label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
+    resume: Resume = None,
 ) -> None:  # fmt: skip
     """Black-Box Tuning (arXiv 2201.03514): CMA-ES over a projected soft prompt (EMBEDDINGS)."""
     from lfm.tuning import recipes
@@ -165,10 +166,11 @@ def bbt(
     handle = _model(url, model, api_key, "embeddings", calls)
     _report(recipes.bbt(handle, shots=shots, budget=budget, n_tokens=n_tokens, dim=dim,
                         max_chars=max_chars, seed=seed, root=root, data=data,
-                        text_field=text_field, label_field=label_field, holdout=holdout), out)  # fmt: skip
+                        text_field=text_field, label_field=label_field, holdout=holdout,
+                        resume=resume), out)  # fmt: skip
 
 
-@app.command("prompt-search")
+@app.command("prompt-search", placed=True)
 def prompt_search(
     url: Url = None, model: Model = "smollm2-135m", api_key: Key = None, shots: Shots = 16,
     iterations: Annotated[int, typer.Option(min=1, help="search steps (GrIPS: 10)")] = 10,
@@ -176,6 +178,7 @@ def prompt_search(
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None, data: Data = None, text_field: TextField = "text",
     label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
+    resume: Resume = None,
 ) -> None:  # fmt: skip
     """GrIPS-style discrete prompt search (arXiv 2203.07281) through SCORES access."""
     from lfm.tuning import recipes
@@ -185,10 +188,10 @@ def prompt_search(
     _report(recipes.prompt_search(handle, shots=shots, iterations=iterations,
                                   candidates=candidates, max_chars=max_chars, seed=seed,
                                   root=root, data=data, text_field=text_field,
-                                  label_field=label_field, holdout=holdout), out)  # fmt: skip
+                                  label_field=label_field, holdout=holdout, resume=resume), out)  # fmt: skip
 
 
-@app.command("augment")
+@app.command("augment", placed=True)
 def augment(
     method: Annotated[str, typer.Option(help="knn_lm (HIDDEN) or replug (SCORES)")] = "knn_lm",
     model: Model = "smollm2-135m",
@@ -212,7 +215,7 @@ def augment(
                             root=root), out)  # fmt: skip
 
 
-@app.command("classify")
+@app.command("classify", placed=True)
 def classify(
     run: Annotated[Path, typer.Option(help="a run directory of `tuning train`, `bbt` or `prompt-search`")],
     data: Annotated[Path | None, typer.Option(dir_okay=False, help="texts to classify: JSON lines, or CSV (.csv); lines with labels give the accuracy")] = None,

@@ -10,10 +10,11 @@ GPU that supports it, else float32). Asking for a device this machine lacks is o
 
 The dtype is the precision of a model's weights for inference, editing and merging; the numerics
 that need more stay wider whatever it is (edit statistics and solves in float64, merge arithmetic
-and Grams in float32 or float64). Training keeps float32 master weights: there the dtype is the
-autocast precision (`mixed_precision` of Accelerate), and a chosen device of `cpu` keeps training
-on the CPU (`TrainConfig.cpu`); a `TrainConfig` that asks for either itself wins. Unchosen, models
-load on the CPU in float32 and training uses an accelerator when present, without autocast.
+and Grams in float32 or float64). A chosen dtype is also the training loops' autocast precision
+(`mixed_precision` of Accelerate); a training command (`training=True`) loads its models in
+float32, the master weights, and only autocasts. A chosen device of `cpu` keeps training on the
+CPU (`TrainConfig.cpu`); a `TrainConfig` that asks for either itself wins. Unchosen, models load
+on the CPU in float32 and training uses an accelerator when present, without autocast.
 """
 
 from __future__ import annotations
@@ -44,10 +45,9 @@ MIXED: dict[torch.dtype, Mixed] = {
 @dataclass(frozen=True)
 class Placement:
     device: torch.device
-    dtype: torch.dtype
-    # which of the two `use` was given (the CLI's options), not the library's default
-    device_chosen: bool = False
-    dtype_chosen: bool = False
+    dtype: torch.dtype  # the weights' dtype `load_model` gives
+    device_chosen: bool = False  # given by `use`/`placed` (the CLI), not the library's default
+    autocast: torch.dtype | None = None  # the training loops' autocast, when one was chosen
 
     @property
     def cpu(self) -> bool:
@@ -56,8 +56,8 @@ class Placement:
 
     @property
     def mixed_precision(self) -> Mixed:
-        """The autocast precision a training loop should use for this dtype."""
-        return MIXED[self.dtype]
+        """The autocast precision a training loop should use (Accelerate's name for it)."""
+        return MIXED[self.autocast or torch.float32]
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -102,16 +102,20 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
 def resolve(
     device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
 ) -> Placement:
-    """A placement from names; None takes the process default (`use`)."""
+    """A placement from names; None takes the process default's part (`use`)."""
     d = resolve_device(device) if device is not None else _default.device
     t = resolve_dtype(dtype, d) if dtype is not None else _default.dtype
-    return Placement(d, t, _default.device_chosen, _default.dtype_chosen)
+    return replace(_default, device=d, dtype=t)
 
 
-def _chosen(device: str | torch.device | None, dtype: str | torch.dtype | None) -> Placement:
+def _chosen(
+    device: str | torch.device | None, dtype: str | torch.dtype | None, training: bool
+) -> Placement:
     at = resolve(device, dtype)
-    return replace(at, device_chosen=at.device_chosen or device is not None,
-                   dtype_chosen=at.dtype_chosen or dtype is not None)  # fmt: skip
+    at = replace(at, device_chosen=at.device_chosen or device is not None)
+    if dtype is not None:  # the loops autocast to it; a training command keeps float32 weights
+        at = replace(at, autocast=at.dtype, dtype=torch.float32 if training else at.dtype)
+    return at
 
 
 _default = Placement(torch.device("cpu"), torch.float32)
@@ -122,23 +126,30 @@ def current() -> Placement:
     return _default
 
 
-def use(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> None:
+def use(
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    training: bool = False,
+) -> None:
     """Set the process default placement (what `--device` and `--dtype` do); None keeps that
     part as it is. Training loops follow what was set (`lfm.core.train`: a chosen `cpu` keeps
     them on the CPU; a chosen dtype is their autocast), where otherwise they use an accelerator
-    when present, in float32."""
+    when present, in float32. `training`: the dtype is only the autocast, and models load in
+    float32 (the master weights a training command keeps)."""
     global _default
-    _default = _chosen(device, dtype)
+    _default = _chosen(device, dtype, training)
 
 
 @contextmanager
 def placed(
-    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    training: bool = False,
 ) -> Iterator[Placement]:
-    """The default placement within a block, restored after it."""
+    """The default placement within a block (as `use` sets it), restored after it."""
     global _default
     before = _default
-    _default = _chosen(device, dtype)
+    _default = _chosen(device, dtype, training)
     try:
         yield _default
     finally:

@@ -43,9 +43,14 @@ def versions() -> dict[str, str]:
 
 
 def _placement() -> dict[str, str]:
-    """Where the process puts models, and in which dtype (`--device`, `--dtype`)."""
+    """Where the process puts models, their dtype, and the training autocast (`--device`,
+    `--dtype`; "None": no autocast)."""
     at = placement.current()
-    return {"device": str(at.device), "dtype": str(at.dtype).removeprefix("torch.")}
+
+    def name(t: object) -> str:
+        return str(t).removeprefix("torch.")
+
+    return {"device": str(at.device), "dtype": name(at.dtype), "autocast": name(at.autocast)}
 
 
 class Run:

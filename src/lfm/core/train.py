@@ -314,9 +314,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     a fresh state. Distributed processes keep theirs: there all ranks must agree anyway."""
     at = placement.current()  # `--device` / `--dtype`, when a command was given them
     cpu = cfg.cpu or (at.device_chosen and at.cpu)
-    mixed = cfg.mixed_precision
-    if mixed == "no" and at.dtype_chosen:
-        mixed = at.mixed_precision
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "no" else at.mixed_precision
     state = AcceleratorState._shared_state
     if (
         state

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from pydantic import Field
 from torch import nn
-from tqdm.auto import trange
 
 from lfm.access import Access, module_of
 from lfm.config import Config
+from lfm.core.checkpoints import Checkpoints
 from lfm.core.hooks import frozen
 from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
-from lfm.distill.game import game_example, game_generator, optimise, play, sample
+from lfm.distill.game import Game, game_example, game_generator, optimise, play, sample
 from lfm.registry import register
 
 BRANCH = "adversarial exploration"
@@ -103,13 +103,15 @@ def forward_difference_grad(
 
 
 def _game_parts(
-    student: nn.Module, data: Any, cfg: Any, generator: nn.Module | None, seed: int, what: str
-) -> tuple[nn.Module, torch.optim.Optimizer, torch.optim.Optimizer, torch.Generator]:
+    student: nn.Module, data: Any, cfg: Any, generator: nn.Module | None, seed: int, what: str,
+    ckpt: Checkpoints | None,
+) -> Game:  # fmt: skip
     torch.manual_seed(seed)
     gen = game_generator(data, generator, cfg.nz, cfg.generator_width, what)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9)
-    return gen, opt_g, opt_s, torch.Generator().manual_seed(seed)
+    optimizers = {"generator_optimizer": opt_g, "student_optimizer": opt_s}
+    return Game(gen, student, optimizers, torch.Generator().manual_seed(seed), ckpt)
 
 
 @register(
@@ -126,6 +128,7 @@ def dfad(
     generator: nn.Module | None = None,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> DistillResult:
     """Adversarial data-free distillation with gradients through the teacher; trains in place.
 
@@ -137,13 +140,15 @@ def dfad(
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
         progress: show a bar over the generator updates.
+        ckpt: checkpoint the game into a run directory, and go on from the checkpoint there.
 
     Returns:
         the student (eval mode), the per-update discrepancies, and in `info` the `generator` and
         the teacher `queries`.
     """
     model = module_of(teacher)
-    gen, opt_g, opt_s, g = _game_parts(student, data, cfg, generator, seed, "distill/dfad")
+    game = _game_parts(student, data, cfg, generator, seed, "distill/dfad", ckpt)
+    gen, g, (opt_g, opt_s) = game.generator, game.rng, game.optimizers.values()
 
     def generator_step() -> dict[str, float]:
         x = sample(gen, cfg.batch_size, g)
@@ -155,7 +160,7 @@ def dfad(
     with frozen(model, train=False):
         history = play(cfg.iterations, cfg.student_steps, generator_step,
                        _student_step(gen, student, opt_s, cfg, g, lambda x: model(x)),
-                       progress=progress, desc="dfad")  # fmt: skip
+                       progress=progress, desc="dfad", game=game)  # fmt: skip
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
     return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})
 
@@ -188,6 +193,7 @@ def dfme(
     generator: nn.Module | None = None,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> DistillResult:
     """Data-free model extraction from a scores-only teacher; trains the student in place.
 
@@ -199,16 +205,20 @@ def dfme(
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation, the latent draws and the directions.
         progress: show a bar over the generator updates.
+        ckpt: checkpoint the game (with the queries spent) into a run directory, and go on from
+            the checkpoint there.
 
     Returns:
         the student (eval mode), the per-update records, and in `info` the `generator` and the
-        teacher `queries` spent.
+        teacher `queries` spent (a resumed run's include those spent before its checkpoint).
     """
-    gen, opt_g, opt_s, g = _game_parts(student, data, cfg, generator, seed, "distill/dfme")
-    spent = [0]
+    game = _game_parts(student, data, cfg, generator, seed, "distill/dfme", ckpt)
+    gen, g, (opt_g, opt_s) = game.generator, game.rng, game.optimizers.values()
+    spent = game.counters
+    spent["queries"] = 0
 
     def query(x: torch.Tensor) -> torch.Tensor:
-        spent[0] += len(x)
+        spent["queries"] += len(x)
         return logits_from_logprobs(teacher.scores(x.detach()))
 
     def loss_at(x: torch.Tensor) -> torch.Tensor:
@@ -221,14 +231,11 @@ def dfme(
         opt_g.zero_grad(set_to_none=True)
         x.backward(-grad / len(x))  # ascend the mean discrepancy
         opt_g.step()
-        return {"queries": float(spent[0])}
+        return {"queries": float(spent["queries"])}
 
-    history = []
     budget = cfg.query_budget or float("inf")
-    step = _student_step(gen, student, opt_s, cfg, g, query)
-    for _ in trange(cfg.iterations, desc="dfme", disable=not progress, dynamic_ncols=True,
-                    leave=False):  # fmt: skip
-        if spent[0] >= budget:
-            break
-        history += play(1, cfg.student_steps, generator_step, step)
-    return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": spent[0]})
+    history = play(cfg.iterations, cfg.student_steps, generator_step,
+                   _student_step(gen, student, opt_s, cfg, g, query), progress=progress,
+                   desc="dfme", game=game, stop=lambda: spent["queries"] >= budget)  # fmt: skip
+    info = {"generator": gen.eval(), "queries": spent["queries"]}
+    return DistillResult(student.eval(), history, info)

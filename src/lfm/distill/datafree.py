@@ -33,13 +33,14 @@ from tqdm.auto import tqdm
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
 from lfm.config import Config
+from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.hooks import capture, frozen
 from lfm.core.priors import bn_prior, total_variation
 from lfm.core.tiny import tiny_cnn
 from lfm.core.train import History, TrainConfig, shuffled_batches
 from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
 from lfm.distill.distiller import distill
-from lfm.distill.game import game_example, game_generator, optimise, play, sample
+from lfm.distill.game import Game, game_example, game_generator, optimise, play, sample
 from lfm.distill.losses import KDConfig, kd_loss
 from lfm.errors import LfmError
 from lfm.registry import Example, register
@@ -148,6 +149,9 @@ def deep_inversion_images(
     return x.detach(), targets, history
 
 
+Synthesised = tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]  # images, targets, record
+
+
 def _image_spec(data: Any, what: str) -> InputSpec:
     if not isinstance(data, InputSpec) or data.n_classes < 1:
         raise LfmError(f"{what} needs data=InputSpec(shape, n_classes) with the teacher's classes")
@@ -181,6 +185,7 @@ def deep_inversion(
     train_cfg: TrainConfig | None = None,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> DistillResult:
     """Synthesise `cfg.batches` batches from the teacher and train `student` in place by KD on them.
 
@@ -197,6 +202,9 @@ def deep_inversion(
         train_cfg: the KD training loop's config (steps in all, learning rate, seed).
         seed: batch b starts from the noise of seed `seed + b`.
         progress: show a bar over the pixel updates (KD shows the loop's bar if `train_cfg` asks).
+        ckpt: checkpoint into a run directory every `ckpt.every` batches (each with its KD round,
+            if any) and after the last: the images, targets and synthesis records so far, the
+            student and the KD histories; go on from the checkpoint there.
 
     Returns:
         the student (eval mode), the KD `History` of each round, and in `info` the `images`, their
@@ -207,18 +215,22 @@ def deep_inversion(
     train_cfg = train_cfg or TrainConfig()
     rounds = cfg.batches if cfg.competition_weight > 0 else 1
     kd_cfg = train_cfg.replace(steps=max(1, train_cfg.steps // rounds))
-    made: list[tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]] = []
-    kd = []
-    bar = tqdm(total=cfg.batches * cfg.steps, desc="deep_inversion synthesis", disable=not progress,
-               dynamic_ncols=True, leave=False)  # fmt: skip
-    for b in range(cfg.batches):
+    made: list[Synthesised] = []
+    kd: list[History] = []
+    start = _resume_synthesis(ckpt, student, made, kd) if ckpt is not None else 0
+    bar = tqdm(total=cfg.batches * cfg.steps, initial=start * cfg.steps, disable=not progress,
+               desc="deep_inversion synthesis", dynamic_ncols=True, leave=False)  # fmt: skip
+    for b in range(start, cfg.batches):
         rival = student if rounds > 1 else None
         made.append(deep_inversion_images(teacher, spec.shape, spec.n_classes, cfg, seed + b,
                                           student=rival, bar=bar))  # fmt: skip
         if rounds > 1 or b == cfg.batches - 1:
             images = torch.cat([m[0] for m in made])  # (N, C, H, W): every batch so far
             kd.append(_kd_round(teacher, student, images, cfg, kd_cfg, seed + b))
+        if ckpt is not None and ckpt.due(b + 1, cfg.batches):
+            _save_synthesis(ckpt, b + 1, student, made, kd)
     bar.close()
+    images = torch.cat([m[0] for m in made])
     kd_batch = min(cfg.batch_size, len(images)) * train_cfg.grad_accum
     queries = cfg.batches * cfg.batch_size * cfg.steps + rounds * kd_cfg.steps * kd_batch
     targets = torch.cat([m[1] for m in made])
@@ -238,6 +250,34 @@ def _kd_round(
     loader = shuffled_batches(images, batch_size=min(cfg.batch_size, len(images)), seed=seed)
     losses = [("kd", 1.0, {"temperature": cfg.temperature})]
     return distill(teacher, student.train(), loader, losses, train_cfg)
+
+
+def _save_synthesis(
+    ckpt: Checkpoints, step: int, student: nn.Module, made: list[Synthesised], kd: list[History]
+) -> None:
+    """Checkpoint after batch `step`: the student, each batch's images, targets and synthesis
+    record, and the KD rounds' histories."""
+    tensors = prefixed("student", student)
+    for b, (x, y, _) in enumerate(made):
+        tensors.update({f"images/{b}": x, f"targets/{b}": y})
+    rounds = [{"losses": h.losses, "evals": h.evals, "start_step": h.start_step} for h in kd]
+    ckpt.write(step, tensors, synthesis=[m[2] for m in made], kd=rounds,
+               torch_rng=torch.get_rng_state())  # fmt: skip
+
+
+def _resume_synthesis(
+    ckpt: Checkpoints, student: nn.Module, made: list[Synthesised], kd: list[History]
+) -> int:
+    """Restore the last checkpoint into `student`, `made` and `kd`; the batches done (0: none)."""
+    state = ckpt.read(prefixed("student", student))
+    if state is None:
+        return 0
+    step, saved = int(state["step"]), state["tensors"]
+    made[:] = [(saved[f"images/{b}"], saved[f"targets/{b}"], state["synthesis"][b])
+               for b in range(step)]  # fmt: skip
+    kd[:] = [History(**h) for h in state["kd"]]
+    torch.set_rng_state(state["torch_rng"])
+    return step
 
 
 # ------------------------------------------------------------------------------------------
@@ -286,6 +326,7 @@ def dafl(
     generator: nn.Module | None = None,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> DistillResult:
     """Train a generator with the DAFL losses and the student with KD on its images, in place.
 
@@ -297,6 +338,7 @@ def dafl(
         generator: the generator (default: a `Generator` of width `cfg.generator_width`).
         seed: seeds the generator's initialisation and the latent draws.
         progress: show a bar over the generator updates.
+        ckpt: checkpoint the game into a run directory, and go on from the checkpoint there.
 
     Returns:
         the student (eval mode), the per-update losses, and in `info` the `generator` and the
@@ -308,6 +350,8 @@ def dafl(
     g = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s)
+    optimizers = {"generator_optimizer": opt_g, "student_optimizer": opt_s}
+    game = Game(gen, student, optimizers, g, ckpt)
     kd_cfg = KDConfig(temperature=cfg.temperature)
 
     def generator_step() -> dict[str, float]:
@@ -327,6 +371,6 @@ def dafl(
 
     with frozen(model, train=False):
         history = play(cfg.iterations, cfg.student_steps, generator_step, student_step,
-                       progress=progress, desc="dafl")  # fmt: skip
+                       progress=progress, desc="dafl", game=game)  # fmt: skip
     n = cfg.iterations * cfg.batch_size * (1 + cfg.student_steps)
     return DistillResult(student.eval(), history, {"generator": gen.eval(), "queries": n})

@@ -3,12 +3,16 @@
 The generator follows DAFL (Chen et al. 2019, arXiv 1904.01186) and DFAD (arXiv 1912.11006);
 `play` alternates one generator update with n_S student updates, the schedule of DAFL, DFAD and
 DFME (arXiv 2011.14779). The shared training loop `lfm.core.train.train` drives one optimizer
-over one loss, so these two-player games keep their own small loop here.
+over one loss, so these two-player games keep their own small loop here, and their own
+checkpoints (`Game`: both models, both optimizers, the latent generator, the losses so far and
+the game's counters, through `lfm.core.checkpoints`), from which a resumed game goes on to the
+result of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +21,7 @@ from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
+from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.tiny import tiny_cnn
 from lfm.distill.contract import InputSpec
 from lfm.errors import LfmError
@@ -65,6 +70,44 @@ def game_generator(
     return Generator(nz, channels=shape[0], size=shape[1], width=width)
 
 
+@dataclass
+class Game:
+    """What the remaining updates of a data-free game depend on: saved into `ckpt`'s run every
+    `ckpt.every` generator updates (and after the last), restored from it on resume.
+
+    `counters` are the game's running counts (DFME's queries spent), kept in it by the game.
+    Torch's global generator is saved too: a generator or student with dropout draws from it.
+    """
+
+    generator: nn.Module
+    student: nn.Module
+    optimizers: dict[str, torch.optim.Optimizer]
+    rng: torch.Generator  # the latent draws (and DFME's directions)
+    ckpt: Checkpoints | None = None
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {**prefixed("generator", self.generator), **prefixed("student", self.student)}
+
+    def resume(self, history: list[dict[str, float]]) -> int:
+        """Restore the last checkpoint in place; the generator updates done (0: none)."""
+        state = self.ckpt.read(self.tensors(), self.optimizers) if self.ckpt else None
+        if state is None:
+            return 0
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        history[:] = state["history"]
+        self.counters.update(state["counters"])
+        return int(state["step"])
+
+    def after(self, step: int, last: int, history: list[dict[str, float]]) -> None:
+        """Checkpoint after generator update `step` of `last` when one is due."""
+        if self.ckpt is not None and self.ckpt.due(step, last):
+            self.ckpt.write(step, self.tensors(), self.optimizers, history=history,
+                            rng=self.rng.get_state(), torch_rng=torch.get_rng_state(),
+                            counters=dict(self.counters))  # fmt: skip
+
+
 def play(
     iterations: int,
     student_steps: int,
@@ -72,15 +115,27 @@ def play(
     student_step: Callable[[], dict[str, float]],
     progress: bool = False,
     desc: str = "",
+    game: Game | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Alternate one generator update with `student_steps` student updates; log the last ones
-    (`progress`: a bar over the generator updates, named `desc`)."""
-    history = []
-    for _ in trange(iterations, desc=desc, disable=not progress, dynamic_ncols=True, leave=False):
+    (`progress`: a bar over the generator updates, named `desc`).
+
+    With `game`, checkpoint at its interval and go on from a checkpoint its run holds; `stop()`
+    ends the game early when true before an update (a query budget spent).
+    """
+    history: list[dict[str, float]] = []
+    start = game.resume(history) if game is not None else 0
+    for it in trange(start, iterations, initial=start, total=iterations, desc=desc,
+                     disable=not progress, dynamic_ncols=True, leave=False):  # fmt: skip
+        if stop is not None and stop():
+            break
         logged = generator_step()
         for _ in range(student_steps):
             s_logged = student_step()
         history.append({**logged, **s_logged})
+        if game is not None:
+            game.after(it + 1, iterations, history)
     return history
 
 

@@ -18,7 +18,9 @@
 Each writes the teacher and student weights, the metrics and the learning curves (`curves.png`)
 into a run directory (`lfm.runs.Run`) whose manifest holds the options and the SHA-256 of what it
 read (the teacher's file or folder for `lm`, and your data), and for an image folder its classes
-and split. A method name that does not exist, or data that cannot be used, is an `LfmError`
+and split. Each checkpoints its training into the run directory (`ckpt_every`) and goes on from the
+checkpoints of a run directory given as `resume`. A method name that does not exist, or data that
+cannot be used, is an `LfmError`
 raised before anything trains. `progress=True` shows bars; `stage` is called with a line as each
 stage begins (the command line prints it).
 """
@@ -35,6 +37,8 @@ from safetensors.torch import save_model
 from lfm.access import LocalModel, narrow
 from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
+from lfm.core.checkpoints import Checkpoints
+from lfm.core.runs import read_manifest
 from lfm.core.train import TrainConfig
 from lfm.distill.contract import DistillResult
 from lfm.distill.lm import (
@@ -235,7 +239,9 @@ def datafree(
     synthesis_steps: int = 200,
     competition: float = 0.0,
     seed: int = 0,
+    ckpt_every: int = 100,
     root: Path = Path("runs"),
+    resume: Path | None = None,
     progress: bool = False,
     stage: Stage = None,
 ) -> Outcome:
@@ -256,7 +262,12 @@ def datafree(
         kd_steps, synthesis_steps, competition: deep_inversion's KD steps on its images, pixel
             updates per batch and Adaptive DeepInversion's α_c.
         seed: seeds the subset or split, the models and the games.
+        ckpt_every: checkpoint every N steps of the teacher and every N generator updates
+            (deep_inversion: batches synthesised, each with its KD round if any), and after the
+            last of each (0: never).
         root: where run directories are created.
+        resume: a run directory to resume from its checkpoints (its options must be these): the
+            teacher's training, then the method's loop, go on from where they were saved.
         progress: show the training, synthesis and game bars.
         stage: called with one line as each stage begins.
 
@@ -273,14 +284,18 @@ def datafree(
         if method == "deep_inversion"
         else {}
     )
-    with Run(f"distill-{method}", config, inputs=on_disk({"data": data}), root=root) as run:
+    if resume is not None:
+        read_manifest(resume)  # one line when it is not a run directory
+    inputs = on_disk({"data": data})
+    with Run(f"distill-{method}", config, inputs=inputs, root=root, path=resume) as run:
         _record_images(run, data, about)
         _say(stage, f"training the teacher ({teacher_steps} steps)")
-        cfg = TrainConfig(steps=teacher_steps, lr=3e-3, seed=seed, progress=progress)
-        teacher, t_hist = fit_teacher(images, cfg, 64)
+        cfg = TrainConfig(steps=teacher_steps, lr=3e-3, seed=seed, ckpt_every=ckpt_every,
+                          progress=progress)  # fmt: skip
+        teacher, t_hist = fit_teacher(images, cfg, 64, Run("teacher", path=run.path / "teacher"))
         _say(stage, _datafree_stage(method, iterations, batch_size, synthesis_steps, kd_steps))
         res = fit_datafree(method, teacher, iterations, batch_size, seed, inputs=images.spec,
-                           progress=progress, **extra)  # fmt: skip
+                           progress=progress, ckpt=Checkpoints(run, ckpt_every), **extra)  # fmt: skip
         _save(run, teacher=teacher, student=res.student)
         run.history("teacher_loss", t_hist.losses)
         _datafree_curves(run, method, res)

@@ -25,6 +25,7 @@ from lfm import registry
 from lfm.access import Access, LocalClassifier, narrow
 from lfm.assets import load_dataset
 from lfm.assets.images import read_image_folder
+from lfm.core.checkpoints import Checkpoints
 from lfm.core.train import History, TrainConfig, shuffled_batches, train
 from lfm.distill.contract import DistillResult, InputSpec
 from lfm.distill.distiller import distill
@@ -297,6 +298,7 @@ def fit_datafree(
     *,
     inputs: InputSpec = FASHION,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
     **overrides: Any,
 ) -> DistillResult:
     """A fresh student (built for `inputs`) trained without data: the method's `DistillResult`.
@@ -306,7 +308,8 @@ def fit_datafree(
     The games alternate one generator update (`iterations` of them) with the method's student
     updates (DAFL: 1, DFAD and DFME: 5). DeepInversion synthesises `iterations` batches, then
     trains the student for `kd_steps` KD steps on them. `inputs` is the shape of one image and the
-    teacher's classes (the generators make images of that shape); `progress` shows bars;
+    teacher's classes (the generators make images of that shape); `progress` shows bars; `ckpt`
+    checkpoints the method's loop into a run directory and goes on from a checkpoint there;
     `overrides` change the method's config over `DATAFREE_RECIPE`.
     """
     _known(method, DATAFREE_RECIPE)
@@ -315,7 +318,7 @@ def fit_datafree(
     student = student_cnn(inputs.n_classes, inputs.shape[0])
     handle = narrow(LocalClassifier(teacher, "teacher"), spec.access)  # the least it needs
     cfg = spec.config.build(DATAFREE_RECIPE[spec.name], batch_size=batch_size, **overrides)
-    kw: dict[str, Any] = {"seed": seed, "progress": progress}
+    kw: dict[str, Any] = {"seed": seed, "progress": progress, "ckpt": ckpt}
     if spec.name == "deep_inversion":
         cfg = cfg.replace(batches=iterations)
         kw["train_cfg"] = TrainConfig(steps=kd_steps, lr=3e-3, seed=seed, progress=progress)

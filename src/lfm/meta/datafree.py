@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
+from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.priors import bn_prior, total_variation
 from lfm.errors import LfmError
 from lfm.meta.baseline import train_pool
@@ -162,16 +164,22 @@ def datafree_train(
     gen: torch.Generator,
     progress: bool = False,
     desc: str = "meta",
+    ckpt: Checkpoints | None = None,
 ) -> tuple[nn.Module, History]:
     """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models (a
-    progress bar named `desc` if `progress`)."""
+    progress bar named `desc` if `progress`; checkpoints into `ckpt`'s run at its interval, and
+    continues from a checkpoint found there)."""
     learner = copy.deepcopy(learner)
     params = params_of(learner)
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     n = cfg.ways * (cfg.shots + cfg.queries)
     banks = [torch.randn((n, *input_shape), generator=gen) for _ in pool]
     history = History()
-    for _ in trange(cfg.steps, disable=not progress, desc=desc, leave=False):
+    loop = _Loop(learner, banks, opt, gen, pool, history)
+    start = loop.resume(ckpt) if ckpt else 0
+    bar = trange(start, cfg.steps, initial=start, total=cfg.steps, disable=not progress,
+                 desc=desc, leave=False)  # fmt: skip
+    for step in bar:
         losses = []
         for _ in range(cfg.meta_batch):
             i = int(torch.randint(len(pool), (1,), generator=gen))
@@ -182,7 +190,43 @@ def datafree_train(
         loss.backward()
         opt.step()
         history.loss.append(float(loss.detach()))
+        if ckpt and ckpt.due(step + 1, cfg.steps):
+            loop.save(ckpt, step + 1)
     return learner, history
+
+
+@dataclass
+class _Loop:
+    """What the remaining meta-updates depend on: the learner, the memory banks, Adam, the
+    episode generator (also the zeroth-order directions'), the losses and the queries so far."""
+
+    learner: nn.Module
+    banks: list[Tensor]  # replaced as episodes are refined: read at each save
+    opt: torch.optim.Optimizer
+    gen: torch.Generator
+    pool: Sequence[Any]
+    history: History
+
+    def tensors(self) -> dict[str, Tensor]:
+        banks = {f"bank/{i}": b for i, b in enumerate(self.banks)}
+        return {**prefixed("learner", self.learner), **banks}
+
+    def save(self, ckpt: Checkpoints, step: int) -> None:
+        queries = [getattr(h, "queries", 0) for h in self.pool]
+        ckpt.write(step, self.tensors(), {"optimizer": self.opt}, loss=list(self.history.loss),
+                   generator=self.gen.get_state(), queries=queries)  # fmt: skip
+
+    def resume(self, ckpt: Checkpoints) -> int:
+        """Restore a checkpoint in place; the meta-updates it was saved after (0: none)."""
+        state = ckpt.read(self.tensors(), {"optimizer": self.opt})
+        if state is None:
+            return 0
+        self.gen.set_state(state["generator"])
+        self.history.loss[:] = [float(v) for v in state["loss"]]
+        for h, q in zip(self.pool, state["queries"], strict=True):
+            if isinstance(h, CountedScores):
+                h.queries = int(q)
+        return int(state["step"])
 
 
 class CountedScores:
@@ -236,6 +280,7 @@ def datafree_whitebox(
     *,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> MetaResult:
     """PURER-like data-free meta-learning through the pool models' weights.
 
@@ -247,12 +292,14 @@ def datafree_whitebox(
         cfg: the method's config.
         seed: seeds the memory banks and the episode order.
         progress: show a progress bar over the meta-updates.
+        ckpt: checkpoint into a run directory (the learner, the memory banks, Adam, the
+            generator, the losses), and resume from the checkpoint there.
     """
     key = "meta/datafree_whitebox"
     pool, learner = model_pool(tasks, key), module_of(model, key)
-    gen = torch.Generator().manual_seed(seed)
+    gen, oracle = torch.Generator().manual_seed(seed), whitebox_grad(cfg)
     trained, history = datafree_train(
-        list(pool.handles), learner, pool.input_shape, cfg, whitebox_grad(cfg), gen, progress, key
+        list(pool.handles), learner, pool.input_shape, cfg, oracle, gen, progress, key, ckpt
     )
     return MetaResult(trained, history, key)
 
@@ -271,11 +318,13 @@ def datafree_blackbox(
     *,
     seed: int = 0,
     progress: bool = False,
+    ckpt: Checkpoints | None = None,
 ) -> MetaResult:
     """BiDf-MKD-like data-free meta-learning from SCORES handles only (no weights touched).
 
     Args: as `datafree_whitebox`, with pool handles that give at least SCORES. The history's
-    `queries` counts the inputs sent to the pool models.
+    `queries` counts the inputs sent to the pool models (a resumed run's include those sent
+    before its checkpoint).
     """
     key = "meta/datafree_blackbox"
     pool, learner = model_pool(tasks, key), module_of(model, key)
@@ -283,7 +332,7 @@ def datafree_blackbox(
     gen = torch.Generator().manual_seed(seed)
     oracle = zeroth_order_grad(cfg, gen)
     trained, history = datafree_train(
-        counted, learner, pool.input_shape, cfg, oracle, gen, progress, key
+        counted, learner, pool.input_shape, cfg, oracle, gen, progress, key, ckpt
     )
     history.queries = sum(c.queries for c in counted)
     return MetaResult(trained, history, key)

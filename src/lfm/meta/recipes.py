@@ -11,8 +11,9 @@ meta-tests on held-out tasks the way the method adapts, and writes a run directo
 of the config file and of the task folder given, the meta-loss curve under `history`),
 `curves.png`, and `model.safetensors`: the meta-trained weights and, for Meta-SGD, the learned step
 sizes as tensors `inner_lr/<parameter>` (format tag `lfm.meta.model/1`; read back with
-`load_result`). `train` also checkpoints the outer loop into `checkpoint/` and continues a run
-directory given as `resume` (see `lfm.meta.train.Checkpoints`).
+`load_result`). Both checkpoint their loop into `checkpoint/` and continue a run directory given
+as `resume` (see `lfm.meta.train.Checkpoints`); `datafree` also keeps its trained pool there
+(`pool.safetensors`), so that a resumed run reads it back.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lfm.access import LocalClassifier, narrow
@@ -42,6 +44,7 @@ TASKS = ("sinusoid", "digits", "fashion-mnist")
 FOLDER = "folder"  # the task name a run on your own task folder records
 SIZES = {"digits": 8, "fashion-mnist": 28}  # image side of the rotated N-way tasks
 DATAFREE = ("datafree_whitebox", "datafree_blackbox")
+POOL_FILE = "pool.safetensors"  # a data-free run's trained pool models, read back on resume
 FORMAT = "lfm.meta.model/1"  # the format tag of a saved meta-trained model
 LR_PREFIX = "inner_lr/"  # tensor names of Meta-SGD's learned step sizes in that file
 
@@ -263,6 +266,8 @@ def datafree(
     config: str | Path | None = None,
     seed: int = 0,
     root: str | Path = "runs",
+    resume: str | Path | None = None,
+    ckpt_every: int = 100,
     progress: bool = False,
 ) -> Done:
     """Train a pool of 5-way classifiers, meta-learn from them without their data, meta-test.
@@ -283,6 +288,10 @@ def datafree(
         config: a YAML/JSON config file of the method (`steps` overrides it).
         seed: seeds the pool, the learner and the episodes.
         root: where run directories are created.
+        resume: a run directory of this method to continue from its checkpoint (same options):
+            the pool is read back from it, the meta-updates go on from the last checkpoint.
+        ckpt_every: checkpoint the meta-updates every N and after the last (0: never); the
+            trained pool is kept as `pool.safetensors` unless 0.
         progress: show progress bars (pool training, meta-updates, meta-test).
     """
     spec = _spec(method, datafree=True)
@@ -290,20 +299,53 @@ def datafree(
     if task not in SIZES:
         raise LfmError(f"data-free meta-learning runs on {' or '.join(SIZES)}, not {task!r}")
     cfg, size = _config(spec, config, {}, steps=steps), SIZES[task]
+    info = {"name": task, "shots": shots, "pool": pool, "pool_steps": pool_steps, "seed": seed}
+    if resume is not None:
+        _check_resume(resume, f"meta-{spec.name}", info)
     train_tasks, _, test = rotated_digit_splits(
         task, seed=seed, per_class=300, ways=5, shots=shots, queries=5
     )
-    with Run(f"meta-{spec.name}", cfg, inputs=on_disk({"config": config}), root=root) as run_:
-        run_.manifest["task"] = {"name": task, "shots": shots, "pool": pool, "seed": seed}
+    inputs = on_disk({"config": config})
+    with Run(f"meta-{spec.name}", cfg, inputs=inputs, root=root, path=resume) as run_:
+        run_.manifest["task"] = info
         make = lambda: ConvNet(5, 16, 4, size, running=True)  # noqa: E731
-        models = train_pool(train_tasks, make, n_models=pool, ways=5, steps=pool_steps, seed=seed,
-                            progress=progress)  # fmt: skip
+        models = _saved_pool(run_, make)  # a resumed run's pool: not trained again
+        if models is None:
+            models = train_pool(train_tasks, make, n_models=pool, ways=5, steps=pool_steps,
+                                seed=seed, progress=progress)  # fmt: skip
+            if ckpt_every:
+                _save_pool(run_, models)
         level = spec.access.name.lower()  # the least the method needs: the handles give no more
         handles = [narrow(LocalClassifier(m), level) for m in models]
         torch.manual_seed(seed)
         source = ModelPool(handles, tuple(train_tasks.pools[0].shape[1:]))
         result = run(spec.key, ConvNet(64, 32, 4, size), source, cfg=cfg, seed=seed,
-                     progress=progress)  # fmt: skip
+                     progress=progress, ckpt=Checkpoints(run_, ckpt_every))  # fmt: skip
         score = meta_test(result, test, cfg=cfg, n_tasks=test_tasks, progress=progress)
         _finish(run_, result, score, pool_queries=result.history.queries or None)
     return Done(spec.key, score, run_.path, result)
+
+
+def _save_pool(run_: Run, models: list[nn.Module]) -> None:
+    """Keep the trained pool models in the run directory (`<i>/<name>` tensors), atomically."""
+    tensors = {f"{i}/{k}": v.contiguous() for i, m in enumerate(models)
+               for k, v in m.state_dict().items()}  # fmt: skip
+    with run_.output(POOL_FILE) as tmp:
+        save_file(tensors, str(tmp))
+    run_.save()
+
+
+def _saved_pool(run_: Run, make: Any) -> list[nn.Module] | None:
+    """The pool models a run directory holds, in eval mode as trained (None: it holds none)."""
+    file = run_.path / POOL_FILE
+    if not file.is_file():
+        return None
+    tensors = load_file(str(file))
+    parts = [k.split("/", 1) for k in tensors]
+    models = [make() for _ in range(len({i for i, _ in parts}))]
+    for i, m in enumerate(models):
+        try:
+            m.load_state_dict({k: tensors[f"{j}/{k}"] for j, k in parts if j == str(i)})
+        except RuntimeError:
+            raise LfmError(f"{file} holds another pool; resume the run with its options") from None
+    return [m.eval() for m in models]

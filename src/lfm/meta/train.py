@@ -22,16 +22,14 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm, trange
 
 from lfm.access import Access, module_of
+from lfm.core import checkpoints
 from lfm.errors import LfmError
 from lfm.meta.contract import LEARNER, History, MetaResult, ModelPool
 from lfm.meta.functional import (
@@ -45,9 +43,8 @@ from lfm.meta.functional import (
     selected,
 )
 from lfm.registry import get, register
-from lfm.runs import Run
 
-CHECKPOINT = "checkpoint"  # the folder in a run directory holding the outer loop's state
+CHECKPOINT = checkpoints.CHECKPOINT  # the folder in a run directory holding the loop's state
 
 
 class Outer(NamedTuple):
@@ -92,7 +89,7 @@ def init_lrs(params: Params, cfg: Any) -> Params | None:
 
 
 def _set_grads(out: Outer, params: Params, lrs: Params | None) -> None:
-    leaves = {**params, **{f"lr:{n}": t for n, t in (lrs or {}).items()}}
+    leaves = _leaves(params, lrs)
     if out.grads is not None:
         for n, p in params.items():
             p.grad = out.grads[n].detach().clone()
@@ -102,8 +99,7 @@ def _set_grads(out: Outer, params: Params, lrs: Params | None) -> None:
         p.grad = torch.zeros_like(p) if g is None else g
 
 
-@dataclass
-class Checkpoints:
+class Checkpoints(checkpoints.Checkpoints):
     """Save the outer loop's state into `run/checkpoint/` every `every` meta-updates (and after
     the last), atomically; a loop given a run that holds one continues from it.
 
@@ -112,47 +108,28 @@ class Checkpoints:
         every: meta-updates between checkpoints; 0: none.
     """
 
-    run: Run
-    every: int = 100
-
-    @property
-    def folder(self) -> Path:
-        return self.run.path / CHECKPOINT
-
-    def due(self, step: int, last: int) -> bool:
-        """Whether to save after meta-update `step` (counted from 1) of `last`."""
-        return self.every > 0 and (step % self.every == 0 or step == last)
-
     def save(
         self, step: int, params: Params, lrs: Params | None, opt: Any, gen: Any, history: History
     ) -> None:
         """Write the state after meta-update `step` (replacing the previous checkpoint)."""
-        tensors = {n: p.detach().contiguous() for n, p in params.items()}
-        tensors.update({f"lr:{n}": t.detach().contiguous() for n, t in (lrs or {}).items()})
-        with self.run.output(CHECKPOINT) as tmp:
-            tmp.mkdir()
-            save_file(tensors, str(tmp / "params.safetensors"))
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            state = {"step": step, "loss": list(history.loss), "generator": gen.get_state()}
-            torch.save(state, tmp / "state.pt")
-        self.run.save()
+        self.write(step, _leaves(params, lrs), {"optimizer": opt}, loss=list(history.loss),
+                   generator=gen.get_state())  # fmt: skip
 
     def load(self, params: Params, lrs: Params | None, opt: Any, gen: Any, history: History) -> int:
         """Restore the saved state in place; the step it was saved after (0: no checkpoint)."""
-        if not (self.folder / "state.pt").is_file():
+        state = self.read(_leaves(params, lrs), {"optimizer": opt})
+        if state is None:
             return 0
-        tensors = load_file(str(self.folder / "params.safetensors"))
-        targets = {**params, **{f"lr:{n}": t for n, t in (lrs or {}).items()}}
-        if tensors.keys() != targets.keys():
+        if state["tensors"]:
             raise LfmError(f"{self.folder} holds another model's state; resume it with its options")
-        with torch.no_grad():
-            for n, t in targets.items():
-                t.copy_(tensors[n])
-        opt.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
-        state = torch.load(self.folder / "state.pt", weights_only=True)
         gen.set_state(state["generator"])
         history.loss[:] = [float(v) for v in state["loss"]]
         return int(state["step"])
+
+
+def _leaves(params: Params, lrs: Params | None) -> Params:
+    """The parameters and Meta-SGD's step sizes (as `lr:<name>`): what the outer loop changes."""
+    return {**params, **{f"lr:{n}": t for n, t in (lrs or {}).items()}}
 
 
 def outer_loop(

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from lfm.core.io import load_tensors, save_tensors
 from lfm.errors import BudgetExceeded
 from lfm.registry import register
 from lfm.tuning.contract import TUNER
+from lfm.tuning.replay import ReplayLog, vector_hash
 from lfm.tuning.results import TuneResult
 from lfm.tuning.tasks import TextClassification, Verbalizer
 from lfm.tuning.tiny import example
@@ -63,7 +65,7 @@ class BBTResult(TuneResult):
     prompt: torch.Tensor  # (n, D): p = A z*
     z: np.ndarray  # (d,)
     verbalizer: Verbalizer
-    seed: int  # the projection A's seed (and CMA-ES's, plus one)
+    seed: int  # the projection A's seed (CMA-ES's is `cma_seed(seed)`: plus one)
     emb_std: float  # σ̂, the std of the input embeddings A was scaled to
     start_loss: float  # loss of the starting prompt (z = 0)
     best_loss: float
@@ -175,6 +177,7 @@ def bbt(
     *,
     seed: int = 0,
     progress: bool = False,
+    log: ReplayLog | None = None,
 ) -> BBTResult:
     """Search a soft prompt with CMA-ES through an EMBEDDINGS handle (local, narrowed or remote).
 
@@ -184,6 +187,9 @@ def bbt(
         cfg: BBT settings; `budget` bounds the evaluations, a client `Budget` the HTTP calls.
         seed: seeds the projection and CMA-ES.
         progress: show a bar over the evaluations with the best loss so far (stderr).
+        log: log every evaluation into a run directory (once per generation), and replay those
+            it already holds instead of calling the model: a resumed search ends as an
+            uninterrupted one.
     """
     data_kind(data, "bbt", {TextClassification: "a TextClassification"})
     verb, texts, y = data.needs_verbalizer("BBT"), data.texts, data.labels
@@ -191,44 +197,86 @@ def bbt(
     emb_std = float(embeds[mask.bool()].std())
     a = projection(cfg.intrinsic_dim, cfg.n_tokens, embeds.shape[-1], emb_std, cfg.sigma0, seed)
     f = make_objective(handle, texts, y, verb, a, cfg.n_tokens)
+    log = log or ReplayLog()
+    f = log.wrap(f, vector_hash)
     z0 = np.zeros(cfg.intrinsic_dim)
     start = f(z0)
     res = BBTResult(method="bbt", config=cfg, prompt=soft_prompt(z0, a, cfg.n_tokens), z=z0,
                     verbalizer=verb, seed=seed, emb_std=emb_std, start_loss=start,
                     best_loss=start, evaluations=1)  # fmt: skip
-    state = np.random.get_state()  # CMA-ES seeds NumPy's global generator: give it back after
-    try:
-        with tqdm(total=cfg.budget, initial=1, desc="bbt", disable=not progress,
-                  dynamic_ncols=True) as bar:  # fmt: skip
-            _search(f, cfg, seed, res, a, bar)
-    finally:
-        np.random.set_state(state)
+    with tqdm(total=cfg.budget, initial=1, desc="bbt", disable=not progress,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        _search(f, cfg, seed, res, a, bar, log.flush)
+    log.flush()
     return res
+
+
+class CmaRandom:
+    """NumPy's global generator as CMA-ES alone sees it.
+
+    `cma` draws its samples from NumPy's global generator, which it seeds from its `seed` option
+    when a strategy is built. `with own():` around every call into the strategy swaps this
+    generator's state in and the caller's back after, so that the candidates are a function of
+    the seed alone: whatever else draws from NumPy between two generations (a model, a
+    tokenizer; none of it on a replayed evaluation) neither shifts them nor is shifted by them.
+    """
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        outside = np.random.get_state()
+        if self.state is not None:
+            np.random.set_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = np.random.get_state()
+            np.random.set_state(outside)
 
 
 def _search(
     f: Callable[[np.ndarray], float], cfg: BBTConfig, seed: int, res: BBTResult, a: torch.Tensor,
-    bar: Any,
+    bar: Any, flush: Callable[[], None],
 ) -> None:  # fmt: skip
-    opts = {"popsize": cfg.popsize, "seed": seed + 1, "verbose": -9, "maxfevals": cfg.budget}
+    opts = {"popsize": cfg.popsize, "seed": cma_seed(seed), "verbose": -9, "maxfevals": cfg.budget}
     if cfg.bound > 0:
         opts["bounds"] = [-cfg.bound, cfg.bound]
-    es = cma.CMAEvolutionStrategy(res.z, cfg.sigma0, opts)
-    while res.evaluations < cfg.budget and not es.stop():
-        xs = es.ask()[: cfg.budget - res.evaluations]
+    own = CmaRandom()
+    with own():
+        es = cma.CMAEvolutionStrategy(res.z, cfg.sigma0, opts)
+    while res.evaluations < cfg.budget and not _stopped(es, own):
+        with own():
+            xs = es.ask()[: cfg.budget - res.evaluations]
         try:
             losses = [f(x) for x in xs]
         except BudgetExceeded:
             res.stopped = "api-budget"
             return
+        finally:
+            flush()  # one write per generation: a killed run loses at most this one
         res.evaluations += len(xs)
         _keep_best(res, xs, losses, a, cfg.n_tokens)
         bar.update(len(xs))
         bar.set_postfix(best_loss=f"{res.best_loss:.4f}")
         if len(xs) < cfg.popsize:
             break
-        es.tell(xs, losses)
+        with own():
+            es.tell(xs, losses)
     res.stopped = "budget" if res.evaluations >= cfg.budget else "cma"
+
+
+def cma_seed(seed: int) -> int:
+    """CMA-ES's seed: `seed + 1`, kept inside NumPy's range 1 … 2³² − 1 (`cma` reads a seed of 0
+    as "from the clock", and NumPy refuses one outside its range)."""
+    s = seed + 1
+    return s if 0 < s < 2**32 else s % (2**32 - 1) + 1
+
+
+def _stopped(es: Any, own: CmaRandom) -> bool:
+    with own():
+        return bool(es.stop())
 
 
 def _keep_best(

@@ -34,6 +34,7 @@ from lfm.core.io import write_json
 from lfm.errors import BudgetExceeded, LfmError
 from lfm.registry import register
 from lfm.tuning.contract import TUNER
+from lfm.tuning.replay import ReplayLog, json_hash
 from lfm.tuning.results import TuneResult
 from lfm.tuning.tasks import TextClassification, Verbalizer, class_scores
 from lfm.tuning.tiny import example
@@ -78,8 +79,8 @@ class SearchResult(TuneResult):
     verbalizer: Verbalizer  # the best candidate's template and the label words
     start_score: float
     best_score: float
-    evaluations: int = 0  # candidates scored
-    score_calls: int = 0  # `score` calls made on the handle
+    evaluations: int = 0  # candidates scored (a resumed search's include the replayed ones)
+    score_calls: int = 0  # candidates scored through the handle (a resumed search: this attempt)
     stopped: str = "iterations"
 
     def scores(self, handle: Any, texts: Sequence[str]) -> torch.Tensor:
@@ -181,6 +182,7 @@ def prompt_search(
     *,
     seed: int = 0,
     progress: bool = False,
+    log: ReplayLog | None = None,
 ) -> SearchResult:
     """Greedy edit search over instruction phrases and demonstrations through a SCORES handle.
 
@@ -192,6 +194,9 @@ def prompt_search(
         cfg: search settings. A client `Budget` running out stops the search with its best so far.
         seed: seeds the edits.
         progress: print one line per search step (stderr): the best score and the calls so far.
+        log: log every scored candidate into a run directory (once per step), and replay those
+            it already holds instead of calling the model: a resumed search ends as an
+            uninterrupted one.
     """
     data_kind(data, "prompt_search", {TextClassification: "a TextClassification"})
     verb, texts, y = data.needs_verbalizer("prompt search"), data.texts, data.labels
@@ -199,10 +204,16 @@ def prompt_search(
     pool, score_texts, score_y = _split(texts, y, cfg.n_demos)
     calls = [0]
 
-    def evaluate(c: Candidate) -> float:
-        calls[0] += 1
+    def score(c: Candidate) -> float:
         v = render(c, verb, pool, cfg.demo_chars)
         return objective(class_scores(handle, score_texts, v), score_y)
+
+    log = log or ReplayLog()
+    scored = log.wrap(score, lambda c: json_hash([c.phrases, c.demos]))
+
+    def evaluate(c: Candidate) -> float:
+        calls[0] += 1
+        return scored(c)
 
     start = Candidate(
         tuple(s for s in cfg.instruction.split(". ") if s),
@@ -213,8 +224,11 @@ def prompt_search(
                        verbalizer=render(start, verb, pool, cfg.demo_chars),
                        start_score=first, best_score=first)  # fmt: skip
     say = _step_line(cfg, calls) if progress else None
-    _greedy(res, evaluate, cfg, rng, len(pool) if cfg.n_demos else 0, say)
-    res.evaluations, res.score_calls = calls[0], calls[0]
+    try:
+        _greedy(res, evaluate, cfg, rng, len(pool) if cfg.n_demos else 0, say, log.flush)
+    finally:
+        log.flush()
+    res.evaluations, res.score_calls = calls[0], log.calls
     res.verbalizer = render(res.best, verb, pool, cfg.demo_chars)
     return res
 
@@ -232,7 +246,7 @@ def _step_line(cfg: PromptSearchConfig, calls: list[int]) -> Any:
 
 def _greedy(
     res: SearchResult, evaluate: Any, cfg: PromptSearchConfig, rng: random.Random, n_pool: int,
-    say: Any = None,
+    say: Any = None, flush: Any = None,
 ) -> None:  # fmt: skip
     idle = 0
     for step in range(1, cfg.iterations + 1):
@@ -242,6 +256,8 @@ def _greedy(
         except BudgetExceeded:
             res.stopped = "api-budget"
             return
+        if flush is not None:
+            flush()  # one write per step: a killed run loses at most this one
         top, i = max(scored)
         idle = 0 if top > res.best_score else idle + 1
         if top > res.best_score:

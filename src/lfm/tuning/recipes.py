@@ -13,7 +13,8 @@ Each loads its model and data, runs one tuner by name, saves what was learnt (`T
 into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics, the
 SHA-256 of the model's file or folder and of the data file given, and the runs that made them) and
 returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
-data, so `resume=` finds the same config and continues a checkpointed run. The black-box recipes
+data, so `resume=` finds the same config and continues a checkpointed run (`bbt` and `prompt_search`:
+by replaying the evaluations they logged). The black-box recipes
 take a model name (loaded and narrowed to the method's level) or a handle (a served model);
 `predict` classifies again with what a run saved (`lfm.tuning.saved`). The training recipes keep
 their learning curves in the manifest's `history` and draw them as `curves.png` in the run.
@@ -36,11 +37,13 @@ from lfm.access import Access, LocalModel, access_of, narrow
 from lfm.assets import TextDataset, load_dataset, load_model
 from lfm.assets.labelled import read_labelled, read_texts
 from lfm.core.io import write_text
+from lfm.core.runs import read_manifest
 from lfm.core.train import TrainConfig, run_on_main
 from lfm.errors import ConfigError
 from lfm.registry import MethodSpec, get
 from lfm.runs import Run, on_disk
 from lfm.tuning.adapters import is_causal
+from lfm.tuning.replay import ReplayLog
 from lfm.tuning.results import TunedModel, TuneResult
 from lfm.tuning.saved import (
     black_box_handle,
@@ -289,17 +292,20 @@ _SEARCH_CURVES = {"bbt": ("best_loss", "start_loss", "CMA-ES iteration"),
 
 def _black_box_run(
     method: str, model: str | Any, config: dict[str, Any], cfg: Any, shots: int, seed: int,
-    max_chars: int, root: str | Path, progress: bool,
+    max_chars: int, root: str | Path, progress: bool, resume: str | Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     spec = _spec(method)
     own = {k: config[k] for k in ("data", "text_field", "label_field", "holdout") if k in config}
+    if resume is not None:
+        read_manifest(resume)  # one line when it is not a run directory
     # a bad file is refused before the model loads
     task, classes = _few_shot(shots, seed, max_chars, own)
     handle = black_box_handle(model, spec.access)
     inputs = on_disk({"model": _source(model), "data": own.get("data")})
-    with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root) as run:
+    with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root,
+             path=resume) as run:  # fmt: skip
         run.log(classes=list(classes))
-        result = spec.fn(handle, task, cfg, seed=seed, progress=progress)
+        result = spec.fn(handle, task, cfg, seed=seed, progress=progress, log=ReplayLog(run))
         _save(run, "result", result)
         record = result.record()
         run.log(**{k: v for k, v in record.items() if k.endswith(("loss", "score"))})
@@ -313,7 +319,7 @@ def bbt(
     model: str | Any = "smollm2-135m", *, shots: int = 16, budget: int = 8000, n_tokens: int = 50,
     dim: int = 500, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
     data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
-    holdout: float = 0.2, progress: bool = True,
+    holdout: float = 0.2, resume: str | Path | None = None, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """Black-Box Tuning on BBC News few-shot (or on the training part of a data file, as in
     `classify`) through EMBEDDINGS access, into a run directory.
@@ -322,28 +328,34 @@ def bbt(
     The soft prompt, its z, the projection's seed and shape are saved as
     `result/prompt.safetensors` (`lfm.tuning.bbt.load_prompt`; `saved_scores` classifies with
     it). The best loss after each CMA-ES iteration is the run's curve; `progress` shows a bar over
-    the evaluations (stderr). Returns the result's record and the run directory.
+    the evaluations (stderr). Every evaluation is logged in the run directory
+    (`evaluations.json`, `lfm.tuning.replay`); `resume` (a run directory started with the same
+    options) runs CMA-ES again from its seed, replays the logged evaluations instead of calling
+    the model, and goes on to the result of an uninterrupted run. Returns the result's record and
+    the run directory.
     """
     from lfm.tuning.bbt import BBTConfig
 
     cfg = BBTConfig.build(budget=budget, n_tokens=n_tokens, intrinsic_dim=dim)
     config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
               **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
-    return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root, progress)
+    return _black_box_run("bbt", model, config, cfg, shots, seed, max_chars, root, progress,
+                          resume)  # fmt: skip
 
 
 def prompt_search(
     model: str | Any = "smollm2-135m", *, shots: int = 16, iterations: int = 10,
     candidates: int = 5, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
     data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
-    holdout: float = 0.2, progress: bool = True,
+    holdout: float = 0.2, resume: str | Path | None = None, progress: bool = True,
 ) -> dict[str, Any]:  # fmt: skip
     """GrIPS-style discrete prompt search on BBC News few-shot (or a data file's training part)
     through SCORES access.
 
     The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`;
     `saved_scores` classifies with it). The best score after each step is the run's curve;
-    `progress` prints one line per step (stderr).
+    `progress` prints one line per step (stderr). Every scored candidate is logged in the run
+    directory, and `resume` replays them as `bbt` does.
     """
     from lfm.tuning.prompt_search import PromptSearchConfig
 
@@ -351,7 +363,7 @@ def prompt_search(
     config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
               **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
     return _black_box_run(
-        "prompt_search", model, config, cfg, shots, seed, max_chars, root, progress
+        "prompt_search", model, config, cfg, shots, seed, max_chars, root, progress, resume
     )
 
 
