@@ -113,5 +113,26 @@ def test_augment_replug_through_a_served_model_scores_as_the_local_model(url, tm
                                    "--root", str(tmp_path / "knn")])  # fmt: skip
     lines = [ln for ln in knn.stderr.splitlines() if ln.strip()]
     assert knn.exit_code == 2 and len(lines) == 1, knn.output
-    assert "knn_lm needs HIDDEN access" in lines[0] and "locally (--model)" in lines[0]
+    assert "knn_lm needs HIDDEN access" in lines[0] and "--access hidden" in lines[0]
     assert not (tmp_path / "knn").exists()
+
+
+def test_augment_knn_lm_through_a_hidden_server_scores_as_the_local_model(tmp_path):
+    model = tiny_news_lm(0)
+    model.model.save_pretrained(tmp_path / "m")
+    model.tokenizer.save_pretrained(tmp_path / "m")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    args = ["augment", "--method", "knn_lm", "--corpus", str(corpus), "--eval-texts", "2",
+            "--chars", "120", "--prefix-chars", "40", "--threads", "1"]  # fmt: skip
+    hidden = build_app(Backend(tiny_news_lm(0), "hidden"), ServeSettings(api_key="k"))
+    runs = {}
+    with running(hidden) as url:
+        for where, extra in {"local": ["--model", str(tmp_path / "m")],
+                             "served": ["--url", url, "--api-key", "k"]}.items():  # fmt: skip
+            res = CliRunner().invoke(app, [*args, *extra, "--root", str(tmp_path / where)])
+            assert res.exit_code == 0, res.output
+            runs[where] = json.loads(res.stdout)
+    for key in ("entries", "tokens", "lm_ppl", "augmented_ppl"):
+        assert runs["served"][key] == pytest.approx(runs["local"][key], rel=1e-3), key
+    assert runs["served"]["augmented_ppl"] != runs["served"]["lm_ppl"]  # the datastore counts

@@ -201,7 +201,7 @@ def augment(
     chars: Annotated[int, typer.Option(min=1, help="characters kept of each document and article")] = 800,
     prefix_chars: Annotated[int, typer.Option(min=0, help="the unscored prefix of each article")] = 200,
     embedder: Annotated[str, typer.Option(help="REPLUG's retriever: minilm or chars")] = "minilm",
-    url: Annotated[str | None, typer.Option(help="served model root for REPLUG (SCORES); kNN-LM needs a local --model")] = None,
+    url: Annotated[str | None, typer.Option(help="served model root: at SCORES for REPLUG, at HIDDEN for kNN-LM (lfm serve --access hidden)")] = None,
     api_key: Key = None, calls: Calls = None,
     threads: Threads = 2, root: Root = Path("runs"), out: Out = None,
 ) -> None:  # fmt: skip
@@ -209,7 +209,12 @@ def augment(
     from lfm.tuning import recipes
 
     use_threads(threads)
-    handle = _model(url, model, api_key, "scores", calls)  # kNN-LM refuses a served one
+    level = "scores"
+    if url:  # the level the method needs; a server below it answers 403
+        from lfm.registry import get
+
+        level = get(method, "tuning").access.name.lower()
+    handle = _model(url, model, api_key, level, calls)
     _report(recipes.augment(method, handle, corpus=corpus, store=store, eval_texts=eval_texts,
                             chars=chars, prefix_chars=prefix_chars, embedder=embedder,
                             root=root), out)  # fmt: skip

@@ -439,8 +439,7 @@ def augment(
     `minilm` (mean-pooled `minilm-l6`) or `chars` (a bag of characters, no asset).
 
     `model` is a model name (loaded, then narrowed) or a handle that gives the method's access
-    (a served model at SCORES for REPLUG; kNN-LM reads hidden states, which no served model
-    gives). `progress` shows bars (stderr) over the datastore's texts and the scored articles.
+    (a served model at SCORES for REPLUG, at HIDDEN for kNN-LM: `lfm serve --access hidden`). `progress` shows bars (stderr) over the datastore's texts and the scored articles.
     """
     from lfm.tuning.retrieval import char_embedder, minilm_embedder
 
@@ -480,10 +479,13 @@ def _enough_access(spec: MethodSpec, model: str | Any) -> None:
     if isinstance(model, str | Path):
         return
     got = access_of(model)
+    card = model.info() if hasattr(model, "info") else {}  # a served model says what it gives
+    if "lfm_access" in card:
+        got = min(got, Access.parse(card["lfm_access"]))
     if got < spec.access:
         why = f"{spec.name} needs {spec.access.name} access and {_name(model)} gives {got.name}"
-        if spec.access >= Access.HIDDEN:  # no served level reaches the hidden states
-            why += f"; a served model gives no hidden states: run {spec.name} locally (--model)"
+        if spec.access == Access.HIDDEN:
+            why += "; serve the model with `lfm serve --access hidden`, or run it locally (--model)"
         raise ConfigError(why)
 
 
