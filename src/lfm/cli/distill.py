@@ -112,6 +112,8 @@ def lm(
         batch_size=batch_size, lr=lr, eval_blocks=eval_blocks, seed=seed, ckpt_every=ckpt_every,
         root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
+    if out is None:  # not the main process of a launched run
+        return
     m = out.metrics
     typer.echo(f"{out.run}: perplexity teacher {m['teacher_ppl']:.2f}, "
                f"student ({method}) {m['student_ppl']:.2f}")  # fmt: skip

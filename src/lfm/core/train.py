@@ -208,7 +208,11 @@ def run_on_main(*args: Any, cpu: bool = False, **kwargs: Any) -> Run | None:
     Args:
         cpu: the `TrainConfig.cpu` of the training to come (it fixes the process layout).
     """
-    return Run(*args, **kwargs) if PartialState(cpu=_use_cpu(cpu)).is_main_process else None
+    return (
+        Run(*args, **kwargs)
+        if PartialState(cpu=_use_cpu(_wants_cpu(cpu))).is_main_process
+        else None
+    )
 
 
 def _run_path(acc: Accelerator, run: Run | None) -> Path | None:
@@ -305,6 +309,12 @@ def _evaluate(evaluate: Callable[[nn.Module], dict], acc: Accelerator, model, st
     return {"step": step, **out}
 
 
+def _wants_cpu(cpu: bool) -> bool:
+    """Training on the CPU: asked by the config, or by a chosen placement (`--device cpu`)."""
+    at = placement.current()
+    return cpu or (at.device_chosen and at.cpu)
+
+
 def _accelerator(cfg: TrainConfig) -> Accelerator:
     """The loop's Accelerator: on the CPU when `cfg.cpu` or a chosen placement says so, with the
     autocast precision of `cfg.mixed_precision`, else of a chosen placement's dtype.
@@ -313,7 +323,7 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     of one machine that trains in float32 and then in bfloat16 (the Python API, a notebook) gets
     a fresh state. Distributed processes keep theirs: there all ranks must agree anyway."""
     at = placement.current()  # `--device` / `--dtype`, when a command was given them
-    cpu = cfg.cpu or (at.device_chosen and at.cpu)
+    cpu = _wants_cpu(cfg.cpu)
     mixed = cfg.mixed_precision if cfg.mixed_precision != "no" else at.mixed_precision
     state = AcceleratorState._shared_state
     if (

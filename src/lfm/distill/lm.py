@@ -186,8 +186,9 @@ def make_loss_fn(teacher: nn.Module | None, cfg: LMStudentConfig):
         ids = batch[0]  # (B, T)
         t_logits = None
         if teacher is not None and cfg.kd_weight:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=ids).logits
+            with torch.no_grad():  # on the teacher's device (where it was loaded), back to ours
+                at = next(teacher.parameters()).device
+                t_logits = teacher(input_ids=ids.to(at)).logits.to(ids.device)
         return lm_kd_loss(student(input_ids=ids).logits, t_logits, ids, cfg)
 
     return loss_fn

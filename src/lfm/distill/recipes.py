@@ -28,6 +28,7 @@ stage begins (the command line prints it).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
 from lfm.core.checkpoints import Checkpoints
 from lfm.core.runs import read_manifest
-from lfm.core.train import TrainConfig
+from lfm.core.train import TrainConfig, run_on_main
 from lfm.distill.contract import DistillResult
 from lfm.distill.lm import (
     LMStudentConfig,
@@ -375,7 +376,7 @@ def lm(
     resume: Path | None = None,
     progress: bool = False,
     stage: Stage = None,
-) -> Outcome:
+) -> Outcome | None:
     """BBC News or your text: a layer-dropped student of `model` (one block in `every`), into a run.
 
     Args:
@@ -398,7 +399,8 @@ def lm(
         stage: called with one line as each stage begins.
 
     Returns:
-        the run directory and `{"teacher_ppl", "student_ppl"}`.
+        the run directory and `{"teacher_ppl", "student_ppl"}`; None on the processes other
+        than the main one of a launched run (`accelerate launch`), which write nothing.
     """
     _choose(method, LM_METHODS, "lm")
     if eval_data is not None and data is None:
@@ -419,8 +421,10 @@ def lm(
     train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, ckpt_every=ckpt_every,
                             progress=progress)  # fmt: skip
     inputs = on_disk({"model": source_path(model), "data": data, "eval_data": eval_data})
-    with Run(f"distill-{method}-{every}", config, inputs=inputs, root=root, path=resume) as run:
-        if own is not None:
+    run = run_on_main(f"distill-{method}-{every}", config, inputs=inputs, root=root, path=resume,
+                      cpu=train_cfg.cpu)  # one run directory under `accelerate launch`  # fmt: skip
+    with run or nullcontext():
+        if own is not None and run is not None:
             run.manifest["data"] = {"split": own[1], "train_blocks": len(train_blocks),
                                     "eval_blocks": len(test_blocks)}  # fmt: skip
             run.save()
@@ -433,6 +437,8 @@ def lm(
                              train_cfg=train_cfg, run=run)  # fmt: skip
         else:
             res = _seq_kd_student(teacher, train_blocks, every, batch_size, train_cfg, run, stage)
+        if run is None:  # another process of a launched run: the main one saves and reports
+            return None
         student = res.student
         with run.output("student") as tmp:
             student.save_pretrained(tmp)
