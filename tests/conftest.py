@@ -68,3 +68,31 @@ def bbc_lm(tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+_CLI_PROBE = """
+import json, sys
+sys.argv = ["lfm", *{argv!r}]
+from lfm.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r})
+                        or m.split(".")[0] in {prefixes!r})))
+"""
+
+
+def cli_run(argv: list[str], prefixes: tuple[str, ...]) -> tuple[str, list[str]]:
+    """`lfm *argv` in a fresh process: (what it printed, the modules it imported that start with
+    one of `prefixes` or are one of them)."""
+    import json
+    import subprocess
+    import sys
+
+    code = _CLI_PROBE.format(argv=argv, prefixes=prefixes)
+    env = {**os.environ, "COLUMNS": "200"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)  # fmt: skip
+    *printed, modules = out.stdout.strip().splitlines()
+    return "\n".join(printed) + out.stderr, json.loads(modules)

@@ -3,37 +3,19 @@ registry, and read without importing torch, transformers or any method module.""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import pytest
 
 from lfm.cli import catalogue
 
-PROBE = """
-import json, sys
-sys.argv = ["lfm", *{argv!r}]
-from lfm.cli import main
-try:
-    main()
-except SystemExit:
-    pass
-heavy = ("torch", "transformers", "peft", "numpy")
-print(json.dumps(sorted(m for m in sys.modules
-                        if m.split(".")[0] in heavy or m.startswith(("lfm.cli.", "lfm.serve",
-                        "lfm.tuning", "lfm.distill", "lfm.reuse", "lfm.meta", "lfm.edit")))))
-"""
+from conftest import cli_run
+
+HEAVY = ("torch", "transformers", "peft", "numpy", "lfm.cli.", "lfm.serve", "lfm.tuning",
+         "lfm.distill", "lfm.reuse", "lfm.meta", "lfm.edit")  # fmt: skip
 
 
 def _run(argv: list[str]) -> tuple[str, list[str]]:
     """(what the command printed, the heavy or lfm command modules it imported)."""
-    out = subprocess.run(
-        [sys.executable, "-c", PROBE.format(argv=argv)],
-        capture_output=True, text=True, check=True, env={"COLUMNS": "200", "PATH": ""},
-    )  # fmt: skip
-    *printed, modules = out.stdout.strip().splitlines()
-    return "\n".join(printed) + out.stderr, json.loads(modules)
+    return cli_run(argv, HEAVY)
 
 
 def test_the_catalogue_file_equals_the_live_registry():

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import subprocess
 import sys
 
-PROBE = """
-import json, sys
-sys.argv = ["lfm", *{argv!r}]
-from lfm.cli import main
-try:
-    main()
-except SystemExit:
-    pass
-print(json.dumps(sorted(m for m in sys.modules if m.startswith(("lfm.cli.", "lfm.serve")))))
-"""
+from conftest import cli_run
 
 
 def _modules_after(argv: list[str]) -> list[str]:
-    code = PROBE.format(argv=argv)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return cli_run(argv, ("lfm.cli.", "lfm.serve"))[1]
 
 
 def test_reuse_merge_imports_only_the_reuse_commands():
