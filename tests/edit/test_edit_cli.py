@@ -62,7 +62,7 @@ def test_state_is_only_for_alphaedit(folder, tmp_path):
     args = ["apply", "--model", str(folder), "-m", "rome", *ARGS, "--state", str(tmp_path / "s")]
     res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "p.st")])
     assert _one_line_error(
-        res, "--state is for the lifelong editors (alphaedit, ultraedit); rome keeps no state"
+        res, "--state is for the lifelong editors (alphaedit, ultraedit, wise); rome keeps no state"
     )
 
 

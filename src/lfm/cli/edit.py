@@ -16,7 +16,8 @@ from lfm.cli.common import Threads, finite, group, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
-    "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE and IKE patches and their evaluation."
+    "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE, UltraEdit, WISE and IKE patches and "
+    "their evaluation."
 )
 Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
 Model = Annotated[str, typer.Option("--model", help="model asset name (`lfm models`) or folder")]
@@ -33,11 +34,11 @@ def _reporting() -> Any:
     return progress.reporting(stage)
 
 
-@app.command("apply")
+@app.command("apply", placed=True)
 def apply_(
     model: Model = "smollm2-135m",
     method: str = typer.Option(
-        "rome", "--method", "-m", help="rome, memit, alphaedit, ultraedit, ft_l, grace or ike"
+        "rome", "--method", "-m", help="rome, memit, alphaedit, ultraedit, ft_l, grace, wise or ike"
     ),
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
@@ -62,7 +63,7 @@ def apply_(
     state: Path = typer.Option(
         None,
         "--state",
-        help="lifelong state of alphaedit or ultraedit: read if it exists, then updated",
+        help="lifelong state of alphaedit, ultraedit or wise: read if it exists, then updated",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="patch file (.safetensors; JSON for ike's memory patch)"
@@ -93,7 +94,7 @@ def _handle(url: str | None, model: str, key: str | None) -> Any:
     return RemoteModel(url, api_key=key, access="scores")
 
 
-@app.command("eval")
+@app.command("eval", placed=True)
 def eval_(
     patch_file: Path = typer.Argument(None, exists=True, help="patch made for this model"),
     model: Model = "smollm2-135m",
@@ -207,7 +208,7 @@ def patch_revert(
     typer.echo(f"restored the original weights -> {out}")
 
 
-@app.command("trace")
+@app.command("trace", placed=True)
 def trace(
     model: Model = "smollm2-135m",
     prompt: str = typer.Option(..., "--prompt", help="prompt ending where the answer comes"),

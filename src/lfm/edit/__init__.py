@@ -17,6 +17,7 @@ from lfm.edit.rome import RomeConfig, rome
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.site import EditSite, edit_site
 from lfm.edit.ultraedit import UltraEditConfig, UltraEditState, ultraedit, ultraedit_step
+from lfm.edit.wise import WiseConfig, WiseMemory, wise, wise_step
 
 __all__ = [
     "AlphaEditConfig",
@@ -36,6 +37,8 @@ __all__ = [
     "UltraEditConfig",
     "UltraEditState",
     "Undo",
+    "WiseConfig",
+    "WiseMemory",
     "alphaedit",
     "alphaedit_step",
     "edit_site",
@@ -47,4 +50,6 @@ __all__ = [
     "rome",
     "ultraedit",
     "ultraedit_step",
+    "wise",
+    "wise_step",
 ]

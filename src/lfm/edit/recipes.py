@@ -10,9 +10,9 @@ edited model folder and restore it, trace where a fact is recalled.
     scores = recipes.evaluate_ike("smollm2-135m", "facts.jsonl")  # the same, IKE in context
 
 `model` is an asset name or a folder (loaded here), or a `LocalModel` already in memory. A weight
-patch is a safetensors file (`Patch`), so is a GRACE codebook (`CodebookPatch`, its own format
-tag), a memory patch a JSON file (`MemoryPatch`); `load_patch`
-reads any of them. Every error a user can cause is an `LfmError`.
+patch is a safetensors file (`Patch`), so are a GRACE codebook (`CodebookPatch`) and a WISE
+side memory (`WiseMemory`), each with its own format tag, a memory patch a JSON file
+(`MemoryPatch`); `load_patch` reads any of them. Every error a user can cause is an `LfmError`.
 
 `apply`, `patch_apply`, `patch_revert` and `trace` write a run directory under `root`
 (`<root>/<stamp>-edit-<method>/`, `...-patch-apply/`, `...-patch-revert/`, `...-edit-trace/`): its
@@ -56,15 +56,19 @@ from lfm.edit.requests import Request, read_requests
 from lfm.edit.sequential import AlphaEditState, alphaedit_step
 from lfm.edit.trace import Trace, causal_trace, plot
 from lfm.edit.ultraedit import UltraEditState, ultraedit_step
+from lfm.edit.wise import FORMAT as WISE_FORMAT
+from lfm.edit.wise import WiseMemory, wise_step
 from lfm.errors import LfmError
 from lfm.runs import Run, on_disk
 
 ConfigLike = str | Path | Config | Mapping[str, Any] | None
 
 # The editors whose state carries from one run to the next (`--state FILE`): (state, one turn).
+# WISE's state is its side memory itself: its step returns the memory as the patch and the state.
 STATEFUL: dict[str, tuple[Any, Any]] = {
     "alphaedit": (AlphaEditState, alphaedit_step),
     "ultraedit": (UltraEditState, ultraedit_step),
+    "wise": (WiseMemory, wise_step),
 }
 
 
@@ -109,9 +113,9 @@ def load_handle(model: Any) -> Any:
     return model
 
 
-def load_patch(path: str | Path) -> Patch | CodebookPatch | MemoryPatch:
-    """A weight patch or a GRACE codebook (safetensors, by the format tag) or a memory patch
-    (JSON), by the file's first bytes."""
+def load_patch(path: str | Path) -> Patch | CodebookPatch | WiseMemory | MemoryPatch:
+    """A weight patch, a GRACE codebook or a WISE side memory (safetensors, by the format tag) or
+    a memory patch (JSON), by the file's first bytes."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -121,8 +125,11 @@ def load_patch(path: str | Path) -> Patch | CodebookPatch | MemoryPatch:
     # JSON never holds a NUL byte
     if head.lstrip()[:1] == b"{" and b"\x00" not in head:
         return MemoryPatch.load(path)
-    if read_meta(path).get("format") == GRACE_FORMAT:
+    tag = read_meta(path).get("format")
+    if tag == GRACE_FORMAT:
         return CodebookPatch.load(path)
+    if tag == WISE_FORMAT:
+        return WiseMemory.load(path)
     return Patch.load(path)
 
 
@@ -140,7 +147,7 @@ class Applied:
     edits: int  # requests in the patch
     where: str  # the edited modules, or "the context" for a memory patch
     path: Path  # the patch file
-    state: Path | None = None  # the sequential AlphaEdit state, advanced
+    state: Path | None = None  # the lifelong state (AlphaEdit, UltraEdit, WISE), advanced
     run: Path | None = None  # the run directory
 
 
@@ -168,8 +175,8 @@ def apply(
         on: earlier patches, applied in order before this edit (and reverted after); for a
             method that continues a patch of its own kind (GRACE: `continues` on its registry
             entry), that patch is grown instead (`grace(..., codebook=...)`).
-        state: the lifelong state file of AlphaEdit or UltraEdit: read if it exists, advanced once the patch is
-            written.
+        state: the lifelong state file of AlphaEdit, UltraEdit or WISE (its side memory): read if
+            it exists, advanced once the patch is written.
         root: where the run directory is created (`<root>/<stamp>-edit-<method>/`).
         facts: a facts file (`lfm.edit.facts.read_facts`) whose edits are made (then
             `requests` is left empty); hashed into the run's manifest.
@@ -239,8 +246,7 @@ def sequential_patch(spec: Any, handle: Any, reqs: Sequence[Request], cfg: Confi
             with progress.step(i, len(reqs)):
                 patch = spec.fn(handle, [r], cfg)
             if not isinstance(patch, Patch):
-                kind = "a GRACE codebook" if isinstance(patch, CodebookPatch) else "a memory patch"
-                raise LfmError(f"{spec.name} makes {kind}; --sequential sums weight edits")
+                raise LfmError(f"{spec.name} makes {_kind(patch)}; --sequential sums weight edits")
             undos.append(patch.apply(model))
             modules.update(dict.fromkeys(patch.modules))
         edited = {m: linear_weight(model, m).detach().clone() for m in modules}
@@ -301,7 +307,8 @@ def evaluate(
     """Complete `prompts` (default: the patch's) greedily with and without the patch.
 
     A weight patch is applied to the loaded model and reverted before returning (a GRACE
-    codebook is installed as a hook and removed); a memory patch wraps the handle.
+    codebook or a WISE side memory is installed as hooks and removed); a memory patch wraps the
+    handle.
     """
     handle = load_handle(model)
     patch = load_patch(patch) if isinstance(patch, str | Path) else patch
@@ -358,7 +365,7 @@ def evaluate_facts(
     loaded = load_patch(patch) if isinstance(patch, str | Path) else patch
     if isinstance(loaded, MemoryPatch):  # it wraps the handle
         return FactScores(rows, before, metrics(loaded.apply(handle), f"with {loaded.method}"))
-    undo = loaded.apply(_weights(handle))  # weights changed, or a codebook hooked in
+    undo = loaded.apply(_weights(handle))  # weights changed, or a codebook / side memory hooked in
     try:
         after = metrics(handle, "with the patch")
     finally:
@@ -393,7 +400,14 @@ def evaluate_ike(
 def _weights(handle: Any) -> Any:
     """The module a weight patch or codebook goes into; a one-line `AccessError` for a handle
     without weights (a narrowed or served model takes only memory patches)."""
-    return module_of(handle, "a weight patch or GRACE codebook")
+    return module_of(handle, "a weight patch, GRACE codebook or WISE memory")
+
+
+def _kind(patch: Any) -> str:
+    """What a patch that changes no weights is, in words."""
+    if isinstance(patch, CodebookPatch):
+        return "a GRACE codebook"
+    return "a WISE side memory" if isinstance(patch, WiseMemory) else "a memory patch"
 
 
 def _present_score(m: dict[str, float]) -> dict[str, float]:
@@ -417,8 +431,9 @@ def patch_apply(
     options = {"model": _name(model), "patch": str(patch), "out": str(out)}
     loaded = load_patch(patch)  # refused before a run directory or the model is made
     if not isinstance(loaded, Patch):
-        kind = "GRACE codebook" if isinstance(loaded, CodebookPatch) else "memory patch"
-        raise LfmError(f"{patch} is a {kind}: it changes no weights (`lfm edit eval` uses it)")
+        raise LfmError(
+            f"{patch} is {_kind(loaded)}: it changes no weights (`lfm edit eval` uses it)"
+        )
     with _maybe_run("patch-apply", options, files, root) as run:
         handle = load_handle(model)
         undo = loaded.apply(handle.model)

@@ -1,0 +1,414 @@
+"""WISE: lifelong editing in a side memory behind a router (Wang et al. 2024, arXiv 2405.14768).
+
+WISE keeps the model's weights as its *main memory* and writes every edit into a *side memory*:
+a copy W_v' of the value matrix W_v (the MLP output projection) of one block, about 3/4 up the
+model. At inference a router chooses, per sequence, which of the two produces that layer's
+output. With a the projection's input at token t (D_in), the routing score is
+
+    Δ_act(a) = ‖(W_v' − W_v) a‖₂,       side memory iff  max_t Δ_act(a_t) > ε,
+
+the maximum taken over the sequence's real tokens (not its padding). Sequences that stay below ε
+get the main memory's output bit for bit; the weights are never changed.
+
+An edit trains W_v' (SGD, at most `steps`; each entry of W_v' − W_v kept within ±`clamp`) on the
+target's NLL with the side memory in place at every position, plus the paper's routing loss on
+the edit prompt x_e and a few irrelevant texts x_i (each score the maximum over its tokens):
+
+    L_a = max(0, Δ(x_i) − α) + max(0, β − Δ(x_e)) + max(0, γ − (Δ(x_e) − Δ(x_i))),
+
+averaged over the x_i. A request carries no neighbourhood prompts (and a benchmark scores those),
+so the x_i are generic sentences (`IRRELEVANT`, the config's `irrelevant`).
+
+Knowledge sharding: the side memory's edits are spread over shards of `shard_size` edits; each
+shard starts as a copy of W_v and edits only a random mask of density ρ (0.2) of its entries,
+τ_i = (W_v'^i − W_v) ⊙ M_i. The side memory is their TIES merge (Yadav et al. 2023, arXiv
+2306.01708), W_v' = W_v + TIES(τ_1, …, τ_k): trim each τ_i to its top `merge_density` of
+magnitudes, elect a sign per entry by the summed mass, average the agreeing entries (written
+here, in `ties_merge`: an area may not import `lfm.reuse`). One shard is returned as it is.
+
+ε: the paper takes it from the minimum routing score over the edited prompts; here, after every
+edit, ε = `act_ratio` · min_e max_t Δ_act(a_{e,t}) under the merged memory, from the projection
+inputs of every edited prompt, kept in the memory (they do not depend on the side memory, which
+sits at the projection's output). Sequential edits grow one memory (`wise(..., memory=m)`;
+`lfm edit apply -m wise --state FILE` carries it across runs).
+
+Defaults are the authors' published settings for 7B models: lr 1.0, 70 steps, clamp 1.0, ρ 0.2,
+α, β, γ = 5, 20, 10, ε scale 0.88, TIES density 0.53, 500 edits a shard. On SmolLM2 (projection
+inputs ~20 long) lr 1.0 oversteps the routing loss; docs/edit.md measures lr 0.1 beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from lfm.access import Access, narrow
+from lfm.config import Config
+from lfm.core.hooks import capture, frozen, hooked, stop_after
+from lfm.core.io import load_tensors, save_tensors
+from lfm.core.layouts import num_layers
+from lfm.edit import common, locate, progress
+from lfm.edit.contract import EDITOR
+from lfm.edit.patch import fingerprint
+from lfm.edit.requests import Request, build_batch
+from lfm.edit.site import EditSite, edit_site
+from lfm.errors import LfmError
+from lfm.registry import Example, register
+
+FORMAT = "lfm-edit-wise/1"
+PAPER = "Wang et al. 2024, arXiv 2405.14768 (WISE)"
+
+# Unrelated sentences whose routing score the editing loss keeps below α (no fact, no template
+# of the packaged fact sets; several open with "The", as many edit prompts do).
+IRRELEVANT: tuple[str, ...] = (
+    "The weather was mild for most of the week.",
+    "She opened the book and began to read.",
+    "The meeting was moved to Thursday afternoon.",
+    "Water boils when it is heated long enough.",
+    "He plays the guitar in a small band.",
+    "The children walked to school together.",
+)
+
+
+class WiseConfig(Config):
+    # block whose MLP output projection gets the side memory; None = ⌊0.75·L⌋ (`default_layer`)
+    layer: int | None = None
+    density: float = Field(0.2, gt=0, le=1)  # ρ, share of entries a shard may edit (paper: 0.2)
+    shard_size: int = Field(500, ge=1)  # edits per shard (authors: 500, two per 1,000 edits)
+    lr: float = Field(1.0, gt=0)  # SGD step on the side memory (paper: 1.0)
+    steps: int = Field(70, ge=1)  # SGD steps per edit at most (paper: 70)
+    clamp: float = Field(1.0, gt=0)  # |entry of W_v' − W_v| ≤ clamp (the norm constraint: 1.0)
+    alpha: float = Field(5.0, ge=0)  # α, irrelevant texts' score kept below it (paper: 5)
+    beta: float = Field(20.0, gt=0)  # β, the edit's score pushed above it (paper: 20)
+    gamma: float = Field(10.0, ge=0)  # γ, least gap edit − irrelevant (paper: 10)
+    act_ratio: float = Field(0.88, gt=0, le=1)  # ε = act_ratio · least edit score (authors: 0.88)
+    merge_density: float = Field(0.53, gt=0, le=1)  # TIES: share of a shard kept (authors: 0.53)
+    stop_nll: float = Field(0.05, ge=0)  # stop once the NLL is below this and every margin holds
+    irrelevant: tuple[str, ...] = Field(IRRELEVANT, min_length=1)  # the x_i of the routing loss
+    seed: int = 0  # the shards' random masks
+
+    @model_validator(mode="after")
+    def _margins(self) -> Self:
+        if not self.alpha < self.beta:
+            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta})")
+        return self
+
+
+def default_layer(model: nn.Module) -> int:
+    """⌊0.75·L⌋, a mid-to-late block as in the paper: 22 of SmolLM2's 30, 1 of a 2-block model."""
+    return min(int(0.75 * num_layers(model)), num_layers(model) - 1)
+
+
+@dataclass
+class Shard:
+    """One subspace of the side memory: mask M (D_out, D_in) bool, τ = (W_v' − W_v) ⊙ M, edits."""
+
+    mask: torch.Tensor
+    delta: torch.Tensor
+    edits: int = 0
+
+
+def new_shard(shape: tuple[int, int], density: float, seed: int, index: int) -> Shard:
+    """An empty shard whose mask draws each entry with probability ρ (seeded by shard index)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+    return Shard(torch.rand(shape, generator=gen) < density, torch.zeros(shape))
+
+
+def masked(delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """τ ⊙ M: the entries a shard may change (gradients outside the mask are zero)."""
+    return delta * mask
+
+
+def ties_merge(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """TIES over shard deltas: trim each to its top `density` magnitudes (ties at the threshold
+    kept), elect the sign of the summed mass, average the entries that agree with it."""
+    if len(deltas) == 1:
+        return deltas[0].clone()
+    trimmed = []
+    for d in deltas:
+        k = max(1, math.ceil(density * d.numel()))
+        cut = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+        trimmed.append(torch.where(d.abs() >= cut, d, torch.zeros_like(d)))
+    stack = torch.stack(trimmed)  # (k, D_out, D_in)
+    sign = stack.sum(0).sign()
+    agree = (stack.sign() == sign) & (stack != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp_min(1)
+
+
+def scores(delta: torch.Tensor, acts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """max_t ‖Δ a_t‖ per text, from each text's projection inputs (T_i, D_in) → (n,)."""
+    return torch.stack([F.linear(a, delta).norm(dim=-1).amax() for a in acts])
+
+
+def routing_loss(edit: torch.Tensor, irrelevant: torch.Tensor, cfg: WiseConfig) -> torch.Tensor:
+    """L_a for one edit's score and the irrelevant texts' scores (n,), averaged over those."""
+    return (
+        F.relu(irrelevant - cfg.alpha).mean()
+        + F.relu(cfg.beta - edit)
+        + F.relu(cfg.gamma - (edit - irrelevant)).mean()
+    )
+
+
+@torch.no_grad()
+def activations(model: nn.Module, tok: Any, texts: Sequence[str], site: EditSite) -> list:
+    """The projection's input at every token of each text, (T_i, D_in) float on the CPU (one
+    pass per text, stopped at the projection)."""
+    dev, out = next(model.parameters()).device, []
+    for text in texts:
+        ids = torch.tensor([tok(text)["input_ids"]], device=dev)
+        with (
+            capture(model, [site.module], inputs=True) as ins,
+            stop_after(model, [site.module]) as run,
+        ):
+            run(lambda ids=ids: model(input_ids=ids))
+        out.append(ins[site.module][0].float().cpu())
+    return out
+
+
+def train_edit(
+    model: nn.Module, tok: Any, req: Request, site: EditSite, shard: Shard,
+    acts: tuple[torch.Tensor, list[torch.Tensor]], cfg: WiseConfig,
+) -> dict[str, float]:  # fmt: skip
+    """Train the shard's τ (inside its mask) for one edit: NLL with W_v + τ in place plus L_a.
+    `acts`: the edit prompt's projection inputs and the irrelevant texts'. Updates the shard."""
+    batch = build_batch(tok, req, [""])
+    tau = shard.delta.clone().requires_grad_(True)
+    opt = torch.optim.SGD([tau], lr=cfg.lr)
+
+    def side(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out + F.linear(args[0].float(), masked(tau, shard.mask)).to(out.dtype)
+
+    trace: dict[str, float] = {}
+    for step in range(cfg.steps):
+        with hooked([(site.projection(model), side)]):
+            nll = locate._target_nll(model, batch)
+        delta = masked(tau, shard.mask)
+        edit, irr = scores(delta, [acts[0]])[0], scores(delta, acts[1])
+        route = routing_loss(edit, irr, cfg)
+        trace.setdefault("nll_start", nll.item())
+        trace.update(nll_end=nll.item(), routing=route.item(), score=edit.item(), steps=step)
+        if nll.item() < cfg.stop_nll and route.item() == 0:
+            break
+        opt.zero_grad()
+        (nll + route).backward()
+        opt.step()
+        with torch.no_grad():
+            tau.clamp_(-cfg.clamp, cfg.clamp)
+    shard.delta = masked(tau, shard.mask).detach()
+    shard.edits += 1
+    return trace
+
+
+def consolidate(
+    shards: Sequence[Shard], acts: Sequence[torch.Tensor], cfg: WiseConfig
+) -> tuple[torch.Tensor, float, list[float]]:
+    """The merged side memory's delta W_v' − W_v, ε and every edit's routing score under it."""
+    side = ties_merge([s.delta for s in shards], cfg.merge_density)
+    each = scores(side, acts)
+    return side, cfg.act_ratio * float(each.min()), [float(x) for x in each]
+
+
+def route(
+    side: torch.Tensor, eps: float, a: torch.Tensor, out: torch.Tensor,
+    mask: torch.Tensor | None, before: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The projection's output `out` (B, T, D_out) with the side memory `side` = W_v' − W_v on
+    every row whose largest score over its real tokens (`mask` (B, T), None: all) exceeds ε, or
+    that `before` routed earlier in the same cached generation; and which rows were routed (B,).
+    The other rows are returned bit for bit (`torch.where`). `a`: the input (B, T, D_in)."""
+    d = F.linear(a.float(), side.to(a.device))  # (B, T, D_out)
+    score = d.norm(dim=-1)  # (B, T)
+    if mask is not None and mask.shape == score.shape:  # padding never routes a sequence
+        score = score * mask.to(score.dtype)
+    routed = score.amax(-1) > eps  # (B,)
+    if before is not None and before.shape == routed.shape:
+        routed = routed | before.to(routed.device)
+    return torch.where(routed[:, None, None], out + d.to(out.dtype), out), routed
+
+
+def _call_state(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, bool]:
+    """The attention mask a model call was given (2-D only) and whether it continues a cached
+    generation (its cache already holds tokens)."""
+    mask = kwargs.get("attention_mask")
+    mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    past = kwargs.get("past_key_values")
+    length = getattr(past, "get_seq_length", None)
+    return mask, bool(past is not None and (length() if length else len(past)) > 0)
+
+
+@dataclass
+class WiseUndo:
+    """The installed hooks; `revert` removes them (no weight was changed)."""
+
+    handles: list[Any]
+
+    def revert(self, model: nn.Module | None = None) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@dataclass
+class WiseMemory:
+    """WISE's side memory at one module: its shards, the edited prompts' projection inputs, the
+    merged delta and ε, the requests it holds and the fingerprint of the main memory."""
+
+    module: str
+    shards: list[Shard]
+    acts: list[torch.Tensor]  # per edit (T_e, D_in)
+    requests: list[Request]
+    config: dict[str, Any]
+    base: str
+    info: dict[str, Any] = field(default_factory=dict)
+    method: str = "wise"
+    side: torch.Tensor = field(init=False)  # the merged W_v' − W_v
+    epsilon: float = field(init=False)
+    edit_scores: list[float] = field(init=False)  # each edited prompt's score under `side`
+
+    def __post_init__(self) -> None:
+        cfg = WiseConfig.build(self.config)
+        self.side, self.epsilon, self.edit_scores = consolidate(self.shards, self.acts, cfg)
+
+    @property
+    def modules(self) -> list[str]:
+        return [self.module]
+
+    def check(self, model: nn.Module) -> None:
+        """Raise a one-line `LfmError` unless `model` is the one this memory was made for."""
+        try:
+            model.get_submodule(self.module)
+        except AttributeError:
+            raise LfmError(f"WISE memory sits at {self.module}, which this model lacks") from None
+        if fingerprint(model, self.modules) != self.base:
+            raise LfmError(f"WISE memory was made for other weights (base {self.base[:12]})")
+
+    def apply(self, model: nn.Module) -> WiseUndo:
+        """Install the router: a pre-hook on the model reads each call's attention mask, a
+        forward hook on the projection routes; `undo.revert(model)` removes both."""
+        self.check(model)
+        call: dict[str, Any] = {}
+
+        def pre(_m: nn.Module, _args: tuple, kwargs: dict) -> None:
+            call["mask"], call["continues"] = _call_state(kwargs)
+
+        def hook(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+            mask = call.get("mask")
+            mask = mask[:, -out.shape[1] :] if mask is not None else None
+            before = call.get("routed") if call.get("continues") else None
+            out, call["routed"] = route(self.side, self.epsilon, args[0], out, mask, before)
+            return out
+
+        return WiseUndo([
+            model.register_forward_pre_hook(pre, with_kwargs=True),
+            model.get_submodule(self.module).register_forward_hook(hook),
+        ])  # fmt: skip
+
+    def save(self, path: str | Path) -> Path:
+        """Write one safetensors file (shards and prompt inputs + JSON metadata, tagged `FORMAT`)."""
+        tensors = {f"acts.{i}": a for i, a in enumerate(self.acts)}
+        for i, s in enumerate(self.shards):
+            tensors[f"mask.{i}"], tensors[f"delta.{i}"] = s.mask, s.delta
+        return save_tensors(
+            path, tensors, FORMAT, module=self.module, method=self.method, base=self.base,
+            config=self.config, requests=[r.to_dict() for r in self.requests], info=self.info,
+            edits=[s.edits for s in self.shards],
+        )  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> WiseMemory:
+        """Read a memory written by `save`; a one-line `LfmError` for any other file."""
+        t, meta = load_tensors(path, FORMAT)
+        try:
+            shards = [Shard(t[f"mask.{i}"], t[f"delta.{i}"], int(n))
+                      for i, n in enumerate(meta["edits"])]  # fmt: skip
+            reqs = [Request.from_dict(r) for r in meta["requests"]]
+            acts = [t[f"acts.{i}"] for i in range(len(reqs))]
+            return cls(str(meta["module"]), shards, acts, reqs, meta["config"],
+                       str(meta["base"]), meta["info"], str(meta["method"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise LfmError(f"{path} is not a complete {FORMAT} file ({type(e).__name__})") from None
+
+
+def _example(level: Access, seed: int) -> Example:
+    """One request on a tiny Llama; margins on the scale of its ~0.05-long projection inputs."""
+    lm = common.smoke_model("llama", seed)
+    cfg = WiseConfig(steps=10, alpha=0.05, beta=0.5, gamma=0.25)
+    return Example(
+        (narrow(lm, level), common.SMOKE_REQUEST), {}, cfg,
+        lambda m: {"side": m.side, "epsilon": m.epsilon},
+    )  # fmt: skip
+
+
+def wise_step(
+    handle: Any,
+    requests: Request | Sequence[Request],
+    memory: WiseMemory | None = None,
+    cfg: WiseConfig | None = None,
+) -> tuple[WiseMemory, WiseMemory]:
+    """WISE's edits of `requests`, one after another, into `memory` (None: a new one); the
+    memory is both the patch and the state carried to the next call (`--state`).
+
+    Args:
+        handle: a `LocalModel` (WEIGHTS access: it reads activations and trains the side memory).
+        requests: the edits, in order; each sees the shards of those before it.
+        memory: an earlier memory for this model to continue (it is not changed).
+        cfg: the configuration (paper defaults).
+    """
+    model, tok = common.model_and_tokenizer(handle, "edit/wise")
+    cfg, reqs = cfg or WiseConfig(), common.as_requests(requests)
+    site = edit_site(model, default_layer(model) if cfg.layer is None else cfg.layer)
+    if memory is not None:
+        memory.check(model)
+        if memory.module != site.module:
+            raise LfmError(
+                f"the earlier memory sits at {memory.module}, this config's at {site.module}"
+            )
+    shards = [Shard(s.mask, s.delta, s.edits) for s in (memory.shards if memory else [])]
+    acts, steps = list(memory.acts if memory else []), []
+    with frozen(model):
+        irrelevant = activations(model, tok, cfg.irrelevant, site)
+        for req in progress.each(reqs):
+            if not shards or shards[-1].edits >= cfg.shard_size:
+                shards.append(new_shard(site.shape, cfg.density, cfg.seed, len(shards)))
+            acts.append(activations(model, tok, [req.prompt], site)[0])
+            steps.append(train_edit(model, tok, req, site, shards[-1], (acts[-1], irrelevant), cfg))
+    earlier = memory.requests if memory else []
+    info = {
+        "layer": site.layer,
+        "steps": [*(memory.info.get("steps", []) if memory else []), *steps],
+    }
+    out = WiseMemory(site.module, shards, acts, [*earlier, *reqs], cfg.to_dict(),
+                     fingerprint(model, [site.module]), info)  # fmt: skip
+    return out, out
+
+
+@register(
+    "edit", "wise", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
+    config=WiseConfig, paper=PAPER, example=_example,
+    cli="lfm edit apply -m wise --state FILE (one side memory grows across calls; "
+    "`lfm edit eval` applies it)",
+)  # fmt: skip
+def wise(
+    handle: Any,
+    requests: Request | Sequence[Request],
+    cfg: WiseConfig | None = None,
+    *,
+    memory: WiseMemory | None = None,
+) -> WiseMemory:
+    """A WISE side memory for the requests, edited one after another (the model is unchanged).
+
+    Args:
+        handle: a `LocalModel` (WEIGHTS access).
+        requests: the edits, in order.
+        cfg: the configuration (paper defaults).
+        memory: an earlier WISE memory for this model to grow (lifelong editing); the result
+            holds its shards and requests, then the new ones.
+    """
+    return wise_step(handle, requests, memory, cfg)[0]

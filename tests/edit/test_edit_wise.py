@@ -1,0 +1,269 @@
+"""WISE: edits live in a side memory that a router applies to edited prompts only."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from lfm import registry
+from lfm.core.io import save_tensors
+from lfm.edit import Request, WiseConfig, WiseMemory, common, wise, wise_step
+from lfm.edit.wise import _call_state, default_layer, route, ties_merge
+from lfm.errors import ConfigError, LfmError
+
+wise_mod = importlib.import_module("lfm.edit.wise")  # `lfm.edit.wise` is also the function
+REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
+UNRELATED = "The Colosseum is located in the city of"
+# The tiny model's projection inputs are ~0.05 long (SmolLM2's ~20): margins, step and entry
+# bound on that scale (paper: α, β, γ = 5, 20, 10, lr 1, clamp 1)
+CFG = WiseConfig(lr=10, clamp=10, alpha=0.05, beta=0.5, gamma=0.25)
+WORDS = ["Tower", "Colosseum", "Paris", "Rome", "France", "Berlin", "Germany", "Tokyo", "Japan", "Kyoto"]  # fmt: skip
+TEN = [Request(f"The city of the {w}", w, WORDS[(i + 7) % 10]) for i, w in enumerate(WORDS)]
+
+
+@pytest.fixture
+def h():
+    return common.smoke_model("llama", 1)  # " Paris" leads " Rome" on REQ before the edit
+
+
+def _top(h, prompts: list[str]) -> list[str]:
+    ids = h.next_token_logprobs(prompts).argmax(-1)
+    return [h.tokenizer.decode(int(i)).strip() for i in ids]
+
+
+def _weights(h) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in h.model.state_dict().items()}
+
+
+def _same(h, weights) -> bool:
+    return all(torch.equal(weights[k], v) for k, v in h.model.state_dict().items())
+
+
+def test_edit_wins_main_memory_untouched_and_revert_is_exact(h):
+    weights = _weights(h)
+    base = h.next_token_logprobs([REQ.prompt, UNRELATED])
+    before = float(h.score([REQ.prompt], [" Rome"]))
+    assert _top(h, [REQ.prompt]) != ["Rome"]
+    memory = registry.run("edit", "wise", h, REQ, cfg=CFG)
+    assert isinstance(memory, WiseMemory) and memory.module == "model.layers.1.mlp.down_proj"
+    assert _same(h, weights)  # computing the memory changes nothing
+    undo = memory.apply(h.model)
+    try:
+        assert _top(h, [REQ.prompt]) == ["Rome"], "WISE did not make ' Rome' the argmax"
+        assert float(h.score([REQ.prompt], [" Rome"])) > before + 0.5  # measured: +0.84 nats
+        edited = h.next_token_logprobs([REQ.prompt, UNRELATED])
+        assert torch.equal(edited[1], base[1])  # the unrelated row: the main memory's output
+        assert _same(h, weights)  # the main memory is never written
+    finally:
+        undo.revert(h.model)
+    assert (
+        not h.model._forward_pre_hooks and not h.model.get_submodule(memory.module)._forward_hooks
+    )
+    assert torch.equal(h.next_token_logprobs([REQ.prompt, UNRELATED]), base)
+    assert _same(h, weights)
+
+
+def test_the_router_sends_only_the_edit_to_the_side_memory(h):
+    """Each row of one padded batch is routed on its own: the edited prompt gets exactly the
+    side memory's output, the unrelated one exactly the main memory's; with the router removed
+    (ε below every score: the side memory always used) the unrelated row changes."""
+    prompts = [REQ.prompt, UNRELATED]
+    base = h.next_token_logprobs(prompts)
+    memory = wise(h, REQ, CFG)
+    undo = memory.apply(h.model)
+    routed = h.next_token_logprobs(prompts)
+    undo.revert(h.model)
+    memory.epsilon = -1.0  # no routing: every sequence reads the side memory
+    undo = memory.apply(h.model)
+    always = h.next_token_logprobs(prompts)
+    undo.revert(h.model)
+    assert torch.equal(routed[0], always[0]) and not torch.equal(routed[0], base[0])
+    assert torch.equal(routed[1], base[1])
+    assert not torch.equal(always[1], base[1]), "the side memory leaves the unrelated row as is"
+
+
+def test_route_ignores_padding_and_keeps_a_generation_routed():
+    side = torch.eye(2)  # W_v' − W_v: the score of a token is ‖a‖
+    a, out = torch.tensor([[[0.1, 0.0], [5.0, 0.0]]]), torch.zeros(1, 2, 2)
+    assert route(side, 1.0, a, out, None)[1].tolist() == [True]
+    assert route(side, 1.0, a, out, torch.tensor([[1, 0]]))[1].tolist() == [False]  # 5 is padding
+    quiet = torch.tensor([[[0.1, 0.0]]])  # one generated token, below ε
+    new, routed = route(side, 1.0, quiet, torch.zeros(1, 1, 2), None, torch.tensor([True]))
+    assert routed.tolist() == [True] and torch.equal(new, quiet)  # routed on its prompt: stays
+    assert route(side, 1.0, quiet, torch.zeros(1, 1, 2), None)[1].tolist() == [False]
+
+    class Cache:  # what `generate` passes: a cache that knows how many tokens it holds
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def get_seq_length(self) -> int:
+            return self.n
+
+    mask = torch.ones(1, 3)
+    assert _call_state({"attention_mask": mask, "past_key_values": Cache(2)}) == (mask, True)
+    assert _call_state({"past_key_values": Cache(0)}) == (None, False)
+
+
+def test_generation_reads_the_side_memory_past_the_prompt(h):
+    memory = wise(h, REQ, CFG)
+    before = h.generate([REQ.prompt, UNRELATED], max_new_tokens=3)
+    undo = memory.apply(h.model)
+    try:
+        after = h.generate([REQ.prompt, UNRELATED], max_new_tokens=3)
+    finally:
+        undo.revert(h.model)
+    assert after[0].split()[0] == "Rome" and before[0].split()[0] != "Rome"
+    assert after[1] == before[1]
+
+
+def test_edits_change_only_the_entries_of_their_shards_mask(h):
+    memory = wise(h, TEN[:3], CFG.replace(shard_size=2))
+    assert [s.edits for s in memory.shards] == [2, 1]
+    for shard in memory.shards:
+        assert 0.15 < shard.mask.float().mean() < 0.25  # ρ = 0.2
+        assert bool((shard.delta[~shard.mask] == 0).all())
+        assert bool((shard.delta[shard.mask] != 0).any())
+    union = memory.shards[0].mask | memory.shards[1].mask
+    assert bool((memory.side[~union] == 0).all())
+    assert not torch.equal(memory.shards[0].mask, memory.shards[1].mask)  # a new mask per shard
+
+
+def test_without_the_mask_entries_outside_it_change(h, monkeypatch):
+    """The mask removed (τ used as it is): the check above would fail."""
+    monkeypatch.setattr(wise_mod, "masked", lambda delta, mask: delta)
+    shard = wise(h, REQ, CFG).shards[0]
+    assert bool((shard.delta[~shard.mask] != 0).any())
+
+
+def test_ties_merge_by_hand():
+    a = torch.tensor([[1.0, -2.0, 0.0, 4.0]])
+    b = torch.tensor([[3.0, 1.0, -0.5, 0.0]])
+    # full density: signs elected by the sums (+4, −1, −0.5, +4), agreeing entries averaged
+    assert torch.equal(ties_merge([a, b], 1.0), torch.tensor([[2.0, -2.0, -0.5, 4.0]]))
+    # density 0.5: a keeps {−2, 4}, b keeps {3, 1}; sums (+3, −1, 0, +4)
+    assert torch.equal(ties_merge([a, b], 0.5), torch.tensor([[3.0, -2.0, 0.0, 4.0]]))
+    assert torch.equal(ties_merge([a], 0.5), a)  # one shard is the side memory as it is
+
+
+def test_ten_sequential_edits_hold_in_one_memory_of_three_shards(h):
+    old = _top(h, [r.prompt for r in TEN])
+    other = h.next_token_logprobs(["Paris is the capital of"])
+    memory = None
+    for r in TEN:  # one call per edit, as across `--state` runs
+        memory = wise(h, r, CFG.replace(shard_size=4), memory=memory)
+    assert memory is not None and memory.requests == TEN
+    assert [s.edits for s in memory.shards] == [4, 4, 2]
+    undo = memory.apply(h.model)
+    try:
+        s = h.score(
+            [r.prompt for r in TEN] * 2, [f" {r.target}" for r in TEN] + [f" {o}" for o in old]
+        )
+        assert torch.equal(h.next_token_logprobs(["Paris is the capital of"]), other)
+    finally:
+        undo.revert(h.model)
+    held = float((s[:10] > s[10:]).float().mean())  # the target beats the unedited top token
+    assert held >= 0.8, held  # measured: 0.9 (0.5 with the ten in one shard)
+
+
+def test_memory_saves_loads_and_refuses_other_weights_and_bad_files(h, tmp_path):
+    memory = wise(h, TEN[:3], CFG.replace(shard_size=2))
+    loaded = WiseMemory.load(memory.save(tmp_path / "w.safetensors"))
+    assert loaded.requests == memory.requests and loaded.epsilon == memory.epsilon
+    assert torch.equal(loaded.side, memory.side)
+    outputs = []
+    for m in (memory, loaded):
+        undo = m.apply(h.model)
+        outputs.append(h.next_token_logprobs([r.prompt for r in TEN[:3]] + [UNRELATED]))
+        undo.revert(h.model)
+    assert torch.equal(outputs[0], outputs[1])
+    with pytest.raises(LfmError, match="other weights"):
+        memory.apply(common.smoke_model("llama", 2).model)
+    save_tensors(tmp_path / "g.safetensors", {"x": torch.zeros(1)}, "lfm-edit-grace/1")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    save_tensors(tmp_path / "part.safetensors", {"x": torch.zeros(1)}, "lfm-edit-wise/1")
+    for name, msg in (("g", "not a lfm-edit-wise/1 file"), ("junk", "cannot read"),
+                      ("part", "not a complete lfm-edit-wise/1 file")):  # fmt: skip
+        with pytest.raises(LfmError, match=msg) as e:
+            WiseMemory.load(tmp_path / f"{name}.safetensors")
+        assert "\n" not in str(e.value)
+
+
+def test_step_continues_a_memory_and_checks_its_layer(h):
+    first, state = wise_step(h, REQ, None, CFG)
+    assert state is first
+    second, _ = wise_step(h, TEN[0], state, CFG)
+    assert second.requests == [REQ, TEN[0]] and second.shards[0].edits == 2
+    assert first.shards[0].edits == 1  # the earlier memory is not changed
+    with pytest.raises(LfmError, match=r"the earlier memory sits at model\.layers\.1"):
+        wise_step(h, TEN[1], state, CFG.replace(layer=0))
+
+
+def test_config_defaults_and_margins():
+    cfg = WiseConfig()
+    assert (cfg.alpha, cfg.beta, cfg.gamma, cfg.density, cfg.lr, cfg.steps) == (
+        5,
+        20,
+        10,
+        0.2,
+        1,
+        70,
+    )
+    with pytest.raises(ConfigError, match=r"alpha .* must be below beta"):
+        WiseConfig.build({"alpha": 20, "beta": 5})
+
+
+def test_default_layer_is_three_quarters_up(h, monkeypatch):
+    assert default_layer(h.model) == 1
+    monkeypatch.setattr(wise_mod, "num_layers", lambda model: 30)
+    assert default_layer(h.model) == 22  # SmolLM2
+
+
+def test_cli_state_accumulates_across_two_calls(h, tmp_path):
+    from typer.testing import CliRunner
+
+    from lfm.cli.edit import app
+
+    h.model.save_pretrained(tmp_path / "m")
+    h.tokenizer.save_pretrained(tmp_path / "m")
+    (tmp_path / "cfg.json").write_text(CFG.model_dump_json())
+    state = tmp_path / "state.safetensors"
+
+    def run(req: Request, out: str):
+        file = tmp_path / f"{out}.jsonl"
+        file.write_text(json.dumps(req.to_dict()) + "\n")
+        args = ["apply", "--model", str(tmp_path / "m"), "-m", "wise", "--requests", str(file),
+                "--config", str(tmp_path / "cfg.json"), "--state", str(state), "-o",
+                str(tmp_path / out), "--root", str(tmp_path / "runs"), "--threads", "1"]  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 0, res.output
+        return res
+
+    run(REQ, "p1.safetensors")
+    assert WiseMemory.load(state).requests == [REQ]
+    res = run(TEN[0], "p2.safetensors")
+    assert "wise: 1 edit(s) on model.layers.1.mlp.down_proj" in res.output
+    grown = WiseMemory.load(state)
+    assert grown.requests == [REQ, TEN[0]] and grown.shards[0].edits == 2
+    assert WiseMemory.load(tmp_path / "p2.safetensors").requests == grown.requests
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(tmp_path / "p2.safetensors"),
+            "--model",
+            str(tmp_path / "m"),
+            "--threads",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    after = float(res.stdout.strip().splitlines()[-2].split("=")[-1])  # the first request's
+    assert after > float(h.score([REQ.prompt], [" Rome"])) + 0.3  # eval installed the memory
+    res = CliRunner().invoke(
+        app, ["patch-apply", str(tmp_path / "p2.safetensors"), "--model", str(tmp_path / "m"),
+              "-o", str(tmp_path / "e")]
+    )  # fmt: skip
+    assert res.exit_code == 2 and "is a WISE side memory: it changes no weights" in res.output
