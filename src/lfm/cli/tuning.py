@@ -1,7 +1,7 @@
 """`lfm tuning`: model tuning from the command line, a thin layer over `lfm.tuning.recipes`.
 
 Each command parses its options, calls its recipe and prints the summary. The black-box commands
-(bbt, prompt-search, augment with REPLUG) run against a served model (`--url`) or a local asset
+(bbt, prompt-search, opro, augment with REPLUG) run against a served model (`--url`) or a local asset
 narrowed to the level the method needs; `classify` classifies again with what a run saved. Under
 a multi-process launch only the main process of `train` and `sft` reports.
 """
@@ -18,7 +18,8 @@ from lfm.cli.common import Threads, finite, group, use_threads
 
 app = group(
     "Model tuning: fine-tuning and adapters (train, sft), black-box prompt tuning (bbt, "
-    "prompt-search), retrieval augmentation (augment), and classifying with a run (classify)."
+    "prompt-search, opro), retrieval augmentation (augment), and classifying with a run "
+    "(classify)."
 )
 
 Root = Annotated[Path, typer.Option(help="where run directories are created")]
@@ -131,6 +132,12 @@ Out = Annotated[
     Path | None, typer.Option("--out", "-o", help="also write the summary as JSON here")
 ]
 MaxChars = Annotated[int, typer.Option(min=1, help="article cut in characters")]
+Proposer = Annotated[
+    str | None,
+    typer.Option(help="a model that writes pool phrases from a few examples (asset or folder, "
+                 "loaded here); default: none, the pool names the labels and holds generic "
+                 "phrases"),
+]  # fmt: skip
 
 
 def _model(url: str | None, model: str, key: str | None, level: str, calls: int | None) -> Any:
@@ -178,7 +185,7 @@ def prompt_search(
     max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
     out: Out = None, data: Data = None, text_field: TextField = "text",
     label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
-    resume: Resume = None,
+    resume: Resume = None, proposer: Proposer = None,
 ) -> None:  # fmt: skip
     """GrIPS-style discrete prompt search (arXiv 2203.07281) through SCORES access."""
     from lfm.tuning import recipes
@@ -188,7 +195,32 @@ def prompt_search(
     _report(recipes.prompt_search(handle, shots=shots, iterations=iterations,
                                   candidates=candidates, max_chars=max_chars, seed=seed,
                                   root=root, data=data, text_field=text_field,
-                                  label_field=label_field, holdout=holdout, resume=resume), out)  # fmt: skip
+                                  label_field=label_field, holdout=holdout, resume=resume,
+                                  proposer=proposer), out)  # fmt: skip
+
+
+@app.command("opro", placed=True)
+def opro(
+    url: Url = None, model: Model = "smollm2-135m", api_key: Key = None,
+    proposer: Annotated[str, typer.Option(help="the model that writes the instructions (asset or folder, loaded here; its chat template when it has one)")] = "smollm2-135m",
+    shots: Shots = 16,
+    steps: Annotated[int, typer.Option(min=0, help="OPRO steps after APE's proposals (OPRO: up to 200)")] = 4,
+    candidates: Annotated[int, typer.Option(min=1, help="instructions proposed per step (OPRO: 8)")] = 4,
+    max_chars: MaxChars = 1200, calls: Calls = None, seed: Seed = 0, root: Root = Path("runs"),
+    out: Out = None, data: Data = None, text_field: TextField = "text",
+    label_field: LabelField = "label", holdout: Holdout = 0.2, threads: Threads = 2,
+    resume: Resume = None,
+) -> None:  # fmt: skip
+    """Instruction optimisation (APE arXiv 2211.01910, OPRO arXiv 2309.03409) through TEXT access:
+    a proposer model writes instructions, the target's generated answers score them."""
+    from lfm.tuning import recipes
+
+    use_threads(threads)
+    handle = _model(url, model, api_key, "text", calls)
+    _report(recipes.opro(handle, proposer=proposer, shots=shots, steps=steps,
+                         candidates=candidates, max_chars=max_chars, seed=seed, root=root,
+                         data=data, text_field=text_field, label_field=label_field,
+                         holdout=holdout, resume=resume), out)  # fmt: skip
 
 
 @app.command("augment", placed=True)
@@ -222,19 +254,19 @@ def augment(
 
 @app.command("classify", placed=True)
 def classify(
-    run: Annotated[Path, typer.Option(help="a run directory of `tuning train`, `bbt` or `prompt-search`")],
+    run: Annotated[Path, typer.Option(help="a run directory of `tuning train`, `bbt`, `prompt-search` or `opro`")],
     data: Annotated[Path | None, typer.Option(dir_okay=False, help="texts to classify: JSON lines, or CSV (.csv); lines with labels give the accuracy")] = None,
     text: Annotated[str | None, typer.Option(help="one text to classify")] = None,
     text_field: TextField = "text",
     label_field: Annotated[str, typer.Option(help="the field of --data holding the label (optional)")] = "label",
     model: Annotated[str | None, typer.Option(help="the model (default: the one the run used; for an adapter, its base)")] = None,
-    url: Annotated[str | None, typer.Option(help="served model root, for a bbt or prompt-search run")] = None,
+    url: Annotated[str | None, typer.Option(help="served model root, for a bbt, prompt-search or opro run")] = None,
     api_key: Key = None, calls: Calls = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", dir_okay=False, help="write the predictions here (JSON lines)")] = None,
     threads: Threads = 2,
 ) -> None:  # fmt: skip
-    """Classify with what a tuning run saved: a BBT prompt, a prompt-search template, or a trained
-    adapter, weights or head; the accuracy when --data has labels."""
+    """Classify with what a tuning run saved: a BBT prompt, a prompt-search template, an OPRO
+    instruction, or a trained adapter, weights or head; the accuracy when --data has labels."""
     from lfm.tuning import recipes
 
     use_threads(threads)
@@ -248,7 +280,8 @@ def classify(
         scores = ", ".join(
             f"{c} {v:.3f}" for c, v in zip(res["classes"], res["scores"], strict=True)
         )
-        typer.echo(f"{res['prediction']} ({res['method']}: {scores})")
+        named = res["prediction"] or "no class (the answer names no label word)"
+        typer.echo(f"{named} ({res['method']}: {scores})")
         return
     acc = "" if res["acc"] is None else f"; accuracy {res['acc']:.3f}"
     saved = "" if out is None else f" -> {out}"

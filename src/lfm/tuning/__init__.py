@@ -12,6 +12,7 @@ from lfm.tuning import (  # noqa: F401  (registers the methods)
     lora_plus,
     methods,
     mezo,
+    opro,
     peft_methods,
     prompt_search,
 )

@@ -6,6 +6,7 @@
     recipes.sft("lora", "smollm2-135m", steps=30)                     # lfm tuning sft
     recipes.bbt("smollm2-135m", budget=200)                           # lfm tuning bbt
     recipes.prompt_search("smollm2-135m", iterations=10)              # lfm tuning prompt-search
+    recipes.opro("smollm2-135m", proposer="smollm2-135m", steps=4)   # lfm tuning opro
     recipes.augment("knn_lm", "smollm2-135m")                         # lfm tuning augment
     recipes.predict("runs/…-tune-lora", data="test.jsonl")            # lfm tuning classify
 
@@ -13,8 +14,8 @@ Each loads its model and data, runs one tuner by name, saves what was learnt (`T
 into a run directory (`runs/<stamp>-<name>/`, with the manifest: config, versions, metrics, the
 SHA-256 of the model's file or folder and of the data file given, and the runs that made them) and
 returns a JSON-ready summary. The config recorded in the manifest is the recipe's options as plain
-data, so `resume=` finds the same config and continues a checkpointed run (`bbt` and `prompt_search`:
-by replaying the evaluations they logged). The black-box recipes
+data, so `resume=` finds the same config and continues a checkpointed run (`bbt`, `prompt_search`
+and `opro`: by replaying the evaluations they logged). The black-box recipes
 take a model name (loaded and narrowed to the method's level) or a handle (a served model);
 `predict` classifies again with what a run saved (`lfm.tuning.saved`). The training recipes keep
 their learning curves in the manifest's `history` and draw them as `curves.png` in the run.
@@ -43,6 +44,7 @@ from lfm.errors import ConfigError
 from lfm.registry import MethodSpec, get
 from lfm.runs import Run, on_disk
 from lfm.tuning.adapters import is_causal
+from lfm.tuning.proposer import DEFAULT_PROPOSER, load_proposer
 from lfm.tuning.replay import ReplayLog
 from lfm.tuning.results import TunedModel, TuneResult
 from lfm.tuning.saved import (
@@ -287,13 +289,17 @@ def _few_shot(
 
 # the curve of each search: the recorded value at its start, then after each iteration
 _SEARCH_CURVES = {"bbt": ("best_loss", "start_loss", "CMA-ES iteration"),
-                  "prompt_search": ("best_score", "start_score", "search step")}  # fmt: skip
+                  "prompt_search": ("best_score", "start_score", "search step"),
+                  "opro": ("best_score", "start_score", "step (0: APE)")}  # fmt: skip
 
 
 def _black_box_run(
     method: str, model: str | Any, config: dict[str, Any], cfg: Any, shots: int, seed: int,
     max_chars: int, root: str | Path, progress: bool, resume: str | Path | None = None,
+    proposer: str | Any | None = None,
 ) -> dict[str, Any]:  # fmt: skip
+    """Run a black-box search into a run directory; `proposer` (a model name or handle) is
+    loaded after the data and the target, and passed to the method."""
     spec = _spec(method)
     own = {k: config[k] for k in ("data", "text_field", "label_field", "holdout") if k in config}
     if resume is not None:
@@ -301,11 +307,14 @@ def _black_box_run(
     # a bad file is refused before the model loads
     task, classes = _few_shot(shots, seed, max_chars, own)
     handle = black_box_handle(model, spec.access)
-    inputs = on_disk({"model": _source(model), "data": own.get("data")})
+    extra = {} if proposer is None else {"proposer": load_proposer(proposer)}
+    inputs = on_disk({"model": _source(model), "data": own.get("data"),
+                      "proposer": _source(proposer) if proposer is not None else None})  # fmt: skip
     with Run(spec.name, {**config, "config": cfg.to_dict()}, inputs=inputs, root=root,
              path=resume) as run:  # fmt: skip
         run.log(classes=list(classes))
-        result = spec.fn(handle, task, cfg, seed=seed, progress=progress, log=ReplayLog(run))
+        result = spec.fn(handle, task, cfg, seed=seed, progress=progress, log=ReplayLog(run),
+                         **extra)  # fmt: skip
         _save(run, "result", result)
         record = result.record()
         run.log(**{k: v for k, v in record.items() if k.endswith(("loss", "score"))})
@@ -348,23 +357,55 @@ def prompt_search(
     candidates: int = 5, max_chars: int = 1200, seed: int = 0, root: str | Path = "runs",
     data: str | Path | None = None, text_field: str = "text", label_field: str = "label",
     holdout: float = 0.2, resume: str | Path | None = None, progress: bool = True,
+    proposer: str | Any | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """GrIPS-style discrete prompt search on BBC News few-shot (or a data file's training part)
     through SCORES access.
 
-    The template found is saved as `result/template.json` (`lfm.tuning.prompt_search.load_template`;
-    `saved_scores` classifies with it). The best score after each step is the run's curve;
-    `progress` prints one line per step (stderr). Every scored candidate is logged in the run
-    directory, and `resume` replays them as `bbt` does.
+    The phrase pool names the task's label words and holds generic phrases; `proposer` (a model
+    name or folder, loaded locally, or a handle with `generate`) adds phrases it writes from
+    demonstrations. The template found is saved as `result/template.json`
+    (`lfm.tuning.prompt_search.load_template`; `saved_scores` classifies with it). The best score
+    after each step is the run's curve; `progress` prints one line per step (stderr). Every
+    scored candidate is logged in the run directory, and `resume` replays them as `bbt` does.
     """
     from lfm.tuning.prompt_search import PromptSearchConfig
 
     cfg = PromptSearchConfig.build(iterations=iterations, candidates=candidates)
     config = {"model": _name(model), "shots": shots, "max_chars": max_chars, "seed": seed,
+              **({"proposer": _name(proposer)} if proposer is not None else {}),
               **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
-    return _black_box_run(
-        "prompt_search", model, config, cfg, shots, seed, max_chars, root, progress, resume
-    )
+    return _black_box_run("prompt_search", model, config, cfg, shots, seed, max_chars, root,
+                          progress, resume, proposer)  # fmt: skip
+
+
+def opro(
+    model: str | Any = "smollm2-135m", *, proposer: str | Any = DEFAULT_PROPOSER,
+    shots: int = 16, steps: int = 4, candidates: int = 4, max_chars: int = 1200, seed: int = 0,
+    root: str | Path = "runs", data: str | Path | None = None, text_field: str = "text",
+    label_field: str = "label", holdout: float = 0.2, resume: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """Instruction optimisation (APE's step, then `steps` OPRO steps of `candidates` proposals)
+    on BBC News few-shot (or a data file's training part) through TEXT access.
+
+    `model` is the target: a model name (loaded and narrowed to TEXT) or a handle (a
+    `RemoteModel` at TEXT). `proposer` writes the instructions: a model name or folder, loaded
+    locally (its chat template used when it has one), or a handle with `generate`. The best
+    instruction, its score and every instruction scored are saved as `result/instruction.json`
+    (`lfm.tuning.opro.load_instruction`; `predict` classifies with it). The best score after
+    each step is the run's curve; `progress` prints one line per step (stderr). Every scored
+    instruction is logged in the run directory, and `resume` replays them as `bbt` does (the
+    proposer runs again, seeded, and writes the same proposals).
+    """
+    from lfm.tuning.opro import OproConfig
+
+    cfg = OproConfig.build(steps=steps, candidates=candidates)
+    config = {"model": _name(model), "proposer": _name(proposer), "shots": shots,
+              "max_chars": max_chars, "seed": seed,
+              **_data_options(data, text_field, label_field, holdout)}  # fmt: skip
+    return _black_box_run("opro", model, config, cfg, shots, seed, max_chars, root, progress,
+                          resume, proposer)  # fmt: skip
 
 
 def predict(
@@ -376,9 +417,10 @@ def predict(
     the JSON-lines or CSV file `data` (read as `--data` is read; when its lines have
     `label_field`, their labels give the accuracy) or the one `text`.
 
-    `model` (None: the run's) is a model name or folder, or for a BBT or prompt-search run a
-    handle such as a served model. With `out`, writes one JSON line per text: the text, its
-    prediction, the class scores and its label. Returns the run, method, classes, the number of
+    `model` (None: the run's) is a model name or folder, or for a BBT, prompt-search or OPRO
+    run a handle such as a served model. With `out`, writes one JSON line per text: the text, its
+    prediction, the class scores (null for -inf) and its label. An OPRO run's answer that names
+    no label word is predicted as None and counts as wrong. Returns the run, method, classes, the number of
     texts and the accuracy (None without labels); for one `text`, its prediction and scores.
     """
     if (data is None) == (text is None):
@@ -387,18 +429,25 @@ def predict(
     clf = load_classifier(run, model)
     gold = None if labels is None else _gold(labels, clf, data)
     scores = clf.scores(texts, "classify" if progress else None)
-    pred = scores.argmax(-1)
+    # a row with no finite score names no class (an OPRO answer without a label word): wrong
+    pred = torch.where(scores.isfinite().any(-1), scores.argmax(-1), -1)
+    names = [clf.classes[int(p)] if p >= 0 else None for p in pred]
     acc = None if gold is None else float((pred == gold).float().mean())
     if out is not None:
-        rows = [{"text": t, "prediction": clf.classes[int(p)], "scores": s.tolist(),
+        rows = [{"text": t, "prediction": names[i], "scores": _finite(s),
                  **({} if labels is None else {"label": labels[i]})}
-                for i, (t, p, s) in enumerate(zip(texts, pred, scores, strict=True))]  # fmt: skip
+                for i, (t, s) in enumerate(zip(texts, scores, strict=True))]  # fmt: skip
         write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     summary = {"run": str(run), "method": clf.method, "classes": list(clf.classes),
                "texts": len(texts), "acc": acc, "out": None if out is None else str(out)}  # fmt: skip
     if text is not None:
-        summary.update(prediction=clf.classes[int(pred[0])], scores=scores[0].tolist())
+        summary.update(prediction=names[0], scores=scores[0].tolist())
     return summary
+
+
+def _finite(row: torch.Tensor) -> list[float | None]:
+    """A row of scores as JSON can hold it: -inf (a class an answer did not name) as null."""
+    return [v if math.isfinite(v) else None for v in row.tolist()]
 
 
 def _gold(labels: Sequence[str], clf: Any, data: str | Path | None) -> torch.Tensor:

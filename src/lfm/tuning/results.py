@@ -9,6 +9,7 @@ part beside it, atomically:
 | `TunedModel` (weight engineering, SFT, MeZO) | the tuned model | `adapter/` (PEFT's format) or `model/` (+ `head.safetensors`) |
 | `BBTResult` (`lfm.tuning.bbt`) | a soft prompt and its projection seed | `prompt.safetensors` |
 | `SearchResult` (`lfm.tuning.prompt_search`) | a prompt template | `template.json` |
+| `OproResult` (`lfm.tuning.opro`) | an instruction and every one scored | `instruction.json` |
 | `RetrievalResult` (`lfm.tuning.retrieval`) | a retrieval-augmented handle | `datastore.safetensors` / `documents.safetensors` |
 """
 

@@ -8,6 +8,7 @@
 |---|---|---|
 | `lfm tuning bbt` | `result/prompt.safetensors` | label-word logits after the soft prompt (EMBEDDINGS) |
 | `lfm tuning prompt-search` | `result/template.json` | label-word log-probabilities after the template (SCORES) |
+| `lfm tuning opro` | `result/instruction.json` | 0 for the label word the generated answer names first, −inf for the others; all −inf when it names none (TEXT) |
 | `lfm tuning train`, a causal LM | `tuned/adapter/` or `tuned/model/`, label words in `result.json` | the label words' next-token logits (`VerbalizerLM`) |
 | `lfm tuning train`, an encoder | the same and `tuned/head.safetensors` | the new head's logits (`HeadClassifier`) |
 
@@ -36,6 +37,7 @@ from lfm.core.runs import read_manifest
 from lfm.errors import ConfigError
 from lfm.tuning.bbt import PROMPT_FILE, class_scores_bbt, load_prompt
 from lfm.tuning.classify import HeadClassifier, VerbalizerLM, label_token_ids
+from lfm.tuning.opro import INSTRUCTION_FILE, generate_labels, load_instruction, one_hot_scores
 from lfm.tuning.prompt_search import TEMPLATE_FILE, load_template
 from lfm.tuning.results import HEAD_FILE, HEAD_FORMAT, RESULT_FILE
 from lfm.tuning.tasks import TextClassification, Verbalizer, class_scores
@@ -80,7 +82,8 @@ def _result_folder(path: Path) -> Path:
 
 def saved_scores(folder: str | Path, model: str | Any, texts: Sequence[str]) -> torch.Tensor:
     """Label-word scores (N, C) of `texts` under a saved black-box result: a BBT soft prompt
-    (`prompt.safetensors`, EMBEDDINGS) or a prompt-search template (`template.json`, SCORES).
+    (`prompt.safetensors`, EMBEDDINGS), a prompt-search template (`template.json`, SCORES) or an
+    OPRO instruction (`instruction.json`, TEXT: `lfm.tuning.opro.one_hot_scores`).
 
     `folder` is the result folder (`<run>/result`) or its run directory; `model` a model name
     (loaded and narrowed) or a handle. `scores.argmax(-1)` indexes the saved label words.
@@ -100,8 +103,14 @@ def _black_box_scorer(path: Path, model: str | Any) -> tuple[Scorer, Access, Ver
         verb, level = load_template(path), Access.SCORES
         handle = black_box_handle(model, level)
         one = lambda ts: class_scores(handle, ts, verb)  # noqa: E731
+    elif (path / INSTRUCTION_FILE).exists():
+        p, level = load_instruction(path), Access.TEXT
+        verb, handle = p.verbalizer, black_box_handle(model, level)
+        one = lambda ts: one_hot_scores(generate_labels(handle, p, ts), len(verb.label_words))  # noqa: E731
     else:
-        raise ConfigError(f"{path} holds no saved prompt ({PROMPT_FILE} or {TEMPLATE_FILE})")
+        raise ConfigError(
+            f"{path} holds no saved prompt ({PROMPT_FILE}, {TEMPLATE_FILE} or {INSTRUCTION_FILE})"
+        )
 
     def score(texts: Sequence[str], desc: str | None) -> torch.Tensor:
         chunks = [texts[i : i + CHUNK] for i in range(0, len(texts), CHUNK)]
@@ -120,6 +129,8 @@ def saved_access(run: str | Path) -> Access:
         return Access.EMBEDDINGS
     if (folder / TEMPLATE_FILE).exists():
         return Access.SCORES
+    if (folder / INSTRUCTION_FILE).exists():
+        return Access.TEXT
     _trained_record(path, method)  # refuses a run with nothing to classify with
     return Access.WEIGHTS
 
@@ -135,7 +146,7 @@ def _trained_record(path: Path, method: str) -> dict[str, Any]:
     if not file.exists():
         raise ConfigError(
             f"{path} saved nothing to classify with ({method}): give a run of `lfm tuning "
-            "train`, `bbt` or `prompt-search`"
+            "train`, `bbt`, `prompt-search` or `opro`"
         )
     try:
         record = json.loads(file.read_text())
@@ -153,7 +164,7 @@ def load_classifier(run: str | Path, model: str | Any | None = None) -> SavedCla
     """The classifier a run saved, over `model` (None: the model the run used).
 
     Args:
-        run: a run directory of `lfm tuning train`, `bbt` or `prompt-search`.
+        run: a run directory of `lfm tuning train`, `bbt`, `prompt-search` or `opro`.
         model: a model name or folder (for a trained adapter, its base), or for a black-box run
             a handle such as a served model; None reads the run's `config.model`.
     """
@@ -163,7 +174,7 @@ def load_classifier(run: str | Path, model: str | Any | None = None) -> SavedCla
     recorded = (manifest.get("metrics") or {}).get("classes")
     chosen = config.get("model") if model is None else model
     folder = _result_folder(path)
-    black_box = (folder / PROMPT_FILE).exists() or (folder / TEMPLATE_FILE).exists()
+    black_box = any((folder / f).exists() for f in (PROMPT_FILE, TEMPLATE_FILE, INSTRUCTION_FILE))
     record = None if black_box else _trained_record(path, method)  # refuses an unusable run
     if chosen is None:
         raise ConfigError(f"{path}/manifest.json names no model; give one (--model)")
