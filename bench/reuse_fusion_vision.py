@@ -18,12 +18,13 @@ statistics stay those of the base, so every expert and every merge shares them. 
 (`$LFM_CACHE`, default ~/.cache/lfm) keyed by the settings; a rerun skips training.
 
 Backbones are merged by every method (`lfm.reuse.fusion.fusion_table`); task k is scored with
-head k. λ of task arithmetic / TIES / DARE-TIES is chosen on 200 labelled validation images per
-task from the task-arithmetic paper's grid 0.05, 0.10, ..., 1.0; Fisher and RegMean (conv layers
+head k. λ of task arithmetic / TIES / DARE-TIES / Breadcrumbs / DELLA is chosen on 200 labelled
+validation images per task from the task-arithmetic paper's grid 0.05, 0.10, ..., 1.0, α of
+TSV-Merge / Iso-C / Iso-CTS from that grid and 1.25 ... 2.0; Fisher and RegMean (conv layers
 included: Grams of unfolded patches, one per channel for the depthwise convs) use `--n-stats`
 training inputs per task; AdaMerging learns on the unlabelled test inputs.
 
-    .venv/bin/python bench/reuse_fusion_vision.py            # about 6 CPU-minutes on 1 thread
+    .venv/bin/python bench/reuse_fusion_vision.py            # 14-19 CPU-minutes on 1 thread (busy host)
     .venv/bin/python bench/reuse_fusion_vision.py --quick    # a smoke run
 """
 

@@ -147,7 +147,7 @@ def test_mergekit_translations():
         from_mergekit({"merge_method": "ties", "base_model": "x", "models": [
             {"model": "y", "parameters": {"density": 0.1}}, {"model": "z", "parameters": {"density": 0.2}}]})  # fmt: skip
     with pytest.raises(MergeError, match="not supported"):
-        from_mergekit({"merge_method": "della", "models": ["y"]})
+        from_mergekit({"merge_method": "sce", "models": ["y"]})  # della is translated now
 
 
 def test_merge_writes_a_run_with_input_hashes_and_lineage(tmp_path):

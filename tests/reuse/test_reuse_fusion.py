@@ -39,11 +39,12 @@ def _setup(identical: bool):
 
 def test_fusion_table_rows_match_direct_evaluation(tmp_path):
     bb, base, experts, tasks = _setup(identical=False)
-    cfg = FusionConfig(ada_steps=2, ada_batch=8, lambdas=(0.5, 1.0))
+    cfg = FusionConfig(ada_steps=2, ada_batch=8, lambdas=(0.5, 1.0), spectral_scales=(0.5, 2.0))
     res = fusion_table(bb, base, experts, tasks, tmp_path, cfg, log=lambda _: None)
     assert list(res.rows) == [
-        "pretrained", "individual", "average", "task arithmetic", "TIES", "DARE-TIES", "Fisher",
-        "RegMean", "AdaMerging (task-wise)", "AdaMerging (layer-wise)",
+        "pretrained", "individual", "average", "task arithmetic", "TIES", "DARE-TIES",
+        "Breadcrumbs", "DELLA", "TSV-Merge", "Iso-C", "Iso-CTS", "Fisher", "RegMean",
+        "AdaMerging (task-wise)", "AdaMerging (layer-wise)",
         "ensemble: prob. average", "ensemble: majority vote",
     ]  # fmt: skip
     assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in res.rows.values())
@@ -56,13 +57,16 @@ def test_fusion_table_rows_match_direct_evaluation(tmp_path):
     assert lam in (0.5, 1.0)
     ties = merge_state_dicts("ties", base, experts, {"density": 0.2, "scale": lam})
     assert res.rows["TIES"] == score(bb, ties, tasks)
+    alpha = res.notes["iso_c_scale"]
+    iso = merge_state_dicts("iso_c", base, experts, {"scale": alpha})
+    assert alpha in (0.5, 2.0) and res.rows["Iso-C"] == score(bb, iso, tasks)
     assert (tmp_path / "gram1.safetensors").exists() and (tmp_path / "fisher0.safetensors").exists()
     assert "| RegMean |" in res.markdown() and res.markdown().count("\n") == len(res.rows) + 1
 
 
 def test_merging_identical_experts_gives_the_expert_back(tmp_path):
     bb, base, experts, tasks = _setup(identical=True)
-    cfg = FusionConfig(ada_steps=0, ensembles=False, lambdas=(0.5,))
+    cfg = FusionConfig(ada_steps=0, ensembles=False, lambdas=(0.5,), spectral_scales=(1.0,))
     res = fusion_table(bb, base, experts, tasks, tmp_path, cfg, log=lambda _: None)
     for label in ("average", "Fisher", "RegMean"):
         assert res.rows[label] == res.rows["individual"], label

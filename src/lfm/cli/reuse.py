@@ -12,9 +12,9 @@ from lfm.cli.common import Threads, group, use_threads
 from lfm.errors import LfmError
 
 app = group(
-    "Model reuse: merge fine-tuned models (linear, TIES, DARE, SLERP, Model Stock, Fisher, "
-    "RegMean, AdaMerging), compute merge statistics, align models for mode connectivity, "
-    "ensemble language models."
+    "Model reuse: merge fine-tuned models (linear, TIES, DARE, SLERP, Model Stock, Breadcrumbs, "
+    "DELLA, TSV-Merge, Iso-C/CTS, Fisher, RegMean, AdaMerging), compute merge statistics, align "
+    "models for mode connectivity, ensemble language models."
 )
 
 

@@ -7,9 +7,10 @@ aligner, and runs by name through `lfm.registry.run`:
     run("reuse/ensemble_average", handles, x)                               # log-probabilities
     run("reuse/rebasin", [model_a, model_b])                                # aligned state dicts
 
-Per-tensor kernels (maths in `kernels.py`, registered with paper defaults in `methods.py`) are
-mapped over parameter names by one driver (`driver.py`), in memory (`merge_state_dicts`) or
-streamed from safetensors shards to sharded output (`engine.merge_models`). Data-aware merges
+Per-tensor kernels (maths in `kernels.py`, registered with paper defaults in `methods.py`; the
+SVD-based merges TSV-Merge, Iso-C and Iso-CTS in `spectral.py`) are mapped over parameter names
+by one driver (`driver.py`), in memory (`merge_state_dicts`) or streamed from safetensors shards
+to sharded output (`engine.merge_models`). Data-aware merges
 (Fisher, RegMean in `datamerge.py`; AdaMerging in `adamerging.py`) read statistics saved by
 `stats.py`; `rebasin.py` aligns hidden units for mode connectivity (`connect.py`: interpolation
 paths); `ensemble.py` combines outputs of handles at SCORES or TEXT access. `recipes.py` holds
@@ -22,6 +23,7 @@ from lfm.reuse import (  # noqa: F401  (registers the methods)
     ensemble,
     methods,
     rebasin,
+    spectral,
 )
 from lfm.reuse.driver import (
     MergeError,

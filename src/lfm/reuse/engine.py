@@ -317,7 +317,8 @@ def merge_models(
 
     Args:
         method: a registered merge method (`linear`, `task_arithmetic`, `ties`, `dare_linear`,
-            `dare_ties`, `slerp`, `model_stock`, `fisher`, `regmean`, `adamerging`).
+            `dare_ties`, `breadcrumbs`, `della`, `tsv_merge`, `iso_c`, `iso_cts`, `slerp`,
+            `model_stock`, `fisher`, `regmean`, `adamerging`, ...: `lfm methods` lists them).
         models: model folders or `.safetensors` files to merge.
         out: the output folder; it appears only when the merge has succeeded.
         base: the base model (needed by the task-vector methods and Model Stock).

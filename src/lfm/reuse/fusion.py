@@ -5,8 +5,9 @@ h_k. Every merge method turns the K backbones into one θ; task k is scored with
 the table holds per-task and mean test accuracy for the base (with heads trained on its frozen
 features), each expert on its own task, every merge and the output ensembles:
 
-- λ of task arithmetic, TIES and DARE-TIES is the grid value with the best mean accuracy on a
-  labelled validation split (Ilharco et al. 2022, arXiv 2212.04089);
+- λ of task arithmetic, TIES, DARE-TIES, Model Breadcrumbs and DELLA, and α of TSV-Merge, Iso-C
+  and Iso-CTS, is the grid value with the best mean accuracy on a labelled validation split
+  (Ilharco et al. 2022, arXiv 2212.04089); their other settings are the papers' defaults;
 - Fisher and RegMean read statistics files computed on a few training inputs of each task;
 - AdaMerging learns its coefficients on the unlabelled test inputs (Yang et al. 2023);
 - the ensembles give task k every expert backbone with head k.
@@ -18,6 +19,7 @@ BatchNorm uses whatever running statistics the state dicts hold.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,11 @@ from lfm.reuse.stats import fisher, gram, save_stats
 
 StateDict = dict[str, Tensor]
 TA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))  # the task-arithmetic paper's grid
+# α of the SVD merges scales a truncated or flattened spectrum, not the sum of the task vectors:
+# their grid goes on past 1
+SPECTRAL_GRID = (*TA_GRID, 1.25, 1.5, 1.75, 2.0)
 Split = tuple[Tensor, Tensor]  # inputs, labels
+SPECTRAL = ("tsv_merge", "iso_c", "iso_cts")
 
 
 @dataclass
@@ -55,7 +61,8 @@ class FusionTask:
 
 
 class FusionConfig(Config):
-    lambdas: tuple[float, ...] = TA_GRID  # λ grid for TA / TIES / DARE (TA paper: 0.05 ... 1.0)
+    lambdas: tuple[float, ...] = TA_GRID  # λ grid of TA / TIES / DARE / Breadcrumbs / DELLA
+    spectral_scales: tuple[float, ...] = SPECTRAL_GRID  # α grid of TSV-Merge / Iso-C / Iso-CTS
     ties_density: float = Field(0.2, gt=0, le=1)  # TIES keep fraction (paper: 0.2)
     dare_drop_rate: float = Field(0.9, ge=0, lt=1)  # DARE drop rate p (paper: 0.9)
     regmean_alpha: float = Field(0.9, ge=0, le=1)  # RegMean off-diagonal scale (paper: 0.9)
@@ -65,7 +72,7 @@ class FusionConfig(Config):
     ada_batch: int = Field(16, ge=1)  # unlabelled test inputs per task and step (paper: 16)
     ensembles: bool = True  # add the probability-average and majority-vote ensemble rows
     batch: int = Field(256, ge=1)  # evaluation batch size
-    seed: int = 0  # DARE masks and Fisher samples
+    seed: int = 0  # DARE and DELLA masks, Fisher samples
 
 
 @dataclass
@@ -125,7 +132,7 @@ def pick_scale(
 ) -> tuple[StateDict, float]:  # fmt: skip
     """The merge whose λ gives the best mean validation accuracy (first of equals)."""
     best: tuple[StateDict, float, float] | None = None
-    for lam in cfg.lambdas:
+    for lam in cfg.spectral_scales if method in SPECTRAL else cfg.lambdas:
         sd = merge_state_dicts(method, base, experts, {**extra, "scale": lam})
         val = sum(score(backbone, sd, tasks, "val", cfg.batch)) / len(tasks)
         if best is None or val > best[2]:
@@ -242,6 +249,10 @@ def fusion_table(
     row("TIES", lambda: scaled("TIES", "ties", {"density": cfg.ties_density}))
     dare = {"drop_rate": cfg.dare_drop_rate, "seed": cfg.seed}
     row("DARE-TIES", lambda: scaled("DARE-TIES", "dare_ties", dare))
+    row("Breadcrumbs", lambda: scaled("Breadcrumbs", "breadcrumbs", {}))
+    row("DELLA", lambda: scaled("DELLA", "della", {"seed": cfg.seed}))
+    for label, method in zip(("TSV-Merge", "Iso-C", "Iso-CTS"), SPECTRAL, strict=True):
+        row(label, functools.partial(scaled, label, method, {}))
     t0 = time.process_time()
     fis, grs = save_statistics(root, backbone, experts, tasks, cfg)
     res.seconds["statistics"] = time.process_time() - t0

@@ -8,6 +8,11 @@ the method needs one) and returns the merged tensor. Maths in float32; callers c
 - TIES (Yadav et al. 2023, arXiv 2306.01708): trim τ_i to its top-k magnitudes, elect
   γ = sgn(Σ_i τ̂_i), disjoint mean over A = {i : sgn(τ̂_i) = γ}:  θ = θ_b + λ Σ_{i∈A} τ̂_i / |A|
 - DARE (Yu et al. 2023, arXiv 2311.03099): τ̃_i = m ⊙ τ_i / (1 − p),  m ~ Bernoulli(1 − p)
+- Model Breadcrumbs (Davari & Belilovsky 2023, arXiv 2312.06795): keep the entries of τ_i whose
+  magnitude lies between the smallest γ and the largest β fraction:  τ̃_i = m ⊙ τ_i
+- DELLA's MagPrune (Deep et al. 2024, arXiv 2406.11617): drop entry j with probability
+  p_j = p − ε/2 + ε · r_j / (n − 1), r_j its magnitude rank in its row (0: the largest), and
+  rescale the kept ones:  τ̃_ij = m_j τ_ij / (1 − p_j),  m_j ~ Bernoulli(1 − p_j)
 - SLERP (Shoemake 1985): θ = sin((1−t)Ω)/sin Ω · θ_0 + sin(tΩ)/sin Ω · θ_1,  cos Ω = θ̂_0·θ̂_1
 - Model Stock (Jang et al. 2024, arXiv 2403.19522): t = k cos φ / (1 + (k−1) cos φ),
   θ = t · mean(θ_i) + (1 − t) · θ_b,  φ the mean angle between fine-tuned task vectors
@@ -151,6 +156,69 @@ def dare(
     keep.ge_(drop_rate)  # 1.0 kept, 0.0 dropped
     out = tau.div_(1.0 - drop_rate) if inplace else tau / (1.0 - drop_rate)
     return out.mul_(keep)  # a float mask: boolean masks are ~10x slower on CPU
+
+
+def middle_band(tau: Tensor, drop_top: float, drop_bottom: float) -> Tensor:
+    """Model Breadcrumbs' mask: zero the largest `drop_top` and the smallest `drop_bottom` fraction
+    of the magnitudes of `tau` (over the whole tensor, one layer as the paper masks it).
+
+    The kept entries are the ranks n_top + 1 ... n − n_bottom from the top (n_top = round(β n),
+    n_bottom = round(γ n)); entries tied in magnitude with either edge of the band are kept too.
+
+    Args:
+        tau: a task vector.
+        drop_top: β, the fraction of largest magnitudes removed (outliers).
+        drop_bottom: γ, the fraction of smallest magnitudes removed (negligible changes).
+    """
+    n = tau.numel()
+    top, bottom = keep_count(n, drop_top), keep_count(n, drop_bottom)
+    kept = n - top - bottom
+    if kept <= 0:
+        return torch.zeros_like(tau)
+    mags = tau.abs()
+    hi = kth_largest(mags, top + 1)  # the largest magnitude kept
+    lo = kth_largest(mags, top + kept)  # the smallest magnitude kept
+    return torch.where((mags >= lo) & (mags <= hi), tau, torch.zeros_like(tau))
+
+
+def rank_drop_probabilities(tau: Tensor, drop_rate: float, window: float) -> Tensor:
+    """DELLA's drop probability of every entry, p − ε/2 for the largest magnitude of its row up to
+    p + ε/2 for the smallest, linear in the rank (a row: `tau` viewed as (shape[0], -1); a vector
+    or scalar is one row; the one entry of a row of one gets p).
+
+    Args:
+        tau: a task vector.
+        drop_rate: p, the mean drop probability.
+        window: ε, the width of the range of probabilities.
+    """
+    rows = tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
+    n = rows.shape[1]
+    if n == 1:
+        return torch.full(tau.shape, float(drop_rate))
+    order = rows.abs().argsort(dim=1, descending=True, stable=True)  # (rows, n): largest first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    p = (drop_rate - window / 2) + window * (rank.float() / (n - 1))
+    return p.reshape(tau.shape)
+
+
+def magprune(tau: Tensor, drop_rate: float, window: float, seed: int) -> Tensor:
+    """DELLA's MagPrune: drop each entry with its rank's probability p_j and rescale the kept ones
+    by 1/(1 − p_j), so that the expectation of the result is `tau`.
+
+    The mask compares float32 uniforms from NumPy's PCG64, seeded with `seed` (as DARE's), with p_j.
+
+    Args:
+        tau: a task vector (on the CPU).
+        drop_rate: p, the mean drop probability.
+        window: ε, the width of the range of probabilities (p ± ε/2).
+        seed: seeds this tensor's mask.
+    """
+    p = rank_drop_probabilities(tau, drop_rate, window)
+    uniforms = torch.empty(tau.shape)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    rng.random(dtype=np.float32, out=uniforms.numpy().reshape(-1))
+    kept = uniforms >= p  # with probability 1 − p_j
+    return torch.where(kept, tau.float() / (1.0 - p), torch.zeros_like(p))
 
 
 def elect_sign(taus: Sequence[Tensor], weights: Sequence[float]) -> Tensor:

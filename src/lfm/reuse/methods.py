@@ -1,10 +1,13 @@
 """Merge methods: a config with paper defaults and a registered per-tensor kernel for each.
 
-TIES (arXiv 2306.01708), DARE (arXiv 2311.03099) and task arithmetic (arXiv 2212.04089) are
-entries over one implementation, `kernels.task_merge`: θ = θ_b + λ · combine(sparsify(τ_i)), where
-sparsify is nothing, magnitude trimming (TIES) or random drop-and-rescale (DARE), and combine is
-a weighted sum or TIES's sign election with a disjoint mean. Linear soups (arXiv 2203.05482),
-SLERP and Model Stock (arXiv 2403.19522) have kernels of their own. The maths is in `kernels.py`.
+TIES (arXiv 2306.01708), DARE (arXiv 2311.03099), Model Breadcrumbs (arXiv 2312.06795), DELLA
+(arXiv 2406.11617) and task arithmetic (arXiv 2212.04089) are entries over one implementation,
+`kernels.task_merge`: θ = θ_b + λ · combine(sparsify(τ_i)), where sparsify is nothing, magnitude
+trimming (TIES), random drop-and-rescale (DARE), the middle band of magnitudes (Breadcrumbs) or
+drop-and-rescale with probabilities by magnitude rank (DELLA's MagPrune), and combine is a weighted
+sum or TIES's sign election with a disjoint mean. Linear soups (arXiv 2203.05482), SLERP and Model
+Stock (arXiv 2403.19522) have kernels of their own. The maths is in `kernels.py`; the merges in
+the singular-vector basis of each matrix (TSV-Merge, Iso-C, Iso-CTS) are in `spectral.py`.
 
 Each kernel is registered with the `KERNEL` shape and runs by name over whole models:
 `lfm.registry.run("reuse/ties", [model_a, model_b], base=base, cfg={"density": 0.2})`.
@@ -12,10 +15,10 @@ Each kernel is registered with the `KERNEL` shape and runs by name over whole mo
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from lfm.access import Access
@@ -54,6 +57,47 @@ class DareTiesConfig(Config):
     scale: float = 1.0  # λ applied to the merged task vector
     seed: int = 0  # drop masks are seeded from (seed, tensor name, model index)
     normalize: bool = True  # disjoint mean over agreeing entries (False: their sum)
+
+
+class _BandFields(Config):
+    drop_top: float = Field(0.01, ge=0, lt=1)  # β: share of largest magnitudes masked (paper: 1 %)
+    drop_bottom: float = Field(0.9, ge=0, lt=1)  # γ: share of smallest magnitudes masked (90 %)
+
+    @model_validator(mode="after")
+    def _band(self) -> Self:
+        if self.drop_top + self.drop_bottom >= 1:
+            raise ValueError("drop_top + drop_bottom must be below 1: together they are masked")
+        return self
+
+
+class BreadcrumbsConfig(_BandFields):
+    scale: float = 1.0  # λ in θ_b + λ Σ w_i τ̃_i (the paper tunes it on held-out data)
+
+
+class BreadcrumbsTiesConfig(_BandFields):
+    scale: float = 1.0  # λ applied to the merged task vector
+    normalize: bool = True  # disjoint mean over agreeing entries (False: their sum)
+
+
+class _DellaFields(Config):
+    drop_rate: float = Field(0.3, ge=0, lt=1)  # p: mean drop probability (authors' setting: 0.3)
+    window: float = Field(0.14, ge=0, lt=1)  # ε: drop probabilities span p ± ε/2 by rank (0.14)
+    seed: int = 0  # drop masks are seeded from (seed, tensor name, model index)
+
+    @model_validator(mode="after")
+    def _range(self) -> Self:
+        if self.drop_rate - self.window / 2 < 0 or self.drop_rate + self.window / 2 >= 1:
+            raise ValueError("drop_rate ± window/2 must lie in [0, 1): they are drop probabilities")
+        return self
+
+
+class DellaConfig(_DellaFields):
+    scale: float = 1.1  # λ applied to the merged task vector (the authors' setting: 1.1)
+    normalize: bool = True  # disjoint mean over agreeing entries (False: their sum)
+
+
+class DellaLinearConfig(_DellaFields):
+    scale: float = 1.0  # λ applied to the summed rescaled task vectors
 
 
 class SlerpConfig(Config):
@@ -181,6 +225,76 @@ def dare_ties(
     return K.task_merge(
         base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
     )
+
+
+def _band_taus(base: Tensor, tensors: list[Tensor], cfg: Any) -> list[Tensor]:
+    taus = K.task_vectors(base, tensors)
+    return [K.middle_band(t, cfg.drop_top, cfg.drop_bottom) for t in taus]
+
+
+@register(
+    "reuse", "breadcrumbs", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=BreadcrumbsConfig, paper="Davari & Belilovsky 2023, arXiv 2312.06795",
+    example=merge_example(), cli=PLAN.format("breadcrumbs"),
+)  # fmt: skip
+def breadcrumbs(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """Mask each task vector to its middle band of magnitudes, then task arithmetic."""
+    assert base is not None
+    return K.task_merge(base, _band_taus(base, tensors, cfg), weights, scale=cfg.scale)
+
+
+@register(
+    "reuse", "breadcrumbs_ties", shape=KERNEL, branch="weight interpolation",
+    access=Access.WEIGHTS, config=BreadcrumbsTiesConfig,
+    paper="Davari & Belilovsky 2023, arXiv 2312.06795 (with TIES's sign election, as mergekit)",
+    example=merge_example(), cli=PLAN.format("breadcrumbs_ties"),
+)  # fmt: skip
+def breadcrumbs_ties(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """Breadcrumbs' masks, then TIES sign election and disjoint mean."""
+    assert base is not None
+    taus = _band_taus(base, tensors, cfg)
+    return K.task_merge(
+        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
+    )
+
+
+def _della_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
+    taus = K.task_vectors(base, tensors)
+    seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(tensors)))]
+    return [K.magprune(t, cfg.drop_rate, cfg.window, s) for t, s in zip(taus, seeds, strict=True)]
+
+
+@register(
+    "reuse", "della", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DellaConfig, paper="Deep et al. 2024, arXiv 2406.11617", example=merge_example(),
+    cli=PLAN.format("della"),
+)  # fmt: skip
+def della(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """MagPrune each task vector (drop by magnitude rank, rescale), elect signs, disjoint mean, λ."""
+    assert base is not None
+    taus = _della_taus(base, tensors, cfg, ctx)
+    return K.task_merge(
+        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
+    )
+
+
+@register(
+    "reuse", "della_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DellaLinearConfig, paper="Deep et al. 2024, arXiv 2406.11617 (without sign election)",
+    example=merge_example(), cli=PLAN.format("della_linear"),
+)  # fmt: skip
+def della_linear(
+    base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
+) -> Tensor:
+    """MagPrune each task vector, then task arithmetic."""
+    assert base is not None
+    return K.task_merge(base, _della_taus(base, tensors, cfg, ctx), weights, scale=cfg.scale)
 
 
 @register(

@@ -13,8 +13,8 @@ lfm format::
     on_missing: error        # optional: error | skip
 
 A mergekit file (`merge_method`, `base_model`, `models: [{model, parameters}]`) is translated for
-linear, slerp, task_arithmetic, ties, dare_ties, dare_linear and model_stock; see docs/reuse.md for
-what differs.
+linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
+della_linear and model_stock; see docs/reuse.md for what differs.
 
 Both are checked against a schema before any weight is read: every key is one the format knows
 (a misspelled key is an error naming the closest known one; a key mergekit knows that lfm cannot
@@ -42,6 +42,10 @@ MERGEKIT_METHODS = (
     "ties",
     "dare_ties",
     "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
     "model_stock",
 )
 LFM_KEYS = ("method", "base", "models", "parameters", "max_shard_size", "on_missing")
@@ -67,14 +71,23 @@ MERGEKIT_PARAMETERS = ("weight", "density", "lambda", "normalize", "int8_mask", 
 _GTA = ("weight", "density", "lambda", "normalize", "int8_mask", "rescale")
 MERGEKIT_METHOD_PARAMETERS = {
     "linear": ("weight", "normalize"), "slerp": ("t",), "task_arithmetic": _GTA, "ties": _GTA,
-    "dare_ties": _GTA, "dare_linear": _GTA, "model_stock": ("filter_wise",),
+    "dare_ties": _GTA, "dare_linear": _GTA, "breadcrumbs": (*_GTA, "gamma"),
+    "breadcrumbs_ties": (*_GTA, "gamma"), "della": (*_GTA, "epsilon"),
+    "della_linear": (*_GTA, "epsilon"), "model_stock": ("filter_wise",),
 }  # fmt: skip
 # The parameters mergekit reads per model; the others it reads only from the shared `parameters`.
 MERGEKIT_PER_MODEL = ("weight", "density", "epsilon", "gamma")
 # mergekit's defaults of `normalize` and `rescale`, per method.
 MERGEKIT_NORMALIZE = {"linear": True, "ties": True, "dare_ties": False, "task_arithmetic": False,
-                      "dare_linear": False}  # fmt: skip
-MERGEKIT_RESCALE = {"ties": False, "dare_ties": True, "task_arithmetic": False, "dare_linear": True}
+                      "dare_linear": False, "breadcrumbs": False, "breadcrumbs_ties": False,
+                      "della": True, "della_linear": False}  # fmt: skip
+MERGEKIT_RESCALE = {"ties": False, "dare_ties": True, "task_arithmetic": False, "dare_linear": True,
+                    "breadcrumbs": False, "breadcrumbs_ties": False, "della": True,
+                    "della_linear": True}  # fmt: skip
+# The methods whose lfm kernel sums the task vectors (mergekit's `normalize` divides the weights by
+# their sum there), and those whose lfm kernel rescales what it keeps (always; the others never).
+_SUMMED = ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear")
+_RESCALED = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
 class MergePlan:
@@ -412,15 +425,15 @@ def _translate(method: str, params: dict[str, Any]) -> tuple[dict[str, Any], boo
     p.pop("int8_mask", None)  # a memory trick; no effect on the result
     if method in MERGEKIT_RESCALE:
         rescale = _flag(p, "rescale", MERGEKIT_RESCALE[method])
-        if method != "task_arithmetic" and rescale != method.startswith("dare"):
-            # lfm's DARE always rescales by 1 / (1 - p); its TIES trims without rescaling
+        if method != "task_arithmetic" and rescale != (method in _RESCALED):
+            # lfm's DARE and DELLA always rescale by 1 / (1 - p); TIES and Breadcrumbs never do
             raise MergeError(f"rescale: {str(rescale).lower()} is not supported with {method}")
     if "lambda" in p:
         if "scale" in p:
             raise MergeError("give lambda or scale, not both")
         p["scale"] = p.pop("lambda")
     normalize = False
-    if method in ("task_arithmetic", "dare_linear"):
+    if method in _SUMMED:
         normalize = _flag(p, "normalize", MERGEKIT_NORMALIZE[method])
     elif method in MERGEKIT_NORMALIZE:
         given = _flag(p, "normalize", MERGEKIT_NORMALIZE[method])
@@ -433,8 +446,52 @@ def _translate(method: str, params: dict[str, Any]) -> tuple[dict[str, Any], boo
             raise MergeError("give density (mergekit's) or drop_rate (lfm's), not both")
         if "drop_rate" not in p:
             p["drop_rate"] = 1.0 - _density(p.pop("density", 1.0))
+    if method.startswith("breadcrumbs"):
+        _breadcrumbs_band(p)
+    if method.startswith("della"):
+        _della_probabilities(p)
     if method == "task_arithmetic":
         p.pop("density", None)  # mergekit's task arithmetic does not sparsify
     if method == "model_stock" and _flag(p, "filter_wise", False):
         raise MergeError("model_stock with filter_wise: true is not supported")
     return p, normalize
+
+
+def _either(p: dict[str, Any], theirs: tuple[str, ...], ours: tuple[str, ...]) -> bool:
+    """Whether mergekit's names are used (an error when both vocabularies are)."""
+    if any(k in p for k in theirs) and any(k in p for k in ours):
+        raise MergeError(
+            f"give {' and '.join(theirs)} (mergekit's) or {' and '.join(ours)} (lfm's), not both"
+        )
+    return not any(k in p for k in ours)
+
+
+def _breadcrumbs_band(p: dict[str, Any]) -> None:
+    """mergekit's keep fraction `density` (1.0: keep all) and top fraction `gamma` (0.01) -> lfm's
+    `drop_top` and `drop_bottom`; a gamma above 1 − density is cut to it, as mergekit does."""
+    if not _either(p, ("density", "gamma"), ("drop_top", "drop_bottom")):
+        return
+    density = _density(p.pop("density", 1.0))
+    gamma = _number(p.pop("gamma", 0.01), "gamma")
+    if not 0 <= gamma <= 1:
+        raise MergeError(
+            f"gamma is the fraction of largest magnitudes removed, in [0, 1], not {gamma}"
+        )
+    if density >= 1:  # mergekit returns the task vector as it is
+        p["drop_top"], p["drop_bottom"] = 0.0, 0.0
+        return
+    p["drop_top"] = min(gamma, 1.0 - density)
+    p["drop_bottom"] = max(0.0, 1.0 - density - p["drop_top"])
+
+
+def _della_probabilities(p: dict[str, Any]) -> None:
+    """mergekit's keep fraction `density` (1.0: keep all) and half-width `epsilon` (0.15) of the
+    keep probabilities -> lfm's `drop_rate = 1 − density` and full width `window = 2 epsilon`."""
+    if not _either(p, ("density", "epsilon"), ("drop_rate", "window")):
+        return
+    density = _density(p.pop("density", 1.0))
+    epsilon = _number(p.pop("epsilon", 0.15), "epsilon")
+    if density >= 1:  # mergekit returns the task vector as it is
+        p["drop_rate"], p["window"] = 0.0, 0.0
+        return
+    p["drop_rate"], p["window"] = 1.0 - density, 2 * epsilon
