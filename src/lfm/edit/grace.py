@@ -39,7 +39,7 @@ from lfm.core.hooks import frozen, hooked
 from lfm.core.io import load_tensors, save_tensors
 from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
-from lfm.edit.patch import fingerprint
+from lfm.edit.patch import check_module, fingerprint
 from lfm.edit.requests import Batch, Request, build_batch
 from lfm.edit.site import EditSite, edit_site
 from lfm.errors import LfmError
@@ -208,12 +208,7 @@ class CodebookPatch:
 
     def check(self, model: nn.Module) -> None:
         """Raise a one-line `LfmError` unless `model` is the one this codebook was made for."""
-        try:
-            model.get_submodule(self.module)
-        except AttributeError:
-            raise LfmError(f"patch (grace) wraps {self.module}, which this model lacks") from None
-        if fingerprint(model, self.modules) != self.base:
-            raise LfmError(f"patch (grace) was made for other weights (base {self.base[:12]})")
+        check_module(model, self.module, self.base, "patch (grace) wraps", "patch (grace)")
 
     def apply(self, model: nn.Module) -> GraceUndo:
         """Install the codebook as a forward hook on the module; `undo.revert(model)` removes it."""

@@ -71,6 +71,17 @@ def fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def check_module(model: nn.Module, module: str, base: str, where: str, what: str) -> None:
+    """One-line `LfmError` unless `model` has `module` (`where`: how the patch sits there) and
+    its weights there have the fingerprint `base` (`what`: the patch's name in the message)."""
+    try:
+        model.get_submodule(module)
+    except AttributeError:
+        raise LfmError(f"{where} {module}, which this model lacks") from None
+    if fingerprint(model, [module]) != base:
+        raise LfmError(f"{what} was made for other weights (base {base[:12]})")
+
+
 @dataclass
 class Undo:
     """The original tensors a patch replaced; `revert` writes them back exactly."""

@@ -57,7 +57,7 @@ from lfm.core.io import load_tensors, save_tensors
 from lfm.core.layouts import num_layers
 from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
-from lfm.edit.patch import fingerprint
+from lfm.edit.patch import check_module, fingerprint
 from lfm.edit.requests import Request, build_batch
 from lfm.edit.site import EditSite, edit_site
 from lfm.errors import LfmError
@@ -282,12 +282,7 @@ class WiseMemory:
 
     def check(self, model: nn.Module) -> None:
         """Raise a one-line `LfmError` unless `model` is the one this memory was made for."""
-        try:
-            model.get_submodule(self.module)
-        except AttributeError:
-            raise LfmError(f"WISE memory sits at {self.module}, which this model lacks") from None
-        if fingerprint(model, self.modules) != self.base:
-            raise LfmError(f"WISE memory was made for other weights (base {self.base[:12]})")
+        check_module(model, self.module, self.base, "WISE memory sits at", "WISE memory")
 
     def apply(self, model: nn.Module) -> WiseUndo:
         """Install the router: a pre-hook on the model reads each call's attention mask, a
