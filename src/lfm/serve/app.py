@@ -283,10 +283,9 @@ def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> Non
     @app.post("/v1/lfm/hidden", dependencies=[auth])
     async def hidden(req: S.HiddenRequest) -> JSONResponse:
         _need(b, Access.HIDDEN, "hidden")
-        known = b.modules()
-        unknown = [m for m in req.modules if m not in known]
+        unknown = [m for m in req.modules if m not in b.modules]
         if unknown:
-            hint = did_you_mean(unknown[0], known)
+            hint = did_you_mean(unknown[0], b.modules)
             raise HTTPException(422, f"no module {unknown[0]!r} in the served model{hint}")
         counts = await _check_texts(b, s, req.input)
         rows = await _run(app, "hidden", req.input, tuple(req.modules), counts)

@@ -155,6 +155,10 @@ class Backend:
         self.dim = int(model.model.get_input_embeddings().embedding_dim)  # a size, not weights
         self.max_positions = max_positions(model.model.config)
         self.chars_per_token = chars_per_token(self.tokenizer)
+        # the module names a HIDDEN request may name (none below HIDDEN), listed once
+        self.modules: frozenset[str] = frozenset(
+            n for n, _ in model.model.named_modules() if n and self.level >= Access.HIDDEN
+        )
         self.shape = Shape(
             vocab=int(model.vocab_size), dim=self.dim, heads=heads(model.model.config),
             keeps_logits="logits_to_keep" in inspect.signature(model.model.forward).parameters,
@@ -189,12 +193,6 @@ class Backend:
         require(self.handle, Access.EMBEDDINGS, "input embeddings")
         emb, mask = self.handle.embed(texts)  # (B, T, D), right padded
         return [emb[i, : int(mask[i].sum())] for i in range(len(texts))]
-
-    def modules(self) -> set[str]:
-        """The module names a HIDDEN request may name (none below HIDDEN)."""
-        if self.level < Access.HIDDEN or self._model is None:
-            return set()
-        return {n for n, _ in self._model.model.named_modules() if n}
 
     def hidden(self, texts: list[str], key: Hashable) -> list[dict[str, torch.Tensor]]:
         """Each text's outputs (T_i, D_m) of the modules named in `key`, padding cut off."""

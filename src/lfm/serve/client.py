@@ -104,7 +104,8 @@ class RemoteModel:
             self._cache[key] = out
         return out
 
-    def _send(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    def _send(self, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """POST `body` (None: GET), budgeted and retried; one `LfmError` when it cannot."""
         for attempt in range(self.retries + 1):
             self.budget.charge()
             with self._gate:
@@ -116,11 +117,11 @@ class RemoteModel:
         why = f"HTTP {res.status_code}" if res is not None else "connection error"
         raise LfmError(f"{self.url}{path} failed after {self.retries + 1} tries ({why})")
 
-    def _try(self, path: str, body: dict[str, Any]) -> httpx.Response | None:
+    def _try(self, path: str, body: dict[str, Any] | None) -> httpx.Response | None:
         with self._lock:
             self.calls += 1
         try:
-            return self._http.post(path, json=body)
+            return self._http.get(path) if body is None else self._http.post(path, json=body)
         except httpx.TransportError:
             return None
 
@@ -146,8 +147,7 @@ class RemoteModel:
     def info(self) -> dict[str, Any]:
         """The server's model card (`/v1/models`), fetched once."""
         if "info" not in self._cache:
-            self.budget.charge()
-            self._cache["info"] = self._read(self._http.get("/v1/models"))["data"][0]
+            self._cache["info"] = self._send("/v1/models", None)["data"][0]
         return self._cache["info"]
 
     def close(self) -> None:
