@@ -24,8 +24,15 @@ TSV-Merge / Iso-C / Iso-CTS from that grid and 1.25 ... 2.0; Fisher and RegMean 
 included: Grams of unfolded patches, one per channel for the depthwise convs) use `--n-stats`
 training inputs per task; AdaMerging learns on the unlabelled test inputs.
 
-    .venv/bin/python bench/reuse_fusion_vision.py            # 14-19 CPU-minutes on 1 thread (busy host)
+WEMoE (`lfm.reuse.wemoe`) upscales `--wemoe-modules` (default: the inverted-residual blocks of the
+last two stages and the last 1x1 conv, features.14-18, 76 % of the parameters) into
+weight-ensembling MoEs, merges the rest by task arithmetic at λ = 0.3, and trains the routers on
+the unlabelled test inputs (16 per task and step, as AdaMerging); `--only-wemoe` prints only the
+individual and WEMoE rows, for the same cached experts.
+
+    .venv/bin/python bench/reuse_fusion_vision.py   # 14-19 CPU-minutes on 1 thread (busy host), WEMoE 4 more
     .venv/bin/python bench/reuse_fusion_vision.py --quick    # a smoke run
+    .venv/bin/python bench/reuse_fusion_vision.py --only-wemoe --wemoe-steps 300   # WEMoE rows
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -43,14 +51,17 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from lfm.assets import cache_dir, load_dataset, load_model
 from lfm.core.io import atomic_path, write_json
-from lfm.reuse.fusion import FusionConfig, FusionTask, fusion_table
+from lfm.reuse.fusion import FusionConfig, FusionResult, FusionTask, accuracy, fusion_table
+from lfm.reuse.wemoe import WEMoEConfig, entropy, moe_modules, router, train_routers, upscale
 
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
 COARSE = torch.tensor([0, 1, 0, 1, 0, 2, 0, 2, 3, 2])  # tops / trousers+dresses / footwear / bags
 VERSION = 2  # bump when the way experts are built changes
+WEMOE_MODULES = r"features\.(1[4-8])"  # upscaled by WEMoE: the last two stages and the last conv
 
 
 class Features(nn.Module):
@@ -190,6 +201,66 @@ def _linear(sd: dict[str, Tensor]) -> nn.Linear:
     return head.eval()
 
 
+def wemoe_rows(base: nn.Module, sds: list[dict], fts: list[FusionTask], a) -> FusionResult:
+    """WEMoE: the `--wemoe-modules` upscaled, routers trained on the unlabelled test inputs.
+
+    Rows: WEMoE before its routers are trained (every coefficient near λ: task arithmetic at λ
+    up to the routers' small weights), after, and with oracle routing (task k's inputs sent to
+    expert k in every upscaled module: what the upscaled model gives if the routers learn the
+    task of each input; it reads the task labels, so it is a bound, not a method). Notes: the
+    training entropy before / after, the summed test entropy of the trained and the oracle
+    routing, and per task the share of its test inputs whose largest routing weight goes to its
+    own expert (mean over the upscaled modules).
+    """
+    res = FusionResult([t.name for t in fts])
+    cfg = WEMoEConfig(modules=a.wemoe_modules, init=a.wemoe_init, lr=a.wemoe_lr,
+                      steps=a.wemoe_steps, seed=a.seed)  # fmt: skip
+    data = [list(t.test[0].split(a.ada_batch)) for t in fts]
+    heads = [t.head.eval() for t in fts]
+    t0 = time.process_time()
+    model = upscale(base, base.state_dict(), sds, cfg)
+    res.rows["WEMoE (routers at init)"], _, _ = wemoe_scores(model, fts)
+    bar = tqdm(total=cfg.steps, desc="WEMoE routers", file=sys.stderr, mininterval=5)
+    step = lambda i, h: (bar.update(), bar.set_postfix(entropy=f"{h:.3f}", refresh=False))  # noqa: E731
+    hist = train_routers(model, data, cfg, heads, progress=step)
+    bar.close()
+    res.rows["WEMoE"], own, ent = wemoe_scores(model, fts)
+    res.seconds["WEMoE"] = time.process_time() - t0
+    res.rows["WEMoE (oracle routing)"], _, oracle_ent = wemoe_scores(model, fts, oracle=True)
+    res.notes |= {"wemoe_entropy": (hist[0], hist[-1]) if hist else None,
+                  "wemoe_test_entropy": (round(ent, 3), round(oracle_ent, 3)),
+                  "wemoe_routed_to_own_expert": own,
+                  "wemoe_modules": list(moe_modules(model))}  # fmt: skip
+    return res
+
+
+@torch.no_grad()
+def wemoe_scores(model: nn.Module, fts: list[FusionTask], oracle=False, batch=64):
+    """Test accuracy per task (head k on task k), per task the share of its inputs routed mostly
+    to expert k (mean over the upscaled modules), and the summed mean test entropy. `oracle`:
+    every upscaled module routes task k's inputs to expert k alone."""
+    moes = list(moe_modules(model).values())
+    routers = [m.router for m in moes]
+    accs, own, ent = [], [], 0.0
+    for k, t in enumerate(fts):
+        if oracle:
+            for m in moes:
+                m.router = router(1, len(fts), 0.0, layers=0)  # a constant: one-hot on expert k
+                m.router.weight.copy_(torch.eye(len(fts))[k])
+        hits, routed, h = 0, 0.0, 0.0
+        for xb, yb in zip(t.test[0].split(batch), t.test[1].split(batch), strict=True):
+            logits = t.head(model(xb))
+            hits += int((logits.argmax(-1) == yb).sum())
+            h += float(entropy(logits)) * len(xb)
+            routed += sum(float((m.last_routing.argmax(-1) == k).sum()) for m in moes) / len(moes)
+        accs.append(hits / len(t.test[1]))
+        own.append(round(routed / len(t.test[1]), 3))
+        ent += h / len(t.test[1])
+    for m, r in zip(moes, routers, strict=True):
+        m.router = r
+    return accs, own, ent
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-train", type=int, default=3000, help="fine-tuning images per task")
@@ -202,6 +273,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=32, help="image side in pixels")
     ap.add_argument("--ada-steps", type=int, default=500, help="paper: 500")
     ap.add_argument("--ada-batch", type=int, default=16, help="paper: 16")
+    ap.add_argument("--wemoe-modules", default=WEMOE_MODULES, help="regex of upscaled modules")
+    ap.add_argument("--wemoe-init", type=float, default=0.3, help="λ; paper: 0.3")
+    ap.add_argument("--wemoe-lr", type=float, default=1e-4, help="paper: 1e-4")
+    ap.add_argument("--wemoe-steps", type=int, default=1000, help="paper: 1000")
+    ap.add_argument("--only-wemoe", action="store_true", help="only the individual and WEMoE rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("runs/bench-reuse-fusion-vision"))
@@ -209,6 +285,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.n_train, a.n_val, a.n_test, a.n_stats, a.epochs, a.ada_steps = 400, 50, 200, 32, 1, 10
+        a.wemoe_steps = 10
     torch.set_num_threads(a.threads)
     t0, c0 = time.perf_counter(), time.process_time()
     tasks = make_tasks(a.n_train, a.n_test, a.n_val, a.size)
@@ -221,7 +298,16 @@ def main() -> None:
     fts = [FusionTask(t["name"], h, t["val"], t["test"], t["train"][0][: a.n_stats], p)
            for t, h, p in zip(tasks, heads, probes, strict=True)]  # fmt: skip
     cfg = FusionConfig(ada_steps=a.ada_steps, ada_batch=a.ada_batch, seed=a.seed)
-    res = fusion_table(base, base.state_dict(), sds, fts, a.out, cfg)
+    if a.only_wemoe:
+        res = FusionResult([t.name for t in fts])
+        res.rows["individual"] = [accuracy(base, sd, t.head, t.test)
+                                  for sd, t in zip(sds, fts, strict=True)]  # fmt: skip
+    else:
+        res = fusion_table(base, base.state_dict(), sds, fts, a.out, cfg)
+    moe = wemoe_rows(base, sds, fts, a)
+    res.rows.update(moe.rows)
+    res.notes.update(moe.notes)
+    res.seconds.update(moe.seconds)
     print("\n" + res.markdown())
     print(f"\nchoices: {res.notes}\nCPU s per row: {res.seconds}")
     total = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}

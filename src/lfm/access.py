@@ -119,6 +119,10 @@ class ScoresModel(TextModel, Protocol):
 
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor: ...
 
+    def top_logprobs(
+        self, rows: Sequence[Sequence[int]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
 
 @runtime_checkable
 class EmbeddingsModel(ScoresModel, Protocol):
@@ -294,6 +298,23 @@ class LocalModel:
             out.append(self.model(**enc).logits[:, -1].float().log_softmax(-1).cpu())
         return torch.cat(out)
 
+    @torch.no_grad()
+    def top_logprobs(
+        self, rows: Sequence[Sequence[int]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-`k` next-token log-probabilities at every position of given token rows, as an
+        API with `echo` and `logprobs=k` answers them: values and token ids, each (B, T-1, k),
+        where position t holds the distribution of token t+1 given tokens ≤ t (rows of one
+        length T ≥ 2)."""
+        ids = _id_rows(rows)
+        out_v, out_i = [], []
+        for i in range(0, len(ids), self.batch_size):
+            logits = self.model(input_ids=ids[i : i + self.batch_size].to(self.device)).logits
+            v, j = logits[:, :-1].float().log_softmax(-1).topk(min(k, logits.shape[-1]), -1)
+            out_v.append(v.cpu())
+            out_i.append(j.cpu())
+        return torch.cat(out_v), torch.cat(out_i)
+
     # -- EMBEDDINGS --
 
     @torch.no_grad()
@@ -427,6 +448,12 @@ class ScoresHandle(TextHandle):
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
         return self._b().next_token_logprobs(prompts).detach().clone()
 
+    def top_logprobs(
+        self, rows: Sequence[Sequence[int]], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        v, i = self._b().top_logprobs(rows, k)
+        return v.detach().clone(), i.detach().clone()
+
 
 class EmbeddingsHandle(ScoresHandle):
     """Adds scores for given input embeddings."""
@@ -547,3 +574,18 @@ def narrow(handle: Any, level: Access | str) -> Any:
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _id_rows(rows: Sequence[Sequence[int]] | torch.Tensor) -> torch.Tensor:
+    """Token rows as a (B, T) long tensor; rows of unequal length, or shorter than 2, are a
+    `ValueError` (every position but the last predicts a token that is there)."""
+    if isinstance(rows, torch.Tensor):
+        ids = rows.long()
+    else:
+        lengths = {len(r) for r in rows}
+        if len(lengths) > 1:
+            raise ValueError(f"token rows of unequal lengths {sorted(lengths)}")
+        ids = torch.tensor([list(r) for r in rows], dtype=torch.long)
+    if ids.dim() != 2 or ids.shape[1] < 2:
+        raise ValueError(f"token rows must be (B, T ≥ 2), not {tuple(ids.shape)}")
+    return ids

@@ -27,6 +27,7 @@ def test_losses_and_distillers_have_their_shapes():
     assert all(s.access in (Access.SCORES, Access.HIDDEN) for s in SPECS if s.shape is LOSS)
     assert {s.name for s in SPECS if s.shape is DISTILLER} == {
         "lm_student", "seq_kd", "step_by_step", "deep_inversion", "dafl", "dfad", "dfme",
+        "topk_lm", "gkd", "uld",
     }  # fmt: skip
     assert {s.name for s in SPECS if s.access == Access.SCORES} >= {"kd", "topk_kd", "dist"}
     assert {s.name for s in SPECS if s.access == Access.HIDDEN} == {"fitnets", "at", "rkd", "pkt"}
@@ -50,6 +51,9 @@ def test_methods_sit_in_their_survey_branches_at_the_least_access():
         "dafl": ("generative reconstruction", Access.WEIGHTS),
         "dfad": ("adversarial exploration", Access.WEIGHTS),
         "dfme": ("adversarial exploration", Access.SCORES),
+        "topk_lm": ("with data", Access.SCORES),
+        "gkd": ("with data", Access.SCORES),
+        "uld": ("with data", Access.SCORES),
     }
     assert {k: (by_name[k].branch, by_name[k].access) for k in want} == want
     assert all("arXiv" in by_name[k].paper for k in want)

@@ -262,3 +262,46 @@ def test_the_cli_prints_estimates_for_a_task(empty_table):
     assert "not measured" in res.output  # the editors without figures
     bad = CliRunner().invoke(app, ["plan", "smollm2-135m", "--task", "edit", "--size", "0"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_a_top_k_server_refuses_the_methods_that_need_whole_distributions(lm):
+    """`lfm serve --top-k K`: full-row methods are refused with K named; the methods that read
+    given continuations or the top k run, and run through a handle on that server."""
+    from lfm.pipeline.plan import FULL_ROWS
+    from lfm.serve.client import RemoteModel
+
+    app = build_app(Backend(lm, "scores"), ServeSettings(top_k=3))
+    with running(app) as url:
+        p = plan(url)
+        assert p.interface.facts["top_k"] == 3
+        entries = {e.key: e for e in p.entries}
+        for key in FULL_ROWS & set(entries):
+            e = entries[key]
+            assert not e.runnable and (e.why.endswith("sends its top 3") or
+                                       e.why.startswith("works on vision")), (key, e.why)  # fmt: skip
+        assert (
+            not entries["tuning/replug"].runnable and not entries["reuse/ensemble_average"].runnable
+        )
+        for key in ("distill/topk_lm", "distill/gkd", "tuning/prompt_search", "edit/ike"):
+            assert entries[key].runnable, (key, entries[key].why)
+        # what the plan lists runs through the top-k server: top-k KD at k = K
+        remote = RemoteModel(url)
+        spec = registry.get("distill/topk_lm")
+        ex = spec.example(Access.SCORES, 0)
+        res = registry.run("distill/topk_lm", remote, *ex.args[1:], cfg={"k": 3, "batch_size": 4},
+                           **ex.kwargs)  # fmt: skip
+        assert len(res.history.losses) == 3
+    full = build_app(Backend(lm, "scores"))
+    with running(full) as url:
+        entries = {e.key: e for e in plan(url).entries}
+        assert entries["tuning/replug"].runnable and entries["reuse/ensemble_average"].runnable
+
+
+def test_top_k_by_token_id_is_refused_on_an_openai_server():
+    with running(_openai_app(top=5, echo=True)) as url:
+        entries = {e.key: e for e in plan(url).entries}
+    assert (
+        not entries["distill/topk_lm"].runnable
+        and "token strings" in entries["distill/topk_lm"].why
+    )
+    assert not entries["tuning/replug"].runnable and entries["tuning/replug"].why.endswith("top 5")

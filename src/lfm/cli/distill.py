@@ -81,13 +81,18 @@ def lm(
     ),
     every: int = typer.Option(3, min=1, help="keep one block in EVERY"),
     kd_weight: float = typer.Option(
-        5.0, min=0.0, callback=finite, help="lm_student: weight of the KD term (0: LM loss only)"
+        5.0,
+        min=0.0,
+        callback=finite,
+        help="lm_student, topk_lm: weight of the KD term (0: LM loss only)",
     ),
     lm_weight: float = typer.Option(
-        2.0, min=0.0, callback=finite, help="lm_student: weight of the LM loss"
+        2.0, min=0.0, callback=finite, help="lm_student, topk_lm: weight of the LM loss"
     ),
-    temperature: float = typer.Option(
-        2.0, callback=finite, help="lm_student: KD temperature (> 0)"
+    temperature: float | None = typer.Option(
+        None,
+        callback=finite,
+        help="lm_student, topk_lm: KD temperature (> 0; default 2, and 1 for topk_lm)",
     ),
     steps: int = typer.Option(40, min=1, help="optimizer steps"),
     block_size: int = typer.Option(64, min=2, help="tokens per training block"),
@@ -97,6 +102,26 @@ def lm(
     seed: int = typer.Option(0),
     ckpt_every: int = typer.Option(
         0, min=0, help="checkpoint the student every N steps (0: never)"
+    ),
+    top_k: int = typer.Option(
+        20, min=1, help="topk_lm, gkd: log-probabilities per token the teacher sends"
+    ),
+    teacher_url: str | None = typer.Option(
+        None,
+        help="topk_lm, gkd: a served teacher (lfm serve --access scores [--top-k K]); "
+        "MODEL is then what the student is cut from",
+    ),
+    api_key: str | None = typer.Option(None, help="--teacher-url: its key"),
+    teacher_cache: Path | None = typer.Option(
+        None,
+        help="topk_lm: a file of the teacher's answers (lfm distill cache); MODEL is then "
+        "what the student is cut from",
+    ),
+    student: str | None = typer.Option(
+        None,
+        help="topk_lm, gkd: train this causal LM (name or folder) instead of a "
+        "layer-dropped MODEL (with a served or cached teacher, MODEL is then never loaded); "
+        "uld: the model of another tokenizer the student is cut from (one block in EVERY)",
     ),
     root: Path = typer.Option(Path("runs"), help=ROOT_HELP),
     resume: Path | None = typer.Option(
@@ -110,13 +135,52 @@ def lm(
         method, model=model, data=data, eval_data=eval_data, every=every, kd_weight=kd_weight,
         lm_weight=lm_weight, temperature=temperature, steps=steps, block_size=block_size,
         batch_size=batch_size, lr=lr, eval_blocks=eval_blocks, seed=seed, ckpt_every=ckpt_every,
-        root=root, resume=resume, progress=True, stage=stage,
+        top_k=top_k, teacher=_served(teacher_url, api_key), teacher_cache=teacher_cache,
+        student=student, root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
     if out is None:  # not the main process of a launched run
         return
     m = out.metrics
-    typer.echo(f"{out.run}: perplexity teacher {m['teacher_ppl']:.2f}, "
-               f"student ({method}) {m['student_ppl']:.2f}")  # fmt: skip
+    teacher = f"teacher {m['teacher_ppl']:.2f}, " if "teacher_ppl" in m else ""
+    typer.echo(f"{out.run}: perplexity {teacher}student ({method}) {m['student_ppl']:.2f}")
+
+
+def _served(url: str | None, key: str | None) -> object:
+    """A SCORES handle on a served teacher, or None."""
+    if not url:
+        if key:
+            raise typer.BadParameter("--api-key needs --teacher-url")
+        return None
+    from lfm.serve import RemoteModel
+
+    return RemoteModel(url, api_key=key, access="scores")
+
+
+@app.command()
+def cache(
+    out: Path = typer.Option(..., "--out", "-o", help="the cache file to write (.npz)"),
+    model: str = typer.Option(
+        "smollm2-135m", help="the teacher (or, with --teacher-url, its tokenizer's source)"
+    ),
+    teacher_url: str | None = typer.Option(None, help="a served teacher instead of MODEL"),
+    api_key: str | None = typer.Option(None, help="--teacher-url: its key"),
+    top_k: int = typer.Option(20, min=1, help="log-probabilities per token to keep"),
+    data: Path | None = _data("your UTF-8 text file (default: BBC News), as distill lm reads it"),
+    eval_data: Path | None = typer.Option(None, help="as distill lm"),
+    steps: int = typer.Option(40, min=1, help="as distill lm: steps × batch size blocks"),
+    block_size: int = typer.Option(64, min=2, help="as distill lm"),
+    batch_size: int = typer.Option(4, min=1, help="as distill lm"),
+    threads: Threads = 2,
+) -> None:
+    """Save a teacher's top-k log-probabilities on the blocks distill lm would train on, for
+    `distill lm --method topk_lm --teacher-cache FILE` (no teacher in memory while it trains)."""
+    use_threads(threads)
+    path, n = recipes.cache(
+        model=model, teacher=_served(teacher_url, api_key), out=out, top_k=top_k, data=data,
+        eval_data=eval_data, steps=steps, block_size=block_size, batch_size=batch_size,
+        progress=True, stage=stage,
+    )  # fmt: skip
+    typer.echo(f"{path}: top {top_k} of {n} blocks, {path.stat().st_size / 2**20:.1f} MiB")
 
 
 @app.command()

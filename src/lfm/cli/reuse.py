@@ -14,7 +14,8 @@ from lfm.errors import LfmError
 app = group(
     "Model reuse: merge fine-tuned models (linear, TIES, DARE, SLERP, Model Stock, Breadcrumbs, "
     "DELLA, TSV-Merge, Iso-C/CTS, Fisher, RegMean, AdaMerging), compute merge statistics, align "
-    "models for mode connectivity, ensemble language models."
+    "models for mode connectivity, ensemble language models, upcycle fine-tuned models into a "
+    "mixture of experts."
 )
 
 
@@ -83,6 +84,25 @@ def merge(
         allow_nonfinite=allow_nonfinite,
     )  # fmt: skip
     typer.echo(f"{plan.method}: merged {len(plan.models)} models into {path}")
+    typer.echo(f"run: {run}")
+
+
+@app.command(placed=True)
+def moe(
+    plan: Path = typer.Argument(..., help="upcycling plan, YAML or JSON (mergekit-moe's form)"),
+    out: Path = typer.Option(..., "--out", "-o", help="output Mixtral model folder"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
+    threads: Threads = 2,
+) -> None:
+    """Upcycle fine-tuned Llama models of one base into a Mixtral mixture of experts."""
+    from lfm.reuse.recipes import upcycle_plan
+
+    use_threads(threads)
+    plan, done, run = upcycle_plan(plan, out, overwrite=overwrite, progress=not quiet, root=root)
+    typer.echo(f"moe: {done.experts} experts, {done.experts_per_token} per token, "
+               f"{plan.gate_mode} gates -> {done.out}")  # fmt: skip
     typer.echo(f"run: {run}")
 
 

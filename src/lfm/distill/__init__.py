@@ -3,11 +3,13 @@
 Importing this package registers the losses `kd`, `reverse_kl`, `topk_kd`, `dist`, `skew_kl` (SCORES) and
 `fitnets`, `at`, `rkd`, `pkt` (HIDDEN), each run by name through the distiller
 (`lfm.registry.run("distill/kd", teacher, student, data)`), and the distillers `lm_student`
-(layer-dropped LM students, WEIGHTS), `seq_kd` and `step_by_step` (TEXT teachers), and the
+(layer-dropped LM students, WEIGHTS), `topk_lm` and `gkd` (teachers that send top-k
+log-probabilities, SCORES), `uld` (a teacher with another tokenizer, SCORES), `seq_kd` and
+`step_by_step` (TEXT teachers), and the
 data-free `deep_inversion`, `dafl`, `dfad` (WEIGHTS) and `dfme` (SCORES).
 """
 
-from lfm.distill import adversarial, datafree, features, lm, losses, seqkd, skew
+from lfm.distill import adversarial, datafree, features, lm, losses, seqkd, served, skew, xtok
 from lfm.distill.adversarial import dfad, dfme
 from lfm.distill.contract import DistillResult, InputSpec
 from lfm.distill.datafree import dafl, deep_inversion, deep_inversion_images
@@ -16,12 +18,16 @@ from lfm.distill.features import at_loss, fitnets_loss, pkt_loss, rkd_loss
 from lfm.distill.lm import lm_student
 from lfm.distill.losses import dist_loss, kd_loss, reverse_kl_loss, topk_kd_loss
 from lfm.distill.seqkd import seq_kd, step_by_step
+from lfm.distill.served import TopKCache, cache_topk, gkd, topk_lm
+from lfm.distill.xtok import uld
 
 __all__ = [
     "DistillResult",
     "InputSpec",
+    "TopKCache",
     "adversarial",
     "at_loss",
+    "cache_topk",
     "dafl",
     "datafree",
     "deep_inversion",
@@ -32,6 +38,7 @@ __all__ = [
     "distill",
     "features",
     "fitnets_loss",
+    "gkd",
     "kd_loss",
     "lm",
     "lm_student",
@@ -41,7 +48,11 @@ __all__ = [
     "rkd_loss",
     "seq_kd",
     "seqkd",
+    "served",
     "skew",
     "step_by_step",
     "topk_kd_loss",
+    "topk_lm",
+    "uld",
+    "xtok",
 ]

@@ -52,6 +52,7 @@ from lfm.distill.lm import (
     token_blocks,
 )
 from lfm.distill.seqkd import SeqKDConfig
+from lfm.distill.served import GKDConfig, TopKCache, TopKLMConfig, cache_topk
 from lfm.distill.vision import (
     DATAFREE,
     Data,
@@ -64,11 +65,13 @@ from lfm.distill.vision import (
     subsample,
     terms,
 )
+from lfm.distill.xtok import ULDConfig, held_out_blocks, layer_dropped, text_blocks
 from lfm.errors import ConfigError, LfmError
 from lfm.registry import run as run_method
 from lfm.runs import Run, on_disk
 
-LM_METHODS = ("lm_student", "seq_kd")
+SCORES_METHODS = ("topk_lm", "gkd")  # teachers that send top-k log-probabilities
+LM_METHODS = ("lm_student", "seq_kd", *SCORES_METHODS, "uld")
 Stage = Callable[[str], None] | None
 
 
@@ -364,7 +367,7 @@ def lm(
     every: int = 3,
     kd_weight: float = 5.0,
     lm_weight: float = 2.0,
-    temperature: float = 2.0,
+    temperature: float | None = None,
     steps: int = 40,
     block_size: int = 64,
     batch_size: int = 4,
@@ -372,6 +375,10 @@ def lm(
     eval_blocks: int = 16,
     seed: int = 0,
     ckpt_every: int = 0,
+    top_k: int = 20,
+    teacher: Any = None,
+    teacher_cache: Path | None = None,
+    student: str | None = None,
     root: Path = Path("runs"),
     resume: Path | None = None,
     progress: bool = False,
@@ -382,8 +389,13 @@ def lm(
     Args:
         method: `lm_student` (KD on every position + LM loss, weighted `kd_weight` : `lm_weight`
             at `temperature`) or `seq_kd` (the teacher, narrowed to TEXT, continues the first
-            half of each training block greedily; the student learns the continuations).
-        model: the teacher, an offline model name or a path (a causal LM).
+            half of each training block greedily; the student learns the continuations), or,
+            from a teacher's top-`top_k` log-probabilities only, `topk_lm` (KD with the rest of the
+            teacher's mass spread evenly over the other tokens, and the LM loss) or `gkd` (on-policy: the student continues
+            half of the blocks itself; generalised JSD, β = 0.5).
+        model: the teacher, an offline model name or a path (a causal LM); for `topk_lm` and
+            `gkd` with a `teacher` or `teacher_cache`, the model the student is cut from (of
+            the teacher's vocabulary).
         data: a UTF-8 text file: training blocks are cut from its first 90 %, perplexity blocks
             from the last 10 % (or from `eval_data`); None: BBC News articles.
         eval_data: a UTF-8 text file for the perplexity blocks (with `data` only).
@@ -393,6 +405,13 @@ def lm(
         eval_blocks: held-out blocks the perplexities are measured on (at most).
         seed: seeds the batch order.
         ckpt_every: checkpoint the student every N steps (0: never).
+        top_k: `topk_lm`, `gkd`: log-probabilities per token the teacher sends.
+        teacher: `topk_lm`, `gkd`: a handle with `top_logprobs` (a served model) instead of
+            `model` narrowed to SCORES.
+        teacher_cache: `topk_lm`: a file of the teacher's answers (`cache`); no teacher is asked.
+        student: `topk_lm`, `gkd`: a causal LM (name or folder) trained as it is, instead of a
+            layer-dropped copy of `model` (which is then not loaded at all when the teacher is
+            served or cached).
         root: where run directories are created.
         resume: a run directory to resume from its checkpoint (its options must be these).
         progress: show the training bar.
@@ -405,19 +424,22 @@ def lm(
     _choose(method, LM_METHODS, "lm")
     if eval_data is not None and data is None:
         raise ConfigError("--eval-data needs --data (BBC News has its own test articles)")
+    _check_scores_options(method, teacher, teacher_cache, student)
+    if temperature is None:  # DistilBERT's T = 2; API log-probabilities (and ULD) at T = 1
+        temperature = 1.0 if method in (*SCORES_METHODS, "uld") else 2.0
     config = _config(locals())
+    if teacher is not None:
+        config["teacher"] = str(getattr(teacher, "url", teacher))
     own = _own_text(data, eval_data, block_size, batch_size) if data is not None else None
+    cache = TopKCache(teacher_cache) if teacher_cache is not None else None
+    if method in SCORES_METHODS:
+        return _scores_lm(method, model, own, teacher or cache, student, config, locals(), stage)
+    if method == "uld":
+        return _uld_lm(model, own, student, config, locals(), stage)
     teacher = load_model(model, kind="causal-lm")  # no stage line first: a bad teacher is one line
     _say(stage, f"teacher {model} loaded; cutting the text into blocks")
-    if own is None:
-        bbc = load_dataset("bbc-news")
-        tok = teacher.tokenizer
-        train_blocks = token_blocks(tok, bbc.train_texts, block_size, steps * batch_size)
-        test_blocks = token_blocks(tok, bbc.test_texts, block_size, eval_blocks)
-    else:
-        train_blocks, test_blocks = _text_blocks(teacher.tokenizer, own[0], block_size,
-                                                 steps * batch_size, eval_blocks, batch_size,
-                                                 own[1])  # fmt: skip
+    train_blocks, test_blocks = lm_blocks(teacher.tokenizer, own, block_size, steps * batch_size,
+                                          eval_blocks, batch_size)  # fmt: skip
     train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, ckpt_every=ckpt_every,
                             progress=progress)  # fmt: skip
     inputs = on_disk({"model": source_path(model), "data": data, "eval_data": eval_data})
@@ -449,6 +471,166 @@ def lm(
                "student_ppl": perplexity(student, test_blocks)}  # fmt: skip
         run.log(**ppl)
     return Outcome(run.path, ppl)
+
+
+def lm_blocks(
+    tok: Any, own: tuple[tuple[str, str], str] | None, block_size: int, n_train: int,
+    n_eval: int, batch_size: int,
+) -> tuple[Any, Any]:  # fmt: skip
+    """Training and perplexity blocks: BBC News (its train and test articles), or your text."""
+    if own is None:
+        bbc = load_dataset("bbc-news")
+        return (token_blocks(tok, bbc.train_texts, block_size, n_train),
+                token_blocks(tok, bbc.test_texts, block_size, n_eval))  # fmt: skip
+    return _text_blocks(tok, own[0], block_size, n_train, n_eval, batch_size, own[1])
+
+
+def _check_scores_options(
+    method: str, teacher: Any, teacher_cache: Path | None, student: str | None
+) -> None:
+    """The options that only a top-k teacher takes, refused with the others before loading."""
+    if method == "uld":
+        if student is None:
+            raise ConfigError("uld needs --student MODEL: the model (with its own tokenizer) the "
+                              "student is cut from")  # fmt: skip
+        if teacher is not None or teacher_cache is not None:
+            raise ConfigError("uld reads the teacher's whole distributions: give it as --model")
+        return
+    if method not in SCORES_METHODS:
+        given = [n for n, v in (("--teacher-url", teacher), ("--teacher-cache", teacher_cache),
+                                ("--student", student)) if v is not None]  # fmt: skip
+        if given:
+            raise ConfigError(f"{given[0]} is for --method topk_lm, gkd or uld, not {method}")
+        return
+    if teacher is not None and teacher_cache is not None:
+        raise ConfigError("give --teacher-url or --teacher-cache, not both")
+    if method == "gkd" and teacher_cache is not None:
+        raise ConfigError("gkd asks the teacher about the student's own samples, which no cache "
+                          "holds: give --teacher-url, or no teacher (the local --model)")  # fmt: skip
+
+
+def _scores_lm(
+    method: str, model: str, own: Any, remote: Any, student: str | None, config: dict[str, Any],
+    o: dict[str, Any], stage: Stage,
+) -> Outcome | None:  # fmt: skip
+    """`topk_lm` or `gkd`: a teacher sending its top-k only (served, cached, or `model` narrowed
+    to SCORES) and a student of its vocabulary (`student`, or `model` layer-dropped)."""
+    local = None
+    if remote is None or student is None:  # the local teacher, or what the student is cut from
+        local = load_model(model, kind="causal-lm")
+    base = load_model(student, kind="causal-lm") if student is not None else local
+    tok = base.tokenizer
+    pupil = base.model if student is not None else student_from_teacher(local.model, o["every"])
+    teacher = remote if remote is not None else narrow(local, "scores")
+    if remote is not None:
+        local = None  # the teacher is elsewhere: drop the model the student was cut from
+    _say(stage, f"teacher {getattr(teacher, 'name', model)} (top {o['top_k']}); cutting the text "
+                "into blocks")  # fmt: skip
+    train_blocks, test_blocks = lm_blocks(tok, own, o["block_size"], o["steps"] * o["batch_size"],
+                                          o["eval_blocks"], o["batch_size"])  # fmt: skip
+    train_cfg = TrainConfig(steps=o["steps"], lr=o["lr"], seed=o["seed"],
+                            ckpt_every=o["ckpt_every"], progress=o["progress"])  # fmt: skip
+    paths = {"model": source_path(model) if local is not None else None, "data": o["data"],
+             "eval_data": o["eval_data"], "teacher_cache": o["teacher_cache"],
+             "student": source_path(student) if student is not None else None}  # fmt: skip
+    run = run_on_main(f"distill-{method}-{o['top_k']}", config, inputs=on_disk(paths),
+                      root=o["root"], path=o["resume"], cpu=train_cfg.cpu)  # fmt: skip
+    with run or nullcontext():
+        if method == "topk_lm":
+            cfg: Any = TopKLMConfig(k=o["top_k"], temperature=o["temperature"],
+                                    kd_weight=o["kd_weight"], lm_weight=o["lm_weight"],
+                                    batch_size=o["batch_size"])  # fmt: skip
+        else:
+            cfg = GKDConfig(k=o["top_k"], batch_size=o["batch_size"])
+        _say(stage, f"training the student ({o['steps']} steps, teacher's top {o['top_k']})")
+        res = run_method(f"distill/{method}", teacher, pupil, train_blocks, cfg=cfg,
+                         train_cfg=train_cfg, run=run)  # fmt: skip
+        if run is None:
+            return None
+        with run.output("student") as tmp:
+            res.student.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+        run.history("student_loss", res.history.losses)
+        _say(stage, f"perplexity on {len(test_blocks)} held-out blocks")
+        ppl = {"student_ppl": perplexity(res.student, test_blocks)}
+        if local is not None:
+            ppl["teacher_ppl"] = perplexity(local.model, test_blocks)
+        run.log(**ppl, k=o["top_k"], **{n: v for n, v in res.info.items() if n != "k"})
+    return Outcome(run.path, ppl)
+
+
+def _uld_lm(
+    model: str, own: Any, student: str, config: dict[str, Any], o: dict[str, Any], stage: Stage
+) -> Outcome | None:
+    """`uld`: the teacher `model` and a student cut from `student`, another tokenizer's model,
+    trained on text pieces of about `block_size` student tokens."""
+    teacher = load_model(model, kind="causal-lm")
+    family = load_model(student, kind="causal-lm")
+    pupil = layer_dropped(family, o["every"])
+    del family
+    _say(stage, f"teacher {model}, student cut from {student}; cutting the text into pieces")
+    train_texts, test_texts = own[0] if own is not None else _bbc_texts()
+    n_train = o["steps"] * o["batch_size"]
+    texts = text_blocks(pupil.tokenizer, [train_texts] if own else train_texts, o["block_size"],
+                        n_train)  # fmt: skip
+    test = held_out_blocks(pupil.tokenizer, [test_texts] if own else test_texts, o["block_size"],
+                           o["eval_blocks"])  # fmt: skip
+    if len(texts) < o["batch_size"] or len(test) < 1:
+        raise ConfigError(f"the text gives {len(texts)} training pieces and {len(test)} perplexity "
+                          f"blocks of {o['block_size']} tokens; at least {o['batch_size']} "
+                          "(--batch-size) and 1 are needed: give more text or a smaller "
+                          "--block-size")  # fmt: skip
+    train_cfg = TrainConfig(steps=o["steps"], lr=o["lr"], seed=o["seed"],
+                            ckpt_every=o["ckpt_every"], progress=o["progress"])  # fmt: skip
+    paths = {"model": source_path(model), "student": source_path(student), "data": o["data"],
+             "eval_data": o["eval_data"]}  # fmt: skip
+    run = run_on_main("distill-uld", config, inputs=on_disk(paths), root=o["root"],
+                      path=o["resume"], cpu=train_cfg.cpu)  # fmt: skip
+    with run or nullcontext():
+        cfg = ULDConfig(temperature=o["temperature"], batch_size=o["batch_size"])
+        _say(stage, f"training the student ({o['steps']} steps)")
+        res = run_method("distill/uld", teacher, pupil, texts, cfg=cfg, train_cfg=train_cfg,
+                         run=run)  # fmt: skip
+        if run is None:
+            return None
+        with run.output("student") as tmp:
+            res.student.save_pretrained(tmp)
+            pupil.tokenizer.save_pretrained(tmp)
+        run.history("student_loss", res.history.losses)
+        _say(stage, f"perplexity on {len(test)} held-out blocks")
+        ppl = {"student_ppl": perplexity(res.student, test)}
+        run.log(**ppl, **res.info)
+    return Outcome(run.path, ppl)
+
+
+def _bbc_texts() -> tuple[Any, Any]:
+    bbc = load_dataset("bbc-news")
+    return bbc.train_texts, bbc.test_texts
+
+
+def cache(
+    *, model: str = "smollm2-135m", teacher: Any = None, out: Path, top_k: int = 20,
+    data: Path | None = None, eval_data: Path | None = None, steps: int = 40,
+    block_size: int = 64, batch_size: int = 4, progress: bool = False, stage: Stage = None,
+) -> tuple[Path, int]:  # fmt: skip
+    """Save a teacher's top-k answers on the training blocks `lm` cuts with the same options.
+
+    Args:
+        model: the teacher (loaded here) when `teacher` is None, else only its tokenizer's
+            source; `teacher`: a served handle with `top_logprobs`.
+        out: the cache file (written atomically).
+        top_k, data, eval_data, steps, block_size, batch_size: as `lm`.
+
+    Returns:
+        the file and the number of blocks in it.
+    """
+    own = _own_text(data, eval_data, block_size, batch_size) if data is not None else None
+    local = load_model(model, kind="causal-lm")
+    handle = teacher if teacher is not None else narrow(local, "scores")
+    blocks, _ = lm_blocks(local.tokenizer, own, block_size, steps * batch_size, 1, batch_size)
+    del local  # only its tokenizer was needed when the teacher is served
+    _say(stage, f"asking the teacher for its top {top_k} on {len(blocks)} blocks")
+    return cache_topk(handle, blocks, top_k, out, batch_size, progress), len(blocks)
 
 
 def _seq_kd_student(

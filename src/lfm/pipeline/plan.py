@@ -198,6 +198,30 @@ MODEL_KINDS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 
 
+# SCORES methods that read whole next-token (or class) distributions, which a server sending
+# only its top-k log-probabilities (any OpenAI-style API, `lfm serve --top-k K`) cannot give.
+# The others at SCORES read given continuations' log-probabilities or the top k themselves.
+FULL_ROWS = frozenset([
+    "reuse/ensemble_average", "tuning/replug", "distill/kd", "distill/reverse_kl", "distill/dist",
+    "distill/skew_kl", "distill/dfme", "distill/uld", "meta/datafree_blackbox",
+])  # fmt: skip
+
+
+# ... and those that read the top k by token id, which only an lfm server sends
+TOP_K_IDS = frozenset(["distill/topk_lm", "distill/gkd"])
+
+
+def _rows_ok(spec: registry.MethodSpec, interface: Interface) -> str:
+    """Why the method cannot run on a top-k interface ("" when it can)."""
+    if spec.key in TOP_K_IDS and interface.kind == "openai server":
+        return "needs the top k by token id (an lfm server); this server sends token strings"
+    k = interface.facts.get("top_k")
+    full = spec.extras.get("rows", "full" if spec.key in FULL_ROWS else "") == "full"
+    if k is None or spec.access != Access.SCORES or not full:
+        return ""
+    return f"needs whole next-token distributions, the target sends its top {k}"
+
+
 def model_kinds(spec: registry.MethodSpec) -> tuple[str, ...] | None:
     """The kinds of model `spec` works on (None: any)."""
     kinds = spec.extras.get("models") or MODEL_KINDS.get(spec.key)
@@ -217,7 +241,7 @@ def _entry(spec: registry.MethodSpec, interface: Interface, figures: dict[str, A
     why = ""
     if spec.access > interface.access:
         why = f"needs {spec.access.name}, the target gives {interface.access.name}"
-    why = why or _model_ok(spec, interface)
+    why = why or _model_ok(spec, interface) or _rows_ok(spec, interface)
     cost = estimate(figures, size, interface) if size and figures else {}
     return Entry(spec.key, spec.area, spec.branch, spec.access, not why, why, figures, cost)
 

@@ -12,9 +12,10 @@ SVD-based merges TSV-Merge, Iso-C and Iso-CTS in `spectral.py`) are mapped over 
 by one driver (`driver.py`), in memory (`merge_state_dicts`) or streamed from safetensors shards
 to sharded output (`engine.merge_models`). Data-aware merges
 (Fisher, RegMean in `datamerge.py`; AdaMerging in `adamerging.py`) read statistics saved by
-`stats.py`; `rebasin.py` aligns hidden units for mode connectivity (`connect.py`: interpolation
-paths); `ensemble.py` combines outputs of handles at SCORES or TEXT access. `recipes.py` holds
-what the `lfm reuse` commands run.
+`stats.py`; `wemoe.py` turns chosen modules into weight-ensembling mixtures of the experts,
+routers trained on unlabelled inputs; `rebasin.py` aligns hidden units for mode connectivity
+(`connect.py`: interpolation paths); `ensemble.py` combines outputs of handles at SCORES or
+TEXT access. `recipes.py` holds what the `lfm reuse` commands run.
 """
 
 from lfm.reuse import (  # noqa: F401  (registers the methods)
@@ -22,8 +23,10 @@ from lfm.reuse import (  # noqa: F401  (registers the methods)
     datamerge,
     ensemble,
     methods,
+    moe,
     rebasin,
     spectral,
+    wemoe,
 )
 from lfm.reuse.driver import (
     MergeError,

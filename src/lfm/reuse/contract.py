@@ -8,6 +8,12 @@
   method's level (log-probabilities for SCORES, labels or texts for TEXT).
 - `Aligner`: `(models, cfg) -> list of state dicts`, one per model: the first as given, every
   other re-expressed in its coordinates (Git Re-Basin's permutations), ready to be merged.
+- `Upscaler`: `(model, models, base, data, cfg) -> result` with the merged model in
+  `result.model`: some modules of `model`'s architecture become mixtures of the experts whose
+  routers are trained on unlabelled `data` (WEMoE); the models and the base are white-box handles,
+  modules or state dicts (WEIGHTS).
+- `Upcycler`: `(base, experts, prompts, cfg) -> handle`: a sparse mixture of experts built from a
+  base and fine-tuned copies of it, each expert's router row set from its prompts (`moe.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,18 @@ class Ensemble(Protocol):
 
 class Aligner(Protocol):
     def __call__(self, models: Sequence[Any], cfg: Any = None) -> list[dict[str, Tensor]]: ...
+
+
+class Upcycler(Protocol):
+    def __call__(
+        self, base: Any, experts: Sequence[Any], prompts: Sequence[Sequence[str]], cfg: Any = None
+    ) -> Any: ...
+
+
+class Upscaler(Protocol):
+    def __call__(
+        self, model: Any, models: Sequence[Any], base: Any, data: Sequence[Any], cfg: Any = None
+    ) -> Any: ...
 
 
 def reader_of(model: Any, base: Any = None) -> Reader:
@@ -86,3 +104,11 @@ def _kernel_handles(arguments: Mapping[str, Any]) -> list[Any]:
 KERNEL = shape("reuse", "kernel", Kernel, handles=_kernel_handles, call=merge)
 ENSEMBLE = shape("reuse", "ensemble", Ensemble, handles="handles")
 ALIGNER = shape("reuse", "aligner", Aligner, handles="models")
+
+
+def _upcycler_handles(arguments: Mapping[str, Any]) -> list[Any]:
+    return [arguments.get("base"), *arguments.get("experts", ())]
+
+
+UPCYCLER = shape("reuse", "upcycler", Upcycler, handles=_upcycler_handles)
+MOE = shape("reuse", "moe", Upscaler, handles=_kernel_handles)

@@ -3,13 +3,14 @@
     merge_plan("plan.yaml", "merged/")                           # lfm reuse merge
     statistics("gram", "smollm2-135m", "texts.txt", "g.safetensors")   # lfm reuse stats
     rebasin_files("a.safetensors", "b.safetensors", "b_aligned.safetensors")  # lfm reuse rebasin
+    upcycle_plan("moe.yaml", "moe/")                             # lfm reuse moe
     classify_texts(["lm-a", "lm-b"], method="ensemble_vote", dataset="bbc-news")  # lfm reuse ensemble
 
 Each raises an `LfmError` (one line) for anything a user can get wrong: a bad plan, an unknown
 method, a missing or unreadable file, models that do not fit together.
 
-`merge_plan`, `statistics` and `rebasin_files` write a run directory under `root`
-(`runs/<stamp>-merge-<method>/`, `...-stats-<kind>/`, `...-rebasin/`): its manifest holds the
+`merge_plan`, `statistics`, `rebasin_files` and `upcycle_plan` write a run directory under `root`
+(`runs/<stamp>-merge-<method>/`, `...-stats-<kind>/`, `...-rebasin/`, `...-moe/`): its manifest holds the
 options and resolved config as plain data, the SHA-256 of every file or folder read (the plan, the
 models, the base, statistics files, texts; one inside another run directory names that run as a
 parent) and where the output was written, and is marked `done` once the output is complete,
@@ -34,6 +35,7 @@ from lfm.core.io import save_tensors, write_json
 from lfm.errors import LfmError
 from lfm.reuse.contract import ENSEMBLE
 from lfm.reuse.ensemble import LabelWords, mixture_weights
+from lfm.reuse.moe import MoePlan, Upcycled, plan_folders, upcycle_folder
 from lfm.reuse.plan import MergePlan, load_plan
 from lfm.reuse.rebasin import (
     RebasinConfig,
@@ -98,6 +100,37 @@ def merge_plan(
         )
         run.manifest["outputs"].append(str(path))
     return merge, path, run.path
+
+
+def upcycle_plan(
+    plan: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    root: str | Path = "runs",
+) -> tuple[MoePlan, Upcycled, Path]:
+    """Build the Mixtral MoE a YAML or JSON plan (mergekit-moe's form) describes into `out`.
+
+    Args:
+        plan: the plan file; relative model paths are read from its folder.
+        out: the output folder (a Hugging Face Mixtral folder, written in one rename).
+        overwrite: replace an existing `out`.
+        progress: a progress bar over the layers (stderr).
+        root: where the run directory is created (`<root>/<stamp>-moe/`).
+
+    Returns:
+        The plan as read, what was written and the run directory.
+    """
+    moe = MoePlan.load(plan)  # the schema, prompts and top-k, before any model is opened
+    folders = plan_folders(moe, Path(plan).parent)
+    options = {"plan": str(plan), "config": moe.to_dict(), "out": str(out)}
+    files = {"plan": plan, **{f"model{i}": f for i, f in enumerate(folders)}}
+    with Run("moe", options, inputs=on_disk(files), root=root) as run:
+        done = upcycle_folder(moe, out, root=Path(plan).parent, overwrite=overwrite,
+                              progress=progress)  # fmt: skip
+        run.manifest["outputs"].append(str(done.out))
+    return moe, done, run.path
 
 
 def _lines(path: str | Path) -> list[str]:

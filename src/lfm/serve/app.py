@@ -226,7 +226,7 @@ def _spec_routes(app: FastAPI, auth: Any) -> None:
 def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(req: S.CompletionRequest) -> JSONResponse:
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        prompts = _prompts(req.prompt)
         if req.logprobs is not None or req.echo:
             _need(b, Access.SCORES, "echo or logprobs")
         if req.max_tokens > s.max_new_tokens:
@@ -236,6 +236,8 @@ def _text_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
         if req.logprobs is not None and s.top_k is not None and req.logprobs > s.top_k:
             raise HTTPException(403, f"logprobs {req.logprobs}: this server gives at most the "
                                      f"top {s.top_k} log-probabilities per token")  # fmt: skip
+        if not isinstance(prompts[0], str):
+            return await _score_ids(app, b, s, req, prompts)
         prompts = _times(prompts, req.n)  # n choices per prompt, each within the limits
         counts = await _check_texts(b, s, prompts, req.max_tokens)
         if req.logprobs is not None:  # refused before generating, not after
@@ -316,6 +318,36 @@ async def _generate(
     temp = req.temperature if req.temperature >= GREEDY_BELOW else 0.0
     key = (req.max_tokens, temp, req.seed, req.top_p)
     return await _run(app, "generate", prompts, key, counts)
+
+
+def _prompts(prompt: Any) -> list[Any]:
+    """The request's prompts: texts, or token-id rows (one row given alone is a list of ints)."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+async def _score_ids(
+    app: FastAPI, b: Backend, s: ServeSettings, req: S.CompletionRequest, rows: list[list[int]]
+) -> JSONResponse:  # fmt: skip
+    """Token-id prompts: scored as given (`echo`, `max_tokens` 0), within the same limits."""
+    if not req.echo or req.max_tokens != 0 or req.n != 1:
+        raise HTTPException(422, "token-id prompts are scored only: send echo true, max_tokens 0 "
+                                 "and n 1, or send the prompt as text")  # fmt: skip
+    if len(rows) > s.max_items:
+        raise HTTPException(413, f"{len(rows)} prompts exceed the limit of {s.max_items}")
+    bad = max((i for r in rows for i in r), default=0)
+    if bad >= (b.vocab_size or 0):
+        raise HTTPException(422, f"token id {bad} is outside the vocabulary of {b.vocab_size}")
+    counts, limit = [len(r) for r in rows], _max_tokens(b, s)
+    if max(counts) > limit:
+        raise HTTPException(413, f"a prompt of {max(counts)} tokens exceeds {limit}")
+    logprobs = None
+    if req.logprobs is not None:
+        logprobs = await _run(app, "tokens", rows, int(req.logprobs), counts)
+    texts = await asyncio.to_thread(lambda: [b.tokenizer.decode(r) for r in rows])
+    choices = [_choice(i, t, logprobs, "length") for i, t in enumerate(texts)]
+    return await _reply(_envelope, "text_completion", b.name, choices, counts, [], b, s)
 
 
 def _times(items: list[Any], n: int) -> list[Any]:

@@ -11,6 +11,7 @@ it is computed here from the model, and only when the level is SCORES or more. L
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Hashable, Sequence
 from pathlib import PurePath
 from typing import Any
@@ -24,7 +25,9 @@ from lfm.serve.limits import chars_per_token
 
 
 @torch.no_grad()
-def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> list[dict[str, Any]]:
+def token_logprobs(
+    model: LocalModel, texts: Sequence[str | list[int]], top: int = 0
+) -> list[dict[str, Any]]:
     """OpenAI-style `logprobs` of each text's own tokens (the first token gets None).
 
     One forward pass gives the (B, T, V) logits; they are then normalised a few positions at a
@@ -33,11 +36,13 @@ def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> lis
 
     Args:
         model: the white-box model (its tokenizer must be a fast one, for character offsets).
-        texts: texts to score, tokenised with special tokens as `LocalModel.score` does.
+        texts: texts to score, tokenised with special tokens as `LocalModel.score` does, or
+            token-id rows, scored as given (their text is their tokens decoded one by one).
         top: how many top alternatives to return per position.
     """
     tok = model.tokenizer
-    encs = [tok(t, return_offsets_mapping=True) for t in texts]
+    encs = [_encode(tok, t) for t in texts]
+    texts = [_text_of(t, e) for t, e in zip(texts, encs, strict=True)]
     width = max(len(e["input_ids"]) for e in encs)
     ids = torch.full((len(encs), width), int(tok.pad_token_id), dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -50,6 +55,21 @@ def token_logprobs(model: LocalModel, texts: Sequence[str], top: int = 0) -> lis
         _one(tok, text, e, logits[i, : len(e["input_ids"])].float(), top)
         for i, (text, e) in enumerate(zip(texts, encs, strict=True))
     ]
+
+
+def _encode(tok: Any, item: str | list[int]) -> dict[str, Any]:
+    """Token ids and character offsets of a text, or of token ids decoded one by one (their
+    text, the pieces joined, under "text")."""
+    if isinstance(item, str):
+        return tok(item, return_offsets_mapping=True)
+    pieces = [tok.decode([i]) for i in item]
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    offsets = [(e - len(p), e) for p, e in zip(pieces, ends, strict=True)]
+    return {"input_ids": list(item), "offset_mapping": offsets, "text": "".join(pieces)}
+
+
+def _text_of(item: str | list[int], enc: dict[str, Any]) -> str:
+    return item if isinstance(item, str) else enc["text"]
 
 
 def _one(tok: Any, text: str, enc: Any, logits: torch.Tensor, top: int) -> dict[str, Any]:
@@ -70,6 +90,9 @@ def _one(tok: Any, text: str, enc: Any, logits: torch.Tensor, top: int) -> dict[
         tops += [
             {names[j]: x for x, j in zip(vs, ks, strict=True)} for vs, ks in zip(v, k, strict=True)
         ]
+        # lfm extension: the alternatives as ids and values in rank order (two ids that decode
+        # to one string share a key of `top_logprobs`; these lists keep both)
+        top_ids, top_values = [None, *k], [None, *v]
     return {
         "tokens": [
             text[s:e] if e > s else tok.convert_ids_to_tokens(i)
@@ -80,6 +103,7 @@ def _one(tok: Any, text: str, enc: Any, logits: torch.Tensor, top: int) -> dict[
         "text_offset": [s for s, _ in offs],
         "token_ids": ids,  # lfm extension: the token ids (lets a client tokenise remotely)
         "text_end": [e for _, e in offs],  # lfm extension: where each token's text ends
+        **({"top_token_ids": top_ids, "top_token_logprobs": top_values} if top else {}),
     }
 
 

@@ -194,6 +194,12 @@ class RemoteModel:
     def vocab_size(self) -> int:
         return int(self.info()["lfm_vocab_size"])
 
+    @property
+    def top_k(self) -> int | None:
+        """K when the server sends only its top-K log-probabilities per token, else None."""
+        k = self.info().get("lfm_top_k")
+        return None if k is None else int(k)
+
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
         """Log-probabilities (B, V) of the next token (`/v1/lfm/next_token_logprobs`)."""
         require(self, Access.SCORES, "next_token_logprobs")
@@ -204,6 +210,26 @@ class RemoteModel:
             for t in r["logprobs"]
         ]
         return torch.stack(rows)
+
+    def top_logprobs(
+        self, rows: Sequence[Sequence[int]] | torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-`k` next-token log-probabilities at every position of given token rows (sent as
+        token ids, `echo`, `max_tokens` 0, `logprobs` k): values and ids, each (B, T-1, k), where
+        position t holds the distribution of token t+1. Needs the server's tokenizer (the same
+        vocabulary) and its `top_token_ids` (an lfm server sends them)."""
+        require(self, Access.SCORES, "top_logprobs")
+        if isinstance(rows, torch.Tensor):
+            rows = rows.tolist()
+        bodies = [{"prompt": [list(map(int, r)) for r in c], "max_tokens": 0, "echo": True,
+                   "logprobs": int(k)} for c in self._chunks(list(rows))]  # fmt: skip
+        lps = [ch["logprobs"] for r in self._map("/v1/completions", bodies) for ch in r["choices"]]
+        if lps and "top_token_ids" not in lps[0]:
+            raise LfmError(f"{self.url} sends no top_token_ids: top-k log-probabilities by token "
+                           "id need an lfm server")  # fmt: skip
+        values = torch.tensor([lp["top_token_logprobs"][1:] for lp in lps], dtype=torch.float32)
+        ids = torch.tensor([lp["top_token_ids"][1:] for lp in lps], dtype=torch.long)
+        return values, ids
 
     # -- EMBEDDINGS --
 

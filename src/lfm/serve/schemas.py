@@ -71,8 +71,18 @@ class _Sampling(_Body):
     stream_options: _unsupported("stream_options", "answers are sent whole", None) = None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+
+
 class CompletionRequest(_Sampling):
-    prompt: Text | Annotated[list[Text], Field(min_length=1)]
+    # text, texts, or (as OpenAI's API allows) token ids: one row or several; token-id prompts
+    # are scored only (`echo` with `max_tokens` 0)
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     max_tokens: int = Field(16, ge=0)  # 0 with echo: score the prompt only
     echo: bool = False  # return the prompt (and its token log-probabilities with `logprobs`)
     logprobs: int | None = Field(None, ge=0)  # top alternatives per token; -1 (lfm): full vocab

@@ -166,13 +166,14 @@ def class_scores(handle: ScoresModel, texts: Sequence[str], verb: Verbalizer) ->
     """Log-probabilities (N, C) of each label word after each prompt (SCORES access).
 
     When every label word is one token, one forward pass per prompt gives all C scores;
-    otherwise each (prompt, word) pair is scored on its own.
+    otherwise, or when the handle sends only its top-k log-probabilities per token (a served
+    model's `top_k`), each (prompt, word) pair is scored on its own.
     """
     require(handle, Access.SCORES, "prompt-based classification")
     prompts = [verb.prompt(t) for t in texts]
     n, c = len(prompts), len(verb.label_words)
     ids = [handle.encode(f" {w}") for w in verb.label_words]  # type: ignore[attr-defined]
-    if all(len(i) == 1 for i in ids):
+    if all(len(i) == 1 for i in ids) and getattr(handle, "top_k", None) is None:
         logp = handle.next_token_logprobs(prompts)  # type: ignore[attr-defined]
         return logp[:, [i[0] for i in ids]]
     flat_p = [p for p in prompts for _ in range(c)]

@@ -1,0 +1,219 @@
+"""LM distillation from a teacher that sends only its top-k log-probabilities, at one budget.
+
+    .venv/bin/python bench/distill_served.py --steps 30 --threads 1              # CPU, ~40 min
+
+SmolLM2-135M teaches a student cut from it (10 of 30 blocks, `--every 3`), on BBC News training
+blocks; every student starts from the same saved weights and sees the same blocks in the same
+order (steps, lr, seed). Variants, each trained in its own process so that its peak memory (max
+RSS) is its own:
+
+- `lm_only`: the LM loss alone (no teacher);
+- `full`: KD on the full next-token distribution + LM loss (weights 5 : 2, T = 1), teacher loaded;
+- `topk5`: `distill/topk_lm` with the teacher's top 5 (the rest of its mass spread evenly over
+  the other tokens: `tail="uniform"`, the default), teacher loaded locally;
+- `served20`: `distill/topk_lm` with the top 20 from `lfm serve --access scores --top-k 20` in
+  another process (token ids over HTTP); the training process never loads the teacher;
+- `cache20`: the top 20 saved first by `lfm distill cache` (another process), then read from the
+  file: no teacher anywhere while the student trains;
+- `gkd20`: `distill/gkd` (λ = 0.5, β = 0.5) against the same server.
+
+Prints held-out perplexity (BBC test blocks), time, peak RSS and, for the served runs, the HTTP
+calls; and the ratio of each perplexity to `full`'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+VARIANTS = ("lm_only", "full", "topk5", "served20", "cache20", "gkd20")
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--every", type=int, default=3)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--url", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def _blocks(tok, a):
+    from lfm.assets import load_dataset
+    from lfm.distill.lm import token_blocks
+
+    bbc = load_dataset("bbc-news")
+    return (token_blocks(tok, bbc.train_texts, a.block_size, a.steps * a.batch_size),
+            token_blocks(tok, bbc.test_texts, a.block_size, a.eval_blocks))  # fmt: skip
+
+
+def _one(a) -> dict:
+    """One variant in this process: train, measure, return the figures."""
+    import torch
+
+    from lfm.access import narrow
+    from lfm.assets import load_model
+    from lfm.core.train import TrainConfig, shuffled_batches, train
+    from lfm.distill.lm import LMStudentConfig, make_loss_fn, perplexity
+    from lfm.distill.served import TopKCache
+    from lfm.registry import run
+
+    torch.set_num_threads(a.threads)
+    work = Path(a.work)
+    student = load_model(str(work / "student0"), kind="causal-lm")
+    train_blocks, test_blocks = _blocks(student.tokenizer, a)
+    t_cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=a.seed, progress=False)
+    start, info = time.perf_counter(), {}
+    teacher = None
+    if a.one in ("full", "topk5"):
+        teacher = load_model(a.model, kind="causal-lm")
+    if a.one in ("lm_only", "full"):
+        cfg = LMStudentConfig(temperature=1.0, batch_size=a.batch_size, block_size=a.block_size,
+                              kd_weight=0.0 if a.one == "lm_only" else 5.0)  # fmt: skip
+        batches = shuffled_batches(train_blocks, batch_size=a.batch_size, seed=a.seed)
+        model = teacher.model if teacher is not None else None
+        train(student.model, make_loss_fn(model, cfg), batches, t_cfg)
+    elif a.one == "topk5":
+        run("distill/topk_lm", narrow(teacher, "scores"), student.model, train_blocks,
+            cfg={"k": 5, "batch_size": a.batch_size}, train_cfg=t_cfg)  # fmt: skip
+    elif a.one == "cache20":
+        cache = TopKCache(work / "top20.npz")
+        run("distill/topk_lm", cache, student.model, train_blocks,
+            cfg={"k": 20, "batch_size": a.batch_size}, train_cfg=t_cfg)  # fmt: skip
+    else:
+        from lfm.serve import RemoteModel
+
+        remote = RemoteModel(a.url)
+        method = "distill/gkd" if a.one == "gkd20" else "distill/topk_lm"
+        res = run(method, remote, student.model, train_blocks,
+                  cfg={"k": 20, "batch_size": a.batch_size}, train_cfg=t_cfg)  # fmt: skip
+        info = {"http_calls": remote.calls, **res.info}
+    seconds = time.perf_counter() - start
+    ppl = perplexity(student.model, test_blocks)
+    out = {"variant": a.one, "student_ppl": ppl, "train_s": seconds,
+           "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **info}  # fmt: skip
+    if teacher is not None:
+        out["teacher_ppl"] = perplexity(teacher.model, test_blocks)
+    return out
+
+
+def _common(a) -> list[str]:
+    return ["--model", a.model, "--every", str(a.every), "--steps", str(a.steps), "--block-size",
+            str(a.block_size), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
+            "--eval-blocks", str(a.eval_blocks), "--seed", str(a.seed), "--threads",
+            str(a.threads)]  # fmt: skip
+
+
+def _prepare(a, work: Path) -> None:
+    """The starting student (cut from the teacher, saved once) and the teacher's cache."""
+    import torch
+
+    from lfm.assets import load_model
+    from lfm.distill.lm import student_from_teacher
+
+    torch.set_num_threads(a.threads)
+    teacher = load_model(a.model, kind="causal-lm")
+    student = student_from_teacher(teacher.model, a.every)
+    student.save_pretrained(work / "student0")
+    teacher.tokenizer.save_pretrained(work / "student0")
+    del teacher, student
+
+
+def _serve(a, work: Path) -> tuple[subprocess.Popen, str]:
+    from lfm.serve.thread import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    with open(work / "serve.log", "w") as log:  # the child keeps its own copy of the handle
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import lfm.cli; lfm.cli.main()", "serve", "--model", a.model,
+             "--access", "scores", "--top-k", "20", "--port", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited: {(work / 'serve.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    raise SystemExit("the server did not start")
+
+
+def _run_variant(a, work: Path, name: str, url: str | None) -> dict:
+    cmd = [sys.executable, __file__, *_common(a), "--one", name, "--work", str(work)]
+    if url:
+        cmd += ["--url", url]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"{name} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    a = _args()
+    if a.one:
+        print(json.dumps(_one(a)))
+        return
+    wanted = [v for v in a.variants.split(",") if v]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _prepare(a, work)
+        rows, server, url = [], None, None
+        if "cache20" in wanted:
+            t0 = time.perf_counter()
+            cmd = [sys.executable, "-c", "import lfm.cli; lfm.cli.main()", "distill", "cache",
+                   "--model", a.model, "--top-k", "20", "--steps", str(a.steps), "--block-size",
+                   str(a.block_size), "--batch-size", str(a.batch_size), "-o",
+                   str(work / "top20.npz"), "--threads", str(a.threads)]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True)
+            size = (work / "top20.npz").stat().st_size / 2**20
+            print(f"cache: top 20 of {a.steps * a.batch_size} blocks, {size:.2f} MiB, "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
+        try:
+            if {"served20", "gkd20"} & set(wanted):
+                server, url = _serve(a, work)
+            for name in wanted:
+                rows.append(_run_variant(a, work, name, url))
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait()
+    full = next((r["student_ppl"] for r in rows if r["variant"] == "full"), None)
+    teacher = next((r["teacher_ppl"] for r in rows if "teacher_ppl" in r), None)
+    print(f"\nSmolLM2-135M -> every {a.every}, {a.steps} steps x {a.batch_size} x {a.block_size} "
+          f"tokens, lr {a.lr}; teacher perplexity {teacher}")  # fmt: skip
+    print("| variant | student ppl | vs full | train s | peak RSS MiB | HTTP calls |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['student_ppl'] / full:.3f}" if full else "–"
+        print(f"| {r['variant']} | {r['student_ppl']:.1f} | {ratio} | {r['train_s']:.0f} | "
+              f"{r['max_rss_mib']:.0f} | {r.get('http_calls', '–')} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

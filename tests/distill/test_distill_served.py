@@ -1,0 +1,513 @@
+"""Distillation from a teacher that sends only its top-k log-probabilities: token-id scoring on the
+server, the on-disk cache, `topk_lm` and `gkd` (their defining steps), and `lfm distill lm|cache`
+with a served, cached or local teacher."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from lfm.access import LocalModel, narrow
+from lfm.core.tiny import tiny_lm
+from lfm.core.train import TrainConfig
+from lfm.distill.lm import student_from_teacher
+from lfm.distill.served import (
+    GKDConfig,
+    TopKCache,
+    TopKLMConfig,
+    cache_topk,
+    generalised_jsd,
+    gkd_loss,
+    topk_lm_loss,
+)
+from lfm.errors import ConfigError
+from lfm.registry import run
+from lfm.serve.app import ServeSettings, build_app
+from lfm.serve.backend import Backend
+from lfm.serve.client import RemoteModel
+from lfm.serve.thread import running
+
+TEXT = (
+    "The teacher reads the text and the student learns from what the teacher says. "
+    "A small model can learn a great deal from a larger one when both see the same words. "
+) * 12
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return LocalModel(*tiny_lm("llama", 0), name="teacher")
+
+
+@pytest.fixture(scope="module")
+def sharp():
+    """A teacher with peaked next-token distributions (the tiny model's are near uniform)."""
+    model, tok = tiny_lm("llama", 0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+    return LocalModel(model, tok, name="sharp")
+
+
+def _fresh(seed=7):
+    """A student of the teacher's vocabulary that starts far from it."""
+    return tiny_lm("llama", seed)[0].train()
+
+
+@pytest.fixture(scope="module")
+def blocks():
+    return torch.randint(3, 300, (8, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def served(teacher):
+    with running(build_app(Backend(teacher, "scores"))) as url:
+        yield url
+
+
+def _student(teacher, seed=0):
+    torch.manual_seed(seed)
+    return student_from_teacher(teacher.model, every=2)
+
+
+def _kl_to_teacher(teacher, student, ids) -> float:
+    """Mean KL(p_t ‖ p_s) over every position of `ids`, full distributions."""
+    with torch.no_grad():
+        log_t = teacher.model(input_ids=ids).logits.float().log_softmax(-1)
+        log_s = student(input_ids=ids).logits.float().log_softmax(-1)
+    return float((log_t.exp() * (log_t - log_s)).sum(-1).mean())
+
+
+# -- the teacher's answers ------------------------------------------------------------------------
+
+
+def test_local_top_logprobs_hold_the_next_tokens_distribution(teacher, blocks):
+    values, ids = teacher.top_logprobs(blocks, 4)
+    assert values.shape == ids.shape == (8, 11, 4)
+    with torch.no_grad():
+        log_p = teacher.model(input_ids=blocks).logits.float().log_softmax(-1)
+    want_v, want_i = log_p[:, :-1].topk(4, -1)  # position t: the distribution of token t+1
+    assert torch.equal(ids, want_i)
+    assert torch.allclose(values, want_v, atol=1e-6)
+    assert (values[..., :-1] >= values[..., 1:]).all()  # in rank order
+
+
+def test_a_served_teacher_answers_token_ids_as_the_local_one(teacher, blocks, served):
+    remote = RemoteModel(served)
+    values, ids = remote.top_logprobs(blocks, 5)
+    want_v, want_i = teacher.top_logprobs(blocks, 5)
+    assert torch.equal(ids, want_i)
+    assert torch.allclose(values, want_v, atol=1e-5)
+
+
+def test_token_id_prompts_are_scored_only_and_checked(served):
+    with httpx.Client(base_url=served) as http:
+        body = {"prompt": [[5, 6, 7]], "max_tokens": 0, "echo": True, "logprobs": 2}
+        ok = http.post("/v1/completions", json=body)
+        assert ok.status_code == 200, ok.text
+        lp = ok.json()["choices"][0]["logprobs"]
+        assert lp["token_ids"] == [5, 6, 7] and lp["top_token_ids"][0] is None
+        assert [len(r) for r in lp["top_token_ids"][1:]] == [2, 2]
+        one_row = http.post("/v1/completions", json={**body, "prompt": [5, 6, 7]})
+        assert one_row.json()["choices"][0]["logprobs"] == lp  # one row sent alone
+        gen = http.post("/v1/completions", json={**body, "max_tokens": 3})
+        assert gen.status_code == 422 and "scored only" in gen.json()["detail"]
+        far = http.post("/v1/completions", json={**body, "prompt": [[5, 100_000]]})
+        assert far.status_code == 422 and "100000" in far.json()["detail"]
+        negative = http.post("/v1/completions", json={**body, "prompt": [[5, -1]]})
+        assert negative.status_code == 422
+
+
+def test_a_top_k_server_sends_at_most_k_for_token_ids(teacher):
+    g = torch.Generator().manual_seed(0)
+    app = build_app(Backend(teacher, "scores"), ServeSettings(top_k=3))
+    with running(app) as url, httpx.Client(base_url=url) as http:
+        for _ in range(6):  # random rows and k ≤ K: never more than k entries
+            rows = torch.randint(0, 320, (2, int(torch.randint(2, 9, (), generator=g))),
+                                 generator=g).tolist()  # fmt: skip
+            k = int(torch.randint(0, 4, (), generator=g))
+            res = http.post("/v1/completions", json={"prompt": rows, "max_tokens": 0,
+                                                     "echo": True, "logprobs": k})  # fmt: skip
+            assert res.status_code == 200 and res.json()["lfm_top_k"] == 3
+            for ch in res.json()["choices"]:
+                tops = ch["logprobs"]["top_logprobs"] or []
+                assert all(t is None or len(t) <= k for t in tops)
+                assert all(
+                    t is None or len(t) <= k for t in ch["logprobs"].get("top_token_ids", [])
+                )
+        over = http.post("/v1/completions", json={"prompt": [[5, 6]], "max_tokens": 0,
+                                                  "echo": True, "logprobs": 4})  # fmt: skip
+        assert over.status_code == 403
+
+
+# -- the cache ------------------------------------------------------------------------------------
+
+
+def test_the_cache_answers_as_the_teacher_without_it(teacher, blocks, tmp_path):
+    path = cache_topk(narrow(teacher, "scores"), blocks, 5, tmp_path / "top.npz", batch_size=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["top.npz"]  # nothing half-written
+    cache = TopKCache(path)
+    assert len(cache) == 8 and cache.k == 5
+    order = [5, 0, 7]
+    values, ids = cache.top_logprobs(blocks[order], 3)
+    want_v, want_i = teacher.top_logprobs(blocks[order], 3)
+    assert torch.equal(ids, want_i)
+    assert torch.allclose(values, want_v, atol=2e-2)  # float16 on disk
+    with pytest.raises(ConfigError, match="top 5 per token, not 6"):
+        cache.top_logprobs(blocks[:1], 6)
+    other = blocks[:1].clone()
+    other[0, 3] += 1
+    with pytest.raises(ConfigError, match="not in the cache"):
+        cache.top_logprobs(other, 5)
+
+
+@pytest.mark.parametrize("content", [None, b"not a zip file"])
+def test_a_missing_or_foreign_cache_is_one_line(tmp_path, content):
+    path = tmp_path / "top.npz"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        TopKCache(path)
+    assert "\n" not in str(e.value)
+
+
+# -- topk_lm ------------------------------------------------------------------------------------
+
+
+def test_the_top_k_loss_pairs_each_position_with_the_next_tokens_answer(teacher, blocks):
+    with torch.no_grad():  # sharpened, so that neighbouring positions' answers differ
+        logits = 8 * teacher.model(input_ids=blocks).logits
+    cfg = TopKLMConfig(k=320, kd_weight=1.0, lm_weight=0.0)
+    # the student's own distributions as the teacher's, in `top_logprobs`' layout
+    same = logits[:, :-1].float().log_softmax(-1).topk(320, -1)
+    assert float(topk_lm_loss(logits, tuple(same), blocks, cfg)["kd"]) < 1e-5
+    shifted = tuple(torch.roll(t, 1, dims=1) for t in same)  # off by one position
+    assert float(topk_lm_loss(logits, shifted, blocks, cfg)["kd"]) > 0.1
+
+
+def test_topk_lm_brings_the_student_to_the_teacher(sharp, blocks):
+    student = _fresh()
+    before = _kl_to_teacher(sharp, student, blocks)
+    cfg = {"k": 20, "kd_weight": 1.0, "lm_weight": 0.0, "batch_size": 4}
+    train_cfg = TrainConfig(steps=40, lr=1e-2, progress=False)
+    res = run("distill/topk_lm", narrow(sharp, "scores"), student, blocks, cfg=cfg,
+              train_cfg=train_cfg)  # fmt: skip
+    after = _kl_to_teacher(sharp, res.student, blocks)
+    assert after < 0.5 * before, (before, after)
+    assert res.info["teacher_blocks"] == 40 * 4
+    # the LM loss alone on these random tokens does not get there
+    lm_only = run("distill/topk_lm", narrow(sharp, "scores"), _fresh(), blocks,
+                  cfg={**cfg, "kd_weight": 0.0, "lm_weight": 1.0}, train_cfg=train_cfg)  # fmt: skip
+    assert _kl_to_teacher(sharp, lm_only.student, blocks) > 1.5 * after
+
+
+def test_served_and_cached_teachers_train_the_same_student_as_the_local_one(
+    teacher, blocks, served, tmp_path
+):
+    def train_with(handle):
+        return run("distill/topk_lm", handle, _student(teacher), blocks, cfg={"k": 5, "batch_size": 4},
+                   train_cfg=TrainConfig(steps=4, lr=1e-2, progress=False)).student  # fmt: skip
+
+    local = train_with(narrow(teacher, "scores"))
+    remote = train_with(RemoteModel(served))
+    cached = train_with(TopKCache(cache_topk(teacher, blocks, 5, tmp_path / "c.npz")))
+    for (name, p), q, r in zip(local.named_parameters(), remote.parameters(), cached.parameters(),
+                               strict=True):  # fmt: skip
+        assert torch.allclose(p, q, atol=1e-5), name
+        assert torch.allclose(p, r, atol=1e-3), name
+
+
+def test_a_student_of_a_smaller_vocabulary_is_refused(teacher, blocks):
+    from transformers import AutoModelForCausalLM
+
+    cfg = teacher.model.config.__class__(**{**teacher.model.config.to_dict(), "vocab_size": 100})
+    small = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ConfigError, match="distill/uld"):
+        run("distill/topk_lm", narrow(teacher, "scores"), small, blocks, cfg={"k": 5})
+
+
+# -- gkd ----------------------------------------------------------------------------------------
+
+
+def test_generalised_jsd_against_hand_values():
+    p = torch.tensor([[0.7, 0.2, 0.1]])
+    q = torch.tensor([[0.1, 0.3, 0.6]])
+    lp, lq = p.log(), q.log()
+    kl = lambda a, b: float((a * (a / b).log()).sum())  # noqa: E731
+    assert math.isclose(float(generalised_jsd(lp, lq, 0.0)), kl(p, q), rel_tol=1e-5)
+    assert math.isclose(float(generalised_jsd(lp, lq, 1.0)), kl(q, p), rel_tol=1e-5)
+    m = 0.5 * p + 0.5 * q
+    assert math.isclose(float(generalised_jsd(lp, lq, 0.5)), 0.5 * kl(p, m) + 0.5 * kl(q, m),
+                        rel_tol=1e-5)  # fmt: skip
+    m = 0.2 * p + 0.8 * q
+    assert math.isclose(float(generalised_jsd(lp, lq, 0.2)), 0.2 * kl(p, m) + 0.8 * kl(q, m),
+                        rel_tol=1e-5)  # fmt: skip
+    assert float(generalised_jsd(lp, lp, 0.5)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gkd_loss_scores_the_output_tokens_only(teacher, blocks):
+    with torch.no_grad():
+        logits = teacher.model(input_ids=blocks).logits
+    same = teacher.top_logprobs(blocks, 320)
+    assert float(gkd_loss(logits, same, 6, 0.5)) < 1e-5
+    other = teacher.top_logprobs(torch.flip(blocks, dims=[1]), 320)
+    mixed = tuple(torch.cat([o[:, :5], s[:, 5:]], 1) for o, s in zip(other, same, strict=True))
+    assert float(gkd_loss(logits, mixed, 6, 0.5)) < 1e-5  # prompt positions are not scored
+    assert float(gkd_loss(logits, other, 6, 0.5)) > 1e-3
+
+
+class _Spy:
+    """A SCORES handle that records the rows it is asked about."""
+
+    access = narrow(LocalModel(*tiny_lm("llama", 0)), "scores").access
+
+    def __init__(self, inner):
+        self.inner, self.rows = inner, []
+
+    def top_logprobs(self, rows, k):
+        self.rows.append(rows.clone())
+        return self.inner.top_logprobs(rows, k)
+
+
+@pytest.mark.parametrize("on_policy", [0.0, 1.0])
+def test_gkd_asks_the_teacher_about_the_students_own_samples(teacher, blocks, on_policy):
+    spy = _Spy(narrow(teacher, "scores"))
+    res = run("distill/gkd", spy, _student(teacher), blocks,
+              cfg={"k": 5, "batch_size": 8, "on_policy": on_policy},
+              train_cfg=TrainConfig(steps=3, lr=1e-2, progress=False))  # fmt: skip
+    assert res.info["on_policy"] == int(3 * on_policy)
+    data = {tuple(r[:6].tolist()): r for r in blocks}
+    for rows in spy.rows:
+        for r in rows:  # the prompt is the block's first half; its rest is the text's or sampled
+            block = data[tuple(r[:6].tolist())]
+            assert torch.equal(r, block) == (on_policy == 0.0)
+
+
+def test_gkd_brings_the_student_to_the_teacher(sharp, blocks):
+    student = _fresh()
+    before = _kl_to_teacher(sharp, student, blocks)
+    res = run("distill/gkd", narrow(sharp, "scores"), student, blocks,
+              cfg=GKDConfig(k=20, batch_size=4, beta=0.5),
+              train_cfg=TrainConfig(steps=40, lr=1e-2, progress=False))  # fmt: skip
+    assert _kl_to_teacher(sharp, res.student, blocks) < 0.6 * before
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, teacher):
+    path = tmp_path_factory.mktemp("teacher") / "llama"
+    teacher.model.save_pretrained(path)
+    teacher.tokenizer.save_pretrained(path)
+    return path
+
+
+def _lm(root, data, *extra):
+    from lfm.cli.distill import app
+
+    args = ["lm", "--data", str(data), "--every", "2", "--block-size", "16", "--batch-size", "2",
+            "--eval-blocks", "2", "--threads", "1", "--steps", "3", "--root", str(root), *extra]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+def _manifest(root):
+    (run_dir,) = root.iterdir()
+    return run_dir, json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_cli_topk_lm_with_the_local_teacher(tmp_path, model_dir):
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(model_dir), "--method",
+              "topk_lm", "--top-k", "5")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    run_dir, m = _manifest(tmp_path / "runs")
+    assert m["status"] == "done" and m["metrics"]["k"] == 5 and m["config"]["temperature"] == 1.0
+    assert m["metrics"]["student_ppl"] > 1 and m["metrics"]["teacher_ppl"] > 1
+    assert m["metrics"]["teacher_blocks"] == 3 * 2
+    assert (run_dir / "student" / "config.json").is_file()
+
+
+def test_cli_cache_then_train_without_loading_the_teacher(tmp_path, model_dir):
+    from lfm.cli.distill import app
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    student = tmp_path / "student"
+    _student(LocalModel(*tiny_lm("llama", 0))).save_pretrained(student)
+    LocalModel(*tiny_lm("llama", 0)).tokenizer.save_pretrained(student)
+    made = CliRunner().invoke(app, ["cache", "--model", str(model_dir), "--data",
+                                    str(tmp_path / "t.txt"), "--top-k", "5", "--block-size", "16",
+                                    "--batch-size", "2", "--steps", "3", "-o",
+                                    str(tmp_path / "top.npz"), "--threads", "1"])  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert "top 5 of 6 blocks" in made.output
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(tmp_path / "no-such-teacher"),
+              "--method", "topk_lm", "--top-k", "5", "--teacher-cache", str(tmp_path / "top.npz"),
+              "--student", str(student))  # fmt: skip
+    assert out.exit_code == 0, out.output  # the teacher's folder does not exist: never loaded
+    _, m = _manifest(tmp_path / "runs")
+    assert "teacher_ppl" not in m["metrics"] and m["inputs"]["teacher_cache"]["sha256"]
+
+
+def test_cli_gkd_with_a_served_teacher(tmp_path, model_dir, served):
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(model_dir), "--method", "gkd",
+              "--top-k", "5", "--teacher-url", served)  # fmt: skip
+    assert out.exit_code == 0, out.output
+    _, m = _manifest(tmp_path / "runs")
+    assert m["config"]["teacher"] == served and "teacher_ppl" not in m["metrics"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--method", "lm_student", "--teacher-cache", "x.npz"], "--teacher-cache is for"),
+        (["--method", "gkd", "--teacher-cache", "x.npz"], "no cache holds"),
+        (["--method", "topk_lm", "--teacher-cache", "x.npz", "--teacher-url", "http://h"],
+         "not both"),
+        (["--method", "topk_lm", "--teacher-cache", "missing.npz"], "does not exist"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_bad_teacher_options_in_one_line(tmp_path, extra, says, monkeypatch, capsys):
+    import sys
+
+    import lfm.cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text(TEXT)
+    argv = ["lfm", "distill", "lm", "--model", "nothing", "--data", "t.txt", *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as done:
+        lfm.cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert done.value.code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_kd_on_the_full_support_equals_full_logit_kd(sharp, blocks):
+    """With k = V the top-k loss is the full KL: nothing is lost but the tail."""
+    teacher = sharp
+    with torch.no_grad():
+        s_logits = _fresh()(input_ids=blocks).logits
+        t_logits = teacher.model(input_ids=blocks).logits
+    full = F.kl_div(s_logits[:, :-1].log_softmax(-1).flatten(0, 1),
+                    t_logits[:, :-1].log_softmax(-1).flatten(0, 1), log_target=True,
+                    reduction="batchmean")  # fmt: skip
+    cfg = TopKLMConfig(k=320, kd_weight=1.0, lm_weight=0.0)
+    got = topk_lm_loss(s_logits, teacher.top_logprobs(blocks, 320), blocks, cfg)["kd"]
+    assert float(got) == pytest.approx(float(full), rel=1e-3)
+
+
+def test_class_scores_through_a_top_k_server_equal_the_full_ones(teacher):
+    """Prompt classification on a top-k server scores each label word as a continuation (the full
+    next-token row is refused there) and gets the same numbers."""
+    from lfm.tuning.tasks import Verbalizer, class_scores
+
+    verb = Verbalizer(
+        template="Text: {text}\nTopic:", label_words=("the", "model", "of")
+    )  # one token each
+    texts = ["the teacher reads", "a small model"]
+    want = class_scores(narrow(teacher, "scores"), texts, verb)
+    with running(build_app(Backend(teacher, "scores"), ServeSettings(top_k=2))) as url:
+        remote = RemoteModel(url)
+        assert remote.top_k == 2
+        got = class_scores(remote, texts, verb)
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_an_interrupted_gkd_run_resumes_to_the_same_student(tmp_path, model_dir, monkeypatch):
+    """GKD's on-policy draws come from the seed and each batch's tokens, so a run killed after a
+    checkpoint and resumed ends where the uninterrupted run does."""
+    from safetensors.torch import load_file
+
+    import lfm.core.train
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    flags = ["--model", str(model_dir), "--method", "gkd", "--top-k", "5", "--steps", "4",
+             "--ckpt-every", "2"]  # fmt: skip
+    whole = _lm(tmp_path / "whole", tmp_path / "t.txt", *flags)
+    assert whole.exit_code == 0, whole.output
+    save = lfm.core.train.save_checkpoint
+
+    def save_then_die(run, acc, model, opt, step, hist):
+        save(run, acc, model, opt, step, hist)
+        raise RuntimeError(f"killed after the checkpoint at step {step}")
+
+    monkeypatch.setattr(lfm.core.train, "save_checkpoint", save_then_die)
+    cut = _lm(tmp_path / "cut", tmp_path / "t.txt", *flags)
+    assert cut.exit_code == 1 and "step 2" in str(cut.exception)
+    monkeypatch.setattr(lfm.core.train, "save_checkpoint", save)
+    (run_dir,) = (tmp_path / "cut").iterdir()
+    again = _lm(tmp_path / "cut", tmp_path / "t.txt", *flags, "--resume", str(run_dir))
+    assert again.exit_code == 0, again.output
+    got = load_file(str(run_dir / "student" / "model.safetensors"))
+    (whole_run,) = (tmp_path / "whole").iterdir()
+    want = load_file(str(whole_run / "student" / "model.safetensors"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_uniform_tail_kl_against_the_explicit_distribution(temperature):
+    from lfm.distill.served import uniform_tail_kl
+
+    g = torch.Generator().manual_seed(0)
+    vocab, k = 11, 3
+    student = torch.randn(2, 4, vocab, generator=g)
+    teacher = torch.randn(2, 4, vocab, generator=g).log_softmax(-1)
+    values, ids = teacher.topk(k, -1)
+    # the explicit p̃_t: top-k as sent, the rest of the mass spread evenly, then tempered
+    tail = 1 - values.exp().sum(-1, keepdim=True)
+    p = (tail / (vocab - k)).expand(2, 4, vocab).clone()
+    p.scatter_(-1, ids, values.exp())
+    log_q = (p.log() / temperature).log_softmax(-1)
+    log_s = (student / temperature).log_softmax(-1)
+    want = temperature**2 * (log_q.exp() * (log_q - log_s)).sum(-1).mean()
+    got = uniform_tail_kl(student, (values, ids), temperature)
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
+def test_the_uniform_tail_penalises_tail_mass_piled_on_one_token():
+    """A bucket only matches the tail's total; spreading it evenly also judges its shape."""
+    from lfm.distill.losses import TopKConfig, topk_kd_loss
+    from lfm.distill.served import uniform_tail_kl
+
+    vocab = 50
+    p_t = torch.full((vocab,), 0.3 / 48)
+    p_t[:2] = torch.tensor([0.5, 0.2])
+    spread = p_t.log()[None]
+    piled = torch.full((vocab,), 1e-9)
+    piled[:2], piled[7] = torch.tensor([0.5, 0.2]), 0.3  # the same tail mass, on one token
+    piled = (piled / piled.sum()).log()[None]
+    top = p_t.log()[None].topk(2, -1)
+    bucket = TopKConfig(k=2, residual=True)
+    assert float(topk_kd_loss(piled, tuple(top), bucket)) < 1e-4  # the bucket sees no difference
+    assert float(uniform_tail_kl(spread, tuple(top))) < 1e-5
+    assert float(uniform_tail_kl(piled, tuple(top))) > 1.0
+
+
+def test_cli_uld_across_tokenizers(tmp_path):
+    """`lfm distill lm --method uld`: a tiny Gemma 3 teaches a student cut from a tiny Llama with
+    another vocabulary; without --student it is one line."""
+    from lfm.distill.xtok import STUDENT_CORPUS
+
+    t_model, t_tok = tiny_lm("gemma3", 0)
+    t_model.save_pretrained(tmp_path / "teacher")
+    t_tok.save_pretrained(tmp_path / "teacher")
+    s_model, s_tok = tiny_lm("llama", 1, corpus=STUDENT_CORPUS, vocab_size=300)
+    s_model.save_pretrained(tmp_path / "family")
+    s_tok.save_pretrained(tmp_path / "family")
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(tmp_path / "teacher"),
+              "--method", "uld", "--student", str(tmp_path / "family"))  # fmt: skip
+    assert out.exit_code == 0, out.output
+    run_dir, m = _manifest(tmp_path / "runs")
+    assert m["status"] == "done" and m["metrics"]["aligned"] > 0 and m["metrics"]["student_ppl"] > 1
+    assert m["config"]["temperature"] == 1.0 and m["inputs"]["student"]["sha256"]
+    assert (run_dir / "student" / "tokenizer.json").is_file()
+    missing = _lm(tmp_path / "runs2", tmp_path / "t.txt", "--model", str(tmp_path / "teacher"),
+                  "--method", "uld")  # fmt: skip
+    assert missing.exit_code == 2 and "uld needs --student" in missing.output

@@ -1,0 +1,211 @@
+"""WEMoE: the weight-ensembling MoE module against its experts and task arithmetic, per-sample
+routing, the paper's router initialisation, and test-time training of the routers alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from lfm import registry
+from lfm.assets.vision import InvertedResidual
+from lfm.core.tiny import tiny_mlp
+from lfm.errors import ConfigError
+from lfm.reuse.wemoe import (
+    WeightEnsemblingMoE,
+    WEMoEConfig,
+    moe_modules,
+    router,
+    train_routers,
+    upscale,
+)
+
+from conftest import make_lm
+
+
+class Fixed(nn.Module):
+    """A router that ignores its input and answers the given coefficients: one row (K,) for every
+    sample, or one row per sample (B, K)."""
+
+    def __init__(self, value: Tensor):
+        super().__init__()
+        self.value = value
+
+    def forward(self, h: Tensor) -> Tensor:  # h: (B, N, C)
+        v = self.value if self.value.dim() == 2 else self.value.expand(len(h), -1)
+        return v[:, None].expand(-1, h.shape[1], -1)
+
+
+class BySign(nn.Module):
+    """A router that sends a token to expert 0 when its first feature is positive, else to 1."""
+
+    def forward(self, h: Tensor) -> Tensor:
+        first = (h[..., :1] > 0).float()
+        return torch.cat([first, 1 - first], dim=-1)
+
+
+def _perturbed(module: nn.Module, seed: int, scale: float = 0.1) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    out = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return out.eval()
+
+
+def _family(module: nn.Module, k: int = 3) -> tuple[nn.Module, list[nn.Module]]:
+    """A base (module perturbed) and k experts fine-tuned from it (perturbed again)."""
+    base = _perturbed(module, 100)
+    return base, [_perturbed(base, i) for i in range(k)]
+
+
+def _task_arithmetic(base: dict, experts: list[dict], lam: float) -> dict:
+    """θ_b + λ Σ_i (θ_i − θ_b) for float tensors, by hand."""
+    ta = lambda n, b: b + lam * sum(e[n] - b for e in experts)  # noqa: E731
+    return {n: ta(n, b) if b.is_floating_point() else b for n, b in base.items()}
+
+
+def _moe(base: nn.Module, experts: list[nn.Module], rt: nn.Module, by_leaf=None):
+    params = lambda m: dict(m.named_parameters())  # noqa: E731
+    return WeightEnsemblingMoE(base, params(base), [params(e) for e in experts], rt, by_leaf)
+
+
+MODULES = {
+    "linear": (lambda: nn.Linear(6, 5), (4, 6)),
+    "conv": (lambda: nn.Conv2d(3, 4, 3, padding=1), (4, 3, 5, 5)),
+    "block": (lambda: InvertedResidual(8, 8, 1, 3), (4, 8, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("by_leaf", [True, False], ids=["by-leaf", "vmap"])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_one_hot_routing_gives_the_expert_and_constant_routing_task_arithmetic(kind, by_leaf):
+    make, shape = MODULES[kind]
+    torch.manual_seed(0)
+    base, experts = _family(make().eval())
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for i, expert in enumerate(experts):
+            moe = _moe(base, experts, Fixed(torch.eye(3)[i]), by_leaf).eval()
+            assert moe.by_leaf == by_leaf
+            torch.testing.assert_close(moe(x), expert(x), rtol=1e-5, atol=1e-5)
+        lam = 0.3
+        ta = copy.deepcopy(base)
+        ta.load_state_dict(
+            _task_arithmetic(base.state_dict(), [e.state_dict() for e in experts], lam)
+        )
+        moe = _moe(base, experts, Fixed(torch.full((3,), lam)), by_leaf).eval()
+        torch.testing.assert_close(moe(x), ta(x), rtol=1e-5, atol=1e-5)
+        # all-zero routing is the base: the task vectors are what the routing adds
+        zero = _moe(base, experts, Fixed(torch.zeros(3)), by_leaf).eval()
+        torch.testing.assert_close(zero(x), base(x), rtol=1e-5, atol=1e-5)
+        assert (moe(x) - base(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("by_leaf", [True, False], ids=["by-leaf", "vmap"])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_routing_is_per_sample(kind, by_leaf):
+    make, shape = MODULES[kind]
+    torch.manual_seed(1)
+    base, experts = _family(make().eval(), k=2)
+    x = torch.randn(shape)
+    x[0], x[1] = x[0].abs(), -x[1].abs()  # sample 0 goes to expert 0, sample 1 to expert 1
+    with torch.no_grad():
+        out = _moe(base, experts, BySign(), by_leaf).eval()(x[:2])
+        torch.testing.assert_close(out[0], experts[0](x[:1])[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], experts[1](x[1:2])[0], rtol=1e-5, atol=1e-5)
+        # and a batch of one gives what the same sample gives inside the batch
+        torch.testing.assert_close(out[1:], _moe(base, experts, BySign(), by_leaf)(x[1:2]))
+
+
+def test_both_ways_agree_on_random_per_sample_routing():
+    torch.manual_seed(2)
+    base, experts = _family(InvertedResidual(8, 8, 1, 4).eval())
+    x, r = torch.randn(5, 8, 4, 4), torch.randn(5, 3)
+    fast = _moe(base, experts, Fixed(r), by_leaf=True).eval()
+    slow = _moe(base, experts, Fixed(r), by_leaf=False).eval()
+    assert fast.by_leaf and not slow.by_leaf
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), slow(x), rtol=1e-5, atol=1e-5)
+        # and each sample is the module with its own weights θ_b + Σ_i r_i τ_i
+        for b in range(5):
+            m = copy.deepcopy(base)
+            for n, p in m.named_parameters():
+                p.copy_(p + sum(r[b, i] * (dict(e.named_parameters())[n] - p)
+                                for i, e in enumerate(experts)))  # fmt: skip
+            torch.testing.assert_close(fast(x)[b], m(x[b : b + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_paper_router_starts_at_lambda_and_depends_on_the_input():
+    rt = router(16, 4, init=0.3, layers=2, seed=0)
+    h = torch.randn(2, 5, 16)
+    out = rt(h)  # (2, 5, 4)
+    assert out.shape == (2, 5, 4)
+    assert (out - 0.3).abs().max() < 0.01  # weights N(0, 0.01²): every coefficient near λ
+    assert (out[0] - out[1]).abs().max() > 0  # but not constant: it reads its input
+    assert torch.equal(router(16, 4, 0.3, 2, seed=0)(h), out)  # seeded
+    assert torch.equal(router(16, 4, 0.3, 0)(h), torch.full((2, 5, 4), 0.3))  # depth 0: λ
+
+
+def test_upscale_merges_the_rest_by_task_arithmetic_and_starts_near_it():
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    sds = [e.state_dict() for e in experts]
+    model = upscale(base, base.state_dict(), sds, WEMoEConfig(modules="fc1", init=0.3))
+    assert list(moe_modules(model)) == ["fc1"]
+    ta = _task_arithmetic(base.state_dict(), sds, 0.3)
+    for n in ("fc2.weight", "fc2.bias"):
+        torch.testing.assert_close(model.state_dict()[n], ta[n])
+    ref = copy.deepcopy(base)
+    ref.load_state_dict(ta)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        gap = (model(x) - ref(x)).abs().max()
+    assert 0 < gap < 0.05  # the routers' small weights: close to task arithmetic, not equal
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "fc1.router.0.weight", "fc1.router.0.bias", "fc1.router.2.weight", "fc1.router.2.bias"
+    }  # fmt: skip
+
+
+def test_test_time_training_lowers_entropy_and_changes_only_the_routers():
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    cfg = WEMoEConfig(modules="fc1|fc2", steps=15, lr=0.05)
+    model = upscale(base, base.state_dict(), [e.state_dict() for e in experts], cfg)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    data = [[torch.randn(16, 8, generator=gen) for _ in range(2)] for _ in range(2)]
+    history = train_routers(model, data, cfg)
+    assert len(history) == 15 and history[-1] < history[0] - 0.05
+    after = model.state_dict()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(".router." in n for n in changed)
+    assert {n.split(".router.")[0] for n in changed} == {"fc1", "fc2"}
+
+
+def test_run_by_name_with_heads_and_config_errors():
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    data = [[torch.randn(8, 8, generator=gen)] for _ in range(2)]
+    heads = [nn.Identity(), lambda z: z[:, :2]]
+    res = registry.run("reuse/wemoe", base, experts, base, data, cfg={"modules": "fc2", "steps": 2},
+                       heads=heads)  # fmt: skip
+    assert len(res.entropy) == 2 and list(moe_modules(res.model)) == ["fc2"]
+    with pytest.raises(ConfigError, match=r"modules: .*not a regular expression"):
+        WEMoEConfig.build(modules="fc[")
+    with pytest.raises(ConfigError, match="no module name matches"):
+        registry.run("reuse/wemoe", base, experts, base, data, cfg={"modules": "nope"})
+    with pytest.raises(ConfigError, match="one list of batches"):
+        registry.run("reuse/wemoe", base, experts, base, data[:1], cfg={"modules": "fc2"})
+
+
+def test_upscales_the_mlps_of_a_language_model_by_default():
+    base, _ = make_lm("llama", 0)
+    experts = [_perturbed(base, s, 0.02) for s in (1, 2)]
+    sds = [e.state_dict() for e in experts]
+    model = upscale(base, base.state_dict(), sds, WEMoEConfig())
+    assert list(moe_modules(model)) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    ids = torch.tensor([[0, 5, 9, 12], [0, 7, 7, 3]])
+    with torch.no_grad():
+        out = model(ids).logits
+    assert out.shape == (2, 4, base.config.vocab_size) and torch.isfinite(out).all()
