@@ -340,7 +340,10 @@ def _example(level: Access, seed: int) -> Example:
     modules, handles = classifiers(level, [seed, seed + 1, seed + 2])
     data = [[batch(seed + k)] for k in range(2)]
     cfg = WEMoEConfig(modules="fc1", steps=3, lr=0.05)
-    summary = lambda res: {"out": res.model(batch(seed)).detach(), "entropy": res.entropy}  # noqa: E731
+
+    def summary(res: Any) -> dict[str, Tensor]:
+        return {"out": res.model(batch(seed)).detach(), "entropy": torch.tensor(res.entropy)}
+
     return Example((modules[0], handles[1:], handles[0], data), cfg=cfg, summary=summary)
 
 
