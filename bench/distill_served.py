@@ -15,7 +15,10 @@ RSS) is its own:
   another process (token ids over HTTP); the training process never loads the teacher;
 - `cache20`: the top 20 saved first by `lfm distill cache` (another process), then read from the
   file: no teacher anywhere while the student trains;
-- `gkd20`: `distill/gkd` (λ = 0.5, β = 0.5) against the same server.
+- `gkd20`: `distill/gkd` (λ = 0.5, β = 0.5) against the same server;
+- `gkd20_warm`: the first half of the steps as `served20`, the second half `gkd20` (GKD from a
+  student that already writes text, as the paper starts from a supervised one); not in the
+  default list.
 
 Prints held-out perplexity (BBC test blocks), time, peak RSS and, for the served runs, the HTTP
 calls; and the ratio of each perplexity to `full`'s.
@@ -102,9 +105,16 @@ def _one(a) -> dict:
         from lfm.serve import RemoteModel
 
         remote = RemoteModel(a.url)
-        method = "distill/gkd" if a.one == "gkd20" else "distill/topk_lm"
-        res = run(method, remote, student.model, train_blocks,
-                  cfg={"k": 20, "batch_size": a.batch_size}, train_cfg=t_cfg)  # fmt: skip
+        cfg = {"k": 20, "batch_size": a.batch_size}
+        if a.one == "gkd20_warm":  # topk_lm on the first half of the blocks, then GKD
+            half = a.steps // 2
+            warm = t_cfg.model_copy(update={"steps": half})
+            run("distill/topk_lm", remote, student.model, train_blocks[: half * a.batch_size],
+                cfg=cfg, train_cfg=warm)  # fmt: skip
+            t_cfg = t_cfg.model_copy(update={"steps": a.steps - half})
+            train_blocks = train_blocks[half * a.batch_size :]
+        method = "distill/topk_lm" if a.one == "served20" else "distill/gkd"
+        res = run(method, remote, student.model, train_blocks, cfg=cfg, train_cfg=t_cfg)
         info = {"http_calls": remote.calls, **res.info}
     seconds = time.perf_counter() - start
     ppl = perplexity(student.model, test_blocks)
@@ -194,7 +204,7 @@ def main() -> None:
             print(f"cache: top 20 of {a.steps * a.batch_size} blocks, {size:.2f} MiB, "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)  # fmt: skip
         try:
-            if {"served20", "gkd20"} & set(wanted):
+            if {"served20", "gkd20", "gkd20_warm"} & set(wanted):
                 server, url = _serve(a, work)
             for name in wanted:
                 rows.append(_run_variant(a, work, name, url))

@@ -520,3 +520,28 @@ def test_cli_uld_across_tokenizers(tmp_path):
     missing = _lm(tmp_path / "runs2", tmp_path / "t.txt", "--model", str(tmp_path / "teacher"),
                   "--method", "uld")  # fmt: skip
     assert missing.exit_code == 2 and "uld needs --student" in missing.output
+
+
+def test_gkd_spreads_the_teachers_tail_over_the_whole_vocabulary():
+    """GKD's target is the teacher's top k and the rest of its mass spread evenly: it sums to one,
+    keeps the k values, and judges tail mass piled on one token (which buckets cannot see)."""
+    from lfm.distill.served import spread_tail
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 3, 40, generator=g).log_softmax(-1)
+    values, ids = teacher.topk(4, -1)
+    full = spread_tail(values, ids, 40)
+    assert torch.allclose(full.exp().sum(-1), torch.ones(2, 3), atol=1e-5)
+    assert torch.equal(full.gather(-1, ids), values)
+    rest = full.exp().scatter(-1, ids, 0.0)
+    assert torch.allclose(rest.max(-1).values * 36, rest.sum(-1), rtol=1e-4)  # evenly spread
+    top = (values[:1, :2], ids[:1, :2])  # two positions scored (start 1 of 3 tokens)
+    target = torch.cat([full[:1, :2], torch.zeros(1, 1, 40)], 1)  # the student is p̃ itself
+    assert float(gkd_loss(target, top, 1, 0.5)) < 1e-5
+    piled = torch.full_like(target, -30.0)
+    piled.scatter_(-1, torch.cat([ids[:1, :2], ids[:1, :1]], 1), torch.cat([values[:1, :2],
+                                                                           values[:1, :1]], 1))  # fmt: skip
+    for t in range(2):  # the same top k; the whole tail on one token outside it
+        other = next(j for j in range(40) if j not in ids[0, t].tolist())
+        piled[0, t, other] = float(torch.log1p(-values[0, t].exp().sum()))
+    assert float(gkd_loss(piled, top, 1, 0.5)) > 0.05

@@ -23,8 +23,9 @@ student trains.
   prompts the student samples its own continuation; for the rest the text's own continuation is
   used. The teacher scores those sequences (top-k), and the student is trained on the output
   tokens with the generalised Jensen-Shannon divergence
-  `JSD(β) = β KL(p_t ‖ m) + (1-β) KL(p_s ‖ m)`, `m = β p_t + (1-β) p_s`, over the same k + 1
-  buckets. β → 0 approaches forward KL, β → 1 reverse KL (up to scale).
+  `JSD(β) = β KL(p̃_t ‖ m) + (1-β) KL(p_s ‖ m)`, `m = β p̃_t + (1-β) p_s`, over the whole
+  vocabulary with the teacher's tail spread evenly (p̃_t, as `topk_lm`'s default). β = 0 is
+  forward KL, β = 1 reverse KL.
 """
 
 from __future__ import annotations
@@ -297,10 +298,14 @@ def _same_vocab(teacher: Any, student: nn.Module) -> None:
 # -- GKD: on-policy, generalised JSD on the top-k support --------------------------------------
 
 
-def _buckets(log_top: torch.Tensor) -> torch.Tensor:
-    """k log-probabilities and the log of the mass outside them: a (k+1)-bucket distribution."""
-    mass = log_top.exp().sum(-1, keepdim=True)
-    return torch.cat([log_top, torch.log1p(-mass.clamp(max=1 - 1e-6))], -1)
+def spread_tail(values: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The teacher's log-distribution over the whole vocabulary (..., V) from its top k: the k
+    log-probabilities as sent, the rest of the mass spread evenly over the other tokens."""
+    rest = vocab - values.shape[-1]
+    if rest == 0:
+        return values.new_zeros(*values.shape[:-1], vocab).scatter(-1, index, values)
+    tail = torch.log1p(-values.exp().sum(-1).clamp(max=1 - 1e-6)) - math.log(rest)
+    return tail[..., None].expand(*values.shape[:-1], vocab).scatter(-1, index, values)
 
 
 def generalised_jsd(log_p_t: torch.Tensor, log_p_s: torch.Tensor, beta: float) -> torch.Tensor:
@@ -323,12 +328,13 @@ def gkd_loss(
     beta: float,
 ) -> torch.Tensor:  # fmt: skip
     """JSD(β) on the output positions `start-1 … T-2` (those predicting tokens `start … T-1`), over
-    the teacher's top-k buckets and the rest; logits (B, T, V), teacher (B, T-1, k) each."""
+    the whole vocabulary, the teacher's top k completed by `spread_tail` (as `topk_lm`'s default:
+    buckets alone would let the student pile its tail mass on a few wrong tokens); logits
+    (B, T, V), teacher (B, T-1, k) each."""
     values, index = teacher
     log_s = student_logits[:, start - 1 : -1].float().log_softmax(-1)
-    log_s = _buckets(log_s.gather(-1, index[:, start - 1 :]))
-    log_t = _buckets(values[:, start - 1 :].float())
-    return generalised_jsd(log_t.flatten(0, 1), log_s.flatten(0, 1), beta)
+    log_t = spread_tail(values[:, start - 1 :].float(), index[:, start - 1 :], log_s.shape[-1])
+    return generalised_jsd(log_t.to(log_s.device).flatten(0, 1), log_s.flatten(0, 1), beta)
 
 
 @torch.no_grad()
