@@ -15,7 +15,7 @@ RSS) is its own:
   another process (token ids over HTTP); the training process never loads the teacher;
 - `cache20`: the top 20 saved first by `lfm distill cache` (another process), then read from the
   file: no teacher anywhere while the student trains;
-- `gkd20`: `distill/gkd` (λ = 0.5, β = 0.5) against the same server;
+- `gkd20`: `distill/gkd` (λ = 0.5, β = `--beta`, 0: forward KL) against the same server;
 - `gkd20_warm`: the first half of the steps as `served20`, the second half `gkd20` (GKD from a
   student that already writes text, as the paper starts from a supervised one); not in the
   default list.
@@ -53,6 +53,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--beta", type=float, default=0.0, help="GKD's β (0: forward KL)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -114,6 +115,8 @@ def _one(a) -> dict:
             t_cfg = t_cfg.model_copy(update={"steps": a.steps - half})
             train_blocks = train_blocks[half * a.batch_size :]
         method = "distill/topk_lm" if a.one == "served20" else "distill/gkd"
+        if method == "distill/gkd":  # forward KL: JSD(0.5) seeks modes and wrecks perplexity
+            cfg["beta"] = a.beta
         res = run(method, remote, student.model, train_blocks, cfg=cfg, train_cfg=t_cfg)
         info = {"http_calls": remote.calls, **res.info}
     seconds = time.perf_counter() - start
@@ -129,7 +132,7 @@ def _common(a) -> list[str]:
     return ["--model", a.model, "--every", str(a.every), "--steps", str(a.steps), "--block-size",
             str(a.block_size), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
             "--eval-blocks", str(a.eval_blocks), "--seed", str(a.seed), "--threads",
-            str(a.threads)]  # fmt: skip
+            str(a.threads), "--beta", str(a.beta)]  # fmt: skip
 
 
 def _prepare(a, work: Path) -> None:

@@ -541,7 +541,9 @@ def _scores_lm(
                                     kd_weight=o["kd_weight"], lm_weight=o["lm_weight"],
                                     batch_size=o["batch_size"])  # fmt: skip
         else:
-            cfg = GKDConfig(k=o["top_k"], batch_size=o["batch_size"])
+            # forward KL (β = 0): this command reports perplexity, which JSD(0.5) wrecks by
+            # seeking the teacher's modes
+            cfg = GKDConfig(k=o["top_k"], batch_size=o["batch_size"], beta=0.0)
         _say(stage, f"training the student ({o['steps']} steps, teacher's top {o['top_k']})")
         res = run_method(f"distill/{method}", teacher, pupil, train_blocks, cfg=cfg,
                          train_cfg=train_cfg, run=run)  # fmt: skip
