@@ -61,12 +61,9 @@ def _args() -> argparse.Namespace:
 
 
 def _blocks(tok, a):
-    from lfm.assets import load_dataset
-    from lfm.distill.lm import token_blocks
+    from lfm.distill.recipes import lm_blocks
 
-    bbc = load_dataset("bbc-news")
-    return (token_blocks(tok, bbc.train_texts, a.block_size, a.steps * a.batch_size),
-            token_blocks(tok, bbc.test_texts, a.block_size, a.eval_blocks))  # fmt: skip
+    return lm_blocks(tok, None, a.block_size, a.steps * a.batch_size, a.eval_blocks, a.batch_size)
 
 
 def _one(a) -> dict:

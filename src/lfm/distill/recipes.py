@@ -461,14 +461,7 @@ def lm(
             res = _seq_kd_student(teacher, train_blocks, every, batch_size, train_cfg, run, stage)
         if run is None:  # another process of a launched run: the main one saves and reports
             return None
-        student = res.student
-        with run.output("student") as tmp:
-            student.save_pretrained(tmp)
-            teacher.tokenizer.save_pretrained(tmp)
-        run.history("student_loss", res.history.losses)
-        _say(stage, f"perplexity on {len(test_blocks)} held-out blocks")
-        ppl = {"teacher_ppl": perplexity(teacher.model, test_blocks),
-               "student_ppl": perplexity(student, test_blocks)}  # fmt: skip
+        ppl = _finish(run, res, teacher.tokenizer, test_blocks, stage, teacher.model)
         run.log(**ppl)
     return Outcome(run.path, ppl)
 
@@ -479,9 +472,9 @@ def lm_blocks(
 ) -> tuple[Any, Any]:  # fmt: skip
     """Training and perplexity blocks: BBC News (its train and test articles), or your text."""
     if own is None:
-        bbc = load_dataset("bbc-news")
-        return (token_blocks(tok, bbc.train_texts, block_size, n_train),
-                token_blocks(tok, bbc.test_texts, block_size, n_eval))  # fmt: skip
+        train, test = _bbc_texts()
+        return (token_blocks(tok, train, block_size, n_train),
+                token_blocks(tok, test, block_size, n_eval))  # fmt: skip
     return _text_blocks(tok, own[0], block_size, n_train, n_eval, batch_size, own[1])
 
 
@@ -549,14 +542,7 @@ def _scores_lm(
                          train_cfg=train_cfg, run=run)  # fmt: skip
         if run is None:
             return None
-        with run.output("student") as tmp:
-            res.student.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-        run.history("student_loss", res.history.losses)
-        _say(stage, f"perplexity on {len(test_blocks)} held-out blocks")
-        ppl = {"student_ppl": perplexity(res.student, test_blocks)}
-        if local is not None:
-            ppl["teacher_ppl"] = perplexity(local.model, test_blocks)
+        ppl = _finish(run, res, tok, test_blocks, stage, local.model if local else None)
         run.log(**ppl, k=o["top_k"], **{n: v for n, v in res.info.items() if n != "k"})
     return Outcome(run.path, ppl)
 
@@ -595,14 +581,24 @@ def _uld_lm(
                          run=run)  # fmt: skip
         if run is None:
             return None
-        with run.output("student") as tmp:
-            res.student.save_pretrained(tmp)
-            pupil.tokenizer.save_pretrained(tmp)
-        run.history("student_loss", res.history.losses)
-        _say(stage, f"perplexity on {len(test)} held-out blocks")
-        ppl = {"student_ppl": perplexity(res.student, test)}
+        ppl = _finish(run, res, pupil.tokenizer, test, stage)
         run.log(**ppl, **res.info)
     return Outcome(run.path, ppl)
+
+
+def _finish(
+    run: Run, res: DistillResult, tokenizer: Any, test: Any, stage: Stage, teacher: Any = None
+) -> dict[str, float]:
+    """Save the student with its tokenizer, record its loss curve, and measure held-out
+    perplexity: the teacher's (when it is in this process, on the same blocks) and the
+    student's."""
+    with run.output("student") as tmp:
+        res.student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    run.history("student_loss", res.history.losses)
+    _say(stage, f"perplexity on {len(test)} held-out blocks")
+    ppl = {"teacher_ppl": perplexity(teacher, test)} if teacher is not None else {}
+    return {**ppl, "student_ppl": perplexity(res.student, test)}
 
 
 def _bbc_texts() -> tuple[Any, Any]:
