@@ -153,7 +153,7 @@ def _write_at(
 
     def fn(_m: nn.Module, _args: tuple, out: Any) -> Any:
         h = _first(out).clone()
-        h[rows, positions] = new(h[rows, positions]).to(h.dtype)
+        h[rows, positions] = new(h[rows, positions]).to(h.device, h.dtype)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     return hooked([(module, fn)])
@@ -163,7 +163,7 @@ def add_at(
     module: nn.Module, rows: torch.Tensor, positions: torch.Tensor, delta: torch.Tensor
 ) -> AbstractContextManager[None]:
     """Add `delta` (D,) or (len(rows), D) to the module's output at (rows, positions)."""
-    return _write_at(module, rows, positions, lambda h: h + delta.to(h.dtype))
+    return _write_at(module, rows, positions, lambda h: h + delta.to(h.device, h.dtype))
 
 
 def replace_at(

@@ -70,12 +70,12 @@ def covariance(
     if isinstance(given, dict):
         given = given.get(site.layer)
     if given is not None:
-        return given.double()
+        return given.double().cpu()  # the solves run on the CPU, beside the keys and δ
     if not cfg.use_cov:
         return torch.eye(site.d_in, dtype=torch.float64)
     from lfm.edit.stats import second_moment
 
-    return second_moment(model, tokenizer, site.layer, *stats_args(cfg, [site]))
+    return second_moment(model, tokenizer, site.layer, *stats_args(cfg, [site])).double().cpu()
 
 
 def stats_args(cfg: Any, sites: Sequence[EditSite]) -> tuple[str, int, int]:
@@ -105,8 +105,8 @@ def prefetch_covariances(
 def solve_cov(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + ridge·tr(C)/D·I)⁻¹ rhs in float64; the tiny ridge only guards a rank-deficient C."""
     d = cov.shape[0]
-    reg = cov + ridge * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype)
-    return torch.linalg.solve(reg, rhs.double())
+    reg = cov + ridge * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    return torch.linalg.solve(reg, rhs.to(cov.device).double())
 
 
 @contextmanager
@@ -118,7 +118,7 @@ def temporarily(model: nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
         with torch.no_grad(), edits(model):
             for d in deltas:
                 w = linear_weight(model, d.module)
-                w.add_(d.matrix().to(w.dtype))
+                w.add_(d.matrix().to(w.device, w.dtype))
         yield
     finally:
         undo.revert(model)
