@@ -20,6 +20,16 @@ an edited subject left out), Score; then seconds per edit (wall and CPU) and, fo
 codebook rule went (entries added, expanded, split), for WISE its shards, ε, and how many of the
 edited, paraphrase and neighbourhood prompts the router sends to the side memory. Everything is
 reverted at the end, and the unedited model is scored on the same facts as the peer row.
+ROME and MEMIT (`--methods rome memit`) edit one fact after another, each patch in place before
+the next. Fluency is the mean n-gram entropy of `--gen-tokens` greedy tokens after each edited
+fact's generation prompts (`lfm.edit.facts.evaluate_fact`); the curves show it as the change from
+the unedited model. Memory added: GRACE's codebook, WISE's side memory and masks (MiB); the
+weight editors change weights in place (0); IKE adds context, reported as tokens per query.
+`--budget S` skips a method's longer T once one of its runs took more than S seconds.
+
+    .venv/bin/python bench/edit_lifelong.py --T 10 100 --methods grace ultraedit wise rome \
+        --facts lifelong --json lifelong.json --plot lifelong.png
+    .venv/bin/python bench/edit_lifelong.py --methods --json lifelong.json --plot lifelong.png
 """
 
 from __future__ import annotations
@@ -36,15 +46,34 @@ def _args() -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--T", type=int, nargs="+", default=[10, 100], help="edits in a row")
     p.add_argument(
-        "--methods", nargs="+", default=["grace", "alphaedit"], help="ike, ultraedit, wise"
+        "--methods",
+        nargs="*",
+        default=["grace", "alphaedit"],
+        help="grace alphaedit ultraedit wise rome memit ike (none, with --plot: only draw)",
     )
     p.add_argument("--facts", choices=["facts", "lifelong"], default="facts", help="packaged set")
+    p.add_argument(
+        "--all-facts", action="store_true",
+        help="edit the first T facts whether the model knows them or not (default: known only)",
+    )  # fmt: skip
     p.add_argument("--turn", type=int, default=1, help="UltraEdit: facts per turn")
     p.add_argument("--ue-lr", type=float, default=None, help="UltraEdit's η (default 1e-6)")
     p.add_argument("--eps-init", type=float, default=None, help="GRACE's ε_init (default 1.0)")
     p.add_argument("--shard-size", type=int, default=None, help="WISE: edits per shard (500)")
     p.add_argument("--wise-lr", type=float, default=None, help="WISE's SGD step (default 1.0)")
     p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
+    p.add_argument(
+        "--gen-tokens", type=int, default=20,
+        help="greedy tokens per generation prompt for fluency (0: no fluency)",
+    )  # fmt: skip
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds per method: a longer T of a method whose last T took more is skipped")  # fmt: skip
+    p.add_argument(
+        "--json", default=None, help="add every row to this JSON file (kept across runs)"
+    )
+    p.add_argument(
+        "--plot", default=None, help="draw each metric against T from --json into this PNG"
+    )
     p.add_argument("--threads", type=int, default=2)
     return p.parse_args()
 
@@ -74,7 +103,30 @@ def _grace(handle, facts, a: argparse.Namespace):
         with clock:
             patch = grace(handle, f.request, cfg, codebook=patch)
     rules = Counter(s["rule"] for s in patch.info["steps"])
-    return handle, [patch.apply(handle.model)], clock, dict(rules)
+    book = patch.codebook
+    notes = {**rules, "added_mib": _mib(book.keys, book.values, book.radii)}
+    return handle, [patch.apply(handle.model)], clock, notes
+
+
+def _sequential(name: str):
+    """ROME or MEMIT applied one edit after another, each patch in place before the next."""
+
+    def run(handle, facts, a: argparse.Namespace):
+        from lfm.registry import get
+
+        spec = get(f"edit/{name}")
+        cfg, undos, clock = spec.config(stats_tokens=a.stats_tokens), [], _Clock()
+        for f in facts:
+            with clock:  # the first edit also builds C (cached on disk after)
+                patch = spec.fn(handle, f.request, cfg)
+            undos.append(patch.apply(handle.model))
+        return handle, undos, clock, {"added_mib": 0.0}
+
+    return run
+
+
+def _mib(*tensors: torch.Tensor) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _alphaedit(handle, facts, a: argparse.Namespace):
@@ -86,7 +138,7 @@ def _alphaedit(handle, facts, a: argparse.Namespace):
         with clock:  # the first step also builds C per layer (cached on disk after)
             patch, state = alphaedit_step(handle, f.request, state, cfg)
         undos.append(patch.apply(handle.model))
-    return handle, undos, clock, {}
+    return handle, undos, clock, {"added_mib": 0.0}
 
 
 def _ultraedit(handle, facts, a: argparse.Namespace):
@@ -101,7 +153,8 @@ def _ultraedit(handle, facts, a: argparse.Namespace):
                 handle, [f.request for f in facts[i : i + a.turn]], state, cfg
             )
         undos.append(patch.apply(handle.model))
-    return handle, undos, clock, {"turns": state.turns if state else 0, "lr": cfg.lr}
+    notes = {"turns": state.turns if state else 0, "lr": cfg.lr, "added_mib": 0.0}
+    return handle, undos, clock, notes
 
 
 def _wise(handle, facts, a: argparse.Namespace):
@@ -130,6 +183,7 @@ def _wise(handle, facts, a: argparse.Namespace):
         "routed edits": routed([f.prompt for f in facts]),
         "routed paraphrases": routed([p for f in facts for p in f.paraphrases]),
         "routed neighbours": routed([p for f in facts for p in f.neighbourhood]),
+        "added_mib": _mib(memory.side) + _mib(*(s.mask for s in memory.shards)),
     }
     return handle, [memory.apply(handle.model)], clock, notes
 
@@ -143,45 +197,129 @@ def _ike(handle, facts, a: argparse.Namespace):
     with clock:
         editor = ike(handle, [f.request for f in facts]).apply(handle)
         editor.context(facts[0].prompt)  # the demonstrations' embeddings, computed once
-    return editor, [], clock, {"demonstrations": len(editor.pool)}
+    tokens = [len(handle.tokenizer(editor.context(f.prompt)).input_ids) for f in facts[:10]]
+    notes = {"demonstrations": len(editor.pool), "context_tokens": sum(tokens) / len(tokens),
+             "added_mib": 0.0}  # fmt: skip
+    return editor, [], clock, notes
 
 
-def _score(handle, facts) -> dict[str, float]:
+def _score(handle, facts, gen_tokens: int) -> dict[str, float]:
     from lfm.edit.facts import evaluate_fact, summarise
 
     subjects = [f.subject for f in facts]
-    return summarise([evaluate_fact(handle, f, edited=subjects) for f in facts])
+    return summarise([evaluate_fact(handle, f, gen_tokens, edited=subjects) for f in facts])
+
+
+COLUMNS = ("efficacy", "paraphrase", "neighbourhood", "score", "fluency")
 
 
 def _row(label: str, m: dict[str, float], secs: tuple[float, float] = (0.0, 0.0)) -> str:
-    vals = " ".join(f"{m[c]:8.1f}" for c in ("efficacy", "paraphrase", "neighbourhood", "score"))
+    vals = " ".join(f"{m.get(c, float('nan')):8.1f}" for c in COLUMNS)
     return f"{label:<22}{vals} {secs[0]:8.2f} {secs[1]:8.2f}"
+
+
+def _save(path: str, model: str, method: str, t: int, row: dict) -> None:
+    """Add one row to the JSON file {model: {method: {T: row}}}, written atomically."""
+    import json
+    import os
+    from pathlib import Path
+
+    file = Path(path)
+    data = json.loads(file.read_text()) if file.exists() else {}
+    data.setdefault(model, {}).setdefault(method, {})[str(t)] = row
+    tmp = file.with_suffix(file.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, file)
+
+
+def plot(path: str, out: str) -> None:
+    """One panel per metric (fluency as the change from the unedited model), x = T (log), one
+    line per method, from the rows `_save` kept."""
+    import json
+
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(path).read_text())
+    panels = [("efficacy", "efficacy (%)"), ("paraphrase", "paraphrase (%)"),
+              ("neighbourhood", "neighbourhood (%)"), ("fluency_change", "fluency − unedited (bits)"),
+              ("wall_s", "seconds per edit"), ("added_mib", "memory added (MiB)")]  # fmt: skip
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for model, methods in data.items():
+        for method, rows in sorted(methods.items()):
+            ts = sorted(rows, key=int)
+            for ax, (key, _) in zip(axes.flat, panels, strict=True):
+                pts = [(int(t), rows[t][key]) for t in ts if rows[t].get(key) is not None]
+                if pts:
+                    label = method if len(data) == 1 else f"{model} {method}"
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+    for ax, (_, title) in zip(axes.flat, panels, strict=True):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("T (edits in a row)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle("Lifelong editing: every metric after the T-th edit")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
 
 
 def main() -> None:
     a = _args()
+    if a.plot and not a.methods:
+        plot(a.json, a.plot)
+        return
     torch.set_num_threads(a.threads)
     from lfm.assets import load_model
     from lfm.edit.facts import known_facts, load_facts
 
     handle = load_model(a.model)
     split = "test" if a.facts == "lifelong" else None
-    known = known_facts(handle, load_facts(name=a.facts, split=split))
-    print(f"{a.model}: knows {len(known)} facts", flush=True)
-    head = ("efficacy", "paraphr", "neighb", "Score", "wall s", "cpu s")
+    pool = load_facts(name=a.facts, split=split)
+    known = known_facts(handle, pool)
+    print(f"{a.model}: knows {len(known)} of {len(pool)} facts", flush=True)
+    if a.all_facts:
+        known = pool
+    head = ("efficacy", "paraphr", "neighb", "Score", "fluency", "wall s", "cpu s")
     print(f"{'T edits (s per edit)':<22}" + " ".join(f"{h:>8}" for h in head))
     run = {"grace": _grace, "alphaedit": _alphaedit, "ike": _ike, "ultraedit": _ultraedit,
-           "wise": _wise}  # fmt: skip
+           "wise": _wise, "rome": _sequential("rome"), "memit": _sequential("memit")}  # fmt: skip
+    spent: dict[str, float] = {}
     for t in a.T:
         facts = known[:t]
-        print(_row(f"unedited, {len(facts)} facts", _score(handle, facts)), flush=True)
+        if len(facts) < t:
+            print(f"only {len(facts)} known facts: T={t} runs on {len(facts)}", flush=True)
+        base = _score(handle, facts, a.gen_tokens)
+        print(_row(f"unedited, {len(facts)} facts", base), flush=True)
+        if a.json:
+            _save(a.json, a.model, "unedited", len(facts), {**base, "fluency_change": 0.0})
         for name in a.methods:
+            if a.budget and spent.get(name, 0.0) > a.budget:
+                print(f"{name} T={len(facts)}: skipped, its last run took {spent[name]:.0f} s "
+                      f"(--budget {a.budget:.0f})", flush=True)  # fmt: skip
+                continue
+            t0 = time.perf_counter()
             scored, undos, clock, notes = run[name](handle, facts, a)
-            scores = _score(scored, facts)
+            scores = _score(scored, facts, a.gen_tokens)
             for undo in reversed(undos):
                 undo.revert(handle.model)
+            spent[name] = time.perf_counter() - t0
             secs = (clock.wall / len(facts), clock.cpu / len(facts))
             print(_row(f"{name} T={len(facts)}", scores, secs), notes or "", flush=True)
+            if a.json:
+                change = scores.get("fluency", float("nan")) - base.get("fluency", float("nan"))
+                row = {**scores, "fluency_change": change, "wall_s": secs[0], "cpu_s": secs[1],
+                       **{k: v for k, v in notes.items() if isinstance(v, int | float)}}  # fmt: skip
+                _save(a.json, a.model, name, len(facts), row)
+    if a.plot and a.json:
+        plot(a.json, a.plot)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 
 `lfm --help`, `lfm methods`, `lfm models` and `lfm datasets` read the catalogue file
 (`lfm.cli.catalogue`) and import no torch; the target is 1 s each. For scale, the same table is
-printed for `python -c "import torch"` and for `lfm tuning --help` (which imports its area). Each
+printed for `python -c "import torch"` and for `lfm tuning --help` (which imports its area);
+`lfm plan smollm2-135m` reads its methods from the catalogue too (no area imported) but imports
+torch to probe the target, so it has no 1 s target. Each
 round runs every command once, in turn, so a busy moment of a shared machine falls on all of them;
 the figure is the median wall time per command.
 """
@@ -30,6 +32,8 @@ def commands() -> dict[str, list[str]]:
         "lfm models": [lfm, "models"],
         "lfm datasets": [lfm, "datasets"],
         "lfm tuning --help (for scale)": [lfm, "tuning", "--help"],
+        # `lfm plan` places the methods from the catalogue too, but probes the target with torch
+        "lfm plan smollm2-135m (no target)": [lfm, "plan", "smollm2-135m"],
         "python -c 'import torch' (for scale)": [sys.executable, "-c", "import torch"],
     }
 
@@ -48,7 +52,11 @@ def main() -> None:
     print(f"| command | median s ({args.runs} fresh processes) | min | max | <= {TARGET_S:g} s |")
     print("|---|---|---|---|---|")
     for name, ts in times.items():
-        ok = "" if "scale" in name else ("yes" if statistics.median(ts) <= TARGET_S else "no")
+        ok = (
+            ""
+            if "scale" in name or "no target" in name
+            else ("yes" if statistics.median(ts) <= TARGET_S else "no")
+        )
         print(f"| `{name}` | {statistics.median(ts):.2f} | {min(ts):.2f} | {max(ts):.2f} | {ok} |")
 
 

@@ -9,7 +9,9 @@ object comes. A record (the packaged fact schema, `lfm.edit.facts`) gets a count
 object drawn from the relation's other objects, up to five neighbourhood prompts (other subjects
 of the relation with the same true object; none where no other subject shares it) and a `split`,
 `train` (about 40 %) or `test`, for a meta-learned editor. Everything random is drawn from one
-seeded generator, so the output is the same on every run.
+seeded generator, so the output is the same on every run. The cities of `EXTRA_CITIES`, added
+later, follow as `test` records from a second seeded generator, leaving the first records as
+they were.
 """
 
 from __future__ import annotations
@@ -310,6 +312,87 @@ CLUB_CITIES = {
 }  # fmt: skip
 
 
+# Added after the first 1,102 requests: more cities, every one a `test` request, numbered after
+# them and drawn by a second seeded generator, so that the first 1,102 lines (and the train split a
+# meta-learned editor was trained on) stay as they were. Only unambiguous names: a city whose name
+# another country's city of note shares (Córdoba, Cartagena, Valencia, Hamilton, Victoria ...) is
+# left out.
+EXTRA_CITIES = {
+    "Brazil": ["Belém", "Goiânia"],
+    "South Korea": ["Daejeon", "Ulsan", "Suwon"],
+    "Poland": ["Katowice", "Szczecin"],
+    "Turkey": ["Adana", "Gaziantep"],
+    "Egypt": ["Port Said", "Hurghada"],
+    "South Africa": ["Bloemfontein", "Stellenbosch"],
+    "Argentina": ["La Plata", "Salta", "Ushuaia"],
+    "Sweden": ["Västerås", "Helsingborg", "Kiruna"],
+    "Switzerland": ["Bern", "Lugano", "Winterthur"],
+    "Belgium": ["Leuven", "Namur", "Charleroi", "Mechelen"],
+    "Austria": ["Klagenfurt"],
+    "Greece": ["Larissa", "Volos"],
+    "Portugal": ["Aveiro", "Funchal", "Évora"],
+    "Ireland": ["Waterford", "Kilkenny"],
+    "Norway": ["Drammen", "Kristiansand"],
+    "Denmark": ["Esbjerg", "Roskilde"],
+    "Finland": ["Vantaa", "Rovaniemi"],
+    "Indonesia": ["Semarang", "Makassar", "Denpasar"],
+    "Vietnam": ["Nha Trang", "Can Tho"],
+    "Thailand": ["Khon Kaen", "Hat Yai"],
+    "Pakistan": ["Faisalabad", "Multan", "Quetta"],
+    "Nigeria": ["Port Harcourt", "Benin City", "Kaduna"],
+    "Kenya": ["Eldoret"],
+    "Morocco": ["Agadir", "Meknes"],
+    "Chile": ["Viña del Mar", "Temuco"],
+    "Colombia": ["Bucaramanga", "Pereira"],
+    "Peru": ["Chiclayo", "Iquitos", "Piura"],
+    "New Zealand": ["Rotorua", "Tauranga"],
+    "Iran": ["Yazd", "Qom"],
+    "Saudi Arabia": ["Taif"],
+    "Ukraine": ["Zaporizhzhia"],
+    "the Czech Republic": ["Olomouc", "Liberec"],
+    "Hungary": ["Győr", "Miskolc"],
+    "Israel": ["Nazareth", "Beersheba"],
+    "the Philippines": ["Cebu City", "Davao City", "Quezon City", "Baguio", "Zamboanga City"],
+    "Malaysia": ["Johor Bahru", "Ipoh", "Kota Kinabalu", "Kuching", "Shah Alam"],
+    "the United States": ["Austin", "Baltimore", "Cleveland", "Charlotte", "Sacramento", "Salt Lake City", "Honolulu", "Anchorage", "Orlando", "Tampa", "St. Louis", "Indianapolis", "Milwaukee", "Cincinnati", "Buffalo", "Memphis", "Oklahoma City", "Albuquerque", "Tucson", "Omaha", "Raleigh", "Louisville", "San Antonio", "Jacksonville", "Fort Worth", "El Paso", "Fresno", "Tulsa", "Wichita", "Boise", "Spokane", "Des Moines", "Little Rock", "Savannah", "Providence", "Hartford", "Reno", "Knoxville", "Chattanooga", "Baton Rouge", "Anaheim", "Oakland", "Fort Lauderdale", "Tallahassee", "Akron", "Dayton", "Pasadena", "Scottsdale", "Tacoma", "Boulder", "Ann Arbor", "Green Bay", "Duluth", "Fargo"],
+    "Canada": ["Regina", "Saskatoon", "Kelowna", "Moncton", "Fredericton", "Charlottetown", "Mississauga", "Brampton", "Gatineau", "Thunder Bay", "Whitehorse", "Yellowknife", "Iqaluit"],
+    "Japan": ["Kanazawa", "Okayama", "Kumamoto", "Kagoshima", "Matsuyama", "Naha", "Hakodate", "Shizuoka", "Niigata", "Hamamatsu", "Kitakyushu", "Nikko", "Takayama", "Kamakura", "Utsunomiya", "Aomori", "Akita", "Morioka"],
+    "China": ["Qingdao", "Dalian", "Xiamen", "Kunming", "Shenyang", "Lhasa", "Changsha", "Zhengzhou", "Fuzhou", "Nanning", "Guiyang", "Hefei", "Jinan", "Taiyuan", "Lanzhou", "Urumqi", "Ningbo", "Wuxi", "Guilin", "Sanya"],
+    "India": ["Kochi", "Surat", "Nagpur", "Indore", "Bhopal", "Patna", "Amritsar", "Mysore", "Chandigarh", "Coimbatore", "Thiruvananthapuram", "Visakhapatnam", "Vadodara", "Ludhiana", "Madurai", "Rajkot", "Ranchi", "Guwahati", "Dehradun", "Udaipur", "Jodhpur", "Shimla"],
+    "Australia": ["Geelong", "Townsville", "Wollongong", "Ballarat", "Toowoomba", "Bendigo", "Alice Springs", "Fremantle", "Rockhampton"],
+    "Italy": ["Perugia", "Parma", "Modena", "Bergamo", "Lecce", "Ravenna", "Cagliari", "Brescia", "Trento", "Bolzano", "Udine", "Ancona", "Pescara", "Salerno", "Messina", "Taranto", "Rimini", "Livorno", "Lucca", "Como", "Sorrento"],
+    "France": ["Le Havre", "Rouen", "Tours", "Limoges", "Clermont-Ferrand", "Angers", "Caen", "Toulon", "Metz", "Nancy", "Orléans", "Poitiers", "Perpignan", "Besançon", "Ajaccio", "Le Mans", "Amiens", "Nîmes", "Aix-en-Provence", "Biarritz", "Annecy", "Chamonix"],
+    "Germany": ["Mainz", "Augsburg", "Essen", "Kiel", "Lübeck", "Münster", "Potsdam", "Rostock", "Wiesbaden", "Karlsruhe", "Mannheim", "Bochum", "Wuppertal", "Bielefeld", "Erfurt", "Magdeburg", "Regensburg", "Würzburg", "Göttingen", "Aachen", "Braunschweig", "Chemnitz", "Saarbrücken", "Ulm", "Trier", "Jena"],
+    "Spain": ["Santander", "San Sebastián", "Murcia", "Cádiz", "Valladolid", "Oviedo", "A Coruña", "Vigo", "Almería", "Gijón", "Tarragona", "Girona", "Burgos", "Logroño", "Huelva", "Jaén", "Marbella", "Benidorm", "Badajoz", "Cáceres", "Segovia", "Ávila"],
+    "the United Kingdom": ["Brighton", "Southampton", "Leicester", "Coventry", "Swansea", "Dundee", "Inverness", "Norwich", "Exeter", "Sunderland", "Derby", "Stoke-on-Trent", "Portsmouth", "Bournemouth", "Blackpool", "Preston", "Wolverhampton", "Middlesbrough", "Kingston upon Hull", "Stirling"],
+    "Romania": ["Brașov", "Sibiu"],
+    "Croatia": ["Zadar", "Osijek"],
+    "Serbia": ["Novi Sad", "Niš", "Kragujevac"],
+    "Bulgaria": ["Plovdiv", "Varna", "Burgas"],
+    "Slovakia": ["Košice", "Žilina"],
+    "Lithuania": ["Kaunas", "Klaipėda"],
+    "Estonia": ["Tartu", "Pärnu"],
+    "Bangladesh": ["Chittagong", "Khulna", "Sylhet"],
+    "Sri Lanka": ["Kandy", "Galle", "Jaffna"],
+    "Ethiopia": ["Dire Dawa", "Gondar", "Bahir Dar"],
+    "Ghana": ["Kumasi", "Tamale"],
+    "Tanzania": ["Dar es Salaam", "Arusha", "Dodoma"],
+    "Algeria": ["Oran", "Annaba"],
+    "Tunisia": ["Sfax", "Sousse", "Kairouan"],
+    "Cuba": ["Santiago de Cuba", "Camagüey"],
+    "Venezuela": ["Maracaibo", "Barquisimeto"],
+    "Bolivia": ["Santa Cruz de la Sierra", "Cochabamba", "Sucre"],
+    "Kazakhstan": ["Almaty", "Astana", "Shymkent"],
+    "Uzbekistan": ["Samarkand", "Bukhara", "Khiva"],
+    "Iraq": ["Basra", "Mosul", "Erbil"],
+    "Syria": ["Aleppo", "Homs", "Latakia"],
+    "Jordan": ["Aqaba", "Irbid"],
+    "the United Arab Emirates": ["Al Ain"],
+    "Myanmar": ["Yangon", "Mandalay", "Naypyidaw"],
+    "Cambodia": ["Siem Reap", "Battambang"],
+}  # fmt: skip
+
+
 def _invert(table: dict[str, list[str]]) -> list[tuple[str, str]]:
     """(subject, object) pairs from {object: [subjects]}."""
     return [(s, o) for o, subjects in table.items() for s in subjects]
@@ -339,26 +422,31 @@ def _subject(phrase: str) -> str:
     return phrase.removeprefix("the ")
 
 
+def _record(relation: str, phrase: str, true: str, rows: list[tuple[str, str]],
+            rng: random.Random) -> dict:  # fmt: skip
+    """The record of one pair; `rows`, every pair of the relation, give its neighbours and the
+    objects its `new` is drawn from."""
+    templates = TEMPLATES[relation]
+    objects = sorted({o for _, o in rows})
+    others = [p for p, o in rows if o == true and p != phrase]
+    near = rng.sample(others, min(NEIGHBOURS, len(others)))
+    return {
+        "id": 0,  # numbered once shuffled
+        "relation": relation,
+        "subject": _subject(phrase),
+        "prompt": _prompt(templates[0], phrase),
+        "true": true,
+        "new": rng.choice([o for o in objects if o != true]),
+        "paraphrases": [_prompt(t, phrase) for t in templates[1:]],
+        "neighbourhood": [_prompt(templates[0], p) for p in near],
+        "generation": [_prompt("{} is", phrase)],
+    }
+
+
 def records(rng: random.Random) -> list[dict]:
     """One record per (subject, object) pair, in a seeded order, each with its split."""
-    out: list[dict] = []
-    for relation, rows in pairs().items():
-        templates = TEMPLATES[relation]
-        objects = sorted({o for _, o in rows})
-        for phrase, true in rows:
-            others = [p for p, o in rows if o == true and p != phrase]
-            near = rng.sample(others, min(NEIGHBOURS, len(others)))
-            out.append({
-                "id": 0,  # numbered once shuffled
-                "relation": relation,
-                "subject": _subject(phrase),
-                "prompt": _prompt(templates[0], phrase),
-                "true": true,
-                "new": rng.choice([o for o in objects if o != true]),
-                "paraphrases": [_prompt(t, phrase) for t in templates[1:]],
-                "neighbourhood": [_prompt(templates[0], p) for p in near],
-                "generation": [_prompt("{} is", phrase)],
-            })  # fmt: skip
+    out = [_record(relation, phrase, true, rows, rng)
+           for relation, rows in pairs().items() for phrase, true in rows]  # fmt: skip
     rng.shuffle(out)  # relations interleaved: the first facts of a split mix all eight
     for i, r in enumerate(out):
         r["id"] = i
@@ -366,9 +454,24 @@ def records(rng: random.Random) -> list[dict]:
     return out
 
 
+def extra_records(rng: random.Random, start: int) -> list[dict]:
+    """The `EXTRA_CITIES` records, all `test`, numbered from `start`; their neighbours and new
+    objects come from every city → country pair, the first ones' included."""
+    added = _invert(EXTRA_CITIES)
+    rows = _invert(CITIES) + added
+    subjects = [p for p, _ in rows]
+    assert len(set(subjects)) == len(subjects), "a city is listed twice"
+    out = [_record("city-country", phrase, true, rows, rng) for phrase, true in added]
+    rng.shuffle(out)
+    for i, r in enumerate(out, start):
+        r["id"], r["split"] = i, "test"
+    return out
+
+
 def render() -> str:
     """The file's text: one JSON object per line."""
     rows = records(random.Random(SEED))
+    rows += extra_records(random.Random(SEED + 1), len(rows))
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 

@@ -120,8 +120,11 @@ def test_lifelong_set_loads_by_name_with_its_splits_and_is_regenerated_exactly()
         load_facts(name="lifelong", split="train"),
         load_facts(name="lifelong", split="test"),
     )
-    assert len(facts) >= 1000 and len(train) + len(test) == len(facts)
-    assert 0.35 < len(train) / len(facts) < 0.45
+    assert len(test) >= 1000 and len(train) + len(test) == len(facts)  # T = 1,000 held out
+    first = [f for f in facts if f.id < 1102]  # split at random; the cities added later are test
+    assert 0.35 < sum(f.split == "train" for f in first) / len(first) < 0.45
+    assert all(f.split == "test" and f.relation == "city-country" for f in facts if f.id >= 1102)
+    assert len({(f.relation, f.subject) for f in facts}) == len(facts)  # no request twice
     for f in facts:
         assert f.subject in f.prompt and f.new != f.true and len(f.paraphrases) == 2
         assert all(f.subject in p for p in f.paraphrases)

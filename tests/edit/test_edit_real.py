@@ -71,3 +71,35 @@ def test_rome_each_key_moves_a_subject_that_opens_the_prompt():
         return float(s[0] - s[1])
 
     assert margin(mean) < 0 < margin(each)
+
+
+@pytest.mark.slow
+def test_fifty_grace_edits_in_a_row_hold_and_keep_unrelated_facts():
+    """50 sequential GRACE edits on SmolLM2 (one codebook, each edit on top of the last): the
+    edits hold and prompts of other relations keep their next token and their distribution bit
+    for bit; removing the codebook restores the model."""
+    from lfm.assets import load_model
+    from lfm.edit import grace
+    from lfm.edit.facts import load_facts
+
+    h = load_model("smollm2-135m")
+    facts = load_facts(name="lifelong", split="test")
+    edited = [f for f in facts if f.relation == "city-country"][:50]
+    others = [f.prompt for f in facts if f.relation == "country-capital"][:8]
+
+    def wins(f) -> bool:
+        s = h.score([f.prompt] * 2, [f" {f.new}", f" {f.true}"])
+        return bool(s[0] > s[1])
+
+    before = h.next_token_logprobs(others)
+    unedited = sum(map(wins, edited))  # new objects the model already prefers (9 of 50)
+    patch = None
+    for f in edited:
+        patch = grace(h, f.request, codebook=patch)
+    undo = patch.apply(h.model)
+    assert sum(map(wins, edited)) >= 48 > unedited + 20
+    after = h.next_token_logprobs(others)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+    assert torch.equal(after, before)  # outside every radius GRACE passes the layer through
+    undo.revert(h.model)
+    assert sum(map(wins, edited)) == unedited

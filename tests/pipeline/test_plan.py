@@ -305,3 +305,33 @@ def test_top_k_by_token_id_is_refused_on_an_openai_server():
         and "token strings" in entries["distill/topk_lm"].why
     )
     assert not entries["tuning/replug"].runnable and entries["tuning/replug"].why.endswith("top 5")
+
+
+def _rows(p) -> list[tuple]:
+    return [(e.key, e.area, e.branch, e.needs, e.runnable, e.why) for e in p.entries]
+
+
+@pytest.mark.parametrize("task", [None, "edit", "distill", "merge"])
+def test_the_catalogue_places_every_method_as_the_registry_does(task):
+    """`lfm plan` reads the methods from the catalogue (no method module imported); the plan is the
+    one the live registry gives, for a white-box asset and for a top-k SCORES server."""
+    from lfm.cli import catalogue
+    from lfm.pipeline.plan import listed
+
+    rows = listed(catalogue.read()["methods"])
+    top_k = Interface("http://x", "lfm server", Access.SCORES, "causal-lm", {"top_k": 5})
+    for target in ("smollm2-135m", top_k):
+        live, read = plan(target, task), plan(target, task, methods=rows)
+        assert _rows(read) == _rows(live) and live.entries
+    # the extras that decide runnability travel in the catalogue
+    by_key = {r.key: r for r in rows}
+    assert by_key["tuning/opro"].extras["models"] == ["causal-lm"]
+    assert by_key["reuse/ties"].shape.name == "kernel"
+
+
+def test_the_plan_command_imports_no_method_module():
+    from conftest import cli_run
+
+    areas = ("lfm.tuning", "lfm.distill", "lfm.reuse", "lfm.meta", "lfm.edit")
+    printed, modules = cli_run(["plan", "smollm2-135m", "--task", "edit"], areas)
+    assert modules == [] and "rome" in printed

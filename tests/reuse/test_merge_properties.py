@@ -127,8 +127,9 @@ def test_any_plan_merges_to_finite_weights_or_fails_in_one_line(folder, data):
             (work / name).symlink_to(folder / name)
         try:
             _, out, _ = merge_plan(path, work / "out", progress=False, root=work / "runs")
-        except LfmError as e:
+        except LfmError as e:  # one line, and so is every problem a plan's error lists
             assert "\n" not in str(e) and str(e)
+            assert all(line and "\n" not in line for line in getattr(e, "problems", []))
             assert not (work / "out").exists()
             return
         merged = load_file(out / "model.safetensors")

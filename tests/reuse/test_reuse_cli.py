@@ -173,14 +173,26 @@ def test_merge_writes_a_run_with_input_hashes_and_lineage(tmp_path):
     }  # fmt: skip
     assert m["parents"] == [tuned.id]
     assert m["config"]["config"]["scale"] == 1.0 and m["config"]["models"][1] == str(folders["b"])
-    # a merge that fails (shapes that do not fit) leaves a failed run and no output
+    # a plan whose shapes do not fit is refused before any run directory (or weight read)
     (tmp_path / "c").mkdir()
     save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "c" / "model.safetensors"))
     bad = _write(tmp_path / "bad.yaml", {"method": "task_arithmetic", "base": "base",
                                          "models": [str(folders["a"]), "c"]})  # fmt: skip
     res = CliRunner().invoke(app, ["merge", str(bad), "-o", str(tmp_path / "m2"), "-q",
                                    "--root", str(runs)])  # fmt: skip
-    assert "shape" in _one_line_error(res) and not (tmp_path / "m2").exists()
+    assert res.exit_code == 2 and "error:" in res.output and "shape" in res.output
+    assert not (tmp_path / "m2").exists() and list(runs.glob("*-merge-*")) == [run]
+    # a merge that fails while merging (a NaN in the weights) leaves a failed run and no output
+    (tmp_path / "d").mkdir()
+    sd = load_file(str(folders["a"] / "model.safetensors"))
+    first = next(iter(sd))
+    sd[first] = torch.full_like(sd[first], float("nan"))
+    save_file(sd, str(tmp_path / "d" / "model.safetensors"))
+    nan = _write(tmp_path / "nan.yaml", {"method": "task_arithmetic", "base": "base",
+                                         "models": [str(folders["a"]), "d"]})  # fmt: skip
+    res = CliRunner().invoke(app, ["merge", str(nan), "-o", str(tmp_path / "m2"), "-q",
+                                   "--root", str(runs)])  # fmt: skip
+    assert "NaN" in _one_line_error(res) and not (tmp_path / "m2").exists()
     (failed,) = (p for p in runs.glob("*-merge-task_arithmetic*") if p != run)
     m = json.loads((failed / "manifest.json").read_text())
     assert m["status"].startswith("failed: ") and m["outputs"] == []

@@ -46,6 +46,20 @@ def test_gives_up_after_the_retries_with_a_message():
     assert len(seen) == 3
 
 
+def test_a_server_that_does_not_answer_in_time_is_named_a_timeout_not_a_connection_error():
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow", request=request)
+
+    m = RemoteModel("http://127.0.0.1:1", transport=httpx.MockTransport(slow), retries=1,
+                    backoff=0.001, timeout=7.0)  # fmt: skip
+    with pytest.raises(LfmError, match=r"failed after 2 tries \(no answer within 7 s; .*timeout"):
+        m.score(["a"], ["b"])
+    transport, _ = _flaky([0] * 5)
+    m = RemoteModel("http://127.0.0.1:1", transport=transport, retries=1, backoff=0.001)
+    with pytest.raises(LfmError, match=r"failed after 2 tries \(connection error\)$"):
+        m.score(["a"], ["b"])
+
+
 def test_client_errors_are_not_retried():
     transport, seen = _flaky([422])
     m = RemoteModel("http://127.0.0.1:1", transport=transport, retries=3, backoff=0.001)

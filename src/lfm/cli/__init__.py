@@ -228,10 +228,12 @@ def plan(
     ] = False,
 ) -> None:
     """What can be learnt from TARGET through the interface it exposes, by area and branch."""
+    from lfm.cli import catalogue
     from lfm.pipeline import plan as make_plan
+    from lfm.pipeline.plan import listed
 
-    with err.status(f"Probing {target}..."):
-        p = make_plan(target, task, api_key, size)
+    with err.status(f"Probing {target}..."):  # the methods as listed: no method module imported
+        p = make_plan(target, task, api_key, size, listed(catalogue.read()["methods"]))
     if as_json:
         out.print_json(json.dumps(p.to_dict()))
         return
@@ -395,7 +397,8 @@ def main() -> None:
     try:
         code = _mount_areas(sys.argv[1:])(standalone_mode=False)
     except LfmError as e:
-        _error(str(e))
+        for line in getattr(e, "problems", None) or [str(e)]:
+            _error(line)
         sys.exit(2)
     except TyperException as e:  # usage errors: bad option, type, value, missing file
         show = getattr(e, "show", None)

@@ -52,9 +52,16 @@ def build() -> dict[str, Any]:
     }
 
 
-def _method(s: Any) -> dict[str, str]:
-    return {"area": s.area, "name": s.name, "branch": s.branch, "access": s.access.name,
-            "paper": s.paper, "command": s.cli}  # fmt: skip
+def _method(s: Any) -> dict[str, Any]:
+    """A method as the catalogue lists it; the shape and the extras `lfm plan` reads (`rows`,
+    `models`) too, so that `lfm plan` places the methods without importing them."""
+    out = {"area": s.area, "name": s.name, "branch": s.branch, "access": s.access.name,
+           "paper": s.paper, "command": s.cli, "shape": s.shape.name}  # fmt: skip
+    for key in ("rows", "models"):
+        if s.extras.get(key) is not None:
+            value = s.extras[key]
+            out[key] = list(value) if isinstance(value, tuple | list) else value
+    return out
 
 
 @functools.cache

@@ -24,10 +24,12 @@ err = Console(stderr=True)
 
 
 def fail(message: object) -> None:
-    """Print `error: <message>` as one line on stderr and exit with status 2."""
-    err.print(
-        f"[red]error:[/red] {' '.join(str(message).split())}", highlight=False, soft_wrap=True
-    )
+    """Print `error: <message>` as one line on stderr and exit with status 2; an error that
+    carries several `problems` (a merge plan's, all found at once) prints one line for each."""
+    for line in getattr(message, "problems", None) or [message]:
+        err.print(
+            f"[red]error:[/red] {' '.join(str(line).split())}", highlight=False, soft_wrap=True
+        )
     raise typer.Exit(2)
 
 

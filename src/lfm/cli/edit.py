@@ -91,7 +91,8 @@ def _handle(url: str | None, model: str, key: str | None) -> Any:
         return model
     from lfm.serve import RemoteModel
 
-    return RemoteModel(url, api_key=key, access="scores")
+    # IKE puts ~1,000 tokens of demonstrations before every prompt: small requests, more time
+    return RemoteModel(url, api_key=key, access="scores", chunk=4, timeout=600.0)
 
 
 @app.command("eval", placed=True)

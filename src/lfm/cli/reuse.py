@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from lfm.cli.common import Threads, group, use_threads
+from lfm.cli.common import Threads, fail, group, use_threads
 from lfm.errors import LfmError
 
 app = group(
@@ -67,17 +67,34 @@ def _member(model: str, api_key: str | None) -> object:
 @app.command()
 def merge(
     config: Path = typer.Argument(..., help="merge plan YAML (lfm format or a mergekit file)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
+    out: Path | None = typer.Option(None, "--out", "-o", help="output model folder"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
     allow_nonfinite: bool = typer.Option(
         False, "--allow-nonfinite", help="merge NaN and infinite values instead of refusing them"
     ),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="only check the plan (schema, paths, configs, tensor headers); read no weight",
+    ),
 ) -> None:
-    """Merge the models a YAML plan names and write a loadable Hugging Face folder."""
+    """Merge the models a YAML plan names and write a loadable Hugging Face folder.
+
+    The whole plan is checked before any weight is read; every problem is one `error:` line."""
+    from lfm.reuse.plan import check_plan
     from lfm.reuse.recipes import merge_plan
 
+    if check:
+        merge = check_plan(config)
+        base = f", base {merge.base}" if merge.base else ""
+        typer.echo(f"{merge.method}: the plan checks out ({len(merge.models)} models{base}); "
+                   "no weight was read")  # fmt: skip
+        return
+    if out is None:
+        fail("--out is required (or pass --check to check the plan only)")
+    assert out is not None
     keep_freed_memory()
     plan, path, run = merge_plan(
         config, out, overwrite=overwrite, progress=not quiet, root=root,

@@ -211,7 +211,7 @@ FULL_ROWS = frozenset([
 TOP_K_IDS = frozenset(["distill/topk_lm", "distill/gkd"])
 
 
-def _rows_ok(spec: registry.MethodSpec, interface: Interface) -> str:
+def _rows_ok(spec: registry.MethodSpec | Listed, interface: Interface) -> str:
     """Why the method cannot run on a top-k interface ("" when it can)."""
     if spec.key in TOP_K_IDS and interface.kind == "openai server":
         return "needs the top k by token id (an lfm server); this server sends token strings"
@@ -222,13 +222,13 @@ def _rows_ok(spec: registry.MethodSpec, interface: Interface) -> str:
     return f"needs whole next-token distributions, the target sends its top {k}"
 
 
-def model_kinds(spec: registry.MethodSpec) -> tuple[str, ...] | None:
+def model_kinds(spec: registry.MethodSpec | Listed) -> tuple[str, ...] | None:
     """The kinds of model `spec` works on (None: any)."""
     kinds = spec.extras.get("models") or MODEL_KINDS.get(spec.key)
     return tuple(kinds) if kinds else MODEL_KINDS.get(f"{spec.area}/*")
 
 
-def _model_ok(spec: registry.MethodSpec, interface: Interface) -> str:
+def _model_ok(spec: registry.MethodSpec | Listed, interface: Interface) -> str:
     """Why the method cannot use this kind of model ("" when it can, or when unknown)."""
     kinds: Sequence[str] | None = model_kinds(spec)
     if not kinds or interface.model == "unknown" or interface.model in kinds:
@@ -236,7 +236,7 @@ def _model_ok(spec: registry.MethodSpec, interface: Interface) -> str:
     return f"works on {' or '.join(kinds)} models, the target is a {interface.model}"
 
 
-def _entry(spec: registry.MethodSpec, interface: Interface, figures: dict[str, Any],
+def _entry(spec: registry.MethodSpec | Listed, interface: Interface, figures: dict[str, Any],
            size: int | None) -> Entry:  # fmt: skip
     why = ""
     if spec.access > interface.access:
@@ -246,13 +246,47 @@ def _entry(spec: registry.MethodSpec, interface: Interface, figures: dict[str, A
     return Entry(spec.key, spec.area, spec.branch, spec.access, not why, why, figures, cost)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    name: str
+
+
+@dataclass(frozen=True)
+class Listed:
+    """A method as a catalogue lists it: what `plan` reads of a `registry.MethodSpec` (its key,
+    area, branch, access, shape and the extras `rows` and `models`), without importing it."""
+
+    key: str
+    area: str
+    branch: str
+    access: Access
+    shape: _Shape
+    extras: dict[str, Any]
+
+
+def listed(methods: Sequence[dict[str, Any]]) -> list[Listed]:
+    """`Listed` methods from catalogue rows ({area, name, branch, access, shape[, rows, models]}:
+    `lfm.cli.catalogue`, which `lfm plan` reads so that it imports no method module)."""
+    return [
+        Listed(
+            f"{m['area']}/{m['name']}",
+            m["area"],
+            m["branch"],
+            Access[m["access"]],
+            _Shape(m["shape"]),
+            {k: m[k] for k in ("rows", "models") if k in m},
+        )
+        for m in methods
+    ]
+
+
 def _rank(entry: Entry) -> tuple[int, float]:
     score = entry.figures.get("score")
     return (0 if entry.runnable else 1, -float(score) if isinstance(score, int | float) else 1e9)
 
 
 def plan(target: str | Interface, task: str | None = None, api_key: str | None = None,
-         size: int | None = None) -> Plan:  # fmt: skip
+         size: int | None = None, methods: Sequence[Any] | None = None) -> Plan:  # fmt: skip
     """Place every registered method against what `target` exposes.
 
     Args:
@@ -264,6 +298,8 @@ def plan(target: str | Interface, task: str | None = None, api_key: str | None =
         api_key: the served model's key.
         size: how much work the estimate is for, in the task's unit (facts to edit, training
             steps, models to merge ...); default: the task's `size`.
+        methods: the methods to place (`registry.MethodSpec`s, or `Listed` rows of a catalogue);
+            default: every registered method (which imports every area).
     """
     if task is not None and task not in TASKS:
         hint = did_you_mean(task, TASKS) or f"; choose one of {', '.join(TASKS)}"
@@ -278,7 +314,7 @@ def plan(target: str | Interface, task: str | None = None, api_key: str | None =
 
         facts = {**interface.facts, "params": asset_params(interface.target)}
         interface = replace(interface, facts=facts)  # estimates scale by it
-    specs = registry.methods()
+    specs = list(methods) if methods is not None else registry.methods()
     if task is not None:
         t = TASKS[task]
         specs = [s for s in specs if s.area == t.area and s.shape.name in t.shapes]

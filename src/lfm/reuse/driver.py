@@ -149,8 +149,16 @@ def _source_key(reader: Reader, keys: set[str], name: str) -> str | None:
     return None
 
 
-def plan(base: Reader | None, models: Sequence[Reader], on_missing: OnMissing = "error") -> Inputs:
-    """Check every model against the template and map each output name to its source keys."""
+def plan(
+    base: Reader | None,
+    models: Sequence[Reader],
+    on_missing: OnMissing = "error",
+    found: list[str] | None = None,
+) -> Inputs:
+    """Check every model against the template and map each output name to its source keys.
+
+    `found`: a list that receives every problem, one line each, instead of the first kind of
+    problem being raised (`lfm.reuse.plan.check_plan` reports them all at once)."""
     inputs = Inputs(base, list(models))
     tmpl = inputs.template
     inputs.names = tmpl.keys()
@@ -164,17 +172,19 @@ def plan(base: Reader | None, models: Sequence[Reader], on_missing: OnMissing = 
         extra = [k for k in keys - set(inputs.names) if not (k in TIED_ALIASES and tmpl.tied)]
         problems += [f"{n} missing from model {i}" for n in missing]
         problems += [f"{n} in model {i} but not in the template" for n in sorted(extra)]
-    if problems and on_missing == "error":
+    if problems and on_missing == "error" and found is not None:
+        found += [f"tensors differ between models: {p}" for p in problems]
+    elif problems and on_missing == "error":
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         shown = "; ".join(problems[:5]) + more
         raise MissingTensorError(
             f"tensors differ between models: {shown}; pass on_missing='skip' to merge over the models that have them"
         )
-    _check_shapes(inputs)
+    _check_shapes(inputs, found)
     return inputs
 
 
-def _check_shapes(inputs: Inputs) -> None:
+def _check_shapes(inputs: Inputs, found: list[str] | None = None) -> None:
     tmpl = inputs.template
     bad: list[str] = []
     for name in inputs.names:
@@ -183,7 +193,9 @@ def _check_shapes(inputs: Inputs) -> None:
             got = inputs.models[i].shape(key) if key is not None else want
             if got != want:
                 bad.append(f"{name}: {list(want)} in the template vs {list(got)} in model {i}")
-    if bad:
+    if bad and found is not None:
+        found += [f"shapes differ: {b}" for b in bad]
+    elif bad:
         vocab = any(h in b.split(":")[0] for b in bad for h in EMBEDDING_HINTS)
         hint = " (the vocabularies differ)" if vocab else ""
         more = f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""
@@ -237,7 +249,13 @@ def merge_one(
     returns, is a `MergeError` (nothing non-finite reaches a sink).
     """
     base, tensors, idx = inputs.tensors(name)
-    template = inputs.template.get(name)
+    # the template's tensor, read once: it is the base where there is one, else model 0's
+    if inputs.base is not None and base is not None:
+        template = base
+    elif idx and idx[0] == 0:
+        template = tensors[0]
+    else:
+        template = inputs.template.get(name)
     if not template.is_floating_point():
         return template
     if not tensors:  # only the template has it: copied, but checked like any input

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from lfm.config import Config
 from lfm.core.io import atomic_path, model_files
 from lfm.reuse.driver import MergeError, OnMissing, Reader, kernel_spec, plan, run_merge
+from lfm.reuse.gguf import is_gguf, write_side_files
 
 INDEX = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
@@ -340,7 +341,7 @@ def merge_models(
         raise MergeError(f"{out} exists; choose another folder or pass overwrite=True")
     spec = kernel_spec(method)
     config = spec.resolve(cfg)
-    base_reader = SafetensorsReader(base) if base is not None else None
+    base_reader = _base_reader(base) if base is not None else None
     readers = [open_model(m, base, base_reader) for m in models]
     inputs = plan(base_reader, readers, on_missing)
     template = Path(base) if base is not None else _template_folder(models[0])
@@ -353,10 +354,20 @@ def merge_models(
             run_merge(spec, inputs, config, writer.add, weights, bar,
                       allow_nonfinite=allow_nonfinite)  # fmt: skip
             writer.close()
-        copy_side_files(template if template.is_dir() else template.parent, tmp)
+        if is_gguf(template):  # its config and tokenizer, as transformers reads them
+            write_side_files(template, tmp)
+        else:
+            copy_side_files(template if template.is_dir() else template.parent, tmp)
         record = _record(spec.name, config, base, models, weights, on_missing)
         (tmp / "lfm_merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def _base_reader(base: str | Path) -> Reader:
+    """The base model's reader: a GGUF file's, else its safetensors'."""
+    from lfm.reuse.gguf import GgufReader
+
+    return GgufReader(base) if is_gguf(base) else SafetensorsReader(base)
 
 
 def open_model(path: str | Path, base: str | Path | None, base_reader: Reader | None) -> Reader:
@@ -366,7 +377,10 @@ def open_model(path: str | Path, base: str | Path | None, base_reader: Reader | 
     mergekit's `base+adapter` string names its base itself.
     """
     from lfm.reuse import lora
+    from lfm.reuse.gguf import GgufReader
 
+    if is_gguf(path):
+        return GgufReader(path)
     plus = lora.split_plus(path)
     if plus is not None:
         return lora.LoraReader(SafetensorsReader(plus[0]), plus[1], lora.model_type(plus[0]))

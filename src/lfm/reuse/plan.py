@@ -19,20 +19,23 @@ della_linear and model_stock; see docs/reuse.md for what differs.
 Both are checked against a schema before any weight is read: every key is one the format knows
 (a misspelled key is an error naming the closest known one; a key mergekit knows that lfm cannot
 honour is an error saying so), every weight is a finite number, every model entry names a model
-that exists (a folder with safetensors weights or a PEFT adapter, a `.safetensors` file, or
-mergekit's `base+adapter`).
+that exists (a folder with safetensors weights or a PEFT adapter, a `.safetensors` or `.gguf`
+file, or mergekit's `base+adapter`). `check_plan` checks the rest before any weight is read
+(configs, tensor names, shapes and dtypes from the headers) and reports every problem at once.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from lfm.errors import LfmError
 from lfm.reuse.driver import MergeError, OnMissing
 
 MERGEKIT_METHODS = (
@@ -90,6 +93,51 @@ _SUMMED = ("task_arithmetic", "dare_linear", "breadcrumbs", "della_linear")
 _RESCALED = ("dare_ties", "dare_linear", "della", "della_linear")
 
 
+class PlanError(MergeError):
+    """Everything wrong with a merge plan, found before any weight is read: `problems` holds one
+    line per problem (the CLI prints each as an `error:` line); the message joins them with " | "
+    after their count, on one line as every `LfmError`'s."""
+
+    def __init__(self, problems: list[str]):
+        shown = problems[:MAX_SHOWN] + (
+            [f"... and {len(problems) - MAX_SHOWN} more"] if len(problems) > MAX_SHOWN else []
+        )
+        head = f"{len(problems)} problems with the merge plan: " if len(problems) > 1 else ""
+        super().__init__(head + " | ".join(shown))
+        self.problems = shown
+
+
+MAX_SHOWN = 30  # a plan against the wrong model differs in every tensor: show the first ones
+
+
+class Problems:
+    """The problems found so far, one line each, in order, without repeats.
+
+    `keep(fn, ...)` runs one check and keeps its `LfmError` as a line instead of raising it,
+    returning `default`; `strict=True` raises at the first problem instead (the plain readers
+    `from_lfm`, `from_mergekit` and `load_plan` use that when given no collector)."""
+
+    def __init__(self, strict: bool = False):
+        self.lines: list[str] = []
+        self.strict = strict
+
+    def add(self, line: str) -> None:
+        if self.strict:
+            raise MergeError(line)
+        line = " ".join(line.split())
+        if line not in self.lines:
+            self.lines.append(line)
+
+    def keep(self, fn: Callable[..., Any], *args: Any, default: Any = None, **kw: Any) -> Any:
+        try:
+            return fn(*args, **kw)
+        except LfmError as e:
+            if self.strict:
+                raise
+            self.add(str(e))
+            return default
+
+
 class MergePlan:
     """What to merge, how, and with which knobs.
 
@@ -136,8 +184,12 @@ class MergePlan:
         )  # fmt: skip
 
 
-def load_plan(path: str | Path) -> MergePlan:
-    """Read a plan from YAML in lfm's format or mergekit's, and check every model it names."""
+def load_plan(path: str | Path, found: Problems | None = None) -> MergePlan:
+    """Read a plan from YAML in lfm's format or mergekit's, and check every model it names.
+
+    `found`: a collector that keeps every problem (see `check_plan`); without one the first
+    problem is raised."""
+    found = found or Problems(strict=True)
     try:
         data = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -145,14 +197,122 @@ def load_plan(path: str | Path) -> MergePlan:
     if not isinstance(data, dict):
         raise MergeError(f"merge plan {path} must be a mapping")
     base_dir = Path(path).parent
-    plan = from_mergekit(data) if is_mergekit(data) else from_lfm(data)
+    plan = from_mergekit(data, found) if is_mergekit(data) else from_lfm(data, found)
     plan.models = [_resolve(base_dir, m) for m in plan.models]
     plan.base = _resolve(base_dir, plan.base) if plan.base else None
     for i, model in enumerate(plan.models):
-        check_model_path(model, f"model {i}")
+        found.keep(check_model_path, model, f"model {i}")
     if plan.base is not None:
-        check_model_path(plan.base, "the base model")
+        found.keep(check_model_path, plan.base, "the base model")
     return plan
+
+
+def check_plan(path: str | Path) -> MergePlan:
+    """Read a plan and check all of it before one weight is read: its schema; the method, its
+    parameters and the weights; every model path; every model's `config.json` against the
+    template's; and every tensor's name, shape and dtype, read from the safetensors headers.
+    Every problem found is one line of the `PlanError` raised, all at once."""
+    from lfm.reuse.driver import check_weights, kernel_spec
+
+    found = Problems()
+    merge = load_plan(path, found)
+    spec = found.keep(kernel_spec, merge.method)
+    if spec is not None:  # unknown parameter names are reported by the schema check already
+        fields = spec.config.model_fields
+        config = found.keep(
+            spec.resolve, {k: v for k, v in merge.parameters.items() if k in fields}
+        )
+        if config is not None:
+            found.keep(check_weights, spec, config, merge.weights)
+        if spec.extras.get("needs_base", True) and merge.base is None:
+            found.add(f"{spec.name} needs a base model: give base (mergekit: base_model)")
+    if not merge.models:
+        if not found.lines:
+            found.add("the merge plan names no model")
+    else:
+        _check_headers(merge, found)
+    if found.lines:
+        raise PlanError(found.lines)
+    return merge
+
+
+# config.json fields that must agree between the models of one merge
+CONFIG_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "intermediate_size", "vocab_size")  # fmt: skip
+
+
+def _check_headers(merge: MergePlan, found: Problems) -> None:
+    """Configs, tensor names, shapes and dtypes of every model that can be opened; the tensor
+    checks run once every model opens (their messages number the models as the plan does)."""
+    from lfm.reuse.driver import plan as map_inputs
+    from lfm.reuse.engine import _base_reader, _template_folder, open_model
+
+    readable = Problems()
+    entries = [(f"model {i}", m) for i, m in enumerate(merge.models)]
+    entries += [("the base model", merge.base)] if merge.base is not None else []
+    for what, m in entries:
+        readable.keep(check_model_path, m, what)
+    if readable.lines:  # load_plan has reported these; nothing more can be read
+        return
+    template = Path(merge.base) if merge.base is not None else _template_folder(merge.models[0])
+    _check_configs(template, [_template_folder(m) for m in merge.models], found)
+    base = found.keep(_base_reader, merge.base) if merge.base is not None else None
+    readers = [found.keep(open_model, m, merge.base, base) for m in merge.models]
+    if any(r is None for r in readers) or (merge.base is not None and base is None):
+        return
+    lines: list[str] = []
+    inputs = found.keep(map_inputs, base, readers, merge.on_missing, lines)
+    for line in lines:
+        found.add(line)
+    if inputs is None:
+        return
+    tmpl = inputs.template
+    for name in inputs.names:
+        want = found.keep(tmpl.dtype, name)
+        for i, (reader, key) in enumerate(zip(inputs.models, inputs.sources[name], strict=True)):
+            got = found.keep(reader.dtype, key) if key is not None else None
+            if (
+                want is not None
+                and got is not None
+                and want.is_floating_point > got.is_floating_point
+            ):
+                found.add(f"model {i} stores {name} as {got}, where the template stores floats "
+                          f"({want}): an integer tensor cannot be merged into a floating one")  # fmt: skip
+
+
+def _config(folder: Path) -> dict[str, Any] | None:
+    from lfm.reuse.gguf import gguf_config, is_gguf
+
+    if is_gguf(folder):  # the config transformers reads from the file; a file that cannot be
+        try:  # read is reported once, when its reader opens
+            return dict(gguf_config(folder).to_dict())
+        except MergeError:
+            return None
+    cfg = folder / "config.json" if folder.is_dir() else folder.with_name("config.json")
+    if not cfg.is_file():
+        return None
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{cfg}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{cfg}: not a JSON object")
+    text = data.get("text_config")
+    return {**data, **text} if isinstance(text, dict) else data
+
+
+def _check_configs(template: Path, models: list[Path], found: Problems) -> None:
+    """Each model's `config.json` agrees with the template's on `CONFIG_FIELDS` (where both
+    have a config and the field)."""
+    want = found.keep(_config, template)
+    for i, folder in enumerate(models):
+        got = found.keep(_config, folder)
+        if want is None or got is None or folder.resolve() == template.resolve():
+            continue
+        for key in CONFIG_FIELDS:
+            if key in want and key in got and want[key] != got[key]:
+                found.add(f"model {i} ({folder}): config.json has {key} {got[key]!r}, the "
+                          f"template ({template}) {want[key]!r}")  # fmt: skip
 
 
 def is_mergekit(data: Mapping[str, Any]) -> bool:
@@ -172,7 +332,8 @@ def _resolve(root: Path, p: str) -> str:
 
 def check_model_path(path: str, what: str) -> None:
     """A one-line `MergeError` unless `path` names a model the engine reads: a folder with
-    safetensors weights (or a PEFT adapter), a `.safetensors` file, or `base+adapter`."""
+    safetensors weights (or a PEFT adapter), a `.safetensors` or `.gguf` file, or
+    `base+adapter`."""
     from lfm.reuse.lora import is_adapter, split_plus
 
     plus = split_plus(path)
@@ -181,9 +342,10 @@ def check_model_path(path: str, what: str) -> None:
         raise MergeError(
             f"{what}: no such file or folder {p} (relative paths are read from the plan's folder)"
         )
-    if p.is_file() and p.suffix != ".safetensors":
+    if p.is_file() and p.suffix.lower() not in (".safetensors", ".gguf"):
         raise MergeError(
-            f"{what}: {p} is a file, not a model; give a model folder or a .safetensors file"
+            f"{what}: {p} is a file, not a model; give a model folder, a .safetensors or a .gguf "
+            "file"
         )
     if p.is_dir() and not (any(p.glob("*.safetensors")) or is_adapter(p)):
         raise MergeError(
@@ -239,35 +401,48 @@ def _model_list(value: Any, where: str) -> list[Any]:
     return value
 
 
-def from_lfm(data: dict[str, Any]) -> MergePlan:
-    """A plan in lfm's format."""
-    check_keys("the merge plan", data, LFM_KEYS)
+def from_lfm(data: dict[str, Any], found: Problems | None = None) -> MergePlan:
+    """A plan in lfm's format (`found`: keep every problem instead of raising the first)."""
+    found = found or Problems(strict=True)
+    found.keep(check_keys, "the merge plan", data, LFM_KEYS)
     if "method" not in data or "models" not in data:
         raise MergeError("a merge plan needs method and models")
     method = data["method"]
     if not isinstance(method, str):
-        raise MergeError(f"method must be the name of a merge method, not {method!r}")
+        found.add(f"method must be the name of a merge method, not {method!r}")
     models: list[str] = []
     weights: list[float] = []
-    for i, m in enumerate(_model_list(data["models"], "models")):
+    for i, m in enumerate(found.keep(_model_list, data["models"], "models", default=[])):
         entry = m if isinstance(m, dict) else {"path": m}
-        check_keys(f"model {i} of the merge plan", entry, LFM_MODEL_KEYS)
+        found.keep(check_keys, f"model {i} of the merge plan", entry, LFM_MODEL_KEYS)
         if "path" not in entry:
-            raise MergeError(f"model {i} of the merge plan has no path")
-        models.append(_path(entry["path"], f"the path of model {i}"))
-        weights.append(_number(entry.get("weight", 1.0), f"the weight of model {i}"))
-    params = _mapping(data.get("parameters"), "parameters")
-    _check_fields(method, params)
+            found.add(f"model {i} of the merge plan has no path")
+            continue
+        path = found.keep(_path, entry["path"], f"the path of model {i}")
+        weight = found.keep(_number, entry.get("weight", 1.0), f"the weight of model {i}",
+                            default=1.0)  # fmt: skip
+        if path is not None:
+            models.append(path)
+            weights.append(weight)
+    params = found.keep(_mapping, data.get("parameters"), "parameters", default={})
+    if isinstance(method, str):
+        found.keep(_check_fields, method, params)
     on_missing = data.get("on_missing", "error")
     if on_missing not in ("error", "skip"):
-        raise MergeError(f"on_missing must be error or skip, not {on_missing!r}")
+        found.add(f"on_missing must be error or skip, not {on_missing!r}")
+        on_missing = "error"
     size = data.get("max_shard_size", "2GB")
     from lfm.reuse.engine import parse_size
 
-    if isinstance(size, bool) or not isinstance(size, int | str) or parse_size(size) <= 0:
-        raise MergeError(f"max_shard_size must be a size like 2GB or 500MB, not {size!r}")
-    base = _path(data["base"], "base") if data.get("base") is not None else None
-    return MergePlan(method=method, base=base, models=models, weights=weights,
+    if isinstance(size, bool) or not isinstance(size, int | str) or not found.keep(
+        lambda: parse_size(size) > 0, default=True
+    ):  # fmt: skip
+        found.add(f"max_shard_size must be a size like 2GB or 500MB, not {size!r}")
+        size = "2GB"
+    base = None
+    if data.get("base") is not None:
+        base = found.keep(_path, data["base"], "base")
+    return MergePlan(method=str(method), base=base, models=models, weights=weights,
                      parameters=dict(params), max_shard_size=size, on_missing=on_missing)  # fmt: skip
 
 
@@ -283,12 +458,14 @@ def _check_fields(method: str, params: Mapping[str, Any]) -> None:
 # mergekit files.
 
 
-def from_mergekit(data: dict[str, Any]) -> MergePlan:
-    """Translate a mergekit YAML file (the `models:` form, one value per parameter)."""
-    check_keys("the mergekit file", data, MERGEKIT_KEYS)
+def from_mergekit(data: dict[str, Any], found: Problems | None = None) -> MergePlan:
+    """Translate a mergekit YAML file (the `models:` form, one value per parameter); `found`:
+    keep every problem instead of raising the first."""
+    found = found or Problems(strict=True)
+    found.keep(check_keys, "the mergekit file", data, MERGEKIT_KEYS)
     for key, why in MERGEKIT_UNSUPPORTED.items():
         if data.get(key) is not None:
-            raise MergeError(f"mergekit key {key!r} is not supported ({why})")
+            found.add(f"mergekit key {key!r} is not supported ({why})")
     if "merge_method" not in data:
         raise MergeError("a mergekit file needs merge_method")
     method = data["merge_method"]
@@ -296,10 +473,11 @@ def from_mergekit(data: dict[str, Any]) -> MergePlan:
         raise MergeError(
             f"mergekit method {method!r} is not supported; use one of {', '.join(MERGEKIT_METHODS)}"
         )
-    entries = [
-        _mergekit_entry(i, m) for i, m in enumerate(_model_list(data.get("models"), "models"))
-    ]
-    base = _path(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    listed = found.keep(_model_list, data.get("models"), "models", default=[])
+    entries = [e for i, m in enumerate(listed) if (e := found.keep(_mergekit_entry, i, m))]
+    base = None
+    if data.get("base_model") is not None:
+        base = found.keep(_path, data["base_model"], "base_model")
     if method == "slerp":  # base_model is the t = 0 end, whether models lists it or not
         if base is None:
             raise MergeError("mergekit's slerp needs base_model (the t = 0 end)")
@@ -307,26 +485,34 @@ def from_mergekit(data: dict[str, Any]) -> MergePlan:
         base = None
     if method not in ("linear", "slerp") and base is not None:
         entries = [m for m in entries if m["model"] != base]  # mergekit may list the base too
-    if not entries:
-        raise MergeError("the mergekit file lists no model besides the base model")
-    shared = _mapping(data.get("parameters"), "parameters")
-    _check_mergekit_parameters(method, shared)
+    if not entries:  # nothing to merge: what else the file says cannot be checked against it
+        if listed:
+            found.add("the mergekit file lists no model besides the base model")
+        return MergePlan(method=method, base=base, models=[], weights=[], parameters={})
+    shared = found.keep(_mapping, data.get("parameters"), "parameters", default={})
+    found.keep(_check_mergekit_parameters, method, shared)
     for m in entries:
-        _check_mergekit_parameters(method, m["parameters"], per_model=True)
+        found.keep(_check_mergekit_parameters, method, m["parameters"], per_model=True)
     weights = [
-        _number(
-            m["parameters"].get("weight", shared.get("weight", 1.0)), f"the weight of {m['model']}"
+        found.keep(
+            _number,
+            m["parameters"].get("weight", shared.get("weight", 1.0)),
+            f"the weight of {m['model']}",
+            default=1.0,
         )
         for m in entries
     ]
-    params, normalize = _translate(method, _agreed(entries, shared))
+    params, normalize = found.keep(
+        lambda: _translate(method, _agreed(entries, shared)), default=({}, False)
+    )
     if normalize:  # Σ w_i τ_i / Σ w_i: the same as weights divided by their sum
         total = math.fsum(weights)
         if abs(total) < 1e-8:
-            raise MergeError(
+            found.add(
                 f"normalize: true divides by the sum of the weights, and {weights} sums to zero"
             )
-        weights = [w / total for w in weights]
+        else:
+            weights = [w / total for w in weights]
     return MergePlan(method=method, base=base, models=[m["model"] for m in entries],
                      weights=weights, parameters=params)  # fmt: skip
 

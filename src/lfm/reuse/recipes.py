@@ -36,7 +36,7 @@ from lfm.errors import LfmError
 from lfm.reuse.contract import ENSEMBLE
 from lfm.reuse.ensemble import LabelWords, mixture_weights
 from lfm.reuse.moe import MoePlan, Upcycled, plan_folders, upcycle_folder
-from lfm.reuse.plan import MergePlan, load_plan
+from lfm.reuse.plan import MergePlan, check_plan
 from lfm.reuse.rebasin import (
     RebasinConfig,
     align_pair,
@@ -73,16 +73,14 @@ def merge_plan(
     Returns:
         The plan as read, the output folder and the run directory.
     """
-    from lfm.reuse.driver import check_weights, kernel_spec
+    from lfm.reuse.driver import kernel_spec
     from lfm.reuse.lora import split_plus
 
-    merge = load_plan(plan)  # the plan's schema and every model path, before any weight is read
+    # the whole plan — schema, method, parameters, paths, configs, tensor headers — before the
+    # run and before any weight is read; every problem at once
+    merge = check_plan(plan)
     spec = kernel_spec(merge.method)
-    config = spec.resolve(merge.parameters)  # a bad method or parameter: before the run
-    check_weights(spec, config, merge.weights)
-    if spec.extras.get("needs_base", True) and merge.base is None:
-        raise LfmError(f"{spec.name} needs a base model: give base (mergekit: base_model)")
-    cfg = config.to_dict()
+    cfg = spec.resolve(merge.parameters).to_dict()
     options = {"plan": str(plan), "method": spec.name, "base": merge.base, "models": merge.models,
                "weights": merge.weights, "config": cfg, "max_shard_size": merge.max_shard_size,
                "on_missing": merge.on_missing, "allow_nonfinite": allow_nonfinite,

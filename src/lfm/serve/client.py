@@ -110,20 +110,25 @@ class RemoteModel:
             self.budget.charge()
             with self._gate:
                 res = self._try(path, body)
-            if res is not None and res.status_code not in RETRY_STATUS:
+            if isinstance(res, httpx.Response) and res.status_code not in RETRY_STATUS:
                 return self._read(res)
             if attempt < self.retries:
                 time.sleep(self.backoff * 2**attempt)
-        why = f"HTTP {res.status_code}" if res is not None else "connection error"
+        why = f"HTTP {res.status_code}" if isinstance(res, httpx.Response) else res
         raise LfmError(f"{self.url}{path} failed after {self.retries + 1} tries ({why})")
 
-    def _try(self, path: str, body: dict[str, Any] | None) -> httpx.Response | None:
+    def _try(self, path: str, body: dict[str, Any] | None) -> httpx.Response | str:
+        """The response, or why there is none (a connection error, or a timeout)."""
         with self._lock:
             self.calls += 1
         try:
             return self._http.get(path) if body is None else self._http.post(path, json=body)
+        except httpx.TimeoutException:
+            limit = self._http.timeout.read
+            return (f"no answer within {limit:g} s; a slow server or long prompts need a larger "
+                    "timeout, or fewer texts per request (chunk)")  # fmt: skip
         except httpx.TransportError:
-            return None
+            return "connection error"
 
     def _read(self, res: httpx.Response) -> dict[str, Any]:
         if res.status_code >= 400:
