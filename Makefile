@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPT ?= The Eiffel Tower is located in the city of
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install demo test test-fast lint format bench mutate clean
 
 install: $(STAMP)
 
@@ -47,5 +47,12 @@ format: install
 bench: install
 	for f in bench/*.py; do $(BIN)/python $$f || exit 1; done
 
+# Mutation testing of one area's method code against its fast tests (not part of `make test`):
+# `make mutate AREA=reuse`; the files and tests of each area are listed in tools/mutate.py.
+mutate:
+	@test -n "$(AREA)" || { echo "usage: make mutate AREA=<area> (the areas are listed in tools/mutate.py)"; exit 2; }
+	@$(MAKE) --no-print-directory install
+	$(BIN)/python tools/mutate.py $(AREA) $(MUTATE_ARGS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

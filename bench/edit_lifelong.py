@@ -248,7 +248,7 @@ def plot(path: str, out: str) -> None:
     data = json.loads(Path(path).read_text())
     panels = [("efficacy", "efficacy (%)"), ("paraphrase", "paraphrase (%)"),
               ("neighbourhood", "neighbourhood (%)"), ("fluency_change", "fluency − unedited (bits)"),
-              ("wall_s", "seconds per edit"), ("added_mib", "memory added (MiB)")]  # fmt: skip
+              ("cpu_s", "CPU seconds per edit"), ("added_mib", "memory added (MiB)")]  # fmt: skip
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for model, methods in data.items():
         for method, rows in sorted(methods.items()):

@@ -16,8 +16,8 @@ from lfm.cli.common import Threads, finite, group, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
-    "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE, UltraEdit, WISE and IKE patches and "
-    "their evaluation."
+    "Model editing: ROME, MEMIT, AlphaEdit, FT-L, GRACE, UltraEdit, WISE, MEND and IKE patches "
+    "and their evaluation."
 )
 Root = typer.Option(Path("runs"), "--root", help="where run directories are created")
 Model = Annotated[str, typer.Option("--model", help="model asset name (`lfm models`) or folder")]
@@ -38,7 +38,10 @@ def _reporting() -> Any:
 def apply_(
     model: Model = "smollm2-135m",
     method: str = typer.Option(
-        "rome", "--method", "-m", help="rome, memit, alphaedit, ultraedit, ft_l, grace, wise or ike"
+        "rome",
+        "--method",
+        "-m",
+        help="rome, memit, alphaedit, ultraedit, ft_l, grace, wise, mend or ike",
     ),
     prompt: str = typer.Option(None, "--prompt", help="prompt ending where the target comes"),
     subject: str = typer.Option(None, "--subject", help="the subject, as it occurs in the prompt"),
@@ -53,6 +56,12 @@ def apply_(
         False, "--sequential", help="one edit at a time, each on the weights the last left"
     ),
     config: Config = None,
+    editor: Path = typer.Option(
+        None,
+        "--editor",
+        file_okay=False,
+        help="with -m mend: the trained editor's folder (`lfm edit train-mend`)",
+    ),
     on: list[Path] = typer.Option(
         None,
         "--on",
@@ -76,12 +85,55 @@ def apply_(
 
     use_threads(threads)
     reqs = () if facts else requests_file or recipes.requests_from(prompt, subject, target)
+    cfg: Any = config
+    if editor is not None:
+        cfg = _with_editor(method, config, editor)
     with _reporting():
         done = recipes.apply(
-            model, method, reqs, out, config=config, on=on or [], state=state, root=root,
+            model, method, reqs, out, config=cfg, on=on or [], state=state, root=root,
             facts=facts, sequential=sequential,
         )  # fmt: skip
     typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
+    typer.echo(f"run: {done.run}")
+
+
+def _with_editor(method: str, config: Path | None, editor: Path) -> Any:
+    """MEND's config (the file given, else the defaults) with `editor` set to the folder."""
+    from lfm import registry
+    from lfm.edit.mend import MendConfig
+
+    name = registry.get(method, area="edit").name
+    if name != "mend":
+        raise LfmError(f"--editor is MEND's trained editor; {name} takes none (use -m mend)")
+    base = MendConfig.load(config) if config is not None else MendConfig()
+    return base.replace(editor=str(editor))
+
+
+@app.command("train-mend", placed="train")
+def train_mend(
+    model: Model = "smollm2-135m",
+    facts: str = typer.Option(
+        "lifelong", "--facts",
+        help="lifelong (its train split), facts, or a JSON-lines facts file with paraphrases "
+        "and neighbourhood prompts",
+    ),
+    steps: int = typer.Option(1000, "--steps", min=1, help="meta-training steps"),
+    config: Config = None,
+    out: Path = typer.Option(..., "--out", "-o", help="folder for the trained editor"),
+    root: Path = Root,
+    threads: Threads = 2,
+) -> None:  # fmt: skip
+    """Meta-train a MEND editor on a fact set, for `lfm edit apply -m mend --editor DIR`."""
+    from lfm.edit import recipes
+
+    use_threads(threads)
+    with _reporting():
+        done = recipes.train_mend(model, facts, out, steps=steps, config=config, root=root)
+    first, last = done.first, done.last
+    typer.echo(
+        f"mend: {done.steps} steps on {done.facts} facts; edit NLL {first['edit']:.3f} -> "
+        f"{last['edit']:.3f}, locality KL {first['loc']:.4f} -> {last['loc']:.4f} -> {done.path}"
+    )
     typer.echo(f"run: {done.run}")
 
 

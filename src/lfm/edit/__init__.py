@@ -11,6 +11,7 @@ from lfm.edit.ftl import FTLConfig, ft_l
 from lfm.edit.grace import CodebookPatch, GraceConfig, grace
 from lfm.edit.memit import AlphaEditConfig, MemitConfig, alphaedit, memit
 from lfm.edit.memory import IkeConfig, MemoryEditor, MemoryPatch, ike
+from lfm.edit.mend import MendConfig, MendEditor, mend, train_mend
 from lfm.edit.patch import Delta, Patch, Undo
 from lfm.edit.requests import Request, read_requests
 from lfm.edit.rome import RomeConfig, rome
@@ -31,6 +32,8 @@ __all__ = [
     "MemitConfig",
     "MemoryEditor",
     "MemoryPatch",
+    "MendConfig",
+    "MendEditor",
     "Patch",
     "Request",
     "RomeConfig",
@@ -46,8 +49,10 @@ __all__ = [
     "grace",
     "ike",
     "memit",
+    "mend",
     "read_requests",
     "rome",
+    "train_mend",
     "ultraedit",
     "ultraedit_step",
     "wise",

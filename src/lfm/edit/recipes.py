@@ -8,14 +8,16 @@ edited model folder and restore it, trace where a fact is recalled.
     report = recipes.evaluate("smollm2-135m", done.path)
     scores = recipes.evaluate_facts("smollm2-135m", "facts.jsonl", done.path)  # efficacy ... Score
     scores = recipes.evaluate_ike("smollm2-135m", "facts.jsonl")  # the same, IKE in context
+    trained = recipes.train_mend("smollm2-135m", "lifelong", "mend-editor", steps=1000)
 
 `model` is an asset name or a folder (loaded here), or a `LocalModel` already in memory. A weight
 patch is a safetensors file (`Patch`), so are a GRACE codebook (`CodebookPatch`) and a WISE
 side memory (`WiseMemory`), each with its own format tag, a memory patch a JSON file
 (`MemoryPatch`); `load_patch` reads any of them. Every error a user can cause is an `LfmError`.
 
-`apply`, `patch_apply`, `patch_revert` and `trace` write a run directory under `root`
-(`<root>/<stamp>-edit-<method>/`, `...-patch-apply/`, `...-patch-revert/`, `...-edit-trace/`): its
+`apply`, `patch_apply`, `patch_revert`, `trace` and `train_mend` write a run directory under
+`root` (`<root>/<stamp>-edit-<method>/`, `...-patch-apply/`, `...-patch-revert/`,
+`...-edit-trace/`, `...-edit-train-mend/`): its
 manifest holds the options as plain data, the SHA-256 of every file or folder read (the model's,
 the requests, the config, earlier patches, the state; a patch or folder inside another run
 directory names that run as a parent) and where the output was written; it is marked `done` once
@@ -205,7 +207,8 @@ def apply(
                "sequential": sequential}  # fmt: skip
     files = {"model": _source(model), "requests": file, "facts": facts,
              "config": config if isinstance(config, str | Path) else None,
-             **{f"on{i}": p for i, p in enumerate(on)}, "state": state}  # fmt: skip
+             **{f"on{i}": p for i, p in enumerate(on)}, "state": state,
+             "editor": getattr(cfg, "editor", None)}  # fmt: skip
     with Run(f"edit-{spec.name}", options, inputs=on_disk(files), root=root) as run:
         earlier, grown = _continued(spec, on)
         handle = load_handle(model)
@@ -503,3 +506,81 @@ def trace(
         _wrote(run, png, data)
     cells = ((v, layer, i) for layer, row in enumerate(t.effect) for i, v in enumerate(row))
     return Traced(t, png, data, max(cells, key=lambda x: x[0]), run.path)
+
+
+@dataclass(frozen=True)
+class TrainedEditor:
+    """What `train_mend` wrote."""
+
+    path: Path  # the editor's folder
+    steps: int
+    facts: int  # training facts
+    first: dict[str, float]  # mean loss parts ("edit", "loc", "loss") over the first tenth
+    last: dict[str, float]  # the same over the last tenth
+    run: Path  # the run directory
+
+
+def mend_facts(facts: str | Path) -> list[Fact]:
+    """The training facts of `train_mend`: a packaged set by name (`lifelong`: its train split;
+    `facts`: all 316), else a facts file (`lfm.edit.facts.read_facts`)."""
+    from lfm.edit.facts import PACKAGED, load_facts
+
+    if str(facts) == "lifelong":
+        return load_facts(name="lifelong", split="train")
+    if str(facts) in PACKAGED and not Path(facts).exists():
+        return load_facts(name=str(facts))
+    return read_facts(facts)
+
+
+def train_mend(
+    model: Any,
+    facts: str | Path,
+    out: str | Path,
+    *,
+    steps: int = 1000,
+    config: ConfigLike = None,
+    root: str | Path = "runs",
+) -> TrainedEditor:
+    """Meta-train a MEND editor (`lfm.edit.mend.train_mend`) on `facts` and save it in the folder
+    `out` (`editor.safetensors` and `editor.json`), for `apply(..., "mend", config={"editor":
+    out})`.
+
+    Args:
+        model: an asset name or folder, or a `LocalModel`.
+        facts: `lifelong` (the lifelong set's train split), `facts`, or a facts file: each fact's
+            prompt and paraphrases are the equivalent inputs, its neighbourhood prompts the
+            unrelated ones.
+        out: the editor's folder.
+        steps: meta-training steps.
+        config: MEND's config (a YAML/JSON file, a mapping or a `MendConfig`; None: defaults).
+        root: where the run directory is created (`<root>/<stamp>-edit-train-mend/`); its
+            manifest records the loss parts per step (`curves.png`).
+    """
+    from lfm.edit.mend import train_mend as meta_train
+
+    if steps < 1:
+        raise LfmError(f"--steps must be at least 1, not {steps}")
+    data = mend_facts(facts)  # a bad file fails before a model loads
+    cfg = _config(registry.get("mend", area="edit"), config)
+    file = None if str(facts) in ("lifelong", "facts") and not Path(facts).exists() else facts
+    options = {"model": _name(model), "facts": str(facts), "steps": steps,
+               "config": cfg.to_dict(), "out": str(out)}  # fmt: skip
+    files = {"model": _source(model), "facts": file,
+             "config": config if isinstance(config, str | Path) else None}  # fmt: skip
+    with Run("edit-train-mend", options, inputs=on_disk(files), root=root) as run:
+        handle = load_handle(model)
+        progress.say(f"meta-training MEND on {len(data)} facts, {steps} steps")
+        editor, hist = meta_train(handle, data, cfg, steps)
+        for name in ("edit", "loc", "alpha"):
+            run.history(f"{name}", [h[name] for h in hist])
+        k = max(1, steps // 10)
+        first, last = (
+            {n: sum(h[n] for h in part) / len(part) for n in ("edit", "loc", "loss")}
+            for part in (hist[:k], hist[-k:])
+        )
+        run.log(first=first, last=last, alpha=editor.alpha.tolist())
+        progress.say(f"writing the editor -> {out}")
+        path = editor.save(out, config=cfg.to_dict(), steps=steps, facts=str(facts),
+                           model=_name(model))  # fmt: skip
+        _wrote(run, path)
+    return TrainedEditor(Path(path), steps, len(data), first, last, run.path)

@@ -120,7 +120,8 @@ def _below(x: float, dtype: torch.dtype) -> float:
 
 
 def tensor_seed(seed: int, name: str, index: int) -> int:
-    """A deterministic 63-bit seed for one tensor of one model (independent of the order of keys)."""
+    """A deterministic 63-bit seed for one tensor of one model (independent of the order of keys):
+    the first 8 bytes of SHA-256("seed:name:index"), little-endian, shifted right by one bit."""
     digest = hashlib.sha256(f"{seed}:{name}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 

@@ -1,0 +1,215 @@
+"""MEND: the gradient's rank-one factors, an editor network that starts as a gradient step,
+meta-training that beats it on held-out edits, low-rank patches, files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lfm import registry
+from lfm.cli.edit import app
+from lfm.edit import MendConfig, MendEditor, Patch, common, mend, train_mend
+from lfm.edit.facts import Fact
+from lfm.edit.mend import evaluate_editor, features, mlp_matrices, nll, tokens
+from lfm.errors import LfmError
+
+REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
+OBJECTS = ["Rome", "Paris", "Berlin", "Tokyo", "Kyoto"]
+UNRELATED = [
+    "Tokyo is a large city in Japan",
+    "Paris is the capital of France",
+    "Berlin is the capital of Germany",
+    "Kyoto is an old city",
+    "The Colosseum is located in the city of Rome",
+]
+SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vu", "ne", "qi", "bor", "tel", "an"]
+# the tiny problem's meta-training: α_ℓ starts at 0.1 (the tiny model's gradients are large
+# against its weights), Adam at 1e-3 on the networks and the steps
+TINY = MendConfig(rank=8, lr_init=0.1, lr=1e-3, alpha_lr=1e-3, seed=0)
+
+
+def _facts(n: int) -> list[Fact]:
+    """Made-up subjects, each with a paraphrase; unrelated sentences as their x_loc."""
+    rng, out = random.Random(0), []
+    for i in range(n):
+        s = "".join(rng.sample(SYLLABLES, 2)).capitalize()
+        out.append(Fact(i, "r", s, f"The city of the {s}", "?", rng.choice(OBJECTS),
+                        (f"The old city of the {s}",), tuple(rng.sample(UNRELATED, 2))))  # fmt: skip
+    return out
+
+
+def _sharp(kind: str = "llama", seed: int = 0):
+    """The smoke model with its (tied) embeddings ×25: a random model whose logits span enough
+    for an edit to win (at std 0.02 every next token is near uniform and no edit moves it)."""
+    lm = common.smoke_model(kind, seed)
+    with torch.no_grad():
+        lm.model.get_input_embeddings().weight.mul_(25)
+    return lm
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_gradient_is_the_sum_of_the_rank_one_factors(kind):
+    lm = common.smoke_model(kind, 0)
+    model, tok = lm.model, lm.tokenizer
+    modules = mlp_matrices(model)
+    feats = features(model, tok, REQ, modules)
+    weights = [model.get_submodule(m).weight for m in modules]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = torch.autograd.grad(nll(model, tokens(tok, REQ.prompt, REQ.target)), weights)
+    for m, g in zip(modules, grads, strict=True):
+        u, d = feats[m]
+        conv1d = kind == "gpt2"  # Conv1D stores (in, out)
+        want = g.T if conv1d else g
+        assert torch.allclose(d.T @ u, want, atol=1e-6, rtol=1e-4), m
+
+
+def test_mlp_matrices_are_the_last_three_blocks_or_the_given_ones():
+    h = common.smoke_model()
+    names = ["gate_proj", "up_proj", "down_proj"]
+    assert mlp_matrices(h.model) == [f"model.layers.{b}.mlp.{n}" for b in (0, 1) for n in names]
+    assert mlp_matrices(h.model, (-1,)) == [f"model.layers.1.mlp.{n}" for n in names]
+    with pytest.raises(LfmError, match="out of range"):
+        mlp_matrices(h.model, (5,))
+
+
+def test_untrained_editor_is_one_gradient_step():
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, MendConfig(lr_init=0.3))
+    patch = mend(lm, REQ, editor=editor)
+    modules = editor.modules_
+    weights = [lm.model.get_submodule(m).weight for m in modules]
+    for w in weights:
+        w.requires_grad_(True)
+    loss = nll(lm.model, tokens(lm.tokenizer, REQ.prompt, REQ.target))
+    grads = torch.autograd.grad(loss, weights)
+    assert patch.modules == modules
+    for d, g in zip(patch.deltas, grads, strict=True):
+        assert torch.allclose(d.matrix(), -0.3 * g, atol=1e-7, rtol=1e-4), d.module
+    tokens_n = tokens(lm.tokenizer, REQ.prompt, REQ.target).ids.shape[1]
+    assert patch.deltas[0].u.shape == (64, tokens_n)  # rank n: one term per token
+
+
+def test_meta_training_beats_the_identity_editor_on_held_out_edits():
+    lm = _sharp()
+    facts = _facts(50)
+    train, held_out = facts[:40], facts[40:]
+    editor, hist = train_mend(lm, train, TINY, steps=100)
+    assert len(hist) == 100 and not editor.training
+    trained = evaluate_editor(lm, held_out, editor, TINY.c_edit)
+    # the untrained editor: one gradient step, at its initial α and at larger ones
+    for alpha in (0.1, 1.0, 3.0, 10.0):
+        fresh = MendEditor.for_model(lm.model, TINY.replace(lr_init=alpha))
+        ft = evaluate_editor(lm, held_out, fresh, TINY.c_edit)
+        assert trained["loss"] < ft["loss"], (alpha, trained, ft)
+        if alpha == 0.1:  # the start of training: the edit is learnt, the locality kept
+            assert trained["edit"] < ft["edit"] - 5.0, (trained, ft)
+            assert trained["loc"] < ft["loc"] + 0.05, (trained, ft)
+
+
+def test_patch_applies_and_reverts_bit_for_bit_and_saved_editor_edits_alike(tmp_path):
+    lm = _sharp()
+    editor, _ = train_mend(lm, _facts(6), TINY, steps=5)
+    weights = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    before = lm.score([REQ.prompt], [" Rome"])
+    patch = mend(
+        lm, [REQ, common.Request("The old city of Kyoto", "Kyoto", "Berlin")], editor=editor
+    )
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+    undo = patch.apply(lm.model)
+    assert not torch.equal(lm.score([REQ.prompt], [" Rome"]), before)
+    undo.revert(lm.model)
+    assert all(torch.equal(weights[k], v) for k, v in lm.model.state_dict().items())
+    # the saved patch and the saved editor give the same edit
+    again = Patch.load(patch.save(tmp_path / "p.safetensors"))
+    assert all(
+        torch.equal(a.matrix(), b.matrix()) for a, b in zip(patch.deltas, again.deltas, strict=True)
+    )
+    editor.save(tmp_path / "ed", note="x")
+    assert json.loads((tmp_path / "ed" / "editor.json").read_text())["note"] == "x"
+    loaded = mend(lm, [REQ, common.Request("The old city of Kyoto", "Kyoto", "Berlin")],
+                  MendConfig(editor=str(tmp_path / "ed")))  # fmt: skip
+    assert all(
+        torch.equal(a.matrix(), b.matrix())
+        for a, b in zip(patch.deltas, loaded.deltas, strict=True)
+    )
+
+
+def test_without_an_editor_is_one_line_and_a_wrong_folder_or_model_is_refused(tmp_path):
+    lm = common.smoke_model()
+    with pytest.raises(LfmError, match="train one first"):
+        registry.run("edit", "mend", lm, REQ)
+    with pytest.raises(LfmError, match="is not a MEND editor"):
+        mend(lm, REQ, MendConfig(editor=str(tmp_path)))
+    other = common.smoke_model("gpt2")
+    editor = MendEditor.for_model(lm.model, MendConfig())
+    with pytest.raises(LfmError, match="which this model lacks"):
+        mend(other, REQ, editor=editor)
+    with pytest.raises(LfmError, match="two or more training edits"):
+        train_mend(lm, [REQ], TINY, steps=1)
+    _, hist = train_mend(lm, _facts(3), TINY, steps=50, max_seconds=0)
+    assert len(hist) == 1  # the time limit stops after the first step
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    h = _sharp()
+    h.model.save_pretrained(path)
+    h.tokenizer.save_pretrained(path)
+    return path
+
+
+def _one_line_error(res, text: str) -> bool:
+    lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith("[lfm] ")]
+    return (
+        res.exit_code == 2
+        and len(lines) == 1
+        and lines[0].startswith("error:")
+        and text in lines[0]
+    )
+
+
+def test_cli_train_mend_then_apply(folder, tmp_path):
+    facts = tmp_path / "facts.jsonl"
+    rows = [{"prompt": f.prompt, "subject": f.subject, "target": f.new, "true": "Paris",
+             "paraphrases": list(f.paraphrases), "neighbourhood": list(f.neighbourhood)}
+            for f in _facts(8)]  # fmt: skip
+    facts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tmp_path / "mend.yaml"
+    cfg.write_text("rank: 8\nlr_init: 0.1\nlr: 0.001\nalpha_lr: 0.001\n")
+    root = ["--root", str(tmp_path / "runs")]
+    ed = tmp_path / "editor"
+    res = CliRunner().invoke(app, ["train-mend", "--model", str(folder), "--facts", str(facts),
+                                   "--steps", "4", "--config", str(cfg), "--out", str(ed), *root])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("mend: 4 steps on 8 facts; edit NLL ")
+    (run,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "done" and len(manifest["history"]["edit"]["value"]) == 4
+    assert str(ed) in manifest["outputs"] and MendEditor.load(ed).rank == 8
+    out = tmp_path / "p.safetensors"
+    args = ["apply", "--model", str(folder), "-m", "mend", "--prompt", REQ.prompt, "--subject",
+            REQ.subject, "--target", REQ.target, "--editor", str(ed), "-o", str(out), *root]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("mend: 1 edit(s) on model.layers.0.mlp.gate_proj")
+    patch = Patch.load(out)
+    assert patch.method == "mend" and patch.config["editor"] == str(ed)
+    lm = _sharp()
+    want = mend(lm, REQ, editor=MendEditor.load(ed))
+    assert all(
+        torch.equal(a.matrix(), b.matrix()) for a, b in zip(want.deltas, patch.deltas, strict=True)
+    )
+    # bad input: one line, exit status 2
+    no_editor = [a for a in args if a not in ("--editor", str(ed))]
+    assert _one_line_error(CliRunner().invoke(app, no_editor), "train one first")
+    rome = [*args[:4], "rome", *args[5:]]
+    assert _one_line_error(CliRunner().invoke(app, rome), "--editor is MEND's trained editor")
+    res = CliRunner().invoke(app, ["train-mend", "--model", str(folder), "--facts",
+                                   str(tmp_path / "none.jsonl"), "--out", str(ed), *root])  # fmt: skip
+    assert _one_line_error(res, "cannot read facts from")

@@ -1,0 +1,193 @@
+"""Mutation testing of one area's method code with mutmut: `make mutate AREA=reuse`.
+
+    python tools/mutate.py reuse               # mutate the area's method files, run its fast tests
+    python tools/mutate.py reuse --fresh       # forget earlier results first (a full, timed run)
+    python tools/mutate.py reuse --survivors   # re-test only the survivors of the last run
+    python tools/mutate.py reuse --workers 1   # one test process at a time (default 2)
+    python tools/mutate.py reuse --tests tests/reuse/test_reuse_kernels.py   # other tests
+
+The files each area mutates and the tests run against them are listed in `AREAS` below, the one
+place they are kept. mutmut reads its settings from a `pyproject.toml`, so each area gets a work
+folder `mutants/<area>/` (ignored by git) with links to `src/` and `tests/` and a copy of the
+project's `pyproject.toml` with a generated `[tool.mutmut]` table; mutmut writes its mutated copy
+of the sources and its results under `mutants/<area>/mutants/`. Results are kept between runs:
+a mutant whose function did not change is not tested again (`--fresh` starts over).
+
+At the end the script prints killed / survived / timeouts / other, the score (killed / total) and
+the wall time, and writes the surviving mutants to `mutants/<area>/survivors.txt`
+(`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). Survivors that no
+test should kill, because they change nothing the method promises, are listed with a reason in
+`tests/mutation_equivalents.md`. Another test selection (`--tests`) makes mutmut test every
+mutant again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin/ (mutmut is installed with the dev extra)
+
+
+@dataclass(frozen=True)
+class Area:
+    """What `make mutate AREA=...` mutates (the method code) and the tests it runs against it."""
+
+    files: tuple[str, ...]  # paths under src/ whose functions are mutated
+    tests: tuple[str, ...]  # pytest paths (the fast tests only: `slow` ones are deselected)
+    note: str = ""  # what is left out, and why
+    pytest_args: tuple[str, ...] = field(default=())  # extra pytest options for this area
+
+
+AREAS: dict[str, Area] = {
+    "reuse": Area(
+        files=(
+            "src/lfm/reuse/kernels.py",  # the per-tensor merge maths
+            "src/lfm/reuse/methods.py",  # the registered merge methods over those kernels
+            "src/lfm/reuse/topk.py",  # TIES's model-wide magnitude threshold
+        ),
+        tests=(
+            "tests/reuse/test_reuse_kernels.py",  # hand computations of every kernel
+            "tests/reuse/test_reuse_fast_paths.py",  # the fast paths equal the plain forms
+            "tests/reuse/test_reuse_newer.py",  # Breadcrumbs, DELLA and the spectral merges
+            "tests/reuse/test_reuse_engine.py",  # the streamed merge equals the in-memory one
+            "tests/reuse/test_reuse_mutants.py",  # what earlier runs found untested
+        ),
+        note=(
+            "driver, engine and writer (I/O), plan, recipes and the CLI glue are not mutated; the "
+            "tests of fusion, MoE, LoRA, ensembles, re-basin and the CLI are not run (they train "
+            "or load models, and test other code), nor test_merge_properties.py (its Hypothesis "
+            "search shrinks every failure: minutes per mutant)"
+        ),
+    ),
+    "meta": Area(
+        files=(
+            "src/lfm/meta/functional.py",
+            "src/lfm/meta/maml.py",
+            "src/lfm/meta/protonets.py",
+            "src/lfm/meta/reptile.py",
+        ),
+        tests=(
+            "tests/meta/test_meta_functional.py",  # meta-gradients against closed forms
+            "tests/meta/test_meta_unroll.py",  # against a hand-written autograd unroll
+            "tests/meta/test_meta_reptile_protonets.py",  # Reptile and ProtoNets by hand
+            "tests/meta/test_meta_training.py",  # every learner runs and meta-training helps
+        ),
+        note=(
+            "task samplers, data folders, the training loop (train.py, with query_objective) and "
+            "the CLI glue are not mutated; the few-shot, data-free and own-data tests are not run "
+            "(minutes of training each)"
+        ),
+    ),
+}
+
+
+def mutmut_table(area: Area) -> str:
+    """The `[tool.mutmut]` table of one area (TOML)."""
+    pytest_args = ["-m", "not slow", "-p", "no:cacheprovider", *area.pytest_args]
+    lines = [
+        "[tool.mutmut]",
+        'source_paths = ["src"]',
+        f"only_mutate = {json.dumps(list(area.files))}",
+        f"pytest_add_cli_args = {json.dumps(pytest_args)}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(list(area.tests))}",
+        # mutmut's choice for torch: fork the workers from a server that has not run pytest
+        'process_isolation = "forkserver"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def prepare(name: str, area: Area, fresh: bool) -> Path:
+    """The area's work folder: links to src/ and tests/, and pyproject.toml with its mutmut table."""
+    work = ROOT / "mutants" / name
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for part in ("src", "tests"):
+        link = work / part
+        if not link.is_symlink():
+            link.symlink_to(Path("..") / ".." / part)
+    project = (ROOT / "pyproject.toml").read_text()
+    if "[tool.mutmut]" in project:
+        sys.exit("pyproject.toml has a [tool.mutmut] table: tools/mutate.py writes that per area")
+    text = project.rstrip("\n") + "\n\n" + mutmut_table(area)
+    target = work / "pyproject.toml"
+    if not target.exists() or target.read_text() != text:
+        target.write_text(text)
+    return work
+
+
+def results(work: Path, area: Area) -> dict[str, list[str]]:
+    """Mutant names by status, from mutmut's per-file result files."""
+    from mutmut.stats import status_by_exit_code
+
+    by_status: dict[str, list[str]] = {}
+    for f in area.files:
+        meta = work / "mutants" / (f + ".meta")
+        if not meta.exists():
+            continue
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        for key, code in codes.items():
+            by_status.setdefault(status_by_exit_code[code], []).append(key)
+    return by_status
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("area", nargs="?", help=f"one of {', '.join(AREAS)}")
+    parser.add_argument("--workers", type=int, default=2, help="test processes at once (1-2 here)")
+    parser.add_argument("--fresh", action="store_true", help="forget earlier results first")
+    parser.add_argument("--survivors", action="store_true", help="re-test the last survivors only")
+    parser.add_argument("--tests", nargs="+", help="run these test paths instead of the area's")
+    args = parser.parse_args()
+    if args.area not in AREAS:
+        why = f" ({args.area!r} has no set-up in tools/mutate.py yet)" if args.area else ""
+        sys.exit(f"usage: make mutate AREA=<{'|'.join(AREAS)}>{why}")
+    area = AREAS[args.area]
+    if args.tests:
+        area = replace(area, tests=tuple(args.tests))
+    work = prepare(args.area, area, args.fresh)
+    names: list[str] = []
+    if args.survivors:
+        listed = work / "survivors.txt"
+        names = listed.read_text().split() if listed.exists() else []
+        if not names:
+            sys.exit(f"no survivors listed in {listed}: run without --survivors first")
+    env = dict(os.environ, LFM_TEST_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    print(f"mutating {', '.join(area.files)} against {' '.join(area.tests)} (not slow)")
+    if area.note:
+        print(f"left out: {area.note}")
+    start = time.monotonic()
+    cmd = [str(BIN / "mutmut"), "run", "--max-children", str(args.workers), *names]
+    code = subprocess.run(cmd, cwd=work, env=env).returncode
+    wall = time.monotonic() - start
+    if code != 0:
+        sys.exit(f"mutmut exited with {code} after {wall:.0f} s")
+    by_status = results(work, area)
+    total = sum(len(v) for v in by_status.values())
+    killed = len(by_status.get("killed", []))
+    survived = sorted(by_status.get("survived", []))
+    timeouts = len(by_status.get("timeout", []))
+    other = total - killed - len(survived) - timeouts
+    (work / "survivors.txt").write_text("".join(f"{s}\n" for s in survived))
+    score = 100 * killed / total if total else 0.0
+    print(
+        f"{args.area}: {total} mutants, {killed} killed, {len(survived)} survived, "
+        f"{timeouts} timeouts, {other} other ({score:.1f} % killed) in {wall:.0f} s"
+    )
+    for status, keys in sorted(by_status.items()):
+        if status not in ("killed", "survived", "timeout"):
+            print(f"  {status}: {', '.join(sorted(keys))}")
+    print(f"survivors ({len(survived)}) listed in {work.relative_to(ROOT)}/survivors.txt")
+
+
+if __name__ == "__main__":
+    main()
