@@ -33,7 +33,7 @@ def commands() -> dict[str, list[str]]:
         "lfm datasets": [lfm, "datasets"],
         "lfm tuning --help (for scale)": [lfm, "tuning", "--help"],
         # `lfm plan` places the methods from the catalogue too, but probes the target with torch
-        "lfm plan smollm2-135m (no target)": [lfm, "plan", "smollm2-135m"],
+        "lfm plan smollm2-135m (imports torch; no 1 s target)": [lfm, "plan", "smollm2-135m"],
         "python -c 'import torch' (for scale)": [sys.executable, "-c", "import torch"],
     }
 
