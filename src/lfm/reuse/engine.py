@@ -365,9 +365,9 @@ def merge_models(
 
 def _base_reader(base: str | Path) -> Reader:
     """The base model's reader: a GGUF file's, else its safetensors'."""
-    from lfm.reuse.gguf import GgufReader
+    from lfm.reuse.gguf import open_gguf
 
-    return GgufReader(base) if is_gguf(base) else SafetensorsReader(base)
+    return open_gguf(base) if is_gguf(base) else SafetensorsReader(base)
 
 
 def open_model(path: str | Path, base: str | Path | None, base_reader: Reader | None) -> Reader:
@@ -377,10 +377,10 @@ def open_model(path: str | Path, base: str | Path | None, base_reader: Reader | 
     mergekit's `base+adapter` string names its base itself.
     """
     from lfm.reuse import lora
-    from lfm.reuse.gguf import GgufReader
+    from lfm.reuse.gguf import open_gguf
 
     if is_gguf(path):
-        return GgufReader(path)
+        return open_gguf(path)
     plus = lora.split_plus(path)
     if plus is not None:
         return lora.LoraReader(SafetensorsReader(plus[0]), plus[1], lora.model_type(plus[0]))

@@ -36,9 +36,32 @@ def _fail(path: Path, e: Exception) -> MergeError:
     return MergeError(f"cannot read {path} as a GGUF model ({type(e).__name__}: {e})")
 
 
-@functools.cache
-def gguf_config(path: Path) -> Any:
-    """The transformers config of a GGUF file (as `AutoConfig.from_pretrained(..., gguf_file=)`)."""
+def _stamp(path: str | Path) -> tuple[Path, int, int]:
+    """The file with its modification time and size: a cache key that a rewrite changes."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return p, st.st_mtime_ns, st.st_size
+
+
+def gguf_config(path: str | Path) -> Any:
+    """The transformers config of a GGUF file (as `AutoConfig.from_pretrained(..., gguf_file=)`),
+    read once per version of the file (parsing its metadata takes seconds)."""
+    return _config(*_stamp(path))
+
+
+def open_gguf(path: str | Path) -> GgufReader:
+    """A `GgufReader` for the file, opened once per version of it: checking a merge plan and
+    merging it read the same metadata and build the same name map."""
+    return _reader(*_stamp(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _reader(path: Path, _mtime: int, _size: int) -> GgufReader:
+    return GgufReader(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _config(path: Path, _mtime: int, _size: int) -> Any:
     from transformers import AutoConfig
 
     try:

@@ -434,9 +434,9 @@ def from_lfm(data: dict[str, Any], found: Problems | None = None) -> MergePlan:
     size = data.get("max_shard_size", "2GB")
     from lfm.reuse.engine import parse_size
 
-    if isinstance(size, bool) or not isinstance(size, int | str) or not found.keep(
-        lambda: parse_size(size) > 0, default=True
-    ):  # fmt: skip
+    wrong_type = isinstance(size, bool) or not isinstance(size, int | str)
+    # an unreadable size is parse_size's own line (and reads as 1 here, not a second line)
+    if wrong_type or found.keep(parse_size, size, default=1) <= 0:
         found.add(f"max_shard_size must be a size like 2GB or 500MB, not {size!r}")
         size = "2GB"
     base = None
