@@ -75,7 +75,10 @@ def _args() -> argparse.Namespace:
         "--plot", default=None, help="draw each metric against T from --json into this PNG"
     )
     p.add_argument("--threads", type=int, default=2)
-    return p.parse_args()
+    a = p.parse_args()
+    if a.plot and not a.json:
+        p.error("--plot draws from the rows of --json FILE; give both")
+    return a
 
 
 class _Clock:
