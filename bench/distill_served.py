@@ -18,7 +18,11 @@ RSS) is its own:
 - `gkd20`: `distill/gkd` (λ = 0.5, β = `--beta`, 0: forward KL) against the same server;
 - `gkd20_warm`: the first half of the steps as `served20`, the second half `gkd20` (GKD from a
   student that already writes text, as the paper starts from a supervised one); not in the
-  default list.
+  default list;
+- `fitnets`, `fitnets_served`: FitNets' hint (`distill/fitnets`, weight `--hint-weight`) from the
+  teacher block the student's middle block was copied from, + the LM loss (weight 2), the
+  teacher's hidden states from the local model narrowed to HIDDEN, or from
+  `lfm serve --access hidden` in another process (token ids over HTTP); not in the default list.
 
 Prints held-out perplexity (BBC test blocks), time, peak RSS and, for the served runs, the HTTP
 calls; and the ratio of each perplexity to `full`'s.
@@ -54,6 +58,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--beta", type=float, default=0.0, help="GKD's β (0: forward KL)")
+    p.add_argument("--hint-weight", type=float, default=1e-3, help="fitnets: the hint's weight")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one variant, print JSON
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -84,7 +89,7 @@ def _one(a) -> dict:
     t_cfg = TrainConfig(steps=a.steps, lr=a.lr, seed=a.seed, progress=False)
     start, info = time.perf_counter(), {}
     teacher = None
-    if a.one in ("full", "topk5"):
+    if a.one in ("full", "topk5", "fitnets"):
         teacher = load_model(a.model, kind="causal-lm")
     if a.one in ("lm_only", "full"):
         cfg = LMStudentConfig(temperature=1.0, batch_size=a.batch_size, block_size=a.block_size,
@@ -92,6 +97,24 @@ def _one(a) -> dict:
         batches = shuffled_batches(train_blocks, batch_size=a.batch_size, seed=a.seed)
         model = teacher.model if teacher is not None else None
         train(student.model, make_loss_fn(model, cfg), batches, t_cfg)
+    elif a.one.startswith("fitnets"):
+        from lfm.core.layouts import num_layers
+        from lfm.distill import distill
+        from lfm.distill.lm import kept_blocks
+
+        middle = num_layers(student.model) // 2
+        pair = (f"model.layers.{middle}", f"model.layers.{kept_blocks(30, a.every)[middle]}")
+        if a.one == "fitnets":
+            handle = narrow(teacher, "hidden")
+        else:
+            from lfm.serve import RemoteModel
+
+            handle = RemoteModel(a.url, access="hidden")
+        batches = shuffled_batches(train_blocks, batch_size=a.batch_size, seed=a.seed)
+        distill(handle, student.model, batches, [("fitnets", a.hint_weight, None, *pair)],
+                train_cfg=t_cfg, label_weight=2.0)  # fmt: skip
+        if a.one == "fitnets_served":
+            info = {"http_calls": handle.calls}
     elif a.one == "topk5":
         run("distill/topk_lm", narrow(teacher, "scores"), student.model, train_blocks,
             cfg={"k": 5, "batch_size": a.batch_size}, train_cfg=t_cfg)  # fmt: skip
@@ -129,7 +152,7 @@ def _common(a) -> list[str]:
     return ["--model", a.model, "--every", str(a.every), "--steps", str(a.steps), "--block-size",
             str(a.block_size), "--batch-size", str(a.batch_size), "--lr", str(a.lr),
             "--eval-blocks", str(a.eval_blocks), "--seed", str(a.seed), "--threads",
-            str(a.threads), "--beta", str(a.beta)]  # fmt: skip
+            str(a.threads), "--beta", str(a.beta), "--hint-weight", str(a.hint_weight)]  # fmt: skip
 
 
 def _prepare(a, work: Path) -> None:
@@ -147,7 +170,7 @@ def _prepare(a, work: Path) -> None:
     del teacher, student
 
 
-def _serve(a, work: Path) -> tuple[subprocess.Popen, str]:
+def _serve(a, work: Path, access: str = "scores") -> tuple[subprocess.Popen, str]:
     from lfm.serve.thread import free_port
 
     port = free_port()
@@ -155,7 +178,8 @@ def _serve(a, work: Path) -> tuple[subprocess.Popen, str]:
     with open(work / "serve.log", "w") as log:  # the child keeps its own copy of the handle
         proc = subprocess.Popen(
             [sys.executable, "-c", "import lfm.cli; lfm.cli.main()", "serve", "--model", a.model,
-             "--access", "scores", "--top-k", "20", "--port", str(port)],
+             "--access", access, *(["--top-k", "20"] if access == "scores" else []),
+             "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -192,7 +216,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _prepare(a, work)
-        rows, server, url = [], None, None
+        rows, server, url, hidden, hidden_url = [], None, None, None, None
         if "cache20" in wanted:
             t0 = time.perf_counter()
             cmd = [sys.executable, "-c", "import lfm.cli; lfm.cli.main()", "distill", "cache",
@@ -206,13 +230,17 @@ def main() -> None:
         try:
             if {"served20", "gkd20", "gkd20_warm"} & set(wanted):
                 server, url = _serve(a, work)
+            if "fitnets_served" in wanted:
+                hidden, hidden_url = _serve(a, work, "hidden")
             for name in wanted:
-                rows.append(_run_variant(a, work, name, url))
+                there = hidden_url if name == "fitnets_served" else url
+                rows.append(_run_variant(a, work, name, there))
                 print(json.dumps(rows[-1]), flush=True)
         finally:
-            if server is not None:
-                server.terminate()
-                server.wait()
+            for proc in (server, hidden):
+                if proc is not None:
+                    proc.terminate()
+                    proc.wait()
     full = next((r["student_ppl"] for r in rows if r["variant"] == "full"), None)
     teacher = next((r["teacher_ppl"] for r in rows if "teacher_ppl" in r), None)
     print(f"\nSmolLM2-135M -> every {a.every}, {a.steps} steps x {a.batch_size} x {a.block_size} "

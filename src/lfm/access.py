@@ -135,7 +135,9 @@ class EmbeddingsModel(ScoresModel, Protocol):
 
 @runtime_checkable
 class HiddenModel(EmbeddingsModel, Protocol):
-    def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]: ...
+    def hidden(  # texts, or token rows (B, T)
+        self, texts: Sequence[str] | torch.Tensor, modules: Sequence[str]
+    ) -> dict[str, torch.Tensor]: ...
 
 
 @runtime_checkable
@@ -341,12 +343,24 @@ class LocalModel:
         return [name for name, _ in self.model.named_modules() if name]
 
     @torch.no_grad()
-    def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Outputs (B, T, D) of the named modules on right-padded texts."""
-        enc = self._batch(texts, side="right")
+    def hidden(
+        self, texts: Sequence[str] | Sequence[Sequence[int]] | torch.Tensor, modules: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Outputs (B, T, D) of the named modules on right-padded texts, or on token rows (a
+        (B, T) tensor, or lists of ids, padded on the right when their lengths differ)."""
+        enc = self._batch(texts, side="right") if _texts(texts) else self._rows(texts)
         with capture(self.model, modules) as acts:
             self.model(**enc)
         return {k: v.cpu() for k, v in acts.items()}
+
+    def _rows(self, rows: Sequence[Sequence[int]] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Token rows as ids and mask (B, T), right-padded with the pad token."""
+        rows = rows.tolist() if isinstance(rows, torch.Tensor) else [list(r) for r in rows]
+        width = max((len(r) for r in rows), default=0)
+        pad = int(self.tokenizer.pad_token_id or 0)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
 class LocalClassifier:
@@ -480,7 +494,9 @@ class HiddenHandle(EmbeddingsHandle):
     def module_names(self) -> list[str]:
         return list(self._b().module_names())
 
-    def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]:
+    def hidden(
+        self, texts: Sequence[str] | torch.Tensor, modules: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self._b().hidden(texts, modules).items()}
 
 
@@ -570,6 +586,11 @@ def narrow(handle: Any, level: Access | str) -> Any:
         kinds = ", ".join(lv.name for lv in table)
         raise AccessError(f"a {type(backend).__name__} narrows only to {kinds}, not {level.name}")
     return table[level](backend, name=handle.name)
+
+
+def _texts(items: Any) -> bool:
+    """Whether `items` are texts rather than token rows."""
+    return not isinstance(items, torch.Tensor) and (not items or isinstance(items[0], str))
 
 
 def _chunks(items: Sequence[Any], size: int) -> list[Sequence[Any]]:

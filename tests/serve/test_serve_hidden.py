@@ -57,3 +57,26 @@ def test_unknown_modules_and_lower_levels_are_refused(served):
     low_app = build_app(Backend(lm, "embeddings"), ServeSettings(api_key="k"))
     with running(low_app) as low, pytest.raises(LfmError, match="needs HIDDEN access"):
         RemoteModel(low, api_key="k", access="hidden").hidden(["x"], ["model.norm"])
+
+
+def test_token_rows_give_the_local_states_and_bad_rows_are_refused(served):
+    lm, url = served
+    local, remote = narrow(lm, "hidden"), RemoteModel(url, api_key="k", access="hidden")
+    rows = torch.tensor([lm.encode(CORPUS[0])[:7], lm.encode(CORPUS[1])[:7]])
+    modules = ["model.layers.0", "model.norm"]
+    here, there = local.hidden(rows, modules), remote.hidden(rows, modules)
+    for m in modules:
+        assert there[m].shape == (2, 7, here[m].shape[-1])
+        torch.testing.assert_close(there[m], here[m], rtol=1e-5, atol=1e-5)
+    # rows of unequal length: each one's states are those of the row alone
+    short = remote.hidden([rows[0, :3].tolist(), rows[1].tolist()], modules)
+    alone = local.hidden(rows[:1, :3], modules)
+    torch.testing.assert_close(short["model.norm"][0, :3], alone["model.norm"][0], atol=1e-5,
+                               rtol=1e-5)  # fmt: skip
+    assert not short["model.norm"][0, 3:].any()
+    vocab = remote.info()["lfm_vocab_size"]
+    with pytest.raises(LfmError, match=f"token id {vocab} is outside the vocabulary of {vocab}"):
+        remote.hidden([[1, vocab]], modules)
+    small = build_app(Backend(lm, "hidden"), ServeSettings(api_key="k", max_items=2))
+    with running(small) as u, pytest.raises(LfmError, match="3 token rows exceed the limit of 2"):
+        RemoteModel(u, api_key="k", access="hidden", chunk=3).hidden([[1, 2]] * 3, modules)

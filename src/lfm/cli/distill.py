@@ -106,10 +106,22 @@ def lm(
     top_k: int = typer.Option(
         20, min=1, help="topk_lm, gkd: log-probabilities per token the teacher sends"
     ),
+    hint_weight: float = typer.Option(
+        1e-3,
+        min=0.0,
+        callback=finite,
+        help="fitnets: weight of the hint term (the default suits SmolLM2's large hidden states)",
+    ),
+    hint: str | None = typer.Option(
+        None, help="fitnets: the teacher's module (default: the block the middle one came from)"
+    ),
+    guided: str | None = typer.Option(
+        None, help="fitnets: the student's module (default: its middle block)"
+    ),
     teacher_url: str | None = typer.Option(
         None,
         help="topk_lm, gkd: a served teacher (lfm serve --access scores [--top-k K]); "
-        "MODEL is then what the student is cut from",
+        "fitnets: one served at --access hidden; MODEL is then what the student is cut from",
     ),
     api_key: str | None = typer.Option(None, help="--teacher-url: its key"),
     teacher_cache: Path | None = typer.Option(
@@ -119,7 +131,7 @@ def lm(
     ),
     student: str | None = typer.Option(
         None,
-        help="topk_lm, gkd: train this causal LM (name or folder) instead of a "
+        help="topk_lm, gkd, fitnets: train this causal LM (name or folder) instead of a "
         "layer-dropped MODEL (with a served or cached teacher, MODEL is then never loaded); "
         "uld: the model of another tokenizer the student is cut from (one block in EVERY)",
     ),
@@ -135,7 +147,9 @@ def lm(
         method, model=model, data=data, eval_data=eval_data, every=every, kd_weight=kd_weight,
         lm_weight=lm_weight, temperature=temperature, steps=steps, block_size=block_size,
         batch_size=batch_size, lr=lr, eval_blocks=eval_blocks, seed=seed, ckpt_every=ckpt_every,
-        top_k=top_k, teacher=_served(teacher_url, api_key), teacher_cache=teacher_cache,
+        top_k=top_k, hint_weight=hint_weight, hint=hint, guided=guided,
+        teacher=_served(teacher_url, api_key, "hidden" if method == "fitnets" else "scores"),
+        teacher_cache=teacher_cache,
         student=student, root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
     if out is None:  # not the main process of a launched run
@@ -145,15 +159,15 @@ def lm(
     typer.echo(f"{out.run}: perplexity {teacher}student ({method}) {m['student_ppl']:.2f}")
 
 
-def _served(url: str | None, key: str | None) -> object:
-    """A SCORES handle on a served teacher, or None."""
+def _served(url: str | None, key: str | None, access: str = "scores") -> object:
+    """A handle at `access` on a served teacher, or None."""
     if not url:
         if key:
             raise typer.BadParameter("--api-key needs --teacher-url")
         return None
     from lfm.serve import RemoteModel
 
-    return RemoteModel(url, api_key=key, access="scores")
+    return RemoteModel(url, api_key=key, access=access)
 
 
 @app.command()

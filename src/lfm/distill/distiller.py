@@ -15,6 +15,11 @@ handle), and is never reached past that interface. Every loss's access level is 
 the teacher before training, so a feature loss on a SCORES handle is refused. Student features
 keep their gradients; the teacher runs without them. A loss registered with a `projector` (FitNets'
 regressor) gets one per term, shaped from one probe batch and trained with the student.
+
+The student may be a causal LM and the batches token rows (B, T): the logits are then the LM's
+(B, T, V), the teacher's features come from `hidden(rows, modules)` (a local handle, or a server
+at HIDDEN answering token ids), and `label_weight` weighs the LM loss (each position's next
+token). So FitNets' hint between two transformer blocks runs as it does between two CNN layers.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from torch import nn
 from lfm.access import Access, access_of, module_of
 from lfm.config import Config
 from lfm.core.hooks import capture, frozen
-from lfm.core.train import History, TrainConfig, train
+from lfm.core.train import History, TrainConfig, lm_loss, train
 from lfm.errors import AccessError, ConfigError
 from lfm.registry import MethodSpec, get
 from lfm.runs import Run
@@ -68,6 +73,21 @@ def check_access(teacher: Any, terms: Sequence[Term]) -> None:
         term.spec.check(teacher)
         if term.teacher and access_of(teacher) < Access.HIDDEN:
             raise AccessError(f"{term.spec.key} on module {term.teacher!r} needs HIDDEN access")
+    white = access_of(teacher) >= Access.WEIGHTS
+    if not white and _reads_logits(terms) and not callable(getattr(teacher, "scores", None)):
+        raise AccessError(
+            f"{type(teacher).__name__} gives no class scores for a logit loss; a language "
+            "model's teacher sends top-k log-probabilities: use distill/topk_lm"
+        )
+
+
+def _reads_logits(terms: Sequence[Term]) -> bool:
+    return any(not t.teacher for t in terms)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    """A module's logits: the tensor itself, or a transformers output's `.logits`."""
+    return out.logits if hasattr(out, "logits") else out
 
 
 class Student(nn.Module):
@@ -81,20 +101,23 @@ class Student(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with capture(self.student, self.modules_, detach=False) as acts:
-            logits = self.student(x)
+            logits = _logits(self.student(x))
         return logits, dict(acts)
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: Any, x: torch.Tensor, modules: Sequence[str]) -> tuple[Any, dict]:
-    """Teacher log-probabilities and features at `modules`: one pass when it holds weights,
-    else through the handle's `scores` and `hidden`."""
+def teacher_outputs(
+    teacher: Any, x: torch.Tensor, modules: Sequence[str], logits: bool = True
+) -> tuple[Any, dict]:
+    """Teacher log-probabilities (when `logits`) and features at `modules`: one pass when it
+    holds weights, else through the handle's `scores` and `hidden`."""
     if access_of(teacher) >= Access.WEIGHTS:
         model = module_of(teacher)
         with capture(model, modules) as acts:
-            logits = model(x).float().log_softmax(-1)
-        return logits, dict(acts)
-    return teacher.scores(x), (teacher.hidden(x, modules) if modules else {})
+            out = _logits(model(x)).float().log_softmax(-1)
+        return out, dict(acts)
+    scores = teacher.scores(x) if logits else None
+    return scores, (teacher.hidden(x, modules) if modules else {})
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -113,7 +136,8 @@ def add_projectors(model: Student, teacher: Any, terms: Sequence[Term], x: torch
     wanted = [(i, t) for i, t in enumerate(terms) if t.spec.extras.get("projector")]
     if not wanted:
         return
-    t_logits, t_feats = teacher_outputs(teacher, x, [t.teacher for _, t in wanted if t.teacher])
+    modules = [t.teacher for _, t in wanted if t.teacher]
+    t_logits, t_feats = teacher_outputs(teacher, x, modules, _reads_logits([t for _, t in wanted]))
     with torch.no_grad():
         s_logits, s_feats = model(x)
     with torch.random.fork_rng():
@@ -127,10 +151,11 @@ def add_projectors(model: Student, teacher: Any, terms: Sequence[Term], x: torch
 def make_loss_fn(teacher: Any, terms: Sequence[Term], label_weight: float):
     """`loss_fn(model, batch) -> {"loss", parts...}` for the shared training loop."""
     t_modules = sorted({t.teacher for t in terms if t.teacher})
+    logits = _reads_logits(terms)
 
     def loss_fn(model: Student, batch: Any) -> dict[str, torch.Tensor]:
         x, y = _unpack(batch)
-        t_logits, t_feats = teacher_outputs(teacher, x, t_modules)
+        t_logits, t_feats = teacher_outputs(teacher, x, t_modules, logits)
         s_logits, s_feats = model(x)
         parts, total = {}, s_logits.new_zeros(())
         for i, term in enumerate(terms):
@@ -143,6 +168,9 @@ def make_loss_fn(teacher: Any, terms: Sequence[Term], label_weight: float):
         if label_weight and y is not None:
             parts["ce"] = F.cross_entropy(s_logits, y)
             total = total + label_weight * parts["ce"]
+        elif label_weight and s_logits.dim() == 3 and not x.is_floating_point():
+            parts["lm"] = lm_loss(s_logits, x)  # token rows: each position's next token
+            total = total + label_weight * parts["lm"]
         return {"loss": total, **{k: v.detach() for k, v in parts.items()}}
 
     return loss_fn

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -30,7 +29,7 @@ from lfm.config import Config
 from lfm.core.hooks import frozen
 from lfm.core.layouts import get_layout, num_layers
 from lfm.core.tiny import tiny_lm
-from lfm.core.train import TrainConfig, shuffled_batches, train
+from lfm.core.train import TrainConfig, lm_loss, shuffled_batches, train
 from lfm.distill.contract import DISTILLER, DistillResult
 from lfm.distill.losses import KDConfig, kd_loss
 from lfm.errors import ConfigError
@@ -157,11 +156,6 @@ def most_tokens(text: str) -> int:
     """An upper bound on the tokens `token_blocks` makes of `text` with any tokenizer whose
     tokens each stand for at least one byte: its UTF-8 bytes, a leading-space token and EOS."""
     return len(text.encode("utf-8")) + 2
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Causal LM loss: mean NLL of token t+1 given tokens ≤ t; logits (B, T, V), ids (B, T)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
 def lm_kd_loss(

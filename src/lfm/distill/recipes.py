@@ -12,8 +12,10 @@
 - `datafree`: the same teacher, then a student that never sees an image (`deep_inversion`,
   `dafl`, `dfad`, `dfme`).
 - `lm`: a layer-dropped student of a causal LM on BBC News (or your text file), trained by
-  `lm_student` (KD + LM loss on the teacher's logits) or `seq_kd` (the teacher's greedy
-  continuations of the first half of each block, as text); held-out perplexity of both.
+  `lm_student` (KD + LM loss on the teacher's logits), `seq_kd` (the teacher's greedy
+  continuations of the first half of each block, as text), `topk_lm` or `gkd` (the teacher's
+  top-k log-probabilities), `fitnets` (FitNets' hint between a middle block of each, from a
+  teacher at HIDDEN, + LM loss) or `uld` (a teacher of another tokenizer); held-out perplexity.
 
 Each writes the teacher and student weights, the metrics and the learning curves (`curves.png`)
 into a run directory (`lfm.runs.Run`) whose manifest holds the options and the SHA-256 of what it
@@ -35,15 +37,18 @@ from typing import Any
 
 from safetensors.torch import save_model
 
-from lfm.access import LocalModel, narrow
+from lfm.access import Access, LocalModel, narrow
 from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
 from lfm.core.checkpoints import Checkpoints
+from lfm.core.layouts import get_layout, num_layers
 from lfm.core.runs import read_manifest
-from lfm.core.train import TrainConfig, run_on_main
+from lfm.core.train import TrainConfig, run_on_main, shuffled_batches
 from lfm.distill.contract import DistillResult
+from lfm.distill.distiller import distill
 from lfm.distill.lm import (
     LMStudentConfig,
+    kept_blocks,
     most_tokens,
     perplexity,
     read_text,
@@ -71,7 +76,9 @@ from lfm.registry import run as run_method
 from lfm.runs import Run, on_disk
 
 SCORES_METHODS = ("topk_lm", "gkd")  # teachers that send top-k log-probabilities
-LM_METHODS = ("lm_student", "seq_kd", *SCORES_METHODS, "uld")
+HIDDEN_METHODS = ("fitnets",)  # teachers that send hidden states (a served one at HIDDEN)
+SERVED_METHODS = (*SCORES_METHODS, *HIDDEN_METHODS)
+LM_METHODS = ("lm_student", "seq_kd", *SERVED_METHODS, "uld")
 Stage = Callable[[str], None] | None
 
 
@@ -376,6 +383,9 @@ def lm(
     seed: int = 0,
     ckpt_every: int = 0,
     top_k: int = 20,
+    hint_weight: float = 1e-3,
+    hint: str | None = None,
+    guided: str | None = None,
     teacher: Any = None,
     teacher_cache: Path | None = None,
     student: str | None = None,
@@ -391,8 +401,11 @@ def lm(
             at `temperature`) or `seq_kd` (the teacher, narrowed to TEXT, continues the first
             half of each training block greedily; the student learns the continuations), or,
             from a teacher's top-`top_k` log-probabilities only, `topk_lm` (KD with the rest of the
-            teacher's mass spread evenly over the other tokens, and the LM loss) or `gkd` (on-policy: the student continues
-            half of the blocks itself; generalised JSD, β = 0.5).
+            teacher's mass spread evenly over the other tokens, and the LM loss) or `gkd`
+            (on-policy: the student continues half of the blocks itself; generalised JSD, β = 0.5),
+            or, from a teacher's hidden states, `fitnets` (FitNets' hint: a regressor maps the
+            student's `guided` block onto the teacher's `hint` block, mean squared error, weighted
+            `hint_weight` beside the LM loss weighted `lm_weight`).
         model: the teacher, an offline model name or a path (a causal LM); for `topk_lm` and
             `gkd` with a `teacher` or `teacher_cache`, the model the student is cut from (of
             the teacher's vocabulary).
@@ -406,10 +419,16 @@ def lm(
         seed: seeds the batch order.
         ckpt_every: checkpoint the student every N steps (0: never).
         top_k: `topk_lm`, `gkd`: log-probabilities per token the teacher sends.
+        hint_weight: `fitnets`: weight of the hint term (1e-3 brings SmolLM2's, whose hidden
+            states reach a mean square of ~4 × 10⁴, to the LM loss's scale).
+        hint, guided: `fitnets`: the teacher's and the student's module (default: the student's
+            middle block, and the teacher block it was copied from, or the block at the same
+            depth when `student` is given).
         teacher: `topk_lm`, `gkd`: a handle with `top_logprobs` (a served model) instead of
-            `model` narrowed to SCORES.
+            `model` narrowed to SCORES; `fitnets`: a handle with `hidden` (a server at HIDDEN)
+            instead of `model` narrowed to HIDDEN.
         teacher_cache: `topk_lm`: a file of the teacher's answers (`cache`); no teacher is asked.
-        student: `topk_lm`, `gkd`: a causal LM (name or folder) trained as it is, instead of a
+        student: `topk_lm`, `gkd`, `fitnets`: a causal LM (name or folder) trained as it is, instead of a
             layer-dropped copy of `model` (which is then not loaded at all when the teacher is
             served or cached).
         root: where run directories are created.
@@ -425,6 +444,8 @@ def lm(
     if eval_data is not None and data is None:
         raise ConfigError("--eval-data needs --data (BBC News has its own test articles)")
     _check_scores_options(method, teacher, teacher_cache, student)
+    if method not in HIDDEN_METHODS and (hint or guided):
+        raise ConfigError(f"--hint and --guided are for --method fitnets, not {method}")
     if temperature is None:  # DistilBERT's T = 2; API log-probabilities (and ULD) at T = 1
         temperature = 1.0 if method in (*SCORES_METHODS, "uld") else 2.0
     config = _config(locals())
@@ -432,7 +453,7 @@ def lm(
         config["teacher"] = str(getattr(teacher, "url", teacher))
     own = _own_text(data, eval_data, block_size, batch_size) if data is not None else None
     cache = TopKCache(teacher_cache) if teacher_cache is not None else None
-    if method in SCORES_METHODS:
+    if method in SERVED_METHODS:
         return _scores_lm(method, model, own, teacher or cache, student, config, locals(), stage)
     if method == "uld":
         return _uld_lm(model, own, student, config, locals(), stage)
@@ -489,12 +510,17 @@ def _check_scores_options(
         if teacher is not None or teacher_cache is not None:
             raise ConfigError("uld reads the teacher's whole distributions: give it as --model")
         return
-    if method not in SCORES_METHODS:
+    if method not in SERVED_METHODS:
         given = [n for n, v in (("--teacher-url", teacher), ("--teacher-cache", teacher_cache),
                                 ("--student", student)) if v is not None]  # fmt: skip
         if given:
-            raise ConfigError(f"{given[0]} is for --method topk_lm, gkd or uld, not {method}")
+            raise ConfigError(
+                f"{given[0]} is for --method topk_lm, gkd, fitnets or uld, not {method}"
+            )
         return
+    if method in HIDDEN_METHODS and teacher_cache is not None:
+        raise ConfigError(f"{method} reads the teacher's hidden states, which no cache holds: "
+                          "give --teacher-url (lfm serve --access hidden) or the local --model")  # fmt: skip
     if teacher is not None and teacher_cache is not None:
         raise ConfigError("give --teacher-url or --teacher-cache, not both")
     if method == "gkd" and teacher_cache is not None:
@@ -507,18 +533,30 @@ def _scores_lm(
     o: dict[str, Any], stage: Stage,
 ) -> Outcome | None:  # fmt: skip
     """`topk_lm` or `gkd`: a teacher sending its top-k only (served, cached, or `model` narrowed
-    to SCORES) and a student of its vocabulary (`student`, or `model` layer-dropped)."""
+    to SCORES), or `fitnets`: a teacher sending hidden states (served, or `model` narrowed to
+    HIDDEN); a student of its vocabulary (`student`, or `model` layer-dropped)."""
+    hidden = method in HIDDEN_METHODS
+    if hidden and remote is not None and student is not None and not o["hint"]:
+        raise ConfigError("with --teacher-url and --student, name the served teacher's block the "
+                          "hint is read from: --hint model.layers.N")  # fmt: skip
+    if hidden and remote is not None:  # a served model says what it gives
+        level = str(remote.info().get("lfm_access", "text"))
+        if Access.parse(level) < Access.HIDDEN:
+            raise ConfigError(f"{method} reads the teacher's hidden states and {remote.url} "
+                              f"gives {level.upper()}: serve it with `lfm serve --access hidden`")  # fmt: skip
     local = None
     if remote is None or student is None:  # the local teacher, or what the student is cut from
         local = load_model(model, kind="causal-lm")
     base = load_model(student, kind="causal-lm") if student is not None else local
     tok = base.tokenizer
     pupil = base.model if student is not None else student_from_teacher(local.model, o["every"])
-    teacher = remote if remote is not None else narrow(local, "scores")
+    teacher = remote if remote is not None else narrow(local, "hidden" if hidden else "scores")
+    pair = _hint_pair(pupil, local, student is None, o) if hidden else None
     if remote is not None:
         local = None  # the teacher is elsewhere: drop the model the student was cut from
-    _say(stage, f"teacher {getattr(teacher, 'name', model)} (top {o['top_k']}); cutting the text "
-                "into blocks")  # fmt: skip
+    what = f"hint {pair[1]} -> {pair[0]}" if pair else f"top {o['top_k']}"
+    _say(stage, f"teacher {getattr(teacher, 'name', model)} ({what}); cutting the text into "
+                "blocks")  # fmt: skip
     train_blocks, test_blocks = lm_blocks(tok, own, o["block_size"], o["steps"] * o["batch_size"],
                                           o["eval_blocks"], o["batch_size"])  # fmt: skip
     train_cfg = TrainConfig(steps=o["steps"], lr=o["lr"], seed=o["seed"],
@@ -526,9 +564,21 @@ def _scores_lm(
     paths = {"model": source_path(model) if local is not None else None, "data": o["data"],
              "eval_data": o["eval_data"], "teacher_cache": o["teacher_cache"],
              "student": source_path(student) if student is not None else None}  # fmt: skip
-    run = run_on_main(f"distill-{method}-{o['top_k']}", config, inputs=on_disk(paths),
-                      root=o["root"], path=o["resume"], cpu=train_cfg.cpu)  # fmt: skip
+    name = f"distill-{method}" + ("" if hidden else f"-{o['top_k']}")
+    run = run_on_main(name, config, inputs=on_disk(paths), root=o["root"], path=o["resume"],
+                      cpu=train_cfg.cpu)  # fmt: skip
     with run or nullcontext():
+        if pair is not None:
+            _say(stage, f"training the student ({o['steps']} steps, {what})")
+            batches = shuffled_batches(train_blocks, batch_size=o["batch_size"], seed=o["seed"])
+            losses = [("fitnets", o["hint_weight"], None, *pair)]
+            history = distill(teacher, pupil, batches, losses, train_cfg, o["lm_weight"], run)
+            if run is None:
+                return None
+            ppl = _finish(run, DistillResult(pupil, history), tok, test_blocks, stage,
+                          local.model if local else None)  # fmt: skip
+            run.log(**ppl, hint=pair[1], guided=pair[0])
+            return Outcome(run.path, ppl)
         if method == "topk_lm":
             cfg: Any = TopKLMConfig(k=o["top_k"], temperature=o["temperature"],
                                     kd_weight=o["kd_weight"], lm_weight=o["lm_weight"],
@@ -545,6 +595,19 @@ def _scores_lm(
         ppl = _finish(run, res, tok, test_blocks, stage, local.model if local else None)
         run.log(**ppl, k=o["top_k"], **{n: v for n, v in res.info.items() if n != "k"})
     return Outcome(run.path, ppl)
+
+
+def _hint_pair(pupil: Any, local: Any, cut: bool, o: dict[str, Any]) -> tuple[str, str]:
+    """FitNets' (guided, hint) modules: the student's middle block, and the teacher's block it
+    was copied from (`cut`), or the one at the same relative depth; either may be named."""
+    n_s = num_layers(pupil)
+    middle = n_s // 2
+    guided = o["guided"] or f"{get_layout(pupil).layers}.{middle}"
+    if o["hint"]:
+        return guided, o["hint"]
+    n_t = num_layers(local.model)
+    block = kept_blocks(n_t, o["every"])[middle] if cut else round((middle + 1) * n_t / n_s) - 1
+    return guided, f"{get_layout(local.model).layers}.{block}"
 
 
 def _uld_lm(

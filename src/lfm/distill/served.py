@@ -47,7 +47,7 @@ from lfm.access import Access, LocalModel, narrow
 from lfm.config import Config
 from lfm.core.io import atomic_path
 from lfm.core.tiny import tiny_lm
-from lfm.core.train import TrainConfig, shuffled_batches, train
+from lfm.core.train import TrainConfig, lm_loss, shuffled_batches, train
 from lfm.distill.contract import DISTILLER, DistillResult
 from lfm.distill.lm import student_from_teacher
 from lfm.distill.losses import TopKConfig, topk_kd_loss
@@ -177,7 +177,7 @@ def topk_lm_loss(
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """`{"loss", "kd", "lm"}` on (B, T) blocks: the top-k KD on positions 0 … T-2 (the ones the
     teacher's answers cover) plus the LM loss."""
-    lm = F.cross_entropy(student_logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    lm = lm_loss(student_logits, ids)
     parts, total = {"lm": lm}, cfg.lm_weight * lm
     if cfg.kd_weight:
         z = student_logits[:, :-1].float()

@@ -289,8 +289,11 @@ def _tensor_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> Non
         if unknown:
             hint = did_you_mean(unknown[0], b.modules)
             raise HTTPException(422, f"no module {unknown[0]!r} in the served model{hint}")
-        counts = await _check_texts(b, s, req.input)
-        rows = await _run(app, "hidden", req.input, tuple(req.modules), counts)
+        items: list[Any] = req.input
+        text = isinstance(items[0], str)  # texts and token rows are never batched together
+        counts = await _check_texts(b, s, items) if text else _check_ids(b, s, items)
+        op = "hidden" if text else "hidden_ids"
+        rows = await _run(app, op, items, tuple(req.modules), counts)
         return await _reply(lambda: {"hidden": [{m: pack(t) for m, t in r.items()} for r in rows],
                                      "usage": _usage(counts, 0)})  # fmt: skip
 
@@ -334,20 +337,26 @@ async def _score_ids(
     if not req.echo or req.max_tokens != 0 or req.n != 1:
         raise HTTPException(422, "token-id prompts are scored only: send echo true, max_tokens 0 "
                                  "and n 1, or send the prompt as text")  # fmt: skip
-    if len(rows) > s.max_items:
-        raise HTTPException(413, f"{len(rows)} prompts exceed the limit of {s.max_items}")
-    bad = max((i for r in rows for i in r), default=0)
-    if bad >= (b.vocab_size or 0):
-        raise HTTPException(422, f"token id {bad} is outside the vocabulary of {b.vocab_size}")
-    counts, limit = [len(r) for r in rows], _max_tokens(b, s)
-    if max(counts) > limit:
-        raise HTTPException(413, f"a prompt of {max(counts)} tokens exceeds {limit}")
+    counts = _check_ids(b, s, rows)
     logprobs = None
     if req.logprobs is not None:
         logprobs = await _run(app, "tokens", rows, int(req.logprobs), counts)
     texts = await asyncio.to_thread(lambda: [b.tokenizer.decode(r) for r in rows])
     choices = [_choice(i, t, logprobs, "length") for i, t in enumerate(texts)]
     return await _reply(_envelope, "text_completion", b.name, choices, counts, [], b, s)
+
+
+def _check_ids(b: Backend, s: ServeSettings, rows: list[list[int]]) -> list[int]:
+    """Lengths of token-id rows, refused past the limits or outside the vocabulary."""
+    if len(rows) > s.max_items:
+        raise HTTPException(413, f"{len(rows)} token rows exceed the limit of {s.max_items}")
+    bad = max((i for r in rows for i in r), default=0)
+    if bad >= (b.vocab_size or 0):
+        raise HTTPException(422, f"token id {bad} is outside the vocabulary of {b.vocab_size}")
+    counts, limit = [len(r) for r in rows], _max_tokens(b, s)
+    if max(counts) > limit:
+        raise HTTPException(413, f"a row of {max(counts)} tokens exceeds {limit}")
+    return counts
 
 
 def _times(items: list[Any], n: int) -> list[Any]:

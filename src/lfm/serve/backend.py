@@ -191,7 +191,7 @@ class Backend:
     def ops(self) -> dict[str, Any]:
         return {"generate": self.generate, "tokens": self.tokens, "next": self.next_token,
                 "embed": self.embed, "lfe": self.logits_from_embeds,
-                "hidden": self.hidden}  # fmt: skip
+                "hidden": self.hidden, "hidden_ids": self.hidden}  # fmt: skip
 
     def pass_bytes(self, op: str, key: Hashable, n: int, width: int) -> int:
         """Estimated peak bytes of one pass (`lfm.serve.budget.pass_bytes`)."""
@@ -218,14 +218,15 @@ class Backend:
         emb, mask = self.handle.embed(texts)  # (B, T, D), right padded
         return [emb[i, : int(mask[i].sum())] for i in range(len(texts))]
 
-    def hidden(self, texts: list[str], key: Hashable) -> list[dict[str, torch.Tensor]]:
-        """Each text's outputs (T_i, D_m) of the modules named in `key`, padding cut off."""
+    def hidden(self, texts: list[Any], key: Hashable) -> list[dict[str, torch.Tensor]]:
+        """Each text's (or token-id row's) outputs (T_i, D_m) of the modules named in `key`,
+        padding cut off."""
         require(self.handle, Access.HIDDEN, "hidden states")
         modules = list(key)  # type: ignore[call-overload]
 
-        def part(texts: list[str]) -> list[dict[str, torch.Tensor]]:
+        def part(texts: list[Any]) -> list[dict[str, torch.Tensor]]:
             acts = self.handle.hidden(texts, modules)  # (B, T, D) each, right padded
-            sizes = [self.n_tokens(t) for t in texts]
+            sizes = [self.n_tokens(t) if isinstance(t, str) else len(t) for t in texts]
             return [{m: acts[m][i, :n] for m in modules} for i, n in enumerate(sizes)]
 
         return _pieces(texts, part)

@@ -67,7 +67,8 @@ def answer_bytes(shape: Shape, op: str, key: Hashable, sizes: Sequence[int]) -> 
         return tokens * shape.vocab * PACKED
     if op == "embed":
         return tokens * shape.dim * PACKED
-    if op == "hidden":  # per module, a width of at most 4 d (an MLP's inner layer) assumed
+    # hidden states: per module, a width of at most 4 d (an MLP's inner layer) assumed
+    if op in ("hidden", "hidden_ids"):
         return tokens * len(key) * HIDDEN_WIDTH * shape.dim * PACKED  # type: ignore[arg-type]
     return len(sizes) * int(key[0]) * TOKEN_BYTES  # type: ignore[index]  # generated text
 

@@ -268,10 +268,18 @@ class RemoteModel:
 
     # -- HIDDEN --
 
-    def hidden(self, texts: Sequence[str], modules: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Outputs (B, T, D) of the named modules (`/v1/lfm/hidden`), right-padded with zeros."""
+    def hidden(
+        self, texts: Sequence[str] | Sequence[Sequence[int]] | torch.Tensor, modules: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Outputs (B, T, D) of the named modules (`/v1/lfm/hidden`) on texts, or on token rows
+        (a (B, T) tensor or lists of ids, in the server's vocabulary), right-padded with zeros."""
         require(self, Access.HIDDEN, "hidden")
-        bodies = [{"input": c, "modules": list(modules)} for c in self._chunks(texts)]
+        items: list[Any] = (
+            [[int(i) for i in r] for r in texts.tolist()]
+            if isinstance(texts, torch.Tensor)
+            else [t if isinstance(t, str) else [int(i) for i in t] for t in texts]
+        )
+        bodies = [{"input": c, "modules": list(modules)} for c in self._chunks(items)]
         rows = [r for res in self._map("/v1/lfm/hidden", bodies) for r in res["hidden"]]
         return {m: _pad_stack([unpack(r[m]) for r in rows]) for m in modules}
 

@@ -126,7 +126,9 @@ class LogitsFromEmbedsRequest(_Body):
 
 class HiddenRequest(_Body):
     model: str | None = None
-    input: list[Text] = Field(min_length=1)
+    input: (  # texts, or token-id rows (the server's vocabulary)
+        Annotated[list[Text], Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    )
     modules: list[str] = Field(min_length=1, max_length=8)  # names as `named_modules()` gives them
 
 
