@@ -371,10 +371,36 @@ def test_cli_gkd_with_a_served_teacher(tmp_path, model_dir, served):
     assert m["config"]["teacher"] == served and "teacher_ppl" not in m["metrics"]
 
 
+def test_cli_seq_kd_from_a_served_teacher_equals_the_local_one(tmp_path, model_dir, teacher):
+    """Sequence-level KD needs only text: a server at TEXT gives the local run's student."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    local = _lm(tmp_path / "local", tmp_path / "t.txt", "--model", str(model_dir), "--method",
+                "seq_kd")  # fmt: skip
+    assert local.exit_code == 0, local.output
+    with running(build_app(Backend(teacher, "text"))) as url:
+        there = _lm(tmp_path / "served", tmp_path / "t.txt", "--model", str(model_dir),
+                    "--method", "seq_kd", "--teacher-url", url)  # fmt: skip
+    assert there.exit_code == 0, there.output
+    other = LocalModel(*tiny_lm("llama", 3), name="other")  # the same tokenizer, other weights
+    with running(build_app(Backend(other, "text"))) as url2:
+        elsewhere = _lm(tmp_path / "other", tmp_path / "t.txt", "--model", str(model_dir),
+                        "--method", "seq_kd", "--teacher-url", url2)  # fmt: skip
+    assert elsewhere.exit_code == 0, elsewhere.output
+    _, want = _manifest(tmp_path / "local")
+    _, got = _manifest(tmp_path / "served")
+    _, moved = _manifest(tmp_path / "other")
+    assert got["config"]["teacher"] == url and "teacher_ppl" not in got["metrics"]
+    assert got["metrics"]["student_ppl"] == pytest.approx(want["metrics"]["student_ppl"], rel=1e-5)
+    # the served model's text is what the student learns: another model's gives another student
+    assert moved["metrics"]["student_ppl"] != pytest.approx(want["metrics"]["student_ppl"], rel=1e-3)
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [
         (["--method", "lm_student", "--teacher-cache", "x.npz"], "--teacher-cache is for"),
+        (["--method", "lm_student", "--teacher-url", "http://h"], "is for --method topk_lm, gkd, "
+         "fitnets or seq_kd, not lm_student"),
         (["--method", "gkd", "--teacher-cache", "x.npz"], "no cache holds"),
         (["--method", "topk_lm", "--teacher-cache", "x.npz", "--teacher-url", "http://h"],
          "not both"),

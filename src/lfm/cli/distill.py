@@ -121,7 +121,8 @@ def lm(
     teacher_url: str | None = typer.Option(
         None,
         help="topk_lm, gkd: a served teacher (lfm serve --access scores [--top-k K]); "
-        "fitnets: one served at --access hidden; MODEL is then what the student is cut from",
+        "fitnets: one served at --access hidden; seq_kd: any served model (its text); MODEL "
+        "is then what the student is cut from",
     ),
     api_key: str | None = typer.Option(None, help="--teacher-url: its key"),
     teacher_cache: Path | None = typer.Option(
@@ -148,7 +149,7 @@ def lm(
         lm_weight=lm_weight, temperature=temperature, steps=steps, block_size=block_size,
         batch_size=batch_size, lr=lr, eval_blocks=eval_blocks, seed=seed, ckpt_every=ckpt_every,
         top_k=top_k, hint_weight=hint_weight, hint=hint, guided=guided,
-        teacher=_served(teacher_url, api_key, "hidden" if method == "fitnets" else "scores"),
+        teacher=_served(teacher_url, api_key, _LEVELS.get(method, "scores")),
         teacher_cache=teacher_cache,
         student=student, root=root, resume=resume, progress=True, stage=stage,
     )  # fmt: skip
@@ -157,6 +158,9 @@ def lm(
     m = out.metrics
     teacher = f"teacher {m['teacher_ppl']:.2f}, " if "teacher_ppl" in m else ""
     typer.echo(f"{out.run}: perplexity {teacher}student ({method}) {m['student_ppl']:.2f}")
+
+
+_LEVELS = {"fitnets": "hidden", "seq_kd": "text"}  # what a served teacher is asked for
 
 
 def _served(url: str | None, key: str | None, access: str = "scores") -> object:

@@ -77,6 +77,9 @@ from lfm.runs import Run, on_disk
 
 SCORES_METHODS = ("topk_lm", "gkd")  # teachers that send top-k log-probabilities
 HIDDEN_METHODS = ("fitnets",)  # teachers that send hidden states (a served one at HIDDEN)
+TEXT_METHODS = ("seq_kd",)  # teachers that send text: any served model
+_TAKES = {"--teacher-url": "topk_lm, gkd, fitnets or seq_kd", "--teacher-cache": "topk_lm",
+          "--student": "topk_lm, gkd, fitnets or uld"}  # fmt: skip
 SERVED_METHODS = (*SCORES_METHODS, *HIDDEN_METHODS)
 LM_METHODS = ("lm_student", "seq_kd", *SERVED_METHODS, "uld")
 Stage = Callable[[str], None] | None
@@ -457,8 +460,9 @@ def lm(
         return _scores_lm(method, model, own, teacher or cache, student, config, locals(), stage)
     if method == "uld":
         return _uld_lm(model, own, student, config, locals(), stage)
-    teacher = load_model(model, kind="causal-lm")  # no stage line first: a bad teacher is one line
-    _say(stage, f"teacher {model} loaded; cutting the text into blocks")
+    served, teacher = teacher, load_model(model, kind="causal-lm")  # a bad model is one line
+    _say(stage, f"{'student cut from' if served else 'teacher'} {model} loaded; cutting the text "
+                "into blocks")  # fmt: skip
     train_blocks, test_blocks = lm_blocks(teacher.tokenizer, own, block_size, steps * batch_size,
                                           eval_blocks, batch_size)  # fmt: skip
     train_cfg = TrainConfig(steps=steps, lr=lr, seed=seed, ckpt_every=ckpt_every,
@@ -479,10 +483,13 @@ def lm(
             res = run_method("distill/lm_student", teacher, None, train_blocks, cfg=cfg,
                              train_cfg=train_cfg, run=run)  # fmt: skip
         else:
-            res = _seq_kd_student(teacher, train_blocks, every, batch_size, train_cfg, run, stage)
+            asked = served if served is not None else narrow(teacher, "text")
+            res = _seq_kd_student(teacher, asked, train_blocks, every, batch_size, train_cfg, run,
+                                  stage)  # fmt: skip
         if run is None:  # another process of a launched run: the main one saves and reports
             return None
-        ppl = _finish(run, res, teacher.tokenizer, test_blocks, stage, teacher.model)
+        ppl = _finish(run, res, teacher.tokenizer, test_blocks, stage,
+                      teacher.model if served is None else None)  # fmt: skip
         run.log(**ppl)
     return Outcome(run.path, ppl)
 
@@ -511,12 +518,12 @@ def _check_scores_options(
             raise ConfigError("uld reads the teacher's whole distributions: give it as --model")
         return
     if method not in SERVED_METHODS:
-        given = [n for n, v in (("--teacher-url", teacher), ("--teacher-cache", teacher_cache),
-                                ("--student", student)) if v is not None]  # fmt: skip
+        text = method in TEXT_METHODS  # a served teacher's text will do
+        given = [n for n, v in (("--teacher-url", None if text else teacher),
+                                ("--teacher-cache", teacher_cache), ("--student", student))
+                 if v is not None]  # fmt: skip
         if given:
-            raise ConfigError(
-                f"{given[0]} is for --method topk_lm, gkd, fitnets or uld, not {method}"
-            )
+            raise ConfigError(f"{given[0]} is for --method {_TAKES[given[0]]}, not {method}")
         return
     if method in HIDDEN_METHODS and teacher_cache is not None:
         raise ConfigError(f"{method} reads the teacher's hidden states, which no cache holds: "
@@ -695,16 +702,16 @@ def cache(
 
 
 def _seq_kd_student(
-    teacher: LocalModel, blocks: Any, every: int, batch_size: int, train_cfg: TrainConfig,
-    run: Run, stage: Stage = None,
+    teacher: LocalModel, asked: Any, blocks: Any, every: int, batch_size: int,
+    train_cfg: TrainConfig, run: Run, stage: Stage = None,
 ) -> DistillResult:  # fmt: skip
-    """Sequence-level KD of a layer-dropped student on the teacher's continuations of the first
-    half of each block (the teacher is asked through a TEXT handle)."""
+    """Sequence-level KD of a student cut from `teacher` on the continuations of the first half
+    of each block by `asked` (a TEXT handle: `teacher` narrowed, or a served model)."""
     half = blocks.shape[1] // 2
     prompts = [teacher.decode(b[:half].tolist()) for b in blocks]
     student = LocalModel(student_from_teacher(teacher.model, every), teacher.tokenizer, "student")
     cfg = SeqKDConfig(max_new_tokens=half, batch_size=batch_size)
     _say(stage, f"the teacher continues {len(prompts)} prompts, then the student trains "
                 f"({train_cfg.steps} steps)")  # fmt: skip
-    return run_method("distill/seq_kd", narrow(teacher, "text"), student, prompts, cfg=cfg,
-                      train_cfg=train_cfg, run=run)  # fmt: skip
+    return run_method("distill/seq_kd", asked, student, prompts, cfg=cfg, train_cfg=train_cfg,
+                      run=run)  # fmt: skip
