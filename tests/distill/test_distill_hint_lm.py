@@ -161,3 +161,14 @@ def test_cli_fitnets_refuses_bad_options_in_one_line(tmp_path, teacher, extra, s
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert done.value.code == 2 and len(err) == 1 and says in err[0], err
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_fitnets_refuses_a_student_of_another_vocabulary(tmp_path, model_dir):
+    model, tok = tiny_lm("llama", 1, vocab_size=200)
+    model.save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(model_dir), "--student",
+              str(tmp_path / "small"))  # fmt: skip
+    assert out.exit_code != 0 and not (tmp_path / "runs").exists()
+    assert out.exit_code == 2 and "need one tokenizer" in out.output and "--method uld" in out.output

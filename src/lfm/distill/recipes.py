@@ -559,6 +559,12 @@ def _scores_lm(
     pupil = base.model if student is not None else student_from_teacher(local.model, o["every"])
     teacher = remote if remote is not None else narrow(local, "hidden" if hidden else "scores")
     pair = _hint_pair(pupil, local, student is None, o) if hidden else None
+    if hidden and student is not None:  # token rows mean the same text to both only then
+        theirs, own = int(teacher.vocab_size), int(pupil.get_input_embeddings().weight.shape[0])
+        if theirs != own:
+            raise ConfigError(f"{method} sends the student's token rows to the teacher, so both "
+                              f"need one tokenizer; their vocabularies differ ({theirs} and "
+                              f"{own}): for another tokenizer use --method uld")  # fmt: skip
     if remote is not None:
         local = None  # the teacher is elsewhere: drop the model the student was cut from
     what = f"hint {pair[1]} -> {pair[0]}" if pair else f"top {o['top_k']}"
