@@ -1,6 +1,7 @@
 """Distillation from a teacher that sends only its top-k log-probabilities: token-id scoring on the
 server, the on-disk cache, `topk_lm` and `gkd` (their defining steps), and `lfm distill lm|cache`
-with a served, cached or local teacher."""
+with a served, cached or local teacher; `seq_kd` from a served model's text and `fitnets` from
+one served at HIDDEN, through the command line."""
 
 from __future__ import annotations
 
@@ -571,3 +572,73 @@ def test_gkd_spreads_the_teachers_tail_over_the_whole_vocabulary():
         other = next(j for j in range(40) if j not in ids[0, t].tolist())
         piled[0, t, other] = float(torch.log1p(-values[0, t].exp().sum()))
     assert float(gkd_loss(piled, top, 1, 0.5)) > 0.05
+
+
+# -- FitNets' hint from a teacher served at HIDDEN ------------------------------------------
+
+
+FITNETS = ("--method", "fitnets", "--hint-weight", "100", "--lr", "1e-2")
+
+
+def test_cli_fitnets_served_equals_local(tmp_path, teacher, model_dir):
+    """FitNets' hint through a server at HIDDEN gives the local run's student."""
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "local", tmp_path / "t.txt", "--model", str(model_dir), *FITNETS)
+    assert out.exit_code == 0, out.output
+    run_dir, m = _manifest(tmp_path / "local")
+    assert m["status"] == "done" and m["metrics"]["hint"] == "model.layers.0"
+    assert m["metrics"]["guided"] == "model.layers.0" and "teacher_ppl" in m["metrics"]
+    assert (run_dir / "student" / "config.json").is_file()
+    with running(build_app(Backend(teacher, "hidden"))) as url:
+        out = _lm(tmp_path / "served", tmp_path / "t.txt", "--model", str(model_dir), *FITNETS,
+                  "--teacher-url", url, "--hint", "model.layers.1")  # fmt: skip
+        assert out.exit_code == 0, out.output
+        same = _lm(tmp_path / "same", tmp_path / "t.txt", "--model", str(model_dir), *FITNETS,
+                   "--teacher-url", url)  # fmt: skip
+        assert same.exit_code == 0, same.output
+    _, other = _manifest(tmp_path / "served")
+    _, served = _manifest(tmp_path / "same")
+    assert other["metrics"]["hint"] == "model.layers.1" and "teacher_ppl" not in served["metrics"]
+    want = m["metrics"]["student_ppl"]
+    assert served["metrics"]["student_ppl"] == pytest.approx(want, rel=1e-4)
+    assert other["metrics"]["student_ppl"] != pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--teacher-cache", "x.npz"], "no cache holds"),
+        (["--teacher-url", "URL", "--student", "s"], "--hint model.layers.N"),
+        (["--teacher-url", "SCORES"], "gives SCORES: serve it with `lfm serve --access hidden`"),
+        (["--method", "topk_lm", "--hint", "model.layers.0"], "are for --method fitnets"),
+    ],
+)
+def test_cli_fitnets_refuses_bad_options_in_one_line(tmp_path, teacher, extra, says, monkeypatch,
+                                                     capsys):  # fmt: skip
+    import sys
+
+    import lfm.cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text(TEXT)
+    with running(build_app(Backend(teacher, "scores"))) as url:
+        extra = [url if e in ("URL", "SCORES") else e for e in extra]
+        argv = ["lfm", "distill", "lm", "--model", "nothing", "--data", "t.txt", "--method",
+                "fitnets", *extra]  # fmt: skip
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as done:
+            lfm.cli.main()
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert done.value.code == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_fitnets_refuses_a_student_of_another_vocabulary(tmp_path, model_dir):
+    model, tok = tiny_lm("llama", 1, vocab_size=200)
+    model.save_pretrained(tmp_path / "small")
+    tok.save_pretrained(tmp_path / "small")
+    (tmp_path / "t.txt").write_text(TEXT)
+    out = _lm(tmp_path / "runs", tmp_path / "t.txt", "--model", str(model_dir), *FITNETS,
+              "--student", str(tmp_path / "small"))  # fmt: skip
+    assert out.exit_code == 2 and not (tmp_path / "runs").exists()
+    assert "need one tokenizer" in out.output and "--method uld" in out.output
