@@ -406,15 +406,23 @@ def test_cli_seq_kd_from_a_served_teacher_equals_the_local_one(tmp_path, model_d
         (["--method", "topk_lm", "--teacher-cache", "x.npz", "--teacher-url", "http://h"],
          "not both"),
         (["--method", "topk_lm", "--teacher-cache", "missing.npz"], "does not exist"),
+        (["--method", "fitnets", "--teacher-cache", "x.npz"], "no cache holds"),
+        (["--method", "fitnets", "--teacher-url", "SERVED", "--student", "s"],
+         "--hint model.layers.N"),
+        (["--method", "fitnets", "--teacher-url", "SERVED"],
+         "gives SCORES: serve it with `lfm serve --access hidden`"),
+        (["--method", "topk_lm", "--hint", "model.layers.0"], "are for --method fitnets"),
     ],
 )  # fmt: skip
-def test_cli_refuses_bad_teacher_options_in_one_line(tmp_path, extra, says, monkeypatch, capsys):
+def test_cli_refuses_bad_teacher_options_in_one_line(tmp_path, extra, says, monkeypatch, capsys,
+                                                     served):  # fmt: skip
     import sys
 
     import lfm.cli
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "t.txt").write_text(TEXT)
+    extra = [served if e == "SERVED" else e for e in extra]  # a server at SCORES
     argv = ["lfm", "distill", "lm", "--model", "nothing", "--data", "t.txt", *extra]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as done:
@@ -602,35 +610,6 @@ def test_cli_fitnets_served_equals_local(tmp_path, teacher, model_dir):
     want = m["metrics"]["student_ppl"]
     assert served["metrics"]["student_ppl"] == pytest.approx(want, rel=1e-4)
     assert other["metrics"]["student_ppl"] != pytest.approx(want, rel=1e-4)
-
-
-@pytest.mark.parametrize(
-    ("extra", "says"),
-    [
-        (["--teacher-cache", "x.npz"], "no cache holds"),
-        (["--teacher-url", "URL", "--student", "s"], "--hint model.layers.N"),
-        (["--teacher-url", "SCORES"], "gives SCORES: serve it with `lfm serve --access hidden`"),
-        (["--method", "topk_lm", "--hint", "model.layers.0"], "are for --method fitnets"),
-    ],
-)
-def test_cli_fitnets_refuses_bad_options_in_one_line(tmp_path, teacher, extra, says, monkeypatch,
-                                                     capsys):  # fmt: skip
-    import sys
-
-    import lfm.cli
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "t.txt").write_text(TEXT)
-    with running(build_app(Backend(teacher, "scores"))) as url:
-        extra = [url if e in ("URL", "SCORES") else e for e in extra]
-        argv = ["lfm", "distill", "lm", "--model", "nothing", "--data", "t.txt", "--method",
-                "fitnets", *extra]  # fmt: skip
-        monkeypatch.setattr(sys, "argv", argv)
-        with pytest.raises(SystemExit) as done:
-            lfm.cli.main()
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert done.value.code == 2 and len(err) == 1 and says in err[0], err
-    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_fitnets_refuses_a_student_of_another_vocabulary(tmp_path, model_dir):
