@@ -80,11 +80,38 @@ AREAS: dict[str, Area] = {
             "tests/meta/test_meta_unroll.py",  # against a hand-written autograd unroll
             "tests/meta/test_meta_reptile_protonets.py",  # Reptile and ProtoNets by hand
             "tests/meta/test_meta_training.py",  # every learner runs and meta-training helps
+            "tests/meta/test_meta_mutants.py",  # what earlier runs found untested
         ),
         note=(
             "task samplers, data folders, the training loop (train.py, with query_objective) and "
             "the CLI glue are not mutated; the few-shot, data-free and own-data tests are not run "
             "(minutes of training each)"
+        ),
+    ),
+    "distill": Area(
+        files=(
+            "src/lfm/distill/losses.py",  # KD, reverse KL, top-k KD, DIST
+            "src/lfm/distill/features.py",  # FitNets, AT, RKD, PKT
+            "src/lfm/distill/served.py",  # top-k LM KD with its tail, GKD's JSD and sampling
+            "src/lfm/distill/xtok.py",  # ULD: offset alignment and the sorted-probability loss
+            "src/lfm/distill/seqkd.py",  # sequence-level KD and step-by-step targets
+            "src/lfm/distill/skew.py",  # skew KL
+        ),
+        tests=(
+            "tests/distill/test_distill_losses.py",  # every loss by hand
+            "tests/distill/test_distill_features.py",
+            "tests/distill/test_distill_distiller.py",
+            "tests/distill/test_distill_served.py",
+            "tests/distill/test_distill_hint_lm.py",
+            "tests/distill/test_distill_xtok.py",
+            "tests/distill/test_distill_seqkd.py",
+            "tests/distill/test_distill_skew.py",
+            "tests/distill/test_distill_mutants.py",  # what the first run found untested
+        ),
+        note=(
+            "the distiller loop, the layer-dropped LM students (lm.py), the data-free games "
+            "(datafree.py, adversarial.py, game.py: minutes of generator training per test), the "
+            "vision recipes and the CLI glue are not mutated"
         ),
     ),
 }
