@@ -202,9 +202,17 @@ def _info_routes(app: FastAPI, b: Backend, s: ServeSettings, auth: Any) -> None:
             "owned_by": "lfm",
             "lfm_access": b.level.name.lower(),
             "lfm_vocab_size": b.vocab_size,
+            "lfm_batching": _batching(app),
             **_top_k(s),
         }
         return {"object": "list", "data": [card]}
+
+
+def _batching(app: FastAPI) -> dict[str, int]:
+    """The batcher's counters since the server started (read-only): forward passes, the items and
+    requests they served, and requests dropped because their caller stopped waiting."""
+    st = app.state.batcher.stats
+    return {"passes": st.passes, "items": st.items, "requests": st.requests, "dropped": st.dropped}
 
 
 def _spec_routes(app: FastAPI, auth: Any) -> None:
