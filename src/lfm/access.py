@@ -23,7 +23,7 @@ import itertools
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -348,18 +348,23 @@ class LocalModel:
     ) -> dict[str, torch.Tensor]:
         """Outputs (B, T, D) of the named modules on right-padded texts, or on token rows (a
         (B, T) tensor, or lists of ids, padded on the right when their lengths differ)."""
-        enc = self._batch(texts, side="right") if _texts(texts) else self._rows(texts)
+        if _texts(texts):
+            enc = self._batch(cast(Sequence[str], texts), side="right")
+        else:
+            enc = self._rows(cast(Sequence[Sequence[int]] | torch.Tensor, texts))
         with capture(self.model, modules) as acts:
             self.model(**enc)
         return {k: v.cpu() for k, v in acts.items()}
 
     def _rows(self, rows: Sequence[Sequence[int]] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Token rows as ids and mask (B, T), right-padded with the pad token."""
-        rows = rows.tolist() if isinstance(rows, torch.Tensor) else [list(r) for r in rows]
-        width = max((len(r) for r in rows), default=0)
+        lists: list[list[int]] = (
+            rows.tolist() if isinstance(rows, torch.Tensor) else [list(r) for r in rows]
+        )
+        width = max((len(r) for r in lists), default=0)
         pad = int(self.tokenizer.pad_token_id or 0)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in lists], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in lists])
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
