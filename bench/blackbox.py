@@ -36,7 +36,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import httpx
 import torch
 from peft import TaskType
 
@@ -45,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lfm.access import narrow
 from lfm.assets import load_dataset, load_model
 from lfm.serve import Backend, RemoteModel, ServeSettings, build_app
-from lfm.serve.thread import free_port, running
+from lfm.serve.thread import free_port, running, wait_healthy
 from lfm.tuning.adapters import inject
 from lfm.tuning.bbt import BBTConfig, bbt
 from lfm.tuning.mezo import MeZOConfig, mezo
@@ -223,17 +222,8 @@ def serve_process(threads: int, timeout_s: float = 1200.0):
            "--port", str(port), "--timeout-s", str(timeout_s)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.terminate()
-    raise RuntimeError("lfm serve did not start")
+    wait_healthy(url, proc)
+    return proc, url
 
 
 def ppl_rows(a, lm, data) -> dict:

@@ -171,7 +171,7 @@ def _prepare(a, work: Path) -> None:
 
 
 def _serve(a, work: Path, access: str = "scores") -> tuple[subprocess.Popen, str]:
-    from lfm.serve.thread import free_port
+    from lfm.serve.thread import free_port, wait_healthy
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
@@ -183,18 +183,8 @@ def _serve(a, work: Path, access: str = "scores") -> tuple[subprocess.Popen, str
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited: {(work / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    raise SystemExit("the server did not start")
+    wait_healthy(url, proc, work / "serve.log")
+    return proc, url
 
 
 def _run_variant(a, work: Path, name: str, url: str | None) -> dict:

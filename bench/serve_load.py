@@ -51,7 +51,7 @@ def args_() -> argparse.Namespace:
 
 def start_server(a: argparse.Namespace, log: Path, variant: str) -> tuple[subprocess.Popen, str]:
     """`lfm serve` in a subprocess; returns once `/health` answers."""
-    from lfm.serve.thread import free_port
+    from lfm.serve.thread import free_port, wait_healthy
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
@@ -66,17 +66,8 @@ def start_server(a: argparse.Namespace, log: Path, variant: str) -> tuple[subpro
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited:\n{log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("the server did not start")
+    wait_healthy(url, proc, log)
+    return proc, url
 
 
 def body(prompts: list[str]) -> dict:

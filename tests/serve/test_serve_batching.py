@@ -1,4 +1,5 @@
-"""The model card's `lfm_batching` counters: what a load test reads from outside the server."""
+"""The model card's `lfm_batching` counters (what a load test reads from outside the server), and
+waiting for a server started elsewhere."""
 
 from __future__ import annotations
 
@@ -24,3 +25,21 @@ def test_the_card_counts_passes_items_and_requests():
     before, after = asyncio.run(go())
     assert before == {"passes": 0, "items": 0, "requests": 0, "dropped": 0}
     assert after == {"passes": 1, "items": 2, "requests": 1, "dropped": 0}
+
+
+def test_wait_healthy_returns_for_a_live_server_and_names_a_dead_one(tmp_path):
+    import subprocess
+    import sys
+
+    import pytest
+
+    from lfm.errors import LfmError
+    from lfm.serve.thread import free_port, running, wait_healthy
+
+    with running(build_app(Backend(tiny_lm(0), "text"))) as url:
+        wait_healthy(url, timeout_s=5)
+    log = tmp_path / "serve.log"
+    log.write_text("it broke here")
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    with pytest.raises(LfmError, match="exited with 3: it broke here"):
+        wait_healthy(f"http://127.0.0.1:{free_port()}", proc, log, timeout_s=30)

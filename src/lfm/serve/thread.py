@@ -1,12 +1,15 @@
-"""Run a served app on loopback in a background thread (tests, benchmarks, examples)."""
+"""Run a served app on loopback in a background thread (tests, benchmarks, examples), or wait for
+one started in a child process."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -54,3 +57,29 @@ def running(app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_healthy(
+    url: str, proc: subprocess.Popen | None = None, log: Path | None = None,
+    timeout_s: float = 300.0,
+) -> None:  # fmt: skip
+    """Wait until `url/health` answers 200. A `proc` (the server's child process) that exits
+    first, or no answer within `timeout_s`, is an `LfmError` quoting the end of `log`."""
+    import httpx
+
+    def tail() -> str:
+        return f":\n{log.read_text()[-2000:]}" if log is not None and log.exists() else ""
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise LfmError(f"the server at {url} exited with {proc.returncode}{tail()}")
+        time.sleep(0.5)
+    if proc is not None:
+        proc.kill()
+    raise LfmError(f"the server at {url} did not answer within {timeout_s:.0f} s{tail()}")
