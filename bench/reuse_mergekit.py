@@ -1,15 +1,37 @@
-"""Benchmark: lfm's streaming merge beside mergekit on SmolLM2-135M.
+"""Benchmark: lfm's streaming merge beside mergekit, and beside the I/O floor, on SmolLM2-135M.
 
 The cached fp32 SmolLM2-135M folder is the base; `--n-models` seeded variants (base + N(0, σ²)
 noise on every float tensor) are written as Hugging Face folders. The same mergekit YAML goes
-through mergekit's CLI (`mergekit-yaml`, in its own venv, threads as it sets them) and through
-`lfm reuse merge` (one torch thread, `OMP_NUM_THREADS=1`), each in a fresh subprocess. Runs are
-interleaved (per repeat and method: lfm then mergekit, the other order on odd repeats) so that
-both see the same load on a shared machine. The table gives medians over `--repeats` of wall time,
-CPU time (user + system) and the child's peak RSS (ru_maxrss), the ratios lfm / mergekit of the
-medians, and the largest absolute difference between the outputs of the first repeat.
+through mergekit's CLI (`mergekit-yaml`, in its own venv) and through `lfm reuse merge` (one torch
+thread, `OMP_NUM_THREADS=1`), each in a fresh subprocess.
+
+mergekit runs once per setting set of `--mk-settings` (default all of `MK_SETTINGS`):
+`default` (`--lazy-unpickle --no-cuda`, threads as mergekit sets them), `j1` and `j2` (plus
+`--num-threads 1` / `2`) and `j2async` (plus `--num-threads 2 --async-write`); a set whose flags
+`mergekit-yaml --help` does not list is dropped. For each method, "mergekit best" is the set
+with the lowest median wall time: the main table's mergekit columns and ratios are that set's,
+and a second table gives every set's medians.
+
+The I/O floor is a fresh plain-Python process (no torch) that reads every input safetensors file
+of the merge once (the base when the method has one, and every model; 16 MiB `readinto` into one
+reused buffer) and writes one file of the size of lfm's merged output (the sum of its
+.safetensors files) by writing the same chunk repeatedly, into the work folder (removed after;
+no fsync, as lfm's writer does none). Its table gives the bytes moved (in + out), the floor's and
+lfm's throughput over those bytes, and lfm's share of the floor's throughput (floor s / lfm s),
+for lfm's whole process and with its start-up subtracted, measured two ways, each run in a fresh
+process: `lfm reuse merge --help` (Python and the command-line tree; it imports no torch) and
+`lfm reuse merge PLAN --check` (that plus importing torch and the merge engine and checking the
+plan from the tensor headers, reading no weight: all a merge does before its first weight).
+
+Runs are interleaved (per repeat and method: lfm, each mergekit set, the floor, `--help`,
+`--check`; the reverse order on odd repeats) so that all see the same load on a shared machine. Every run
+goes through the same wrapper, which measures wall time, CPU time (user + system) and the
+child's peak RSS (ru_maxrss). The tables give medians over `--repeats` (min-max), ratios of the
+medians, and the largest absolute difference between lfm's output and that of the first mergekit
+set in the first repeat.
 
     .venv/bin/python bench/reuse_mergekit.py [--repeats 3] [--methods linear,ties]
+        [--mk-settings default,j1,j2,j2async]
 
 Peak memory against model size is measured by `bench/reuse.py --sizes`.
 
@@ -39,6 +61,26 @@ METHODS = {
     "ties": {"weight": 1.0, "density": 0.2},
     "dare_ties": {"weight": 1.0, "density": 0.2},
 }
+# mergekit-yaml flags per setting set, after `PLAN OUT`.
+MK_BASE = ["--lazy-unpickle", "--no-cuda", "--allow-crimes"]
+MK_SETTINGS = {
+    "default": [],
+    "j1": ["--num-threads", "1"],
+    "j2": ["--num-threads", "2"],
+    "j2async": ["--num-threads", "2", "--async-write"],
+}
+CHUNK = 16 << 20
+# The I/O floor: read each input file once, then write OUT_BYTES to OUT, CHUNK bytes at a time
+# from one reused buffer. Plain Python, no torch. lfm's writer does not fsync, so neither does this.
+FLOOR = (
+    f"import sys;out,n,*ins=sys.argv[1:];n=int(n);buf=bytearray({CHUNK});mv=memoryview(buf)\n"
+    "for p in ins:\n"
+    " with open(p,'rb',buffering=0) as f:\n"
+    "  while f.readinto(buf):pass\n"
+    "with open(out,'wb',buffering=0) as f:\n"
+    " while n>0:\n"
+    "  k=f.write(mv[:min(n,len(buf))]);n-=k\n"
+)
 # Runs a command, then prints the child's wall time, CPU time and peak RSS: ru_maxrss of
 # RUSAGE_CHILDREN is the largest of the waited-for children, and this wrapper has exactly one.
 TIMED = (
@@ -160,8 +202,35 @@ def lfm_cmd(plan: Path, out: Path) -> list[str]:
     ]
 
 
-def mk_cmd(exe: Path, plan: Path, out: Path) -> list[str]:
-    return [str(exe), str(plan), str(out), "--lazy-unpickle", "--no-cuda", "--allow-crimes"]
+def mk_cmd(exe: Path, plan: Path, out: Path, setting: str = "default") -> list[str]:
+    return [str(exe), str(plan), str(out), *MK_BASE, *MK_SETTINGS[setting]]
+
+
+def mk_supported(exe: Path, settings: list[str]) -> list[str]:
+    """The setting sets all of whose flags `mergekit-yaml --help` lists; the others are dropped."""
+    text = subprocess.run([str(exe), "--help"], capture_output=True, text=True).stdout
+    keep = []
+    for name in settings:
+        missing = [f for f in MK_BASE + MK_SETTINGS[name] if f.startswith("--") and f not in text]
+        if missing:
+            print(f"mergekit set {name} dropped: mergekit-yaml lacks {' '.join(missing)}")
+        else:
+            keep.append(name)
+    return keep
+
+
+def floor_inputs(method: str, root: Path, n: int) -> list[Path]:
+    """Every safetensors file the merge reads: the base's (for a method with one) and each model's."""
+    folders = ([] if method == "linear" else [root / "base"]) + [root / f"ft{m}" for m in range(n)]
+    return [f for d in folders for f in sorted(d.glob("*.safetensors"))]
+
+
+def out_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def floor_cmd(out: Path, nbytes: int, inputs: list[Path]) -> list[str]:
+    return [sys.executable, "-c", FLOOR, str(out), str(nbytes), *map(str, inputs)]
 
 
 def child(args: list[str]) -> dict:
@@ -171,33 +240,70 @@ def child(args: list[str]) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else {}
 
 
-def part_mergekit(work: Path, n: int, sigma: float, methods: list[str], repeats: int) -> None:
+def part_mergekit(
+    work: Path, n: int, sigma: float, methods: list[str], repeats: int, settings: list[str]
+) -> None:
     exe = ensure_mergekit()
+    if exe is not None:
+        settings = mk_supported(exe, settings)
+    sets = settings if exe is not None else []
     root = work / "smol"
     if not root.exists():
         root.mkdir(parents=True)
         child(["--child", "build", str(root), str(n), str(sigma)])
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {"lfm": [], "mk": []} for m in methods}
+    tools = ["lfm", *(f"mk:{s}" for s in sets), "floor", "startup", "check"]
+    runs: dict[str, dict[str, list[dict[str, float]]]] = {
+        m: {t: [] for t in tools} for m in methods
+    }
     diffs: dict[str, dict] = {}
+    moved: dict[str, tuple[int, int]] = {}  # method: (bytes read, bytes written) by the floor
     for rep in range(repeats):
         for method in methods:
             plan = write_yaml(work / f"{method}.yml", method, root, n)
-            tools = ["lfm", "mk"] if exe is not None else ["lfm"]
             for tool in tools if rep % 2 == 0 else tools[::-1]:
-                out = _fresh(work / f"{tool}-{method}")
                 if tool == "lfm":
+                    out = _fresh(work / f"lfm-{method}")
                     r = timed(lfm_cmd(plan, out), env=one_thread)
+                    if method not in moved:
+                        inputs = floor_inputs(method, root, n)
+                        moved[method] = (sum(f.stat().st_size for f in inputs), out_bytes(out))
+                elif tool == "floor":
+                    inputs = floor_inputs(method, root, n)
+                    target = work / "floor.bin"
+                    r = timed(floor_cmd(target, moved[method][1], inputs))
+                    target.unlink()
+                elif tool == "startup":
+                    r = timed([*lfm_cmd(plan, work / "unused")[:3], "--help"], env=one_thread)
+                elif tool == "check":
+                    r = timed([*lfm_cmd(plan, work / "unused"), "--check"], env=one_thread)
                 else:
-                    r = timed(mk_cmd(exe, plan, out))  # type: ignore[arg-type]
+                    setting = tool.split(":", 1)[1]
+                    out = _fresh(work / f"mk-{setting}-{method}")
+                    r = timed(mk_cmd(exe, plan, out, setting))  # type: ignore[arg-type]
                 runs[method][tool].append(r)
                 print(json.dumps({"repeat": rep, "method": method, "tool": tool, **r}), flush=True)
-            if rep == 0 and exe is not None:
+            if rep == 0 and sets:
                 diffs[method] = child(
-                    ["--child", "compare", str(work / f"lfm-{method}"), str(work / f"mk-{method}")]
+                    [
+                        "--child",
+                        "compare",
+                        str(work / f"lfm-{method}"),
+                        str(work / f"mk-{sets[0]}-{method}"),
+                    ]
                 )
                 print(json.dumps({"method": method, **diffs[method]}), flush=True)
-    _table(runs, diffs)
+            for setting in sets:  # ~540 MB each: keep no mergekit output past its comparison
+                _fresh(work / f"mk-{setting}-{method}")
+    best = {m: min(sets, key=lambda s: _med(r[f"mk:{s}"], "s")) for m, r in runs.items() if sets}
+    _table(
+        {m: {"lfm": r["lfm"], "mk": r[f"mk:{best[m]}"] if sets else []} for m, r in runs.items()},
+        diffs,
+        best,
+    )
+    if sets:
+        _sets_table(runs, sets, best)
+    _floor_table(runs, moved)
 
 
 def _fresh(path: Path) -> Path:
@@ -209,32 +315,85 @@ def _med(rs: list[dict[str, float]], key: str) -> float:
     return statistics.median(r[key] for r in rs)
 
 
-def _spread(rs: list[dict[str, float]], key: str) -> str:
+def _spread(rs: list[dict[str, float]], key: str, nd: int = 1) -> str:
     xs = [r[key] for r in rs]
-    return f"{statistics.median(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+    return f"{statistics.median(xs):.{nd}f} ({min(xs):.{nd}f}-{max(xs):.{nd}f})"
 
 
-def _table(runs: dict[str, dict[str, list[dict[str, float]]]], diffs: dict[str, dict]) -> None:
+def _table(
+    runs: dict[str, dict[str, list[dict[str, float]]]],
+    diffs: dict[str, dict],
+    best: dict[str, str],
+) -> None:
     n = len(next(iter(runs.values()))["lfm"])
-    print(f"\nmedians of {n} interleaved runs (min-max)")
+    print(f"\nmedians of {n} interleaved runs (min-max); mergekit: its fastest set per method")
     print(
-        "| method | lfm s | mergekit s | time ratio | lfm CPU s | mergekit CPU s | CPU ratio "
-        "| lfm MiB | mergekit MiB | RSS ratio | max abs diff |"
+        "| method | mergekit set | lfm s | mergekit s | time ratio | lfm CPU s | mergekit CPU s "
+        "| CPU ratio | lfm MiB | mergekit MiB | RSS ratio | max abs diff |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for method, r in runs.items():
         lfm, mk = r["lfm"], r["mk"]
         if not mk:
-            print(f"| {method} | {_spread(lfm, 's')} | - | - | {_spread(lfm, 'cpu')} | - | - "
+            print(f"| {method} | - | {_spread(lfm, 's')} | - | - | {_spread(lfm, 'cpu')} | - | - "
                   f"| {_med(lfm, 'mib'):.0f} | - | - | - |")  # fmt: skip
             continue
         d = diffs.get(method, {})
         diff = f"{d['max_abs']:.2e} ({d['frac_diff']:.2e} of entries)" if d else "-"
         print(
-            f"| {method} | {_spread(lfm, 's')} | {_spread(mk, 's')} "
+            f"| {method} | {best[method]} | {_spread(lfm, 's')} | {_spread(mk, 's')} "
             f"| {_med(lfm, 's') / _med(mk, 's'):.2f} | {_spread(lfm, 'cpu')} | {_spread(mk, 'cpu')} "
             f"| {_med(lfm, 'cpu') / _med(mk, 'cpu'):.2f} | {_med(lfm, 'mib'):.0f} "
             f"| {_med(mk, 'mib'):.0f} | {_med(lfm, 'mib') / _med(mk, 'mib'):.2f} | {diff} |"
+        )
+
+
+def _sets_table(
+    runs: dict[str, dict[str, list[dict[str, float]]]], sets: list[str], best: dict[str, str]
+) -> None:
+    print("\nmergekit per setting set: wall s median (min-max), CPU s median")
+    flags = ", ".join(f"{s}: {' '.join(MK_SETTINGS[s]) or '(none)'}" for s in sets)
+    print(f"(every set: {' '.join(MK_BASE)}; {flags})")
+    print("| method | " + " | ".join(f"{s} s" for s in sets) + " | best |")
+    print("|---|" + "---|" * len(sets) + "---|")
+    for method, r in runs.items():
+        cells = [f"{_spread(r[f'mk:{s}'], 's')}; CPU {_med(r[f'mk:{s}'], 'cpu'):.1f}" for s in sets]
+        print(f"| {method} | " + " | ".join(cells) + f" | {best[method]} |")
+
+
+def _floor_table(
+    runs: dict[str, dict[str, list[dict[str, float]]]], moved: dict[str, tuple[int, int]]
+) -> None:
+    print("\nlfm's start-up, per method: wall s median (min-max), CPU s, MiB")
+    print("| method | `--help` s | `--help` CPU s | `--help` MiB | `PLAN --check` s | `--check` CPU s "
+          "| `--check` MiB |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for method, r in runs.items():
+        h, c = r["startup"], r["check"]
+        print(
+            f"| {method} | {_spread(h, 's', 2)} | {_med(h, 'cpu'):.2f} | {_med(h, 'mib'):.0f} "
+            f"| {_spread(c, 's', 2)} | {_med(c, 'cpu'):.2f} | {_med(c, 'mib'):.0f} |"
+        )
+    print(
+        "\nI/O floor: read every input once + write one output of lfm's size (plain Python, "
+        "16 MiB chunks, no fsync); MB = 10^6 bytes; share of the floor's throughput = floor s / "
+        "lfm s; 'less --help' / 'less --check': lfm s minus that start-up median of the method"
+    )
+    print(
+        "| method | MB read | MB written | floor s | floor CPU s | floor MiB | floor MB/s | lfm s "
+        "| lfm MB/s | lfm share of floor | share, less --help | share, less --check |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for method, r in runs.items():
+        rd, wr = moved[method]
+        mb = (rd + wr) / 1e6
+        fl, lf = _med(r["floor"], "s"), _med(r["lfm"], "s")
+        h, c = _med(r["startup"], "s"), _med(r["check"], "s")
+        print(
+            f"| {method} | {rd / 1e6:.0f} | {wr / 1e6:.0f} | {_spread(r['floor'], 's', 2)} "
+            f"| {_med(r['floor'], 'cpu'):.2f} | {_med(r['floor'], 'mib'):.0f} | {mb / fl:.0f} "
+            f"| {lf:.2f} | {mb / lf:.0f} | {fl / lf:.0%} | {fl / (lf - h):.0%} "
+            f"(of {lf - h:.2f} s) | {fl / (lf - c):.0%} (of {lf - c:.2f} s) |"
         )
 
 
@@ -252,10 +411,14 @@ def main() -> None:
     ap.add_argument("--sigma", type=float, default=1e-3)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--mk-settings", default=",".join(MK_SETTINGS), help="mergekit setting sets")
     a = ap.parse_args()
+    settings = a.mk_settings.split(",")
+    if unknown := [x for x in settings if x not in MK_SETTINGS]:
+        ap.error(f"unknown --mk-settings {','.join(unknown)}; known: {','.join(MK_SETTINGS)}")
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    part_mergekit(a.work, a.n_models, a.sigma, a.methods.split(","), a.repeats)
+    part_mergekit(a.work, a.n_models, a.sigma, a.methods.split(","), a.repeats, settings)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 
