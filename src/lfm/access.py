@@ -208,7 +208,10 @@ class LocalModel:
 
     def _batch(self, texts: Sequence[str], side: str) -> dict[str, torch.Tensor]:
         """Token ids and mask (B, T) padded on `side`, without touching the tokenizer's settings."""
-        rows = [list(r) for r in self.tokenizer(list(texts))["input_ids"]]
+        return self._pad([list(r) for r in self.tokenizer(list(texts))["input_ids"]], side)
+
+    def _pad(self, rows: Sequence[Sequence[int]], side: str) -> dict[str, torch.Tensor]:
+        """Token rows as ids and mask (B, T), padded with the pad token on `side`."""
         width = max((len(r) for r in rows), default=0)
         ids = torch.full(
             (len(rows), width), int(self.tokenizer.pad_token_id or 0), dtype=torch.long
@@ -216,7 +219,7 @@ class LocalModel:
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
             cols = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-            ids[i, cols], mask[i, cols] = torch.tensor(r, dtype=torch.long), 1
+            ids[i, cols], mask[i, cols] = torch.tensor(list(r), dtype=torch.long), 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     # -- TEXT --
@@ -351,21 +354,11 @@ class LocalModel:
         if _texts(texts):
             enc = self._batch(cast(Sequence[str], texts), side="right")
         else:
-            enc = self._rows(cast(Sequence[Sequence[int]] | torch.Tensor, texts))
+            rows = texts.tolist() if isinstance(texts, torch.Tensor) else texts
+            enc = self._pad(cast(Sequence[Sequence[int]], rows), side="right")
         with capture(self.model, modules) as acts:
             self.model(**enc)
         return {k: v.cpu() for k, v in acts.items()}
-
-    def _rows(self, rows: Sequence[Sequence[int]] | torch.Tensor) -> dict[str, torch.Tensor]:
-        """Token rows as ids and mask (B, T), right-padded with the pad token."""
-        lists: list[list[int]] = (
-            rows.tolist() if isinstance(rows, torch.Tensor) else [list(r) for r in rows]
-        )
-        width = max((len(r) for r in lists), default=0)
-        pad = int(self.tokenizer.pad_token_id or 0)
-        ids = torch.tensor([r + [pad] * (width - len(r)) for r in lists], dtype=torch.long)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in lists])
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
 
 class LocalClassifier:
