@@ -621,3 +621,26 @@ def test_cli_fitnets_refuses_a_student_of_another_vocabulary(tmp_path, model_dir
               "--student", str(tmp_path / "small"))  # fmt: skip
     assert out.exit_code == 2 and not (tmp_path / "runs").exists()
     assert "need one tokenizer" in out.output and "--method uld" in out.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--hint", "model.layers.9"], "no module named model.layers.9"),
+        (["--guided", "model.nope"], "no module named model.nope"),
+        (
+            ["--hint", "model.nrom", "--teacher-url", "HIDDEN"],
+            "no module 'model.nrom' in the served",
+        ),
+    ],
+)
+def test_cli_fitnets_refuses_unknown_modules_before_any_run(tmp_path, model_dir, teacher, extra,
+                                                           says):  # fmt: skip
+    (tmp_path / "t.txt").write_text(TEXT)
+    with running(build_app(Backend(teacher, "hidden"))) as url:
+        extra = [url if e == "HIDDEN" else e for e in extra]
+        out = _lm(
+            tmp_path / "runs", tmp_path / "t.txt", "--model", str(model_dir), *FITNETS, *extra
+        )
+    assert out.exit_code == 2 and says in out.output, out.output
+    assert not (tmp_path / "runs").exists()

@@ -41,6 +41,7 @@ from lfm.access import Access, LocalModel, narrow
 from lfm.assets import load_dataset, load_model
 from lfm.assets.models import source_path
 from lfm.core.checkpoints import Checkpoints
+from lfm.core.hooks import modules_by_name
 from lfm.core.layouts import get_layout, num_layers
 from lfm.core.runs import read_manifest
 from lfm.core.train import TrainConfig, run_on_main, shuffled_batches
@@ -572,6 +573,9 @@ def _scores_lm(
                 "blocks")  # fmt: skip
     train_blocks, test_blocks = lm_blocks(tok, own, o["block_size"], o["steps"] * o["batch_size"],
                                           o["eval_blocks"], o["batch_size"])  # fmt: skip
+    if pair is not None:  # both modules exist, checked before any run directory is made
+        modules_by_name(pupil, [pair[0]])
+        teacher.hidden(train_blocks[:1, :2], [pair[1]])  # one 2-token row: the teacher's check
     train_cfg = TrainConfig(steps=o["steps"], lr=o["lr"], seed=o["seed"],
                             ckpt_every=o["ckpt_every"], progress=o["progress"])  # fmt: skip
     paths = {"model": source_path(model) if local is not None else None, "data": o["data"],
