@@ -18,6 +18,9 @@ it on the CLI, once per placement, with the same seeds and data:
   and the held-out perplexity of the merged model.
 - distill: `lm_student` (every 3rd block, KD + LM) for `--distill-steps` steps; the student's
   held-out perplexity.
+- maml: `lfm meta train` on the sinusoid job (`lfm.meta.recipes.train`, 5 shots, `--maml-steps`
+  meta-updates), meta-tested on 200 held-out tasks: the mse. The parameters, meta-gradients and
+  Adam stay float32; the dtype is the forward passes' autocast.
 
 The table gives each figure per placement and each time with its speed-up over the first
 placement. `--json F` writes everything.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -55,7 +59,7 @@ def _args() -> argparse.Namespace:
         "--placements", nargs="+", default=["cpu:float32", "cuda:bfloat16", "cuda:float32"],
         help="DEVICE:DTYPE, in order; speed-ups are against the first",
     )  # fmt: skip
-    p.add_argument("--jobs", nargs="+", default=["lora", "rome", "ties", "distill"])
+    p.add_argument("--jobs", nargs="+", default=["lora", "rome", "ties", "distill", "maml"])
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--lora-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -64,6 +68,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--facts", type=int, default=5, help="ROME edits (facts the model knows)")
     p.add_argument("--stats-tokens", type=int, default=20_000)
     p.add_argument("--distill-steps", type=int, default=40)
+    p.add_argument("--maml-steps", type=int, default=300, help="MAML meta-updates (sinusoid)")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--eval-blocks", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -174,6 +179,18 @@ def distill(a, data, device: str, dtype: str) -> dict:
     return {"ppl": ppl, "s": secs}
 
 
+def maml(a, device: str, dtype: str) -> dict:
+    from lfm.meta import recipes
+
+    with placement.placed(device, dtype, training=True), tempfile.TemporaryDirectory() as root:
+        done, secs = _timed(
+            lambda: recipes.train(
+                "maml", "sinusoid", steps=a.maml_steps, test_tasks=200, root=root, ckpt_every=0
+            )
+        )
+    return {"mse": done.score["mean"], "s": secs}
+
+
 def main() -> None:
     a = _args()
     if a.threads:
@@ -199,6 +216,8 @@ def main() -> None:
                     r = rome(a, facts, device, dtype)
                 elif job == "ties":
                     r = ties(a, test_blocks, device, dtype)
+                elif job == "maml":
+                    r = maml(a, device, dtype)
                 else:
                     r = distill(a, data, device, dtype)
             except Exception:  # one broken path must not hide the others' figures

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from lfm.access import LocalModel
+from lfm.access import Access, LocalModel
 from lfm.assets import load_model
 from lfm.core import placement
 from lfm.core.runs import Run
@@ -208,3 +208,45 @@ def test_lm_distillation_in_bfloat16_autocast(sharp_teacher):
         assert gap(student) < 0.5 * gap(before)
         hist[dtype] = res.history
     assert hist["float32"] != hist["bfloat16"]
+
+
+def test_meta_learning_under_a_chosen_bfloat16_autocasts_with_float32_meta_gradients():
+    from lfm.meta.models import MLP
+    from lfm.meta.tasks import SinusoidTasks
+    from lfm.meta.train import meta_test
+
+    hist, score = {}, {}
+    torch.manual_seed(0)
+    start = meta_test(MLP(1, 1, (40, 40)), SinusoidTasks(5, 20), "maml", n_tasks=40)["mean"]
+    for dtype in ("float32", "bfloat16"):
+        torch.manual_seed(0)
+        with placement.placed(device="cpu", dtype=dtype, training=True):  # as `--dtype` sets it
+            res = run("meta", "maml", MLP(1, 1, (40, 40)), SinusoidTasks(5, 10),
+                      cfg={"steps": 200, "meta_batch": 5, "outer_lr": 0.01}, seed=0)  # fmt: skip
+            score[dtype] = meta_test(res, SinusoidTasks(5, 20), n_tasks=40)["mean"]
+        assert all(p.dtype is torch.float32 for p in res.model.parameters())  # θ stays float32
+        hist[dtype] = res.history.loss
+    a, b = hist["float32"], hist["bfloat16"]
+    assert a != b  # the autocast ran: bfloat16 matmuls round differently
+    # the same tasks: the early meta-losses agree to bfloat16's rounding, before the two
+    # trajectories part (as two float32 runs on other hardware would)
+    assert max(abs(x - y) / max(abs(x), 1.0) for x, y in zip(a[:20], b[:20], strict=True)) < 0.05
+    assert score["float32"] != score["bfloat16"]
+    assert score["bfloat16"] < 0.8 * start  # it meta-learns in bfloat16
+    assert abs(score["float32"] - score["bfloat16"]) < 0.1 * score["float32"]
+
+
+def test_data_free_meta_learning_under_a_chosen_bfloat16_autocast():
+    from lfm.meta.datafree import DataFreeConfig, pool_example
+
+    hist = {}
+    for dtype in ("float32", "bfloat16"):
+        ex = pool_example(DataFreeConfig)(Access.WEIGHTS, 0)
+        with placement.placed(device="cpu", dtype=dtype, training=True):
+            res = run("meta", "datafree_whitebox", *ex.args, cfg=ex.cfg.model_copy(
+                update={"steps": 6}), seed=0)  # fmt: skip
+        assert all(p.dtype is torch.float32 for p in res.model.parameters())
+        hist[dtype] = res.history.loss
+    a, b = hist["float32"], hist["bfloat16"]
+    assert a != b
+    assert max(abs(x - y) / max(abs(x), 1.0) for x, y in zip(a, b, strict=True)) < 0.05

@@ -9,6 +9,7 @@ import json
 import math
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -644,3 +645,23 @@ def test_cli_fitnets_refuses_unknown_modules_before_any_run(tmp_path, model_dir,
         )
     assert out.exit_code == 2 and says in out.output, out.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_cli_cache_in_bfloat16_keeps_the_float32_answers_within_its_rounding(tmp_path, model_dir):
+    from lfm.cli.distill import app
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / f"{dtype}.npz"
+        made = CliRunner().invoke(app, ["cache", "--model", str(model_dir), "--data",
+                                        str(tmp_path / "t.txt"), "--top-k", "5", "--block-size",
+                                        "16", "--batch-size", "2", "--steps", "3", "-o", str(out),
+                                        "--threads", "1", "--device", "cpu", "--dtype", dtype])  # fmt: skip
+        assert made.exit_code == 0, made.output
+        with np.load(out) as f:
+            got[dtype] = (f["values"].astype(np.float32), f["index"])
+    (v32, i32), (v16, i16) = got["float32"], got["bfloat16"]
+    assert not np.array_equal(v32, v16)  # the teacher ran in bfloat16
+    assert (i32[..., 0] == i16[..., 0]).mean() > 0.9  # mostly the same best token
+    assert np.abs(v32[..., 0] - v16[..., 0]).max() < 0.25

@@ -174,7 +174,7 @@ def _served(url: str | None, key: str | None, access: str = "scores") -> object:
     return RemoteModel(url, api_key=key, access=access)
 
 
-@app.command()
+@app.command(placed=True)
 def cache(
     out: Path = typer.Option(..., "--out", "-o", help="the cache file to write (.npz)"),
     model: str = typer.Option(

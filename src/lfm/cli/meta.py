@@ -7,7 +7,9 @@ meta-learn without data from a pool of pretrained classifiers (`lfm.meta.recipes
 
 write runs/<stamp>-meta-<method>/ (under --root) with the manifest (resolved config, metrics, the
 meta-loss history), curves.png and model.safetensors; `--resume RUN` continues a run from its
-checkpoint (`--ckpt-every N`).
+checkpoint (`--ckpt-every N`). `--device` runs the loops there (the models, the tasks of each
+meta-batch, the pool); `--dtype bfloat16` autocasts their forward passes while the parameters,
+the meta-gradients and Adam's state stay float32.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _line(done, task: str, shots: int) -> str:
     )
 
 
-@app.command()
+@app.command(placed="train")
 def train(
     method: str = typer.Option(
         "maml", help="maml, fomaml, anil, metasgd, reptile, protonets or pretrain"
@@ -91,7 +93,7 @@ def train(
     typer.echo(_line(done, name, shots))
 
 
-@app.command()
+@app.command(placed="train")
 def datafree(
     method: str = typer.Option(
         "datafree_whitebox", help="datafree_whitebox (PURER-like) or datafree_blackbox (BiDf-MKD)"

@@ -20,7 +20,7 @@ on the CPU in float32 and training uses an accelerator when present, without aut
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -154,3 +154,20 @@ def placed(
         yield _default
     finally:
         _default = before
+
+
+def loop_device(model: torch.nn.Module) -> torch.device:
+    """Where a training loop of lfm's own (meta-learning, data-free meta-learning) runs: the
+    chosen device (`--device`), else where `model`'s parameters are (the CPU if it has none)."""
+    if _default.device_chosen:
+        return _default.device
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def autocast(device: torch.device) -> AbstractContextManager[object]:
+    """The chosen autocast (`--dtype` of a training command) for a loop's forward passes on
+    `device`; off when none was chosen or it is float32. The parameters, their gradients and the
+    optimiser's state stay float32: only the matrix products run in the lower precision."""
+    dtype = _default.autocast
+    on = dtype is not None and dtype != torch.float32
+    return torch.autocast(device.type, dtype=dtype if on else None, enabled=on)

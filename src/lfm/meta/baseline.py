@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from lfm.core import placement
 from lfm.meta.maml import ANILConfig
 
 
@@ -49,7 +50,8 @@ def train_classifier(
     seed: int = 0,
     tick: Callable[[int], Any] | None = None,
 ) -> nn.Module:
-    """A copy of `model` trained by Adam on minibatch cross-entropy; returned in eval mode.
+    """A copy of `model` trained by Adam on minibatch cross-entropy; returned in eval mode, on
+    the loop's device (`lfm.core.placement.loop_device`).
 
     Args:
         model: the classifier (its outputs must cover the labels of `y`).
@@ -61,12 +63,15 @@ def train_classifier(
         seed: seeds the minibatch order.
         tick: called with 1 after every step (a progress bar's `update`).
     """
-    model = copy.deepcopy(model).train()
+    device = placement.loop_device(model)  # the chosen `--device`, else where `model` is
+    model = copy.deepcopy(model).to(device).train()
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
-        idx = torch.randint(len(y), (min(batch, len(y)),), generator=gen)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        idx = torch.randint(len(y), (min(batch, len(y)),), generator=gen).to(device)
+        with placement.autocast(device):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()

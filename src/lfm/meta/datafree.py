@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
+from lfm.core import placement
 from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.priors import bn_prior, total_variation
 from lfm.errors import LfmError
@@ -96,9 +97,9 @@ def zeroth_order_grad(cfg: BlackBoxConfig, gen: torch.Generator) -> Oracle:
 
     def grad(handle: Any, z: Tensor, y: Tensor) -> Tensor:
         q, b = cfg.directions, z.shape[0]
-        u = torch.randn((q, *z.shape), generator=gen)
+        u = torch.randn((q, *z.shape), generator=gen).to(z.device)  # drawn on the CPU: seeded
         zs = torch.cat([z[None], z[None] + cfg.mu * u]).flatten(0, 1)  # ((q+1)·B, ...)
-        logp = handle.scores(torch.sigmoid(zs)).view(q + 1, b, -1)
+        logp = handle.scores(torch.sigmoid(zs)).to(z.device).view(q + 1, b, -1)
         f = -logp.gather(-1, y.expand(q + 1, b)[..., None]).squeeze(-1)  # per-sample CE (q+1, B)
         slope = (f[1:] - f[:1]) / cfg.mu  # (q, B)
         return (slope.view(q, b, *[1] * (z.dim() - 1)) * u).mean(0) / b
@@ -106,11 +107,13 @@ def zeroth_order_grad(cfg: BlackBoxConfig, gen: torch.Generator) -> Oracle:
     return grad
 
 
-def episode_split(cfg: DataFreeConfig) -> tuple[Tensor, Tensor, Tensor]:
+def episode_split(
+    cfg: DataFreeConfig, device: torch.device | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Labels of a bank (class-major) and the indices of its support and query rows."""
     per = cfg.shots + cfg.queries
-    y = torch.arange(cfg.ways).repeat_interleave(per)
-    pos = torch.arange(len(y)) % per
+    y = torch.arange(cfg.ways, device=device).repeat_interleave(per)
+    pos = torch.arange(len(y), device=device) % per
     return y, torch.nonzero(pos < cfg.shots).flatten(), torch.nonzero(pos >= cfg.shots).flatten()
 
 
@@ -118,7 +121,7 @@ def learner_logits(
     learner: nn.Module, params: Params, x: Tensor, cfg: DataFreeConfig
 ) -> tuple[Tensor, Tensor]:
     """ProtoNet query logits (Q, N) of a bank episode, and its query labels."""
-    y, s, q = episode_split(cfg)
+    y, s, q = episode_split(cfg, x.device)
     emb = forward(learner, params, x)
     return proto_logits(emb[q], prototypes(emb[s], y[s], cfg.ways)), y[q]
 
@@ -127,7 +130,7 @@ def invert(
     oracle: Oracle, handle: Any, z: Tensor, learner: nn.Module, params: Params, cfg: DataFreeConfig
 ) -> Tensor:
     """Refine one memory-bank episode z by `inv_steps` Adam steps on the inversion objective."""
-    y = episode_split(cfg)[0]
+    y = episode_split(cfg, z.device)[0]
     z = z.clone().requires_grad_()
     opt = torch.optim.Adam([z], lr=cfg.inv_lr)
     frozen = {n: p.detach() for n, p in params.items()}
@@ -149,7 +152,8 @@ def episode_loss(
     loss = F.cross_entropy(logits, yq)
     if cfg.kd > 0:
         t = cfg.temperature
-        teacher = (handle.scores(x[episode_split(cfg)[2]]) / t).log_softmax(-1)
+        queries = x[episode_split(cfg, x.device)[2]]
+        teacher = (handle.scores(queries).to(x.device).float() / t).log_softmax(-1)
         kl = F.kl_div((logits / t).log_softmax(-1), teacher, log_target=True, reduction="batchmean")
         loss = loss + cfg.kd * t * t * kl
     return loss
@@ -169,11 +173,13 @@ def datafree_train(
     """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models (a
     progress bar named `desc` if `progress`; checkpoints into `ckpt`'s run at its interval, and
     continues from a checkpoint found there)."""
-    learner = copy.deepcopy(learner)
+    home = next((p.device for p in learner.parameters()), torch.device("cpu"))
+    device = placement.loop_device(learner)  # the pool's models must be there too
+    learner = copy.deepcopy(learner).to(device)
     params = params_of(learner)
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
     n = cfg.ways * (cfg.shots + cfg.queries)
-    banks = [torch.randn((n, *input_shape), generator=gen) for _ in pool]
+    banks = [torch.randn((n, *input_shape), generator=gen).to(device) for _ in pool]
     history = History()
     loop = _Loop(learner, banks, opt, gen, pool, history)
     start = loop.resume(ckpt) if ckpt else 0
@@ -183,8 +189,10 @@ def datafree_train(
         losses = []
         for _ in range(cfg.meta_batch):
             i = int(torch.randint(len(pool), (1,), generator=gen))
-            banks[i] = invert(oracle, pool[i], banks[i], learner, params, cfg)
-            losses.append(episode_loss(pool[i], learner, params, torch.sigmoid(banks[i]), cfg))
+            with placement.autocast(device):  # `--dtype`: forward passes; z, θ, Adam stay fp32
+                banks[i] = invert(oracle, pool[i], banks[i], learner, params, cfg)
+                x = torch.sigmoid(banks[i])
+                losses.append(episode_loss(pool[i], learner, params, x, cfg).float())
         loss = torch.stack(losses).mean()
         opt.zero_grad()
         loss.backward()
@@ -192,7 +200,7 @@ def datafree_train(
         history.loss.append(float(loss.detach()))
         if ckpt and ckpt.due(step + 1, cfg.steps):
             loop.save(ckpt, step + 1)
-    return learner, history
+    return learner.to(home), history
 
 
 @dataclass

@@ -41,6 +41,11 @@ class Task(NamedTuple):
     yq: Tensor  # query targets    (Q, ...)  or (T, Q, ...)
 
 
+def on(tasks: Task, device: torch.device) -> Task:
+    """The task (or meta-batch) with its tensors on `device` (samplers draw on the CPU)."""
+    return Task(*(t.to(device) for t in tasks))
+
+
 # The range of each number a meta config may hold, checked for every subclass (whose own defaults
 # redefine these fields, dropping any `Field` bound of the parent). Counts: the least value (0 steps
 # meta-tests the initialisation; 0 inner steps adapts nothing). Rates, the temperature and the

@@ -28,6 +28,7 @@ from torch import nn
 
 from lfm.access import LocalClassifier, narrow
 from lfm.config import Config
+from lfm.core import placement
 from lfm.core.io import load_tensors, save_tensors
 from lfm.core.runs import read_manifest
 from lfm.errors import LfmError
@@ -315,6 +316,7 @@ def datafree(
                                 seed=seed, progress=progress)  # fmt: skip
             if ckpt_every:
                 _save_pool(run_, models)
+        models = [m.to(placement.loop_device(m)) for m in models]  # `--device`: the pool too
         level = spec.access.name.lower()  # the least the method needs: the handles give no more
         handles = [narrow(LocalClassifier(m), level) for m in models]
         torch.manual_seed(seed)

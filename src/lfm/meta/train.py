@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm, trange
 
 from lfm.access import Access, module_of
-from lfm.core import checkpoints
+from lfm.core import checkpoints, placement
 from lfm.errors import LfmError
 from lfm.meta.contract import LEARNER, History, MetaResult, ModelPool
 from lfm.meta.functional import (
@@ -38,6 +38,7 @@ from lfm.meta.functional import (
     Task,
     adapted_predict,
     can_vectorize,
+    on,
     over_tasks,
     params_of,
     selected,
@@ -153,7 +154,8 @@ def outer_loop(
         progress: show a progress bar named `desc`.
         ckpt: save the state there at its interval, and continue from a checkpoint found there.
     """
-    model = copy.deepcopy(model)
+    home, device = _devices(model)
+    model = copy.deepcopy(model).to(device)
     params = params_of(model)
     lrs = init_lrs(params, cfg)
     opt = torch.optim.Adam([*params.values(), *(lrs or {}).values()], lr=cfg.outer_lr)
@@ -164,15 +166,23 @@ def outer_loop(
     bar = trange(start, cfg.steps, initial=start, total=cfg.steps, disable=not progress,
                  desc=desc, leave=False)  # fmt: skip
     for step in bar:
-        tasks = sampler.sample(cfg.meta_batch, gen)
-        out = objective(model, params, tasks, sampler.problem, cfg, lrs, vec)
+        tasks = on(sampler.sample(cfg.meta_batch, gen), device)
+        with placement.autocast(device):  # `--dtype`: the forward passes; θ, ∇θ, Adam stay fp32
+            out = objective(model, params, tasks, sampler.problem, cfg, lrs, vec)
         _set_grads(out, params, lrs)
         opt.step()
         history.loss.append(float(out.loss.detach()))
         if ckpt and ckpt.due(step + 1, cfg.steps):
             ckpt.save(step + 1, params, lrs, opt, gen, history)
-    history.inner_lrs = {n: t.detach() for n, t in lrs.items()} if lrs else None
-    return model, history
+    history.inner_lrs = {n: t.detach().to(home) for n, t in lrs.items()} if lrs else None
+    return model.to(home), history
+
+
+def _devices(model: nn.Module) -> tuple[torch.device, torch.device]:
+    """(where `model` is, where the loop runs): the chosen `--device`, else where `model` is.
+    What the loop returns goes back to where `model` was."""
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return home, placement.loop_device(model)
 
 
 def task_source(tasks: Any, key: str) -> Any:
@@ -288,7 +298,11 @@ def meta_test(
     spec = get(method, area="meta")
     cfg, predict = spec.resolve(cfg), spec.extras["predict"]
     model = module_of(model, "meta_test")
+    home, device = _devices(model)
+    model = model if device == home else copy.deepcopy(model).to(device)
     params = {n: p.detach() for n, p in params_of(model).items()}
+    if inner_lrs is not None:
+        inner_lrs = {n: t.to(device) for n, t in inner_lrs.items()}
     gen = torch.Generator().manual_seed(seed)
     vec = can_vectorize(model, cfg.vectorize)
     problem, scores = tasks.problem, []
@@ -298,7 +312,8 @@ def meta_test(
 
     with tqdm(total=n_tasks, desc="meta-test", disable=not progress, leave=False) as bar:
         for start in range(0, n_tasks, chunk):
-            batch = tasks.sample(min(chunk, n_tasks - start), gen)
-            scores.append(over_tasks(one, batch, vec).detach())
+            batch = on(tasks.sample(min(chunk, n_tasks - start), gen), device)
+            with placement.autocast(device):
+                scores.append(over_tasks(one, batch, vec).detach().float().cpu())
             bar.update(len(scores[-1]))
     return {**summarise(torch.cat(scores)), "metric": problem.metric_name}
