@@ -134,3 +134,31 @@ def test_lifelong_set_loads_by_name_with_its_splits_and_is_regenerated_exactly()
     tool = Path(__file__).parents[2] / "tools" / "make_lifelong_facts.py"
     done = subprocess.run([sys.executable, str(tool), "--check"], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout  # the packaged file is what the seeded tool writes
+
+
+def test_a_text_handle_is_scored_by_its_greedy_answers_as_counted_by_hand():
+    from lfm.access import Access
+    from lfm.edit.facts import Fact, answers, begins_with, evaluate_fact
+
+    assert begins_with(" Paris, the capital", "Paris") and begins_with("\nNew York.", "New York")
+    assert not begins_with(" Parisian", "Paris") and not begins_with(" the city of Paris", "Paris")
+
+    class Scripted:  # a TEXT handle: a fixed answer per prompt, and what it was asked
+        access = Access.TEXT
+
+        def __init__(self, said):
+            self.said, self.asked = said, []
+
+        def generate(self, prompts, max_new_tokens=32, **kw):
+            self.asked.append(max_new_tokens)
+            return [self.said[p] for p in prompts]
+
+    fact = Fact(id=1, relation="r", subject="Louvre", prompt="P", true="Paris", new="Rome",
+                paraphrases=("Q1", "Q2"), neighbourhood=("N1", "N2", "N3", "N4"))  # fmt: skip
+    h = Scripted({"P": " Rome.", "Q1": " Romeo", "Q2": " Rome and", "N1": " Paris", "N2": " Rome",
+                  "N3": " Paris!", "N4": "Paris is"})  # fmt: skip
+    got = evaluate_fact(h, fact)
+    # by hand: P says Rome (1/1); Q2 does, Q1 says "Romeo" (1/2); N1, N3, N4 keep Paris (3/4)
+    assert got == {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 0.75}
+    assert answers(h, ["P", "N2"], "Rome", tokens=3) == 1.0 and h.asked[-1] == 3
+    assert math.isnan(answers(h, [], "Rome"))

@@ -268,6 +268,30 @@ def test_cli_eval_ike_through_a_served_model(tiny):
     assert refused.exit_code == 2 and "Traceback" not in refused.output
 
 
+def test_cli_eval_ike_through_a_served_text_model_reads_its_answers(tiny):
+    """A server at TEXT gives no scores: the CLI reads its level from the card and scores the
+    facts by the greedy answers, as the local model narrowed to TEXT scores them."""
+    from lfm.edit import recipes
+    from lfm.edit.facts import read_facts
+    from lfm.serve import Backend, ServeSettings, build_app
+    from lfm.serve.thread import running
+
+    root, lm = tiny
+    (root / "ike0.yaml").write_text("k: 0\nencoder: chars\n")  # the tiny model's 128 positions
+    app = build_app(Backend(lm, "text"), ServeSettings())
+    with running(app) as url:
+        served = _eval_ike(root, "--url", url, "--config", str(root / "ike0.yaml"))
+    assert served.exit_code == 0, served.output
+    rows = read_facts(root / "facts.jsonl")
+    want = recipes.evaluate_ike(narrow(lm, "text"), rows, {"k": 0, "encoder": "chars"})
+    assert served.stdout.splitlines() == [
+        "2 fact(s)", _line("before", want.before), _line("with IKE", want.after)
+    ]  # fmt: skip
+    # TEXT reads answers, not probabilities: the SCORES reading of the same facts differs here
+    scored = recipes.evaluate_ike(narrow(lm, "scores"), rows, {"k": 0, "encoder": "chars"})
+    assert (want.before, want.after) != (scored.before, scored.after)
+
+
 @pytest.mark.parametrize(
     ("extra", "says"),
     [

@@ -138,13 +138,18 @@ def train_mend(
 
 
 def _handle(url: str | None, model: str, key: str | None) -> Any:
-    """A served model at SCORES (`lfm serve`) when `url` is given, else the model's name."""
+    """A served model (`lfm serve`) at the level its card gives, SCORES at most, when `url` is
+    given, else the model's name. Through a TEXT server the facts are scored by its answers."""
     if not url:
         return model
+    from lfm.access import Access
     from lfm.serve import RemoteModel
 
     # IKE puts ~1,000 tokens of demonstrations before every prompt: small requests, more time
-    return RemoteModel(url, api_key=key, access="scores", chunk=4, timeout=600.0)
+    remote = RemoteModel(url, api_key=key, access="text", chunk=4, timeout=600.0)
+    given = Access.parse(str(remote.info().get("lfm_access", "text")))
+    remote.access = min(given, Access.SCORES)
+    return remote
 
 
 @app.command("eval", placed=True)
@@ -166,7 +171,9 @@ def eval_(
     ),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", min=1),
     url: str = typer.Option(
-        None, "--url", help="a served model (`lfm serve`, SCORES) instead of --model"
+        None, "--url",
+        help="a served model (`lfm serve`) instead of --model: at SCORES the facts are scored "
+        "by probabilities, at TEXT by its greedy answers",
     ),
     api_key: str = typer.Option(
         None, "--api-key", envvar="LFM_API_KEY", help="API key of the served model"

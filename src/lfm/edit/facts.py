@@ -17,6 +17,12 @@ compared pairwise; each a percentage over records):
   score          harmonic mean of the three
   generation     greedy continuation of the generation prompt mentions the new object
   fluency        ROME's n-gram entropy of the generated text: (2/3)·H₂ + (4/3)·H₃, bits
+
+Through a handle that gives only TEXT (a served model at `--access text`, `narrow(h, "text")`)
+there are no probabilities to compare: efficacy and paraphrase are then the fraction of prompts
+whose greedy continuation begins with the new object as a whole word, neighbourhood the fraction
+whose continuation begins with the true object (`answers`), the exact-match reading of the same
+questions.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lfm.access import ScoresModel
+from lfm.access import Access, ScoresModel
 from lfm.assets.labelled import json_lines
 from lfm.edit.requests import Request
 from lfm.errors import LfmError
@@ -118,6 +124,25 @@ def _wins(handle: ScoresModel, prompts: Sequence[str], a: str, b: str) -> float:
     return float((s[:n] > s[n:]).float().mean())
 
 
+ANSWER_TOKENS = 8  # greedy tokens read for a TEXT handle's answer (objects take 1–4 here)
+
+
+def answers(handle: Any, prompts: Sequence[str], obj: str, tokens: int = ANSWER_TOKENS) -> float:
+    """Fraction of prompts whose greedy continuation begins with `obj` as a whole word (leading
+    space ignored): what a TEXT handle can tell of a fact, where `_wins` needs scores."""
+    if not prompts:
+        return float("nan")
+    outs = handle.generate(list(prompts), max_new_tokens=tokens)
+    return sum(begins_with(t, obj) for t in outs) / len(outs)
+
+
+def begins_with(text: str, obj: str) -> bool:
+    """Whether `text`, less its leading white space, starts with the word(s) `obj`: " Paris, the
+    capital" does for "Paris", " Parisian" does not."""
+    head = text.lstrip()
+    return head.startswith(obj) and not head[len(obj) : len(obj) + 1].isalnum()
+
+
 def ngram_entropy(text: str, ns: tuple[int, ...] = (2, 3), weights=(2 / 3, 4 / 3)) -> float:
     """ROME's fluency: weighted mean of n-gram entropies (bits) of the text's words."""
     words = text.split()
@@ -144,16 +169,25 @@ def neighbours(fact: Fact, edited: Collection[str] = ()) -> tuple[str, ...]:
 def evaluate_fact(
     handle: Any, fact: Fact, gen_tokens: int = 0, edited: Collection[str] = ()
 ) -> dict[str, float]:
-    """CounterFact metrics (fractions in [0, 1]) of one fact on the (edited) model of `handle`.
+    """CounterFact metrics (fractions in [0, 1]) of one fact on the (edited) model of `handle`
+    (through a TEXT handle, their exact-match reading: see the module's docstring).
 
     `edited`: subjects of all edits applied together (batch or sequence); neighbourhood prompts
     naming one of them are left out (NaN if none is left, skipped by `summarise`).
     """
-    out = {
-        "efficacy": _wins(handle, [fact.prompt], fact.new, fact.true),
-        "paraphrase": _wins(handle, fact.paraphrases, fact.new, fact.true),
-        "neighbourhood": _wins(handle, neighbours(fact, edited), fact.true, fact.new),
-    }
+    level = getattr(handle, "access", Access.WEIGHTS)  # a plain module or model: white-box
+    if level >= Access.SCORES:
+        out = {
+            "efficacy": _wins(handle, [fact.prompt], fact.new, fact.true),
+            "paraphrase": _wins(handle, fact.paraphrases, fact.new, fact.true),
+            "neighbourhood": _wins(handle, neighbours(fact, edited), fact.true, fact.new),
+        }
+    else:  # a TEXT handle: its greedy answers, exact match
+        out = {
+            "efficacy": answers(handle, [fact.prompt], fact.new),
+            "paraphrase": answers(handle, fact.paraphrases, fact.new),
+            "neighbourhood": answers(handle, neighbours(fact, edited), fact.true),
+        }
     if gen_tokens and fact.generation:
         texts = handle.generate(list(fact.generation), max_new_tokens=gen_tokens)
         out["generation"] = sum(fact.new in t for t in texts) / len(texts)
