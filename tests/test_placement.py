@@ -250,3 +250,20 @@ def test_data_free_meta_learning_under_a_chosen_bfloat16_autocast():
     a, b = hist["float32"], hist["bfloat16"]
     assert a != b
     assert max(abs(x - y) / max(abs(x), 1.0) for x, y in zip(a, b, strict=True)) < 0.05
+
+
+@pytest.mark.parametrize("method", ["deep_inversion", "dafl", "dfad", "dfme"])
+def test_data_free_distillation_under_a_chosen_bfloat16_autocast(method):
+    from lfm.registry import get
+
+    spec = get(method, area="distill")
+    got = {}
+    for dtype in ("float32", "bfloat16"):
+        ex = spec.example(spec.access, 0)
+        with placement.placed(device="cpu", dtype=dtype, training=True):
+            res = run(spec.key, *ex.args, cfg=ex.cfg, **ex.kwargs)
+        assert all(p.dtype is torch.float32 for p in res.student.parameters())
+        got[dtype] = torch.cat([p.detach().flatten() for p in res.student.parameters()])
+    a, b = got["float32"], got["bfloat16"]
+    assert not torch.equal(a, b)  # the autocast ran
+    assert float((a - b).norm() / a.norm()) < 0.05

@@ -201,7 +201,7 @@ def cache(
     typer.echo(f"{path}: top {top_k} of {n} blocks, {path.stat().st_size / 2**20:.1f} MiB")
 
 
-@app.command()
+@app.command(placed="train")
 def datafree(
     method: str = typer.Option("deep_inversion", help=f"one of: {', '.join(DATAFREE)}"),
     data: Path | None = _data(IMAGES_HELP + "; only the teacher trains on them"),

@@ -32,7 +32,7 @@ from lfm.config import Config
 from lfm.core.checkpoints import Checkpoints
 from lfm.core.hooks import frozen
 from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
-from lfm.distill.game import Game, game_example, game_generator, optimise, play, sample
+from lfm.distill.game import Game, game_example, game_generator, optimise, place, play, sample
 from lfm.registry import register
 
 BRANCH = "adversarial exploration"
@@ -95,7 +95,7 @@ def forward_difference_grad(
         eps: the forward-difference step ε.
         g: the random generator of the directions.
     """
-    u = unit_directions(tuple(x.shape), m, g)  # (m, B, ...)
+    u = unit_directions(tuple(x.shape), m, g).to(x.device)  # (m, B, ...), drawn on the CPU
     f0 = f(x)  # (B,)
     fu = f((x.unsqueeze(0) + eps * u).flatten(0, 1)).view(m, len(x))  # (m, B)
     coef = x[0].numel() * (fu - f0) / eps  # (m, B)
@@ -104,10 +104,13 @@ def forward_difference_grad(
 
 def _game_parts(
     student: nn.Module, data: Any, cfg: Any, generator: nn.Module | None, seed: int, what: str,
-    ckpt: Checkpoints | None,
+    ckpt: Checkpoints | None, teacher: tuple[nn.Module, ...] = (),
 ) -> Game:  # fmt: skip
+    """The game's generator and optimisers, the student, the generator and a white-box
+    `teacher` moved to where it runs (`place`)."""
     torch.manual_seed(seed)
     gen = game_generator(data, generator, cfg.nz, cfg.generator_width, what)
+    place(student, gen, *teacher)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.SGD(student.parameters(), lr=cfg.lr_s, momentum=0.9)
     optimizers = {"generator_optimizer": opt_g, "student_optimizer": opt_s}
@@ -147,7 +150,7 @@ def dfad(
         the teacher `queries`.
     """
     model = module_of(teacher)
-    game = _game_parts(student, data, cfg, generator, seed, "distill/dfad", ckpt)
+    game = _game_parts(student, data, cfg, generator, seed, "distill/dfad", ckpt, (model,))
     gen, g, (opt_g, opt_s) = game.generator, game.rng, game.optimizers.values()
 
     def generator_step() -> dict[str, float]:
@@ -219,15 +222,16 @@ def dfme(
 
     def query(x: torch.Tensor) -> torch.Tensor:
         spent["queries"] += len(x)
-        return logits_from_logprobs(teacher.scores(x.detach()))
+        return logits_from_logprobs(teacher.scores(x.detach()).to(x.device).float())
 
     def loss_at(x: torch.Tensor) -> torch.Tensor:
         return discrepancy(student(x), query(x))
 
     def generator_step() -> dict[str, float]:
         x = sample(gen, cfg.batch_size, g)
-        with frozen(student, train=False):  # per-example values, as forward differences need
-            grad = forward_difference_grad(loss_at, x.detach(), cfg.directions, cfg.eps, g)
+        with frozen(student, train=False), torch.autocast(x.device.type, enabled=False):
+            # per-example values in float32: a difference over ε = 1e-3 is lost in bfloat16
+            grad = forward_difference_grad(loss_at, x.detach().float(), cfg.directions, cfg.eps, g)
         opt_g.zero_grad(set_to_none=True)
         x.backward(-grad / len(x))  # ascend the mean discrepancy
         opt_g.step()

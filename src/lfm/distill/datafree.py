@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from lfm.access import Access, LocalClassifier, module_of, narrow
 from lfm.config import Config
+from lfm.core import placement
 from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.hooks import capture, frozen
 from lfm.core.priors import bn_prior, total_variation
@@ -40,7 +41,7 @@ from lfm.core.tiny import tiny_cnn
 from lfm.core.train import History, TrainConfig, shuffled_batches
 from lfm.distill.contract import DISTILLER, DistillResult, InputSpec
 from lfm.distill.distiller import distill
-from lfm.distill.game import Game, game_example, game_generator, optimise, play, sample
+from lfm.distill.game import Game, game_example, game_generator, optimise, place, play, sample
 from lfm.distill.losses import KDConfig, kd_loss
 from lfm.errors import LfmError
 from lfm.registry import Example, register
@@ -127,17 +128,22 @@ def deep_inversion_images(
         bar: a tqdm bar advanced by one per pixel update (None: no progress shown).
     """
     model = module_of(teacher, "DeepInversion's image synthesis")
+    device = placement.loop_device(model)  # the chosen `--device`, else where the teacher is
+    model.to(device)
+    if student is not None:
+        student.to(device)
     rival = frozen(student, train=False) if student is not None else nullcontext()
     g = torch.Generator().manual_seed(seed)
     if targets is None:
         targets = torch.arange(cfg.batch_size) % n_classes
     x = torch.randn((len(targets), *shape), generator=g).clamp(cfg.pixel_min, cfg.pixel_max)
-    x.requires_grad_(True)
+    x, on = x.to(device).requires_grad_(True), targets.to(device)
     opt = torch.optim.Adam([x], lr=cfg.lr)
     history = []
     with frozen(model, train=False), rival:
         for _ in range(cfg.steps):
-            out = deep_inversion_loss(model, x, targets, cfg, student)
+            with placement.autocast(device):  # `--dtype`: the forward passes; the pixels fp32
+                out = deep_inversion_loss(model, x, on, cfg, student)
             opt.zero_grad(set_to_none=True)
             out["loss"].backward()
             opt.step()
@@ -146,7 +152,7 @@ def deep_inversion_images(
             history.append({k: float(v.detach()) for k, v in out.items()})
             if bar is not None:
                 bar.update()
-    return x.detach(), targets, history
+    return x.detach().cpu(), targets, history  # kept on the CPU: the KD rounds batch them
 
 
 Synthesised = tuple[torch.Tensor, torch.Tensor, list[dict[str, float]]]  # images, targets, record
@@ -347,6 +353,7 @@ def dafl(
     model = module_of(teacher)
     torch.manual_seed(seed)
     gen = game_generator(data, generator, cfg.nz, cfg.generator_width, "distill/dafl")
+    place(student, gen, model)
     g = torch.Generator().manual_seed(seed)
     opt_g = torch.optim.Adam(gen.parameters(), lr=cfg.lr_g)
     opt_s = torch.optim.Adam(student.parameters(), lr=cfg.lr_s)

@@ -21,6 +21,7 @@ from tqdm.auto import trange
 
 from lfm.access import Access, LocalClassifier, narrow
 from lfm.config import Config
+from lfm.core import placement
 from lfm.core.checkpoints import Checkpoints, prefixed
 from lfm.core.tiny import tiny_cnn
 from lfm.distill.contract import InputSpec
@@ -108,6 +109,15 @@ class Game:
                             counters=dict(self.counters))  # fmt: skip
 
 
+def place(student: nn.Module, *modules: nn.Module) -> torch.device:
+    """Move the student and `modules` (the generator, a white-box teacher) in place to where the
+    game runs, and return it: the chosen `--device`, else where the student is."""
+    device = placement.loop_device(student)
+    for m in (student, *modules):
+        m.to(device)
+    return device
+
+
 def play(
     iterations: int,
     student_steps: int,
@@ -119,20 +129,23 @@ def play(
     stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, float]]:
     """Alternate one generator update with `student_steps` student updates; log the last ones
-    (`progress`: a bar over the generator updates, named `desc`).
+    (`progress`: a bar over the generator updates, named `desc`). Each update runs under the
+    chosen autocast (`--dtype`) on the game's device; the weights and optimisers stay float32.
 
     With `game`, checkpoint at its interval and go on from a checkpoint its run holds; `stop()`
     ends the game early when true before an update (a query budget spent).
     """
     history: list[dict[str, float]] = []
     start = game.resume(history) if game is not None else 0
+    device = next(game.generator.parameters()).device if game is not None else torch.device("cpu")
     for it in trange(start, iterations, initial=start, total=iterations, desc=desc,
                      disable=not progress, dynamic_ncols=True, leave=False):  # fmt: skip
         if stop is not None and stop():
             break
-        logged = generator_step()
-        for _ in range(student_steps):
-            s_logged = student_step()
+        with placement.autocast(device):
+            logged = generator_step()
+            for _ in range(student_steps):
+                s_logged = student_step()
         history.append({**logged, **s_logged})
         if game is not None:
             game.after(it + 1, iterations, history)
@@ -151,7 +164,8 @@ def sample(gen: nn.Module, n: int, g: torch.Generator) -> torch.Tensor:
     The running statistics lag a generator that changes every step, so eval mode would hand the
     student other images than those the generator was optimised for.
     """
-    return gen.train()(torch.randn(n, gen.nz, generator=g))
+    z = torch.randn(n, gen.nz, generator=g)  # drawn on the CPU: the same draws on any device
+    return gen.train()(z.to(next(gen.parameters()).device))
 
 
 def history_tensor(result: Any) -> torch.Tensor:

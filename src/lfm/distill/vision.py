@@ -100,8 +100,9 @@ def student_cnn(n_classes: int = 10, channels: int = 1) -> CNN:
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
     """Top-1 accuracy in eval mode."""
     model.eval()
+    device = next(model.parameters()).device  # the test set stays on the CPU, a batch moves
     hits = sum(
-        int((model(x[i : i + batch]).argmax(-1) == y[i : i + batch]).sum())
+        int((model(x[i : i + batch].to(device)).argmax(-1).cpu() == y[i : i + batch]).sum())
         for i in range(0, len(x), batch)
     )
     return hits / len(x)
@@ -316,6 +317,7 @@ def fit_datafree(
     spec = registry.get(method, area="distill")
     torch.manual_seed(seed)
     student = student_cnn(inputs.n_classes, inputs.shape[0])
+    student.to(next(teacher.parameters()).device)  # unchosen, the game runs where the teacher is
     handle = narrow(LocalClassifier(teacher, "teacher"), spec.access)  # the least it needs
     cfg = spec.config.build(DATAFREE_RECIPE[spec.name], batch_size=batch_size, **overrides)
     kw: dict[str, Any] = {"seed": seed, "progress": progress, "ckpt": ckpt}
