@@ -145,3 +145,24 @@ def test_batchnorm_in_train_mode_falls_back_to_a_loop(tiny_cnn):
     result = anil(tiny_cnn, sampler, cfg)
     trained, hist = result.model, result.history
     assert len(hist.loss) == 2 and not torch.equal(trained.conv1.weight, tiny_cnn.conv1.weight)
+
+
+def test_the_written_out_mlp_forward_equals_functional_call():
+    from torch.func import functional_call
+
+    from lfm.meta.functional import forward
+    from lfm.meta.models import MLP
+
+    torch.manual_seed(0)
+    for model, x in ((MLP(3, 2, (5, 4)), torch.randn(7, 3)),
+                     (MLP(12, 3, (6,), image=True), torch.randn(2, 3, 1, 3, 4))):  # fmt: skip
+        params = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+        want = functional_call(model, params, (x,))
+        assert torch.equal(model.functional(params, x), want)
+        assert torch.equal(forward(model, params, x), want)
+        part = {n: t for n, t in params.items() if n.startswith("head")}  # the rest: its own
+        assert torch.equal(model.functional(part, x), functional_call(model, part, (x,)))
+    model.head = torch.nn.Sequential(torch.nn.Linear(6, 3), torch.nn.Tanh())  # not written out
+    params = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    assert model.functional(params, x) is None
+    assert torch.equal(forward(model, params, x), functional_call(model, params, (x,)))

@@ -115,6 +115,10 @@ def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
     (as MAML does) and its running-stat updates land on the copies, since a `grad` transform
     refuses in-place writes to tensors it did not create.
     """
+    fast = getattr(model, "functional", None)  # a model that writes its forward out (`MLP`)
+    out = fast(params, x) if fast is not None else None
+    if out is not None:
+        return out
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     return functional_call(model, {**buffers, **params}, (x,))
 

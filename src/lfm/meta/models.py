@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -45,6 +46,23 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(start_dim=-3) if self.image else x  # (B, C, H, W) -> (B, C·H·W)
         return self.head(self.body(x))
+
+    def functional(self, params: dict[str, Tensor], x: Tensor) -> Tensor | None:
+        """`forward` with the weights in `params` (names as `named_parameters`; one not given is
+        the module's own, as `functional_call` takes it), written out so that an inner step
+        costs no module swapping (`lfm.meta.functional.forward` uses it); None when a layer is
+        no longer a Linear or ReLU (a replaced head), to take the general path."""
+        x = x.flatten(start_dim=-3) if self.image else x
+        for name, layer in [*self.body.named_children(), ("head", self.head)]:
+            key = name if name == "head" else f"body.{name}"
+            if type(layer) is nn.Linear:
+                w, b = params.get(f"{key}.weight", layer.weight), params.get(f"{key}.bias")
+                x = F.linear(x, w, b if b is not None or layer.bias is None else layer.bias)
+            elif type(layer) is nn.ReLU:
+                x = F.relu(x)
+            else:
+                return None
+        return x
 
 
 class BatchStatNorm2d(nn.Module):

@@ -158,7 +158,7 @@ def outer_loop(
     model = copy.deepcopy(model).to(device)
     params = params_of(model)
     lrs = init_lrs(params, cfg)
-    opt = torch.optim.Adam([*params.values(), *(lrs or {}).values()], lr=cfg.outer_lr)
+    opt = torch.optim.Adam([*params.values(), *(lrs or {}).values()], lr=cfg.outer_lr, fused=True)
     gen = torch.Generator().manual_seed(seed)
     vec = can_vectorize(model, cfg.vectorize)
     history = History()
