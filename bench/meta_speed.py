@@ -23,24 +23,20 @@ Peers, each imported from outside the project's environment, so nothing is insta
 
       pip download --no-deps higher==0.2.1 -d /tmp/peers
 
-- learn2learn 0.2.0 (Arnold et al. 2020, arXiv 2008.12284) publishes only an sdist whose Cython
-  sources predate Python 3.11; rebuilt with Cython 3 into a separate venv with the same torch:
+- learn2learn 0.2.0 (Arnold et al. 2020, arXiv 2008.12284) publishes only an sdist (its Cython
+  parts predate Python 3.11), and `import learn2learn` also imports its vision and gym
+  subpackages, which need torchvision, whose PyPI wheel for torch 2.13 is a CUDA build that does
+  not load beside the CPU torch. Its MAML is plain Python, so the bench loads `algorithms/maml.py`
+  (with `algorithms/base_learner.py` and `utils`, all it imports) from the unpacked source
+  without running the package's `__init__` or building anything; the MAML code that runs is
+  learn2learn's own, on this environment's torch:
 
-      python3.11 -m venv /tmp/l2l-venv
-      /tmp/l2l-venv/bin/pip install torch==2.13.0 "cython>=3" numpy setuptools wheel
-      pip download --no-deps --no-build-isolation --no-binary learn2learn learn2learn==0.2.0 -d /tmp
-      tar xzf /tmp/learn2learn-0.2.0.tar.gz -C /tmp && cd /tmp/learn2learn-0.2.0 && rm -rf .eggs
-      /tmp/l2l-venv/bin/cython -3 learn2learn/data/{meta_dataset,task_dataset,transforms}.pyx
-      /tmp/l2l-venv/bin/pip install --no-deps --no-build-isolation .
-
-  `import learn2learn` also imports its vision and gym subpackages, which need torchvision, and
-  the torchvision wheel for torch 2.13 on PyPI is a CUDA build that does not load beside the CPU
-  torch. So the bench loads learn2learn's `algorithms/maml.py` (with `algorithms/base_learner.py`
-  and `utils`, all it imports) from the venv's site-packages without running the package's
-  `__init__`; the MAML code that runs is learn2learn's own, on this environment's torch.
+      pip download --no-deps --no-binary learn2learn learn2learn==0.2.0 -d /tmp/peers
+      mkdir -p /tmp/peers/l2l-site && tar xzf /tmp/peers/learn2learn-0.2.0.tar.gz -C /tmp/peers
+      cp -r /tmp/peers/learn2learn-0.2.0/learn2learn /tmp/peers/l2l-site/
 
     python bench/meta_speed.py --higher-wheel /tmp/peers/higher-0.2.1-py3-none-any.whl \\
-        --l2l-site /tmp/l2l-venv/lib/python3.11/site-packages
+        --l2l-site /tmp/peers/l2l-site
 """
 
 from __future__ import annotations
@@ -226,7 +222,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     p.add_argument("--width", type=int, default=32, help="ConvNet filters (MAML Omniglot: 64)")
     p.add_argument("--higher-wheel", default=None, help="path of a `higher` wheel to import")
-    p.add_argument("--l2l-site", default=None, help="site-packages holding learn2learn")
+    p.add_argument("--l2l-site", default=None, help="a folder holding learn2learn/ (its source)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
