@@ -16,7 +16,7 @@ from lfm.core.tiny import CORPUS, TinyCNN, TinyMLP, bpe_tokenizer, tiny_cnn, tin
 # Tiny models gain nothing from intra-op threads, and threads fight on a busy machine.
 torch.set_num_threads(int(os.environ.get("LFM_TEST_THREADS", "1")))
 
-__all__ = ["CORPUS", "TinyCNN", "TinyMLP", "make_lm", "make_tokenizer"]
+__all__ = ["CORPUS", "TinyCNN", "TinyMLP", "deep_lm", "make_lm", "make_tokenizer"]
 
 
 def make_tokenizer():
@@ -27,6 +27,21 @@ def make_tokenizer():
 def make_lm(kind: str = "llama", seed: int = 0):
     """A 2-layer, 32-wide causal LM of the given architecture and its tokenizer."""
     return tiny_lm(kind, seed)
+
+
+def deep_lm(kind: str, n_layers: int = 4):
+    """A tiny `kind` LM with `n_layers` blocks (seed 0, eval mode), and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from lfm.core.tiny import tiny_config
+
+    _, tok = make_lm(kind)
+    cfg = tiny_config(kind, len(tok))
+    cfg.num_hidden_layers = n_layers
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), tok
 
 
 @pytest.fixture(name="tiny_lm", params=["llama", "gpt2", "gemma3"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lfm.core.hooks import add_at, capture, frozen, replace_at, stop_after
+from lfm.core.hooks import add_at, capture, frozen, hooked, replace_at, stop_after
 from lfm.core.priors import bn_prior, total_variation
 from lfm.errors import AccessError
 
@@ -123,3 +123,45 @@ def test_capture_inputs_of_a_module_called_by_keyword():
     with capture(m, ["block"], inputs=True) as ins:
         m(x)
     assert torch.equal(ins["block"], x)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
+def test_replay_below_gives_the_full_pass_loss_and_gradient_without_running_the_blocks(kind):
+    from lfm.core.hooks import replay_below
+    from lfm.core.layouts import get_layout
+    from lfm.edit import locate
+    from lfm.edit.requests import Request, build_batch
+    from lfm.edit.site import edit_site
+
+    from conftest import deep_lm
+
+    model, tok = deep_lm(kind, 4)
+    site = edit_site(model, 2)
+    batch = build_batch(tok, Request("The tower is in", "tower", "Rome"), ["", "So."])
+    tau = torch.randn(site.shape, generator=torch.Generator().manual_seed(0)) * 0.1
+    tau.requires_grad_(True)
+
+    def side(_m, args, out):  # a change at block 2's MLP output, as an edit makes
+        return out + torch.nn.functional.linear(args[0], tau)
+
+    def loss_and_grad():
+        tau.grad = None
+        with hooked([(site.projection(model), side)]):
+            nll = locate._target_nll(model, batch)
+        nll.backward()
+        return nll.detach(), tau.grad.clone()
+
+    want = loss_and_grad()
+    blocks = model.get_submodule(get_layout(model).layers)
+    originals = list(blocks)
+    with replay_below(model, site.block, lambda: locate._target_nll(model, batch)):
+        ran = []
+        with hooked([(originals[i], lambda *a, i=i: ran.append(i)) for i in range(4)]):
+            got = loss_and_grad()
+        assert ran == [2, 3]  # blocks 0 and 1 were replayed, not run
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
+    assert list(blocks) == originals  # the blocks are back
+    with pytest.raises(AccessError, match="not one of a list of blocks"):
+        with replay_below(model, site.module, lambda: None):
+            pass

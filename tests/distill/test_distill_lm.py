@@ -10,7 +10,6 @@ import torch
 
 from lfm.access import LocalModel, narrow
 from lfm.core.layouts import get_layout, num_layers
-from lfm.core.tiny import tiny_config
 from lfm.core.train import TrainConfig
 from lfm.distill.lm import (
     LMStudentConfig,
@@ -26,20 +25,7 @@ from lfm.distill.lm import (
 )
 from lfm.errors import AccessError, ConfigError
 
-from conftest import make_lm
-
-
-def deep_lm(kind: str, n_layers: int = 4):
-    """A tiny `kind` LM with `n_layers` blocks, and its tokenizer."""
-    from transformers import AutoModelForCausalLM
-
-    _, tok = make_lm(kind)
-    cfg = tiny_config(kind, len(tok))
-    cfg.num_hidden_layers = n_layers
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = ["sliding_attention", "full_attention"] * (n_layers // 2)
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), tok
+from conftest import deep_lm, make_lm
 
 
 def _block(model, i: int) -> dict[str, torch.Tensor]:

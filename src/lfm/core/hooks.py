@@ -11,6 +11,8 @@ always removed (also when the pass raises) and unknown module names are one clea
         run(lambda: model(ids))                               # the blocks above 3 never run
     with add_at(module, rows, positions, delta):              # out[rows, pos] += delta
         model(ids)
+    with replay_below(model, "model.layers.22", lambda: model(ids)):
+        model(ids)                                            # blocks 0-21 replayed, not run
 """
 
 from __future__ import annotations
@@ -193,3 +195,60 @@ def frozen(model: nn.Module, train: bool | None = None) -> Iterator[nn.Module]:
         for p, flag in zip(model.parameters(), flags, strict=True):
             p.requires_grad_(flag)
         model.train(mode)
+
+
+class _Replay(nn.Module):
+    """Stands in for a block: returns what the block returned on a recorded pass (its tensors
+    cloned, so that nothing downstream can write into the record), whatever it is given."""
+
+    def __init__(self, out: Any):
+        super().__init__()
+        self.out = out
+
+    def forward(self, *_args: Any, **_kw: Any) -> Any:
+        if isinstance(self.out, tuple):
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in self.out)
+        return self.out.clone() if isinstance(self.out, torch.Tensor) else self.out
+
+
+def _detached(out: Any) -> Any:
+    if isinstance(out, tuple):
+        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
+    return out.detach() if isinstance(out, torch.Tensor) else out
+
+
+@contextmanager
+def replay_below(model: nn.Module, block: str, forward: Callable[[], Any]) -> Iterator[None]:
+    """Run the blocks below `block` once, then, inside, replay their outputs instead of running
+    them: forward passes on the same inputs as `forward` cost only the blocks from `block` up.
+
+    `block` is a block's name whose parent is the model's list of blocks (`model.layers.22`).
+    `forward()` is called once without gradients (stopped after `block`) to record what each
+    block below it returns; inside, each of them is replaced by a module that returns that, and
+    the originals are put back on exit. Valid only while the inputs and the weights below
+    `block` stay as they were — an edit trained at `block` or above, on one fixed prompt batch.
+    """
+    parent, _, index = block.rpartition(".")
+    blocks = model.get_submodule(parent)
+    if not (isinstance(blocks, nn.ModuleList) and index.isdigit()):
+        raise AccessError(f"{block} is not one of a list of blocks in {type(model).__name__}")
+    below = list(range(int(index)))
+    outs: dict[int, Any] = {}
+
+    def keep(i: int) -> Hook:
+        return lambda _m, _args, out: outs.__setitem__(i, _detached(out))
+
+    with (
+        torch.no_grad(),
+        hooked([(blocks[i], keep(i)) for i in below]),
+        stop_after(model, [blocks[int(index)]]) as run,
+    ):
+        run(forward)
+    saved = {i: blocks[i] for i in below}
+    try:
+        for i in below:
+            blocks[i] = _Replay(outs[i])
+        yield
+    finally:
+        for i, original in saved.items():
+            blocks[i] = original

@@ -52,7 +52,7 @@ from torch import nn
 
 from lfm.access import Access, narrow
 from lfm.config import Config
-from lfm.core.hooks import capture, frozen, hooked, stop_after
+from lfm.core.hooks import capture, frozen, hooked, replay_below, stop_after
 from lfm.core.io import load_tensors, save_tensors
 from lfm.core.layouts import num_layers
 from lfm.edit import common, locate, progress
@@ -186,6 +186,20 @@ def train_edit(
     def side(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         return out + F.linear(args[0].float(), masked(tau, shard.mask)).to(out.dtype)
 
+    below = replay_below(model, site.block, lambda: locate._target_nll(model, batch))
+    with below:  # the blocks under the side memory run once, not at every step
+        trace = _descend(model, batch, site, side, tau, opt, shard, acts, cfg)
+    shard.delta = masked(tau, shard.mask).detach()
+    shard.edits += 1
+    return trace
+
+
+def _descend(
+    model: nn.Module, batch: Any, site: EditSite, side: Any, tau: torch.Tensor,
+    opt: torch.optim.Optimizer, shard: Shard, acts: tuple[torch.Tensor, list[torch.Tensor]],
+    cfg: WiseConfig,
+) -> dict[str, float]:  # fmt: skip
+    """SGD on τ until the target NLL is below `stop_nll` with every routing margin met."""
     trace: dict[str, float] = {}
     for step in range(cfg.steps):
         with hooked([(site.projection(model), side)]):
@@ -202,8 +216,6 @@ def train_edit(
         opt.step()
         with torch.no_grad():
             tau.clamp_(-cfg.clamp, cfg.clamp)
-    shard.delta = masked(tau, shard.mask).detach()
-    shard.edits += 1
     return trace
 
 
