@@ -162,6 +162,8 @@ def test_replay_below_gives_the_full_pass_loss_and_gradient_without_running_the_
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-6)
     assert list(blocks) == originals  # the blocks are back
-    with pytest.raises(AccessError, match="not one of a list of blocks"):
-        with replay_below(model, site.module, lambda: None):
-            pass
+    with (
+        pytest.raises(AccessError, match="not one of a list of blocks"),
+        replay_below(model, site.module, lambda: None),
+    ):
+        pass
