@@ -110,3 +110,56 @@ def test_top_k_mass_rounded_past_one_gives_the_top_k_kl(case):
     want = (q * (q.log() - log_s)).sum(-1).mean()
     assert torch.isfinite(got)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+class Fixed:
+    """A teacher answering a fixed top-k for any rows, and counting the rows it was asked."""
+
+    name = "fixed-teacher"
+
+    def __init__(self, v: int = V):
+        self.v, self.asked = v, 0
+
+    def top_logprobs(self, rows, k):
+        rows = torch.as_tensor(rows)
+        self.asked += 1
+        logp = torch.arange(self.v, dtype=torch.float32).expand(*rows.shape, self.v)
+        values, index = logp.log_softmax(-1).topk(k, -1)
+        return values, index
+
+
+def test_a_teacher_cache_records_what_made_it_and_reads_back(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from lfm.distill.served import CACHE_VERSION, TopKCache, cache_topk
+    from lfm.errors import ConfigError
+
+    blocks = torch.randint(0, V, (5, 6), generator=torch.Generator().manual_seed(1))
+    teacher = Fixed()
+    path = cache_topk(teacher, blocks, K, tmp_path / "c.npz", batch_size=2)
+    assert teacher.asked == 3 and capsys.readouterr().err == ""  # 5 blocks by 2; no bar asked
+    with np.load(path, allow_pickle=False) as f:
+        meta = json.loads(str(f["meta"]))
+    assert meta == {"version": CACHE_VERSION, "k": K, "teacher": "fixed-teacher", "blocks": 5,
+                    "block_size": 6}  # fmt: skip
+    cache = TopKCache(path)
+    assert cache.name == "cache of fixed-teacher" and cache.k == K and len(cache) == 5
+    values, index = cache.top_logprobs(blocks[3:4], 2)
+    want_v, want_i = Fixed().top_logprobs(blocks[3:4], 2)
+    assert torch.equal(index, want_i)
+    torch.testing.assert_close(values, want_v, atol=2e-3, rtol=0)  # stored in float16
+    cache_topk(teacher, blocks, K, tmp_path / "d.npz", batch_size=2, progress=True)
+    assert "teacher top-k" in capsys.readouterr().err  # the bar, when asked for
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a cache")
+    with pytest.raises(ConfigError, match=f"{bad} is not a teacher cache"):
+        TopKCache(bad)
+    old = tmp_path / "old.npz"
+    with np.load(path, allow_pickle=False) as f:
+        parts = dict(f)
+    parts["meta"] = np.array(json.dumps({**meta, "version": CACHE_VERSION + 1}))
+    np.savez(old, **parts)
+    with pytest.raises(ConfigError, match=f"{old} is a teacher cache of another version"):
+        TopKCache(old)
