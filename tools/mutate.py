@@ -45,10 +45,6 @@ class Area:
     tests: tuple[str, ...]  # pytest paths (the fast tests only: `slow` ones are deselected)
     note: str = ""  # what is left out, and why
     pytest_args: tuple[str, ...] = field(default=())  # extra pytest options for this area
-    # regexes of source lines whose whole statement is not mutated (mutmut's
-    # `do_not_mutate_patterns`): the registry examples' builders, test inputs kept beside the
-    # method they run, are not the method's code
-    skip: tuple[str, ...] = field(default=())
 
 
 AREAS: dict[str, Area] = {
@@ -115,9 +111,8 @@ AREAS: dict[str, Area] = {
         note=(
             "the distiller loop, the layer-dropped LM students (lm.py), the data-free games "
             "(datafree.py, adversarial.py, game.py: minutes of generator training per test), the "
-            "vision recipes, the CLI glue and the registry examples' builders are not mutated"
+            "vision recipes and the CLI glue are not mutated"
         ),
-        skip=(r"^def (loss_example|_examples?|_seq_example|_sbs_example|_summary)\(",),
     ),
 }
 
@@ -133,7 +128,6 @@ def mutmut_table(area: Area) -> str:
         f"pytest_add_cli_args_test_selection = {json.dumps(list(area.tests))}",
         # mutmut's choice for torch: fork the workers from a server that has not run pytest
         'process_isolation = "forkserver"',
-        f"do_not_mutate_patterns = {json.dumps(list(area.skip))}",
     ]
     return "\n".join(lines) + "\n"
 
