@@ -61,6 +61,7 @@ def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def loss_example(student_module: str = "", teacher_module: str = "", cfg: Config | None = None):
     """A registry example for a loss: three distillation steps from a tiny BatchNorm CNN teacher
     (its handle at the level asked for) into a narrower one, on 1×8×8 images with labels."""
@@ -82,6 +83,9 @@ def loss_example(student_module: str = "", teacher_module: str = "", cfg: Config
         )
 
     return example
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -97,6 +97,7 @@ def _encoder(student: LocalModel) -> tuple[Callable[[str], list[int]], int, int]
     return student.encode, int(tok.eos_token_id), int(tok.pad_token_id)
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _pair(level: Access, seed: int) -> tuple[Any, LocalModel]:
     """A tiny Llama teacher (its handle at `level`) and a tiny Llama student of another seed."""
     teacher = narrow(LocalModel(*tiny_lm("llama", seed), name="teacher"), level)
@@ -113,6 +114,9 @@ def _seq_example(level: Access, seed: int) -> Example:
     kw = {"train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)}
     cfg = SeqKDConfig(max_new_tokens=6, batch_size=2)
     return Example((teacher, student, prompts), kw, cfg, summary=_summary)
+
+
+# pragma: no mutate end
 
 
 @register(
@@ -170,11 +174,15 @@ def _ask(teacher: Any, template: str, inputs: Sequence[str], max_new_tokens: int
     return [g.strip() for g in teacher_generations(teacher, prompts, max_new_tokens)]
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _sbs_example(level: Access, seed: int) -> Example:
     teacher, student = _pair(level, seed)
     kw = {"train_cfg": TrainConfig(steps=3, lr=1e-2, seed=seed, progress=False)}
     cfg = StepByStepConfig(max_new_tokens=6, batch_size=2)
     return Example((teacher, student, ["2+2", "3+1", "1+1", "0+5"]), kw, cfg, summary=_summary)
+
+
+# pragma: no mutate end
 
 
 @register(

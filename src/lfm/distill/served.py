@@ -224,6 +224,7 @@ def uniform_tail_kl(
     return t * t * (kl_top + kl_tail).mean()
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _examples(cfg: Config) -> Any:
     """`example(level, seed)`: three steps of a 1-block student on the top 5 of the 2-block tiny
     Llama, with `cfg`."""
@@ -238,6 +239,9 @@ def _examples(cfg: Config) -> Any:
         )
 
     return example
+
+
+# pragma: no mutate end
 
 
 @register(
