@@ -265,6 +265,8 @@ def plot(path: str, out: str) -> None:
               ("neighbourhood", "neighbourhood (%)"), ("fluency_change", "fluency − unedited (bits)"),
               ("cpu_s", "CPU seconds per edit"), ("added_mib", "memory added (MiB)")]  # fmt: skip
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    lines = sorted({(m, k) for m, methods in data.items() for k in methods})
+    color = {line: f"C{i % 10}" for i, line in enumerate(lines)}  # one colour a line in every panel
     for model, methods in data.items():
         for method, rows in sorted(methods.items()):
             ts = sorted(rows, key=int)
@@ -272,7 +274,12 @@ def plot(path: str, out: str) -> None:
                 pts = [(int(t), rows[t][key]) for t in ts if rows[t].get(key) is not None]
                 if pts:
                     label = method if len(data) == 1 else f"{model} {method}"
-                    ax.plot(*zip(*pts, strict=True), marker="o", label=label)
+                    ax.plot(
+                        *zip(*pts, strict=True),
+                        marker="o",
+                        label=label,
+                        color=color[(model, method)],
+                    )
     for ax, (_, title) in zip(axes.flat, panels, strict=True):
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
