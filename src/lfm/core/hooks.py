@@ -206,15 +206,14 @@ class _Replay(nn.Module):
         self.out = out
 
     def forward(self, *_args: Any, **_kw: Any) -> Any:
-        if isinstance(self.out, tuple):
-            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in self.out)
-        return self.out.clone() if isinstance(self.out, torch.Tensor) else self.out
+        return _each_tensor(self.out, torch.Tensor.clone)
 
 
-def _detached(out: Any) -> Any:
+def _each_tensor(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` on a block's output: a tensor, or each tensor of a tuple (other items kept)."""
     if isinstance(out, tuple):
-        return tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in out)
-    return out.detach() if isinstance(out, torch.Tensor) else out
+        return tuple(fn(t) if isinstance(t, torch.Tensor) else t for t in out)
+    return fn(out) if isinstance(out, torch.Tensor) else out
 
 
 @contextmanager
@@ -236,7 +235,7 @@ def replay_below(model: nn.Module, block: str, forward: Callable[[], Any]) -> It
     outs: dict[int, Any] = {}
 
     def keep(i: int) -> Hook:
-        return lambda _m, _args, out: outs.__setitem__(i, _detached(out))
+        return lambda _m, _args, out: outs.__setitem__(i, _each_tensor(out, torch.Tensor.detach))
 
     with (
         torch.no_grad(),

@@ -156,12 +156,15 @@ def placed(
         _default = before
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    """Where `model`'s parameters are (the CPU if it has none)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def loop_device(model: torch.nn.Module) -> torch.device:
     """Where a training loop of lfm's own (meta-learning, data-free meta-learning) runs: the
-    chosen device (`--device`), else where `model`'s parameters are (the CPU if it has none)."""
-    if _default.device_chosen:
-        return _default.device
-    return next((p.device for p in model.parameters()), torch.device("cpu"))
+    chosen device (`--device`), else where `model` is (`device_of`)."""
+    return _default.device if _default.device_chosen else device_of(model)
 
 
 def autocast(device: torch.device) -> AbstractContextManager[object]:

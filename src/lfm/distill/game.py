@@ -137,7 +137,7 @@ def play(
     """
     history: list[dict[str, float]] = []
     start = game.resume(history) if game is not None else 0
-    device = next(game.generator.parameters()).device if game is not None else torch.device("cpu")
+    device = placement.device_of(game.generator) if game is not None else torch.device("cpu")
     for it in trange(start, iterations, initial=start, total=iterations, desc=desc,
                      disable=not progress, dynamic_ncols=True, leave=False):  # fmt: skip
         if stop is not None and stop():
@@ -165,7 +165,7 @@ def sample(gen: nn.Module, n: int, g: torch.Generator) -> torch.Tensor:
     student other images than those the generator was optimised for.
     """
     z = torch.randn(n, gen.nz, generator=g)  # drawn on the CPU: the same draws on any device
-    return gen.train()(z.to(next(gen.parameters()).device))
+    return gen.train()(z.to(placement.device_of(gen)))
 
 
 def history_tensor(result: Any) -> torch.Tensor:

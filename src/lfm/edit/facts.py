@@ -176,18 +176,16 @@ def evaluate_fact(
     naming one of them are left out (NaN if none is left, skipped by `summarise`).
     """
     level = getattr(handle, "access", Access.WEIGHTS)  # a plain module or model: white-box
-    if level >= Access.SCORES:
-        out = {
-            "efficacy": _wins(handle, [fact.prompt], fact.new, fact.true),
-            "paraphrase": _wins(handle, fact.paraphrases, fact.new, fact.true),
-            "neighbourhood": _wins(handle, neighbours(fact, edited), fact.true, fact.new),
-        }
-    else:  # a TEXT handle: its greedy answers, exact match
-        out = {
-            "efficacy": answers(handle, [fact.prompt], fact.new),
-            "paraphrase": answers(handle, fact.paraphrases, fact.new),
-            "neighbourhood": answers(handle, neighbours(fact, edited), fact.true),
-        }
+    scored = level >= Access.SCORES  # else a TEXT handle: its greedy answers, exact match
+
+    def wins(prompts: Sequence[str], a: str, b: str) -> float:
+        return _wins(handle, prompts, a, b) if scored else answers(handle, prompts, a)
+
+    out = {
+        "efficacy": wins([fact.prompt], fact.new, fact.true),
+        "paraphrase": wins(fact.paraphrases, fact.new, fact.true),
+        "neighbourhood": wins(neighbours(fact, edited), fact.true, fact.new),
+    }
     if gen_tokens and fact.generation:
         texts = handle.generate(list(fact.generation), max_new_tokens=gen_tokens)
         out["generation"] = sum(fact.new in t for t in texts) / len(texts)

@@ -173,8 +173,10 @@ def datafree_train(
     """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models (a
     progress bar named `desc` if `progress`; checkpoints into `ckpt`'s run at its interval, and
     continues from a checkpoint found there)."""
-    home = next((p.device for p in learner.parameters()), torch.device("cpu"))
-    device = placement.loop_device(learner)  # the pool's models must be there too
+    home, device = (
+        placement.device_of(learner),
+        placement.loop_device(learner),
+    )  # the pool's models must be there too
     learner = copy.deepcopy(learner).to(device)
     params = params_of(learner)
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)

@@ -154,8 +154,8 @@ def outer_loop(
         progress: show a progress bar named `desc`.
         ckpt: save the state there at its interval, and continue from a checkpoint found there.
     """
-    home, device = _devices(model)
-    model = copy.deepcopy(model).to(device)
+    home, device = placement.device_of(model), placement.loop_device(model)
+    model = copy.deepcopy(model).to(device)  # what the loop returns goes back to `home`
     params = params_of(model)
     lrs = init_lrs(params, cfg)
     opt = torch.optim.Adam([*params.values(), *(lrs or {}).values()], lr=cfg.outer_lr, fused=True)
@@ -176,13 +176,6 @@ def outer_loop(
             ckpt.save(step + 1, params, lrs, opt, gen, history)
     history.inner_lrs = {n: t.detach().to(home) for n, t in lrs.items()} if lrs else None
     return model.to(home), history
-
-
-def _devices(model: nn.Module) -> tuple[torch.device, torch.device]:
-    """(where `model` is, where the loop runs): the chosen `--device`, else where `model` is.
-    What the loop returns goes back to where `model` was."""
-    home = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return home, placement.loop_device(model)
 
 
 def task_source(tasks: Any, key: str) -> Any:
@@ -298,8 +291,8 @@ def meta_test(
     spec = get(method, area="meta")
     cfg, predict = spec.resolve(cfg), spec.extras["predict"]
     model = module_of(model, "meta_test")
-    home, device = _devices(model)
-    model = model if device == home else copy.deepcopy(model).to(device)
+    device = placement.loop_device(model)
+    model = model if device == placement.device_of(model) else copy.deepcopy(model).to(device)
     params = {n: p.detach() for n, p in params_of(model).items()}
     if inner_lrs is not None:
         inner_lrs = {n: t.to(device) for n, t in inner_lrs.items()}
