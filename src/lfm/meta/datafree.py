@@ -173,10 +173,8 @@ def datafree_train(
     """Meta-train a copy of `learner` on pseudo episodes inverted from the pool models (a
     progress bar named `desc` if `progress`; checkpoints into `ckpt`'s run at its interval, and
     continues from a checkpoint found there)."""
-    home, device = (
-        placement.device_of(learner),
-        placement.loop_device(learner),
-    )  # the pool's models must be there too
+    home = placement.device_of(learner)
+    device = placement.loop_device(learner)  # the pool's models must be there too
     learner = copy.deepcopy(learner).to(device)
     params = params_of(learner)
     opt = torch.optim.Adam(params.values(), lr=cfg.outer_lr)
