@@ -170,6 +170,26 @@ def test_lora_under_a_chosen_bfloat16_autocasts_and_learns_as_float32():
     assert sum(b[-3:]) / 3 < b[0] - 0.05
 
 
+def test_training_on_the_cpu_after_an_accelerator_gets_a_state_on_the_cpu():
+    """A process that trained on the GPU and then trains on the CPU (`bench/gpu.py`, a notebook)
+    must train on the CPU: Accelerate keeps its first device for the process and refuses
+    `cpu=True` after it. The GPU's state is stood in for by the shared state's device."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.state import AcceleratorState
+
+    from lfm.core.train import _accelerator
+
+    Accelerator()  # a state made as on a machine with a GPU ...
+    PartialState._shared_state["device"] = torch.device("cuda", 0)  # ... which it was
+    try:
+        with placement.placed(device="cpu", dtype="float32", training=True):
+            acc = _accelerator(TrainConfig(progress=False))
+        assert acc.device.type == "cpu"
+        assert PartialState().device.type == "cpu"
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture
 def sharp_teacher():
     from transformers import AutoModelForCausalLM

@@ -325,20 +325,19 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     """The loop's Accelerator: on the CPU when `cfg.cpu` or a chosen placement says so, with the
     autocast precision of `cfg.mixed_precision`, else of a chosen placement's dtype.
 
-    Accelerate's state is one per process and refuses another precision once made; a process
-    of one machine that trains in float32 and then in bfloat16 (the Python API, a notebook) gets
-    a fresh state. Distributed processes keep theirs: there all ranks must agree anyway."""
+    Accelerate's state is one per process and refuses another precision or device once made; a
+    process of one machine that trains in float32 and then in bfloat16, or on the GPU and then on
+    the CPU (the Python API, a notebook), gets a fresh state. Distributed processes keep theirs:
+    there all ranks must agree anyway."""
     at = placement.current()  # `--device` / `--dtype`, when a command was given them
-    cpu = _wants_cpu(cfg.cpu)
+    cpu = _use_cpu(_wants_cpu(cfg.cpu))
     mixed = cfg.mixed_precision if cfg.mixed_precision != "no" else at.mixed_precision
-    state = AcceleratorState._shared_state
-    if (
-        state
-        and state.get("_mixed_precision", mixed) != mixed
-        and PartialState().num_processes == 1
-    ):
-        AcceleratorState._reset_state()
-    return Accelerator(cpu=_use_cpu(cpu), mixed_precision=mixed)
+    if AcceleratorState._shared_state and PartialState().num_processes == 1:
+        on_cpu = PartialState().device.type == "cpu"
+        moved = cpu != on_cpu and (cpu or torch.accelerator.is_available())
+        if moved or AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+            AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=mixed)
 
 
 def train(
