@@ -222,6 +222,9 @@ def main() -> None:
     for spec, label in zip(a.placements, labels, strict=True):
         device, _, dtype = spec.partition(":")
         results[label] = {}
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"{label}: skipped, this machine has no CUDA device", flush=True)
+            continue
         if device.startswith("cuda") and set(a.jobs) - {"maml"}:
             print(f"{label} warm-up: {warm_up(a, device, dtype):.1f} s (not counted)", flush=True)
         for job in a.jobs:

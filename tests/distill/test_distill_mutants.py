@@ -1,15 +1,37 @@
 """What mutation testing of the distill area found untested: the top-k LM loss's weights,
-temperature and tail options, and the tail KL at T ≠ 1 when the whole vocabulary is sent. Every
-expected value is computed here from the definitions, not by the code under test."""
+temperature and tail options, and the tail KL at T ≠ 1 when the whole vocabulary is sent; the
+cross-tokenizer loss's parts, options and data helpers; what sequence KD asks a text teacher; the
+feature losses' kernels and devices; Pearson distance on any shape. Every expected value is
+computed here from the definitions, not by the code under test."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
+from lfm.access import Access, LocalModel
+from lfm.distill.features import _pkt_probs, attention_map, pkt_loss
+from lfm.distill.losses import pearson_distance
+from lfm.distill.seqkd import _ask, teacher_generations
 from lfm.distill.served import TopKLMConfig, topk_lm_loss, uniform_tail_kl
+from lfm.distill.xtok import (
+    ULDConfig,
+    check_vocabularies,
+    decoded_boundaries,
+    held_out_blocks,
+    layer_dropped,
+    make_loss_fn,
+    masked_lm_loss,
+    shared_vocab,
+    text_blocks,
+    uld_distance,
+    xtok_loss,
+)
+from lfm.errors import ConfigError
 
 V, K = 7, 3
 
@@ -163,3 +185,280 @@ def test_a_teacher_cache_records_what_made_it_and_reads_back(tmp_path, capsys):
     np.savez(old, **parts)
     with pytest.raises(ConfigError, match=f"{old} is a teacher cache of another version"):
         TopKCache(old)
+
+
+# -- cross-tokenizer distillation (xtok) ----------------------------------------------------
+
+
+def _logp(*probs):
+    return torch.tensor(probs).log()
+
+
+def test_uld_distance_takes_rows_of_any_leading_shape():
+    # p sorted (.5, .3, .2) against q (.6, .4, 0): .1 + .1 + .2 = .4; p (.7, .2, .1) against
+    # q (.5, .5, 0): .2 + .3 + .1 = .6; p (.4, .4, .2) against q (.6, .4, 0): .2 + 0 + .2 = .4
+    s = torch.stack([_logp(0.2, 0.5, 0.3), _logp(0.1, 0.2, 0.7), _logp(0.4, 0.2, 0.4)])
+    t = torch.stack([_logp(0.4, 0.6), _logp(0.5, 0.5), _logp(0.6, 0.4)])
+    want = (0.4 + 0.6 + 0.4 + 0.4) / 4
+    s4, t4 = torch.cat([s, s[:1]]).view(2, 2, 3), torch.cat([t, t[:1]]).view(2, 2, 2)
+    torch.testing.assert_close(uld_distance(s4, t4), torch.tensor(want))
+
+
+def test_shared_vocab_with_nothing_in_common_gives_empty_index_tensors():
+    t_ids, s_ids = shared_vocab(["a", "b"], ["c", ""])
+    assert t_ids.dtype == s_ids.dtype == torch.long and len(t_ids) == len(s_ids) == 0
+    assert torch.zeros(2, 3)[:, t_ids].shape == (2, 0)  # usable as an index
+
+
+def test_masked_lm_loss_scores_real_tokens_only():
+    # row 0: three real tokens, labels 1, 1; row 1: the last token is padding (mask 0)
+    ids = torch.tensor([[0, 1, 1], [0, 1, 0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    logits = torch.stack([
+        torch.stack([_logp(0.5, 0.5), _logp(0.75, 0.25), _logp(0.5, 0.5)]),
+        torch.stack([_logp(0.2, 0.8), _logp(0.1, 0.9), _logp(0.5, 0.5)]),
+    ])  # fmt: skip
+    want = -(math.log(0.5) + math.log(0.25) + math.log(0.8)) / 3
+    torch.testing.assert_close(masked_lm_loss(logits, ids, mask), torch.tensor(want))
+
+
+def test_xtok_loss_passes_top_k_and_temperature_and_leaves_out_a_weightless_kl():
+    # p (.5, .4, .1) against q (.5, .25, .25): exact ULD .15 + .15 = .3; with top_k = 1 the
+    # tails (.5 against .5) count as equal: 0
+    s, t = _logp(0.5, 0.4, 0.1)[None], _logp(0.25, 0.5, 0.25)[None]
+    shared = (torch.tensor([0, 1]), torch.tensor([1, 2]))
+    lm = torch.tensor(2.0)
+    out = xtok_loss(s, t, lm, shared, ULDConfig(shared_kl_weight=0, lm_weight=1.0))
+    assert set(out) == {"loss", "lm", "uld"}  # α_∩ = 0: ULD only, no KL computed or reported
+    torch.testing.assert_close(out["uld"], torch.tensor(0.3))
+    torch.testing.assert_close(out["loss"], torch.tensor(2.0 + 1.5 * 0.3))
+    out = xtok_loss(s, t, lm, shared, ULDConfig(top_k=1, shared_kl_weight=0))
+    torch.testing.assert_close(out["uld"], torch.tensor(0.0))
+    # KL_∩ at T = 2: teacher ids 0, 1 (.25, .5), student ids 1, 2 (.4, .1), each tempered
+    # (p^(1/2)) and renormalised over the two
+    q = torch.tensor([0.25, 0.5]).sqrt()
+    p = torch.tensor([0.4, 0.1]).sqrt()
+    q, p = q / q.sum(), p / p.sum()
+    want = 4 * (q * (q / p).log()).sum()
+    out = xtok_loss(s, t, lm, shared, ULDConfig(temperature=2.0, uld_weight=0, lm_weight=0))
+    torch.testing.assert_close(out["kl"], want)
+    torch.testing.assert_close(out["loss"], want)
+
+
+class FixedLM(nn.Module):
+    """A 'student' whose logits are given: (B, L, V) whatever the ids."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.logits)
+
+
+class PromptTeacher:
+    """A SCORES handle answering every prompt with (.5, .5) and recording the prompts."""
+
+    access = Access.SCORES
+    vocab_size = 2
+
+    def __init__(self):
+        self.prompts = []
+
+    def next_token_logprobs(self, prompts):
+        self.prompts += prompts
+        return _logp(0.5, 0.5).expand(len(prompts), 2)
+
+
+def _batch(pairs):
+    ids = torch.tensor([[0, 1, 2]])
+    return ids, torch.ones_like(ids), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1,
+            dtype=torch.long), torch.tensor([pairs]), torch.tensor([0])  # fmt: skip
+
+
+def test_the_loss_function_asks_the_teacher_at_the_aligned_text_and_weighs_each_part():
+    # one text "abc", one aligned boundary b = 2 at the student's token 1: the teacher is asked
+    # for "ab"; student (.7, .2, .1) against (.5, .5): ULD .2 + .3 + .1 = .6
+    logits = torch.stack([_logp(0.7, 0.2, 0.1)] * 3)[None]
+    teacher = PromptTeacher()
+    cfg = ULDConfig(uld_weight=2.0, shared_kl_weight=0, lm_weight=0)
+    shared = (torch.tensor([0]), torch.tensor([0]))
+    out = make_loss_fn(teacher, ["abc"], shared, cfg)(FixedLM(logits), _batch([[2, 0, 1]]))
+    assert teacher.prompts == ["ab"] and "kl" not in out
+    torch.testing.assert_close(out["uld"], torch.tensor(0.6))
+    torch.testing.assert_close(out["loss"], torch.tensor(1.2))
+
+
+def test_a_batch_with_nothing_aligned_gives_the_weighted_lm_loss_alone():
+    # tokens 0, 1, 2: positions 0, 1 give p(1) = .2 and p(2) = .1
+    logits = torch.stack([_logp(0.7, 0.2, 0.1)] * 3)[None]
+    teacher = PromptTeacher()
+    loss_fn = make_loss_fn(teacher, ["abc"], (torch.tensor([0]), torch.tensor([0])),
+                           ULDConfig(lm_weight=0.5))  # fmt: skip
+    out = loss_fn(FixedLM(logits), _batch([[-1, -1, -1]]))
+    lm = -(math.log(0.2) + math.log(0.1)) / 2
+    assert set(out) == {"loss", "lm"} and teacher.prompts == []
+    torch.testing.assert_close(out["lm"], torch.tensor(lm))
+    torch.testing.assert_close(out["loss"], torch.tensor(0.5 * lm))
+
+
+class CharTokenizer:
+    """One token per character (its code point), BOS = 1 first when asked for special tokens
+    (unless `bos` is off) and EOS = 2 last when `eos` is on: a tokenizer with offsets and no
+    files."""
+
+    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+
+    def __init__(self, bos: bool = True, eos: bool = False):
+        self.bos, self.eos = bos, eos
+
+    def __call__(self, text, return_offsets_mapping=False, add_special_tokens=True):
+        lead = [1] if self.bos and add_special_tokens else []
+        end = [2] if self.eos and add_special_tokens else []
+        offsets = (
+            [(0, 0)] * len(lead) + [(i, i + 1) for i in range(len(text))] + [(0, 0)] * len(end)
+        )
+        return {"input_ids": lead + [ord(c) for c in text] + end, "offset_mapping": offsets}
+
+
+def test_text_blocks_are_exactly_block_size_tokens_up_to_the_text_end():
+    assert text_blocks(CharTokenizer(), ["abcdef", "ghijk"], 3) == ["abc", "def", "ghi"]
+
+
+def test_held_out_blocks_are_n_blocks_of_size_led_by_bos_when_the_tokenizer_adds_one():
+    a, b, c = (ord(x) for x in "abc")
+    texts = ["abcd", "ef"]  # a b c d EOS e f EOS: two blocks of 3, one asked for
+    got = held_out_blocks(CharTokenizer(), texts, 3, 1)
+    assert got.dtype == torch.long and got.tolist() == [[1, a, b, c]]
+    got = held_out_blocks(CharTokenizer(bos=False), texts, 3, 1)
+    assert got.dtype == torch.long and got.tolist() == [[a, b, c]]
+    # a tokenizer that also appends EOS encodes "" as [BOS, EOS]: the lead is still BOS alone
+    assert held_out_blocks(CharTokenizer(eos=True), texts, 3, 1)[:, 0].tolist() == [1]
+    assert held_out_blocks(CharTokenizer(eos=True), texts, 3, 1).shape == (1, 4)
+
+
+def test_decoded_boundaries_keep_only_nonempty_prefixes_of_the_text():
+    # BOS decodes to "" (closes nothing), and a decoder spelling "ab" as "ax" closes nothing
+    pieces = {(7,): "", (7, 8): "a", (7, 8, 9): "ax", (7, 8, 9, 10): "abc"}
+    assert decoded_boundaries([7, 8, 9, 10], lambda ids: pieces[tuple(ids)], "abc") == {1: 1, 3: 3}
+
+
+def _four_block_llama() -> LocalModel:
+    from transformers import AutoModelForCausalLM
+
+    from lfm.core.tiny import tiny_config
+
+    cfg = tiny_config("llama", 16)
+    cfg.num_hidden_layers = 4
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    return LocalModel(model, SimpleNamespace(pad_token_id=0), name="m")
+
+
+def test_layer_dropped_keeps_every_kth_block_from_offset_zero_and_names_the_student():
+    teacher = _four_block_llama()
+    blocks = teacher.model.model.layers
+
+    def kept(student):
+        return [[torch.equal(s.self_attn.q_proj.weight, t.self_attn.q_proj.weight)
+                 for t in blocks].index(True) for s in student.model.model.layers]  # fmt: skip
+
+    student = layer_dropped(teacher, every=2)
+    assert kept(student) == [0, 2] and student.name == "m-every2"
+    assert student.tokenizer is teacher.tokenizer
+    assert kept(layer_dropped(teacher, every=2, offset=1)) == [1, 3]
+    teacher.tokenizer = None
+    with pytest.raises(ConfigError, match=r"^the student needs its tokenizer"):
+        layer_dropped(teacher, every=2)
+
+
+def test_one_vocabulary_on_both_sides_points_to_lm_student():
+    model = SimpleNamespace(vocab_size=3, decode=lambda ids: "abc"[ids[0]])
+    want = ("teacher and student have the same vocabulary: distil with lm_student (`lfm distill "
+            "lm`), which compares the two distributions token for token")  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        check_vocabularies(model, model)
+    assert str(e.value) == want
+
+
+# -- sequence KD: what the text teacher is asked ---------------------------------------------
+
+
+class PlainTextTeacher:
+    """A TEXT handle as the protocol has it: `generate(prompts, max_new_tokens)`, no temperature."""
+
+    access = Access.TEXT
+
+    def __init__(self):
+        self.asked = []
+
+    def generate(self, prompts, max_new_tokens=32):
+        self.asked.append((list(prompts), max_new_tokens))
+        return [f" {p} " for p in prompts]
+
+
+class SamplingTextTeacher(PlainTextTeacher):
+    def generate(self, prompts, max_new_tokens=32, **kw):
+        self.asked.append((list(prompts), max_new_tokens, kw))
+        return list(prompts)
+
+
+def test_greedy_generation_asks_without_a_temperature_and_sampling_passes_it():
+    plain = PlainTextTeacher()
+    assert teacher_generations(plain, ["a"], 5) == [" a "]
+    assert teacher_generations(plain, ["b"], 6, temperature=0.0) == [" b "]
+    assert plain.asked == [(["a"], 5), (["b"], 6)]
+    sampling = SamplingTextTeacher()
+    teacher_generations(sampling, ["c"], 7, temperature=0.7)
+    assert sampling.asked == [(["c"], 7, {"temperature": 0.7})]
+
+
+def test_step_by_step_asks_the_teacher_greedily_with_its_template_and_length():
+    plain = PlainTextTeacher()
+    assert _ask(plain, "{input}?", ["x", "y"], 9) == ["x?", "y?"]  # stripped
+    assert plain.asked == [(["x?", "y?"], 9)]
+
+
+# -- feature losses ----------------------------------------------------------------------------
+
+
+def test_attention_map_normalises_each_example_with_p_two_by_default():
+    # one channel, 1×2 maps: Q = (1, 4) and (9, 16) at p = 2; rows of unit norm
+    a = torch.tensor([[[[1.0, 2.0]]], [[[-3.0, 4.0]]]])
+    want = torch.tensor([[1.0, 4.0], [9.0, 16.0]])
+    want = want / want.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(attention_map(a), want)
+
+
+def test_pkt_probabilities_divide_the_kernel_by_each_rows_sum():
+    # e0 ⊥ e1, e2 at 45° to both: K01 = 1/2, K02 = K12 = (1 + 1/√2)/2 = c
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    c = (1 + 1 / math.sqrt(2)) / 2
+    k = torch.tensor([[0, 0.5, c], [0.5, 0, c], [c, c, 0]])
+    torch.testing.assert_close(_pkt_probs(e, 1e-7), k / k.sum(1, keepdim=True))
+    # a row sum below eps is replaced by eps: the kernel value itself shows, (0 + 1)/2 for ⊥
+    got = _pkt_probs(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), eps=1.0)
+    torch.testing.assert_close(got, torch.tensor([[0.0, 0.5], [0.5, 0.0]]))
+
+
+def test_pkt_builds_its_masks_on_the_features_device():
+    e = torch.zeros(3, 4, device="meta")  # stands for an accelerator: a CPU mask would not mix
+    assert _pkt_probs(e, 1e-7).device.type == "meta"
+    assert pkt_loss(e, e).device.type == "meta"
+
+
+# -- Pearson distance --------------------------------------------------------------------------
+
+
+def test_pearson_distance_runs_along_the_last_dimension_of_any_shape():
+    a = torch.tensor([[[1.0, 2.0, 3.0], [1.0, 0.0, 2.0]]])  # (1, 2, 3)
+    b = torch.tensor([[[3.0, 2.0, 1.0], [2.0, 0.0, 4.0]]])
+    # reversed: correlation −1, distance 2; doubled: correlation 1, distance 0
+    torch.testing.assert_close(pearson_distance(a, b), torch.tensor([[2.0, 0.0]]))
+    torch.testing.assert_close(pearson_distance(a[0, 0], b[0, 0]), torch.tensor(2.0))
+
+
+def test_pearson_distance_of_nearly_constant_rows_adds_eps_to_the_norms():
+    # centred (1e-4, −1e-4) twice: a·b = ‖a‖‖b‖ = 2e-8, so 1 − 2e-8 / (2e-8 + 1e-8) = 1/3
+    a = torch.tensor([1e-4, -1e-4], dtype=torch.float64)
+    torch.testing.assert_close(pearson_distance(a, a), torch.tensor(1 / 3, dtype=torch.float64))

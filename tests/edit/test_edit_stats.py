@@ -52,6 +52,7 @@ def test_second_moment_matches_a_hand_computation():
     budget = len(keys[0]) + 3
     k = torch.cat([keys[0], keys[1][:3]])
     got = stats.compute_second_moments(model, tok, [0, 1], texts, budget, 64)[0]
+    assert got.dtype == torch.float64
     assert torch.allclose(got, k.T @ k / budget)
     whole = stats.compute_second_moments(model, tok, [0], texts[:1], 1000, 64)[0]
     assert torch.allclose(whole, keys[0].T @ keys[0] / len(keys[0]))

@@ -301,8 +301,11 @@ def held_out_blocks(tokenizer: Any, texts: Sequence[str], size: int, n: int) -> 
     with one (as the training pieces are): Gemma 3 scores text far worse without its BOS. SmolLM2's
     tokenizer adds none, so its blocks are `token_blocks`' as they are."""
     blocks = token_blocks(tokenizer, texts, size, n)
-    lead = tokenizer("")["input_ids"]
-    return torch.cat([torch.tensor(lead).expand(len(blocks), -1), blocks], 1) if lead else blocks
+    empty = tokenizer("")["input_ids"]  # [BOS], or [BOS, EOS] from a tokenizer that appends EOS
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if not empty or bos is None or empty[0] != bos:
+        return blocks
+    return torch.cat([torch.full((len(blocks), 1), bos, dtype=blocks.dtype), blocks], 1)
 
 
 def layer_dropped(model: LocalModel, every: int = 3, offset: int = 0) -> LocalModel:

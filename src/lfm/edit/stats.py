@@ -92,7 +92,9 @@ def compute_second_moments(
             run(lambda ids=ids: model(input_ids=ids))
             for layer, name in names.items():
                 k = keys[name].reshape(-1, keys[name].shape[-1]).double()  # (T, D); one text
-                sums[layer] = sums[layer] + k.T @ k if layer in sums else k.T @ k
+                if layer not in sums:
+                    sums[layer] = k.new_zeros(k.shape[1], k.shape[1])
+                sums[layer].addmm_(k.T, k)  # in place: no (D, D) temporary per text
             seen += ids.shape[1]
             shown.update(ids.shape[1])
             if seen >= tokens:

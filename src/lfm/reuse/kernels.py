@@ -71,9 +71,8 @@ def kth_largest(values: Tensor, k: int, *, overwrite: bool = False) -> float:
     """
     flat = values.detach().reshape(-1)
     n = flat.numel()
-    if flat.device.type != "cpu":  # the accelerator's own selection; no copy to the host
-        return float(torch.kthvalue(flat.float(), n - k + 1).values)
-    if flat.dtype not in (torch.float32, torch.float64):
+    if flat.device.type != "cpu" or flat.dtype not in (torch.float32, torch.float64):
+        # on an accelerator, its own selection where the tensor is (no copy to the host)
         return float(torch.kthvalue(flat.float(), n - k + 1).values)
     arr = flat.numpy()  # a view of `values` when contiguous, else a copy of our own
     if overwrite:
