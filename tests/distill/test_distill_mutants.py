@@ -1,8 +1,9 @@
 """What mutation testing of the distill area found untested: the top-k LM loss's weights,
 temperature and tail options, and the tail KL at T ≠ 1 when the whole vocabulary is sent; the
 cross-tokenizer loss's parts, options and data helpers; what sequence KD asks a text teacher; the
-feature losses' kernels and devices; Pearson distance on any shape. Every expected value is
-computed here from the definitions, not by the code under test."""
+feature losses' kernels and devices; Pearson distance on any shape; what the teacher cache
+takes, records and refuses, and how GKD seeds each batch's draws. Every expected value is computed
+here from the definitions, not by the code under test."""
 
 from __future__ import annotations
 
@@ -17,7 +18,14 @@ from lfm.access import Access, LocalModel
 from lfm.distill.features import _pkt_probs, attention_map, pkt_loss
 from lfm.distill.losses import pearson_distance
 from lfm.distill.seqkd import _ask, teacher_generations
-from lfm.distill.served import TopKLMConfig, topk_lm_loss, uniform_tail_kl
+from lfm.distill.served import (
+    TopKCache,
+    TopKLMConfig,
+    _batch_rng,
+    cache_topk,
+    topk_lm_loss,
+    uniform_tail_kl,
+)
 from lfm.distill.xtok import (
     ULDConfig,
     check_vocabularies,
@@ -462,3 +470,77 @@ def test_pearson_distance_of_nearly_constant_rows_adds_eps_to_the_norms():
     # centred (1e-4, −1e-4) twice: a·b = ‖a‖‖b‖ = 2e-8, so 1 − 2e-8 / (2e-8 + 1e-8) = 1/3
     a = torch.tensor([1e-4, -1e-4], dtype=torch.float64)
     torch.testing.assert_close(pearson_distance(a, a), torch.tensor(1 / 3, dtype=torch.float64))
+
+
+# -- the teacher cache's inputs and records; GKD's batch draws ----------------------------------
+
+
+class Echo:
+    """A teacher whose top k at each position are the token there and the k − 1 after it (mod V),
+    with log-probabilities log 1/2, log 1/4, log 1/8: each row its own answer."""
+
+    name = "echo"
+
+    def top_logprobs(self, rows, k):
+        index = (torch.as_tensor(rows)[..., None] + torch.arange(k)) % V
+        return torch.tensor([0.5, 0.25, 0.125][:k]).log().expand(index.shape), index
+
+
+ROWS = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 1], [2, 2, 2, 2]])
+
+
+@pytest.mark.filterwarnings("ignore:Creating a tensor from a list of numpy.ndarrays")
+def test_the_cache_answers_rows_given_as_lists_or_as_an_array_of_any_layout(tmp_path):
+    cache = TopKCache(cache_topk(Echo(), ROWS, K, tmp_path / "c.npz"))
+    # rows 2, 0: ids (2, 3, 4) at every token of row 2, then (1, 2, 3), (2, 3, 4), … for row 0
+    want_i = [[[2, 3, 4]] * 4, [[1, 2, 3], [2, 3, 4], [3, 4, 5], [4, 5, 6]]]
+    want_v = torch.tensor([0.5, 0.25, 0.125]).log().expand(2, 4, K)
+    for rows in ([[2, 2, 2, 2], [1, 2, 3, 4]], ((2, 2, 2, 2), (1, 2, 3, 4))):
+        values, index = cache.top_logprobs(rows, K)
+        assert index.dtype == torch.long and index.tolist() == want_i
+        assert values.dtype == torch.float32
+        torch.testing.assert_close(values, want_v, atol=2e-3, rtol=0)  # stored in float16
+    # rows 2, 1 as NumPy's view with a negative stride, which a local teacher takes too
+    backwards = ROWS.numpy()[::-1][:2]
+    _, index = cache.top_logprobs(backwards, 2)
+    assert index.tolist() == [[[2, 3]] * 4, [[5, 6], [6, 0], [0, 1], [1, 2]]]
+
+
+def test_a_block_not_in_the_cache_is_refused_naming_the_likely_causes(tmp_path):
+    path = cache_topk(Echo(), ROWS, K, tmp_path / "c.npz")
+    with pytest.raises(ConfigError) as e:
+        TopKCache(path).top_logprobs([[1, 2, 3, 5]], K)
+    assert str(e.value) == (f"a block is not in the cache {path}: it was made from other text, "
+                            "block size or tokenizer")  # fmt: skip
+
+
+class Unnamed:
+    """A teacher with no `name`."""
+
+    def top_logprobs(self, rows, k):
+        return Echo().top_logprobs(rows, k)
+
+    def __str__(self):
+        return "an unnamed teacher"
+
+
+def test_a_cache_of_a_teacher_without_a_name_records_the_teacher_as_text(tmp_path):
+    import json
+
+    import numpy as np
+
+    path = cache_topk(Unnamed(), ROWS, K, tmp_path / "c.npz")
+    with np.load(path, allow_pickle=False) as f:
+        assert json.loads(str(f["meta"]))["teacher"] == "an unnamed teacher"
+    assert TopKCache(path).name == "cache of an unnamed teacher"
+
+
+def test_a_batch_draws_the_same_for_the_same_tokens_and_seed_and_otherwise_not():
+    """GKD's on-policy draws are reproducible per batch (resume, any order of batches) and
+    depend on both the run's seed and the batch's tokens."""
+    ids = torch.tensor([[3, 1, 2]])
+    want = torch.rand(5, generator=_batch_rng(ids, 15))
+    assert torch.equal(torch.rand(5, generator=_batch_rng(ids.clone(), 15)), want)
+    assert not torch.equal(torch.rand(5, generator=_batch_rng(ids, 16)), want)
+    assert not torch.equal(torch.rand(5, generator=_batch_rng(ids.flip(1), 15)), want)
+    assert not torch.equal(torch.rand(5, generator=_batch_rng(ids[:, :2], 15)), want)
