@@ -39,7 +39,7 @@ from lfm.distill.xtok import (
     uld_distance,
     xtok_loss,
 )
-from lfm.errors import ConfigError
+from lfm.errors import ConfigError, LfmError
 
 V, K = 7, 3
 
@@ -544,3 +544,136 @@ def test_a_batch_draws_the_same_for_the_same_tokens_and_seed_and_otherwise_not()
     assert not torch.equal(torch.rand(5, generator=_batch_rng(ids, 16)), want)
     assert not torch.equal(torch.rand(5, generator=_batch_rng(ids.flip(1), 15)), want)
     assert not torch.equal(torch.rand(5, generator=_batch_rng(ids[:, :2], 15)), want)
+
+
+# -- GKD's divergence, the teacher's tail and answers; the student's vocabulary; FitNets' r -------
+
+
+def test_the_generalised_jsd_is_a_mean_over_rows_at_every_beta():
+    from lfm.distill.served import generalised_jsd
+
+    # row 0: p_t = (1/2, 1/2), p_s = (1/4, 3/4); row 1: both (1/2, 1/2), every divergence 0
+    log_t = _logp([0.5, 0.5], [0.5, 0.5])
+    log_s = _logp([0.25, 0.75], [0.5, 0.5])
+    # β = 0: KL(p_t ‖ p_s) = ½ ln 2 + ½ ln ⅔ = ½ ln 4/3 on row 0
+    torch.testing.assert_close(
+        generalised_jsd(log_t, log_s, 0.0), torch.tensor(math.log(4 / 3) / 4)
+    )
+    # β = 1: KL(p_s ‖ p_t) = ¼ ln ½ + ¾ ln 3/2 on row 0
+    reverse = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
+    torch.testing.assert_close(generalised_jsd(log_t, log_s, 1.0), torch.tensor(reverse / 2))
+    # β = ½: m = (3/8, 5/8) on row 0
+    kl_t = 0.5 * math.log(0.5 / 0.375) + 0.5 * math.log(0.5 / 0.625)
+    kl_s = 0.25 * math.log(0.25 / 0.375) + 0.75 * math.log(0.75 / 0.625)
+    want = (0.5 * kl_t + 0.5 * kl_s) / 2
+    torch.testing.assert_close(generalised_jsd(log_t, log_s, 0.5), torch.tensor(want))
+
+
+def test_the_spread_tail_stays_finite_when_the_top_k_mass_is_rounded_past_one():
+    """The teacher's tail then takes the smallest mass allowed, 1e-6, shared by the V − k others."""
+    from lfm.distill.served import spread_tail
+
+    values = torch.tensor([0.6, 0.3, 0.10001]).log()  # sums to 1.00001
+    got = spread_tail(values, torch.tensor([4, 0, 2]), V)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[[4, 0, 2]], values)
+    tail = got[[1, 3, 5, 6]]
+    torch.testing.assert_close(tail, torch.full((4,), math.log(1e-6 / 4)), atol=0.02, rtol=0)
+
+
+def test_gkd_loss_moves_the_teachers_answers_to_the_logits_device():
+    from lfm.distill.served import gkd_loss
+
+    student = torch.zeros(1, 4, V, device="meta")  # stands for an accelerator
+    values, index = torch.zeros(1, 3, V).log_softmax(-1).topk(K, -1)  # answered on the CPU
+    assert gkd_loss(student, (values, index), 2, 0.5).device.type == "meta"
+
+
+class Short(Fixed):
+    """A teacher sending one log-probability fewer than asked."""
+
+    def top_logprobs(self, rows, k):
+        return super().top_logprobs(rows, k - 1)
+
+
+def test_a_teacher_sending_fewer_than_k_is_refused_with_the_count_it_sent():
+    from lfm.distill.served import teacher_topk
+    from lfm.errors import LfmError
+
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    with pytest.raises(LfmError) as e:
+        teacher_topk(Short(), ids, K)
+    assert str(e.value) == "the teacher sent 2 log-probabilities per token, not 3"
+
+
+class Answer:
+    """A teacher's answer standing for a tensor on another device: it records where it is moved."""
+
+    shape = (1, 4, K)
+
+    def __init__(self):
+        self.device = "the teacher's"
+
+    def to(self, device):
+        self.device = device
+        return self
+
+
+class Remote:
+    name = "remote"
+
+    def top_logprobs(self, rows, k):
+        return Answer(), Answer()
+
+
+def test_the_teachers_answers_are_moved_to_the_ids_device():
+    from lfm.distill.served import teacher_topk
+
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    values, index = teacher_topk(Remote(), ids, K)
+    assert values.device == index.device == ids.device
+
+
+class Unreadable:
+    """A vocabulary size that cannot be read (a served model's card out of reach)."""
+
+    def __int__(self):
+        raise OSError("no card")
+
+
+def test_a_smaller_student_vocabulary_is_refused_and_an_unreadable_teacher_size_is_not_checked():
+    from lfm.distill.served import _same_vocab
+
+    student = SimpleNamespace(get_output_embeddings=lambda: nn.Linear(4, 5))  # vocabulary 5
+    with pytest.raises(ConfigError) as e:
+        _same_vocab(SimpleNamespace(vocab_size=6), student)
+    assert str(e.value) == (
+        "the student's vocabulary (5) is smaller than the teacher's (6): top-k KD needs one "
+        "vocabulary; for another tokenizer use distill/uld"
+    )
+    for teacher in (
+        SimpleNamespace(vocab_size=5),
+        SimpleNamespace(vocab_size=Unreadable()),
+        Fixed(),
+        CardUnreachable(),
+        SimpleNamespace(vocab_size="many"),
+    ):
+        assert _same_vocab(teacher, student) is None
+
+
+class CardUnreachable:
+    """A served teacher whose card cannot be read: its size property raises, as
+    `RemoteModel.vocab_size` does when the server does not answer."""
+
+    @property
+    def vocab_size(self):
+        raise LfmError("cannot reach http://127.0.0.1:1/v1/models")
+
+
+def test_the_hint_regressor_of_token_features_is_a_linear_layer_over_the_last_dimension():
+    from lfm.distill.features import HintProjector
+
+    r = HintProjector(torch.Size([2, 3, 4]), torch.Size([2, 3, 5]))  # (B, T, D) hidden states
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    want = x @ r.proj.weight.T + r.proj.bias
+    torch.testing.assert_close(r(x), want)

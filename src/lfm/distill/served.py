@@ -286,10 +286,10 @@ def topk_lm(
 
 def _same_vocab(teacher: Any, student: nn.Module) -> None:
     """Refuse a student whose vocabulary is smaller than the teacher's (its ids would not fit)."""
-    size = getattr(teacher, "vocab_size", None)
-    try:
+    try:  # a served teacher reads its size from its card: an unreadable card means no check
+        size = getattr(teacher, "vocab_size", None)
         size = int(size) if size is not None else None
-    except (LfmError, OSError, KeyError, TypeError):  # a cache or an unreachable card: no check
+    except (LfmError, OSError, KeyError, TypeError, ValueError):
         size = None
     own = int(student.get_output_embeddings().weight.shape[0])
     if size is not None and own < size:
