@@ -17,8 +17,10 @@ At the end the script prints killed / survived / timeouts / other, the score (ki
 the wall time, and writes the surviving mutants to `mutants/<area>/survivors.txt`
 (`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). Survivors that no
 test should kill, because they change nothing the method promises, are listed with a reason in
-`tests/mutation_equivalents.md`. Another test selection (`--tests`) makes mutmut test every
-mutant again.
+`tests/mutation_equivalents.md`. Another test selection (`--tests`, or a change to an area's
+list below) makes mutmut test every mutant again: after one, a `--survivors` run re-tests the
+survivors but leaves every other mutant "not checked", so its score is not the area's; run
+`--fresh` for that.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ AREAS: dict[str, Area] = {
             "tests/distill/test_distill_seqkd.py",
             "tests/distill/test_distill_skew.py",
             "tests/distill/test_distill_mutants.py",  # what the first run found untested
+            "tests/distill/test_distill_mutants_xtok.py",  # and the fresh run, in ULD's helpers
         ),
         note=(
             "the distiller loop, the layer-dropped LM students (lm.py), the data-free games "
