@@ -117,6 +117,96 @@ AREAS: dict[str, Area] = {
             "vision recipes and the CLI glue are not mutated"
         ),
     ),
+    "tuning": Area(
+        files=(
+            "src/lfm/tuning/peft_methods.py",  # LoRA, DoRA, IA3, prompt and prefix tuning
+            "src/lfm/tuning/lora_plus.py",  # LoRA+'s learning rates
+            "src/lfm/tuning/methods.py",  # full FT, BitFit, LP-FT, WiSE-FT
+            "src/lfm/tuning/mezo.py",  # zeroth-order SGD
+            "src/lfm/tuning/bbt.py",  # CMA-ES in a random projection of the prompt
+            "src/lfm/tuning/prompt_search.py",  # GrIPS's edit search
+            "src/lfm/tuning/opro.py",  # OPRO / APE: a proposer model's instructions
+            "src/lfm/tuning/proposer.py",
+            "src/lfm/tuning/retrieval.py",  # kNN-LM and REPLUG
+            "src/lfm/tuning/tasks.py",  # class scores, accuracy, few-shot draws
+        ),
+        tests=(
+            "tests/tuning/test_tuning_blackbox_methods.py",
+            "tests/tuning/test_tuning_blackbox_retrieval.py",
+            "tests/tuning/test_tuning_blackbox_cli.py",
+            "tests/tuning/test_tuning_opro.py",
+            "tests/tuning/test_tuning_lora_plus.py",
+            "tests/tuning/test_tuning_peft_adapters.py",
+            "tests/tuning/test_tuning_peft_prefix.py",
+            "tests/tuning/test_tuning_peft_training.py",
+            "tests/tuning/test_tuning_resume.py",
+            "tests/tuning/test_tuning_seed.py",
+            "tests/tuning/test_tuning_own_data.py",
+            "tests/tuning/test_tuning_train_cli.py",
+            "tests/tuning/test_tuning_classify_cli.py",
+            "tests/test_tasks.py",
+            "tests/tuning/test_tuning_mutants.py",  # what the first run found untested
+        ),
+        note=(
+            "the trainer loop (trainer.py), SFT data, saved runs, replay logs, the retrieval "
+            "handles (augmented.py), adapter I/O, the recipes and the CLI glue are not mutated"
+        ),
+    ),
+    "edit": Area(
+        files=(
+            "src/lfm/edit/rome.py",  # ROME's rank-one update
+            "src/lfm/edit/memit.py",  # MEMIT's spread over layers, AlphaEdit's null space
+            "src/lfm/edit/common.py",  # the covariance solve, temporary deltas
+            "src/lfm/edit/tail.py",  # the value search's forward from the edit layer
+            "src/lfm/edit/stats.py",  # the second moments C
+            "src/lfm/edit/requests.py",  # the subject's last token, the target ids
+            "src/lfm/edit/ftl.py",  # FT-L's constrained steps
+            "src/lfm/edit/grace.py",  # GRACE's codebook
+            "src/lfm/edit/wise.py",  # WISE's side memory and router
+            "src/lfm/edit/ultraedit.py",  # UltraEdit's lifelong normalised solve
+            "src/lfm/edit/mend.py",  # MEND's gradient editor
+            "src/lfm/edit/memory.py",  # IKE's demonstrations
+            "src/lfm/edit/facts.py",  # the edit metrics
+        ),
+        tests=tuple(
+            f"tests/edit/test_edit_{name}.py"
+            for name in (
+                "base",
+                "cli",
+                "facts",
+                "grace",
+                "memory",
+                "mend",
+                "methods",
+                "own_facts",
+                "patch",
+                "requests",
+                "sequential",
+                "site",
+                "stats",
+                "tail",
+                "trace",
+                "ultraedit",
+                "wise",
+                "mutants",
+            )
+        ),
+        note=(
+            "causal tracing and layer choice (trace.py, locate.py, site.py), patches' I/O "
+            "(patch.py, base.py), the sequential runner, the recipes and the CLI glue are not "
+            "mutated; test_edit_real.py is slow (real models) and not run"
+        ),
+    ),
+    "access": Area(
+        files=("src/lfm/access.py",),  # the access levels, their checks and the local scoring
+        tests=(
+            "tests/test_access.py",
+            "tests/test_tasks.py",
+            "tests/test_registry.py",
+            "tests/test_access_mutants.py",  # what the first run found untested
+        ),
+        note="the served handles (lfm.serve) are not mutated",
+    ),
 }
 
 

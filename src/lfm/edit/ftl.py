@@ -66,6 +66,7 @@ def _nll(model: nn.Module, params: dict[str, torch.Tensor], batch: Any) -> torch
     return -logp[pos, ids].mean()
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """One request on a tiny Llama, five constrained steps."""
     lm = common.smoke_model("llama", seed)
@@ -73,6 +74,9 @@ def _example(level: Access, seed: int) -> Example:
         (narrow(lm, level), common.SMOKE_REQUEST), {}, FTLConfig(steps=5),
         lambda patch: patch.deltas[0].matrix(),
     )  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register(

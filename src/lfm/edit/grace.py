@@ -239,6 +239,7 @@ class CodebookPatch:
                    meta["info"], str(meta["method"]))  # fmt: skip
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """One request on a tiny Llama; the summary is the codebook."""
     lm = common.smoke_model("llama", seed)
@@ -247,6 +248,9 @@ def _example(level: Access, seed: int) -> Example:
         (narrow(lm, level), common.SMOKE_REQUEST), {}, cfg,
         lambda p: {"keys": p.codebook.keys, "values": p.codebook.values, "radii": p.codebook.radii},
     )  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -302,6 +302,7 @@ class AlphaEditConfig(MemitConfig):
     null_space: bool = True  # project onto C's null space (the point of AlphaEdit)
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """One request on a tiny Llama, both blocks edited, C from the smoke texts."""
     lm = common.smoke_model("llama", seed)
@@ -313,9 +314,16 @@ def _example(level: Access, seed: int) -> Example:
     )  # fmt: skip
 
 
+# pragma: no mutate end
+
+
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _alphaedit_example(level: Access, seed: int) -> Example:
     ex = _example(level, seed)
     return Example(ex.args, ex.kwargs, AlphaEditConfig(v_steps=5, n_prefixes=2), ex.summary)
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -237,6 +237,7 @@ SMOKE_FACTS = (
 )  # fmt: skip
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """A tiny Llama behind a TEXT handle; the summary is its greedy answers through the patch."""
     handle = narrow(common.smoke_model("llama", seed), level)
@@ -248,6 +249,9 @@ def _example(level: Access, seed: int) -> Example:
         return [*map(editor.context, queries), *editor.generate(queries, max_new_tokens=4)]
 
     return Example((handle, common.SMOKE_REQUEST), {"facts": SMOKE_FACTS}, cfg, summary)
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -148,6 +148,7 @@ def stack(deltas: Sequence[Delta]) -> Delta:
     return Delta(deltas[0].module, torch.cat(us, 1), torch.cat(vs, 1))
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """One request on a tiny Llama, C from the smoke texts."""
     lm = common.smoke_model("llama", seed)
@@ -157,6 +158,9 @@ def _example(level: Access, seed: int) -> Example:
         (narrow(lm, level), common.SMOKE_REQUEST), {"cov": cov}, cfg,
         lambda patch: {"u": patch.deltas[0].u, "v": patch.deltas[0].v},
     )  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -266,6 +266,7 @@ def ultraedit_step(
     return patch, UltraEditState(stats, after, state.turns + 1)
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """A turn of two requests on a tiny Llama (two features: the first turn's statistics are not
     degenerate); λ small against its ~0.05-long keys, as the paper's λ = 1 is against a 7B's."""
@@ -275,6 +276,9 @@ def _example(level: Access, seed: int) -> Example:
         (narrow(lm, level), reqs), {}, UltraEditConfig(lr=0.01, ridge=1e-4),
         lambda patch: {d.module: d.matrix() for d in patch.deltas},
     )  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register(

@@ -343,6 +343,7 @@ class WiseMemory:
             raise LfmError(f"{path} is not a complete {FORMAT} file ({type(e).__name__})") from None
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     """One request on a tiny Llama; margins on the scale of its ~0.05-long projection inputs."""
     lm = common.smoke_model("llama", seed)
@@ -351,6 +352,9 @@ def _example(level: Access, seed: int) -> Example:
         (narrow(lm, level), common.SMOKE_REQUEST), {}, cfg,
         lambda m: {"side": m.side, "epsilon": m.epsilon},
     )  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 def wise_step(

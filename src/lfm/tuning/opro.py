@@ -229,6 +229,7 @@ def _exemplars(
              verb.label_words[int(data.labels[i])]) for i in idx]  # fmt: skip
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     cfg = OproConfig(
         steps=1, candidates=2, demos=2, examples=1, proposal_tokens=8, example_chars=40
@@ -238,6 +239,9 @@ def _example(level: Access, seed: int) -> Example:
     proposer = tiny_news_lm(seed + 1)  # a local model: only the target is narrowed
     return Example((narrow(tiny_news_lm(seed), level), tiny_task()),
                    {"proposer": proposer, "seed": seed}, cfg, summary)  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register("tuning", "opro", shape=TUNER, branch="input engineering", access=Access.TEXT,

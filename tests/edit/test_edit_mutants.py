@@ -1,0 +1,1 @@
+"""What mutation testing (`make mutate`) found untested: each test fails with the mutant it names."""
