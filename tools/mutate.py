@@ -15,7 +15,10 @@ a mutant whose function did not change is not tested again (`--fresh` starts ove
 
 At the end the script prints killed / survived / timeouts / other, the score (killed / total) and
 the wall time, and writes the surviving mutants to `mutants/<area>/survivors.txt`
-(`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). Survivors that no
+(`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). mutmut skips a decorated function
+(all of it), so method code registers by a call after the function, `fn = register(...)(fn)`, and
+puts `with torch.no_grad():` in its body; the script names the decorated functions it finds in
+the area's files, which no run tests. Survivors that no
 test should kill, because they change nothing the method promises, are listed with a reason in
 `tests/mutation_equivalents.md`. Another test selection (`--tests`, or a change to an area's
 list below) makes mutmut test every mutant again: after one, a `--survivors` run re-tests the
@@ -26,6 +29,7 @@ survivors but leaves every other mutant "not checked", so its score is not the a
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import shutil
@@ -47,6 +51,7 @@ class Area:
     tests: tuple[str, ...]  # pytest paths (the fast tests only: `slow` ones are deselected)
     note: str = ""  # what is left out, and why
     pytest_args: tuple[str, ...] = field(default=())  # extra pytest options for this area
+    also_copy: tuple[str, ...] = ()  # other folders its tests read (linked, then copied by mutmut)
 
 
 AREAS: dict[str, Area] = {
@@ -145,7 +150,11 @@ AREAS: dict[str, Area] = {
             "tests/tuning/test_tuning_train_cli.py",
             "tests/tuning/test_tuning_classify_cli.py",
             "tests/test_tasks.py",
-            "tests/tuning/test_tuning_mutants.py",  # what the first run found untested
+            # what the first run found untested, by the files it mutates
+            *(
+                f"tests/tuning/test_tuning_mutants_{part}.py"
+                for part in ("methods", "peft", "bbt", "search", "opro", "retrieval", "tasks")
+            ),
         ),
         note=(
             "the trainer loop (trainer.py), SFT data, saved runs, replay logs, the retrieval "
@@ -188,7 +197,6 @@ AREAS: dict[str, Area] = {
                 "trace",
                 "ultraedit",
                 "wise",
-                "mutants",
             )
         ),
         note=(
@@ -196,6 +204,7 @@ AREAS: dict[str, Area] = {
             "(patch.py, base.py), the sequential runner, the recipes and the CLI glue are not "
             "mutated; test_edit_real.py is slow (real models) and not run"
         ),
+        also_copy=("tools",),  # a facts test checks the packaged set against its seeded tool
     ),
     "access": Area(
         files=("src/lfm/access.py",),  # the access levels, their checks and the local scoring
@@ -203,7 +212,6 @@ AREAS: dict[str, Area] = {
             "tests/test_access.py",
             "tests/test_tasks.py",
             "tests/test_registry.py",
-            "tests/test_access_mutants.py",  # what the first run found untested
         ),
         note="the served handles (lfm.serve) are not mutated",
     ),
@@ -222,6 +230,8 @@ def mutmut_table(area: Area) -> str:
         # mutmut's choice for torch: fork the workers from a server that has not run pytest
         'process_isolation = "forkserver"',
     ]
+    if area.also_copy:
+        lines.append(f"also_copy = {json.dumps(list(area.also_copy))}")
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +241,7 @@ def prepare(name: str, area: Area, fresh: bool) -> Path:
     if fresh and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    for part in ("src", "tests"):
+    for part in ("src", "tests", *area.also_copy):
         link = work / part
         if not link.is_symlink():
             link.symlink_to(Path("..") / ".." / part)
@@ -243,6 +253,18 @@ def prepare(name: str, area: Area, fresh: bool) -> Path:
     if not target.exists() or target.read_text() != text:
         target.write_text(text)
     return work
+
+
+def decorated(area: Area) -> list[str]:
+    """The decorated top-level functions and methods of the area's files: mutmut skips them."""
+    found = []
+    for f in area.files:
+        for node in ast.walk(ast.parse((ROOT / f).read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.decorator_list:
+                names = {ast.unparse(d) for d in node.decorator_list}
+                if not names <= {"staticmethod", "classmethod"}:  # mutmut handles these two
+                    found.append(f"{Path(f).stem}.{node.name}")
+    return found
 
 
 def results(work: Path, area: Area) -> dict[str, list[str]]:
@@ -285,6 +307,8 @@ def main() -> None:
     print(f"mutating {', '.join(area.files)} against {' '.join(area.tests)} (not slow)")
     if area.note:
         print(f"left out: {area.note}")
+    if skipped := decorated(area):
+        print(f"not mutated (decorated, which mutmut skips): {', '.join(skipped)}")
     start = time.monotonic()
     cmd = [str(BIN / "mutmut"), "run", "--max-children", str(args.workers), *names]
     code = subprocess.run(cmd, cwd=work, env=env).returncode

@@ -4,11 +4,14 @@ Each area names the callable shapes of its methods (`Shape`: a `typing.Protocol`
 calls it), and every method is registered once with its area, shape, survey branch, access level,
 config class and paper:
 
-    @register("edit", "rome", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
-              config=RomeConfig, paper="Meng et al. 2022, arXiv 2202.05262", example=_example)
     def rome(handle, requests, cfg=None): ...
 
-The decorated name is the function a user calls. Calling it, or `run("edit", "rome", handle,
+    rome = register("edit", "rome", shape=EDITOR, branch="locate-and-edit",
+                    access=Access.WEIGHTS, config=RomeConfig,
+                    paper="Meng et al. 2022, arXiv 2202.05262", example=_example)(rome)
+
+(`@register(...)` as a decorator does the same; the method files use the call, since mutmut
+skips decorated functions.) The name `register` returns is the function a user calls. Calling it, or `run("edit", "rome", handle,
 requests, cfg=...)`, goes through one gate: the config is resolved (None: paper defaults; a
 mapping: validated; another method's config: refused) and every handle the call carries is
 checked against the method's access level before the method runs — an `AccessError` naming both

@@ -76,11 +76,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).float()  # (B, D)
 
 
-@register(
-    "distill", "fitnets", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=FitNetsConfig,
-    paper="Romero et al. 2014, arXiv 1412.6550",
-    example=_EXAMPLE, cli=CLI.format("fitnets"), projector=HintProjector,
-)  # fmt: skip
 def fitnets_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: FitNetsConfig = FitNetsConfig()
 ) -> torch.Tensor:
@@ -94,16 +89,18 @@ def fitnets_loss(
     return F.mse_loss(student.float(), teacher.detach().float())
 
 
+fitnets_loss = register(
+    "distill", "fitnets", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=FitNetsConfig,
+    paper="Romero et al. 2014, arXiv 1412.6550",
+    example=_EXAMPLE, cli=CLI.format("fitnets"), projector=HintProjector,
+)(fitnets_loss)  # fmt: skip
+
+
 def attention_map(a: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """`Q = Σ_c |A_c|^p` of (B, C, H, W) features, flattened and L2-normalised: (B, H·W)."""
     return F.normalize(a.float().abs().pow(p).sum(1).flatten(1), dim=1)
 
 
-@register(
-    "distill", "at", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=ATConfig,
-    paper="Zagoruyko & Komodakis 2016, arXiv 1612.03928",
-    example=_EXAMPLE, cli=CLI.format("at"),
-)  # fmt: skip
 def at_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: ATConfig = ATConfig()
 ) -> torch.Tensor:
@@ -116,6 +113,13 @@ def at_loss(
     t = F.adaptive_avg_pool2d(teacher, size) if teacher.shape[-2:] != size else teacher
     diff = attention_map(s, cfg.p) - attention_map(t.detach(), cfg.p)
     return cfg.beta / 2 * diff.pow(2).mean()
+
+
+at_loss = register(
+    "distill", "at", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=ATConfig,
+    paper="Zagoruyko & Komodakis 2016, arXiv 1612.03928",
+    example=_EXAMPLE, cli=CLI.format("at"),
+)(at_loss)  # fmt: skip
 
 
 def _pair_distances(e: torch.Tensor) -> torch.Tensor:
@@ -143,11 +147,6 @@ def rkd_angle(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(_angles(_flat(student)), _angles(_flat(teacher).detach()))
 
 
-@register(
-    "distill", "rkd", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=RKDConfig,
-    paper="Park et al. 2019, arXiv 1904.05068",
-    example=_EXAMPLE, cli=CLI.format("rkd"),
-)  # fmt: skip
 def rkd_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: RKDConfig = RKDConfig()
 ) -> torch.Tensor:
@@ -160,6 +159,13 @@ def rkd_loss(
     return out
 
 
+rkd_loss = register(
+    "distill", "rkd", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=RKDConfig,
+    paper="Park et al. 2019, arXiv 1904.05068",
+    example=_EXAMPLE, cli=CLI.format("rkd"),
+)(rkd_loss)  # fmt: skip
+
+
 def _pkt_probs(e: torch.Tensor, eps: float) -> torch.Tensor:
     """p_{j|i} from the cosine kernel (cos + 1)/2, diagonal excluded: (B, B)."""
     u = F.normalize(e, dim=1)
@@ -168,11 +174,6 @@ def _pkt_probs(e: torch.Tensor, eps: float) -> torch.Tensor:
     return k / k.sum(1, keepdim=True).clamp_min(eps)
 
 
-@register(
-    "distill", "pkt", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=PKTConfig,
-    paper="Passalis & Tefas 2018, arXiv 1803.10837",
-    example=_EXAMPLE, cli=CLI.format("pkt"),
-)  # fmt: skip
 def pkt_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: PKTConfig = PKTConfig()
 ) -> torch.Tensor:
@@ -181,3 +182,10 @@ def pkt_loss(
     off = 1 - torch.eye(len(p_t), device=p_t.device)
     kl = p_t * (torch.log(p_t + cfg.eps) - torch.log(p_s + cfg.eps)) * off
     return kl.sum(1).mean()
+
+
+pkt_loss = register(
+    "distill", "pkt", shape=LOSS, branch=BRANCH, access=Access.HIDDEN, config=PKTConfig,
+    paper="Passalis & Tefas 2018, arXiv 1803.10837",
+    example=_EXAMPLE, cli=CLI.format("pkt"),
+)(pkt_loss)  # fmt: skip

@@ -88,11 +88,6 @@ def loss_example(student_module: str = "", teacher_module: str = "", cfg: Config
 # pragma: no mutate end
 
 
-@register(
-    "distill", "kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=KDConfig,
-    paper="Hinton et al. 2015, arXiv 1503.02531",
-    example=loss_example(), cli=CLI.format("kd"),
-)  # fmt: skip
 def kd_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: KDConfig = KDConfig()
 ) -> torch.Tensor:
@@ -109,11 +104,13 @@ def kd_loss(
     return t * t * _kl(log_t, log_s)
 
 
-@register(
-    "distill", "reverse_kl", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=ReverseKLConfig,
-    paper="Gu et al. 2023 (MiniLLM), arXiv 2306.08543",
-    example=loss_example(), cli=CLI.format("reverse_kl"),
-)  # fmt: skip
+kd_loss = register(
+    "distill", "kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=KDConfig,
+    paper="Hinton et al. 2015, arXiv 1503.02531",
+    example=loss_example(), cli=CLI.format("kd"),
+)(kd_loss)  # fmt: skip
+
+
 def reverse_kl_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: ReverseKLConfig = ReverseKLConfig()
 ) -> torch.Tensor:
@@ -122,6 +119,13 @@ def reverse_kl_loss(
     log_s = F.log_softmax(_rows(student) / t, -1)
     log_t = F.log_softmax(_rows(teacher).detach() / t, -1)
     return t * t * _kl(log_s, log_t)
+
+
+reverse_kl_loss = register(
+    "distill", "reverse_kl", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=ReverseKLConfig,
+    paper="Gu et al. 2023 (MiniLLM), arXiv 2306.08543",
+    example=loss_example(), cli=CLI.format("reverse_kl"),
+)(reverse_kl_loss)  # fmt: skip
 
 
 def _residual_log(log_probs: torch.Tensor) -> torch.Tensor:
@@ -141,11 +145,6 @@ def _topk_teacher(
     return log_t.topk(min(k, log_t.shape[-1]), dim=-1)
 
 
-@register(
-    "distill", "topk_kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=TopKConfig,
-    paper="Hinton et al. 2015, arXiv 1503.02531 (top-k API log-probabilities)",
-    example=loss_example(cfg=TopKConfig(k=3)), cli=CLI.format("topk_kd"),
-)  # fmt: skip
 def topk_kd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
@@ -177,6 +176,13 @@ def topk_kd_loss(
     return t * t * _kl(log_t, log_s)
 
 
+topk_kd_loss = register(
+    "distill", "topk_kd", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=TopKConfig,
+    paper="Hinton et al. 2015, arXiv 1503.02531 (top-k API log-probabilities)",
+    example=loss_example(cfg=TopKConfig(k=3)), cli=CLI.format("topk_kd"),
+)(topk_kd_loss)  # fmt: skip
+
+
 def pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """`1 − Pearson correlation` of `a` and `b` along the last dimension."""
     a = a - a.mean(-1, keepdim=True)
@@ -184,11 +190,6 @@ def pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> tor
     return 1 - (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1) + eps)
 
 
-@register(
-    "distill", "dist", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=DISTConfig,
-    paper="Huang et al. 2022, arXiv 2205.10536",
-    example=loss_example(), cli=CLI.format("dist"),
-)  # fmt: skip
 def dist_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: DISTConfig = DISTConfig()
 ) -> torch.Tensor:
@@ -198,3 +199,10 @@ def dist_loss(
     inter = pearson_distance(y_s, y_t).mean()
     intra = pearson_distance(y_s.T, y_t.T).mean()
     return cfg.tau**2 * (cfg.beta * inter + cfg.gamma * intra)
+
+
+dist_loss = register(
+    "distill", "dist", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=DISTConfig,
+    paper="Huang et al. 2022, arXiv 2205.10536",
+    example=loss_example(), cli=CLI.format("dist"),
+)(dist_loss)  # fmt: skip

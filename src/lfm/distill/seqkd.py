@@ -119,11 +119,6 @@ def _seq_example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "distill", "seq_kd", shape=DISTILLER, branch="with data", access=Access.TEXT,
-    config=SeqKDConfig, paper="Kim & Rush 2016, arXiv 1606.07947", example=_seq_example,
-    cli="lfm distill lm --method seq_kd",
-)  # fmt: skip
 def seq_kd(
     teacher: Any,
     student: LocalModel,
@@ -158,6 +153,13 @@ def seq_kd(
     return DistillResult(student.model, hist, {"targets": targets})
 
 
+seq_kd = register(
+    "distill", "seq_kd", shape=DISTILLER, branch="with data", access=Access.TEXT,
+    config=SeqKDConfig, paper="Kim & Rush 2016, arXiv 1606.07947", example=_seq_example,
+    cli="lfm distill lm --method seq_kd",
+)(seq_kd)  # fmt: skip
+
+
 def step_by_step_loss(model: nn.Module, batch: Any, rationale_weight: float) -> dict:
     """`{"loss", "label", "rationale"}`: L_label + λ · L_rationale on one batch of both tasks."""
     label_ids, label_y, rat_ids, rat_y = batch
@@ -185,11 +187,6 @@ def _sbs_example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "distill", "step_by_step", shape=DISTILLER, branch="with data", access=Access.TEXT,
-    config=StepByStepConfig, paper="Hsieh et al. 2023, arXiv 2305.02301", example=_sbs_example,
-    cli="none: it needs task inputs and a teacher that writes rationales (call it from Python)",
-)  # fmt: skip
 def step_by_step(
     teacher: Any,
     student: LocalModel,
@@ -232,3 +229,10 @@ def step_by_step(
 
     hist = train(student.model, loss_fn, batches, train_cfg, run)
     return DistillResult(student.model, hist, {"labels": list(labels), "rationales": rationales})
+
+
+step_by_step = register(
+    "distill", "step_by_step", shape=DISTILLER, branch="with data", access=Access.TEXT,
+    config=StepByStepConfig, paper="Hsieh et al. 2023, arXiv 2305.02301", example=_sbs_example,
+    cli="none: it needs task inputs and a teacher that writes rationales (call it from Python)",
+)(step_by_step)  # fmt: skip

@@ -244,11 +244,6 @@ def _examples(cfg: Config) -> Any:
 # pragma: no mutate end
 
 
-@register(
-    "distill", "topk_lm", shape=DISTILLER, branch="with data", access=Access.SCORES,
-    config=TopKLMConfig, paper="Hinton et al. 2015, arXiv 1503.02531 (on an API's top-k log-probabilities)",
-    example=_examples(TopKLMConfig(k=5, batch_size=4)), cli="lfm distill lm --method topk_lm",
-)  # fmt: skip
 def topk_lm(
     teacher: Any,
     student: nn.Module,
@@ -282,6 +277,13 @@ def topk_lm(
     batches = shuffled_batches(data, batch_size=cfg.batch_size, seed=train_cfg.seed)
     hist = train(student, loss_fn, batches, train_cfg, run, evaluate)
     return DistillResult(student.eval(), hist, {"teacher_blocks": queries["blocks"], "k": cfg.k})
+
+
+topk_lm = register(
+    "distill", "topk_lm", shape=DISTILLER, branch="with data", access=Access.SCORES,
+    config=TopKLMConfig, paper="Hinton et al. 2015, arXiv 1503.02531 (on an API's top-k log-probabilities)",
+    example=_examples(TopKLMConfig(k=5, batch_size=4)), cli="lfm distill lm --method topk_lm",
+)(topk_lm)  # fmt: skip
 
 
 def _same_vocab(teacher: Any, student: nn.Module) -> None:
@@ -341,24 +343,24 @@ def gkd_loss(
     return generalised_jsd(log_t.to(log_s.device).flatten(0, 1), log_s.flatten(0, 1), beta)
 
 
-@torch.no_grad()
 def student_samples(
     student: nn.Module, prompts: torch.Tensor, new: int, temperature: float, seed: int
 ) -> torch.Tensor:
     """Prompts (B, P) continued by exactly `new` tokens sampled from the student at
     `temperature` (the whole vocabulary; EOS held back until the end), under `seed`."""
-    was = student.training
-    student.eval()
-    devices = [prompts.device] if prompts.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        ids = student.generate(
-            input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
-            temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
-            pad_token_id=0,  # no row ends early (min_new_tokens), so no padding is made
-        )  # fmt: skip
-    student.train(was)
-    return ids
+    with torch.no_grad():
+        was = student.training
+        student.eval()
+        devices = [prompts.device] if prompts.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            ids = student.generate(
+                input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                pad_token_id=0,  # no row ends early (min_new_tokens), so no padding is made
+            )  # fmt: skip
+        student.train(was)
+        return ids
 
 
 def _batch_rng(ids: torch.Tensor, seed: int) -> torch.Generator:
@@ -368,11 +370,6 @@ def _batch_rng(ids: torch.Tensor, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
-@register(
-    "distill", "gkd", shape=DISTILLER, branch="with data", access=Access.SCORES, config=GKDConfig,
-    paper="Agarwal et al. 2024 (GKD), arXiv 2306.13649",
-    example=_examples(GKDConfig(k=5, batch_size=4)), cli="lfm distill lm --method gkd",
-)  # fmt: skip
 def gkd(
     teacher: Any,
     student: nn.Module,
@@ -418,3 +415,10 @@ def gkd(
     batches = shuffled_batches(data, batch_size=cfg.batch_size, seed=train_cfg.seed)
     hist = train(student, loss_fn, batches, train_cfg, run, evaluate)
     return DistillResult(student.eval(), hist, dict(counts))
+
+
+gkd = register(
+    "distill", "gkd", shape=DISTILLER, branch="with data", access=Access.SCORES, config=GKDConfig,
+    paper="Agarwal et al. 2024 (GKD), arXiv 2306.13649",
+    example=_examples(GKDConfig(k=5, batch_size=4)), cli="lfm distill lm --method gkd",
+)(gkd)  # fmt: skip

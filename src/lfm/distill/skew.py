@@ -29,11 +29,6 @@ class SkewKLConfig(Config):
     temperature: float = Field(1.0, gt=0)  # softening temperature T on both sides
 
 
-@register(
-    "distill", "skew_kl", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=SkewKLConfig,
-    paper="Ko et al. 2024 (DistiLLM), arXiv 2402.03898",
-    example=loss_example(), cli=CLI.format("skew_kl"),
-)  # fmt: skip
 def skew_kl_loss(
     student: torch.Tensor, teacher: torch.Tensor, cfg: SkewKLConfig = SkewKLConfig()
 ) -> torch.Tensor:
@@ -46,3 +41,10 @@ def skew_kl_loss(
     else:
         log_m = log_s
     return t * t * (log_p.exp() * (log_p - log_m)).sum(-1).mean()
+
+
+skew_kl_loss = register(
+    "distill", "skew_kl", shape=LOSS, branch=BRANCH, access=Access.SCORES, config=SkewKLConfig,
+    paper="Ko et al. 2024 (DistiLLM), arXiv 2402.03898",
+    example=loss_example(), cli=CLI.format("skew_kl"),
+)(skew_kl_loss)  # fmt: skip

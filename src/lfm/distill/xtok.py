@@ -395,11 +395,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "distill", "uld", shape=DISTILLER, branch="with data", access=Access.SCORES, config=ULDConfig,
-    paper="Boizard et al. 2024 (ULD), arXiv 2402.12030", example=_example,
-    cli="lfm distill lm --method uld",
-)  # fmt: skip
 def uld(
     teacher: Any,
     student: LocalModel,
@@ -452,3 +447,10 @@ def uld(
         hist = train(student.model, loss_fn, batches, train_cfg, run, evaluate)
     info = {"aligned": aligned, "tokens": int(tensors[1].sum()), "shared": len(shared[0])}
     return DistillResult(student.model.eval(), hist, info)
+
+
+uld = register(
+    "distill", "uld", shape=DISTILLER, branch="with data", access=Access.SCORES, config=ULDConfig,
+    paper="Boizard et al. 2024 (ULD), arXiv 2402.12030", example=_example,
+    cli="lfm distill lm --method uld",
+)(uld)  # fmt: skip

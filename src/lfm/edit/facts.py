@@ -97,16 +97,16 @@ def _fact(r: dict[str, Any]) -> Fact:
                 split=str(r.get("split", "")))  # fmt: skip
 
 
-@torch.no_grad()
 def known_facts(handle: Any, facts: Sequence[Fact]) -> list[Fact]:
     """The facts whose true object's first token is the model's top-1 next token."""
-    logp = handle.next_token_logprobs([f.prompt for f in facts])
-    keep = []
-    for f, row in zip(facts, logp, strict=True):
-        first = _first_token(handle, f.prompt, f.true)
-        if int(row.argmax()) == first:
-            keep.append(f)
-    return keep
+    with torch.no_grad():
+        logp = handle.next_token_logprobs([f.prompt for f in facts])
+        keep = []
+        for f, row in zip(facts, logp, strict=True):
+            first = _first_token(handle, f.prompt, f.true)
+            if int(row.argmax()) == first:
+                keep.append(f)
+        return keep
 
 
 def _first_token(handle: Any, prompt: str, obj: str) -> int:

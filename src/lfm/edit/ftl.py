@@ -79,11 +79,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "ft_l", shape=EDITOR, branch="constrained tuning", access=Access.WEIGHTS,
-    config=FTLConfig, paper="Zhu et al. 2020, arXiv 2012.00363 (FT-L, as the ROME paper's baseline)",
-    example=_example, cli="lfm edit apply -m ft_l",
-)  # fmt: skip
 def ft_l(handle: Any, requests: Request | Sequence[Request], cfg: FTLConfig | None = None) -> Patch:
     """An FT-L patch: constrained fine-tuning of one MLP projection on all requests together.
 
@@ -99,3 +94,10 @@ def ft_l(handle: Any, requests: Request | Sequence[Request], cfg: FTLConfig | No
     with frozen(model):
         delta = ftl_delta(model, tok, reqs, cfg, site)
     return make_patch(model, [delta], reqs, "ft_l", cfg)
+
+
+ft_l = register(
+    "edit", "ft_l", shape=EDITOR, branch="constrained tuning", access=Access.WEIGHTS,
+    config=FTLConfig, paper="Zhu et al. 2020, arXiv 2012.00363 (FT-L, as the ROME paper's baseline)",
+    example=_example, cli="lfm edit apply -m ft_l",
+)(ft_l)  # fmt: skip

@@ -253,13 +253,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "grace", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
-    config=GraceConfig, paper="Hartvigsen et al. 2023, arXiv 2211.11031", example=_example,
-    cli="lfm edit apply -m grace (a codebook patch; --on OLD grows one; `lfm edit eval` applies it)",
-    # `lfm edit apply --on` an earlier codebook grows it (`codebook=`) instead of applying it
-    continues=("codebook", CodebookPatch),
-)  # fmt: skip
 def grace(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -303,3 +296,12 @@ def grace(
     }
     return CodebookPatch(book, site.module, [*earlier, *reqs], cfg.to_dict(),
                          fingerprint(model, [site.module]), info)  # fmt: skip
+
+
+grace = register(
+    "edit", "grace", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
+    config=GraceConfig, paper="Hartvigsen et al. 2023, arXiv 2211.11031", example=_example,
+    cli="lfm edit apply -m grace (a codebook patch; --on OLD grows one; `lfm edit eval` applies it)",
+    # `lfm edit apply --on` an earlier codebook grows it (`codebook=`) instead of applying it
+    continues=("codebook", CodebookPatch),
+)(grace)  # fmt: skip

@@ -139,34 +139,36 @@ def resid_and_keys(
     return h, k, m
 
 
-@torch.no_grad()
 def resid_change(norm: nn.Module | None, m: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The residual change when the MLP outputs m (D, cols) become m + δ: δ itself, or through
     the norm, norm(m + δ) − norm(m)."""
-    if norm is None:
-        return delta[:, None].expand_as(m) if delta.dim() == 1 else delta
-    return _apply(norm, m + (delta[:, None] if delta.dim() == 1 else delta)) - _apply(norm, m)
+    with torch.no_grad():
+        if norm is None:
+            return delta[:, None].expand_as(m) if delta.dim() == 1 else delta
+        return _apply(norm, m + (delta[:, None] if delta.dim() == 1 else delta)) - _apply(norm, m)
 
 
-@torch.no_grad()
 def value_change(norm: nn.Module | None, m: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """The MLP-output change Δm (D, cols) that moves the residual by r (D, cols): r itself, or,
     through an RMS norm y = g ⊙ x / rms(x), the x closest to m along u = (norm(m) + r) / g. The
     norm's output has a fixed size, so only r's direction is reachable in general; an r that came
     from `resid_change` is reached exactly, also where the gain has zeros (see below)."""
-    if norm is None:
-        return r
-    g = _apply(norm, torch.ones(m.shape[0], 1))  # the gain: rms of a column of ones is 1
-    live = g.abs() > 1e-6 * g.abs().max()  # Gemma 3 has gains of exactly 0: those outputs stay 0
-    u = torch.where(live, (_apply(norm, m) + r) / torch.where(live, g, 1.0), 0.0)
-    # dead coordinates only count in rms(x): give them m's direction and the length that makes
-    # rms(u) = 1 where the live part allows it, so that norm(u) = y exactly
-    dead = torch.where(live, 0.0, m)
-    room = (m.shape[0] - u.pow(2).sum(0)).clamp(min=0).sqrt()
-    u = u + dead * room / dead.norm(dim=0).clamp(min=1e-12)
-    scale = (u * m).sum(0) / (u * u).sum(0)
-    scale = torch.where(scale > 0, scale, m.norm(dim=0) / u.norm(dim=0))
-    return scale * u - m
+    with torch.no_grad():
+        if norm is None:
+            return r
+        g = _apply(norm, torch.ones(m.shape[0], 1))  # the gain: rms of a column of ones is 1
+        live = (
+            g.abs() > 1e-6 * g.abs().max()
+        )  # Gemma 3 has gains of exactly 0: those outputs stay 0
+        u = torch.where(live, (_apply(norm, m) + r) / torch.where(live, g, 1.0), 0.0)
+        # dead coordinates only count in rms(x): give them m's direction and the length that makes
+        # rms(u) = 1 where the live part allows it, so that norm(u) = y exactly
+        dead = torch.where(live, 0.0, m)
+        room = (m.shape[0] - u.pow(2).sum(0)).clamp(min=0).sqrt()
+        u = u + dead * room / dead.norm(dim=0).clamp(min=1e-12)
+        scale = (u * m).sum(0) / (u * u).sum(0)
+        scale = torch.where(scale > 0, scale, m.norm(dim=0) / u.norm(dim=0))
+        return scale * u - m
 
 
 def _apply(norm: nn.Module, cols: torch.Tensor) -> torch.Tensor:
@@ -326,11 +328,6 @@ def _alphaedit_example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "memit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
-    config=MemitConfig, paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", example=_example,
-    cli="lfm edit apply -m memit",
-)  # fmt: skip
 def memit(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -349,12 +346,13 @@ def memit(
     return _edit(handle, requests, cfg or MemitConfig(), cov)
 
 
-@register(
-    "edit", "alphaedit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
-    config=AlphaEditConfig, paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)",
-    example=_alphaedit_example,
-    cli="lfm edit apply -m alphaedit (sequential edits: --state FILE)",
-)  # fmt: skip
+memit = register(
+    "edit", "memit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=MemitConfig, paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", example=_example,
+    cli="lfm edit apply -m memit",
+)(memit)  # fmt: skip
+
+
 def alphaedit(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -373,3 +371,11 @@ def alphaedit(
         cov: precomputed C per layer ({layer: tensor}); default: cached statistics.
     """
     return _edit(handle, requests, (cfg or AlphaEditConfig()).replace(null_space=True), cov)
+
+
+alphaedit = register(
+    "edit", "alphaedit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=AlphaEditConfig, paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)",
+    example=_alphaedit_example,
+    cli="lfm edit apply -m alphaedit (sequential edits: --state FILE)",
+)(alphaedit)  # fmt: skip

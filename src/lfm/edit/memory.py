@@ -254,11 +254,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "ike", shape=EDITOR, branch="memory-based", access=Access.TEXT, config=IkeConfig,
-    paper="Zheng et al. 2023, arXiv 2305.12740", example=_example,
-    cli="lfm edit eval -m ike --facts F (metrics before and with IKE; `apply -m ike` saves a patch)",
-)  # fmt: skip
 def ike(
     handle: TextModel,
     requests: Request | Sequence[Request],
@@ -278,3 +273,10 @@ def ike(
         facts: the demonstrations' facts, instead of `cfg.facts`.
     """
     return MemoryPatch(common.as_requests(requests), cfg or IkeConfig(), embed=embed, facts=facts)
+
+
+ike = register(
+    "edit", "ike", shape=EDITOR, branch="memory-based", access=Access.TEXT, config=IkeConfig,
+    paper="Zheng et al. 2023, arXiv 2305.12740", example=_example,
+    cli="lfm edit eval -m ike --facts F (metrics before and with IKE; `apply -m ike` saves a patch)",
+)(ike)  # fmt: skip

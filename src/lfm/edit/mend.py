@@ -252,17 +252,17 @@ class MendEditor(nn.Module):
 
     # -- running statistics (Chan's parallel rule) --
 
-    @torch.no_grad()
     def update_stats(self, k: int, z: torch.Tensor) -> None:
         """Add the features z (n, D) of matrix k to its running mean and variance."""
-        z = z.double().to(self._buf("mean", k).device)
-        count, mean, m2 = self._buf("count", k), self._buf("mean", k), self._buf("m2", k)
-        n, zm = z.shape[0], z.mean(0)
-        total = count + n
-        d = zm - mean
-        mean += d * n / total
-        m2 += (z - zm).pow(2).sum(0) + d.pow(2) * count * n / total
-        count.fill_(total)
+        with torch.no_grad():
+            z = z.double().to(self._buf("mean", k).device)
+            count, mean, m2 = self._buf("count", k), self._buf("mean", k), self._buf("m2", k)
+            n, zm = z.shape[0], z.mean(0)
+            total = count + n
+            d = zm - mean
+            mean += d * n / total
+            m2 += (z - zm).pow(2).sum(0) + d.pow(2) * count * n / total
+            count.fill_(total)
 
     def normalise(self, k: int, z: torch.Tensor) -> torch.Tensor:
         """(z − μ)/σ with matrix k's statistics; z unchanged while they are empty."""
@@ -554,11 +554,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "mend", shape=EDITOR, branch="meta-learned editor", access=Access.WEIGHTS,
-    config=MendConfig, paper=PAPER, example=_example,
-    cli="lfm edit apply -m mend --editor DIR (an editor trained by lfm edit train-mend)",
-)  # fmt: skip
 def mend(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -582,3 +577,10 @@ def mend(
     patch = make_patch(model, deltas, reqs, "mend", cfg)
     patch.info["alpha"] = dict(zip(editor.modules_, editor.alpha.tolist(), strict=True))
     return patch
+
+
+mend = register(
+    "edit", "mend", shape=EDITOR, branch="meta-learned editor", access=Access.WEIGHTS,
+    config=MendConfig, paper=PAPER, example=_example,
+    cli="lfm edit apply -m mend --editor DIR (an editor trained by lfm edit train-mend)",
+)(mend)  # fmt: skip

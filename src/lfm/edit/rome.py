@@ -163,10 +163,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "rome", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
-    config=RomeConfig, paper=PAPER, example=_example, cli="lfm edit apply -m rome",
-)  # fmt: skip
 def rome(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -194,3 +190,9 @@ def rome(
             with common.temporarily(model, deltas):
                 deltas.append(rome_delta(model, tok, req, cfg, site, c)[0])
     return make_patch(model, [stack(deltas)], reqs, "rome", cfg)
+
+
+rome = register(
+    "edit", "rome", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=RomeConfig, paper=PAPER, example=_example, cli="lfm edit apply -m rome",
+)(rome)  # fmt: skip

@@ -64,7 +64,6 @@ def corpus_texts(corpus: str) -> Sequence[str]:
     return load_dataset(corpus).train_texts  # type: ignore[union-attr]
 
 
-@torch.no_grad()
 def compute_second_moments(
     model: nn.Module,
     tokenizer: Any,
@@ -77,29 +76,30 @@ def compute_second_moments(
     one pass per text that stops after the deepest layer's projection. {layer: (D, D) float64}.
 
     A tqdm bar over the tokens read is shown while progress is reported (`lfm.edit.progress`)."""
-    names = {s.layer: s.module for s in edit_sites(model, layers)}
-    sums: dict[int, torch.Tensor] = {}
-    seen = 0
-    device = next(model.parameters()).device
-    with (
-        capture(model, list(names.values()), inputs=True) as keys,
-        stop_after(model, [names[max(layers)]]) as run,
-        progress.bar(total=tokens, desc="statistics", unit="tok") as shown,
-    ):
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_len)
-            ids = ids["input_ids"][:, : tokens - seen].to(device)
-            run(lambda ids=ids: model(input_ids=ids))
-            for layer, name in names.items():
-                k = keys[name].reshape(-1, keys[name].shape[-1]).double()  # (T, D); one text
-                if layer not in sums:
-                    sums[layer] = k.new_zeros(k.shape[1], k.shape[1])
-                sums[layer].addmm_(k.T, k)  # in place: no (D, D) temporary per text
-            seen += ids.shape[1]
-            shown.update(ids.shape[1])
-            if seen >= tokens:
-                break
-    return {layer: sums[layer] / max(seen, 1) for layer in layers}
+    with torch.no_grad():
+        names = {s.layer: s.module for s in edit_sites(model, layers)}
+        sums: dict[int, torch.Tensor] = {}
+        seen = 0
+        device = next(model.parameters()).device
+        with (
+            capture(model, list(names.values()), inputs=True) as keys,
+            stop_after(model, [names[max(layers)]]) as run,
+            progress.bar(total=tokens, desc="statistics", unit="tok") as shown,
+        ):
+            for text in texts:
+                ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_len)
+                ids = ids["input_ids"][:, : tokens - seen].to(device)
+                run(lambda ids=ids: model(input_ids=ids))
+                for layer, name in names.items():
+                    k = keys[name].reshape(-1, keys[name].shape[-1]).double()  # (T, D); one text
+                    if layer not in sums:
+                        sums[layer] = k.new_zeros(k.shape[1], k.shape[1])
+                    sums[layer].addmm_(k.T, k)  # in place: no (D, D) temporary per text
+                seen += ids.shape[1]
+                shown.update(ids.shape[1])
+                if seen >= tokens:
+                    break
+        return {layer: sums[layer] / max(seen, 1) for layer in layers}
 
 
 def _read(folder: Path) -> torch.Tensor:

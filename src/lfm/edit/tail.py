@@ -60,23 +60,23 @@ def _masks(batch: Batch, s: int, t: int) -> tuple[torch.Tensor, torch.Tensor, to
     return pre_mask, torch.cat([pre_mask, tail_mask], 1), p[:, None] + cols_tail[None]
 
 
-@torch.no_grad()
 def prepare(model: nn.Module, batch: Batch) -> Tail:
     """Split `batch` at the subject tokens and run the prefix once (no gradients)."""
-    p, dev = batch.subject_pos, next(model.parameters()).device
-    s, t = int(p.max()), int((batch.attention_mask.sum(1) - p).max())
-    pre_ids, tail_ids = split(batch, p, t)
-    pre_mask, mask, tail_pos = _masks(batch, s, t)
-    cache = None
-    if s > 0:
-        pre_pos = (pre_mask.cumsum(1) - 1).clamp(min=0)  # positions 0..p-1 of the real tokens
-        out = model(
-            input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
-            position_ids=pre_pos.to(dev), use_cache=True, logits_to_keep=1,
-        )  # fmt: skip
-        cache = out.cache
-    tpos = [[q - int(pi) for q in row] for row, pi in zip(batch.target_pos, p, strict=True)]
-    return Tail(tail_ids, mask, tail_pos, cache, tpos, batch.target_ids)
+    with torch.no_grad():
+        p, dev = batch.subject_pos, next(model.parameters()).device
+        s, t = int(p.max()), int((batch.attention_mask.sum(1) - p).max())
+        pre_ids, tail_ids = split(batch, p, t)
+        pre_mask, mask, tail_pos = _masks(batch, s, t)
+        cache = None
+        if s > 0:
+            pre_pos = (pre_mask.cumsum(1) - 1).clamp(min=0)  # positions 0..p-1 of the real tokens
+            out = model(
+                input_ids=pre_ids.to(dev), attention_mask=pre_mask.to(dev),
+                position_ids=pre_pos.to(dev), use_cache=True, logits_to_keep=1,
+            )  # fmt: skip
+            cache = out.cache
+        tpos = [[q - int(pi) for q in row] for row, pi in zip(batch.target_pos, p, strict=True)]
+        return Tail(tail_ids, mask, tail_pos, cache, tpos, batch.target_ids)
 
 
 def forward(model: nn.Module, tail: Tail, keep: Any = 1) -> torch.Tensor:

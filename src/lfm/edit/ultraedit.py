@@ -281,11 +281,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "edit", "ultraedit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
-    config=UltraEditConfig, paper=PAPER, example=_example,
-    cli="lfm edit apply -m ultraedit --state FILE (one turn each call; the state carries across)",
-)  # fmt: skip
 def ultraedit(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -304,3 +299,10 @@ def ultraedit(
         state: the statistics of earlier turns (None: this is the first).
     """
     return ultraedit_step(handle, requests, state, cfg)[0]
+
+
+ultraedit = register(
+    "edit", "ultraedit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
+    config=UltraEditConfig, paper=PAPER, example=_example,
+    cli="lfm edit apply -m ultraedit --state FILE (one turn each call; the state carries across)",
+)(ultraedit)  # fmt: skip

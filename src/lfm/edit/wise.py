@@ -157,20 +157,20 @@ def routing_loss(edit: torch.Tensor, irrelevant: torch.Tensor, cfg: WiseConfig) 
     )
 
 
-@torch.no_grad()
 def activations(model: nn.Module, tok: Any, texts: Sequence[str], site: EditSite) -> list:
     """The projection's input at every token of each text, (T_i, D_in) float on the CPU (one
     pass per text, stopped at the projection)."""
-    dev, out = next(model.parameters()).device, []
-    for text in texts:
-        ids = torch.tensor([tok(text)["input_ids"]], device=dev)
-        with (
-            capture(model, [site.module], inputs=True) as ins,
-            stop_after(model, [site.module]) as run,
-        ):
-            run(lambda ids=ids: model(input_ids=ids))
-        out.append(ins[site.module][0].float().cpu())
-    return out
+    with torch.no_grad():
+        dev, out = next(model.parameters()).device, []
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]], device=dev)
+            with (
+                capture(model, [site.module], inputs=True) as ins,
+                stop_after(model, [site.module]) as run,
+            ):
+                run(lambda ids=ids: model(input_ids=ids))
+            out.append(ins[site.module][0].float().cpu())
+        return out
 
 
 def train_edit(
@@ -400,12 +400,6 @@ def wise_step(
     return out, out
 
 
-@register(
-    "edit", "wise", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
-    config=WiseConfig, paper=PAPER, example=_example,
-    cli="lfm edit apply -m wise --state FILE (one side memory grows across calls; "
-    "`lfm edit eval` applies it)",
-)  # fmt: skip
 def wise(
     handle: Any,
     requests: Request | Sequence[Request],
@@ -423,3 +417,11 @@ def wise(
             holds its shards and requests, then the new ones.
     """
     return wise_step(handle, requests, memory, cfg)[0]
+
+
+wise = register(
+    "edit", "wise", shape=EDITOR, branch="memory-based", access=Access.WEIGHTS,
+    config=WiseConfig, paper=PAPER, example=_example,
+    cli="lfm edit apply -m wise --state FILE (one side memory grows across calls; "
+    "`lfm edit eval` applies it)",
+)(wise)  # fmt: skip

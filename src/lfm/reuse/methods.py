@@ -117,12 +117,6 @@ class ModelStockConfig(Config):
 PLAN = "lfm reuse merge PLAN.yaml (method: {})"
 
 
-@register(
-    "reuse", "linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=LinearConfig, paper="Wortsman et al. 2022, arXiv 2203.05482",
-    example=merge_example(base=False), cli=PLAN.format("linear"), needs_base=False,
-    divides_by_weight_sum=lambda cfg: cfg.normalize,
-)  # fmt: skip
 def linear(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -130,18 +124,28 @@ def linear(
     return K.linear(tensors, weights, cfg.normalize)
 
 
-@register(
-    "reuse", "task_arithmetic", shape=KERNEL, branch="weight interpolation",
-    access=Access.WEIGHTS, config=TaskArithmeticConfig,
-    paper="Ilharco et al. 2022, arXiv 2212.04089", example=merge_example(),
-    cli=PLAN.format("task_arithmetic"),
-)  # fmt: skip
+linear = register(
+    "reuse", "linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=LinearConfig, paper="Wortsman et al. 2022, arXiv 2203.05482",
+    example=merge_example(base=False), cli=PLAN.format("linear"), needs_base=False,
+    divides_by_weight_sum=lambda cfg: cfg.normalize,
+)(linear)  # fmt: skip
+
+
 def task_arithmetic(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
     """θ_b + λ Σ w_i τ_i."""
     assert base is not None
     return K.task_merge(base, K.task_vectors(base, tensors), weights, scale=cfg.scale)
+
+
+task_arithmetic = register(
+    "reuse", "task_arithmetic", shape=KERNEL, branch="weight interpolation",
+    access=Access.WEIGHTS, config=TaskArithmeticConfig,
+    paper="Ilharco et al. 2022, arXiv 2212.04089", example=merge_example(),
+    cli=PLAN.format("task_arithmetic"),
+)(task_arithmetic)  # fmt: skip
 
 
 def _ties_prepare(inputs: Inputs, cfg: Any) -> dict[str, Any]:
@@ -172,11 +176,6 @@ def _ties_thresholds(taus: list[Tensor], cfg: Any, ctx: Ctx) -> list[float]:
     return [K.magnitude_threshold(t, cfg.density) for t in taus]
 
 
-@register(
-    "reuse", "ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=TiesConfig, paper="Yadav et al. 2023, arXiv 2306.01708", example=merge_example(),
-    cli=PLAN.format("ties"), prepare=_ties_prepare,
-)  # fmt: skip
 def ties(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -190,6 +189,13 @@ def ties(
     )
 
 
+ties = register(
+    "reuse", "ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=TiesConfig, paper="Yadav et al. 2023, arXiv 2306.01708", example=merge_example(),
+    cli=PLAN.format("ties"), prepare=_ties_prepare,
+)(ties)  # fmt: skip
+
+
 def _dare_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
     taus = K.task_vectors(base, tensors)
     seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(tensors)))]
@@ -198,11 +204,6 @@ def _dare_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[
             for t, s in zip(taus, seeds, strict=True)]  # fmt: skip
 
 
-@register(
-    "reuse", "dare_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=DareLinearConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
-    cli=PLAN.format("dare_linear"),
-)  # fmt: skip
 def dare_linear(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -211,11 +212,13 @@ def dare_linear(
     return K.task_merge(base, _dare_taus(base, tensors, cfg, ctx), weights, scale=cfg.scale)
 
 
-@register(
-    "reuse", "dare_ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=DareTiesConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
-    cli=PLAN.format("dare_ties"),
-)  # fmt: skip
+dare_linear = register(
+    "reuse", "dare_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DareLinearConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
+    cli=PLAN.format("dare_linear"),
+)(dare_linear)  # fmt: skip
+
+
 def dare_ties(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -227,16 +230,18 @@ def dare_ties(
     )
 
 
+dare_ties = register(
+    "reuse", "dare_ties", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DareTiesConfig, paper="Yu et al. 2023, arXiv 2311.03099", example=merge_example(),
+    cli=PLAN.format("dare_ties"),
+)(dare_ties)  # fmt: skip
+
+
 def _band_taus(base: Tensor, tensors: list[Tensor], cfg: Any) -> list[Tensor]:
     taus = K.task_vectors(base, tensors)
     return [K.middle_band(t, cfg.drop_top, cfg.drop_bottom) for t in taus]
 
 
-@register(
-    "reuse", "breadcrumbs", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=BreadcrumbsConfig, paper="Davari & Belilovsky 2023, arXiv 2312.06795",
-    example=merge_example(), cli=PLAN.format("breadcrumbs"),
-)  # fmt: skip
 def breadcrumbs(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -245,12 +250,13 @@ def breadcrumbs(
     return K.task_merge(base, _band_taus(base, tensors, cfg), weights, scale=cfg.scale)
 
 
-@register(
-    "reuse", "breadcrumbs_ties", shape=KERNEL, branch="weight interpolation",
-    access=Access.WEIGHTS, config=BreadcrumbsTiesConfig,
-    paper="Davari & Belilovsky 2023, arXiv 2312.06795 (with TIES's sign election, as mergekit)",
-    example=merge_example(), cli=PLAN.format("breadcrumbs_ties"),
-)  # fmt: skip
+breadcrumbs = register(
+    "reuse", "breadcrumbs", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=BreadcrumbsConfig, paper="Davari & Belilovsky 2023, arXiv 2312.06795",
+    example=merge_example(), cli=PLAN.format("breadcrumbs"),
+)(breadcrumbs)  # fmt: skip
+
+
 def breadcrumbs_ties(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -262,17 +268,20 @@ def breadcrumbs_ties(
     )
 
 
+breadcrumbs_ties = register(
+    "reuse", "breadcrumbs_ties", shape=KERNEL, branch="weight interpolation",
+    access=Access.WEIGHTS, config=BreadcrumbsTiesConfig,
+    paper="Davari & Belilovsky 2023, arXiv 2312.06795 (with TIES's sign election, as mergekit)",
+    example=merge_example(), cli=PLAN.format("breadcrumbs_ties"),
+)(breadcrumbs_ties)  # fmt: skip
+
+
 def _della_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
     taus = K.task_vectors(base, tensors)
     seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(tensors)))]
     return [K.magprune(t, cfg.drop_rate, cfg.window, s) for t, s in zip(taus, seeds, strict=True)]
 
 
-@register(
-    "reuse", "della", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=DellaConfig, paper="Deep et al. 2024, arXiv 2406.11617", example=merge_example(),
-    cli=PLAN.format("della"),
-)  # fmt: skip
 def della(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -284,11 +293,13 @@ def della(
     )
 
 
-@register(
-    "reuse", "della_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=DellaLinearConfig, paper="Deep et al. 2024, arXiv 2406.11617 (without sign election)",
-    example=merge_example(), cli=PLAN.format("della_linear"),
-)  # fmt: skip
+della = register(
+    "reuse", "della", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DellaConfig, paper="Deep et al. 2024, arXiv 2406.11617", example=merge_example(),
+    cli=PLAN.format("della"),
+)(della)  # fmt: skip
+
+
 def della_linear(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -297,12 +308,13 @@ def della_linear(
     return K.task_merge(base, _della_taus(base, tensors, cfg, ctx), weights, scale=cfg.scale)
 
 
-@register(
-    "reuse", "slerp", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=SlerpConfig, paper="Shoemake 1985, SIGGRAPH (doi 10.1145/325165.325242)",
-    example=merge_example(n=2, base=False), cli=PLAN.format("slerp"),
-    needs_base=False, min_models=2, max_models=2,
-)  # fmt: skip
+della_linear = register(
+    "reuse", "della_linear", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=DellaLinearConfig, paper="Deep et al. 2024, arXiv 2406.11617 (without sign election)",
+    example=merge_example(), cli=PLAN.format("della_linear"),
+)(della_linear)  # fmt: skip
+
+
 def slerp(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -312,11 +324,14 @@ def slerp(
     return K.slerp(tensors[0], tensors[1], cfg.t, cfg.eps)
 
 
-@register(
-    "reuse", "model_stock", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=ModelStockConfig, paper="Jang et al. 2024, arXiv 2403.19522",
-    example=merge_example(), cli=PLAN.format("model_stock"), min_models=2,
-)  # fmt: skip
+slerp = register(
+    "reuse", "slerp", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=SlerpConfig, paper="Shoemake 1985, SIGGRAPH (doi 10.1145/325165.325242)",
+    example=merge_example(n=2, base=False), cli=PLAN.format("slerp"),
+    needs_base=False, min_models=2, max_models=2,
+)(slerp)  # fmt: skip
+
+
 def model_stock(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -325,3 +340,10 @@ def model_stock(
     if len(tensors) < 2:  # only with on_missing="skip": one fine-tuned model has no angle
         return tensors[0].float()
     return K.model_stock(base, tensors, cfg.eps)
+
+
+model_stock = register(
+    "reuse", "model_stock", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=ModelStockConfig, paper="Jang et al. 2024, arXiv 2403.19522",
+    example=merge_example(), cli=PLAN.format("model_stock"), min_models=2,
+)(model_stock)  # fmt: skip

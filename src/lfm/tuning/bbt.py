@@ -169,11 +169,6 @@ def _example_summary(res: BBTResult) -> dict[str, Any]:
 # pragma: no mutate end
 
 
-@register("tuning", "bbt", shape=TUNER, branch="input engineering", access=Access.EMBEDDINGS,
-          config=BBTConfig, paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
-          example=example(BBTConfig(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13), steps=None,
-                          summary=_example_summary),
-          cli="lfm tuning bbt")  # fmt: skip
 def bbt(
     handle: EmbeddingsModel,
     data: TextClassification,
@@ -215,6 +210,13 @@ def bbt(
     return res
 
 
+bbt = register("tuning", "bbt", shape=TUNER, branch="input engineering", access=Access.EMBEDDINGS,
+          config=BBTConfig, paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
+          example=example(BBTConfig(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13), steps=None,
+                          summary=_example_summary),
+          cli="lfm tuning bbt")(bbt)  # fmt: skip
+
+
 class CmaRandom:
     """NumPy's global generator as CMA-ES alone sees it.
 
@@ -244,7 +246,9 @@ def _search(
     f: Callable[[np.ndarray], float], cfg: BBTConfig, seed: int, res: BBTResult, a: torch.Tensor,
     bar: Any, flush: Callable[[], None],
 ) -> None:  # fmt: skip
-    opts = {"popsize": cfg.popsize, "seed": cma_seed(seed), "verbose": -9, "maxfevals": cfg.budget}
+    # verbose -10: silent, and deaf to a `cma_signals.in` in the working directory (at -9 `cma`
+    # reads options from one every generation, so a stray file would steer the search)
+    opts = {"popsize": cfg.popsize, "seed": cma_seed(seed), "verbose": -10, "maxfevals": cfg.budget}
     if cfg.bound > 0:
         opts["bounds"] = [-cfg.bound, cfg.bound]
     own = CmaRandom()

@@ -34,11 +34,6 @@ class LoraPlusConfig(LoraConfig):
     lr_ratio: float = Field(16.0, gt=0)  # λ = η_B / η_A (paper: 2⁴)
 
 
-@register(
-    "tuning", "lora_plus", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
-    config=LoraPlusConfig, paper="Hayou et al. 2024, arXiv 2402.12354",
-    example=example(LoraPlusConfig()), cli="lfm tuning train --method lora_plus",
-)  # fmt: skip
 def lora_plus(
     handle: Any, data: Data, cfg: Config | None = None, *, train_cfg: TrainConfig | None = None,
     eval_data: Data | None = None, run: Run | None = None, seed: int = 0, **options: Any,
@@ -54,3 +49,10 @@ def lora_plus(
 
     return tune_weights("lora_plus", handle, data, cfg, prepare, train_cfg=tcfg,
                         eval_data=eval_data, run=run, seed=seed, **options)  # fmt: skip
+
+
+lora_plus = register(
+    "tuning", "lora_plus", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
+    config=LoraPlusConfig, paper="Hayou et al. 2024, arXiv 2402.12354",
+    example=example(LoraPlusConfig()), cli="lfm tuning train --method lora_plus",
+)(lora_plus)  # fmt: skip

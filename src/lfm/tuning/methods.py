@@ -138,7 +138,8 @@ def lp_ft_schedule(
     ft_cfg = tcfg.replace(steps=tcfg.steps - len(lp.losses))
     ft = train(model, loss_fn, batches, ft_cfg, sub_run(run, "ft"), evaluate)
     evals = [{**e, "step": e["step"] + len(lp.losses)} for e in ft.evals]  # steps of the whole run
-    return History(lp.losses + ft.losses, evals, lp.start_step)
+    # a resumed run began at the probe's checkpoint, plus the fine-tuning's once the probe was done
+    return History(lp.losses + ft.losses, evals, lp.start_step + ft.start_step)
 
 
 def interpolate_weights(
@@ -194,9 +195,6 @@ def wise_schedule(
 _W = "weight engineering"
 
 
-@register("tuning", "full_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=FullFTConfig,
-          paper="Howard & Ruder 2018, arXiv 1801.06146", example=example(FullFTConfig()),
-          cli="lfm tuning train --method full_ft")  # fmt: skip
 def full_ft(
     handle: Any, data: Data, cfg: FullFTConfig | None = None, *,
     train_cfg: TrainConfig | None = None, eval_data: Data | None = None, run: Run | None = None,
@@ -207,9 +205,11 @@ def full_ft(
                         eval_data=eval_data, run=run, seed=seed, **options)  # fmt: skip
 
 
-@register("tuning", "bitfit", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=BitFitConfig,
-          paper="Ben Zaken et al. 2021, arXiv 2106.10199", example=example(BitFitConfig()),
-          cli="lfm tuning train --method bitfit")  # fmt: skip
+full_ft = register("tuning", "full_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=FullFTConfig,
+          paper="Howard & Ruder 2018, arXiv 1801.06146", example=example(FullFTConfig()),
+          cli="lfm tuning train --method full_ft")(full_ft)  # fmt: skip
+
+
 def bitfit(
     handle: Any, data: Data, cfg: BitFitConfig | None = None, *,
     train_cfg: TrainConfig | None = None, eval_data: Data | None = None, run: Run | None = None,
@@ -221,9 +221,11 @@ def bitfit(
                         eval_data=eval_data, run=run, seed=seed, **options)  # fmt: skip
 
 
-@register("tuning", "lp_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=LPFTConfig,
-          paper="Kumar et al. 2022, arXiv 2202.10054", example=example(LPFTConfig()),
-          cli="lfm tuning train --method lp_ft")  # fmt: skip
+bitfit = register("tuning", "bitfit", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=BitFitConfig,
+          paper="Ben Zaken et al. 2021, arXiv 2106.10199", example=example(BitFitConfig()),
+          cli="lfm tuning train --method bitfit")(bitfit)  # fmt: skip
+
+
 def lp_ft(
     handle: Any, data: TextClassification, cfg: LPFTConfig | None = None, *,
     train_cfg: TrainConfig | None = None, eval_data: Data | None = None, run: Run | None = None,
@@ -242,9 +244,11 @@ def lp_ft(
                         eval_data=eval_data, run=run, seed=seed, schedule=schedule, **options)  # fmt: skip
 
 
-@register("tuning", "wise_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=WiseFTConfig,
-          paper="Wortsman et al. 2021, arXiv 2109.01903", example=example(WiseFTConfig()),
-          cli="lfm tuning train --method wise_ft")  # fmt: skip
+lp_ft = register("tuning", "lp_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=LPFTConfig,
+          paper="Kumar et al. 2022, arXiv 2202.10054", example=example(LPFTConfig()),
+          cli="lfm tuning train --method lp_ft")(lp_ft)  # fmt: skip
+
+
 def wise_ft(
     handle: Any, data: Data, cfg: WiseFTConfig | None = None, *,
     train_cfg: TrainConfig | None = None, eval_data: Data | None = None, run: Run | None = None,
@@ -255,3 +259,8 @@ def wise_ft(
     schedule = partial(wise_schedule, cfg=cfg)
     return tune_weights("wise_ft", handle, data, cfg, all_trainable, train_cfg=train_cfg,
                         eval_data=eval_data, run=run, seed=seed, schedule=schedule, **options)  # fmt: skip
+
+
+wise_ft = register("tuning", "wise_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=WiseFTConfig,
+          paper="Wortsman et al. 2021, arXiv 2109.01903", example=example(WiseFTConfig()),
+          cli="lfm tuning train --method wise_ft")(wise_ft)  # fmt: skip

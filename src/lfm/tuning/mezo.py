@@ -63,29 +63,29 @@ def select(model: nn.Module, pattern: str) -> list[nn.Parameter]:
     return list({id(p): p for p in out}.values())  # tied weights count once
 
 
-@torch.no_grad()
 def perturb(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
     """θ ← θ + scale · z in place, with z regenerated from `seed` (same z for the same seed)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    for p in params:
-        p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device), alpha=scale)
+    with torch.no_grad():
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device), alpha=scale)
 
 
-@torch.no_grad()
 def mezo_step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int,
               cfg: MeZOConfig) -> tuple[float, float]:  # fmt: skip
     """One MeZO step in place; returns (loss at θ+εz, projected gradient ĝ)."""
-    perturb(params, seed, cfg.eps)
-    plus = loss_fn()
-    perturb(params, seed, -2 * cfg.eps)
-    minus = loss_fn()
-    perturb(params, seed, cfg.eps)  # back to θ (up to float rounding)
-    grad = (plus - minus) / (2 * cfg.eps)
-    if cfg.weight_decay:
-        for p in params:
-            p.mul_(1 - cfg.lr * cfg.weight_decay)
-    perturb(params, seed, -cfg.lr * grad)
-    return plus, grad
+    with torch.no_grad():
+        perturb(params, seed, cfg.eps)
+        plus = loss_fn()
+        perturb(params, seed, -2 * cfg.eps)
+        minus = loss_fn()
+        perturb(params, seed, cfg.eps)  # back to θ (up to float rounding)
+        grad = (plus - minus) / (2 * cfg.eps)
+        if cfg.weight_decay:
+            for p in params:
+                p.mul_(1 - cfg.lr * cfg.weight_decay)
+        perturb(params, seed, -cfg.lr * grad)
+        return plus, grad
 
 
 def zero_order(model: nn.Module, loss_fn: Callable[[], float], cfg: MeZOConfig = MeZOConfig(),
@@ -121,10 +121,10 @@ def label_loss_fn(
     takes_keep = "logits_to_keep" in inspect.signature(model.model.forward).parameters
     keep = {"logits_to_keep": 1} if takes_keep else {}
 
-    @torch.no_grad()
     def loss() -> float:
-        logits = model.model(**enc, **keep).logits[:, -1, ids].float()
-        return float(torch.nn.functional.cross_entropy(logits, y.to(logits.device)))
+        with torch.no_grad():
+            logits = model.model(**enc, **keep).logits[:, -1, ids].float()
+            return float(torch.nn.functional.cross_entropy(logits, y.to(logits.device)))
 
     return loss
 
@@ -134,9 +134,9 @@ def response_loss_fn(model: LocalModel, data: Instructions) -> Callable[[], floa
     batch = sft_batches(model.tokenizer, data.rows, len(data.rows))[0]
     batch = {k: v.to(model.device) for k, v in batch.items()}
 
-    @torch.no_grad()
     def loss() -> float:
-        return float(sft_loss(model.model, batch))
+        with torch.no_grad():
+            return float(sft_loss(model.model, batch))
 
     return loss
 
@@ -148,11 +148,6 @@ def _loss(local: LocalModel, data: TextClassification | Instructions) -> Callabl
     return label_loss_fn(local, data.texts, data.labels, verb)
 
 
-@register("tuning", "mezo", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
-          config=MeZOConfig, paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
-          example=example(MeZOConfig(steps=8, lr=1e-2, params=r"layers\.1\."), steps=None,
-                          summary=lambda r: torch.tensor([*r.history, r.metrics["loss"]])),
-          cli="lfm tuning train --method mezo")  # fmt: skip
 def mezo(
     handle: Any, data: TextClassification | Instructions, cfg: MeZOConfig | None = None, *,
     eval_data: TextClassification | Instructions | None = None, run: Run | None = None,
@@ -195,6 +190,13 @@ def mezo(
     verb = data.verbalizer if isinstance(data, TextClassification) else None
     return TunedModel(method="mezo", config=cfg, model=clf.eval(), tokenizer=local.tokenizer,
                       verbalizer=verb, history=history, metrics=metrics)  # fmt: skip
+
+
+mezo = register("tuning", "mezo", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
+          config=MeZOConfig, paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
+          example=example(MeZOConfig(steps=8, lr=1e-2, params=r"layers\.1\."), steps=None,
+                          summary=lambda r: torch.tensor([*r.history, r.metrics["loss"]])),
+          cli="lfm tuning train --method mezo")(mezo)  # fmt: skip
 
 
 def _classifier(local: LocalModel, data: TextClassification | Instructions) -> nn.Module:

@@ -85,7 +85,8 @@ def answer_label(answer: str, words: Sequence[str]) -> int:
     Case-insensitive; a label word counts where a word starts ("sports" names sport, "transport"
     does not); of two label words starting at one place, the longer.
     """
-    low, best = answer.lower(), (len(answer) + 1, 0, -1)
+    low = answer.lower()
+    best = (len(low) + 1, 0, -1)
     for c, w in enumerate(words):
         m = re.search(r"(?<!\w)" + re.escape(w.lower()), low)
         if m and (m.start(), -len(w)) < best[:2]:
@@ -244,10 +245,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register("tuning", "opro", shape=TUNER, branch="input engineering", access=Access.TEXT,
-          config=OproConfig, paper="Yang et al. 2023, OPRO, arXiv 2309.03409; Zhou et al. 2022, "
-          "APE, arXiv 2211.01910", example=_example, cli="lfm tuning opro",
-          models=("causal-lm",))  # fmt: skip
 def opro(
     handle: TextModel,
     data: TextClassification,
@@ -298,6 +295,12 @@ def opro(
     res.instructions = [{k: t[k] for k in ("step", "instruction", "score")} for t in search.tried]
     res.skipped = dict(search.skipped)
     return res
+
+
+opro = register("tuning", "opro", shape=TUNER, branch="input engineering", access=Access.TEXT,
+          config=OproConfig, paper="Yang et al. 2023, OPRO, arXiv 2309.03409; Zhou et al. 2022, "
+          "APE, arXiv 2211.01910", example=_example, cli="lfm tuning opro",
+          models=("causal-lm",))(opro)  # fmt: skip
 
 
 def _steps(

@@ -123,7 +123,7 @@ def render(
     c: Candidate, base: Verbalizer, pool: Sequence[tuple[str, int]], demo_chars: int
 ) -> Verbalizer:
     """The verbaliser of a candidate: instruction, demonstrations, then the base template."""
-    demos = "".join(base.prompt(_escape(t[:demo_chars])).replace("{", "{{").replace("}", "}}")
+    demos = "".join(base.prompt(t[:demo_chars]).replace("{", "{{").replace("}", "}}")
                     + f" {base.label_words[y]}\n\n" for t, y in (pool[i] for i in c.demos))  # fmt: skip
     head = _escape(" ".join(c.phrases)) + "\n\n" if c.phrases else ""
     return Verbalizer(head + demos + base.template, base.label_words, base.max_chars)
@@ -213,11 +213,6 @@ def _example_summary(res: SearchResult) -> dict[str, Any]:
 # pragma: no mutate end
 
 
-@register("tuning", "prompt_search", shape=TUNER, branch="input engineering", access=Access.SCORES,
-          config=PromptSearchConfig, paper="Prasad et al. 2022, GrIPS, arXiv 2203.07281",
-          example=example(PromptSearchConfig(iterations=3, candidates=2), steps=None,
-                          summary=_example_summary),
-          cli="lfm tuning prompt-search")  # fmt: skip
 def prompt_search(
     handle: ScoresModel,
     data: TextClassification,
@@ -282,6 +277,13 @@ def prompt_search(
     res.evaluations, res.score_calls = calls[0], log.calls
     res.verbalizer = render(res.best, verb, pool, cfg.demo_chars)
     return res
+
+
+prompt_search = register("tuning", "prompt_search", shape=TUNER, branch="input engineering", access=Access.SCORES,
+          config=PromptSearchConfig, paper="Prasad et al. 2022, GrIPS, arXiv 2203.07281",
+          example=example(PromptSearchConfig(iterations=3, candidates=2), steps=None,
+                          summary=_example_summary),
+          cli="lfm tuning prompt-search")(prompt_search)  # fmt: skip
 
 
 def _step_line(cfg: PromptSearchConfig, calls: list[int]) -> Any:
