@@ -3,7 +3,10 @@ base that is not zero, SLERP between vectors that are not unit vectors or are ne
 trimming in half and double precision, DELLA's ranks (vectors, ties, rows of one), the seeds of
 the random drops, λ and the weights, and the exact model-wide TIES threshold on the magnitudes
 real task vectors have (small, tied, zero, crowded), with its memory bounded by one bucket. The
-survivors that change nothing the methods promise are listed in tests/mutation_equivalents.md.
+registered methods are checked, on hand-worked tensors, to pass on their config's λ, `normalize`,
+sign election and eps, to copy a tensor that only one model has, and (TIES) to refuse model-wide
+thresholds that do not cover every model. The survivors that change nothing the methods promise
+are listed in tests/mutation_equivalents.md.
 """
 
 from __future__ import annotations
@@ -351,3 +354,97 @@ def test_random_drops_through_the_registry_are_seeded_per_tensor_and_model(metho
     spec = registry.get(f"reuse/{method}")
     alone = spec.fn(base, taus, [1.0, 1.0], spec.config.build({"seed": 4}), Ctx("w"))
     torch.testing.assert_close(alone, got["w"], rtol=0, atol=1e-6)
+
+
+# -- the registered methods pass the config's values on ------------------------------------------
+
+# Two task vectors of four entries from a base that is not zero. Elected signs: +, +, −, 0 (the
+# sums are 4, 1, −3, 0). Entry 1 has models that disagree: the disjoint merge keeps τ_1's 2 alone.
+_BASE = torch.tensor([1.0, -1.0, 0.5, 2.0])
+_TAUS = [torch.tensor([1.0, 2.0, -1.0, 0.0]), torch.tensor([3.0, -1.0, -2.0, 0.0])]
+_DISJOINT_MEAN = torch.tensor([2.0, 2.0, -1.5, 0.0])  # over the agreeing models
+_DISJOINT_SUM = torch.tensor([4.0, 2.0, -3.0, 0.0])
+_SUM = torch.tensor([4.0, 1.0, -3.0, 0.0])  # task arithmetic: no sign election
+
+# configs under which each method's sparsifier keeps every entry as it is (p = 0, an empty band)
+_KEEP_ALL = {
+    "dare_ties": {"drop_rate": 0.0},
+    "della": {"drop_rate": 0.0, "window": 0.0},
+    "breadcrumbs_ties": {"drop_top": 0.0, "drop_bottom": 0.0},
+    "dare_linear": {"drop_rate": 0.0},
+    "della_linear": {"drop_rate": 0.0, "window": 0.0},
+}
+
+
+def _merge(method: str, cfg: dict) -> torch.Tensor:
+    sds = [{"w": _BASE + t} for t in _TAUS]
+    return merge_state_dicts(method, {"w": _BASE}, sds, {**_KEEP_ALL[method], **cfg})["w"]
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della", "breadcrumbs_ties"])
+def test_ties_style_methods_elect_signs_take_the_disjoint_mean_or_sum_and_scale_by_lambda(method):
+    torch.testing.assert_close(_merge(method, {"scale": 1.0}), _BASE + _DISJOINT_MEAN)
+    torch.testing.assert_close(_merge(method, {"scale": 2.0}), _BASE + 2 * _DISJOINT_MEAN)
+    got = _merge(method, {"scale": 0.5, "normalize": False})  # the sum over the agreeing models
+    torch.testing.assert_close(got, _BASE + 0.5 * _DISJOINT_SUM)
+
+
+def test_della_default_lambda_is_the_authors_1_1():
+    torch.testing.assert_close(_merge("della", {}), _BASE + 1.1 * _DISJOINT_MEAN)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_linear_drop_methods_add_the_plain_sum_scaled_by_lambda(method):
+    torch.testing.assert_close(_merge(method, {}), _BASE + _SUM)
+    torch.testing.assert_close(_merge(method, {"scale": 3.0}), _BASE + 3 * _SUM)
+
+
+@pytest.mark.parametrize("models", [(), (0,)])
+def test_ties_refuses_model_thresholds_that_do_not_cover_every_task_vector(models):
+    # a Ctx with model-wide thresholds but too few model indices must not leave τ_2 untrimmed
+    spec = registry.get("reuse/ties")
+    cfg = spec.config.build({"trim_scope": "model"})
+    tensors = [_BASE + t for t in _TAUS]
+    with pytest.raises(ValueError):
+        spec.fn(_BASE, tensors, [1.0, 1.0], cfg, Ctx("w", {"thresholds": [2.5, 2.5]}, models))
+    # with an index per tensor: |τ| ≥ 2.5 kept, i.e. 3 alone; the signs elected after trimming
+    ctx = Ctx("w", {"thresholds": [2.5, 2.5]}, (0, 1))
+    got = spec.fn(_BASE, tensors, [1.0, 1.0], cfg, ctx)
+    torch.testing.assert_close(got, _BASE + torch.tensor([3.0, 0.0, 0.0, 0.0]))
+
+
+def test_slerp_eps_from_the_config_decides_when_to_interpolate_linearly():
+    a, b = torch.tensor([2.0, 0.0]), torch.tensor([3.0, 3.0])  # 45° apart: 1 − cos Ω ≈ 0.29
+    sds = [{"w": a}, {"w": b}]
+    omega = math.pi / 4
+    spherical = (math.sin(0.75 * omega) * a + math.sin(0.25 * omega) * b) / math.sin(omega)
+    torch.testing.assert_close(merge_state_dicts("slerp", None, sds, {"t": 0.25})["w"], spherical)
+    linear = merge_state_dicts("slerp", None, sds, {"t": 0.25, "eps": 0.5})["w"]
+    torch.testing.assert_close(linear, torch.lerp(a, b, 0.25))
+    assert not torch.allclose(linear, spherical)
+
+
+def test_model_stock_eps_from_the_config_floors_the_norms():
+    base = torch.zeros(2)
+    sds = [{"x": torch.tensor([1e-3, 0.0])}, {"x": torch.tensor([1e-3, 1e-3])}]
+    mean = torch.tensor([1e-3, 0.5e-3])
+    # eps = 1: both norms count as 1, cos = 1e-6, and the merge stays near the base
+    got = merge_state_dicts("model_stock", {"x": base}, sds, {"eps": 1.0})["x"]
+    torch.testing.assert_close(got, K.model_stock_ratio(1e-6, 2) * mean, rtol=1e-5, atol=0)
+    got = merge_state_dicts("model_stock", {"x": base}, sds)["x"]  # default: cos 45°
+    torch.testing.assert_close(got, K.model_stock_ratio(math.sqrt(0.5), 2) * mean)
+
+
+# without a base the names are model 0's: a tensor only model 1 has is not in a SLERP merge
+@pytest.mark.parametrize(
+    ("method", "holder"), [("slerp", 0), ("model_stock", 0), ("model_stock", 1)]
+)
+def test_methods_of_several_models_copy_a_tensor_only_one_model_has_when_skipping(method, holder):
+    base = {"w": torch.zeros(2)} if method == "model_stock" else None
+    sds = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
+    own = torch.tensor([5.0, -7.0])
+    sds[holder]["only"] = own
+    if base is not None:
+        base["only"] = torch.zeros(2)
+    out = merge_state_dicts(method, base, sds, on_missing="skip")
+    torch.testing.assert_close(out["only"], own)

@@ -50,3 +50,21 @@ def test_an_encoder_keeps_the_random_init():
     model = adapter(make_lm("bert")[0], "prefix_tuning", PrefixTuningConfig(num_virtual_tokens=N))
     weight = model.prompt_encoder["default"].embedding.weight
     assert weight.shape[0] == N and 0.5 < float(weight.detach().std()) < 1.5  # PEFT's N(0, 1)
+
+
+def test_generate_reads_the_prefix_as_a_forward_pass_does():
+    # transformers 5 passes its own empty cache beside PEFT's prefix; without the fix in
+    # `keep_prefix_in_generate`, generate gave the base model's tokens
+    base = make_lm("llama")[0].eval()
+    tuned = _tuned(7)
+    x = torch.randint(3, 320, (1, 5), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        out = tuned.generate(input_ids=x, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True)  # fmt: skip
+        for step, scores in enumerate(out.scores):  # each step against a forward pass
+            seen = out.sequences[:, : x.shape[1] + step]
+            want = tuned(input_ids=seen, attention_mask=torch.ones_like(seen)).logits[:, -1]
+            torch.testing.assert_close(scores, want, rtol=1e-4, atol=1e-5)
+        bare = base(input_ids=x, attention_mask=mask).logits[:, -1]
+    assert (out.scores[0] - bare).abs().max() > 1e-2  # the prefix changes what comes next

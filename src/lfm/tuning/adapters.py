@@ -1,19 +1,28 @@
 """PEFT adapters and soft prompts with PEFT's silent traps closed.
 
 What PEFT lets pass and this module refuses: a `target_modules` entry that matches no module
-(PEFT accepts it when another entry matches; `check_targets` runs before `inject`), and saving an
-adapter with no tensors in it (`save_adapter`). `inject` draws the adapter's initial values from
+(PEFT accepts it when another entry matches; `check_targets` runs before `inject`), saving an
+adapter with no tensors in it (`save_adapter`), and generating from a prefix-tuned model without
+its prefix (`keep_prefix_in_generate`). `inject` draws the adapter's initial values from
 the global random state, as PEFT does; the tuners call it under their own seed
 (`lfm.tuning.classify.seeded`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
+from peft import (
+    PeftConfig,
+    PeftModel,
+    PeftType,
+    TaskType,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
 from safetensors import safe_open
 from torch import nn
 
@@ -83,6 +92,32 @@ def inject(model: nn.Module, peft_cfg: PeftConfig, prefix: torch.Tensor | None =
         raise ConfigError(f"PEFT refused the {type(peft_cfg).__name__}: {e}") from None
     if prefix is not None:
         peft.prompt_encoder[peft.active_adapter].load_prompt_embeddings(prefix)
+    return keep_prefix_in_generate(peft)
+
+
+def keep_prefix_in_generate(peft: PeftModel) -> PeftModel:
+    """`peft`, whose `generate` reads its prefix if it is prefix-tuned (else `peft` unchanged).
+
+    PEFT hands the prefix's keys and values to the model as `past_key_values`; transformers 5
+    passes its own, still empty, `cache` beside it and the model reads `cache`, so `generate`
+    ran without the prefix (the base model's tokens) while a forward pass used it. The first
+    step of a generation (the model's cache still empty) now gets the prefix as its `cache`.
+    """
+    if peft.peft_config[peft.active_adapter].peft_type != PeftType.PREFIX_TUNING:
+        return peft
+    if not hasattr(peft, "prepare_inputs_for_generation"):  # an encoder: nothing to generate
+        return peft
+    prepare = peft.prepare_inputs_for_generation
+
+    @functools.wraps(prepare)  # transformers reads the signature to check generate's arguments
+    def with_prefix(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inputs = prepare(*args, **kwargs)
+        prefix, cache = inputs.get("past_key_values"), inputs.get("cache")
+        if prefix is not None and cache is not None and cache.get_seq_length() == 0:
+            inputs["cache"] = inputs.pop("past_key_values")
+        return inputs
+
+    peft.prepare_inputs_for_generation = with_prefix  # type: ignore[method-assign]
     return peft
 
 

@@ -35,6 +35,7 @@ from lfm.assets import load_model
 from lfm.core.io import load_tensors
 from lfm.core.runs import read_manifest
 from lfm.errors import ConfigError
+from lfm.tuning.adapters import keep_prefix_in_generate
 from lfm.tuning.bbt import PROMPT_FILE, class_scores_bbt, load_prompt
 from lfm.tuning.classify import HeadClassifier, VerbalizerLM, label_token_ids
 from lfm.tuning.opro import INSTRUCTION_FILE, generate_labels, load_instruction, one_hot_scores
@@ -212,7 +213,7 @@ def _backbone(folder: Path, model: str) -> tuple[torch.nn.Module, Any]:
                 f"the adapter in {folder} does not fit {model} ({type(e).__name__}); give the "
                 "base model it was trained on (--model)"
             ) from None
-        return tuned.eval(), base.tokenizer
+        return keep_prefix_in_generate(tuned).eval(), base.tokenizer
     saved = load_model(str(folder / "model"))
     if not isinstance(saved, LocalModel):
         raise ConfigError(f"{folder / 'model'} is not a language model or text encoder")
