@@ -51,6 +51,7 @@ from lfm.tuning.mezo import (
     MeZOConfig,
     label_loss_fn,
     mezo,
+    mezo_step,
     response_loss_fn,
     select,
     zero_order,
@@ -404,3 +405,52 @@ def test_mezo_refuses_a_task_without_label_words_naming_itself():
     plain = TextClassification(task.texts, task.labels, n_classes=3)
     with pytest.raises(ConfigError, match=r"^MeZO classifies through label words"):
         mezo(tiny_news_lm(0), plain, MeZOConfig(steps=1))
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])
+def test_mezo_step_is_the_papers_two_point_estimate_and_decoupled_decay(weight_decay):
+    # MeZO (Malladi et al. 2023, algorithm 1) on L(θ) = Σ θ³ (curved: ĝ is not the exact
+    # directional derivative): ĝ = (L(θ+εz) − L(θ−εz)) / 2ε, then θ ← θ(1 − ηλ) − η·ĝ·z
+    theta = [torch.tensor([0.5, -1.0, 2.0]), torch.tensor([[1.5, 0.25]])]
+    params = [t.clone() for t in theta]
+    cfg = MeZOConfig(lr=0.1, eps=0.2, weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(11)
+    z = [torch.randn(t.shape, generator=g) for t in theta]  # `perturb`'s draw, in order
+
+    def loss_at(ps) -> float:
+        return float(sum((p.double() ** 3).sum() for p in ps))
+
+    plus_want = loss_at([t + cfg.eps * d for t, d in zip(theta, z, strict=True)])
+    minus_want = loss_at([t - cfg.eps * d for t, d in zip(theta, z, strict=True)])
+    grad_want = (plus_want - minus_want) / (2 * cfg.eps)
+    plus, grad = mezo_step(params, lambda: loss_at(params), 11, cfg)
+    assert plus == pytest.approx(plus_want, rel=1e-5)
+    assert grad == pytest.approx(grad_want, rel=1e-5)
+    for p, t, d in zip(params, theta, z, strict=True):
+        want = t * (1 - cfg.lr * weight_decay) - cfg.lr * grad_want * d
+        torch.testing.assert_close(p, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mezo_returns_its_name_tokenizer_verbaliser_and_steps_under_its_seed():
+    task, cfg = tiny_task(), MeZOConfig(steps=3, lr=1e-2, params=r"layers\.1\.")
+    lm = tiny_news_lm(0)
+    res = mezo(lm, task, cfg, eval_data=task)
+    assert res.method == "mezo" and res.config is cfg and res.tokenizer is lm.tokenizer
+    assert res.verbalizer == task.verbalizer and "zero_shot_acc" in res.metrics
+    # the steps are `zero_order`'s under the call's seed (0 by default; another seed differs)
+    for seed in (0, 5):
+        again = tiny_news_lm(0)
+        loss = label_loss_fn(again, task.texts, task.labels, task.verbalizer)
+        want = zero_order(again.model, loss, cfg, seed=seed)
+        got = res if seed == 0 else mezo(tiny_news_lm(0), task, cfg, seed=seed)
+        assert got.history == pytest.approx(want, rel=1e-6)
+    assert mezo(tiny_news_lm(0), task, cfg, seed=5).history != res.history
+    # in place, the handle's own model is the one tuned; by default a copy is
+    assert mezo(lm, task, cfg, inplace=True).backbone is lm.model
+    assert res.backbone is not lm.model
+    enc = LocalModel(*make_lm("bert"))
+    with pytest.raises(ConfigError, match=r"^MeZO here tunes a causal LM .*, not an encoder$"):
+        mezo(enc, task, cfg)
+    with pytest.raises(ConfigError, match=r"^tuning/mezo learns from a TextClassification or "
+                       r"Instructions, not a list$"):  # fmt: skip
+        mezo(lm, ["a text"], cfg)
