@@ -15,11 +15,11 @@ a mutant whose function did not change is not tested again (`--fresh` starts ove
 
 At the end the script prints killed / survived / timeouts / other, the score (killed / total) and
 the wall time, and writes the surviving mutants to `mutants/<area>/survivors.txt`
-(`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). mutmut skips a decorated function
-(all of it), so method code registers by a call after the function, `fn = register(...)(fn)`, and
-puts `with torch.no_grad():` in its body; the script names the decorated functions it finds in
-the area's files, which no run tests. Survivors that no
-test should kill, because they change nothing the method promises, are listed with a reason in
+(`.venv/bin/mutmut show NAME` in `mutants/<area>/` prints a mutant's diff). mutmut skips a
+decorated function (all of it), so method code registers by a call after the function,
+`fn = register(...)(fn)`, and puts `with torch.no_grad():` in its body; the script names the
+decorated functions it finds in the area's files, which no run tests. Survivors that no test
+should kill, because they change nothing the method promises, are listed with a reason in
 `tests/mutation_equivalents.md`. Another test selection (`--tests`, or a change to an area's
 list below) makes mutmut test every mutant again: after one, a `--survivors` run re-tests the
 survivors but leaves every other mutant "not checked", so its score is not the area's; run
@@ -53,6 +53,9 @@ class Area:
     pytest_args: tuple[str, ...] = field(default=())  # extra pytest options for this area
     also_copy: tuple[str, ...] = ()  # other folders its tests read (linked, then copied by mutmut)
 
+
+_EDIT_TESTS = ("base", "cli", "facts", "grace", "memory", "mend", "methods", "own_facts", "patch",
+               "requests", "sequential", "site", "stats", "tail", "trace", "ultraedit", "wise")  # fmt: skip
 
 AREAS: dict[str, Area] = {
     "reuse": Area(
@@ -177,28 +180,7 @@ AREAS: dict[str, Area] = {
             "src/lfm/edit/memory.py",  # IKE's demonstrations
             "src/lfm/edit/facts.py",  # the edit metrics
         ),
-        tests=tuple(
-            f"tests/edit/test_edit_{name}.py"
-            for name in (
-                "base",
-                "cli",
-                "facts",
-                "grace",
-                "memory",
-                "mend",
-                "methods",
-                "own_facts",
-                "patch",
-                "requests",
-                "sequential",
-                "site",
-                "stats",
-                "tail",
-                "trace",
-                "ultraedit",
-                "wise",
-            )
-        ),
+        tests=tuple(f"tests/edit/test_edit_{name}.py" for name in _EDIT_TESTS),
         note=(
             "causal tracing and layer choice (trace.py, locate.py, site.py), patches' I/O "
             "(patch.py, base.py), the sequential runner, the recipes and the CLI glue are not "

@@ -11,11 +11,11 @@ config class and paper:
                     paper="Meng et al. 2022, arXiv 2202.05262", example=_example)(rome)
 
 (`@register(...)` as a decorator does the same; the method files use the call, since mutmut
-skips decorated functions.) The name `register` returns is the function a user calls. Calling it, or `run("edit", "rome", handle,
-requests, cfg=...)`, goes through one gate: the config is resolved (None: paper defaults; a
-mapping: validated; another method's config: refused) and every handle the call carries is
-checked against the method's access level before the method runs — an `AccessError` naming both
-levels. A config is data: the method is chosen by its name, never by its config's class.
+skips decorated functions.) The name `register` returns is the function a user calls. Calling
+it, or `run("edit", "rome", handle, requests, cfg=...)`, goes through one gate: the config is
+resolved (None: paper defaults; a mapping: validated; another method's config: refused) and every
+handle the call carries is checked against the method's access level before the method runs — an
+`AccessError` naming both levels. A config is data: the method is chosen by its name, never by its config's class.
 
 `lfm methods` lists the catalogue; one contract test runs every entry through its `example`.
 """

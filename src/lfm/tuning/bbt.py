@@ -210,11 +210,13 @@ def bbt(
     return res
 
 
-bbt = register("tuning", "bbt", shape=TUNER, branch="input engineering", access=Access.EMBEDDINGS,
-          config=BBTConfig, paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
-          example=example(BBTConfig(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13), steps=None,
-                          summary=_example_summary),
-          cli="lfm tuning bbt")(bbt)  # fmt: skip
+bbt = register(
+    "tuning", "bbt", shape=TUNER, branch="input engineering", access=Access.EMBEDDINGS,
+    config=BBTConfig, paper="Sun et al. 2022, Black-Box Tuning for LMaaS, arXiv 2201.03514",
+    example=example(BBTConfig(n_tokens=4, intrinsic_dim=8, popsize=6, budget=13), steps=None,
+                    summary=_example_summary),
+    cli="lfm tuning bbt",
+)(bbt)  # fmt: skip
 
 
 class CmaRandom:

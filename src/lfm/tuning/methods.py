@@ -205,9 +205,11 @@ def full_ft(
                         eval_data=eval_data, run=run, seed=seed, **options)  # fmt: skip
 
 
-full_ft = register("tuning", "full_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=FullFTConfig,
-          paper="Howard & Ruder 2018, arXiv 1801.06146", example=example(FullFTConfig()),
-          cli="lfm tuning train --method full_ft")(full_ft)  # fmt: skip
+full_ft = register(
+    "tuning", "full_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=FullFTConfig,
+    paper="Howard & Ruder 2018, arXiv 1801.06146", example=example(FullFTConfig()),
+    cli="lfm tuning train --method full_ft",
+)(full_ft)  # fmt: skip
 
 
 def bitfit(
@@ -221,9 +223,11 @@ def bitfit(
                         eval_data=eval_data, run=run, seed=seed, **options)  # fmt: skip
 
 
-bitfit = register("tuning", "bitfit", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=BitFitConfig,
-          paper="Ben Zaken et al. 2021, arXiv 2106.10199", example=example(BitFitConfig()),
-          cli="lfm tuning train --method bitfit")(bitfit)  # fmt: skip
+bitfit = register(
+    "tuning", "bitfit", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=BitFitConfig,
+    paper="Ben Zaken et al. 2021, arXiv 2106.10199", example=example(BitFitConfig()),
+    cli="lfm tuning train --method bitfit",
+)(bitfit)  # fmt: skip
 
 
 def lp_ft(
@@ -244,9 +248,11 @@ def lp_ft(
                         eval_data=eval_data, run=run, seed=seed, schedule=schedule, **options)  # fmt: skip
 
 
-lp_ft = register("tuning", "lp_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=LPFTConfig,
-          paper="Kumar et al. 2022, arXiv 2202.10054", example=example(LPFTConfig()),
-          cli="lfm tuning train --method lp_ft")(lp_ft)  # fmt: skip
+lp_ft = register(
+    "tuning", "lp_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=LPFTConfig,
+    paper="Kumar et al. 2022, arXiv 2202.10054", example=example(LPFTConfig()),
+    cli="lfm tuning train --method lp_ft",
+)(lp_ft)  # fmt: skip
 
 
 def wise_ft(
@@ -261,6 +267,8 @@ def wise_ft(
                         eval_data=eval_data, run=run, seed=seed, schedule=schedule, **options)  # fmt: skip
 
 
-wise_ft = register("tuning", "wise_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=WiseFTConfig,
-          paper="Wortsman et al. 2021, arXiv 2109.01903", example=example(WiseFTConfig()),
-          cli="lfm tuning train --method wise_ft")(wise_ft)  # fmt: skip
+wise_ft = register(
+    "tuning", "wise_ft", shape=TUNER, branch=_W, access=Access.WEIGHTS, config=WiseFTConfig,
+    paper="Wortsman et al. 2021, arXiv 2109.01903", example=example(WiseFTConfig()),
+    cli="lfm tuning train --method wise_ft",
+)(wise_ft)  # fmt: skip

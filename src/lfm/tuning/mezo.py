@@ -192,11 +192,14 @@ def mezo(
                       verbalizer=verb, history=history, metrics=metrics)  # fmt: skip
 
 
-mezo = register("tuning", "mezo", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
-          config=MeZOConfig, paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
-          example=example(MeZOConfig(steps=8, lr=1e-2, params=r"layers\.1\."), steps=None,
-                          summary=lambda r: torch.tensor([*r.history, r.metrics["loss"]])),
-          cli="lfm tuning train --method mezo")(mezo)  # fmt: skip
+mezo = register(
+    "tuning", "mezo", shape=TUNER, branch="weight engineering", access=Access.WEIGHTS,
+    config=MeZOConfig,
+    paper="Malladi et al. 2023, Fine-Tuning LMs with Just Forward Passes, arXiv 2305.17333",
+    example=example(MeZOConfig(steps=8, lr=1e-2, params=r"layers\.1\."), steps=None,
+                    summary=lambda r: torch.tensor([*r.history, r.metrics["loss"]])),
+    cli="lfm tuning train --method mezo",
+)(mezo)  # fmt: skip
 
 
 def _classifier(local: LocalModel, data: TextClassification | Instructions) -> nn.Module:

@@ -297,10 +297,12 @@ def opro(
     return res
 
 
-opro = register("tuning", "opro", shape=TUNER, branch="input engineering", access=Access.TEXT,
-          config=OproConfig, paper="Yang et al. 2023, OPRO, arXiv 2309.03409; Zhou et al. 2022, "
-          "APE, arXiv 2211.01910", example=_example, cli="lfm tuning opro",
-          models=("causal-lm",))(opro)  # fmt: skip
+opro = register(
+    "tuning", "opro", shape=TUNER, branch="input engineering", access=Access.TEXT,
+    config=OproConfig,
+    paper="Yang et al. 2023, OPRO, arXiv 2309.03409; Zhou et al. 2022, APE, arXiv 2211.01910",
+    example=_example, cli="lfm tuning opro", models=("causal-lm",),
+)(opro)  # fmt: skip
 
 
 def _steps(

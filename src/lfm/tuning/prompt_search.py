@@ -279,11 +279,13 @@ def prompt_search(
     return res
 
 
-prompt_search = register("tuning", "prompt_search", shape=TUNER, branch="input engineering", access=Access.SCORES,
-          config=PromptSearchConfig, paper="Prasad et al. 2022, GrIPS, arXiv 2203.07281",
-          example=example(PromptSearchConfig(iterations=3, candidates=2), steps=None,
-                          summary=_example_summary),
-          cli="lfm tuning prompt-search")(prompt_search)  # fmt: skip
+prompt_search = register(
+    "tuning", "prompt_search", shape=TUNER, branch="input engineering", access=Access.SCORES,
+    config=PromptSearchConfig, paper="Prasad et al. 2022, GrIPS, arXiv 2203.07281",
+    example=example(PromptSearchConfig(iterations=3, candidates=2), steps=None,
+                    summary=_example_summary),
+    cli="lfm tuning prompt-search",
+)(prompt_search)  # fmt: skip
 
 
 def _step_line(cfg: PromptSearchConfig, calls: list[int]) -> Any:
