@@ -224,7 +224,6 @@ class LocalModel:
 
     # -- TEXT --
 
-    @torch.no_grad()
     def generate(
         self,
         prompts: Sequence[str],
@@ -236,25 +235,26 @@ class LocalModel:
         """Continue each prompt; greedy when `temperature` is 0, else sampled under `seed` from
         the smallest set of tokens whose probabilities sum to `top_p` (nucleus sampling; 1: all)
         (the global random state is left as it was)."""
-        outs: list[str] = []
-        sample = temperature > 0
-        gen: dict[str, Any] = {"do_sample": False}
-        if sample:
-            gen = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-        devices = [self.device] if self.device.type == "cuda" else []
-        for chunk in _chunks(prompts, self.batch_size):
-            enc = self._batch(chunk, side="left")
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(seed)
-                ids = self.model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                    **gen,
-                )
-            new = ids[:, enc["input_ids"].shape[1] :]
-            outs += self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        return outs
+        with torch.no_grad():
+            outs: list[str] = []
+            sample = temperature > 0
+            gen: dict[str, Any] = {"do_sample": False}
+            if sample:
+                gen = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+            devices = [self.device] if self.device.type == "cuda" else []
+            for chunk in _chunks(prompts, self.batch_size):
+                enc = self._batch(chunk, side="left")
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(seed)
+                    ids = self.model.generate(
+                        **enc,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=self.tokenizer.pad_token_id,
+                        **gen,
+                    )
+                new = ids[:, enc["input_ids"].shape[1] :]
+                outs += self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            return outs
 
     # -- SCORES --
 
@@ -266,16 +266,16 @@ class LocalModel:
             return ctx, whole[len(ctx) :]
         return ctx, self.encode(continuation)
 
-    @torch.no_grad()
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> torch.Tensor:
         """Sum of log p(continuation | prompt) for each pair, shape (B,)."""
-        if len(prompts) != len(continuations):
-            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-        out = []
-        for chunk in _chunks(list(zip(prompts, continuations, strict=True)), self.batch_size):
-            pairs = [self._split_ids(p, c) for p, c in chunk]
-            out.append(self._score_ids(pairs))
-        return torch.cat(out) if out else torch.zeros(0)
+        with torch.no_grad():
+            if len(prompts) != len(continuations):
+                raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+            out = []
+            for chunk in _chunks(list(zip(prompts, continuations, strict=True)), self.batch_size):
+                pairs = [self._split_ids(p, c) for p, c in chunk]
+                out.append(self._score_ids(pairs))
+            return torch.cat(out) if out else torch.zeros(0)
 
     def _score_ids(self, pairs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
         pad = int(self.tokenizer.pad_token_id)
@@ -294,16 +294,15 @@ class LocalModel:
             totals.append(logp[i, pos, torch.tensor(tgt, device=logp.device)].sum())
         return torch.stack(totals).cpu()
 
-    @torch.no_grad()
     def next_token_logprobs(self, prompts: Sequence[str]) -> torch.Tensor:
         """Log-probabilities of the next token after each prompt, shape (B, V)."""
-        out = []
-        for chunk in _chunks(prompts, self.batch_size):
-            enc = self._batch(chunk, side="left")
-            out.append(self.model(**enc).logits[:, -1].float().log_softmax(-1).cpu())
-        return torch.cat(out)
+        with torch.no_grad():
+            out = []
+            for chunk in _chunks(prompts, self.batch_size):
+                enc = self._batch(chunk, side="left")
+                out.append(self.model(**enc).logits[:, -1].float().log_softmax(-1).cpu())
+            return torch.cat(out)
 
-    @torch.no_grad()
     def top_logprobs(
         self, rows: Sequence[Sequence[int]], k: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,54 +310,55 @@ class LocalModel:
         API with `echo` and `logprobs=k` answers them: values and token ids, each (B, T-1, k),
         where position t holds the distribution of token t+1 given tokens ≤ t (rows of one
         length T ≥ 2)."""
-        ids = _id_rows(rows)
-        out_v, out_i = [], []
-        for i in range(0, len(ids), self.batch_size):
-            logits = self.model(input_ids=ids[i : i + self.batch_size].to(self.device)).logits
-            v, j = logits[:, :-1].float().log_softmax(-1).topk(min(k, logits.shape[-1]), -1)
-            out_v.append(v.cpu())
-            out_i.append(j.cpu())
-        return torch.cat(out_v), torch.cat(out_i)
+        with torch.no_grad():
+            ids = _id_rows(rows)
+            out_v, out_i = [], []
+            for i in range(0, len(ids), self.batch_size):
+                logits = self.model(input_ids=ids[i : i + self.batch_size].to(self.device)).logits
+                v, j = logits[:, :-1].float().log_softmax(-1).topk(min(k, logits.shape[-1]), -1)
+                out_v.append(v.cpu())
+                out_i.append(j.cpu())
+            return torch.cat(out_v), torch.cat(out_i)
 
     # -- EMBEDDINGS --
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Input embeddings (B, T, D) and attention mask (B, T) of right-padded texts."""
-        enc = self._batch(texts, side="right")
-        return self.model.get_input_embeddings()(enc["input_ids"]).cpu(), enc[
-            "attention_mask"
-        ].cpu()
+        with torch.no_grad():
+            enc = self._batch(texts, side="right")
+            return self.model.get_input_embeddings()(enc["input_ids"]).cpu(), enc[
+                "attention_mask"
+            ].cpu()
 
-    @torch.no_grad()
     def logits_from_embeds(
         self, embeds: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """Logits (B, T, V) for given input embeddings."""
-        out = self.model(
-            inputs_embeds=embeds.to(self.device), attention_mask=attention_mask.to(self.device)
-        )
-        return out.logits.float().cpu()
+        with torch.no_grad():
+            out = self.model(
+                inputs_embeds=embeds.to(self.device), attention_mask=attention_mask.to(self.device)
+            )
+            return out.logits.float().cpu()
 
     # -- HIDDEN --
 
     def module_names(self) -> list[str]:
         return [name for name, _ in self.model.named_modules() if name]
 
-    @torch.no_grad()
     def hidden(
         self, texts: Sequence[str] | Sequence[Sequence[int]] | torch.Tensor, modules: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """Outputs (B, T, D) of the named modules on right-padded texts, or on token rows (a
         (B, T) tensor, or lists of ids, padded on the right when their lengths differ)."""
-        if _texts(texts):
-            enc = self._batch(cast(Sequence[str], texts), side="right")
-        else:
-            rows = texts.tolist() if isinstance(texts, torch.Tensor) else texts
-            enc = self._pad(cast(Sequence[Sequence[int]], rows), side="right")
-        with capture(self.model, modules) as acts:
-            self.model(**enc)
-        return {k: v.cpu() for k, v in acts.items()}
+        with torch.no_grad():
+            if _texts(texts):
+                enc = self._batch(cast(Sequence[str], texts), side="right")
+            else:
+                rows = texts.tolist() if isinstance(texts, torch.Tensor) else texts
+                enc = self._pad(cast(Sequence[Sequence[int]], rows), side="right")
+            with capture(self.model, modules) as acts:
+                self.model(**enc)
+            return {k: v.cpu() for k, v in acts.items()}
 
 
 class LocalClassifier:
@@ -377,9 +377,9 @@ class LocalClassifier:
     def __repr__(self) -> str:
         return f"LocalClassifier({self.name!r}, access=WEIGHTS)"
 
-    @torch.no_grad()
     def scores(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x).float().log_softmax(-1)
+        with torch.no_grad():
+            return self.model(x).float().log_softmax(-1)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return self.scores(x).argmax(-1)
@@ -387,12 +387,12 @@ class LocalClassifier:
     def module_names(self) -> list[str]:
         return [name for name, _ in self.model.named_modules() if name]
 
-    @torch.no_grad()
     def hidden(self, x: torch.Tensor, modules: Sequence[str]) -> dict[str, torch.Tensor]:
         """Outputs of the named modules on `x` (one forward pass)."""
-        with capture(self.model, modules) as acts:
-            self.model(x)
-        return dict(acts)
+        with torch.no_grad():
+            with capture(self.model, modules) as acts:
+                self.model(x)
+            return dict(acts)
 
 
 # --------------------------------------------------------------------------------------------
