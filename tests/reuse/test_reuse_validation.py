@@ -137,7 +137,7 @@ MK = {"merge_method": "ties", "base_model": "base.safetensors",
         ({"parameters": {"lambda": [0.1, 0.9]}}, "gradients .* not supported"),
         ({"tokenizer_source": "union"}, "'tokenizer_source' is not supported"),
         ({"chat_template": "chatml"}, "'chat_template' is not supported"),
-        ({"out_dtype": "bfloat16"}, "'out_dtype' is not supported"),
+        ({"out_dtype": "int8"}, "out_dtype: a merge cannot write its output in 'int8'"),
         ({"slices": [{"sources": []}]}, "'slices' is not supported"),
         ({"parameters": {"density": 2.0}}, None),  # shared values yield to per-model ones
     ],

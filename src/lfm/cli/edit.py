@@ -237,7 +237,7 @@ def _fact_scores(scores, after: str = "after") -> None:
             typer.echo(f"{state:<8} " + "  ".join(f"{k} {m[k]:.1f}" for k in names))
 
 
-@app.command("patch-apply")
+@app.command("patch-apply", placed=True)
 def patch_apply(
     patch_file: Path = typer.Argument(..., exists=True, help="weight patch made for this model"),
     model: Model = "smollm2-135m",
@@ -246,7 +246,11 @@ def patch_apply(
     threads: Threads = 2,
 ) -> None:
     """Write the model with the patch applied as a Hugging Face folder (+ the originals, for
-    revert)."""
+    revert).
+
+    The model loads on `--device` in `--dtype`; the patch must have been made from the weights in
+    that dtype. ΔW is formed on that device and added in that dtype; the folder and the originals
+    are written in it."""
     from lfm.edit import recipes
 
     use_threads(threads)
@@ -261,7 +265,11 @@ def patch_revert(
     out: Path = typer.Option(..., "--out", "-o", help="folder for the restored model"),
     root: Path = Root,
 ) -> None:
-    """Restore the original weights of an edited model folder, bit for bit."""
+    """Restore the original weights of an edited model folder, bit for bit.
+
+    No `--device` or `--dtype`: nothing is computed (the weights are read, the originals copied
+    over them, the folder written), and the folder loads in its originals' dtype, as
+    `patch-apply --dtype` wrote it, since any other would round the weights restored."""
     from lfm.edit import recipes
 
     recipes.patch_revert(folder, out, root=root)

@@ -5,10 +5,11 @@ with an ensemble of language models. Each command runs a function of `lfm.reuse.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
-from lfm.cli.common import Threads, fail, group, use_threads
+from lfm.cli.common import Threads, fail, group, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
@@ -20,6 +21,35 @@ app = group(
 
 
 ROOT_HELP = "where run directories are created"
+MergeDevice = Annotated[
+    str | None,
+    typer.Option(
+        help="where the merge arithmetic runs: cpu, cuda, cuda:N, mps, or auto (CUDA when "
+        "present); each tensor is read on the CPU, its inputs moved there, merged, and the result "
+        "moved back to be written (regmean stays on the CPU: its solve is CPU code); unset: the "
+        "CPU",
+        show_default=False,
+    ),
+]
+MergeDtype = Annotated[
+    str | None,
+    typer.Option(
+        help="the dtype the output's floating tensors are written in: float32, bfloat16 or "
+        "float16 (config.json says so); integer tensors keep theirs, the arithmetic stays float32 "
+        "or wider, and a value that overflows it is an error; unset: a mergekit plan's out_dtype, "
+        "else the base (or first) model's dtypes",
+        show_default=False,
+    ),
+]
+RebasinDevice = Annotated[
+    str | None,
+    typer.Option(
+        help="where the weight matching runs: cpu, cuda, cuda:N, mps, or auto (CUDA when "
+        "present); both models are moved there, the similarity products and permuting run "
+        "there, the assignments on the CPU; B aligned is written from the CPU; unset: the CPU",
+        show_default=False,
+    ),
+]
 
 
 def keep_freed_memory() -> bool:
@@ -79,29 +109,48 @@ def merge(
         "--check",
         help="only check the plan (schema, paths, configs, tensor headers); read no weight",
     ),
+    device: MergeDevice = None,
+    dtype: MergeDtype = None,
 ) -> None:
     """Merge the models a YAML plan names and write a loadable Hugging Face folder.
 
-    The whole plan is checked before any weight is read; every problem is one `error:` line."""
+    The whole plan is checked before any weight is read; every problem is one `error:` line.
+    `--device` runs each tensor's merge arithmetic there (`merge_models`); `--dtype` writes the
+    output's floating tensors in that dtype (a mergekit plan's `out_dtype` does too; the two may
+    not differ), computed as without it and cast once."""
+    from lfm.core import placement
     from lfm.reuse.plan import check_plan
     from lfm.reuse.recipes import merge_plan
 
-    if check:
-        merge = check_plan(config)
-        base = f", base {merge.base}" if merge.base else ""
-        typer.echo(f"{merge.method}: the plan checks out ({len(merge.models)} models{base}); "
-                   "no weight was read")  # fmt: skip
-        return
-    if out is None:
-        fail("--out is required (or pass --check to check the plan only)")
-    assert out is not None
-    keep_freed_memory()
-    plan, path, run = merge_plan(
-        config, out, overwrite=overwrite, progress=not quiet, root=root,
-        allow_nonfinite=allow_nonfinite,
-    )  # fmt: skip
+    with placement.placed(device):  # `merge_plan` computes on a chosen device; the run records it
+        if check:
+            merge = check_plan(config, dtype)
+            base = f", base {merge.base}" if merge.base else ""
+            typer.echo(f"{merge.method}: the plan checks out ({len(merge.models)} models{base}); "
+                       "no weight was read")  # fmt: skip
+            return
+        if out is None:
+            fail("--out is required (or pass --check to check the plan only)")
+        assert out is not None
+        keep_freed_memory()
+        plan, path, run = merge_plan(
+            config, out, overwrite=overwrite, progress=not quiet, root=root,
+            allow_nonfinite=allow_nonfinite, dtype=dtype,
+        )  # fmt: skip
+        _note_cpu_kernel(plan.method)
     typer.echo(f"{plan.method}: merged {len(plan.models)} models into {path}")
     typer.echo(f"run: {run}")
+
+
+def _note_cpu_kernel(method: str) -> None:
+    """A stage line when a device was chosen and the method's kernel ran on the CPU anyway."""
+    from lfm.core import placement
+    from lfm.reuse.driver import compute_device, kernel_spec
+
+    at = placement.current()
+    if at.device_chosen and compute_device(kernel_spec(method), at.device) is None:
+        stage(f"{method} merged on the CPU, not on {at.device}: its kernel is CPU code "
+              "(a float64 least-squares solve, LAPACK's gelsd)")  # fmt: skip
 
 
 @app.command(placed=True)
@@ -154,13 +203,19 @@ def rebasin(
     max_iter: int = typer.Option(100, help="sweeps over the layers at most"),
     seed: int = typer.Option(0, help="seeds the order of the layers"),
     root: Path = typer.Option(Path("runs"), "--root", help=ROOT_HELP),
+    device: RebasinDevice = None,
 ) -> None:
-    """Permute B's hidden units to match A (weight matching) for a chain of Linear/Conv layers."""
+    """Permute B's hidden units to match A (weight matching) for a chain of Linear/Conv layers.
+
+    `--device` runs the weight matching there. There is no `--dtype`: B aligned holds B's values
+    moved, never recomputed, in B's stored dtypes, and the similarities are computed in float32."""
+    from lfm.core import placement
     from lfm.reuse.rebasin import RebasinConfig
     from lfm.reuse.recipes import rebasin_files
 
     cfg = RebasinConfig.build(max_iter=max_iter, seed=seed)
-    done = rebasin_files(a, b, out, cfg, root=root)
+    with placement.placed(device):  # `rebasin_files` computes on a chosen device
+        done = rebasin_files(a, b, out, cfg, root=root)
     typer.echo(f"rebasin: {done.layers} layers aligned, {done.moved} units moved -> {done.out}")
     typer.echo(f"run: {done.run}")
 

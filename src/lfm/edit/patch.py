@@ -43,12 +43,16 @@ class Delta:
     v: torch.Tensor | None = None  # (in, r)
     dense: torch.Tensor | None = None  # (out, in)
 
-    def matrix(self) -> torch.Tensor:
+    def matrix(self, device: torch.device | None = None) -> torch.Tensor:
+        """ΔW in the patch's dtype, on `device` (None: where the patch's tensors are): a low-rank
+        delta's factors are moved there and multiplied there."""
         if self.dense is not None:
-            return self.dense
+            return self.dense if device is None else self.dense.to(device)
         if self.u is None or self.v is None:
             raise LfmError(f"delta for {self.module} has neither factors nor a dense matrix")
-        return self.u @ self.v.T
+        if device is None:
+            return self.u @ self.v.T
+        return self.u.to(device) @ self.v.to(device).T
 
     def tensors(self) -> dict[str, torch.Tensor]:
         parts = {"u": self.u, "v": self.v, "dense": self.dense}
@@ -118,18 +122,22 @@ class Patch:
         if fingerprint(model, self.modules) != self.base:
             raise LfmError(
                 f"patch ({self.method}) was made for other weights (base {self.base[:12]}); "
-                "refusing to apply it to this model"
+                "refusing to apply it to this model (a patch fits the weights it was made from, "
+                "loaded in the same dtype: --dtype)"
             )
 
     @torch.no_grad()
     def apply(self, model: nn.Module) -> Undo:
-        """W ← W + ΔW in place; returns the `Undo` that restores the originals bit for bit."""
+        """W ← W + ΔW in place; returns the `Undo` that restores the originals bit for bit.
+
+        ΔW is formed on the weight's device in the patch's dtype, then cast to the weight's dtype
+        and added; the originals are copies of the weights as they were (their device, dtype)."""
         self.check(model)
         undo = Undo({m: model.get_submodule(m).weight.detach().clone() for m in self.modules})
         with edits(model):  # the statistics stay those of the base model
             for d in self.deltas:
                 w = linear_weight(model, d.module)
-                w.add_(d.matrix().to(w.device, w.dtype))
+                w.add_(d.matrix(w.device).to(w.dtype))
         return undo
 
     def save(self, path: str | Path) -> Path:
@@ -200,14 +208,25 @@ def load_originals(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def revert_folder(folder: str | Path, out: str | Path) -> Path:
-    """Load a folder written by `save_edited`, restore its original weights, write it to `out`."""
+    """Load a folder written by `save_edited`, restore its original weights, write it to `out`.
+
+    The folder loads in the dtype of its originals (float32, bfloat16 or float16: the dtype
+    `patch_apply` loaded the model in, `--dtype`), whatever the process default, so every weight
+    is written back in that dtype, the restored ones bit for bit. No forward pass runs: the
+    weights are read, copied over and written (on the process default device)."""
     from lfm.assets import load_model
+    from lfm.core.placement import MIXED
 
     undo_path = Path(folder) / UNDO_FILE
     if not undo_path.exists():
         raise LfmError(f"{folder} has no {UNDO_FILE}; it was not written by `lfm edit patch-apply`")
-    handle = load_model(str(folder))
-    Undo(load_originals(undo_path)).revert(handle.model)
+    originals = load_originals(undo_path)
+    dtypes = {t.dtype for t in originals.values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    # a dtype `load_model` knows; else (none, several, float64) the process default, as before
+    name = str(dtype).removeprefix("torch.") if dtype in MIXED else None
+    handle = load_model(str(folder), dtype=name)
+    Undo(originals).revert(handle.model)
     with atomic_path(out) as tmp:
         handle.model.save_pretrained(tmp)
         handle.tokenizer.save_pretrained(tmp)

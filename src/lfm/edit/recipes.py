@@ -427,6 +427,12 @@ def patch_apply(
     """Write `model` with a weight patch applied as a Hugging Face folder at `out`, with the
     original tensors (`edit-undo.safetensors`) for `patch_revert`.
 
+    A model named by asset or folder loads where the process placement says (`load_model`: the
+    CLI's `--device` and `--dtype`; the CPU in float32 otherwise); the patch applies only if the
+    weights, in that dtype, are those it was made from, ΔW is formed on their device and added in
+    their dtype, and the originals saved are the weights as loaded (their dtype), so that
+    `patch_revert` restores them bit for bit. The folder is written in that dtype.
+
     `root`: create a run directory there (`<root>/<stamp>-patch-apply/`, its inputs the model and
     the patch); None: none (as in a pipeline step, whose own run directory records it).
     """
@@ -451,7 +457,10 @@ def patch_apply(
 
 def patch_revert(folder: str | Path, out: str | Path, *, root: str | Path | None = "runs") -> Path:
     """Restore the original weights of a folder written by `patch_apply`, bit for bit, at `out`
-    (`root`: its run directory `<root>/<stamp>-patch-revert/`, the folder its input; None: none)."""
+    (`root`: its run directory `<root>/<stamp>-patch-revert/`, the folder its input; None: none).
+
+    The folder loads in the dtype of its originals (`revert_folder`), not the process default's:
+    any other would round the weights it restores."""
     options = {"folder": str(folder), "out": str(out)}
     with _maybe_run("patch-revert", options, {"folder": folder}, root) as run:
         path = revert_folder(folder, out)

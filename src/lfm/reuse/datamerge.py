@@ -92,11 +92,13 @@ def _per_model(ctx: Ctx) -> list[Any]:
 
 
 def fisher_merge(ts: list[Tensor], fs: list[Tensor], ws: list[float], eps: float) -> Tensor:
-    """Σ w_i F_i θ_i / Σ w_i F_i with F_i ≥ eps (a weighted average where no model has Fisher)."""
+    """Σ w_i F_i θ_i / Σ w_i F_i with F_i ≥ eps (a weighted average where no model has Fisher).
+
+    Each F_i (read on the CPU from its statistics file) is moved to θ_i's device first."""
     num = torch.zeros_like(ts[0], dtype=torch.float32)
     den = torch.zeros_like(num)
     for t, f, w in zip(ts, fs, ws, strict=True):
-        f = f.float().clamp_min(eps) * w
+        f = f.to(t.device).float().clamp_min(eps) * w
         num += f * t.float()
         den += f
     return num / den

@@ -13,6 +13,13 @@ input embedding instead.
 The kernel and what it needs besides tensors (a base model, how many models, a first pass over
 all tensors) come from the method's registry entry (`kernel_spec`), so `merge_state_dicts`, the
 streaming engine and `lfm.registry.run("reuse/<name>", models, base=...)` share one table.
+
+`run_merge(..., device=...)` runs each tensor's kernel on a device: the tensors are read and
+checked where the readers give them (the CPU), moved there (`to_device`), merged, and the result
+cast to the template's dtype and moved back to the CPU before it reaches the sink. The kernels in
+`CPU_KERNELS` run on the CPU whatever the device. `run_merge(..., dtype=...)` casts every floating
+result to that dtype instead of the template's (the arithmetic is the kernels' own, float32 or
+wider, either way); a value that overflows it is a `MergeError`.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from torch import Tensor
 
 from lfm import registry
 from lfm.config import Config
-from lfm.core.io import check_finite
+from lfm.core.io import check_finite, nonfinite
 from lfm.errors import LfmError
 from lfm.registry import MethodSpec
 
@@ -39,6 +46,12 @@ TIED_ALIASES: dict[str, tuple[str, ...]] = {
     "lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "shared.weight"),
 }
 EMBEDDING_HINTS = ("embed", "wte", "lm_head", "shared.weight")
+# Kernels that run on the CPU whatever `device` asks: RegMean solves in float64 with LAPACK's
+# `gelsd`, which only the CPU has. (DARE's and DELLA's drop masks are drawn on the CPU from NumPy's
+# seeded generator and moved to the task vectors' device; Fisher's statistics, read on the CPU, are
+# moved to the weights' device: those kernels run on the device.)
+CPU_KERNELS = frozenset({"regmean"})
+CPU = torch.device("cpu")
 
 
 class MergeError(LfmError):
@@ -203,6 +216,23 @@ def _check_shapes(inputs: Inputs, found: list[str] | None = None) -> None:
 
 
 NONFINITE_HINT = "fix the model, or pass allow_nonfinite (--allow-nonfinite) to merge it as is"
+RESULT_HINT = (
+    "the weights or the method's parameters overflow or divide by zero here (e.g. weights that "
+    "nearly cancel): change them"
+)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`bfloat16` for `torch.bfloat16`: a dtype as the options and config.json write it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def overflow_hint(dtype: torch.dtype) -> str:
+    """What to do when values finite before the cast to the output dtype are not after it."""
+    return (
+        f"the values are finite before the cast to {dtype_name(dtype)} and exceed its range "
+        f"(±{torch.finfo(dtype).max:.6g}): write the output in float32 or bfloat16"
+    )
 
 
 def _label(reader: Reader, i: int | None) -> str:
@@ -234,6 +264,18 @@ def check_inputs(
             check_finite([(name, t)], _label(reader, i), NONFINITE_HINT, MergeError)
 
 
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """`t` on `device` (`t` itself when it is there already): how `merge_one` moves a kernel's
+    inputs to the merge's device and its result back to the CPU."""
+    return t.to(device)
+
+
+def compute_device(spec: MethodSpec, device: torch.device | None) -> torch.device | None:
+    """Where `spec`'s kernel runs when the merge asks for `device`: there, but None (the CPU,
+    where the readers give the tensors) for the kernels of `CPU_KERNELS` or when none is asked."""
+    return None if device is None or spec.name in CPU_KERNELS else device
+
+
 def merge_one(
     spec: MethodSpec,
     inputs: Inputs,
@@ -242,11 +284,21 @@ def merge_one(
     cfg: Any,
     stats: dict,
     allow_nonfinite: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Merge one tensor; non-float tensors and tensors only the template has are copied.
 
     Unless `allow_nonfinite`, a NaN or infinity in a tensor the kernel reads, or in what it
     returns, is a `MergeError` (nothing non-finite reaches a sink).
+
+    `device`: where the kernel runs (`compute_device`): the tensors, read and checked on the CPU,
+    are moved there, and the result, cast to the template's dtype there, is moved back to the
+    CPU. None: the kernel runs on the tensors as read.
+
+    `dtype`: the dtype of a floating result (and of a floating tensor only the template has), in
+    place of the template's; integer and boolean tensors keep theirs. Checked after the cast:
+    a value that overflows `dtype` (1e5 in float16) is a `MergeError` unless `allow_nonfinite`.
     """
     base, tensors, idx = inputs.tensors(name)
     # the template's tensor, read once: it is the base where there is one, else model 0's
@@ -259,19 +311,29 @@ def merge_one(
     if not template.is_floating_point():
         return template
     if not tensors:  # only the template has it: copied, but checked like any input
+        who = _label(inputs.template, None if inputs.base is not None else 0)
         if not allow_nonfinite:
-            who = _label(inputs.template, None if inputs.base is not None else 0)
             check_finite([(name, template)], who, NONFINITE_HINT, MergeError)
-        return template
+        if dtype is None or template.dtype == dtype:
+            return template
+        copy = template.to(dtype)
+        if not allow_nonfinite:
+            check_finite([(name, copy)], f"the copy of {who}", overflow_hint(dtype), MergeError)
+        return copy
     check_inputs(inputs, name, base, tensors, idx, finite=not allow_nonfinite)
     ws = [float(weights[i]) for i in idx]
-    out = spec.impl(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx))).to(template.dtype)
-    if not allow_nonfinite:
-        check_finite(
-            [(name, out)], f"the {spec.name} merge", "the weights or the method's parameters "
-            "overflow or divide by zero here (e.g. weights that nearly cancel): change them",
-            MergeError,
-        )  # fmt: skip
+    at = compute_device(spec, device)
+    if at is not None:
+        base = to_device(base, at) if base is not None else None
+        tensors = [to_device(t, at) for t in tensors]
+    merged = spec.impl(base, tensors, ws, cfg, Ctx(name, stats, tuple(idx)))
+    out = merged.to(template.dtype if dtype is None else dtype)
+    if at is not None:
+        out = to_device(out, CPU)
+    if not allow_nonfinite and nonfinite(out):  # an overflow of the cast, or of the arithmetic
+        cast = dtype is not None and not nonfinite(merged)  # finite before the cast
+        hint = overflow_hint(dtype) if cast and dtype is not None else RESULT_HINT
+        check_finite([(name, out)], f"the {spec.name} merge", hint, MergeError)
     return out
 
 
@@ -299,6 +361,8 @@ def run_merge(
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
     stats: Mapping[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Config:
     """Merge every tensor of `inputs` with `method` and give each result to `sink`.
 
@@ -312,6 +376,11 @@ def run_merge(
         stats: model-level statistics given to the kernels (`ctx.stats`), over `prepare`'s.
         allow_nonfinite: merge NaN and infinite values instead of refusing them (in the inputs
             and in what the kernel returns).
+        device: where each tensor's kernel runs (`merge_one`; the kernels of `CPU_KERNELS` stay
+            on the CPU); the results reach `sink` on the CPU. None: on the tensors as read. The
+            `prepare` pass (e.g. TIES's model-wide thresholds) reads on the CPU.
+        dtype: the dtype of every floating result given to `sink` (`merge_one`); None: the
+            template's dtype of each tensor.
 
     Returns:
         The resolved config.
@@ -326,7 +395,8 @@ def run_merge(
     prepare: Prepare | None = spec.extras.get("prepare")
     stats = {**(prepare(inputs, config) if prepare else {}), **(stats or {})}
     for name in (progress or iter)(inputs.names):
-        sink(name, merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite))
+        sink(name, merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite, device,
+                             dtype))  # fmt: skip
     return config
 
 

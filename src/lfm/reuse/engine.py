@@ -8,6 +8,11 @@ is known from the template's headers before anything is merged, so each shard's 
 is written first and every merged tensor goes straight to its file: peak memory is a few tensors
 per input model, whatever the size of the model or of the shards. The output folder appears in one
 rename when everything is written (`atomic_path`).
+
+Tensors are read on the CPU; `merge_models(..., device=...)` (the CLI's `--device`) runs each
+tensor's merge arithmetic there (`driver.merge_one`) and writes the result from the CPU.
+`merge_models(..., dtype=...)` (the CLI's `--dtype`, a mergekit plan's `out_dtype`) writes every
+floating tensor in that dtype, and says so in the output's `config.json`.
 """
 
 from __future__ import annotations
@@ -32,7 +37,15 @@ from tqdm import tqdm
 
 from lfm.config import Config
 from lfm.core.io import atomic_path, model_files
-from lfm.reuse.driver import MergeError, OnMissing, Reader, kernel_spec, plan, run_merge
+from lfm.reuse.driver import (
+    MergeError,
+    OnMissing,
+    Reader,
+    dtype_name,
+    kernel_spec,
+    plan,
+    run_merge,
+)
 from lfm.reuse.gguf import is_gguf, write_side_files
 
 INDEX = "model.safetensors.index.json"
@@ -313,6 +326,8 @@ def merge_models(
     overwrite: bool = False,
     progress: bool = True,
     allow_nonfinite: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> Path:
     """Merge models on disk tensor by tensor and write a loadable Hugging Face folder.
 
@@ -332,11 +347,25 @@ def merge_models(
         progress: show a progress bar over tensors.
         allow_nonfinite: merge NaN and infinite values; by default a NaN or infinity in a tensor
             that is merged, or in a merged tensor, is a `MergeError` and nothing is written.
+        device: where the merge arithmetic runs (cpu, cuda, cuda:N, mps, auto or a
+            `torch.device`): each tensor's inputs are read on the CPU, moved there and merged,
+            and the result is moved back to the CPU to be written (`chosen_device`; the kernels of
+            `driver.CPU_KERNELS` stay on the CPU). None: the device chosen for the process
+            (`lfm.core.placement`, the CLI's `--device`), else the CPU. A device this machine
+            lacks is an `LfmError`.
+        dtype: the dtype the output's floating tensors are written in (float32, bfloat16 or
+            float16, `output_dtype`); integer and boolean tensors keep theirs, and the written
+            `config.json` states it (`write_config_dtype`). The merge arithmetic is the same
+            (float32 or wider); each result is cast to it, and a value that overflows it (1e5 in
+            float16) is a `MergeError` unless `allow_nonfinite`. None: each tensor in the
+            template's dtype, the config as the template's.
 
     Returns:
         The output folder.
     """
     out = Path(out)
+    at = chosen_device(device)  # a device this machine lacks: refused before anything is read
+    cast = output_dtype(dtype)  # so is a dtype that is not one
     if out.exists() and not overwrite:
         raise MergeError(f"{out} exists; choose another folder or pass overwrite=True")
     spec = kernel_spec(method)
@@ -348,19 +377,88 @@ def merge_models(
     with atomic_path(out, replace=overwrite) as tmp:  # a rival merge into `out` is refused
         tmp.mkdir()
         tmpl = inputs.template
-        entries = [Entry(n, tmpl.dtype(n), tmpl.shape(n)) for n in inputs.names]
+        entries = [Entry(n, _written(tmpl.dtype(n), cast), tmpl.shape(n)) for n in inputs.names]
         with ShardWriter(tmp, entries, parse_size(max_shard_size)) as writer:
             bar = _bar(f"{spec.name} merge", progress)
             run_merge(spec, inputs, config, writer.add, weights, bar,
-                      allow_nonfinite=allow_nonfinite)  # fmt: skip
+                      allow_nonfinite=allow_nonfinite, device=at, dtype=cast)  # fmt: skip
             writer.close()
         if is_gguf(template):  # its config and tokenizer, as transformers reads them
             write_side_files(template, tmp)
         else:
             copy_side_files(template if template.is_dir() else template.parent, tmp)
+        if cast is not None:
+            write_config_dtype(tmp, cast)
         record = _record(spec.name, config, base, models, weights, on_missing)
+        if cast is not None:
+            record["dtype"] = dtype_name(cast)
         (tmp / "lfm_merge.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
+
+
+def output_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """The dtype a merge writes its floating tensors in: float32, bfloat16 or float16 (or bf16,
+    fp16, fp32, or the `torch.dtype`), read by `lfm.core.placement.resolve_dtype`; None: None
+    (the template's dtypes). `auto` is refused: what a file holds should not depend on the
+    machine that wrote it. Any other name is a one-line `MergeError`."""
+    from lfm.core import placement
+    from lfm.errors import LfmError
+
+    if dtype is None:
+        return None
+    hint = "name float32, bfloat16 or float16"
+    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
+        raise MergeError(f"a merge's output dtype cannot be auto: {hint}")
+    try:
+        return placement.resolve_dtype(dtype, torch.device("cpu"))
+    except LfmError:
+        raise MergeError(f"a merge cannot write its output in {dtype!r}: {hint}") from None
+
+
+def _written(stored: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+    """The dtype a tensor stored as `stored` is written in: `cast` if it is floating."""
+    return cast if cast is not None and stored.is_floating_point else stored
+
+
+def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """State `dtype` in `folder`'s `config.json`, so that transformers loads the weights in it:
+    every `dtype` and `torch_dtype` key the config has (at the top level and in sub-configs
+    such as `text_config`), or a top-level `torch_dtype` (which every transformers version
+    reads) when it has neither. No `config.json` (a merge of bare safetensors files): nothing."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    name = dtype_name(dtype)
+
+    def restate(cfg: dict[str, Any]) -> None:
+        cfg.update(dict.fromkeys([k for k in ("dtype", "torch_dtype") if k in cfg], name))
+        for sub in cfg.values():
+            if isinstance(sub, dict):
+                restate(sub)
+
+    restate(data)
+    if not {"dtype", "torch_dtype"} & set(data):
+        data["torch_dtype"] = name
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def chosen_device(device: str | torch.device | None = None) -> torch.device | None:
+    """The device a streamed merge (or `rebasin_files`) computes on: `device` resolved
+    (`lfm.core.placement.resolve_device`; a device this machine lacks is an `LfmError`), else the
+    process placement's device when one was chosen (`--device`), else None: on the CPU, where the
+    tensors are read, as without the option."""
+    from lfm.core import placement
+
+    if device is not None:
+        return placement.resolve_device(device)
+    at = placement.current()
+    return at.device if at.device_chosen else None
 
 
 def _base_reader(base: str | Path) -> Reader:

@@ -139,13 +139,14 @@ def dare(
 
     The mask compares float32 uniforms from NumPy's PCG64, seeded with `seed`, against p: about
     30 % faster than `torch.rand` (MT19937) on one CPU thread, and written straight into `scratch`.
+    It is drawn on the CPU and moved to tau's device: the same mask on any device.
 
     Args:
-        tau: a task vector (on the CPU).
+        tau: a task vector (on any device).
         drop_rate: p.
         seed: seeds this tensor's mask.
         inplace: overwrite `tau` (a task vector of the caller's own) instead of a copy.
-        scratch: a contiguous float32 tensor of tau's shape to hold the mask (overwritten);
+        scratch: a contiguous float32 CPU tensor of tau's shape to hold the mask (overwritten);
             reusing one for several models saves an allocation (and its page faults) per model.
     """
     if drop_rate <= 0:
@@ -157,7 +158,7 @@ def dare(
     rng.random(dtype=np.float32, out=keep.numpy().reshape(-1))  # a view: fills `keep` in place
     keep.ge_(drop_rate)  # 1.0 kept, 0.0 dropped
     out = tau.div_(1.0 - drop_rate) if inplace else tau / (1.0 - drop_rate)
-    return out.mul_(keep)  # a float mask: boolean masks are ~10x slower on CPU
+    return out.mul_(keep.to(tau.device))  # a float mask: boolean masks are ~10x slower on CPU
 
 
 def middle_band(tau: Tensor, drop_top: float, drop_bottom: float) -> Tensor:
@@ -196,9 +197,10 @@ def rank_drop_probabilities(tau: Tensor, drop_rate: float, window: float) -> Ten
     rows = tau.reshape(tau.shape[0], -1) if tau.dim() >= 2 else tau.reshape(1, -1)
     n = rows.shape[1]
     if n == 1:
-        return torch.full(tau.shape, float(drop_rate))
+        return torch.full(tau.shape, float(drop_rate), device=tau.device)
     order = rows.abs().argsort(dim=1, descending=True, stable=True)  # (rows, n): largest first
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand_as(order))
+    ranks = torch.arange(n, device=tau.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, ranks)
     p = (drop_rate - window / 2) + window * (rank.float() / (n - 1))
     return p.reshape(tau.shape)
 
@@ -207,10 +209,11 @@ def magprune(tau: Tensor, drop_rate: float, window: float, seed: int) -> Tensor:
     """DELLA's MagPrune: drop each entry with its rank's probability p_j and rescale the kept ones
     by 1/(1 − p_j), so that the expectation of the result is `tau`.
 
-    The mask compares float32 uniforms from NumPy's PCG64, seeded with `seed` (as DARE's), with p_j.
+    The mask compares float32 uniforms from NumPy's PCG64, seeded with `seed` (as DARE's), with p_j:
+    drawn on the CPU and moved to tau's device: the same uniforms on any device.
 
     Args:
-        tau: a task vector (on the CPU).
+        tau: a task vector (on any device).
         drop_rate: p, the mean drop probability.
         window: ε, the width of the range of probabilities (p ± ε/2).
         seed: seeds this tensor's mask.
@@ -219,7 +222,7 @@ def magprune(tau: Tensor, drop_rate: float, window: float, seed: int) -> Tensor:
     uniforms = torch.empty(tau.shape)
     rng = np.random.Generator(np.random.PCG64(seed))
     rng.random(dtype=np.float32, out=uniforms.numpy().reshape(-1))
-    kept = uniforms >= p  # with probability 1 − p_j
+    kept = uniforms.to(tau.device) >= p  # with probability 1 − p_j
     return torch.where(kept, tau.float() / (1.0 - p), torch.zeros_like(p))
 
 

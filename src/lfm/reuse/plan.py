@@ -14,7 +14,9 @@ lfm format::
 
 A mergekit file (`merge_method`, `base_model`, `models: [{model, parameters}]`) is translated for
 linear, slerp, task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della,
-della_linear and model_stock; see docs/reuse.md for what differs.
+della_linear and model_stock; see docs/reuse.md for what differs. Its `out_dtype` is the dtype the
+output's floating tensors are written in (as the CLI's `--dtype`), and without one its `dtype`, as
+mergekit writes its output in that dtype then (lfm computes in float32 or wider either way).
 
 Both are checked against a schema before any weight is read: every key is one the format knows
 (a misspelled key is an error naming the closest known one; a key mergekit knows that lfm cannot
@@ -31,12 +33,15 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from lfm.errors import LfmError
 from lfm.reuse.driver import MergeError, OnMissing
+
+if TYPE_CHECKING:
+    import torch
 
 MERGEKIT_METHODS = (
     "linear",
@@ -62,7 +67,6 @@ MERGEKIT_UNSUPPORTED = {
     "tokenizer_source": "the output takes the tokenizer of the base (or first) model",
     "tokenizer": "the output takes the tokenizer of the base (or first) model",
     "chat_template": "the output takes the chat template of the base (or first) model",
-    "out_dtype": "the output keeps the dtype of the base (or first) model",
 }
 MERGEKIT_MODEL_KEYS = ("model", "parameters")
 # Every parameter name some mergekit merge method reads.
@@ -149,6 +153,8 @@ class MergePlan:
         parameters: the method's config fields.
         max_shard_size: the largest output shard.
         on_missing: "error" or "skip" (see `merge_models`).
+        out_dtype: the dtype the output's floating tensors are written in (a mergekit file's
+            `out_dtype`); None: the template's.
     """
 
     def __init__(
@@ -160,11 +166,28 @@ class MergePlan:
         parameters: dict[str, Any] | None = None,
         max_shard_size: int | str = "2GB",
         on_missing: OnMissing = "error",
+        out_dtype: torch.dtype | None = None,
     ):
         self.method, self.models, self.base = method, models, base
         self.weights = weights or [1.0] * len(models)
         self.parameters = parameters or {}
         self.max_shard_size, self.on_missing = max_shard_size, on_missing
+        self.out_dtype = out_dtype
+
+    def output_dtype(self, dtype: str | torch.dtype | None = None) -> torch.dtype | None:
+        """The dtype the merge writes its floating tensors in: `dtype` (the CLI's `--dtype`),
+        else the plan's `out_dtype`; None: the template's. Both given and different: a one-line
+        `MergeError`, as is a name that is not a dtype (`engine.output_dtype`)."""
+        from lfm.reuse.driver import dtype_name
+        from lfm.reuse.engine import output_dtype
+
+        given = output_dtype(dtype)
+        if given is not None and self.out_dtype is not None and given != self.out_dtype:
+            raise MergeError(
+                f"--dtype {dtype_name(given)} differs from the plan's out_dtype "
+                f"{dtype_name(self.out_dtype)}: give one of them, or the same dtype"
+            )
+        return given if given is not None else self.out_dtype
 
     def run(
         self,
@@ -172,15 +195,18 @@ class MergePlan:
         overwrite: bool = False,
         progress: bool = True,
         allow_nonfinite: bool = False,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
     ) -> Path:
-        """Merge with the streaming engine into `out` (see `merge_models` for the options)."""
+        """Merge with the streaming engine into `out` (see `merge_models` for the options;
+        `dtype` over the plan's `out_dtype`: `output_dtype`)."""
         from lfm.reuse.engine import merge_models
 
         return merge_models(
             self.method, self.models, out, base=self.base, cfg=self.parameters,
             weights=self.weights, max_shard_size=self.max_shard_size,
             on_missing=self.on_missing, overwrite=overwrite, progress=progress,
-            allow_nonfinite=allow_nonfinite,
+            allow_nonfinite=allow_nonfinite, device=device, dtype=self.output_dtype(dtype),
         )  # fmt: skip
 
 
@@ -207,15 +233,18 @@ def load_plan(path: str | Path, found: Problems | None = None) -> MergePlan:
     return plan
 
 
-def check_plan(path: str | Path) -> MergePlan:
+def check_plan(path: str | Path, dtype: str | torch.dtype | None = None) -> MergePlan:
     """Read a plan and check all of it before one weight is read: its schema; the method, its
     parameters and the weights; every model path; every model's `config.json` against the
     template's; and every tensor's name, shape and dtype, read from the safetensors headers.
-    Every problem found is one line of the `PlanError` raised, all at once."""
+    `dtype`: an output dtype asked for besides the plan (`--dtype`), checked as a dtype and
+    against the plan's `out_dtype` (`MergePlan.output_dtype`). Every problem found is one line of
+    the `PlanError` raised, all at once."""
     from lfm.reuse.driver import check_weights, kernel_spec
 
     found = Problems()
     merge = load_plan(path, found)
+    found.keep(merge.output_dtype, dtype)
     spec = found.keep(kernel_spec, merge.method)
     if spec is not None:  # unknown parameter names are reported by the schema check already
         fields = spec.config.model_fields
@@ -466,6 +495,10 @@ def from_mergekit(data: dict[str, Any], found: Problems | None = None) -> MergeP
     for key, why in MERGEKIT_UNSUPPORTED.items():
         if data.get(key) is not None:
             found.add(f"mergekit key {key!r} is not supported ({why})")
+    out_dtype = None  # the written dtype: `out_dtype`, else `dtype` (as mergekit writes)
+    key = "out_dtype" if data.get("out_dtype") is not None else "dtype"
+    if data.get(key) is not None:
+        out_dtype = found.keep(_out_dtype, data[key], key)
     if "merge_method" not in data:
         raise MergeError("a mergekit file needs merge_method")
     method = data["merge_method"]
@@ -488,7 +521,9 @@ def from_mergekit(data: dict[str, Any], found: Problems | None = None) -> MergeP
     if not entries:  # nothing to merge: what else the file says cannot be checked against it
         if listed:
             found.add("the mergekit file lists no model besides the base model")
-        return MergePlan(method=method, base=base, models=[], weights=[], parameters={})
+        return MergePlan(
+            method=method, base=base, models=[], weights=[], parameters={}, out_dtype=out_dtype
+        )
     shared = found.keep(_mapping, data.get("parameters"), "parameters", default={})
     found.keep(_check_mergekit_parameters, method, shared)
     for m in entries:
@@ -514,7 +549,20 @@ def from_mergekit(data: dict[str, Any], found: Problems | None = None) -> MergeP
         else:
             weights = [w / total for w in weights]
     return MergePlan(method=method, base=base, models=[m["model"] for m in entries],
-                     weights=weights, parameters=params)  # fmt: skip
+                     weights=weights, parameters=params, out_dtype=out_dtype)  # fmt: skip
+
+
+def _out_dtype(value: Any, key: str = "out_dtype") -> torch.dtype | None:
+    """mergekit's `out_dtype` (or `dtype`, which mergekit writes in when there is no
+    `out_dtype`): a dtype name (`engine.output_dtype`)."""
+    from lfm.reuse.engine import output_dtype
+
+    if not isinstance(value, str):
+        raise MergeError(f"{key} must be float32, bfloat16 or float16, not {value!r}")
+    try:
+        return output_dtype(value)
+    except MergeError as e:
+        raise MergeError(f"{key}: {e}") from None
 
 
 def _mergekit_entry(i: int, m: Any) -> dict[str, Any]:

@@ -18,6 +18,10 @@ weights and running statistics share the layer's output permutation.
 `rebasin(models)` is the registered aligner: every model after the first is aligned to the first,
 with the spec read from the first model's structure. `align_pair` and `weight_matching` are the
 steps below it, for one pair and a spec of one's own.
+
+Weight matching runs where the tensors are (`to_device` moves a state dict; `rebasin_files` and
+`lfm reuse rebasin --device` do): the similarity products and the permuting there, each linear
+assignment on the CPU (SciPy), the permutations it returns on the tensors' device.
 """
 
 from __future__ import annotations
@@ -128,26 +132,36 @@ def _sizes(spec: Spec, sd: Mapping[str, Tensor]) -> dict[str, int]:
     return {p: sd[pairs[0][0]].shape[pairs[0][1]] for p, pairs in spec.items()}
 
 
+def to_device(sd: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """A state dict with every tensor on `device` (the tensors already there as they are)."""
+    return {k: v.to(device) for k, v in sd.items()}
+
+
 def weight_matching(
     spec: Spec,
     a: Mapping[str, Tensor],
     b: Mapping[str, Tensor],
     cfg: RebasinConfig | None = None,
 ) -> dict[str, Tensor]:
-    """Permutations of `b`'s hidden units that maximise Σ ⟨A, permuted B⟩ (coordinate ascent)."""
+    """Permutations of `b`'s hidden units that maximise Σ ⟨A, permuted B⟩ (coordinate ascent).
+
+    The similarity products run where `a` and `b` are (one device for both); each assignment on
+    the CPU (SciPy); the permutations are returned on that device."""
     from scipy.optimize import linear_sum_assignment  # ~1 s to import: only when aligning
 
     cfg = cfg or RebasinConfig()
-    perms = {p: torch.arange(n) for p, n in _sizes(spec, a).items()}
+    first = next(iter(spec.values()), [])
+    device = a[first[0][0]].device if first else torch.device("cpu")
+    perms = {p: torch.arange(n, device=device) for p, n in _sizes(spec, a).items()}
     gen, names = torch.Generator().manual_seed(cfg.seed), list(spec)
     for _ in range(cfg.max_iter):
         changed = False
         for i in torch.randperm(len(names), generator=gen).tolist():
             p = names[i]
             cost = _cost(spec, a, b, perms, p)
-            _, col = linear_sum_assignment(cost.numpy(), maximize=True)
-            new = torch.as_tensor(col, dtype=torch.long)
-            rows = torch.arange(len(new))
+            _, col = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
+            new = torch.as_tensor(col, dtype=torch.long, device=device)
+            rows = torch.arange(len(new), device=device)
             if cost[rows, new].sum() > cost[rows, perms[p]].sum() + 1e-9 * cost.abs().max():
                 perms[p], changed = new, True
         if not changed:

@@ -43,6 +43,7 @@ from lfm.reuse.rebasin import (
     chain_spec_from_state_dict,
     check_same_layout,
     read_state_dict,
+    to_device,
 )
 from lfm.reuse.stats import save_fisher, save_gram
 from lfm.runs import Run, on_disk
@@ -58,6 +59,8 @@ def merge_plan(
     progress: bool = True,
     root: str | Path = "runs",
     allow_nonfinite: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> tuple[MergePlan, Path, Path]:
     """Merge the models a YAML plan names (lfm's format or a mergekit file) into `out`.
 
@@ -69,22 +72,37 @@ def merge_plan(
         root: where the run directory is created (`<root>/<stamp>-merge-<method>/`).
         allow_nonfinite: merge NaN and infinite values instead of refusing them (in the models
             and in the merged tensors).
+        device: where the merge arithmetic runs (`merge_models`: each tensor's inputs moved
+            there, the result written from the CPU); None: the process placement's device when
+            one was chosen (`--device`), else the CPU. A device is recorded in the run's options.
+        dtype: the dtype the output's floating tensors are written in (float32, bfloat16 or
+            float16; `merge_models`); None: a mergekit plan's `out_dtype`, else the template's.
+            Checked with the plan (a `dtype` that differs from the plan's `out_dtype` is one of
+            its problems); the dtype written is recorded in the run's options.
 
     Returns:
         The plan as read, the output folder and the run directory.
     """
-    from lfm.reuse.driver import kernel_spec
+    from lfm.reuse.driver import dtype_name, kernel_spec
+    from lfm.reuse.engine import chosen_device
     from lfm.reuse.lora import split_plus
+
+    at = chosen_device(device)  # a device this machine lacks: one line, before the run
 
     # the whole plan — schema, method, parameters, paths, configs, tensor headers — before the
     # run and before any weight is read; every problem at once
-    merge = check_plan(plan)
+    merge = check_plan(plan, dtype)
+    cast = merge.output_dtype(dtype)
     spec = kernel_spec(merge.method)
     cfg = spec.resolve(merge.parameters).to_dict()
     options = {"plan": str(plan), "method": spec.name, "base": merge.base, "models": merge.models,
                "weights": merge.weights, "config": cfg, "max_shard_size": merge.max_shard_size,
                "on_missing": merge.on_missing, "allow_nonfinite": allow_nonfinite,
                "out": str(out)}  # fmt: skip
+    if at is not None:
+        options["device"] = str(at)
+    if cast is not None:
+        options["dtype"] = dtype_name(cast)
     files: dict[str, Any] = {"plan": plan, "base": merge.base}
     for i, model in enumerate(merge.models):
         plus = split_plus(model)  # mergekit's `base+adapter`: both are read
@@ -93,9 +111,8 @@ def merge_plan(
     files.update({f"stats{i}": p for i, p in enumerate(cfg.get("stats") or ())})
     files["coefficients"] = cfg.get("coefficients")
     with Run(f"merge-{spec.name}", options, inputs=on_disk(files), root=root) as run:
-        path = merge.run(
-            out, overwrite=overwrite, progress=progress, allow_nonfinite=allow_nonfinite
-        )
+        path = merge.run(out, overwrite=overwrite, progress=progress,
+                         allow_nonfinite=allow_nonfinite, device=at, dtype=cast)  # fmt: skip
         run.manifest["outputs"].append(str(path))
     return merge, path, run.path
 
@@ -240,6 +257,7 @@ def rebasin_files(
     cfg: RebasinConfig | None = None,
     *,
     root: str | Path = "runs",
+    device: str | torch.device | None = None,
 ) -> Aligned:
     """Permute B's hidden units to match A (weight matching) and save B aligned.
 
@@ -252,17 +270,30 @@ def rebasin_files(
         out: B aligned to A, a safetensors file.
         cfg: sweeps at most and the seed of the layer order.
         root: where the run directory is created (`<root>/<stamp>-rebasin/`).
+        device: where the weight matching runs: both models' tensors are moved there, and the
+            similarity products and the permuting run there (the linear assignments run on the
+            CPU, in SciPy); B aligned is written from the CPU, in its stored dtypes. None: the
+            process placement's device when one was chosen (`--device`), else the CPU. A device
+            is recorded in the run's options.
     """
+    from lfm.reuse.engine import chosen_device
+
     cfg = cfg or RebasinConfig()
+    at = chosen_device(device)  # a device this machine lacks: one line, before the run
     options = {"a": str(a), "b": str(b), "config": cfg.to_dict(), "out": str(out)}
+    if at is not None:
+        options["device"] = str(at)
     with Run("rebasin", options, inputs=on_disk({"a": a, "b": b}), root=root) as run:
         sa, sb = read_state_dict(a), read_state_dict(b)
         spec = chain_spec_from_state_dict(sa)
         check_same_layout([sa, sb], spec)
+        if at is not None:
+            sa, sb = to_device(sa, at), to_device(sb, at)
         aligned, perms = align_pair(sa, sb, spec, cfg)
-        save_tensors(out, aligned, "pt")  # "pt": the tag transformers expects of weight files
+        # "pt": the tag transformers expects of weight files
+        save_tensors(out, to_device(aligned, torch.device("cpu")), "pt")
         run.manifest["outputs"].append(str(out))
-    moved = sum(int((p != torch.arange(len(p))).sum()) for p in perms.values())
+    moved = sum(int((p.cpu() != torch.arange(len(p))).sum()) for p in perms.values())
     return Aligned(len(perms), moved, Path(out), run.path)
 
 
