@@ -111,3 +111,18 @@ def cli_run(argv: list[str], prefixes: tuple[str, ...]) -> tuple[str, list[str]]
                          env=env)  # fmt: skip
     *printed, modules = out.stdout.strip().splitlines()
     return "\n".join(printed) + out.stderr, json.loads(modules)
+
+
+class SameDevice(torch.overrides.TorchFunctionMode):
+    """Refuses any torch call that mixes tensors of two devices (0-dim tensors aside, which torch
+    lets a CPU scalar do): what a kernel that forgot to move a CPU-made tensor does on CUDA. The
+    meta device reports some such mixes by itself (meta * CPU) but not all (in place, or
+    scattered onto a meta tensor), so this mode checks every call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+        devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(devices) > 1:
+            raise AssertionError(f"{func} mixes devices {devices}")
+        return func(*args, **kwargs)

@@ -36,6 +36,8 @@ from lfm.edit.patch import UNDO_FILE, Delta, make_patch
 from lfm.reuse import driver, merge_state_dicts, recipes
 from lfm.reuse.rebasin import apply_permutation, chain_spec
 
+from conftest import SameDevice
+
 NO_CUDA = not torch.cuda.is_available()
 CPU = torch.device("cpu")
 EDITED = "model.layers.0.mlp.down_proj"  # the module the test patches change
@@ -225,21 +227,6 @@ def test_formerly_cpu_kernels_run_on_the_device_with_the_same_result(models, mon
     assert spy.devices == [CPU] * moves * len(a)
     plain, placed = root / "plain" / "model.safetensors", root / "placed" / "model.safetensors"
     assert plain.read_bytes() == placed.read_bytes()
-
-
-class SameDevice(torch.overrides.TorchFunctionMode):
-    """Refuses any torch call that mixes tensors of two devices (0-dim tensors aside, which torch
-    lets a CPU scalar do): what a kernel that forgot to move a CPU-made tensor does on CUDA. The
-    meta device reports some such mixes by itself (meta * CPU) but not all (in place, or
-    scattered onto a meta tensor), so this mode checks every call."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
-        if len(devices) > 1:
-            raise AssertionError(f"{func} mixes devices {devices}")
-        return func(*args, **kwargs)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear", "fisher"])

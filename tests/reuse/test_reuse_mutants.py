@@ -24,6 +24,8 @@ from lfm.reuse import merge_state_dicts, topk
 from lfm.reuse.driver import Ctx
 from lfm.reuse.topk import model_threshold
 
+from conftest import SameDevice
+
 
 def _angle_cos(u: torch.Tensor, v: torch.Tensor) -> float:
     return float(u @ v) / (float(u.norm()) * float(v.norm()))
@@ -448,3 +450,16 @@ def test_methods_of_several_models_copy_a_tensor_only_one_model_has_when_skippin
         base["only"] = torch.zeros(2)
     out = merge_state_dicts(method, base, sds, on_missing="skip")
     torch.testing.assert_close(out["only"], own)
+
+
+def test_random_drops_draw_on_the_cpu_and_move_the_mask_to_the_task_vectors_device():
+    """DARE's mask and DELLA's uniforms, ranks and probabilities reach a task vector on another
+    device (meta here: no CPU-made tensor may meet it), as `reuse merge --device` needs."""
+    meta = torch.device("meta")
+    tau = torch.randn(3, 4).to(meta)
+    with SameDevice():
+        assert K.dare(tau, 0.5, seed=1).device == meta
+        assert K.dare(tau.clone(), 0.5, seed=1, inplace=True).device == meta
+        assert K.magprune(tau, 0.5, 0.2, seed=1).device == meta
+        assert K.rank_drop_probabilities(tau, 0.5, 0.2).device == meta
+        assert K.rank_drop_probabilities(torch.randn(3, 1).to(meta), 0.5, 0.2).device == meta
