@@ -5,7 +5,9 @@ and which position is read, CMA-ES's seed (seed + 1 inside NumPy's range, distin
 distinct), a box bound on z, why a search stopped (its budget, or CMA-ES itself) and what the
 record says, the bar's best loss, a stray `cma_signals.in` that must not steer the search, a
 served model asked only for the rows it needs, and the clear errors of the scores and of a
-prompt file of another kind.
+prompt file of another kind. Also: a generation's best candidate is kept wherever it stands and
+a tie keeps the earlier z, the defaults (seed 0, no bar), the bar's name and counts (the start is
+the first of the budget's evaluations), and σ̂ read from the first eight templated texts.
 
 The proposer: a model that is not a causal LM is refused, the chat template's user turn ends
 with the assistant's header, a greedy proposal works through the bare TEXT protocol and asks for
@@ -33,6 +35,8 @@ from lfm.serve.thread import running
 from lfm.tuning.bbt import (
     PROMPT_FILE,
     BBTConfig,
+    BBTResult,
+    _keep_best,
     bbt,
     class_scores_bbt,
     cma_seed,
@@ -51,6 +55,7 @@ from lfm.tuning.proposer import (
     parse,
     propose,
 )
+from lfm.tuning.tasks import TextClassification
 from lfm.tuning.tiny import tiny_news_lm, tiny_task
 
 VERB = tiny_task().verbalizer
@@ -323,3 +328,90 @@ def test_ape_shows_the_asked_demonstrations_and_samples_under_distinct_seeds():
     # one seed per run, distinct across runs, and a non-negative 31-bit integer: a seed every
     # backend's type holds (llama.cpp's is uint32, others' int32 or int64)
     assert len(seeds) == 20 and all(0 <= s < 2**31 for s in seeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# BBT: the best candidate kept, the defaults, the bar's counts, the sample σ̂ is read from.
+
+
+def _result(best_loss: float) -> BBTResult:
+    z0 = np.zeros(4)
+    return BBTResult(method="bbt", config=SMALL, prompt=torch.zeros(2, 2), z=z0, verbalizer=VERB,
+                     seed=0, emb_std=1.0, start_loss=best_loss, best_loss=best_loss)  # fmt: skip
+
+
+def test_the_best_candidate_of_a_generation_is_kept_and_a_tie_keeps_the_earlier_one():
+    a = torch.eye(4)  # p = z, viewed as (2, 2)
+    xs = [np.array([1.0, 0, 0, 0]), np.array([0, 2.0, 0, 0]), np.array([0, 0, 3.0, 0])]
+    res = _result(1.0)
+    _keep_best(res, xs, [0.9, 0.5, 0.7], a, 2)  # the best is the second candidate
+    assert res.best_loss == 0.5 and np.array_equal(res.z, xs[1])
+    assert torch.equal(res.prompt, torch.tensor([[0.0, 2.0], [0.0, 0.0]]))
+    later = [np.array([0, 0, 0, 4.0]), np.array([5.0, 0, 0, 0])]
+    _keep_best(res, later, [0.6, 0.5], a, 2)  # no better: a tie does not replace the kept z
+    assert res.best_loss == 0.5 and np.array_equal(res.z, xs[1])
+    assert res.history == [0.5, 0.5]  # the best loss after each generation
+
+
+def test_on_a_flat_objective_the_starting_prompt_stays_the_best():
+    cfg = BBTConfig(n_tokens=2, intrinsic_dim=4, popsize=4, budget=12)
+    res = bbt(Flat(), tiny_task(), cfg, seed=0)
+    # every candidate of the generation CMA-ES ran ties with z = 0: none is better, so the
+    # start is kept
+    assert res.evaluations > 1 and not res.z.any() and not res.prompt.any()
+
+
+def test_bbt_defaults_to_seed_0_and_no_bar(capfd):
+    handle = narrow(tiny_news_lm(0), "embeddings")
+    plain = bbt(handle, tiny_task(), SMALL)
+    out, err = capfd.readouterr()
+    assert out == err == ""  # no bar unless asked
+    seed0 = bbt(handle, tiny_task(), SMALL, seed=0)
+    seed1 = bbt(handle, tiny_task(), SMALL, seed=1)
+    assert plain.seed == 0 and plain.history == seed0.history and np.array_equal(plain.z, seed0.z)
+    assert not np.array_equal(plain.z, seed1.z)
+
+
+def test_the_bar_is_named_bbt_and_counts_every_evaluation_of_the_budget(capfd):
+    bbt(narrow(tiny_news_lm(0), "embeddings"), tiny_task(), SMALL, seed=0, progress=True)
+    _, err = capfd.readouterr()
+    states = [s for s in err.split("\r") if s.strip()]
+    assert all(s.startswith("bbt: ") for s in states)
+    # the start (z = 0) is the first evaluation, then one per candidate, up to the budget
+    assert "| 1/25 [" in states[0] and "| 25/25 [" in states[-1] and "100%" in states[-1]
+
+
+class Spy:
+    """An EMBEDDINGS handle that records the texts of each `embed` call."""
+
+    access = Access.EMBEDDINGS
+
+    def __init__(self) -> None:
+        self.inner = narrow(tiny_news_lm(0), "embeddings")
+        self.calls: list[list[str]] = []
+
+    def encode(self, text):
+        return self.inner.encode(text)
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        return self.inner.embed(texts)
+
+    def logits_from_embeds(self, embeds, mask):
+        return self.inner.logits_from_embeds(embeds, mask)
+
+
+def test_the_embeddings_spread_is_read_from_the_first_eight_texts():
+    base = tiny_task()
+    texts = [*base.texts, "Parliament passed the new budget law after a very long debate.",
+             "The minister resigned.", "A late goal won it.", "Profits fell sharply.",
+             "Voters went to the polls in the spring election."]  # fmt: skip
+    labels = [*base.labels.tolist(), 2, 2, 0, 1, 2]
+    task = TextClassification(texts, torch.tensor(labels), base.verbalizer)
+    spy = Spy()
+    res = bbt(spy, task, SMALL.replace(budget=7), seed=0)
+    want = [VERB.prompt(t) for t in texts[:8]]
+    assert spy.calls[0] == want  # one small call for σ̂, then the whole train set
+    embeds, mask = spy.inner.embed(want)
+    assert res.emb_std == float(embeds[mask.bool()].std())
+    assert res.emb_std != float(spy.inner.embed([VERB.prompt(t) for t in texts[:9]])[0].std())

@@ -16,6 +16,14 @@ that `make mutate AREA=tuning` found untested.
   label-word loss is the cross-entropy of the classifier it returns (left padding), with or
   without `logits_to_keep`; the response loss of instruction rows on the model's device; a
   task without label words is refused naming MeZO.
+- The tuners' calls: `full_ft`, `bitfit`, `lp_ft` and `wise_ft` record their own name and config,
+  evaluate `eval_data` and log into `run`, pass options (`inplace`) on, seed a new head with the
+  call's seed (0 by default); LP-FT refuses other data and too few steps in one line each, and
+  without `train_cfg` runs the loop's defaults (half probing at `lp_lr`) under the call's seed.
+- MeZO's call is quiet by default (also with held-out data), shows the zero-shot and step bars
+  and logs every `log_every` steps when asked, counts the tuned parameters only, names itself
+  when the handle holds no model; the label loss moves the labels to the logits' device, and
+  `perturb` draws z in each parameter's dtype and adds it on the parameter's device.
 
 Equivalent survivors are listed, with reasons, in tests/mutation_equivalents.md.
 """
@@ -30,28 +38,36 @@ from collections.abc import Callable
 import pytest
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
-from lfm.access import LocalModel
+from lfm.access import Access, LocalModel
 from lfm.core.runs import Run
-from lfm.core.train import TrainConfig
-from lfm.errors import ConfigError
+from lfm.core.train import History, TrainConfig
+from lfm.errors import AccessError, ConfigError
 from lfm.registry import run
+from lfm.tuning import methods
 from lfm.tuning.classify import VerbalizerLM, ce_loss, class_batches, label_token_ids
 from lfm.tuning.methods import (
     BitFitConfig,
+    FullFTConfig,
     LPFTConfig,
     WiseFTConfig,
     all_trainable,
     bias_only,
+    bitfit,
+    full_ft,
     interpolate_weights,
+    lp_ft,
     lp_ft_schedule,
     probe,
+    wise_ft,
 )
 from lfm.tuning.mezo import (
     MeZOConfig,
     label_loss_fn,
     mezo,
     mezo_step,
+    perturb,
     response_loss_fn,
     select,
     zero_order,
@@ -454,3 +470,172 @@ def test_mezo_returns_its_name_tokenizer_verbaliser_and_steps_under_its_seed():
     with pytest.raises(ConfigError, match=r"^tuning/mezo learns from a TextClassification or "
                        r"Instructions, not a list$"):  # fmt: skip
         mezo(lm, ["a text"], cfg)
+
+
+# -- the tuners' calls: name, config, seed, held-out data, run and options passed on -------------
+
+_TUNERS = {"full_ft": full_ft, "bitfit": bitfit, "lp_ft": lp_ft, "wise_ft": wise_ft}
+_CONFIGS = {
+    "full_ft": FullFTConfig(lr=1e-2),
+    "bitfit": BitFitConfig(lr=1e-2),
+    "lp_ft": LPFTConfig(lr=1e-2),
+    "wise_ft": WiseFTConfig(lr=1e-2, alphas=(0.0, 1.0)),
+}
+
+
+@pytest.mark.parametrize("name", list(_TUNERS))
+def test_weight_tuners_record_their_name_config_evaluation_and_run_and_pass_options_on(
+    name, tmp_path
+):
+    handle, task, cfg = tiny_news_lm(0), tiny_task(), _CONFIGS[name]
+    r = Run(name, root=tmp_path)
+    res = _TUNERS[name](handle, task, cfg, train_cfg=_tcfg(2, 1e-2), eval_data=task, run=r,
+                        inplace=True)  # fmt: skip
+    assert res.method == name and res.config is cfg
+    assert res.backbone is handle.model  # `inplace` reached the trainer
+    assert {"zero_shot_acc", "acc"} <= set(res.metrics)  # the held-out data was evaluated
+    logged = _metrics(r.path)  # ... and recorded in the run
+    assert logged["acc"] == res.metrics["acc"]
+    assert logged["trainable_parameters"] == res.metrics["trainable_parameters"]
+
+
+@pytest.mark.parametrize("name", list(_TUNERS))
+def test_weight_tuners_seed_a_new_head_and_default_to_seed_0(name):
+    def once(**kw):
+        res = _TUNERS[name](_encoder(), _encoder_task(), _CONFIGS[name],
+                            train_cfg=_tcfg(2, 1e-3), **kw)  # fmt: skip
+        return res.history, snapshot(res.model.head)
+
+    def same(a, b) -> bool:
+        return a[0] == b[0] and all(torch.equal(v, b[1][k]) for k, v in a[1].items())
+
+    default, zero, three = once(), once(seed=0), once(seed=3)
+    assert same(default, zero)  # the default seed is 0
+    assert not same(zero, three)  # the call's seed reaches the new head's initial values
+
+
+def test_lp_ft_refuses_other_data_and_too_few_steps_in_one_line():
+    lm = tiny_news_lm(0)
+    with pytest.raises(
+        ConfigError, match=r"^LP-FT probes a classification head; it takes a TextClassification$"
+    ):
+        lp_ft(lm, Instructions(make_instructions(2)), train_cfg=_tcfg(4, 1e-2))
+    want = "LP-FT needs at least 2 steps (one to probe, one to fine-tune)"
+    with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+        lp_ft(lm, tiny_task(), train_cfg=_tcfg(1, 1e-2))
+
+
+def test_lp_ft_without_train_cfg_runs_the_loops_defaults_under_the_calls_seed(monkeypatch):
+    # no train_cfg: the loop's default 100 steps, half probing at lp_lr, then the rest at `lr`,
+    # both seeded by the call's seed (the loop itself is replaced: only its settings are looked at)
+    seen = []
+
+    def fake_train(model, loss_fn, batches, tcfg, run=None, evaluate=None):
+        seen.append((tcfg.steps, tcfg.lr, tcfg.seed))
+        return History([0.0] * tcfg.steps)
+
+    monkeypatch.setattr(methods, "train", fake_train)
+    cfg = LPFTConfig(lp_lr=0.5, lr=0.25)
+    res = lp_ft(tiny_news_lm(0), tiny_task(), cfg, seed=3)
+    assert seen == [(50, 0.5, 3), (50, 0.25, 3)]
+    assert len(res.history) == 100
+
+
+# -- MeZO's call: what it shows, prints and records ----------------------------------------------
+
+
+def test_mezo_is_quiet_by_default_also_with_held_out_data(capsys):
+    lm, task = tiny_news_lm(0), tiny_task()
+    res = mezo(lm, task, MeZOConfig(steps=2, lr=1e-2), eval_data=task)
+    assert "zero_shot_acc" in res.metrics and "acc" in res.metrics
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+def test_mezo_shows_the_zero_shot_and_step_bars_and_logs_every_n_steps(capsys):
+    lm, task = tiny_news_lm(0), tiny_task()
+    res = mezo(lm, task, MeZOConfig(steps=3, lr=1e-2), eval_data=task, log_every=2,
+               progress=True)  # fmt: skip
+    out = capsys.readouterr()
+    assert out.out.splitlines() == [f"mezo step {s}: loss {res.history[s]:.4f}" for s in (0, 2)]
+    assert re.search(r"(^|\r)zero-shot: ", out.err)  # the evaluation before tuning
+    assert re.search(r"(^|\r)mezo: ", out.err)  # the steps
+
+
+def test_mezo_counts_the_tuned_parameters_only():
+    lm, task = tiny_news_lm(0), tiny_task()
+    want = sum(p.numel() for n, p in lm.model.named_parameters() if re.search(r"layers\.1\.", n))
+    res = mezo(lm, task, MeZOConfig(steps=1, params=r"layers\.1\."))
+    assert res.metrics["trainable_parameters"] == want
+    assert want < sum(p.numel() for p in lm.model.parameters())
+
+
+class NoModel:
+    """A handle that declares WEIGHTS access but holds no model in memory."""
+
+    access = Access.WEIGHTS
+    model = None
+    tokenizer = None
+    name = "nothing"
+
+
+def test_mezo_names_itself_when_the_handle_holds_no_model():
+    with pytest.raises(AccessError, match=r"^tuning/mezo needs a model in memory, not NoModel$"):
+        mezo(NoModel(), tiny_task(), MeZOConfig(steps=1))
+
+
+class MetaLM(nn.Module):
+    """A stand-in causal LM whose weights (and so its logits) live on the meta device."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1, device="meta"))
+        self.vocab = vocab
+
+    def forward(self, input_ids, attention_mask):
+        logits = torch.zeros(*input_ids.shape, self.vocab, device="meta")
+        return type("Out", (), {"logits": logits})()
+
+
+def test_mezo_label_loss_takes_the_labels_to_the_logits_device(monkeypatch):
+    lm, task = tiny_news_lm(0), tiny_task()
+    seen = []
+
+    def cross_entropy(logits, target):
+        seen.append((logits.device.type, target.device.type))
+        return torch.tensor(0.25)
+
+    monkeypatch.setattr(torch.nn.functional, "cross_entropy", cross_entropy)
+    local = LocalModel(MetaLM(len(lm.tokenizer)), lm.tokenizer)
+    loss = label_loss_fn(local, task.texts, task.labels, task.verbalizer)
+    assert loss() == 0.25 and seen == [("meta", "meta")]
+
+
+class Adds(TorchFunctionMode):
+    """Notes the devices of each in-place addition's two operands."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[str, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.add_:
+            self.seen.append((args[0].device.type, args[1].device.type))
+        return func(*args, **(kwargs or {}))
+
+
+def test_perturb_draws_z_in_each_parameters_dtype_and_adds_it_on_its_device():
+    # float64 parameters get a float64 draw (another stream than float32's), in order
+    params = [torch.zeros(3, dtype=torch.float64), torch.ones(2, 2, dtype=torch.float64)]
+    perturb(params, 7, 0.5)
+    g = torch.Generator().manual_seed(7)
+    want = [torch.randn(3, generator=g, dtype=torch.float64) * 0.5,
+            1 + torch.randn(2, 2, generator=g, dtype=torch.float64) * 0.5]  # fmt: skip
+    for p, w in zip(params, want, strict=True):
+        assert p.dtype == torch.float64
+        torch.testing.assert_close(p, w, rtol=0, atol=1e-12)
+    # z is drawn on the CPU and moved to the parameter's device before the addition
+    meta = [torch.zeros(3, device="meta")]
+    with Adds() as adds:
+        perturb(meta, 7, 0.5)
+    assert adds.seen == [("meta", "meta")]

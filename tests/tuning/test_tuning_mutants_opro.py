@@ -1,7 +1,9 @@
 """OPRO / APE pinned where mutation testing found them loose: which class an answer names, the
 answer length the target gets, the one-hot scores of generated labels, the saved instruction and
 the record, the meta-prompt's exact text, and what each step's proposer is shown (how many
-demonstrations and past instructions, cut and spaced as configured) under a seed of its own.
+demonstrations and past instructions, cut and spaced as configured) under a seed of its own;
+`opro` itself: its one-line refusals (data kind, no label words), its defaults (seed 0, no
+progress lines) and the answer length it scores and keeps.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from lfm.access import Access
-from lfm.errors import LfmError
+from lfm.errors import ConfigError, LfmError
 from lfm.tuning.opro import (
     InstructionPrompt,
     OproConfig,
@@ -198,3 +200,54 @@ def test_every_step_samples_under_a_seed_of_its_own():
     opro(Target(), _task(), OproConfig(steps=steps, candidates=1), proposer=proposer, seed=0)
     seeds = [kw["seed"] for kw in proposer.kwargs]
     assert len(seeds) == steps + 1 and len(set(seeds)) == steps + 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The call itself: its refusals, its defaults, and the answer length the search scores with.
+
+
+def test_data_that_is_no_text_classification_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        opro(Target(), ["a", "b"], OproConfig(steps=0), proposer=Scripted([]))
+    assert str(e.value) == "tuning/opro learns from a TextClassification, not a list"
+
+
+def test_a_task_without_label_words_is_refused_naming_opro():
+    task = TextClassification(["x", "y"], torch.tensor([0, 1]), n_classes=2)
+    with pytest.raises(ConfigError) as e:
+        opro(Target(), task, OproConfig(steps=0), proposer=Scripted([]))
+    assert str(e.value) == "opro classifies through label words; give the task a verbalizer"
+
+
+def test_the_default_seed_is_seed_zero_and_nothing_is_printed_by_default(capsys):
+    cfg = OproConfig(steps=1, candidates=1)
+
+    def seeds(**kw) -> list[int]:
+        proposer = Scripted(["[Name the topic.]", "[Say it.]"])
+        opro(Target(), _task(), cfg, proposer=proposer, **kw)
+        return [k["seed"] for k in proposer.kwargs]
+
+    default = seeds()
+    assert capsys.readouterr().err == ""  # progress is off unless asked for
+    assert default == seeds(seed=0) != seeds(seed=1)
+
+
+class Late:
+    """A TEXT handle whose answer names the gold label as its fourth word (one word per token)."""
+
+    access = Access.TEXT
+
+    def generate(self, prompts, max_new_tokens: int = 32, **kw):
+        out = []
+        for p in prompts:
+            gold = next(lab for lab, item in ITEMS.items() if item in p)
+            out.append(" " + " ".join(["so", "it", "is", gold][:max_new_tokens]))
+        return out
+
+
+def test_the_search_scores_and_keeps_the_configured_answer_length():
+    cfg = OproConfig(steps=0, candidates=1, answer_tokens=4)
+    res = opro(Late(), _task(), cfg, proposer=Scripted(["[Name the topic.]"]))
+    assert res.start_score == 1.0 and res.best_score == 1.0  # 3 tokens would name nothing
+    assert res.best.instruction == "" and res.best.answer_tokens == 4
+    assert res.predict(Late(), _task().texts).tolist() == [0, 1, 2, 0, 1, 2]

@@ -8,6 +8,9 @@ config, paper, command, a runnable example); IA3's own targets reach PEFT; promp
 sampled vocabulary rows (or random, when asked); a causal LM's adapter is PEFT's causal-LM model
 (so `generate` reads a soft prompt); prefix tuning's MLP, its one-line error, and its real-word
 init drawn from the seed's own generator on the model's device; `adapter`'s defaults and error.
+LoRA's config reaches PEFT whole (task type, its own targets, α/r scaling, dropout) and its
+one-line error without default targets; LoRA+ without a train config trains at its own lr and
+seed, B at λ times that.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from torch import nn
 from lfm import registry
 from lfm.access import Access
 from lfm.core.runs import Run
-from lfm.core.train import TrainConfig
+from lfm.core.train import History, TrainConfig
 from lfm.errors import ConfigError
 from lfm.tuning import peft_methods
 from lfm.tuning.adapters import prefix_from_tokens
 from lfm.tuning.contract import TUNER
+from lfm.tuning.lora_plus import LORA_B, LoraPlusConfig, lora_plus
 from lfm.tuning.peft_methods import (
     DoraConfig,
     IA3Config,
@@ -284,3 +288,62 @@ def test_an_unknown_adapter_lists_every_choice():
     want = "no PEFT adapter named 'adam'; choose from lora, dora, ia3, prompt_tuning, prefix_tuning"
     with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
         adapter(make_lm("llama")[0], "adam")
+
+
+# -- LoRA and DoRA: what their config hands PEFT -------------------------------------------------
+
+
+def _lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
+    return {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+@pytest.mark.parametrize("method, cfg", [("lora", LoraConfig(r=2)), ("dora", DoraConfig(r=2))],
+                         ids=["lora", "dora"])  # fmt: skip
+def test_a_causal_lms_lora_is_saved_as_a_causal_lm_adapter(method, cfg):
+    model = adapter(make_lm("llama")[0], method, cfg)
+    assert isinstance(model, PeftModelForCausalLM)
+    assert model.peft_config["default"].task_type == TaskType.CAUSAL_LM
+    assert LoraConfig().to_peft(TaskType.CAUSAL_LM).task_type == TaskType.CAUSAL_LM
+
+
+def test_lora_adapts_exactly_the_modules_its_config_names():
+    model = adapter(make_lm("llama")[0], "lora", LoraConfig(target_modules=("q_proj", "down_proj")))
+    assert set(_lora_layers(model)) == {"q_proj", "down_proj"}  # not PEFT's default q, v
+    assert model.peft_config["default"].target_modules == {"q_proj", "down_proj"}
+
+
+def test_lora_scales_by_alpha_over_r_and_drops_out_at_the_configs_rate():
+    model = adapter(make_lm("llama")[0], "lora", LoraConfig(r=2, alpha=12.0, dropout=0.3))
+    layers = _lora_layers(model)
+    assert set(layers) == {"q_proj", "v_proj"}  # PEFT's default for llama
+    for layer in layers.values():
+        assert layer.scaling["default"] == 6.0  # α / r
+        assert layer.lora_dropout["default"].p == 0.3
+    plain = _lora_layers(adapter(make_lm("llama")[0], "lora"))  # the defaults: α 16, r 8, 0.05
+    assert all(m.scaling["default"] == 2.0 for m in plain.values())
+    assert all(m.lora_dropout["default"].p == 0.05 for m in plain.values())
+
+
+def test_lora_without_default_targets_says_so_in_one_line():
+    want = "no default LoRA targets for model type 'toy'; set target_modules"
+    for method in ("lora", "dora"):
+        with pytest.raises(ConfigError, match=f"^{re.escape(want)}$"):
+            adapter(_Toy(), method)
+
+
+# -- LoRA+: its train config when none is given --------------------------------------------------
+
+
+def test_lora_plus_without_a_train_config_trains_at_its_own_lr_and_seed():
+    seen = []
+
+    def capture(model, loss_fn, batches, tcfg, **kw):
+        seen.append(tcfg)
+        return History()
+
+    cfg = LoraPlusConfig(r=2, lr=3e-3, lr_ratio=4.0)
+    res = lora_plus(tiny_news_lm(0), tiny_task(), cfg, seed=5, schedule=capture)
+    (tcfg,) = seen
+    assert tcfg.lr == 3e-3 and tcfg.seed == 5  # the method's lr (not the loop's), the seed
+    assert tcfg.lr_groups == {LORA_B: pytest.approx(1.2e-2)}  # B at λ times A's
+    assert res.method == "lora_plus"

@@ -7,7 +7,11 @@ and is never scored, a rendered template is instruction, demonstrations, then th
 (braces kept literal), the search keeps a candidate only when it beats the best and stops after
 `patience` steps without gain, every kind of edit occurs (delete, swap, replace, add, demo) with
 the applicable ones drawn evenly, the label-word phrases list the words, a proposer sees a
-seeded, cut meta-prompt, and the saved record and a bad template folder say what they hold.
+seeded, cut meta-prompt, and the saved record and a bad template folder say what they hold;
+`prompt_search` itself: its one-line refusals, its defaults (seed 0, no progress lines), its
+method name, a multi-sentence start split into phrases, demonstrations cut to `demo_chars`, the
+proposer seeded by the search seed, a resume with other options refused, and no delete edit of
+an empty instruction.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import pytest
 import torch
 
 from lfm.access import Access
+from lfm.core.runs import Run
 from lfm.errors import ConfigError, LfmError
 from lfm.tuning.prompt_search import (
     PROPOSAL_TOKENS,
@@ -35,6 +40,7 @@ from lfm.tuning.prompt_search import (
     proposed_phrases,
     render,
 )
+from lfm.tuning.replay import ReplayLog
 from lfm.tuning.tasks import TextClassification, Verbalizer, class_scores
 
 WORDS = ("red", "green", "blue")
@@ -267,3 +273,86 @@ def test_a_proposer_on_a_task_without_label_words_is_one_clear_error():
     task = TextClassification(["x", "y"], torch.tensor([0, 1]), n_classes=2)
     with pytest.raises(ConfigError, match="prompt search classifies through label words"):
         proposed_phrases(Proposer(), task, PromptSearchConfig(), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The call itself: its refusals, its defaults, the start, the cut demonstrations, the replay.
+
+
+def test_data_that_is_no_text_classification_is_refused_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        prompt_search(Handle(), ["a", "b"], PromptSearchConfig(iterations=1))
+    assert str(e.value) == "tuning/prompt_search learns from a TextClassification, not a list"
+
+
+def test_a_task_without_label_words_is_refused_naming_prompt_search():
+    task = TextClassification(["x", "y"], torch.tensor([0, 1]), n_classes=2)
+    with pytest.raises(ConfigError) as e:
+        prompt_search(Handle(), task, PromptSearchConfig(iterations=1))
+    says = "prompt search classifies through label words; give the task a verbalizer"
+    assert str(e.value) == says
+
+
+def test_the_default_seed_is_seed_zero_and_nothing_is_printed_unless_asked(capsys):
+    cfg = PromptSearchConfig(instruction="Go.", iterations=3, candidates=2, patience=3)
+
+    def run(**kw) -> tuple:
+        res = prompt_search(Handle(_head_length), _task(), cfg, **kw)
+        return res.best, res.history
+
+    default = run()
+    assert capsys.readouterr().err == ""  # progress is off by default, and when off
+    assert default == run(seed=0) != run(seed=1)
+    run(seed=0, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_result_is_recorded_as_prompt_search():
+    res = prompt_search(Handle(), _task(), PromptSearchConfig(iterations=1, candidates=1))
+    assert res.method == "prompt_search" and res.record()["method"] == "prompt_search"
+
+
+def test_a_starting_instruction_of_two_sentences_starts_as_two_phrases():
+    cfg = PromptSearchConfig(instruction="Name it. Be brief!  Go?", iterations=1, candidates=1)
+    handle = Handle()
+    res = prompt_search(handle, _task(), cfg, seed=0)  # no gain: the start is kept
+    assert res.best.phrases == ("Name it.", "Be brief!", "Go?")  # each sentence keeps its stop
+    assert handle.prompts[0].startswith("Name it. Be brief! Go?\n\n")  # the instruction scored
+
+
+def test_demonstrations_are_cut_to_demo_chars_when_scored_and_in_the_template_found():
+    handle = Handle()
+    cfg = PromptSearchConfig(instruction="Name it.", iterations=1, candidates=1, demo_chars=5)
+    res = prompt_search(handle, _task(), cfg, seed=0)
+    assert handle.prompts[0] == f"Name it.\n\nText: a gre\nLabel: green\n\nText: {TEXTS[2]}\nLabel:"
+    assert res.best == Candidate(("Name it.",), (0,))
+    assert res.verbalizer.template == "Name it.\n\nText: a gre\nLabel: green\n\n" + VERB.template
+
+
+def test_the_proposer_is_seeded_by_the_search_seed():
+    def sent(seed: int) -> list:
+        proposer = Proposer()
+        cfg = PromptSearchConfig(iterations=1, candidates=1, proposals=1)
+        res = prompt_search(Handle(), _task(), cfg, seed=seed, proposer=proposer)
+        assert "Name the colour." in res.pool
+        return proposer.calls
+
+    assert sent(3) == sent(3) != sent(4)
+
+
+def test_resuming_with_another_instruction_is_refused(tmp_path):
+    cfg = PromptSearchConfig(instruction="Name it.", iterations=2, candidates=2, patience=2)
+    first = prompt_search(Handle(), _task(), cfg, log=ReplayLog(Run("ps", path=tmp_path / "r")))
+    again = prompt_search(Handle(), _task(), cfg, log=ReplayLog(Run("ps", path=tmp_path / "r")))
+    assert again.best == first.best and again.score_calls == 0  # the same search: all replayed
+    other = cfg.model_copy(update={"instruction": "Go."})
+    refused = "evaluation 1 asks another candidate than the one it logged"
+    with pytest.raises(LfmError, match=refused):
+        prompt_search(Handle(), _task(), other, log=ReplayLog(Run("ps", path=tmp_path / "r")))
+
+
+def test_an_edit_of_an_empty_instruction_never_deletes():
+    c = Candidate((), (0,))
+    outs = [edit(c, 3, random.Random(s), POOL) for s in range(200)]
+    assert all(len(o.phrases) <= 1 for o in outs)
+    assert {_kind(c, o, 3) for o in outs} == {"add", "demo"}

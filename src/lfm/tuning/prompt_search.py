@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -261,7 +262,7 @@ def prompt_search(
         return scored(c)
 
     start = Candidate(
-        tuple(s for s in cfg.instruction.split(". ") if s),
+        tuple(s for s in re.split(r"(?<=[.!?]) +", cfg.instruction) if s),  # sentences, stops kept
         tuple(range(min(cfg.n_demos, len(pool)))),
     )
     first = evaluate(start)
