@@ -194,6 +194,8 @@ AREAS: dict[str, Area] = {
             "tests/test_access.py",
             "tests/test_tasks.py",
             "tests/test_registry.py",
+            "tests/test_access_mutants.py",  # what the first run found untested: the handles
+            "tests/test_access_mutants_local.py",  # and the local model's text, scores and padding
         ),
         note="the served handles (lfm.serve) are not mutated",
     ),

@@ -241,7 +241,8 @@ class LocalModel:
             gen: dict[str, Any] = {"do_sample": False}
             if sample:
                 gen = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            devices = [self.device] if self.device.type == "cuda" else []
+            # `manual_seed` seeds every CUDA device too: fork them all, wherever the model is
+            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
             for chunk in _chunks(prompts, self.batch_size):
                 enc = self._batch(chunk, side="left")
                 with torch.random.fork_rng(devices=devices):
