@@ -246,3 +246,15 @@ def test_plain_weights_are_white_box():
     assert access_of("model-folder") is Access.WEIGHTS
     with pytest.raises(AccessError, match="bare Linear cannot be narrowed"):
         narrow(nn.Linear(2, 2), "scores")
+
+
+def test_seeded_draws_are_the_seeds_and_the_callers_state_comes_back():
+    from lfm.core.seeding import seeded
+
+    before = torch.get_rng_state()
+    with seeded(5):
+        inside = torch.rand(3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(5)
+    assert torch.equal(inside, torch.rand(3))  # the draws of `manual_seed(5)`
+    torch.set_rng_state(before)

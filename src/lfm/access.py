@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from lfm.core.hooks import capture
+from lfm.core.seeding import seeded
 from lfm.errors import AccessError
 from lfm.levels import Access
 
@@ -241,12 +242,9 @@ class LocalModel:
             gen: dict[str, Any] = {"do_sample": False}
             if sample:
                 gen = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
-            # `manual_seed` seeds every CUDA device too: fork them all, wherever the model is
-            devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
             for chunk in _chunks(prompts, self.batch_size):
                 enc = self._batch(chunk, side="left")
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(seed)
+                with seeded(seed):
                     ids = self.model.generate(
                         **enc,
                         max_new_tokens=max_new_tokens,

@@ -2,8 +2,9 @@
 temperature and tail options, and the tail KL at T ≠ 1 when the whole vocabulary is sent; the
 cross-tokenizer loss's parts, options and data helpers; what sequence KD asks a text teacher; the
 feature losses' kernels and devices; Pearson distance on any shape; what the teacher cache
-takes, records and refuses, and how GKD seeds each batch's draws. Every expected value is computed
-here from the definitions, not by the code under test."""
+takes, records and refuses, and how GKD seeds each batch's draws; reverse KL, residual top-k KD
+and DIST at a temperature other than 1. Every expected value is computed here from the
+definitions, not by the code under test."""
 
 from __future__ import annotations
 
@@ -677,3 +678,61 @@ def test_the_hint_regressor_of_token_features_is_a_linear_layer_over_the_last_di
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     want = x @ r.proj.weight.T + r.proj.bias
     torch.testing.assert_close(r(x), want)
+
+
+# The logit losses at a temperature other than 1 (the defaults of reverse KL, top-k KD and DIST
+# are 1, where `z / T` and `z * T`, `T²` and `T / T` or `τ³` cannot be told apart).
+
+
+def _softmax(z, t=1.0):
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def _kl_list(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q, strict=True))
+
+
+def test_reverse_kl_at_temperature_two_is_t_squared_times_kl_of_the_tempered_student():
+    from lfm.distill.losses import ReverseKLConfig, reverse_kl_loss
+
+    s, t = [1.0, 2.0, 3.0, -1.0], [3.0, 2.0, 0.5, 1.0]
+    got = reverse_kl_loss(torch.tensor([s]), torch.tensor([t]), ReverseKLConfig(temperature=2.0))
+    want = 4 * _kl_list(_softmax(s, 2), _softmax(t, 2))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_residual_topk_kd_at_temperature_two_tempers_the_student_exactly_and_the_bucket_as_one():
+    from lfm.distill.losses import TopKConfig, topk_kd_loss
+
+    s, t = [0.5, 1.0, -1.0, 2.0, 0.0], [2.0, 0.0, 1.0, -1.0, 0.5]
+    pt = _softmax(t)  # the teacher's log-probabilities come at T = 1
+    values = torch.tensor([[math.log(pt[0]), math.log(pt[2])]])
+    got = topk_kd_loss(
+        torch.tensor([s]),
+        (values, torch.tensor([[0, 2]])),
+        TopKConfig(k=2, temperature=2.0, residual=True),
+    )
+    qs = _softmax(s, 2)  # the student's top-k and outside mass, exact at T = 2
+    q = [qs[0], qs[2], 1 - qs[0] - qs[2]]
+    p = _softmax([math.log(pt[0]), math.log(pt[2]), math.log(1 - pt[0] - pt[2])], 2)
+    assert got.item() == pytest.approx(4 * _kl_list(p, q), rel=1e-5)
+
+
+def _pearson(a, b):
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+    return cov / math.sqrt(sum((x - ma) ** 2 for x in a) * sum((y - mb) ** 2 for y in b))
+
+
+def test_dist_at_tau_two_softens_both_sides_and_scales_by_tau_squared():
+    from lfm.distill.losses import DISTConfig, dist_loss
+
+    s = [[1.0, 2.0, 0.0], [0.5, -1.0, 1.5], [2.0, 0.0, -1.0]]
+    t = [[2.0, 1.0, 0.0], [0.0, -0.5, 2.0], [1.0, 1.5, -2.0]]
+    ys, yt = [_softmax(r, 2) for r in s], [_softmax(r, 2) for r in t]
+    inter = sum(1 - _pearson(a, b) for a, b in zip(ys, yt, strict=True)) / 3
+    cols = [([r[j] for r in ys], [r[j] for r in yt]) for j in range(3)]
+    intra = sum(1 - _pearson(a, b) for a, b in cols) / 3
+    got = dist_loss(torch.tensor(s), torch.tensor(t), DISTConfig(tau=2.0, beta=1.0, gamma=0.5))
+    assert got.item() == pytest.approx(4 * (inter + 0.5 * intra), rel=1e-5)

@@ -1,7 +1,10 @@
 """Distillation from a teacher that sends only its top-k log-probabilities: token-id scoring on the
 server, the on-disk cache, `topk_lm` and `gkd` (their defining steps), and `lfm distill lm|cache`
 with a served, cached or local teacher; `seq_kd` from a served model's text and `fitnets` from
-one served at HIDDEN, through the command line."""
+one served at HIDDEN, through the command line. Also what `topk_lm` and `gkd` hand the training
+loop (the run's seed, run directory and evaluation; their counts and logged parts), how GKD draws
+and seeds each batch's on-policy sample, and that `student_samples` samples the whole vocabulary
+at its temperature, attends to every prompt token and adds exactly `new` tokens."""
 
 from __future__ import annotations
 
@@ -665,3 +668,226 @@ def test_cli_cache_in_bfloat16_keeps_the_float32_answers_within_its_rounding(tmp
     assert not np.array_equal(v32, v16)  # the teacher ran in bfloat16
     assert (i32[..., 0] == i16[..., 0]).mean() > 0.9  # mostly the same best token
     assert np.abs(v32[..., 0] - v16[..., 0]).max() < 0.25
+
+
+# -- what mutation testing found untested in topk_lm, gkd and student_samples -----------------
+
+
+def _frozen():
+    """A training config under which the student does not move (Adam's steps of ~1e-30 vanish
+    in float32), so its samples depend on the batch alone."""
+    return TrainConfig(steps=2, lr=1e-30, weight_decay=0.0, seed=3, progress=False)
+
+
+def _greedy(model, prompts, new):
+    """`new` argmax tokens after `prompts`, each from a forward pass over the whole sequence."""
+    ids = prompts
+    with torch.no_grad():
+        for _ in range(new):
+            nxt = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+    return ids
+
+
+def _ranks(model, seqs, start):
+    """The rank of each token from `start` on under the model's own next-token distribution."""
+    with torch.no_grad():
+        logits = model(input_ids=seqs).logits[:, start - 1 : -1].float()
+    return (logits > logits.gather(-1, seqs[:, start:, None])).sum(-1)
+
+
+def test_a_topk_cache_shows_its_file_k_and_blocks(teacher, blocks, tmp_path):
+    path = cache_topk(narrow(teacher, "scores"), blocks, 4, tmp_path / "c.npz")
+    assert repr(TopKCache(path)) == f"TopKCache({str(path)!r}, k=4, blocks=8)"
+
+
+def test_topk_lm_reports_its_k_shuffles_by_the_run_seed_evaluates_and_logs(teacher, blocks,
+                                                                          tmp_path):  # fmt: skip
+    from lfm.core.train import shuffled_batches
+    from lfm.runs import Run
+
+    spy, where = _Spy(narrow(teacher, "scores")), Run("t", root=tmp_path)
+    res = run("distill/topk_lm", spy, _student(teacher), blocks, cfg={"k": 5, "batch_size": 2},
+              train_cfg=TrainConfig(steps=3, lr=1e-2, seed=5, progress=False), run=where,
+              evaluate=lambda m: {"val": 2.5})  # fmt: skip
+    assert res.info == {"teacher_blocks": 6, "k": 5}
+    want = shuffled_batches(blocks, batch_size=2, seed=5)  # the run's seed, not the default 0
+    assert all(torch.equal(r, next(want)[0]) for r in spy.rows) and len(spy.rows) == 3
+    assert res.history.evals == [{"step": 3, "val": 2.5}]
+    logged = where.manifest["metrics"]
+    assert logged["step"] == 3 and logged["val"] == 2.5 and {"kd", "lm", "loss"} <= logged.keys()
+
+
+def test_gkd_refuses_a_student_of_a_smaller_vocabulary(teacher, blocks):
+    from transformers import AutoModelForCausalLM
+
+    cfg = teacher.model.config.__class__(**{**teacher.model.config.to_dict(), "vocab_size": 100})
+    small = AutoModelForCausalLM.from_config(cfg)
+    with pytest.raises(ConfigError, match=r"student's vocabulary \(100\) is smaller.*\(320\)"):
+        run("distill/gkd", narrow(teacher, "scores"), small, blocks, cfg={"k": 5})
+
+
+def test_gkd_counts_batches_samples_whole_blocks_evaluates_and_logs_the_jsd(teacher, blocks,
+                                                                            tmp_path):  # fmt: skip
+    from lfm.core.train import shuffled_batches
+    from lfm.runs import Run
+
+    spy, where = _Spy(narrow(teacher, "scores")), Run("g", root=tmp_path)
+    res = run("distill/gkd", spy, _student(teacher), blocks,
+              cfg={"k": 5, "batch_size": 2, "on_policy": 1.0},
+              train_cfg=TrainConfig(steps=3, lr=1e-2, seed=5, progress=False), run=where,
+              evaluate=lambda m: {"val": 2.5})  # fmt: skip
+    assert res.info == {"on_policy": 3, "batches": 3}
+    want = shuffled_batches(blocks, batch_size=2, seed=5)  # the run's seed, not the default 0
+    for rows in spy.rows:  # the prompt (first half) of the seed's batch, continued to 12 tokens
+        assert rows.shape == (2, 12) and torch.equal(rows[:, :6], next(want)[0][:, :6])
+    assert res.history.evals == [{"step": 3, "val": 2.5}]
+    logged = where.manifest["metrics"]
+    assert logged["step"] == 3 and logged["val"] == 2.5
+    assert logged["jsd"] == pytest.approx(res.history.losses[-1])
+
+
+def test_gkd_with_a_one_token_prompt_samples_from_the_second_token_on(teacher, blocks):
+    from lfm.core.train import shuffled_batches
+
+    spy = _Spy(narrow(teacher, "scores"))
+    res = run("distill/gkd", spy, _student(teacher), blocks,
+              cfg={"k": 5, "batch_size": 8, "on_policy": 1.0, "prompt_fraction": 0.1},
+              train_cfg=TrainConfig(steps=1, lr=1e-2, seed=2, progress=False))  # fmt: skip
+    assert res.info["on_policy"] == 1
+    (rows,), (batch,) = spy.rows, next(shuffled_batches(blocks, batch_size=8, seed=2))
+    assert torch.equal(rows[:, 0], batch[:, 0])  # int(12 · 0.1) = 1 prompt token
+    assert (rows[:, 1] != batch[:, 1]).any()  # the second is the student's
+
+
+def test_gkd_draws_each_batch_from_the_run_seed_and_its_tokens(teacher, blocks):
+    """One block, so every batch is the same: whether it is on-policy is the run seed's draw for
+    those tokens (`_batch_rng`), below λ; a draw equal to λ is not below it."""
+    from lfm.distill.served import _batch_rng
+
+    one = blocks[:1]
+    draws = {s: float(torch.rand((), generator=_batch_rng(one, s))) for s in range(6)}
+    assert {d < 0.5 for d in draws.values()} == {True, False}  # the seeds draw differently
+    for s, d in draws.items():
+        cfg = TrainConfig(steps=1, lr=1e-2, seed=s, progress=False)
+        res = run("distill/gkd", narrow(teacher, "scores"), _student(teacher), one,
+                  cfg={"k": 5, "batch_size": 1, "on_policy": 0.5}, train_cfg=cfg)  # fmt: skip
+        assert res.info["on_policy"] == int(d < 0.5), s
+    s, d = 0, draws[0]
+    for lam, on in [(d, 0), (math.nextafter(d, 1.0), 1)]:
+        res = run("distill/gkd", narrow(teacher, "scores"), _student(teacher), one,
+                  cfg={"k": 5, "batch_size": 1, "on_policy": lam},
+                  train_cfg=TrainConfig(steps=1, lr=1e-2, seed=s, progress=False))  # fmt: skip
+        assert res.info["on_policy"] == on, lam
+
+
+def test_gkd_samples_a_batch_alike_wherever_it_comes_in_the_run(teacher, blocks):
+    """The student's sample of a batch comes from the seed and the batch's tokens, not from the
+    global RNG or the step: two blocks in either order (so the batches come in either order) give
+    the same samples for the same block, the student kept still."""
+    got = []
+    for data in (blocks[:2], blocks[:2].flip(0)):
+        spy = _Spy(narrow(teacher, "scores"))
+        run("distill/gkd", spy, _student(teacher), data,
+            cfg={"k": 5, "batch_size": 1, "on_policy": 1.0}, train_cfg=_frozen())  # fmt: skip
+        got.append(spy.rows)
+    (a1, a2), (b1, b2) = got
+    assert torch.equal(a1[:, :6], b2[:, :6]) and torch.equal(a2[:, :6], b1[:, :6])
+    assert torch.equal(a1, b2) and torch.equal(a2, b1)
+    texts = {tuple(b[:6].tolist()): b for b in blocks[:2]}
+    assert not any(torch.equal(r[0], texts[tuple(r[0, :6].tolist())]) for r in (a1, a2))  # sampled
+
+
+def test_gkd_samples_at_its_temperature(teacher, blocks):
+    """At a temperature near zero the student's sample is its argmax continuation."""
+    spy = _Spy(narrow(teacher, "scores"))
+    student = _student(teacher)
+    with torch.no_grad():
+        student.lm_head.weight.mul_(8)  # clear argmaxes
+    want = {}
+    for b in blocks:
+        want[tuple(b[:6].tolist())] = _greedy(student.eval(), b[None, :6], 6)[0]
+    run("distill/gkd", spy, student, blocks,
+        cfg={"k": 5, "batch_size": 4, "on_policy": 1.0, "temperature": 1e-4},
+        train_cfg=_frozen())  # fmt: skip
+    for rows in spy.rows:
+        for r in rows:
+            assert torch.equal(r, want[tuple(r[:6].tolist())])
+
+
+def test_student_samples_range_over_the_whole_vocabulary_whatever_its_generation_config():
+    """Sampling at T = 1 with no top-k or top-p cut, even for a student whose own generation
+    config is greedy, top-1, nucleus 0.01 and cold: the tokens drawn from a near-uniform tiny
+    model land on every rank."""
+    from lfm.distill.served import student_samples
+
+    student = tiny_lm("llama", 0)[0]
+    gen = student.generation_config
+    gen.do_sample, gen.top_k, gen.top_p, gen.temperature = False, 1, 0.01, 0.01
+    prompts = torch.randint(3, 300, (4, 3), generator=torch.Generator().manual_seed(0))
+    out = student_samples(student.train(), prompts, 10, 1.0, seed=0)
+    assert out.shape == (4, 13) and torch.equal(out[:, :3], prompts) and student.training
+    ranks = _ranks(student, out, 3)
+    assert int(ranks.max()) >= 100 and (ranks > 0).float().mean() > 0.8, ranks
+
+
+def test_student_samples_at_low_temperature_are_the_argmax_over_the_whole_prompt():
+    """Prompts led by token 0 (BOS here; the `pad_token_id` given to `generate`, from which it
+    would infer a mask that hides them): every prompt token is attended, so the cold sample is
+    the argmax continuation of the whole prompt. The student's attention outputs are amplified
+    so that the context shows in its argmax."""
+    from lfm.distill.served import student_samples
+
+    student = tiny_lm("llama", 0)[0].eval()
+    with torch.no_grad():
+        student.lm_head.weight.mul_(8)
+        for layer in student.model.layers:
+            layer.self_attn.o_proj.weight.mul_(20)
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.cat([torch.zeros(3, 3, dtype=torch.long),
+                         torch.randint(3, 300, (3, 3), generator=g)], 1)  # fmt: skip
+    got = student_samples(student, prompts, 5, 1e-4, seed=0)
+    assert torch.equal(got, _greedy(student, prompts, 5))
+
+
+def test_student_samples_are_exactly_new_tokens_with_eos_held_back():
+    """A student that would end every row at once (EOS boosted): still exactly `new` tokens,
+    none of them EOS, so no row is padded."""
+    from lfm.distill.served import student_samples
+
+    student = tiny_lm("llama", 0)[0].eval()
+    eos = student.generation_config.eos_token_id
+    boost = torch.zeros(student.config.vocab_size)
+    boost[eos] = 30.0
+    student.lm_head.register_forward_hook(lambda mod, inp, out: out + boost)
+    prompts = torch.randint(3, 300, (3, 4), generator=torch.Generator().manual_seed(2))
+    out = student_samples(student, prompts, 6, 1.0, seed=0)
+    assert out.shape == (3, 10) and torch.equal(out[:, :4], prompts)
+    assert (out[:, 4:] != eos).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_student_samples_on_cuda_leave_that_devices_rng_as_they_found_it():
+    from lfm.distill.served import student_samples
+
+    student = tiny_lm("llama", 0)[0].cuda()
+    prompts = torch.randint(3, 300, (2, 3), device="cuda")
+    before = torch.cuda.get_rng_state(prompts.device)
+    cpu = torch.get_rng_state()
+    student_samples(student, prompts, 4, 1.0, seed=123)
+    assert torch.equal(torch.cuda.get_rng_state(prompts.device), before)
+    assert torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_gkd_samples_batches_that_share_a_prompt_independently(teacher):
+    """62 one-block batches with one prompt and their own texts, the student kept still: each
+    batch's sampling seed is its own (drawn from 2³¹ − 1), so no two samples coincide."""
+    g = torch.Generator().manual_seed(4)
+    data = torch.randint(3, 300, (62, 12), generator=g)
+    data[:, :6] = data[0, :6]
+    spy = _Spy(narrow(teacher, "scores"))
+    res = run("distill/gkd", spy, _student(teacher), data,
+              cfg={"k": 1, "batch_size": 1, "on_policy": 1.0},
+              train_cfg=_frozen().replace(steps=62))  # fmt: skip
+    assert res.info == {"on_policy": 62, "batches": 62}
+    assert len({tuple(r[0, 6:].tolist()) for r in spy.rows}) == 62

@@ -1,4 +1,5 @@
-"""Skew KL (DistiLLM): KL(p ‖ α p + (1 − α) q), checked by hand and against its limits."""
+"""Skew KL (DistiLLM): KL(p ‖ α p + (1 − α) q), checked by hand and against its limits, at a
+temperature other than 1, and on outputs of any leading shape (rows of the last dimension)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,25 @@ def test_trains_a_student_through_a_scores_handle_by_name():
     ex = spec.example(Access.SCORES, 0)
     result = registry.run("distill/skew_kl", *ex.args, cfg=ex.cfg, **ex.kwargs)
     assert len(result.history.losses) == 3 and all(math.isfinite(v) for v in result.history.losses)
+
+
+def _tempered(z, t):
+    e = [math.exp(v / t) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_at_temperature_two_both_sides_are_softened_and_the_loss_scaled_by_t_squared():
+    s, t = [1.0, 2.0, 3.0, -1.0], [3.0, 2.0, 0.5, 1.0]
+    p, q = _tempered(t, 2), _tempered(s, 2)
+    m = [0.1 * a + 0.9 * b for a, b in zip(p, q, strict=True)]
+    want = 4 * sum(a * math.log(a / b) for a, b in zip(p, m, strict=True))
+    got = skew_kl_loss(torch.tensor([s]), torch.tensor([t]), SkewKLConfig(temperature=2.0))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_outputs_of_any_leading_shape_are_rows_of_the_last_dimension():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)  # (B, T, V)
+    rows = [skew_kl_loss(s[i, j : j + 1], t[i, j : j + 1]) for i in range(2) for j in range(3)]
+    torch.testing.assert_close(skew_kl_loss(s, t), torch.stack(rows).mean())
+    torch.testing.assert_close(skew_kl_loss(s[0, 0], t[0, 0]), rows[0])  # one row (V,)

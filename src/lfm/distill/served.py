@@ -46,6 +46,7 @@ from torch import nn
 from lfm.access import Access, LocalModel, narrow
 from lfm.config import Config
 from lfm.core.io import atomic_path
+from lfm.core.seeding import seeded
 from lfm.core.tiny import tiny_lm
 from lfm.core.train import TrainConfig, lm_loss, shuffled_batches, train
 from lfm.distill.contract import DISTILLER, DistillResult
@@ -351,9 +352,7 @@ def student_samples(
     with torch.no_grad():
         was = student.training
         student.eval()
-        devices = [prompts.device] if prompts.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded(seed):
             ids = student.generate(
                 input_ids=prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
                 temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,

@@ -5,7 +5,7 @@ What PEFT lets pass and this module refuses: a `target_modules` entry that match
 adapter with no tensors in it (`save_adapter`), and generating from a prefix-tuned model without
 its prefix (`keep_prefix_in_generate`). `inject` draws the adapter's initial values from
 the global random state, as PEFT does; the tuners call it under their own seed
-(`lfm.tuning.classify.seeded`).
+(`lfm.core.seeding.seeded`).
 """
 
 from __future__ import annotations

@@ -12,8 +12,7 @@ Prompts are left-padded so the last position is the last real token for every ex
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -21,21 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lfm.core.seeding import seeded
 from lfm.errors import ConfigError
 
 Batch = dict[str, torch.Tensor]
-
-
-@contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Draw from the global RNG under `seed` inside the block; the caller's state comes back after.
-
-    For initialisations that only take the global RNG (PEFT's adapters, `nn.Linear`).
-    """
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
-        torch.manual_seed(seed)
-        yield
 
 
 def label_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from lfm.access import Access
 from lfm.config import Config
+from lfm.core.seeding import seeded
 from lfm.core.train import TrainConfig
 from lfm.errors import ConfigError
 from lfm.registry import get, register
@@ -46,7 +47,6 @@ from lfm.tuning.adapters import (
     prefix_from_tokens,
     task_type,
 )
-from lfm.tuning.classify import seeded
 from lfm.tuning.contract import TUNER
 from lfm.tuning.results import TunedModel
 from lfm.tuning.tiny import example
