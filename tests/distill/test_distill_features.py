@@ -1,4 +1,5 @@
-"""Feature losses pinned against explicit formulas, and their invariances."""
+"""Feature losses pinned against explicit formulas, and their invariances; AT's pooling of either
+larger map and its exponent on both maps, and RKD's float32 result for any feature dtype."""
 
 from __future__ import annotations
 
@@ -115,3 +116,60 @@ def test_pkt_golden():
     got = pkt_loss(torch.tensor(s), torch.tensor(t), PKTConfig())
     assert got.item() == pytest.approx(sum(rows) / 3, rel=1e-4)
     assert pkt_loss(torch.tensor(t), torch.tensor(t)).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# -- what mutation testing found untested: AT pools whichever map is larger (golden values both
+# ways round), AT's exponent p reaches both maps, and RKD's loss is float32 for any input dtype
+
+
+def _at_want(qs: list[float], qt: list[float], beta: float = 1000.0) -> float:
+    """β/2 · mean over positions of (q_s/‖q_s‖ − q_t/‖q_t‖)², from the raw maps Σ_c |a|^p."""
+    ns, nt = math.sqrt(sum(v * v for v in qs)), math.sqrt(sum(v * v for v in qt))
+    return beta / 2 * sum((a / ns - b / nt) ** 2 for a, b in zip(qs, qt, strict=True)) / len(qs)
+
+
+def test_at_pools_the_larger_map_to_the_smaller_size_whichever_side_it_is():
+    small = torch.tensor([[[[1.0, 2.0], [0.0, 3.0]]]])  # (1, 1, 2, 2): Σ_c a² = 1, 4, 0, 9
+    # (1, 1, 4, 4) whose 2×2 blocks average to [[1, 0], [2, 1]]: Σ_c a² = 1, 0, 4, 1
+    big = torch.tensor([[[[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0],
+                          [4.0, 0.0, 1.0, 1.0], [0.0, 4.0, 1.0, 1.0]]]])  # fmt: skip
+    want = _at_want([1.0, 4.0, 0.0, 9.0], [1.0, 0.0, 4.0, 1.0])
+    assert at_loss(small, big).item() == pytest.approx(want, rel=1e-5)  # the teacher's pooled
+    assert at_loss(big, small).item() == pytest.approx(want, rel=1e-5)  # the student's pooled
+
+
+def test_at_takes_the_exponent_p_on_both_maps():
+    # p = 1: Q = Σ_c |a|. Student channels [[2, 0], [0, 1]] and [[-1, 1], [0, 0]]: 3, 1, 0, 1
+    # (p = 2 would give 5, 1, 0, 1); teacher [[0, 2], [1, 0]]: 0, 2, 1, 0 (p = 2: 0, 4, 1, 0)
+    s = torch.tensor([[[[2.0, 0.0], [0.0, 1.0]], [[-1.0, 1.0], [0.0, 0.0]]]])
+    t = torch.tensor([[[[0.0, 2.0], [1.0, 0.0]]]])
+    want = _at_want([3.0, 1.0, 0.0, 1.0], [0.0, 2.0, 1.0, 0.0], beta=10.0)
+    assert at_loss(s, t, ATConfig(p=1.0, beta=10.0)).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_rkd_loss_is_a_float32_scalar_whatever_the_features_dtype():
+    """Like the other feature losses (computed on `.float()` features): a float64 or bfloat16
+    student gives a float32 loss, also when both weights are 0 (nothing is added)."""
+    s, t = torch.tensor(POINTS_S), torch.tensor(POINTS_T)
+    want = rkd_loss(s, t).item()
+    for dtype in (torch.float64, torch.bfloat16):
+        got = rkd_loss(s.to(dtype), t.to(dtype))
+        assert got.dtype == torch.float32 and got.shape == ()
+        assert got.item() == pytest.approx(want, rel=1e-2)
+        off = rkd_loss(s.to(dtype), t.to(dtype), RKDConfig(distance_weight=0, angle_weight=0))
+        assert off.dtype == torch.float32 and off.item() == 0.0
+
+
+def test_at_pools_each_dimension_to_the_smaller_of_the_two_maps():
+    """A 2×8 and a 4×4 map meet at 2×4: the student's width and the teacher's height are pooled
+    (neither map is stretched)."""
+    from lfm.distill.features import ATConfig, at_loss, attention_map
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 3, 2, 8, generator=g), torch.randn(1, 5, 4, 4, generator=g)
+    s_pooled = s.view(1, 3, 2, 4, 2).mean(-1)  # pairs of columns
+    t_pooled = t.view(1, 5, 2, 2, 4).mean(-2)  # pairs of rows
+    diff = attention_map(s_pooled, 2.0) - attention_map(t_pooled, 2.0)
+    want = ATConfig().beta / 2 * diff.pow(2).mean()
+    assert torch.allclose(at_loss(s, t), want, atol=1e-6)
+    assert torch.allclose(at_loss(t, s), ATConfig().beta / 2 * (-diff).pow(2).mean(), atol=1e-6)

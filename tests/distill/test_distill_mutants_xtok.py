@@ -2,8 +2,11 @@
 how `encode_texts` pads each tensor (each tokenizer's own pad id, 0 when it has none, masks of
 1/0, pairs with -1, one column when nothing is there), which model its errors name, what the
 teacher in memory is given and on which device, what a SCORES teacher gives back and where,
-and when held-out blocks are led by BOS. Every expected value is worked out by hand on toy
-tokenizers and tensors written out here, not by the code under test."""
+and when held-out blocks are led by BOS; and what `uld` itself does: its refusals word for word,
+what a SCORES teacher is asked (in the training seed's order), that a teacher in memory is held
+in eval mode, the counts it reports, and the run and evaluation it passes on to the loop. Every
+expected value is worked out by hand on toy tokenizers and tensors written out here, not by the
+code under test."""
 
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ import torch
 from test_distill_mutants import CharTokenizer, PromptTeacher
 from torch import nn
 
-from lfm.access import Access
-from lfm.distill.xtok import encode_texts, held_out_blocks, teacher_rows
+from lfm.access import Access, LocalModel
+from lfm.core.train import TrainConfig
+from lfm.distill.xtok import ULDConfig, encode_texts, held_out_blocks, teacher_rows, uld
 from lfm.errors import ConfigError
+from lfm.runs import Run
 
 a, b, c, d, e = (ord(x) for x in "abcde")
 
@@ -207,3 +212,99 @@ def test_held_out_blocks_get_no_bos_lead_from_a_tokenizer_that_only_appends_eos(
     # "" encodes to [EOS = 2], not to BOS = 1: a b c d EOS e f EOS, one block of 3 as it is
     got = held_out_blocks(CharTokenizer(bos=False, eos=True), ["abcd", "ef"], 3, 1)
     assert got.tolist() == [[a, b, c]]
+
+
+# -- `uld` itself, on toy models: one token per character, the student without BOS ----------
+
+
+class DecodingCharTokenizer(CharTokenizer):
+    """`CharTokenizer` that also decodes (specials 0, 1, 2 as "")."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids if i > 2)
+
+
+class ToyLM(nn.Module):
+    """Embedding and linear head over `vocab` ids; records its train/eval mode at each call."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.emb, self.head, self.modes = nn.Embedding(vocab, 4), nn.Linear(4, vocab), []
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, attention_mask=None):
+        self.modes.append(self.training)
+        return SimpleNamespace(logits=self.head(self.emb(input_ids)))
+
+
+class AskedChars(CharTeacher):
+    """A SCORES handle of one id per character, answering (.5, .5) and recording the prompts.
+    Its two token strings, "\\x00" and "\\x01", are not the student's: nothing is shared."""
+
+    def __init__(self):
+        self.prompts = []
+
+    def next_token_logprobs(self, prompts):
+        self.prompts += prompts
+        return torch.tensor([[0.5, 0.5]]).log().expand(len(prompts), 2)
+
+
+def _char_student() -> LocalModel:
+    return LocalModel(ToyLM(128), DecodingCharTokenizer(bos=False), "student")
+
+
+STEPS = TrainConfig(steps=2, lr=1e-2, progress=False)
+
+
+def test_uld_asks_a_scores_teacher_at_each_aligned_prefix_in_the_training_seeds_order():
+    # each text "xy" aligns at b = 1 and b = 2 (a token of each side closes there): the teacher
+    # is asked for "x" and "xy"; batches of one text in the order of seed 3: texts 3, 0, 2, 1
+    # (the order `shuffled_batches` gives for seed 3; seed 0 would give 0, 1, 3, 2)
+    teacher, texts = AskedChars(), ["ab", "cd", "ef", "gh"]
+    res = uld(teacher, _char_student(), texts, ULDConfig(batch_size=1),
+              train_cfg=STEPS.replace(steps=4, seed=3))  # fmt: skip
+    assert teacher.prompts == ["g", "gh", "a", "ab", "e", "ef", "c", "cd"]
+    # 2 pairs and 2 student tokens per text; no token string in common
+    assert res.info == {"aligned": 8, "tokens": 8, "shared": 0}
+
+
+def test_uld_holds_a_teacher_in_memory_in_eval_mode_and_gives_it_back_as_it_was():
+    # teacher: BOS a b c (boundaries 1, 2, 3 close its tokens 1, 2, 3); student: a b c; the
+    # strings of ids 3 … 127 are in both vocabularies (0, 1, 2 are specials: "")
+    teacher = LocalModel(ToyLM(130), DecodingCharTokenizer(), "teacher")
+    teacher.model.train()
+    student = _char_student()
+    res = uld(teacher, student, ["abc"], ULDConfig(batch_size=1), train_cfg=STEPS)
+    assert teacher.model.modes == [False, False]  # one pass per step, in eval mode
+    assert teacher.model.training and all(p.requires_grad for p in teacher.model.parameters())
+    assert res.info == {"aligned": 3, "tokens": 3, "shared": 125}
+    assert res.student is student.model and not res.student.training
+
+
+def test_uld_passes_its_run_and_evaluation_on_to_the_training_loop(tmp_path):
+    run = Run("uld", root=tmp_path)
+    res = uld(AskedChars(), _char_student(), ["ab"], ULDConfig(batch_size=1), train_cfg=STEPS,
+              run=run, evaluate=lambda model: {"probe": 0.5})  # fmt: skip
+    assert res.history.evals == [{"step": 2, "probe": 0.5}]
+    assert run.manifest["metrics"]["step"] == 2 and run.manifest["metrics"]["probe"] == 0.5
+    assert run.manifest["metrics"]["loss"] == pytest.approx(res.history.losses[-1])
+
+
+def test_uld_refusals_name_the_model_without_a_tokenizer_and_ask_for_longer_texts():
+    with pytest.raises(ConfigError) as e:
+        uld(AskedChars(), BareModule(), ["ab"], ULDConfig(), train_cfg=STEPS)
+    assert str(e.value) == (
+        "the student needs its tokenizer: give it as a LocalModel (model and tokenizer), "
+        "not a bare BareModule"
+    )
+    with pytest.raises(ConfigError) as e:
+        uld(BareModule(), _char_student(), ["ab"], ULDConfig(), train_cfg=STEPS)
+    assert str(e.value).startswith("the teacher needs its tokenizer: give it as a LocalModel")
+    with pytest.raises(ConfigError) as e:
+        uld(AskedChars(), _char_student(), ["", ""], ULDConfig(), train_cfg=STEPS)
+    assert str(e.value) == (
+        "no position of the 2 texts aligns: no character position closes a token of both "
+        "tokenizers; give longer texts"
+    )

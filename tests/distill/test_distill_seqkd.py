@@ -1,4 +1,6 @@
-"""Sequence-level KD and distilling step-by-step from TEXT-only teachers."""
+"""Sequence-level KD and distilling step-by-step from TEXT-only teachers; also what each passes
+on to the teacher (length, temperature) and to the training loop (the given config, its seed for
+the batch order, the run), and their refusal of answers that do not match the inputs."""
 
 from __future__ import annotations
 
@@ -157,3 +159,143 @@ def test_step_by_step_with_gold_labels_asks_the_teacher_for_rationales_only():
                        labels=["4", "4"])  # fmt: skip
     assert res.info["labels"] == ["4", "4"]
     assert Counting.asked == [cfg.rationale_prompt.format(input=x) for x in ["2+2", "1+3"]]
+
+
+# -- what mutation testing found untested: what each distiller passes on to the teacher (length,
+# temperature), to the shared loop (the given TrainConfig, its seed for the batch order, the run
+# that records metrics), refusals of generations/labels that do not match the inputs one to one,
+# and that step-by-step returns the student's module.
+
+
+class Asked(ReverseTeacher):
+    """`ReverseTeacher` that records each call: (prompts, max_new_tokens, other keywords); it
+    can drop its last answer or add one ("!") to every call."""
+
+    def __init__(self, drop_last: bool = False, extra: bool = False):
+        self.calls: list[tuple[list[str], int, dict]] = []
+        self.drop_last, self.extra = drop_last, extra
+
+    def generate(self, prompts, max_new_tokens=32, **kw):
+        self.calls.append((list(prompts), max_new_tokens, kw))
+        out = super().generate(prompts, max_new_tokens)
+        return out[:-1] if self.drop_last else [*out, "!"] if self.extra else out
+
+
+class FirstBytes(torch.nn.Module):
+    """Wraps a byte-level LM and records the first byte of each sequence it reads, per call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner, self.seen = inner, []
+
+    def forward(self, input_ids, **kw):
+        self.seen.append(bytes(input_ids[:, 0].tolist()).decode())
+        return self.inner(input_ids=input_ids, **kw)
+
+
+def _byte_student(record: bool = False) -> LocalModel:
+    from transformers import LlamaConfig
+
+    from lfm.distill.lm import student_from_config
+
+    tiny = LlamaConfig(vocab_size=ByteTokenizer.vocab, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                       max_position_embeddings=128)  # fmt: skip
+    model = student_from_config(tiny, 0)
+    return LocalModel(FirstBytes(model) if record else model, ByteTokenizer())
+
+
+def _order(seed: int, n: int, steps: int) -> list[int]:
+    """Which of n items `shuffled_batches` gives first in each of `steps` batches of one."""
+    import itertools
+
+    from lfm.core.train import shuffled_batches
+
+    batches = shuffled_batches(torch.arange(n), batch_size=1, seed=seed)
+    return [int(b[0]) for b in itertools.islice(batches, steps)]
+
+
+TWO = TrainConfig(steps=2, lr=1e-2, progress=False)
+
+
+def test_seq_kd_asks_the_teacher_with_the_configs_length_and_temperature():
+    teacher = Asked()
+    cfg = SeqKDConfig(max_new_tokens=3, temperature=0.7, batch_size=2)
+    res = seq_kd(teacher, _byte_student(), ["abcd", "xyz"], cfg, train_cfg=TWO)
+    assert teacher.calls == [(["abcd", "xyz"], 3, {"temperature": 0.7})]
+    assert res.info["targets"] == ["dcb", "zyx"]
+
+
+def test_seq_kd_trains_with_the_given_train_config_and_records_into_the_given_run(tmp_path):
+    from lfm.runs import Run
+
+    run = Run("seqkd", root=tmp_path)
+    res = seq_kd(Asked(), _byte_student(), ["ab", "cd"], SeqKDConfig(max_new_tokens=2),
+                 train_cfg=TWO, run=run)  # fmt: skip
+    assert len(res.history.losses) == 2  # TWO's 2 steps, not TrainConfig()'s 100
+    assert run.manifest["metrics"]["step"] == 2
+    assert run.manifest["metrics"]["loss"] == pytest.approx(res.history.losses[-1])
+
+
+def test_seq_kd_shuffles_the_prompts_with_the_training_seed():
+    # batches of one: the student reads the prompts (one byte each) in the seed's order
+    assert _order(3, 4, 4) != _order(0, 4, 4)  # the seed matters for these four
+    student = _byte_student(record=True)
+    seq_kd(Asked(), student, list("abcd"), SeqKDConfig(max_new_tokens=2, batch_size=1),
+           train_cfg=TWO.replace(steps=4, seed=3))  # fmt: skip
+    assert student.model.seen == ["abcd"[i] for i in _order(3, 4, 4)]
+
+
+def test_seq_kd_refuses_a_teacher_that_gives_fewer_generations_than_prompts():
+    with pytest.raises(ValueError, match="shorter"):
+        seq_kd(Asked(drop_last=True), _byte_student(), ["ab", "cd"], SeqKDConfig(max_new_tokens=2),
+               train_cfg=TWO)  # fmt: skip
+
+
+def test_step_by_step_asks_for_rationales_and_labels_with_the_configs_length():
+    teacher = Asked()
+    cfg = StepByStepConfig(max_new_tokens=3, batch_size=1)
+    res = step_by_step(teacher, _byte_student(), ["2+2"], cfg, train_cfg=TWO)
+    rationale = cfg.rationale_prompt.format(input="2+2")
+    label = cfg.label_prompt.format(input="2+2")
+    assert teacher.calls == [([rationale], 3, {}), ([label], 3, {})]
+    # the reversed prompts cut to 3 characters: ":pets yb …" and ":rewsnA …"
+    assert res.info["rationales"] == [":pe"] and res.info["labels"] == [":re"]
+
+
+def test_step_by_step_trains_with_the_given_config_records_its_parts_and_returns_the_student(
+    tmp_path,
+):
+    from lfm.runs import Run
+
+    run, student = Run("sbs", root=tmp_path), _byte_student()
+    res = step_by_step(Asked(), student, ["ab", "cd"], StepByStepConfig(max_new_tokens=2),
+                       train_cfg=TWO, run=run)  # fmt: skip
+    assert res.student is student.model
+    assert len(res.history.losses) == 2
+    metrics = run.manifest["metrics"]
+    assert metrics["step"] == 2 and metrics["loss"] == pytest.approx(res.history.losses[-1])
+    assert metrics["loss"] == pytest.approx(metrics["label"] + metrics["rationale"], rel=1e-5)
+
+
+def test_step_by_step_shuffles_the_inputs_with_the_training_seed():
+    # no prefixes: each task's sequence starts with the input's one byte; the label task is read
+    # first in each step, then the rationale task of the same input
+    student = _byte_student(record=True)
+    cfg = StepByStepConfig(max_new_tokens=2, batch_size=1, label_prefix="", rationale_prefix="")
+    step_by_step(Asked(), student, list("abcd"), cfg, train_cfg=TWO.replace(steps=4, seed=3))
+    want = ["abcd"[i] for i in _order(3, 4, 4)]
+    assert student.model.seen == [x for x in want for _ in range(2)]
+
+
+def test_step_by_step_refuses_labels_or_rationales_that_do_not_match_the_inputs():
+    cfg = StepByStepConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match="longer"):
+        step_by_step(Asked(), _byte_student(), ["ab"], cfg, train_cfg=TWO, labels=["x", "y"])
+    with pytest.raises(ValueError, match="shorter"):
+        step_by_step(Asked(), _byte_student(), ["ab", "cd"], cfg, train_cfg=TWO, labels=["x"])
+    with pytest.raises(ValueError, match="longer"):  # the teacher adds a rationale
+        step_by_step(Asked(extra=True), _byte_student(), ["ab"], cfg, train_cfg=TWO, labels=["x"])
+    with pytest.raises(ValueError, match="shorter"):  # the teacher drops the last rationale
+        step_by_step(Asked(drop_last=True), _byte_student(), ["ab", "cd"], cfg, train_cfg=TWO,
+                     labels=["x", "y"])  # fmt: skip

@@ -106,11 +106,12 @@ def at_loss(
 ) -> torch.Tensor:
     """Attention transfer between (B, C, H, W) maps; channel counts may differ.
 
-    When the spatial sizes differ, the larger map is average-pooled to the smaller size.
+    When the spatial sizes differ, a map is average-pooled to the smaller height and the smaller
+    width of the two (each dimension on its own: a 2×8 and a 4×4 map both become 2×4).
     """
-    size = min(student.shape[-2:], teacher.shape[-2:])
-    s = F.adaptive_avg_pool2d(student, size) if student.shape[-2:] != size else student
-    t = F.adaptive_avg_pool2d(teacher, size) if teacher.shape[-2:] != size else teacher
+    size = tuple(map(min, student.shape[-2:], teacher.shape[-2:]))
+    s = F.adaptive_avg_pool2d(student, size) if tuple(student.shape[-2:]) != size else student
+    t = F.adaptive_avg_pool2d(teacher, size) if tuple(teacher.shape[-2:]) != size else teacher
     diff = attention_map(s, cfg.p) - attention_map(t.detach(), cfg.p)
     return cfg.beta / 2 * diff.pow(2).mean()
 
