@@ -126,3 +126,31 @@ class SameDevice(torch.overrides.TorchFunctionMode):
         if len(devices) > 1:
             raise AssertionError(f"{func} mixes devices {devices}")
         return func(*args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smoke_folder(tmp_path_factory):
+    """The edit smoke model saved as a folder, as `lfm edit` loads models (one per module)."""
+    from lfm.edit import common
+
+    path = tmp_path_factory.mktemp("m") / "tiny"
+    h = common.smoke_model()
+    h.model.save_pretrained(path)
+    h.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def merge_files(tmp_path):
+    """Three seeded state dicts {w (3, 4), b (4,)} saved as base, a and b `.safetensors` in
+    `tmp_path`: (tmp_path, [the three state dicts])."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    sds = [
+        {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
+        for _ in range(3)
+    ]
+    for name, sd in zip(("base", "a", "b"), sds, strict=True):
+        save_file(sd, str(tmp_path / f"{name}.safetensors"))
+    return tmp_path, sds

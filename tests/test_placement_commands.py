@@ -84,15 +84,8 @@ def test_each_command_has_the_placement_options_that_do_something(app, command, 
 
 
 @pytest.fixture
-def models(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    sds = [
-        {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
-        for _ in range(3)
-    ]
-    for name, sd in zip(("base", "a", "b"), sds, strict=True):
-        save_file(sd, str(tmp_path / f"{name}.safetensors"))
-    return tmp_path, sds
+def models(merge_files):
+    return merge_files
 
 
 def _plan(root: Path, method: str, with_base: bool | None = None, **params) -> Path:
@@ -503,12 +496,8 @@ def test_weight_matching_keeps_its_permutations_on_the_tensors_device(pair):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    h = common.smoke_model()
-    h.model.save_pretrained(path)
-    h.tokenizer.save_pretrained(path)
-    return path
+def folder(smoke_folder):
+    return smoke_folder
 
 
 def _patch(folder: Path, path: Path, dtype: str) -> tuple[Path, torch.Tensor]:

@@ -35,13 +35,8 @@ def _one_line_error(res, text: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The smoke model saved as a folder, as `lfm edit` loads models."""
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    h = common.smoke_model()
-    h.model.save_pretrained(path)
-    h.tokenizer.save_pretrained(path)
-    return path
+def folder(smoke_folder):
+    return smoke_folder
 
 
 def test_apply_without_a_request_is_a_one_line_error(tmp_path):

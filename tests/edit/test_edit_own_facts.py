@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from lfm.cli.edit import app
-from lfm.edit import Patch, common, recipes
+from lfm.edit import Patch, recipes
 from lfm.edit.facts import read_facts
 from lfm.errors import LfmError
 
@@ -29,12 +29,8 @@ FTL = "steps: 20\nlr: 0.1\nnorm_constraint: 1.0\n"  # strong enough to flip the 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "tiny"
-    h = common.smoke_model()
-    h.model.save_pretrained(path)
-    h.tokenizer.save_pretrained(path)
-    return path
+def folder(smoke_folder):
+    return smoke_folder
 
 
 def _write(path, rows) -> str:

@@ -20,15 +20,8 @@ from lfm.reuse.recipes import merge_plan
 
 
 @pytest.fixture
-def files(tmp_path):
-    gen = torch.Generator().manual_seed(0)
-    sds = [
-        {"w": torch.randn(3, 4, generator=gen), "b": torch.randn(4, generator=gen)}
-        for _ in range(3)
-    ]
-    for name, sd in zip(("base", "a", "b"), sds, strict=True):
-        save_file(sd, str(tmp_path / f"{name}.safetensors"))
-    return tmp_path, sds
+def files(merge_files):
+    return merge_files
 
 
 def _write(path, data):

@@ -25,10 +25,12 @@ wider, either way); a value that overflows it is a `MergeError`.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -262,6 +264,18 @@ def check_inputs(
             )
         if finite:
             check_finite([(name, t)], _label(reader, i), NONFINITE_HINT, MergeError)
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that holds an object (a model's `config.json`); anything else is one
+    `MergeError` line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{path}: not a JSON object")
+    return data
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

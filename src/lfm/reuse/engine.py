@@ -44,6 +44,7 @@ from lfm.reuse.driver import (
     dtype_name,
     kernel_spec,
     plan,
+    read_json_object,
     run_merge,
 )
 from lfm.reuse.gguf import is_gguf, write_side_files
@@ -428,12 +429,7 @@ def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
     path = folder / "config.json"
     if not path.is_file():
         return
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{path}: not a JSON object")
+    data = read_json_object(path)
     name = dtype_name(dtype)
 
     def restate(cfg: dict[str, Any]) -> None:

@@ -29,7 +29,6 @@ file, or mergekit's `base+adapter`). `check_plan` checks the rest before any wei
 from __future__ import annotations
 
 import difflib
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lfm.errors import LfmError
-from lfm.reuse.driver import MergeError, OnMissing
+from lfm.reuse.driver import MergeError, OnMissing, read_json_object
 
 if TYPE_CHECKING:
     import torch
@@ -320,12 +319,7 @@ def _config(folder: Path) -> dict[str, Any] | None:
     cfg = folder / "config.json" if folder.is_dir() else folder.with_name("config.json")
     if not cfg.is_file():
         return None
-    try:
-        data = json.loads(cfg.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{cfg}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{cfg}: not a JSON object")
+    data = read_json_object(cfg)
     text = data.get("text_config")
     return {**data, **text} if isinstance(text, dict) else data
 
