@@ -36,8 +36,8 @@ MergeDtype = Annotated[
     typer.Option(
         help="the dtype the output's floating tensors are written in: float32, bfloat16 or "
         "float16 (config.json says so); integer tensors keep theirs, the arithmetic stays float32 "
-        "or wider, and a value that overflows it is an error; unset: a mergekit plan's out_dtype, "
-        "else the base (or first) model's dtypes",
+        "or wider, and a value that overflows it is an error; unset: a mergekit plan's out_dtype "
+        "(or its dtype without one), else the base (or first) model's dtypes",
         show_default=False,
     ),
 ]
@@ -116,8 +116,8 @@ def merge(
 
     The whole plan is checked before any weight is read; every problem is one `error:` line.
     `--device` runs each tensor's merge arithmetic there (`merge_models`); `--dtype` writes the
-    output's floating tensors in that dtype (a mergekit plan's `out_dtype` does too; the two may
-    not differ), computed as without it and cast once."""
+    output's floating tensors in that dtype (a mergekit plan's `out_dtype`, or its `dtype` without
+    one, does too; the two may not differ), computed as without it and cast once."""
     from lfm.core import placement
     from lfm.reuse.plan import check_plan
     from lfm.reuse.recipes import merge_plan
