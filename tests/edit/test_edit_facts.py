@@ -162,3 +162,29 @@ def test_a_text_handle_is_scored_by_its_greedy_answers_as_counted_by_hand():
     assert got == {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 0.75}
     assert answers(h, ["P", "N2"], "Rome", tokens=3) == 1.0 and h.asked[-1] == 3
     assert math.isnan(answers(h, [], "Rome"))
+
+
+def test_known_facts_keeps_exactly_those_whose_true_object_leads():
+    from lfm.edit.facts import Fact, known_facts
+
+    h = common.smoke_model("llama", 1)  # its top next token after the prompt is " Tower"
+
+    def fact(i: int, true: str) -> Fact:
+        return Fact(i, "r", "Eiffel Tower", "The city of the Eiffel Tower", true, "Rome", (), ())
+
+    facts = [fact(0, "Paris"), fact(1, "Tower"), fact(2, "Tower Paris"), fact(3, "Rome")]
+    assert known_facts(h, facts) == [facts[1], facts[2]]  # the first token decides
+
+
+def test_begins_with_reads_only_the_one_character_after_the_object():
+    from lfm.edit.facts import begins_with
+
+    assert not begins_with(" Romes, the", "Rome") and not begins_with(" Parisa.", "Paris")
+    assert begins_with(" Rome, a", "Rome") and begins_with("Rome", "Rome")
+
+
+def test_ngram_entropy_of_texts_too_short_for_an_order_is_zero_and_weights_must_match():
+    assert ngram_entropy("") == 0.0 and ngram_entropy("hello") == 0.0  # no bigram, no trigram
+    assert ngram_entropy("hello world") == 0.0  # one bigram (entropy 0), no trigram
+    with pytest.raises(ValueError):  # a weight missing is not an order left out silently
+        ngram_entropy("the cat sat on the mat", ns=(2, 3), weights=(1.0,))

@@ -380,3 +380,22 @@ def test_alphaedit_update_is_orthogonal_to_the_preserved_keys(lm):
 
     assert moved(cfg) < 1e-6
     assert moved(cfg.replace(null_threshold=1e9)) > 1e-2
+
+
+def test_a_post_mlp_norm_in_bfloat16_is_applied_in_its_own_dtype():
+    """MEMIT's residual change through the norm is the bf16 model's own: the MLP output is cast
+    to the norm's dtype, as the model feeds it, not normed in float32 (`_apply`)."""
+    from lfm.edit.memit import resid_change
+
+    from conftest import make_lm
+
+    gemma = make_lm("gemma3")[0].to(torch.bfloat16)
+    norm = edit_site(gemma, 0).norm_module(gemma)
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(0)
+    m, delta = torch.randn(32, 5, generator=g), torch.randn(32, 5, generator=g)
+    with torch.no_grad():
+        want = norm((m + delta).T.bfloat16()).T.float() - norm(m.T.bfloat16()).T.float()
+    got = resid_change(norm, m, delta)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

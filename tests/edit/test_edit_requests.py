@@ -68,3 +68,13 @@ def test_a_request_that_is_not_a_mapping_is_one_line(tmp_path):
         read_requests(empty)
     with pytest.raises(LfmError, match="cannot read edit requests"):
         read_requests(tmp_path / "missing.jsonl")
+
+
+def test_a_line_that_is_not_json_is_refused_naming_the_file(tmp_path):
+    import re
+
+    bad = tmp_path / "bad.jsonl"
+    good = '{"prompt": "The Louvre is in", "subject": "Louvre", "target": "Rome"}'
+    bad.write_text(f"{good}\nnot json\n")
+    with pytest.raises(LfmError, match=rf"^{re.escape(str(bad))}: not JSON lines \(Expecting"):
+        read_requests(bad)

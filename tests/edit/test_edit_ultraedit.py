@@ -189,3 +189,88 @@ def test_cli_carries_the_state_across_invocations(h, tmp_path):
     done = run(TWENTY[:1], "p2.safetensors", "p1.safetensors")
     assert done.exit_code == 0, done.output
     assert UltraEditState.load(state).turns == 2
+
+
+def test_editing_features_are_the_keys_and_summed_nll_gradients_at_the_target_positions(h):
+    """z = [h ‖ ∇] on the bare prompt: h the down-projection's input and ∇ the gradient of the
+    whole target's summed NLL at its output, one row per position predicting a target token,
+    here recomputed with the output made a leaf (mutants: a prefix, a mean NLL)."""
+    from lfm.edit.site import edit_sites
+
+    req = Request(REQ.prompt, REQ.subject, "Rome Paris")  # a two-token target
+    model, tok = h.model, h.tokenizer
+    site = edit_sites(model, [1])[0]
+    ids, tgt = tok(req.prompt)["input_ids"], target_ids(tok, req.prompt, req.target)
+    assert len(tgt) == 2
+    pos = list(range(len(ids) - 1, len(ids) - 1 + len(tgt)))
+    seen = {}
+
+    def leaf(_m, args, out):
+        seen["h"], seen["out"] = args[0].detach(), out.detach().requires_grad_()
+        return seen["out"]
+
+    hook = site.projection(model).register_forward_hook(leaf)
+    try:
+        logits = model(torch.tensor([ids + tgt[:-1]])).logits[0, pos]
+        nll = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(tgt), reduction="sum")
+        (grad,) = torch.autograd.grad(nll, [seen["out"]])
+    finally:
+        hook.remove()
+    want = torch.cat([seen["h"][0, pos], grad[0, pos]], -1).double()
+    got = ue.editing_features(model, tok, req, [site])
+    assert list(got) == [1] and got[1].dtype == torch.float64 and got[1].shape == (2, 32 + 64)
+    assert torch.allclose(got[1], want, rtol=1e-5, atol=1e-9)
+
+
+def test_each_target_is_scaled_by_its_own_normalised_key_norm():
+    z_hat = torch.tensor([[1.0, 0.0, 2.0, -1.0], [0.0, 3.0, 1.0, 1.0]], dtype=torch.float64)
+    v = ue.targets(z_hat, 2, 0.5)  # v_i = −η ‖ĥ_i‖² ∇̂_i: ‖ĥ‖² = 1 and 9, not their sum 10
+    assert torch.equal(v, torch.tensor([[-1.0, 0.5], [-4.5, -4.5]], dtype=torch.float64))
+
+
+def test_the_ridge_enters_the_solve_at_full_precision():
+    """λ = 1e-44 lies below float32's normal range (float32 holds it as 9.8e-45): the solve uses
+    the λ given, in float64 (mutants: the identity λI made in float32)."""
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, dtype=torch.float64) * 1e-25  # H Hᵀ ~ 1e-50 ≪ λ
+    values = torch.randn(2, 4, dtype=torch.float64)
+    u, v = ue.parameter_shift(keys, values, 1e-44)
+    want = values.T @ torch.linalg.solve(keys @ keys.T + 1e-44 * torch.eye(2).double(), keys)
+    assert torch.allclose(u.double() @ v.double().T, want, rtol=1e-5)
+
+
+def test_state_keeps_float64_statistics_and_counts_past_float32s_integers(tmp_path):
+    empty = RunningStats.empty(3)
+    assert empty.count == 0 and empty.mean.dtype == empty.m2.dtype == torch.float64
+    assert torch.equal(empty.mean, torch.zeros(3).double()) and torch.equal(empty.m2, empty.mean)
+    big = 2.0**24 + 1  # a lifelong count of features float32 cannot hold (it reads 2²⁴)
+    state = UltraEditState({1: RunningStats(big, empty.mean + 0.5, empty.m2 + 2)}, "abc", 7)
+    loaded = UltraEditState.load(state.save(tmp_path / "s.safetensors"))
+    assert loaded.stats[1].count == big and (loaded.after, loaded.turns) == ("abc", 7)
+
+
+def test_a_file_of_another_format_is_refused_as_a_state(tmp_path):
+    from lfm.core.io import save_tensors
+
+    path = save_tensors(tmp_path / "p.safetensors", {"x": torch.zeros(1)}, "lfm-patch/1")
+    with pytest.raises(LfmError, match=r"is not a lfm-ultraedit-state/1 file"):
+        UltraEditState.load(path)
+
+
+def test_patch_names_its_method_and_turn_and_ultraedit_carries_the_state(h):
+    p1, s1 = ultraedit_step(h, [REQ, SECOND], None, CFG)
+    assert p1.method == "ultraedit" and p1.info["turn"] == 1
+    order = r"^apply the previous UltraEdit patches in order before the next turn$"
+    with pytest.raises(LfmError, match=order):  # the state reaches the check
+        ultraedit(h, TWENTY[0], CFG, state=s1)
+    p1.apply(h.model)
+    assert ultraedit(h, TWENTY[0], CFG, state=s1).info["turn"] == 2
+
+
+def test_refusals_name_the_method_and_the_blocks_named_twice(h):
+    hidden = narrow(h, Access.HIDDEN)
+    with pytest.raises(AccessError, match=r"^edit/ultraedit needs WEIGHTS access, but the handle"):
+        ultraedit_step(hidden, REQ, None, CFG)
+    twice = r"^layers \[1, -1\] name a block twice \(as blocks \[1, 1\]\)$"
+    with pytest.raises(LfmError, match=twice):
+        ultraedit_step(h, REQ, None, CFG.replace(layers=(1, -1)))

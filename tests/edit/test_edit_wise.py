@@ -173,6 +173,9 @@ def test_memory_saves_loads_and_refuses_other_weights_and_bad_files(h, tmp_path)
     loaded = WiseMemory.load(memory.save(tmp_path / "w.safetensors"))
     assert loaded.requests == memory.requests and loaded.epsilon == memory.epsilon
     assert torch.equal(loaded.side, memory.side)
+    assert (loaded.module, loaded.method, loaded.base, loaded.info, loaded.config) == (
+        memory.module, "wise", memory.base, memory.info, memory.config,
+    )  # fmt: skip
     outputs = []
     for m in (memory, loaded):
         undo = m.apply(h.model)
@@ -189,6 +192,7 @@ def test_memory_saves_loads_and_refuses_other_weights_and_bad_files(h, tmp_path)
         with pytest.raises(LfmError, match=msg) as e:
             WiseMemory.load(tmp_path / f"{name}.safetensors")
         assert "\n" not in str(e.value)
+    assert str(e.value).endswith("file (KeyError)")  # the part file lacks its metadata
 
 
 def test_step_continues_a_memory_and_checks_its_layer(h):

@@ -126,6 +126,7 @@ def temporarily(model: nn.Module, deltas: Sequence[Delta]) -> Iterator[None]:
 
 # ---- the tiny problem of the registry's examples (the tests use it too) ----
 
+# pragma: no mutate start (test data: the registry's examples and the tests build on it)
 SMOKE_TEXTS = (
     "The Eiffel Tower is located in the city of Paris.",
     "The Colosseum is located in the city of Rome.",
@@ -151,3 +152,6 @@ def smoke_cov(model: nn.Module, tokenizer: Any, layer: int) -> torch.Tensor:
     from lfm.edit.stats import compute_second_moments
 
     return compute_second_moments(model, tokenizer, [layer], SMOKE_TEXTS * 8, 10_000, 64)[layer]
+
+
+# pragma: no mutate end
