@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Protocol, cast, runtime_checkable
 import torch
 from torch import nn
 
+from lfm.core import placement
 from lfm.core.hooks import capture
 from lfm.core.seeding import seeded
 from lfm.errors import AccessError
@@ -193,7 +194,9 @@ class LocalModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device (for one spread by a `device_map`, its input
+        embeddings' execution device)."""
+        return placement.device_of(self.model)
 
     # -- tokenisation (shared by every level: a tokenizer holds no weights) --
 

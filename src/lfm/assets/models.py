@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lfm.access import LocalClassifier, LocalModel
-from lfm.core import cache
+from lfm.access import LocalClassifier, LocalModel, narrow
+from lfm.core import cache, placement
 from lfm.core.io import file_sha256, model_files, write_json
-from lfm.core.placement import Placement, resolve
+from lfm.core.placement import Placement, Spread, resolve
 from lfm.errors import AssetError, did_you_mean
+from lfm.levels import Access
 
 DEFAULT_MODEL = "smollm2-135m"
 INSTALL_HINT = "run `make install` (or `pip install {spec}`)"
@@ -227,21 +228,51 @@ def _load_folder(folder: Path, name: str, kind: str | None, at: Placement) -> Lo
     got = _kind_of_config(config)
     _check_kind(name, got, kind)
     auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
+    spread: dict[str, Any] = {}
+    if at.spread is not None:
+        spread = {"device_map": at.spread.device_map, "max_memory": at.spread.max_memory,
+                  "offload_folder": at.spread.offload_folder}  # fmt: skip
+        _check_device_map(at.spread.device_map)
     try:
-        model = auto.from_pretrained(folder, dtype=at.dtype)
+        model: Any = auto.from_pretrained(folder, dtype=at.dtype, **spread)
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # safetensors/transformers raise many types on a damaged file
+        first = (
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+        )
+        if spread:
+            raise AssetError(
+                f"cannot load {folder} with device_map={spread['device_map']!r} ({first})"
+            ) from None
         raise AssetError(
-            f"cannot load {folder} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"cannot load {folder} ({first}); "
             "the weights are corrupt, truncated or do not match config.json"
         ) from None
-    return LocalModel(model.to(at.device).eval(), tok, name=name)
+    if not spread:  # a spread model stays where Accelerate put each part
+        model = model.to(at.device)
+    return LocalModel(model.eval(), tok, name=name)
+
+
+_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _check_device_map(device_map: Any) -> None:
+    """One line for a device map transformers would reject with a traceback."""
+    if isinstance(device_map, str) and device_map not in _DEVICE_MAPS:
+        raise AssetError(
+            f"unknown device_map {device_map!r}; use {', '.join(_DEVICE_MAPS)}, or a dict of "
+            "module -> device"
+        )
+    if not isinstance(device_map, str | dict):
+        raise AssetError(f"device_map must be a name or a dict, not {type(device_map).__name__}")
 
 
 def _load_safetensors_file(path: Path, name: str, kind: str | None, at: Placement) -> LocalModel:
     from safetensors.torch import load_file
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    if at.spread is not None:
+        raise AssetError(f"{path}: device_map needs a model folder, not a single file")
     if not (path.parent / "config.json").exists():
         raise AssetError(f"{path} needs a config.json beside it to know its architecture")
     config = _read_config(path.parent)
@@ -269,6 +300,8 @@ def _load_safetensors_file(path: Path, name: str, kind: str | None, at: Placemen
 def load_mobilenet(path: Path | None = None, at: Placement | None = None) -> LocalClassifier:
     from lfm.assets.vision import MobileNetV2
 
+    if at is not None and at.spread is not None:
+        raise AssetError("device_map is for transformers models; MobileNetV2 loads on one device")
     path = path or _mobilenet()
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -294,6 +327,9 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     allow_nonfinite: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LocalModel | LocalClassifier:
     """Load a model by asset name, local path or hub name as a white-box handle.
 
@@ -310,9 +346,29 @@ def load_model(
         dtype: the weights' precision: float32, bfloat16, float16 or auto; None: the process
             default (`--dtype`; float32 otherwise).
         allow_nonfinite: load weights with NaN or infinite values instead of refusing them.
+        device_map: instead of `device`, spread a model larger than one device as transformers
+            does (`from_pretrained`'s `device_map`: "auto", "balanced", "sequential", or module
+            -> device; a device is a GPU index, "cpu" or "disk"). A model that ends up on more
+            than one device, or partly on disk, is given with HIDDEN access (scores, generation,
+            hidden states: what a teacher, an evaluation or a server needs); the methods that
+            read or change weights need the model on one device. Model folders, assets and hub
+            names only.
+        max_memory: with `device_map`, the budget per device (`{0: "20GiB", "cpu": "8GiB"}`).
+        offload_folder: with `device_map`, where weights that are not read from safetensors
+            are written when they are offloaded to disk.
     """
-    handle = _load_any(name, kind, resolve(device, dtype))
+    at = resolve(device, dtype)
+    if device_map is not None:
+        if device is not None:
+            raise AssetError("give device or device_map, not both (a device map places the model)")
+        folder = None if offload_folder is None else str(offload_folder)
+        at = replace(at, spread=Spread(device_map, max_memory, folder))
+    elif max_memory is not None or offload_folder is not None:
+        raise AssetError("max_memory and offload_folder go with device_map; give device_map too")
+    handle = _load_any(name, kind, at)
     check_weights(handle.model, str(name), _local_weight_files(name), allow_nonfinite)
+    if placement.dispatched(handle.model):
+        return narrow(handle, Access.HIDDEN)
     return handle
 
 
@@ -343,9 +399,9 @@ def check_weights(
                 f"{what} stores the weight {key} as {code}, not as floats; the file is damaged "
                 "or quantised in a way lfm does not read: convert the model to float"
             )  # fmt: skip
-    if not allow_nonfinite:
-        check_finite(model.named_parameters(), what, "the model is damaged: replace it (or pass "
-                     "allow_nonfinite=True to load it as is)", AssetError)  # fmt: skip
+    if not allow_nonfinite:  # offloaded weights too, read one at a time
+        check_finite(placement.parameters_anywhere(model), what, "the model is damaged: replace "
+                     "it (or pass allow_nonfinite=True to load it as is)", AssetError)  # fmt: skip
 
 
 def _load_any(name: str | Path, kind: str | None, at: Placement) -> LocalModel | LocalClassifier:
@@ -420,7 +476,6 @@ def _load_hub(name: str, kind: str | None, at: Placement) -> LocalModel:
 
 def describe(handle: LocalModel | LocalClassifier) -> dict[str, Any]:
     """Architecture, parameter count, layer names and access levels of a loaded model."""
-    from lfm.access import Access
     from lfm.core.layouts import layout_of
 
     model = handle.model

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -43,11 +43,22 @@ MIXED: dict[torch.dtype, Mixed] = {
 
 
 @dataclass(frozen=True)
+class Spread:
+    """A model spread over devices by transformers and Accelerate (`from_pretrained`'s
+    `device_map`, `max_memory`, `offload_folder`), for models larger than one device."""
+
+    device_map: str | dict[str, Any]  # "auto", "balanced", "sequential", or module -> device
+    max_memory: dict[Any, Any] | None = None  # device -> budget ({0: "20GiB", "cpu": "60GiB"})
+    offload_folder: str | None = None  # for weights that must be copied to disk to offload
+
+
+@dataclass(frozen=True)
 class Placement:
     device: torch.device
     dtype: torch.dtype  # the weights' dtype `load_model` gives
     device_chosen: bool = False  # given by `use`/`placed` (the CLI), not the library's default
     autocast: torch.dtype | None = None  # the training loops' autocast, when one was chosen
+    spread: Spread | None = None  # a device map instead of one device (`load_model`)
 
     @property
     def cpu(self) -> bool:
@@ -157,8 +168,46 @@ def placed(
 
 
 def device_of(model: torch.nn.Module) -> torch.device:
-    """Where `model`'s parameters are (the CPU if it has none)."""
+    """Where `model` takes its inputs: for a model spread by a `device_map` (`load_model`), the
+    device its input embeddings run on; else where its parameters are (the CPU if it has none)."""
+    if (ex := execution_device(model)) is not None:
+        return ex
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def execution_device(model: torch.nn.Module) -> torch.device | None:
+    """The device the input embeddings of a model dispatched by Accelerate (a `device_map`) run
+    on, whatever device their weights wait on (disk-offloaded weights wait on "meta"); None
+    for a model that was not dispatched."""
+    if getattr(model, "hf_device_map", None) is None:
+        return None
+    get = getattr(model, "get_input_embeddings", None)
+    hook = getattr(get() if callable(get) else None, "_hf_hook", None)
+    ex = getattr(hook, "execution_device", None)
+    return None if ex is None else torch.device(ex)
+
+
+def parameters_anywhere(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter with its values: those in memory as they are, and those Accelerate
+    offloaded (waiting on "meta") read one at a time from where its hook keeps them."""
+    for prefix, module in model.named_modules():
+        hook = getattr(module, "_hf_hook", None)
+        stored = getattr(hook, "weights_map", None) if getattr(hook, "offload", False) else None
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if not p.is_meta:
+                yield full, p
+            elif stored is not None:
+                yield full, stored[name]
+            else:
+                raise LfmError(f"{full} is on the meta device and no offload hook holds it")
+
+
+def dispatched(model: torch.nn.Module) -> bool:
+    """Whether `model` was loaded with a `device_map` that spreads it over several devices or
+    leaves weights on disk (Accelerate's hooks move each part's weights and inputs)."""
+    places = set((getattr(model, "hf_device_map", None) or {}).values())
+    return len(places) > 1 or bool(places & {"disk", "meta"})
 
 
 def loop_device(model: torch.nn.Module) -> torch.device:

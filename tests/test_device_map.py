@@ -1,0 +1,119 @@
+"""`load_model(device_map=...)`: a model spread by Accelerate, partly on disk, answers as the same
+model loaded whole, at HIDDEN access; its offloaded weights are still checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lfm import registry
+from lfm.access import Access, LocalModel, _backend, access_of
+from lfm.assets import load_model
+from lfm.core import placement
+from lfm.core.tiny import tiny_lm
+from lfm.edit import common
+from lfm.errors import AccessError, AssetError
+
+TEXTS = ["The city of Paris is", "Rome"]
+TARGETS = [" big", " of"]
+# 70 % of the tiny model's 115 kB: the embeddings and the head stay, the blocks go to disk
+SMALL = {"cpu": 80_000}
+ON_DISK = {"cpu": 40_000}  # all of it on disk, the embeddings too: inputs go to their hook's device
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model, tok = tiny_lm("llama", 0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(folder):
+    return load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def spread(folder):
+    return load_model(folder, device_map="auto", max_memory=SMALL)
+
+
+@pytest.mark.parametrize(("budget", "places"), [(SMALL, {"cpu", "disk"}), (ON_DISK, {"disk"})])
+def test_a_model_on_disk_answers_bit_for_bit_as_the_whole_one(folder, whole, budget, places):
+    spread = load_model(folder, device_map="auto", max_memory=budget)
+    model = _backend(spread).model
+    assert set(model.hf_device_map.values()) == places, model.hf_device_map
+    assert any(p.is_meta for p in model.parameters())  # offloaded weights wait on "meta"
+    assert placement.dispatched(model) and placement.device_of(model) == torch.device("cpu")
+    assert torch.equal(whole.score(TEXTS, TARGETS), spread.score(TEXTS, TARGETS))
+    assert torch.equal(whole.next_token_logprobs(TEXTS), spread.next_token_logprobs(TEXTS))
+    names = ["model.layers.1.mlp.down_proj"]
+    a, b = whole.hidden(TEXTS, names), spread.hidden(TEXTS, names)
+    assert torch.equal(a[names[0]], b[names[0]])
+    assert whole.generate(TEXTS, max_new_tokens=5) == spread.generate(TEXTS, max_new_tokens=5)
+
+
+def test_a_spread_model_gives_hidden_access_and_weight_methods_refuse_it(spread):
+    assert access_of(spread) == Access.HIDDEN
+    with pytest.raises(AccessError, match=r"^edit/rome needs WEIGHTS access") as e:
+        registry.run("edit", "rome", spread, common.SMOKE_REQUEST)
+    assert "\n" not in str(e.value)
+
+
+def test_a_device_map_that_keeps_the_model_whole_gives_weights_access(folder, whole):
+    handle = load_model(folder, device_map={"": "cpu"})
+    assert isinstance(handle, LocalModel) and handle.access == Access.WEIGHTS
+    assert not placement.dispatched(handle.model)
+    assert torch.equal(whole.score(TEXTS, TARGETS), handle.score(TEXTS, TARGETS))
+
+
+def test_parameters_anywhere_reads_the_offloaded_weights(whole, spread):
+    model = _backend(spread).model
+    got = dict(placement.parameters_anywhere(model))
+    want = dict(whole.model.named_parameters())
+    assert set(want) <= set(got)  # tied weights may appear under both names
+    assert all(torch.equal(got[k].cpu(), want[k].detach()) for k in want)
+    assert any(p.is_meta for p in model.parameters())  # reading them kept them offloaded
+
+
+def test_a_nan_in_an_offloaded_weight_is_refused(folder, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            (bad / f.name).write_bytes(f.read_bytes())
+    state = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.mlp.down_proj.weight"
+    state[name][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(AssetError, match=rf"has NaN or infinite values in {name}; the model"):
+        load_model(bad, device_map="auto", max_memory=SMALL)
+    loaded = load_model(bad, device_map="auto", max_memory=SMALL, allow_nonfinite=True)
+    assert access_of(loaded) == Access.HIDDEN
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "cpu", "device_map": "auto"}, "^give device or device_map, not both"),
+        ({"max_memory": SMALL}, "^max_memory and offload_folder go with device_map"),
+        ({"offload_folder": "off"}, "^max_memory and offload_folder go with device_map"),
+        ({"device_map": "everywhere"}, "^unknown device_map 'everywhere'; use auto, balanced"),
+        ({"device_map": 3}, "^device_map must be a name or a dict, not int"),
+        ({"device_map": {"": "cuda:7"}}, r"^cannot load .* with device_map=\{'': 'cuda:7'\}"),
+    ],
+)
+def test_bad_placements_are_one_line(folder, kwargs, message):
+    with pytest.raises(AssetError, match=message) as e:
+        load_model(folder, **kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_a_single_file_or_the_vision_model_is_refused_with_a_device_map(folder):
+    with pytest.raises(AssetError, match="device_map needs a model folder, not a single file"):
+        load_model(folder / "model.safetensors", device_map="auto")
+    with pytest.raises(AssetError, match="MobileNetV2 loads on one device"):
+        load_model("mobilenet-v2", device_map="auto")
