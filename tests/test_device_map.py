@@ -54,6 +54,9 @@ def test_a_model_on_disk_answers_bit_for_bit_as_the_whole_one(folder, whole, bud
     a, b = whole.hidden(TEXTS, names), spread.hidden(TEXTS, names)
     assert torch.equal(a[names[0]], b[names[0]])
     assert whole.generate(TEXTS, max_new_tokens=5) == spread.generate(TEXTS, max_new_tokens=5)
+    rows = [whole.encode("The city of Paris is big")]  # what top-k distillation reads
+    for a, b in zip(whole.top_logprobs(rows, 4), spread.top_logprobs(rows, 4), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_a_spread_model_gives_hidden_access_and_weight_methods_refuse_it(spread):
