@@ -120,3 +120,58 @@ def test_a_single_file_or_the_vision_model_is_refused_with_a_device_map(folder):
         load_model(folder / "model.safetensors", device_map="auto")
     with pytest.raises(AssetError, match="MobileNetV2 loads on one device"):
         load_model("mobilenet-v2", device_map="auto")
+
+
+def test_a_spread_model_is_served_and_answers_as_the_whole_one(folder, whole):
+    import asyncio
+
+    import httpx
+
+    from lfm.serve import ServeSettings
+    from lfm.serve.cli import make_server
+
+    server = make_server(str(folder), "hidden", "127.0.0.1", 8125, None,
+                         spread={"device_map": "auto", "max_memory": SMALL})  # fmt: skip
+    backend = server.config.app.state.backend
+    assert placement.dispatched(backend._model.model) and backend.level == Access.HIDDEN
+    body = {"prompt": TEXTS[0], "max_tokens": 0, "echo": True, "logprobs": 0}
+
+    async def ask(app):
+        t = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=t, base_url="http://test") as c:
+            return (await c.post("/v1/completions", json=body)).json()
+
+    from lfm.serve import Backend, build_app
+
+    want = asyncio.run(ask(build_app(Backend(whole, "hidden"), ServeSettings())))
+    got = asyncio.run(ask(server.config.app))
+    assert len(want["choices"][0]["logprobs"]["token_logprobs"]) == 7  # one per prompt token
+    assert got["choices"][0]["logprobs"] == want["choices"][0]["logprobs"]
+
+
+def test_serve_takes_a_device_map_and_refuses_bad_ones_in_one_line(folder):
+    import typer
+    from typer.testing import CliRunner
+
+    from lfm.cli.common import with_placement
+    from lfm.serve.cli import serve
+
+    app = typer.Typer()
+    app.command()(with_placement(serve))
+    cases = [
+        (["--max-memory", "cpu=1GiB"], "--max-memory and --offload-folder go with --device-map"),
+        (["--device-map", "auto", "--device", "cpu"], "give --device or --device-map, not both"),
+        (["--device-map", "auto", "--max-memory", "cpu"], "entry 'cpu' is not DEVICE=SIZE"),
+        (["--device-map", "auto", "--max-memory", "gpu=1GiB"], "device 'gpu': use a GPU index"),
+        (["--device-map", "auto", "--max-memory", "0=lots"], "size 'lots': use bytes or a size"),
+        (["--device-map", "everywhere"], "unknown device_map 'everywhere'"),
+    ]
+    for args, message in cases:
+        res = CliRunner().invoke(app, ["--model", str(folder), *args])
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+        assert res.output.count("\n") == 1 and res.output.startswith("error: ")
+
+
+def test_max_memory_is_parsed_as_from_pretrained_takes_it():
+    got = placement.parse_max_memory("0=20GiB, 1=18GiB,cpu=60GiB,mps=8GB,CPU=1000")
+    assert got == {0: "20GiB", 1: "18GiB", "cpu": 1000, "mps": "8GB"}

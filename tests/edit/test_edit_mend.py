@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 
 from lfm import registry
 from lfm.cli.edit import app
+from lfm.core.io import save_tensors
 from lfm.edit import MendConfig, MendEditor, Patch, common, mend, train_mend
 from lfm.edit.facts import Fact
 from lfm.edit.mend import evaluate_editor, features, mlp_matrices, nll, tokens
@@ -130,7 +132,8 @@ def test_patch_applies_and_reverts_bit_for_bit_and_saved_editor_edits_alike(tmp_
         torch.equal(a.matrix(), b.matrix()) for a, b in zip(patch.deltas, again.deltas, strict=True)
     )
     editor.save(tmp_path / "ed", note="x")
-    assert json.loads((tmp_path / "ed" / "editor.json").read_text())["note"] == "x"
+    desc = json.loads((tmp_path / "ed" / "editor.json").read_text())
+    assert desc["note"] == "x" and desc["format"] == "lfm-edit-mend/1"
     loaded = mend(lm, [REQ, common.Request("The old city of Kyoto", "Kyoto", "Berlin")],
                   MendConfig(editor=str(tmp_path / "ed")))  # fmt: skip
     assert all(
@@ -213,3 +216,89 @@ def test_cli_train_mend_then_apply(folder, tmp_path):
     res = CliRunner().invoke(app, ["train-mend", "--model", str(folder), "--facts",
                                    str(tmp_path / "none.jsonl"), "--out", str(ed), *root])  # fmt: skip
     assert _one_line_error(res, "cannot read facts from")
+
+
+# What mutation testing (`make mutate AREA=edit`) found untested in `lfm.edit.mend`: the editor's
+# files and their refusals, the refusals of `mend`, the patch's dtype and the editor's device.
+
+
+def _small_editor() -> MendEditor:
+    return MendEditor(["a.b"], [(2, 3)], rank=2)
+
+
+def test_saved_editor_json_is_indented_two_spaces_with_other_info_as_text(tmp_path):
+    # mutants MendEditor.save 24, 25, 27, 28, 29
+    folder = _small_editor().save(tmp_path / "ed", facts=tmp_path / "f.jsonl", steps=3)
+    want = {"format": "lfm-edit-mend/1", "modules": ["a.b"], "shapes": [[2, 3]], "rank": 2,
+            "facts": str(tmp_path / "f.jsonl"), "steps": 3}  # fmt: skip
+    assert (folder / "editor.json").read_text() == json.dumps(want, indent=2) + "\n"
+
+
+def test_load_refuses_a_folder_without_either_file_in_one_line(tmp_path):
+    # mutants MendEditor.load 3, 9, 10
+    for gone in ("editor.json", "editor.safetensors"):
+        folder = _small_editor().save(tmp_path / gone)
+        (folder / gone).unlink()
+        msg = (rf"^{re.escape(str(folder))} is not a MEND editor \(no editor.safetensors and "
+               r"editor.json\); train one with `lfm edit train-mend`$")  # fmt: skip
+        with pytest.raises(LfmError, match=msg):
+            MendEditor.load(folder)
+
+
+def test_load_refuses_another_files_tag_and_tensors_unlike_the_description(tmp_path):
+    # mutants MendEditor.load 13, 33, 34
+    editor = _small_editor()
+    folder = editor.save(tmp_path / "ed")
+    path = folder / "editor.safetensors"
+    save_tensors(path, editor.state_dict(), "lfm-edit-patch/1", **editor.description())
+    with pytest.raises(LfmError, match=r"is not a lfm-edit-mend/1 file \(its format tag is 'lfm"):
+        MendEditor.load(folder)
+    rank4 = {**editor.description(), "rank": 4}  # the networks' tensors are of rank 2
+    save_tensors(path, editor.state_dict(), "lfm-edit-mend/1", **rank4)
+    with pytest.raises(LfmError) as err:
+        MendEditor.load(folder)
+    head = f"{folder}: the editor's tensors do not match its description (Error(s) in loading"
+    assert str(err.value).startswith(head) and "\n" not in str(err.value)
+
+
+def test_without_an_editor_the_refusal_says_how_to_train_and_give_one():
+    # mutants _load_editor 3, 4, 6, 7
+    msg = (r"^mend needs a trained editor: train one first \(`lfm edit train-mend --out DIR`\), "
+           r"then give its folder as `editor` in the config$")  # fmt: skip
+    with pytest.raises(LfmError, match=msg):
+        mend(common.smoke_model(), REQ, MendConfig())
+
+
+def test_a_model_without_its_tokenizer_is_refused_naming_mend():
+    # mutants mend 3, 6, 7
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    with pytest.raises(LfmError, match=r"^edit/mend needs a LocalModel \(a model with its tok"):
+        mend(lm.model, REQ, editor=editor)
+
+
+def test_patch_factors_take_the_dtype_of_the_edited_weights():
+    # the editor computes in float32; a bfloat16 model's patch is bfloat16 (mutants mend_deltas
+    # 29, 35)
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    lm.model.to(torch.bfloat16)
+    patch = mend(lm, REQ, editor=editor)
+    assert {(d.u.dtype, d.v.dtype) for d in patch.deltas} == {(torch.bfloat16, torch.bfloat16)}
+    assert editor.alpha.dtype == torch.float32
+
+
+def test_the_editor_is_moved_to_the_models_device(monkeypatch):
+    """A loaded editor (CPU) serves a model on another device. Without a second device here the
+    move is observed: `mend` asks the editor to go to the model's device (mutant mend 16)."""
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    moved, to = [], MendEditor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append((args, kwargs))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(MendEditor, "to", spy)
+    mend(lm, REQ, editor=editor)
+    assert moved == [((torch.device("cpu"),), {})] and not editor.training

@@ -19,6 +19,7 @@ on the CPU in float32 and training uses an accelerator when present, without aut
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -50,6 +51,26 @@ class Spread:
     device_map: str | dict[str, Any]  # "auto", "balanced", "sequential", or module -> device
     max_memory: dict[Any, Any] | None = None  # device -> budget ({0: "20GiB", "cpu": "60GiB"})
     offload_folder: str | None = None  # for weights that must be copied to disk to offload
+
+
+def parse_max_memory(text: str) -> dict[Any, Any]:
+    """`--max-memory "0=20GiB,cpu=60GiB"` as `from_pretrained`'s `max_memory`: a GPU index or
+    `cpu` (or `mps`) each with a size ("20GiB", "500MB", or bytes)."""
+    out: dict[Any, Any] = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        key, eq, size = (x.strip() for x in part.partition("="))
+        if not eq or not key or not size:
+            raise LfmError(
+                f"--max-memory entry {part!r} is not DEVICE=SIZE (e.g. 0=20GiB,cpu=60GiB)"
+            )
+        if not key.isdigit() and key.lower() not in ("cpu", "mps"):
+            raise LfmError(f"--max-memory device {key!r}: use a GPU index, cpu or mps")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", size, re.IGNORECASE):
+            raise LfmError(f"--max-memory size {size!r}: use bytes or a size such as 20GiB")
+        out[int(key) if key.isdigit() else key.lower()] = int(size) if size.isdigit() else size
+    if not out:
+        raise LfmError("--max-memory is empty; give DEVICE=SIZE entries (e.g. 0=20GiB,cpu=60GiB)")
+    return out
 
 
 @dataclass(frozen=True)

@@ -34,20 +34,26 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 def make_server(model: Any, access: str, host: str, port: int, api_key: str | None,
                 max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 256,
-                timeout_s: float = 60.0, top_k: int | None = None):  # fmt: skip
+                timeout_s: float = 60.0, top_k: int | None = None,
+                spread: dict[str, Any] | None = None):  # fmt: skip
     """A configured (not yet running) `uvicorn.Server` for a model asset, path or `LocalModel`,
     with the connection limits of `ServeSettings` (header and keep-alive timeouts, at most
-    `max_connections` connections)."""
+    `max_connections` connections). `spread`: `device_map`, `max_memory` and `offload_folder`
+    for a model larger than one device (`lfm.assets.models.load_local`); the server narrows
+    it to the served level, at most HIDDEN."""
     import uvicorn
 
     from lfm.access import LocalModel
-    from lfm.assets import load_model
+    from lfm.assets.models import load_local
     from lfm.serve.app import ServeSettings, build_app
     from lfm.serve.backend import Backend
     from lfm.serve.limits import uvicorn_config
 
     check_bind(host, api_key)
-    local = model if isinstance(model, LocalModel) else load_model(model, kind="causal-lm")
+    if isinstance(model, LocalModel):
+        local = model
+    else:
+        local = load_local(model, kind="causal-lm", **(spread or {}))  # type: ignore[assignment]
     settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_queue=max_queue, timeout_s=timeout_s, top_k=top_k)  # fmt: skip
     app = build_app(Backend(local, access), settings)
@@ -83,10 +89,29 @@ def serve(
             "log-probabilities per token and no full next-token row, as hosted APIs do",
         ),
     ] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            help="spread a model larger than one device instead of --device: auto, balanced, "
+            "balanced_low_0 or sequential (transformers' device_map); what does not fit "
+            "waits on disk",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="with --device-map: the budget per device, e.g. 0=20GiB,cpu=60GiB"),
+    ] = None,
+    offload_folder: Annotated[
+        str | None,
+        typer.Option(
+            help="with --device-map: where weights not stored as safetensors are offloaded"
+        ),
+    ] = None,
 ) -> None:
     """Serve a model through an OpenAI-compatible API at one access level (docs/serve.md)."""
     key = api_key or os.environ.get("LFM_API_KEY") or None
     try:
+        spread = _spread(device_map, max_memory, offload_folder)
         if access.strip().lower() not in ("text", "scores", "embeddings", "hidden"):
             raise LfmError(f"--access must be text, scores, embeddings or hidden, not {access!r}")
         if timeout_s <= 0:
@@ -94,8 +119,9 @@ def serve(
         if top_k is not None and access.strip().lower() != "scores":
             raise LfmError(f"--top-k limits SCORES access; it cannot be served at {access!r}")
         server = make_server(
-            model, access, host, port, key, max_batch, max_wait_ms, max_queue, timeout_s, top_k
-        )
+            model, access, host, port, key, max_batch, max_wait_ms, max_queue, timeout_s, top_k,
+            spread,
+        )  # fmt: skip
     except LfmError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -104,3 +130,19 @@ def serve(
         f"serving {model} at {access.upper()} access{tier} on http://{host}:{port} (OpenAPI: /docs)"
     )
     server.run()
+
+
+def _spread(
+    device_map: str | None, max_memory: str | None, offload_folder: str | None
+) -> dict[str, Any] | None:
+    """`--device-map`, `--max-memory`, `--offload-folder` as `load_local`'s keywords."""
+    from lfm.core import placement
+
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise LfmError("--max-memory and --offload-folder go with --device-map")
+        return None
+    if placement.current().device_chosen:
+        raise LfmError("give --device or --device-map, not both (a device map places the model)")
+    memory = None if max_memory is None else placement.parse_max_memory(max_memory)
+    return {"device_map": device_map, "max_memory": memory, "offload_folder": offload_folder}
