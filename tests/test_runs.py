@@ -9,6 +9,7 @@ import pytest
 
 from lfm.config import Config
 from lfm.core.io import atomic_path, file_sha256, write_json
+from lfm.errors import LfmError
 from lfm.runs import Run
 
 
@@ -64,6 +65,21 @@ def test_atomic_path_replaces_existing_folder_only_on_success(tmp_path):
         (tmp / "b").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_path_never_puts_a_file_over_a_folder_or_a_folder_over_a_file(tmp_path):
+    folder, file = tmp_path / "folder", tmp_path / "file"
+    folder.mkdir()
+    (folder / "keep").write_text("1")
+    file.write_text("2")
+    to_folder = r"folder is a folder, and what is written there is a file; give another path"
+    with pytest.raises(LfmError, match=to_folder), atomic_path(folder) as tmp:
+        tmp.write_text("x")
+    to_file = r"file is a file, and what is written there is a folder; give another path"
+    with pytest.raises(LfmError, match=to_file), atomic_path(file) as tmp:
+        tmp.mkdir()
+    assert (folder / "keep").read_text() == "1" and file.read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]  # no temporaries
 
 
 def test_same_name_runs_get_distinct_folders(tmp_path):

@@ -41,6 +41,10 @@ def atomic_path(target: str | Path, replace: bool = True) -> Iterator[Path]:
     work = tmp / target.name
     try:
         yield work
+        if target.exists() and work.exists() and target.is_dir() != work.is_dir():
+            have, made = ("a folder", "a file") if target.is_dir() else ("a file", "a folder")
+            raise LfmError(f"{target} is {have}, and what is written there is {made}; give "
+                           "another path (nothing was changed)")  # fmt: skip
         if not replace:
             _publish_new(work, target)
         elif target.is_dir() and not target.is_symlink():
