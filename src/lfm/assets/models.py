@@ -357,36 +357,38 @@ def load_model(
         offload_folder: with `device_map`, where weights that are not read from safetensors
             are written when they are offloaded to disk.
     """
-    handle = load_local(name, kind=kind, device=device, dtype=dtype,
-                        allow_nonfinite=allow_nonfinite, device_map=device_map,
-                        max_memory=max_memory, offload_folder=offload_folder)  # fmt: skip
+    at = placement_for(device, dtype, device_map, max_memory, offload_folder)
+    handle = load_local(name, kind, at, allow_nonfinite)
     if placement.dispatched(handle.model):
         return narrow(handle, Access.HIDDEN)
     return handle
 
 
-def load_local(
-    name: str | Path = DEFAULT_MODEL,
-    *,
-    kind: str | None = None,
+def placement_for(
     device: str | None = None,
     dtype: str | None = None,
-    allow_nonfinite: bool = False,
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | Path | None = None,
-) -> LocalModel | LocalClassifier:
-    """`load_model`, but a model spread by `device_map` stays a `LocalModel`: for code that
-    narrows the handle itself to HIDDEN or below (the server), never for a method that reads or
-    changes weights."""
+) -> Placement:
+    """`load_model`'s placement arguments as a `Placement` (one line for a bad combination)."""
     at = resolve(device, dtype)
     if device_map is not None:
         if device is not None:
             raise AssetError("give device or device_map, not both (a device map places the model)")
         folder = None if offload_folder is None else str(offload_folder)
-        at = replace(at, spread=Spread(device_map, max_memory, folder))
-    elif max_memory is not None or offload_folder is not None:
+        return replace(at, spread=Spread(device_map, max_memory, folder))
+    if max_memory is not None or offload_folder is not None:
         raise AssetError("max_memory and offload_folder go with device_map; give device_map too")
+    return at
+
+
+def load_local(
+    name: str | Path, kind: str | None, at: Placement, allow_nonfinite: bool = False
+) -> LocalModel | LocalClassifier:
+    """`load_model` at placement `at` (`placement_for`), but a model spread by a device map
+    stays a `LocalModel`: for code that narrows the handle itself to HIDDEN or below (the
+    server), never for a method that reads or changes weights."""
     handle = _load_any(name, kind, at)
     check_weights(handle.model, str(name), _local_weight_files(name), allow_nonfinite)
     return handle

@@ -44,7 +44,7 @@ def make_server(model: Any, access: str, host: str, port: int, api_key: str | No
     import uvicorn
 
     from lfm.access import LocalModel
-    from lfm.assets.models import load_local
+    from lfm.assets.models import load_local, placement_for
     from lfm.serve.app import ServeSettings, build_app
     from lfm.serve.backend import Backend
     from lfm.serve.limits import uvicorn_config
@@ -53,7 +53,8 @@ def make_server(model: Any, access: str, host: str, port: int, api_key: str | No
     if isinstance(model, LocalModel):
         local = model
     else:
-        local = load_local(model, kind="causal-lm", **(spread or {}))  # type: ignore[assignment]
+        at = placement_for(**(spread or {}))
+        local = load_local(model, "causal-lm", at)  # type: ignore[assignment]
     settings = ServeSettings(api_key=api_key, max_batch=max_batch, max_wait_ms=max_wait_ms,
                              max_queue=max_queue, timeout_s=timeout_s, top_k=top_k)  # fmt: skip
     app = build_app(Backend(local, access), settings)
