@@ -18,6 +18,11 @@ it on the CLI, once per placement, with the same seeds and data:
   and the held-out perplexity of the merged model.
 - distill: `lm_student` (every 3rd block, KD + LM) for `--distill-steps` steps; the student's
   held-out perplexity.
+- spread: the model loaded with `device_map="auto"` and half of its weights' bytes as the
+  device's budget (`max_memory`; on the CPU the rest goes to disk, on a GPU to the CPU); the
+  largest difference of its next-token log-probabilities on 16 held-out blocks from the model
+  loaded whole on the device, the seconds of those 16 rows, and the share of modules placed off
+  the device.
 - maml: `lfm meta train` on the sinusoid job (`lfm.meta.recipes.train`, 5 shots, `--maml-steps`
   meta-updates), meta-tested on 200 held-out tasks: the mse. The parameters, meta-gradients and
   Adam stay float32; the dtype is the forward passes' autocast.
@@ -59,7 +64,9 @@ def _args() -> argparse.Namespace:
         "--placements", nargs="+", default=["cpu:float32", "cuda:bfloat16", "cuda:float32"],
         help="DEVICE:DTYPE, in order; speed-ups are against the first",
     )  # fmt: skip
-    p.add_argument("--jobs", nargs="+", default=["lora", "rome", "ties", "distill", "maml"])
+    p.add_argument(
+        "--jobs", nargs="+", default=["lora", "rome", "ties", "distill", "spread", "maml"]
+    )
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--lora-steps", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=4)
@@ -179,6 +186,28 @@ def distill(a, data, device: str, dtype: str) -> dict:
     return {"ppl": ppl, "s": secs}
 
 
+def spread(a, test_blocks, device: str, dtype: str) -> dict:
+    whole = load_model(a.model, device=device, dtype=dtype)
+    size = sum(p.numel() * p.element_size() for p in whole.model.parameters())
+    here: Any = "cpu"
+    if device.startswith("cuda"):  # a GPU's budget is keyed by its index
+        here = torch.device(device).index or 0
+    budget = {here: size // 2} if here == "cpu" else {here: size // 2, "cpu": 4 * size}
+    with tempfile.TemporaryDirectory() as off:
+        spread = load_model(a.model, dtype=dtype, device_map="auto", max_memory=budget,
+                            offload_folder=off)  # fmt: skip
+        rows = [b.tolist() for b in test_blocks]
+        texts = [whole.decode(r) for r in rows]
+        want = whole.next_token_logprobs(texts)
+        got, secs = _timed(lambda: spread.next_token_logprobs(texts))
+    from lfm.access import _backend
+
+    where = list(_backend(spread).model.hf_device_map.values())
+    off_device = sum(w != here for w in where) / len(where)
+    return {"max_abs_diff": float((want - got.to(want.device)).abs().max()), "s": secs,
+            "share_off_device": off_device}  # fmt: skip
+
+
 def maml(a, device: str, dtype: str) -> dict:
     from lfm.meta import recipes
 
@@ -240,6 +269,8 @@ def main() -> None:
                     r = ties(a, test_blocks, device, dtype)
                 elif job == "maml":
                     r = maml(a, device, dtype)
+                elif job == "spread":
+                    r = spread(a, test_blocks, device, dtype)
                 else:
                     r = distill(a, data, device, dtype)
             except Exception:  # one broken path must not hide the others' figures
