@@ -302,3 +302,26 @@ def test_the_editor_is_moved_to_the_models_device(monkeypatch):
     monkeypatch.setattr(MendEditor, "to", spy)
     mend(lm, REQ, editor=editor)
     assert moved == [((torch.device("cpu"),), {})] and not editor.training
+
+
+def test_evaluate_editor_weighs_the_edit_nll_by_the_papers_c_edit_and_refuses_naming_mend():
+    # L = c_edit · L_e + L_loc with the paper's c_edit = 0.1 by default (mutant evaluate_editor 1);
+    # the refusal of a bare model names edit/mend (mutants evaluate_editor 4, 7, 8)
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    parts = evaluate_editor(lm, _facts(2), editor)
+    assert parts["loss"] == pytest.approx(0.1 * parts["edit"] + parts["loc"], rel=1e-6)
+    with pytest.raises(LfmError, match=r"^edit/mend needs a LocalModel \(a model with its tok"):
+        evaluate_editor(lm.model, _facts(2), editor)
+
+
+def test_the_patch_keeps_each_matrix_step_alpha_in_its_saved_info(tmp_path):
+    # mutants mend 40, 41, 42
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    with torch.no_grad():
+        editor.alpha.copy_(0.25 * torch.arange(1, len(editor.modules_) + 1))
+    want = {m: 0.25 * (k + 1) for k, m in enumerate(editor.modules_)}
+    patch = mend(lm, REQ, editor=editor)
+    assert patch.info["alpha"] == want
+    assert Patch.load(patch.save(tmp_path / "p.safetensors")).info["alpha"] == want

@@ -399,3 +399,40 @@ def test_a_post_mlp_norm_in_bfloat16_is_applied_in_its_own_dtype():
         want = norm((m + delta).T.bfloat16()).T.float() - norm(m.T.bfloat16()).T.float()
     got = resid_change(norm, m, delta)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+# What mutation testing (`make mutate AREA=edit`) found untested in `lfm.edit.ftl`: the loss's
+# value against `stop_nll`, the refusals' name and the progress line.
+
+
+def test_ft_l_stops_before_its_first_step_once_the_target_nll_is_below_stop_nll():
+    """FT-L's loss is the target's NLL under the model (log-softmax over the vocabulary): a
+    `stop_nll` just above it stops before any step (ΔW = 0), one just below takes a step."""
+    # mutant _nll 22 (the log-softmax over the positions)
+    h = common.smoke_model("llama", SEED)
+    nll = -float(h.score([REQ.prompt], [f" {REQ.target}"])[0])  # the target is one token
+    over = ft_l(h, REQ, FTLConfig(steps=1, stop_nll=nll + 1e-3))
+    under = ft_l(h, REQ, FTLConfig(steps=1, stop_nll=nll - 1e-3))
+    assert not over.deltas[0].matrix().any()
+    assert under.deltas[0].matrix().abs().max() == pytest.approx(5e-4)  # one Adam step of lr
+
+
+def test_ft_l_refusals_name_edit_ft_l():
+    # mutants ft_l 3, 6, 7
+    h = common.smoke_model()
+    msg = r"^edit/ft_l needs WEIGHTS access, but the handle gives only SCORES$"
+    with pytest.raises(AccessError, match=msg):
+        ft_l(narrow(h, Access.SCORES), REQ)
+    with pytest.raises(LfmError, match=r"^edit/ft_l needs a LocalModel \(a model with its tok"):
+        ft_l(h.model, REQ)
+
+
+def test_ft_l_says_its_requests_are_tuned_together_with_the_step_count():
+    # mutant ft_l 17
+    from lfm.edit import progress
+
+    said: list[str] = []
+    second = Request("The old city of Kyoto", "Kyoto", "Berlin")
+    with progress.reporting(said.append):
+        ft_l(common.smoke_model(), [REQ, second], FTLConfig(steps=2))
+    assert said == ["edits 1-2/2 tuned together (2 steps)"]

@@ -105,3 +105,77 @@ def test_statistics_say_computed_or_cached_and_show_a_bar(tmp_path, monkeypatch,
     capsys.readouterr()
     stats.second_moments(h.model, h.tokenizer, [0], "tiny", 150, 32)  # computed, nobody asked
     assert capsys.readouterr().err == "" and len(said) == 3
+
+
+# What mutation testing (`make mutate AREA=edit`) found untested in `lfm.edit.stats`: the cache
+# entry's name and parameters, and why a damaged entry is rebuilt.
+
+
+def test_the_entry_is_named_and_marked_with_the_parameters_that_make_it(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    eye = {1: torch.eye(64, dtype=torch.float64)}
+    stats.second_moments(h.model, h.tokenizer, [1], "tiny", 200, 32, compute=lambda *a: eye)
+    fp = stats.key_fingerprint(h.model, 1)
+    assert len(fp) == 64 and stats.stats_key(h.model, 1, "tiny", 200, 32) == (
+        f"{fp[:16]}-L1-tiny-200tok-32len"
+    )
+    marker = json.loads((stats.stats_path(h.model, 1, "tiny", 200, 32) / "lfm-entry.json")
+                        .read_text())  # fmt: skip
+    assert marker["params"] == {"format": stats.FORMAT, "fingerprint": fp, "layer": 1,
+                                "corpus": "tiny", "tokens": 200, "max_len": 32}  # fmt: skip
+
+
+def test_the_default_corpus_is_bbc_news(tmp_path, monkeypatch):
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    asked: list[str] = []
+    monkeypatch.setattr(stats, "corpus_texts", lambda c: asked.append(c) or common.SMOKE_TEXTS)
+    h = common.smoke_model()
+    stats.second_moments(h.model, h.tokenizer, [1], tokens=100, max_len=16)
+    assert asked == ["bbc-news"]
+
+
+@pytest.mark.parametrize(
+    ("tensors", "fmt", "why"),
+    [
+        ({"mom2": torch.eye(3, dtype=torch.float64)}, None, "(C has shape (3, 3), not (64, 64))"),
+        ({"mom2": torch.full((64, 64), float("nan"), dtype=torch.float64)}, None,
+         "(C holds NaN or infinite values)"),
+        ({"other": torch.eye(64, dtype=torch.float64)}, None, "('mom2')"),
+        ({"mom2": torch.eye(64, dtype=torch.float64)}, "lfm-edit-patch/1",
+         "(…/mom2.safetensors is not a lfm-edit-stats/1 file"),
+    ],
+)  # fmt: skip
+def test_an_entry_with_a_sound_marker_but_a_wrong_c_is_rebuilt_saying_why(
+    tmp_path, monkeypatch, capsys, tensors, fmt, why
+):
+    from lfm.core import cache
+    from lfm.core.io import save_tensors
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    args = (h.model, 1, "tiny", 200, 32)
+    key, params = stats.stats_key(*args), stats._params(*args)
+    # built without the check, so that its marker is sound and only what C holds is wrong
+    cache.write(stats.KIND, key, params,
+                lambda f: save_tensors(f / stats.FILE, tensors, fmt or stats.FORMAT))  # fmt: skip
+    eye = {1: 2 * torch.eye(64, dtype=torch.float64)}
+    got = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=lambda *a: eye)
+    assert torch.equal(got, eye[1])  # rebuilt
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"warning: cache entry edit-stats/{key} fails its check (")
+    assert why.removeprefix("(…") in line and line.endswith("rebuilding it"), line
+
+
+def test_a_budget_of_exactly_d_in_tokens_is_enough():
+    from lfm.edit.rome import RomeConfig
+    from lfm.edit.site import edit_sites
+
+    sites = edit_sites(common.smoke_model().model, [1])  # D_in = 64
+    assert common.stats_args(RomeConfig(stats_tokens=64), sites)[1] == 64
+    with pytest.raises(Exception, match=r"stats_tokens=63 is too small: .* D_in = 64 tokens"):
+        common.stats_args(RomeConfig(stats_tokens=63), sites)
