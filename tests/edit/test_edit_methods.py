@@ -436,3 +436,30 @@ def test_ft_l_says_its_requests_are_tuned_together_with_the_step_count():
     with progress.reporting(said.append):
         ft_l(common.smoke_model(), [REQ, second], FTLConfig(steps=2))
     assert said == ["edits 1-2/2 tuned together (2 steps)"]
+
+
+def test_ft_l_keeps_every_entry_of_the_change_within_its_linf_bound_on_both_sides():
+    """The L∞ constraint is FT-L's defining step: a rate well above the bound drives entries to
+    both -ε and +ε, and none past them (mutants ftl_delta 35-38: one side or the other left
+    open)."""
+    h = common.smoke_model("llama", SEED)
+    eps = 1e-3
+    patch = ft_l(h, [REQ, Request("The old city of Kyoto", "Kyoto", "Berlin")],
+                 FTLConfig(steps=3, lr=1e-2, norm_constraint=eps))  # fmt: skip
+    d = patch.deltas[0].matrix()
+    assert float(d.max()) == pytest.approx(eps) and float(d.min()) == pytest.approx(-eps)
+    assert float(d.abs().max()) <= eps * (1 + 1e-6)
+
+
+def test_ft_l_goes_on_at_a_loss_equal_to_stop_nll():
+    """It stops once the NLL is *below* `stop_nll` (mutant ftl_delta 33: at or below)."""
+    from lfm.edit import ftl
+    from lfm.edit.requests import build_batch
+    from lfm.edit.site import edit_site
+
+    h = common.smoke_model("llama", SEED)
+    site = edit_site(h.model, FTLConfig().layer)
+    w0 = site.projection(h.model).weight.detach()
+    nll = ftl._nll(h.model, {f"{site.module}.weight": w0}, build_batch(h.tokenizer, REQ, [""]))
+    at = ft_l(h, REQ, FTLConfig(steps=1, stop_nll=nll.item()))
+    assert at.deltas[0].matrix().abs().max() == pytest.approx(5e-4)  # one step was taken

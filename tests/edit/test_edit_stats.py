@@ -179,3 +179,62 @@ def test_a_budget_of_exactly_d_in_tokens_is_enough():
     assert common.stats_args(RomeConfig(stats_tokens=64), sites)[1] == 64
     with pytest.raises(Exception, match=r"stats_tokens=63 is too small: .* D_in = 64 tokens"):
         common.stats_args(RomeConfig(stats_tokens=63), sites)
+
+
+def test_second_moments_pass_their_defaults_budget_and_length_to_the_estimator(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    seen = []
+
+    def compute(model, tok, layers, texts, tokens, max_len):
+        seen.append((tokens, max_len))
+        return {layer: torch.eye(64, dtype=torch.float64) for layer in layers}
+
+    stats.second_moments(h.model, h.tokenizer, [1], compute=compute)  # the paper's defaults
+    stats.second_moments(h.model, h.tokenizer, [1], "tiny", 200, 32, compute=compute)
+    assert seen == [(100_000, 256), (200, 32)]
+    meta = read_meta(stats.stats_path(h.model, 1, "tiny", 200, 32) / stats.FILE, stats.FORMAT)
+    assert meta["max_len"] == 32
+
+
+def test_statistics_name_every_layer_cached_and_computed(tmp_path, monkeypatch):
+    from lfm.edit import progress
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    eye = lambda *a: {layer: torch.eye(64, dtype=torch.float64) for layer in a[2]}  # noqa: E731
+    said: list[str] = []
+    with progress.reporting(said.append):
+        stats.second_moments(h.model, h.tokenizer, [0, 1], "tiny", 200, 32, compute=eye)
+        stats.second_moments(h.model, h.tokenizer, [0, 1], "tiny", 200, 32, compute=_never)
+    assert said[0].startswith("statistics: computing E[kkᵀ] at layer(s) 0, 1 over 200 tokens")
+    assert said[1] == "statistics: cached for layer(s) 0, 1"
+
+
+def test_a_wrong_c_is_never_cached_and_an_entry_made_otherwise_is_rebuilt(
+    tmp_path, monkeypatch, capsys
+):
+    from lfm.core import cache
+    from lfm.core.io import save_tensors
+    from lfm.errors import LfmError
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path))
+    monkeypatch.setattr(stats, "corpus_texts", lambda corpus: list(common.SMOKE_TEXTS))
+    h = common.smoke_model()
+    small = {1: torch.eye(3, dtype=torch.float64)}
+    with pytest.raises(LfmError, match=r"was built wrong \(C has shape \(3, 3\), not \(64, 64\)"):
+        stats.second_moments(h.model, h.tokenizer, [1], "tiny", 200, 32, compute=lambda *a: small)
+    assert not stats.stats_path(h.model, 1, "tiny", 200, 32).exists()
+    # an entry under the same name whose marker records other parameters is not used
+    args = (h.model, 1, "tiny", 200, 32)
+    other = {**stats._params(*args), "tokens": 999}
+    five = {"mom2": 5 * torch.eye(64, dtype=torch.float64)}
+    cache.write(stats.KIND, stats.stats_key(*args), other,
+                lambda f: save_tensors(f / stats.FILE, five, stats.FORMAT))  # fmt: skip
+    eye = {1: torch.eye(64, dtype=torch.float64)}
+    got = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=lambda *a: eye)
+    assert torch.equal(got, eye[1]) and "made with" in capsys.readouterr().err
