@@ -238,3 +238,10 @@ def test_a_wrong_c_is_never_cached_and_an_entry_made_otherwise_is_rebuilt(
     eye = {1: torch.eye(64, dtype=torch.float64)}
     got = stats.second_moment(h.model, h.tokenizer, 1, "tiny", 200, 32, compute=lambda *a: eye)
     assert torch.equal(got, eye[1]) and "made with" in capsys.readouterr().err
+
+
+def test_the_corpus_is_the_named_data_sets_training_split():
+    from lfm.assets import load_dataset
+
+    texts = stats.corpus_texts("bbc-news")
+    assert list(texts) == list(load_dataset("bbc-news").train_texts) and len(texts) > 1000
