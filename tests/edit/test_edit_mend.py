@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from lfm import registry
 from lfm.cli.edit import app
 from lfm.core.io import save_tensors
-from lfm.edit import MendConfig, MendEditor, Patch, common, mend, train_mend
+from lfm.edit import MendConfig, MendEditor, Patch, common, mend, progress, train_mend
 from lfm.edit.facts import Fact
 from lfm.edit.mend import evaluate_editor, features, mlp_matrices, nll, tokens
 from lfm.errors import LfmError
@@ -325,3 +325,62 @@ def test_the_patch_keeps_each_matrix_step_alpha_in_its_saved_info(tmp_path):
     patch = mend(lm, REQ, editor=editor)
     assert patch.info["alpha"] == want
     assert Patch.load(patch.save(tmp_path / "p.safetensors")).info["alpha"] == want
+
+
+# `train_mend`'s refusals and its default length, and the running statistics that normalise
+# the features [u ‖ δ] (the paper's μ_ℓ, σ_ℓ), found untested by mutation testing.
+
+
+def test_running_statistics_are_the_mean_and_variance_of_every_feature_added():
+    # Chan's rule over two batches equals the statistics of their concatenation, and `normalise`
+    # uses them (mutants MendEditor.update_stats 36, 39, 42, 45, 49, 52)
+    editor = _small_editor()  # features of width 2 + 3
+    gen = torch.Generator().manual_seed(0)
+    z1 = torch.randn(3, 5, generator=gen) + 2.0
+    z2 = 3.0 * torch.randn(4, 5, generator=gen) - 1.5
+    editor.update_stats(0, z1)
+    editor.update_stats(0, z2)
+    every = torch.cat([z1, z2]).double()
+    assert editor.count_0.item() == 7
+    assert torch.allclose(editor.mean_0, every.mean(0), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(editor.m2_0 / 6, every.var(0), rtol=1e-12, atol=1e-12)
+    z = torch.randn(2, 5, generator=gen)
+    want = ((z.double() - every.mean(0)) / every.var(0).sqrt()).float()
+    assert torch.allclose(editor.normalise(0, z), want, rtol=1e-5, atol=1e-6)
+
+
+def test_running_statistics_take_features_from_another_device():
+    # the features are moved to the statistics' device (an editor on a GPU, features on the CPU);
+    # the "meta" device stands in for the GPU here (mutant MendEditor.update_stats 2)
+    editor = _small_editor().to("meta")
+    editor.update_stats(0, torch.ones(3, 5))
+    assert {editor.count_0.device, editor.mean_0.device, editor.m2_0.device} == {
+        torch.device("meta")
+    }
+
+
+def test_train_mend_refuses_negative_steps_and_zero_steps_return_the_editor_untrained():
+    # mutants train_mend 2, 3, 4
+    lm = common.smoke_model()
+    with pytest.raises(LfmError, match=r"^steps must be 0 or more, not -1$"):
+        train_mend(lm, _facts(2), TINY, steps=-1)
+    editor, hist = train_mend(lm, _facts(2), TINY, steps=0)
+    assert hist == [] and not editor.training
+    assert editor.count_0.item() == 0 and torch.equal(editor.alpha, torch.full((6,), 0.1))
+
+
+def test_train_mend_refuses_a_model_without_its_tokenizer_naming_mend():
+    # mutants train_mend 7, 10, 11
+    lm = common.smoke_model()
+    with pytest.raises(LfmError, match=r"^edit/mend needs a LocalModel \(a model with its tok"):
+        train_mend(lm.model, _facts(2), TINY, steps=1)
+
+
+def test_train_mend_takes_1000_steps_by_default(capsys):
+    # the progress bar counts the default length (one step taken under the time limit; mutant
+    # train_mend 1)
+    with progress.reporting(lambda line: None):
+        _, hist = train_mend(common.smoke_model(), _facts(2), TINY, max_seconds=0)
+    assert len(hist) == 1
+    err = capsys.readouterr().err
+    assert "meta-training MEND:" in err and "| 0/1000 " in err
