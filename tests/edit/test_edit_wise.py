@@ -11,6 +11,7 @@ import torch
 from lfm import registry
 from lfm.core.io import save_tensors
 from lfm.edit import Request, WiseConfig, WiseMemory, common, wise, wise_step
+from lfm.edit.patch import fingerprint
 from lfm.edit.wise import _call_state, default_layer, route, ties_merge
 from lfm.errors import ConfigError, LfmError
 
@@ -271,3 +272,89 @@ def test_cli_state_accumulates_across_two_calls(h, tmp_path):
               "-o", str(tmp_path / "e")]
     )  # fmt: skip
     assert res.exit_code == 2 and "is a WISE side memory: it changes no weights" in res.output
+
+
+def _hand_memory(h) -> WiseMemory:
+    """A one-shard memory at layer 1's down_proj with a fixed random side memory (no training:
+    the router alone is under test); the tests set its ε."""
+    module = "model.layers.1.mlp.down_proj"
+    delta = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+    shard = wise_mod.Shard(torch.ones(32, 64, dtype=torch.bool), delta, 1)
+    base = fingerprint(h.model, [module])
+    return WiseMemory(module, [shard], [torch.ones(2, 64)], [REQ], CFG.to_dict(), base)
+
+
+def _scores(h, memory: WiseMemory, **inputs) -> torch.Tensor:
+    """Each token's routing score ‖(W_v' − W_v) a‖ in one model call (B, T)."""
+    seen = []
+    proj = h.model.get_submodule(memory.module)
+    handle = proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            h.model(**inputs)
+    finally:
+        handle.remove()
+    return torch.nn.functional.linear(seen[0].float(), memory.side).norm(dim=-1)
+
+
+def test_padding_is_left_out_of_the_routing_score(h):
+    """A padded batch gives the short row what it gets alone (not routed), though its padding
+    scores above ε. The tiny model's <pad> embedding is zero (so is every padding score): it is
+    given a real token's here. The batch is longer than the projection's 32 outputs."""
+    emb = h.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[h.tokenizer.pad_token_id] = emb[5]
+    long, short = " ".join([UNRELATED] * 4), REQ.prompt  # 36 and 7 tokens
+    memory = _hand_memory(h)
+    enc = h._batch([long, short], side="left")
+    real, score = enc["attention_mask"][1].bool(), _scores(h, memory, **enc)[1]
+    assert enc["input_ids"].shape[1] > 32 and score[~real].max() > score[real].max()
+    memory.epsilon = float(score[~real].max() + score[real].max()) / 2
+    base = h.next_token_logprobs([long, short])
+    undo = memory.apply(h.model)
+    try:
+        edited = h.next_token_logprobs([long, short])
+    finally:
+        undo.revert(h.model)
+    assert torch.equal(edited[1], base[1])
+    memory.epsilon = -1.0  # the control: with every row routed the short row changes
+    undo = memory.apply(h.model)
+    try:
+        assert not torch.equal(h.next_token_logprobs([long, short])[1], base[1])
+    finally:
+        undo.revert(h.model)
+
+
+def test_a_generation_stays_routed_past_its_prompt(h):
+    """`generate` (one prompt: no attention mask): the tokens a routed prompt generates score
+    below ε on their own, yet are routed (the logits are those of a side memory always read,
+    ε = -1); a new call after it is routed on its own tokens again."""
+    memory = _hand_memory(h)
+    ids = h.tokenizer([REQ.prompt], return_tensors="pt").input_ids  # 7 tokens
+
+    def generate() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            out = h.model.generate(
+                input_ids=ids, max_new_tokens=3, do_sample=False, output_logits=True,
+                return_dict_in_generate=True, pad_token_id=h.tokenizer.pad_token_id,
+            )  # fmt: skip
+        return out.sequences, torch.stack(out.logits)
+
+    with torch.no_grad():
+        first = h.model(input_ids=ids[:, :1]).logits  # the prompt's first token alone
+    undo = memory.apply(h.model)
+    try:
+        memory.epsilon = -1.0
+        seq, always = generate()
+        score = _scores(h, memory, input_ids=seq)[0]  # the projection's inputs: ε plays no part
+        prompt = float(score[: ids.shape[1]].max())
+        low = float(torch.cat([score[:1], score[ids.shape[1] : -1]]).max())
+        assert low < prompt  # the first token and the generated ones fed back: below the prompt
+        memory.epsilon = (prompt + low) / 2
+        again, routed = generate()
+        with torch.no_grad():
+            alone = h.model(input_ids=ids[:, :1]).logits
+    finally:
+        undo.revert(h.model)
+    assert torch.equal(again, seq) and torch.equal(routed, always)
+    assert torch.equal(alone, first)  # a new call: routed on its own token, below ε

@@ -248,10 +248,12 @@ def route(
 
 def _call_state(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, bool]:
     """The attention mask a model call was given (2-D only) and whether it continues a cached
-    generation (its cache already holds tokens)."""
+    generation (its cache already holds tokens). transformers 5's `generate` passes the cache
+    as `cache`; a direct call may still pass `past_key_values`."""
     mask = kwargs.get("attention_mask")
     mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache")
+    past = kwargs.get("past_key_values") if past is None else past
     length = getattr(past, "get_seq_length", None)
     return mask, bool(past is not None and (length() if length else len(past)) > 0)
 
