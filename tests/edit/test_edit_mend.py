@@ -3,9 +3,11 @@ meta-training that beats it on held-out edits, low-rank patches, files and the C
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,9 +18,18 @@ from lfm.cli.edit import app
 from lfm.core.io import save_tensors
 from lfm.edit import MendConfig, MendEditor, Patch, common, mend, progress, train_mend
 from lfm.edit.facts import Fact
-from lfm.edit.mend import evaluate_editor, features, mlp_matrices, nll, tokens
+from lfm.edit.mend import (
+    evaluate_editor,
+    features,
+    items,
+    meta_loss,
+    mlp_matrices,
+    nll,
+    tokens,
+)
 from lfm.errors import LfmError
 
+mend_module = importlib.import_module("lfm.edit.mend")  # `lfm.edit.mend` is also the function
 REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
 OBJECTS = ["Rome", "Paris", "Berlin", "Tokyo", "Kyoto"]
 UNRELATED = [
@@ -384,3 +395,57 @@ def test_train_mend_takes_1000_steps_by_default(capsys):
     assert len(hist) == 1
     err = capsys.readouterr().err
     assert "meta-training MEND:" in err and "| 0/1000 " in err
+
+
+def test_train_mend_moves_the_editor_to_the_models_device(monkeypatch):
+    # as `mend`: the editor is asked to go to the model's device (mutant train_mend 23)
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    moved, to = [], MendEditor.to
+
+    def spy(self, *args, **kwargs):
+        moved.append((args, kwargs))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(MendEditor, "to", spy)
+    train_mend(lm, _facts(2), TINY, steps=0, editor=editor)
+    assert moved == [((torch.device("cpu"),), {})]
+
+
+def test_train_mend_bar_counts_steps_and_shows_each_steps_edit_nll_and_kl(capsys):
+    # the bar's unit is the step and its postfix the step's edit NLL (2 decimals) and KL (3)
+    # (mutants train_mend 48-58, 89-92)
+    with progress.reporting(lambda line: None):
+        _, hist = train_mend(common.smoke_model(), _facts(2), TINY, steps=1)
+    err = capsys.readouterr().err
+    assert "meta-training MEND:" in err and "| 0/1 [" in err and "?step/s]" in err
+    assert f"step/s, edit={hist[0]['edit']:.2f}, loc={hist[0]['loc']:.3f}]" in err
+
+
+def test_train_mend_step_is_the_meta_loss_of_one_drawn_x_e_and_x_loc_with_statistics_updated():
+    # one fact, two equivalents (prompt, paraphrase) and two unrelated prompts: the first step's
+    # loss is c_edit · L_e + L_loc of one x'_e and one x_loc (not their means), with the features
+    # added to the statistics first (mutants train_mend 76, 82, 83, 84)
+    lm = common.smoke_model()
+    fact = _facts(1)[0]
+    editor, hist = train_mend(lm, [fact], TINY, steps=1)
+    n = features(lm.model, lm.tokenizer, fact.request, editor.modules_)[editor.modules_[0]][0]
+    assert editor.count_0.item() == n.shape[0] > 0
+    item = items([fact])[0]
+    assert len(item.equivalents) == 2 and len(item.unrelated) == 2
+    want = [
+        meta_loss(lm.model, lm.tokenizer, MendEditor.for_model(lm.model, TINY), item, 0.1,
+                  [eq], [loc], update=True)[1]
+        for eq in item.equivalents for loc in item.unrelated
+    ]  # fmt: skip
+    got = {k: hist[0][k] for k in ("edit", "loc", "loss")}
+    assert any(got == pytest.approx(w, rel=1e-5) for w in want), (got, want)
+
+
+def test_train_mend_stops_after_the_step_that_passes_max_seconds(monkeypatch):
+    # a clock that never moves: 0 s elapsed never passes max_seconds=0 or 150, so every step
+    # is taken (mutants train_mend 99: the start added, 100: `>=`)
+    monkeypatch.setattr(mend_module, "time", SimpleNamespace(perf_counter=lambda: 1000.0))
+    lm = common.smoke_model()
+    for limit in (0, 150):
+        assert len(train_mend(lm, _facts(2), TINY, steps=2, max_seconds=limit)[1]) == 2
