@@ -449,3 +449,31 @@ def test_train_mend_stops_after_the_step_that_passes_max_seconds(monkeypatch):
     lm = common.smoke_model()
     for limit in (0, 150):
         assert len(train_mend(lm, _facts(2), TINY, steps=2, max_seconds=limit)[1]) == 2
+
+
+def test_edited_gpt2_weights_are_one_gradient_step_in_conv1d_orientation():
+    # GPT-2's Conv1D stores (in, out): W̃ − W of the untrained editor is −lr·∇W in that
+    # orientation (mutants edited_params 18, 20: the transpose dropped)
+    lm = common.smoke_model("gpt2", 0)
+    editor = MendEditor.for_model(lm.model, MendConfig(lr_init=0.3))
+    feats = features(lm.model, lm.tokenizer, REQ, editor.modules_)
+    params = mend_module.edited_params(lm.model, editor, feats)
+    weights = [lm.model.get_submodule(m).weight for m in editor.modules_]
+    for w in weights:
+        w.requires_grad_(True)
+    t = tokens(lm.tokenizer, REQ.prompt, REQ.target)
+    grads = torch.autograd.grad(nll(lm.model, t), weights)
+    for m, w, g in zip(editor.modules_, weights, grads, strict=True):
+        step = params[f"{m}.weight"].detach() - w.detach()
+        assert torch.allclose(step, -0.3 * g, atol=1e-7, rtol=1e-4), m
+
+
+def test_locality_kl_asks_for_the_prompt_on_the_models_device():
+    # the prompt's ids are moved to the model's device (mutant locality_kl 2: `.to(None)`); a
+    # spy stands in for the GPU. The model's own weights: KL 0
+    lm = common.smoke_model()
+    t, asked = tokens(lm.tokenizer, UNRELATED[0]), []
+    to = t.ids.to
+    t.ids.to = lambda *args, **kw: asked.append(args) or to(*args, **kw)
+    kl = mend_module.locality_kl(lm.model, t, {})
+    assert asked == [(torch.device("cpu"),)] and kl.item() == pytest.approx(0.0, abs=1e-7)

@@ -358,3 +358,23 @@ def test_a_generation_stays_routed_past_its_prompt(h):
         undo.revert(h.model)
     assert torch.equal(again, seq) and torch.equal(routed, always)
     assert torch.equal(alone, first)  # a new call: routed on its own token, below ε
+
+
+def test_a_score_equal_to_epsilon_is_not_routed():
+    # routed means a score *above* ε: ‖a‖ = 0.5 at ε = 0.5 is not (mutant route 21: `>=`)
+    side = torch.eye(2)  # the score of a token is ‖a‖ (exact here)
+    a, out = torch.tensor([[[0.5, 0.0]]]), torch.zeros(1, 1, 2)
+    new, routed = route(side, 0.5, a, out, None)
+    assert routed.tolist() == [False] and torch.equal(new, out)
+    assert route(side, 0.49, a, out, None)[1].tolist() == [True]
+
+
+def test_route_moves_the_side_memory_to_the_inputs_device():
+    # the side memory stays on the CPU while the model may sit on a GPU: `route` asks for it
+    # on the input's device (mutant route 6: `side.to(None)`); a spy stands in for the GPU
+    side, asked = torch.eye(2), []
+    to = side.to
+    side.to = lambda *args, **kw: asked.append(args) or to(*args, **kw)
+    a = torch.tensor([[[3.0, 4.0]]])
+    new, routed = route(side, 1.0, a, torch.zeros(1, 1, 2), None)
+    assert asked == [(a.device,)] and routed.tolist() == [True] and torch.equal(new, a)
