@@ -114,3 +114,23 @@ def test_lfm_distill_lm_under_accelerate_launch_writes_one_run(lm, tmp_path):
     assert manifest["status"] == "done" and manifest["history"]["student_loss"]["step"] == [1, 2, 3]
     assert (run / "student" / "model.safetensors").is_file()
     assert done.stdout.count("perplexity teacher") == 1  # the main process alone reports
+
+
+def test_the_cli_destroys_a_launched_commands_process_group_before_it_exits():
+    """A process group left to the interpreter's exit can abort a finished gloo process; `main`
+    ends it whatever the command did."""
+    import torch.distributed as dist
+
+    from lfm import cli
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+    )
+    try:
+        assert dist.is_initialized()
+        cli._end_distributed()
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    cli._end_distributed()  # none: nothing to do

@@ -395,6 +395,23 @@ def main() -> None:
         "ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning
     )
     try:
+        _run_and_exit()
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Destroy the process group a launched command (`accelerate launch`, `torchrun`) set up,
+    before the interpreter exits: left to the exit, gloo's threads can abort a process that has
+    finished its work ("terminate called without an active exception"). Imports nothing."""
+    torch = sys.modules.get("torch")
+    dist = getattr(torch, "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_and_exit() -> None:
+    try:
         code = _mount_areas(sys.argv[1:])(standalone_mode=False)
     except LfmError as e:
         for line in getattr(e, "problems", None) or [str(e)]:
