@@ -299,11 +299,8 @@ def test_patch_factors_take_the_dtype_of_the_edited_weights():
     assert editor.alpha.dtype == torch.float32
 
 
-def test_the_editor_is_moved_to_the_models_device(monkeypatch):
-    """A loaded editor (CPU) serves a model on another device. Without a second device here the
-    move is observed: `mend` asks the editor to go to the model's device (mutant mend 16)."""
-    lm = common.smoke_model()
-    editor = MendEditor.for_model(lm.model, TINY)
+def _spy_on_to(monkeypatch) -> list:
+    """The (args, kwargs) of every `MendEditor.to` call from here on."""
     moved, to = [], MendEditor.to
 
     def spy(self, *args, **kwargs):
@@ -311,6 +308,15 @@ def test_the_editor_is_moved_to_the_models_device(monkeypatch):
         return to(self, *args, **kwargs)
 
     monkeypatch.setattr(MendEditor, "to", spy)
+    return moved
+
+
+def test_the_editor_is_moved_to_the_models_device(monkeypatch):
+    """A loaded editor (CPU) serves a model on another device. Without a second device here the
+    move is observed: `mend` asks the editor to go to the model's device (mutant mend 16)."""
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    moved = _spy_on_to(monkeypatch)
     mend(lm, REQ, editor=editor)
     assert moved == [((torch.device("cpu"),), {})] and not editor.training
 
@@ -401,13 +407,7 @@ def test_train_mend_moves_the_editor_to_the_models_device(monkeypatch):
     # as `mend`: the editor is asked to go to the model's device (mutant train_mend 23)
     lm = common.smoke_model()
     editor = MendEditor.for_model(lm.model, TINY)
-    moved, to = [], MendEditor.to
-
-    def spy(self, *args, **kwargs):
-        moved.append((args, kwargs))
-        return to(self, *args, **kwargs)
-
-    monkeypatch.setattr(MendEditor, "to", spy)
+    moved = _spy_on_to(monkeypatch)
     train_mend(lm, _facts(2), TINY, steps=0, editor=editor)
     assert moved == [((torch.device("cpu"),), {})]
 
