@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -228,11 +228,9 @@ def _load_folder(folder: Path, name: str, kind: str | None, at: Placement) -> Lo
     got = _kind_of_config(config)
     _check_kind(name, got, kind)
     auto = AutoModelForCausalLM if got == "causal-lm" else AutoModel
-    spread: dict[str, Any] = {}
-    if at.spread is not None:
-        spread = {"device_map": at.spread.device_map, "max_memory": at.spread.max_memory,
-                  "offload_folder": at.spread.offload_folder}  # fmt: skip
-        _check_device_map(at.spread.device_map)
+    spread: dict[str, Any] = {} if at.spread is None else asdict(at.spread)
+    if spread:
+        _check_device_map(spread["device_map"])
     try:
         model: Any = auto.from_pretrained(folder, dtype=at.dtype, **spread)
         tok = AutoTokenizer.from_pretrained(folder)
