@@ -3,6 +3,7 @@ meta-training that beats it on held-out edits, low-rank patches, files and the C
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import random
@@ -425,9 +426,10 @@ def test_train_mend_bar_counts_steps_and_shows_each_steps_edit_nll_and_kl(capsys
 def test_train_mend_step_is_the_meta_loss_of_one_drawn_x_e_and_x_loc_with_statistics_updated():
     # one fact, two equivalents (prompt, paraphrase) and two unrelated prompts: the first step's
     # loss is c_edit · L_e + L_loc of one x'_e and one x_loc (not their means), with the features
-    # added to the statistics first (mutants train_mend 76, 82, 83, 84)
-    lm = common.smoke_model()
-    fact = _facts(1)[0]
+    # added to the statistics first (mutants train_mend 76, 82, 83, 84; 74: every x'_e). The
+    # sharp model: the smoke model's near-uniform NLLs of the two x'_e are within 1e-5
+    lm = _sharp()
+    fact = dataclasses.replace(_facts(1)[0], paraphrases=("Berlin is the city of the Kyoto, or",))
     editor, hist = train_mend(lm, [fact], TINY, steps=1)
     n = features(lm.model, lm.tokenizer, fact.request, editor.modules_)[editor.modules_[0]][0]
     assert editor.count_0.item() == n.shape[0] > 0
@@ -439,6 +441,7 @@ def test_train_mend_step_is_the_meta_loss_of_one_drawn_x_e_and_x_loc_with_statis
         for eq in item.equivalents for loc in item.unrelated
     ]  # fmt: skip
     got = {k: hist[0][k] for k in ("edit", "loc", "loss")}
+    assert abs(want[0]["edit"] - want[2]["edit"]) > 1e-2  # the two x'_e tell apart
     assert any(got == pytest.approx(w, rel=1e-5) for w in want), (got, want)
 
 
@@ -477,3 +480,99 @@ def test_locality_kl_asks_for_the_prompt_on_the_models_device():
     t.ids.to = lambda *args, **kw: asked.append(args) or to(*args, **kw)
     kl = mend_module.locality_kl(lm.model, t, {})
     assert asked == [(torch.device("cpu"),)] and kl.item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_items_take_the_next_edits_unrelated_prompts_or_its_prompt_in_a_ring():
+    # bare requests: x'_e is the prompt, x_loc the next request's prompt, the last taking the
+    # first's (mutants items 3, 4, 45-53: no request, no x'_e, a request its own x_loc, another
+    # neighbour, none)
+    reqs = [common.Request(f"The city of the {s}", s, "Rome") for s in ("Ka", "Lo", "Mi")]
+    got = items(reqs)
+    assert [it.request for it in got] == reqs
+    assert [it.equivalents for it in got] == [(r.prompt,) for r in reqs]
+    assert [it.unrelated for it in got] == [(reqs[1].prompt,), (reqs[2].prompt,), (reqs[0].prompt,)]
+    # facts: their own neighbourhood first, else the next fact's, else the next fact's prompt
+    f = _facts(3)
+    bare = [Fact(9, "r", "Ren", "The city of the Ren", "?", "Rome", ("The old Ren",), ())]
+    got = items([f[0], *bare, f[1]])
+    assert got[0].unrelated == f[0].neighbourhood and got[2].unrelated == f[1].neighbourhood
+    assert got[1].equivalents == ("The city of the Ren", "The old Ren")
+    assert got[1].unrelated == f[1].neighbourhood
+    got = items([*bare, Fact(8, "r", "Sa", "The city of the Sa", "?", "Paris", (), ())])
+    assert [it.unrelated for it in got] == [("The city of the Sa",), ("The city of the Ren",)]
+
+
+def test_items_need_two_edits_or_unrelated_prompts_and_refuse_other_data_naming_its_type():
+    # mutants items 33, 34 (`<= 2`, `< 3`: two requests refused), 38 (the message), 9 (`or`:
+    # an object with only `request` read as a fact), 30, 31 (the refusal's text)
+    two = [
+        common.Request("The city of the Ka", "Ka", "Rome"),
+        common.Request("The city of the Lo", "Lo", "Paris"),
+    ]
+    assert [it.unrelated for it in items(two)] == [(two[1].prompt,), (two[0].prompt,)]
+    assert items(_facts(1))[0].unrelated == _facts(1)[0].neighbourhood  # one fact with its own
+    with pytest.raises(LfmError, match=r"^mend needs two or more training edits, or facts with "
+                       r"neighbourhood prompts$"):  # fmt: skip
+        items(two[:1])
+    with pytest.raises(
+        LfmError, match=r"^mend trains on facts or edit requests, not SimpleNamespace$"
+    ):
+        items([*two, SimpleNamespace(request=two[0])])
+    with pytest.raises(LfmError, match=r"^mend trains on facts or edit requests, not str$"):
+        items(["The city of the Ka"])
+
+
+def test_editor_refuses_a_shape_count_unlike_its_matrices_in_one_line():
+    # mutants MendEditor.check 3, 6, 7 (zip without strict) rest on this: an editor always has
+    # one shape per matrix
+    with pytest.raises(
+        LfmError, match=r"^a MEND editor needs one shape per matrix: 2 matrices, 1 shapes$"
+    ):
+        MendEditor(["a.b", "a.c"], [(2, 3)], rank=2)
+
+
+def test_edited_weights_keep_a_bfloat16_models_dtype():
+    # the editor's factors are float32; W̃ is cast to the weight's dtype, so the edited forward
+    # of a bfloat16 model runs (mutant edited_params 15: W̃ promoted to float32)
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    lm.model.to(torch.bfloat16)
+    feats = features(lm.model, lm.tokenizer, REQ, editor.modules_)
+    params = mend_module.edited_params(lm.model, editor, feats)
+    assert {v.dtype for v in params.values()} == {torch.bfloat16}
+    t = tokens(lm.tokenizer, REQ.prompt, REQ.target)
+    assert torch.isfinite(nll(lm.model, t, params))
+
+
+def test_train_mend_steps_the_networks_at_lr_and_the_alphas_at_alpha_lr():
+    # Adam's first step moves each parameter by about its group's rate: the networks by at most
+    # cfg.lr, α by cfg.alpha_lr (mutants train_mend 34, 35, 38, 39: a group's "lr" misspelt
+    # falls back to Adam's default 1e-3)
+    lm = _sharp()
+    for lr, alpha_lr in ((1e-6, 1e-2), (1e-2, 1e-6)):
+        cfg = TINY.replace(lr=lr, alpha_lr=alpha_lr)
+        fresh = MendEditor.for_model(lm.model, cfg)
+        editor, _ = train_mend(lm, _facts(2), cfg, steps=1)
+        nets = [(n, p) for n, p in editor.named_parameters() if n != "alpha"]
+        start = dict(fresh.named_parameters())
+        moved = max((p - start[n]).abs().max().item() for n, p in nets)
+        alpha_moved = (editor.alpha - fresh.alpha).abs().max().item()
+        assert 0 < moved <= 1.01 * lr and 0 < alpha_moved <= 1.01 * alpha_lr, (
+            lr,
+            moved,
+            alpha_moved,
+        )
+        assert max(moved / lr, alpha_moved / alpha_lr) > 0.5  # the largest move is about a rate
+
+
+def test_train_mend_draws_its_edits_and_prompts_from_the_seed():
+    # the same seed: the same steps; another: other draws (mutant train_mend 41: an unseeded
+    # generator)
+    lm = _sharp()
+    facts = [
+        Fact(i, "r", f.subject, f.prompt, "?", f.new, (*f.paraphrases, f"{f.subject} is in"),
+             (*f.neighbourhood, UNRELATED[i % 5]))
+        for i, f in enumerate(_facts(6))
+    ]  # fmt: skip
+    runs = [train_mend(lm, facts, TINY.replace(seed=s), steps=6)[1] for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]

@@ -245,3 +245,39 @@ def test_the_corpus_is_the_named_data_sets_training_split():
 
     texts = stats.corpus_texts("bbc-news")
     assert list(texts) == list(load_dataset("bbc-news").train_texts) and len(texts) > 1000
+
+
+def _keys(model, tok, text: str, name: str) -> torch.Tensor:
+    with torch.no_grad(), capture(model, [name], inputs=True) as acts:
+        model(**tok(text, return_tensors="pt"))
+        return acts[name][0].double()  # (T, D_in)
+
+
+def test_each_text_is_cut_to_max_len_tokens_and_one_token_is_its_own_moment():
+    # an article is read up to `max_len` tokens (mutants compute_second_moments 37, 38, 41, 42,
+    # 45: no cut, or the tokenizer's own limit); a budget of one token is divided by one (87:
+    # `max(seen, 2)`)
+    h = common.smoke_model()
+    model, tok = h.model, h.tokenizer
+    text = common.SMOKE_TEXTS[0]
+    k = _keys(model, tok, text, "model.layers.0.mlp.down_proj")
+    assert len(k) > 5
+    got = stats.compute_second_moments(model, tok, [0], [text, text], 1000, 3)[0]
+    assert torch.allclose(got, 2 * k[:3].T @ k[:3] / 6)
+    one = stats.compute_second_moments(model, tok, [0], [text], 1, 64)[0]
+    assert torch.allclose(one, k[:1].T @ k[:1])
+
+
+def test_statistics_feed_the_tokens_on_the_models_device():
+    # the model on the meta device stands for a GPU: the token ids go where the model is
+    # (mutants compute_second_moments 9, 47: ids left on the CPU); every call mixing devices
+    # fails under SameDevice
+    from conftest import SameDevice
+
+    h = common.smoke_model()
+    h.model.to("meta")
+    with SameDevice():
+        got = stats.compute_second_moments(
+            h.model, h.tokenizer, [0, 1], common.SMOKE_TEXTS[:2], 20, 8
+        )
+    assert got[0].is_meta and got[0].shape == (64, 64) and got[0].dtype == torch.float64

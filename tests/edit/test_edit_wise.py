@@ -378,3 +378,61 @@ def test_route_moves_the_side_memory_to_the_inputs_device():
     a = torch.tensor([[[3.0, 4.0]]])
     new, routed = route(side, 1.0, a, torch.zeros(1, 1, 2), None)
     assert asked == [(a.device,)] and routed.tolist() == [True] and torch.equal(new, a)
+
+
+def test_route_moves_an_earlier_routing_to_the_scores_device():
+    # `before` (kept from the prompt's call) is asked for on the device of this call's scores
+    # (mutant route 27: `before.to(None)`); a spy stands in for the GPU
+    side, asked = torch.eye(2), []
+    before = torch.tensor([True])
+    to = before.to
+    before.to = lambda *args, **kw: asked.append(args) or to(*args, **kw)
+    quiet = torch.tensor([[[0.1, 0.0]]])  # below ε: routed only by `before`
+    new, routed = route(side, 1.0, quiet, torch.zeros(1, 1, 2), None, before)
+    assert asked == [(torch.device("cpu"),)] and routed.tolist() == [True]
+    assert torch.equal(new, quiet)
+
+
+def test_route_returns_the_projections_dtype():
+    # the side memory's output is computed in float32 and cast to the projection's dtype: a
+    # bfloat16 model's layer stays bfloat16 (mutant route 35: `d.to(None)` promotes the routed
+    # rows to float32)
+    side = torch.eye(2)
+    a = torch.tensor([[[3.0, 4.0]], [[0.1, 0.0]]], dtype=torch.bfloat16)
+    out = torch.ones(2, 1, 2, dtype=torch.bfloat16)
+    new, routed = route(side, 1.0, a, out, None)
+    assert new.dtype == torch.bfloat16 and routed.tolist() == [True, False]
+    assert torch.equal(new[0], out[0] + a[0]) and torch.equal(new[1], out[1])
+
+
+def test_call_state_reads_only_a_two_dimensional_attention_mask():
+    # a 4-D mask (as some callers pass) or a mapping of masks is not a (B, T) padding mask: no
+    # mask, so no row is scored on it (mutant _call_state 7: any mask kept)
+    assert _call_state({"attention_mask": torch.ones(1, 1, 3, 3)}) == (None, False)
+    assert _call_state({"attention_mask": {"full_attention": torch.ones(1, 1, 3, 3)}})[0] is None
+    assert _call_state({"attention_mask": [[1, 1, 0]]})[0] is None
+
+
+def test_call_state_counts_a_cache_of_one_token_and_a_cache_without_a_length_method():
+    # a cache that holds one token continues a generation (mutant _call_state 36: `> 1`); a
+    # legacy cache (a tuple of layers, no `get_seq_length`) is read by its length (34)
+    class Cache:
+        def get_seq_length(self) -> int:
+            return 1
+
+    assert _call_state({"cache": Cache()}) == (None, True)
+    legacy = ((torch.zeros(1, 1, 2, 4), torch.zeros(1, 1, 2, 4)),)
+    assert _call_state({"past_key_values": legacy}) == (None, True)
+    assert _call_state({"past_key_values": ()}) == (None, False)
+
+
+def test_a_memory_refuses_a_model_without_its_module_or_with_other_weights(h):
+    memory = _hand_memory(h)
+    memory.module = "model.layers.9.mlp.down_proj"
+    with pytest.raises(LfmError, match=r"^WISE memory sits at model\.layers\.9\.mlp\.down_proj, "
+                       r"which this model lacks$"):  # fmt: skip
+        memory.check(h.model)
+    other = _hand_memory(h)
+    other.base = "0" * 64
+    with pytest.raises(LfmError, match=r"^WISE memory was made for other weights \(base 0{12}\)$"):
+        other.check(h.model)

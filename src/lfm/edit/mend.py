@@ -223,6 +223,9 @@ class MendEditor(nn.Module):
         super().__init__()
         if not modules:
             raise LfmError("a MEND editor needs at least one edited matrix")
+        if len(shapes) != len(modules):
+            raise LfmError(f"a MEND editor needs one shape per matrix: {len(modules)} matrices, "
+                           f"{len(shapes)} shapes")  # fmt: skip
         self.modules_ = list(modules)
         self.shapes = [(int(o), int(i)) for o, i in shapes]
         self.rank = int(rank)
@@ -385,8 +388,8 @@ class Item:
 
 def items(data: Sequence[Any]) -> list[Item]:
     """`Item`s from facts (`lfm.edit.facts.Fact`: prompt, paraphrases, neighbourhood) or bare
-    requests (the prompt only). A fact without neighbourhood prompts gets those of the next fact
-    that has some, else the next fact's prompt."""
+    requests (the prompt only). An edit without unrelated prompts takes the next edit's (in
+    order, the last taking the first's), or that edit's prompt if it has none."""
     base = []
     for d in data:
         if isinstance(d, Request):
@@ -399,13 +402,9 @@ def items(data: Sequence[Any]) -> list[Item]:
         raise LfmError("mend needs two or more training edits, or facts with neighbourhood prompts")
     out = []
     for i, it in enumerate(base):
-        loc = it.unrelated
-        for j in range(1, len(base)):
-            if loc:
-                break
-            other = base[(i + j) % len(base)]
-            loc = other.unrelated or (other.request.prompt,)
-        out.append(Item(it.request, it.equivalents, loc))
+        after = base[(i + 1) % len(base)]
+        out.append(Item(it.request, it.equivalents,
+                        it.unrelated or after.unrelated or (after.request.prompt,)))  # fmt: skip
     return out
 
 
