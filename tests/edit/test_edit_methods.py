@@ -463,3 +463,36 @@ def test_ft_l_goes_on_at_a_loss_equal_to_stop_nll():
     nll = ftl._nll(h.model, {f"{site.module}.weight": w0}, build_batch(h.tokenizer, REQ, [""]))
     at = ft_l(h, REQ, FTLConfig(steps=1, stop_nll=nll.item()))
     assert at.deltas[0].matrix().abs().max() == pytest.approx(5e-4)  # one step was taken
+
+
+def test_rank_one_each_by_hand_with_its_ridge():
+    # keys e1, e2 and C = I with ridge 0.5: (C + 0.5 I)⁻¹K = K/1.5, the Gram K'ᵀ… = I/1.5 gets
+    # 0.5 · its mean diagonal (1/3) added: I, so l = K/1.5 · 1 = (2/3, 2/3, 0) (mutants
+    # rank_one_each: the ridge subtracted, divided by the mean)
+    from lfm.edit.rome import rank_one_each
+
+    keys = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    u, left = rank_one_each(keys, torch.tensor([1.0, -2.0]), torch.eye(3, dtype=torch.float64), 0.5)
+    assert torch.equal(u, torch.tensor([[1.0], [-2.0]]))
+    assert torch.allclose(left, torch.tensor([[2 / 3], [2 / 3], [0.0]]), atol=1e-7)
+    assert left.dtype == torch.float32
+
+
+def test_stack_puts_each_requests_factors_side_by_side():
+    # several sequential ROME requests make one delta of rank n: U = [u₁ u₂], V = [v₁ v₂]
+    # (mutants stack 15, 20: the factors stacked along the rows)
+    from lfm.edit.patch import Delta
+    from lfm.edit.rome import stack
+
+    gen = torch.Generator().manual_seed(0)
+    u1, u2, v1, v2 = (torch.randn(n, 1, generator=gen) for n in (4, 4, 3, 3))
+    d = stack([Delta("m", u1, v1), Delta("m", u2, v2)])
+    assert d.module == "m" and torch.equal(d.u, torch.cat([u1, u2], 1))
+    assert torch.equal(d.v, torch.cat([v1, v2], 1))
+    assert torch.allclose(d.matrix(), u1 @ v1.T + u2 @ v2.T)
+
+
+def test_rome_refuses_a_model_without_its_tokenizer_naming_rome(lm):
+    h, cov = lm
+    with pytest.raises(LfmError, match=r"^edit/rome needs a LocalModel \(a model with its tok"):
+        rome(h.model, REQ, RomeConfig(**STRONG), cov=cov)

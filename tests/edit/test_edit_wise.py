@@ -15,6 +15,8 @@ from lfm.edit.patch import fingerprint
 from lfm.edit.wise import _call_state, default_layer, route, ties_merge
 from lfm.errors import ConfigError, LfmError
 
+from conftest import SameDevice
+
 wise_mod = importlib.import_module("lfm.edit.wise")  # `lfm.edit.wise` is also the function
 REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
 UNRELATED = "The Colosseum is located in the city of"
@@ -436,3 +438,67 @@ def test_a_memory_refuses_a_model_without_its_module_or_with_other_weights(h):
     other.base = "0" * 64
     with pytest.raises(LfmError, match=r"^WISE memory was made for other weights \(base 0{12}\)$"):
         other.check(h.model)
+
+
+def test_routing_loss_by_hand():
+    # α = 0.2, β = 1, γ = 1, edit score 0.8, irrelevant scores 0.1 and 0.5:
+    # mean relu(s_irr − α) = 0.15, relu(β − s_edit) = 0.2, mean relu(γ − (s_edit − s_irr)) = 0.5
+    # (mutants routing_loss 4: `s_irr + α`, 9: `s_edit + s_irr`)
+    cfg = WiseConfig(alpha=0.2, beta=1.0, gamma=1.0)
+    got = wise_mod.routing_loss(torch.tensor(0.8), torch.tensor([0.1, 0.5]), cfg)
+    assert got.item() == pytest.approx(0.85, abs=1e-6)
+
+
+def test_a_shards_mask_is_drawn_from_its_seed_and_index():
+    # the generator seeded with seed · 1,000,003 + index (mutants new_shard 1, 11, 13: torch's
+    # global generator; 3, 5: another seed), so two runs draw the same masks
+    for seed, index in ((0, 1), (1, 0), (2, 3)):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        shard = wise_mod.new_shard((8, 16), 0.3, seed, index)
+        assert torch.equal(shard.mask, torch.rand((8, 16), generator=gen) < 0.3)
+        assert torch.equal(shard.delta, torch.zeros(8, 16)) and shard.edits == 0
+
+
+def test_each_edits_trace_starts_at_the_bare_prompts_target_nll(h):
+    # the trace records the unedited NLL of the target after the bare prompt (mutants _descend
+    # 35-39: `nll_start` missing or None; train_edit 8: the prompt trained with a prefix)
+    memory = wise(h, REQ, CFG.replace(steps=3))
+    (step,) = memory.info["steps"]
+    nll = -float(h.score([REQ.prompt], [" Rome"]))
+    assert step["nll_start"] == pytest.approx(nll, abs=1e-5)
+    assert step["nll_end"] < step["nll_start"]
+
+
+def test_a_bfloat16_model_is_edited_in_its_dtype(h):
+    # the trained side memory is float32 and its output cast to the projection's dtype, so a
+    # bfloat16 model trains and routes (mutant train_edit 18: a float32 layer output, which
+    # the next bfloat16 matrix refuses)
+    h.model.to(torch.bfloat16)
+    memory = wise(h, REQ, CFG.replace(steps=3))
+    step = memory.info["steps"][0]
+    assert step["nll_end"] < step["nll_start"]
+    undo = memory.apply(h.model)
+    try:
+        assert h.next_token_logprobs([REQ.prompt]).isfinite().all()
+    finally:
+        undo.revert(h.model)
+
+
+class _OnMeta(SameDevice):
+    """SameDevice, with a meta tensor's copy to the CPU read as zeros of its shape (the meta
+    device stands for an accelerator: only where work ran is looked at)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu and args[0].is_meta:
+            return torch.zeros(args[0].shape, dtype=args[0].dtype)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def test_activations_feed_the_prompt_on_the_models_device(h):
+    # the model on the meta device stands for a GPU (mutants activations 5, 7: ids made on the
+    # CPU, which SameDevice refuses when the model runs)
+    site = wise_mod.edit_site(h.model, 1)
+    h.model.to("meta")
+    with _OnMeta():
+        (acts,) = wise_mod.activations(h.model, h.tokenizer, [REQ.prompt], site)
+    assert acts.shape == (len(h.tokenizer(REQ.prompt)["input_ids"]), 64)

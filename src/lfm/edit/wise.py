@@ -117,7 +117,8 @@ class Shard:
 
 
 def new_shard(shape: tuple[int, int], density: float, seed: int, index: int) -> Shard:
-    """An empty shard whose mask draws each entry with probability ρ (seeded by shard index)."""
+    """An empty shard whose mask draws each entry with probability ρ: `torch.rand` from a
+    generator seeded with seed · 1,000,003 + index, so a run's masks are reproducible."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + index)
     return Shard(torch.rand(shape, generator=gen) < density, torch.zeros(shape))
 
