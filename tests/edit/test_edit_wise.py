@@ -502,3 +502,46 @@ def test_activations_feed_the_prompt_on_the_models_device(h):
     with _OnMeta():
         (acts,) = wise_mod.activations(h.model, h.tokenizer, [REQ.prompt], site)
     assert acts.shape == (len(h.tokenizer(REQ.prompt)["input_ids"]), 64)
+
+
+def test_each_edits_trace_names_its_last_step_routing_loss_and_score(h):
+    # stop_nll = 0 is never reached: every step is taken and the trace is that of the last one
+    # (mutants _descend 40-47: a part missing or None)
+    memory = wise(h, REQ, CFG.replace(steps=3, stop_nll=0))
+    (step,) = memory.info["steps"]
+    assert set(step) == {"nll_start", "nll_end", "routing", "score", "steps"}
+    assert step["steps"] == 2
+    assert all(isinstance(step[k], float) for k in ("nll_end", "routing", "score"))
+    assert step["routing"] >= 0 and step["score"] > 0  # τ has moved: the edit has a score
+
+
+def test_an_edit_stops_once_the_nll_is_below_stop_nll_with_every_margin_met(h):
+    # only margins met and an NLL *below* stop_nll end training (mutants _descend 48: either;
+    # 49: at it; 50, 51: margins unmet; 52: no trace). Margins the tiny model meets in ~30 steps
+    cfg = CFG.replace(alpha=0.3, beta=0.35, gamma=0.0)
+    first = wise(h, REQ, cfg.replace(stop_nll=1e9))  # stops as soon as the margins hold
+    done = first.info["steps"][0]
+    assert done["routing"] == 0 and 1 <= done["steps"] < cfg.steps - 1
+    # the same edit again continues the shard where the margins already hold
+    nll = wise(h, REQ, cfg.replace(steps=1), memory=first).info["steps"][-1]["nll_start"]
+    below = wise(h, REQ, cfg.replace(steps=3, stop_nll=nll + 1e-4), memory=first)
+    assert below.info["steps"][-1] == {
+        "nll_start": nll, "nll_end": nll, "routing": 0.0, "score": pytest.approx(done["score"], rel=0.5),
+        "steps": 0,
+    }  # fmt: skip
+    at = wise(h, REQ, cfg.replace(steps=3, stop_nll=nll), memory=first)  # not below: steps on
+    assert at.info["steps"][-1]["steps"] >= 1
+
+
+def test_the_side_memory_keeps_each_entry_within_the_clamp_on_both_sides(h):
+    # a step far larger than the clamp drives entries to exactly ±clamp (mutants _descend 54,
+    # 55, 57: one side left unbounded)
+    memory = wise(h, REQ, CFG.replace(lr=1e4, clamp=1e-3, steps=2, stop_nll=0))
+    delta = memory.shards[0].delta
+    assert delta.max().item() == pytest.approx(1e-3) and delta.min().item() == pytest.approx(-1e-3)
+
+
+def test_a_model_without_its_tokenizer_is_refused_naming_wise(h):
+    # mutants wise_step 3, 6, 7: another name in the refusal
+    with pytest.raises(LfmError, match=r"^edit/wise needs a LocalModel \(a model with its tok"):
+        wise(h.model, REQ, CFG)
