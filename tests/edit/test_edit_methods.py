@@ -496,3 +496,46 @@ def test_rome_refuses_a_model_without_its_tokenizer_naming_rome(lm):
     h, cov = lm
     with pytest.raises(LfmError, match=r"^edit/rome needs a LocalModel \(a model with its tok"):
         rome(h.model, REQ, RomeConfig(**STRONG), cov=cov)
+
+
+@pytest.mark.parametrize("method", ["memit", "alphaedit"])
+def test_memit_and_alphaedit_name_themselves_in_patch_refusal_and_warning(method):
+    # mutants memit _edit 1-7, 10, 33, 55: another name in the patch, the refusal or the
+    # warning on a normed layout
+    import warnings
+
+    from conftest import make_lm
+
+    fn, cfg = {"memit": (memit, MemitConfig), "alphaedit": (alphaedit, AlphaEditConfig)}[method]
+    h = LocalModel(*make_lm("gemma3"))
+    cov = {layer: common.smoke_cov(h.model, h.tokenizer, layer) for layer in (0, 1)}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        patch = fn(h, REQ, cfg(layers=[0, 1], v_steps=1, n_prefixes=1), cov=cov)
+    assert patch.method == method
+    assert [str(w.message).split(":")[0] for w in seen if "did not take" in str(w.message)] == [
+        method
+    ]
+    with pytest.raises(LfmError, match=rf"^edit/{method} needs a LocalModel \(a model with its"):
+        fn(h.model, REQ, cfg(v_steps=1), cov=cov)
+
+
+def test_rome_reads_the_prefixed_outputs_once_and_records_v_star(lm):
+    # the δ search reuses the keys pass's MLP outputs (mutants rome_delta 21, 27: read again);
+    # the trace's v* is W k* + δ (31: W k* − δ)
+    h, cov = lm
+    site = edit_site(h.model, 1)
+    cfg = rome_defaults(RomeConfig(**{**STRONG, "v_steps": 2}), site)
+    calls = []
+    read = locate.keys_and_outputs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return read(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(locate, "keys_and_outputs", counted)
+        _, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, site, cov[1])
+    assert len(calls) == 1
+    w = linear_weight(h.model, site.module).detach().float()
+    assert torch.allclose(trace.value, w @ trace.key + trace.delta, atol=1e-6)

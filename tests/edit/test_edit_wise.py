@@ -545,3 +545,34 @@ def test_a_model_without_its_tokenizer_is_refused_naming_wise(h):
     # mutants wise_step 3, 6, 7: another name in the refusal
     with pytest.raises(LfmError, match=r"^edit/wise needs a LocalModel \(a model with its tok"):
         wise(h.model, REQ, CFG)
+
+
+def test_ties_merge_keeps_at_least_one_entry_per_shard_and_no_more_at_low_density():
+    # density 0.5 of two entries keeps one per shard: a keeps −2, b keeps 3 (mutant ties_merge
+    # 10: at least two kept, which would average 1 and 3 into 2)
+    a, b = torch.tensor([[1.0, -2.0]]), torch.tensor([[3.0, 0.5]])
+    assert torch.equal(ties_merge([a, b], 0.5), torch.tensor([[3.0, -2.0]]))
+    assert torch.equal(ties_merge([a, b], 0.01), torch.tensor([[3.0, -2.0]]))  # ceil: still one
+
+
+def test_a_continued_memory_keeps_its_config_layer_and_every_edits_trace(h):
+    # ε is act_ratio of the least edit score under the memory's own config (mutants
+    # WiseMemory.__post_init__ 2, wise_step 112: the defaults' 0.88); info holds the layer and
+    # the traces of the earlier edits then the new ones (wise_step 94-106, 121)
+    cfg = CFG.replace(steps=2, act_ratio=0.5)
+    first = wise(h, REQ, cfg)
+    assert first.epsilon == pytest.approx(0.5 * min(first.edit_scores))
+    assert first.info["layer"] == 1 and len(first.info["steps"]) == 1
+    later = wise(h, TEN[0], cfg, memory=first)
+    assert later.info["layer"] == 1 and later.config["act_ratio"] == 0.5
+    assert later.info["steps"][0] == first.info["steps"][0] and len(later.info["steps"]) == 2
+    assert later.epsilon == pytest.approx(0.5 * min(later.edit_scores))
+
+
+def test_a_memory_without_traces_is_continued(h):
+    # a memory made by hand (or saved without traces) has no "steps" in its info: continuing it
+    # starts the list (mutants wise_step 102, 104: no default for the missing key)
+    hand = _hand_memory(h)
+    assert "steps" not in hand.info
+    later = wise(h, TEN[0], CFG.replace(steps=2), memory=hand)
+    assert len(later.info["steps"]) == 1 and later.requests == [REQ, TEN[0]]

@@ -103,8 +103,9 @@ class WiseConfig(Config):
 
 
 def default_layer(model: nn.Module) -> int:
-    """⌊0.75·L⌋, a mid-to-late block as in the paper: 22 of SmolLM2's 30, 1 of a 2-block model."""
-    return min(int(0.75 * num_layers(model)), num_layers(model) - 1)
+    """⌊0.75·L⌋ (always below L), a mid-to-late block as in the paper: 22 of SmolLM2's 30, 1 of
+    a 2-block model."""
+    return int(0.75 * num_layers(model))
 
 
 @dataclass
