@@ -536,6 +536,171 @@ def test_rome_reads_the_prefixed_outputs_once_and_records_v_star(lm):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(locate, "keys_and_outputs", counted)
         _, trace = rome_delta(h.model, h.tokenizer, REQ, cfg, site, cov[1])
-    assert len(calls) == 1
+    assert len(calls) == 1 and trace.module == site.module  # (mutants rome_delta 61, 65)
+    assert set(trace.info) >= {"nll_start", "nll_end"}
     w = linear_weight(h.model, site.module).detach().float()
     assert torch.allclose(trace.value, w @ trace.key + trace.delta, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("d_out", "d_in", "rank", "dense"),
+    [(4, 4, 2, False), (4, 4, 3, True), (6, 2, 1, False), (6, 2, 2, True), (2, 6, 2, True)],
+)
+def test_memit_stores_factors_unless_the_matrix_is_smaller(d_out, d_in, rank, dense):
+    # r·(D_out + D_in) numbers against D_out·D_in; a tie keeps the factors (mutants
+    # _low_rank_or_dense 1-13)
+    from lfm.edit.memit import _low_rank_or_dense
+
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(d_out, rank, generator=g), torch.randn(d_in, rank, generator=g)
+    d = _low_rank_or_dense("m", u, v)
+    assert d.module == "m" and (d.dense is not None) == dense and (d.u is None) == dense
+    assert torch.allclose(d.matrix(), u @ v.T)
+
+
+def test_memit_default_window_is_five_blocks_around_the_middle_or_three_ending_there():
+    # 24 blocks: default_layer 4 (a sixth of the depth), the window [mid − 2, mid + 2], or
+    # [mid − 2, mid] where the MLP output is normed (mutants edit_layers 18, 33, 36)
+    from lfm.edit.memit import edit_layers
+    from lfm.edit.site import default_layer
+
+    from conftest import deep_lm
+
+    for kind in ("llama", "gemma3"):
+        model, _ = deep_lm(kind, 24)
+        mid = default_layer(model)
+        assert mid == 4
+        top = mid if kind == "gemma3" else mid + 2
+        assert edit_layers(model, None) == list(range(mid - 2, top + 1)), kind
+
+
+def test_memit_update_refuses_an_unfilled_lambda_and_alphaedit_solves_by_hand():
+    # MEMIT's λ comes from memit_defaults (mutants layer_update 5-7: the message); AlphaEdit's
+    # V = (P (K Kᵀ + K_p K_pᵀ) + α I)⁻¹ P K with α = alpha_l2 · tr(C)/D (26: K_p subtracted,
+    # 30: −αI)
+    from lfm.edit.memit import layer_update, null_projector
+
+    k = torch.tensor([[1.0], [2.0], [3.0]])
+    with pytest.raises(
+        LfmError, match=r"^mom2_update_weight is unset: fill it with memit_defaults$"
+    ):
+        layer_update(k, torch.eye(3, dtype=torch.float64), MemitConfig())
+    cov = torch.diag(torch.tensor([5.0, 1e-3, 2e-3], dtype=torch.float64))
+    prior = torch.tensor([[0.0], [1.0], [-1.0]])
+    cfg = AlphaEditConfig(alpha_l2=2.0)
+    p = null_projector(cov, cfg.null_threshold)
+    assert torch.allclose(p, torch.diag(torch.tensor([0.0, 1.0, 1.0], dtype=torch.float64)))
+    kd, pd = k.double(), prior.double()
+    alpha = 2.0 * (5.0 + 1e-3 + 2e-3) / 3
+    want = torch.linalg.solve(
+        p @ (kd @ kd.T + pd @ pd.T) + alpha * torch.eye(3, dtype=torch.float64), p @ kd
+    )
+    got = layer_update(k, cov, cfg, prior)
+    assert got.dtype == torch.float32 and torch.allclose(got, want.float(), atol=1e-7)
+    assert not torch.allclose(got, layer_update(k, cov, cfg), atol=1e-4)  # the prior counts
+
+
+def _memit_setup(kind: str, layers: list[int], **kw):
+    from lfm.edit.memit import memit_defaults
+
+    from conftest import make_lm
+
+    h = LocalModel(*make_lm(kind))
+    sites = edit_sites(h.model, layers)
+    for s in edit_sites(h.model, [0, 1]):
+        if s.norm_module(h.model) is not None:  # the tiny model's MLP outputs are ~1e-3 long:
+            s.norm_module(h.model).eps = 1e-12  # its norm's ε would make it scale-dependent
+    base = dict(v_steps=5, v_lr=0.5, clamp_norm=1e4, kl_factor=0.0, v_weight_decay=0.0,
+                n_prefixes=1, key_constraint="mean", use_cov=False, mom2_update_weight=1e-12)  # fmt: skip
+    return h, sites, memit_defaults(MemitConfig(layers=layers, **{**base, **kw}), sites[-1])
+
+
+def _at_subject(h, last, site):
+    from lfm.edit.memit import resid_and_keys
+
+    return resid_and_keys(h.model, h.tokenizer, [REQ], last, site, 1, each=True)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_memit_moves_the_last_residual_by_what_delta_makes_there_sharing_it_among_layers(kind):
+    """With C = I and a tiny λ the normal equations are met almost exactly: the residual after
+    the last edited block moves by z − h = (what δ at its MLP output makes of the residual, through
+    a post-MLP norm where there is one), and without a norm whether one block or two carry the
+    change; with two, the lower one's MLP output takes (z − h)/2 (mutants memit_deltas 55, 64, 127, 133: the norm
+    skipped; 87: the mean over all entries; 134-136: another share)."""
+    from lfm.edit.memit import _delta, resid_change
+
+    h, (s1,), cfg = _memit_setup(kind, [1])
+    h0, _, m = _at_subject(h, s1, s1)
+    delta = _delta(h.model, h.tokenizer, REQ, s1, cfg, h0[:, 0], m.T)
+    want = resid_change(s1.norm_module(h.model), m, delta)  # z − h, (D, 1)
+    assert want.norm() > 0.1 * h0.norm()
+    # through a norm only a change of δ's own kind is reached exactly: one block there
+    for layers in ([1], [0, 1]) if kind == "llama" else ([1],):
+        patch = memit(h, REQ, cfg.replace(layers=layers))
+        undo = patch.apply(h.model)
+        try:
+            moved = _at_subject(h, s1, s1)[0] - h0
+        finally:
+            undo.revert(h.model)
+        assert torch.allclose(moved, want, atol=1e-3 * want.norm()), (layers, moved, want)
+    if kind == "llama":  # no norm: the lower block's MLP output takes half of z − h
+        s0 = edit_sites(h.model, [0])[0]
+        m0 = _at_subject(h, s0, s0)[2]
+        lower = memit(h, REQ, cfg.replace(layers=[0, 1])).deltas[0]
+        with common.temporarily(h.model, [lower]):
+            share = _at_subject(h, s0, s0)[2] - m0
+        assert torch.allclose(share, want / 2, atol=1e-3 * want.norm()), (share, want)
+
+
+def test_memit_clamps_delta_against_the_residual_and_reuses_the_outputs_it_read():
+    # MEMIT's ‖δ‖ ≤ clamp_norm · ‖h‖, the residual's norm, not the MLP output's (mutants _delta
+    # 4, 5: another norm of the outputs); the δ search is given the outputs already read, and
+    # reads none again (11, 17)
+    from lfm.edit.memit import _delta
+
+    h, (s1,), cfg = _memit_setup("llama", [1], v_lr=5.0)
+    h0, _, m = _at_subject(h, s1, s1)
+    delta = _delta(h.model, h.tokenizer, REQ, s1, cfg.replace(clamp_norm=0.01), h0[:, 0], m.T)
+    assert delta.norm().item() == pytest.approx(0.01 * h0.norm().item(), rel=1e-4)
+    calls = []
+    read = locate.keys_and_outputs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(locate, "keys_and_outputs", lambda *a, **k: calls.append(1) or read(*a, **k))
+        memit(h, REQ, cfg)
+    assert calls == []
+
+
+@pytest.mark.parametrize("mode", ["each", "mean"])
+def test_memit_weighs_each_prefixed_key_by_one_over_root_p(mode):
+    # "each": the P = 3 prefixed columns of a request weigh 1/√P, so R Kᵀ averages them; "mean":
+    # one column, weight 1. The keys the first layer used show it (mutants memit_deltas 51-53,
+    # 101-103, 150). Without C (use_cov off), C = I (141: the config not read)
+    from lfm.edit.memit import memit_deltas, resid_and_keys
+
+    h, sites, cfg = _memit_setup("llama", [0, 1], n_prefixes=3, key_constraint=mode)
+    deltas, used = memit_deltas(h.model, h.tokenizer, [REQ], cfg, sites, None)
+    keys = resid_and_keys(h.model, h.tokenizer, [REQ], sites[-1], sites[0], 3, mode == "each")[1]
+    assert keys.shape[1] == (3 if mode == "each" else 1)
+    weight = 3**-0.5 if mode == "each" else 1.0
+    assert torch.allclose(used[0], keys.double() * weight, atol=1e-6)
+    assert len(deltas) == 2
+
+
+def test_memit_reads_every_layers_statistics_in_one_pass_with_the_configs_budget(monkeypatch):
+    # prefetch: one `second_moments` call for all edited layers, with the config's corpus, token
+    # budget and article cap (mutants prefetch_covariances 3: one pass per layer; 10: the
+    # estimator's defaults)
+    from lfm.edit import stats
+
+    h, sites, cfg = _memit_setup("llama", [0, 1], use_cov=True, stats_tokens=100, stats_max_len=9)
+    seen = []
+
+    def fake(model, tok, layers, *args):
+        seen.append((list(layers), *args))
+        return {layer: torch.eye(sites[0].d_in, dtype=torch.float64) for layer in layers}
+
+    monkeypatch.setattr(stats, "second_moments", fake)
+    monkeypatch.setattr(stats, "second_moment", lambda *a: pytest.fail("one layer at a time"))
+    memit(h, REQ, cfg)
+    assert seen == [([0, 1], "bbc-news", 100, 9)]

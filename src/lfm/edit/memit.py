@@ -177,11 +177,11 @@ def _apply(norm: nn.Module, cols: torch.Tensor) -> torch.Tensor:
 
 
 def layer_update(
-    r: torch.Tensor, k: torch.Tensor, cov: torch.Tensor, cfg: MemitConfig, prior: Any = None
+    k: torch.Tensor, cov: torch.Tensor, cfg: MemitConfig, prior: Any = None
 ) -> torch.Tensor:
     """Right factor V with ΔW = R Vᵀ: (λC + KKᵀ)⁻¹K (MEMIT) or AlphaEdit's projected solve,
     which also keeps the keys `prior` (D_in, n_p) of earlier sequential edits."""
-    k, d = k.double(), k.shape[0]
+    k = k.double()
     if not cfg.null_space:
         if cfg.mom2_update_weight is None:  # its default depends on the model
             raise LfmError("mom2_update_weight is unset: fill it with memit_defaults")
@@ -190,7 +190,8 @@ def layer_update(
     p = null_projector(cov, cfg.null_threshold)
     kkt = k @ k.T if prior is None else k @ k.T + prior.double() @ prior.double().T
     alpha = cfg.alpha_l2 * cov.diagonal().mean()  # relative to the key scale of this model
-    a = p @ kkt + alpha * torch.eye(d, dtype=torch.float64)
+    a = p @ kkt
+    a.diagonal().add_(alpha)  # + αI
     return torch.linalg.solve(a, p @ k).float()
 
 
@@ -252,7 +253,7 @@ def memit_deltas(
             resid = value_change(site.norm_module(model), outs, (z - h) / (len(sites) - j))
         c = common.covariance(model, tok, site, cfg, cov)
         resid, keys = resid * weight, keys * weight
-        v = layer_update(resid, keys, c, cfg, (prior or {}).get(site.layer))
+        v = layer_update(keys, c, cfg, (prior or {}).get(site.layer))
         deltas.append(_low_rank_or_dense(site.module, resid.float(), v))
         used[site.layer] = keys.double()
     return deltas, used
