@@ -576,3 +576,28 @@ def test_train_mend_draws_its_edits_and_prompts_from_the_seed():
     ]  # fmt: skip
     runs = [train_mend(lm, facts, TINY.replace(seed=s), steps=6)[1] for s in (0, 0, 1)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_the_editor_network_is_the_papers_residual_mlp_by_hand():
+    # g(ẑ) = ẑ + U (s ⊙ relu(V ẑ + b) + o) (mutants _Net.forward 2, 5, 6: a sign flipped, which
+    # training from U = 0 would absorb but a saved editor would not)
+    net = mend_module._Net(3, 2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        net.v.copy_(torch.tensor([[1.0, 0.0, -1.0], [0.0, 2.0, 0.0]]))
+        net.b.copy_(torch.tensor([0.5, -1.0]))
+        net.u.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, -1.0]]))
+    z = torch.tensor([[1.0, 1.0, 0.0]])
+    # V z + b = (1.5, 1.0); relu; s = (2, 3): (3, 3); + o = (0.5, -1): (3.5, 2)
+    got = net(z, torch.tensor([2.0, 3.0]), torch.tensor([0.5, -1.0]))
+    assert torch.allclose(got, z + torch.tensor([[3.5, 2.0, 1.5]]))
+
+
+def test_check_names_the_matrix_and_both_shapes():
+    # mutants MendEditor.check 16, 17: the refusal's text
+    lm = common.smoke_model()
+    editor = MendEditor.for_model(lm.model, TINY)
+    m, (o, i) = editor.modules_[0], editor.shapes[0]
+    editor.shapes[0] = (o, i + 1)
+    msg = rf"^the MEND editor was trained for {re.escape(m)} of shape \({o}, {i + 1}\), not \({o}, {i}\)$"
+    with pytest.raises(LfmError, match=msg):
+        editor.check(lm.model)

@@ -704,3 +704,44 @@ def test_memit_reads_every_layers_statistics_in_one_pass_with_the_configs_budget
     monkeypatch.setattr(stats, "second_moment", lambda *a: pytest.fail("one layer at a time"))
     memit(h, REQ, cfg)
     assert seen == [([0, 1], "bbc-news", 100, 9)]
+
+
+def test_value_change_is_the_least_change_along_the_reachable_direction():
+    """Through the norm, Δm is the point c·u nearest m on the direction u that reaches r (so Δm
+    ⟂ m + Δm), or, where u points away from m, the same direction at m's length; dead outputs
+    (gain 0) get the length that makes rms(u) = 1 even when m is short there (mutants
+    value_change 54, 62: that length floored; 64-69: another c; 79: c ≤ 1 sent to the fallback;
+    80-83: the fallback's length; resid_change 3, 13: a (D, cols) change read as one column)."""
+    from lfm.edit.memit import resid_change, value_change
+
+    from conftest import make_lm
+
+    gemma, _ = make_lm("gemma3")
+    norm = edit_site(gemma, 0).norm_module(gemma)
+    norm.eps = 1e-12  # scale-invariant: a short c·u is not pulled by ε
+    with torch.no_grad():
+        norm.weight.uniform_(-0.5, 0.5)
+        norm.weight[:3] = -1.0  # three dead outputs
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(32, 6, generator=g)
+    m2 = m + 0.5 * torch.randn(32, 6, generator=g)  # a nearby target: u points along m
+    m[:3] *= 0.05  # short where the gain is dead: the dead part's norm is below 1
+    m2[:3] *= 0.05
+    m2[:, 5] = -m[:, 5]  # the last column reverses: u points away from m
+    r = resid_change(norm, m, m2 - m)
+    dm = value_change(norm, m, r)
+    assert torch.allclose(norm((m + dm).T).T, norm(m.T).T + r, atol=1e-4)  # reached exactly
+    new = m + dm
+    cos = (dm * new).sum(0) / (dm.norm(dim=0) * new.norm(dim=0))
+    assert cos[:5].abs().max() < 1e-4  # the nearest point: Δm ⟂ m + Δm
+    c = new.norm(dim=0) / 32**0.5  # m + Δm = c·u with rms(u) = 1: ‖u‖ = √32
+    assert (c[:5] < 1).any() and (c[:5] > 1).any()  # c on both sides of 1
+    assert new[:, 5].norm().item() == pytest.approx(m[:, 5].norm().item(), rel=1e-5)  # fallback
+    # a change no MLP output can make (4 × the output's size): u is longer than rms 1 allows,
+    # and Δm is still the nearest point on it (mutant 69: ‖u‖² taken as D)
+    far = value_change(norm, m[:, :1], 4 * norm(m2[:, :1].T).T)
+    reach = m[:, :1] + far
+    assert ((far * reach).sum() / (far.norm() * reach.norm())).abs() < 1e-4
+    assert torch.equal(resid_change(None, m, m2 - m), m2 - m)  # no norm: (D, cols) as given
+    one = m2[:, 0] - m[:, 0]
+    assert torch.allclose(resid_change(norm, m[:, :1], one), r[:, :1], atol=1e-6)

@@ -281,7 +281,7 @@ class MendEditor(nn.Module):
     # -- the edited gradient --
 
     def transform(
-        self, module: str, u: torch.Tensor, delta: torch.Tensor, update: bool = False
+        self, module: str, u: torch.Tensor, delta: torch.Tensor, update: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(ũ, δ̃) = g_ℓ([u ‖ δ]) split back (`update`: add [u ‖ δ] to the statistics first)."""
         k = self.index(module)
