@@ -188,3 +188,31 @@ def test_ngram_entropy_of_texts_too_short_for_an_order_is_zero_and_weights_must_
     assert ngram_entropy("hello world") == 0.0  # one bigram (entropy 0), no trigram
     with pytest.raises(ValueError):  # a weight missing is not an order left out silently
         ngram_entropy("the cat sat on the mat", ns=(2, 3), weights=(1.0,))
+
+
+class _Writer:
+    """A TEXT handle whose continuations are given; it records how long it was asked to write."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.asked = texts, []
+
+    def generate(self, prompts, **kwargs):
+        self.asked.append(kwargs)
+        return self.texts[: len(prompts)]
+
+
+def test_fill_true_takes_the_first_word_of_four_tokens_without_punctuation():
+    # mutants fill_true 1, 8, 10 (another length), 13, 17 (other characters stripped), 15, 18
+    # (another placeholder), 16 (the second word)
+    from dataclasses import replace
+
+    from lfm.edit.facts import Fact, fill_true
+
+    blank = Fact(0, "r", "S", "The city of", "", "Rome", (), ())
+    facts = [replace(blank, id=i) for i in range(5)] + [replace(blank, id=9, true="kept")]
+    writer = _Writer([" 'Xanadu', they said", "", " ...", " Paris! and more", '"Oslo".'])
+    got = fill_true(writer, facts)
+    assert [f.true for f in got] == ["Xanadu", "?", "?", "Paris", "Oslo", "kept"]
+    assert writer.asked == [{"max_new_tokens": 4}]
+    fill_true(writer, facts[:1], max_new_tokens=2)
+    assert writer.asked[-1] == {"max_new_tokens": 2}

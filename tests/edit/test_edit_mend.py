@@ -601,3 +601,96 @@ def test_check_names_the_matrix_and_both_shapes():
     msg = rf"^the MEND editor was trained for {re.escape(m)} of shape \({o}, {i + 1}\), not \({o}, {i}\)$"
     with pytest.raises(LfmError, match=msg):
         editor.check(lm.model)
+
+
+def test_an_editor_has_one_network_per_shape_seeded_and_per_matrix_parts():
+    # two matrices of one input width but other output widths get two networks (mutant _key 1);
+    # the networks are drawn from the seed (__init__ 3, 16, 25; _Net.__init__ 6, 9), V at
+    # scale 1/√dim (_Net.__init__ 10, 11); scale and offset are per matrix, (n, r), the
+    # statistics float64 (37, 38, 43, 44, 60, 62); defaults r = 64, α = 1e-4 (1, 2)
+    ed = MendEditor(["a", "b"], [(40, 30), (50, 30)])
+    assert sorted(ed.nets) == ["40x30", "50x30"] and ed.rank == 64
+    assert torch.equal(ed.alpha, torch.full((2,), 1e-4))
+    assert ed.scale.shape == ed.offset.shape == (2, 64)
+    assert {ed.count_0.dtype, ed.mean_1.dtype, ed.m2_0.dtype} == {torch.float64}
+    again, other = (
+        MendEditor(["a", "b"], [(40, 30), (50, 30)], seed=0),
+        MendEditor(["a", "b"], [(40, 30), (50, 30)], seed=1),
+    )
+    assert all(torch.equal(p, q) for p, q in zip(ed.parameters(), again.parameters(), strict=True))
+    assert not torch.equal(ed.nets["40x30"].v, other.nets["40x30"].v)
+    v = ed.nets["50x30"].v  # (64, 80)
+    assert v.std().item() == pytest.approx(80**-0.5, rel=0.05)
+    with torch.no_grad():
+        ed.transform("b", torch.randn(3, 30), torch.randn(3, 50), False)  # the 80-wide network
+
+
+def test_an_editor_needs_a_matrix_and_for_model_reads_layers_and_seed():
+    # mutants __init__ 5-8 (the refusal's text); for_model 3, 5 (the layers ignored), 15 (the
+    # seed ignored)
+    with pytest.raises(LfmError, match=r"^a MEND editor needs at least one edited matrix$"):
+        MendEditor([], [])
+    lm = common.smoke_model()
+    one = MendEditor.for_model(lm.model, TINY.replace(layers=[0]))
+    assert one.modules_ == [
+        f"model.layers.0.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")
+    ]
+    a, b = (MendEditor.for_model(lm.model, TINY.replace(seed=s)) for s in (0, 1))
+    assert not torch.equal(a.nets[_k(a)].v, b.nets[_k(b)].v)
+
+
+def _k(editor: MendEditor) -> str:
+    return next(iter(editor.nets))
+
+
+def test_mlp_matrices_default_to_the_last_three_blocks_of_a_deeper_model_and_need_an_mlp(
+    monkeypatch,
+):
+    # mutants mlp_matrices 14 (every block), 24 (the refusal's text)
+    from conftest import deep_lm
+
+    model, _ = deep_lm("llama", 5)
+    assert {m.split(".")[2] for m in mlp_matrices(model)} == {"2", "3", "4"}
+    monkeypatch.setattr(
+        mend_module, "get_layout", lambda m: SimpleNamespace(mlp_in="fc", layers="x")
+    )
+    with pytest.raises(LfmError, match=r"^mend: no MLP module in the layout of 'llama'$"):
+        mlp_matrices(model)
+
+
+def test_normalise_uses_the_unbiased_variance_and_a_constant_feature_stays_finite():
+    # two rows: the variance divides by n − 1 = 1 (mutant normalise 25: by 2); a feature with
+    # zero variance is (z − μ)/√EPS, not NaN (35: √(var − EPS))
+    ed = MendEditor(["a"], [(1, 2)], rank=2)
+    z = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 2.0]])
+    ed.update_stats(0, z)
+    got = ed.normalise(0, torch.tensor([[3.0, 5.0, 2.0]]))
+    assert torch.allclose(got, torch.tensor([[1 / 2**0.5, 0.0, 0.0]]))
+    assert got.isfinite().all()
+
+
+def test_tokens_read_the_target_but_its_last_token_and_nothing_without_one():
+    # ids are the prompt and the target's tokens but the last (mutant tokens 18: only the first),
+    # positions and labels those of the target; no target: the prompt alone (8)
+    lm = common.smoke_model()
+    tok = lm.tokenizer
+    ctx = tok(REQ.prompt)["input_ids"]
+    for target in (" Rome", " Rome and Paris and Berlin"):
+        t = tokens(tok, REQ.prompt, target)
+        tgt = t.tgt.tolist()
+        assert len(tgt) >= 1 and t.ids[0].tolist() == ctx + tgt[:-1]
+        assert t.pos.tolist() == list(range(len(ctx) - 1, len(ctx) - 1 + len(tgt)))
+    bare = tokens(tok, REQ.prompt)
+    assert bare.ids[0].tolist() == ctx and bare.tgt.tolist() == [] and bare.pos.tolist() == []
+
+
+def test_nll_feeds_the_models_device():
+    # the model on the meta device stands for a GPU: ids, positions and labels go there (mutants
+    # nll 2, 25, 26)
+    from conftest import SameDevice
+
+    lm = common.smoke_model()
+    t = tokens(lm.tokenizer, REQ.prompt, REQ.target)
+    lm.model.to("meta")
+    with SameDevice():
+        assert nll(lm.model, t).is_meta

@@ -745,3 +745,19 @@ def test_value_change_is_the_least_change_along_the_reachable_direction():
     assert torch.equal(resid_change(None, m, m2 - m), m2 - m)  # no norm: (D, cols) as given
     one = m2[:, 0] - m[:, 0]
     assert torch.allclose(resid_change(norm, m[:, :1], one), r[:, :1], atol=1e-6)
+
+
+def test_solve_cov_by_hand_and_on_the_covariances_device():
+    # (C + ridge · tr(C)/D · I)⁻¹ rhs: C = diag(2, 4), ridge 0.5 adds 1.5 (mutants solve_cov 4,
+    # 6); the right-hand side is moved to C's device, the meta device standing for a GPU (17)
+    from conftest import SameDevice
+
+    cov = torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64))
+    got = common.solve_cov(cov, torch.tensor([1.0, 1.0]), 0.5)
+    assert got.dtype == torch.float64 and torch.allclose(
+        got, torch.tensor([1 / 3.5, 1 / 5.5], dtype=torch.float64)
+    )
+    assert torch.equal(cov, torch.diag(torch.tensor([2.0, 4.0], dtype=torch.float64)))  # C kept
+    with SameDevice():
+        out = common.solve_cov(cov.to("meta"), torch.ones(2, 3), 0.5)
+    assert out.is_meta and out.shape == (2, 3)

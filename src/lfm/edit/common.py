@@ -104,8 +104,8 @@ def prefetch_covariances(
 
 def solve_cov(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + ridge·tr(C)/D·I)⁻¹ rhs in float64; the tiny ridge only guards a rank-deficient C."""
-    d = cov.shape[0]
-    reg = cov + ridge * cov.diagonal().mean() * torch.eye(d, dtype=cov.dtype, device=cov.device)
+    reg = cov.clone()
+    reg.diagonal().add_(ridge * cov.diagonal().mean())
     return torch.linalg.solve(reg, rhs.to(cov.device).double())
 
 
