@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -216,3 +217,95 @@ def test_fill_true_takes_the_first_word_of_four_tokens_without_punctuation():
     assert writer.asked == [{"max_new_tokens": 4}]
     fill_true(writer, facts[:1], max_new_tokens=2)
     assert writer.asked[-1] == {"max_new_tokens": 2}
+
+
+class _Scorer:
+    """A SCORES handle with given log-probabilities per (prompt, continuation) and given
+    continuations; it records how long it was asked to write."""
+
+    def __init__(self, scores: dict, texts: list[str], access=True) -> None:
+        import torch
+
+        from lfm.access import Access
+
+        self._torch, self.scores, self.texts, self.asked = torch, scores, texts, []
+        if access:
+            self.access = Access.SCORES
+
+    def score(self, prompts, conts):
+        return self._torch.tensor(
+            [self.scores[(p, c)] for p, c in zip(prompts, conts, strict=True)]
+        )
+
+    def generate(self, prompts, max_new_tokens=None):
+        self.asked.append(max_new_tokens)
+        return self.texts[: len(prompts)]
+
+
+def _scored_fact():
+    from lfm.edit.facts import Fact
+
+    fact = Fact(0, "r", "Eiffel", "The Eiffel is in", "Paris", "Rome",
+                ("Eiffel stands in", "The tower Eiffel is in"),
+                ("Bob lives in", "Xavi works in"), ("Eiffel is", "Visit"))  # fmt: skip
+    scores = {
+        ("The Eiffel is in", " Rome"): 2.0, ("The Eiffel is in", " Paris"): 1.0,  # won
+        ("Eiffel stands in", " Rome"): 1.0, ("Eiffel stands in", " Paris"): 1.0,  # a tie: lost
+        ("The tower Eiffel is in", " Rome"): 3.0, ("The tower Eiffel is in", " Paris"): 0.0,
+        ("Bob lives in", " Paris"): 2.0, ("Bob lives in", " Rome"): 1.0,  # kept
+        ("Xavi works in", " Paris"): 0.0, ("Xavi works in", " Rome"): 5.0,  # not kept
+    }  # fmt: skip
+    return fact, scores
+
+
+def test_evaluate_fact_by_hand_on_given_scores_and_continuations():
+    # efficacy 1, paraphrase 1/2 (a tie is not a win: mutant _wins 18), neighbourhood 1 with
+    # Xavi's prompt left out as an edited subject (evaluate_fact 57: kept, 1/2); generation: one
+    # of three continuations names "Rome" (65, 68, 70), fluency the mean entropy of prompt +
+    # continuation (71, 74), written at gen_tokens (61, 63); none without gen_tokens (1, 58)
+    from lfm.edit.facts import evaluate_fact, ngram_entropy
+
+    fact, scores = _scored_fact()
+    texts = [" Rome is old", " Paris, Paris", " the city"]
+    fact = dataclasses.replace(fact, generation=("Eiffel is", "Visit", "Then"))
+    handle = _Scorer(scores, texts)
+    got = evaluate_fact(handle, fact, gen_tokens=3, edited=("Xavi",))
+    want_fluency = (
+        sum(ngram_entropy(p + t) for p, t in zip(fact.generation, texts, strict=True)) / 3
+    )
+    assert got == {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 1.0,
+                   "generation": pytest.approx(1 / 3), "fluency": pytest.approx(want_fluency)}  # fmt: skip
+    assert handle.asked == [3]
+    assert evaluate_fact(handle, fact) == {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 0.5}
+    assert handle.asked == [3]  # nothing written without gen_tokens
+
+
+def test_a_plain_handle_without_an_access_level_is_scored():
+    # a module or model without `access` is white-box: scored (mutants evaluate_fact 5, 8)
+    from lfm.edit.facts import evaluate_fact
+
+    fact, scores = _scored_fact()
+    got = evaluate_fact(_Scorer(scores, [], access=False), fact)
+    assert got == {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 0.5}
+
+
+def test_summarise_by_hand_fluency_in_bits_and_the_score_over_the_metrics_present():
+    # percent for the fractions, bits for fluency (mutants summarise 17, 20, 21); the Score is
+    # the harmonic mean of those present (29: a missing one read as 1), 0 where one is 0 (41,
+    # 44), and of nothing 0 (3)
+    from lfm.edit.facts import summarise
+
+    rows = [
+        {"efficacy": 1.0, "paraphrase": 0.5, "neighbourhood": 1.0, "fluency": 5.0},
+        {"efficacy": 0.5, "paraphrase": 0.5, "neighbourhood": 0.5, "fluency": 6.0},
+    ]
+    got = summarise(rows)
+    assert got["efficacy"] == 75.0 and got["paraphrase"] == 50.0 and got["fluency"] == 5.5
+    assert got["score"] == pytest.approx(3 / (1 / 75 + 1 / 50 + 1 / 75))
+    two = summarise([{"efficacy": 1.0, "neighbourhood": 0.5}])
+    assert two["score"] == pytest.approx(2 / (1 / 100 + 1 / 50))
+    nan = summarise([{"efficacy": 1.0, "paraphrase": float("nan"), "neighbourhood": 0.5}])
+    assert nan["score"] == pytest.approx(two["score"])
+    assert summarise([{"efficacy": 0.0, "paraphrase": 1.0, "neighbourhood": 1.0}])["score"] == 0.0
+    assert summarise([{"efficacy": 0.009, "paraphrase": 1.0, "neighbourhood": 1.0}])["score"] > 2
+    assert summarise([]) == {"score": 0.0}

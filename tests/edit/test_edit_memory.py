@@ -327,3 +327,19 @@ def test_a_served_model_takes_no_weight_patch(tiny, tmp_path):
         res = CliRunner().invoke(app, ["eval", str(tmp_path / "p.safetensors"), "--url", url])
     assert res.exit_code == 2 and "needs WEIGHTS access" in res.output, res.output
     assert "Traceback" not in res.output
+
+
+def test_generation_goes_through_the_context_with_its_length_and_options():
+    # the wrapped handle writes 32 tokens by default, or as many as asked, with the caller's
+    # other options (mutants MemoryEditor.generate 1, 6, 7)
+    class Writer(Recorder):
+        def generate(self, prompts, max_new_tokens=32, **kw):
+            self.asked = (max_new_tokens, kw)
+            return super().generate(prompts, max_new_tokens, **kw)
+
+    base = Writer()
+    editor = ike(base, REQ, IkeConfig(k=4, encoder="chars"), facts=SMOKE_FACTS).apply(base)
+    assert editor.generate([REQ.prompt]) == [" Rome"] and base.asked == (32, {})
+    assert base.seen[-1] == editor.context(REQ.prompt) + REQ.prompt
+    editor.generate([REQ.prompt], 5, do_sample=False)
+    assert base.asked == (5, {"do_sample": False})

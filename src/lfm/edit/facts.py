@@ -197,13 +197,15 @@ def evaluate_fact(
 
 def summarise(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     """Means in percent (fluency in bits), NaNs skipped, and the harmonic-mean Score of ES, PS,
-    NS."""
+    NS over those the facts allow (a set without paraphrase or neighbourhood prompts has that
+    metric NaN or absent; 0 where one is 0; 0 with none)."""
     keys = rows[0].keys() if rows else ()
     kept = {k: [r[k] for r in rows if not math.isnan(r[k])] for k in keys}
     mean = {k: sum(v) / len(v) if v else float("nan") for k, v in kept.items()}
     out = {k: (v if k == "fluency" else 100 * v) for k, v in mean.items()}
-    parts = [out.get(k, 0.0) for k in ("efficacy", "paraphrase", "neighbourhood")]
-    out["score"] = 0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
+    names = ("efficacy", "paraphrase", "neighbourhood")
+    parts = [out[k] for k in names if k in out and not math.isnan(out[k])]
+    out["score"] = 0.0 if not parts or min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
     return out
 
 

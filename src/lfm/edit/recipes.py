@@ -29,7 +29,6 @@ silent unless run inside `progress.reporting(fn)`, as the CLI runs them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -360,7 +359,7 @@ def evaluate_facts(
 
     def metrics(h: Any, state: str) -> dict[str, float]:
         each = progress.bar(rows, desc=f"facts {state}", unit="fact")
-        return _present_score(summarise([evaluate_fact(h, f, edited=subjects) for f in each]))
+        return summarise([evaluate_fact(h, f, edited=subjects) for f in each])
 
     before = metrics(handle, "before")
     if patch is None:
@@ -411,14 +410,6 @@ def _kind(patch: Any) -> str:
     if isinstance(patch, CodebookPatch):
         return "a GRACE codebook"
     return "a WISE side memory" if isinstance(patch, WiseMemory) else "a memory patch"
-
-
-def _present_score(m: dict[str, float]) -> dict[str, float]:
-    """The Score over the metrics the facts allow: a set without paraphrase (or neighbourhood)
-    prompts has that metric NaN, and its Score is the harmonic mean of the others."""
-    parts = [m[k] for k in ("efficacy", "paraphrase", "neighbourhood") if not math.isnan(m[k])]
-    score = 0.0 if not parts or min(parts) <= 0 else len(parts) / sum(1 / p for p in parts)
-    return {**m, "score": score}
 
 
 def patch_apply(
