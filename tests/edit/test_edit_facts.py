@@ -309,3 +309,33 @@ def test_summarise_by_hand_fluency_in_bits_and_the_score_over_the_metrics_presen
     assert summarise([{"efficacy": 0.0, "paraphrase": 1.0, "neighbourhood": 1.0}])["score"] == 0.0
     assert summarise([{"efficacy": 0.009, "paraphrase": 1.0, "neighbourhood": 1.0}])["score"] > 2
     assert summarise([]) == {"score": 0.0}
+
+
+def test_read_facts_keeps_id_and_relation_and_names_the_file_in_every_refusal(tmp_path):
+    # an own fact's `id` and `relation` are read, else the line number and "" (mutants _own_fact
+    # 68, 69, 82-95); refusals name the file and line (read_facts 5, 11, 16; _own_fact 25, 47)
+    import json
+
+    from lfm.edit.facts import read_facts
+
+    path = tmp_path / "mine.jsonl"
+    rows = [{"prompt": "The city of Kyoto", "subject": "Kyoto", "target": "Rome", "id": 7, "relation": "P1"},
+            {"prompt": "The city of Oslo", "subject": "Oslo", "target": "Paris"}]  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    got = read_facts(path)
+    assert [(f.id, f.relation) for f in got] == [(7, "P1"), (2, "")]
+    path.write_text(json.dumps({"prompt": "The city of X"}) + "\n")
+    with pytest.raises(LfmError, match=rf"^{path}, line 1: no 'subject', 'target' \(fields: "):
+        read_facts(path)
+    bad = {**rows[1], "paraphrases": ["Oslo is in", " "]}
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(
+        LfmError, match=rf"^{path}, line 1: 'paraphrases' must be a list of prompts$"
+    ):
+        read_facts(path)
+    path.write_text("\n")
+    with pytest.raises(LfmError, match=rf"^{path} holds no facts \(one JSON object per line\)$"):
+        read_facts(path)
+    path.write_text("{not json\n")
+    with pytest.raises(LfmError, match=rf"^{path}"):
+        read_facts(path)

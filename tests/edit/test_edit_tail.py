@@ -70,3 +70,13 @@ def test_split_puts_the_subject_at_tail_column_zero(tiny_llama):
     assert torch.equal(s.input_ids[:, 0], batch.input_ids[torch.arange(len(p)), p])
     assert torch.equal(s.position_ids[:, 0], p)
     assert s.attention_mask.sum() == batch.attention_mask.sum()
+
+
+def test_the_tail_pass_keeps_the_last_logits_by_default(tiny_llama):
+    # `keep` defaults to the last position (mutant forward 1: the last two)
+    model, tok = tiny_llama
+    batch = build_batch(tok, Request("The city of the Eiffel Tower", "Eiffel Tower", "Rome"), [""])
+    with torch.no_grad():
+        t = tail.prepare(model, batch)
+        assert tail.forward(model, t).shape[1] == 1
+        assert tail.forward(model, t, 0).shape[1] == t.input_ids.shape[1]
