@@ -128,6 +128,16 @@ class SameDevice(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class OnMeta(SameDevice):
+    """SameDevice, with a meta tensor's copy to the CPU read as zeros of its shape (the meta
+    device stands for an accelerator: what comes back is not looked at, only where work ran)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.cpu and args[0].is_meta:
+            return torch.zeros(args[0].shape, dtype=args[0].dtype)
+        return super().__torch_function__(func, types, args, kwargs)
+
+
 @pytest.fixture(scope="module")
 def smoke_folder(tmp_path_factory):
     """The edit smoke model saved as a folder, as `lfm edit` loads models (one per module)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from lfm.access import LocalModel, narrow
 
-from conftest import SameDevice, make_lm
+from conftest import OnMeta, make_lm
 
 
 def _greedy(model, ids, n):
@@ -45,16 +45,6 @@ class _EmbedLM(nn.Module):
         if attention_mask is not None:
             x = x * attention_mask[..., None].to(x.dtype)
         return SimpleNamespace(logits=self.head(x))
-
-
-class _OnMeta(SameDevice):
-    """Refuses device mixes; copying a meta tensor to the CPU gives zeros of its shape (the meta
-    device stands for an accelerator: what comes back is not looked at, only where work ran)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.cpu and args[0].is_meta:
-            return torch.zeros(args[0].shape, dtype=args[0].dtype)
-        return super().__torch_function__(func, types, args, kwargs)
 
 
 # -- construction --------------------------------------------------------------------------
@@ -126,7 +116,7 @@ def test_every_tensor_the_handle_builds_is_on_the_models_device():
     _, tok = make_lm("llama")
     h = LocalModel(_EmbedLM(len(tok)).to("meta"), tok)
     assert h.device.type == "meta"
-    with _OnMeta():
+    with OnMeta():
         acts = h.hidden(["Rome", "The capital of Italy"], ["emb"])
         scores = h.score(["Paris is", "x"], [" the", " y z"])
         values, ids = h.top_logprobs([[0, 297, 262], [0, 307, 71]], 3)

@@ -15,7 +15,7 @@ from lfm.edit.patch import fingerprint
 from lfm.edit.wise import _call_state, default_layer, route, ties_merge
 from lfm.errors import ConfigError, LfmError
 
-from conftest import SameDevice
+from conftest import OnMeta
 
 wise_mod = importlib.import_module("lfm.edit.wise")  # `lfm.edit.wise` is also the function
 REQ = common.SMOKE_REQUEST  # "The city of the Eiffel Tower" -> " Rome"
@@ -484,22 +484,12 @@ def test_a_bfloat16_model_is_edited_in_its_dtype(h):
         undo.revert(h.model)
 
 
-class _OnMeta(SameDevice):
-    """SameDevice, with a meta tensor's copy to the CPU read as zeros of its shape (the meta
-    device stands for an accelerator: only where work ran is looked at)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.cpu and args[0].is_meta:
-            return torch.zeros(args[0].shape, dtype=args[0].dtype)
-        return super().__torch_function__(func, types, args, kwargs)
-
-
 def test_activations_feed_the_prompt_on_the_models_device(h):
     # the model on the meta device stands for a GPU (mutants activations 5, 7: ids made on the
     # CPU, which SameDevice refuses when the model runs)
     site = wise_mod.edit_site(h.model, 1)
     h.model.to("meta")
-    with _OnMeta():
+    with OnMeta():
         (acts,) = wise_mod.activations(h.model, h.tokenizer, [REQ.prompt], site)
     assert acts.shape == (len(h.tokenizer(REQ.prompt)["input_ids"]), 64)
 

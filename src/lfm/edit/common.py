@@ -104,9 +104,13 @@ def prefetch_covariances(
 
 def solve_cov(cov: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
     """(C + ridge·tr(C)/D·I)⁻¹ rhs in float64; the tiny ridge only guards a rank-deficient C."""
-    reg = cov.clone()
-    reg.diagonal().add_(ridge * cov.diagonal().mean())
-    return torch.linalg.solve(reg, rhs.to(cov.device).double())
+    return torch.linalg.solve(add_ridge(cov.clone(), ridge), rhs.to(cov.device).double())
+
+
+def add_ridge(m: torch.Tensor, ridge: float) -> torch.Tensor:
+    """`m` + ridge·tr(m)/D·I, in place (a relative ridge on a square matrix); returns `m`."""
+    m.diagonal().add_(ridge * m.diagonal().mean())
+    return m
 
 
 @contextmanager

@@ -109,7 +109,7 @@ def rank_one_each(
     k = keys.double().T  # (D_in, P)
     c_inv_k = common.solve_cov(cov, k, ridge)  # (D_in, P)
     gram = k.T @ c_inv_k  # (P, P), positive definite for independent keys
-    gram.diagonal().add_(ridge * gram.diagonal().mean())  # the same relative ridge as C's
+    common.add_ridge(gram, ridge)  # the same relative ridge as C's
     left = c_inv_k @ torch.linalg.solve(gram, torch.ones(len(gram), dtype=gram.dtype))
     return delta.float()[:, None], left.float()[:, None]
 
