@@ -5,7 +5,8 @@
     python tools/mutate.py reuse --survivors   # re-test only the survivors of the last run
     python tools/mutate.py reuse --workers 1   # one test process at a time (default 2)
     python tools/mutate.py reuse --tests tests/reuse/test_reuse_kernels.py   # other tests
-    python tools/mutate.py edit --only 'lfm.edit.memory.*' 'lfm.edit.tail.*'   # a part of an area
+    python tools/mutate.py edit --only 'lfm.edit.memory.*' 'lfm.edit.tail.*'   # some of an area
+    python tools/mutate.py edit --part 1      # the area's first part (edit has six)
 
 The files each area mutates and the tests run against them are listed in `AREAS` below, the one
 place they are kept. mutmut reads its settings from a `pyproject.toml`, so each area gets a work
@@ -26,8 +27,8 @@ list below) makes mutmut test every mutant again: after one, a `--survivors` run
 survivors but leaves every other mutant "not checked", so its score is not the area's; run
 `--fresh` for that. `--only` takes mutant-name patterns (`*` as in shell globs; names are
 `lfm.<area>.<file>.x_<function>__mutmut_<n>`, with `xǁClassǁmethod` for methods): a large area
-(edit: 4,599 mutants, about 3.5 hours) runs in parts of half an hour, and the figures printed
-are those of the part.
+(edit: 4,571 mutants, about 3.5 hours) runs in parts of about half an hour (`--part N`, the
+parts listed in `AREAS`), and the figures printed are those of the part.
 """
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ class Area:
     note: str = ""  # what is left out, and why
     pytest_args: tuple[str, ...] = field(default=())  # extra pytest options for this area
     also_copy: tuple[str, ...] = ()  # other folders its tests read (linked, then copied by mutmut)
+    # an area too large for one half-hour run: its parts, each a tuple of mutant-name patterns
+    parts: tuple[tuple[str, ...], ...] = ()
 
 
 _EDIT_TESTS = ("base", "cli", "facts", "grace", "memory", "mend", "methods", "own_facts", "patch",
                "requests", "sequential", "site", "stats", "tail", "trace", "ultraedit", "wise")  # fmt: skip
+
+_EDIT_PARTS = ("memory tail requests common", "rome memit ftl", "grace ultraedit", "mend", "wise",
+               "facts stats")  # fmt: skip
 
 AREAS: dict[str, Area] = {
     "reuse": Area(
@@ -192,6 +198,8 @@ AREAS: dict[str, Area] = {
             "mutated; test_edit_real.py is slow (real models) and not run"
         ),
         also_copy=("tools",),  # a facts test checks the packaged set against its seeded tool
+        # 4,571 mutants, about 3.5 h in one run: six parts of 600-900 mutants, 30-40 min each
+        parts=tuple(tuple(f"lfm.edit.{stem}.*" for stem in part.split()) for part in _EDIT_PARTS),
     ),
     "access": Area(
         files=("src/lfm/access.py",),  # the access levels, their checks and the local scoring
@@ -281,11 +289,17 @@ def main() -> None:
     parser.add_argument("--survivors", action="store_true", help="re-test the last survivors only")
     parser.add_argument("--tests", nargs="+", help="run these test paths instead of the area's")
     parser.add_argument("--only", nargs="+", metavar="PATTERN", help="mutant names to run (globs)")
+    parser.add_argument("--part", type=int, help="run the area's part N (1, 2, ...: see AREAS)")
     args = parser.parse_args()
     if args.area not in AREAS:
         why = f" ({args.area!r} has no set-up in tools/mutate.py yet)" if args.area else ""
         sys.exit(f"usage: make mutate AREA=<{'|'.join(AREAS)}>{why}")
     area = AREAS[args.area]
+    if args.part is not None:
+        if not 1 <= args.part <= len(area.parts):
+            has = f"parts 1-{len(area.parts)}" if area.parts else "no parts: run it whole"
+            sys.exit(f"--part {args.part}: the {args.area} area has {has}")
+        args.only = [*(args.only or []), *area.parts[args.part - 1]]
     if args.tests:
         area = replace(area, tests=tuple(args.tests))
     work = prepare(args.area, area, args.fresh)

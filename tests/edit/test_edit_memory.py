@@ -343,3 +343,121 @@ def test_generation_goes_through_the_context_with_its_length_and_options():
     assert base.seen[-1] == editor.context(REQ.prompt) + REQ.prompt
     editor.generate([REQ.prompt], 5, do_sample=False)
     assert base.asked == (5, {"do_sample": False})
+
+
+def test_quotas_take_the_largest_remainders_with_ties_to_the_earlier_kind():
+    assert quotas(2, (1, 1, 1)) == [1, 1, 0]  # remainders 2/3 each: the first two kinds
+    assert quotas(1, (1, 1, 1)) == [1, 0, 0]
+    assert quotas(0, (1, 3, 4)) == [0, 0, 0]
+    assert quotas(7, (0, 1, 1)) == [0, 4, 3]  # a kind of ratio 0 gets none
+    assert quotas(32, (1, 3, 4)) == [4, 12, 16]
+    assert quotas(3, (2, 1, 1)) == [1, 1, 1]  # 1.5, 0.75, 0.75: the two larger remainders
+    assert quotas(2, (1, 1, 2)) == [1, 0, 1]  # 0.5, 0.5, 1: the tie goes to copy
+    for k in range(12):
+        for ratio in ((1, 3, 4), (5, 0, 2), (1, 1, 1), (2, 7, 3)):
+            counts, exact = quotas(k, ratio), [k * r / sum(ratio) for r in ratio]
+            assert sum(counts) == k and all(abs(c - e) < 1 for c, e in zip(counts, exact))
+
+
+def test_selection_of_equal_similarities_keeps_the_pool_order():
+    kinds = ["retain", "copy", "update", "retain"]
+    sims = torch.tensor([0.5, 0.5, 0.5, 0.5])
+    assert select(sims, kinds, 4, (1, 1, 2)) == [0, 1, 2, 3]
+    assert select(sims, kinds, 3, (1, 1, 1)) == [0, 1, 2]  # one retain: the first of the two
+    assert select(torch.tensor([0.7, 0.2]), ["update", "retain"], 3, (1, 1, 1)) == [1, 0]
+    assert select(torch.tensor([0.9]), ["retain"], 4, (1, 1, 2)) == [0]  # a kind with none
+
+
+def test_the_unit_embeddings_are_rows_of_length_one():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    got = memory._unit(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, torch.tensor([[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]]))
+    assert torch.equal(memory._unit(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]))
+    assert torch.equal(memory._unit(torch.tensor([[2.0, 0.0]])), torch.tensor([[1.0, 0.0]]))
+
+
+def test_the_editor_keeps_no_demonstration_of_an_edited_subject_and_names_itself():
+    other = Request("The Colosseum is located in the city of", "Colosseum", "Paris")
+    api = Recorder()
+    editor = ike(api, [REQ, other], CFG, embed=char_embedder, facts=FACTS).apply(api)
+    assert editor.base is api and editor.cfg == CFG and editor.embed is char_embedder
+    assert editor.facts == [REQ, other]
+    assert editor.pool == demonstrations(FACTS, ["Eiffel Tower", "Colosseum"])
+    assert len(editor.pool) < len(demonstrations(FACTS))  # some named the Eiffel Tower
+    assert editor.name == "ike(recorder)" and editor.access is Access.TEXT
+    assert repr(editor) == "MemoryEditor('ike(recorder)', 2 facts, access=TEXT)"
+    with pytest.raises(LfmError) as e:
+        editor.score([REQ.prompt], [" Rome"])
+    assert str(e.value) == "ike(recorder): the wrapped handle gives only TEXT, not scores"
+    with pytest.raises(LfmError) as e:
+        editor.next_token_logprobs([REQ.prompt])
+    assert str(e.value) == "ike(recorder): the wrapped handle gives only TEXT, not scores"
+
+    class Nameless:
+        access = Access.TEXT
+
+        def generate(self, prompts, max_new_tokens=32, **kw):
+            return [""] * len(prompts)
+
+    assert ike(Nameless(), REQ, CFG, facts=FACTS).apply(Nameless()).name == "ike(model)"
+
+
+def test_one_demonstration_none_and_an_empty_pool():
+    api = Recorder()
+    one = ike(api, REQ, IkeConfig(k=1, encoder="chars"), facts=FACTS).apply(api)
+    (demo,) = one.demonstrations(REQ.prompt)  # 1 of 1:3:4: the largest remainder, retain
+    assert demo[0].kind == "retain"
+    none = ike(api, REQ, IkeConfig(k=0, encoder="chars"), facts=FACTS).apply(api)
+    assert none.demonstrations(REQ.prompt) == []
+    empty = ike(api, REQ, CFG, facts=[]).apply(api)
+    assert empty.pool == [] and empty.demonstrations(REQ.prompt) == []
+    assert empty.context(REQ.prompt) == f"New Fact: {REQ.prompt} Rome\nPrompt: "
+
+
+def test_the_context_is_the_demonstrations_then_the_new_fact():
+    editor = ike(Recorder(), REQ, CFG, facts=FACTS).apply(Recorder())
+    demos = editor.demonstrations(REQ.prompt)
+    assert len(demos) == 8
+    want = "".join(d.text for d, _ in demos) + f"New Fact: {REQ.prompt} Rome\nPrompt: "
+    assert editor.context(REQ.prompt) == want
+
+
+def test_a_patch_applies_with_its_encoder_and_fact_file(tmp_path):
+    lines = [
+        '{"id": 0, "relation": "city", "subject": "Colosseum", "prompt": "The city of the '
+        'Colosseum", "true": "Rome", "new": "Paris", "paraphrases": ["The Colosseum sits in"],'
+        ' "neighbourhood": ["The city of the Tower"]}'
+    ]
+    (tmp_path / "f.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = IkeConfig(k=3, encoder="chars", facts=str(tmp_path / "f.jsonl"))
+    editor = MemoryPatch([REQ], cfg).apply(Recorder())
+    assert editor.embed is char_embedder
+    assert [d.query for d in editor.pool] == [
+        "The city of the Colosseum", "The Colosseum sits in", "The city of the Tower"
+    ]  # fmt: skip
+    packaged = MemoryPatch([REQ], IkeConfig(encoder="chars")).apply(Recorder())
+    assert packaged.pool == demonstrations(load_facts(), ["Eiffel Tower"])
+
+
+def test_a_patch_file_that_cannot_be_read_is_one_line(tmp_path):
+    with pytest.raises(LfmError) as e:
+        MemoryPatch.load(tmp_path / "none.json")
+    assert str(e.value).startswith(f"cannot read {tmp_path / 'none.json'}: ")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LfmError) as e:
+        MemoryPatch.load(tmp_path / "bad.json")
+    assert str(e.value).startswith(f"cannot read {tmp_path / 'bad.json'}: ")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(LfmError) as e:
+        MemoryPatch.load(tmp_path / "list.json")
+    want = f"{tmp_path / 'list.json'} is not a lfm-edit-memory/1 file (its format tag is None)"
+    assert str(e.value) == want
+    (tmp_path / "x.json").write_text('{"format": "other"}')
+    with pytest.raises(LfmError) as e:
+        MemoryPatch.load(tmp_path / "x.json")
+    want = f"{tmp_path / 'x.json'} is not a lfm-edit-memory/1 file (its format tag is 'other')"
+    assert str(e.value) == want
+    patch = MemoryPatch([REQ], IkeConfig(k=3, encoder="chars"), method="ike-variant")
+    loaded = MemoryPatch.load(patch.save(tmp_path / "p.json"))
+    assert loaded.method == "ike-variant" and loaded.config.k == 3 and loaded.requests == [REQ]

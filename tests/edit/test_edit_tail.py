@@ -80,3 +80,67 @@ def test_the_tail_pass_keeps_the_last_logits_by_default(tiny_llama):
         t = tail.prepare(model, batch)
         assert tail.forward(model, t).shape[1] == 1
         assert tail.forward(model, t, 0).shape[1] == t.input_ids.shape[1]
+
+
+def _hand_batch():
+    """Three right-padded rows (0 pads): subjects at 2, 0 and 1; lengths 4, 3 and 5."""
+    from lfm.edit.requests import Batch
+
+    ids = torch.tensor([[11, 12, 13, 14, 0], [21, 22, 23, 0, 0], [31, 32, 33, 34, 35]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    p = torch.tensor([2, 0, 1])
+    return Batch(ids, mask, p, [[3], [1, 2], [4]], [[7], [8, 9], [6]])
+
+
+def test_split_left_pads_the_prefixes_and_right_pads_the_tails():
+    batch = _hand_batch()
+    pre, tl = tail.split(batch, batch.subject_pos, 4)
+    assert pre.dtype == tl.dtype == torch.long
+    assert torch.equal(pre, torch.tensor([[11, 12], [0, 0], [0, 31]]))
+    assert torch.equal(tl, torch.tensor([[13, 14, 0, 0], [21, 22, 23, 0], [32, 33, 34, 35]]))
+
+
+def test_the_masks_hide_the_padding_and_the_positions_are_the_unsplit_rows():
+    batch = _hand_batch()
+    pre_mask, mask, pos = tail._masks(batch, 2, 4)
+    assert torch.equal(pre_mask, torch.tensor([[1, 1], [0, 0], [0, 1]]))
+    want = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    assert torch.equal(mask, want) and mask.dtype == torch.long
+    assert torch.equal(pos, torch.tensor([[2, 3, 4, 5], [0, 1, 2, 3], [1, 2, 3, 4]]))
+
+
+class _Spy(torch.nn.Module):
+    """Records the prefix pass's arguments; returns a cache marker."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.calls: list[dict] = []
+
+    def forward(self, **kw):
+        self.calls.append(kw)
+        from types import SimpleNamespace
+
+        return SimpleNamespace(cache="prefix cache", logits=None)
+
+
+def test_prepare_runs_the_prefix_once_with_its_positions_and_shifts_the_targets():
+    spy = _Spy()
+    batch = _hand_batch()
+    t = tail.prepare(spy, batch)
+    (call,) = spy.calls
+    assert torch.equal(call["input_ids"], torch.tensor([[11, 12], [0, 0], [0, 31]]))
+    assert torch.equal(call["attention_mask"], torch.tensor([[1, 1], [0, 0], [0, 1]]))
+    assert torch.equal(call["position_ids"], torch.tensor([[0, 1], [0, 0], [0, 0]]))
+    assert call["use_cache"] is True and call["logits_to_keep"] == 1
+    assert t.cache == "prefix cache" and t.input_ids.shape == (3, 4)
+    assert t.target_pos == [[1], [1, 2], [3]] and t.target_ids == batch.target_ids
+    assert torch.equal(t.position_ids, torch.tensor([[2, 3, 4, 5], [0, 1, 2, 3], [1, 2, 3, 4]]))
+    # every subject first: no prefix, no pass
+    from dataclasses import replace
+
+    first = replace(batch, subject_pos=torch.tensor([0, 0, 0]), target_pos=[[0], [0], [0]])
+    spy.calls.clear()
+    t0 = tail.prepare(spy, first)
+    assert spy.calls == [] and t0.cache is None and t0.input_ids.shape == (3, 5)
+    assert torch.equal(t0.attention_mask, batch.attention_mask)
