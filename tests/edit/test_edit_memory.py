@@ -375,6 +375,8 @@ def test_the_unit_embeddings_are_rows_of_length_one():
     assert torch.equal(got, torch.tensor([[0.6, 0.8], [0.0, 0.0], [1.0, 0.0]]))
     assert torch.equal(memory._unit(torch.tensor([[3.0, 4.0]])), torch.tensor([[0.6, 0.8]]))
     assert torch.equal(memory._unit(torch.tensor([[2.0, 0.0]])), torch.tensor([[1.0, 0.0]]))
+    # short rows are stretched to length one too (the floor only keeps a zero row finite)
+    assert torch.allclose(memory._unit(torch.tensor([[0.3, 0.4]])), torch.tensor([[0.6, 0.8]]))
 
 
 def test_the_editor_keeps_no_demonstration_of_an_edited_subject_and_names_itself():

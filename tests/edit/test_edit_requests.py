@@ -78,3 +78,12 @@ def test_a_line_that_is_not_json_is_refused_naming_the_file(tmp_path):
     bad.write_text(f"{good}\nnot json\n")
     with pytest.raises(LfmError, match=rf"^{re.escape(str(bad))}: not JSON lines \(Expecting"):
         read_requests(bad)
+
+
+def test_a_request_missing_fields_names_them_all():
+    with pytest.raises(LfmError) as e:
+        Request.from_dict({"prompt": "x"})
+    assert str(e.value) == "an edit request needs subject, target; got keys ['prompt']"
+    with pytest.raises(LfmError) as e:
+        Request.from_dict({})
+    assert str(e.value) == "an edit request needs prompt, subject, target; got keys []"

@@ -281,3 +281,18 @@ def test_statistics_feed_the_tokens_on_the_models_device():
             h.model, h.tokenizer, [0, 1], common.SMOKE_TEXTS[:2], 20, 8
         )
     assert got[0].is_meta and got[0].shape == (64, 64) and got[0].dtype == torch.float64
+
+
+def test_the_covariance_is_float64_on_the_cpu_whichever_way_it_comes():
+    from types import SimpleNamespace
+
+    site = SimpleNamespace(layer=3, d_in=4)
+    off = SimpleNamespace(use_cov=False)
+    eye = common.covariance(None, None, site, off, None)
+    assert eye.dtype == torch.float64 and torch.equal(eye, torch.eye(4, dtype=torch.float64))
+    given = torch.arange(16.0).reshape(4, 4)  # float32
+    for arg in (given, {3: given}):
+        got = common.covariance(None, None, site, off, arg)
+        assert got.dtype == torch.float64 and torch.equal(got, given.double())
+    # a mapping without the site's layer: the config decides (here: identity)
+    assert torch.equal(common.covariance(None, None, site, off, {2: given}), eye)
