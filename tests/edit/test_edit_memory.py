@@ -440,6 +440,8 @@ def test_a_patch_applies_with_its_encoder_and_fact_file(tmp_path):
     ]  # fmt: skip
     packaged = MemoryPatch([REQ], IkeConfig(encoder="chars")).apply(Recorder())
     assert packaged.pool == demonstrations(load_facts(), ["Eiffel Tower"])
+    minilm = MemoryPatch([REQ]).apply(Recorder())  # the default: the paper's sentence encoder
+    assert minilm.embed(["The city of the Colosseum"]).shape == (1, 384)  # not 128 characters
 
 
 def test_a_patch_file_that_cannot_be_read_is_one_line(tmp_path):
@@ -463,3 +465,18 @@ def test_a_patch_file_that_cannot_be_read_is_one_line(tmp_path):
     patch = MemoryPatch([REQ], IkeConfig(k=3, encoder="chars"), method="ike-variant")
     loaded = MemoryPatch.load(patch.save(tmp_path / "p.json"))
     assert loaded.method == "ike-variant" and loaded.config.k == 3 and loaded.requests == [REQ]
+
+
+def test_each_kind_answers_as_it_should_and_a_fact_without_its_true_object_is_skipped():
+    from dataclasses import replace
+
+    eiffel, other = FACTS[0], FACTS[1]
+    demos = demonstrations([replace(eiffel, true=""), other])  # the first teaches no retain
+    assert demos == demonstrations([other]) and demos
+    fact = f"{other.prompt} {other.new}"
+    assert [(d.fact, d.query, d.answer) for d in demos if d.kind == "update"] == [
+        (fact, p, other.new) for p in other.paraphrases
+    ]
+    assert [(d.fact, d.query, d.answer) for d in demos if d.kind == "retain"] == [
+        (fact, n, other.true) for n in other.neighbourhood
+    ]
