@@ -403,6 +403,15 @@ def test_the_editor_keeps_no_demonstration_of_an_edited_subject_and_names_itself
             return [""] * len(prompts)
 
     assert ike(Nameless(), REQ, CFG, facts=FACTS).apply(Nameless()).name == "ike(model)"
+    # an encoder given to `ike` is the one the patch's editor embeds with, whatever the config says
+    seen: list[str] = []
+
+    def embed(texts):
+        seen.extend(texts)
+        return char_embedder(texts)
+
+    own = ike(api, [REQ, other], CFG, embed=embed, facts=FACTS).apply(api)
+    assert own.embed is embed and own.fact_for(other.prompt) == other and seen
 
 
 def test_one_demonstration_none_and_an_empty_pool():
