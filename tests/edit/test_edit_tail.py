@@ -112,9 +112,9 @@ def test_the_masks_hide_the_padding_and_the_positions_are_the_unsplit_rows():
 class _Spy(torch.nn.Module):
     """Records the prefix pass's arguments; returns a cache marker."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.w = torch.nn.Parameter(torch.zeros(1, device=device))
         self.calls: list[dict] = []
 
     def forward(self, **kw):
@@ -144,3 +144,12 @@ def test_prepare_runs_the_prefix_once_with_its_positions_and_shifts_the_targets(
     t0 = tail.prepare(spy, first)
     assert spy.calls == [] and t0.cache is None and t0.input_ids.shape == (3, 5)
     assert torch.equal(t0.attention_mask, batch.attention_mask)
+
+
+def test_the_prefix_and_tail_passes_feed_the_models_device():
+    spy = _Spy("meta")  # the meta device stands for an accelerator: where the inputs went
+    tail.forward(spy, tail.prepare(spy, _hand_batch()))
+    assert len(spy.calls) == 2  # the prefix, then the tail
+    for call in spy.calls:
+        where = {k: v.device.type for k, v in call.items() if isinstance(v, torch.Tensor)}
+        assert where == dict.fromkeys(("input_ids", "attention_mask", "position_ids"), "meta")
