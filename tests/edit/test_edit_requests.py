@@ -87,3 +87,25 @@ def test_a_request_missing_fields_names_them_all():
     with pytest.raises(LfmError) as e:
         Request.from_dict({})
     assert str(e.value) == "an edit request needs prompt, subject, target; got keys []"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_each_rows_subject_position_is_the_subjects_last_token(kind):
+    _, tok = make_lm(kind)
+    req = Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome")
+    batch = build_batch(tok, req, ["", "Here is a fact.", "A"])
+    for row, pos in zip(batch.input_ids, batch.subject_pos.tolist(), strict=True):
+        upto = tok.decode(row[: pos + 1].tolist(), skip_special_tokens=True)
+        assert upto.endswith("Eiffel Tower"), upto  # the subject ends at that token, not later
+
+
+def test_a_batch_without_targets_holds_the_prompt_alone():
+    _, tok = make_lm("gpt2")
+    req = Request("Paris is the capital of", "Paris", "the United Kingdom")  # a many-token target
+    assert len(target_ids(tok, req.prompt, req.target)) > 1
+    bare = build_batch(tok, req, ["", "A"], with_target=False)
+    assert bare.target_pos == [[], []] and bare.target_ids == [[], []]
+    full = build_batch(tok, req, ["", "A"])
+    assert bare.input_ids.shape[1] < full.input_ids.shape[1]
+    n = int(bare.attention_mask[0].sum())
+    assert bare.input_ids[0, :n].tolist() == tok(req.prompt)["input_ids"]
