@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from lfm.edit.requests import (
     Request,
@@ -109,3 +110,20 @@ def test_a_batch_without_targets_holds_the_prompt_alone():
     assert bare.input_ids.shape[1] < full.input_ids.shape[1]
     n = int(bare.attention_mask[0].sum())
     assert bare.input_ids[0, :n].tolist() == tok(req.prompt)["input_ids"]
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token():
+    import copy
+
+    _, tok = make_lm("gpt2")
+    bare = copy.deepcopy(tok)
+    bare.pad_token = None
+    assert bare.pad_token_id is None
+    req = Request("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome")
+    got, want = (build_batch(t, req, ["", "Here is a fact."]) for t in (bare, tok))
+    assert torch.equal(got.attention_mask, want.attention_mask) and got.subject_pos.tolist() == (
+        want.subject_pos.tolist()
+    )
+    padded = got.attention_mask == 0
+    assert padded.any() and (got.input_ids[padded] == bare.eos_token_id).all()
+    assert torch.equal(got.input_ids[~padded], want.input_ids[~padded])
