@@ -127,3 +127,20 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token():
     padded = got.attention_mask == 0
     assert padded.any() and (got.input_ids[padded] == bare.eos_token_id).all()
     assert torch.equal(got.input_ids[~padded], want.input_ids[~padded])
+
+
+def test_the_subject_is_its_last_occurrence_and_never_a_special_token():
+    from lfm.edit.requests import subject_end
+
+    prompt = "Paris is in France. Paris is the capital of"
+    assert subject_end(prompt, "Paris") == prompt.rfind("Paris") + 5 == 25
+    _, tok = make_lm("llama")
+    (pos,) = build_batch(tok, Request(prompt, "Paris", "France"), [""]).subject_pos.tolist()
+    ids = tok(prompt)["input_ids"]
+    assert tok.decode(ids[: pos + 1], skip_special_tokens=True) == "Paris is in France. Paris"
+
+    def with_end_token(text, return_offsets_mapping=True):  # BOS and EOS have zero width
+        return {"input_ids": [1, 5, 6, 7, 2], "offset_mapping": [(0, 0), (0, 3), (4, 9),
+                                                                 (10, 12), (0, 0)]}  # fmt: skip
+
+    assert subject_last_token(with_end_token, "The Tower is", 9) == ([1, 5, 6, 7, 2], 2)
