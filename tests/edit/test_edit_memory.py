@@ -356,7 +356,9 @@ def test_quotas_take_the_largest_remainders_with_ties_to_the_earlier_kind():
     for k in range(12):
         for ratio in ((1, 3, 4), (5, 0, 2), (1, 1, 1), (2, 7, 3)):
             counts, exact = quotas(k, ratio), [k * r / sum(ratio) for r in ratio]
-            assert sum(counts) == k and all(abs(c - e) < 1 for c, e in zip(counts, exact))
+            assert sum(counts) == k and all(
+                abs(c - e) < 1 for c, e in zip(counts, exact, strict=True)
+            )
 
 
 def test_selection_of_equal_similarities_keeps_the_pool_order():
