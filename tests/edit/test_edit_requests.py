@@ -144,3 +144,7 @@ def test_the_subject_is_its_last_occurrence_and_never_a_special_token():
                                                                  (10, 12), (0, 0)]}  # fmt: skip
 
     assert subject_last_token(with_end_token, "The Tower is", 9) == ([1, 5, 6, 7, 2], 2)
+    with pytest.raises(LfmError) as e:  # no token starts before the subject's end
+        subject_last_token(with_end_token, "The Tower is", 0)
+    offsets = "[(0, 0), (0, 3), (4, 9), (10, 12), (0, 0)]"
+    assert str(e.value) == f"cannot locate the subject in 'The Tower is' (offsets {offsets})"
