@@ -148,3 +148,26 @@ def test_the_subject_is_its_last_occurrence_and_never_a_special_token():
         subject_last_token(with_end_token, "The Tower is", 0)
     offsets = "[(0, 0), (0, 3), (4, 9), (10, 12), (0, 0)]"
     assert str(e.value) == f"cannot locate the subject in 'The Tower is' (offsets {offsets})"
+
+
+def test_target_ids_are_read_from_the_joint_text_unless_the_prompt_merges_into_the_target():
+    table = {
+        "The city of": [1, 2, 3], "The city of Paris": [1, 2, 3, 7], " Paris": [8],
+        "The town of": [1, 4, 5], "The town of Rome": [1, 4, 9, 6], " Rome": [10],
+    }  # fmt: skip
+
+    def tok(text, add_special_tokens=True):
+        return {"input_ids": table[text]}
+
+    assert target_ids(tok, "The city of", "Paris") == [7]  # as read after the prompt
+    assert target_ids(tok, "The town of", "Rome") == [10]  # "of Rome" merged: alone, with a space
+
+
+def test_a_model_without_its_tokenizer_is_refused_by_name():
+    import torch.nn as nn
+
+    from lfm.edit import common
+
+    with pytest.raises(LfmError) as e:
+        common.model_and_tokenizer(nn.Linear(2, 2), "ROME")
+    assert str(e.value) == "ROME needs a LocalModel (a model with its tokenizer), not a Linear"
