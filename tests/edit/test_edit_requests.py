@@ -154,6 +154,7 @@ def test_target_ids_are_read_from_the_joint_text_unless_the_prompt_merges_into_t
     table = {
         "The city of": [1, 2, 3], "The city of Paris": [1, 2, 3, 7], " Paris": [8],
         "The town of": [1, 4, 5], "The town of Rome": [1, 4, 9, 6], " Rome": [10],
+        "The town of \u00ad": [1, 4, 5], " \u00ad": [11],  # a soft hyphen the joint text drops
     }  # fmt: skip
 
     def tok(text, add_special_tokens=True):
@@ -161,6 +162,7 @@ def test_target_ids_are_read_from_the_joint_text_unless_the_prompt_merges_into_t
 
     assert target_ids(tok, "The city of", "Paris") == [7]  # as read after the prompt
     assert target_ids(tok, "The town of", "Rome") == [10]  # "of Rome" merged: alone, with a space
+    assert target_ids(tok, "The town of", "\u00ad") == [11]  # never an empty target
 
 
 def test_a_model_without_its_tokenizer_is_refused_by_name():
