@@ -173,3 +173,17 @@ def test_a_model_without_its_tokenizer_is_refused_by_name():
     with pytest.raises(LfmError) as e:
         common.model_and_tokenizer(nn.Linear(2, 2), "ROME")
     assert str(e.value) == "ROME needs a LocalModel (a model with its tokenizer), not a Linear"
+
+
+def test_requests_come_as_one_a_mapping_or_a_list_of_either():
+    from lfm.edit import common
+
+    req = Request("The Eiffel Tower is in", "Eiffel Tower", "Rome")
+    row = {"prompt": "Paris is the capital of", "subject": "Paris", "target": "Italy"}
+    assert common.as_requests(req) == [req]
+    assert common.as_requests(row) == [Request.from_dict(row)]
+    got = common.as_requests((req, row))
+    assert got == [req, Request.from_dict(row)] and got[0] is req
+    with pytest.raises(LfmError) as e:
+        common.as_requests([])
+    assert str(e.value) == "no edit requests given"
