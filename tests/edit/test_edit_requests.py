@@ -163,6 +163,14 @@ def test_target_ids_are_read_from_the_joint_text_unless_the_prompt_merges_into_t
     assert target_ids(tok, "The city of", "Paris") == [7]  # as read after the prompt
     assert target_ids(tok, "The town of", "Rome") == [10]  # "of Rome" merged: alone, with a space
     assert target_ids(tok, "The town of", "\u00ad") == [11]  # never an empty target
+    # the fallback reads the target as a real tokenizer does, without its BOS
+    _, real = make_lm("llama")
+
+    def merging(text, **kw):
+        return {"input_ids": [5, 6]} if text == "The town of Rome" else real(text, **kw)
+
+    alone = real(" Rome", add_special_tokens=False)["input_ids"]
+    assert real.bos_token_id not in alone and target_ids(merging, "The town of", "Rome") == alone
 
 
 def test_a_model_without_its_tokenizer_is_refused_by_name():
@@ -187,3 +195,28 @@ def test_requests_come_as_one_a_mapping_or_a_list_of_either():
     with pytest.raises(LfmError) as e:
         common.as_requests([])
     assert str(e.value) == "no edit requests given"
+
+
+def test_a_field_that_is_not_text_is_named():
+    with pytest.raises(LfmError) as e:
+        Request("The Eiffel Tower is in", "Eiffel Tower", 3)  # type: ignore[arg-type]
+    assert str(e.value) == "edit request target must be text, not 3"
+    with pytest.raises(LfmError) as e:
+        Request(None, "Eiffel Tower", "Rome")  # type: ignore[arg-type]
+    assert str(e.value) == "edit request prompt must be text, not None"
+
+
+def test_each_unusable_request_says_exactly_why():
+    cases = [
+        (("The Eiffel Tower is in", " ", "Rome"), "edit request has an empty subject"),
+        (("The Louvre is in", "Eiffel Tower", "Rome"),
+         "subject 'Eiffel Tower' does not occur in prompt 'The Louvre is in'"),
+        (("The Eiffel Tower is in", "Eiffel Tower", " "),
+         "edit request for 'Eiffel Tower' has an empty target"),
+        (("The Eiffel Tower is in ", "Eiffel Tower", "Rome"),
+         "prompt 'The Eiffel Tower is in ' ends with whitespace; the target adds its own space"),
+    ]  # fmt: skip
+    for args, why in cases:
+        with pytest.raises(LfmError) as e:
+            Request(*args)
+        assert str(e.value) == why
