@@ -26,9 +26,9 @@ should kill, because they change nothing the method promises, are listed with a 
 list below) makes mutmut test every mutant again: after one, a `--survivors` run re-tests the
 survivors but leaves every other mutant "not checked", so its score is not the area's; run
 `--fresh` for that. `--only` takes mutant-name patterns (`*` as in shell globs; names are
-`lfm.<area>.<file>.x_<function>__mutmut_<n>`, with `xǁClassǁmethod` for methods): a large area
-(edit: 4,571 mutants, about 3.5 hours) runs in parts of about half an hour (`--part N`, the
-parts listed in `AREAS`), and the figures printed are those of the part.
+`lfm.<area>.<file>.x_<function>__mutmut_<n>`, with `xǁClassǁmethod` for methods), and mutmut
+tests every mutant they match, even one with a result. A large area (edit: 4,571 mutants, about
+3.5 hours) runs in parts (`--part N`, listed in `AREAS`), and the figures printed are the part's.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ AREAS: dict[str, Area] = {
             "mutated; test_edit_real.py is slow (real models) and not run"
         ),
         also_copy=("tools",),  # a facts test checks the packaged set against its seeded tool
-        # 4,571 mutants, about 3.5 h in one run: six parts of 600-900 mutants, 30-40 min each
+        # 4,571 mutants, about 3.5 h in one run: six parts of 600-900 mutants
         parts=tuple(tuple(f"lfm.edit.{stem}.*" for stem in part.split()) for part in _EDIT_PARTS),
     ),
     "access": Area(
@@ -264,6 +264,19 @@ def decorated(area: Area) -> list[str]:
     return found
 
 
+def matches(name: str, patterns: list[str]) -> bool:
+    """Whether a mutant's name matches one of the shell-style patterns."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in patterns)
+
+
+def unknown_patterns(area: Area, patterns: list[str]) -> list[str]:
+    """The patterns whose fixed start names none of the area's modules (a misspelt file)."""
+    modules = [".".join(Path(f).with_suffix("").parts[1:]) + "." for f in area.files]
+    heads = [pat.split("*")[0].split("?")[0].split("[")[0] for pat in patterns]
+    return [pat for pat, head in zip(patterns, heads, strict=True)
+            if not any(head.startswith(m) or m.startswith(head) for m in modules)]  # fmt: skip
+
+
 def results(work: Path, area: Area, only: list[str]) -> dict[str, list[str]]:
     """Mutant names by status (those matching `only`, if given), from mutmut's result files."""
     from mutmut.stats import status_by_exit_code
@@ -275,7 +288,7 @@ def results(work: Path, area: Area, only: list[str]) -> dict[str, list[str]]:
             continue
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         for key, code in codes.items():
-            if only and not any(fnmatch.fnmatchcase(key, pat) for pat in only):
+            if only and not matches(key, only):
                 continue
             by_status.setdefault(status_by_exit_code[code], []).append(key)
     return by_status
@@ -298,8 +311,10 @@ def main() -> None:
     if args.part is not None:
         if not 1 <= args.part <= len(area.parts):
             has = f"parts 1-{len(area.parts)}" if area.parts else "no parts: run it whole"
-            sys.exit(f"--part {args.part}: the {args.area} area has {has}")
+            parser.error(f"--part {args.part}: the {args.area} area has {has}")
         args.only = [*(args.only or []), *area.parts[args.part - 1]]
+    if args.only and (bad := unknown_patterns(area, args.only)):
+        parser.error(f"--only {' '.join(bad)}: no file of the {args.area} area is named so")
     if args.tests:
         area = replace(area, tests=tuple(args.tests))
     work = prepare(args.area, area, args.fresh)
@@ -308,9 +323,10 @@ def main() -> None:
         listed = work / "survivors.txt"
         names = listed.read_text().split() if listed.exists() else []
         if args.only:
-            names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in args.only)]
+            names = [n for n in names if matches(n, args.only)]
         if not names:
-            sys.exit(f"no survivors listed in {listed}: run without --survivors first")
+            which = " matching --only" if args.only else ""
+            sys.exit(f"no survivors{which} listed in {listed}: run without --survivors first")
     elif args.only:
         names = list(args.only)
     env = dict(os.environ, LFM_TEST_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
@@ -334,8 +350,7 @@ def main() -> None:
     listed = work / "survivors.txt"  # a part's run keeps the other parts' survivors listed
     kept = []
     if args.only and listed.exists():
-        kept = [n for n in listed.read_text().split()
-                if not any(fnmatch.fnmatchcase(n, pat) for pat in args.only)]  # fmt: skip
+        kept = [n for n in listed.read_text().split() if not matches(n, args.only)]
     listed.write_text("".join(f"{s}\n" for s in sorted({*kept, *survived})))
     score = 100 * killed / total if total else 0.0
     print(
