@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from lfm.edit import common
 from lfm.edit.requests import (
     Request,
     build_batch,
     read_requests,
+    subject_end,
     subject_last_token,
     target_ids,
 )
@@ -113,8 +118,6 @@ def test_a_batch_without_targets_holds_the_prompt_alone():
 
 
 def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token():
-    import copy
-
     _, tok = make_lm("gpt2")
     bare = copy.deepcopy(tok)
     bare.pad_token = None
@@ -130,8 +133,6 @@ def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token():
 
 
 def test_the_subject_is_its_last_occurrence_and_never_a_special_token():
-    from lfm.edit.requests import subject_end
-
     prompt = "Paris is in France. Paris is the capital of"
     assert subject_end(prompt, "Paris") == prompt.rfind("Paris") + 5 == 25
     _, tok = make_lm("llama")
@@ -174,18 +175,12 @@ def test_target_ids_are_read_from_the_joint_text_unless_the_prompt_merges_into_t
 
 
 def test_a_model_without_its_tokenizer_is_refused_by_name():
-    import torch.nn as nn
-
-    from lfm.edit import common
-
     with pytest.raises(LfmError) as e:
         common.model_and_tokenizer(nn.Linear(2, 2), "ROME")
     assert str(e.value) == "ROME needs a LocalModel (a model with its tokenizer), not a Linear"
 
 
 def test_requests_come_as_one_a_mapping_or_a_list_of_either():
-    from lfm.edit import common
-
     req = Request("The Eiffel Tower is in", "Eiffel Tower", "Rome")
     row = {"prompt": "Paris is the capital of", "subject": "Paris", "target": "Italy"}
     assert common.as_requests(req) == [req]

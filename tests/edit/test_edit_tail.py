@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lfm.core.hooks import frozen
 from lfm.edit import RomeConfig, locate, tail
-from lfm.edit.requests import Request, build_batch
+from lfm.edit.requests import Batch, Request, build_batch
 from lfm.edit.site import edit_site
 
 REQS = [
@@ -84,8 +87,6 @@ def test_the_tail_pass_keeps_the_last_logits_by_default(tiny_llama):
 
 def _hand_batch():
     """Three right-padded rows (0 pads): subjects at 2, 0 and 1; lengths 4, 3 and 5."""
-    from lfm.edit.requests import Batch
-
     ids = torch.tensor([[11, 12, 13, 14, 0], [21, 22, 23, 0, 0], [31, 32, 33, 34, 35]])
     mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     p = torch.tensor([2, 0, 1])
@@ -119,8 +120,6 @@ class _Spy(torch.nn.Module):
 
     def forward(self, **kw):
         self.calls.append(kw)
-        from types import SimpleNamespace
-
         return SimpleNamespace(cache="prefix cache", logits=None)
 
 
@@ -137,8 +136,6 @@ def test_prepare_runs_the_prefix_once_with_its_positions_and_shifts_the_targets(
     assert t.target_pos == [[1], [1, 2], [3]] and t.target_ids == batch.target_ids
     assert torch.equal(t.position_ids, torch.tensor([[2, 3, 4, 5], [0, 1, 2, 3], [1, 2, 3, 4]]))
     # every subject first: no prefix, no pass
-    from dataclasses import replace
-
     first = replace(batch, subject_pos=torch.tensor([0, 0, 0]), target_pos=[[0], [0], [0]])
     spy.calls.clear()
     t0 = tail.prepare(spy, first)
