@@ -7,6 +7,7 @@ Real-asset tests are marked `slow`; they run in CI too (CI installs the assets).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,29 @@ from lfm.core.tiny import CORPUS, TinyCNN, TinyMLP, bpe_tokenizer, tiny_cnn, tin
 
 # Tiny models gain nothing from intra-op threads, and threads fight on a busy machine.
 torch.set_num_threads(int(os.environ.get("LFM_TEST_THREADS", "1")))
+
+
+def warm_the_fork_server() -> None:
+    """Under `make mutate`, mutmut forks one test process per mutant from a server that has
+    imported the tests. What a test does first with a tiny model (importing the architecture's
+    modelling code from transformers' lazy modules, training the tokenizer, torch's first
+    kernels) would be paid again in every fork: about 7 s for the edit area's smoke model. Done
+    here once, in the server, every fork inherits it. Only code that no area mutates runs (the
+    builders of `lfm.core.tiny`, whose tokenizers are cached per corpus, and the models' forward),
+    and the random state is left as it was."""
+    from lfm.edit.common import SMOKE_TEXTS  # the edit area's smoke models' corpus
+
+    state = torch.random.get_rng_state()
+    for kind in ("llama", "gpt2", "gemma3"):
+        for corpus, vocab in ((CORPUS, 320), (tuple(SMOKE_TEXTS), 2000)):
+            model, tok = tiny_lm(kind, 0, corpus=corpus, vocab_size=vocab)
+            with torch.no_grad():
+                model(**tok(["a warm start"], return_tensors="pt"))
+    torch.random.set_rng_state(state)
+
+
+if "mutmut" in sys.modules:  # imported by mutmut's fork server (tools/mutate.py), not by pytest
+    warm_the_fork_server()
 
 __all__ = ["CORPUS", "TinyCNN", "TinyMLP", "deep_lm", "make_lm", "make_tokenizer"]
 
@@ -164,3 +188,21 @@ def merge_files(tmp_path):
     for name, sd in zip(("base", "a", "b"), sds, strict=True):
         save_file(sd, str(tmp_path / f"{name}.safetensors"))
     return tmp_path, sds
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under mutation testing (`make mutate`: mutmut names the mutant in MUTANT_UNDER_TEST and
+    stops at the first failure), run a mutant's tests fastest first, by the durations mutmut
+    measured on the unmutated code: a killed mutant then stops at its cheapest failing test
+    instead of after whichever slow test the selection happened to list first."""
+    if "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", ""):
+        return
+    import json
+    from pathlib import Path
+
+    stats = Path("mutmut-stats.json")
+    if not stats.is_file():
+        return
+    duration = json.loads(stats.read_text()).get("duration_by_test", {})
+    unknown = max(duration.values(), default=0.0)  # a test without a measure runs last
+    items.sort(key=lambda item: duration.get(item.nodeid, unknown))
