@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -339,3 +340,25 @@ def test_read_facts_keeps_id_and_relation_and_names_the_file_in_every_refusal(tm
     path.write_text("{not json\n")
     with pytest.raises(LfmError, match=rf"^{path}"):
         read_facts(path)
+
+
+def test_a_fact_file_of_the_packaged_shape_loads_with_its_defaults_and_its_split(tmp_path):
+    row = {"id": 7, "relation": "r", "subject": "Kyoto", "prompt": "Kyoto is in", "true": "Japan",
+           "new": "Germany"}  # fmt: skip
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "id": 8, "split": "test",
+                    "paraphrases": ["Kyoto lies in"]}) + "\n")  # fmt: skip
+    bare, tested = load_facts(path)
+    assert (bare.id, bare.subject, bare.true, bare.new) == (7, "Kyoto", "Japan", "Germany")
+    assert bare.paraphrases == bare.neighbourhood == bare.generation == () and bare.split == ""
+    assert tested.split == "test" and tested.paraphrases == ("Kyoto lies in",)
+    assert load_facts(str(path), split="test") == [tested]
+    with pytest.raises(LfmError) as err:
+        load_facts(path, split="train")
+    assert str(err.value) == f"no facts of split 'train' in {path}"
+    with pytest.raises(LfmError) as err:
+        load_facts(name="lifelong", split="dev")
+    assert str(err.value) == "no facts of split 'dev' in lifelong"
+    with pytest.raises(LfmError) as err:
+        load_facts(name="nope")
+    assert str(err.value) == "no packaged fact set 'nope'; choose from facts, lifelong"
