@@ -11,9 +11,10 @@ The first T facts the model knows are edited one after another: GRACE grows one 
 lifelong statistics (`ultraedit_step`, `--turn` facts per turn, default 1; `--ue-lr` its η), each
 patch applied before the next edit; WISE grows one side memory (`wise(..., memory=previous)`;
 `--shard-size` edits per shard, default the paper's 500; `--wise-lr` its SGD step, default the
-paper's 1.0), installed once after the T-th edit; IKE (`--methods ike`) stores the T facts in one
-memory patch.
-`--facts lifelong` draws the facts from the test split of the 1,102-request lifelong set
+paper's 1.0; `--wise-routing subject` and `--wise-prefixes N`, the options of `WiseConfig`, name
+the row `wise (subject, N rows)`), installed once after the T-th edit; IKE (`--methods ike`)
+stores the T facts in one memory patch.
+`--facts lifelong` draws the facts from the test split of the 1,496-request lifelong set
 (`load_facts(name="lifelong", split="test")`) instead of the 316 packaged facts. After the T-th edit every one of the T facts is scored (CounterFact
 protocol, `lfm.edit.facts`): efficacy over all T edits, paraphrase, neighbourhood (prompts naming
 an edited subject left out), Score; then seconds per edit (wall and CPU) and, for GRACE, how the
@@ -61,6 +62,14 @@ def _args() -> argparse.Namespace:
     p.add_argument("--eps-init", type=float, default=None, help="GRACE's ε_init (default 1.0)")
     p.add_argument("--shard-size", type=int, default=None, help="WISE: edits per shard (500)")
     p.add_argument("--wise-lr", type=float, default=None, help="WISE's SGD step (default 1.0)")
+    p.add_argument(
+        "--wise-routing", choices=("prompt", "subject"), default=None,
+        help="WISE: the edit's routing score over the prompt (default) or the subject's tokens",
+    )  # fmt: skip
+    p.add_argument(
+        "--wise-prefixes", type=int, default=None,
+        help="WISE: rows of the target NLL, the bare prompt and n − 1 context prefixes (1)",
+    )  # fmt: skip
     p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
     p.add_argument(
         "--gen-tokens", type=int, default=20,
@@ -179,7 +188,8 @@ def _wise(handle, facts, a: argparse.Namespace):
     from lfm.edit.site import edit_site
     from lfm.edit.wise import activations, scores
 
-    given = {"shard_size": a.shard_size, "lr": a.wise_lr}
+    given = {"shard_size": a.shard_size, "lr": a.wise_lr, "routing": a.wise_routing,
+             "n_prefixes": a.wise_prefixes}  # fmt: skip
     cfg = WiseConfig(**{k: v for k, v in given.items() if v is not None})
     memory, clock = None, _Clock()
     for f in facts:
@@ -191,7 +201,10 @@ def _wise(handle, facts, a: argparse.Namespace):
         acts = activations(handle.model, handle.tokenizer, prompts, site)
         return f"{int((scores(memory.side, acts) > memory.epsilon).sum())}/{len(prompts)}"
 
+    variant = [cfg.routing] if cfg.routing != "prompt" else []
+    variant += [f"{cfg.n_prefixes} rows"] if cfg.n_prefixes > 1 else []
     notes = {
+        "variant": f" ({', '.join(variant)})" if variant else "",
         "lr": cfg.lr,
         "shards": len(memory.shards),
         "epsilon": round(memory.epsilon, 2),
@@ -334,12 +347,13 @@ def main() -> None:
                 undo.revert(handle.model)
             spent[name] = time.perf_counter() - t0
             secs = (clock.wall / len(facts), clock.cpu / len(facts))
-            print(_row(f"{name} T={len(facts)}", scores, secs), notes or "", flush=True)
+            label = name + str(notes.pop("variant", "")) if notes else name  # a method's options
+            print(_row(f"{label} T={len(facts)}", scores, secs), notes or "", flush=True)
             if a.json:
                 change = scores.get("fluency", float("nan")) - base.get("fluency", float("nan"))
                 row = {**scores, "fluency_change": change, "wall_s": secs[0], "cpu_s": secs[1],
                        **{k: v for k, v in notes.items() if isinstance(v, int | float)}}  # fmt: skip
-                _save(a.json, a.model, name, len(facts), row)
+                _save(a.json, a.model, label, len(facts), row)
     if a.plot and a.json:
         plot(a.json, a.plot)
 

@@ -566,3 +566,70 @@ def test_a_memory_without_traces_is_continued(h):
     assert "steps" not in hand.info
     later = wise(h, TEN[0], CFG.replace(steps=2), memory=hand)
     assert len(later.info["steps"]) == 1 and later.requests == [REQ, TEN[0]]
+
+
+MID = Request("The Eiffel Tower is in the city of", "Eiffel Tower", "Rome")  # subject inside
+NEIGHBOUR = "The Colosseum is in the city of"  # the same template, another subject
+
+
+def _token_scores(h, memory, texts):
+    site = wise_mod.edit_site(h.model, int(memory.info["layer"]))
+    acts = wise_mod.activations(h.model, h.tokenizer, texts, site)
+    return [torch.nn.functional.linear(a, memory.side).norm(dim=-1) for a in acts]
+
+
+def test_subject_routing_fires_on_the_subject_and_leaves_a_neighbour_of_its_template(h):
+    """routing="subject": L_a raises the score of the subject's tokens and keeps the prompt's
+    other tokens with the x_i, so the highest score is on the subject and a prompt of the same
+    template about another subject stays below ε; with the paper's routing ("prompt") the
+    highest score is on the template's last token, and the neighbour is routed (measured: 0.365
+    against ε 0.337; with "subject" 0.152 against 0.439)."""
+    _, start, end = wise_mod.subject_range(h.tokenizer, MID.prompt, MID.subject)
+    plain = wise(h, MID, CFG)
+    edit, neighbour = _token_scores(h, plain, [MID.prompt, NEIGHBOUR])
+    assert not start <= int(edit.argmax()) < end
+    assert float(neighbour.max()) > plain.epsilon  # the paper's routing moves the neighbour
+    subject = wise(h, MID, CFG.replace(routing="subject"))
+    edit, neighbour = _token_scores(h, subject, [MID.prompt, NEIGHBOUR])
+    assert start <= int(edit.argmax()) < end
+    assert float(edit.max()) > subject.epsilon > float(neighbour.max())
+    rest = torch.cat([edit[:start], edit[end:]])
+    assert float(rest.max()) < 0.5 * float(edit[start:end].max())
+
+
+def test_routing_inputs_split_the_prompt_at_the_subject():
+    tok = common.smoke_model("llama", 1).tokenizer
+    _, start, end = wise_mod.subject_range(tok, MID.prompt, MID.subject)
+    prompt = torch.arange(9.0)[:, None].expand(9, 3)  # (T, D_in), one row per token
+    irrelevant = [torch.ones(4, 3)]
+    same = wise_mod.routing_inputs(tok, MID, prompt, irrelevant, CFG)
+    assert same[0] is prompt and same[1] is irrelevant
+    inside, outside = wise_mod.routing_inputs(tok, MID, prompt, irrelevant, CFG.replace(routing="subject"))  # fmt: skip
+    assert (start, end) == (2, 4) and inside[:, 0].tolist() == [2.0, 3.0]
+    assert len(outside) == 2 and outside[0] is irrelevant[0]
+    assert outside[1][:, 0].tolist() == [0.0, 1.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    assert outside[1][0, 0] == 0.0  # the <bos> token is not the subject's
+
+    def one_token(text, return_offsets_mapping=False):  # no <bos>: the prompt is the subject
+        return {"input_ids": [7], "offset_mapping": [(0, len(text))]}
+
+    whole = Request("Paris", "Paris", "Rome")
+    inside, outside = wise_mod.routing_inputs(one_token, whole, prompt[:1], irrelevant, CFG.replace(routing="subject"))  # fmt: skip
+    assert inside[:, 0].tolist() == [0.0] and outside is irrelevant  # no empty text added
+
+
+def test_n_prefixes_trains_the_target_behind_each_context_prefix(h):
+    # the first step's NLL is the mean over the bare prompt and the first n − 1 prefixes
+    from lfm.edit.locate import prefixes
+
+    memory = wise(h, REQ, CFG.replace(steps=2, n_prefixes=3))
+    (step,) = memory.info["steps"]
+    rows = [f"{p} {REQ.prompt}" if p else REQ.prompt for p in prefixes(3)]
+    nll = -sum(float(h.score([r], [" Rome"])) for r in rows) / 3
+    assert step["nll_start"] == pytest.approx(nll, abs=1e-5)
+    assert nll != pytest.approx(-float(h.score([REQ.prompt], [" Rome"])), abs=1e-3)
+    for bad in ({"n_prefixes": 0}, {"n_prefixes": 12}, {"routing": "tokens"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            WiseConfig.build(bad)
+    cfg = WiseConfig()
+    assert (cfg.routing, cfg.n_prefixes) == ("prompt", 1)  # the paper's: bare prompt, all tokens

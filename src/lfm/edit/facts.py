@@ -5,8 +5,8 @@ city → country, country → continent, country → language, company → count
 prompt ending where the object comes, the true object, a counterfactual new object (another
 object of the same relation), 2 paraphrase prompts and 5 neighbourhood prompts (other subjects
 with the same relation and true object). `data/lifelong.jsonl` (`load_facts(name="lifelong")`)
-holds 1,102 more, for lifelong editing, written by `tools/make_lifelong_facts.py` from templates
-over eight relations, each with a `split` (`train` about 40 %, `test`) for a meta-learned editor;
+holds 1,496 more, for lifelong editing, written by `tools/make_lifelong_facts.py` from templates
+over eight relations, each with a `split` (`train` 431, `test` 1,065) for a meta-learned editor;
 where no other subject shares a fact's true object it has no neighbourhood prompts.
 
 Metrics, on the edited model, with the CounterFact protocol (probabilities of whole objects,
@@ -73,7 +73,7 @@ def load_facts(
 
     Args:
         path: a file to read instead of a packaged set.
-        name: the packaged set: "facts" (316 facts) or "lifelong" (1,102, split).
+        name: the packaged set: "facts" (316 facts) or "lifelong" (1,496, split).
         split: keep only the facts of this split ("train" or "test").
     """
     if path:

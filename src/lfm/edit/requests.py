@@ -95,6 +95,17 @@ def subject_last_token(tokenizer: Any, text: str, subject_end: int) -> tuple[lis
     return ids, hits[-1]
 
 
+def subject_range(tokenizer: Any, prompt: str, subject: str) -> tuple[list[int], int, int]:
+    """Token ids of `prompt` and the [start, end) token range of the last occurrence of
+    `subject` (every token that holds one of its characters)."""
+    end_char = subject_end(prompt, subject)
+    ids, last = subject_last_token(tokenizer, prompt, end_char)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    start_char = end_char - len(subject)
+    first = next(i for i, (s, e) in enumerate(offsets) if e > start_char and e > s)
+    return ids, first, last + 1
+
+
 def subject_end(prompt: str, subject: str) -> int:
     """Character index just past the last occurrence of `subject` in `prompt`."""
     return prompt.rfind(subject) + len(subject)

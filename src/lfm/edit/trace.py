@@ -30,7 +30,7 @@ from lfm.core.io import write_text
 from lfm.core.layouts import get_layout, num_layers
 from lfm.core.plot import save_png
 from lfm.edit import common, progress
-from lfm.edit.requests import subject_end, subject_last_token, target_ids
+from lfm.edit.requests import subject_range, target_ids
 
 
 @dataclass(frozen=True)
@@ -47,16 +47,6 @@ class Trace:
     def save(self, path: str | Path) -> Path:
         """Write the numbers as JSON, atomically."""
         return write_text(path, json.dumps(asdict(self), indent=1, ensure_ascii=False))
-
-
-def _subject_range(tokenizer: Any, prompt: str, subject: str) -> tuple[list[int], int, int]:
-    """Token ids and the [start, end) token range of the last occurrence of `subject`."""
-    end_char = subject_end(prompt, subject)
-    ids, last = subject_last_token(tokenizer, prompt, end_char)
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    start_char = end_char - len(subject)
-    first = next(i for i, (s, e) in enumerate(offsets) if e > start_char and e > s)
-    return ids, first, last + 1
 
 
 def noise_scale(model: nn.Module, factor: float = 3.0, n: int = 4096) -> float:
@@ -115,7 +105,7 @@ def causal_trace(
         seed: seed of the noise.
     """
     model, tok = common.model_and_tokenizer(handle, "edit trace")
-    ids_list, start, end = _subject_range(tok, prompt, subject)
+    ids_list, start, end = subject_range(tok, prompt, subject)
     dev = next(model.parameters()).device
     ids = torch.tensor([ids_list], device=dev)  # (1, T)
     logits, blocks = _clean_run(model, ids)

@@ -19,6 +19,13 @@ the edit prompt x_e and a few irrelevant texts x_i (each score the maximum over 
 averaged over the x_i. A request carries no neighbourhood prompts (and a benchmark scores those),
 so the x_i are generic sentences (`IRRELEVANT`, the config's `irrelevant`).
 
+Two options follow the authors' released code rather than the paper's text (both off by
+default): `routing="subject"` takes the edit's score in L_a over the subject's tokens only and
+adds the prompt's other tokens to the x_i, so that the router learns to fire on the subject and
+not on the words of its template (which a neighbouring fact of the same relation shares);
+`n_prefixes` trains the target NLL on the prompt behind fixed context prefixes as well
+(`locate.PREFIXES`, as ROME does; the authors' code uses 10 model-written ones).
+
 Knowledge sharding: the side memory's edits are spread over shards of `shard_size` edits; each
 shard starts as a copy of W_v and edits only a random mask of density ρ (0.2) of its entries,
 τ_i = (W_v'^i − W_v) ⊙ M_i. The side memory is their TIES merge (Yadav et al. 2023, arXiv
@@ -43,7 +50,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +65,7 @@ from lfm.core.layouts import num_layers
 from lfm.edit import common, locate, progress
 from lfm.edit.contract import EDITOR
 from lfm.edit.patch import check_module, fingerprint
-from lfm.edit.requests import Request, build_batch
+from lfm.edit.requests import Request, build_batch, subject_range
 from lfm.edit.site import EditSite, edit_site
 from lfm.errors import LfmError
 from lfm.registry import Example, register
@@ -93,6 +100,13 @@ class WiseConfig(Config):
     merge_density: float = Field(0.53, gt=0, le=1)  # TIES: share of a shard kept (authors: 0.53)
     stop_nll: float = Field(0.05, ge=0)  # stop once the NLL is below this and every margin holds
     irrelevant: tuple[str, ...] = Field(IRRELEVANT, min_length=1)  # the x_i of the routing loss
+    # what the edit's routing score is taken over in L_a: "prompt", every token of the edit
+    # prompt (the paper); "subject", the subject's tokens, the prompt's other tokens joining the
+    # x_i (the authors' code for requests that name a subject)
+    routing: Literal["prompt", "subject"] = "prompt"
+    # rows of the target NLL: the bare prompt and the first n − 1 fixed context prefixes
+    # (`locate.PREFIXES`; the authors' code trains on the bare prompt and 10 prefixes)
+    n_prefixes: int = Field(1, ge=1, le=len(locate.PREFIXES))
     seed: int = 0  # the shards' random masks
 
     @model_validator(mode="after")
@@ -175,13 +189,29 @@ def activations(model: nn.Module, tok: Any, texts: Sequence[str], site: EditSite
         return out
 
 
+def routing_inputs(
+    tok: Any, req: Request, prompt: torch.Tensor, irrelevant: list[torch.Tensor],
+    cfg: WiseConfig,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """The projection inputs whose scores L_a pushes up (the edit's) and keeps down (the x_i),
+    from the edit prompt's (`prompt`, (T, D_in)) and the irrelevant texts'. `cfg.routing`
+    "prompt": all of the prompt against the x_i; "subject": the subject's tokens against the
+    x_i and the prompt's other tokens (one more text, when there are any)."""
+    if cfg.routing == "prompt":
+        return prompt, irrelevant
+    _, start, end = subject_range(tok, req.prompt, req.subject)
+    rest = torch.cat([prompt[:start], prompt[end:]])
+    return prompt[start:end], [*irrelevant, rest] if len(rest) else irrelevant
+
+
 def train_edit(
     model: nn.Module, tok: Any, req: Request, site: EditSite, shard: Shard,
     acts: tuple[torch.Tensor, list[torch.Tensor]], cfg: WiseConfig,
 ) -> dict[str, float]:  # fmt: skip
     """Train the shard's τ (inside its mask) for one edit: NLL with W_v + τ in place plus L_a.
-    `acts`: the edit prompt's projection inputs and the irrelevant texts'. Updates the shard."""
-    batch = build_batch(tok, req, [""])
+    `acts`: the projection inputs whose score L_a raises (the edit's) and those it keeps low
+    (the irrelevant texts', `routing_inputs`). Updates the shard."""
+    batch = build_batch(tok, req, locate.prefixes(cfg.n_prefixes))
     tau = shard.delta.clone().requires_grad_(True)
     opt = torch.optim.SGD([tau], lr=cfg.lr)
 
@@ -393,7 +423,8 @@ def wise_step(
             if not shards or shards[-1].edits >= cfg.shard_size:
                 shards.append(new_shard(site.shape, cfg.density, cfg.seed, len(shards)))
             acts.append(activations(model, tok, [req.prompt], site)[0])
-            steps.append(train_edit(model, tok, req, site, shards[-1], (acts[-1], irrelevant), cfg))
+            routing = routing_inputs(tok, req, acts[-1], irrelevant, cfg)
+            steps.append(train_edit(model, tok, req, site, shards[-1], routing, cfg))
     earlier = memory.requests if memory else []
     info = {
         "layer": site.layer,
