@@ -15,6 +15,7 @@ from lfm.edit.requests import (
     read_requests,
     subject_end,
     subject_last_token,
+    subject_range,
     target_ids,
 )
 from lfm.errors import LfmError
@@ -215,3 +216,20 @@ def test_each_unusable_request_says_exactly_why():
         with pytest.raises(LfmError) as e:
             Request(*args)
         assert str(e.value) == why
+
+
+def test_the_subject_range_starts_at_its_first_character_and_ends_after_its_last():
+    """Every token holding a character of the last occurrence of the subject, and none of the
+    punctuation touching it (a token that ends where the subject starts is not the subject's)."""
+    tok = common.smoke_model("llama", 1).tokenizer
+    cases = {  # prompt -> [start, end) tokens; <bos> is token 0
+        "The Eiffel Tower is in the city of": (2, 4),  # " Eiffel", " Tower"
+        '"Eiffel Tower" is in the city of': (2, 5),  # "Ei", "ffel", " Tower", not the quote
+        "The (Eiffel Tower) is in the city of": (4, 7),  # after "(", before ")"
+        "Eiffel Tower, the Eiffel Tower, is in": (6, 8),  # the last occurrence
+    }
+    for prompt, span in cases.items():
+        ids, start, end = subject_range(tok, prompt, "Eiffel Tower")
+        assert ids == tok(prompt)["input_ids"] and (start, end) == span, prompt
+        text = tok.decode(ids[start:end]).strip()
+        assert text == "Eiffel Tower", (prompt, text)
