@@ -27,6 +27,9 @@ fact's generation prompts (`lfm.edit.facts.evaluate_fact`); the curves show it a
 the unedited model. Memory added: GRACE's codebook, WISE's side memory and masks (MiB); the
 weight editors change weights in place (0); IKE adds context, reported as tokens per query.
 `--budget S` skips a method's longer T once one of its runs took more than S seconds.
+`--checkpoint DIR` keeps the progress of a ROME, MEMIT or AlphaEdit run every
+`--checkpoint-every` edits (default 25) in DIR, and the same command run again resumes it (the
+other methods take no checkpoint); the file is removed once the run is scored.
 Every row of `--json` records its selection (fact set, known or all facts, generation tokens);
 `--reuse-unedited` takes the unedited row from `--json` when one of the same T and selection is
 there instead of scoring the unedited model again (at T = 1,000 that scoring is about 25 minutes
@@ -91,6 +94,11 @@ def _args() -> argparse.Namespace:
         "--reuse-unedited", action="store_true",
         help="take the unedited row of the same T and selection from --json instead of scoring it",
     )  # fmt: skip
+    p.add_argument(
+        "--checkpoint", default=None,
+        help="ROME, MEMIT, AlphaEdit: keep the run's progress in this folder and resume from it",
+    )  # fmt: skip
+    p.add_argument("--checkpoint-every", type=int, default=25, help="edits between checkpoints")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     if a.plot and not a.json:
@@ -137,14 +145,90 @@ def _sequential(name: str):
         from lfm.registry import get
 
         spec = get(f"edit/{name}")
-        cfg, undos, clock = spec.config(stats_tokens=a.stats_tokens), [], _Clock()
-        for f in facts:
+        cfg = spec.config(stats_tokens=a.stats_tokens)
+        ckpt = _Checkpoint(a, name, len(facts), handle.model)
+        undos, clock, _ = ckpt.resume()
+        for i, f in enumerate(facts[ckpt.done :], ckpt.done + 1):
             with clock:  # the first edit also builds C (cached on disk after)
                 patch = spec.fn(handle, f.request, cfg)
             _keep(undos, patch.apply(handle.model))
+            ckpt.maybe_save(i, undos, clock, last=i == len(facts))
         return handle, undos, clock, {"added_mib": 0.0}
 
     return run
+
+
+class _Checkpoint:
+    """`--checkpoint DIR`: the progress of one in-place sequential run (ROME, MEMIT, AlphaEdit)
+    every `--checkpoint-every` edits, in one safetensors file written atomically — the weights
+    the edits changed, as they were before the first and as they are now, AlphaEdit's keys, the
+    edits done and the clock — so that a run longer than one process's life resumes where it
+    stopped. Only a file of the same model, method, T and selection is resumed; the weights it
+    gives back are checked against AlphaEdit's fingerprint of them."""
+
+    FORMAT = "lfm-bench-lifelong-checkpoint/1"
+
+    def __init__(self, a: argparse.Namespace, method: str, t: int, model) -> None:
+        from pathlib import Path
+
+        self.model, self.every, self.done = model, a.checkpoint_every, 0
+        self.tag = {"model": a.model, "method": method, "T": t, "selection": _selection(a)}
+        self.path = (
+            Path(a.checkpoint) / f"{a.model}-{method}-T{t}.safetensors" if a.checkpoint else None
+        )
+
+    def resume(self, keys: bool = False):
+        """(undos, clock, AlphaEdit state or None) from the file, or a fresh start."""
+        from lfm.core.io import load_tensors
+        from lfm.edit.patch import Undo
+        from lfm.edit.sequential import AlphaEditState
+
+        if self.path is None or not self.path.exists():
+            return [], _Clock(), None
+        tensors, meta = load_tensors(self.path, self.FORMAT)
+        if any(meta.get(k) != v for k, v in self.tag.items()):
+            raise SystemExit(
+                f"{self.path} is of another run ({meta}); remove it or name another --checkpoint"
+            )
+        from lfm.edit.base import edits
+
+        with torch.no_grad(), edits(self.model):  # the base model's statistics fingerprints stay
+            for k, w in tensors.items():
+                if k.startswith("now."):
+                    self.model.get_submodule(k[4:]).weight.copy_(w)
+        undos = [Undo({k[5:]: w for k, w in tensors.items() if k.startswith("orig.")})]
+        clock, self.done = _Clock(), int(meta["done"])
+        clock.wall, clock.cpu = float(meta["wall"]), float(meta["cpu"])
+        state = None
+        if keys:
+            got = {int(k[5:]): w for k, w in tensors.items() if k.startswith("keys.")}
+            state = AlphaEditState(
+                got, str(meta["base"]), str(meta["after"]), int(meta["per_edit"])
+            )
+        print(f"resumed {self.path.name} after {self.done} edits", flush=True)
+        return undos, clock, state
+
+    def maybe_save(
+        self, done: int, undos: list, clock: _Clock, state=None, last: bool = False
+    ) -> None:
+        if self.path is None or (done % self.every and not last):
+            return
+        from lfm.core.io import save_tensors
+
+        orig = {name: w for u in undos for name, w in u.originals.items()}
+        tensors = {f"orig.{n}": w for n, w in orig.items()}
+        tensors |= {f"now.{n}": self.model.get_submodule(n).weight for n in orig}
+        meta = {**self.tag, "done": done, "wall": clock.wall, "cpu": clock.cpu}
+        if state is not None:
+            tensors |= {f"keys.{layer}": k for layer, k in state.keys.items()}
+            meta |= {"base": state.base, "after": state.after, "per_edit": state.per_edit}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(self.path, tensors, self.FORMAT, **meta)
+
+    def finish(self) -> None:
+        """The run is scored and saved: its checkpoint is spent."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def _keep(undos: list, undo) -> None:
@@ -167,11 +251,14 @@ def _alphaedit(handle, facts, a: argparse.Namespace):
     """The T AlphaEdit steps, each patch applied before the next."""
     from lfm.edit import AlphaEditConfig, alphaedit_step
 
-    cfg, state, undos, clock = AlphaEditConfig(stats_tokens=a.stats_tokens), None, [], _Clock()
-    for f in facts:
+    cfg = AlphaEditConfig(stats_tokens=a.stats_tokens)
+    ckpt = _Checkpoint(a, "alphaedit", len(facts), handle.model)
+    undos, clock, state = ckpt.resume(keys=True)
+    for i, f in enumerate(facts[ckpt.done :], ckpt.done + 1):
         with clock:  # the first step also builds C per layer (cached on disk after)
             patch, state = alphaedit_step(handle, f.request, state, cfg)
         _keep(undos, patch.apply(handle.model))
+        ckpt.maybe_save(i, undos, clock, state, last=i == len(facts))
     return handle, undos, clock, {"added_mib": 0.0}
 
 
@@ -270,6 +357,11 @@ def _save(path: str, model: str, method: str, t: int, row: dict) -> None:
     os.replace(tmp, file)
 
 
+def _selection(a: argparse.Namespace) -> str:
+    """Which facts a row is on: the set, known or all, and the generation tokens of fluency."""
+    return f"{a.facts} {'all' if a.all_facts else 'known'}, gen {a.gen_tokens}"
+
+
 def _kept(path: str, model: str, t: int, selection: str) -> dict | None:
     """The unedited row `_save` kept for this model, T and selection, or None."""
     import json
@@ -352,7 +444,7 @@ def main() -> None:
         facts = known[:t]
         if len(facts) < t:
             print(f"only {len(facts)} known facts: T={t} runs on {len(facts)}", flush=True)
-        selection = f"{a.facts} {'all' if a.all_facts else 'known'}, gen {a.gen_tokens}"
+        selection = _selection(a)
         kept = _kept(a.json, a.model, len(facts), selection) if a.reuse_unedited else None
         base = kept if kept is not None else _score(handle, facts, a.gen_tokens)
         print(_row(f"unedited, {len(facts)} facts" + (" (kept)" if kept else ""), base), flush=True)
@@ -379,6 +471,8 @@ def main() -> None:
                        "selection": selection,
                        **{k: v for k, v in notes.items() if isinstance(v, int | float)}}  # fmt: skip
                 _save(a.json, a.model, label, len(facts), row)
+            if a.checkpoint:
+                _Checkpoint(a, name, len(facts), handle.model).finish()
     if a.plot and a.json:
         plot(a.json, a.plot)
 
