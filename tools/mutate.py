@@ -79,6 +79,7 @@ AREAS: dict[str, Area] = {
             "src/lfm/reuse/kernels.py",  # the per-tensor merge maths
             "src/lfm/reuse/methods.py",  # the registered merge methods over those kernels
             "src/lfm/reuse/topk.py",  # TIES's model-wide magnitude threshold
+            "src/lfm/reuse/spectral.py",  # TSV-Merge and Iso-C / Iso-CTS
         ),
         tests=(
             "tests/reuse/test_reuse_kernels.py",  # hand computations of every kernel
@@ -93,6 +94,9 @@ AREAS: dict[str, Area] = {
             "or load models, and test other code), nor test_merge_properties.py (its Hypothesis "
             "search shrinks every failure: minutes per mutant)"
         ),
+        # the merge kernels and methods (1,022 mutants, 23-24 min), then the spectral merges
+        parts=(("lfm.reuse.kernels.*", "lfm.reuse.methods.*", "lfm.reuse.topk.*"),
+               ("lfm.reuse.spectral.*",)),  # fmt: skip
     ),
     "meta": Area(
         files=(
