@@ -95,8 +95,10 @@ AREAS: dict[str, Area] = {
             "search shrinks every failure: minutes per mutant)"
         ),
         # the merge kernels and methods (1,022 mutants, 23-24 min), then the spectral merges
-        parts=(("lfm.reuse.kernels.*", "lfm.reuse.methods.*", "lfm.reuse.topk.*"),
-               ("lfm.reuse.spectral.*",)),  # fmt: skip
+        parts=(
+            ("lfm.reuse.kernels.*", "lfm.reuse.methods.*", "lfm.reuse.topk.*"),
+            ("lfm.reuse.spectral.*",),
+        ),
     ),
     "meta": Area(
         files=(
