@@ -217,6 +217,24 @@ def test_iso_cts_adds_task_specific_directions():
     assert np.abs(s[:2].mean() * u[:, :2] @ vt[:2] - got).max() > 1e-2
 
 
+def test_iso_cts_keeps_at_least_one_common_direction():
+    taus = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)) for s in range(2)]
+    # r = 5, c = 0.05: round(0.25) = 0 common directions, raised to 1; (5 − 1) // 2 = 2 per task
+    got = _np(_merged("iso_cts", taus, {"common_fraction": 0.05}))
+    np.testing.assert_allclose(got, _iso_cts_by_hand([_np(t) for t in taus], k=1), atol=1e-5)
+    assert np.abs(got - _iso_cts_by_hand([_np(t) for t in taus], k=2)).max() > 1e-2
+
+
+def test_a_failed_svd_is_one_line_naming_the_matrix():
+    from lfm.reuse import spectral
+
+    with pytest.raises(LfmError) as info:
+        spectral.svd(torch.full((4, 3), float("nan")))
+    msg = str(info.value)
+    assert msg.startswith("the SVD of a [4, 3] task matrix failed (")
+    assert msg.endswith("); check the models and their weights") and "\n" not in msg
+
+
 def test_iso_cts_without_task_specific_directions_is_iso_c():
     taus = [torch.randn(6, 5, generator=torch.Generator().manual_seed(s)) for s in range(3)]
     iso_c = _merged("iso_c", taus, {"scale": 0.8})

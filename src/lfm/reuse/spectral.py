@@ -142,11 +142,6 @@ def _merge(
     return merged.mul_(scale).add_(base.float())
 
 
-@register(
-    "reuse", "tsv_merge", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=TsvMergeConfig, paper="Gargiulo et al. 2025, CVPR, arXiv 2412.00081",
-    example=merge_example(), cli=PLAN.format("tsv_merge"),
-)  # fmt: skip
 def tsv_merge(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -155,11 +150,13 @@ def tsv_merge(
     return _merge(base, tensors, weights, cfg.scale, lambda ds: tsv(ds, cfg.rank_fraction))
 
 
-@register(
-    "reuse", "iso_c", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=IsoCConfig, paper="Marczak et al. 2025, ICML, arXiv 2502.04959",
-    example=merge_example(), cli=PLAN.format("iso_c"),
-)  # fmt: skip
+tsv_merge = register(
+    "reuse", "tsv_merge", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=TsvMergeConfig, paper="Gargiulo et al. 2025, CVPR, arXiv 2412.00081",
+    example=merge_example(), cli=PLAN.format("tsv_merge"),
+)(tsv_merge)  # fmt: skip
+
+
 def iso_c(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -168,11 +165,13 @@ def iso_c(
     return _merge(base, tensors, weights, cfg.scale, lambda ds: iso_c_matrix(_sum(ds)))
 
 
-@register(
-    "reuse", "iso_cts", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
-    config=IsoCtsConfig, paper="Marczak et al. 2025, ICML, arXiv 2502.04959",
-    example=merge_example(), cli=PLAN.format("iso_cts"),
-)  # fmt: skip
+iso_c = register(
+    "reuse", "iso_c", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=IsoCConfig, paper="Marczak et al. 2025, ICML, arXiv 2502.04959",
+    example=merge_example(), cli=PLAN.format("iso_c"),
+)(iso_c)  # fmt: skip
+
+
 def iso_cts(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
@@ -181,3 +180,10 @@ def iso_cts(
     return _merge(
         base, tensors, weights, cfg.scale, lambda ds: iso_cts_matrix(ds, cfg.common_fraction)
     )
+
+
+iso_cts = register(
+    "reuse", "iso_cts", shape=KERNEL, branch="weight interpolation", access=Access.WEIGHTS,
+    config=IsoCtsConfig, paper="Marczak et al. 2025, ICML, arXiv 2502.04959",
+    example=merge_example(), cli=PLAN.format("iso_cts"),
+)(iso_cts)  # fmt: skip
