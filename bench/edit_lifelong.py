@@ -29,7 +29,8 @@ weight editors change weights in place (0); IKE adds context, reported as tokens
 `--budget S` skips a method's longer T once one of its runs took more than S seconds.
 `--checkpoint DIR` keeps the progress of a ROME, MEMIT or AlphaEdit run every
 `--checkpoint-every` edits (default 25) in DIR, and the same command run again resumes it (the
-other methods take no checkpoint); the file is removed once the run is scored.
+other methods take no checkpoint; a file of another selection or `--stats-tokens` is refused);
+the file is removed once the run is scored.
 Every row of `--json` records its selection (fact set, known or all facts, generation tokens);
 `--reuse-unedited` takes the unedited row from `--json` when one of the same T and selection is
 there instead of scoring the unedited model again (at T = 1,000 that scoring is about 25 minutes
@@ -103,6 +104,10 @@ def _args() -> argparse.Namespace:
     a = p.parse_args()
     if a.plot and not a.json:
         p.error("--plot draws from the rows of --json FILE; give both")
+    if a.checkpoint_every < 1:
+        p.error(
+            f"--checkpoint-every takes a count of edits of at least 1, not {a.checkpoint_every}"
+        )
     if a.reuse_unedited and not a.json:
         p.error("--reuse-unedited reads the unedited row from --json FILE; give both")
     return a
@@ -163,7 +168,8 @@ class _Checkpoint:
     every `--checkpoint-every` edits, in one safetensors file written atomically — the weights
     the edits changed, as they were before the first and as they are now, AlphaEdit's keys, the
     edits done and the clock — so that a run longer than one process's life resumes where it
-    stopped. Only a file of the same model, method, T and selection is resumed; the weights it
+    stopped. Only a file of the same model, method, T, selection and statistics tokens is
+    resumed; the weights it
     gives back are checked against AlphaEdit's fingerprint of them."""
 
     FORMAT = "lfm-bench-lifelong-checkpoint/1"
@@ -172,7 +178,8 @@ class _Checkpoint:
         from pathlib import Path
 
         self.model, self.every, self.done = model, a.checkpoint_every, 0
-        self.tag = {"model": a.model, "method": method, "T": t, "selection": _selection(a)}
+        self.tag = {"model": a.model, "method": method, "T": t, "selection": _selection(a),
+                    "stats_tokens": a.stats_tokens}  # fmt: skip
         self.path = (
             Path(a.checkpoint) / f"{a.model}-{method}-T{t}.safetensors" if a.checkpoint else None
         )
@@ -180,18 +187,21 @@ class _Checkpoint:
     def resume(self, keys: bool = False):
         """(undos, clock, AlphaEdit state or None) from the file, or a fresh start."""
         from lfm.core.io import load_tensors
+        from lfm.edit.base import edits
         from lfm.edit.patch import Undo
         from lfm.edit.sequential import AlphaEditState
+        from lfm.errors import LfmError
 
         if self.path is None or not self.path.exists():
             return [], _Clock(), None
-        tensors, meta = load_tensors(self.path, self.FORMAT)
-        if any(meta.get(k) != v for k, v in self.tag.items()):
-            raise SystemExit(
-                f"{self.path} is of another run ({meta}); remove it or name another --checkpoint"
-            )
-        from lfm.edit.base import edits
-
+        try:
+            tensors, meta = load_tensors(self.path, self.FORMAT)
+        except LfmError as e:
+            raise SystemExit(str(e)) from None
+        other = [f"{k} {meta.get(k)!r}, not {v!r}" for k, v in self.tag.items() if meta.get(k) != v]
+        if other:
+            raise SystemExit(f"{self.path} is of another run ({'; '.join(other)}); "
+                             "remove it or name another --checkpoint")  # fmt: skip
         with torch.no_grad(), edits(self.model):  # the base model's statistics fingerprints stay
             for k, w in tensors.items():
                 if k.startswith("now."):

@@ -29,8 +29,8 @@ survivors but leaves every other mutant "not checked", so its score is not the a
 `lfm.<area>.<file>.x_<function>__mutmut_<n>`, with `xǁClassǁmethod` for methods), and mutmut
 tests every mutant they match, even one with a result. A large area (edit: 4,626 mutants, about
 1.5 hours; tuning: 3,157, 49 minutes) runs in parts (`--part N`, listed in `AREAS`) of about half
-an hour or less, and the figures printed are the part's. Under mutmut, `tests/conftest.py` builds the tiny models once in
-mutmut's fork server and runs each mutant's tests fastest first.
+an hour or less, and the figures printed are the part's. Under mutmut, `tests/conftest.py`
+builds the tiny models once in mutmut's fork server and runs each mutant's tests fastest first.
 """
 
 from __future__ import annotations
