@@ -2,7 +2,7 @@
 
 from lfm.assets.cache import cache_dir
 from lfm.assets.datasets import DATASETS, ArrayDataset, TextDataset, load_dataset
-from lfm.assets.models import DEFAULT_MODEL, MODELS, describe, load_model
+from lfm.assets.models import DEFAULT_MODEL, MODELS, describe, load_model, load_offloaded
 
 __all__ = [
     "DATASETS",
@@ -14,4 +14,5 @@ __all__ = [
     "describe",
     "load_dataset",
     "load_model",
+    "load_offloaded",
 ]

@@ -13,7 +13,7 @@ failure we can foresee is an `AssetError` with one line that says what to do.
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -360,6 +360,130 @@ def load_model(
     if placement.dispatched(handle.model):
         return narrow(handle, Access.HIDDEN)
     return handle
+
+
+def model_folder(name: str | Path) -> Path:
+    """The Hugging Face folder a model name resolves to: a folder as it is, an asset's or a GGUF
+    file's (dequantised into the cache once, as `load_model` does); one line for what has none
+    (a single .safetensors file, a hub name)."""
+    key = str(name)
+    path = MODELS[key].locate() if key in MODELS else Path(key).expanduser()
+    if path.suffix == ".gguf" and path.is_file():
+        path = convert_gguf(path, _known_sha(key))
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise AssetError(
+        f"{name} is not a model folder with a config.json (nor a GGUF file); this needs one"
+    )
+
+
+def model_skeleton(name: str | Path) -> torch.nn.Module:
+    """The causal LM `name`'s modules on the meta device, from its config.json (no weight is
+    read): for planning which of its parts a job needs."""
+    from transformers import AutoModelForCausalLM
+
+    folder = model_folder(name)
+    config = _read_config(folder)
+    _check_kind(str(name), _kind_of_config(config), "causal-lm")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_offloaded(
+    name: str | Path,
+    keep: Sequence[int],
+    offload_folder: str | Path,
+    *,
+    dtype: str | None = None,
+    allow_nonfinite: bool = False,
+) -> LocalModel:
+    """The causal LM `name` with every block but those in `keep` left on disk, at WEIGHTS access.
+
+    Accelerate reads an offloaded block's weights from the model's safetensors files when the
+    block runs and frees them after, so memory holds the embeddings, the final norm, the head and
+    the kept blocks (on the chosen device, `--device`; the CPU by default), plus one block at a
+    time. For methods that read and change the weights of a few blocks only (ROME, MEMIT,
+    AlphaEdit: `lfm edit apply --offload`); reading the weights of a block left on disk is one
+    line (`lfm.edit.patch.linear_weight`). Weights not stored as safetensors are first copied to
+    `offload_folder`.
+    """
+    from lfm.core.layouts import get_layout
+
+    skeleton = model_skeleton(name)
+    layers = get_layout(skeleton).layers
+    n = len(skeleton.get_submodule(layers))
+    bad = [b for b in keep if not 0 <= b < n]
+    if bad:
+        raise AssetError(f"{name} has blocks 0-{n - 1}; cannot keep block {bad[0]} in memory")
+    here = resolve(None, dtype).device  # a device map names a GPU by its index
+    where: Any = (here.index or 0) if here.type == "cuda" else here.type
+    device_map: dict[str, Any] = {}
+    for module, _ in skeleton.named_modules():
+        if not module or layers.startswith(module + ".") or module == layers:
+            continue  # an ancestor of the blocks: its children get the entries
+        if any(module.startswith(k + ".") for k in device_map):
+            continue  # inside a module already placed
+        if module.startswith(layers + "."):
+            block = int(module[len(layers) + 1 :].split(".")[0])
+            device_map[module] = where if block in keep else "disk"
+        else:
+            device_map[module] = where
+    at = placement_for(None, dtype, device_map, None, offload_folder)
+    handle = load_local(name, "causal-lm", at, allow_nonfinite)
+    assert isinstance(handle, LocalModel)
+    for block in range(n):
+        if block not in keep:
+            _recompute_in_backward(handle.model.get_submodule(f"{layers}.{block}"))
+    return handle
+
+
+def _recompute_in_backward(block: torch.nn.Module) -> None:
+    """Under autograd, run an offloaded block as a checkpoint: its weights are read from disk for
+    the forward pass and read again for the backward one, instead of being held from one to the
+    other (a gradient through every block above the edited one would otherwise hold them all).
+
+    A key/value cache passed to the block grows by the block's own keys in its forward pass; the
+    recomputation sees the cache as the forward pass did, and leaves it as it found it."""
+    from torch.utils.checkpoint import checkpoint
+
+    forward = block.forward  # Accelerate's: loads the weights, runs the block, frees them
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and not hasattr(cache, "layers"):
+            return forward(*args, **kwargs)  # a cache kept otherwise: held, not recomputed
+        before, calls = _cache_state(cache), []
+
+        def once(*a: Any, **k: Any) -> Any:
+            if not calls:  # the forward pass
+                calls.append(True)
+                return forward(*a, **k)
+            now = _cache_state(cache)  # the recomputation, in the backward pass
+            _set_cache_state(cache, before)
+            try:
+                return forward(*a, **k)
+            finally:
+                _set_cache_state(cache, now)
+
+        return checkpoint(once, *args, use_reentrant=False, **kwargs)
+
+    block.forward = run
+
+
+def _cache_state(cache: Any) -> list[tuple[Any, dict[str, Any]]] | None:
+    """What each layer of a transformers cache holds (its tensors are replaced, not written)."""
+    return None if cache is None else [(layer, dict(vars(layer))) for layer in cache.layers]
+
+
+def _set_cache_state(cache: Any, state: list[tuple[Any, dict[str, Any]]] | None) -> None:
+    if cache is None or state is None:
+        return
+    cache.layers[:] = [layer for layer, _ in state]
+    for layer, attrs in state:
+        vars(layer).clear()
+        vars(layer).update(attrs)
 
 
 def placement_for(

@@ -123,6 +123,18 @@ def use_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def mallopt(settings: dict[int, int]) -> bool:
+    """Set glibc malloc parameters (`<malloc.h>`'s M_* codes -> values) for the whole process;
+    whether every one took (False off glibc). For the commands, not the library."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    return all(libc.mallopt(opt, value) == 1 for opt, value in settings.items())
+
+
 def stage(message: str) -> None:
     """One progress line on stderr (`[lfm] message`) for a stage of a long command."""
     err.print(f"[dim]\\[lfm][/dim] {message}", highlight=False, soft_wrap=True)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from lfm.cli.common import Threads, finite, group, stage, use_threads
+from lfm.cli.common import Threads, finite, group, mallopt, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
@@ -77,6 +77,14 @@ def apply_(
     out: Path = typer.Option(
         ..., "--out", "-o", help="patch file (.safetensors; JSON for ike's memory patch)"
     ),
+    offload: Path = typer.Option(
+        None,
+        "--offload",
+        file_okay=False,
+        help="rome, memit, alphaedit: keep only the edited blocks in memory, the others on disk "
+        "(read as they run), for models larger than memory; weights not stored as safetensors "
+        "are copied to this folder",
+    ),
     root: Path = Root,
     threads: Threads = 2,
 ) -> None:
@@ -84,6 +92,8 @@ def apply_(
     from lfm.edit import recipes
 
     use_threads(threads)
+    if offload is not None:  # the blocks read from disk come and go: hand their memory back
+        mallopt({-3: 1 << 20})  # M_MMAP_THRESHOLD: blocks over 1 MiB are mapped, and unmapped
     reqs = () if facts else requests_file or recipes.requests_from(prompt, subject, target)
     cfg: Any = config
     if editor is not None:
@@ -91,7 +101,7 @@ def apply_(
     with _reporting():
         done = recipes.apply(
             model, method, reqs, out, config=cfg, on=on or [], state=state, root=root,
-            facts=facts, sequential=sequential,
+            facts=facts, sequential=sequential, offload=offload,
         )  # fmt: skip
     typer.echo(f"{done.method}: {done.edits} edit(s) on {done.where} -> {done.path}")
     typer.echo(f"run: {done.run}")

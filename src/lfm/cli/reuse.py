@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from lfm.cli.common import Threads, fail, group, stage, use_threads
+from lfm.cli.common import Threads, fail, group, mallopt, stage, use_threads
 from lfm.errors import LfmError
 
 app = group(
@@ -62,18 +62,8 @@ def keep_freed_memory() -> bool:
     Returns whether the settings took (False off glibc). Affects the whole process: the command
     calls it, the library does not.
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    libc = ctypes.CDLL(None)
     m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # <malloc.h>
-    return all(
-        libc.mallopt(opt, value) == 1
-        for opt, value in ((m_mmap_threshold, 32 << 20), (m_trim_threshold, 2**31 - 1),
-                           (m_top_pad, 64 << 20))
-    )  # fmt: skip
+    return mallopt({m_mmap_threshold: 32 << 20, m_trim_threshold: 2**31 - 1, m_top_pad: 64 << 20})
 
 
 def _floats(text: str, what: str) -> list[float] | None:

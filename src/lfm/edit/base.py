@@ -22,10 +22,12 @@ import hashlib
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
 
+from lfm.core import placement
 from lfm.core.layouts import get_layout, num_layers
 from lfm.errors import LfmError
 
@@ -37,29 +39,37 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _bytes(p: torch.Tensor) -> bytes:
-    return p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+def _update(h: Any, name: str, p: torch.Tensor) -> None:
+    """Hash the name, shape and bytes of `p` (its memory read as it is, not copied)."""
+    h.update(f"{name}:{tuple(p.shape)}".encode())
+    h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+
+
+def _params(model: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The parameters under module `prefix` with their full names, in `named_parameters`' order;
+    one Accelerate offloaded is read from disk when its turn comes."""
+    for name, p in placement.parameters_anywhere(model.get_submodule(prefix)):
+        yield f"{prefix}.{name}", p
 
 
 def hash_key_weights(model: nn.Module) -> list[str]:
-    """SHA-256, per layer l, of the weights that determine the MLP keys at l (one pass)."""
+    """SHA-256, per layer l, of the weights that determine the MLP keys at l (one pass; a
+    model offloaded to disk has one block in memory at a time)."""
     lay = get_layout(model)
-    params = dict(model.named_parameters())
     h = hashlib.sha256(str(getattr(model.config, "model_type", "")).encode())
-    for name, p in params.items():
-        if name.startswith(lay.embed + "."):
-            h.update(f"{name}:{tuple(p.shape)}".encode() + _bytes(p))
+    for name, p in _params(model, lay.embed):
+        _update(h, name, p)
     out = []
     for layer in range(num_layers(model)):
-        block, own = f"{lay.layers}.{layer}.", f"{lay.layers}.{layer}.{lay.mlp_out}."
-        inner = [(n, p) for n, p in params.items() if n.startswith(block)]
+        own = f"{lay.layers}.{layer}.{lay.mlp_out}."
+        inner = list(_params(model, f"{lay.layers}.{layer}"))
         for name, p in inner:
             if not name.startswith(own):
-                h.update(f"{name}:{tuple(p.shape)}".encode() + _bytes(p))
+                _update(h, name, p)
         out.append(h.copy().hexdigest())
         for name, p in inner:  # the edited projection feeds the keys of later layers only
             if name.startswith(own):
-                h.update(f"{name}:{tuple(p.shape)}".encode() + _bytes(p))
+                _update(h, name, p)
     return out
 
 

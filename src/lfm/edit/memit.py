@@ -350,7 +350,7 @@ def memit(
 memit = register(
     "edit", "memit", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
     config=MemitConfig, paper="Meng et al. 2023, arXiv 2210.07229 (MEMIT)", example=_example,
-    cli="lfm edit apply -m memit",
+    cli="lfm edit apply -m memit", blocks=lambda model, cfg: edit_layers(model, cfg.layers),
 )(memit)  # fmt: skip
 
 
@@ -379,4 +379,5 @@ alphaedit = register(
     config=AlphaEditConfig, paper="Fang et al. 2025, arXiv 2410.02355 (AlphaEdit)",
     example=_alphaedit_example,
     cli="lfm edit apply -m alphaedit (sequential edits: --state FILE)",
+    blocks=lambda model, cfg: edit_layers(model, cfg.layers),
 )(alphaedit)  # fmt: skip

@@ -59,9 +59,22 @@ class Delta:
         return {f"{self.module}::{k}": t.contiguous() for k, t in parts.items() if t is not None}
 
 
+def resident(model: nn.Module, name: str) -> nn.Module:
+    """Module `name`, whose weight is in memory: one line for one Accelerate left on disk (a
+    model from `load_offloaded` keeps only the blocks an edit reads and writes)."""
+    mod = model.get_submodule(name)
+    if mod.weight.is_meta:
+        raise LfmError(
+            f"{name} is offloaded to disk (its weights are not in memory); an edit reads and "
+            "writes only blocks kept in memory: load the model with those blocks kept "
+            "(`lfm edit apply --offload` keeps the ones the method edits)"
+        )
+    return mod
+
+
 def linear_weight(model: nn.Module, name: str) -> torch.Tensor:
     """The weight of module `name` in (out, in) orientation (a view, not a copy)."""
-    mod = model.get_submodule(name)
+    mod = resident(model, name)
     return mod.weight.T if is_conv1d(mod) else mod.weight
 
 
@@ -69,7 +82,7 @@ def fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     """SHA-256 of the model type and the named modules' weights (shape, dtype, bytes)."""
     h = hashlib.sha256(str(getattr(model.config, "model_type", type(model).__name__)).encode())
     for name in sorted(modules):
-        w = model.get_submodule(name).weight.detach()
+        w = resident(model, name).weight.detach()
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         h.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

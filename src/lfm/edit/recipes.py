@@ -164,6 +164,7 @@ def apply(
     root: str | Path = "runs",
     facts: str | Path | None = None,
     sequential: bool = False,
+    offload: str | Path | None = None,
 ) -> Applied:
     """Compute an edit patch for `model` and save it at `out` (the model itself is not changed).
 
@@ -184,6 +185,10 @@ def apply(
         sequential: edit one request at a time, each on the weights the earlier ones edited,
             into one patch of their summed deltas (`sequential_patch`); else all in one call
             (a batch for the methods that take one).
+        offload: keep in memory only the blocks the method edits (and those the `on` patches
+            change), the embeddings and the head; every other block stays on disk and is read
+            when it runs (`lfm.assets.load_offloaded`; weights not stored as safetensors are
+            copied to this folder first). For models larger than memory; the patch is the same.
     """
     spec = registry.get(method, area="edit")
     file = requests if isinstance(requests, str | Path) else None
@@ -203,14 +208,18 @@ def apply(
     options = {"method": spec.name, "model": _name(model), "config": cfg.to_dict(),
                "requests": [r.to_dict() for r in reqs], "on": [str(p) for p in on],
                "state": str(state) if state else None, "out": str(out),
-               "sequential": sequential}  # fmt: skip
+               "sequential": sequential, "offload": str(offload) if offload else None}  # fmt: skip
     files = {"model": _source(model), "requests": file, "facts": facts,
              "config": config if isinstance(config, str | Path) else None,
              **{f"on{i}": p for i, p in enumerate(on)}, "state": state,
              "editor": getattr(cfg, "editor", None)}  # fmt: skip
     with Run(f"edit-{spec.name}", options, inputs=on_disk(files), root=root) as run:
         earlier, grown = _continued(spec, on)
-        handle = load_handle(model)
+        handle = (
+            load_handle(model)
+            if offload is None
+            else _load_offloaded(spec, model, cfg, earlier, offload)
+        )
         undos = _apply_earlier(handle, earlier)
         try:
             if state is None:
@@ -236,6 +245,33 @@ def apply(
     return Applied(
         spec.name, len(reqs), where, Path(path), Path(state) if state else None, run.path
     )
+
+
+def _load_offloaded(
+    spec: Any, model: Any, cfg: Config, earlier: Sequence[str | Path], folder: str | Path
+) -> Any:
+    """The model with only the blocks the edit and the earlier patches touch kept in memory."""
+    from lfm.assets.models import load_offloaded, model_skeleton
+    from lfm.core.layouts import get_layout
+
+    blocks = spec.extras.get("blocks")
+    if blocks is None:
+        takes = [m.name for m in registry.methods("edit") if "blocks" in m.extras]
+        raise LfmError(
+            f"--offload is for the methods that edit a few blocks ({', '.join(takes)}); "
+            f"{spec.name} needs the model in memory"
+        )
+    if not isinstance(model, str | Path):
+        raise LfmError("--offload loads the model itself: give its name or folder, not a handle")
+    skeleton = model_skeleton(model)
+    keep, layers = set(blocks(skeleton, cfg)), get_layout(skeleton).layers
+    for p in earlier:
+        for m in getattr(load_patch(p), "modules", []):
+            if m.startswith(layers + "."):
+                keep.add(int(m[len(layers) + 1 :].split(".")[0]))
+    progress.say(f"loading the model {model}: blocks {', '.join(map(str, sorted(keep)))} in "
+                 "memory, the others on disk (each read when it runs)")  # fmt: skip
+    return load_offloaded(model, sorted(keep), folder)
 
 
 def sequential_patch(spec: Any, handle: Any, reqs: Sequence[Request], cfg: Config) -> Patch:

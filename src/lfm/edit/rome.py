@@ -192,7 +192,13 @@ def rome(
     return make_patch(model, [stack(deltas)], reqs, "rome", cfg)
 
 
+def edited_blocks(model: nn.Module, cfg: RomeConfig) -> list[int]:
+    """The block whose weights an edit with `cfg` reads and writes (for `--offload`)."""
+    return [edit_site(model, cfg.layer).layer]
+
+
 rome = register(
     "edit", "rome", shape=EDITOR, branch="locate-and-edit", access=Access.WEIGHTS,
     config=RomeConfig, paper=PAPER, example=_example, cli="lfm edit apply -m rome",
+    blocks=edited_blocks,
 )(rome)  # fmt: skip

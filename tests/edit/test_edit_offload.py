@@ -1,0 +1,126 @@
+"""Editing a model whose other blocks stay on disk (`load_offloaded`, `lfm edit apply --offload`):
+the same patch as the model loaded whole, the blocks on disk rerun in the backward pass, and one
+line for a method or module that needs weights left on disk."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from lfm.assets import load_model, load_offloaded
+from lfm.cli import app
+from lfm.edit import common, rome
+from lfm.edit.memit import AlphaEditConfig, alphaedit
+from lfm.edit.patch import linear_weight
+from lfm.edit.rome import RomeConfig
+from lfm.errors import AssetError, LfmError
+
+REQ = common.SMOKE_REQUEST
+CFG = RomeConfig(layer=0, v_steps=6, n_prefixes=3)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("smoke")
+    lm = common.smoke_model("llama", 0)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole(folder):
+    return load_model(folder)
+
+
+@pytest.fixture(scope="module")
+def offloaded(folder, tmp_path_factory):
+    return load_offloaded(folder, [0], tmp_path_factory.mktemp("offload"))
+
+
+def test_only_the_kept_block_is_in_memory(offloaded):
+    on_disk = {n for n, p in offloaded.model.named_parameters() if p.is_meta}
+    assert on_disk and all(n.startswith("model.layers.1.") for n in on_disk)
+    assert not any(p.is_meta for p in offloaded.model.model.layers[0].parameters())
+    assert offloaded.model.hf_device_map["model.layers.1"] == "disk"
+
+
+def test_rome_through_a_block_on_disk_gives_the_whole_models_patch(whole, offloaded):
+    """The edit at block 0 backpropagates through block 1, which waits on disk."""
+    cov = common.smoke_cov(whole.model, whole.tokenizer, 0)
+    a, b = rome(whole, REQ, CFG, cov=cov), rome(offloaded, REQ, CFG, cov=cov)
+    assert a.base == b.base
+    assert torch.equal(a.deltas[0].u, b.deltas[0].u) and torch.equal(a.deltas[0].v, b.deltas[0].v)
+    assert a.deltas[0].matrix().abs().max() > 0
+
+
+def test_alphaedit_on_an_offloaded_model_gives_the_whole_models_patch(whole, offloaded):
+    cfg = AlphaEditConfig(layers=(0,), v_steps=6, n_prefixes=3, null_threshold=1e9)
+    cov = {0: common.smoke_cov(whole.model, whole.tokenizer, 0)}
+    a, b = alphaedit(whole, REQ, cfg, cov=cov), alphaedit(offloaded, REQ, cfg, cov=cov)
+    assert torch.equal(a.deltas[0].matrix(), b.deltas[0].matrix())
+
+
+def test_a_block_on_disk_runs_again_in_the_backward_pass(offloaded):
+    """Its weights are not held between the two passes: the forward pass is recomputed (as a
+    checkpoint) when the gradient reaches it, and only under autograd."""
+    runs = []
+    mlp = offloaded.model.model.layers[1].mlp
+    # a pre-hook: the recomputation stops once the last tensor it must give back is made
+    handle = mlp.register_forward_pre_hook(lambda *_: runs.append(torch.is_grad_enabled()))
+    try:
+        ids = offloaded.tokenizer(["The city of the Eiffel Tower"], return_tensors="pt").input_ids
+        emb = offloaded.model.model.embed_tokens(ids).detach().requires_grad_(True)
+        out = offloaded.model(inputs_embeds=emb).logits[0, -1].sum()
+        assert len(runs) == 1
+        out.backward()
+        assert len(runs) == 2 and emb.grad is not None and emb.grad.abs().sum() > 0
+        with torch.no_grad():
+            offloaded.model(input_ids=ids)
+        assert len(runs) == 3
+    finally:
+        handle.remove()
+
+
+def test_reading_a_weight_left_on_disk_is_one_line(offloaded):
+    with pytest.raises(LfmError, match=r"^model\.layers\.1\.mlp\.down_proj is offloaded") as e:
+        linear_weight(offloaded.model, "model.layers.1.mlp.down_proj")
+    assert "\n" not in str(e.value)
+    assert linear_weight(offloaded.model, "model.layers.0.mlp.down_proj").shape == (32, 64)
+
+
+def test_keeping_a_block_the_model_lacks_is_refused(folder, tmp_path):
+    with pytest.raises(AssetError, match=r"has blocks 0-1; cannot keep block 2"):
+        load_offloaded(folder, [2], tmp_path)
+
+
+def test_the_cli_offload_writes_the_same_patch(folder, tmp_path):
+    cfg = tmp_path / "rome.yaml"
+    cfg.write_text("layer: 0\nv_steps: 4\nn_prefixes: 2\nstats_tokens: 200\nstats_max_len: 32\n")
+    base = ["edit", "apply", "--model", str(folder), "-m", "rome", "--prompt", REQ.prompt,
+            "--subject", REQ.subject, "--target", REQ.target, "--config", str(cfg),
+            "--root", str(tmp_path / "runs"), "--threads", "1"]  # fmt: skip
+    runner = CliRunner()
+    plain = runner.invoke(app, [*base, "-o", str(tmp_path / "a.safetensors")])
+    assert plain.exit_code == 0, plain.output
+    off = runner.invoke(
+        app, [*base, "-o", str(tmp_path / "b.safetensors"), "--offload", str(tmp_path / "o")]
+    )
+    assert off.exit_code == 0, off.output
+    assert "blocks 0 in memory, the others on disk" in off.output
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_offload_refuses_a_method_that_needs_the_whole_model(folder, tmp_path):
+    out = CliRunner().invoke(
+        app,
+        ["edit", "apply", "--model", str(folder), "-m", "ft_l", "--prompt", REQ.prompt,
+         "--subject", REQ.subject, "--target", REQ.target, "-o", str(tmp_path / "p.safetensors"),
+         "--offload", str(tmp_path / "o"), "--root", str(tmp_path / "runs")],
+    )  # fmt: skip
+    assert out.exit_code == 2
+    assert out.output.startswith("error: --offload is for the methods that edit a few blocks")
+    assert "alphaedit, memit, rome" in out.output and "ft_l needs the model in memory" in out.output
