@@ -97,8 +97,7 @@ def test_keeping_a_block_the_model_lacks_is_refused(folder, tmp_path):
 
 
 def test_the_cli_offload_writes_the_same_patch(folder, tmp_path):
-    cfg = tmp_path / "rome.yaml"
-    cfg.write_text("layer: 0\nv_steps: 4\nn_prefixes: 2\nstats_tokens: 200\nstats_max_len: 32\n")
+    cfg = _cfg(tmp_path)
     base = ["edit", "apply", "--model", str(folder), "-m", "rome", "--prompt", REQ.prompt,
             "--subject", REQ.subject, "--target", REQ.target, "--config", str(cfg),
             "--root", str(tmp_path / "runs"), "--threads", "1"]  # fmt: skip
@@ -124,3 +123,34 @@ def test_the_cli_offload_refuses_a_method_that_needs_the_whole_model(folder, tmp
     assert out.exit_code == 2
     assert out.output.startswith("error: --offload is for the methods that edit a few blocks")
     assert "alphaedit, memit, rome" in out.output and "ft_l needs the model in memory" in out.output
+
+
+def test_eval_offload_gives_the_completions_and_scores_of_the_whole_model(folder, tmp_path):
+    runner = CliRunner()
+    patch = tmp_path / "p.safetensors"
+    made = runner.invoke(
+        app,
+        ["edit", "apply", "--model", str(folder), "-m", "rome", "--prompt", REQ.prompt,
+         "--subject", REQ.subject, "--target", REQ.target, "--config", str(_cfg(tmp_path)),
+         "-o", str(patch), "--root", str(tmp_path / "runs"), "--threads", "1"],
+    )  # fmt: skip
+    assert made.exit_code == 0, made.output
+    base = ["edit", "eval", str(patch), "--model", str(folder), "--prompt", "The Eiffel Tower",
+            "--max-new-tokens", "4", "--threads", "1"]  # fmt: skip
+    plain = runner.invoke(app, base)
+    off = runner.invoke(app, [*base, "--offload", str(tmp_path / "o")])
+    assert plain.exit_code == 0 and off.exit_code == 0, off.output
+    assert "blocks 0 in memory, the others on disk" in off.output
+
+    def answers(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith(("{", "log P"))]
+
+    assert len(answers(plain.output)) == 2 and answers(plain.output) == answers(off.output)
+    bad = runner.invoke(app, [*base, "--offload", str(tmp_path / "o"), "--method", "ike"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: --offload evaluates a patch")
+
+
+def _cfg(tmp_path):
+    cfg = tmp_path / "rome.yaml"
+    cfg.write_text("layer: 0\nv_steps: 4\nn_prefixes: 2\nstats_tokens: 200\nstats_max_len: 32\n")
+    return cfg

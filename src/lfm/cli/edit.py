@@ -92,8 +92,8 @@ def apply_(
     from lfm.edit import recipes
 
     use_threads(threads)
-    if offload is not None:  # the blocks read from disk come and go: hand their memory back
-        mallopt({-3: 1 << 20})  # M_MMAP_THRESHOLD: blocks over 1 MiB are mapped, and unmapped
+    if offload is not None:
+        _return_freed_memory()
     reqs = () if facts else requests_file or recipes.requests_from(prompt, subject, target)
     cfg: Any = config
     if editor is not None:
@@ -147,6 +147,12 @@ def train_mend(
     typer.echo(f"run: {done.run}")
 
 
+def _return_freed_memory() -> None:
+    """With --offload the blocks read from disk come and go: glibc maps every block over 1 MiB
+    (M_MMAP_THRESHOLD) and unmaps it when freed, instead of keeping it in its heap."""
+    mallopt({-3: 1 << 20})
+
+
 def _handle(url: str | None, model: str, key: str | None) -> Any:
     """A served model (`lfm serve`) at the level its card gives, SCORES at most, when `url` is
     given, else the model's name. Through a TEXT server the facts are scored by its answers."""
@@ -188,6 +194,11 @@ def eval_(
     api_key: str = typer.Option(
         None, "--api-key", envvar="LFM_API_KEY", help="API key of the served model"
     ),
+    offload: Path = typer.Option(
+        None, "--offload", file_okay=False,
+        help="keep only the blocks the patch changes in memory, the others on disk (read as "
+        "they run), as `apply --offload`",
+    ),
     threads: Threads = 2,
 ) -> None:  # fmt: skip
     """Greedy completions before and after applying a patch, and P(target) per request; with
@@ -199,7 +210,15 @@ def eval_(
     if patch_file and patch_opt and patch_file != patch_opt:
         raise LfmError("give the patch once: as an argument or with --patch")
     patch_file = patch_file or patch_opt
-    handle = _handle(url, model, api_key)
+    if offload is not None:
+        if url is not None or method is not None or patch_file is None:
+            raise LfmError("--offload evaluates a patch on a local model: give a PATCH, no --url "
+                           "and no --method")  # fmt: skip
+        _return_freed_memory()
+        with _reporting():
+            handle: Any = recipes.offloaded(model, offload, [patch_file])
+    else:
+        handle = _handle(url, model, api_key)
     if method is not None:
         _eval_method(method, handle, facts, patch_file, config)
         return

@@ -251,9 +251,6 @@ def _load_offloaded(
     spec: Any, model: Any, cfg: Config, earlier: Sequence[str | Path], folder: str | Path
 ) -> Any:
     """The model with only the blocks the edit and the earlier patches touch kept in memory."""
-    from lfm.assets.models import load_offloaded, model_skeleton
-    from lfm.core.layouts import get_layout
-
     blocks = spec.extras.get("blocks")
     if blocks is None:
         takes = [m.name for m in registry.methods("edit") if "blocks" in m.extras]
@@ -261,16 +258,34 @@ def _load_offloaded(
             f"--offload is for the methods that edit a few blocks ({', '.join(takes)}); "
             f"{spec.name} needs the model in memory"
         )
+    return offloaded(model, folder, earlier, lambda skeleton: blocks(skeleton, cfg))
+
+
+def offloaded(
+    model: str | Path,
+    folder: str | Path,
+    patches: Sequence[Any] = (),
+    blocks: Any = None,
+) -> Any:
+    """`model` with only the blocks an edit touches in memory, every other one on disk
+    (`lfm.assets.load_offloaded`): the blocks that `blocks(skeleton)` names (the model's modules
+    on the meta device; no weight is read to find them) and those the `patches` (files or
+    loaded) change or hook into."""
+    from lfm.assets.models import load_offloaded, model_skeleton
+    from lfm.core.layouts import get_layout
+
     if not isinstance(model, str | Path):
         raise LfmError("--offload loads the model itself: give its name or folder, not a handle")
     skeleton = model_skeleton(model)
-    keep, layers = set(blocks(skeleton, cfg)), get_layout(skeleton).layers
-    for p in earlier:
-        for m in getattr(load_patch(p), "modules", []):
+    layers = get_layout(skeleton).layers
+    keep = set(blocks(skeleton)) if blocks is not None else set()
+    for p in patches:
+        for m in getattr(load_patch(p) if isinstance(p, str | Path) else p, "modules", []):
             if m.startswith(layers + "."):
                 keep.add(int(m[len(layers) + 1 :].split(".")[0]))
-    progress.say(f"loading the model {model}: blocks {', '.join(map(str, sorted(keep)))} in "
-                 "memory, the others on disk (each read when it runs)")  # fmt: skip
+    kept = ", ".join(map(str, sorted(keep))) or "none"
+    progress.say(f"loading the model {model}: blocks {kept} in memory, the others on disk "
+                 "(each read when it runs)")  # fmt: skip
     return load_offloaded(model, sorted(keep), folder)
 
 
