@@ -80,6 +80,8 @@ AREAS: dict[str, Area] = {
             "src/lfm/reuse/methods.py",  # the registered merge methods over those kernels
             "src/lfm/reuse/topk.py",  # TIES's model-wide magnitude threshold
             "src/lfm/reuse/spectral.py",  # TSV-Merge and Iso-C / Iso-CTS
+            "src/lfm/reuse/wemoe.py",  # weight-ensembling MoE: the upscaled modules, the routers
+            "src/lfm/reuse/moe.py",  # MoE upcycling: the Mixtral checkpoint, the gates
         ),
         tests=(
             "tests/reuse/test_reuse_kernels.py",  # hand computations of every kernel
@@ -87,17 +89,21 @@ AREAS: dict[str, Area] = {
             "tests/reuse/test_reuse_newer.py",  # Breadcrumbs, DELLA and the spectral merges
             "tests/reuse/test_reuse_engine.py",  # the streamed merge equals the in-memory one
             "tests/reuse/test_reuse_mutants.py",  # what earlier runs found untested
+            "tests/reuse/test_reuse_wemoe.py",  # WEMoE by hand on small modules
+            "tests/reuse/test_reuse_moe.py",  # upcycling: forced routing gives the expert
         ),
         note=(
             "driver, engine and writer (I/O), plan, recipes and the CLI glue are not mutated; the "
-            "tests of fusion, MoE, LoRA, ensembles, re-basin and the CLI are not run (they train "
+            "tests of fusion, LoRA, ensembles, re-basin and the CLI are not run (they train "
             "or load models, and test other code), nor test_merge_properties.py (its Hypothesis "
             "search shrinks every failure: minutes per mutant)"
         ),
-        # the merge kernels and methods (1,022 mutants, 23-24 min), then the spectral merges
+        # the merge kernels and methods (1,022 mutants, 23-24 min), then the spectral merges,
+        # then the two mixtures of experts
         parts=(
             ("lfm.reuse.kernels.*", "lfm.reuse.methods.*", "lfm.reuse.topk.*"),
             ("lfm.reuse.spectral.*",),
+            ("lfm.reuse.wemoe.*", "lfm.reuse.moe.*"),
         ),
     ),
     "meta": Area(
