@@ -4,6 +4,7 @@ routing, the paper's router initialisation, and test-time training of the router
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from lfm.errors import ConfigError
 from lfm.reuse.wemoe import (
     WeightEnsemblingMoE,
     WEMoEConfig,
+    entropy,
     moe_modules,
     router,
     train_routers,
@@ -209,3 +211,30 @@ def test_upscales_the_mlps_of_a_language_model_by_default():
     with torch.no_grad():
         out = model(ids).logits
     assert out.shape == (2, 4, base.config.vocab_size) and torch.isfinite(out).all()
+
+
+def test_entropy_by_hand_is_per_row_then_averaged():
+    """Rows [0, 0] and [ln 3, 0]: softmax (1/2, 1/2) and (3/4, 1/4), so entropies ln 2 and
+    −(3/4 ln 3/4 + 1/4 ln 1/4); over columns, or over the whole matrix, gives other values."""
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    second = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert entropy(logits).item() == pytest.approx((math.log(2.0) + second) / 2, abs=1e-6)
+    three = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]])  # a uniform row: ln 3
+    p = torch.tensor([2.0, 0.0, -1.0]).softmax(0)
+    want = (-(p * p.log()).sum().item() + math.log(3.0)) / 2
+    assert entropy(three).item() == pytest.approx(want, abs=1e-6)
+
+
+def test_the_last_routing_is_kept_per_sample():
+    """What the benchmark reads to say which expert each input went to: (B, K) of the last call."""
+    make, shape = MODULES["linear"]
+    torch.manual_seed(1)
+    base, experts = _family(make().eval(), k=2)
+    x = torch.randn(shape)
+    x[0], x[1] = x[0].abs(), -x[1].abs()
+    moe = _moe(base, experts, BySign()).eval()
+    assert moe.last_routing is None
+    with torch.no_grad():
+        moe(x[:2])
+    assert moe.last_routing is not None and moe.last_routing.shape == (2, 2)
+    assert moe.last_routing.argmax(-1).tolist() == [0, 1]

@@ -338,6 +338,7 @@ def fused(state: dict[str, Tensor], n_layers: int, n_experts: int) -> dict[str, 
 # The registered method: in memory.
 
 
+# pragma: no mutate start (a registry example's inputs: test data, not the method's code)
 def _example(level: Access, seed: int) -> Example:
     from lfm.access import narrow
     from lfm.core.tiny import tiny_lm
@@ -348,6 +349,9 @@ def _example(level: Access, seed: int) -> Example:
     prompts = [["The capital of Italy is Rome."], ["Tokyo is a large city in Japan."]]
     return Example((handles[0], handles[1:], prompts), cfg=MoeUpcycleConfig(gate_mode="train",
                    train_steps=5), summary=lambda h: h.model.state_dict())  # fmt: skip
+
+
+# pragma: no mutate end
 
 
 @register("reuse", "moe_upcycle", shape=UPCYCLER, branch="mixture of experts",
