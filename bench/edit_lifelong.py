@@ -12,8 +12,8 @@ lifelong statistics (`ultraedit_step`, `--turn` facts per turn, default 1; `--ue
 patch applied before the next edit; WISE grows one side memory (`wise(..., memory=previous)`;
 `--shard-size` edits per shard, default the paper's 500; `--wise-lr` its SGD step, default the
 paper's 1.0; `--wise-routing subject`, `--wise-prefixes N` and `--wise-layer B`, the options of
-`WiseConfig`, name the row `wise (subject, N rows, block B)`), installed once after the T-th edit; IKE (`--methods ike`)
-stores the T facts in one memory patch.
+`WiseConfig`, name the row `wise (subject, N rows, block B)`), installed once after the T-th
+edit; IKE (`--methods ike`) stores the T facts in one memory patch.
 `--facts lifelong` draws the facts from the test split of the 1,496-request lifelong set
 (`load_facts(name="lifelong", split="test")`) instead of the 316 packaged facts. After the T-th edit every one of the T facts is scored (CounterFact
 protocol, `lfm.edit.facts`): efficacy over all T edits, paraphrase, neighbourhood (prompts naming
@@ -173,8 +173,7 @@ class _Checkpoint:
     the edits changed, as they were before the first and as they are now, AlphaEdit's keys, the
     edits done and the clock — so that a run longer than one process's life resumes where it
     stopped. Only a file of the same model, method, T, selection and statistics tokens is
-    resumed; the weights it
-    gives back are checked against AlphaEdit's fingerprint of them."""
+    resumed; the weights it gives back are checked against AlphaEdit's fingerprint of them."""
 
     FORMAT = "lfm-bench-lifelong-checkpoint/1"
 

@@ -23,6 +23,7 @@ the whole model's bit for bit.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,8 +62,9 @@ def model_folder(name: str, dtype: str) -> Path:
 
 
 def measured(cmd: list[str]) -> dict[str, float]:
-    """Run `cmd`; its wall and CPU seconds and peak RssAnon / VmRSS (MiB), polled every 10 ms."""
-    start = time.perf_counter()
+    """Run `cmd`: its wall and CPU seconds (the children's resource usage before and after) and
+    its peak RssAnon / VmRSS (MiB), polled every 10 ms."""
+    before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = {"RssAnon": 0, "VmRSS": 0}
     while proc.poll() is None:
@@ -75,22 +77,12 @@ def measured(cmd: list[str]) -> dict[str, float]:
         except OSError:
             pass
         time.sleep(0.01)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode() if proc.stderr else ""
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
+        err = proc.stderr.read().decode() if proc.stderr else ""
         raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
-    return {"wall": wall, "anon": peak["RssAnon"] / 1024, "rss": peak["VmRSS"] / 1024}
-
-
-def cpu_of(cmd: list[str]) -> tuple[dict[str, float], float]:
-    """`measured`, with the CPU seconds the child used (from the children's resource usage)."""
-    import resource
-
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = measured(cmd)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return out, cpu
+    return {"wall": wall, "cpu": cpu, "anon": peak["RssAnon"] / 1024, "rss": peak["VmRSS"] / 1024}
 
 
 def edit_cmd(folder: Path, method: str, out: Path, runs: Path, offload: Path | None) -> list[str]:
@@ -123,28 +115,27 @@ def main() -> None:
         work = Path(tmp)
         for method in a.methods:
             ref = work / f"{method}-ref.safetensors"
-            cpu_of(edit_cmd(folder, method, ref, work / "runs", None))  # fills the cache
-            got: dict[str, list[tuple[dict[str, float], float]]] = {"whole": [], "offload": []}
+            measured(edit_cmd(folder, method, ref, work / "runs", None))  # fills the cache
+            got: dict[str, list[dict[str, float]]] = {"whole": [], "offload": []}
             same = True
             for r in range(a.repeats):
                 order = ["whole", "offload"] if r % 2 == 0 else ["offload", "whole"]
                 for mode in order:
                     out = work / f"{method}-{mode}-{r}.safetensors"
                     off = work / "offload" if mode == "offload" else None
-                    got[mode].append(cpu_of(edit_cmd(folder, method, out, work / "runs", off)))
+                    got[mode].append(measured(edit_cmd(folder, method, out, work / "runs", off)))
                     same &= same_patch(ref, out)
             rows.append((method, got, same))
     print("| method | mode | wall s | CPU s | peak RssAnon MiB | peak VmRSS MiB | patch |")
     print("|---|---|---|---|---|---|---|")
     for method, got, same in rows:
         for mode in ("whole", "offload"):
-            runs = got[mode]
-            print(f"| {method} | {mode} | {_med([m['wall'] for m, _ in runs])} | "
-                  f"{_med([c for _, c in runs])} | {_med([m['anon'] for m, _ in runs])} | "
-                  f"{_med([m['rss'] for m, _ in runs])} | "
-                  f"{'equal bit for bit' if same else 'DIFFERS'} |")  # fmt: skip
+            cells = " | ".join(
+                _med([m[k] for m in got[mode]]) for k in ("wall", "cpu", "anon", "rss")
+            )
+            print(f"| {method} | {mode} | {cells} | {'equal bit for bit' if same else 'DIFFERS'} |")
     for method, got, _ in rows:
-        med = {mode: {k: statistics.median(m[k] for m, _ in got[mode]) for k in ("wall", "anon")}
+        med = {mode: {k: statistics.median(m[k] for m in got[mode]) for k in ("wall", "anon")}
                for mode in got}  # fmt: skip
         print(f"{method}: offloaded / whole: peak RssAnon {med['offload']['anon'] / med['whole']['anon']:.2f}x, "
               f"wall {med['offload']['wall'] / med['whole']['wall']:.2f}x")  # fmt: skip

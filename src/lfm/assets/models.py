@@ -407,7 +407,7 @@ def load_offloaded(
     line (`lfm.edit.patch.linear_weight`). Weights not stored as safetensors are first copied to
     `offload_folder`.
     """
-    from lfm.core.layouts import get_layout
+    from lfm.core.layouts import block_of, get_layout
 
     skeleton = model_skeleton(name)
     layers = get_layout(skeleton).layers
@@ -423,11 +423,8 @@ def load_offloaded(
             continue  # an ancestor of the blocks: its children get the entries
         if any(module.startswith(k + ".") for k in device_map):
             continue  # inside a module already placed
-        if module.startswith(layers + "."):
-            block = int(module[len(layers) + 1 :].split(".")[0])
-            device_map[module] = where if block in keep else "disk"
-        else:
-            device_map[module] = where
+        block = block_of(module, layers)
+        device_map[module] = "disk" if block is not None and block not in keep else where
     at = placement_for(None, dtype, device_map, None, offload_folder)
     handle = load_local(name, "causal-lm", at, allow_nonfinite)
     assert isinstance(handle, LocalModel)

@@ -75,6 +75,14 @@ def module(model: nn.Module, part: str, layer: int) -> nn.Module:
     return model.get_submodule(module_name(model, part, layer))
 
 
+def block_of(name: str, layers: str) -> int | None:
+    """The block a module name sits in ("model.layers.5.mlp" under "model.layers": 5), or None
+    for a module outside the blocks."""
+    if not name.startswith(layers + "."):
+        return None
+    return int(name[len(layers) + 1 :].split(".")[0])
+
+
 def layout_of(model: nn.Module) -> dict[str, Any]:
     """A printable summary of where layers and projections are, or {} for unknown models."""
     try:

@@ -39,10 +39,15 @@ def _signature(model: nn.Module) -> tuple:
     return tuple((id(p), p.data_ptr(), p._version) for p in model.parameters())
 
 
-def _update(h: Any, name: str, p: torch.Tensor) -> None:
-    """Hash the name, shape and bytes of `p` (its memory read as it is, not copied)."""
-    h.update(f"{name}:{tuple(p.shape)}".encode())
+def hash_bytes(h: Any, p: torch.Tensor) -> None:
+    """Feed the bytes of `p` to the hash `h` (its memory read as it is, not copied)."""
     h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
+
+
+def _update(h: Any, name: str, p: torch.Tensor) -> None:
+    """Hash the name, shape and bytes of `p`."""
+    h.update(f"{name}:{tuple(p.shape)}".encode())
+    hash_bytes(h, p)
 
 
 def _params(model: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:

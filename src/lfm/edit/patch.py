@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lfm.core.io import atomic_path, load_tensors, read_meta, save_tensors
-from lfm.edit.base import edits
+from lfm.edit.base import edits, hash_bytes
 from lfm.edit.requests import Request
 from lfm.edit.site import is_conv1d
 from lfm.errors import LfmError
@@ -84,7 +84,7 @@ def fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     for name in sorted(modules):
         w = resident(model, name).weight.detach()
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
-        h.update(w.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        hash_bytes(h, w)
     return h.hexdigest()
 
 

@@ -272,7 +272,7 @@ def offloaded(
     on the meta device; no weight is read to find them) and those the `patches` (files or
     loaded) change or hook into."""
     from lfm.assets.models import load_offloaded, model_skeleton
-    from lfm.core.layouts import get_layout
+    from lfm.core.layouts import block_of, get_layout
 
     if not isinstance(model, str | Path):
         raise LfmError("--offload loads the model itself: give its name or folder, not a handle")
@@ -280,9 +280,8 @@ def offloaded(
     layers = get_layout(skeleton).layers
     keep = set(blocks(skeleton)) if blocks is not None else set()
     for p in patches:
-        for m in getattr(load_patch(p) if isinstance(p, str | Path) else p, "modules", []):
-            if m.startswith(layers + "."):
-                keep.add(int(m[len(layers) + 1 :].split(".")[0]))
+        touched = getattr(load_patch(p) if isinstance(p, str | Path) else p, "modules", [])
+        keep |= {b for b in (block_of(m, layers) for m in touched) if b is not None}
     kept = ", ".join(map(str, sorted(keep))) or "none"
     progress.say(f"loading the model {model}: blocks {kept} in memory, the others on disk "
                  "(each read when it runs)")  # fmt: skip
