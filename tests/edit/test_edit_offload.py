@@ -154,3 +154,18 @@ def _cfg(tmp_path):
     cfg = tmp_path / "rome.yaml"
     cfg.write_text("layer: 0\nv_steps: 4\nn_prefixes: 2\nstats_tokens: 200\nstats_max_len: 32\n")
     return cfg
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("smollm2-13m", r"^unknown model 'smollm2-13m': .* did you mean 'smollm2-135m'\?$"),
+        ("minilm-l6", r"^minilm-l6 is a encoder model, not a causal-lm"),
+        ("model.safetensors", r"model\.safetensors is not a model folder with a config\.json"),
+    ],
+)
+def test_what_cannot_be_offloaded_is_one_line(folder, tmp_path, model, message):
+    name = str(folder / model) if model.endswith(".safetensors") else model
+    with pytest.raises(AssetError, match=message) as e:
+        load_offloaded(name, [0], tmp_path)
+    assert "\n" not in str(e.value)

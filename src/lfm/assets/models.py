@@ -372,6 +372,11 @@ def model_folder(name: str | Path) -> Path:
         path = convert_gguf(path, _known_sha(key))
     if path.is_dir() and (path / "config.json").exists():
         return path
+    if not path.exists():
+        raise AssetError(
+            f"unknown model {key!r}: not an lfm asset (see `lfm models`) nor a local folder"
+            f"{did_you_mean(key, MODELS)}"
+        )
     raise AssetError(
         f"{name} is not a model folder with a config.json (nor a GGUF file); this needs one"
     )
