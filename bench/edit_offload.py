@@ -18,12 +18,18 @@ without swap) and its peak resident set (VmRSS, which adds the pages of mapped f
 polled every 10 ms from /proc; time is the wall and CPU (user + system) time of the process.
 The table gives medians (min-max) over `--repeats` and says whether every offloaded patch equals
 the whole model's bit for bit.
+
+Then the first method's patch is written into the model (`lfm edit patch-apply`, float32 as
+above) by loading the model whole and with `--stream` (no model loaded: each tensor read,
+changed where the patch edits it and written), interleaved the same way, and the two folders'
+weights compared bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -93,11 +99,27 @@ def edit_cmd(folder: Path, method: str, out: Path, runs: Path, offload: Path | N
     return cmd + (["--offload", str(offload)] if offload else [])
 
 
+def apply_cmd(folder: Path, patch: Path, out: Path, runs: Path, stream: bool) -> list[str]:
+    cmd = [*LFM, "edit", "patch-apply", str(patch), "--model", str(folder), "-o", str(out),
+           "--root", str(runs), "--threads", "1"]  # fmt: skip
+    return cmd + (["--stream"] if stream else [])
+
+
 def same_patch(a: Path, b: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
     x, y = load_file(a), load_file(b)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    import torch
+    from safetensors.torch import load_file
+
+    from lfm.core.io import model_files
+
+    x, y = ({k: v for f in model_files(p) for k, v in load_file(f).items()} for p in (a, b))
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
@@ -126,6 +148,18 @@ def main() -> None:
                     got[mode].append(measured(edit_cmd(folder, method, out, work / "runs", off)))
                     same &= same_patch(ref, out)
             rows.append((method, got, same))
+        patch = work / f"{a.methods[0]}-ref.safetensors"
+        ref_folder = work / "applied-ref"
+        measured(apply_cmd(folder, patch, ref_folder, work / "runs", False))
+        applied: dict[str, list[dict[str, float]]] = {"whole": [], "offload": []}
+        same_folder = True
+        for r in range(a.repeats):
+            for mode in ["whole", "offload"] if r % 2 == 0 else ["offload", "whole"]:
+                out = work / f"applied-{mode}-{r}"
+                cmd = apply_cmd(folder, patch, out, work / "runs", stream=mode == "offload")
+                applied[mode].append(measured(cmd))
+                same_folder &= same_weights(ref_folder, out)
+                shutil.rmtree(out)
     print("| method | mode | wall s | CPU s | peak RssAnon MiB | peak VmRSS MiB | patch |")
     print("|---|---|---|---|---|---|---|")
     for method, got, same in rows:
@@ -134,6 +168,14 @@ def main() -> None:
                 _med([m[k] for m in got[mode]]) for k in ("wall", "cpu", "anon", "rss")
             )
             print(f"| {method} | {mode} | {cells} | {'equal bit for bit' if same else 'DIFFERS'} |")
+    method = f"patch-apply ({a.methods[0]})"
+    rows.append((method, applied, same_folder))
+    for mode, label in (("whole", "whole"), ("offload", "--stream")):
+        cells = " | ".join(
+            _med([m[k] for m in applied[mode]]) for k in ("wall", "cpu", "anon", "rss")
+        )
+        same = "equal bit for bit" if same_folder else "DIFFERS"
+        print(f"| {method} | {label} | {cells} | {same} |")
     for method, got, _ in rows:
         med = {mode: {k: statistics.median(m[k] for m in got[mode]) for k in ("wall", "anon")}
                for mode in got}  # fmt: skip

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from lfm.core import shards as S
 from lfm.reuse import MissingTensorError, ShapeMismatchError, merge_models, merge_state_dicts
 from lfm.reuse import engine as E
 
@@ -137,7 +138,7 @@ def test_tied_model_gives_its_input_embedding_as_output_embedding(zoo, tmp_path)
 
 def test_failure_mid_merge_leaves_no_output(zoo, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_add = E.ShardWriter.add
+    real_add = S.ShardWriter.add
 
     def failing_add(self, name, tensor):
         calls["n"] += 1
@@ -145,7 +146,7 @@ def test_failure_mid_merge_leaves_no_output(zoo, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         real_add(self, name, tensor)
 
-    monkeypatch.setattr(E.ShardWriter, "add", failing_add)
+    monkeypatch.setattr(S.ShardWriter, "add", failing_add)
     with pytest.raises(RuntimeError, match="disk full"):
         merge_models(
             "linear", [zoo["a"], zoo["b"]], tmp_path / "out", max_shard_size="20KB", progress=False

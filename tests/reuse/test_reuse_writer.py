@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from lfm.core import shards as S
+from lfm.core.shards import ShardError
 from lfm.reuse import engine as E
-from lfm.reuse.driver import MergeError
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -27,20 +28,20 @@ def _tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def _entries(ts: dict[str, torch.Tensor]) -> list[E.Entry]:
-    return [E.Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
+def _entries(ts: dict[str, torch.Tensor]) -> list[S.Entry]:
+    return [S.Entry(k, v.dtype, tuple(v.shape)) for k, v in ts.items()]
 
 
 def test_plan_shards_starts_a_new_shard_only_when_the_next_tensor_would_not_fit():
-    entries = [E.Entry(f"t{i}", torch.uint8, (n,)) for i, n in enumerate([4, 4, 4, 10, 1])]
-    shards = E.plan_shards(entries, 8)
+    entries = [S.Entry(f"t{i}", torch.uint8, (n,)) for i, n in enumerate([4, 4, 4, 10, 1])]
+    shards = S.plan_shards(entries, 8)
     assert [[e.name for e in s] for s in shards] == [["t0", "t1"], ["t2"], ["t3"], ["t4"]]
 
 
 @pytest.mark.parametrize("max_bytes", [10**9, 100])
 def test_written_shards_load_with_safetensors(tmp_path, max_bytes):
     ts = _tensors()
-    with E.ShardWriter(tmp_path, _entries(ts), max_bytes) as w:
+    with S.ShardWriter(tmp_path, _entries(ts), max_bytes) as w:
         for k, v in ts.items():
             w.add(k, v)
         names = w.close()
@@ -52,18 +53,18 @@ def test_written_shards_load_with_safetensors(tmp_path, max_bytes):
         with open(tmp_path / n, "rb") as f:
             assert struct.unpack("<Q", f.read(8))[0] % 8 == 0  # aligned data, as safetensors pads
     if len(names) > 1:
-        wmap = json.loads((tmp_path / E.INDEX).read_text())["weight_map"]
+        wmap = json.loads((tmp_path / S.INDEX).read_text())["weight_map"]
         assert set(wmap) == set(ts) and set(wmap.values()) == set(names)
     else:
-        assert names == ["model.safetensors"] and not (tmp_path / E.INDEX).exists()
+        assert names == ["model.safetensors"] and not (tmp_path / S.INDEX).exists()
 
 
 def test_each_tensor_is_on_disk_when_flushed(tmp_path):
     ts = {"x": torch.randn(64, 64), "y": torch.randn(64, 64)}
-    w = E.ShardWriter(tmp_path, _entries(ts), 10**9)
+    w = S.ShardWriter(tmp_path, _entries(ts), 10**9)
     w.add("x", ts["x"])
     w.flush()  # the background writer has written x, and nothing is buffered
-    header = E.shard_header(_entries(ts))
+    header = S.shard_header(_entries(ts))
     assert (tmp_path / "model.safetensors").stat().st_size == len(header) + 64 * 64 * 4
     w.add("y", ts["y"])
     w.close()
@@ -73,14 +74,14 @@ def test_each_tensor_is_on_disk_when_flushed(tmp_path):
 def test_at_most_depth_tensors_wait_and_write_errors_surface(tmp_path, monkeypatch):
     ts = {f"t{i}": torch.full((8,), float(i)) for i in range(6)}
     release = threading.Event()
-    real_write = E.ShardWriter._open
+    real_write = S.ShardWriter._open
 
     def slow_open(self, shard):  # hold the writer thread before its first file
         release.wait(10)
         real_write(self, shard)
 
-    monkeypatch.setattr(E.ShardWriter, "_open", slow_open)
-    w = E.ShardWriter(tmp_path, _entries(ts), 10**9, depth=2)
+    monkeypatch.setattr(S.ShardWriter, "_open", slow_open)
+    w = S.ShardWriter(tmp_path, _entries(ts), 10**9, depth=2)
     for name in ("t0", "t1", "t2"):  # t0 is taken by the thread, t1 and t2 wait
         w.add(name, ts[name])
     assert w._queue.full()  # a fourth add would block: memory is bounded
@@ -91,23 +92,23 @@ def test_at_most_depth_tensors_wait_and_write_errors_surface(tmp_path, monkeypat
     assert all(torch.equal(load_file(tmp_path / "model.safetensors")[k], v) for k, v in ts.items())
 
     gone = tmp_path / "gone"
-    monkeypatch.setattr(E.ShardWriter, "_open", real_write)
-    w = E.ShardWriter(gone, _entries(ts), 10**9)  # the folder does not exist: open fails
+    monkeypatch.setattr(S.ShardWriter, "_open", real_write)
+    w = S.ShardWriter(gone, _entries(ts), 10**9)  # the folder does not exist: open fails
     w.add("t0", ts["t0"])
-    with pytest.raises(MergeError, match=r"writing .*gone"):
+    with pytest.raises(ShardError, match=r"writing .*gone"):
         w.close()
 
 
 def test_writer_refuses_tensors_out_of_layout(tmp_path):
     ts = {"x": torch.zeros(2), "y": torch.zeros(3)}
     want = "expected x torch.float32"
-    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(MergeError, match=want):
+    with S.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(ShardError, match=want):
         w.add("y", ts["y"])
-    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(MergeError, match=want):
+    with S.ShardWriter(tmp_path, _entries(ts), 10**9) as w, pytest.raises(ShardError, match=want):
         w.add("x", torch.zeros(2, dtype=torch.float64))
-    with E.ShardWriter(tmp_path, _entries(ts), 10**9) as w:
+    with S.ShardWriter(tmp_path, _entries(ts), 10**9) as w:
         w.add("x", ts["x"])
-        with pytest.raises(MergeError, match="before every tensor"):
+        with pytest.raises(ShardError, match="before every tensor"):
             w.close()
 
 

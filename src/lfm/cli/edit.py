@@ -271,6 +271,12 @@ def patch_apply(
     patch_file: Path = typer.Argument(..., exists=True, help="weight patch made for this model"),
     model: Model = "smollm2-135m",
     out: Path = typer.Option(..., "--out", "-o", help="folder for the edited model"),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="never load the model: read and write its safetensors one tensor at a time (a "
+        "model larger than memory); the same folder",
+    ),
     root: Path = Root,
     threads: Threads = 2,
 ) -> None:
@@ -279,12 +285,14 @@ def patch_apply(
 
     The model loads on `--device` in `--dtype`; the patch must have been made from the weights in
     that dtype. ΔW is formed on that device and added in that dtype; the folder and the originals
-    are written in it."""
+    are written in it. With --stream no model is loaded: each tensor is read from the model's
+    safetensors files, cast to `--dtype`, changed on the CPU where the patch edits it and
+    written, so memory holds a few tensors."""
     from lfm.edit import recipes
 
     use_threads(threads)
     with _reporting():
-        recipes.patch_apply(model, patch_file, out, root=root)
+        recipes.patch_apply(model, patch_file, out, root=root, stream=stream)
     typer.echo(f"applied {patch_file} to {model} -> {out}")
 
 

@@ -16,7 +16,7 @@ tensors, with the model type and shapes) and refuses to apply to any other weigh
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,12 +80,25 @@ def linear_weight(model: nn.Module, name: str) -> torch.Tensor:
 
 def fingerprint(model: nn.Module, modules: Sequence[str]) -> str:
     """SHA-256 of the model type and the named modules' weights (shape, dtype, bytes)."""
-    h = hashlib.sha256(str(getattr(model.config, "model_type", type(model).__name__)).encode())
+    return fingerprint_of(
+        model_type(model), modules, lambda name: resident(model, name).weight.detach()
+    )
+
+
+def fingerprint_of(kind: str, modules: Sequence[str], weight: Callable[[str], torch.Tensor]) -> str:
+    """`fingerprint` from the model type `kind` and each module's weight as `weight(name)` gives
+    it (one at a time: a model on disk is hashed without being loaded)."""
+    h = hashlib.sha256(kind.encode())
     for name in sorted(modules):
-        w = resident(model, name).weight.detach()
+        w = weight(name)
         h.update(f"{name}:{tuple(w.shape)}:{w.dtype}".encode())
         hash_bytes(h, w)
     return h.hexdigest()
+
+
+def model_type(model: nn.Module) -> str:
+    """The model type a fingerprint starts from: the config's `model_type`, else the class."""
+    return str(getattr(model.config, "model_type", type(model).__name__))
 
 
 def check_module(model: nn.Module, module: str, base: str, where: str, what: str) -> None:
@@ -131,8 +144,17 @@ class Patch:
         """Raise a one-line `LfmError` unless `model` holds the weights this patch was made for."""
         missing = [m for m in self.modules if not _has(model, m)]
         if missing:
-            raise LfmError(f"patch ({self.method}) edits {missing[0]}, which this model lacks")
-        if fingerprint(model, self.modules) != self.base:
+            raise self.lacking(missing[0])
+        self.check_base(fingerprint(model, self.modules))
+
+    def lacking(self, module: str) -> LfmError:
+        """The one-line error for a model without `module`, which this patch edits."""
+        return LfmError(f"patch ({self.method}) edits {module}, which this model lacks")
+
+    def check_base(self, base: str) -> None:
+        """One-line `LfmError` unless `base`, the fingerprint of the weights at hand, is the one
+        this patch was made from."""
+        if base != self.base:
             raise LfmError(
                 f"patch ({self.method}) was made for other weights (base {self.base[:12]}); "
                 "refusing to apply it to this model (a patch fits the weights it was made from, "
@@ -191,7 +213,7 @@ def make_patch(
     """A patch for `deltas` computed from the current weights of `model`."""
     modules = [d.module for d in deltas]
     info = {
-        "model_type": getattr(model.config, "model_type", type(model).__name__),
+        "model_type": model_type(model),
         "shapes": {m: list(model.get_submodule(m).weight.shape) for m in modules},
     }
     cfg_dict = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)

@@ -463,7 +463,12 @@ def _kind(patch: Any) -> str:
 
 
 def patch_apply(
-    model: Any, patch: str | Path, out: str | Path, *, root: str | Path | None = None
+    model: Any,
+    patch: str | Path,
+    out: str | Path,
+    *,
+    root: str | Path | None = None,
+    stream: bool = False,
 ) -> Path:
     """Write `model` with a weight patch applied as a Hugging Face folder at `out`, with the
     original tensors (`edit-undo.safetensors`) for `patch_revert`.
@@ -474,26 +479,47 @@ def patch_apply(
     their dtype, and the originals saved are the weights as loaded (their dtype), so that
     `patch_revert` restores them bit for bit. The folder is written in that dtype.
 
+    `stream`: never load the model; read its safetensors files and write the folder one tensor
+    at a time (`lfm.edit.stream`), the same weights in the same dtype, for a model larger than
+    memory. `model` is then a name or a folder, not a handle.
+
     `root`: create a run directory there (`<root>/<stamp>-patch-apply/`, its inputs the model and
     the patch); None: none (as in a pipeline step, whose own run directory records it).
     """
     files = {"model": _source(model), "patch": patch}
-    options = {"model": _name(model), "patch": str(patch), "out": str(out)}
+    options = {"model": _name(model), "patch": str(patch), "out": str(out), "stream": stream}
     loaded = load_patch(patch)  # refused before a run directory or the model is made
     if not isinstance(loaded, Patch):
         raise LfmError(
             f"{patch} is {_kind(loaded)}: it changes no weights (`lfm edit eval` uses it)"
         )
+    if stream and not isinstance(model, str | Path):
+        raise LfmError("--stream reads the model from disk: give its name or folder, not a handle")
     with _maybe_run("patch-apply", options, files, root) as run:
-        handle = load_handle(model)
-        undo = loaded.apply(handle.model)
-        try:
-            path = save_edited(handle, undo, out)
-        finally:
-            undo.revert(handle.model)
+        if stream:
+            path = _stream_apply(model, loaded, out)
+        else:
+            handle = load_handle(model)
+            undo = loaded.apply(handle.model)
+            try:
+                path = save_edited(handle, undo, out)
+            finally:
+                undo.revert(handle.model)
         if run is not None:
             _wrote(run, path)
     return path
+
+
+def _stream_apply(model: str | Path, patch: Patch, out: str | Path) -> Path:
+    """`patch` applied to the folder of `model` tensor by tensor, in the dtype `load_model` would
+    give its weights (`--dtype`; float32 otherwise)."""
+    from lfm.assets.models import model_folder, model_skeleton
+    from lfm.core import placement
+    from lfm.edit.stream import stream_apply
+
+    folder, skeleton = model_folder(model), model_skeleton(model)
+    progress.say(f"applying {patch.method}'s patch to {folder}, one tensor at a time")
+    return stream_apply(patch, folder, out, skeleton, placement.current().dtype)
 
 
 def patch_revert(folder: str | Path, out: str | Path, *, root: str | Path | None = "runs") -> Path:

@@ -25,7 +25,6 @@ wider, either way); a value that overflows it is a `MergeError`.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,9 @@ from torch import Tensor
 
 from lfm import registry
 from lfm.config import Config
+from lfm.core import shards
 from lfm.core.io import check_finite, nonfinite
+from lfm.core.shards import dtype_name
 from lfm.errors import LfmError
 from lfm.registry import MethodSpec
 
@@ -224,11 +225,6 @@ RESULT_HINT = (
 )
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """`bfloat16` for `torch.bfloat16`: a dtype as the options and config.json write it."""
-    return str(dtype).removeprefix("torch.")
-
-
 def overflow_hint(dtype: torch.dtype) -> str:
     """What to do when values finite before the cast to the output dtype are not after it."""
     return (
@@ -269,13 +265,7 @@ def check_inputs(
 def read_json_object(path: Path) -> dict[str, Any]:
     """A JSON file that holds an object (a model's `config.json`); anything else is one
     `MergeError` line naming the file."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{path}: cannot read it as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise MergeError(f"{path}: not a JSON object")
-    return data
+    return shards.read_json_object(path, MergeError)
 
 
 def to_device(t: Tensor, device: torch.device) -> Tensor:

@@ -354,11 +354,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register("reuse", "moe_upcycle", shape=UPCYCLER, branch="mixture of experts",
-          access=Access.WEIGHTS, config=MoeUpcycleConfig,
-          paper="Komatsuzaki et al. 2023 (Sparse Upcycling), arXiv 2212.05055; mergekit-moe "
-                "(Goddard et al. 2024, arXiv 2403.13257)",
-          example=_example, cli="lfm reuse moe PLAN.yaml --out DIR")  # fmt: skip
 def moe_upcycle(
     base: Any,
     experts: Sequence[Any],
@@ -410,6 +405,14 @@ def moe_upcycle(
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     moe.tie_weights()  # a tied head: the embeddings, as transformers' loader does
     return LocalModel(moe.eval(), tokenizer, name="moe")
+
+
+moe_upcycle = register(
+    "reuse", "moe_upcycle", shape=UPCYCLER, branch="mixture of experts", access=Access.WEIGHTS,
+    config=MoeUpcycleConfig, example=_example, cli="lfm reuse moe PLAN.yaml --out DIR",
+    paper="Komatsuzaki et al. 2023 (Sparse Upcycling), arXiv 2212.05055; mergekit-moe "
+    "(Goddard et al. 2024, arXiv 2403.13257)",
+)(moe_upcycle)  # fmt: skip
 
 
 def _modules(models: Sequence[Any]) -> list[Any]:
@@ -489,7 +492,8 @@ def upcycle_folder(
     from tqdm.auto import tqdm
 
     from lfm.core.io import atomic_path, write_json
-    from lfm.reuse.engine import SafetensorsReader, ShardWriter, copy_side_files, parse_size
+    from lfm.core.shards import ShardWriter, copy_side_files
+    from lfm.reuse.engine import SafetensorsReader, parse_size
 
     out, cfg = Path(out), plan.config()
     if out.exists() and not overwrite:
@@ -524,7 +528,7 @@ def upcycle_folder(
 
 def _entry(p: Part, base: Reader, n_experts: int, dtype: torch.dtype) -> Any:
     """The header of one output tensor: floats in `dtype`, other tensors as the base stores them."""
-    from lfm.reuse.engine import Entry
+    from lfm.core.shards import Entry
 
     if not p.src:
         return Entry(p.out, dtype, (n_experts, base.shape("model.embed_tokens.weight")[1]))

@@ -351,12 +351,6 @@ def _example(level: Access, seed: int) -> Example:
 # pragma: no mutate end
 
 
-@register(
-    "reuse", "wemoe", shape=MOE, branch="mixture of experts", access=Access.WEIGHTS,
-    config=WEMoEConfig, paper="Tang et al. 2024 (ICML), arXiv 2402.00433", example=_example,
-    cli="no command: it needs the model, task heads and unlabelled data, in Python "
-    "(lfm.reuse.wemoe.wemoe); bench/reuse_fusion_vision.py runs it on MobileNetV2",
-)  # fmt: skip
 def wemoe(
     model: Any,
     models: Sequence[Any],
@@ -383,3 +377,11 @@ def wemoe(
     merged = upscale(arch, base_sd, expert_sds, cfg)
     history = train_routers(merged, data, cfg, heads)
     return WEMoEResult(merged.eval(), history)
+
+
+wemoe = register(
+    "reuse", "wemoe", shape=MOE, branch="mixture of experts", access=Access.WEIGHTS,
+    config=WEMoEConfig, paper="Tang et al. 2024 (ICML), arXiv 2402.00433", example=_example,
+    cli="no command: it needs the model, task heads and unlabelled data, in Python "
+    "(lfm.reuse.wemoe.wemoe); bench/reuse_fusion_vision.py runs it on MobileNetV2",
+)(wemoe)  # fmt: skip

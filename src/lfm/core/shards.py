@@ -1,0 +1,238 @@
+"""Safetensors files written tensor by tensor: the header first (the layout is known in advance),
+then each tensor's bytes straight from its memory, so writing a model holds a few tensors, not
+the model. Shared by the streaming merge (`lfm.reuse.engine`), MoE upcycling and the streaming
+patch application of the editing area (`lfm.edit.stream`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import shutil
+import struct
+import threading
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from torch import Tensor
+
+from lfm.errors import LfmError
+
+INDEX = "model.safetensors.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+# torch dtype <-> safetensors header dtype
+DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint64: "U64",
+    torch.uint32: "U32", torch.uint16: "U16", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+TORCH_DTYPES = {v: k for k, v in DTYPES.items()}
+
+
+class ShardError(LfmError):
+    """A tensor arrived out of the planned layout, or writing a shard failed."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One output tensor as the safetensors header describes it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def plan_shards(entries: Sequence[Entry], max_bytes: int) -> list[list[Entry]]:
+    """Split tensors, in order, into shards of at most `max_bytes` (a larger tensor: its own)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        if shards[-1] and size + e.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += e.nbytes
+    return shards
+
+
+def shard_header(entries: Sequence[Entry]) -> bytes:
+    """The safetensors prefix of a shard: 8-byte little-endian length, then JSON padded to 8."""
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    start = 0
+    for e in entries:
+        end = start + e.nbytes
+        meta[e.name] = {
+            "dtype": DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [start, end],
+        }
+        start = end
+    text = json.dumps(meta, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardWriter:
+    """Writes safetensors shards tensor by tensor, in the order of a layout known in advance.
+
+    Each shard's header is written when its first tensor arrives and every tensor's bytes go to the
+    file straight from its memory. The writing happens on a background thread, so the next
+    tensor is merged while the last one is written (writing the output was about half of a task
+    arithmetic merge); at most `depth` tensors wait for it, so memory stays bounded by a few
+    tensors. A write error is raised by the next `add`, `flush` or `close`.
+
+    Args:
+        folder: the (temporary) output folder.
+        entries: every output tensor, in the order `add` will receive them.
+        max_bytes: the largest shard, in bytes (a single larger tensor gets a shard of its own).
+        depth: tensors that may wait to be written.
+    """
+
+    def __init__(self, folder: Path, entries: Sequence[Entry], max_bytes: int, depth: int = 2):
+        self.folder = folder
+        self.shards = plan_shards(entries, max_bytes)
+        n = len(self.shards)
+        self.names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.total = sum(e.nbytes for e in entries)
+        self._order = iter([(i, e) for i, shard in enumerate(self.shards) for e in shard])
+        self._file: IO[bytes] | None = None
+        self._shard = -1
+        self._error: BaseException | None = None
+        self._queue: queue.Queue[tuple[int, Tensor] | None] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        shard, e = next(self._order, (None, None))
+        if e is None or e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+            want = f"{e.name} {e.dtype} {list(e.shape)}" if e else "nothing"
+            raise ShardError(f"{name} {tensor.dtype} {list(tensor.shape)} arrived; expected {want}")
+        self._raise_error()
+        if self._thread is None:
+            raise ShardError("the writer is closed")
+        self._queue.put((shard, tensor.detach().contiguous().reshape(-1).view(torch.uint8)))
+
+    def flush(self) -> None:
+        """Wait until every tensor given to `add` is written to its file."""
+        self._queue.join()
+        self._raise_error()
+        if self._file is not None:
+            self._file.flush()
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            try:
+                if self._error is None:  # after an error, only empty the queue
+                    shard, data = item
+                    if shard != self._shard:
+                        self._open(shard)
+                    assert self._file is not None
+                    self._file.write(data.numpy())
+            except BaseException as e:  # handed to the caller's thread
+                self._error = e
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise ShardError(f"writing {self.folder}: {self._error}") from self._error
+
+    def _stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _open(self, shard: int) -> None:
+        self._close_file()
+        self._shard = shard
+        self._file = open(self.folder / self.names[shard], "wb")  # noqa: SIM115 (closed by close)
+        self._file.write(shard_header(self.shards[shard]))
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> list[str]:
+        """Finish writing, close the last shard and write the index (for several shards)."""
+        self._stop()
+        self._raise_error()
+        self._close_file()
+        if next(self._order, None) is not None:
+            raise ShardError("the merge ended before every tensor was written")
+        if len(self.shards) > 1:
+            wmap = {e.name: self.names[i] for i, shard in enumerate(self.shards) for e in shard}
+            index = {"metadata": {"total_size": self.total}, "weight_map": wmap}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return self.names
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop()
+        self._close_file()
+
+
+def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
+    """Copy config, generation config and tokenizer files (everything but weights and the
+    names in `skip`) of a folder."""
+    if not src.is_dir():
+        return
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in skip:
+            shutil.copy2(f, dst / f.name)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`bfloat16` for `torch.bfloat16`: a dtype as the options and config.json write it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def read_json_object(path: Path, error: type[LfmError] = ShardError) -> dict[str, Any]:
+    """A JSON file that holds an object (a model's `config.json`); anything else is one `error`
+    line naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: not a JSON object")
+    return data
+
+
+def write_config_dtype(folder: Path, dtype: torch.dtype) -> None:
+    """State `dtype` in `folder`'s `config.json`, so that transformers loads the weights in it:
+    every `dtype` and `torch_dtype` key the config has (at the top level and in sub-configs
+    such as `text_config`), or a top-level `torch_dtype` (which every transformers version
+    reads) when it has neither. No `config.json` (a merge of bare safetensors files): nothing."""
+    path = folder / "config.json"
+    if not path.is_file():
+        return
+    data = read_json_object(path)
+    name = dtype_name(dtype)
+
+    def restate(cfg: dict[str, Any]) -> None:
+        cfg.update(dict.fromkeys([k for k in ("dtype", "torch_dtype") if k in cfg], name))
+        for sub in cfg.values():
+            if isinstance(sub, dict):
+                restate(sub)
+
+    restate(data)
+    if not {"dtype", "torch_dtype"} & set(data):
+        data["torch_dtype"] = name
+    path.write_text(json.dumps(data, indent=2) + "\n")
