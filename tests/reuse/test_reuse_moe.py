@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -250,3 +251,84 @@ def test_cli_writes_the_folder_and_a_run(folders, tmp_path):
                                    str(tmp_path / "n"), "--root", str(tmp_path / "runs")])  # fmt: skip
     lines = bad.output.strip().splitlines()
     assert bad.exit_code == 2 and len(lines) == 1 and "experts_per_token" in lines[0], bad.output
+
+
+# ---------------------------------------------------------------------------------------------
+# The parts by hand.
+
+
+def test_configs_with_biases_or_other_sizes_are_refused(lms):
+    from lfm.errors import ConfigError
+
+    base = lms[0].config
+    names = ["the base", "expert 0", "expert 1"]
+    for field in ("attention_bias", "mlp_bias"):
+        biased = copy.deepcopy(base)
+        setattr(biased, field, True)
+        with pytest.raises(ConfigError, match=r"^the base has attention or MLP biases"):
+            moe.check_configs(biased, [base, base], names)
+    for field in moe.SHAPE_FIELDS:  # a stand-in config: transformers' own check the field types
+        other = SimpleNamespace(**{f: getattr(base, f) for f in moe.SHAPE_FIELDS})
+        setattr(other, field, "other")
+        want = rf"^expert 1 has {field} 'other', the base {getattr(base, field)!r}: experts must"
+        with pytest.raises(moe.ShapeMismatchError, match=want):
+            moe.check_configs(base, [base, other], names)
+    moe.check_configs(base, [base, copy.deepcopy(base)], names)  # the same sizes pass
+
+
+def test_mixtral_config_takes_the_bases_sizes_and_the_experts():
+    from transformers import LlamaConfig
+
+    base = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                       rope_theta=5000.0, rms_norm_eps=1e-5, max_position_embeddings=77,
+                       tie_word_embeddings=True)  # fmt: skip
+    cfg = moe.mixtral_config(base, 3, 2, torch.bfloat16)
+    assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (3, 2)
+    assert not cfg.output_router_logits and cfg.architectures == ["MixtralForCausalLM"]
+    assert cfg.dtype == torch.bfloat16 and cfg.sliding_window is None
+    for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings",
+              "tie_word_embeddings"):  # fmt: skip
+        assert getattr(cfg, f) == getattr(base, f), f
+
+
+def test_routing_accuracy_is_the_mean_over_experts_of_each_ones_share(lms, tmp_path):
+    """Zero gates put every token on expert 0 first (ties go to the lowest index): expert 0's
+    share is 1 and the others' 0, so the accuracy is 1/experts however many tokens each has (a
+    share pooled over tokens would weigh the longer prompts)."""
+    h = _upcycle(lms, gate_mode="random")
+    with torch.no_grad():
+        for layer in h.model.model.layers:
+            layer.mlp.gate.weight.zero_()
+    prompts = [["Rome."], ["Tokyo is a large city in Japan, and Kyoto an old city in it."]]
+    assert routing_accuracy(h, prompts) == pytest.approx(0.5)
+    assert routing_accuracy(h, prompts[::-1]) == pytest.approx(0.5)
+    assert routing_accuracy(h, [prompts[0]]) == pytest.approx(1.0)
+
+
+def test_train_rows_weigh_each_expert_equally():
+    """Adam on the mean over layers of the mean over experts of each expert's mean cross-entropy:
+    every expert counts equally, whatever its number of tokens (by hand, five steps)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    init = torch.randn(2, 2, 3, generator=g)
+    # expert 0: one prompt of 2 tokens; expert 1: two prompts, 9 tokens (per layer, (tokens, d))
+    pos = [[[torch.randn(2, 3, generator=g)] for _ in range(2)],
+           [[torch.randn(6, 3, generator=g), torch.randn(3, 3, generator=g)] for _ in range(2)]]  # fmt: skip
+    rows = init.clone().requires_grad_(True)
+    opt = torch.optim.Adam([rows], lr=0.05)
+    for _ in range(5):
+        loss = sum(
+            F.cross_entropy(torch.cat(p[layer]) @ rows[layer].T,
+                            torch.full((len(torch.cat(p[layer])),), e)) / 2
+            for layer in range(2) for e, p in enumerate(pos)
+        ) / 2  # fmt: skip
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    got = moe.train_rows(init, pos, steps=5, lr=0.05)
+    torch.testing.assert_close(got, rows.detach(), atol=1e-6, rtol=0)
+    assert (got - init).abs().min() > 0.01  # every entry moved
+    assert torch.equal(moe.train_rows(init, pos, steps=0, lr=0.05), init)
