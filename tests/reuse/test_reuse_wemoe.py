@@ -18,6 +18,7 @@ from lfm.reuse.wemoe import (
     WeightEnsemblingMoE,
     WEMoEConfig,
     entropy,
+    input_width,
     moe_modules,
     router,
     train_routers,
@@ -238,3 +239,35 @@ def test_the_last_routing_is_kept_per_sample():
         moe(x[:2])
     assert moe.last_routing is not None and moe.last_routing.shape == (2, 2)
     assert moe.last_routing.argmax(-1).tolist() == [0, 1]
+
+
+def test_input_width_is_the_first_linear_or_convs():
+    from transformers.pytorch_utils import Conv1D
+
+    assert input_width(nn.Sequential(nn.ReLU(), nn.Linear(5, 3), nn.Linear(3, 9)), "a") == 5
+    assert input_width(nn.Sequential(nn.Conv2d(4, 6, 3), nn.Linear(6, 2)), "b") == 4
+    assert input_width(nn.Sequential(nn.Conv1d(7, 2, 1)), "c") == 7
+    assert input_width(nn.Sequential(Conv1D(11, 6)), "d") == 6  # GPT-2's: Conv1D(nf=out, nx=in)
+    with pytest.raises(ConfigError, match=r"input width of module 'e\.f': it has no Linear"):
+        input_width(nn.Sequential(nn.ReLU(), nn.LayerNorm(4)), "e.f")
+
+
+def test_train_routers_sums_each_tasks_head_entropy_and_cycles_its_batches():
+    """With a step too small to move the routers, step s scores batch s mod n of every task
+    under the initial routers: the history is the summed per-task entropy of those batches, each
+    through its own head, and the callback sees each step's value."""
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    cfg = WEMoEConfig(modules="fc2", steps=5, lr=1e-30)
+    model = upscale(base, base.state_dict(), [e.state_dict() for e in experts], cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(6, 8, generator=gen) for _ in range(2)],
+               [torch.randn(4, 8, generator=gen) for _ in range(3)]]  # fmt: skip
+    heads = [lambda z: z[:, :2], lambda z: 3 * z]
+    with torch.no_grad():
+        want = [sum(entropy(heads[k](model(b[s % len(b)]))).item() for k, b in enumerate(batches))
+                for s in range(5)]  # fmt: skip
+    seen = []
+    got = train_routers(model, batches, cfg, heads, progress=lambda s, v: seen.append((s, v)))
+    assert got == pytest.approx(want, abs=1e-5)
+    assert len(set(round(v, 6) for v in got)) == 5  # every step scored other batches
+    assert seen == list(enumerate(got))
