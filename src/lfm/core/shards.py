@@ -80,6 +80,10 @@ def shard_header(entries: Sequence[Entry]) -> bytes:
     return struct.pack("<Q", len(text)) + text
 
 
+def _fits(e: Entry, name: str, tensor: Tensor) -> bool:
+    return e.name == name and tensor.dtype == e.dtype and tuple(tensor.shape) == e.shape
+
+
 class ShardWriter:
     """Writes safetensors shards tensor by tensor, in the order of a layout known in advance.
 
@@ -115,10 +119,15 @@ class ShardWriter:
         self._thread.start()
 
     def add(self, name: str, tensor: Tensor) -> None:
-        shard, e = next(self._order, (None, None))
-        if e is None or e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
-            want = f"{e.name} {e.dtype} {list(e.shape)}" if e else "nothing"
+        planned = next(self._order, None)
+        if planned is None or not _fits(planned[1], name, tensor):
+            want = (
+                f"{planned[1].name} {planned[1].dtype} {list(planned[1].shape)}"
+                if planned
+                else "nothing"
+            )
             raise ShardError(f"{name} {tensor.dtype} {list(tensor.shape)} arrived; expected {want}")
+        shard = planned[0]
         self._raise_error()
         if self._thread is None:
             raise ShardError("the writer is closed")
@@ -139,7 +148,7 @@ class ShardWriter:
                     if shard != self._shard:
                         self._open(shard)
                     assert self._file is not None
-                    self._file.write(data.numpy())
+                    self._file.write(data.numpy().data)
             except BaseException as e:  # handed to the caller's thread
                 self._error = e
             finally:
