@@ -84,6 +84,25 @@ def test_a_block_on_disk_runs_again_in_the_backward_pass(offloaded):
         handle.remove()
 
 
+def test_a_block_on_disk_keeps_no_weight_after_the_backward_pass(offloaded):
+    """The recomputation runs the whole block: stopped early, right after the down projection
+    (the last output the gradient needs), it left that weight in memory, one per block on disk."""
+    block = offloaded.model.model.layers[1]
+    ids = offloaded.tokenizer(["The city of the Eiffel Tower"], return_tensors="pt").input_ids
+    frozen = [p for p in offloaded.model.parameters() if p.requires_grad]
+    for p in frozen:  # as an edit runs it: the weights do not take gradients
+        p.requires_grad_(False)
+    try:
+        emb = offloaded.model.model.embed_tokens(ids).detach().requires_grad_(True)
+        offloaded.model(inputs_embeds=emb, use_cache=False).logits[0, -1].sum().backward()
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    held = [n for n, p in block.named_parameters() if not p.is_meta]
+    assert held == [], held
+
+
 def test_reading_a_weight_left_on_disk_is_one_line(offloaded):
     with pytest.raises(LfmError, match=r"^model\.layers\.1\.mlp\.down_proj is offloaded") as e:
         linear_weight(offloaded.model, "model.layers.1.mlp.down_proj")

@@ -469,7 +469,10 @@ def _recompute_in_backward(block: torch.nn.Module) -> None:
             finally:
                 _set_cache_state(cache, now)
 
-        return checkpoint(once, *args, use_reentrant=False, **kwargs)
+        # no early stop: the recomputation would end inside the last module whose output the
+        # gradient needs (the MLP's down projection), before Accelerate's hook after it puts its
+        # weight back on disk, and that weight would stay in memory, one per block
+        return checkpoint(once, *args, use_reentrant=False, early_stop=False, **kwargs)
 
     block.forward = run
 
