@@ -182,3 +182,43 @@ def test_an_ensemble_step_scores_the_members_combined_answers(tmp_path):
         avg = sum(torch.log_softmax(m(x), -1) for m in members) / 2
     assert table["avg"]["accuracy"] == pytest.approx((avg.argmax(-1) == y).float().mean().item())
     assert 0 <= table["vote"]["accuracy"] <= 1
+
+
+def test_an_edit_applied_streamed_equals_the_loaded_application(tmp_path, monkeypatch):
+    """`apply_patch` with `config: {stream: true}` streams, and writes the folder the loaded path
+    writes."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lfm.core.io import model_files
+    from lfm.edit import common, stream
+
+    streamed = []
+    real = stream.stream_apply
+    monkeypatch.setattr(stream, "stream_apply", lambda *a: streamed.append(a[2]) or real(*a))
+
+    lm = common.smoke_model("llama", 0)
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    request = {"prompt": "The city of the Eiffel Tower", "subject": "Eiffel Tower",
+               "target": "Rome"}  # fmt: skip
+    spec = {"name": "edits", "steps": [
+        {"name": "edit", "run": "edit/ft_l", "model": str(tmp_path / "m"), "requests": [request],
+         "config": {"steps": 2}},
+        {"name": "loaded", "run": "apply_patch", "model": str(tmp_path / "m"), "patch": "edit"},
+        {"name": "streamed", "run": "apply_patch", "model": str(tmp_path / "m"), "patch": "edit",
+         "config": {"stream": True}},
+    ]}  # fmt: skip
+    res = run_pipeline(S.parse(spec), tmp_path / "runs", log=_quiet)
+    folders = {s.name: Path(s.artifact.path) for s in res.steps[1:] if s.artifact is not None}
+    weights = {k: {n: t for f in model_files(p) for n, t in load_file(f).items()}
+               for k, p in folders.items()}  # fmt: skip
+    base = {n: t for f in model_files(tmp_path / "m") for n, t in load_file(f).items()}
+    assert weights["loaded"].keys() == weights["streamed"].keys() == base.keys()
+    assert all(torch.equal(t, weights["streamed"][n]) for n, t in weights["loaded"].items())
+    assert any(not torch.equal(t, base[n]) for n, t in weights["streamed"].items())
+    (out,) = streamed  # one step streamed: the one that asked, into its run directory
+    assert folders["streamed"].parent.parent in Path(out).parents
+    bad = dict(spec, steps=[*spec["steps"][:2], dict(spec["steps"][2], config={"stram": True})])
+    with pytest.raises(LfmError, match=r"config\.stram: Extra inputs are not permitted"):
+        run_pipeline(S.parse(bad), tmp_path / "runs2", log=_quiet)

@@ -397,14 +397,21 @@ def _editor(spec: registry.MethodSpec) -> Kind:
                 check=lambda s: _method_config(spec, s) + _check_requests(s))  # fmt: skip
 
 
+class ApplyPatchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    stream: bool = False  # never load the model: tensor by tensor (`patch-apply --stream`)
+
+
 def _apply_patch(ctx: Context) -> str:
     from lfm.edit.recipes import patch_apply
 
-    patch_apply(ctx.one("model").path, ctx.one("patch").path, ctx.out / "model")
+    cfg = ApplyPatchConfig.model_validate(ctx.step.config)
+    patch_apply(ctx.one("model").path, ctx.one("patch").path, ctx.out / "model", stream=cfg.stream)
     return "model"
 
 
-_step(Kind("apply_patch", {"model": ("lm",), "patch": ("patch",)}, "lm", _apply_patch))
+_step(Kind("apply_patch", {"model": ("lm",), "patch": ("patch",)}, "lm", _apply_patch,
+           check=lambda s: _config(ApplyPatchConfig, s), extra=("config",)))  # fmt: skip
 
 
 def _evaluate_classification(ctx: Context) -> str:
