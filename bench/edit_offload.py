@@ -95,8 +95,10 @@ def model_folder(name: str, dtype: str, stack: int = 1) -> Path:
         model.to(getattr(torch, dtype)).save_pretrained(folder)
         handle.tokenizer.save_pretrained(folder)
 
-    key = f"{name}-{dtype}" + (f"-x{stack}" if stack > 1 else "")
-    return cache.get("bench-offload", key, {"model": name, "dtype": dtype, "stack": stack}, build)
+    key, params = f"{name}-{dtype}", {"model": name, "dtype": dtype}
+    if stack > 1:
+        key, params = f"{key}-x{stack}", {**params, "stack": stack}
+    return cache.get("bench-offload", key, params, build)
 
 
 def measured(cmd: list[str], cgroup: Path | None = None) -> dict[str, float]:
