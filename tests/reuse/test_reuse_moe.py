@@ -332,3 +332,37 @@ def test_train_rows_weigh_each_expert_equally():
     torch.testing.assert_close(got, rows.detach(), atol=1e-6, rtol=0)
     assert (got - init).abs().min() > 0.01  # every entry moved
     assert torch.equal(moe.train_rows(init, pos, steps=0, lr=0.05), init)
+
+
+def test_in_memory_refusals_are_one_line_config_errors(lms):
+    from lfm.errors import ConfigError
+
+    base, tok, experts = lms
+    with pytest.raises(ConfigError, match=r"^give the base as a LocalModel: its tokenizer"):
+        moe.moe_upcycle(base, experts, PROMPTS)
+    with pytest.raises(ConfigError, match=r"^1 prompt lists for 2 experts; give one per expert$"):
+        moe.moe_upcycle(LocalModel(base, tok), experts, PROMPTS[:1])
+    for mode in ("hidden", "train"):
+        with pytest.raises(
+            ConfigError, match=rf"^gate_mode {mode} needs positive prompts for every"
+        ):
+            registry.run("reuse/moe_upcycle", LocalModel(base, tok), experts, [PROMPTS[0], []],
+                         cfg={"gate_mode": mode})  # fmt: skip
+    h = registry.run("reuse/moe_upcycle", LocalModel(base, tok), experts, [[], []],
+                     cfg={"gate_mode": "random"})  # fmt: skip
+    assert h.name == "moe" and h.tokenizer is tok  # random gates need no prompts
+
+
+def test_in_memory_dtype_and_experts_given_as_state_dicts(lms):
+    base, tok, experts = lms
+    default = _upcycle(lms, gate_mode="random").model
+    assert {p.dtype for p in default.parameters()} == {torch.float32}  # the base's
+    half = _upcycle(lms, gate_mode="random", dtype="bfloat16").model
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert half.config.dtype == torch.bfloat16
+    for name, p in default.state_dict().items():
+        assert torch.equal(half.state_dict()[name], p.to(torch.bfloat16)), name
+    # state dicts carry no config: they are checked against the base's, and give the same MoE
+    sds = registry.run("reuse/moe_upcycle", LocalModel(base, tok), [e.state_dict() for e in experts],
+                       PROMPTS, cfg={"gate_mode": "random"}).model  # fmt: skip
+    assert all(torch.equal(t, default.state_dict()[n]) for n, t in sds.state_dict().items())

@@ -271,3 +271,45 @@ def test_train_routers_sums_each_tasks_head_entropy_and_cycles_its_batches():
     assert got == pytest.approx(want, abs=1e-5)
     assert len(set(round(v, 6) for v in got)) == 5  # every step scored other batches
     assert seen == list(enumerate(got))
+
+
+def test_linear_in_params_knows_gpt2s_conv1d_and_refuses_other_leaves():
+    from transformers.pytorch_utils import Conv1D
+
+    from lfm.reuse.wemoe import linear_in_params
+
+    assert linear_in_params(nn.Sequential(Conv1D(8, 4), nn.GELU(), Conv1D(4, 8)))
+    assert linear_in_params(nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 4)))
+    # a parameter inside a non-linearity
+    assert not linear_in_params(nn.Sequential(nn.Linear(4, 8), nn.PReLU()))
+
+
+def test_each_upscaled_module_gets_its_own_seeded_router():
+    """Module i's router is `router(width, K, λ, layers, seed + i)`, weights and all."""
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    cfg = WEMoEConfig(modules="fc1|fc2", seed=7)
+    model = upscale(base, base.state_dict(), [e.state_dict() for e in experts], cfg)
+    for i, (name, m) in enumerate(moe_modules(model).items()):
+        want = router(input_width(getattr(base, name), name), 2, cfg.init, cfg.router_layers, 7 + i)
+        got = m.router.state_dict()
+        assert all(torch.equal(t, got[k]) for k, t in want.state_dict().items()), name
+    a, b = (m.router[0].weight for m in moe_modules(model).values())
+    assert a.shape != b.shape or not torch.equal(a, b)
+
+
+def test_wemoe_trains_on_each_tasks_head_and_names_itself_in_errors():
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    data = [[torch.randn(8, 8, generator=gen)] for _ in range(2)]
+    heads = [lambda z: z[:, :2], lambda z: 3 * z]
+    cfg = {"modules": "fc2", "steps": 1}
+    res = registry.run("reuse/wemoe", base, experts, base, data, cfg=cfg, heads=heads)
+    start = upscale(base, base.state_dict(), [e.state_dict() for e in experts],
+                    WEMoEConfig(**cfg))  # fmt: skip
+    with torch.no_grad():
+        want = sum(entropy(h(start(x[0]))).item() for h, x in zip(heads, data, strict=True))
+    assert res.entropy == [pytest.approx(want, abs=1e-5)]  # the first step's, through the heads
+    from lfm.errors import LfmError
+
+    with pytest.raises(LfmError, match=r"^reuse/wemoe needs a model in memory, not str"):
+        registry.run("reuse/wemoe", "no-model", experts, base, data, cfg=cfg)
