@@ -148,9 +148,12 @@ def train_mend(
 
 
 def _return_freed_memory() -> None:
-    """With --offload the blocks read from disk come and go: glibc maps every block over 1 MiB
-    (M_MMAP_THRESHOLD) and unmaps it when freed, instead of keeping it in its heap."""
-    mallopt({-3: 1 << 20})
+    """With --offload the blocks read from disk come and go: glibc maps every allocation over
+    64 KiB (M_MMAP_THRESHOLD) and unmaps it when freed, instead of keeping it in its heap, where
+    the weights of each block and the inputs autograd keeps at each block's boundary fragment it
+    (with 1 MiB, a 120-block model's peak grew by 335 MiB in one pass of 16 prompts, 52 MiB with
+    64 KiB)."""
+    mallopt({-3: 64 << 10})
 
 
 def _handle(url: str | None, model: str, key: str | None) -> Any:
