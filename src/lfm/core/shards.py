@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor
 
 from lfm.errors import LfmError
@@ -182,7 +183,7 @@ class ShardWriter:
         self._raise_error()
         self._close_file()
         if next(self._order, None) is not None:
-            raise ShardError("the merge ended before every tensor was written")
+            raise ShardError("the writing ended before every tensor was written")
         if len(self.shards) > 1:
             wmap = {e.name: self.names[i] for i, shard in enumerate(self.shards) for e in shard}
             index = {"metadata": {"total_size": self.total}, "weight_map": wmap}
@@ -195,6 +196,14 @@ class ShardWriter:
     def __exit__(self, *exc: object) -> None:
         self._stop()
         self._close_file()
+
+
+def read_tensor(file: Path, key: str) -> Tensor:
+    """One tensor of a safetensors file. The file is opened for each read: a handle kept open
+    maps the whole file, and every page touched stays resident, so memory would grow to the size
+    of the model."""
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(key)
 
 
 def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> None:

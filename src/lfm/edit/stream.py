@@ -27,6 +27,7 @@ from lfm.core.shards import (
     Entry,
     ShardWriter,
     copy_side_files,
+    read_tensor,
     write_config_dtype,
 )
 from lfm.edit import progress
@@ -62,7 +63,7 @@ def stream_apply(
     keys = {m: _key(m, where, skeleton, patch) for m in patch.modules}
 
     def read(module: str) -> torch.Tensor:
-        return _read(where[keys[module]][0], keys[module]).to(dtype)
+        return read_tensor(where[keys[module]][0], keys[module]).to(dtype)
 
     patch.check_base(fingerprint_of(model_type(skeleton), patch.modules, read))
     deltas = {keys[d.module]: d for d in patch.deltas}
@@ -75,7 +76,7 @@ def stream_apply(
             progress.bar(total=writer.total, unit="B", unit_scale=True, desc="patch-apply") as bar,
         ):
             for e in entries:
-                t = _read(where[e.name][0], e.name).to(e.dtype)
+                t = read_tensor(where[e.name][0], e.name).to(e.dtype)
                 if nonfinite(t):
                     raise LfmError(
                         f"{folder}: the weight {e.name} holds NaN or infinity; the model is damaged"
@@ -119,9 +120,3 @@ def _key(module: str, where: Collection[str], skeleton: nn.Module, patch: Patch)
         if key in where:
             return key
     raise patch.lacking(module)
-
-
-def _read(file: Path, key: str) -> torch.Tensor:
-    # one open per tensor: a handle kept open maps the file, and the pages read stay resident
-    with safe_open(str(file), framework="pt") as h:
-        return h.get_tensor(key)

@@ -37,6 +37,7 @@ from lfm.core.shards import (
     Entry,
     ShardWriter,
     copy_side_files,
+    read_tensor,
     write_config_dtype,
 )
 from lfm.reuse.driver import (
@@ -130,10 +131,7 @@ class SafetensorsReader:
         return self._meta[name]
 
     def get(self, name: str) -> Tensor:
-        # Open the file for each read: a handle kept open maps the whole file, and every page
-        # touched stays resident, so memory would grow to the size of the model.
-        with safe_open(str(self.files[name]), framework="pt") as f:
-            return f.get_tensor(name)
+        return read_tensor(self.files[name], name)
 
 
 def _is_tied(path: Path) -> bool:
