@@ -278,7 +278,7 @@ def patch_apply(
         False,
         "--stream",
         help="never load the model: read and write its safetensors one tensor at a time (a "
-        "model larger than memory); the same folder",
+        "model larger than memory); the same weights",
     ),
     root: Path = Root,
     threads: Threads = 2,
