@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -209,7 +211,8 @@ def _refused(plan_path, root, tmp_path, monkeypatch, match):
         ({"experts": [{"source_model": "a", "positive_prompts": ["x"]},
                       {"source_model": "wide", "positive_prompts": ["y"]}]},
          "expert 1 has intermediate_size 48, the base 64"),
-        ({"base_model": "gpt2"}, "'gpt2' model; MoE upcycling builds Mixtral from llama or mistral"),
+        ({"base_model": "gpt2"},
+         "^base_model is a 'gpt2' model; MoE upcycling builds Mixtral from llama or mistral"),
         ({"experts": [{"source_model": "a", "positive_prompts": [" "]}]}, "a prompt is empty"),
         ({"experts": [{"source_model": "a"}]}, "expert 0 has no positive_prompts"),
         ({"experts_per_token": 3}, "experts_per_token is 3 but there are only 2 experts"),
@@ -313,18 +316,18 @@ def test_train_rows_weigh_each_expert_equally():
     import torch.nn.functional as F
 
     g = torch.Generator().manual_seed(0)
-    init = torch.randn(2, 2, 3, generator=g)
+    init = torch.randn(3, 2, 3, generator=g)  # 3 layers, 2 experts, d = 3
     # expert 0: one prompt of 2 tokens; expert 1: two prompts, 9 tokens (per layer, (tokens, d))
-    pos = [[[torch.randn(2, 3, generator=g)] for _ in range(2)],
-           [[torch.randn(6, 3, generator=g), torch.randn(3, 3, generator=g)] for _ in range(2)]]  # fmt: skip
+    pos = [[[torch.randn(2, 3, generator=g)] for _ in range(3)],
+           [[torch.randn(6, 3, generator=g), torch.randn(3, 3, generator=g)] for _ in range(3)]]  # fmt: skip
     rows = init.clone().requires_grad_(True)
     opt = torch.optim.Adam([rows], lr=0.05)
     for _ in range(5):
         loss = sum(
             F.cross_entropy(torch.cat(p[layer]) @ rows[layer].T,
                             torch.full((len(torch.cat(p[layer])),), e)) / 2
-            for layer in range(2) for e, p in enumerate(pos)
-        ) / 2  # fmt: skip
+            for layer in range(3) for e, p in enumerate(pos)
+        ) / 3  # fmt: skip
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -366,3 +369,260 @@ def test_in_memory_dtype_and_experts_given_as_state_dicts(lms):
     sds = registry.run("reuse/moe_upcycle", LocalModel(base, tok), [e.state_dict() for e in experts],
                        PROMPTS, cfg={"gate_mode": "random"}).model  # fmt: skip
     assert all(torch.equal(t, default.state_dict()[n]) for n, t in sds.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# The folder: shared parts, the head, the record, the dtype, an existing folder.
+
+
+@pytest.fixture(scope="module")
+def more(lms, tmp_path_factory):
+    """Folders beside the tiny base: an untied base and two experts whose attention moved (the
+    base folder also holds a file of its own and a conversion record); a tied base that stores
+    its head (as many checkpoints do); an expert holding only its MLP weights; an expert whose
+    config.json is damaged."""
+    from safetensors.torch import save_file
+
+    base, tok, experts = lms
+    root = tmp_path_factory.mktemp("moe-more")
+    cfg = copy.deepcopy(base.config)
+    cfg.tie_word_embeddings = False
+    torch.manual_seed(7)
+    untied = type(base)(cfg)
+    assert not torch.equal(untied.lm_head.weight, untied.model.embed_tokens.weight)
+    for name, m in [("ubase", untied), ("ua", _expert(untied, 11, attention=True)),
+                    ("ub", _expert(untied, 12, attention=True))]:  # fmt: skip
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "ubase" / "notes.txt").write_text("the base's own notes\n")
+    (root / "ubase" / "lfm-source.json").write_text('{"from": "a gguf file"}\n')
+    (root / "tiedhead").mkdir()
+    base.config.save_pretrained(root / "tiedhead")
+    tok.save_pretrained(root / "tiedhead")
+    stored = {k: v.clone() for k, v in base.state_dict().items()}
+    stored["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old checkpoints'
+    save_file(stored, root / "tiedhead" / "model.safetensors")
+    for name, keep in [("mlponly", lambda k: ".mlp." in k), ("broken", lambda k: True),
+                       ("nomlp", lambda k: k != "model.layers.1.mlp.down_proj.weight"),
+                       ("badshape", lambda k: True)]:  # fmt: skip
+        (root / name).mkdir()
+        base.config.save_pretrained(root / name)
+        sd = {k: v.clone() for k, v in experts[1].state_dict().items() if keep(k)}
+        save_file(sd, root / name / "model.safetensors")
+    (root / "broken" / "config.json").write_text("{not json")
+    sd = {k: v.clone() for k, v in experts[1].state_dict().items()}
+    sd["model.layers.0.mlp.up_proj.weight"] = torch.zeros(
+        63, sd["model.layers.0.mlp.up_proj.weight"].shape[1]
+    )
+    save_file(sd, root / "badshape" / "model.safetensors")
+    return root
+
+
+def _untied_plan(tmp_path, **changes):
+    return _plan(tmp_path, **{"base_model": "ubase", "gate_mode": "random",
+                              "experts": [{"source_model": "ua"}, {"source_model": "ub"}],
+                              **changes})  # fmt: skip
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("shared", ["base", "average"])
+def test_folder_takes_shared_parts_and_an_untied_head_as_planned(more, tmp_path, shared):
+    from safetensors.torch import load_file
+
+    done = upcycle_folder(MoePlan.load(_untied_plan(tmp_path, shared=shared)), tmp_path / "moe",
+                          root=more, progress=False)  # fmt: skip
+    got = _weights(done.out)
+    base, a, b = (load_file(more / n / "model.safetensors") for n in ("ubase", "ua", "ub"))
+    for name in ["model.layers.1.self_attn.q_proj.weight", "lm_head.weight"]:
+        want = base[name] if shared == "base" else (a[name] + b[name]) / 2
+        torch.testing.assert_close(got[name], want, atol=1e-7, rtol=0)
+    assert not torch.equal(a["model.layers.1.self_attn.q_proj.weight"],
+                           base["model.layers.1.self_attn.q_proj.weight"])  # fmt: skip
+    for e, src in enumerate((a, b)):  # each expert's MLP is its own, whatever is shared
+        assert torch.equal(got[moe.expert_name(1, e, "down_proj")],
+                           src["model.layers.1.mlp.down_proj.weight"])  # fmt: skip
+
+
+def test_folder_keeps_the_bases_side_files_and_records_the_plan(more, tmp_path):
+    import json
+
+    plan = MoePlan.load(_untied_plan(tmp_path))
+    done = upcycle_folder(plan, tmp_path / "moe", root=more, progress=False)
+    assert done.folders == [more / "ubase", more / "ua", more / "ub"]
+    assert (done.out / "notes.txt").read_text() == "the base's own notes\n"
+    assert not (done.out / "lfm-source.json").exists()  # the base's record, not the MoE's
+    record = json.loads((done.out / "lfm_moe.json").read_text())
+    assert record == {"plan": plan.to_dict(), "folders": [str(f) for f in done.folders]}
+
+
+def test_a_stored_tied_head_is_left_to_the_loader(more, lms, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    done = upcycle_folder(MoePlan.load(_plan(tmp_path, base_model="tiedhead", gate_mode="random",
+                                             experts=[{"source_model": "mlponly"}])),
+                          tmp_path / "moe", root=more, progress=False)  # fmt: skip
+    got = _weights(done.out)
+    assert "lm_head.weight" not in got and not any("inv_freq" in k for k in got)
+    assert moe.expert_name(1, 0, "down_proj") in got  # the names after the head were read
+    net = AutoModelForCausalLM.from_pretrained(done.out)
+    assert torch.equal(net.lm_head.weight, lms[0].model.embed_tokens.weight)
+
+
+def test_folder_dtype_is_the_plans(more, tmp_path):
+    import json
+
+    done = upcycle_folder(MoePlan.load(_untied_plan(tmp_path, dtype="bfloat16")), tmp_path / "moe",
+                          root=more, progress=False)  # fmt: skip
+    got = _weights(done.out)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert json.loads((done.out / "config.json").read_text())["dtype"] == "bfloat16"
+    same = upcycle_folder(MoePlan.load(_untied_plan(tmp_path)), tmp_path / "f32", root=more,
+                          progress=False)  # fmt: skip
+    assert {t.dtype for t in _weights(same.out).values()} == {torch.float32}  # the base's
+    assert json.loads((same.out / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_an_existing_folder_is_kept_unless_overwrite(more, tmp_path):
+    out = tmp_path / "moe"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    plan = MoePlan.load(_untied_plan(tmp_path))
+    with pytest.raises(LfmError, match=r"moe exists; choose another folder or overwrite it$"):
+        upcycle_folder(plan, out, root=more, progress=False)
+    assert (out / "old.txt").is_file()
+    upcycle_folder(plan, out, root=more, progress=False, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_an_expert_with_only_its_mlp_serves_when_the_base_gives_the_rest(more, folders, tmp_path,
+                                                                         monkeypatch):  # fmt: skip
+    experts = [{"source_model": str(folders / "a")}, {"source_model": "mlponly"}]
+    done = upcycle_folder(MoePlan.load(_plan(tmp_path, base_model=str(folders / "base"),
+                                             gate_mode="random", experts=experts)),
+                          tmp_path / "moe", root=more, progress=False)  # fmt: skip
+    assert moe.expert_name(0, 1, "up_proj") in _weights(done.out)
+    _refused(_plan(tmp_path, base_model=str(folders / "base"), gate_mode="random",
+                   experts=experts, shared="average"),
+             more, tmp_path, monkeypatch, r"^expert 1 has no tensor model\.")  # fmt: skip
+
+
+def test_a_damaged_expert_config_is_named(more, folders, tmp_path, monkeypatch):
+    experts = [{"source_model": str(folders / "a")}, {"source_model": "broken"}]
+    _refused(_plan(tmp_path, base_model=str(folders / "base"), gate_mode="random",
+                   experts=experts), more, tmp_path, monkeypatch,
+             r"^expert 1: cannot read .*broken/config\.json")  # fmt: skip
+
+
+def test_in_memory_an_expert_of_other_sizes_or_missing_shared_parts_is_refused(lms):
+    from lfm.reuse.driver import MissingTensorError, ShapeMismatchError
+
+    base, tok, experts = lms
+    wide, _ = tiny_lm("llama", 5)
+    wide.config.intermediate_size = 48
+    with pytest.raises(
+        ShapeMismatchError, match=r"^expert 1 has intermediate_size 48, the base 64"
+    ):
+        moe.moe_upcycle(LocalModel(base, tok), [experts[0], type(wide)(wide.config)], PROMPTS,
+                        moe.MoeUpcycleConfig(gate_mode="random"))  # fmt: skip
+    with pytest.raises(
+        ShapeMismatchError, match=r"^expert 0 has intermediate_size 48, the base 64"
+    ):
+        moe.moe_upcycle(
+            LocalModel(base, tok),
+            [LocalModel(type(wide)(wide.config), tok)],
+            [[]],
+            moe.MoeUpcycleConfig(gate_mode="random"),
+        )  # a handle: its module's config
+    mlp_only = [{k: v for k, v in e.state_dict().items() if ".mlp." in k} for e in experts]
+    h = registry.run("reuse/moe_upcycle", LocalModel(base, tok), mlp_only, PROMPTS,
+                     cfg={"gate_mode": "random"})  # fmt: skip
+    want = _upcycle(lms, gate_mode="random").model.state_dict()
+    assert all(torch.equal(t, want[n]) for n, t in h.model.state_dict().items())
+    with pytest.raises(MissingTensorError, match=r"^expert 0 has no tensor model\."):
+        registry.run("reuse/moe_upcycle", LocalModel(base, tok), mlp_only, PROMPTS,
+                     cfg={"gate_mode": "random", "shared": "average"})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "expert, match",
+    [
+        ("nomlp", r"^expert 1 has no tensor model\.layers\.1\.mlp\.down_proj\.weight$"),
+        ("badshape", r"^expert 1: model\.layers\.0\.mlp\.up_proj\.weight is \[63, 32\], "
+                     r"the base's \[64, 32\]$"),
+    ],
+)  # fmt: skip
+def test_an_experts_missing_or_misshapen_mlp_is_refused_before_any_read(more, folders, tmp_path,
+                                                                      monkeypatch, expert, match):  # fmt: skip
+    for shared in ("base", "average"):
+        _refused(_plan(tmp_path, base_model=str(folders / "base"), gate_mode="random",
+                       shared=shared,
+                       experts=[{"source_model": str(folders / "a")}, {"source_model": expert}]),
+                 more, tmp_path, monkeypatch, match)  # fmt: skip
+
+
+def test_a_mistral_base_is_accepted_and_keeps_its_sliding_window():
+    from transformers import MistralConfig
+
+    base = MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                         sliding_window=16)  # fmt: skip
+    moe.check_configs(base, [copy.deepcopy(base)], ["the base", "expert 0"])
+    cfg = moe.mixtral_config(base, 3, 1, torch.float32)
+    assert (cfg.sliding_window, cfg.num_local_experts, cfg.num_experts_per_tok) == (16, 3, 1)
+    assert set(cfg.to_dict()) <= set(type(cfg)().to_dict()) | {"dtype"}  # no foreign field
+    assert moe.top_k(moe.MoeUpcycleConfig(), 3) == 2 and moe.top_k(moe.MoeUpcycleConfig(), 1) == 1
+
+
+def test_plan_models_are_folders_or_causal_lm_assets(folders, tmp_path, monkeypatch):
+    from lfm.assets.models import MODELS
+    from lfm.errors import ConfigError
+
+    encoder = next(n for n, m in MODELS.items() if m.kind != "causal-lm")
+    with pytest.raises(
+        ConfigError, match=rf"^base_model: {encoder} is a .* model, not a causal LM$"
+    ):
+        moe.model_folder(encoder, tmp_path, "base_model")
+    gguf = next(n for n, m in MODELS.items() if m.kind == "causal-lm")
+    info = MODELS[gguf]
+    monkeypatch.setitem(MODELS, gguf, dataclasses.replace(info, locate=lambda: tmp_path / "m.gguf"))
+    monkeypatch.setattr("lfm.assets.models.convert_gguf", lambda path: ("converted", path))
+    assert moe.model_folder(gguf, tmp_path, "x") == ("converted", tmp_path / "m.gguf")
+    monkeypatch.setitem(MODELS, gguf, dataclasses.replace(info, locate=lambda: tmp_path / "folder"))
+    assert moe.model_folder(gguf, tmp_path, "x") == tmp_path / "folder"
+    (tmp_path / "cfgonly").mkdir()
+    (tmp_path / "cfgonly" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"^x: cfgonly is neither a model folder") as err:
+        moe.model_folder("cfgonly", tmp_path, "x")
+    assert gguf in str(err.value) and encoder not in str(err.value)  # the causal LMs it knows
+    monkeypatch.chdir(folders)  # a relative name not under the plan's folder: the working folder's
+    assert moe.model_folder("base", tmp_path, "x") == Path("base")
+    assert moe.model_folder("base", folders, "x") == folders / "base"
+
+
+def test_on_disk_routers_use_the_negative_prompts_and_random_ones_load_no_model(lms, folders,
+                                                                              tmp_path, monkeypatch):  # fmt: skip
+    from safetensors.torch import load_file
+
+    neg = [["Kyoto is an old city."], ["The capital of Italy is Rome."]]
+    experts = [{"source_model": m, "positive_prompts": p, "negative_prompts": q}
+               for m, p, q in zip(("a", "b"), PROMPTS, neg, strict=True)]  # fmt: skip
+    done = upcycle_folder(MoePlan.load(_plan(tmp_path, experts=experts)), tmp_path / "moe",
+                          root=folders, progress=False)  # fmt: skip
+    base, tok, ex = lms
+    want = registry.run("reuse/moe_upcycle", LocalModel(base, tok), ex, PROMPTS, negative=neg).model
+    got = load_file(done.out / "model.safetensors")
+    for i in range(base.config.num_hidden_layers):
+        torch.testing.assert_close(got[moe.router_name(i)],
+                                   want.state_dict()[f"model.layers.{i}.mlp.gate.weight"])  # fmt: skip
+
+    def no_load(*_a, **_k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("lfm.assets.models.load_model", no_load)
+    upcycle_folder(MoePlan.load(_plan(tmp_path, gate_mode="random")), tmp_path / "rnd",
+                   root=folders, progress=False)  # fmt: skip

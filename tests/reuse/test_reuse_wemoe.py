@@ -17,10 +17,12 @@ from lfm.errors import ConfigError
 from lfm.reuse.wemoe import (
     WeightEnsemblingMoE,
     WEMoEConfig,
+    _selected,
     entropy,
     input_width,
     moe_modules,
     router,
+    tokens,
     train_routers,
     upscale,
 )
@@ -208,10 +210,30 @@ def test_upscales_the_mlps_of_a_language_model_by_default():
     sds = [e.state_dict() for e in experts]
     model = upscale(base, base.state_dict(), sds, WEMoEConfig())
     assert list(moe_modules(model)) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for i in range(2):  # in place of the MLPs, where the forward pass goes
+        assert isinstance(model.model.layers[i].mlp, WeightEnsemblingMoE)
     ids = torch.tensor([[0, 5, 9, 12], [0, 7, 7, 3]])
     with torch.no_grad():
         out = model(ids).logits
+        ta = copy.deepcopy(base)
+        ta.load_state_dict(_task_arithmetic(base.state_dict(), sds, 0.3))
+        near = ta(ids).logits
+        for m in moe_modules(model).values():  # every coefficient 1.0 instead of λ = 0.3
+            m.router[-1].bias.fill_(1.0)
+        far = model(ids).logits
     assert out.shape == (2, 4, base.config.vocab_size) and torch.isfinite(out).all()
+    assert (out - near).abs().max() < 0.1 * (far - near).abs().max()  # the routers act
+
+
+def test_tokens_of_an_image_are_its_pixels_and_matches_outermost_only():
+    x = torch.randn(2, 3, 4, 5)
+    assert torch.equal(tokens(x), x.permute(0, 2, 3, 1).reshape(2, 20, 3))
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)), nn.Linear(4, 2))
+    assert _selected(net, r"0(\.[02])?") == ["0"]
+    assert _selected(net, r"0\.[02]|1") == ["0.0", "0.2", "1"]
+    assert torch.equal(router(5, 3, 0.3).state_dict()["2.weight"],
+                       router(5, 3, 0.3, 2, 0).state_dict()["2.weight"])  # fmt: skip
+    assert len([m for m in router(5, 3, 0.3) if isinstance(m, nn.Linear)]) == 2
 
 
 def test_entropy_by_hand_is_per_row_then_averaged():
