@@ -188,3 +188,25 @@ def test_what_cannot_be_offloaded_is_one_line(folder, tmp_path, model, message):
     with pytest.raises(AssetError, match=message) as e:
         load_offloaded(name, [0], tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_blocks_on_disk_are_read_by_offset_one_read_a_weight(folder, tmp_path, monkeypatch):
+    """The hooks read a weight on disk with one positioned read (`read_tensor`), not a
+    `safe_open` of the whole file, and get the whole model's values."""
+    import accelerate.utils.offload
+
+    from lfm.core import shards
+
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        want = load_model(folder).model(ids).logits
+    handle = load_offloaded(folder, [0], tmp_path / "off")
+    reads = []
+    real = shards.read_tensor
+    monkeypatch.setattr(shards, "read_tensor", lambda f, k: reads.append(k) or real(f, k))
+    monkeypatch.setattr(accelerate.utils.offload, "safe_open", None)  # its own reads would fail
+    with torch.no_grad():
+        got = handle.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    on_disk = {n for n, p in handle.model.named_parameters() if p.is_meta}
+    assert sorted(reads) == sorted(on_disk)  # each weight on disk read once, nothing else

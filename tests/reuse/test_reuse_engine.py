@@ -39,7 +39,10 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
 
 
 def _disk_sd(path: Path) -> dict[str, torch.Tensor]:
-    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}
+    """A folder's tensors as the engine reads them (`read_tensor`, memory of their own): a dot
+    product's last bits depend on where its inputs lie in memory (SLERP's cos Ω)."""
+    files = sorted(path.glob("*.safetensors"))
+    return {k: S.read_tensor(f, k) for f in files for k in load_file(f)}
 
 
 @pytest.mark.parametrize(

@@ -118,3 +118,50 @@ def test_reader_gives_header_dtypes(tmp_path):
     r = E.SafetensorsReader(tmp_path / "m.safetensors")
     assert {k: r.dtype(k) for k in ts} == {k: v.dtype for k, v in ts.items()}
     assert r.shape("e.scale") == () and r.shape("a.weight") == (8, 4)
+
+
+def test_stored_file_reads_each_tensor_as_safetensors_does(tmp_path, monkeypatch):
+    tensors = {
+        "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4), "u8": torch.arange(5).byte(),
+    }  # fmt: skip
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    want = load_file(path)
+    f = S.StoredFile(path)
+    for name, t in want.items():
+        got = f.read(name)
+        assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+        got.zero_() if got.dtype != torch.bool else got.fill_(False)  # memory of its own
+    assert torch.equal(S.read_tensor(path, "f32"), tensors["f32"])  # the file is unchanged
+    with pytest.raises(ShardError, match=r"m\.safetensors has no tensor nope$"):
+        f.read("nope")
+    # the header is parsed once per version of the file: a rewritten file is read anew
+    parsed = []
+    real = S.StoredFile.__init__
+    monkeypatch.setattr(S.StoredFile, "__init__", lambda self, p: parsed.append(p) or real(self, p))
+    S._stored.cache_clear()
+    for _ in range(3):
+        S.read_tensor(path, "bf16")
+    save_file({"f32": torch.ones(3, 5)}, path)
+    assert torch.equal(S.read_tensor(path, "f32"), torch.ones(3, 5)) and len(parsed) == 2
+
+
+def test_stored_file_refuses_a_damaged_file_in_one_line(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.randn(64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8])  # the last two floats lost
+    with pytest.raises(ShardError, match=r"is truncated: a has 248 of its 256 bytes$"):
+        S.StoredFile(path).read("a")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
+    with pytest.raises(ShardError, match=r"^cannot read .*bad\.safetensors as safetensors"):
+        S.StoredFile(tmp_path / "bad.safetensors")
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["a"]["shape"] = [65]
+    raw = json.dumps(header).encode()
+    (tmp_path / "lies.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    with pytest.raises(ShardError, match=r"a's header gives 256 bytes for 260$"):
+        S.StoredFile(tmp_path / "lies.safetensors").read("a")

@@ -248,6 +248,8 @@ def _load_folder(folder: Path, name: str, kind: str | None, at: Placement) -> Lo
         ) from None
     if not spread:  # a spread model stays where Accelerate put each part
         model = model.to(at.device)
+    else:  # the weights left on disk: one read each, not a map of the whole file
+        placement.read_offloaded_by_offset(model)
     return LocalModel(model.eval(), tok, name=name)
 
 

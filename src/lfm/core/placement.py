@@ -20,7 +20,7 @@ on the CPU in float32 and training uses an accelerator when present, without aut
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -222,6 +222,53 @@ def parameters_anywhere(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
                 yield full, stored[name]
             else:
                 raise LfmError(f"{full} is on the meta device and no offload hook holds it")
+
+
+class _ReadByOffset(Mapping[str, torch.Tensor]):
+    """Accelerate's map of offloaded weights, with the weights it reads from a model's
+    safetensors files read by `lfm.core.shards.StoredFile` (each file's header parsed once, one
+    positioned read a tensor) instead of a `safe_open` of the whole file for every tensor; then
+    cast and moved as Accelerate does. Everything else is the wrapped map's."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from lfm.core.shards import read_tensor
+
+        info = None if key in self.loader.state_dict else self.loader.index.get(key)
+        if not isinstance(info, dict) or info.get("safetensors_file") is None:
+            return self.loader[key]
+        t = read_tensor(info["safetensors_file"], info.get("weight_name", key))
+        if "dtype" in info:
+            t = t.to(getattr(torch, info["dtype"]))
+        device = torch.device("cpu" if self.loader.device is None else self.loader.device)
+        return t if t.device == device else t.to(device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def read_offloaded_by_offset(model: torch.nn.Module) -> int:
+    """Make the Accelerate hooks of a dispatched model read the weights they keep in the model's
+    safetensors files through `_ReadByOffset`; returns the number of hooks changed (0 when no
+    weight waits on disk)."""
+    from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+
+    wrapped: dict[int, _ReadByOffset] = {}
+    changed = 0
+    for module in model.modules():
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            stored = getattr(h, "weights_map", None)
+            loader = getattr(stored, "dataset", None)
+            if isinstance(stored, PrefixedDataset) and isinstance(loader, OffloadedWeightsLoader):
+                stored.dataset = wrapped.setdefault(id(loader), _ReadByOffset(loader))
+                changed += 1
+    return changed
 
 
 def dispatched(model: torch.nn.Module) -> bool:

@@ -5,8 +5,10 @@ patch application of the editing area (`lfm.edit.stream`)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import queue
 import shutil
 import struct
@@ -17,7 +19,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from lfm.errors import LfmError
@@ -198,12 +199,68 @@ class ShardWriter:
         self._close_file()
 
 
-def read_tensor(file: Path, key: str) -> Tensor:
-    """One tensor of a safetensors file. The file is opened for each read: a handle kept open
-    maps the whole file, and every page touched stays resident, so memory would grow to the size
-    of the model."""
-    with safe_open(str(file), framework="pt") as f:
-        return f.get_tensor(key)
+def read_tensor(file: str | Path, key: str) -> Tensor:
+    """One tensor of a safetensors file, as stored, in memory of its own (`StoredFile.read`; the
+    file's header is parsed once per version of the file: its path, size and modification time)."""
+    st = os.stat(file)
+    return _stored(str(file), st.st_size, st.st_mtime_ns).read(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _stored(path: str, size: int, mtime_ns: int) -> StoredFile:
+    return StoredFile(path)
+
+
+class StoredFile:
+    """One safetensors file whose tensors are read one at a time at the offsets of its header.
+
+    The header is parsed once; each `read` is one positioned read of that tensor's bytes into a
+    tensor of its own. `safe_open` instead parses the whole header and maps the whole file at
+    every opening, so reading every tensor of a file that way takes time in the number of
+    tensors squared, and a handle kept open keeps every page it touched resident.
+
+    Args:
+        path: a `.safetensors` file.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, struct.error, ValueError) as e:
+            raise ShardError(f"cannot read {self.path} as safetensors ({e})") from None
+        header.pop("__metadata__", None)
+        self.start = 8 + n  # where the tensors' bytes begin
+        self.entries: dict[str, dict[str, Any]] = header
+
+    def read(self, name: str) -> Tensor:
+        """The tensor `name`, as stored (its dtype and shape), on the CPU."""
+        e = self.entries.get(name)
+        if e is None:
+            raise ShardError(f"{self.path} has no tensor {name}")
+        begin, end = e["data_offsets"]
+        if e["dtype"] not in TORCH_DTYPES:
+            raise ShardError(f"{self.path}: {name} has dtype {e['dtype']}, which lfm cannot read")
+        out = torch.empty(e["shape"], dtype=TORCH_DTYPES[e["dtype"]])
+        if out.nbytes != end - begin:
+            raise ShardError(f"{self.path}: {name}'s header gives {end - begin} bytes for "
+                             f"{out.nbytes}")  # fmt: skip
+        view = out.reshape(-1).view(torch.uint8).numpy().data  # its bytes, writable
+        got = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.start + begin)
+            while got < len(view):  # one read returns at most ~2 GiB on Linux
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+        if got != out.nbytes:
+            raise ShardError(
+                f"{self.path} is truncated: {name} has {got} of its {out.nbytes} bytes"
+            )
+        return out
 
 
 def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
