@@ -206,7 +206,7 @@ def read_tensor(file: str | Path, key: str) -> Tensor:
     return _stored(str(file), st.st_size, st.st_mtime_ns).read(key)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=256)  # headers of up to 256 files (a large model has ~200 shards)
 def _stored(path: str, size: int, mtime_ns: int) -> StoredFile:
     return StoredFile(path)
 
