@@ -273,7 +273,10 @@ def test_configs_with_biases_or_other_sizes_are_refused(lms):
     for field in moe.SHAPE_FIELDS:  # a stand-in config: transformers' own check the field types
         other = SimpleNamespace(**{f: getattr(base, f) for f in moe.SHAPE_FIELDS})
         setattr(other, field, "other")
-        want = rf"^expert 1 has {field} 'other', the base {getattr(base, field)!r}: experts must"
+        want = (
+            rf"^expert 1 has {field} 'other', the base {getattr(base, field)!r}: experts must "
+            r"share the base's architecture$"
+        )
         with pytest.raises(moe.ShapeMismatchError, match=want):
             moe.check_configs(base, [base, other], names)
     moe.check_configs(base, [base, copy.deepcopy(base)], names)  # the same sizes pass
@@ -290,6 +293,9 @@ def test_mixtral_config_takes_the_bases_sizes_and_the_experts():
     assert (cfg.num_local_experts, cfg.num_experts_per_tok) == (3, 2)
     assert not cfg.output_router_logits and cfg.architectures == ["MixtralForCausalLM"]
     assert cfg.dtype == torch.bfloat16 and cfg.sliding_window is None
+    from transformers import MixtralConfig
+
+    assert set(cfg.to_dict()) <= set(MixtralConfig().to_dict()) | {"dtype"}  # no Llama-only field
     for f in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "vocab_size", "rms_norm_eps", "max_position_embeddings",
               "tie_word_embeddings"):  # fmt: skip
@@ -341,8 +347,17 @@ def test_in_memory_refusals_are_one_line_config_errors(lms):
     from lfm.errors import ConfigError
 
     base, tok, experts = lms
-    with pytest.raises(ConfigError, match=r"^give the base as a LocalModel: its tokenizer"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^give the base as a LocalModel: its tokenizer encodes the prompts and goes with "
+        r"the MoE$",
+    ):
         moe.moe_upcycle(base, experts, PROMPTS)
+    from lfm.access import narrow
+    from lfm.errors import AccessError
+
+    with pytest.raises(AccessError, match=r"^reuse/moe_upcycle needs WEIGHTS access, but"):
+        moe.moe_upcycle(narrow(LocalModel(base, tok), "text"), experts, PROMPTS)
     with pytest.raises(ConfigError, match=r"^1 prompt lists for 2 experts; give one per expert$"):
         moe.moe_upcycle(LocalModel(base, tok), experts, PROMPTS[:1])
     for mode in ("hidden", "train"):
@@ -626,3 +641,22 @@ def test_on_disk_routers_use_the_negative_prompts_and_random_ones_load_no_model(
     monkeypatch.setattr("lfm.assets.models.load_model", no_load)
     upcycle_folder(MoePlan.load(_plan(tmp_path, gate_mode="random")), tmp_path / "rnd",
                    root=folders, progress=False)  # fmt: skip
+
+
+def test_the_moes_config_is_the_bases_where_an_experts_differs(more, folders, tmp_path):
+    """An expert may differ from the base outside the sizes (here its RoPE base and context
+    length): the MoE's config takes the base's."""
+    import json
+    import shutil
+
+    shutil.copytree(folders / "a", tmp_path / "other")
+    cfg = json.loads((tmp_path / "other" / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4321
+    (tmp_path / "other" / "config.json").write_text(json.dumps(cfg))
+    experts = [{"source_model": str(tmp_path / "other")}, {"source_model": str(folders / "b")}]
+    done = upcycle_folder(MoePlan.load(_plan(tmp_path, base_model=str(folders / "base"),
+                                             gate_mode="random", experts=experts)),
+                          tmp_path / "moe", root=more, progress=False)  # fmt: skip
+    got = json.loads((done.out / "config.json").read_text())
+    base = json.loads((folders / "base" / "config.json").read_text())
+    assert got["max_position_embeddings"] == base["max_position_embeddings"] != 4321
