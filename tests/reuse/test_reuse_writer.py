@@ -155,9 +155,10 @@ def test_stored_file_refuses_a_damaged_file_in_one_line(tmp_path):
     path.write_bytes(data[:-8])  # the last two floats lost
     with pytest.raises(ShardError, match=r"is truncated: a has 248 of its 256 bytes$"):
         S.StoredFile(path).read("a")
-    (tmp_path / "bad.safetensors").write_bytes(b"\x05\x00")
-    with pytest.raises(ShardError, match=r"^cannot read .*bad\.safetensors as safetensors"):
-        S.StoredFile(tmp_path / "bad.safetensors")
+    for bad in (b"\x05\x00", b"\xff" * 64, struct.pack("<Q", 2) + b"[]"):
+        (tmp_path / "bad.safetensors").write_bytes(bad)
+        with pytest.raises(ShardError, match=r"^cannot read .*bad\.safetensors as safetensors"):
+            S.StoredFile(tmp_path / "bad.safetensors")
     n = struct.unpack("<Q", data[:8])[0]
     header = json.loads(data[8 : 8 + n])
     header["a"]["shape"] = [65]

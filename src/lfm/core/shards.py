@@ -228,7 +228,11 @@ class StoredFile:
         try:
             with open(self.path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > os.fstat(f.fileno()).st_size - 8:
+                    raise ValueError(f"a header of {n} bytes is longer than the file")
                 header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
         except (OSError, struct.error, ValueError) as e:
             raise ShardError(f"cannot read {self.path} as safetensors ({e})") from None
         header.pop("__metadata__", None)
