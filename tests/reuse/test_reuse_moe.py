@@ -314,6 +314,12 @@ def test_routing_accuracy_is_the_mean_over_experts_of_each_ones_share(lms, tmp_p
     assert routing_accuracy(h, prompts) == pytest.approx(0.5)
     assert routing_accuracy(h, prompts[::-1]) == pytest.approx(0.5)
     assert routing_accuracy(h, [prompts[0]]) == pytest.approx(1.0)
+    from lfm.errors import AccessError
+
+    with pytest.raises(
+        AccessError, match=r"^routing_accuracy needs a model in memory, not Ordered"
+    ):
+        routing_accuracy(h.model.state_dict(), prompts)
 
 
 def test_train_rows_weigh_each_expert_equally():
@@ -358,6 +364,18 @@ def test_in_memory_refusals_are_one_line_config_errors(lms):
 
     with pytest.raises(AccessError, match=r"^reuse/moe_upcycle needs WEIGHTS access, but"):
         moe.moe_upcycle(narrow(LocalModel(base, tok), "text"), experts, PROMPTS)
+    with pytest.raises(
+        AccessError, match=r"^reuse/moe_upcycle needs a model in memory, not OrderedDict$"
+    ):
+        moe.moe_upcycle(base.state_dict(), experts, PROMPTS)
+    cfg = copy.deepcopy(base.config)
+    cfg.attention_bias = True
+    biased = type(base)(cfg)
+    with pytest.raises(ConfigError, match=r"^the base has attention or MLP biases, which Mixtral"):
+        moe.moe_upcycle(LocalModel(biased, tok), [biased], [[]],
+                        moe.MoeUpcycleConfig(gate_mode="random"))  # fmt: skip
+    rows = moe._unit(torch.tensor([[0.3, 0.4], [0.0, 0.0], [6.0, 8.0]]))
+    torch.testing.assert_close(rows, torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.6, 0.8]]))
     with pytest.raises(ConfigError, match=r"^1 prompt lists for 2 experts; give one per expert$"):
         moe.moe_upcycle(LocalModel(base, tok), experts, PROMPTS[:1])
     for mode in ("hidden", "train"):
