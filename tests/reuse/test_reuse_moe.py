@@ -678,3 +678,22 @@ def test_the_moes_config_is_the_bases_where_an_experts_differs(more, folders, tm
     got = json.loads((done.out / "config.json").read_text())
     base = json.loads((folders / "base" / "config.json").read_text())
     assert got["max_position_embeddings"] == base["max_position_embeddings"] != 4321
+
+
+def test_a_folder_written_meanwhile_by_another_process_is_kept(folders, tmp_path, monkeypatch):
+    """Without `overwrite`, an output folder that appears while the MoE is written (a rival
+    process) is kept and the upcycle is refused in one line."""
+    out = tmp_path / "out"
+    real = moe.tensor_of
+
+    def rival(p, *a):
+        if not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("theirs")
+        return real(p, *a)
+
+    monkeypatch.setattr(moe, "tensor_of", rival)
+    with pytest.raises(LfmError, match=r"out was written by another process meanwhile; it is kept"):
+        upcycle_folder(MoePlan.load(_plan(folders, gate_mode="random")), out, root=folders,
+                       progress=False)  # fmt: skip
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
