@@ -374,8 +374,6 @@ def test_in_memory_refusals_are_one_line_config_errors(lms):
     with pytest.raises(ConfigError, match=r"^the base has attention or MLP biases, which Mixtral"):
         moe.moe_upcycle(LocalModel(biased, tok), [biased], [[]],
                         moe.MoeUpcycleConfig(gate_mode="random"))  # fmt: skip
-    rows = moe._unit(torch.tensor([[0.3, 0.4], [0.0, 0.0], [6.0, 8.0]]))
-    torch.testing.assert_close(rows, torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.6, 0.8]]))
     with pytest.raises(ConfigError, match=r"^1 prompt lists for 2 experts; give one per expert$"):
         moe.moe_upcycle(LocalModel(base, tok), experts, PROMPTS[:1])
     for mode in ("hidden", "train"):
@@ -697,3 +695,8 @@ def test_a_folder_written_meanwhile_by_another_process_is_kept(folders, tmp_path
         upcycle_folder(MoePlan.load(_plan(folders, gate_mode="random")), out, root=folders,
                        progress=False)  # fmt: skip
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+
+
+def test_router_rows_are_scaled_to_unit_length_whatever_their_length():
+    rows = moe._unit(torch.tensor([[0.3, 0.4], [0.0, 0.0], [6.0, 8.0]]))
+    torch.testing.assert_close(rows, torch.tensor([[0.6, 0.8], [0.0, 0.0], [0.6, 0.8]]))
