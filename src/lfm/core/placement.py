@@ -265,7 +265,11 @@ def read_offloaded_by_offset(model: torch.nn.Module) -> int:
         for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
             stored = getattr(h, "weights_map", None)
             loader = getattr(stored, "dataset", None)
-            if isinstance(stored, PrefixedDataset) and isinstance(loader, OffloadedWeightsLoader):
+            if (
+                isinstance(stored, PrefixedDataset)
+                and isinstance(loader, OffloadedWeightsLoader)
+                and all(hasattr(loader, a) for a in ("state_dict", "index", "device"))
+            ):  # else Accelerate's own reads are kept
                 stored.dataset = wrapped.setdefault(id(loader), _ReadByOffset(loader))
                 changed += 1
     return changed
