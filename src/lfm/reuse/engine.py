@@ -1,13 +1,14 @@
 """Streaming merge engine: safetensors in, sharded safetensors out, one tensor at a time.
 
 Inputs are Hugging Face folders (`model.safetensors`, or shards listed in
-`model.safetensors.index.json`) or single `.safetensors` files. Each tensor is read on demand with
-`safetensors.safe_open` and merged by the per-tensor driver (`driver.run_merge`, the same code as
-`merge_state_dicts`). The output layout (names, dtypes, shapes, shards of at most `max_shard_size`)
-is known from the template's headers before anything is merged, so each shard's safetensors header
-is written first and every merged tensor goes straight to its file: peak memory is a few tensors
-per input model, whatever the size of the model or of the shards. The output folder appears in one
-rename when everything is written (`atomic_path`).
+`model.safetensors.index.json`) or single `.safetensors` files. Each tensor is read on demand at
+its header's offset (`lfm.core.shards.read_tensor`) and merged by the per-tensor driver
+(`driver.run_merge`, the same code as `merge_state_dicts`). The output layout (names, dtypes,
+shapes, shards of at most `max_shard_size`) is known from the template's headers before anything
+is merged, so each shard's safetensors header is written first and every merged tensor goes
+straight to its file: peak memory is a few tensors per input model, whatever the size of the
+model or of the shards. The output folder appears in one rename when everything is written
+(`atomic_path`).
 
 Tensors are read on the CPU; `merge_models(..., device=...)` (the CLI's `--device`) runs each
 tensor's merge arithmetic there (`driver.merge_one`) and writes the result from the CPU.
