@@ -80,9 +80,12 @@ class BatchStatNorm2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         mean = x.mean((0, 2, 3), keepdim=True)  # (1, C, 1, 1)
-        var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+        centred = x - mean
+        # two passes, the centred values reused: torch's one-pass `var` (Welford) took 13× the
+        # time of `mean` on a (32, 5, 32, 28, 28) meta-batch, and its backward recentres
+        var = (centred * centred).mean((0, 2, 3), keepdim=True)
         scale = self.weight[:, None, None] * torch.rsqrt(var + self.eps)
-        return (x - mean) * scale + self.bias[:, None, None]
+        return centred * scale + self.bias[:, None, None]
 
 
 def conv_block(c_in: int, c_out: int, pool: bool, running: bool = False) -> nn.Sequential:
