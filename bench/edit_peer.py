@@ -97,8 +97,12 @@ def easyedit_wheel() -> str:
     found = sorted(folder.glob(f"easyeditor-{EASYEDIT}-*.whl"))
     if not found:
         pip = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(folder)]
-        subprocess.run([*pip, f"easyeditor=={EASYEDIT}"], check=True)
+        got = subprocess.run([*pip, f"easyeditor=={EASYEDIT}"], capture_output=True, text=True)
         found = sorted(folder.glob(f"easyeditor-{EASYEDIT}-*.whl"))
+        if got.returncode or not found:
+            why = (got.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise SystemExit(f"EasyEdit {EASYEDIT} could not be downloaded ({why}); "
+                             "give one with --easyedit-wheel")  # fmt: skip
     return str(found[0])
 
 
