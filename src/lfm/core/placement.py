@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from lfm.core import shards
 from lfm.errors import LfmError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -234,12 +235,10 @@ class _ReadByOffset(Mapping[str, torch.Tensor]):
         self.loader = loader
 
     def __getitem__(self, key: str) -> torch.Tensor:
-        from lfm.core.shards import read_tensor
-
         info = None if key in self.loader.state_dict else self.loader.index.get(key)
         if not isinstance(info, dict) or info.get("safetensors_file") is None:
             return self.loader[key]
-        t = read_tensor(info["safetensors_file"], info.get("weight_name", key))
+        t = shards.read_tensor(info["safetensors_file"], info.get("weight_name", key))
         if "dtype" in info:
             t = t.to(getattr(torch, info["dtype"]))
         device = torch.device("cpu" if self.loader.device is None else self.loader.device)

@@ -200,10 +200,15 @@ class ShardWriter:
 
 
 def read_tensor(file: str | Path, key: str) -> Tensor:
-    """One tensor of a safetensors file, as stored, in memory of its own (`StoredFile.read`; the
-    file's header is parsed once per version of the file: its path, size and modification time)."""
+    """One tensor of a safetensors file, as stored, in memory of its own (`StoredFile.read`)."""
+    return stored_file(file).read(key)
+
+
+def stored_file(file: str | Path) -> StoredFile:
+    """`file` as a `StoredFile`, its header parsed once per version of the file (its path, size
+    and modification time)."""
     st = os.stat(file)
-    return _stored(str(file), st.st_size, st.st_mtime_ns).read(key)
+    return _stored(str(file), st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=256)  # headers of up to 256 files (a large model has ~200 shards)

@@ -39,6 +39,7 @@ from lfm.core.shards import (
     ShardWriter,
     copy_side_files,
     read_tensor,
+    stored_file,
     write_config_dtype,
 )
 from lfm.reuse.driver import (
@@ -123,12 +124,10 @@ class SafetensorsReader:
         return TORCH_DTYPES[code]
 
     def _header(self, name: str) -> tuple[tuple[int, ...], str]:
-        if not self._meta:  # one pass over the headers of all files
+        if not self._meta:  # one pass over all headers, parsed once and kept for `get`
             for file in sorted(set(self.files.values())):
-                with safe_open(str(file), framework="pt") as f:
-                    for k in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
-                        sl = f.get_slice(k)
-                        self._meta[k] = (tuple(sl.get_shape()), sl.get_dtype())
+                for k, e in stored_file(file).entries.items():
+                    self._meta[k] = (tuple(e["shape"]), e["dtype"])
         return self._meta[name]
 
     def get(self, name: str) -> Tensor:
