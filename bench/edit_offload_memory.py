@@ -112,9 +112,15 @@ def child(folder: str) -> None:
     print(json.dumps({"blocks": blocks, "start": start, **peak, **held}))
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stack", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--stack", type=positive, nargs="+", default=[1, 4])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args()

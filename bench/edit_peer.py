@@ -65,8 +65,11 @@ EASYEDIT = "0.0.1.dev0"
 def load_easyedit_rome(wheel: str) -> types.ModuleType:
     """EasyEdit's `rome_main` module, read from the wheel (see the module docstring)."""
     root = Path(tempfile.mkdtemp(prefix="easyedit-")) / "site"
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(root)
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(root)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise SystemExit(f"cannot read {wheel} as a wheel ({e})") from None
     for name in PACKAGES:
         pkg = types.ModuleType(name)
         pkg.__path__ = [str(root / name.replace(".", "/"))]
@@ -184,6 +187,19 @@ class EasyEditSide:
         return restore, t
 
 
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def tens(text: str) -> int:
+    """EasyEdit generates n // 5 prefixes from each of 5 words, for each of two lengths."""
+    if not text.isdigit() or int(text) < 10 or int(text) % 10:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a multiple of 10 (EasyEdit ships 20)")
+    return int(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -193,12 +209,12 @@ def main() -> None:
         "$LFM_CACHE/peers, or /tmp/peers)",
     )
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--n", type=int, default=20, help="known facts edited by each")
+    p.add_argument("--n", type=positive, default=20, help="known facts edited by each")
     p.add_argument("--stats-tokens", type=int, default=100_000, help="lfm's token budget for C")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive, default=1)
     p.add_argument(
         "--easyedit-prefixes",
-        type=int,
+        type=tens,
         nargs="+",
         default=[20],
         help="EasyEdit runs with these numbers of generated prefixes (shipped: 20; lfm uses 10)",
