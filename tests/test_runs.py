@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 
 import pytest
 
@@ -89,15 +90,40 @@ def test_same_name_runs_get_distinct_folders(tmp_path):
 
 
 def test_file_hash_is_remembered_and_refreshed(tmp_path, monkeypatch):
+    from lfm.core import io
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(io, "MEMO_OVER", 0)  # remember even one-byte files
+    f, g = tmp_path / "f", tmp_path / "g"
+    f.write_bytes(b"a")
+    g.write_bytes(b"c")
+    assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
+    assert file_sha256(g) == hashlib.sha256(b"c").hexdigest()
+    index = tmp_path / "cache" / "hashes" / "sha256-index" / "index.json"
+    assert len(json.loads(index.read_text())) == 2  # the memo grows: both files are in it
+    reads = []
+    real = io.sha256_of
+    monkeypatch.setattr(io, "sha256_of", lambda p, c=1 << 22: reads.append(p) or real(p, c))
+    assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
+    assert file_sha256(g) == hashlib.sha256(b"c").hexdigest()
+    assert reads == []  # both answered from the memo, neither file read again
+    os.utime(g, ns=(1, 1))
+    f.write_bytes(b"bb")  # size changes, so the remembered hash must not be reused
+    assert file_sha256(f) == hashlib.sha256(b"bb").hexdigest()
+    assert reads == [f.resolve()]
+    keys = json.loads(index.read_text())
+    assert len(keys) == 1 and next(iter(keys)).startswith(str(f.resolve()))  # stale ones dropped
+    g.unlink()
+    write_json(tmp_path / "j.json", {"k": 1})
+    assert json.loads((tmp_path / "j.json").read_text()) == {"k": 1}
+
+
+def test_small_files_are_hashed_without_the_memo(tmp_path, monkeypatch):
     monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "f"
     f.write_bytes(b"a")
     assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
-    assert (tmp_path / "cache" / "hashes" / "sha256-index" / "index.json").exists()
-    f.write_bytes(b"bb")  # size changes, so the remembered hash must not be reused
-    assert file_sha256(f) == hashlib.sha256(b"bb").hexdigest()
-    write_json(tmp_path / "j.json", {"k": 1})
-    assert json.loads((tmp_path / "j.json").read_text()) == {"k": 1}
+    assert not (tmp_path / "cache" / "hashes").exists()
 
 
 def test_resuming_keeps_the_manifest_and_checks_the_config(tmp_path):

@@ -89,19 +89,42 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, remembered by (path, size, mtime) so that a file is hashed once.
 
     The memo is a cache entry (`lfm.core.cache`, kind `hashes`); a damaged one is rebuilt empty.
+    Files under `MEMO_OVER` bytes are hashed every time: that is quicker than the memo's write.
+    Each new hash is added to the memo as it is on disk then (another process may have added
+    its own since this one read it), and entries whose file has changed or gone are dropped.
     """
     path = Path(path).resolve()
     st = path.stat()
-    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
-    index = _hash_index()
-    if key in index:
-        return str(index[key])
+    if st.st_size < MEMO_OVER:
+        return sha256_of(path, chunk)
+    key = _memo_key(path, st)
+    known = _hash_index().get(key)
+    if known is not None:
+        return str(known)
     digest = sha256_of(path, chunk)
+    index = {k: v for k, v in _hash_index().items() if _current(k)}
     index[key] = digest
     with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        cache.write(*HASH_INDEX, lambda folder: (folder / "index.json").write_text(text))
+        write = lambda folder: (folder / "index.json").write_text(text)  # noqa: E731
+        cache.write(*HASH_INDEX, write, replace=True)
     return digest
+
+
+MEMO_OVER = 1 << 20  # bytes: smaller files are not remembered
+
+
+def _memo_key(path: Path, st: os.stat_result) -> str:
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _current(key: str) -> bool:
+    """Whether a memo key still describes its file (same path, size and mtime)."""
+    path = key.rsplit(":", 2)[0]
+    try:
+        return _memo_key(Path(path), os.stat(path)) == key
+    except OSError:
+        return False
 
 
 HASH_INDEX = ("hashes", "sha256-index", {"format": "path:size:mtime_ns -> sha256"})
