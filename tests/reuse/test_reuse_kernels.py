@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -209,3 +210,44 @@ def test_the_driver_reads_arity_and_prepare_from_the_registry():
     assert callable(extras["ties"]["prepare"]) and callable(extras["fisher"]["prepare"])
     with pytest.raises(MergeError, match="no merge method 'ensemble_vote'"):
         merge_state_dicts("ensemble_vote", None, [{"x": BASE}])
+
+
+def _reference_kth(arr: np.ndarray, k: int) -> float:
+    return float(np.partition(arr, arr.size - k)[arr.size - k])
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "float64"])
+def test_kth_largest_of_a_large_tensor_is_exact_at_every_rank(kind):
+    rng = np.random.default_rng(0)
+    n = K.BOUNDED_OVER + 3
+    arr = np.abs(rng.standard_normal(n)).astype(np.float32)
+    if kind == "ties":  # a few hundred distinct values, each repeated thousands of times
+        arr = np.round(arr * 100) / 100
+    elif kind == "zeros":  # most of the tensor untouched by fine-tuning
+        arr[: n * 3 // 4] = 0.0
+    elif kind == "float64":
+        arr = arr.astype(np.float64) * 1e-3
+    ranks = [1, 2, 17, n // 100, round(0.2 * n), n // 2, n - 5, n]
+    for k in ranks:
+        want = _reference_kth(arr, k)
+        assert K.kth_largest(torch.from_numpy(arr.copy()), k) == want, k
+        assert K.kth_largest(torch.from_numpy(arr.copy()), k, overwrite=True) == want, k
+    # the bounded selection answers (not the fallback) at TIES's density and at the median
+    found = [K.bounded_kth(arr, round(d * n)) for d in (0.2, 0.5)]
+    assert found == [_reference_kth(arr, round(d * n)) for d in (0.2, 0.5)]
+
+
+def test_kth_largest_falls_back_where_the_sample_misleads_or_nans_hide():
+    n = K.BOUNDED_OVER + 1
+    stride = K.SAMPLE_EVERY
+    arr = np.ones(n, dtype=np.float32)
+    arr[::stride] = 0.0  # every sampled entry is 0, the others 1: the bounds miss
+    k = round(0.2 * n)
+    assert K.bounded_kth(arr, k) is None
+    assert K.kth_largest(torch.from_numpy(arr), k) == 1.0
+    rng = np.random.default_rng(1)
+    arr = np.abs(rng.standard_normal(n)).astype(np.float32)
+    arr[1] = np.nan  # not sampled: only the counts can see it
+    assert K.bounded_kth(arr, k) is None
+    assert math.isnan(K.kth_largest(torch.from_numpy(arr), 1))  # as partition: NaN is the largest
+    assert K.kth_largest(torch.from_numpy(arr), k) == _reference_kth(arr, k)
