@@ -99,23 +99,56 @@ def test_file_hash_is_remembered_and_refreshed(tmp_path, monkeypatch):
     g.write_bytes(b"c")
     assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
     assert file_sha256(g) == hashlib.sha256(b"c").hexdigest()
-    index = tmp_path / "cache" / "hashes" / "sha256-index" / "index.json"
-    assert len(json.loads(index.read_text())) == 2  # the memo grows: both files are in it
+    memo = tmp_path / "cache" / "hashes"
+    assert len(list(memo.iterdir())) == 2  # both files are remembered
     reads = []
     real = io.sha256_of
     monkeypatch.setattr(io, "sha256_of", lambda p, c=1 << 22: reads.append(p) or real(p, c))
     assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
     assert file_sha256(g) == hashlib.sha256(b"c").hexdigest()
     assert reads == []  # both answered from the memo, neither file read again
-    os.utime(g, ns=(1, 1))
     f.write_bytes(b"bb")  # size changes, so the remembered hash must not be reused
     assert file_sha256(f) == hashlib.sha256(b"bb").hexdigest()
-    assert reads == [f.resolve()]
-    keys = json.loads(index.read_text())
-    assert len(keys) == 1 and next(iter(keys)).startswith(str(f.resolve()))  # stale ones dropped
-    g.unlink()
+    os.utime(g, ns=(1, 1))  # so does the modification time
+    assert file_sha256(g) == hashlib.sha256(b"c").hexdigest()
+    assert reads == [f.resolve(), g.resolve()]
     write_json(tmp_path / "j.json", {"k": 1})
     assert json.loads((tmp_path / "j.json").read_text()) == {"k": 1}
+
+
+def test_processes_hashing_at_once_all_get_their_hashes(tmp_path):
+    import subprocess
+    import sys
+
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"f{i}")
+        files[-1].write_bytes(bytes([i]) * (1 << 20))
+    code = "import sys; from lfm.core.io import file_sha256\nfor p in sys.argv[1:]: print(file_sha256(p))"
+    env = {**os.environ, "LFM_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, *map(str, files[i::3])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]  # fmt: skip
+    for i, p in enumerate(procs):
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and err == ""
+        assert out.split() == [hashlib.sha256(f.read_bytes()).hexdigest() for f in files[i::3]]
+    assert len(list((tmp_path / "cache" / "hashes").iterdir())) == 6  # none lost
+
+
+def test_a_memo_that_cannot_be_written_costs_only_a_rehash(tmp_path, monkeypatch):
+    from lfm.core import cache, io
+
+    monkeypatch.setenv("LFM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(io, "MEMO_OVER", 0)
+    f = tmp_path / "f"
+    f.write_bytes(b"a")
+
+    def contended(*args, **kwargs):  # other processes keep replacing the entry
+        raise LfmError("cannot put the cache entry in place: other processes keep writing it")
+
+    monkeypatch.setattr(cache, "write", contended)
+    assert file_sha256(f) == hashlib.sha256(b"a").hexdigest()
 
 
 def test_small_files_are_hashed_without_the_memo(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ is never read as statistics, nor an unreadable file as anything.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -88,56 +89,31 @@ def write_json(path: str | Path, data: Any) -> Path:
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file, remembered by (path, size, mtime) so that a file is hashed once.
 
-    The memo is a cache entry (`lfm.core.cache`, kind `hashes`); a damaged one is rebuilt empty.
-    Files under `MEMO_OVER` bytes are hashed every time: that is quicker than the memo's write.
-    Each new hash is added to the memo as it is on disk then (another process may have added
-    its own since this one read it), and entries whose file has changed or gone are dropped.
+    Each file's hash is a cache entry of its own (`lfm.core.cache`, kind `hashes`, its key a
+    digest of "path:size:mtime_ns", which the entry's parameters hold in full), so processes
+    hashing different files never write the same entry. A changed file has another key and is
+    hashed again. Files under `MEMO_OVER` bytes are hashed every time: that is quicker than
+    writing the entry. A cache that cannot be written (read-only, or contended) costs only a
+    re-hash next time.
     """
     path = Path(path).resolve()
     st = path.stat()
     if st.st_size < MEMO_OVER:
         return sha256_of(path, chunk)
-    key = _memo_key(path, st)
-    known = _hash_index().get(key)
-    if known is not None:
-        return str(known)
+    memo = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    key, params = hashlib.sha256(memo.encode()).hexdigest()[:32], {"file": memo}
+    folder = cache.read(HASHES, key, params)
+    if folder is not None:
+        with contextlib.suppress(OSError):  # removed by another process after the check
+            return (folder / "sha256").read_text().strip()
     digest = sha256_of(path, chunk)
-    index = {k: v for k, v in _hash_index().items() if _current(k)}
-    index[key] = digest
-    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
-        text = json.dumps(index, indent=2, sort_keys=True) + "\n"
-        write = lambda folder: (folder / "index.json").write_text(text)  # noqa: E731
-        cache.write(*HASH_INDEX, write, replace=True)
+    with contextlib.suppress(OSError, LfmError):
+        cache.write(HASHES, key, params, lambda f: (f / "sha256").write_text(digest + "\n"))
     return digest
 
 
 MEMO_OVER = 1 << 20  # bytes: smaller files are not remembered
-
-
-def _memo_key(path: Path, st: os.stat_result) -> str:
-    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _current(key: str) -> bool:
-    """Whether a memo key still describes its file (same path, size and mtime)."""
-    path = key.rsplit(":", 2)[0]
-    try:
-        return _memo_key(Path(path), os.stat(path)) == key
-    except OSError:
-        return False
-
-
-HASH_INDEX = ("hashes", "sha256-index", {"format": "path:size:mtime_ns -> sha256"})
-
-
-def _hash_index() -> dict[str, str]:
-    folder = cache.read(*HASH_INDEX)
-    if folder is None:
-        return {}
-    try:
-        return dict(json.loads((folder / "index.json").read_text()))
-    except (OSError, ValueError, TypeError):  # removed or replaced while we read it
-        return {}
+HASHES = "hashes"  # the cache kind of `file_sha256`'s entries
 
 
 def save_tensors(path: str | Path, tensors: dict[str, Any], format: str, **meta: Any) -> Path:
