@@ -28,7 +28,9 @@ WEMoE (`lfm.reuse.wemoe`) upscales `--wemoe-modules` (default: the inverted-resi
 last two stages and the last 1x1 conv, features.14-18, 76 % of the parameters) into
 weight-ensembling MoEs, merges the rest by task arithmetic at λ = 0.3, and trains the routers on
 the unlabelled test inputs (16 per task and step, as AdaMerging); `--only-wemoe` prints only the
-individual and WEMoE rows, for the same cached experts.
+individual and WEMoE rows, for the same cached experts. `--wemoe-gate softmax` (coefficients on the
+simplex) and `--wemoe-batch-reduce` (one routing per batch of one task) are options beside the
+paper's linear per-sample gate (docs/reuse.md measures both).
 
     .venv/bin/python bench/reuse_fusion_vision.py   # 14-19 CPU-minutes on 1 thread (busy host), WEMoE 4 more
     .venv/bin/python bench/reuse_fusion_vision.py --quick    # a smoke run
@@ -214,7 +216,8 @@ def wemoe_rows(base: nn.Module, sds: list[dict], fts: list[FusionTask], a) -> Fu
     """
     res = FusionResult([t.name for t in fts])
     cfg = WEMoEConfig(modules=a.wemoe_modules, init=a.wemoe_init, lr=a.wemoe_lr,
-                      steps=a.wemoe_steps, seed=a.seed)  # fmt: skip
+                      steps=a.wemoe_steps, seed=a.seed, gate=a.wemoe_gate,
+                      batch_reduce=a.wemoe_batch_reduce)  # fmt: skip
     data = [list(t.test[0].split(a.ada_batch)) for t in fts]
     heads = [t.head.eval() for t in fts]
     t0 = time.process_time()
@@ -240,12 +243,13 @@ def wemoe_scores(model: nn.Module, fts: list[FusionTask], oracle=False, batch=64
     to expert k (mean over the upscaled modules), and the summed mean test entropy. `oracle`:
     every upscaled module routes task k's inputs to expert k alone."""
     moes = list(moe_modules(model).values())
-    routers = [m.router for m in moes]
+    routers, gates = [m.router for m in moes], [m.gate for m in moes]
     accs, own, ent = [], [], 0.0
     for k, t in enumerate(fts):
         if oracle:
             for m in moes:
                 m.router = router(1, len(fts), 0.0, layers=0)  # a constant: one-hot on expert k
+                m.gate = "linear"
                 m.router.weight.copy_(torch.eye(len(fts))[k])
         hits, routed, h = 0, 0.0, 0.0
         for xb, yb in zip(t.test[0].split(batch), t.test[1].split(batch), strict=True):
@@ -256,8 +260,8 @@ def wemoe_scores(model: nn.Module, fts: list[FusionTask], oracle=False, batch=64
         accs.append(hits / len(t.test[1]))
         own.append(round(routed / len(t.test[1]), 3))
         ent += h / len(t.test[1])
-    for m, r in zip(moes, routers, strict=True):
-        m.router = r
+    for m, r, g in zip(moes, routers, gates, strict=True):
+        m.router, m.gate = r, g
     return accs, own, ent
 
 
@@ -277,6 +281,17 @@ def main() -> None:
     ap.add_argument("--wemoe-init", type=float, default=0.3, help="λ; paper: 0.3")
     ap.add_argument("--wemoe-lr", type=float, default=1e-4, help="paper: 1e-4")
     ap.add_argument("--wemoe-steps", type=int, default=1000, help="paper: 1000")
+    ap.add_argument(
+        "--wemoe-gate",
+        choices=("linear", "softmax"),
+        default="linear",
+        help="linear: the paper's; softmax: coefficients on the simplex",
+    )
+    ap.add_argument(
+        "--wemoe-batch-reduce",
+        action="store_true",
+        help="one routing per batch (each batch holds one task), not per sample",
+    )
     ap.add_argument("--only-wemoe", action="store_true", help="only the individual and WEMoE rows")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)

@@ -335,3 +335,61 @@ def test_wemoe_trains_on_each_tasks_head_and_names_itself_in_errors():
 
     with pytest.raises(LfmError, match=r"^reuse/wemoe needs a model in memory, not str"):
         registry.run("reuse/wemoe", "no-model", experts, base, data, cfg=cfg)
+
+
+def test_softmax_gate_puts_the_coefficients_on_the_simplex():
+    """gate="softmax": each sample's coefficients are the softmax of the router's token mean, so
+    logits (0, ln 3) give experts weights (1/4, 3/4); the module is then that convex combination
+    of the experts' weights. The upscaled routers start at equal logits: 1/K each."""
+    make, shape = MODULES["block"]
+    torch.manual_seed(3)
+    base, experts = _family(make().eval(), k=2)
+    x = torch.randn(shape)
+    logits = torch.tensor([0.0, math.log(3.0)])
+    params = lambda m: dict(m.named_parameters())  # noqa: E731
+    soft = WeightEnsemblingMoE(base, params(base), [params(e) for e in experts], Fixed(logits),
+                               gate="softmax").eval()  # fmt: skip
+    convex = _moe(base, experts, Fixed(torch.tensor([0.25, 0.75]))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(soft(x), convex(x), rtol=1e-5, atol=1e-5)
+        assert soft.last_routing is not None
+        torch.testing.assert_close(soft.last_routing, torch.tensor([[0.25, 0.75]] * len(x)))
+    small, experts3 = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2, 3)]
+    model = upscale(small, small.state_dict(), [e.state_dict() for e in experts3],
+                    WEMoEConfig(modules="fc1", gate="softmax"))  # fmt: skip
+    with torch.no_grad():
+        model(torch.randn(5, 8))
+    r = model.fc1.last_routing
+    assert r is not None and (r - 1 / 3).abs().max() < 0.01 and r.sum(-1).allclose(torch.ones(5))
+    with pytest.raises(ConfigError, match="gate: "):
+        WEMoEConfig.build(gate="sigmoid")
+
+
+def test_batch_reduce_routes_a_batch_by_its_mean_and_training_keeps_tasks_apart():
+    """batch_reduce: one routing per batch, the mean of its samples' routings (BySign sends
+    sample 0 to expert 0 and sample 1 to expert 1: the pair gets (1/2, 1/2) each). In training,
+    each task's batch is run on its own, so its routing is not averaged with other tasks'."""
+    make, shape = MODULES["linear"]
+    torch.manual_seed(1)
+    base, experts = _family(make().eval(), k=2)
+    x = torch.randn(shape)[:2]
+    x[0], x[1] = x[0].abs(), -x[1].abs()
+    params = lambda m: dict(m.named_parameters())  # noqa: E731
+    red = WeightEnsemblingMoE(base, params(base), [params(e) for e in experts], BySign(),
+                              batch_reduce=True).eval()  # fmt: skip
+    half = _moe(base, experts, Fixed(torch.tensor([0.5, 0.5]))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(red(x), half(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(red(x[:1]), experts[0](x[:1]), rtol=1e-5, atol=1e-5)
+    # training: the batch of task 1 alone decides its routing
+    small, experts2 = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    cfg = WEMoEConfig(modules="fc2", steps=1, lr=1e-30, batch_reduce=True)
+    model = upscale(small, small.state_dict(), [e.state_dict() for e in experts2], cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [[3 * torch.randn(6, 8, generator=gen)], [torch.randn(4, 8, generator=gen)]]
+    with torch.no_grad():
+        want = sum(entropy(model(b[0])).item() for b in batches)
+        mixed = model(torch.cat([b[0] for b in batches])).split([6, 4])
+        pooled = sum(entropy(o).item() for o in mixed)
+    assert abs(want - pooled) > 1e-6  # pooling the tasks would route them together
+    assert train_routers(model, batches, cfg) == [pytest.approx(want, abs=1e-6)]

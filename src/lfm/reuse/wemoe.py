@@ -18,6 +18,11 @@ parameters all enter linearly (Linear, conv, norm layers, elementwise activation
 Σ_i r_i f(x; τ_i) at each parameter leaf; any other runs each sample with its own weights
 (`torch.func.vmap` over `functional_call`). `upscale` builds the merged model, `train_routers`
 adapts it; `wemoe` is both, registered.
+
+Two options beside the paper's gate: `gate="softmax"` puts each module's coefficients on the
+simplex (unnormalised coefficients let the routers lower the entropy by scaling every expert up,
+where a head reads unnormalised features), and `batch_reduce` routes a whole batch of one task by
+its mean (the option of that name in FusionBench's implementation).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -49,6 +54,12 @@ class WEMoEConfig(Config):
     modules: str = r".*mlp"  # regex (full match) of the module names to upscale (paper: the MLPs)
     init: float = 0.3  # λ of the task-arithmetic merge and the routers' first output (paper: 0.3)
     router_layers: int = Field(2, ge=0, le=2)  # hidden layers; 0: a learned λ per expert (paper: 2)
+    # "linear": the router's outputs are the coefficients (paper); "softmax": their softmax, so
+    # the coefficients are a convex combination of the experts (they start at 1/K each)
+    gate: Literal["linear", "softmax"] = "linear"
+    # one routing per batch (the mean over its samples) instead of one per sample; batches must
+    # then hold one task each, in training (`train_routers` runs the tasks apart) and after
+    batch_reduce: bool = False
     lr: float = Field(1e-4, gt=0)  # Adam learning rate of the routers (paper: 1e-4)
     steps: int = Field(1000, ge=0)  # test-time steps, one batch per task each (paper: 1000)
     seed: int = 0  # seeds the routers' initial weights
@@ -157,6 +168,8 @@ class WeightEnsemblingMoE(nn.Module):
         experts: each expert's parameters, by the same names.
         router: maps (B, N, C) token features of the input to (B, N, K) coefficients.
         by_leaf: force (True) or forbid (False) the per-leaf way; None: whenever it is exact.
+        gate: "linear", the router's token mean is the coefficients (the paper); "softmax", their
+            softmax over the experts.
     """
 
     theta: Tensor  # (P,) the base parameters, flattened in `names` order
@@ -164,9 +177,13 @@ class WeightEnsemblingMoE(nn.Module):
 
     def __init__(
         self, template: nn.Module, base: StateDict, experts: Sequence[StateDict],
-        router: nn.Module, by_leaf: bool | None = None,
+        router: nn.Module, by_leaf: bool | None = None, gate: str = "linear",
+        batch_reduce: bool = False,
     ):  # fmt: skip
         super().__init__()
+        if gate not in ("linear", "softmax"):
+            raise ConfigError(f"gate must be 'linear' or 'softmax', not {gate!r}")
+        self.gate, self.batch_reduce = gate, batch_reduce
         self.template = copy.deepcopy(template).requires_grad_(False)
         self.names = [n for n, _ in template.named_parameters()]
         self.shapes = [tuple(base[n].shape) for n in self.names]
@@ -203,8 +220,12 @@ class WeightEnsemblingMoE(nn.Module):
                 setattr(self.template.get_submodule(parent), child, mixed)
 
     def routing(self, x: Tensor) -> Tensor:
-        """Per-sample coefficients (B, K): the router on every token, averaged over tokens."""
-        return self.router(tokens(x).float()).mean(1)
+        """Per-sample coefficients (B, K): the router on every token, averaged over tokens (and
+        with the softmax gate, their softmax over the experts)."""
+        r = self.router(tokens(x).float()).mean(1)
+        if self.batch_reduce:
+            r = r.mean(0, keepdim=True).expand(len(r), -1)
+        return r.softmax(-1) if self.gate == "softmax" else r
 
     def weights(self, r: Tensor) -> dict[str, Tensor]:
         """Per-sample parameters θ_b + Σ_i r_i τ_i, each (B, *shape), from coefficients (B, K)."""
@@ -279,8 +300,16 @@ def upscale(
     merged.requires_grad_(False)
     for i, name in enumerate(_selected(merged, cfg.modules)):
         sub = merged.get_submodule(name)
-        r = router(input_width(sub, name), len(experts), cfg.init, cfg.router_layers, cfg.seed + i)
-        moe = WeightEnsemblingMoE(sub, _under(base, name), [_under(e, name) for e in experts], r)
+        start = cfg.init if cfg.gate == "linear" else 0.0  # softmax: equal logits, 1/K each
+        r = router(input_width(sub, name), len(experts), start, cfg.router_layers, cfg.seed + i)
+        moe = WeightEnsemblingMoE(
+            sub,
+            _under(base, name),
+            [_under(e, name) for e in experts],
+            r,
+            gate=cfg.gate,
+            batch_reduce=cfg.batch_reduce,
+        )
         parent, _, child = name.rpartition(".")
         setattr(merged.get_submodule(parent), child, moe)
     return merged.eval()
@@ -315,7 +344,10 @@ def train_routers(
     history: list[float] = []
     for step in range(cfg.steps):
         xs = [b[step % len(b)] for b in batches]
-        outs = model(torch.cat(xs)).split([len(x) for x in xs])
+        if cfg.batch_reduce:  # one routing per batch: each task's batch on its own
+            outs = [model(x) for x in xs]
+        else:
+            outs = list(model(torch.cat(xs)).split([len(x) for x in xs]))
         terms = [entropy(heads[k](o) if heads is not None else o) for k, o in enumerate(outs)]
         loss = sum(terms, torch.zeros(()))
         opt.zero_grad()
