@@ -251,3 +251,61 @@ def test_kth_largest_falls_back_where_the_sample_misleads_or_nans_hide():
     assert K.bounded_kth(arr, k) is None
     assert math.isnan(K.kth_largest(torch.from_numpy(arr), 1))  # as partition: NaN is the largest
     assert K.kth_largest(torch.from_numpy(arr), k) == _reference_kth(arr, k)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Tensors of more than 500 entries go chunk by chunk, 97 entries a chunk (uneven ends)."""
+    monkeypatch.setattr(K, "CHUNKED_OVER", 500)
+    monkeypatch.setattr(K, "CHUNK", 97)
+
+
+def _family(seed: int, shape=(40, 31)):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen)
+    return base, [base + torch.randn(shape, generator=gen) * s for s in (0.1, 0.2, 0.05)]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+def test_a_large_tensor_merged_chunk_by_chunk_gives_the_same_floats(method, monkeypatch):
+    """The chunked way (thresholds from chunks, each model's DARE mask drawn on from one stream)
+    gives the whole-tensor way's floats, bit for bit; a mask drawn afresh per chunk would not."""
+    base, tensors = _family(3)
+    spec = registry.get(f"reuse/{method}")
+    cfg = spec.config.build({"density": 0.3} if method == "ties" else {"drop_rate": 0.5})
+    ctx = Ctx("model.embed_tokens.weight", {}, (0, 1, 2))
+    assert not K.chunked(base)
+    whole = spec.fn(base, tensors, [1.0, 0.5, 2.0], cfg, ctx)
+    calls = []
+    by_chunks = K.by_chunks
+    monkeypatch.setattr(K, "by_chunks", lambda *a: calls.append(1) or by_chunks(*a))
+    monkeypatch.setattr(K, "CHUNKED_OVER", 500)
+    monkeypatch.setattr(K, "CHUNK", 97)
+    assert K.chunked(base)
+    chunked = spec.fn(base, tensors, [1.0, 0.5, 2.0], cfg, ctx)
+    assert calls == [1] and chunked.dtype == torch.float32 and chunked.shape == base.shape
+    assert torch.equal(chunked, whole)
+    assert not torch.equal(whole, base)
+
+
+def test_difference_threshold_from_chunks_is_exact_and_falls_back(small_chunks, monkeypatch):
+    base, tensors = _family(4)
+    for x in tensors:
+        for density in (0.01, 0.2, 0.5, 1.0):
+            want = K.magnitude_threshold(x - base, density)
+            assert K.difference_threshold(x, base, density) == want, density
+    assert K.difference_threshold(tensors[0], base, 0.0) == math.inf
+    # the chunks answer, not the whole-tensor fallback, on ordinary task vectors
+    monkeypatch.setattr(K, "magnitude_threshold", lambda *a: pytest.fail("fell back"))
+    assert K.difference_threshold(tensors[1], base, 0.2) > 0
+    monkeypatch.undo()  # undoes the fixture's too
+    monkeypatch.setattr(K, "CHUNKED_OVER", 500)
+    monkeypatch.setattr(K, "CHUNK", 97)
+    # a NaN the sample misses is seen by the counts: the fallback answers, as partition does
+    x = tensors[2].clone()
+    x.view(-1)[1] = float("nan")
+    assert K.chunked(x) and math.isnan(K.difference_threshold(x, base, 1 / x.numel()))
+    # half precision inputs: the task vector is taken in float32, as `task_vectors` does
+    xb, bb = tensors[0].to(torch.bfloat16), base.to(torch.bfloat16)
+    want = K.magnitude_threshold(xb.float() - bb.float(), 0.2)
+    assert K.difference_threshold(xb, bb, 0.2) == want

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -103,23 +103,99 @@ def bounded_kth(arr: np.ndarray, k: int) -> float | None:
     counts and which `partition` places last) is None, and the caller selects over the whole
     array.
     """
-    n = arr.size
+    bounds = _sample_bounds(arr[::SAMPLE_EVERY], arr.size, k)
+    return None if bounds is None else _select_between([arr], arr.size, k, *bounds)
+
+
+def _sample_bounds(sample: np.ndarray, n: int, k: int) -> tuple[float, float] | None:
+    """`bounded_kth`'s bounds lo ≤ hi on the k-th largest of n entries, from every
+    `SAMPLE_EVERY`-th of them; None when either is NaN."""
     q = 1 - k / n  # the answer's quantile from the bottom
-    m = len(range(0, n, SAMPLE_EVERY))
+    m = sample.size
     half = 6 * math.sqrt(m * q * (1 - q)) + 2
     ranks = [max(0, int(q * m - half)), min(m - 1, math.ceil(q * m + half))]
-    lo, hi = np.partition(arr[::SAMPLE_EVERY], ranks)[ranks]
+    lo, hi = np.partition(sample, ranks)[ranks]
     if np.isnan(lo) or np.isnan(hi):
         return None
-    above = int(np.count_nonzero(arr > hi))
-    if above >= k:
-        return None
-    band = arr[(arr >= lo) & (arr <= hi)]
+    return float(lo), float(hi)
+
+
+def _select_between(
+    parts: Iterable[np.ndarray], n: int, k: int, lo: float, hi: float
+) -> float | None:
+    """The k-th largest of the n entries of `parts` (arrays read once each, in turn) when it lies
+    between lo and hi, else None (see `bounded_kth`)."""
+    above = below = 0
+    bands = []
+    for arr in parts:
+        above += int(np.count_nonzero(arr > hi))
+        if above >= k:
+            return None
+        bands.append(arr[(arr >= lo) & (arr <= hi)])  # a copy: `arr` may be a reused buffer
+        below += int(np.count_nonzero(arr < lo))
+    band = bands[0] if len(bands) == 1 else np.concatenate(bands)
     rank = k - above  # from the top of the band
-    if rank > band.size or above + band.size + int(np.count_nonzero(arr < lo)) != n:
+    if rank > band.size or above + band.size + below != n:
         return None
     band.partition(band.size - rank)
     return float(band[band.size - rank])
+
+
+CHUNK = 1 << 20  # entries of one chunk of a tensor merged chunk by chunk (4 MiB in float32)
+CHUNKED_OVER = 1 << 23  # entries (32 MiB in float32): larger CPU tensors go chunk by chunk
+
+
+def chunked(x: Tensor) -> bool:
+    """Whether a kernel should take `x` chunk by chunk: a CPU tensor of more than
+    `CHUNKED_OVER` entries.
+
+    glibc serves allocations above 32 MiB with fresh pages from the kernel, every time: a
+    whole-tensor temporary of SmolLM2's embedding (113 MB) costs 27,600 page faults. Chunks of
+    `CHUNK` entries come from the heap and are reused.
+    """
+    return x.device.type == "cpu" and x.numel() > CHUNKED_OVER
+
+
+def by_chunks(
+    fn: Callable[[Tensor, list[Tensor]], Tensor], base: Tensor, tensors: Sequence[Tensor]
+) -> Tensor:
+    """fn(base, tensors) for an elementwise fn, computed on `CHUNK` entries at a time into one
+    float32 output of base's shape (the same floats as fn on the whole tensors)."""
+    out = torch.empty(base.shape, dtype=torch.float32)
+    flat, b, xs = out.view(-1), base.reshape(-1), [x.reshape(-1) for x in tensors]
+    for s in range(0, flat.numel(), CHUNK):
+        e = min(flat.numel(), s + CHUNK)
+        flat[s:e] = fn(b[s:e], [x[s:e] for x in xs])
+    return out
+
+
+def difference_threshold(x: Tensor, base: Tensor, density: float) -> float:
+    """`magnitude_threshold(x − base, density)` with the task vector in float32, taken chunk by
+    chunk (one reused buffer) when `chunked(x)`: the same value, without the two whole-tensor
+    temporaries (x − base and its magnitudes)."""
+    if not chunked(x):
+        return magnitude_threshold(x.float() - base.float(), density)
+    n = x.numel()
+    k = keep_count(n, density)
+    if k == 0:
+        return math.inf
+    fx, fb = x.reshape(-1), base.reshape(-1)
+    sample = (fx[::SAMPLE_EVERY].float() - fb[::SAMPLE_EVERY].float()).abs_()
+    bounds = _sample_bounds(sample.numpy(), n, k)
+    if bounds is not None:
+        scratch = torch.empty(CHUNK)
+
+        def parts() -> Iterator[np.ndarray]:
+            for s in range(0, n, CHUNK):
+                e = min(n, s + CHUNK)
+                yield (
+                    torch.sub(fx[s:e].float(), fb[s:e].float(), out=scratch[: e - s]).abs_().numpy()
+                )
+
+        found = _select_between(parts(), n, k, *bounds)
+        if found is not None:
+            return found
+    return magnitude_threshold(x.float() - base.float(), density)
 
 
 def keep_count(n: int, density: float) -> int:
@@ -171,7 +247,7 @@ def tensor_seed(seed: int, name: str, index: int) -> int:
 def dare(
     tau: Tensor,
     drop_rate: float,
-    seed: int,
+    seed: int | np.random.Generator,
     *,
     inplace: bool = False,
     scratch: Tensor | None = None,
@@ -185,7 +261,8 @@ def dare(
     Args:
         tau: a task vector (on any device).
         drop_rate: p.
-        seed: seeds this tensor's mask.
+        seed: seeds this tensor's mask; or a generator to draw it from, where a tensor is taken
+            chunk by chunk (successive draws continue one stream: the mask of the whole).
         inplace: overwrite `tau` (a task vector of the caller's own) instead of a copy.
         scratch: a contiguous float32 CPU tensor of tau's shape to hold the mask (overwritten);
             reusing one for several models saves an allocation (and its page faults) per model.
@@ -195,7 +272,11 @@ def dare(
     keep = torch.empty(tau.shape) if scratch is None else scratch
     if keep.dtype != torch.float32 or not keep.is_contiguous() or keep.shape != tau.shape:
         raise ValueError("scratch must be a contiguous float32 tensor of the task vector's shape")
-    rng = np.random.Generator(np.random.PCG64(seed))
+    rng = (
+        seed
+        if isinstance(seed, np.random.Generator)
+        else np.random.Generator(np.random.PCG64(seed))
+    )
     rng.random(dtype=np.float32, out=keep.numpy().reshape(-1))  # a view: fills `keep` in place
     keep.ge_(drop_rate)  # 1.0 kept, 0.0 dropped
     out = tau.div_(1.0 - drop_rate) if inplace else tau / (1.0 - drop_rate)
@@ -257,11 +338,16 @@ def magprune(tau: Tensor, drop_rate: float, window: float, seed: int) -> Tensor:
         tau: a task vector (on any device).
         drop_rate: p, the mean drop probability.
         window: ε, the width of the range of probabilities (p ± ε/2).
-        seed: seeds this tensor's mask.
+        seed: seeds this tensor's mask; or a generator to draw it from, where a tensor is taken
+            chunk by chunk (successive draws continue one stream: the mask of the whole).
     """
     p = rank_drop_probabilities(tau, drop_rate, window)
     uniforms = torch.empty(tau.shape)
-    rng = np.random.Generator(np.random.PCG64(seed))
+    rng = (
+        seed
+        if isinstance(seed, np.random.Generator)
+        else np.random.Generator(np.random.PCG64(seed))
+    )
     rng.random(dtype=np.float32, out=uniforms.numpy().reshape(-1))
     kept = uniforms.to(tau.device) >= p  # with probability 1 − p_j
     return torch.where(kept, tau.float() / (1.0 - p), torch.zeros_like(p))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -170,23 +171,38 @@ def _ties_prepare(inputs: Inputs, cfg: Any) -> dict[str, Any]:
     }
 
 
-def _ties_thresholds(taus: list[Tensor], cfg: Any, ctx: Ctx) -> list[float]:
-    if "thresholds" in ctx.stats:
-        return [ctx.stats["thresholds"][i] for i in ctx.models]
-    return [K.magnitude_threshold(t, cfg.density) for t in taus]
+def _ties_merge(
+    base: Tensor, taus: list[Tensor], thresholds: list[float], weights: list[float], cfg: Any
+) -> Tensor:
+    for tau, th in zip(taus, thresholds, strict=True):
+        K.trim(tau, th, inplace=True)
+    return K.task_merge(
+        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
+    )
 
 
 def ties(
     base: Tensor | None, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx
 ) -> Tensor:
-    """Trim to the top-`density` magnitudes, elect signs, disjoint mean, scale by λ."""
+    """Trim to the top-`density` magnitudes, elect signs, disjoint mean, scale by λ.
+
+    The thresholds need the whole tensor; the rest is elementwise, and a large tensor goes
+    through it chunk by chunk (`K.by_chunks`: the same floats, no whole-tensor temporaries).
+    """
     assert base is not None
+    given = [ctx.stats["thresholds"][i] for i in ctx.models] if "thresholds" in ctx.stats else None
+    if K.chunked(base):
+        ths = (
+            given
+            if given is not None
+            else [K.difference_threshold(x, base, cfg.density) for x in tensors]
+        )
+        return K.by_chunks(
+            lambda b, xs: _ties_merge(b, K.task_vectors(b, xs), ths, weights, cfg), base, tensors
+        )
     taus = K.task_vectors(base, tensors)
-    for tau, th in zip(taus, _ties_thresholds(taus, cfg, ctx), strict=True):
-        K.trim(tau, th, inplace=True)
-    return K.task_merge(
-        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
-    )
+    ths = given if given is not None else [K.magnitude_threshold(t, cfg.density) for t in taus]
+    return _ties_merge(base, taus, ths, weights, cfg)
 
 
 ties = register(
@@ -196,12 +212,30 @@ ties = register(
 )(ties)  # fmt: skip
 
 
-def _dare_taus(base: Tensor, tensors: list[Tensor], cfg: Any, ctx: Ctx) -> list[Tensor]:
-    taus = K.task_vectors(base, tensors)
+def _dare_merge(
+    base: Tensor, tensors: list[Tensor], weights: list[float], cfg: Any, ctx: Ctx, consensus: bool
+) -> Tensor:
+    """Drop-and-rescale each task vector (its mask seeded per tensor and model), then task
+    arithmetic, or with `consensus` TIES's sign election and disjoint mean. A large tensor goes
+    chunk by chunk, each model's mask drawn on from one generator: the same floats."""
     seeds = [K.tensor_seed(cfg.seed, ctx.name, i) for i in (ctx.models or range(len(tensors)))]
-    scratch = torch.empty(base.shape) if cfg.drop_rate > 0 else None  # one mask buffer for all
-    return [K.dare(t, cfg.drop_rate, s, inplace=True, scratch=scratch)
-            for t, s in zip(taus, seeds, strict=True)]  # fmt: skip
+    big = K.chunked(base)
+    rngs: list[int | np.random.Generator] = [*seeds]
+    if big:  # one stream per model, drawn on chunk after chunk
+        rngs = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
+    size = K.CHUNK if big else base.numel()
+    scratch = torch.empty(size) if cfg.drop_rate > 0 else None  # one mask buffer for all
+
+    def merge(b: Tensor, xs: list[Tensor]) -> Tensor:
+        mask = None if scratch is None else scratch[: b.numel()].view(b.shape)
+        taus = [K.dare(t, cfg.drop_rate, r, inplace=True, scratch=mask)
+                for t, r in zip(K.task_vectors(b, xs), rngs, strict=True)]  # fmt: skip
+        return K.task_merge(
+            b, taus, weights, scale=cfg.scale, consensus=consensus,
+            normalize=consensus and cfg.normalize,
+        )  # fmt: skip
+
+    return K.by_chunks(merge, base, tensors) if big else merge(base, tensors)
 
 
 def dare_linear(
@@ -209,7 +243,7 @@ def dare_linear(
 ) -> Tensor:
     """Drop-and-rescale each task vector, then task arithmetic."""
     assert base is not None
-    return K.task_merge(base, _dare_taus(base, tensors, cfg, ctx), weights, scale=cfg.scale)
+    return _dare_merge(base, tensors, weights, cfg, ctx, consensus=False)
 
 
 dare_linear = register(
@@ -224,10 +258,7 @@ def dare_ties(
 ) -> Tensor:
     """Drop-and-rescale each task vector, then TIES sign election and disjoint mean."""
     assert base is not None
-    taus = _dare_taus(base, tensors, cfg, ctx)
-    return K.task_merge(
-        base, taus, weights, scale=cfg.scale, consensus=True, normalize=cfg.normalize
-    )
+    return _dare_merge(base, tensors, weights, cfg, ctx, consensus=True)
 
 
 dare_ties = register(
