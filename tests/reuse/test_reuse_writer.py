@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import struct
 import threading
 
@@ -120,7 +121,20 @@ def test_reader_gives_header_dtypes(tmp_path):
     assert r.shape("e.scale") == () and r.shape("a.weight") == (8, 4)
 
 
-def test_stored_file_reads_each_tensor_as_safetensors_does(tmp_path, monkeypatch):
+@pytest.fixture(params=["read", "mapped"])
+def way(request, monkeypatch):
+    """Both ways `StoredFile.read` takes: a read into memory of its own, or (every tensor over 0
+    bytes, as over `MAPPED_OVER` otherwise) a private map of the file; the maps made are
+    counted."""
+    maps = []
+    if request.param == "mapped":
+        real = mmap.mmap
+        monkeypatch.setattr(S, "MAPPED_OVER", 0)
+        monkeypatch.setattr(mmap, "mmap", lambda *a, **k: maps.append(a) or real(*a, **k))
+    return request.param, maps
+
+
+def test_stored_file_reads_each_tensor_as_safetensors_does(tmp_path, monkeypatch, way):
     tensors = {
         "f32": torch.randn(3, 5), "bf16": torch.randn(7).bfloat16(), "f16": torch.randn(2, 2).half(),
         "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False, True]),
@@ -135,6 +149,7 @@ def test_stored_file_reads_each_tensor_as_safetensors_does(tmp_path, monkeypatch
         assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
         got.zero_() if got.dtype != torch.bool else got.fill_(False)  # memory of its own
     assert torch.equal(S.read_tensor(path, "f32"), tensors["f32"])  # the file is unchanged
+    assert len(way[1]) == (8 if way[0] == "mapped" else 0)  # 7 (not the empty one), f32 again
     with pytest.raises(ShardError, match=r"m\.safetensors has no tensor nope$"):
         f.read("nope")
     # the header is parsed once per version of the file: a rewritten file is read anew
@@ -148,7 +163,7 @@ def test_stored_file_reads_each_tensor_as_safetensors_does(tmp_path, monkeypatch
     assert torch.equal(S.read_tensor(path, "f32"), torch.ones(3, 5)) and len(parsed) == 2
 
 
-def test_stored_file_refuses_a_damaged_file_in_one_line(tmp_path):
+def test_stored_file_refuses_a_damaged_file_in_one_line(tmp_path, way):
     path = tmp_path / "m.safetensors"
     save_file({"a": torch.randn(64)}, path)
     data = path.read_bytes()
@@ -166,3 +181,16 @@ def test_stored_file_refuses_a_damaged_file_in_one_line(tmp_path):
     (tmp_path / "lies.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
     with pytest.raises(ShardError, match=r"a's header gives 256 bytes for 260$"):
         S.StoredFile(tmp_path / "lies.safetensors").read("a")
+
+
+def test_a_tensor_not_aligned_in_its_file_is_read_not_mapped(tmp_path, way):
+    """A float32 tensor at an offset that is not a multiple of 4 cannot be a view of a map."""
+    want = torch.randn(4)
+    raw = json.dumps({"a": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+                      "b": {"dtype": "F32", "shape": [4], "data_offsets": [3, 19]}}).encode()  # fmt: skip
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, so b starts at 3 mod 4
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes([1, 2, 3]) + want.numpy().tobytes())
+    f = S.StoredFile(path)
+    assert torch.equal(f.read("b"), want) and f.read("a").tolist() == [1, 2, 3]
+    assert len(way[1]) == (1 if way[0] == "mapped" else 0)  # a alone

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import mmap
 import os
 import queue
 import shutil
@@ -252,10 +253,16 @@ class StoredFile:
         begin, end = e["data_offsets"]
         if e["dtype"] not in TORCH_DTYPES:
             raise ShardError(f"{self.path}: {name} has dtype {e['dtype']}, which lfm cannot read")
-        out = torch.empty(e["shape"], dtype=TORCH_DTYPES[e["dtype"]])
-        if out.nbytes != end - begin:
+        dtype = TORCH_DTYPES[e["dtype"]]
+        numel = math.prod(e["shape"])
+        if numel * dtype.itemsize != end - begin:
             raise ShardError(f"{self.path}: {name}'s header gives {end - begin} bytes for "
-                             f"{out.nbytes}")  # fmt: skip
+                             f"{numel * dtype.itemsize}")  # fmt: skip
+        if end - begin > MAPPED_OVER:
+            mapped = self._mapped(name, begin, end, dtype, e["shape"])
+            if mapped is not None:
+                return mapped
+        out = torch.empty(e["shape"], dtype=dtype)
         view = out.reshape(-1).view(torch.uint8).numpy().data  # its bytes, writable
         got = 0
         with open(self.path, "rb", buffering=0) as f:
@@ -270,6 +277,30 @@ class StoredFile:
                 f"{self.path} is truncated: {name} has {got} of its {out.nbytes} bytes"
             )
         return out
+
+    def _mapped(
+        self, name: str, begin: int, end: int, dtype: torch.dtype, shape: list[int]
+    ) -> Tensor | None:
+        """A large tensor as a private (copy-on-write) map of its bytes in the file: read from
+        the page cache where it is used, with no copy and no fresh pages (a tensor over glibc's
+        32 MiB mmap threshold would get fresh pages from the kernel at every read). Writes to it
+        stay in this process. None where its bytes are not aligned to its dtype in the file."""
+        offset = self.start + begin
+        if offset % dtype.itemsize:
+            return None
+        lead = offset % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            have = os.fstat(f.fileno()).st_size - offset
+            if have < end - begin:
+                raise ShardError(f"{self.path} is truncated: {name} has {max(have, 0)} of its "
+                                 f"{end - begin} bytes")  # fmt: skip
+            m = mmap.mmap(f.fileno(), lead + end - begin, access=mmap.ACCESS_COPY,
+                          offset=offset - lead)  # fmt: skip
+        count = (end - begin) // dtype.itemsize
+        return torch.frombuffer(m, dtype=dtype, count=count, offset=lead).view(shape)
+
+
+MAPPED_OVER = 32 << 20  # bytes: larger tensors are read as maps of the file (`StoredFile._mapped`)
 
 
 def copy_side_files(src: Path, dst: Path, skip: Collection[str] = ()) -> None:
