@@ -29,8 +29,9 @@ last two stages and the last 1x1 conv, features.14-18, 76 % of the parameters) i
 weight-ensembling MoEs, merges the rest by task arithmetic at λ = 0.3, and trains the routers on
 the unlabelled test inputs (16 per task and step, as AdaMerging); `--only-wemoe` prints only the
 individual and WEMoE rows, for the same cached experts. `--wemoe-gate softmax` (coefficients on the
-simplex) and `--wemoe-batch-reduce` (one routing per batch of one task) are options beside the
-paper's linear per-sample gate (docs/reuse.md measures both).
+simplex), `--wemoe-batch-reduce` (one routing per batch of one task) and `--wemoe-objective im`
+(information maximisation) are options beside the paper's linear per-sample gate and entropy
+(docs/reuse.md measures them).
 
     .venv/bin/python bench/reuse_fusion_vision.py   # 14-19 CPU-minutes on 1 thread (busy host), WEMoE 4 more
     .venv/bin/python bench/reuse_fusion_vision.py --quick    # a smoke run
@@ -206,31 +207,31 @@ def _linear(sd: dict[str, Tensor]) -> nn.Linear:
 def wemoe_rows(base: nn.Module, sds: list[dict], fts: list[FusionTask], a) -> FusionResult:
     """WEMoE: the `--wemoe-modules` upscaled, routers trained on the unlabelled test inputs.
 
-    Rows: WEMoE before its routers are trained (every coefficient near λ: task arithmetic at λ
-    up to the routers' small weights), after, and with oracle routing (task k's inputs sent to
+    Rows: WEMoE before its routers are trained (every coefficient near λ, 1/K with the softmax
+    gate: task arithmetic up to the routers' small weights), after, and with oracle routing (task k's inputs sent to
     expert k in every upscaled module: what the upscaled model gives if the routers learn the
     task of each input; it reads the task labels, so it is a bound, not a method). Notes: the
-    training entropy before / after, the summed test entropy of the trained and the oracle
+    training objective before / after, the summed test entropy of the trained and the oracle
     routing, and per task the share of its test inputs whose largest routing weight goes to its
     own expert (mean over the upscaled modules).
     """
     res = FusionResult([t.name for t in fts])
     cfg = WEMoEConfig(modules=a.wemoe_modules, init=a.wemoe_init, lr=a.wemoe_lr,
                       steps=a.wemoe_steps, seed=a.seed, gate=a.wemoe_gate,
-                      batch_reduce=a.wemoe_batch_reduce)  # fmt: skip
+                      batch_reduce=a.wemoe_batch_reduce, objective=a.wemoe_objective)  # fmt: skip
     data = [list(t.test[0].split(a.ada_batch)) for t in fts]
     heads = [t.head.eval() for t in fts]
     t0 = time.process_time()
     model = upscale(base, base.state_dict(), sds, cfg)
     res.rows["WEMoE (routers at init)"], _, _ = wemoe_scores(model, fts)
     bar = tqdm(total=cfg.steps, desc="WEMoE routers", file=sys.stderr, mininterval=5)
-    step = lambda i, h: (bar.update(), bar.set_postfix(entropy=f"{h:.3f}", refresh=False))  # noqa: E731
+    step = lambda i, h: (bar.update(), bar.set_postfix(objective=f"{h:.3f}", refresh=False))  # noqa: E731
     hist = train_routers(model, data, cfg, heads, progress=step)
     bar.close()
     res.rows["WEMoE"], own, ent = wemoe_scores(model, fts)
     res.seconds["WEMoE"] = time.process_time() - t0
     res.rows["WEMoE (oracle routing)"], _, oracle_ent = wemoe_scores(model, fts, oracle=True)
-    res.notes |= {"wemoe_entropy": (hist[0], hist[-1]) if hist else None,
+    res.notes |= {"wemoe_objective": (hist[0], hist[-1]) if hist else None,
                   "wemoe_test_entropy": (round(ent, 3), round(oracle_ent, 3)),
                   "wemoe_routed_to_own_expert": own,
                   "wemoe_modules": list(moe_modules(model))}  # fmt: skip
@@ -291,6 +292,12 @@ def main() -> None:
         "--wemoe-batch-reduce",
         action="store_true",
         help="one routing per batch (each batch holds one task), not per sample",
+    )
+    ap.add_argument(
+        "--wemoe-objective",
+        choices=("entropy", "im"),
+        default="entropy",
+        help="entropy: the paper's; im: minus the entropy of the batch-mean prediction",
     )
     ap.add_argument("--only-wemoe", action="store_true", help="only the individual and WEMoE rows")
     ap.add_argument("--seed", type=int, default=0)

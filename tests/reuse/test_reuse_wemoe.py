@@ -19,6 +19,7 @@ from lfm.reuse.wemoe import (
     WEMoEConfig,
     _selected,
     entropy,
+    information_loss,
     input_width,
     moe_modules,
     router,
@@ -393,3 +394,38 @@ def test_batch_reduce_routes_a_batch_by_its_mean_and_training_keeps_tasks_apart(
         pooled = sum(entropy(o).item() for o in mixed)
     assert abs(want - pooled) > 1e-6  # pooling the tasks would route them together
     assert train_routers(model, batches, cfg) == [pytest.approx(want, abs=1e-6)]
+
+
+def test_information_loss_by_hand_rewards_spread_predictions():
+    """Rows [0, 0] and [ln 3, 0]: softmax (1/2, 1/2) and (3/4, 1/4), mean entropy as in
+    `entropy`; their mean is (5/8, 3/8), whose entropy is subtracted."""
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    second = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    spread = -(0.625 * math.log(0.625) + 0.375 * math.log(0.375))
+    want = (math.log(2.0) + second) / 2 - spread
+    assert information_loss(logits).item() == pytest.approx(want, abs=1e-6)
+    # as confident, but all on one class: higher by (nearly) ln 2
+    same, apart = torch.tensor([[20.0, 0.0], [20.0, 0.0]]), torch.tensor([[20.0, 0.0], [0.0, 20.0]])
+    assert entropy(same).item() == pytest.approx(entropy(apart).item(), abs=1e-6)
+    gap = information_loss(same).item() - information_loss(apart).item()
+    assert gap == pytest.approx(math.log(2.0), abs=1e-3)
+
+
+def test_train_routers_minimises_the_chosen_objective():
+    """objective="im": each step's history is Σ_k information_loss of task k's batch through
+    its head (a step too small to move the routers), not the entropy."""
+    base, experts = tiny_mlp(0).eval(), [tiny_mlp(s).eval() for s in (1, 2)]
+    gen = torch.Generator().manual_seed(0)
+    batches = [[torch.randn(6, 8, generator=gen)], [torch.randn(4, 8, generator=gen)]]
+    heads = [lambda z: z[:, :2], lambda z: 3 * z]
+    got = {}
+    for objective, score in (("im", information_loss), ("entropy", entropy)):
+        cfg = WEMoEConfig(modules="fc2", steps=1, lr=1e-30, objective=objective)
+        model = upscale(base, base.state_dict(), [e.state_dict() for e in experts], cfg)
+        with torch.no_grad():
+            want = sum(score(h(model(b[0]))).item() for h, b in zip(heads, batches, strict=True))
+        got[objective] = train_routers(model, batches, cfg, heads)
+        assert got[objective] == [pytest.approx(want, abs=1e-6)], objective
+    assert abs(got["im"][0] - got["entropy"][0]) > 0.1
+    with pytest.raises(ConfigError, match="objective: "):
+        WEMoEConfig.build(objective="kl")

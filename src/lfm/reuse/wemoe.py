@@ -22,13 +22,17 @@ adapts it; `wemoe` is both, registered.
 Two options beside the paper's gate: `gate="softmax"` puts each module's coefficients on the
 simplex (unnormalised coefficients let the routers lower the entropy by scaling every expert up,
 where a head reads unnormalised features), and `batch_reduce` routes a whole batch of one task by
-its mean (the option of that name in FusionBench's implementation).
+its mean (the option of that name in FusionBench's implementation). `objective="im"` subtracts
+from each task's mean entropy the entropy of its batch's mean prediction (SHOT's information
+maximisation), so that the routers cannot buy confidence by sending a task's inputs where its
+head puts them all in a few classes.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +64,10 @@ class WEMoEConfig(Config):
     # one routing per batch (the mean over its samples) instead of one per sample; batches must
     # then hold one task each, in training (`train_routers` runs the tasks apart) and after
     batch_reduce: bool = False
+    # what the routers minimise per task: "entropy", the mean entropy of the head's predictions
+    # (paper); "im", that minus the entropy of their batch mean (information maximisation, as in
+    # SHOT, Liang et al. 2020): confident predictions that still spread over the classes
+    objective: Literal["entropy", "im"] = "entropy"
     lr: float = Field(1e-4, gt=0)  # Adam learning rate of the routers (paper: 1e-4)
     steps: int = Field(1000, ge=0)  # test-time steps, one batch per task each (paper: 1000)
     seed: int = 0  # seeds the routers' initial weights
@@ -326,6 +334,15 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean()
 
 
+def information_loss(logits: Tensor) -> Tensor:
+    """Mean entropy of the softmax of logits (B, C) minus the entropy of their mean over the
+    batch: low when each prediction is confident and the batch's predictions spread over the
+    classes (SHOT's information maximisation, Liang et al. 2020, arXiv 2002.08546)."""
+    logp = logits.float().log_softmax(-1)
+    log_mean = logp.logsumexp(0) - math.log(len(logp))  # log of the batch-mean probabilities
+    return -(logp.exp() * logp).sum(-1).mean() + (log_mean.exp() * log_mean).sum()
+
+
 def train_routers(
     model: nn.Module,
     batches: Sequence[Sequence[Tensor]],
@@ -333,12 +350,14 @@ def train_routers(
     heads: Sequence[Callable[[Tensor], Tensor]] | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Test-time adaptation: Adam on the routers alone, minimising Σ_k H(head_k(model(x_k))).
+    """Test-time adaptation: Adam on the routers alone, minimising Σ_k H(head_k(model(x_k)))
+    (with `cfg.objective == "im"`, Σ_k of `information_loss` instead).
 
     One step takes the next batch of every task (cycled) through the model together: routing is
-    per sample, so mixing tasks in one batch changes nothing. Returns the summed entropy at each
-    step, before its update.
+    per sample, so mixing tasks in one batch changes nothing (with `cfg.batch_reduce`, each
+    task's batch runs on its own). Returns the summed objective at each step, before its update.
     """
+    score = information_loss if cfg.objective == "im" else entropy
     params = [p for m in moe_modules(model).values() for p in m.router.parameters()]
     opt = torch.optim.Adam(params, lr=cfg.lr)
     history: list[float] = []
@@ -348,7 +367,7 @@ def train_routers(
             outs = [model(x) for x in xs]
         else:
             outs = list(model(torch.cat(xs)).split([len(x) for x in xs]))
-        terms = [entropy(heads[k](o) if heads is not None else o) for k, o in enumerate(outs)]
+        terms = [score(heads[k](o) if heads is not None else o) for k, o in enumerate(outs)]
         loss = sum(terms, torch.zeros(()))
         opt.zero_grad()
         loss.backward()
