@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import mmap
 import os
 import queue
 import shutil
@@ -281,23 +280,22 @@ class StoredFile:
     def _mapped(
         self, name: str, begin: int, end: int, dtype: torch.dtype, shape: list[int]
     ) -> Tensor | None:
-        """A large tensor as a private (copy-on-write) map of its bytes in the file: read from
-        the page cache where it is used, with no copy and no fresh pages (a tensor over glibc's
-        32 MiB mmap threshold would get fresh pages from the kernel at every read). Writes to it
-        stay in this process. None where its bytes are not aligned to its dtype in the file."""
+        """A large tensor as a private (copy-on-write) map of the file up to its last byte, read
+        from the page cache where it is used: no copy and no fresh pages (a tensor over glibc's
+        32 MiB mmap threshold would get fresh pages from the kernel at every read). The map
+        holds no file descriptor and goes with the tensor; writes to it stay in this process.
+        None where its bytes are not aligned to its dtype in the file."""
         offset = self.start + begin
         if offset % dtype.itemsize:
             return None
-        lead = offset % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
-            have = os.fstat(f.fileno()).st_size - offset
-            if have < end - begin:
-                raise ShardError(f"{self.path} is truncated: {name} has {max(have, 0)} of its "
-                                 f"{end - begin} bytes")  # fmt: skip
-            m = mmap.mmap(f.fileno(), lead + end - begin, access=mmap.ACCESS_COPY,
-                          offset=offset - lead)  # fmt: skip
-        count = (end - begin) // dtype.itemsize
-        return torch.frombuffer(m, dtype=dtype, count=count, offset=lead).view(shape)
+        have = os.stat(self.path).st_size - offset
+        if have < end - begin:
+            raise ShardError(f"{self.path} is truncated: {name} has {max(have, 0)} of its "
+                             f"{end - begin} bytes")  # fmt: skip
+        storage = torch.UntypedStorage.from_file(
+            str(self.path), shared=False, nbytes=offset + end - begin
+        )
+        return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
 
 
 MAPPED_OVER = 32 << 20  # bytes: larger tensors are read as maps of the file (`StoredFile._mapped`)
