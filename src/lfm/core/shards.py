@@ -16,7 +16,7 @@ import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import torch
 from torch import Tensor
@@ -292,10 +292,14 @@ class StoredFile:
         if have < end - begin:
             raise ShardError(f"{self.path} is truncated: {name} has {max(have, 0)} of its "
                              f"{end - begin} bytes")  # fmt: skip
-        storage = torch.UntypedStorage.from_file(
-            str(self.path), shared=False, nbytes=offset + end - begin
+        storage = cast(
+            torch.UntypedStorage,
+            torch.UntypedStorage.from_file(
+                str(self.path), shared=False, nbytes=offset + end - begin
+            ),
         )
-        return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape)
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]  # contiguous
+        return torch.empty(0, dtype=dtype).set_(storage, offset // dtype.itemsize, shape, strides)
 
 
 MAPPED_OVER = 32 << 20  # bytes: larger tensors are read as maps of the file (`StoredFile._mapped`)
