@@ -380,7 +380,8 @@ def train_routers(
 
 @dataclass
 class WEMoEResult:
-    """The merged model (routers trained, eval mode) and the summed entropy at each step."""
+    """The merged model (routers trained, eval mode) and the summed objective at each step (the
+    entropy, or with `objective="im"` the information loss)."""
 
     model: nn.Module
     entropy: list[float] = field(default_factory=list)
