@@ -208,9 +208,10 @@ def wemoe_rows(base: nn.Module, sds: list[dict], fts: list[FusionTask], a) -> Fu
     """WEMoE: the `--wemoe-modules` upscaled, routers trained on the unlabelled test inputs.
 
     Rows: WEMoE before its routers are trained (every coefficient near λ, 1/K with the softmax
-    gate: task arithmetic up to the routers' small weights), after, and with oracle routing (task k's inputs sent to
-    expert k in every upscaled module: what the upscaled model gives if the routers learn the
-    task of each input; it reads the task labels, so it is a bound, not a method). Notes: the
+    gate: task arithmetic up to the routers' small weights), after, and with oracle routing
+    (task k's inputs sent to expert k in every upscaled module: what the upscaled model gives if
+    the routers learn the task of each input; it reads the task labels, so it is a bound, not a
+    method). Notes: the
     training objective before / after, the summed test entropy of the trained and the oracle
     routing, and per task the share of its test inputs whose largest routing weight goes to its
     own expert (mean over the upscaled modules).

@@ -338,16 +338,11 @@ def magprune(tau: Tensor, drop_rate: float, window: float, seed: int) -> Tensor:
         tau: a task vector (on any device).
         drop_rate: p, the mean drop probability.
         window: ε, the width of the range of probabilities (p ± ε/2).
-        seed: seeds this tensor's mask; or a generator to draw it from, where a tensor is taken
-            chunk by chunk (successive draws continue one stream: the mask of the whole).
+        seed: seeds this tensor's mask.
     """
     p = rank_drop_probabilities(tau, drop_rate, window)
     uniforms = torch.empty(tau.shape)
-    rng = (
-        seed
-        if isinstance(seed, np.random.Generator)
-        else np.random.Generator(np.random.PCG64(seed))
-    )
+    rng = np.random.Generator(np.random.PCG64(seed))
     rng.random(dtype=np.float32, out=uniforms.numpy().reshape(-1))
     kept = uniforms.to(tau.device) >= p  # with probability 1 − p_j
     return torch.where(kept, tau.float() / (1.0 - p), torch.zeros_like(p))

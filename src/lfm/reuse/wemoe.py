@@ -178,6 +178,8 @@ class WeightEnsemblingMoE(nn.Module):
         by_leaf: force (True) or forbid (False) the per-leaf way; None: whenever it is exact.
         gate: "linear", the router's token mean is the coefficients (the paper); "softmax", their
             softmax over the experts.
+        batch_reduce: one routing per call, the mean over the batch's samples (a batch must then
+            hold one task), instead of one per sample.
     """
 
     theta: Tensor  # (P,) the base parameters, flattened in `names` order
@@ -228,8 +230,9 @@ class WeightEnsemblingMoE(nn.Module):
                 setattr(self.template.get_submodule(parent), child, mixed)
 
     def routing(self, x: Tensor) -> Tensor:
-        """Per-sample coefficients (B, K): the router on every token, averaged over tokens (and
-        with the softmax gate, their softmax over the experts)."""
+        """Per-sample coefficients (B, K): the router on every token, averaged over tokens (with
+        `batch_reduce`, over the batch too), and with the softmax gate their softmax over the
+        experts."""
         r = self.router(tokens(x).float()).mean(1)
         if self.batch_reduce:
             r = r.mean(0, keepdim=True).expand(len(r), -1)
