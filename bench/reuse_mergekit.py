@@ -2,8 +2,10 @@
 
 The cached fp32 SmolLM2-135M folder is the base; `--n-models` seeded variants (base + N(0, σ²)
 noise on every float tensor) are written as Hugging Face folders. The same mergekit YAML goes
-through mergekit's CLI (`mergekit-yaml`, in its own venv) and through `lfm reuse merge` (one torch
-thread, `OMP_NUM_THREADS=1`), each in a fresh subprocess.
+through mergekit's CLI (`mergekit-yaml`, in its own venv) and through `lfm reuse merge`
+(`OMP_NUM_THREADS` set to `--lfm-threads`, default 2, as mergekit's `--num-threads 2` sets: lfm
+then merges two tensors at once, `lfm.reuse.driver.MERGE_WORKERS`; 1 merges one at a time on one
+thread), each in a fresh subprocess.
 
 mergekit runs once per setting set of `--mk-settings` (default all of `MK_SETTINGS`):
 `default` (`--lazy-unpickle --no-cuda`, threads as mergekit sets them), `j1` and `j2` (plus
@@ -241,7 +243,13 @@ def child(args: list[str]) -> dict:
 
 
 def part_mergekit(
-    work: Path, n: int, sigma: float, methods: list[str], repeats: int, settings: list[str]
+    work: Path,
+    n: int,
+    sigma: float,
+    methods: list[str],
+    repeats: int,
+    settings: list[str],
+    threads: int = 2,
 ) -> None:
     exe = ensure_mergekit()
     if exe is not None:
@@ -251,7 +259,7 @@ def part_mergekit(
     if not root.exists():
         root.mkdir(parents=True)
         child(["--child", "build", str(root), str(n), str(sigma)])
-    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lfm_env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     tools = ["lfm", *(f"mk:{s}" for s in sets), "floor", "startup", "check"]
     runs: dict[str, dict[str, list[dict[str, float]]]] = {
         m: {t: [] for t in tools} for m in methods
@@ -264,7 +272,7 @@ def part_mergekit(
             for tool in tools if rep % 2 == 0 else tools[::-1]:
                 if tool == "lfm":
                     out = _fresh(work / f"lfm-{method}")
-                    r = timed(lfm_cmd(plan, out), env=one_thread)
+                    r = timed(lfm_cmd(plan, out), env=lfm_env)
                     if method not in moved:
                         inputs = floor_inputs(method, root, n)
                         moved[method] = (sum(f.stat().st_size for f in inputs), out_bytes(out))
@@ -274,9 +282,9 @@ def part_mergekit(
                     r = timed(floor_cmd(target, moved[method][1], inputs))
                     target.unlink()
                 elif tool == "startup":
-                    r = timed([*lfm_cmd(plan, work / "unused")[:3], "--help"], env=one_thread)
+                    r = timed([*lfm_cmd(plan, work / "unused")[:3], "--help"], env=lfm_env)
                 elif tool == "check":
-                    r = timed([*lfm_cmd(plan, work / "unused"), "--check"], env=one_thread)
+                    r = timed([*lfm_cmd(plan, work / "unused"), "--check"], env=lfm_env)
                 else:
                     setting = tool.split(":", 1)[1]
                     out = _fresh(work / f"mk-{setting}-{method}")
@@ -412,13 +420,16 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--mk-settings", default=",".join(MK_SETTINGS), help="mergekit setting sets")
+    ap.add_argument("--lfm-threads", type=int, default=2, help="OMP_NUM_THREADS of lfm's runs")
     a = ap.parse_args()
     settings = a.mk_settings.split(",")
     if unknown := [x for x in settings if x not in MK_SETTINGS]:
         ap.error(f"unknown --mk-settings {','.join(unknown)}; known: {','.join(MK_SETTINGS)}")
     a.work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    part_mergekit(a.work, a.n_models, a.sigma, a.methods.split(","), a.repeats, settings)
+    part_mergekit(
+        a.work, a.n_models, a.sigma, a.methods.split(","), a.repeats, settings, a.lfm_threads
+    )
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -1,5 +1,5 @@
 """`python -m lfm` runs the CLI."""
 
-from lfm.cli import main
+from lfm.cli import run
 
-main()
+run()

@@ -20,17 +20,27 @@ cast to the template's dtype and moved back to the CPU before it reaches the sin
 `CPU_KERNELS` run on the CPU whatever the device. `run_merge(..., dtype=...)` casts every floating
 result to that dtype instead of the template's (the arithmetic is the kernels' own, float32 or
 wider, either way); a value that overflows it is a `MergeError`.
+
+On the CPU, `run_merge` merges up to `MERGE_WORKERS` tensors at once on threads, no more than
+torch's thread count (the kernels' NumPy selections, torch's elementwise passes and the reads
+release the GIL), and hands the results to the sink in template order: each tensor's floats are
+its own kernel's, so the output is the same bit for bit as one at a time. Readers that are not
+known to be safe to read from several threads (a GGUF file's, whose dequantising keeps state)
+merge one tensor at a time, and so does a merge on an accelerator.
 """
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -54,6 +64,9 @@ EMBEDDING_HINTS = ("embed", "wte", "lm_head", "shared.weight")
 # seeded generator and moved to the task vectors' device; Fisher's statistics, read on the CPU, are
 # moved to the weights' device: those kernels run on the device.)
 CPU_KERNELS = frozenset({"regmean"})
+# Tensors merged at once on the CPU (`run_merge`): two keep a 2-core machine busy while one
+# tensor's selection runs single-threaded; each one in flight holds its inputs and task vectors.
+MERGE_WORKERS = 2
 CPU = torch.device("cpu")
 
 
@@ -89,6 +102,7 @@ class DictReader:
 
     sd: Mapping[str, Tensor]
     tied: bool = False
+    concurrent: ClassVar[bool] = True  # `get` may be called from several threads at once
 
     def keys(self) -> list[str]:
         return list(self.sd)
@@ -367,6 +381,7 @@ def run_merge(
     allow_nonfinite: bool = False,
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
+    workers: int | None = None,
 ) -> Config:
     """Merge every tensor of `inputs` with `method` and give each result to `sink`.
 
@@ -385,6 +400,9 @@ def run_merge(
             `prepare` pass (e.g. TIES's model-wide thresholds) reads on the CPU.
         dtype: the dtype of every floating result given to `sink` (`merge_one`); None: the
             template's dtype of each tensor.
+        workers: how many tensors are merged at once on threads (the results still reach `sink`
+            one at a time, in template order, and are the same bit for bit). None:
+            `merges_at_once` (2 on the CPU, at most torch's thread count).
 
     Returns:
         The resolved config.
@@ -398,10 +416,53 @@ def run_merge(
     check_weights(spec, config, ws)
     prepare: Prepare | None = spec.extras.get("prepare")
     stats = {**(prepare(inputs, config) if prepare else {}), **(stats or {})}
+    if workers is None:
+        workers = merges_at_once(inputs, spec, device)
+
+    def one(name: str) -> Tensor:
+        return merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite, device, dtype)
+
+    merged = in_order(one, inputs.names, workers)
     for name in (progress or iter)(inputs.names):
-        sink(name, merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite, device,
-                             dtype))  # fmt: skip
+        sink(name, next(merged))
     return config
+
+
+def merges_at_once(inputs: Inputs, spec: MethodSpec, device: torch.device | None) -> int:
+    """How many tensors `run_merge` merges at once by default: `MERGE_WORKERS`, at most torch's
+    thread count (`OMP_NUM_THREADS=1`, `torch.set_num_threads(1)`: one), on the CPU with readers
+    that may be read from several threads (their `concurrent` attribute); else one."""
+    readers = [r for r in (inputs.base, *inputs.models) if r is not None]
+    on_cpu = compute_device(spec, device) in (None, CPU)
+    if not (on_cpu and all(getattr(r, "concurrent", False) for r in readers)):
+        return 1
+    return max(1, min(MERGE_WORKERS, torch.get_num_threads()))
+
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+
+def in_order(fn: Callable[[In], Out], items: Iterable[In], workers: int) -> Iterator[Out]:
+    """`fn` over `items`, up to `workers` calls at once on threads, the results in the items'
+    order. At most `workers` calls run ahead of the consumer; an error is raised where its item's
+    result would have come, and the calls not yet started are cancelled."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    it = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="lfm-merge") as pool:
+        pending: deque[Future[Out]] = deque(
+            pool.submit(fn, x) for x in itertools.islice(it, workers)
+        )
+        try:
+            while pending:
+                done = pending.popleft().result()
+                pending.extend(pool.submit(fn, x) for x in itertools.islice(it, 1))
+                yield done
+        finally:
+            for f in pending:
+                f.cancel()
 
 
 def check_arity(spec: MethodSpec, inputs: Inputs) -> None:

@@ -103,6 +103,8 @@ class SafetensorsReader:
         path: a model folder or a single `.safetensors` file.
     """
 
+    concurrent = True  # `get` may be called from several threads at once (one read per call)
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
@@ -125,9 +127,11 @@ class SafetensorsReader:
 
     def _header(self, name: str) -> tuple[tuple[int, ...], str]:
         if not self._meta:  # one pass over all headers, parsed once and kept for `get`
+            meta = {}  # filled whole before it is kept: other threads may read it meanwhile
             for file in sorted(set(self.files.values())):
                 for k, e in stored_file(file).entries.items():
-                    self._meta[k] = (tuple(e["shape"]), e["dtype"])
+                    meta[k] = (tuple(e["shape"]), e["dtype"])
+            self._meta = meta
         return self._meta[name]
 
     def get(self, name: str) -> Tensor:

@@ -92,6 +92,11 @@ class LoraReader:
         if missing:
             raise MergeError(f"{self.path}: adapter targets weights the base lacks: {missing[:3]}")
 
+    @property
+    def concurrent(self) -> bool:
+        """Safe to read from several threads where its base is (the adapter is opened per read)."""
+        return bool(getattr(self.base, "concurrent", False))
+
     def keys(self) -> list[str]:
         return self.base.keys()
 
