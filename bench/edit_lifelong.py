@@ -11,8 +11,8 @@ The first T facts the model knows are edited one after another: GRACE grows one 
 lifelong statistics (`ultraedit_step`, `--turn` facts per turn, default 1; `--ue-lr` its η), each
 patch applied before the next edit; WISE grows one side memory (`wise(..., memory=previous)`;
 `--shard-size` edits per shard, default the paper's 500; `--wise-lr` its SGD step, default the
-paper's 1.0; `--wise-routing subject`, `--wise-prefixes N` and `--wise-layer B`, the options of
-`WiseConfig`, name the row `wise (subject, N rows, block B)`), installed once after the T-th
+paper's 1.0; `--wise-routing subject`, `--wise-prefixes N`, `--wise-layer B` and `--wise-sink S`, the
+options of `WiseConfig`, name the row `wise (subject, N rows, block B, sink S)`), installed once after the T-th
 edit; IKE (`--methods ike`) stores the T facts in one memory patch.
 `--facts lifelong` draws the facts from the test split of the 1,496-request lifelong set
 (`load_facts(name="lifelong", split="test")`) instead of the 316 packaged facts. After the T-th edit every one of the T facts is scored (CounterFact
@@ -81,6 +81,10 @@ def _args() -> argparse.Namespace:
     p.add_argument(
         "--wise-layer", type=int, default=None,
         help="WISE: the block whose MLP output projection gets the side memory (⌊0.75·L⌋)",
+    )  # fmt: skip
+    p.add_argument(
+        "--wise-sink", type=int, default=None,
+        help="WISE: leading tokens that neither route nor get the side memory (0)",
     )  # fmt: skip
     p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
     p.add_argument(
@@ -296,10 +300,10 @@ def _wise(handle, facts, a: argparse.Namespace):
     prompts of each kind the router sends to the side memory (score above ε)."""
     from lfm.edit import WiseConfig, wise
     from lfm.edit.site import edit_site
-    from lfm.edit.wise import activations, scores
+    from lfm.edit.wise import activations, past_sink, scores
 
     given = {"shard_size": a.shard_size, "lr": a.wise_lr, "routing": a.wise_routing,
-             "n_prefixes": a.wise_prefixes, "layer": a.wise_layer}  # fmt: skip
+             "n_prefixes": a.wise_prefixes, "layer": a.wise_layer, "sink": a.wise_sink}  # fmt: skip
     cfg = WiseConfig(**{k: v for k, v in given.items() if v is not None})
     memory, clock = None, _Clock()
     for f in facts:
@@ -308,12 +312,16 @@ def _wise(handle, facts, a: argparse.Namespace):
     site = edit_site(handle.model, int(memory.info["layer"]))
 
     def routed(prompts: list[str]) -> str:
-        acts = activations(handle.model, handle.tokenizer, prompts, site)
+        acts = [
+            past_sink(x, cfg.sink)
+            for x in activations(handle.model, handle.tokenizer, prompts, site)
+        ]
         return f"{int((scores(memory.side, acts) > memory.epsilon).sum())}/{len(prompts)}"
 
     variant = [cfg.routing] if cfg.routing != "prompt" else []
     variant += [f"{cfg.n_prefixes} rows"] if cfg.n_prefixes > 1 else []
     variant += [f"block {cfg.layer}"] if cfg.layer is not None else []
+    variant += [f"sink {cfg.sink}"] if cfg.sink else []
     notes = {
         "variant": f" ({', '.join(variant)})" if variant else "",
         "lr": cfg.lr,

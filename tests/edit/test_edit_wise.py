@@ -633,3 +633,93 @@ def test_n_prefixes_trains_the_target_behind_each_context_prefix(h):
             WiseConfig.build(bad)
     cfg = WiseConfig()
     assert (cfg.routing, cfg.n_prefixes) == ("prompt", 1)  # the paper's: bare prompt, all tokens
+
+
+# ---- `sink`: the first tokens neither route nor get the side memory ----
+
+
+def test_sink_free_and_past_sink_by_hand():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0]])
+    want = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 0, 0], [0, 0, 0, 1, 0]], dtype=torch.bool)
+    assert torch.equal(wise_mod.sink_free(mask, 1), want)  # a one-token row keeps its token
+    assert torch.equal(wise_mod.sink_free(mask, 0), mask.bool())
+    a = torch.arange(12.0).view(3, 4)
+    assert torch.equal(wise_mod.past_sink(a, 1), a[1:])
+    assert torch.equal(wise_mod.past_sink(a[:1], 1), a[:1])
+
+
+def test_with_a_sink_the_first_real_token_neither_routes_nor_gets_the_side_memory():
+    side = torch.zeros(2, 3)
+    side[0, 0] = 1.0  # the score of a token is |a_0|
+    a = torch.tensor([[[0.0, 0.0, 0.0], [50.0, 1.0, 1.0], [2.0, 1.0, 1.0], [1.0, 0.0, 0.0]]])
+    out = torch.zeros(1, 4, 2)
+    mask = torch.tensor([[0, 1, 1, 1]])  # left padding: the sink is position 1
+    _, r = route(side, 10.0, a, out, mask)
+    assert r.tolist() == [True]  # the sink's score, 50, routes the row
+    kept, r = route(side, 10.0, a, out, mask, sink=1)
+    assert r.tolist() == [False] and torch.equal(kept, out)  # past it the largest is 2
+    low, r = route(side, 1.5, a, out, mask, sink=1)
+    assert r.tolist() == [True]
+    assert torch.equal(low[0, :2], out[0, :2])  # the padding and the sink: the main memory's
+    assert low[0, 2, 0] == 2.0 and low[0, 3, 0] == 1.0  # the others get the side memory
+
+
+def test_epsilon_is_taken_past_the_sink():
+    acts = torch.ones(3, 4)
+    acts[0] *= 100  # the first token's input, far the longest (an attention sink)
+    shard = wise_mod.Shard(torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4), 1)
+    for sink, score in ((0, 400 * 2**0.5), (1, 4 * 2**0.5)):  # ‖Δ a‖ = 4√2 ‖a‖∞ here
+        cfg = CFG.replace(sink=sink)
+        memory = WiseMemory("m", [shard], [acts], [REQ], cfg.to_dict(), "base")
+        assert memory.sink == sink and memory.edit_scores == pytest.approx([score])
+        assert memory.epsilon == pytest.approx(cfg.act_ratio * score)
+
+
+def test_an_edit_with_a_sink_wins_and_scores_its_prompt_past_the_sink(h):
+    cfg = CFG.replace(sink=1)
+    memory = wise(h, REQ, cfg)
+    assert memory.sink == 1
+    want = wise_mod.scores(memory.side, [memory.acts[0][1:]])
+    assert memory.edit_scores == pytest.approx([float(want[0])])
+    undo = memory.apply(h.model)
+    try:
+        assert _top(h, [REQ.prompt]) == ["Rome"]
+    finally:
+        undo.revert(h.model)
+
+
+def test_the_sink_is_left_out_of_the_routing_loss(h):
+    tok = h.tokenizer
+    prompt = torch.arange(7 * 64.0).view(7, 64)
+    irrelevant = [torch.ones(3, 64), torch.ones(1, 64)]
+    edit, irr = wise_mod.routing_inputs(tok, REQ, prompt, irrelevant, CFG.replace(sink=1))
+    assert torch.equal(edit, prompt[1:]) and [len(x) for x in irr] == [2, 1]
+    subject = CFG.replace(sink=1, routing="subject")
+    edit, irr = wise_mod.routing_inputs(tok, REQ, prompt, irrelevant, subject)
+    _, start, end = wise_mod.subject_range(tok, REQ.prompt, REQ.subject)
+    assert start >= 1 and torch.equal(edit, prompt[start:end])
+    assert torch.equal(irr[-1], torch.cat([prompt[1:start], prompt[end:]]))
+
+
+def test_with_a_sink_the_first_tokens_input_never_enters_the_side_memory(h):
+    # every gradient step adds δ_t a_tᵀ for the tokens that get the side memory (density 1: no
+    # mask), so W_v' − W_v lies in the span of the inputs past each sequence's first token. At
+    # block 0 the later tokens attend to the first one's output, so its δ is not zero.
+    cfg = CFG.replace(
+        sink=1, density=1.0, steps=3, lr=1.0, irrelevant=("The weather was mild.",), layer=0
+    )
+    seen: list[torch.Tensor] = []
+    proj = h.model.get_submodule("model.layers.0.mlp.down_proj")
+    hook = proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0].detach().float()))
+    try:
+        memory = wise(h, REQ, cfg)
+    finally:
+        hook.remove()
+    past = torch.cat([x[1:] for x in seen])  # (N, D_in)
+    _, sv, vh = torch.linalg.svd(past)
+    rank = int((sv > sv[0] * 1e-5).sum())
+    outside = vh[rank:]  # directions no input past the sink has
+    assert rank < past.shape[1] and memory.side.abs().max() > 0
+    first = torch.stack([x[0] for x in seen])
+    assert (first @ outside.T).norm() > 0.1 * first.norm()  # the first tokens reach outside it
+    assert (memory.side @ outside.T).norm() < 1e-4 * memory.side.norm()

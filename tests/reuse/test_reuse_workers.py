@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_reuse_engine import _disk_sd, zoo  # noqa: F401  (the fixture)
 
 from lfm.reuse import driver as D
 from lfm.reuse import merge_models, merge_state_dicts
 from lfm.reuse.engine import SafetensorsReader
 from lfm.reuse.lora import LoraReader
-
-from test_reuse_engine import _disk_sd, zoo  # noqa: F401  (the fixture)
 
 
 def test_in_order_runs_calls_at_once_and_keeps_the_order():
@@ -75,12 +74,8 @@ def test_tensors_merged_at_once_are_the_same_bits(zoo, method, cfg):  # noqa: F8
     for workers in (1, 2, 3):
         inputs = D.plan(D.DictReader(base) if needs_base else None, [D.DictReader(s) for s in sds])
         got: dict[str, torch.Tensor] = {}
-        order: list[str] = []
-        D.run_merge(
-            method, inputs, cfg, lambda n, t: (order.append(n), got.__setitem__(n, t)),
-            workers=workers,
-        )  # fmt: skip
-        assert order == inputs.names  # the sink sees the template's order
+        D.run_merge(method, inputs, cfg, got.__setitem__, workers=workers)
+        assert list(got) == inputs.names  # the sink sees the template's order
         runs.append(got)
     for other in runs[1:]:
         assert other.keys() == runs[0].keys()

@@ -107,6 +107,11 @@ class WiseConfig(Config):
     # rows of the target NLL: the bare prompt and the first n − 1 fixed context prefixes
     # (`locate.PREFIXES`; the authors' code trains on the bare prompt and 10 prefixes)
     n_prefixes: int = Field(1, ge=1, le=len(locate.PREFIXES))
+    # the first `sink` tokens of every sequence neither count in its routing score nor get the
+    # side memory (0: every token, the paper). From about block 25 of SmolLM2 on, the first
+    # token's projection input is 30-60x longer than the others' whatever the text (the
+    # attention sink's massive activation), so a score over all tokens is that token's
+    sink: int = Field(0, ge=0)
     seed: int = 0  # the shards' random masks
 
     @model_validator(mode="after")
@@ -164,6 +169,21 @@ def scores(delta: torch.Tensor, acts: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack([F.linear(a, delta).norm(dim=-1).amax() for a in acts])
 
 
+def past_sink(a: torch.Tensor, sink: int) -> torch.Tensor:
+    """A text's projection inputs (T, D_in) less its first `sink` tokens (all of them when it
+    has no more than `sink`): the tokens that count in its routing score."""
+    return a[sink:] if 0 < sink < a.shape[0] else a
+
+
+def sink_free(mask: torch.Tensor, sink: int) -> torch.Tensor:
+    """(B, T) bool: the real tokens of each row (`mask` (B, T), 1 = real) after its first `sink`
+    real ones; a row with no more than `sink` real tokens keeps them all (as `past_sink`)."""
+    real = mask.bool()
+    order = real.long().cumsum(-1)  # 1 at the first real token, 2 at the second, ...
+    short = real.sum(-1, keepdim=True) <= sink
+    return real & ((order > sink) | short)
+
+
 def routing_loss(edit: torch.Tensor, irrelevant: torch.Tensor, cfg: WiseConfig) -> torch.Tensor:
     """L_a for one edit's score and the irrelevant texts' scores (n,), averaged over those."""
     return (
@@ -197,11 +217,18 @@ def routing_inputs(
     from the edit prompt's (`prompt`, (T, D_in)) and the irrelevant texts'. `cfg.routing`
     "prompt": all of the prompt against the x_i; "subject": the subject's tokens against the
     x_i and the prompt's other tokens (one more text, when there are any)."""
+    if cfg.sink:
+        irrelevant = [past_sink(a, cfg.sink) for a in irrelevant]
     if cfg.routing == "prompt":
-        return prompt, irrelevant
+        return past_sink(prompt, cfg.sink), irrelevant
     _, start, end = subject_range(tok, req.prompt, req.subject)
-    rest = torch.cat([prompt[:start], prompt[end:]])
-    return prompt[start:end], [*irrelevant, rest] if len(rest) else irrelevant
+    counted = sink_free(torch.ones(1, len(prompt)), cfg.sink)[0]
+    subject = torch.zeros(len(prompt), dtype=torch.bool)
+    subject[start:end] = True
+    if not (subject & counted).any():  # the subject is all sink: score the prompt's other tokens
+        return past_sink(prompt, cfg.sink), irrelevant
+    rest = prompt[counted & ~subject]
+    return prompt[counted & subject], [*irrelevant, rest] if len(rest) else irrelevant
 
 
 def train_edit(
@@ -214,9 +241,14 @@ def train_edit(
     batch = build_batch(tok, req, locate.prefixes(cfg.n_prefixes))
     tau = shard.delta.clone().requires_grad_(True)
     opt = torch.optim.SGD([tau], lr=cfg.lr)
+    # the tokens that get the side memory (all but each row's first `cfg.sink`), (B, T, 1)
+    gets = sink_free(batch.attention_mask, cfg.sink)[..., None] if cfg.sink else None
 
     def side(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out + F.linear(args[0].float(), masked(tau, shard.mask)).to(out.dtype)
+        d = F.linear(args[0].float(), masked(tau, shard.mask))
+        if gets is not None:
+            d = d * gets.to(d.device, d.dtype)
+        return out + d.to(out.dtype)
 
     below = replay_below(model, site.block, lambda: locate._target_nll(model, batch))
     with below:  # the blocks under the side memory run once, not at every step
@@ -256,22 +288,30 @@ def consolidate(
 ) -> tuple[torch.Tensor, float, list[float]]:
     """The merged side memory's delta W_v' − W_v, ε and every edit's routing score under it."""
     side = ties_merge([s.delta for s in shards], cfg.merge_density)
-    each = scores(side, acts)
+    each = scores(side, [past_sink(a, cfg.sink) for a in acts])
     return side, cfg.act_ratio * float(each.min()), [float(x) for x in each]
 
 
 def route(
     side: torch.Tensor, eps: float, a: torch.Tensor, out: torch.Tensor,
-    mask: torch.Tensor | None, before: torch.Tensor | None = None,
+    mask: torch.Tensor | None, before: torch.Tensor | None = None, sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The projection's output `out` (B, T, D_out) with the side memory `side` = W_v' − W_v on
     every row whose largest score over its real tokens (`mask` (B, T), None: all) exceeds ε, or
     that `before` routed earlier in the same cached generation; and which rows were routed (B,).
-    The other rows are returned bit for bit (`torch.where`). `a`: the input (B, T, D_in)."""
+    The other rows are returned bit for bit (`torch.where`). `a`: the input (B, T, D_in).
+    `sink`: each row's first `sink` real tokens are left out of the score and get the main
+    memory's output (`WiseConfig.sink`; the caller passes 0 for a call that continues a cached
+    generation, whose tokens are not the sequence's first)."""
     d = F.linear(a.float(), side.to(a.device))  # (B, T, D_out)
     score = d.norm(dim=-1)  # (B, T)
-    if mask is not None and mask.shape == score.shape:  # padding never routes a sequence
-        score = score * mask.to(score.dtype)
+    real = mask if mask is not None and mask.shape == score.shape else None
+    if sink:
+        keep = sink_free(real if real is not None else torch.ones_like(score), sink)
+        d = d * keep[..., None].to(d.dtype)
+        real = keep
+    if real is not None:  # padding never routes a sequence
+        score = score * real.to(score.dtype)
     routed = score.amax(-1) > eps  # (B,)
     if before is not None and before.shape == routed.shape:
         routed = routed | before.to(routed.device)
@@ -317,10 +357,12 @@ class WiseMemory:
     side: torch.Tensor = field(init=False)  # the merged W_v' − W_v
     epsilon: float = field(init=False)
     edit_scores: list[float] = field(init=False)  # each edited prompt's score under `side`
+    sink: int = field(init=False)  # leading tokens that neither route nor get the side memory
 
     def __post_init__(self) -> None:
         cfg = WiseConfig.build(self.config)
         self.side, self.epsilon, self.edit_scores = consolidate(self.shards, self.acts, cfg)
+        self.sink = cfg.sink
 
     @property
     def modules(self) -> list[str]:
@@ -343,7 +385,8 @@ class WiseMemory:
             mask = call.get("mask")
             mask = mask[:, -out.shape[1] :] if mask is not None else None
             before = call.get("routed") if call.get("continues") else None
-            out, call["routed"] = route(self.side, self.epsilon, args[0], out, mask, before)
+            sink = 0 if call.get("continues") else self.sink  # a cached call's tokens come later
+            out, call["routed"] = route(self.side, self.epsilon, args[0], out, mask, before, sink)
             return out
 
         return WiseUndo([
