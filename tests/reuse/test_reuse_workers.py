@@ -164,3 +164,20 @@ def test_the_command_freezes_the_collector_before_it_exits(tmp_path):
     assert p.returncode == 0, p.stderr
     frozen = int(p.stdout.split("frozen")[1].split()[0])
     assert frozen > 1000 and p.stdout.strip().endswith("code 0")
+
+
+def test_a_failing_sink_stops_the_workers_before_the_error_reaches_the_caller(zoo):  # noqa: F811
+    base, sds = _sds(zoo)
+    inputs = D.plan(D.DictReader(base), [D.DictReader(s) for s in sds])
+    calls = []
+
+    def sink(name, tensor):
+        calls.append(name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full") as caught:
+        D.run_merge("ties", inputs, {"density": 0.3}, sink, workers=2)
+    # the traceback (kept in `caught`) holds run_merge's frame: the workers stopped before it
+    assert caught.traceback and calls == inputs.names[:3]
+    assert not [t for t in threading.enumerate() if t.name.startswith("lfm-merge")]

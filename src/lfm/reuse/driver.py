@@ -423,8 +423,11 @@ def run_merge(
         return merge_one(spec, inputs, name, ws, config, stats, allow_nonfinite, device, dtype)
 
     merged = in_order(one, inputs.names, workers)
-    for name in (progress or iter)(inputs.names):
-        sink(name, next(merged))
+    try:
+        for name in (progress or iter)(inputs.names):
+            sink(name, next(merged))
+    finally:  # on an error of the sink too: cancel what waits, wait for what runs
+        merged.close()
     return config
 
 
