@@ -222,13 +222,12 @@ def routing_inputs(
     if cfg.routing == "prompt":
         return past_sink(prompt, cfg.sink), irrelevant
     _, start, end = subject_range(tok, req.prompt, req.subject)
-    counted = sink_free(torch.ones(1, len(prompt)), cfg.sink)[0]
-    subject = torch.zeros(len(prompt), dtype=torch.bool)
-    subject[start:end] = True
-    if not (subject & counted).any():  # the subject is all sink: score the prompt's other tokens
-        return past_sink(prompt, cfg.sink), irrelevant
-    rest = prompt[counted & ~subject]
-    return prompt[counted & subject], [*irrelevant, rest] if len(rest) else irrelevant
+    skip = len(prompt) - len(past_sink(prompt, cfg.sink))  # the sink's tokens, left out
+    start = max(start, skip)
+    if start >= end:  # the subject is all sink: score the prompt's other tokens
+        return prompt[skip:], irrelevant
+    rest = torch.cat([prompt[skip:start], prompt[end:]])
+    return prompt[start:end], [*irrelevant, rest] if len(rest) else irrelevant
 
 
 def train_edit(
