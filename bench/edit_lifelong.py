@@ -11,8 +11,9 @@ The first T facts the model knows are edited one after another: GRACE grows one 
 lifelong statistics (`ultraedit_step`, `--turn` facts per turn, default 1; `--ue-lr` its η), each
 patch applied before the next edit; WISE grows one side memory (`wise(..., memory=previous)`;
 `--shard-size` edits per shard, default the paper's 500; `--wise-lr` its SGD step, default the
-paper's 1.0; `--wise-routing subject`, `--wise-prefixes N`, `--wise-layer B` and `--wise-sink S`, the
-options of `WiseConfig`, name the row `wise (subject, N rows, block B, sink S)`), installed once after the T-th
+paper's 1.0; `--wise-routing subject`, `--wise-prefixes N`, `--wise-layer B`, `--wise-sink S` and
+`--wise-retrieve K` (WISE-Retrieve: every K shards a side memory of their own), the options of
+`WiseConfig`, name the row `wise (subject, N rows, block B, sink S, retrieve K)`), installed once after the T-th
 edit; IKE (`--methods ike`) stores the T facts in one memory patch.
 `--facts lifelong` draws the facts from the test split of the 1,496-request lifelong set
 (`load_facts(name="lifelong", split="test")`) instead of the 316 packaged facts. After the T-th edit every one of the T facts is scored (CounterFact
@@ -85,6 +86,11 @@ def _args() -> argparse.Namespace:
     p.add_argument(
         "--wise-sink", type=int, default=None,
         help="WISE: leading tokens that neither route nor get the side memory (0)",
+    )  # fmt: skip
+    p.add_argument(
+        "--wise-retrieve", type=int, default=None, metavar="N",
+        help="WISE-Retrieve: every N shards merged into a side memory of their own, a query "
+        "getting the one it scores highest on (default: one side memory)",
     )  # fmt: skip
     p.add_argument("--stats-tokens", type=int, default=100_000, help="AlphaEdit: tokens for C")
     p.add_argument(
@@ -300,10 +306,11 @@ def _wise(handle, facts, a: argparse.Namespace):
     prompts of each kind the router sends to the side memory (score above ε)."""
     from lfm.edit import WiseConfig, wise
     from lfm.edit.site import edit_site
-    from lfm.edit.wise import activations, past_sink, scores
+    from lfm.edit.wise import activations
 
     given = {"shard_size": a.shard_size, "lr": a.wise_lr, "routing": a.wise_routing,
-             "n_prefixes": a.wise_prefixes, "layer": a.wise_layer, "sink": a.wise_sink}  # fmt: skip
+             "n_prefixes": a.wise_prefixes, "layer": a.wise_layer, "sink": a.wise_sink,
+             "shards_per_memory": a.wise_retrieve}  # fmt: skip
     cfg = WiseConfig(**{k: v for k, v in given.items() if v is not None})
     memory, clock = None, _Clock()
     for f in facts:
@@ -312,25 +319,25 @@ def _wise(handle, facts, a: argparse.Namespace):
     site = edit_site(handle.model, int(memory.info["layer"]))
 
     def routed(prompts: list[str]) -> str:
-        acts = [
-            past_sink(x, cfg.sink)
-            for x in activations(handle.model, handle.tokenizer, prompts, site)
-        ]
-        return f"{int((scores(memory.side, acts) > memory.epsilon).sum())}/{len(prompts)}"
+        acts = activations(handle.model, handle.tokenizer, prompts, site)
+        return f"{sum(m is not None for m in memory.routed(acts))}/{len(prompts)}"
 
     variant = [cfg.routing] if cfg.routing != "prompt" else []
     variant += [f"{cfg.n_prefixes} rows"] if cfg.n_prefixes > 1 else []
     variant += [f"block {cfg.layer}"] if cfg.layer is not None else []
     variant += [f"sink {cfg.sink}"] if cfg.sink else []
+    variant += [f"retrieve {cfg.shards_per_memory}"] if cfg.shards_per_memory else []
+    eps = memory.epsilons
     notes = {
         "variant": f" ({', '.join(variant)})" if variant else "",
         "lr": cfg.lr,
         "shards": len(memory.shards),
-        "epsilon": round(memory.epsilon, 2),
+        "side memories": len(memory.sides),
+        "epsilon": round(eps[0], 2) if len(eps) == 1 else f"{min(eps):.2f}-{max(eps):.2f}",
         "routed edits": routed([f.prompt for f in facts]),
         "routed paraphrases": routed([p for f in facts for p in f.paraphrases]),
         "routed neighbours": routed([p for f in facts for p in f.neighbourhood]),
-        "added_mib": _mib(memory.side) + _mib(*(s.mask for s in memory.shards)),
+        "added_mib": _mib(*memory.sides) + _mib(*(s.mask for s in memory.shards)),
     }
     return handle, [memory.apply(handle.model)], clock, notes
 

@@ -723,3 +723,89 @@ def test_with_a_sink_the_first_tokens_input_never_enters_the_side_memory(h):
     first = torch.stack([x[0] for x in seen])
     assert (first @ outside.T).norm() > 0.1 * first.norm()  # the first tokens reach outside it
     assert (memory.side @ outside.T).norm() < 1e-4 * memory.side.norm()
+
+
+# WISE-Retrieve (`shards_per_memory`): several side memories, a query gets its best one
+
+
+def test_retrieve_by_hand_picks_each_rows_best_memory_against_its_own_epsilon():
+    from lfm.edit.wise import retrieve
+
+    # two memories on 2-d inputs: memory 0 reads the first coordinate, memory 1 the second
+    sides = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 3.0]])]
+    a = torch.tensor([[[2.0, 0.0]], [[0.0, 1.0]], [[1.0, 0.5]], [[0.1, 0.1]]])  # (4, 1, 2)
+    out = torch.zeros(4, 1, 2)
+    # scores: row 0 (2, 0) -> 0; row 1 (0, 3) -> 1; row 2 (1, 1.5) -> 1; row 3 (0.1, 0.3) -> 1
+    new, routed, which = retrieve(sides, [0.5, 1.2], a, out, None)
+    assert which[:3].tolist() == [0, 1, 1] and routed.tolist() == [True, True, True, False]
+    assert torch.equal(new[0], torch.tensor([[2.0, 0.0]]))  # memory 0's output only
+    assert torch.equal(new[1], torch.tensor([[0.0, 3.0]]))  # memory 1's
+    assert torch.equal(new[2], torch.tensor([[0.0, 1.5]]))  # its best memory, not the sum
+    assert torch.equal(new[3], out[3])  # below its best memory's ε: the main memory
+    # the ε compared is the chosen memory's: row 2 scores 1.5 on memory 1, over ε_0 but not ε_1
+    _, routed, _ = retrieve(sides, [0.5, 2.0], a, out, None)
+    assert routed.tolist() == [True, True, False, False]
+    # a continued generation keeps the memory its prompt was routed to
+    quiet = torch.tensor([[[1.0, 1.0]]])  # scores (1, 3): memory 1 on its own
+    before = (torch.tensor([True]), torch.tensor([0]))
+    new, routed, which = retrieve(sides, [0.5, 1.2], quiet, torch.zeros(1, 1, 2), None, before)
+    assert routed.tolist() == [True] and which.tolist() == [0]
+    assert torch.equal(new, torch.tensor([[[1.0, 0.0]]]))
+
+
+def test_retrieve_keeps_padding_and_the_sink_out_of_every_memorys_score():
+    from lfm.edit.wise import retrieve
+
+    sides = [torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [0.0, 1.0]])]
+    a = torch.tensor([[[0.0, 9.0], [0.2, 0.0], [0.0, 0.3]]])  # a loud first token
+    out = torch.zeros(1, 3, 2)
+    _, routed, which = retrieve(sides, [1.0, 1.0], a, out, None)
+    assert routed.tolist() == [True] and which.tolist() == [1]  # the first token routes it
+    new, routed, _ = retrieve(sides, [1.0, 1.0], a, out, None, sink=1)
+    assert routed.tolist() == [False] and torch.equal(new, out)
+    _, routed, which = retrieve(sides, [0.25, 0.25], a, out, None, sink=1)
+    assert routed.tolist() == [True] and which.tolist() == [1]  # 0.3 against 0.2
+    _, routed, which = retrieve(sides, [0.1, 0.1], a, out, torch.tensor([[1, 1, 0]]), sink=1)
+    assert which.tolist() == [0]  # the last token is padding: 0.2 on memory 0 is the best
+
+
+def test_each_side_memory_merges_its_own_shards_with_its_own_epsilon(h):
+    cfg = CFG.replace(shard_size=1, shards_per_memory=2, act_ratio=0.5)
+    memory = wise(h, TEN[:3], cfg)
+    assert [s.edits for s in memory.shards] == [1, 1, 1] and len(memory.sides) == 2
+    deltas = [s.delta for s in memory.shards]
+    assert torch.equal(memory.sides[0], ties_merge(deltas[:2], cfg.merge_density))
+    assert torch.equal(memory.sides[1], deltas[2])
+    for e, j in enumerate([0, 0, 1]):  # an edit is scored under its own memory
+        want = wise_mod.scores(memory.sides[j], [memory.acts[e]])[0]
+        assert memory.edit_scores[e] == pytest.approx(float(want))
+    assert memory.epsilons == pytest.approx(
+        [0.5 * min(memory.edit_scores[:2]), 0.5 * memory.edit_scores[2]]
+    )
+    with pytest.raises(LfmError, match="has 2 side memories"):
+        _ = memory.side
+
+
+def test_retrieved_edits_reach_their_own_memory_and_win(h, tmp_path):
+    cfg = CFG.replace(shard_size=1, shards_per_memory=1)
+    reqs = TEN[1:5]  # single-token targets ("Tokyo" is two tokens here)
+    old = _top(h, [r.prompt for r in reqs])
+    other = h.next_token_logprobs(["Paris is the capital of"])
+    memory = None
+    for r in reqs:
+        memory = wise(h, r, cfg, memory=memory)
+    assert memory is not None and len(memory.sides) == 4
+    site = wise_mod.edit_site(h.model, 1)
+    acts = wise_mod.activations(h.model, h.tokenizer, [r.prompt for r in reqs], site)
+    assert memory.routed(acts) == [0, 1, 2, 3]  # each prompt to the memory it was trained in
+    loaded = WiseMemory.load(memory.save(tmp_path / "w.safetensors"))
+    assert loaded.epsilons == memory.epsilons
+    assert all(torch.equal(x, y) for x, y in zip(loaded.sides, memory.sides, strict=True))
+    undo = loaded.apply(h.model)
+    try:
+        s = h.score([r.prompt for r in reqs] * 2,
+                    [f" {r.target}" for r in reqs] + [f" {o}" for o in old])  # fmt: skip
+        assert torch.equal(h.next_token_logprobs(["Paris is the capital of"]), other)
+    finally:
+        undo.revert(h.model)
+    assert bool((s[:4] > s[4:]).all())

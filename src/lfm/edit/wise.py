@@ -32,6 +32,9 @@ shard starts as a copy of W_v and edits only a random mask of density ρ (0.2) o
 2306.01708), W_v' = W_v + TIES(τ_1, …, τ_k): trim each τ_i to its top `merge_density` of
 magnitudes, elect a sign per entry by the summed mass, average the agreeing entries (written
 here, in `ties_merge`: an area may not import `lfm.reuse`). One shard is returned as it is.
+WISE-Retrieve, the paper's variant (`shards_per_memory`): every k shards are merged into a side
+memory of their own, each with its ε, and a query goes to the memory it scores highest on when
+that score exceeds the memory's ε (`retrieve`).
 
 ε: the paper takes it from the minimum routing score over the edited prompts; here, after every
 edit, ε = `act_ratio` · min_e max_t Δ_act(a_{e,t}) under the merged memory, from the projection
@@ -112,6 +115,10 @@ class WiseConfig(Config):
     # token's projection input is 30-60x longer than the others' whatever the text (the
     # attention sink's massive activation), so a score over all tokens is that token's
     sink: int = Field(0, ge=0)
+    # WISE-Retrieve: every `shards_per_memory` shards are merged into a side memory of their
+    # own, and a query gets the one with the highest routing score (None: all shards in one
+    # side memory, the paper's WISE)
+    shards_per_memory: int | None = Field(None, ge=1)
     seed: int = 0  # the shards' random masks
 
     @model_validator(mode="after")
@@ -282,39 +289,92 @@ def _descend(
     return trace
 
 
+def groups(shards: Sequence[Shard], per_memory: int | None) -> list[list[int]]:
+    """The shards of each side memory: all in one (None), else `per_memory` at a time."""
+    step = per_memory or max(1, len(shards))
+    return [list(range(i, min(i + step, len(shards)))) for i in range(0, len(shards), step)]
+
+
 def consolidate(
     shards: Sequence[Shard], acts: Sequence[torch.Tensor], cfg: WiseConfig
-) -> tuple[torch.Tensor, float, list[float]]:
-    """The merged side memory's delta W_v' − W_v, ε and every edit's routing score under it."""
-    side = ties_merge([s.delta for s in shards], cfg.merge_density)
-    each = scores(side, [past_sink(a, cfg.sink) for a in acts])
-    return side, cfg.act_ratio * float(each.min()), [float(x) for x in each]
+) -> tuple[list[torch.Tensor], list[float], list[float]]:
+    """Each side memory's delta W_v' − W_v (the TIES merge of its shards), its ε and every
+    edit's routing score under its own memory. An edit belongs to the shard it was trained
+    in (the shards hold their edits in order)."""
+    owner = [i for i, s in enumerate(shards) for _ in range(s.edits)]
+    sides, eps, each = [], [], [0.0] * len(acts)
+    for group in groups(shards, cfg.shards_per_memory):
+        side = ties_merge([shards[i].delta for i in group], cfg.merge_density)
+        mine = [e for e, i in enumerate(owner) if i in group]
+        got = scores(side, [past_sink(acts[e], cfg.sink) for e in mine])
+        for e, x in zip(mine, got.tolist(), strict=True):
+            each[e] = x
+        sides.append(side)
+        eps.append(cfg.act_ratio * float(got.min()))
+    return sides, eps, each
+
+
+def _best(
+    side: torch.Tensor, a: torch.Tensor, real: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Under one side memory: its output Δ a (B, T, D_out) and each row's routing score, the
+    largest ‖Δ a_t‖ over the tokens `real` marks (B, T; None: all), (B,)."""
+    d = F.linear(a.float(), side.to(a.device))
+    score = d.norm(dim=-1)  # (B, T)
+    if real is not None:  # padding (and the sink) never route a sequence
+        score = score * real.to(score.dtype)
+    return d, score.amax(-1)
+
+
+def retrieve(
+    sides: Sequence[torch.Tensor], eps: Sequence[float], a: torch.Tensor, out: torch.Tensor,
+    mask: torch.Tensor | None, before: tuple[torch.Tensor, torch.Tensor] | None = None,
+    sink: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The projection's output `out` (B, T, D_out) with, on every routed row, the side memory
+    whose routing score is the highest for it (WISE-Retrieve; with one memory, WISE's routing);
+    which rows were routed (B,) and to which memory (B,).
+
+    A row's score under a memory is the largest ‖Δ a_t‖ over its real tokens (`mask` (B, T),
+    None: all) past its first `sink` ones; it is routed to its best memory j when that score
+    exceeds ε_j, or when `before` = (routed, memory) of the same cached generation routed it
+    (to that memory again). The other rows are returned bit for bit (`torch.where`). `a`: the
+    input (B, T, D_in). `sink`: each row's first `sink` real tokens are left out of the score
+    and get the main memory's output (`WiseConfig.sink`; the caller passes 0 for a call that
+    continues a cached generation, whose tokens are not the sequence's first)."""
+    real = mask if mask is not None and mask.shape == out.shape[:2] else None
+    if sink:
+        real = sink_free(
+            torch.ones(out.shape[:2], device=out.device) if real is None else real, sink
+        )
+    d, top = _best(sides[0], a, real)
+    which = torch.zeros_like(top, dtype=torch.long)
+    if len(sides) > 1:  # keep only each row's best score, then compute its memory's output
+        top, which = torch.stack([top, *(_best(s, a, real)[1] for s in sides[1:])]).max(0)
+    routed = top > torch.tensor(eps, dtype=top.dtype, device=top.device)[which]
+    if before is not None and before[0].shape == routed.shape:
+        was, where = before[0].to(routed.device), before[1].to(which.device)
+        routed, which = routed | was, torch.where(was, where, which)
+    if len(sides) > 1:
+        d = torch.zeros_like(d)
+        for j in which[routed].unique().tolist():
+            rows = routed & (which == j)
+            d[rows] = F.linear(a[rows].float(), sides[j].to(a.device))
+    if sink and real is not None:  # the sink's tokens keep the main memory's output
+        d = d * real[..., None].to(d.dtype)
+    return torch.where(routed[:, None, None], out + d.to(out.dtype), out), routed, which
 
 
 def route(
     side: torch.Tensor, eps: float, a: torch.Tensor, out: torch.Tensor,
     mask: torch.Tensor | None, before: torch.Tensor | None = None, sink: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The projection's output `out` (B, T, D_out) with the side memory `side` = W_v' − W_v on
-    every row whose largest score over its real tokens (`mask` (B, T), None: all) exceeds ε, or
-    that `before` routed earlier in the same cached generation; and which rows were routed (B,).
-    The other rows are returned bit for bit (`torch.where`). `a`: the input (B, T, D_in).
-    `sink`: each row's first `sink` real tokens are left out of the score and get the main
-    memory's output (`WiseConfig.sink`; the caller passes 0 for a call that continues a cached
-    generation, whose tokens are not the sequence's first)."""
-    d = F.linear(a.float(), side.to(a.device))  # (B, T, D_out)
-    score = d.norm(dim=-1)  # (B, T)
-    real = mask if mask is not None and mask.shape == score.shape else None
-    if sink:
-        keep = sink_free(real if real is not None else torch.ones_like(score), sink)
-        d = d * keep[..., None].to(d.dtype)
-        real = keep
-    if real is not None:  # padding never routes a sequence
-        score = score * real.to(score.dtype)
-    routed = score.amax(-1) > eps  # (B,)
-    if before is not None and before.shape == routed.shape:
-        routed = routed | before.to(routed.device)
-    return torch.where(routed[:, None, None], out + d.to(out.dtype), out), routed
+    """WISE's routing with one side memory `side` = W_v' − W_v and its ε (`retrieve` with one
+    memory): the output and which rows were routed (B,); `before`, the rows an earlier call of
+    the same cached generation routed."""
+    prior = None if before is None else (before, torch.zeros(before.shape, dtype=torch.long))
+    new, routed, _ = retrieve([side], [eps], a, out, mask, prior, sink)
+    return new, routed
 
 
 def _call_state(kwargs: dict[str, Any]) -> tuple[torch.Tensor | None, bool]:
@@ -342,8 +402,9 @@ class WiseUndo:
 
 @dataclass
 class WiseMemory:
-    """WISE's side memory at one module: its shards, the edited prompts' projection inputs, the
-    merged delta and ε, the requests it holds and the fingerprint of the main memory."""
+    """WISE's side memories at one module: the shards, the edited prompts' projection inputs,
+    each side memory's merged delta and ε (one memory unless `shards_per_memory` is set: then
+    WISE-Retrieve), the requests it holds and the fingerprint of the main memory."""
 
     module: str
     shards: list[Shard]
@@ -353,15 +414,35 @@ class WiseMemory:
     base: str
     info: dict[str, Any] = field(default_factory=dict)
     method: str = "wise"
-    side: torch.Tensor = field(init=False)  # the merged W_v' − W_v
-    epsilon: float = field(init=False)
-    edit_scores: list[float] = field(init=False)  # each edited prompt's score under `side`
+    sides: list[torch.Tensor] = field(init=False)  # each side memory's merged W_v' − W_v
+    epsilons: list[float] = field(init=False)  # each side memory's ε
+    edit_scores: list[float] = field(init=False)  # each edited prompt's score under its memory
     sink: int = field(init=False)  # leading tokens that neither route nor get the side memory
 
     def __post_init__(self) -> None:
         cfg = WiseConfig.build(self.config)
-        self.side, self.epsilon, self.edit_scores = consolidate(self.shards, self.acts, cfg)
+        self.sides, self.epsilons, self.edit_scores = consolidate(self.shards, self.acts, cfg)
         self.sink = cfg.sink
+
+    @property
+    def side(self) -> torch.Tensor:
+        """The side memory's W_v' − W_v (WISE's one memory; WISE-Retrieve has `sides`)."""
+        return self._one(self.sides)
+
+    @property
+    def epsilon(self) -> float:
+        """The side memory's ε (WISE's one memory; WISE-Retrieve has `epsilons`)."""
+        return self._one(self.epsilons)
+
+    @epsilon.setter
+    def epsilon(self, value: float) -> None:
+        self._one(self.epsilons)
+        self.epsilons = [float(value)]
+
+    def _one(self, items: list) -> Any:
+        if len(items) != 1:
+            raise LfmError(f"this WISE memory has {len(items)} side memories (shards_per_memory)")
+        return items[0]
 
     @property
     def modules(self) -> list[str]:
@@ -370,6 +451,17 @@ class WiseMemory:
     def check(self, model: nn.Module) -> None:
         """Raise a one-line `LfmError` unless `model` is the one this memory was made for."""
         check_module(model, self.module, self.base, "WISE memory sits at", "WISE memory")
+
+    def routed(self, acts: Sequence[torch.Tensor]) -> list[int | None]:
+        """For texts' projection inputs (T_i, D_in), the side memory the router sends each to
+        (None: the main memory), as `retrieve` decides at inference."""
+        got = []
+        for a in acts:
+            a = a[None]
+            out = torch.zeros(1, a.shape[1], self.sides[0].shape[0])
+            _, routed, which = retrieve(self.sides, self.epsilons, a, out, None, None, self.sink)
+            got.append(int(which[0]) if bool(routed[0]) else None)
+        return got
 
     def apply(self, model: nn.Module) -> WiseUndo:
         """Install the router: a pre-hook on the model reads each call's attention mask, a
@@ -385,7 +477,8 @@ class WiseMemory:
             mask = mask[:, -out.shape[1] :] if mask is not None else None
             before = call.get("routed") if call.get("continues") else None
             sink = 0 if call.get("continues") else self.sink  # a cached call's tokens come later
-            out, call["routed"] = route(self.side, self.epsilon, args[0], out, mask, before, sink)
+            out, *routed = retrieve(self.sides, self.epsilons, args[0], out, mask, before, sink)
+            call["routed"] = tuple(routed)
             return out
 
         return WiseUndo([
