@@ -122,6 +122,8 @@ def _args() -> argparse.Namespace:
         p.error(
             f"--checkpoint-every takes a count of edits of at least 1, not {a.checkpoint_every}"
         )
+    if a.wise_retrieve is not None and a.wise_retrieve < 1:
+        p.error(f"--wise-retrieve takes a count of shards of at least 1, not {a.wise_retrieve}")
     if a.reuse_unedited and not a.json:
         p.error("--reuse-unedited reads the unedited row from --json FILE; give both")
     return a

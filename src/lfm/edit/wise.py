@@ -289,10 +289,10 @@ def _descend(
     return trace
 
 
-def groups(shards: Sequence[Shard], per_memory: int | None) -> list[list[int]]:
+def groups(shards: Sequence[Shard], per_memory: int | None) -> list[range]:
     """The shards of each side memory: all in one (None), else `per_memory` at a time."""
     step = per_memory or max(1, len(shards))
-    return [list(range(i, min(i + step, len(shards)))) for i in range(0, len(shards), step)]
+    return [range(i, min(i + step, len(shards))) for i in range(0, len(shards), step)]
 
 
 def consolidate(
